@@ -1,0 +1,41 @@
+# The README's two commands are `make serve` and `make test`; both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test lint sample bench clean docker-smoke
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# k-diffusion is the tests' oracle only; --no-deps because its own requirements are heavy extras.
+	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/kdiff serve --host $(HOST) --port $(PORT)
+
+sample: $(STAMP)
+	$(BIN)/kdiff sample --model digits --class-label 7 -o seven.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -m "not slow" -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_sampler_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,238 @@
+"""DPM-Solver (Lu et al. 2022, https://arxiv.org/abs/2206.00927): fixed-step 'fast' and adaptive.
+
+Written as steppers in t = -log(sigma). ``eps`` evaluations are cached per step under the same
+keys k-diffusion uses, so the second- and third-order stages share evaluations exactly as there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .noise import NoiseSampler, default_noise_sampler
+from .stepper import Callback, Eval, Stepper
+from .utils import get_ancestral_step
+
+EpsGen = Generator[Eval, Tensor, Tensor]
+StepGen = Generator[Eval, Tensor, Tensor]
+
+
+def _sigma(t: Tensor) -> Tensor:
+    return t.neg().exp()
+
+
+def _t(sigma: Tensor) -> Tensor:
+    return -sigma.log()
+
+
+class PIDStepSizeController:
+    """PID controller for adaptive step sizes (Söderlind 2003), with an arctan limiter."""
+
+    def __init__(
+        self,
+        h: float,
+        pcoeff: float,
+        icoeff: float,
+        dcoeff: float,
+        order: float = 1,
+        accept_safety: float = 0.81,
+        eps: float = 1e-8,
+    ) -> None:
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.errs: list[float] = []
+
+    def propose_step(self, error: Tensor | float) -> bool:
+        """Scale h from the last three inverse errors; return whether this step is accepted."""
+        inv_error = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv_error] * 3
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2], self.errs[1] = self.errs[1], self.errs[0]
+        self.h *= factor
+        return accept
+
+
+class _Solver:
+    """The stage formulas of DPM-Solver-1/2/3 over one step; each eps evaluation yields."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.cache: dict[str, Tensor] = {}
+
+    def eps(self, key: str, x: Tensor, t: Tensor) -> EpsGen:
+        if key not in self.cache:
+            denoised = yield Eval(x, _sigma(t), self.step)
+            self.cache[key] = (x - denoised) / _sigma(t)
+        return self.cache[key]
+
+    def step_1(self, x: Tensor, t: Tensor, t_next: Tensor) -> StepGen:
+        eps = yield from self.eps("eps", x, t)
+        return x - _sigma(t_next) * (t_next - t).expm1() * eps
+
+    def step_2(self, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 1 / 2) -> StepGen:
+        h = t_next - t
+        eps = yield from self.eps("eps", x, t)
+        s1 = t + r1 * h
+        u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1 = yield from self.eps("eps_r1", u1, s1)
+        return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+
+    def step_3(self, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 1 / 3, r2: float = 2 / 3) -> StepGen:
+        h = t_next - t
+        eps = yield from self.eps("eps", x, t)
+        s1, s2 = t + r1 * h, t + r2 * h
+        u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+        eps_r1 = yield from self.eps("eps_r1", u1, s1)
+        u2 = (
+            x
+            - _sigma(s2) * (r2 * h).expm1() * eps
+            - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+        )
+        eps_r2 = yield from self.eps("eps_r2", u2, s2)
+        return (
+            x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+        )
+
+
+def _info_callback(callback: Callback | None, info: dict[str, Any]) -> None:
+    if callback is not None:
+        callback({"sigma": _sigma(info["t"]), "sigma_hat": _sigma(info["t_up"]), **info})
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+
+
+def dpm_fast(
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    n: int,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """DPM-Solver-Fast: orders 3,3,...,(2,1) on steps uniform in log sigma, exactly n evaluations."""
+    _check_range(sigma_min, sigma_max)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (model evaluations) must be an integer >= 1, got {n!r}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
+    m = math.floor(n / 3) + 1
+    ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i, order in enumerate(orders):
+        solver = _Solver(i)
+        t, t_next = ts[i], ts[i + 1]
+        su: Tensor | float
+        if eta:
+            sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
+            t_next_ = torch.minimum(t_end, _t(sd))
+            su = (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
+        else:
+            t_next_, su = t_next, 0.0
+        eps = yield from solver.eps("eps", x, t)
+        _info_callback(callback, {"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - _sigma(t) * eps})
+        step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
+        x = yield from step(x, t, t_next_)
+        x = x + su * s_noise * noise_sampler(_sigma(t), _sigma(t_next))
+    return x
+
+
+def dpm_adaptive(
+    x: Tensor,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    info: dict[str, int] | None = None,
+) -> Stepper:
+    """DPM-Solver-12/23 with embedded error estimates and PID step size control."""
+    _check_range(sigma_min, sigma_max)
+    if order not in {2, 3}:
+        raise ValueError("order should be 2 or 3")
+    if rtol < 0 or atol < 0 or h_init == 0:
+        raise ValueError("rtol and atol must be >= 0 and h_init nonzero")
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
+    forward = bool(t_end > t_start)
+    if not forward and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    h_init = abs(h_init) * (1 if forward else -1)
+    atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+    s, x_prev = t_start, x
+    pid = PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    info = {} if info is None else info
+    info.update(steps=0, nfe=0, n_accept=0, n_reject=0)
+    while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
+        solver = _Solver(info["steps"])
+        t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+        su: Tensor | float
+        if eta:
+            sd, su = get_ancestral_step(_sigma(s), _sigma(t), eta)
+            t_ = torch.minimum(t_end, _t(sd))
+            su = (_sigma(t) ** 2 - _sigma(t_) ** 2) ** 0.5
+        else:
+            t_, su = t, 0.0
+        eps = yield from solver.eps("eps", x, s)
+        denoised = x - _sigma(s) * eps
+        if order == 2:
+            x_low = yield from solver.step_1(x, s, t_)
+            x_high = yield from solver.step_2(x, s, t_)
+        else:
+            x_low = yield from solver.step_2(x, s, t_, r1=1 / 3)
+            x_high = yield from solver.step_3(x, s, t_)
+        delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        if pid.propose_step(error):
+            x_prev = x_low
+            x = x_high + su * s_noise * noise_sampler(_sigma(s), _sigma(t))
+            s = t
+            info["n_accept"] += 1
+        else:
+            info["n_reject"] += 1
+        info["nfe"] += order
+        info["steps"] += 1
+        _info_callback(
+            callback,
+            {
+                "x": x,
+                "i": info["steps"] - 1,
+                "t": s,
+                "t_up": s,
+                "denoised": denoised,
+                "error": error,
+                "h": pid.h,
+                **info,
+            },
+        )
+    return x

@@ -1,0 +1,218 @@
+"""KSampler: the friendly facade (model + sampler + schedule -> images), and the pieces the engine shares.
+
+The engine and :class:`KSampler` build their work the same way: :func:`make_sigmas` for the
+schedule, :func:`start_latents` for per-image seeded start noise, :func:`make_steppers` for the
+sampler steppers with per-image seeded step noise. KSampler then drives them directly; the
+engine drives many jobs' steppers together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .guidance import CFGDenoiser
+from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSource
+from .schedules import Schedule
+from .stepper import Callback, Stepper, run
+
+_STEP_STREAM = 0x9E3779B97F4A7C15  # step noise: independent of the start noise of the same seed
+
+
+@dataclass
+class SamplingSpec:
+    """Everything that determines a sample besides the model, conditioning and start noise."""
+
+    sampler: str = "dpmpp_2m"
+    schedule: str | Schedule = "karras"
+    steps: int = 20
+    seeds: list[int] = field(default_factory=lambda: [0])
+    options: dict[str, Any] = field(default_factory=dict)
+    schedule_options: dict[str, Any] = field(default_factory=dict)
+    denoise: float = 1.0
+
+    def __post_init__(self) -> None:
+        info = registry.get_sampler(self.sampler)
+        self.options = registry.check_options("sampler", self.sampler, info.bounds, self.options)
+        if not isinstance(self.schedule, Schedule):
+            sched = registry.get_schedule(self.schedule)
+            self.schedule_options = registry.check_options(
+                "schedule", self.schedule, sched.bounds, self.schedule_options
+            )
+        elif self.schedule_options:
+            raise ValueError("schedule_options apply to named schedules; set them on the Schedule object")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 10_000:
+            raise ValueError(f"steps must be an integer in [1, 10000], got {self.steps!r}")
+        if not 0.0 < float(self.denoise) <= 1.0:
+            raise ValueError(f"denoise must be in (0, 1], got {self.denoise!r}")
+        if not self.seeds:
+            raise ValueError("seeds must hold one seed per image")
+        self.seeds = [int(s) for s in self.seeds]
+
+    @property
+    def info(self) -> registry.SamplerInfo:
+        return registry.get_sampler(self.sampler)
+
+
+def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cpu") -> Tensor:
+    """The schedule's sigmas for ``spec.steps`` steps; with denoise < 1 the tail of a longer schedule."""
+    total = spec.steps if spec.denoise >= 1.0 else max(spec.steps, int(spec.steps / spec.denoise))
+    if isinstance(spec.schedule, Schedule):
+        sigmas = spec.schedule(total, device=device)
+    else:
+        info = registry.get_schedule(spec.schedule)
+        if info.needs_discrete and getattr(model, "sigmas", None) is None:
+            raise ValueError(f"schedule {spec.schedule!r} needs a model with a discrete sigma table")
+        if info.needs_discrete:
+            sigmas = info.fn(total, model, device=device, **spec.schedule_options)
+        else:
+            sigmas = registry.schedule_sigmas(
+                spec.schedule,
+                total,
+                float(model.sigma_min),
+                float(model.sigma_max),
+                device=device,
+                **spec.schedule_options,
+            )
+    return sigmas[-(spec.steps + 1) :]
+
+
+def start_latents(
+    spec: SamplingSpec,
+    shape: Sequence[int],
+    sigmas: Tensor,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    init: Tensor | None = None,
+) -> Tensor:
+    """Per-image seeded start: noise * sigmas[0], added to ``init`` for img2img."""
+    if len(spec.seeds) != shape[0]:
+        raise ValueError(f"got {len(spec.seeds)} seeds for {shape[0]} images")
+    x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype) * sigmas[0]
+    return x if init is None else init.to(device=device, dtype=dtype) + x
+
+
+def make_steppers(
+    spec: SamplingSpec, x: Tensor, sigmas: Tensor, callback: Callback | None = None
+) -> list[tuple[slice, Stepper]]:
+    """Steppers covering the images of ``x``: one for all, or one per image for batch-coupled samplers."""
+    info = spec.info
+    b = x.shape[0]
+    parts = [slice(i, i + 1) for i in range(b)] if info.batch_coupled and b > 1 else [slice(0, b)]
+    source = NoiseSource(spec.seeds, stream=_STEP_STREAM)
+    out = []
+    for part in parts:
+        xs = x[part]
+        noise: Any = None
+        if info.noise == "gaussian":
+            noise = GaussianNoiseSampler(xs, source.subset(part))
+        elif info.noise == "brownian":
+            positive = sigmas[sigmas > 0]
+            noise = BrownianNoiseSampler(xs, positive.min(), sigmas.max(), spec.seeds[part])
+        out.append((part, info.stepper(xs, sigmas, callback=callback, noise_sampler=noise, **spec.options)))
+    return out
+
+
+def _as_cond(model: Any, condition: Any, batch: int) -> dict[str, Tensor]:
+    if condition is None:
+        return {}
+    if isinstance(condition, Mapping):
+        return dict(condition)
+    labels = torch.as_tensor(condition, dtype=torch.long).reshape(-1)
+    if labels.numel() == 1 and batch > 1:
+        labels = labels.expand(batch)
+    return {"class_cond": labels}
+
+
+def _default_uncond(model: Any, cond: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    if hasattr(model, "uncond_like"):
+        return model.uncond_like(cond)
+    num_classes = getattr(model, "num_classes", None)
+    if "class_cond" in cond and num_classes:
+        return {"class_cond": torch.full_like(cond["class_cond"], int(num_classes))}
+    return None
+
+
+class KSampler:
+    """``KSampler(model, sampler="dpmpp_2m", schedule="karras", **options).sample(x, steps=50)``.
+
+    ``options`` holds sampler options (eta, s_noise, ...) and schedule options (rho, sigma_min,
+    sigma_max, ...); each is validated against the registry.
+    """
+
+    def __init__(
+        self, model: Any, sampler: str = "dpmpp_2m", schedule: str | Schedule = "karras", **options: Any
+    ) -> None:
+        info = registry.get_sampler(sampler)
+        sched_bounds = {} if isinstance(schedule, Schedule) else registry.get_schedule(schedule).bounds
+        self.model, self.sampler, self.schedule = model, sampler, schedule
+        self.options = {k: v for k, v in options.items() if k in info.bounds}
+        self.schedule_options = {k: v for k, v in options.items() if k not in info.bounds}
+        unknown = [k for k in self.schedule_options if k not in sched_bounds]
+        if unknown:
+            allowed = sorted(set(info.bounds) | set(sched_bounds))
+            raise ValueError(
+                f"unknown option(s) {unknown} for sampler {sampler!r} and schedule {schedule!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        SamplingSpec(sampler, schedule, 1, [0], self.options, self.schedule_options)  # validate now
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x: Tensor | None = None,
+        *,
+        steps: int = 20,
+        shape: Sequence[int] | None = None,
+        seed: int | Sequence[int] | None = None,
+        condition: Any = None,
+        uncond: Any = None,
+        cfg_scale: float = 1.0,
+        denoise: float = 1.0,
+        init: Tensor | None = None,
+        callback: Callback | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Sample images. ``x`` is unit-variance start noise; without it, ``shape`` and ``seed`` make it."""
+        if x is None and shape is None:
+            raise ValueError("give x (unit-variance start noise) or shape")
+        b = int(x.shape[0]) if x is not None else int(shape[0])  # type: ignore[index]
+        if seed is None:
+            seeds = torch.randint(0, 2**31 - 1, (b,)).tolist()  # reproducible under torch.manual_seed
+        elif isinstance(seed, int):
+            seeds = [seed + i for i in range(b)]
+        else:
+            seeds = [int(s) for s in seed]
+        spec = SamplingSpec(
+            self.sampler, self.schedule, steps, seeds, self.options, self.schedule_options, denoise
+        )
+        device = device or (x.device if x is not None else "cpu")
+        dtype = dtype or (x.dtype if x is not None else torch.float32)
+        sigmas = make_sigmas(spec, self.model, device).to(dtype)
+        if x is None:
+            x = start_latents(spec, tuple(shape), sigmas, device, dtype, init)  # type: ignore[arg-type]
+        else:
+            x = x * sigmas[0] if init is None else init + x * sigmas[0]
+        cond = _as_cond(self.model, condition, b)
+        if cfg_scale != 1.0 and uncond is None:
+            uncond = _default_uncond(self.model, cond)
+            if uncond is None:
+                raise ValueError("cfg_scale != 1 needs an unconditional input: pass uncond=")
+        elif uncond is not None:
+            uncond = _as_cond(self.model, uncond, b)
+        guided = CFGDenoiser(self.model)
+        out = torch.empty_like(x)
+        for part, stepper in make_steppers(spec, x, sigmas, callback):
+            extra = {
+                "cond": {k: v[part] for k, v in cond.items()},
+                "uncond": None if uncond is None else {k: v[part] for k, v in uncond.items()},
+                "cond_scale": cfg_scale,
+            }
+            out[part] = run(stepper, guided, extra)
+        return out

@@ -5,6 +5,10 @@ A stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)`` y
 ``sigmas[0]``. Option names and defaults are k-diffusion 0.1.1's. Differences, on purpose:
 euler/heun/dpm_2 draw churn noise only when they use it; the SDE samplers default to seeded
 Brownian-bridge noise and accept one-step and empty schedules.
+
+Noise levels are handled as Python floats (``s = sigmas.tolist()``) and scalar factors are
+folded before they touch x: the same formulas as k-diffusion with fewer tensor operations,
+which is where a sampler's own time goes.
 """
 
 from __future__ import annotations
@@ -18,31 +22,51 @@ from torch import Tensor
 
 from .noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
 from .stepper import Callback, Eval, Stepper
-from .utils import get_ancestral_step, to_d
 
 INF = float("inf")
 
 
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step, as k-diffusion's get_ancestral_step, in floats."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
 def _report(
-    callback: Callback | None, x: Tensor, i: int, sigma: Tensor, sigma_hat: Tensor, denoised: Tensor
+    callback: Callback | None, x: Tensor, i: int, sigmas: Tensor, sigma_hat: float, denoised: Tensor
 ) -> None:
     if callback is not None:
-        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+        sigma = sigmas[i]
+        callback(
+            {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma.new_tensor(sigma_hat), "denoised": denoised}
+        )
+
+
+def _noise(noise_sampler: NoiseSampler, sigmas: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    # Noise samplers get tensors, like k-diffusion's (a Brownian tree keys on their exact values).
+    return noise_sampler(sigmas.new_tensor(sigma), sigmas.new_tensor(sigma_next))
 
 
 def _churn(
-    x: Tensor, sigma: Tensor, gamma: float, s_noise: float, noise_sampler: NoiseSampler | None
-) -> tuple[Tensor, Tensor]:
+    x: Tensor,
+    sigmas: Tensor,
+    s: list[float],
+    i: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    noise_sampler: NoiseSampler | None,
+) -> tuple[Tensor, float]:
     """Karras 'churn': raise the noise level to sigma_hat = sigma * (1 + gamma) by adding noise."""
-    sigma_hat = sigma * (gamma + 1)
+    gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.0
+    sigma_hat = s[i] * (gamma + 1)
     if gamma > 0:
-        eps = (torch.randn_like(x) if noise_sampler is None else noise_sampler(sigma, sigma_hat)) * s_noise
-        x = x + eps * (sigma_hat**2 - sigma**2) ** 0.5
+        eps = torch.randn_like(x) if noise_sampler is None else _noise(noise_sampler, sigmas, s[i], sigma_hat)
+        x = x + eps * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
     return x, sigma_hat
-
-
-def _gamma(sigmas: Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
-    return min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
 
 
 def _brownian(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
@@ -73,14 +97,13 @@ def euler(
 ) -> Stepper:
     """Euler method, Algorithm 2 of Karras et al. (2022), https://arxiv.org/abs/2206.00364."""
     _check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(
-            x, sigmas[i], _gamma(sigmas, i, s_churn, s_tmin, s_tmax), s_noise, noise_sampler
-        )
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = yield Eval(x, sigma_hat, i)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-        x = x + d * (sigmas[i + 1] - sigma_hat)
+        _report(callback, x, i, sigmas, sigma_hat, denoised)
+        d = (x - denoised) / sigma_hat
+        x = x + d * (s[i + 1] - sigma_hat)
     return x
 
 
@@ -96,13 +119,15 @@ def euler_ancestral(
     """Ancestral sampling with Euler steps (Song et al. 2021 / Crowson)."""
     _check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, x, i, sigmas, s[i], denoised)
+        d = (x - denoised) / s[i]
+        x = x + d * (sigma_down - s[i])
+        if s[i + 1] > 0:
+            x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
     return x
 
 
@@ -119,21 +144,20 @@ def heun(
 ) -> Stepper:
     """Heun's method, Algorithm 2 of Karras et al. (2022); Euler on the last step to sigma = 0."""
     _check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(
-            x, sigmas[i], _gamma(sigmas, i, s_churn, s_tmin, s_tmax), s_noise, noise_sampler
-        )
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = yield Eval(x, sigma_hat, i)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-        dt = sigmas[i + 1] - sigma_hat
-        if sigmas[i + 1] == 0:
+        _report(callback, x, i, sigmas, sigma_hat, denoised)
+        d = (x - denoised) / sigma_hat
+        dt = s[i + 1] - sigma_hat
+        if s[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            denoised_2 = yield Eval(x_2, sigmas[i + 1], i)
-            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
-            x = x + (d + d_2) / 2 * dt
+            denoised_2 = yield Eval(x_2, s[i + 1], i)
+            d_2 = (x_2 - denoised_2) / s[i + 1]
+            x = x + (d + d_2) * (dt / 2)
     return x
 
 
@@ -150,20 +174,20 @@ def dpm_2(
 ) -> Stepper:
     """DPM-Solver-2 as in Karras et al. (2022): a midpoint step in log sigma."""
     _check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    for i in range(len(sigmas) - 1):
-        x, sigma_hat = _churn(
-            x, sigmas[i], _gamma(sigmas, i, s_churn, s_tmin, s_tmax), s_noise, noise_sampler
-        )
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = yield Eval(x, sigma_hat, i)
-        d = to_d(x, sigma_hat, denoised)
-        _report(callback, x, i, sigmas[i], sigma_hat, denoised)
-        if sigmas[i + 1] == 0:
-            x = x + d * (sigmas[i + 1] - sigma_hat)
+        _report(callback, x, i, sigmas, sigma_hat, denoised)
+        d = (x - denoised) / sigma_hat
+        if s[i + 1] == 0:
+            x = x + d * (s[i + 1] - sigma_hat)
         else:
-            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # midpoint in log sigma
             x_2 = x + d * (sigma_mid - sigma_hat)
             denoised_2 = yield Eval(x_2, sigma_mid, i)
-            x = x + to_d(x_2, sigma_mid, denoised_2) * (sigmas[i + 1] - sigma_hat)
+            d_2 = (x_2 - denoised_2) / sigma_mid
+            x = x + d_2 * (s[i + 1] - sigma_hat)
     return x
 
 
@@ -179,24 +203,29 @@ def dpm_2_ancestral(
     """Ancestral sampling with DPM-Solver-2 steps."""
     _check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        d = to_d(x, sigmas[i], denoised)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, x, i, sigmas, s[i], denoised)
+        d = (x - denoised) / s[i]
         if sigma_down == 0:
-            x = x + d * (sigma_down - sigmas[i])
+            x = x + d * (sigma_down - s[i])
         else:
-            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
-            x_2 = x + d * (sigma_mid - sigmas[i])
+            sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
+            x_2 = x + d * (sigma_mid - s[i])
             denoised_2 = yield Eval(x_2, sigma_mid, i)
-            x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            d_2 = (x_2 - denoised_2) / sigma_mid
+            x = x + d_2 * (sigma_down - s[i])
+        if s[i + 1] > 0:
+            x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
     return x
 
 
-def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
+_GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
+
+
+def linear_multistep_coeff(order: int, t: Any, i: int, j: int) -> float:
     """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial of node t_{i-j}.
 
     Gauss-Legendre with ``order`` nodes is exact for this degree order-1 polynomial, and evaluating
@@ -214,9 +243,6 @@ def linear_multistep_coeff(order: int, t: np.ndarray, i: int, j: int) -> float:
     return float((b - a) / 2 * np.dot(weights, prod))
 
 
-_GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
-
-
 def lms(
     x: Tensor,
     sigmas: Tensor,
@@ -228,26 +254,18 @@ def lms(
     """Linear multistep (Adams-Bashforth in sigma) of the given order, as in k-diffusion."""
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 8:
         raise ValueError(f"order must be an integer in [1, 8], got {order!r}")
-    sigmas_cpu = sigmas.detach().cpu().double().numpy()
+    s = sigmas.tolist()
     ds: list[Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        ds.append(to_d(x, sigmas[i], denoised))
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        ds.append((x - denoised) / s[i])
         if len(ds) > order:
             ds.pop(0)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        _report(callback, x, i, sigmas, s[i], denoised)
         cur_order = min(i + 1, order)
-        coeffs = [linear_multistep_coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
-        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds), strict=False))
+        for j, d in enumerate(reversed(ds)):
+            x = x + d * linear_multistep_coeff(cur_order, s, i, j)
     return x
-
-
-def _sigma_fn(t: Tensor) -> Tensor:
-    return t.neg().exp()
-
-
-def _t_fn(sigma: Tensor) -> Tensor:
-    return sigma.log().neg()
 
 
 def dpmpp_2s_ancestral(
@@ -262,21 +280,21 @@ def dpmpp_2s_ancestral(
     """Ancestral sampling with DPM-Solver++(2S) steps, Lu et al. (2022), https://arxiv.org/abs/2211.01095."""
     _check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        _report(callback, x, i, sigmas, s[i], denoised)
         if sigma_down == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         else:
-            t, t_next = _t_fn(sigmas[i]), _t_fn(sigma_down)
-            h = t_next - t
-            s = t + h / 2
-            x_2 = (_sigma_fn(s) / _sigma_fn(t)) * x - (-h / 2).expm1() * denoised
-            denoised_2 = yield Eval(x_2, _sigma_fn(s), i)
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
-        if sigmas[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            h = math.log(s[i] / sigma_down)  # t = -log(sigma)
+            sigma_s = s[i] * math.exp(-h / 2)
+            x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
+            denoised_2 = yield Eval(x_2, sigma_s, i)
+            x = x * (sigma_down / s[i]) - denoised_2 * math.expm1(-h)
+        if s[i + 1] > 0:
+            x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
     return x
 
 
@@ -295,28 +313,26 @@ def dpmpp_sde(
     if not 0 < r <= 1:
         raise ValueError(f"r must be in (0, 1], got {r!r}")
     noise_sampler = _brownian(x, sigmas, noise_sampler)
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        if sigmas[i + 1] == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        _report(callback, x, i, sigmas, s[i], denoised)
+        if s[i + 1] == 0:
+            x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
             continue
-        t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
+        h = math.log(s[i] / s[i + 1])
+        sigma_s = s[i] * math.exp(-h * r)
         fac = 1 / (2 * r)
-        # Stage 1: to the intermediate time s.
-        sd, su = get_ancestral_step(_sigma_fn(t), _sigma_fn(s), eta)
-        s_ = _t_fn(sd)
-        x_2 = (_sigma_fn(s_) / _sigma_fn(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise_sampler(_sigma_fn(t), _sigma_fn(s)) * s_noise * su
-        denoised_2 = yield Eval(x_2, _sigma_fn(s), i)
+        # Stage 1: to the intermediate sigma_s, ancestrally.
+        sd, su = ancestral_step(s[i], sigma_s, eta)
+        x_2 = x * (sd / s[i]) - denoised * (sd / s[i] - 1)  # DPM-Solver++(1) to sd: expm1(log(sd / sigma))
+        x_2 = x_2 + _noise(noise_sampler, sigmas, s[i], sigma_s) * (s_noise * su)
+        denoised_2 = yield Eval(x_2, sigma_s, i)
         # Stage 2: the full step with the combined prediction.
-        sd, su = get_ancestral_step(_sigma_fn(t), _sigma_fn(t_next), eta)
-        t_next_ = _t_fn(sd)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma_fn(t_next_) / _sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + noise_sampler(_sigma_fn(t), _sigma_fn(t_next)) * s_noise * su
+        sd, su = ancestral_step(s[i], s[i + 1], eta)
+        denoised_d = denoised * (1 - fac) + denoised_2 * fac
+        x = x * (sd / s[i]) - denoised_d * (sd / s[i] - 1)
+        x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * su)
     return x
 
 
@@ -324,18 +340,21 @@ def dpmpp_2m(
     x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
 ) -> Stepper:
     """DPM-Solver++(2M), Lu et al. (2022), https://arxiv.org/abs/2211.01095."""
+    s = sigmas.tolist()
     old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
-        h = t_next - t
-        if old_denoised is None or sigmas[i + 1] == 0:
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        _report(callback, x, i, sigmas, s[i], denoised)
+        if s[i + 1] == 0:
+            x = denoised  # sigma_next / sigma = 0 and -expm1(-h) = 1
         else:
-            r = (t - _t_fn(sigmas[i - 1])) / h
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
+            h = math.log(s[i] / s[i + 1])
+            if old_denoised is None:
+                denoised_d = denoised
+            else:
+                r = math.log(s[i - 1] / s[i]) / h  # h_last / h
+                denoised_d = denoised * (1 + 1 / (2 * r)) - old_denoised * (1 / (2 * r))
+            x = x * (s[i + 1] / s[i]) - denoised_d * math.expm1(-h)
         old_denoised = denoised
     return x
 
@@ -355,30 +374,27 @@ def dpmpp_2m_sde(
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     _check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = _brownian(x, sigmas, noise_sampler)
+    s = sigmas.tolist()
     old_denoised: Tensor | None = None
-    h_last: Tensor | None = None
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    h_last: float | None = None
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        _report(callback, x, i, sigmas, s[i], denoised)
         h = None
-        if sigmas[i + 1] == 0:
+        if s[i + 1] == 0:
             x = denoised  # the final denoising step
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = s - t
+            h = math.log(s[i] / s[i + 1])
             eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            phi_1 = -math.expm1(-h - eta_h)
+            x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * phi_1
             if old_denoised is not None and h_last is not None:
                 r = h_last / h
-                if solver_type == "heun":
-                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (
-                        denoised - old_denoised
-                    )
-                else:
-                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+                coeff = (1 - phi_1 / (h + eta_h)) if solver_type == "heun" else 0.5 * phi_1
+                x = x + (denoised - old_denoised) * (coeff / r)
             if eta:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1])
-                x = x + noise * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                noise = _noise(noise_sampler, sigmas, s[i], s[i + 1])
+                x = x + noise * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
         old_denoised, h_last = denoised, h
     return x
 
@@ -395,37 +411,35 @@ def dpmpp_3m_sde(
     """DPM-Solver++(3M) SDE, Lu et al. (2022), third-order multistep with Brownian noise."""
     _check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = _brownian(x, sigmas, noise_sampler)
+    s = sigmas.tolist()
     denoised_1: Any = None
     denoised_2: Any = None
-    h_1: Any = None
-    h_2: Any = None
-    for i in range(len(sigmas) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+    h_1: float | None = None
+    h_2: float | None = None
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, s[i], i)
+        _report(callback, x, i, sigmas, s[i], denoised)
         h = None
-        if sigmas[i + 1] == 0:
+        if s[i + 1] == 0:
             x = denoised  # the final denoising step
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = s - t
+            h = math.log(s[i] / s[i + 1])
             h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
+            x = x * math.exp(-h_eta) - denoised * math.expm1(-h_eta)
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None and h_1 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + d1 * phi_2 - d2 * phi_3
             elif h_1 is not None:
-                d = (denoised - denoised_1) / (h_1 / h)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * d
+                x = x + (denoised - denoised_1) * (phi_2 / (h_1 / h))
             if eta:
-                noise = noise_sampler(sigmas[i], sigmas[i + 1])
-                x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                noise = _noise(noise_sampler, sigmas, s[i], s[i + 1])
+                x = x + noise * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x

@@ -17,10 +17,10 @@ from torch import Tensor
 
 
 class Eval(NamedTuple):
-    """One pending model evaluation: denoise ``x`` at noise level ``sigma`` (0-dim tensor)."""
+    """One pending model evaluation: denoise ``x`` at noise level ``sigma`` (float or 0-dim tensor)."""
 
     x: Tensor
-    sigma: Tensor
+    sigma: float | Tensor
     step: int
 
 
@@ -50,8 +50,10 @@ def run(stepper: Stepper, model: Model, extra_args: dict[str, Any] | None = None
     extra_args = {} if extra_args is None else extra_args
     try:
         ev = next(stepper)
+        s_in = ev.x.new_ones([ev.x.shape[0]])
         while True:
-            s_in = ev.x.new_ones([ev.x.shape[0]])
+            if s_in.shape[0] != ev.x.shape[0] or s_in.dtype != ev.x.dtype:
+                s_in = ev.x.new_ones([ev.x.shape[0]])
             denoised = model(ev.x, ev.sigma * s_in, **extra_args)
             check_finite(denoised, ev)
             ev = stepper.send(denoised)

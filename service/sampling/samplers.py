@@ -100,7 +100,7 @@ def euler(
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigma_hat, i)
+        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
         _report(callback, x, i, sigmas, sigma_hat, denoised)
         d = (x - denoised) / sigma_hat
         x = x + d * (s[i + 1] - sigma_hat)
@@ -121,7 +121,7 @@ def euler_ancestral(
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         _report(callback, x, i, sigmas, s[i], denoised)
         d = (x - denoised) / s[i]
@@ -147,7 +147,7 @@ def heun(
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigma_hat, i)
+        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
         _report(callback, x, i, sigmas, sigma_hat, denoised)
         d = (x - denoised) / sigma_hat
         dt = s[i + 1] - sigma_hat
@@ -155,7 +155,7 @@ def heun(
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            denoised_2 = yield Eval(x_2, s[i + 1], i)
+            denoised_2 = yield Eval(x_2, sigmas[i + 1], i)
             d_2 = (x_2 - denoised_2) / s[i + 1]
             x = x + (d + d_2) * (dt / 2)
     return x
@@ -177,7 +177,7 @@ def dpm_2(
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         x, sigma_hat = _churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigma_hat, i)
+        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
         _report(callback, x, i, sigmas, sigma_hat, denoised)
         d = (x - denoised) / sigma_hat
         if s[i + 1] == 0:
@@ -185,7 +185,7 @@ def dpm_2(
         else:
             sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # midpoint in log sigma
             x_2 = x + d * (sigma_mid - sigma_hat)
-            denoised_2 = yield Eval(x_2, sigma_mid, i)
+            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
             d_2 = (x_2 - denoised_2) / sigma_mid
             x = x + d_2 * (s[i + 1] - sigma_hat)
     return x
@@ -205,7 +205,7 @@ def dpm_2_ancestral(
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         _report(callback, x, i, sigmas, s[i], denoised)
         d = (x - denoised) / s[i]
@@ -214,7 +214,7 @@ def dpm_2_ancestral(
         else:
             sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
             x_2 = x + d * (sigma_mid - s[i])
-            denoised_2 = yield Eval(x_2, sigma_mid, i)
+            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
             d_2 = (x_2 - denoised_2) / sigma_mid
             x = x + d_2 * (sigma_down - s[i])
         if s[i + 1] > 0:
@@ -257,7 +257,7 @@ def lms(
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         ds.append((x - denoised) / s[i])
         if len(ds) > order:
             ds.pop(0)
@@ -282,7 +282,7 @@ def dpmpp_2s_ancestral(
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         _report(callback, x, i, sigmas, s[i], denoised)
         if sigma_down == 0:
@@ -291,7 +291,7 @@ def dpmpp_2s_ancestral(
             h = math.log(s[i] / sigma_down)  # t = -log(sigma)
             sigma_s = s[i] * math.exp(-h / 2)
             x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
-            denoised_2 = yield Eval(x_2, sigma_s, i)
+            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_s), i)
             x = x * (sigma_down / s[i]) - denoised_2 * math.expm1(-h)
         if s[i + 1] > 0:
             x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
@@ -315,7 +315,7 @@ def dpmpp_sde(
     noise_sampler = _brownian(x, sigmas, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         _report(callback, x, i, sigmas, s[i], denoised)
         if s[i + 1] == 0:
             x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
@@ -327,7 +327,7 @@ def dpmpp_sde(
         sd, su = ancestral_step(s[i], sigma_s, eta)
         x_2 = x * (sd / s[i]) - denoised * (sd / s[i] - 1)  # DPM-Solver++(1) to sd: expm1(log(sd / sigma))
         x_2 = x_2 + _noise(noise_sampler, sigmas, s[i], sigma_s) * (s_noise * su)
-        denoised_2 = yield Eval(x_2, sigma_s, i)
+        denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_s), i)
         # Stage 2: the full step with the combined prediction.
         sd, su = ancestral_step(s[i], s[i + 1], eta)
         denoised_d = denoised * (1 - fac) + denoised_2 * fac
@@ -343,7 +343,7 @@ def dpmpp_2m(
     s = sigmas.tolist()
     old_denoised = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         _report(callback, x, i, sigmas, s[i], denoised)
         if s[i + 1] == 0:
             x = denoised  # sigma_next / sigma = 0 and -expm1(-h) = 1
@@ -378,7 +378,7 @@ def dpmpp_2m_sde(
     old_denoised: Tensor | None = None
     h_last: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         _report(callback, x, i, sigmas, s[i], denoised)
         h = None
         if s[i + 1] == 0:
@@ -417,7 +417,7 @@ def dpmpp_3m_sde(
     h_1: float | None = None
     h_2: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, s[i], i)
+        denoised = yield Eval(x, sigmas[i], i)
         _report(callback, x, i, sigmas, s[i], denoised)
         h = None
         if s[i + 1] == 0:

@@ -17,10 +17,10 @@ from torch import Tensor
 
 
 class Eval(NamedTuple):
-    """One pending model evaluation: denoise ``x`` at noise level ``sigma`` (float or 0-dim tensor)."""
+    """One pending model evaluation: denoise ``x`` at noise level ``sigma`` (0-dim tensor)."""
 
     x: Tensor
-    sigma: float | Tensor
+    sigma: Tensor
     step: int
 
 

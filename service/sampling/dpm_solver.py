@@ -74,37 +74,42 @@ class _Solver:
 
     def eps(self, key: str, x: Tensor, t: Tensor) -> EpsGen:
         if key not in self.cache:
-            denoised = yield Eval(x, _sigma(t), self.step)
-            self.cache[key] = (x - denoised) / _sigma(t)
+            sigma = _sigma(t)
+            denoised = yield Eval(x, sigma, self.step)
+            self.cache[key] = (x - denoised) / sigma
         return self.cache[key]
+
+    # Scalar factors are combined before they multiply tensors: same formulas, fewer tensor ops.
 
     def step_1(self, x: Tensor, t: Tensor, t_next: Tensor) -> StepGen:
         eps = yield from self.eps("eps", x, t)
-        return x - _sigma(t_next) * (t_next - t).expm1() * eps
+        return x - (_sigma(t_next) * (t_next - t).expm1()) * eps
 
     def step_2(self, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 1 / 2) -> StepGen:
         h = t_next - t
         eps = yield from self.eps("eps", x, t)
         s1 = t + r1 * h
-        u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+        u1 = x - (_sigma(s1) * (r1 * h).expm1()) * eps
         eps_r1 = yield from self.eps("eps_r1", u1, s1)
-        return x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+        a = _sigma(t_next) * h.expm1()  # x_2 = x - a * eps - a / (2 r1) * (eps_r1 - eps)
+        b = a / (2 * r1)
+        return x - (a - b) * eps - b * eps_r1
 
     def step_3(self, x: Tensor, t: Tensor, t_next: Tensor, r1: float = 1 / 3, r2: float = 2 / 3) -> StepGen:
         h = t_next - t
         eps = yield from self.eps("eps", x, t)
         s1, s2 = t + r1 * h, t + r2 * h
-        u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+        u1 = x - (_sigma(s1) * (r1 * h).expm1()) * eps
         eps_r1 = yield from self.eps("eps_r1", u1, s1)
-        u2 = (
-            x
-            - _sigma(s2) * (r2 * h).expm1() * eps
-            - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
-        )
+        sigma_s2, e2 = _sigma(s2), (r2 * h).expm1()
+        a2 = sigma_s2 * e2  # u2 = x - a2 * eps - b2 * (eps_r1 - eps)
+        b2 = sigma_s2 * (r2 / r1) * (e2 / (r2 * h) - 1)
+        u2 = x - (a2 - b2) * eps - b2 * eps_r1
         eps_r2 = yield from self.eps("eps_r2", u2, s2)
-        return (
-            x - _sigma(t_next) * h.expm1() * eps - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
-        )
+        sigma_next, e = _sigma(t_next), h.expm1()
+        a = sigma_next * e  # x_3 = x - a * eps - b * (eps_r2 - eps)
+        b = sigma_next / r2 * (e / h - 1)
+        return x - (a - b) * eps - b * eps_r2
 
 
 def _info_callback(callback: Callback | None, info: dict[str, Any]) -> None:
@@ -153,7 +158,8 @@ def dpm_fast(
         _info_callback(callback, {"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - _sigma(t) * eps})
         step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
         x = yield from step(x, t, t_next_)
-        x = x + su * s_noise * noise_sampler(_sigma(t), _sigma(t_next))
+        if eta:  # k-diffusion draws (and discards) noise here even when eta = 0
+            x = x + su * s_noise * noise_sampler(_sigma(t), _sigma(t_next))
     return x
 
 
@@ -215,7 +221,7 @@ def dpm_adaptive(
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
         if pid.propose_step(error):
             x_prev = x_low
-            x = x_high + su * s_noise * noise_sampler(_sigma(s), _sigma(t))
+            x = x_high + su * s_noise * noise_sampler(_sigma(s), _sigma(t)) if eta else x_high
             s = t
             info["n_accept"] += 1
         else:

@@ -1,0 +1,116 @@
+"""The FastAPI app factory: lifespan (load models, start engines, drain), error handlers, middleware."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import Metrics
+from service.models.store import ModelStore
+
+from .routes import info, jobs, sample
+from .schemas import SampleRequest
+from .settings import Settings
+from .state import ServiceState
+from .validation import FieldError
+
+DESCRIPTION = """k-diffusion samplers behind an HTTP API. Every request runs through one engine per
+model that batches the model evaluations of all running requests at every sampler step."""
+
+
+class MetricsMiddleware:
+    """Counts HTTP requests by route template, method and status (pure ASGI: streaming-safe)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
+
+
+def _field_error(
+    field: str, message: str, allowed: list[Any] | None, kind: str = "value_error"
+) -> dict[str, Any]:
+    err: dict[str, Any] = {"loc": ["body", field], "msg": message, "type": kind}
+    if allowed is not None:
+        err["allowed"] = allowed
+    return err
+
+
+async def _on_field_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FieldError)
+    return JSONResponse({"detail": [_field_error(exc.field, exc.message, exc.allowed)]}, status_code=422)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body, with unknown fields named together with the allowed ones."""
+    assert isinstance(exc, RequestValidationError)
+    allowed = sorted(SampleRequest.model_fields)
+    errors = []
+    for err in exc.errors():
+        err = {k: v for k, v in err.items() if k in ("loc", "msg", "type", "input", "ctx")}
+        if err.get("type") == "extra_forbidden":
+            name = err["loc"][-1]
+            err["msg"] = f"unknown field {name!r}; allowed fields: {', '.join(allowed)}"
+            err["allowed"] = allowed
+            err.pop("input", None)
+        if "ctx" in err:
+            err["ctx"] = {k: str(v) for k, v in err["ctx"].items()}
+        if isinstance(err.get("input"), str) and len(err["input"]) > 200:
+            err["input"] = err["input"][:200] + "..."
+        errors.append(err)
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def create_app(settings: Settings | None = None, store: ModelStore | None = None) -> FastAPI:
+    """Build the app; models load in the lifespan, not here."""
+    settings = settings or Settings()
+    state = ServiceState(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.startup()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(title="kdiffusion-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = state
+    app.add_exception_handler(FieldError, _on_field_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.include_router(sample.router)
+    app.include_router(jobs.router)
+    app.include_router(info.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After", "X-Job-Id", "X-Seeds"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app

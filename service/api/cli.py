@@ -1,0 +1,87 @@
+"""`kdiff serve`: run the HTTP service (one uvicorn process) with a graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("kdiff.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-store", help="model store folder (KDIFF_MODEL_STORE)")
+    parser.add_argument("--models", help="comma-separated models to load (KDIFF_MODELS); default all")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (KDIFF_DEVICE)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(KDIFF_DTYPE)")
+    parser.add_argument("--batching", choices=["iteration", "request", "serial"], help="(KDIFF_BATCHING)")
+    parser.add_argument("--max-batch-rows", type=int, help="rows per model call (KDIFF_MAX_BATCH_ROWS)")
+    parser.add_argument("--max-queue", type=int, help="queued jobs before 429 (KDIFF_MAX_QUEUE)")
+    parser.add_argument("--drain-timeout", type=float, help="SIGTERM drain seconds (KDIFF_DRAIN_TIMEOUT_S)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {
+        "model_store": "model_store",
+        "models": "models",
+        "device": "device",
+        "dtype": "dtype",
+        "batching": "batching",
+        "max_batch_rows": "max_batch_rows",
+        "max_queue": "max_queue",
+        "drain_timeout": "drain_timeout_s",
+    }
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings(**_overrides(args))
+    app = create_app(settings)
+    state = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: readiness off, new work 503, running jobs finish (drain), then exit."""
+
+        _drain_task: asyncio.Future[None] | None = None
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self._drain_task is not None or not state.ready:
+                super().handle_exit(sig, frame)  # second signal, or still starting: exit now
+                return
+            log.info(
+                "signal %s: draining for up to %.0f s", signal.Signals(sig).name, settings.drain_timeout_s
+            )
+            loop = asyncio.get_running_loop()
+            self._drain_task = asyncio.Future()  # marks the drain as started
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            try:
+                await state.drain(settings.drain_timeout_s)
+            finally:
+                self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    DrainingServer(config).run()
+    return 0

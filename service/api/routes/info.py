@@ -1,0 +1,74 @@
+"""What may be asked for (models, samplers, schedules), health, readiness and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.sampling import registry
+
+from ..deps import get_state, require_api_key
+from ..state import ServiceState
+
+router = APIRouter(tags=["info"])
+
+
+@router.get("/models", dependencies=[Depends(require_api_key)])
+async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """Loaded models: kind, conditioning, image size, defaults."""
+    out = []
+    for name, m in state.models.items():
+        h, w = m.image_size
+        out.append(
+            {
+                "name": name,
+                "kind": m.manifest.kind,
+                "description": m.manifest.description,
+                "default": name == state.default_model,
+                "conditioning": m.conditioning,
+                "class_labels": list(range(m.num_classes)) if m.conditioning == "class" else None,
+                "width": w,
+                "height": h,
+                "channels": m.image_channels,
+                "latent_shape": list(m.latent_shape),
+                "defaults": m.manifest.defaults,
+                "device": str(m.device),
+                "dtype": str(m.dtype).removeprefix("torch."),
+                **m.info,
+            }
+        )
+    return {"default": state.default_model, "models": out}
+
+
+@router.get("/samplers")
+async def samplers() -> dict[str, Any]:
+    """Every sampler with its options: default, type and bounds (or choices)."""
+    return {"samplers": [info.describe() for info in registry.SAMPLERS.values()]}
+
+
+@router.get("/schedules")
+async def schedules() -> dict[str, Any]:
+    """Every sigma schedule with its options: default, type and bounds."""
+    return {"schedules": [info.describe() for info in registry.SCHEDULES.values()]}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Alive (the process answers)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "loading models, or draining"}})
+async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
+    """Ready: models loaded and not draining."""
+    body = {"ready": state.ready, "draining": state.draining, "models": sorted(state.models)}
+    return JSONResponse(body, status_code=200 if state.ready else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,145 @@
+"""Request and response bodies of the HTTP API (documented at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Number = float | int
+OptionValue = float | int | str
+
+# Sampler and schedule options accepted at the top level of a request (also settable through
+# sampler_options / schedule_options); each is checked against the chosen sampler and schedule.
+TOP_LEVEL_OPTIONS = (
+    "eta",
+    "s_noise",
+    "s_churn",
+    "s_tmin",
+    "s_tmax",
+    "r",
+    "order",
+    "solver_type",
+    "rho",
+    "sigma_min",
+    "sigma_max",
+)
+
+
+class SampleRequest(BaseModel):
+    """One generation request. Unknown fields are rejected (422)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        protected_namespaces=(),
+        json_schema_extra={"examples": [{"model": "digits", "class_label": 7, "steps": 20, "seed": 1}]},
+    )
+
+    model: str | None = Field(
+        None, max_length=64, description="model name (GET /models); default: the service's"
+    )
+    sampler: str | None = Field(
+        None, max_length=64, description="sampler name (GET /samplers); default: model's"
+    )
+    schedule: str | None = Field(default=None, max_length=64, description="sigma schedule (GET /schedules)")
+    steps: int | None = Field(
+        default=None, ge=1, le=10_000, description="sampler steps (bounded by the service)"
+    )
+    seed: int | list[int] | None = Field(
+        None, description="one int (image i gets seed+i) or one per image; default: random"
+    )
+    n: int | None = Field(
+        None, ge=1, le=256, description="number of images (bounded by the service); default 1"
+    )
+    cfg_scale: float | None = Field(
+        None, ge=0.0, le=50.0, description="classifier-free guidance scale (1 = off)"
+    )
+    class_label: int | list[int] | None = Field(
+        None, description="class for class-conditional models (one, or one per image); none = unconditional"
+    )
+    prompt: str | None = Field(
+        default=None, max_length=4000, description="text prompt (text-conditional models)"
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=4000, description="negative prompt (text models)"
+    )
+    width: int | None = Field(default=None, ge=8, le=4096, description="image width, where the model allows")
+    height: int | None = Field(
+        default=None, ge=8, le=4096, description="image height, where the model allows"
+    )
+    init_image: str | None = Field(
+        None, max_length=16_000_000, description="base64 PNG/JPEG start image for img2img"
+    )
+    denoise: float | None = Field(
+        None, gt=0.0, le=1.0, description="img2img strength in (0, 1]; 1 = from noise"
+    )
+    mask: str | None = Field(
+        None,
+        max_length=16_000_000,
+        description="base64 grayscale inpainting mask (white = repaint); needs init_image",
+    )
+    eta: float | None = Field(
+        default=None, description="ancestral / SDE noise amount (samplers that take it)"
+    )
+    s_noise: float | None = Field(default=None, description="noise scale (samplers that take it)")
+    s_churn: float | None = Field(default=None, description="Karras churn (euler, heun, dpm_2)")
+    s_tmin: float | None = Field(default=None, description="churn sigma range start")
+    s_tmax: float | None = Field(default=None, description="churn sigma range end")
+    r: float | None = Field(default=None, description="dpmpp_sde step ratio")
+    order: int | None = Field(default=None, description="lms / dpm_adaptive order")
+    solver_type: str | None = Field(default=None, max_length=16, description="dpmpp_2m_sde: midpoint | heun")
+    rho: float | None = Field(default=None, description="schedule rho (karras, polyexponential)")
+    sigma_min: float | None = Field(default=None, description="schedule sigma_min (default: the model's)")
+    sigma_max: float | None = Field(default=None, description="schedule sigma_max (default: the model's)")
+    sampler_options: dict[str, OptionValue] = Field(
+        default_factory=dict, max_length=32, description="further sampler options by name (GET /samplers)"
+    )
+    schedule_options: dict[str, OptionValue] = Field(
+        default_factory=dict, max_length=32, description="further schedule options by name (GET /schedules)"
+    )
+    timeout_s: float | None = Field(default=None, gt=0, description="deadline in seconds (queue time counts)")
+
+
+class Timings(BaseModel):
+    queue_s: float | None = Field(default=None, description="time waiting for admission")
+    run_s: float | None = Field(default=None, description="time sampling")
+    encode_s: float | None = Field(default=None, description="time decoding and encoding PNGs")
+    total_s: float | None = Field(default=None, description="submission to result")
+
+
+class SampleResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs, each carrying its parameters in a text chunk")
+    seeds: list[int] = Field(description="the seed of each image")
+    parameters: dict[str, Any] = Field(description="everything needed to reproduce the images")
+    timings: Timings
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="sampler steps completed (slowest image)")
+    total: int = Field(description="sampler steps requested")
+    fraction: float = Field(description="model evaluations done / expected, in [0, 1]")
+    eta_s: float | None = Field(default=None, description="estimated seconds left")
+
+
+class JobErrorBody(BaseModel):
+    code: str = Field(
+        description="invalid_input | non_finite | model_error | deadline_exceeded | shutdown | internal"
+    )
+    message: str
+
+
+class JobView(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created_at: float = Field(description="unix time of submission")
+    queue_position: int | None = Field(default=None, description="1-based position while queued")
+    progress: JobProgress
+    result: SampleResponse | None = None
+    error: JobErrorBody | None = None
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    urls: dict[str, str] = Field(description="job, events (SSE) and cancel URLs")

@@ -1,0 +1,72 @@
+"""Service settings, read from the environment (prefix ``KDIFF_``) by pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.engine.scheduler import Mode
+
+
+class Settings(BaseSettings):
+    """Every field maps to ``KDIFF_<NAME>`` (lists: comma-separated, e.g. ``KDIFF_API_KEYS=a,b``)."""
+
+    model_config = SettingsConfigDict(env_prefix="KDIFF_", extra="ignore", protected_namespaces=())
+
+    model_store: Path = Field(
+        default=Path("model_store"), description="folder holding one subfolder per model"
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models to load (names in the store); empty = all"
+    )
+    default_model: str | None = Field(default=None, description="model used when a request names none")
+    device: str = Field(
+        default="auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps"
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="model weights dtype"
+    )
+    batching: Mode = Field(default=Mode.iteration, description="iteration (default) | request | serial")
+    max_batch_rows: int = Field(
+        default=64, ge=1, le=8192, description="rows per model call (guided image = 2)"
+    )
+    max_queue: int = Field(
+        default=256, ge=0, le=1_000_000, description="jobs waiting for admission before 429"
+    )
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0, le=10_000, description="wait for a burst when the engine idles"
+    )
+    job_timeout_s: float = Field(default=300.0, gt=0, description="deadline per job (queue time counts)")
+    result_ttl_s: float = Field(default=600.0, gt=0, description="how long finished job results are kept")
+    max_results: int = Field(default=1000, ge=1, description="most finished jobs kept (oldest dropped first)")
+    drain_timeout_s: float = Field(
+        default=25.0, ge=0, description="on SIGTERM: time for running jobs to finish"
+    )
+    max_images: int = Field(default=16, ge=1, le=256, description="most images per request (n)")
+    max_steps: int = Field(default=500, ge=1, le=10_000, description="most sampler steps per request")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins; empty = CORS off"
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="if set, requests need 'Authorization: Bearer <key>'"
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads (default: torch's)"
+    )
+
+    @field_validator("models", "cors_origins", "api_keys", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def resolve_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,55 @@
+"""The Server-Sent Events stream of one job."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from service.engine import Job, JobStatus
+
+from .images import preview_png
+from .state import ServiceState
+from .views import job_view, progress
+
+KEEPALIVE_S = 15.0
+
+
+def frame(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def job_events(state: ServiceState, job: Job, preview: bool) -> AsyncIterator[str]:
+    last: tuple[Any, ...] | None = None
+    while True:
+        changed = job.change_event()  # taken before reading, so no update is missed
+        status = job.status
+        if status.finished:
+            view = job_view(state, job)
+            if status == JobStatus.succeeded:
+                assert view.result is not None
+                yield frame("done", {"id": job.id, **view.result.model_dump()})
+            elif status == JobStatus.cancelled:
+                yield frame("cancelled", {"id": job.id})
+            else:
+                err = view.error.model_dump() if view.error else {}
+                yield frame("error", {"id": job.id, **err})
+            return
+        if status == JobStatus.queued:
+            key: tuple[Any, ...] = ("queued", state.queue_position(job))
+            if key != last:
+                yield frame("queued", {"id": job.id, "position": key[1]})
+        else:
+            p = progress(job)
+            key = ("progress", p.step)
+            if key != last:  # one event per completed step
+                data = {"id": job.id, **p.model_dump()}
+                if preview and job.preview is not None:
+                    data["preview"] = await asyncio.to_thread(preview_png, job.preview[0])
+                yield frame("progress", data)
+        last = key
+        try:
+            await asyncio.wait_for(changed.wait(), KEEPALIVE_S)
+        except asyncio.TimeoutError:
+            yield ": keep-alive\n\n"

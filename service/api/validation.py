@@ -1,0 +1,214 @@
+"""Turn a validated SampleRequest into an engine JobRequest, checking it against the model (422s)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+
+from service.engine.jobs import JobRequest
+from service.models.store import LoadedModel
+from service.sampling import registry
+from service.sampling.ksampler import SamplingSpec
+
+from .images import ImageInputError, decode_image
+from .schemas import TOP_LEVEL_OPTIONS, SampleRequest
+from .settings import Settings
+
+
+class FieldError(ValueError):
+    """A request field that does not fit; rendered as a 422 naming the field and the allowed values."""
+
+    def __init__(self, field: str, message: str, allowed: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.field, self.message, self.allowed = field, message, allowed
+
+
+def _seeds(req: SampleRequest, n: int) -> list[int]:
+    if req.seed is None:
+        return [secrets.randbelow(2**32) for _ in range(n)]
+    if isinstance(req.seed, int):
+        seeds = [req.seed + i for i in range(n)]
+    else:
+        seeds = list(req.seed)
+        if len(seeds) != n:
+            raise FieldError("seed", f"seed has {len(seeds)} values for n={n} images; give one int or {n}")
+    for s in seeds:
+        if not 0 <= s < 2**63:
+            raise FieldError("seed", f"seeds must be in [0, 2**63), got {s}")
+    return seeds
+
+
+def _options(req: SampleRequest, sampler: str, schedule: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    s_bounds = registry.get_sampler(sampler).bounds
+    k_bounds = registry.get_schedule(schedule).bounds
+    s_opts: dict[str, Any] = dict(req.sampler_options)
+    k_opts: dict[str, Any] = dict(req.schedule_options)
+    for name in TOP_LEVEL_OPTIONS:
+        value = getattr(req, name)
+        if value is None:
+            continue
+        if name in s_bounds:
+            s_opts[name] = value
+        elif name in k_bounds:
+            k_opts[name] = value
+        else:
+            raise FieldError(
+                name,
+                f"{name} does not apply to sampler {sampler!r} or schedule {schedule!r}; "
+                f"their options: {', '.join([*s_bounds, *k_bounds]) or 'none'}",
+                [*s_bounds, *k_bounds],
+            )
+    for kind, name, given, bounds in (
+        ("sampler", sampler, s_opts, s_bounds),
+        ("schedule", schedule, k_opts, k_bounds),
+    ):
+        field = f"{kind}_options"
+        for key, value in given.items():
+            if key not in bounds:
+                raise FieldError(
+                    key if key in TOP_LEVEL_OPTIONS else field,
+                    f"unknown option {key!r} for {kind} {name!r}; allowed: {', '.join(bounds) or 'none'}",
+                    list(bounds),
+                )
+            try:
+                given[key] = bounds[key].check(key, value)
+            except ValueError as exc:
+                raise FieldError(key if key in TOP_LEVEL_OPTIONS else field, str(exc), None) from exc
+    return s_opts, k_opts
+
+
+def _labels(req: SampleRequest, model: LoadedModel, n: int) -> torch.Tensor | None:
+    if req.class_label is None:
+        return None
+    if model.conditioning != "class":
+        raise FieldError(
+            "class_label", f"model {model.name!r} is not class-conditional; omit class_label", []
+        )
+    labels = [req.class_label] * n if isinstance(req.class_label, int) else list(req.class_label)
+    allowed = f"integers in [0, {model.num_classes - 1}]"
+    if len(labels) != n:
+        raise FieldError("class_label", f"class_label has {len(labels)} values for n={n} images")
+    if any(not 0 <= v < model.num_classes for v in labels):
+        raise FieldError(
+            "class_label",
+            f"class_label must be {allowed} for model {model.name!r}",
+            list(range(model.num_classes)),
+        )
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def _check_size(req: SampleRequest, model: LoadedModel) -> None:
+    h, w = model.image_size
+    for field, value, allowed in (("width", req.width, w), ("height", req.height, h)):
+        if value is not None and value != allowed:
+            raise FieldError(
+                field, f"model {model.name!r} makes {w}x{h} images; {field} must be {allowed}", [allowed]
+            )
+
+
+def _conditioning(req: SampleRequest, model: LoadedModel, n: int, cfg: float) -> tuple[dict, dict | None]:
+    for field in ("prompt", "negative_prompt"):
+        if getattr(req, field) is not None and model.conditioning != "text":
+            raise FieldError(
+                field,
+                f"model {model.name!r} takes no text; it is {model.conditioning}-conditional"
+                + (" (use class_label)" if model.conditioning == "class" else ""),
+                [],
+            )
+    labels = _labels(req, model, n)
+    if model.conditioning == "class":
+        if labels is None:  # unconditional sample: the null class, nothing to guide against
+            return {"class_cond": torch.full([n], model.num_classes, dtype=torch.long)}, None
+        cond, uncond = model.class_conditioning(labels)
+        return cond, (uncond if cfg != 1.0 else None)
+    if model.conditioning == "none":
+        if cfg != 1.0:
+            raise FieldError(
+                "cfg_scale", f"model {model.name!r} is unconditional; cfg_scale must be 1", [1.0]
+            )
+        return {}, None
+    raise FieldError(
+        "model", f"model {model.name!r}: {model.conditioning} conditioning is not served yet", []
+    )
+
+
+def _images(
+    req: SampleRequest, model: LoadedModel, n: int, denoise: float
+) -> tuple[torch.Tensor | None, ...]:
+    if req.init_image is None:
+        if denoise < 1.0:
+            raise FieldError("denoise", "denoise < 1 needs an init_image", [1.0])
+        if req.mask is not None:
+            raise FieldError("mask", "mask needs an init_image", [])
+        return None, None
+    try:
+        image = decode_image(req.init_image, model.image_size, model.image_channels)
+    except ImageInputError as exc:
+        raise FieldError("init_image", f"init_image: {exc}") from exc
+    init = image if model.encode is None else model.encode(image.to(model.device, model.dtype)).cpu()
+    mask = None
+    if req.mask is not None:
+        lat_hw = model.latent_shape[-2:]
+        try:
+            mask = (decode_image(req.mask, (lat_hw[0], lat_hw[1]), 1) + 1) / 2
+        except ImageInputError as exc:
+            raise FieldError("mask", f"mask: {exc}") from exc
+    return init.expand(n, *init.shape[1:]).clone(), mask
+
+
+def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
+    d = model.manifest.defaults
+    sampler = req.sampler or str(d.get("sampler", "dpmpp_2m"))
+    schedule = req.schedule or str(d.get("schedule", "karras"))
+    for field, name, table in (
+        ("sampler", sampler, registry.SAMPLERS),
+        ("schedule", schedule, registry.SCHEDULES),
+    ):
+        if name not in table:
+            raise FieldError(
+                field, f"unknown {field} {name!r}; valid {field}s: {', '.join(sorted(table))}", sorted(table)
+            )
+    if registry.get_schedule(schedule).needs_discrete and getattr(model.denoiser, "sigmas", None) is None:
+        raise FieldError(
+            "schedule", f"schedule {schedule!r} needs a discrete-time model; {model.name!r} is not"
+        )
+    steps = req.steps if req.steps is not None else int(d.get("steps", 20))
+    if steps > settings.max_steps:
+        raise FieldError("steps", f"steps must be in [1, {settings.max_steps}]", [1, settings.max_steps])
+    n = req.n or (len(req.seed) if isinstance(req.seed, list) else None) or 1
+    if n > settings.max_images:
+        raise FieldError("n", f"n must be in [1, {settings.max_images}]", [1, settings.max_images])
+    cfg = req.cfg_scale if req.cfg_scale is not None else float(d.get("cfg_scale", 1.0))
+    denoise = req.denoise if req.denoise is not None else 1.0
+    timeout = req.timeout_s or settings.job_timeout_s
+    if timeout > settings.job_timeout_s:
+        raise FieldError("timeout_s", f"timeout_s must be in (0, {settings.job_timeout_s:g}]")
+    _check_size(req, model)
+    seeds = _seeds(req, n)
+    s_opts, k_opts = _options(req, sampler, schedule)
+    cond, uncond = _conditioning(req, model, n, cfg)
+    init, mask = _images(req, model, n, denoise)
+    spec = SamplingSpec(sampler, schedule, steps, seeds, s_opts, k_opts, denoise)
+    h, w = model.image_size
+    params: dict[str, Any] = {
+        "model": model.name,
+        "sampler": sampler,
+        "schedule": schedule,
+        "steps": steps,
+        "seeds": seeds,
+        "n": n,
+        "cfg_scale": cfg,
+        "class_label": req.class_label,
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "width": w,
+        "height": h,
+        "denoise": denoise,
+        "img2img": init is not None,
+        "inpaint": mask is not None,
+        "sampler_options": s_opts,
+        "schedule_options": k_opts,
+    }
+    return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params)

@@ -1,0 +1,86 @@
+"""Glue between routes and the engine: submitting a request, rendering jobs as response bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from fastapi import HTTPException
+
+from service.engine import Draining, Job, JobStatus, QueueFull
+
+from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
+from .state import ServiceState
+from .validation import FieldError, build_job
+
+# HTTP status of a failed synchronous request, by engine error code.
+ERROR_STATUS = {
+    "deadline_exceeded": 504,
+    "shutdown": 503,
+    "invalid_input": 422,
+    "non_finite": 500,
+    "model_error": 500,
+    "internal": 500,
+}
+
+
+async def submit(state: ServiceState, body: SampleRequest) -> Job:
+    name = body.model or state.default_model
+    if name is None or name not in state.models:
+        raise FieldError(
+            "model",
+            f"unknown model {name!r}; valid models: {', '.join(sorted(state.models))}",
+            sorted(state.models),
+        )
+    model = state.models[name]
+    if body.init_image is not None or body.mask is not None:
+        job_req = await asyncio.to_thread(build_job, body, model, state.settings)
+    else:
+        job_req = build_job(body, model, state.settings)
+    try:
+        return state.submit(name, job_req)
+    except QueueFull as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+    except Draining as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
+
+
+def sample_response(job: Job) -> SampleResponse:
+    result: dict[str, Any] = job.result
+    return SampleResponse(
+        images=[base64.b64encode(p).decode() for p in result["pngs"]],
+        seeds=result["seeds"],
+        parameters=result["parameters"],
+        timings=Timings(**job.timings()),
+    )
+
+
+def progress(job: Job) -> JobProgress:
+    p = job.progress
+    eta = None if job.status != JobStatus.running else job.eta_s()
+    return JobProgress(step=p.step, total=p.total, fraction=round(p.fraction, 4), eta_s=eta)
+
+
+def job_view(state: ServiceState, job: Job, with_result: bool = True) -> JobView:
+    return JobView(
+        id=job.id,
+        status=job.status.value,
+        model=job.model,
+        created_at=job.created,
+        queue_position=state.queue_position(job) if job.status == JobStatus.queued else None,
+        progress=progress(job),
+        result=sample_response(job) if with_result and job.status == JobStatus.succeeded else None,
+        error=None if job.error is None else JobErrorBody(code=job.error.code, message=job.error.message),
+    )
+
+
+def raise_for_failure(job: Job) -> None:
+    if job.status == JobStatus.succeeded:
+        return
+    if job.status == JobStatus.cancelled:
+        raise HTTPException(409, {"code": "cancelled", "message": "the job was cancelled", "job_id": job.id})
+    err = job.error
+    code = "internal" if err is None else err.code
+    message = "unknown failure" if err is None else err.message
+    raise HTTPException(ERROR_STATUS.get(code, 500), {"code": code, "message": message, "job_id": job.id})

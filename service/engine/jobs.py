@@ -1,0 +1,179 @@
+"""Jobs: what the engine runs, their state, and the bounded store that keeps finished results."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from service.sampling.ksampler import SamplingSpec
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises at admission."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the queue is full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Draining(EngineError):
+    def __init__(self) -> None:
+        super().__init__("the service is shutting down and accepts no new work")
+
+
+@dataclass
+class JobRequest:
+    """The engine-level description of one request: n images of one model."""
+
+    spec: SamplingSpec
+    n: int
+    cond: dict[str, Tensor]  # rows = n
+    uncond: dict[str, Tensor] | None = None  # rows = n; None = unguided
+    cfg_scale: float = 1.0
+    init: Tensor | None = None  # [n, *latent] start for img2img (unnoised)
+    mask: Tensor | None = None  # [n or 1, 1 or C, H, W]; 1 = repaint, 0 = keep init
+    timeout_s: float = 300.0
+    parameters: dict[str, Any] = field(default_factory=dict)  # echoed in results and PNG chunks
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond is not None and self.cfg_scale != 1.0
+
+    @property
+    def rows(self) -> int:
+        return self.n * (2 if self.guided else 1)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total: int = 0
+    evals: int = 0
+    expected_evals: int = 1
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.evals / max(1, self.expected_evals))
+
+
+@dataclass
+class JobError:
+    code: str  # invalid_input | non_finite | model_error | deadline_exceeded | shutdown | internal
+    message: str
+
+
+class Job:
+    """One request's life: queued -> running -> succeeded | failed | cancelled."""
+
+    def __init__(self, request: JobRequest, model: str) -> None:
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.model = model
+        self.status = JobStatus.queued
+        self.progress = Progress(total=request.spec.steps)
+        self.error: JobError | None = None
+        self.result: Any = None
+        self.created = time.time()
+        self.t_created = time.monotonic()
+        self.t_started: float | None = None
+        self.t_computed: float | None = None
+        self.t_finished: float | None = None
+        self.deadline = self.t_created + request.timeout_s
+        self.cancel_requested = False
+        self.preview: Tensor | None = None  # latest denoised prediction (x0), set by the engine
+        self.work: Any = None  # engine-private sampling state
+        self._changed = asyncio.Event()
+        self._done = asyncio.Event()
+
+    # --- notifications (event-loop side only) ---
+    def change_event(self) -> asyncio.Event:
+        """The event set at the next change; take it *before* reading the state."""
+        return self._changed
+
+    def notify(self) -> None:
+        old, self._changed = self._changed, asyncio.Event()
+        old.set()
+        if self.status.finished:
+            self._done.set()
+
+    async def wait_done(self) -> None:
+        await self._done.wait()
+
+    def finish(self, status: JobStatus, error: JobError | None = None, result: Any = None) -> None:
+        if self.status.finished:
+            return
+        self.status, self.error, self.result = status, error, result
+        self.t_finished = time.monotonic()
+        self.work = None
+        self.notify()
+
+    def timings(self) -> dict[str, float | None]:
+        def span(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else round(b - a, 6)
+
+        return {
+            "queue_s": span(self.t_created, self.t_started),
+            "run_s": span(self.t_started, self.t_computed),
+            "encode_s": span(self.t_computed, self.t_finished),
+            "total_s": span(self.t_created, self.t_finished),
+        }
+
+    def eta_s(self) -> float | None:
+        if self.t_started is None or self.progress.evals == 0:
+            return None
+        frac = self.progress.fraction
+        elapsed = time.monotonic() - self.t_started
+        return round(elapsed * (1 - frac) / max(frac, 1e-9), 3)
+
+
+class JobStore:
+    """Jobs by id. Finished ones are dropped after ``ttl_s`` and beyond ``max_finished`` (oldest first)."""
+
+    def __init__(self, ttl_s: float, max_finished: int) -> None:
+        self.ttl_s, self.max_finished = ttl_s, max_finished
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def add(self, job: Job) -> None:
+        self.purge()
+        self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        self.purge()
+        return self._jobs.get(job_id)
+
+    def list(self) -> list[Job]:
+        self.purge()
+        return list(self._jobs.values())
+
+    def purge(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        finished = [j for j in self._jobs.values() if j.status.finished]
+        finished.sort(key=lambda j: j.t_finished or 0.0)
+        excess = len(finished) - self.max_finished
+        for i, job in enumerate(finished):
+            if i < excess or (job.t_finished is not None and now - job.t_finished > self.ttl_s):
+                del self._jobs[job.id]
+
+    def __len__(self) -> int:
+        return len(self._jobs)

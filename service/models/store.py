@@ -1,0 +1,163 @@
+"""The model store: ``model_store/<name>/manifest.json`` folders, loaded by kind.
+
+Names resolve only to folders inside the store that hold a manifest; nothing a client sends is
+used as a path. Loaders are registered per ``kind`` ("unet" here; "stable_diffusion" later).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Kinds whose loader lives in a module that registers it on import (issue 5 adds stable_diffusion).
+PLUGINS = {"stable_diffusion": "service.models.stable_diffusion"}
+
+
+class UnknownModelError(ValueError):
+    def __init__(self, name: str, valid: list[str]) -> None:
+        super().__init__(f"unknown model {name!r}; valid models: {', '.join(valid) or 'none'}")
+        self.name, self.valid = name, valid
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used (bad JSON, unknown kind, a file outside its folder)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    kind: str
+    folder: Path
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def file(self, key: str, default: str) -> Path:
+        """A file named by the manifest, which must stay inside the model's folder."""
+        rel = self.raw.get(key, default)
+        if not isinstance(rel, str) or not rel:
+            raise ManifestError(f"{self.name}: manifest field {key!r} must be a file name")
+        path = (self.folder / rel).resolve()
+        if not path.is_relative_to(self.folder.resolve()):
+            raise ManifestError(f"{self.name}: {key} {rel!r} points outside the model folder")
+        return path
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model as the service sees it (generic over pixel and latent models)."""
+
+    manifest: Manifest
+    denoiser: Any  # (x, sigma[B], **cond) -> denoised, with sigma_min / sigma_max
+    latent_shape: tuple[int, ...]
+    image_size: tuple[int, int]  # (height, width) of output images
+    image_channels: int
+    device: torch.device
+    dtype: torch.dtype
+    conditioning: str = "none"  # "none" | "class" | "text"
+    num_classes: int = 0
+    decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
+    encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (img2img)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def class_conditioning(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """cond and uncond dicts for class labels (None/-1 -> the null class)."""
+        null = torch.full_like(labels, self.num_classes)
+        return {"class_cond": labels}, {"class_cond": null}
+
+
+Loader = Callable[[Manifest, torch.device, torch.dtype], LoadedModel]
+LOADERS: dict[str, Loader] = {}
+
+
+def register_loader(kind: str, loader: Loader) -> None:
+    LOADERS[kind] = loader
+
+
+def _load_unet(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from service.models.unet import load_denoiser
+
+    manifest.file("weights", "model.safetensors")  # checked to stay inside the folder
+    manifest.file("config", "config.json")
+    denoiser, cfg = load_denoiser(manifest.folder, device, dtype)
+    c, s = int(cfg.in_channels), int(cfg.image_size)
+    return LoadedModel(
+        manifest=manifest,
+        denoiser=denoiser,
+        latent_shape=(c, s, s),
+        image_size=(s, s),
+        image_channels=c,
+        device=device,
+        dtype=dtype,
+        conditioning="class" if cfg.num_classes > 0 else "none",
+        num_classes=int(cfg.num_classes),
+        info={"sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max, "sigma_data": cfg.sigma_data},
+    )
+
+
+register_loader("unet", _load_unet)
+
+
+class ModelStore:
+    """The models under ``root``: one folder each, with a manifest.json."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def scan(self) -> dict[str, Manifest]:
+        out: dict[str, Manifest] = {}
+        if not self.root.is_dir():
+            return out
+        for folder in sorted(self.root.iterdir()):
+            path = folder / "manifest.json"
+            if folder.is_dir() and NAME_RE.match(folder.name) and path.is_file():
+                out[folder.name] = self._read(folder, path)
+        return out
+
+    def _read(self, folder: Path, path: Path) -> Manifest:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{path}: {exc}") from exc
+        if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+            raise ManifestError(f"{path}: a manifest is a JSON object with a 'kind'")
+        name = raw.get("name", folder.name)
+        if name != folder.name:
+            raise ManifestError(f"{path}: name {name!r} differs from its folder {folder.name!r}")
+        defaults = raw.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise ManifestError(f"{path}: 'defaults' must be an object")
+        desc = str(raw.get("description", ""))
+        return Manifest(folder.name, raw["kind"], folder, desc, defaults, raw)
+
+    def resolve(self, name: str) -> Manifest:
+        manifests = self.scan()
+        if not isinstance(name, str) or name not in manifests:
+            raise UnknownModelError(str(name), sorted(manifests))
+        return manifests[name]
+
+    def load(
+        self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LoadedModel:
+        manifest = self.resolve(name)
+        if manifest.kind not in LOADERS and manifest.kind in PLUGINS:
+            importlib.import_module(PLUGINS[manifest.kind])
+        loader = LOADERS.get(manifest.kind)
+        if loader is None:
+            raise ManifestError(
+                f"{name}: unknown kind {manifest.kind!r}; known kinds: {', '.join(sorted(LOADERS))}"
+            )
+        return loader(manifest, torch.device(device), dtype)

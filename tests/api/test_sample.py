@@ -1,0 +1,76 @@
+"""POST /sample: JSON and PNG responses, reproducibility from the PNG's parameters, img2img."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.api.images import read_parameters
+
+
+def _png(b64: str) -> bytes:
+    return base64.b64decode(b64)
+
+
+def _pixels(png: bytes) -> bytes:
+    return Image.open(io.BytesIO(png)).tobytes()
+
+
+def test_sample_json_returns_pngs_that_carry_their_parameters(client: TestClient) -> None:
+    body = {"class_label": 3, "steps": 6, "seed": 41, "n": 2, "cfg_scale": 2.0, "sampler": "dpmpp_2m"}
+    r = client.post("/sample", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["seeds"] == [41, 42] and len(data["images"]) == 2
+    assert data["parameters"]["sampler"] == "dpmpp_2m" and data["parameters"]["model"] == "tiny"
+    assert data["timings"]["total_s"] > 0
+    first = _png(data["images"][0])
+    img = Image.open(io.BytesIO(first))
+    assert img.size == (8, 8) and img.mode == "L"
+    params = read_parameters(first)
+    assert params["seed"] == 41 and params["steps"] == 6 and params["class_label"] == 3
+    # the PNG's parameters are enough to reproduce the image
+    again = client.post(
+        "/sample",
+        json={k: params[k] for k in ("sampler", "schedule", "steps", "cfg_scale", "class_label", "seed")},
+    )
+    assert again.status_code == 200
+    assert _pixels(_png(again.json()["images"][0])) == _pixels(first)
+    other_seed = client.post("/sample", json={**body, "seed": 7, "n": 1}).json()
+    assert _pixels(_png(other_seed["images"][0])) != _pixels(first)
+
+
+def test_sample_png_with_accept_header_is_a_grid(client: TestClient) -> None:
+    r = client.post(
+        "/sample", json={"steps": 3, "seed": [1, 2, 3, 4], "class_label": 1}, headers={"Accept": "image/png"}
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "image/png" and r.headers["x-seeds"] == "1,2,3,4"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.size == (16, 16)
+    assert read_parameters(r.content)["seeds"] == [1, 2, 3, 4]
+
+
+def test_img2img_and_inpainting(client: TestClient) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (20, 20), color=255).save(buf, format="PNG")
+    init = base64.b64encode(buf.getvalue()).decode()
+    mask_buf = io.BytesIO()
+    Image.new("L", (8, 8), color=0).save(mask_buf, format="PNG")  # black: keep everything
+    mask = base64.b64encode(mask_buf.getvalue()).decode()
+    r = client.post("/sample", json={"steps": 4, "seed": 0, "init_image": init, "denoise": 0.3})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["img2img"] is True
+    r = client.post("/sample", json={"steps": 4, "seed": 0, "init_image": init, "mask": mask})
+    assert r.status_code == 200, r.text
+    img = Image.open(io.BytesIO(_png(r.json()["images"][0])))
+    assert min(img.getdata()) >= 250  # the kept region is the white init image
+
+
+def test_deadline_gives_504(client: TestClient) -> None:
+    r = client.post("/sample", json={"steps": 2000 // 4, "timeout_s": 0.05})
+    assert r.status_code == 504
+    assert r.json()["detail"]["code"] == "deadline_exceeded"

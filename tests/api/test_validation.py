@@ -1,0 +1,57 @@
+"""Bad input gets 422 naming the field and the allowed values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+CASES: list[tuple[dict[str, Any], str, str]] = [
+    ({"colour": "red"}, "colour", "allowed fields"),
+    ({"sampler": "ddim_magic"}, "sampler", "euler"),
+    ({"schedule": "zigzag"}, "schedule", "karras"),
+    ({"model": "../etc/passwd"}, "model", "tiny"),
+    ({"class_label": 10}, "class_label", "[0, 9]"),
+    ({"sampler": "euler", "eta": 0.5}, "eta", "s_churn"),
+    ({"sampler": "euler_ancestral", "eta": 50.0}, "eta", "[0.0, 10.0]"),
+    ({"sampler_options": {"bogus": 1}}, "sampler_options", "allowed"),
+    ({"width": 64}, "width", "must be 8"),
+    ({"prompt": "a cat"}, "prompt", "class_label"),
+    ({"steps": 501}, "steps", "[1, 500]"),
+    ({"steps": 0}, "steps", "greater than or equal"),
+    ({"n": 17}, "n", "[1, 16]"),
+    ({"n": 2, "seed": [1, 2, 3]}, "seed", "n=2"),
+    ({"denoise": 0.5}, "denoise", "init_image"),
+    ({"init_image": "not base64!!", "denoise": 0.5}, "init_image", "base64"),
+    ({"cfg_scale": 99}, "cfg_scale", "less than or equal"),
+    ({"timeout_s": 10_000}, "timeout_s", "300"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "hint"), CASES, ids=[c[1] + "-" + str(i) for i, c in enumerate(CASES)]
+)
+def test_bad_input_is_422_naming_the_field(
+    client: TestClient, body: dict[str, Any], field: str, hint: str
+) -> None:
+    r = client.post("/sample", json=body)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"][-1] == field or e["loc"][1] == field for e in errors), errors
+    assert any(hint in e["msg"] for e in errors), errors
+
+
+def test_unknown_name_lists_allowed_values(client: TestClient) -> None:
+    err = client.post("/sample", json={"sampler": "nope"}).json()["detail"][0]
+    assert "dpmpp_2m" in err["allowed"] and "euler" in err["allowed"]
+
+
+def test_jobs_endpoint_validates_the_same_way(client: TestClient) -> None:
+    r = client.post("/jobs", json={"schedule": "nope"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "schedule"]
+
+
+def test_unknown_job_is_404_and_ids_never_reach_paths(client: TestClient) -> None:
+    assert client.get("/jobs/0123456789abcdef0123456789abcdef").status_code == 404
+    assert client.get("/jobs/..%2F..%2Fetc").status_code == 404

@@ -1,0 +1,138 @@
+"""End to end: the real server (uvicorn subprocess) over loopback HTTP with httpx."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.api.images import read_parameters
+from tests.api.tiny_store import make_tiny_store
+
+from .server import Server
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("e2e-store"))
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(
+        store, tmp_path_factory.mktemp("log") / "server.log", KDIFF_MAX_BATCH_ROWS="4", KDIFF_MAX_QUEUE="2"
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture()
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def _wait_status(http: httpx.Client, job_id: str, want: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = http.get(f"/jobs/{job_id}").json()
+        if view["status"] == want:
+            return view
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never became {want}: {view}")
+
+
+def test_sample_json_and_png(http: httpx.Client) -> None:
+    r = http.post("/sample", json={"class_label": 7, "steps": 5, "seed": 11})
+    assert r.status_code == 200 and r.json()["seeds"] == [11]
+    png = http.post(
+        "/sample", json={"class_label": 7, "steps": 5, "seed": 11}, headers={"Accept": "image/png"}
+    )
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (8, 8)
+    assert read_parameters(png.content)["class_label"] == 7
+
+
+def test_job_followed_over_sse_to_the_end(http: httpx.Client) -> None:
+    job_id = http.post("/jobs", json={"steps": 12, "seed": 5, "sampler": "euler_ancestral"}).json()["id"]
+    events = []
+    with http.stream("GET", f"/jobs/{job_id}/events") as r:
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    assert events[-1][0] == "done" and events[-1][1]["seeds"] == [5]
+    progress = [d["step"] for n, d in events if n == "progress"]
+    assert progress and progress == sorted(progress) and progress[-1] <= 12
+
+
+def test_delete_and_disconnect_cancel(http: httpx.Client, server: Server) -> None:
+    job_id = http.post("/jobs", json={"steps": 5000 // 10}).json()["id"]
+    _wait_status(http, job_id, "running")
+    assert http.delete(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    # a synchronous client that gives up cancels its job
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as impatient:
+        impatient.post("/sample", json={"steps": 500, "seed": 999})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = http.get("/jobs", params={"status": "cancelled"}).json()
+        if len(jobs) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(jobs) >= 2, jobs
+
+
+def test_bad_input_is_422(http: httpx.Client) -> None:
+    r = http.post("/sample", json={"sampler": "warp_drive"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "sampler"] and "euler" in r.json()["detail"][0]["allowed"]
+
+
+def test_full_queue_is_429(http: httpx.Client) -> None:
+    ids = []
+    status = None
+    for _ in range(6):  # 4 rows run (max_batch_rows=4), 2 jobs queue (max_queue=2), then 429
+        r = http.post("/jobs", json={"steps": 500, "n": 2})
+        status = r.status_code
+        if status == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            break
+        ids.append(r.json()["id"])
+    for job_id in ids:
+        http.delete(f"/jobs/{job_id}")
+    assert status == 429 and len(ids) >= 3
+
+
+def test_sigterm_drains_running_jobs_then_exits(store: Path, tmp_path: Path) -> None:
+    srv = Server(store, tmp_path / "drain.log", KDIFF_DRAIN_TIMEOUT_S="30")
+    try:
+        srv.wait_ready()
+        with httpx.Client(base_url=srv.url, timeout=10) as http, httpx.Client(base_url=srv.url) as other:
+            job_id = http.post("/jobs", json={"steps": 150}).json()["id"]
+            events = []
+            with http.stream("GET", f"/jobs/{job_id}/events") as r:
+                for line in r.iter_lines():
+                    if not line.startswith("event: "):
+                        continue
+                    events.append(line[7:])
+                    if events == ["progress"] or events == ["queued", "progress"]:
+                        srv.proc.send_signal(signal.SIGTERM)
+                        time.sleep(0.2)
+                        assert other.get("/readyz").status_code == 503
+                        assert other.post("/jobs", json={"steps": 2}).status_code == 503
+        assert events[-1] == "done"  # the running job finished during the drain
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()

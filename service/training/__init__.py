@@ -1,0 +1,1 @@
+"""Training: datasets, augmentation, sigma densities, the trainer and evaluation metrics."""

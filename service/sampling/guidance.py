@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .stepper import Guided
+
 Cond = Mapping[str, Tensor]
 
 
@@ -40,9 +42,10 @@ class CFGDenoiser(nn.Module):
     ``return_uncond`` is set it returns ``(guided, uncond_denoised)`` for CFG++ samplers.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, return_uncond: bool = False) -> None:
         super().__init__()
         self.inner_model = model
+        self.return_uncond = return_uncond
         for attr in ("sigma_min", "sigma_max", "sigmas", "sigma_data"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
@@ -54,12 +57,14 @@ class CFGDenoiser(nn.Module):
         cond: Cond | None = None,
         uncond: Cond | None = None,
         cond_scale: float | Tensor = 1.0,
-    ) -> Tensor:
+    ) -> Tensor | Guided:
         cond = {} if cond is None else cond
         unguided = uncond is None or (not isinstance(cond_scale, Tensor) and cond_scale == 1.0)
         if unguided:
-            return self.inner_model(x, sigma, **cond)
+            out = self.inner_model(x, sigma, **cond)
+            return Guided(out, out) if self.return_uncond else out
         assert uncond is not None
         out = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_cond([cond, uncond]))
         cond_out, uncond_out = out.chunk(2)
-        return cfg_combine(cond_out, uncond_out, cond_scale)
+        guided = cfg_combine(cond_out, uncond_out, cond_scale)
+        return Guided(guided, uncond_out) if self.return_uncond else guided

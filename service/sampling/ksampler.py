@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import registry
+from . import aliases, registry
 from .guidance import CFGDenoiser
 from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSource
 from .schedules import Schedule
@@ -138,6 +138,16 @@ def _default_uncond(model: Any, cond: Mapping[str, Tensor]) -> dict[str, Tensor]
     return None
 
 
+def resolve_names(sampler: str, schedule: str | Schedule) -> tuple[str, str | Schedule]:
+    """Our names for A1111/ComfyUI/diffusers spellings ("DPM++ 2M Karras" picks its schedule too)."""
+    if sampler not in registry.SAMPLERS:
+        sampler, implied = aliases.resolve(sampler)
+        schedule = implied or schedule
+    if isinstance(schedule, str) and schedule not in registry.SCHEDULES:
+        schedule = aliases.resolve_schedule(schedule)
+    return sampler, schedule
+
+
 class KSampler:
     """``KSampler(model, sampler="dpmpp_2m", schedule="karras", **options).sample(x, steps=50)``.
 
@@ -148,6 +158,7 @@ class KSampler:
     def __init__(
         self, model: Any, sampler: str = "dpmpp_2m", schedule: str | Schedule = "karras", **options: Any
     ) -> None:
+        sampler, schedule = resolve_names(sampler, schedule)
         info = registry.get_sampler(sampler)
         sched_bounds = {} if isinstance(schedule, Schedule) else registry.get_schedule(schedule).bounds
         self.model, self.sampler, self.schedule = model, sampler, schedule
@@ -206,7 +217,7 @@ class KSampler:
                 raise ValueError("cfg_scale != 1 needs an unconditional input: pass uncond=")
         elif uncond is not None:
             uncond = _as_cond(self.model, uncond, b)
-        guided = CFGDenoiser(self.model)
+        guided = CFGDenoiser(self.model, return_uncond=spec.info.needs_uncond)
         out = torch.empty_like(x)
         for part, stepper in make_steppers(spec, x, sigmas, callback):
             extra = {

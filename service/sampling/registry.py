@@ -88,6 +88,13 @@ class SamplerInfo:
     needs_uncond: bool = False
     bounds: Mapping[str, Option] = field(default_factory=dict)
     origin: str = "k-diffusion"
+    nfe: Callable[[int, Mapping[str, Any]], int] | None = None  # total model calls, when not the rule below
+
+    def expected_nfe(self, steps: int, options: Mapping[str, Any] | None = None) -> int:
+        """Model calls for ``steps`` steps (a last step to sigma = 0 that is first order saves nfe - 1)."""
+        if self.nfe is not None:
+            return self.nfe(steps, {**self.options, **(options or {})})
+        return max(1, steps * self.nfe_per_step - (self.nfe_per_step - 1))
 
     @property
     def options(self) -> dict[str, Any]:
@@ -299,3 +306,12 @@ def schedule_sigmas(
     sigma_min = opts.pop("sigma_min", sigma_min)
     sigma_max = opts.pop("sigma_max", sigma_max)
     return info.fn(n, sigma_min, sigma_max, device=device, **opts)
+
+
+from . import registry_extra  # noqa: E402,F401  (registers the samplers and schedules beyond k-diffusion's)
+
+# Schedules over a model's discrete sigma table (Stable Diffusion and other DDPM-trained models).
+from . import schedules_discrete as _discrete  # noqa: E402
+
+for _name, (_fn, _doc) in _discrete.DISCRETE_SCHEDULES.items():
+    register_schedule(ScheduleInfo(_name, _fn, {}, needs_discrete=True, uses_range=False, doc=_doc))

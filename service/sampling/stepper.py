@@ -24,8 +24,21 @@ class Eval(NamedTuple):
     step: int
 
 
+class Guided(NamedTuple):
+    """What a driver sends a ``needs_uncond`` (CFG++) sampler: the guided and the unconditional prediction.
+
+    Any stepper also accepts a plain tensor from a driver that has no separate uncond prediction
+    (then ``uncond = denoised``, which makes a CFG++ sampler its plain counterpart).
+    """
+
+    denoised: Tensor
+    uncond: Tensor
+
+
 Stepper = Generator[Eval, Tensor, Tensor]
+GuidedStepper = Generator[Eval, "Tensor | Guided", Tensor]
 Model = Callable[..., Tensor]
+GuidedModel = Callable[..., "Tensor | Guided"]  # a CFGDenoiser(return_uncond=True), for needs_uncond samplers
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -38,14 +51,16 @@ class NonFiniteError(FloatingPointError):
         self.sigma = sigma
 
 
-def check_finite(denoised: Tensor, ev: Eval) -> None:
+def check_finite(denoised: Tensor | Guided, ev: Eval) -> None:
     """Raise NonFiniteError if ``denoised`` holds NaN/inf (one reduction, one sync)."""
+    if isinstance(denoised, Guided):
+        denoised = denoised.denoised + denoised.uncond
     acc = torch.float64 if denoised.dtype == torch.float64 else torch.float32
     if not math.isfinite(float(denoised.sum(dtype=acc))):
         raise NonFiniteError(ev.step, float(ev.sigma))
 
 
-def run(stepper: Stepper, model: Model, extra_args: dict[str, Any] | None = None) -> Tensor:
+def run(stepper: Stepper, model: Model | GuidedModel, extra_args: dict[str, Any] | None = None) -> Tensor:
     """Drive a stepper with one model call per yield: ``model(x, sigma * ones(B), **extra_args)``."""
     extra_args = {} if extra_args is None else extra_args
     try:
@@ -56,6 +71,6 @@ def run(stepper: Stepper, model: Model, extra_args: dict[str, Any] | None = None
                 s_in = ev.x.new_ones([ev.x.shape[0]])
             denoised = model(ev.x, ev.sigma * s_in, **extra_args)
             check_finite(denoised, ev)
-            ev = stepper.send(denoised)
+            ev = stepper.send(denoised)  # type: ignore[arg-type]  # a Guided goes to needs_uncond steppers
     except StopIteration as stop:
         return stop.value

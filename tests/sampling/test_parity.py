@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service import sampling
+from service.sampling import k_api
 from tests.sampling.conftest import toy_image_model
 
 TOL = 1e-6
@@ -153,7 +154,7 @@ def test_helpers_match(kd: Any) -> None:
         assert all(abs(float(p) - float(q)) <= 1e-7 for p, q in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("name", [n for n in dir(sampling) if n.startswith("sample_")])
+@pytest.mark.parametrize("name", [n for n in dir(k_api) if n.startswith("sample_")])
 def test_signatures_match(kd: Any, name: str) -> None:
     """Same parameter names and defaults as k-diffusion (ours may add options at the end)."""
     theirs = inspect.signature(getattr(kd.sampling, name)).parameters

@@ -51,7 +51,7 @@ def test_seeded_reproducible_and_callback(name: str) -> None:
     assert torch.equal(a, b)
     assert model.calls >= 1
     if not info.batch_coupled:  # batch-coupled (adaptive) samplers run per image with their own step count
-        assert model.calls <= info.nfe_per_step * 5
+        assert model.calls <= info.expected_nfe(5)
     assert seen and {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(seen[0])
 
 

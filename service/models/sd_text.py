@@ -1,0 +1,136 @@
+"""CLIP prompt encoding for Stable Diffusion: 75-token chunks, SDXL's two encoders, an LRU cache.
+
+A prompt is tokenized without special tokens and cut into chunks of 75 tokens; each chunk is
+wrapped as ``[BOS] chunk [EOS] pad...`` (77 tokens), encoded on its own, and the chunks'
+hidden states are concatenated along the sequence (AUTOMATIC1111's behaviour for long prompts).
+A prompt of at most 75 tokens therefore encodes exactly as diffusers' pipelines encode it.
+
+- SD 1.x / 2.x: the last hidden state after the final layer norm (``clip_skip`` = 2 takes the
+  penultimate layer, then the final layer norm, as A1111 does).
+- SDXL: both encoders' penultimate hidden states concatenated on the feature dim; the pooled
+  embedding (``text_embeds``) of the second encoder, from the first chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CHUNK = 75
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One prompt: context [1, 77 * chunks, D] and (SDXL) pooled [1, P]."""
+
+    context: Tensor
+    pooled: Tensor | None
+
+    @property
+    def chunks(self) -> int:
+        return int(self.context.shape[1]) // (CHUNK + 2)
+
+
+class PromptEncoder:
+    def __init__(
+        self,
+        tokenizers: list,
+        encoders: list[nn.Module],
+        *,
+        sdxl: bool,
+        clip_skip: int = 1,
+        cache_size: int = 128,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if len(tokenizers) != len(encoders) or not encoders:
+            raise ValueError("need one tokenizer per text encoder")
+        if clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        self.tokenizers, self.encoders = tokenizers, encoders
+        self.sdxl, self.clip_skip = sdxl, clip_skip
+        self.device = torch.device(device)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    # --- tokens ---
+    def chunk_ids(self, prompt: str, tokenizer_index: int = 0) -> list[list[int]]:
+        """Token ids of each 77-token chunk (BOS, up to 75 tokens, EOS, padding)."""
+        tok = self.tokenizers[tokenizer_index]
+        ids: list[int] = tok(prompt, add_special_tokens=False, truncation=False)["input_ids"]
+        pieces = [ids[i : i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return [[tok.bos_token_id, *p, tok.eos_token_id] + [pad] * (CHUNK - len(p)) for p in pieces]
+
+    # --- encoding ---
+    def _hidden(self, encoder: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = encoder(ids, output_hidden_states=True)
+        pooled = getattr(out, "text_embeds", None)
+        if self.sdxl:
+            return out.hidden_states[-2], pooled
+        if self.clip_skip == 1:
+            return out.last_hidden_state, pooled
+        text_model: Any = getattr(encoder, "text_model", encoder)
+        return text_model.final_layer_norm(out.hidden_states[-self.clip_skip]), pooled
+
+    @torch.inference_mode()
+    def _encode(self, prompt: str) -> Encoded:
+        per_encoder: list[Tensor] = []
+        pooled: Tensor | None = None
+        for i, encoder in enumerate(self.encoders):
+            chunks = self.chunk_ids(prompt, i)
+            ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
+            hidden, pool = self._hidden(encoder, ids)
+            per_encoder.append(hidden.reshape(1, -1, hidden.shape[-1]))
+            if pool is not None:
+                pooled = pool[:1]
+        if len({h.shape[1] for h in per_encoder}) > 1:  # tokenizers split differently: pad to the longest
+            n = max(h.shape[1] for h in per_encoder)
+            per_encoder = [self._pad_with_empty(h, n, i) for i, h in enumerate(per_encoder)]
+        context = torch.cat(per_encoder, dim=-1)
+        return Encoded(context, pooled if self.sdxl else None)
+
+    def _pad_with_empty(self, hidden: Tensor, length: int, index: int) -> Tensor:
+        empty_ids = torch.tensor(self.chunk_ids("", index), dtype=torch.long, device=self.device)
+        empty, _ = self._hidden(self.encoders[index], empty_ids)
+        reps = (length - hidden.shape[1]) // empty.shape[1]
+        return torch.cat([hidden, *([empty] * reps)], dim=1)
+
+    def encode(self, prompt: str) -> Encoded:
+        """Encode one prompt (cached, least recently used dropped first)."""
+        with self._lock:
+            hit = self._cache.get(prompt)
+            if hit is not None:
+                self._cache.move_to_end(prompt)
+                self.hits += 1
+                return hit
+        enc = self._encode(prompt)
+        with self._lock:
+            self.misses += 1
+            if self.cache_size > 0:
+                self._cache[prompt] = enc
+                self._cache.move_to_end(prompt)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return enc
+
+    def zeros_like(self, enc: Encoded) -> Encoded:
+        """The all-zero uncond SDXL uses for an empty negative prompt (force_zeros_for_empty_prompt)."""
+        return Encoded(
+            torch.zeros_like(enc.context), None if enc.pooled is None else torch.zeros_like(enc.pooled)
+        )
+
+    def pad_to(self, enc: Encoded, chunks: int) -> Encoded:
+        """Extend with encodings of the empty prompt to ``chunks`` chunks (cond/uncond must align)."""
+        if enc.chunks >= chunks:
+            return enc
+        tail = self.encode("").context.repeat(1, chunks - enc.chunks, 1)
+        if torch.count_nonzero(enc.context) == 0:  # a zero uncond stays zero
+            tail = torch.zeros_like(tail)
+        return Encoded(torch.cat([enc.context, tail], dim=1), enc.pooled)

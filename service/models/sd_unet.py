@@ -1,0 +1,90 @@
+"""Wrap a diffusers UNet2DConditionModel as a discrete eps/v denoiser over its own sigma table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.sampling.denoisers import DiscreteEpsDenoiser, DiscreteVDenoiser
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class SDUNet(nn.Module):
+    """``inner(x_in, t, context, y=None, time_ids=None, c_concat=None)`` -> eps or v.
+
+    ``context`` is the CLIP hidden states [B, L, D]; SDXL adds the pooled text embedding ``y``
+    [B, P] and ``time_ids`` [B, 6]; inpainting UNets (9 input channels) get ``c_concat``
+    [B, 5, h, w] (mask, masked-image latents) appended to the scaled input.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        time_ids: Tensor | None = None,
+        c_concat: Tensor | None = None,
+    ) -> Tensor:
+        dt = self.dtype
+        inp = x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
+        added: dict[str, Tensor] | None = None
+        if y is not None or time_ids is not None:
+            if y is None or time_ids is None:
+                raise ValueError("an SDXL UNet needs both the pooled embedding y and time_ids")
+            added = {"text_embeds": y.to(dt), "time_ids": time_ids.to(dt)}
+        out = self.unet(
+            inp.to(dt), t, encoder_hidden_states=context.to(dt), added_cond_kwargs=added, return_dict=False
+        )[0]
+        return out.to(x.dtype)  # type: ignore[no-any-return]
+
+
+def alphas_cumprod_from_config(cfg: dict[str, Any]) -> Tensor:
+    """alpha_bar_t for t = 0 .. T-1 from a diffusers scheduler config (computed as diffusers does)."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    b0, b1 = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
+    elif kind == "linear":
+        betas = torch.linspace(b0, b1, n, dtype=torch.float32)
+    elif kind == "squaredcos_cap_v2":
+
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)])
+    else:
+        raise ValueError(f"unsupported beta_schedule {kind!r}")
+    if cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("rescale_betas_zero_snr (zero terminal SNR) is not supported")
+    return torch.cumprod(1.0 - betas.float(), dim=0)
+
+
+def make_denoiser(
+    unet: nn.Module,
+    scheduler_config: dict[str, Any],
+    prediction_type: str | None = None,
+    quantize: bool = False,
+) -> DiscreteEpsDenoiser | DiscreteVDenoiser:
+    """The discrete denoiser for ``unet`` (eps or v, from the manifest or the scheduler config)."""
+    kind = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unsupported prediction_type {kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    alphas = alphas_cumprod_from_config(scheduler_config)
+    cls = DiscreteVDenoiser if kind == "v_prediction" else DiscreteEpsDenoiser
+    return cls(SDUNet(unet), alphas, quantize=quantize)

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,sd]'
 	# k-diffusion is the tests' oracle only; --no-deps because its own requirements are heavy extras.
 	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)
@@ -39,3 +39,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Build the image and run it with docker compose + the CPU override, for real (not part of `test`):
+# local base image, CPU torch wheel from local disk, healthy, POST /sample -> PNG, SIGTERM drain.
+docker-smoke:
+	docker/smoke-test.sh

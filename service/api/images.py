@@ -65,8 +65,11 @@ def read_parameters(png: bytes) -> dict[str, Any]:
     return dict(json.loads(img.info[PARAMETERS_KEY]))
 
 
-def decode_image(data: str, size: tuple[int, int], channels: int, max_pixels: int = 4096 * 4096) -> Tensor:
-    """A base64 PNG/JPEG (optionally a data: URL) -> [1, C, H, W] in [-1, 1], resized to ``size`` (h, w)."""
+def decode_image(
+    data: str, size: tuple[int, int] | None, channels: int, max_pixels: int = 4096 * 4096
+) -> Tensor:
+    """A base64 PNG/JPEG (optionally a data: URL) -> [1, C, H, W] in [-1, 1], resized to ``size`` (h, w)
+    unless it is None (then the image keeps its own size)."""
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
     try:
@@ -77,15 +80,15 @@ def decode_image(data: str, size: tuple[int, int], channels: int, max_pixels: in
         img: Image.Image = Image.open(io.BytesIO(raw))
         if img.width * img.height > max_pixels:
             raise ImageInputError(f"image too large: {img.width}x{img.height}")
-        img = img.convert("L" if channels == 1 else "RGB").resize(
-            (size[1], size[0]), Image.Resampling.BICUBIC
-        )
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     except ImageInputError:
         raise
     except Exception as exc:
         raise ImageInputError(f"not a readable image: {exc}") from exc
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()
-    t = t.view(size[0], size[1], channels).permute(2, 0, 1)
+    t = t.view(img.height, img.width, channels).permute(2, 0, 1)
     return (t / 127.5 - 1).unsqueeze(0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,6 +135,55 @@ def _conditioning(req: SampleRequest, model: LoadedModel, n: int, cfg: float) ->
     )
 
 
+@dataclass
+class _TextJob:
+    cond: dict
+    uncond: dict | None
+    init: torch.Tensor | None
+    mask: torch.Tensor | None
+    latent_shape: tuple[int, ...]
+    image_size: tuple[int, int]
+
+
+def _text_job(req: SampleRequest, model: LoadedModel, n: int, cfg: float, denoise: float) -> _TextJob:
+    """Stable Diffusion: prompts, size, init image and mask through the model's own checks."""
+    from service.models.stable_diffusion import SDInputError
+
+    sd = getattr(model, "sd", None)
+    if sd is None:
+        raise FieldError("model", f"model {model.name!r} has no text encoder loaded", [])
+    if req.class_label is not None:
+        raise FieldError(
+            "class_label", f"model {model.name!r} is text-conditional; use prompt, not class_label", []
+        )
+    if req.init_image is None and denoise < 1.0:
+        raise FieldError("denoise", "denoise < 1 needs an init_image", [1.0])
+    images: dict[str, torch.Tensor | None] = {"init_image": None, "mask": None}
+    for field, channels in (("init_image", 3), ("mask", 1)):
+        data = getattr(req, field)
+        if data is None:
+            continue
+        try:
+            t = decode_image(data, None, channels)
+        except ImageInputError as exc:
+            raise FieldError(field, f"{field}: {exc}") from exc
+        images[field] = t if field == "init_image" else (t + 1) / 2
+    try:
+        inp = sd.job_inputs(
+            req.prompt,
+            req.negative_prompt,
+            n=n,
+            cfg_scale=cfg,
+            width=req.width,
+            height=req.height,
+            init_image=images["init_image"],
+            mask=images["mask"],
+        )
+    except SDInputError as exc:
+        raise FieldError(exc.field, exc.message, exc.allowed) from exc
+    return _TextJob(inp.cond, inp.uncond, inp.init, inp.mask, inp.latent_shape, inp.image_size)
+
+
 def _images(
     req: SampleRequest, model: LoadedModel, n: int, denoise: float
 ) -> tuple[torch.Tensor | None, ...]:
@@ -185,13 +235,19 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
     timeout = req.timeout_s or settings.job_timeout_s
     if timeout > settings.job_timeout_s:
         raise FieldError("timeout_s", f"timeout_s must be in (0, {settings.job_timeout_s:g}]")
-    _check_size(req, model)
     seeds = _seeds(req, n)
     s_opts, k_opts = _options(req, sampler, schedule)
-    cond, uncond = _conditioning(req, model, n, cfg)
-    init, mask = _images(req, model, n, denoise)
+    latent_shape: tuple[int, ...] | None = None
+    if model.conditioning == "text":
+        text = _text_job(req, model, n, cfg, denoise)
+        cond, uncond, init, mask = text.cond, text.uncond, text.init, text.mask
+        latent_shape, (h, w) = text.latent_shape, text.image_size
+    else:
+        _check_size(req, model)
+        cond, uncond = _conditioning(req, model, n, cfg)
+        init, mask = _images(req, model, n, denoise)
+        h, w = model.image_size
     spec = SamplingSpec(sampler, schedule, steps, seeds, s_opts, k_opts, denoise)
-    h, w = model.image_size
     params: dict[str, Any] = {
         "model": model.name,
         "sampler": sampler,
@@ -211,4 +267,4 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         "sampler_options": s_opts,
         "schedule_options": k_opts,
     }
-    return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params)
+    return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params, latent_shape)

@@ -34,7 +34,8 @@ async def submit(state: ServiceState, body: SampleRequest) -> Job:
             sorted(state.models),
         )
     model = state.models[name]
-    if body.init_image is not None or body.mask is not None:
+    if body.init_image is not None or body.mask is not None or model.conditioning == "text":
+        # image decoding, VAE encoding and text encoding are torch work: off the event loop
         job_req = await asyncio.to_thread(build_job, body, model, state.settings)
     else:
         job_req = build_job(body, model, state.settings)

@@ -55,6 +55,7 @@ class JobRequest:
     mask: Tensor | None = None  # [n or 1, 1 or C, H, W]; 1 = repaint, 0 = keep init
     timeout_s: float = 300.0
     parameters: dict[str, Any] = field(default_factory=dict)  # echoed in results and PNG chunks
+    latent_shape: tuple[int, ...] | None = None  # per-image shape when it varies by request (SD sizes)
 
     @property
     def guided(self) -> bool:

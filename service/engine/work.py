@@ -10,7 +10,7 @@ from torch import Tensor
 
 from service.sampling.guidance import cfg_combine
 from service.sampling.ksampler import make_sigmas, make_steppers, start_latents
-from service.sampling.stepper import Eval, Stepper, check_finite
+from service.sampling.stepper import Eval, Guided, Stepper, check_finite
 
 from .jobs import JobRequest
 
@@ -34,18 +34,18 @@ class JobWork:
         self.req = req
         self.sigmas = make_sigmas(req.spec, denoiser, device).to(dtype)
         init = None if req.init is None else req.init.to(device=device, dtype=dtype)
-        x = start_latents(req.spec, (req.n, *latent_shape), self.sigmas, device, dtype, init)
+        shape = req.latent_shape or latent_shape
+        x = start_latents(req.spec, (req.n, *shape), self.sigmas, device, dtype, init)
         self.init = init
         self.mask = None if req.mask is None else req.mask.to(device=device, dtype=dtype)
         self.cond = {k: v.to(device) for k, v in req.cond.items()}
         self.uncond = None if req.uncond is None else {k: v.to(device) for k, v in req.uncond.items()}
         self.scale = req.cfg_scale
         self.guided = req.guided
+        self.needs_uncond = req.spec.info.needs_uncond  # CFG++ samplers are sent Guided(denoised, uncond)
         self.tracks = [Track(part, st) for part, st in make_steppers(req.spec, x, self.sigmas)]
         self.evals = 0
-        nfe = req.spec.info.nfe_per_step
-        self.expected_evals = max(1, req.spec.steps * nfe - (nfe - 1))
-        self.expected_evals *= len(self.tracks)
+        self.expected_evals = req.spec.info.expected_nfe(req.spec.steps, req.spec.options) * len(self.tracks)
         for track in self.tracks:
             self._advance(track, None)
 
@@ -81,20 +81,31 @@ class JobWork:
         """Hand a track its model output rows; returns the denoised prediction it was sent."""
         ev = track.pending
         assert ev is not None
+        uncond_out = None
         if self.guided:
             cond_out, uncond_out = out.chunk(2)
             out = cfg_combine(cond_out, uncond_out, self.scale)
         check_finite(out, ev)
         if self.mask is not None and self.init is not None:
-            m = self.mask[track.part] if self.mask.shape[0] > 1 else self.mask
-            out = out * m + self.init[track.part] * (1 - m)
+            out = self._blend(track, out)
+            uncond_out = None if uncond_out is None else self._blend(track, uncond_out)
         self.evals += 1
-        self._advance(track, out)
+        if self.needs_uncond:
+            self._advance(track, Guided(out, out if uncond_out is None else uncond_out))
+        else:
+            self._advance(track, out)
         return out
 
-    def _advance(self, track: Track, denoised: Tensor | None) -> None:
+    def _blend(self, track: Track, denoised: Tensor) -> Tensor:
+        """Inpainting: the kept region's prediction is the init image itself."""
+        assert self.mask is not None and self.init is not None
+        m = self.mask[track.part] if self.mask.shape[0] > 1 else self.mask
+        return denoised * m + self.init[track.part] * (1 - m)
+
+    def _advance(self, track: Track, denoised: Tensor | Guided | None) -> None:
         try:
-            track.pending = next(track.stepper) if denoised is None else track.stepper.send(denoised)
+            # a Guided goes only to needs_uncond steppers, which accept it
+            track.pending = next(track.stepper) if denoised is None else track.stepper.send(denoised)  # type: ignore[arg-type]
         except StopIteration as stop:
             track.pending, track.out = None, stop.value
 

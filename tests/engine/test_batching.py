@@ -157,3 +157,25 @@ def test_oversized_single_job_is_split_across_calls() -> None:
     job = run(go)
     assert job.status == JobStatus.succeeded and max(model.calls) <= 4
     torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
+
+
+def test_cfg_pp_samplers_get_the_uncond_prediction_from_the_engine() -> None:
+    """CFG++ samplers re-noise along the uncond prediction: the engine must send it, as KSampler does."""
+    names = ["euler_cfg_pp", "dpmpp_2m_cfg_pp", "euler_ancestral_cfg_pp", "res_multistep_cfg_pp", "euler"]
+    reqs = [request(s, 8, seeds=[i], label=2, cfg=1.5) for i, s in enumerate(names)]
+    plain = request("euler", 8, seeds=[0], label=2, cfg=1.5)
+
+    async def go() -> list:
+        engine = make_engine(FakeDenoiser())
+        engine.start()
+        jobs = [engine.submit(r) for r in [*reqs, plain]]
+        await asyncio.gather(*(j.wait_done() for j in jobs))
+        await engine.stop()
+        return jobs
+
+    jobs = run(go)
+    assert [j.status for j in jobs] == [JobStatus.succeeded] * len(jobs), [j.error for j in jobs]
+    for job, req in zip(jobs, [*reqs, plain], strict=True):
+        torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
+    # same seed, same guidance: CFG++ and plain euler differ only through the uncond re-noising
+    assert (jobs[0].result - jobs[-1].result).abs().max() > 1e-3

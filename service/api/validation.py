@@ -10,7 +10,7 @@ import torch
 
 from service.engine.jobs import JobRequest
 from service.models.store import LoadedModel
-from service.sampling import registry
+from service.sampling import aliases, registry
 from service.sampling.ksampler import SamplingSpec
 
 from .images import ImageInputError, decode_image
@@ -208,18 +208,24 @@ def _images(
     return init.expand(n, *init.shape[1:]).clone(), mask
 
 
+def _names(req: SampleRequest, defaults: dict[str, Any]) -> tuple[str, str]:
+    """Sampler and schedule, accepting A1111/ComfyUI/diffusers spellings ("DPM++ 2M Karras", "Euler a")."""
+    sampler = req.sampler or str(defaults.get("sampler", "dpmpp_2m"))
+    implied = None
+    try:
+        if sampler not in registry.SAMPLERS:
+            sampler, implied = aliases.resolve(sampler)
+        schedule = req.schedule or implied or str(defaults.get("schedule", "karras"))
+        if schedule not in registry.SCHEDULES:
+            schedule = aliases.resolve_schedule(schedule)
+    except registry.UnknownNameError as exc:
+        raise FieldError(exc.kind, str(exc), exc.valid) from exc
+    return sampler, schedule
+
+
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
     d = model.manifest.defaults
-    sampler = req.sampler or str(d.get("sampler", "dpmpp_2m"))
-    schedule = req.schedule or str(d.get("schedule", "karras"))
-    for field, name, table in (
-        ("sampler", sampler, registry.SAMPLERS),
-        ("schedule", schedule, registry.SCHEDULES),
-    ):
-        if name not in table:
-            raise FieldError(
-                field, f"unknown {field} {name!r}; valid {field}s: {', '.join(sorted(table))}", sorted(table)
-            )
+    sampler, schedule = _names(req, d)
     if registry.get_schedule(schedule).needs_discrete and getattr(model.denoiser, "sigmas", None) is None:
         raise FieldError(
             "schedule", f"schedule {schedule!r} needs a discrete-time model; {model.name!r} is not"

@@ -74,3 +74,19 @@ def test_deadline_gives_504(client: TestClient) -> None:
     r = client.post("/sample", json={"steps": 2000 // 4, "timeout_s": 0.05})
     assert r.status_code == 504
     assert r.json()["detail"]["code"] == "deadline_exceeded"
+
+
+def test_peer_spellings_resolve_to_our_names(client: TestClient) -> None:
+    """A1111/ComfyUI names work over HTTP; the name's schedule applies unless the request gives one."""
+    base = {"class_label": 4, "steps": 4, "seed": 2}
+    r = client.post("/sample", json={**base, "sampler": "DPM++ 2M Karras"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["parameters"]["sampler"], r.json()["parameters"]["schedule"]) == ("dpmpp_2m", "karras")
+    ours = client.post("/sample", json={**base, "sampler": "dpmpp_2m", "schedule": "karras"}).json()
+    assert _pixels(_png(r.json()["images"][0])) == _pixels(_png(ours["images"][0]))
+    r = client.post("/sample", json={**base, "sampler": "Euler a", "schedule": "Exponential"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["parameters"]["sampler"], r.json()["parameters"]["schedule"]) == (
+        "euler_ancestral",
+        "exponential",
+    )

@@ -14,7 +14,8 @@ TAG="${1:-kdiff-base:bookworm-py311}"
 SUITE="${SUITE:-bookworm}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 ROOTFS="${ROOTFS:-/var/tmp/kdiff-base-rootfs}"
-PACKAGES="python3,python3-venv,python3-pip,ca-certificates,tini"
+# python3-venv brings ensurepip (pip for the venv); the container init is Docker's (compose `init: true`).
+PACKAGES="python3,python3-venv,ca-certificates"
 
 if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$TAG" >/dev/null 2>&1; then
     echo "base image $TAG already exists (FORCE=1 to rebuild)"

@@ -4,11 +4,14 @@
 #
 #   1. local base image (debootstrap bookworm + python3, `docker import`), unless it exists
 #   2. local inputs in docker/local/: the CPU torch wheel from this machine's disk, the CA bundle
-#   3. docker compose build (--build-arg BASE_IMAGE=<local base>, TORCH_SPEC=torch==<v>+cpu)
-#   4. docker compose up -d with docker/docker-compose.cpu.yml; wait for the container to be healthy
-#   5. POST /sample (Accept: image/png, and JSON) -> valid PNGs; non-root user check
-#   6. start a long POST /sample, then `docker compose stop`: the in-flight request must still
-#      succeed (drain), /readyz must stop answering 200, and the container must exit with code 0
+#   3. docker compose build --build-arg BASE_IMAGE=<local base> --build-arg TORCH_SPEC=torch==<v>+cpu
+#      (prints `docker image ls` for the image)
+#   4. docker compose up -d with docker/docker-compose.cpu.yml; wait for the container to be healthy;
+#      non-root user check; the sd extra (diffusers, transformers) imports in the container
+#   5. POST /sample (Accept: image/png, and JSON) -> valid PNGs
+#   6. start a long POST /sample, then `docker compose stop`: /readyz must stop answering 200, a new
+#      POST /sample must get 503, the in-flight request must still succeed (drain), and the
+#      container must exit with code 0
 #   7. docker compose down (also on failure, unless SMOKE_KEEP=1)
 #
 # Needs: root or docker group, dockerd running (e.g. `dockerd --storage-driver=vfs &`), Docker
@@ -110,10 +113,16 @@ fi
 
 # --- 3. build ------------------------------------------------------------------------------------
 t=$(now)
-build_flags=()
+# The build args are the CPU override's defaults made explicit: local base image, CPU torch wheel
+# from docker/local/wheels (no index).
+build_flags=(--build-arg "BASE_IMAGE=$KDIFF_BASE_IMAGE" --build-arg "TORCH_SPEC=$KDIFF_TORCH_SPEC"
+             --build-arg "TORCH_INDEX_URL=")
 [[ "${SMOKE_NO_CACHE:-0}" == 1 ]] && build_flags+=(--no-cache)
+log "${COMPOSE[*]} build ${build_flags[*]} kdiff"
 "${COMPOSE[@]}" build "${build_flags[@]}" kdiff
 record build_s "$(elapsed "$t")"
+docker image ls "${KDIFF_IMAGE%%:*}"
+record image_size "$(docker image ls --format '{{.Size}}' "$KDIFF_IMAGE")"
 size=$(docker image inspect -f '{{.Size}}' "$KDIFF_IMAGE")
 record image_size_mb "$((size / 1000000))"
 
@@ -137,6 +146,8 @@ record up_to_healthy_s "$(elapsed "$t")"
 curl -fsS "$URL/readyz" >/dev/null || fail "/readyz not 200 from the host"
 uid=$(docker exec "$cid" id -u)
 [[ "$uid" != 0 ]] || fail "service runs as root"
+docker exec "$cid" python -c "import diffusers, transformers; print('sd extra: diffusers', diffusers.__version__, 'transformers', transformers.__version__)" \
+    || fail "the sd extra (diffusers, transformers) is not importable in the image"
 log "healthy; runs as uid $uid; models: $(curl -fsS "$URL/models" | head -c 300)"
 
 # --- 5. POST /sample -> PNG ----------------------------------------------------------------------
@@ -180,6 +191,13 @@ for _ in $(seq 1 40); do
     if [[ "$rc" != 200 ]]; then ready_off="yes (HTTP ${rc:-000})"; break; fi
     sleep 0.25
 done
+[[ "$ready_off" != no ]] || fail "/readyz still 200 after SIGTERM"
+# ... and new work is refused with 503 while the in-flight request still runs.
+new_work=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: application/json' \
+                -d "$body" "$URL/sample" || true)
+if kill -0 "$CURL_PID" 2>/dev/null; then
+    [[ "$new_work" == 503 ]] || fail "POST /sample while draining -> HTTP $new_work, expected 503"
+fi
 wait "$STOP_PID" || { cat "$WORK/stop.log"; fail "docker compose stop failed"; }
 record stop_s "$(elapsed "$t")"
 wait "$CURL_PID" || true
@@ -191,7 +209,7 @@ python3 docker/check_png.py "$WORK/inflight.png" || fail "drained request return
 exit_code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
 oom=$(docker inspect -f '{{.State.OOMKilled}}' "$cid")
 [[ "$exit_code" == 0 && "$oom" == false ]] || fail "container exit code $exit_code (OOMKilled $oom)"
-log "in-flight request drained (HTTP 200, valid PNG); readiness off during drain: $ready_off; exit code 0"
+log "in-flight request drained (HTTP 200, valid PNG); readiness off during drain: $ready_off; new work during drain: HTTP $new_work; exit code 0"
 docker logs "$cid" 2>&1 | grep -iE 'drain|shutdown|signal' | tail -5 || true
 
 record total_s "$(elapsed "$T0")"

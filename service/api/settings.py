@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)"
     )
+    jit: bool = Field(
+        default=True,
+        description="serve the project's UNet models as TorchScript traces (checked against eager; "
+        "the model call then runs without the GIL)",
+    )
 
     @field_validator("models", "cors_origins", "api_keys", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from service.engine import Engine, EngineConfig, Job, JobRequest, JobStore, Metrics, ModelHandle
 from service.models.store import LoadedModel, ModelStore
+from service.models.traced import trace_denoiser
 
 from .images import encode_images
 from .settings import Settings
@@ -59,6 +60,8 @@ class ServiceState:
         names = s.models or sorted(self.store.scan())
         for name in names:
             model = await asyncio.to_thread(self.store.load, name, device, dtype)
+            if s.jit:
+                await asyncio.to_thread(trace_denoiser, model.denoiser, _example(model))
             self.models[name] = model
             handle = ModelHandle(
                 name, model.denoiser, model.latent_shape, model.device, model.dtype, model.decode
@@ -100,3 +103,11 @@ class ServiceState:
             await self.drain(self.settings.drain_timeout_s)
         if self._threads is not None:
             torch.set_num_threads(self._threads)
+
+
+def _example(model: LoadedModel) -> tuple[Tensor, dict[str, Tensor]]:
+    """One row of model input with the conditioning requests bring (to trace the model at startup)."""
+    x = torch.zeros(1, *model.latent_shape, device=model.device, dtype=model.dtype)
+    if model.conditioning != "class":
+        return x, {}
+    return x, model.class_conditioning(torch.zeros(1, dtype=torch.long, device=model.device))[0]

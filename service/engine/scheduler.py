@@ -205,6 +205,7 @@ class Engine:
                     group.remove(job)
                     msg = f"the job did not finish within its deadline of {job.request.timeout_s:g} s"
                     self._end(job, JobStatus.failed, JobError("deadline_exceeded", msg))
+        self._release_held()  # the rest of a request batch may just have left by cancel or deadline
         self._gauges()
 
     def _apply(self, outcomes: list[Outcome]) -> None:
@@ -227,13 +228,18 @@ class Engine:
                 job.progress.step, job.progress.evals = work.step, work.evals
                 job.progress.expected_evals = max(work.expected_evals, work.evals + 1)
                 job.notify()
-        if self.config.mode != Mode.request or not self.active:
-            for job, images in self._held:
-                task = asyncio.get_running_loop().create_task(self._finish(job, images))
-                self._finalizing.add(task)
-                task.add_done_callback(self._finalizing.discard)
-            self._held.clear()
+        self._release_held()
         self._gauges()
+
+    def _release_held(self) -> None:
+        """Finalize finished jobs; request batching holds them until its whole batch has left."""
+        if self.config.mode == Mode.request and self.active:
+            return
+        for job, images in self._held:
+            task = asyncio.get_running_loop().create_task(self._finish(job, images))
+            self._finalizing.add(task)
+            task.add_done_callback(self._finalizing.discard)
+        self._held.clear()
 
     async def _finish(self, job: Job, images: Tensor) -> None:
         if job.cancel_requested:

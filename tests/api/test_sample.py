@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.images import read_parameters
+from service.models.traced import TracedModule
 
 
 def _png(b64: str) -> bytes:
@@ -90,3 +92,12 @@ def test_peer_spellings_resolve_to_our_names(client: TestClient) -> None:
         "euler_ancestral",
         "exponential",
     )
+
+
+def test_the_service_serves_traced_unets_unless_jit_is_off(make_client: Callable[..., TestClient]) -> None:
+    for jit in (True, False):
+        with make_client(jit=jit) as client:
+            model = client.app.state.service.models["tiny"]  # type: ignore[attr-defined]
+            assert isinstance(model.denoiser.inner_model, TracedModule) is jit
+            r = client.post("/sample", json={"model": "tiny", "steps": 3, "seed": 1, "class_label": 2})
+            assert r.status_code == 200, r.text

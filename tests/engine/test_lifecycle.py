@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from service.engine import Draining, JobStatus, JobStore, QueueFull
+from service.engine import Draining, JobStatus, JobStore, Mode, QueueFull
 
 from .fakes import FAIL_LABEL, NAN_LABEL, FakeDenoiser, make_engine, reference, request, run
 
@@ -34,6 +34,32 @@ def test_cancel_frees_rows_at_the_next_iteration() -> None:
     # at most the call in flight at cancel time still carried the victim's rows
     assert all(rows == 1 for rows in model.calls[at_cancel + 1 :])
     assert len(model.calls) == 30
+
+
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+def test_request_mode_releases_finished_jobs_when_the_rest_of_the_batch_is_dropped(end: str) -> None:
+    """Request batching holds a finished job until its batch ends; a batch that ends by cancel or
+    deadline (not by finishing) must still release it."""
+    model = FakeDenoiser(delay_s=0.002)
+
+    async def go() -> tuple:
+        engine = make_engine(model, mode=Mode.request)
+        engine.start()
+        short = engine.submit(request("euler", 3, seeds=[1]))
+        long = engine.submit(request("euler", 1000, seeds=[2], timeout_s=0.3 if end == "deadline" else 60))
+        while short.t_computed is None:
+            await asyncio.sleep(0.001)
+        assert not short.status.finished  # held for the batch
+        if end == "cancel":
+            engine.cancel(long)
+        await asyncio.wait_for(asyncio.gather(short.wait_done(), long.wait_done()), 10)
+        await engine.stop()
+        return short, long
+
+    short, long = run(go)
+    assert short.status == JobStatus.succeeded
+    assert long.status == (JobStatus.cancelled if end == "cancel" else JobStatus.failed)
+    torch.testing.assert_close(short.result, reference(FakeDenoiser(), short.request), atol=1e-5, rtol=0)
 
 
 def test_cancel_of_a_queued_job_is_immediate() -> None:

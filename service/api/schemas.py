@@ -42,6 +42,14 @@ class SampleRequest(BaseModel):
         None, max_length=64, description="sampler name (GET /samplers); default: model's"
     )
     schedule: str | None = Field(default=None, max_length=64, description="sigma schedule (GET /schedules)")
+    sigmas: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_001,
+        description="your own strictly descending sigmas (a final 0 is added when missing), as ComfyUI's "
+        "SamplerCustom takes them: replaces schedule (or schedule 'custom'), sets steps, and for img2img "
+        "the first sigma sets the strength (leave denoise unset)",
+    )
     steps: int | None = Field(
         default=None, ge=1, le=10_000, description="sampler steps (bounded by the service)"
     )

@@ -12,10 +12,13 @@ from service.engine.jobs import JobRequest
 from service.models.store import LoadedModel
 from service.sampling import aliases, registry
 from service.sampling.ksampler import SamplingSpec
+from service.sampling.schedules import CustomSchedule
 
 from .images import ImageInputError, decode_image
 from .schemas import TOP_LEVEL_OPTIONS, SampleRequest
 from .settings import Settings
+
+CUSTOM = "custom"  # the schedule name of a request that brings its own sigmas
 
 
 class FieldError(ValueError):
@@ -43,7 +46,7 @@ def _seeds(req: SampleRequest, n: int) -> list[int]:
 
 def _options(req: SampleRequest, sampler: str, schedule: str) -> tuple[dict[str, Any], dict[str, Any]]:
     s_bounds = registry.get_sampler(sampler).bounds
-    k_bounds = registry.get_schedule(schedule).bounds
+    k_bounds = {} if schedule == CUSTOM else registry.get_schedule(schedule).bounds
     s_opts: dict[str, Any] = dict(req.sampler_options)
     k_opts: dict[str, Any] = dict(req.schedule_options)
     for name in TOP_LEVEL_OPTIONS:
@@ -215,6 +218,10 @@ def _names(req: SampleRequest, defaults: dict[str, Any]) -> tuple[str, str]:
     try:
         if sampler not in registry.SAMPLERS:
             sampler, implied = aliases.resolve(sampler)
+        if req.sigmas is not None:
+            if req.schedule not in (None, CUSTOM):
+                raise FieldError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
+            return sampler, CUSTOM
         schedule = req.schedule or implied or str(defaults.get("schedule", "karras"))
         if schedule not in registry.SCHEDULES:
             schedule = aliases.resolve_schedule(schedule)
@@ -223,14 +230,35 @@ def _names(req: SampleRequest, defaults: dict[str, Any]) -> tuple[str, str]:
     return sampler, schedule
 
 
+def _custom(req: SampleRequest, settings: Settings) -> tuple[CustomSchedule, int]:
+    """The request's own sigmas as a schedule, and the step count they fix (and the img2img strength)."""
+    assert req.sigmas is not None
+    try:
+        custom = CustomSchedule(tuple(req.sigmas))
+    except ValueError as exc:
+        raise FieldError("sigmas", str(exc)) from exc
+    steps = len(custom()) - 1
+    if steps > settings.max_steps:
+        raise FieldError("sigmas", f"sigmas define {steps} steps; at most {settings.max_steps} are allowed")
+    if req.steps is not None and req.steps != steps:
+        raise FieldError("steps", f"steps ({req.steps}) does not match the {steps} steps of sigmas; omit it")
+    if req.denoise is not None and req.denoise != 1.0:
+        raise FieldError("denoise", "with sigmas, their first value sets the img2img strength; omit denoise")
+    return custom, steps
+
+
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
     d = model.manifest.defaults
     sampler, schedule = _names(req, d)
-    if registry.get_schedule(schedule).needs_discrete and getattr(model.denoiser, "sigmas", None) is None:
-        raise FieldError(
-            "schedule", f"schedule {schedule!r} needs a discrete-time model; {model.name!r} is not"
-        )
-    steps = req.steps if req.steps is not None else int(d.get("steps", 20))
+    custom: CustomSchedule | None = None
+    if schedule == CUSTOM:
+        custom, steps = _custom(req, settings)
+    else:
+        if registry.get_schedule(schedule).needs_discrete and getattr(model.denoiser, "sigmas", None) is None:
+            raise FieldError(
+                "schedule", f"schedule {schedule!r} needs a discrete-time model; {model.name!r} is not"
+            )
+        steps = req.steps if req.steps is not None else int(d.get("steps", 20))
     if steps > settings.max_steps:
         raise FieldError("steps", f"steps must be in [1, {settings.max_steps}]", [1, settings.max_steps])
     n = req.n or (len(req.seed) if isinstance(req.seed, list) else None) or 1
@@ -253,11 +281,12 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         cond, uncond = _conditioning(req, model, n, cfg)
         init, mask = _images(req, model, n, denoise)
         h, w = model.image_size
-    spec = SamplingSpec(sampler, schedule, steps, seeds, s_opts, k_opts, denoise)
+    spec = SamplingSpec(sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise)
     params: dict[str, Any] = {
         "model": model.name,
         "sampler": sampler,
         "schedule": schedule,
+        "sigmas": None if custom is None else list(custom.sigmas),
         "steps": steps,
         "seeds": seeds,
         "n": n,

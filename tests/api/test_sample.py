@@ -101,3 +101,24 @@ def test_the_service_serves_traced_unets_unless_jit_is_off(make_client: Callable
             assert isinstance(model.denoiser.inner_model, TracedModule) is jit
             r = client.post("/sample", json={"model": "tiny", "steps": 3, "seed": 1, "class_label": 2})
             assert r.status_code == 200, r.text
+
+
+def test_custom_sigmas_sample_like_the_schedule_they_copy(client: TestClient) -> None:
+    """`sigmas` (ComfyUI's custom sigmas) gives the image of a named schedule with the same sigmas,
+    is listed under /schedules as 'custom', and is recorded in the PNG for reproduction."""
+    from service.sampling.schedules import get_sigmas_karras
+
+    sigmas = get_sigmas_karras(6, 0.02, 20.0).tolist()  # the tiny model's range, as the schedule uses it
+    base = {"class_label": 5, "seed": 3, "sampler": "dpmpp_2m"}
+    named = client.post("/sample", json={**base, "schedule": "karras", "steps": 6}).json()
+    custom = client.post("/sample", json={**base, "sigmas": sigmas[:-1]}).json()  # the final 0 is added
+    assert custom["parameters"]["schedule"] == "custom" and custom["parameters"]["steps"] == 6
+    assert _pixels(_png(custom["images"][0])) == _pixels(_png(named["images"][0]))
+    params = read_parameters(_png(custom["images"][0]))
+    again = client.post(
+        "/sample", json={k: params[k] for k in ("sampler", "schedule", "sigmas", "seed", "class_label")}
+    )
+    assert _pixels(_png(again.json()["images"][0])) == _pixels(_png(custom["images"][0]))
+    shorter = client.post("/sample", json={**base, "sigmas": sigmas[2:]}).json()  # starts lower: 4 steps
+    assert shorter["parameters"]["steps"] == 4
+    assert "custom" in {s["name"] for s in client.get("/schedules").json()["schedules"]}

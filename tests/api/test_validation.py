@@ -26,6 +26,14 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"init_image": "not base64!!", "denoise": 0.5}, "init_image", "base64"),
     ({"cfg_scale": 99}, "cfg_scale", "less than or equal"),
     ({"timeout_s": 10_000}, "timeout_s", "300"),
+    ({"sigmas": [1.0, 2.0, 0.0]}, "sigmas", "strictly descending"),
+    ({"sigmas": [5.0, -1.0]}, "sigmas", ">= 0"),
+    ({"sigmas": []}, "sigmas", "at least 1"),
+    ({"sigmas": [float(600 - i) for i in range(600)]}, "sigmas", "at most 500"),
+    ({"sigmas": [3.0, 1.0, 0.0], "steps": 5}, "steps", "2 steps of sigmas"),
+    ({"sigmas": [3.0, 1.0], "schedule": "karras"}, "schedule", "not both"),
+    ({"sigmas": [3.0, 1.0], "rho": 5.0}, "rho", "schedule 'custom'"),
+    ({"sigmas": [3.0, 1.0], "denoise": 0.5}, "denoise", "omit denoise"),
 ]
 
 

@@ -12,6 +12,7 @@ from service.sampling import registry
 
 from ..deps import get_state, require_api_key
 from ..state import ServiceState
+from ..validation import CUSTOM
 
 router = APIRouter(tags=["info"])
 
@@ -52,7 +53,14 @@ async def samplers() -> dict[str, Any]:
 @router.get("/schedules")
 async def schedules() -> dict[str, Any]:
     """Every sigma schedule with its options: default, type and bounds."""
-    return {"schedules": [info.describe() for info in registry.SCHEDULES.values()]}
+    custom = {
+        "name": CUSTOM,
+        "doc": "your own descending sigmas, sent in the request's `sigmas` field (they set steps)",
+        "needs_discrete": False,
+        "uses_sigma_range": False,
+        "options": {},
+    }
+    return {"schedules": [*(info.describe() for info in registry.SCHEDULES.values()), custom]}
 
 
 @router.get("/healthz")

@@ -327,6 +327,8 @@ def _target(rows: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     ratio is also given for the RMS error (the best pairs chosen by RMS).
     """
     at = [r for r in rows if r["budget"] == budget and r["err_max"] is not None]
+    if not any(r["origin"] == "k-diffusion" for r in at):  # a run restricted to other samplers
+        return {"budget": budget, "goal": 0.5, "skipped": "no k-diffusion sampler measured at this budget"}
 
     def best(pred: Any, key: str) -> dict[str, Any]:
         r = min((r for r in at if pred(r)), key=lambda r: r[key])

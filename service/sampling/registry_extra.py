@@ -50,8 +50,9 @@ _SA = {
     "corrector_order": Option(4, 1, 4, integer=True),
     "eta": Option(1.0, 0.0, 10.0),
     "s_noise": _S_NOISE,
-    "tau_sigma_lo": Option(0.0, 0.0, INF),
-    "tau_sigma_hi": Option(INF, 0.0, INF),
+    # diffusers' / ComfyUI's default noise window (SD timesteps 200..800), as the samplers' defaults
+    "tau_sigma_lo": Option(0.5716, 0.0, INF),
+    "tau_sigma_hi": Option(5.112, 0.0, INF),
 }
 
 

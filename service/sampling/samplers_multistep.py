@@ -269,12 +269,14 @@ def sa_solver(
     corrector_order: int = 4,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    tau_sigma_lo: float = 0.0,
-    tau_sigma_hi: float = math.inf,
+    tau_sigma_lo: float = 0.5716,
+    tau_sigma_hi: float = 5.112,
 ) -> Stepper:
     """SA-Solver, Xue et al. (2023), https://arxiv.org/abs/2309.05019: stochastic Adams predictor-corrector.
 
-    tau = eta while tau_sigma_lo <= sigma <= tau_sigma_hi, else 0 (eta = 0: the ODE).
+    tau = eta while tau_sigma_lo <= sigma <= tau_sigma_hi, else 0 (eta = 0: the ODE). The default window
+    is diffusers' and ComfyUI's default (SD timesteps 200..800: sigma 0.5717..5.111, rounded outward);
+    noise at every sigma (tau_sigma_lo=0, tau_sigma_hi=inf) is unstable at few steps.
     """
     return (
         yield from _sa_solver(
@@ -303,10 +305,13 @@ def sa_solver_pece(
     corrector_order: int = 4,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    tau_sigma_lo: float = 0.0,
-    tau_sigma_hi: float = math.inf,
+    tau_sigma_lo: float = 0.5716,
+    tau_sigma_hi: float = 5.112,
 ) -> Stepper:
-    """SA-Solver in PECE mode (Xue et al. 2023): a second model call at each corrected point."""
+    """SA-Solver in PECE mode (Xue et al. 2023): a second model call at each corrected point.
+
+    Options and the default noise window (0.5716..5.112, diffusers' and ComfyUI's) as ``sa_solver``.
+    """
     return (
         yield from _sa_solver(
             x,

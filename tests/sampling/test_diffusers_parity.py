@@ -207,6 +207,12 @@ def test_sa_solver(p: int, c: int, stochastic: bool) -> None:
     assert _sigma_case("sa_solver", sched, 12, seed=21, **opts) < TOL
 
 
+def test_sa_solver_default_noise_window_is_diffusers_default() -> None:
+    """Without window options our SA-Solver adds noise where diffusers' default tau_func does (t 200..800)."""
+    sched = diffusers.SASolverScheduler(**BETAS, predictor_order=3, corrector_order=4)
+    assert _sigma_case("sa_solver", sched, 12, seed=21, predictor_order=3, corrector_order=4) < TOL
+
+
 def _unique_sigmas(sched: Any) -> list[float]:
     """Heun/KDPM2 list each inner sigma twice (one per stage); ours once, then 0."""
     return [v for v in dict.fromkeys(sched.sigmas.double().tolist()) if v > 0] + [0.0]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,19 +30,41 @@ class ModelHandle:
 
 
 class ModelRunner:
-    """Runs the denoiser on packed rows (no grad), chunking calls above ``max_rows``."""
+    """Runs the denoiser on packed rows (no grad), chunking calls above ``max_rows``.
+
+    Out of memory, it halves its chunk size and retries (the denoiser is row-independent, so the
+    result is the same), and keeps the smaller size: a batch too big for the device slows down
+    instead of failing its jobs, and later calls do not hit the same wall.
+    """
 
     def __init__(self, handle: ModelHandle, max_rows: int) -> None:
         self.handle, self.max_rows = handle, max_rows
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        b = x.shape[0]
-        if b <= self.max_rows:
+        while True:
+            try:
+                return self._chunked(x, sigma, cond, self.max_rows)
+            except torch.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
+                rows = min(self.max_rows, x.shape[0])
+                if rows <= 1:
+                    raise
+                self.max_rows = rows // 2
+                log.warning(
+                    "%s: out of memory at %d rows per call; now at most %d",
+                    self.handle.name,
+                    rows,
+                    self.max_rows,
+                )
+
+    def _chunked(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], size: int) -> Tensor:
+        if x.shape[0] <= size:
             return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]
         outs = []
-        for i in range(0, b, self.max_rows):
-            part = slice(i, i + self.max_rows)
+        for i in range(0, x.shape[0], size):
+            part = slice(i, i + size)
             outs.append(self.handle.denoiser(x[part], sigma[part], **{k: v[part] for k, v in cond.items()}))
         return torch.cat(outs)
 

@@ -116,6 +116,58 @@ def test_failing_batched_call_is_retried_job_by_job() -> None:
         torch.testing.assert_close(job.result, reference(FakeDenoiser(), job.request), atol=1e-5, rtol=0)
 
 
+class SmallDevice(FakeDenoiser):
+    """Runs out of memory above ``limit`` rows per call, as a GPU would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __call__(
+        self, x: torch.Tensor, sigma: torch.Tensor, class_cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            self.calls.append(-x.shape[0])  # a failed call
+            raise torch.OutOfMemoryError(f"tried to allocate {x.shape[0]} rows")
+        return super().__call__(x, sigma, class_cond)
+
+
+def test_out_of_memory_halves_the_rows_per_call_and_the_jobs_still_succeed() -> None:
+    model = SmallDevice(limit=5)
+    reqs = [request("dpmpp_2m", 4, seeds=list(range(8)), cfg=3.0), request("euler", 4, seeds=[9, 10])]
+
+    async def go() -> list:
+        engine = make_engine(model, max_batch_rows=64)
+        engine.start()
+        jobs = [engine.submit(r) for r in reqs]
+        await asyncio.gather(*(j.wait_done() for j in jobs))
+        await engine.stop()
+        return [*jobs, engine.runner.max_rows]
+
+    *jobs, rows = run(go)
+    assert [j.status for j in jobs] == [JobStatus.succeeded] * 2, [j.error for j in jobs]
+    assert rows == 4  # 16 guided + 2 rows = 18 -> 9 (still too many) -> 4, then kept
+    assert [c for c in model.calls if c < 0] == [-18, -9]  # only the first iteration's call failed
+    assert max(model.calls) == 4
+    for job in jobs:
+        torch.testing.assert_close(job.result, reference(FakeDenoiser(), job.request), atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_on_a_single_row_fails_only_that_job() -> None:
+    model = SmallDevice(limit=0)
+
+    async def go() -> object:
+        engine = make_engine(model)
+        engine.start()
+        job = engine.submit(request("euler", 3))
+        await job.wait_done()
+        await engine.stop()
+        return job
+
+    job = run(go)
+    assert job.status == JobStatus.failed and "OutOfMemoryError" in job.error.message
+
+
 def test_nan_output_fails_that_job_naming_step_and_sigma() -> None:
     async def go() -> list:
         engine = make_engine(FakeDenoiser())

@@ -100,7 +100,10 @@ async def drive(url: str, concurrency: int, duration: float, ramp: float = 3.0) 
         for task in clients:
             task.cancel()  # the server sees the disconnects and cancels those jobs
         await asyncio.gather(*clients, return_exceptions=True)
+    settle_by = time.perf_counter() + 120
     while (await asyncio.to_thread(scrape, url))["running"] > 0:  # let the cancelled jobs leave
+        if time.perf_counter() > settle_by:
+            raise RuntimeError("jobs of disconnected clients still running after 120 s (an engine bug)")
         await asyncio.sleep(0.2)
     a, b = windows["open"], windows["close"]
     elapsed = b["t"] - a["t"]

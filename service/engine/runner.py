@@ -44,7 +44,7 @@ class ModelRunner:
     def denoise(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         while True:
             try:
-                return self._chunked(x, sigma, cond, self.max_rows)
+                return self._chunked(x, sigma, cond)
             except torch.OutOfMemoryError:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
@@ -59,7 +59,8 @@ class ModelRunner:
                     self.max_rows,
                 )
 
-    def _chunked(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], size: int) -> Tensor:
+    def _chunked(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        size = self.max_rows
         if x.shape[0] <= size:
             return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]
         outs = []

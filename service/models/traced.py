@@ -73,12 +73,13 @@ class TracedModule(nn.Module):
                 return self.inner(x, c_noise, **dict(zip(names, cond, strict=True)))  # type: ignore[no-any-return]
 
         args = (x, c_noise, *conds.values())
+        eager = Positional().eval()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TracerWarnings and TorchScript deprecation notices
-                traced = torch.jit.freeze(torch.jit.trace(Positional().eval(), args, check_trace=False))
+                traced = torch.jit.freeze(torch.jit.trace(eager, args, check_trace=False))
                 for probe in (args, _other_batch(args)):
-                    want, got = inner(*probe[:2], **dict(zip(names, probe[2:], strict=True))), traced(*probe)
+                    want, got = eager(*probe), traced(*probe)
                     if got.shape != want.shape:
                         raise RuntimeError(f"trace gave shape {tuple(got.shape)}, eager {tuple(want.shape)}")
                     if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):

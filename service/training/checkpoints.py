@@ -45,7 +45,7 @@ def save(trainer: Trainer) -> None:
         out / "state.json",
         {
             "step": trainer.step,
-            "train_seconds": round(trainer.train_seconds, 1),
+            "train_seconds": trainer.train_seconds,  # exact: resumed runs add to it
             "losses": trainer.losses,
             "optimizer": opt_meta,
             **trainer.config_dict(),

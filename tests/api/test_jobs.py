@@ -45,8 +45,11 @@ def test_job_runs_and_streams_progress_then_done(client: TestClient) -> None:
 
 
 def test_delete_cancels_a_running_job(client: TestClient) -> None:
-    job_id = client.post("/jobs", json={"steps": 500}).json()["id"]
-    time.sleep(0.1)
+    # heunpp2: three model calls per step, so 500 steps run for about a second on the tiny model
+    job_id = client.post("/jobs", json={"steps": 500, "sampler": "heunpp2"}).json()["id"]
+    deadline = time.monotonic() + 10
+    while client.get(f"/jobs/{job_id}").json()["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
     r = client.delete(f"/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     assert _events(client, f"/jobs/{job_id}/events")[-1][0] == "cancelled"

@@ -18,6 +18,10 @@ from tests.api.tiny_store import make_tiny_store
 
 from .server import Server
 
+# Jobs that must still be running when the test acts on them: the traced tiny model takes about a
+# millisecond per call, so 500 steps can finish inside the half-second a client waits.
+LONG = 10_000
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,7 +31,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(
-        store, tmp_path_factory.mktemp("log") / "server.log", KDIFF_MAX_BATCH_ROWS="4", KDIFF_MAX_QUEUE="2"
+        store,
+        tmp_path_factory.mktemp("log") / "server.log",
+        KDIFF_MAX_BATCH_ROWS="4",
+        KDIFF_MAX_QUEUE="2",
+        KDIFF_MAX_STEPS=str(LONG),
     )
     try:
         srv.wait_ready()
@@ -79,12 +87,12 @@ def test_job_followed_over_sse_to_the_end(http: httpx.Client) -> None:
 
 
 def test_delete_and_disconnect_cancel(http: httpx.Client, server: Server) -> None:
-    job_id = http.post("/jobs", json={"steps": 5000 // 10}).json()["id"]
+    job_id = http.post("/jobs", json={"steps": LONG}).json()["id"]
     _wait_status(http, job_id, "running")
     assert http.delete(f"/jobs/{job_id}").json()["status"] == "cancelled"
     # a synchronous client that gives up cancels its job
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as impatient:
-        impatient.post("/sample", json={"steps": 500, "seed": 999})
+        impatient.post("/sample", json={"steps": LONG, "seed": 999})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         jobs = http.get("/jobs", params={"status": "cancelled"}).json()
@@ -104,7 +112,7 @@ def test_full_queue_is_429(http: httpx.Client) -> None:
     ids = []
     status = None
     for _ in range(6):  # 4 rows run (max_batch_rows=4), 2 jobs queue (max_queue=2), then 429
-        r = http.post("/jobs", json={"steps": 500, "n": 2})
+        r = http.post("/jobs", json={"steps": LONG, "n": 2})
         status = r.status_code
         if status == 429:
             assert int(r.headers["retry-after"]) >= 1
@@ -116,11 +124,12 @@ def test_full_queue_is_429(http: httpx.Client) -> None:
 
 
 def test_sigterm_drains_running_jobs_then_exits(store: Path, tmp_path: Path) -> None:
-    srv = Server(store, tmp_path / "drain.log", KDIFF_DRAIN_TIMEOUT_S="30")
+    srv = Server(store, tmp_path / "drain.log", KDIFF_DRAIN_TIMEOUT_S="30", KDIFF_MAX_STEPS="3000")
     try:
         srv.wait_ready()
         with httpx.Client(base_url=srv.url, timeout=10) as http, httpx.Client(base_url=srv.url) as other:
-            job_id = http.post("/jobs", json={"steps": 150}).json()["id"]
+            # long enough (seconds) to be still running while the test checks /readyz
+            job_id = http.post("/jobs", json={"steps": 3000}).json()["id"]
             events = []
             with http.stream("GET", f"/jobs/{job_id}/events") as r:
                 for line in r.iter_lines():

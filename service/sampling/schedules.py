@@ -106,7 +106,7 @@ def get_sigmas_custom(sigmas: Sequence[float] | Tensor, device: Device = "cpu") 
     if s.numel() < 1:
         raise ValueError("sigmas must hold at least one value")
     if not torch.isfinite(s).all() or (s < 0).any():
-        raise ValueError("sigmas must be finite and >= 0")
+        raise ValueError(f"sigmas must be finite (as {str(s.dtype).removeprefix('torch.')}) and >= 0")
     if s.numel() > 1 and not (s[1:] < s[:-1]).all():
         raise ValueError("sigmas must be strictly descending")
     if s[-1] != 0:

@@ -28,6 +28,7 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"timeout_s": 10_000}, "timeout_s", "300"),
     ({"sigmas": [1.0, 2.0, 0.0]}, "sigmas", "strictly descending"),
     ({"sigmas": [5.0, -1.0]}, "sigmas", ">= 0"),
+    ({"sigmas": [1e300, 1.0]}, "sigmas", "finite (as float32)"),  # JSON allows it; float32 does not
     ({"sigmas": []}, "sigmas", "at least 1"),
     ({"sigmas": [float(600 - i) for i in range(600)]}, "sigmas", "at most 500"),
     ({"sigmas": [3.0, 1.0, 0.0], "steps": 5}, "steps", "2 steps of sigmas"),

@@ -12,6 +12,7 @@ from torch import Tensor
 from service.engine import Engine, EngineConfig, Job, JobRequest, JobStore, Metrics, ModelHandle
 from service.models.store import LoadedModel, ModelStore
 from service.models.traced import trace_denoiser
+from service.sampling.ksampler import sampling_dtype
 
 from .images import encode_images
 from .settings import Settings
@@ -107,7 +108,7 @@ class ServiceState:
 
 def _example(model: LoadedModel) -> tuple[Tensor, dict[str, Tensor]]:
     """One row of model input with the conditioning requests bring (to trace the model at startup)."""
-    x = torch.zeros(1, *model.latent_shape, device=model.device, dtype=model.dtype)
+    x = torch.zeros(1, *model.latent_shape, device=model.device, dtype=sampling_dtype(model.dtype))
     if model.conditioning != "class":
         return x, {}
     return x, model.class_conditioning(torch.zeros(1, dtype=torch.long, device=model.device))[0]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from service.sampling.guidance import cfg_combine
-from service.sampling.ksampler import make_sigmas, make_steppers, start_latents
+from service.sampling.ksampler import make_sigmas, make_steppers, sampling_dtype, start_latents
 from service.sampling.stepper import Eval, Guided, Stepper, check_finite
 
 from .jobs import JobRequest
@@ -32,6 +32,7 @@ class JobWork:
         self, req: JobRequest, denoiser: Any, latent_shape: tuple[int, ...], device: Any, dtype: Any
     ):
         self.req = req
+        dtype = sampling_dtype(dtype)  # the model casts to its own dtype; the sampler state stays exact
         self.sigmas = make_sigmas(req.spec, denoiser, device).to(dtype)
         init = None if req.init is None else req.init.to(device=device, dtype=dtype)
         shape = req.latent_shape or latent_shape

@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
 
     from service.api.images import encode_images, grid_png
     from service.models.store import ModelStore
-    from service.sampling.ksampler import KSampler
+    from service.sampling.ksampler import KSampler, sampling_dtype
 
     model = ModelStore(args.model_store).load(args.model, args.device)
     d = model.manifest.defaults
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
             condition=cond,
             cfg_scale=cfg,
             device=model.device,
-            dtype=model.dtype,
+            dtype=sampling_dtype(model.dtype),
         )
         images = x if model.decode is None else model.decode(x)
     params = {

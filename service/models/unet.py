@@ -87,8 +87,9 @@ class FourierFeatures(nn.Module):
         self.register_buffer("weight", torch.randn([out_features // 2, in_features]) * std)
 
     def forward(self, x: Tensor) -> Tensor:
-        f = 2 * math.pi * x @ self.weight.T
-        return torch.cat([f.cos(), f.sin()], dim=-1)
+        # In float32 whatever the model dtype: in fp16 the phases (up to ~20 rad) keep only ~1e-2 rad.
+        f = 2 * math.pi * x.float() @ self.weight.float().T
+        return torch.cat([f.cos(), f.sin()], dim=-1).to(self.weight.dtype)
 
 
 class AdaGroupNorm(nn.Module):
@@ -213,7 +214,7 @@ class UNet(nn.Module):
 
     def _cond(self, c_noise: Tensor, class_cond: Tensor | None, aug_cond: Tensor | None) -> Tensor:
         b = c_noise.shape[0]
-        emb = self.time_in(self.time_emb(c_noise.reshape(b, 1).float()))
+        emb = self.time_in(self.time_emb(c_noise.reshape(b, 1)))
         if self.class_emb is not None:
             if class_cond is None:  # no label given means the null (unconditional) class
                 class_cond = torch.full([b], self.config.num_classes, dtype=torch.long, device=emb.device)
@@ -221,7 +222,7 @@ class UNet(nn.Module):
         elif class_cond is not None:
             raise ValueError("class_cond given but this UNet is unconditional (num_classes=0)")
         if self.aug_emb is not None and self.aug_in is not None:
-            aug = emb.new_zeros([b, AUG_COND_DIM]) if aug_cond is None else aug_cond.float()
+            aug = emb.new_zeros([b, AUG_COND_DIM]) if aug_cond is None else aug_cond
             emb = emb + self.aug_in(self.aug_emb(aug))
         return self.mapping(emb)
 
@@ -238,8 +239,12 @@ class UNet(nn.Module):
         aug_cond: Tensor | None = None,
         cross_cond: Tensor | None = None,
     ) -> Tensor:
+        # Callers keep the sampler state in float32 (or float64); a half-precision model casts its
+        # inputs here and answers in the caller's dtype.
+        dtype = self.proj_in.weight.dtype
+        cross_cond = None if cross_cond is None else cross_cond.to(dtype)
         cond = self._cond(c_noise, class_cond, aug_cond)
-        h = self.proj_in(x)
+        h = self.proj_in(x.to(dtype))
         skips = []
         for level in self.down:
             for block in level:  # type: ignore[attr-defined]
@@ -249,7 +254,7 @@ class UNet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in level:  # type: ignore[attr-defined]
                 h = self._run(block, h, cond, cross_cond)
-        return self.proj_out(F.gelu(self.norm_out(h)))
+        return self.proj_out(F.gelu(self.norm_out(h))).to(x.dtype)
 
 
 def param_count(model: nn.Module) -> int:

@@ -49,7 +49,7 @@ from .k_api_extra import (
     sample_uni_pc,
     sample_uni_pc_bh2,
 )
-from .ksampler import KSampler, SamplingSpec, make_sigmas, make_steppers, start_latents
+from .ksampler import KSampler, SamplingSpec, make_sigmas, make_steppers, sampling_dtype, start_latents
 from .noise import (
     BrownianNoiseSampler,
     BrownianTreeNoiseSampler,

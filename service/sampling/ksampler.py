@@ -82,6 +82,16 @@ def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cp
     return sigmas[-(spec.steps + 1) :]
 
 
+def sampling_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the sampler state for a model in ``model_dtype``: at least float32.
+
+    Why: step sizes, multistep coefficients and noise at sigma ~ 15 lose too much in fp16/bf16
+    (3 and 2 significant digits), so a half-precision model gets float32 inputs and casts them
+    itself, as A1111 and ComfyUI keep their latents in float32.
+    """
+    return torch.promote_types(model_dtype, torch.float32)
+
+
 def start_latents(
     spec: SamplingSpec,
     shape: Sequence[int],

@@ -11,7 +11,7 @@ import torch
 from service.engine.jobs import JobRequest
 from service.models.store import LoadedModel
 from service.sampling import aliases, registry
-from service.sampling.ksampler import SamplingSpec
+from service.sampling.ksampler import SamplingSpec, make_sigmas
 from service.sampling.schedules import CustomSchedule
 
 from .images import ImageInputError, decode_image
@@ -282,6 +282,11 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         init, mask = _images(req, model, n, denoise)
         h, w = model.image_size
     spec = SamplingSpec(sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise)
+    try:  # options that pass their own bounds can still clash (sigma_min >= sigma_max): say so now
+        make_sigmas(spec, model.denoiser)
+    except ValueError as exc:
+        field = next((k for k in k_opts if k in str(exc)), "schedule")
+        raise FieldError(field, f"schedule {schedule!r}: {exc}") from exc
     params: dict[str, Any] = {
         "model": model.name,
         "sampler": sampler,

@@ -71,14 +71,10 @@ def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cp
         if info.needs_discrete:
             sigmas = info.fn(total, model, device=device, **spec.schedule_options)
         else:
-            sigmas = registry.schedule_sigmas(
-                spec.schedule,
-                total,
-                float(model.sigma_min),
-                float(model.sigma_max),
-                device=device,
-                **spec.schedule_options,
-            )
+            opts = dict(spec.schedule_options)  # a request's sigma_min / sigma_max replace the model's
+            lo = float(opts.pop("sigma_min", model.sigma_min))
+            hi = float(opts.pop("sigma_max", model.sigma_max))
+            sigmas = registry.schedule_sigmas(spec.schedule, total, lo, hi, device=device, **opts)
     return sigmas[-(spec.steps + 1) :]
 
 

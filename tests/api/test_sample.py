@@ -141,3 +141,27 @@ def test_half_precision_sampling_is_like_float32(make_client: Callable[..., Test
             images[dt] = [np.asarray(Image.open(io.BytesIO(_png(b64))), float) for b64 in r.json()["images"]]
     diff = max(np.abs(a - b).mean() for a, b in zip(images["float32"], images[dtype], strict=True))
     assert diff < 2.0, diff  # mean over pixels, on a 0-255 scale (measured: 0.14 bf16, 0.02 fp16)
+
+
+def test_sigma_range_options_sample_like_the_same_custom_sigmas(client: TestClient) -> None:
+    """sigma_min / sigma_max (top level or in schedule_options) narrow the schedule's range."""
+    from service.sampling.schedules import get_sigmas_karras
+
+    base = {"class_label": 2, "seed": 5, "sampler": "euler", "steps": 5}
+    ranged = client.post("/sample", json={**base, "schedule": "karras", "sigma_min": 0.5, "sigma_max": 8.0})
+    assert ranged.status_code == 200, ranged.text
+    assert ranged.json()["parameters"]["schedule_options"] == {"sigma_min": 0.5, "sigma_max": 8.0}
+    nested = client.post("/sample", json={**base, "schedule_options": {"sigma_min": 0.5, "sigma_max": 8.0}})
+    custom = client.post(
+        "/sample",
+        json={
+            **{k: v for k, v in base.items() if k != "steps"},
+            "sigmas": get_sigmas_karras(5, 0.5, 8.0).tolist(),
+        },
+    )
+    want = _pixels(_png(custom.json()["images"][0]))
+    assert _pixels(_png(ranged.json()["images"][0])) == want == _pixels(_png(nested.json()["images"][0]))
+    default = client.post("/sample", json={**base, "schedule": "karras"}).json()
+    assert _pixels(_png(default["images"][0])) != want
+    r = client.post("/sample", json={**base, "sigma_min": 30.0})  # above the tiny model's sigma_max of 20
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sigma_min"], r.text

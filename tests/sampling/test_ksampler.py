@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from service import sampling
@@ -78,6 +79,25 @@ def test_schedule_objects() -> None:
         assert torch.isfinite(out).all()
     s = CosineSchedule(0.03, 14.6)(8)
     assert abs(float(s[0]) - 14.6) < 1e-4 and abs(float(s[-2]) - 0.03) < 1e-6 and s[-1] == 0
+
+
+def test_schedule_options_override_the_models_sigma_range() -> None:
+    """sigma_min / sigma_max in schedule_options replace the model's range (they used to clash with it)."""
+    model = ClassToy()
+    for name, fn in (
+        ("karras", sampling.get_sigmas_karras),
+        ("exponential", sampling.get_sigmas_exponential),
+    ):
+        for opts, (lo, hi) in (
+            ({"sigma_min": 0.5}, (0.5, 14.6)),
+            ({"sigma_max": 3.0}, (0.03, 3.0)),
+            ({"sigma_min": 0.1, "sigma_max": 2.0}, (0.1, 2.0)),
+        ):
+            spec = sampling.SamplingSpec("euler", name, 5, [0], schedule_options=opts)
+            torch.testing.assert_close(sampling.make_sigmas(spec, model), fn(5, lo, hi))
+    clash = sampling.SamplingSpec("euler", "karras", 5, [0], schedule_options={"sigma_min": 20.0})
+    with pytest.raises(ValueError, match="sigma_min"):
+        sampling.make_sigmas(clash, model)  # above the model's sigma_max of 14.6
 
 
 def test_img2img_starts_part_way() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from service.engine.jobs import JobRequest
 from service.models.store import LoadedModel
 from service.sampling import aliases, registry
-from service.sampling.ksampler import SamplingSpec, make_sigmas
+from service.sampling.ksampler import SamplingSpec, make_sigmas, make_steppers
 from service.sampling.schedules import CustomSchedule
 
 from .images import ImageInputError, decode_image
@@ -247,6 +247,31 @@ def _custom(req: SampleRequest, settings: Settings) -> tuple[CustomSchedule, int
     return custom, steps
 
 
+def _dry_run(spec: SamplingSpec, model: LoadedModel, latent_shape: tuple[int, ...]) -> None:
+    """Build the schedule and start one image's sampler (no model call): options that pass their own
+    bounds can still clash (sigma_min >= sigma_max, seeds_3's r_1 < r_2, sigmas that round into
+    repeats), and the client should hear which field, now, rather than from a failed job."""
+    try:
+        sigmas = make_sigmas(spec, model.denoiser)
+    except ValueError as exc:
+        raise FieldError(_field(str(exc), spec.schedule_options, "schedule"), str(exc)) from exc
+    one = replace(spec, seeds=spec.seeds[:1])
+    try:
+        for _, stepper in make_steppers(one, torch.zeros(1, *latent_shape), sigmas):
+            next(stepper, None)  # runs the sampler's set-up up to its first model evaluation
+    except ValueError as exc:
+        field = _field(str(exc), spec.options, "sampler")
+        raise FieldError(field, f"sampler {spec.sampler!r}: {exc}") from exc
+
+
+def _field(message: str, options: dict[str, Any], kind: str) -> str:
+    """The request field an error message is about: an option it names, else steps, else the name."""
+    for key in options:
+        if key in message:
+            return key if key in TOP_LEVEL_OPTIONS else f"{kind}_options"
+    return "steps" if "steps" in message else kind
+
+
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
     d = model.manifest.defaults
     sampler, schedule = _names(req, d)
@@ -282,11 +307,7 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         init, mask = _images(req, model, n, denoise)
         h, w = model.image_size
     spec = SamplingSpec(sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise)
-    try:  # options that pass their own bounds can still clash (sigma_min >= sigma_max): say so now
-        make_sigmas(spec, model.denoiser)
-    except ValueError as exc:
-        field = next((k for k in k_opts if k in str(exc)), "schedule")
-        raise FieldError(field, f"schedule {schedule!r}: {exc}") from exc
+    _dry_run(spec, model, latent_shape or model.latent_shape)
     params: dict[str, Any] = {
         "model": model.name,
         "sampler": sampler,

@@ -75,7 +75,24 @@ def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cp
             lo = float(opts.pop("sigma_min", model.sigma_min))
             hi = float(opts.pop("sigma_max", model.sigma_max))
             sigmas = registry.schedule_sigmas(spec.schedule, total, lo, hi, device=device, **opts)
-    return sigmas[-(spec.steps + 1) :]
+    sigmas = sigmas[-(spec.steps + 1) :]
+    _check_descending(sigmas, spec)
+    return sigmas
+
+
+def _check_descending(sigmas: Tensor, spec: SamplingSpec) -> None:
+    """Extreme options (karras rho=0.1, beta alpha=0.01, ...) can round sigmas into repeats or zeros,
+    which multistep samplers divide by: refuse them here, naming the schedule and its options."""
+    body = sigmas[:-1] if sigmas[-1] == 0 else sigmas
+    if bool((body > 0).all()) and bool((body[1:] < body[:-1]).all()):
+        return
+    name = spec.schedule if isinstance(spec.schedule, str) else type(spec.schedule).__name__
+    given = ", ".join(f"{k}={v}" for k, v in spec.schedule_options.items())
+    shown = ", ".join(f"{float(s):.4g}" for s in sigmas[:8]) + (", ..." if len(sigmas) > 8 else "")
+    raise ValueError(
+        f"schedule {name!r}{f' with {given}' if given else ''} gives repeated or zero sigmas for "
+        f"{spec.steps} steps ({shown}); use other options or fewer steps"
+    )
 
 
 def sampling_dtype(model_dtype: torch.dtype) -> torch.dtype:

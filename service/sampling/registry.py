@@ -157,6 +157,10 @@ def _from_sigmas(fn: Callable[..., Stepper], with_n: bool) -> Callable[..., Step
         if positive.numel() < 1:
             raise ValueError("the schedule needs at least one sigma > 0")
         sigma_min, sigma_max = float(positive.min()), float(sigmas.max())
+        if sigma_min >= sigma_max:  # one step: it would run from sigma_max to itself and return noise
+            raise ValueError(
+                f"{fn.__name__} needs steps >= 2 (it runs between the schedule's first and last sigma > 0)"
+            )
         if with_n:
             return fn(x, sigma_min, sigma_max, len(sigmas) - 1, **kw)
         return fn(x, sigma_min, sigma_max, **kw)
@@ -213,9 +217,11 @@ for _info in [
             "rtol": Option(0.05, 1e-6, 10.0),
             "atol": Option(0.0078, 1e-6, 10.0),
             "h_init": Option(0.05, 1e-4, 10.0),
-            "pcoeff": Option(0.0, -10.0, 10.0),
-            "icoeff": Option(1.0, -10.0, 10.0),
-            "dcoeff": Option(0.0, -10.0, 10.0),
+            # PID gains: outside this box the step size controller can diverge (measured on the
+            # digits model: icoeff -1, dcoeff -1 or pcoeff -1 give NaN), inside it every corner ran.
+            "pcoeff": Option(0.0, 0.0, 1.0),
+            "icoeff": Option(1.0, 0.05, 2.0),
+            "dcoeff": Option(0.0, 0.0, 1.0),
             "accept_safety": Option(0.81, 0.0, 1.0),
             "eta": Option(0.0, 0.0, 10.0),
             "s_noise": _S_NOISE,

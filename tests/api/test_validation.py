@@ -35,6 +35,13 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"sigmas": [3.0, 1.0], "schedule": "karras"}, "schedule", "not both"),
     ({"sigmas": [3.0, 1.0], "rho": 5.0}, "rho", "schedule 'custom'"),
     ({"sigmas": [3.0, 1.0], "denoise": 0.5}, "denoise", "omit denoise"),
+    # options within their own bounds that still do not work together (checked before queueing)
+    ({"sigma_min": 30.0}, "sigma_min", "must be < sigma_max"),  # the tiny model's sigma_max is 20
+    ({"schedule": "karras", "rho": 0.1, "steps": 4}, "rho", "repeated or zero sigmas"),
+    ({"schedule": "beta", "schedule_options": {"alpha": 0.01}, "steps": 4}, "schedule_options", "repeated"),
+    ({"sampler": "dpm_fast", "steps": 1}, "steps", "steps >= 2"),
+    ({"sampler": "seeds_3", "sampler_options": {"r_1": 0.9}}, "sampler_options", "r_1 < r_2"),
+    ({"sampler": "dpm_adaptive", "sampler_options": {"icoeff": -1}}, "sampler_options", "[0.05, 2.0]"),
 ]
 
 

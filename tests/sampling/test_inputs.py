@@ -97,3 +97,23 @@ def test_non_finite_output_names_step_and_sigma(name: str, bad: float) -> None:
     with pytest.raises(NonFiniteError, match=r"at step \d+, sigma=[0-9.]+") as err:
         fn(model, torch.randn(2, 3) * 10, *args, disable=True)
     assert err.value.sigma > 0 and calls["n"] == 3  # stopped at the bad evaluation, not later
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "steps", "match"),
+    [
+        ({"sampler": "dpm_fast"}, 1, "steps >= 2"),  # would run from sigma_max to itself: pure noise
+        ({"sampler": "dpm_adaptive"}, 1, "steps >= 2"),
+        ({"schedule": "karras", "schedule_options": {"rho": 0.1}}, 4, "repeated or zero sigmas"),
+        ({"schedule": "polyexponential", "schedule_options": {"rho": 100.0}}, 4, "repeated or zero sigmas"),
+    ],
+)
+def test_ksampler_refuses_degenerate_schedules(kwargs: dict, steps: int, match: str) -> None:
+    ks = KSampler(
+        Toy(),
+        kwargs.get("sampler", "euler"),
+        kwargs.get("schedule", "karras"),
+        **kwargs.get("schedule_options", {}),
+    )
+    with pytest.raises(ValueError, match=match):
+        ks.sample(shape=(1, 1, 2, 2), steps=steps, seed=0)

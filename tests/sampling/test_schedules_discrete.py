@@ -34,11 +34,16 @@ def test_registered_as_needing_the_discrete_table() -> None:
 @pytest.mark.parametrize("name", sorted(DISCRETE_SCHEDULES))
 @pytest.mark.parametrize("n", [1, 2, 7, 20, 1000, 1500])
 def test_shape_and_order(model: DiscreteEpsDenoiser, name: str, n: int) -> None:
-    sig = make_sigmas(SamplingSpec("euler", name, n), model)
+    spec = SamplingSpec("euler", name, n)
+    raw = registry.get_schedule(name).fn(n, model)
+    if n > T and not (raw[1:] < raw[:-1]).all():  # more steps than timesteps: some must repeat
+        with pytest.raises(ValueError, match="repeated or zero sigmas"):
+            make_sigmas(spec, model)
+        return
+    sig = make_sigmas(spec, model)
     assert sig.shape == (n + 1,) and sig[-1] == 0
     assert (sig[:-1] >= model.sigma_min - 1e-6).all() and (sig[:-1] <= model.sigma_max + 1e-4).all()
-    if n <= T:
-        assert (sig[1:] < sig[:-1]).all()
+    assert (sig[1:] < sig[:-1]).all()
 
 
 def test_normal_is_k_diffusion_get_sigmas(kd: types.SimpleNamespace, model: DiscreteEpsDenoiser) -> None:

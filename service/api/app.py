@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,12 +65,30 @@ async def _on_field_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": [_field_error(exc.field, exc.message, exc.allowed)]}, status_code=422)
 
 
+MAX_ERRORS = 20
+
+
+def _echo(value: Any, limit: int = 200) -> Any:
+    """The offending input as JSON can carry it: a raw non-JSON body arrives as bytes, and a huge
+    value is cut, so the 422 itself never fails or balloons."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        value = text = repr(value)
+    if len(text) <= limit:
+        return value
+    return (value if isinstance(value, str) else text)[:limit] + "..."
+
+
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 body, with unknown fields named together with the allowed ones."""
     assert isinstance(exc, RequestValidationError)
     allowed = sorted(SampleRequest.model_fields)
     errors = []
-    for err in exc.errors():
+    raw = exc.errors()
+    for err in raw[:MAX_ERRORS]:  # a 5,000-item list of bad seeds is 5,000 errors: list the first few
         err = {k: v for k, v in err.items() if k in ("loc", "msg", "type", "input", "ctx")}
         if err.get("type") == "extra_forbidden":
             name = err["loc"][-1]
@@ -78,9 +97,12 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
             err.pop("input", None)
         if "ctx" in err:
             err["ctx"] = {k: str(v) for k, v in err["ctx"].items()}
-        if isinstance(err.get("input"), str) and len(err["input"]) > 200:
-            err["input"] = err["input"][:200] + "..."
+        if "input" in err:
+            err["input"] = _echo(err["input"])
         errors.append(err)
+    if len(raw) > MAX_ERRORS:
+        more = len(raw) - MAX_ERRORS
+        errors.append({"loc": ["body"], "msg": f"... and {more} more errors", "type": "too_many_errors"})
     return JSONResponse({"detail": errors}, status_code=422)
 
 

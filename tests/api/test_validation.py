@@ -71,3 +71,14 @@ def test_jobs_endpoint_validates_the_same_way(client: TestClient) -> None:
 def test_unknown_job_is_404_and_ids_never_reach_paths(client: TestClient) -> None:
     assert client.get("/jobs/0123456789abcdef0123456789abcdef").status_code == 404
     assert client.get("/jobs/..%2F..%2Fetc").status_code == 404
+
+
+def test_a_body_that_is_not_a_json_object_is_422_not_500(client: TestClient) -> None:
+    r = client.post("/sample", content=b'{"steps": 3}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["detail"][0]["input"] == '{"steps": 3}'  # bytes echoed as text
+    r = client.post(
+        "/sample", content=b"\xff\xfe binary", headers={"content-type": "application/octet-stream"}
+    )
+    assert r.status_code == 422, r.text
+    r = client.post("/sample", json={"seed": ["x"] * 5000})
+    assert r.status_code == 422 and len(r.text) < 5000  # the offending input is echoed, cut short

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 PARAMETERS_KEY = "parameters"  # the tEXt key A1111 and others read
@@ -85,6 +85,8 @@ def decode_image(
             img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     except ImageInputError:
         raise
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object, which helps no client
+        raise ImageInputError(f"not a readable image ({len(raw)} bytes in no format PIL reads)") from exc
     except Exception as exc:
         raise ImageInputError(f"not a readable image: {exc}") from exc
     t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()

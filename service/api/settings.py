@@ -70,8 +70,13 @@ class Settings(BaseSettings):
         return value
 
     def resolve_device(self) -> str:
-        if self.device != "auto":
-            return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r} (KDIFF_DEVICE) but torch {torch.__version__} sees no CUDA GPU; "
+                "use 'cpu' or 'auto'"
+            )
+        return self.device

@@ -59,6 +59,10 @@ class ServiceState:
             torch.set_num_threads(s.torch_threads)
         device, dtype = s.resolve_device(), DTYPES[s.dtype]
         names = s.models or sorted(self.store.scan())
+        if not names:  # a wrong path or mount would otherwise serve nothing and still report ready
+            root = self.store.root
+            why = "does not exist" if not root.is_dir() else "holds no <name>/manifest.json"
+            raise RuntimeError(f"no models to serve: the model store {str(root)!r} {why} (KDIFF_MODEL_STORE)")
         for name in names:
             model = await asyncio.to_thread(self.store.load, name, device, dtype)
             if s.jit:

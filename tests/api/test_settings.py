@@ -24,3 +24,25 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_every_setting_is_in_the_readme_table_and_the_compose_file(variable: str) -> None:
     assert f"| `{variable}` |" in (REPO / "README.md").read_text()
     assert f"{variable}:" in (REPO / "docker-compose.yml").read_text()
+
+
+def test_an_empty_or_missing_model_store_fails_at_startup(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    for root, why in ((tmp_path / "missing", "does not exist"), (tmp_path, "holds no <name>/manifest.json")):
+        with pytest.raises(RuntimeError, match=f"no models to serve.*{why}"):
+            with TestClient(create_app(Settings(model_store=root))):
+                pass
+
+
+def test_a_cuda_device_without_cuda_is_a_clear_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        assert Settings(device="cuda").resolve_device() == "cuda"
+    else:
+        with pytest.raises(ValueError, match="KDIFF_DEVICE.*sees no CUDA GPU"):
+            Settings(device="cuda").resolve_device()
+    assert Settings(device="cpu").resolve_device() == "cpu"

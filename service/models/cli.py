@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _sample(args)
+    except ValueError as exc:  # unknown names, bad options, a model that cannot load: one line, no traceback
+        raise SystemExit(f"kdiff sample: error: {exc}") from exc
+
+
+def _sample(args: argparse.Namespace) -> int:
     import torch
 
     from service.api.images import encode_images, grid_png
@@ -31,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     d = model.manifest.defaults
     sampler = args.sampler or d.get("sampler", "dpmpp_2m")
     schedule = args.schedule or d.get("schedule", "karras")
-    steps = args.steps or int(d.get("steps", 20))
+    steps = args.steps if args.steps is not None else int(d.get("steps", 20))
     cfg = args.cfg_scale if args.cfg_scale is not None else float(d.get("cfg_scale", 1.0))
     seeds = [args.seed + i for i in range(args.n)]
     cond = None

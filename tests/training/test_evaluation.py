@@ -103,6 +103,15 @@ def test_eval_cli_on_an_untrained_model_scores_badly(tmp_path, capsys) -> None:
         assert row["accuracy"] < 0.4 and row["fd"] > 2 * result["baseline"]["fd_real_vs_real"]
     assert "FD/base" in capsys.readouterr().out
     assert kdiff(["eval", "--model", "no-such-model"]) == 1
+    # a cell that cannot run is reported and skipped; the rest of the table still comes out
+    model = ["eval", "--model", str(tmp_path / "m"), "--classifier", str(STORE), "--n", "20", "--nfe", "1"]
+    assert kdiff([*model, "--samplers", "dpm_fast,euler", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["sampler"], r["nfe"]) for r in result["rows"]] == [("euler", 1)]
+    assert [(r["sampler"], r["nfe"]) for r in result["skipped"]] == [("dpm_fast", 1)]
+    assert "dpm_fast" in capsys.readouterr().out and "steps >= 2" in result["skipped"][0]["reason"]
+    assert kdiff([*model, "--samplers", "euler,warp"]) == 1  # unknown names fail before sampling
+    assert "unknown sampler 'warp'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

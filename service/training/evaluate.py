@@ -49,7 +49,6 @@ def run_eval(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from service.models.unet import load_denoiser
-
     from service.sampling import registry
 
     for name in samplers:  # unknown names fail before the slow part, not after it

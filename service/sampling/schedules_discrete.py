@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .catalog import schedule
+from .schedules import _check_n
+
 
 def _table(model: Any, device: torch.device | str) -> Tensor:
     sigmas = getattr(model, "sigmas", None)
@@ -26,11 +29,6 @@ def _table(model: Any, device: torch.device | str) -> Tensor:
     if table.ndim != 1 or len(table) < 2:
         raise ValueError("model.sigmas must be a 1-D table of at least two sigmas")
     return table
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {n!r}")
 
 
 def _t_to_sigma(table: Tensor, t: Tensor) -> Tensor:
@@ -45,6 +43,11 @@ def _finish(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros([1])])
 
 
+@schedule(
+    discrete=True,
+    doc="uniform in t over the model's discrete table (A1111 'uniform')",
+    aliases=("Normal", "Uniform", "linspace"),
+)
 def get_sigmas_normal(n: int, model: Any, device: torch.device | str = "cpu") -> Tensor:
     """Uniform in t from T-1 to 0 (n sigmas) plus a final 0."""
     _check_n(n)
@@ -53,6 +56,7 @@ def get_sigmas_normal(n: int, model: Any, device: torch.device | str = "cpu") ->
     return _finish(_t_to_sigma(table, t))
 
 
+@schedule(discrete=True, doc="uniform in t, n+1 points with the last dropped (SGM)", aliases=("SGM Uniform",))
 def get_sigmas_sgm_uniform(n: int, model: Any, device: torch.device | str = "cpu") -> Tensor:
     """n + 1 points uniform in t from T-1 to 0, the last (t = 0) replaced by 0."""
     _check_n(n)
@@ -61,6 +65,9 @@ def get_sigmas_sgm_uniform(n: int, model: Any, device: torch.device | str = "cpu
     return _finish(_t_to_sigma(table, t))
 
 
+@schedule(
+    discrete=True, doc="every T/n-th entry of the model's table, from the top", aliases=("Simple", "trailing")
+)
 def get_sigmas_simple(n: int, model: Any, device: torch.device | str = "cpu") -> Tensor:
     """Table entries T-1 - floor(k * T / n), k = 0 .. n-1, plus a final 0."""
     _check_n(n)
@@ -70,6 +77,7 @@ def get_sigmas_simple(n: int, model: Any, device: torch.device | str = "cpu") ->
     return _finish(table[torch.tensor(idx, device=table.device).clamp(0, big_t - 1)])
 
 
+@schedule(discrete=True, doc="DDIM 'leading' timesteps 1 + k*(T//n)", aliases=("DDIM uniform", "leading"))
 def get_sigmas_ddim_uniform(n: int, model: Any, device: torch.device | str = "cpu") -> Tensor:
     """Timesteps 1 + k * max(T // n, 1), k = n-1 .. 0, plus a final 0 (offset 0 where 1 would overflow)."""
     _check_n(n)
@@ -79,11 +87,3 @@ def get_sigmas_ddim_uniform(n: int, model: Any, device: torch.device | str = "cp
     offset = 1 if 1 + (n - 1) * stride <= big_t - 1 else 0
     idx = [min(offset + k * stride, big_t - 1) for k in reversed(range(n))]
     return _finish(table[torch.tensor(idx, device=table.device)])
-
-
-DISCRETE_SCHEDULES = {
-    "normal": (get_sigmas_normal, "uniform in t over the model's discrete table (A1111 'uniform')"),
-    "sgm_uniform": (get_sigmas_sgm_uniform, "uniform in t, n+1 points with the last dropped (SGM)"),
-    "simple": (get_sigmas_simple, "every T/n-th entry of the model's table, from the top"),
-    "ddim_uniform": (get_sigmas_ddim_uniform, "DDIM 'leading' timesteps 1 + k*(T//n)"),
-}

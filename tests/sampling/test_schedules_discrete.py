@@ -10,9 +10,10 @@ import torch
 from service.sampling import registry
 from service.sampling.denoisers import DiscreteEpsDenoiser
 from service.sampling.ksampler import SamplingSpec, make_sigmas
-from service.sampling.schedules_discrete import DISCRETE_SCHEDULES
+from service.sampling.schedules_discrete import get_sigmas_normal
 
 T = 1000
+DISCRETE = ["normal", "sgm_uniform", "simple", "ddim_uniform"]
 
 
 def _alphas() -> torch.Tensor:
@@ -26,12 +27,13 @@ def model() -> DiscreteEpsDenoiser:
 
 
 def test_registered_as_needing_the_discrete_table() -> None:
-    for name in DISCRETE_SCHEDULES:
+    assert sorted(n for n, i in registry.SCHEDULES.items() if i.needs_discrete) == sorted(DISCRETE)
+    for name in DISCRETE:
         info = registry.get_schedule(name)
         assert info.needs_discrete and not info.uses_range and info.describe()["needs_discrete"]
 
 
-@pytest.mark.parametrize("name", sorted(DISCRETE_SCHEDULES))
+@pytest.mark.parametrize("name", DISCRETE)
 @pytest.mark.parametrize("n", [1, 2, 7, 20, 1000, 1500])
 def test_shape_and_order(model: DiscreteEpsDenoiser, name: str, n: int) -> None:
     spec = SamplingSpec("euler", name, n)
@@ -84,6 +86,6 @@ def test_needs_a_table() -> None:
     with pytest.raises(ValueError, match="discrete sigma table"):
         make_sigmas(SamplingSpec("euler", "simple", 4), plain)
     with pytest.raises(ValueError, match="steps"):
-        DISCRETE_SCHEDULES["normal"][0](0, types.SimpleNamespace(sigmas=torch.ones(3)))
+        get_sigmas_normal(0, types.SimpleNamespace(sigmas=torch.ones(3)))
     with pytest.raises(ValueError, match="unknown option"):
         SamplingSpec("euler", "normal", 4, schedule_options={"rho": 7.0})

@@ -8,14 +8,17 @@ coefficients are plain floats (Lagrange bases integrated exactly against the exp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from numpy.polynomial import Polynomial
 from torch import Tensor
 
-from .noise import NoiseSampler, default_noise_sampler
-from .samplers import _check_nonneg, _noise, _report
-from .stepper import Callback, Eval, Stepper
+from ..catalog import INF, S_NOISE, Bounds, sampler
+from ..noise import NoiseSampler
+from ..stepper import Callback, Eval, Stepper
+from .common import check_nonneg, gaussian, noise_at, report
 
 History = list[tuple[float, Tensor]]  # (lambda, denoised), newest last
 
@@ -94,7 +97,7 @@ def _unipc(x: Tensor, sigmas: Tensor, callback: Callback | None, order: int, var
     last_order = 1
     for i in range(n):
         denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, s[i], denoised)
+        report(callback, x, i, sigmas, s[i], denoised)
         if x_last is not None:  # UniC: correct x_i with the model output at it (no extra call)
             x = _unipc_update(x_last, s[i], hist, last_order, variant, model_t=denoised)
         hist = (
@@ -111,6 +114,12 @@ def _unipc(x: Tensor, sigmas: Tensor, callback: Callback | None, order: int, var
     return x
 
 
+@sampler(
+    order=3,
+    options={"order": Bounds(lo=1, hi=3, integer=True)},
+    aliases=("UniPC", "unipc_bh1"),
+    origin="UniPC (Zhao et al. 2023)",
+)
 def uni_pc(
     x: Tensor,
     sigmas: Tensor,
@@ -123,6 +132,12 @@ def uni_pc(
     return (yield from _unipc(x, sigmas, callback, order, "bh1"))
 
 
+@sampler(
+    order=3,
+    options={"order": Bounds(lo=1, hi=3, integer=True)},
+    aliases=("UniPC bh2", "UniPCMultistepScheduler"),
+    origin="UniPC (Zhao et al. 2023)",
+)
 def uni_pc_bh2(
     x: Tensor,
     sigmas: Tensor,
@@ -146,6 +161,12 @@ def deis_coeffs(log_sigmas: list[float], sigma_s: float, sigma_t: float) -> list
     return [sigma_s * exp_poly_integral(_lagrange(nodes, j), 1.0, 0.0, v_t) for j in range(len(nodes))]
 
 
+@sampler(
+    order=3,
+    options={"max_order": Bounds(lo=1, hi=3, integer=True)},
+    aliases=("DEIS", "DEISMultistepScheduler"),
+    origin="DEIS (Zhang & Chen 2022)",
+)
 def deis(
     x: Tensor,
     sigmas: Tensor,
@@ -161,7 +182,7 @@ def deis(
     eps: list[tuple[float, Tensor]] = []  # (log sigma, eps), newest last
     for i in range(n):
         denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, s[i], denoised)
+        report(callback, x, i, sigmas, s[i], denoised)
         eps = (
             [*eps[-(max_order - 1) :], (math.log(s[i]), (x - denoised) / s[i])]
             if max_order > 1
@@ -227,8 +248,8 @@ def _sa_solver(
 ) -> Stepper:
     p_order = _check_order("predictor_order", predictor_order, 4)
     c_order = _check_order("corrector_order", corrector_order, 4)
-    _check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    check_nonneg(eta=eta, s_noise=s_noise)
+    noise_sampler = gaussian(x, noise_sampler)
     s = sigmas.tolist()
     n = len(s) - 1
     keep = max(p_order, c_order - 1, 2)
@@ -239,7 +260,7 @@ def _sa_solver(
     last_c_order = 1
     for i in range(n):
         denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, s[i], denoised)
+        report(callback, x, i, sigmas, s[i], denoised)
         if x_last is not None:  # SA-Corrector with the model output at the predicted point
             x = _sa_update(
                 x_last, s[i - 1], s[i], [*hist, (-math.log(s[i]), denoised)], last_c_order, tau, noise, False
@@ -248,7 +269,7 @@ def _sa_solver(
                 denoised = yield Eval(x, sigmas[i], i)
         hist = [*hist[-(keep - 1) :], (-math.log(s[i]), denoised)]
         tau = eta if tau_sigma_lo <= s[i] <= tau_sigma_hi else 0.0
-        noise = _noise(noise_sampler, sigmas, s[i], s[i + 1]) * s_noise if eta > 0 else None
+        noise = noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * s_noise if eta > 0 else None
         if s[i + 1] == 0:
             x = denoised
             break
@@ -259,6 +280,29 @@ def _sa_solver(
     return x
 
 
+_SA = {
+    "predictor_order": Bounds(lo=1, hi=4, integer=True),
+    "corrector_order": Bounds(lo=1, hi=4, integer=True),
+    "eta": Bounds(lo=0.0, hi=10.0),
+    "s_noise": S_NOISE,
+    # diffusers' / ComfyUI's default noise window (SD timesteps 200..800), as the samplers' defaults
+    "tau_sigma_lo": Bounds(lo=0.0, hi=INF),
+    "tau_sigma_hi": Bounds(lo=0.0, hi=INF),
+}
+
+
+def _pece_nfe(steps: int, opts: Mapping[str, Any]) -> int:
+    return 2 * steps - 1 if steps > 1 else 1
+
+
+@sampler(
+    order=3,
+    noise="gaussian",
+    stochastic=True,
+    options=_SA,
+    aliases=("SA-Solver", "SASolverScheduler"),
+    origin="SA-Solver (Xue et al. 2023)",
+)
 def sa_solver(
     x: Tensor,
     sigmas: Tensor,
@@ -295,6 +339,16 @@ def sa_solver(
     )
 
 
+@sampler(
+    order=3,
+    nfe_per_step=2,
+    nfe=_pece_nfe,
+    noise="gaussian",
+    stochastic=True,
+    options=_SA,
+    aliases=("SA-Solver PECE",),
+    origin="SA-Solver (Xue et al. 2023)",
+)
 def sa_solver_pece(
     x: Tensor,
     sigmas: Tensor,

@@ -12,9 +12,10 @@ import math
 import numpy as np
 from torch import Tensor
 
-from .noise import NoiseSampler, default_noise_sampler
-from .samplers import _check_nonneg, _noise, _report
-from .stepper import Callback, Eval, Stepper
+from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..noise import NoiseSampler
+from ..stepper import Callback, Eval, Stepper
+from .common import check_nonneg, gaussian, noise_at, report
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -45,6 +46,14 @@ def er_coeffs(sigma_t: float, sigma_s: float, sigma_p: float, sigma_q: float) ->
     )
 
 
+@sampler(
+    order=3,
+    noise="gaussian",
+    stochastic=True,
+    options={"s_noise": S_NOISE, "max_stage": Bounds(lo=1, hi=3, integer=True)},
+    aliases=("ER SDE", "ER-SDE"),
+    origin="ER-SDE (Cui et al. 2023)",
+)
 def er_sde(
     x: Tensor,
     sigmas: Tensor,
@@ -55,16 +64,16 @@ def er_sde(
     max_stage: int = 3,
 ) -> Stepper:
     """ER-SDE-Solver-3 (VE), Cui et al. (2023), https://arxiv.org/abs/2309.06169."""
-    _check_nonneg(s_noise=s_noise)
+    check_nonneg(s_noise=s_noise)
     if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
         raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage!r}")
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    noise_sampler = gaussian(x, noise_sampler)
     s = sigmas.tolist()
     old: list[Tensor] = []  # previous denoised, newest last
     dd1_old: Tensor | None = None
     for i in range(len(s) - 1):
         denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, s[i], denoised)
+        report(callback, x, i, sigmas, s[i], denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -81,7 +90,7 @@ def er_sde(
         x = x_new
         var = s[i + 1] ** 2 - (s[i] * r) ** 2
         if s_noise and var > 0:
-            x = x + _noise(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * math.sqrt(var))
+            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * math.sqrt(var))
         old = [*old[-1:], denoised]
         dd1_old = dd1
     return x
@@ -128,13 +137,13 @@ def _seeds(
     s_noise: float,
     rs: tuple[float, ...],
 ) -> Stepper:
-    _check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    check_nonneg(eta=eta, s_noise=s_noise)
+    noise_sampler = gaussian(x, noise_sampler)
     s = sigmas.tolist()
     c = 1 + eta
     for i in range(len(s) - 1):
         denoised = yield Eval(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, s[i], denoised)
+        report(callback, x, i, sigmas, s[i], denoised)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -143,7 +152,9 @@ def _seeds(
         zs: list[Tensor] = []
         if eta and s_noise:
             bounds = [s[i] * math.exp(-b) for b in [0.0, *cuts]]
-            zs = [_noise(noise_sampler, sigmas, bounds[k], bounds[k + 1]) * s_noise for k in range(len(cuts))]
+            zs = [
+                noise_at(noise_sampler, sigmas, bounds[k], bounds[k + 1]) * s_noise for k in range(len(cuts))
+            ]
 
         # Each stage: the exact step of the linear part from sigma_s to offset a (in lambda), D held at
         # ``denoised`` plus a correction, and the composed noise.
@@ -161,6 +172,15 @@ def _seeds(
     return x
 
 
+@sampler(
+    order=2,
+    nfe_per_step=2,
+    noise="gaussian",
+    stochastic=True,
+    options={**ANCESTRAL, "r": Bounds(lo=0.01, hi=0.99)},
+    aliases=("SEEDS 2",),
+    origin="SEEDS (Gonzalez et al. 2023)",
+)
 def seeds_2(
     x: Tensor,
     sigmas: Tensor,
@@ -177,6 +197,15 @@ def seeds_2(
     return (yield from _seeds(x, sigmas, callback, noise_sampler, eta, s_noise, (r,)))
 
 
+@sampler(
+    order=3,
+    nfe_per_step=3,
+    noise="gaussian",
+    stochastic=True,
+    options={**ANCESTRAL, "r_1": Bounds(lo=0.01, hi=0.98), "r_2": Bounds(lo=0.02, hi=0.99)},
+    aliases=("SEEDS 3",),
+    origin="SEEDS (Gonzalez et al. 2023)",
+)
 def seeds_3(
     x: Tensor,
     sigmas: Tensor,

@@ -1,0 +1,247 @@
+"""Ancestral and consistency samplers: a step to the x0 prediction's line, then fresh noise.
+
+Euler and DPM-Solver-2 ancestral (k-diffusion), DDIM and DDPM (which are ancestral Euler in
+k-diffusion's sigma form: eps = d = (x - denoised) / sigma, x_vp = x / sqrt(1 + sigma^2)), and the
+consistency-model samplers LCM and TCD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..noise import NoiseSampler
+from ..stepper import Callback, Eval, Stepper
+from .common import ancestral_step, check_nonneg, gaussian, noise_at, report
+
+
+@sampler(
+    order=1,
+    noise="gaussian",
+    stochastic=True,
+    options=ANCESTRAL,
+    aliases=("Euler a", "euler_a", "k_euler_a", "EulerAncestralDiscreteScheduler"),
+    origin="k-diffusion",
+)
+def euler_ancestral(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """Ancestral sampling with Euler steps (Song et al. 2021 / Crowson)."""
+    check_nonneg(eta=eta, s_noise=s_noise)
+    noise_sampler = gaussian(x, noise_sampler)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, sigmas[i], i)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        report(callback, x, i, sigmas, s[i], denoised)
+        d = (x - denoised) / s[i]
+        x = x + d * (sigma_down - s[i])
+        if s[i + 1] > 0:
+            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@sampler(
+    order=2,
+    nfe_per_step=2,
+    noise="gaussian",
+    stochastic=True,
+    options=ANCESTRAL,
+    aliases=("DPM2 a", "kdpm_2_a", "KDPM2AncestralDiscreteScheduler"),
+    origin="k-diffusion",
+)
+def dpm_2_ancestral(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """Ancestral sampling with DPM-Solver-2 steps."""
+    check_nonneg(eta=eta, s_noise=s_noise)
+    noise_sampler = gaussian(x, noise_sampler)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, sigmas[i], i)
+        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        report(callback, x, i, sigmas, s[i], denoised)
+        d = (x - denoised) / s[i]
+        if sigma_down == 0:
+            x = x + d * (sigma_down - s[i])
+        else:
+            sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
+            x_2 = x + d * (sigma_mid - s[i])
+            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
+            d_2 = (x_2 - denoised_2) / sigma_mid
+            x = x + d_2 * (sigma_down - s[i])
+        if s[i + 1] > 0:
+            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@sampler(
+    order=1,
+    noise="gaussian",
+    options={"eta": Bounds(lo=0.0, hi=1.0), "s_noise": S_NOISE},
+    aliases=("DDIM", "DDIMScheduler"),
+    origin="DDIM (Song et al. 2021)",
+)
+def ddim(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """DDIM, Song et al. (2021), https://arxiv.org/abs/2010.02502 (in sigma form: ancestral Euler, eta)."""
+    # DDIM's sigma_t(eta) divided by sqrt(alpha_bar_prev) is exactly get_ancestral_step's sigma_up.
+    return (
+        yield from euler_ancestral(
+            x, sigmas, callback=callback, noise_sampler=noise_sampler, eta=eta, s_noise=s_noise
+        )
+    )
+
+
+@sampler(
+    order=1,
+    noise="gaussian",
+    stochastic=True,
+    options={"s_noise": S_NOISE},
+    aliases=("DDPM", "DDPMScheduler"),
+    origin="DDPM (Ho et al. 2020)",
+)
+def ddpm(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """DDPM ancestral sampling, Ho et al. (2020), https://arxiv.org/abs/2006.11239 (DDIM at eta 1)."""
+    return (
+        yield from euler_ancestral(
+            x, sigmas, callback=callback, noise_sampler=noise_sampler, eta=1.0, s_noise=s_noise
+        )
+    )
+
+
+@sampler(
+    order=1,
+    noise="gaussian",
+    stochastic=True,
+    options={"s_noise": S_NOISE},
+    aliases=("LCM", "LCMScheduler"),
+    origin="LCM (Luo et al. 2023)",
+)
+def lcm(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    s_noise: float = 1.0,
+) -> Stepper:
+    """Latent Consistency Model multistep sampling, Luo et al. (2023), https://arxiv.org/abs/2310.04378."""
+    check_nonneg(s_noise=s_noise)
+    noise_sampler = gaussian(x, noise_sampler)
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, sigmas[i], i)
+        report(callback, x, i, sigmas, s[i], denoised)
+        x = denoised
+        if s[i + 1] > 0:  # re-noise the consistency prediction to the next level
+            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * s[i + 1])
+    return x
+
+
+def sd_sigma_table() -> Tensor:
+    """Stable Diffusion's discrete sigmas (scaled-linear 0.00085..0.012, T=1000), ascending."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
+def _timestep(sigma: float, log_table: Tensor) -> float:
+    """Continuous timestep of sigma on an ascending table (log-linear), snapped to integers within 1e-4."""
+    if sigma <= 0:
+        return 0.0
+    ls = math.log(sigma)
+    idx = int(
+        torch.searchsorted(log_table, torch.tensor(ls, dtype=log_table.dtype)).clamp(1, len(log_table) - 1)
+    )
+    lo, hi = float(log_table[idx - 1]), float(log_table[idx])
+    t = min(max(idx - 1 + (ls - lo) / (hi - lo), 0.0), len(log_table) - 1.0)
+    return float(round(t)) if abs(t - round(t)) < 1e-4 else t
+
+
+def _tcd_sigma_s(sigma_next: float, gamma: float, log_table: Tensor) -> float:
+    """sigma at timestep (1 - gamma) * t(sigma_next): floored like diffusers on the table, else log-linear."""
+    if gamma == 0 and sigma_next > 0:
+        return sigma_next
+    t = _timestep(sigma_next, log_table)
+    t_s = (1 - gamma) * t
+    if t == int(t):
+        return float(log_table[int(math.floor(t_s))].exp())
+    lo = int(math.floor(t_s))
+    hi = min(lo + 1, len(log_table) - 1)
+    w = t_s - lo
+    return min(math.exp((1 - w) * float(log_table[lo]) + w * float(log_table[hi])), sigma_next)
+
+
+@sampler(
+    order=1,
+    noise="gaussian",
+    stochastic=True,
+    options={"gamma": Bounds(lo=0.0, hi=1.0), "s_noise": S_NOISE},
+    internal=("sigma_table",),
+    aliases=("TCD", "TCDScheduler"),
+    origin="TCD (Zheng et al. 2024)",
+)
+def tcd(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    gamma: float = 0.3,
+    s_noise: float = 1.0,
+    sigma_table: Tensor | None = None,
+) -> Stepper:
+    """Trajectory Consistency Distillation sampling, Zheng et al. (2024), https://arxiv.org/abs/2402.19159.
+
+    Each step predicts x0, moves deterministically to the intermediate timestep
+    s = floor((1 - gamma) * t_next) of the model's discrete table (``sigma_table``, ascending;
+    Stable Diffusion's by default) and re-noises from there to the next sigma. gamma = 0 is DDIM;
+    the last step stops at s (the table's sigma at timestep floor((1 - gamma) * 0) = 0), as diffusers does.
+    """
+    check_nonneg(gamma=gamma, s_noise=s_noise)
+    if gamma > 1:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    noise_sampler = gaussian(x, noise_sampler)
+    table = (sd_sigma_table() if sigma_table is None else torch.as_tensor(sigma_table)).double().cpu()
+    log_table = table.log()
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = yield Eval(x, sigmas[i], i)
+        report(callback, x, i, sigmas, s[i], denoised)
+        sigma_s = _tcd_sigma_s(s[i + 1], gamma, log_table)
+        x = denoised + (x - denoised) * (sigma_s / s[i])  # DDIM step to sigma_s
+        if gamma > 0 and i < len(s) - 2 and s[i + 1] > sigma_s:  # forward diffusion back up to sigma_next
+            x = x + noise_at(noise_sampler, sigmas, sigma_s, s[i + 1]) * (
+                s_noise * math.sqrt(s[i + 1] ** 2 - sigma_s**2)
+            )
+    return x

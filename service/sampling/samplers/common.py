@@ -1,0 +1,91 @@
+"""Helpers the steppers share: the callback report, noise draws, Karras churn, option checks.
+
+A stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)`` yields an
+:class:`~service.sampling.stepper.Eval` per model evaluation and returns the final x, in
+k-diffusion's variance-exploding form x = x0 + sigma * n, with ``x`` already scaled to
+``sigmas[0]``. Noise levels are handled as Python floats (``s = sigmas.tolist()``) and scalar
+factors are folded before they touch x: the same formulas as k-diffusion with fewer tensor
+operations, which is where a sampler's own time goes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
+from ..stepper import Callback, Guided
+
+INF = float("inf")
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step, as k-diffusion's get_ancestral_step, in floats."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def report(
+    callback: Callback | None, x: Tensor, i: int, sigmas: Tensor, sigma_hat: float, denoised: Tensor
+) -> None:
+    if callback is not None:
+        sigma = sigmas[i]
+        callback(
+            {"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma.new_tensor(sigma_hat), "denoised": denoised}
+        )
+
+
+def noise_at(noise_sampler: NoiseSampler, sigmas: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    # Noise samplers get tensors, like k-diffusion's (a Brownian tree keys on their exact values).
+    return noise_sampler(sigmas.new_tensor(sigma), sigmas.new_tensor(sigma_next))
+
+
+def churn(
+    x: Tensor,
+    sigmas: Tensor,
+    s: list[float],
+    i: int,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    noise_sampler: NoiseSampler | None,
+) -> tuple[Tensor, float]:
+    """Karras 'churn': raise the noise level to sigma_hat = sigma * (1 + gamma) by adding noise."""
+    gamma = min(s_churn / (len(s) - 1), 2**0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.0
+    sigma_hat = s[i] * (gamma + 1)
+    if gamma > 0:
+        eps = (
+            torch.randn_like(x) if noise_sampler is None else noise_at(noise_sampler, sigmas, s[i], sigma_hat)
+        )
+        x = x + eps * (s_noise * (sigma_hat**2 - s[i] ** 2) ** 0.5)
+    return x, sigma_hat
+
+
+def brownian(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
+    if noise_sampler is not None:
+        return noise_sampler
+    positive = sigmas[sigmas > 0]
+    if positive.numel() == 0:
+        return default_noise_sampler(x)  # never called: nothing to sample
+    return BrownianNoiseSampler(x, positive.min(), sigmas.max())
+
+
+def check_nonneg(**values: float) -> None:
+    for name, v in values.items():
+        if not math.isfinite(float(v)) or float(v) < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def gaussian(x: Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
+    """The given noise sampler, else k-diffusion's default (global-RNG normals)."""
+    return default_noise_sampler(x) if noise_sampler is None else noise_sampler
+
+
+def split_guided(out: Tensor | Guided) -> tuple[Tensor, Tensor]:
+    """(guided, uncond) from what a driver sent; a plain tensor serves as both."""
+    return (out.denoised, out.uncond) if isinstance(out, Guided) else (out, out)

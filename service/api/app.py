@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine import Metrics
 from service.models.store import ModelStore
 
+from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .routes import info, jobs, sample
 from .schemas import SampleRequest
 from .settings import Settings
@@ -126,6 +127,8 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.include_router(sample.router)
     app.include_router(jobs.router)
     app.include_router(info.router)
+    for router in COMPAT_ROUTERS:  # A1111 and OpenAI frontends (service/api/compat)
+        app.include_router(router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -13,7 +13,8 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
-PARAMETERS_KEY = "parameters"  # the tEXt key A1111 and others read
+PARAMETERS_KEY = "parameters"  # the tEXt key A1111 and Civitai read: A1111's infotext
+KDIFF_KEY = "kdiff"  # our exact parameters as JSON (what reproduction reads)
 
 
 class ImageInputError(ValueError):
@@ -28,10 +29,17 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(arr[:3].permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
-def png_bytes(img: Image.Image, parameters: dict[str, Any] | None = None) -> bytes:
+def png_bytes(
+    img: Image.Image, parameters: dict[str, Any] | None = None, infotext: str | None = None
+) -> bytes:
+    """PNG with A1111's infotext (``infotext``, else written from ``parameters``) in the ``parameters``
+    chunk and ``parameters`` as JSON in the ``kdiff`` chunk."""
+    from .compat.infotext import from_parameters  # noqa: PLC0415  (compat imports this module)
+
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
-        info.add_text(PARAMETERS_KEY, json.dumps(parameters, sort_keys=True, default=str))
+        info.add_text(PARAMETERS_KEY, infotext if infotext is not None else from_parameters(parameters))
+        info.add_text(KDIFF_KEY, json.dumps(parameters, sort_keys=True, default=str))
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
@@ -61,8 +69,9 @@ def grid_png(pngs: list[bytes], parameters: dict[str, Any]) -> bytes:
 
 
 def read_parameters(png: bytes) -> dict[str, Any]:
+    """Our parameters from a PNG: the ``kdiff`` chunk (older PNGs: JSON in ``parameters``)."""
     img = Image.open(io.BytesIO(png))
-    return dict(json.loads(img.info[PARAMETERS_KEY]))
+    return dict(json.loads(img.info.get(KDIFF_KEY) or img.info[PARAMETERS_KEY]))
 
 
 def decode_image(

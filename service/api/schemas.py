@@ -59,6 +59,15 @@ class SampleRequest(BaseModel):
     n: int | None = Field(
         None, ge=1, le=256, description="number of images (bounded by the service); default 1"
     )
+    subseed: int | None = Field(
+        None, ge=0, lt=2**63, description="variation seed (A1111's subseed; image i gets subseed+i)"
+    )
+    subseed_strength: float | None = Field(
+        None, ge=0.0, le=1.0, description="how far each start noise moves towards its subseed's (slerp)"
+    )
+    clip_skip: int | None = Field(
+        None, ge=1, le=12, description="text models: stop CLIP this many layers from the end (1 = last)"
+    )
     cfg_scale: float | None = Field(
         None, ge=0.0, le=50.0, description="classifier-free guidance scale (1 = off)"
     )

@@ -113,7 +113,7 @@ def _check_size(req: SampleRequest, model: LoadedModel) -> None:
 
 
 def _conditioning(req: SampleRequest, model: LoadedModel, n: int, cfg: float) -> tuple[dict, dict | None]:
-    for field in ("prompt", "negative_prompt"):
+    for field in ("prompt", "negative_prompt", "clip_skip"):
         if getattr(req, field) is not None and model.conditioning != "text":
             raise FieldError(
                 field,
@@ -181,6 +181,7 @@ def _text_job(req: SampleRequest, model: LoadedModel, n: int, cfg: float, denois
             height=req.height,
             init_image=images["init_image"],
             mask=images["mask"],
+            clip_skip=req.clip_skip,
         )
     except SDInputError as exc:
         raise FieldError(exc.field, exc.message, exc.allowed) from exc
@@ -306,7 +307,13 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         cond, uncond = _conditioning(req, model, n, cfg)
         init, mask = _images(req, model, n, denoise)
         h, w = model.image_size
-    spec = SamplingSpec(sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise)
+    strength = req.subseed_strength or 0.0
+    subseeds = None if req.subseed is None else [req.subseed + i for i in range(n)]
+    if strength > 0 and subseeds is None:
+        raise FieldError("subseed", "subseed_strength > 0 needs a subseed")
+    spec = SamplingSpec(
+        sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise, subseeds, strength
+    )
     _dry_run(spec, model, latent_shape or model.latent_shape)
     params: dict[str, Any] = {
         "model": model.name,
@@ -323,6 +330,8 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         "width": w,
         "height": h,
         "denoise": denoise,
+        **({"subseeds": subseeds, "subseed_strength": strength} if strength > 0 else {}),
+        **({"clip_skip": req.clip_skip} if req.clip_skip is not None else {}),
         "img2img": init is not None,
         "inpaint": mask is not None,
         "sampler_options": s_opts,

@@ -9,6 +9,12 @@ A prompt of at most 75 tokens therefore encodes exactly as diffusers' pipelines 
   penultimate layer, then the final layer norm, as A1111 does).
 - SDXL: both encoders' penultimate hidden states concatenated on the feature dim; the pooled
   embedding (``text_embeds``) of the second encoder, from the first chunk.
+
+A1111's attention syntax (``(word:1.3)``, ``[word]``, ``BREAK``; parsed by
+``service.sampling.prompt_weights``) is applied as A1111 applies it: each fragment is tokenized
+on its own, ``BREAK`` closes the current chunk, and each chunk's hidden states are multiplied by
+their tokens' weights, then rescaled so the chunk keeps its original mean. A prompt without the
+syntax encodes exactly as before. ``clip_skip`` may be given per call (SD 1.x / 2.x).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from service.sampling import prompt_weights
 
 CHUNK = 75
 
@@ -55,7 +63,8 @@ class PromptEncoder:
         self.sdxl, self.clip_skip = sdxl, clip_skip
         self.device = torch.device(device)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        # keyed by the prompt, or (prompt, clip_skip) for a clip_skip other than the encoder's own
+        self._cache: OrderedDict[str | tuple[str, int], Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
@@ -68,54 +77,99 @@ class PromptEncoder:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return [[tok.bos_token_id, *p, tok.eos_token_id] + [pad] * (CHUNK - len(p)) for p in pieces]
 
+    def weighted_chunk_ids(
+        self, fragments: list[tuple[str, float]], tokenizer_index: int = 0
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """A1111's chunks for parsed fragments: token ids and one weight per token (1 on BOS/EOS/pad)."""
+        tok = self.tokenizers[tokenizer_index]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        chunks: list[list[int]] = []
+        weights: list[list[float]] = []
+        ids: list[int] = []
+        ws: list[float] = []
+
+        def close() -> None:
+            chunks.append([tok.bos_token_id, *ids, tok.eos_token_id] + [pad] * (CHUNK - len(ids)))
+            weights.append([1.0, *ws, 1.0] + [1.0] * (CHUNK - len(ws)))
+            ids.clear()
+            ws.clear()
+
+        for text, weight in fragments:
+            if (text, weight) == prompt_weights.BREAK_FRAGMENT:
+                close()
+                continue
+            for t in tok(text, add_special_tokens=False, truncation=False)["input_ids"]:
+                if len(ids) == CHUNK:
+                    close()
+                ids.append(t)
+                ws.append(weight)
+        if ids or not chunks:
+            close()
+        return chunks, weights
+
     # --- encoding ---
-    def _hidden(self, encoder: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _hidden(self, encoder: nn.Module, ids: Tensor, clip_skip: int) -> tuple[Tensor, Tensor | None]:
         out = encoder(ids, output_hidden_states=True)
         pooled = getattr(out, "text_embeds", None)
         if self.sdxl:
             return out.hidden_states[-2], pooled
-        if self.clip_skip == 1:
+        if clip_skip == 1:
             return out.last_hidden_state, pooled
         text_model: Any = getattr(encoder, "text_model", encoder)
-        return text_model.final_layer_norm(out.hidden_states[-self.clip_skip]), pooled
+        return text_model.final_layer_norm(out.hidden_states[-clip_skip]), pooled
 
     @torch.inference_mode()
-    def _encode(self, prompt: str) -> Encoded:
+    def _encode(self, prompt: str, clip_skip: int) -> Encoded:
+        fragments = prompt_weights.parse(prompt)
+        plain = fragments == [(prompt, 1.0)]
         per_encoder: list[Tensor] = []
+        per_weights: list[list[float]] = []
         pooled: Tensor | None = None
         for i, encoder in enumerate(self.encoders):
-            chunks = self.chunk_ids(prompt, i)
+            weights: list[list[float]] = []
+            if plain:
+                chunks = self.chunk_ids(prompt, i)
+            else:
+                chunks, weights = self.weighted_chunk_ids(fragments, i)
+            per_weights.append([w for chunk in weights for w in chunk])
             ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
-            hidden, pool = self._hidden(encoder, ids)
+            hidden, pool = self._hidden(encoder, ids, clip_skip)
             per_encoder.append(hidden.reshape(1, -1, hidden.shape[-1]))
             if pool is not None:
                 pooled = pool[:1]
         if len({h.shape[1] for h in per_encoder}) > 1:  # tokenizers split differently: pad to the longest
             n = max(h.shape[1] for h in per_encoder)
-            per_encoder = [self._pad_with_empty(h, n, i) for i, h in enumerate(per_encoder)]
+            per_encoder = [self._pad_with_empty(h, n, i, clip_skip) for i, h in enumerate(per_encoder)]
         context = torch.cat(per_encoder, dim=-1)
+        if not plain:
+            context = apply_weights(context, per_weights[0])
         return Encoded(context, pooled if self.sdxl else None)
 
-    def _pad_with_empty(self, hidden: Tensor, length: int, index: int) -> Tensor:
+    def _pad_with_empty(self, hidden: Tensor, length: int, index: int, clip_skip: int) -> Tensor:
         empty_ids = torch.tensor(self.chunk_ids("", index), dtype=torch.long, device=self.device)
-        empty, _ = self._hidden(self.encoders[index], empty_ids)
+        empty, _ = self._hidden(self.encoders[index], empty_ids, clip_skip)
         reps = (length - hidden.shape[1]) // empty.shape[1]
         return torch.cat([hidden, *([empty] * reps)], dim=1)
 
-    def encode(self, prompt: str) -> Encoded:
-        """Encode one prompt (cached, least recently used dropped first)."""
+    def encode(self, prompt: str, clip_skip: int | None = None) -> Encoded:
+        """Encode one prompt (cached, least recently used dropped first); ``clip_skip`` None = the
+        encoder's own."""
+        skip = self.clip_skip if clip_skip is None else int(clip_skip)
+        if skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        key: str | tuple[str, int] = prompt if skip == self.clip_skip else (prompt, skip)
         with self._lock:
-            hit = self._cache.get(prompt)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(prompt)
+                self._cache.move_to_end(key)
                 self.hits += 1
                 return hit
-        enc = self._encode(prompt)
+        enc = self._encode(prompt, skip)
         with self._lock:
             self.misses += 1
             if self.cache_size > 0:
-                self._cache[prompt] = enc
-                self._cache.move_to_end(prompt)
+                self._cache[key] = enc
+                self._cache.move_to_end(key)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         return enc
@@ -126,11 +180,24 @@ class PromptEncoder:
             torch.zeros_like(enc.context), None if enc.pooled is None else torch.zeros_like(enc.pooled)
         )
 
-    def pad_to(self, enc: Encoded, chunks: int) -> Encoded:
+    def pad_to(self, enc: Encoded, chunks: int, clip_skip: int | None = None) -> Encoded:
         """Extend with encodings of the empty prompt to ``chunks`` chunks (cond/uncond must align)."""
         if enc.chunks >= chunks:
             return enc
-        tail = self.encode("").context.repeat(1, chunks - enc.chunks, 1)
+        tail = self.encode("", clip_skip).context.repeat(1, chunks - enc.chunks, 1)
         if torch.count_nonzero(enc.context) == 0:  # a zero uncond stays zero
             tail = torch.zeros_like(tail)
         return Encoded(torch.cat([enc.context, tail], dim=1), enc.pooled)
+
+
+def apply_weights(context: Tensor, weights: list[float]) -> Tensor:
+    """Per-token weights on [1, 77 * chunks, D] hidden states, each chunk's mean restored (A1111)."""
+    w = torch.tensor(weights, dtype=context.dtype, device=context.device)
+    if w.numel() != context.shape[1]:  # tokenizers split differently: weight what they share
+        w = torch.cat([w, w.new_ones(max(0, context.shape[1] - w.numel()))])[: context.shape[1]]
+    out = []
+    for z, wc in zip(context.split(CHUNK + 2, dim=1), w.split(CHUNK + 2), strict=True):
+        before = z.mean()
+        z = z * wc.reshape(1, -1, 1)
+        out.append(z * (before / z.mean()))
+    return torch.cat(out, dim=1)

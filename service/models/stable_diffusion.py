@@ -117,18 +117,25 @@ class StableDiffusion:
 
     # --- text ---
     def text_conditioning(
-        self, prompt: str, negative_prompt: str | None, n: int, height: int, width: int, guided: bool
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        n: int,
+        height: int,
+        width: int,
+        guided: bool,
+        clip_skip: int | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """cond (and uncond when guided) rows for n images of one prompt."""
-        pos = self.text.encode(prompt)
+        pos = self.text.encode(prompt, clip_skip)
         neg: Encoded | None = None
         if guided:
             if self.force_zeros and negative_prompt is None:
                 neg = self.text.zeros_like(pos)
             else:
-                neg = self.text.encode(negative_prompt or "")
+                neg = self.text.encode(negative_prompt or "", clip_skip)
             chunks = max(pos.chunks, neg.chunks)
-            pos, neg = self.text.pad_to(pos, chunks), self.text.pad_to(neg, chunks)
+            pos, neg = self.text.pad_to(pos, chunks, clip_skip), self.text.pad_to(neg, chunks, clip_skip)
         return self._rows(pos, n, height, width), (None if neg is None else self._rows(neg, n, height, width))
 
     def _rows(self, enc: Encoded, n: int, height: int, width: int) -> dict[str, Tensor]:
@@ -193,6 +200,7 @@ class StableDiffusion:
         height: int | None = None,
         init_image: Tensor | None = None,
         mask: Tensor | None = None,
+        clip_skip: int | None = None,
     ) -> SDJobInputs:
         """Check and encode one request.
 
@@ -209,7 +217,9 @@ class StableDiffusion:
         height, width = height or self.default_size, width or self.default_size
         shape = self.check_size(height, width)
         guided = cfg_scale != 1.0
-        cond, uncond = self.text_conditioning(prompt or "", negative_prompt, n, height, width, guided)
+        cond, uncond = self.text_conditioning(
+            prompt or "", negative_prompt, n, height, width, guided, clip_skip
+        )
         out = SDJobInputs(cond, uncond, shape, (height, width))
         if init_image is None:
             if self.inpainting:  # no image: an inpainting UNet repaints everything

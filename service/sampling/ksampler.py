@@ -20,6 +20,7 @@ from .guidance import CFGDenoiser
 from .noise import BrownianNoiseSampler, GaussianNoiseSampler, NoiseSource
 from .schedules import Schedule
 from .stepper import Callback, Stepper, run
+from .variation import mix
 
 _STEP_STREAM = 0x9E3779B97F4A7C15  # step noise: independent of the start noise of the same seed
 
@@ -35,6 +36,8 @@ class SamplingSpec:
     options: dict[str, Any] = field(default_factory=dict)
     schedule_options: dict[str, Any] = field(default_factory=dict)
     denoise: float = 1.0
+    subseeds: list[int] | None = None  # variation seeds (A1111's subseed), one per image
+    subseed_strength: float = 0.0  # 0 = the seed's noise, 1 = the subseed's (see variation.py)
 
     def __post_init__(self) -> None:
         info = registry.get_sampler(self.sampler)
@@ -53,6 +56,10 @@ class SamplingSpec:
         if not self.seeds:
             raise ValueError("seeds must hold one seed per image")
         self.seeds = [int(s) for s in self.seeds]
+        if not 0.0 <= float(self.subseed_strength) <= 1.0:
+            raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength!r}")
+        if self.subseeds is not None and len(self.subseeds) != len(self.seeds):
+            raise ValueError(f"got {len(self.subseeds)} subseeds for {len(self.seeds)} seeds")
 
     @property
     def info(self) -> registry.SamplerInfo:
@@ -116,7 +123,10 @@ def start_latents(
     """Per-image seeded start: noise * sigmas[0], added to ``init`` for img2img."""
     if len(spec.seeds) != shape[0]:
         raise ValueError(f"got {len(spec.seeds)} seeds for {shape[0]} images")
-    x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype) * sigmas[0]
+    x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype)
+    if spec.subseeds is not None and spec.subseed_strength > 0:
+        x = mix(x, NoiseSource(spec.subseeds).randn(shape[1:], device, dtype), spec.subseed_strength)
+    x = x * sigmas[0]
     return x if init is None else init.to(device=device, dtype=dtype) + x
 
 

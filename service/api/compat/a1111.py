@@ -1,0 +1,196 @@
+"""A1111 routes that generate or act on the caller's work: txt2img, img2img, progress, interrupt,
+skip, options, png-info. Each request is translated into our SampleRequests and runs through the
+same engine as POST /sample (so requests of every frontend share model calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import time
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from PIL import Image
+
+from service.engine import JobStatus
+
+from ..deps import accepting, get_state, require_api_key
+from ..images import KDIFF_KEY, PARAMETERS_KEY, preview_png
+from ..state import ServiceState
+from ..validation import FieldError
+from . import a1111_results, a1111_translate, infotext
+from .a1111_schemas import (
+    ImageResponse,
+    Img2ImgRequest,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
+    ProgressState,
+    Txt2ImgRequest,
+)
+from .caller import Caller, CompatState, caller_of, compat_state
+from .errors import A1111Route
+from .runner import run
+
+router = APIRouter(
+    prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)], route_class=A1111Route
+)
+MAX_OPTIONS = 256
+
+
+async def _generate(
+    body: Txt2ImgRequest, request: Request, state: ServiceState, compat: CompatState
+) -> dict[str, Any]:
+    caller = caller_of(request)
+    default = state.default_model or next(iter(state.models))
+    options = compat.caller_options(caller)
+    plan = await asyncio.to_thread(
+        a1111_translate.plan, body, state.models, default, options, state.settings.max_images
+    )
+    jobs = await run(state, compat, caller, request, plan.bodies)
+    return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
+
+
+@router.post("/txt2img", response_model=ImageResponse)
+async def txt2img(
+    body: Txt2ImgRequest,
+    request: Request,
+    state: ServiceState = Depends(accepting),
+    compat: CompatState = Depends(compat_state),
+) -> dict[str, Any]:
+    """A1111's txt2img: batch_size images per batch, n_iter batches (all queued at once)."""
+    return await _generate(body, request, state, compat)
+
+
+@router.post("/img2img", response_model=ImageResponse)
+async def img2img(
+    body: Img2ImgRequest,
+    request: Request,
+    state: ServiceState = Depends(accepting),
+    compat: CompatState = Depends(compat_state),
+) -> dict[str, Any]:
+    """A1111's img2img and inpainting (mask: white = repaint; inpainting_mask_invert flips it)."""
+    return await _generate(body, request, state, compat)
+
+
+def _caller(request: Request) -> Caller:
+    return caller_of(request)
+
+
+@router.get("/progress", response_model=ProgressResponse)
+async def progress(
+    skip_current_image: bool = Query(False),
+    state: ServiceState = Depends(get_state),
+    compat: CompatState = Depends(compat_state),
+    caller: Caller = Depends(_caller),
+) -> ProgressResponse:
+    """Progress of the caller's own unfinished jobs (never another client's)."""
+    jobs = compat.active(caller)
+    if not jobs:
+        return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState(), current_image=None)
+    running = [j for j in jobs if j.status == JobStatus.running]
+    current = running[0] if running else jobs[0]
+    evals = sum(j.progress.evals for j in jobs)
+    expected = sum(max(1, j.progress.expected_evals) for j in jobs)
+    etas = [j.eta_s() for j in running]
+    eta = max((e for e in etas if e is not None), default=0.0)
+    image = None
+    model = state.models.get(current.model)
+    if not skip_current_image and current.preview is not None and model is not None and model.decode is None:
+        image = await asyncio.to_thread(preview_png, current.preview[0], 256)
+    st = ProgressState(
+        job=f"Batch {jobs.index(current) + 1} out of {len(jobs)}",
+        job_count=len(jobs),
+        job_no=jobs.index(current),
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.created)),
+        sampling_step=current.progress.step,
+        sampling_steps=current.progress.total,
+    )
+    return ProgressResponse(
+        progress=round(min(1.0, evals / expected), 4), eta_relative=eta, state=st, current_image=image
+    )
+
+
+@router.post("/interrupt")
+async def interrupt(
+    state: ServiceState = Depends(get_state),
+    compat: CompatState = Depends(compat_state),
+    caller: Caller = Depends(_caller),
+) -> None:
+    """Cancel the caller's unfinished jobs (its request returns what finished)."""
+    for job in compat.active(caller):
+        state.cancel(job)
+
+
+@router.post("/skip")
+async def skip(
+    state: ServiceState = Depends(get_state),
+    compat: CompatState = Depends(compat_state),
+    caller: Caller = Depends(_caller),
+) -> None:
+    """Cancel the caller's current batch only (the running job, else the next queued one)."""
+    jobs = compat.active(caller)
+    running = [j for j in jobs if j.status == JobStatus.running] or jobs[:1]
+    for job in running[:1]:
+        state.cancel(job)
+
+
+def _defaults(state: ServiceState) -> dict[str, Any]:
+    return {
+        "sd_model_checkpoint": state.default_model,
+        "sd_checkpoint_hash": None,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "eta_noise_seed_delta": 0,
+        "sd_checkpoints_limit": len(state.models),
+    }
+
+
+@router.get("/options")
+async def get_options(
+    state: ServiceState = Depends(get_state),
+    compat: CompatState = Depends(compat_state),
+    caller: Caller = Depends(_caller),
+) -> dict[str, Any]:
+    """The caller's options (per API key; per server without one) over the defaults."""
+    return {**_defaults(state), **compat.caller_options(caller)}
+
+
+@router.post("/options")
+async def set_options(
+    body: dict[str, Any] = Body(...),
+    state: ServiceState = Depends(get_state),
+    compat: CompatState = Depends(compat_state),
+    caller: Caller = Depends(_caller),
+) -> None:
+    """Set the caller's options. sd_model_checkpoint picks the model the caller's A1111 requests
+    use (ours are per request: nothing is loaded or unloaded); CLIP_stop_at_last_layers its clip skip."""
+    if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] is not None:
+        body["sd_model_checkpoint"] = a1111_translate.model_name(
+            str(body["sd_model_checkpoint"]), state.models
+        )
+    skip_layers = body.get("CLIP_stop_at_last_layers")
+    if skip_layers is not None and (not isinstance(skip_layers, int) or not 1 <= skip_layers <= 12):
+        raise FieldError("CLIP_stop_at_last_layers", "CLIP_stop_at_last_layers must be an integer in [1, 12]")
+    options = compat.caller_options(caller)
+    if len(options.keys() | body.keys()) > MAX_OPTIONS:
+        raise FieldError("options", f"at most {MAX_OPTIONS} options are kept per caller")
+    options.update(body)
+
+
+@router.post("/png-info", response_model=PNGInfoResponse)
+async def png_info(body: PNGInfoRequest) -> PNGInfoResponse:
+    """The infotext of a PNG (ours or A1111's), parsed; other text chunks (our JSON: ``kdiff``) in items."""
+    data = body.image.split(",", 1)[-1] if body.image.startswith("data:") else body.image
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    except (binascii.Error, ValueError, OSError) as exc:
+        raise FieldError("image", f"image: not a readable base64 image ({exc})") from exc
+    chunks = {str(k): v for k, v in img.info.items() if isinstance(v, str)}
+    text = chunks.pop(PARAMETERS_KEY, "")
+    if text.startswith("{") and KDIFF_KEY not in chunks:  # our older PNGs: JSON in "parameters"
+        chunks[KDIFF_KEY], text = text, ""
+    return PNGInfoResponse(info=text, items=chunks, parameters=infotext.parse(text) if text else {})

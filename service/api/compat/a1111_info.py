@@ -1,0 +1,128 @@
+"""A1111's listing routes: what we serve, in A1111's shapes; lists we cannot fill are empty."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends
+
+from ..deps import get_state, require_api_key
+from ..state import ServiceState
+from . import a1111_names
+from .errors import A1111Route
+
+router = APIRouter(
+    prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)], route_class=A1111Route
+)
+
+
+@router.get("/sd-models")
+async def sd_models(state: ServiceState = Depends(get_state)) -> list[dict[str, Any]]:
+    """Loaded models; the title is the model name (what sd_model_checkpoint takes)."""
+    return [
+        {
+            "title": name,
+            "model_name": name,
+            "hash": None,
+            "sha256": None,
+            "filename": str(m.manifest.folder),
+            "config": None,
+        }
+        for name, m in state.models.items()
+    ]
+
+
+@router.get("/samplers")
+async def samplers() -> list[dict[str, Any]]:
+    return a1111_names.sampler_items()
+
+
+@router.get("/schedulers")
+async def schedulers() -> list[dict[str, Any]]:
+    return a1111_names.scheduler_items()
+
+
+@router.get("/upscalers")
+async def upscalers() -> list[dict[str, Any]]:
+    """Plain resizes only (what a fixed-size model's images get when another size is asked)."""
+    return [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+        for name in ("None", "Lanczos", "Nearest")
+    ]
+
+
+def _empty() -> list[Any]:
+    return []
+
+
+for _path in (
+    "/latent-upscale-modes",
+    "/sd-vae",
+    "/sd-modules",
+    "/loras",
+    "/hypernetworks",
+    "/face-restorers",
+    "/realesrgan-models",
+    "/prompt-styles",
+    "/extensions",
+):
+    router.add_api_route(_path, _empty, methods=["GET"], name=_path.strip("/"))
+
+
+@router.get("/embeddings")
+async def embeddings() -> dict[str, Any]:
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/scripts")
+async def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    return {
+        "api": True,
+        "nowebui": True,
+        "api_auth": None,
+        "listen": None,
+        "ckpt_dir": None,
+        "lowvram": False,
+        "medvram": False,
+        "no_half": state.settings.dtype == "float32",
+    }
+
+
+@router.get("/memory")
+async def memory() -> dict[str, Any]:
+    ram: dict[str, Any] = {}
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total, free = os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+        ram = {"free": free, "used": total - free, "total": total}
+    except (ValueError, OSError, AttributeError):
+        ram = {"error": "unavailable"}
+    cuda: dict[str, Any] = {"error": "unavailable"}
+    if torch.cuda.is_available():
+        free_b, total_b = torch.cuda.mem_get_info()
+        cuda = {
+            "system": {"free": free_b, "used": total_b - free_b, "total": total_b},
+            "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()},
+        }
+    return {"ram": ram, "cuda": cuda}
+
+
+def _null() -> None:
+    return None
+
+
+for _path in (
+    "/refresh-checkpoints",
+    "/refresh-vae",
+    "/refresh-loras",
+    "/unload-checkpoint",
+    "/reload-checkpoint",
+):
+    router.add_api_route(_path, _null, methods=["POST"], name=_path.strip("/"))

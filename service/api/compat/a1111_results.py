@@ -1,0 +1,124 @@
+"""Finished jobs -> A1111's response: images (resized to the asked size, with A1111's infotext in
+the ``parameters`` chunk and our JSON in its own), ``parameters`` (the request) and ``info``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from typing import Any
+
+from PIL import Image
+
+from service.engine import Job, JobStatus
+
+from ..images import png_bytes
+from . import a1111_names, infotext
+from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
+from .a1111_translate import Plan
+
+
+def _image_params(plan: Plan, body: Txt2ImgRequest, params: dict[str, Any], index: int) -> dict[str, Any]:
+    p = {k: v for k, v in params.items() if k != "seeds"}
+    extra = (
+        {"Resized from": f"{plan.generated[0]}x{plan.generated[1]}"} if plan.generated != plan.size else {}
+    )
+    return {
+        **p,
+        "seed": params["seeds"][index],
+        "index": index,
+        "a1111_prompt": body.prompt,
+        "a1111_negative_prompt": body.negative_prompt or None,
+        "a1111_extra": extra,
+        "width": plan.size[0],
+        "height": plan.size[1],
+    }
+
+
+def _reencode(png: bytes, size: tuple[int, int], params: dict[str, Any], text: str) -> bytes:
+    img: Image.Image = Image.open(io.BytesIO(png))
+    img.load()
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    ours = {k: v for k, v in params.items() if not k.startswith("a1111_")}
+    return png_bytes(img, ours, text)
+
+
+def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
+    """Runs in a thread: the response body of an A1111 txt2img / img2img request."""
+    images: list[str] = []
+    infotexts: list[str] = []
+    seeds: list[int] = []
+    for job in jobs:
+        if job.status != JobStatus.succeeded:
+            continue
+        result = job.result
+        params = {**result["parameters"], "seeds": result["seeds"]}
+        for i, png in enumerate(result["pngs"]):
+            p = _image_params(plan, body, params, i)
+            text = infotext.from_parameters(p)
+            infotexts.append(text)
+            seeds.append(p["seed"])
+            if body.send_images:
+                images.append(base64.b64encode(_reencode(png, plan.size, p, text)).decode())
+    interrupted = any(j.status == JobStatus.cancelled for j in jobs)
+    echo = body.model_dump()
+    if isinstance(body, Img2ImgRequest):
+        echo["init_images"], echo["mask"] = None, None
+    return {
+        "images": images,
+        "parameters": echo,
+        "info": json.dumps(info(plan, body, seeds, infotexts, interrupted)),
+    }
+
+
+def info(
+    plan: Plan, body: Txt2ImgRequest, seeds: list[int], infotexts: list[str], interrupted: bool
+) -> dict[str, Any]:
+    n = len(seeds)
+    strength = body.subseed_strength
+    subseeds = [plan.subseeds[plan.seeds.index(s)] for s in seeds] if seeds else []
+    denoise = body.denoising_strength if isinstance(body, Img2ImgRequest) else None
+    return {
+        "prompt": body.prompt,
+        "all_prompts": [body.prompt] * n,
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [body.negative_prompt] * n,
+        "seed": seeds[0] if seeds else plan.seeds[0],
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else plan.subseeds[0],
+        "all_subseeds": subseeds,
+        "subseed_strength": strength,
+        "width": plan.size[0],
+        "height": plan.size[1],
+        "sampler_name": a1111_names.sampler_display(plan.sampler),
+        "scheduler": a1111_names.schedule_label(plan.schedule),
+        "cfg_scale": plan.cfg_scale,
+        "steps": plan.steps,
+        "batch_size": body.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": plan.model.name,
+        "sd_model_hash": None,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": denoise,
+        "extra_generation_params": (
+            {"Resized from": f"{plan.generated[0]}x{plan.generated[1]}"}
+            if plan.generated != plan.size
+            else {}
+        ),
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": plan.clip_skip,
+        "is_using_inpainting_conditioning": bool(plan.model.info.get("inpainting", False)),
+        "version": infotext.VERSION,
+        "interrupted": interrupted,
+        "comments": plan.comments,
+        "model_generated_size": f"{plan.generated[0]}x{plan.generated[1]}",
+    }

@@ -1,0 +1,93 @@
+"""Request and response bodies of the A1111-compatible routes (field names and types as A1111's
+``modules/api/models.py``). Unknown fields are accepted and ignored, as A1111 does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    prompt: str = Field("", max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    styles: list[str] | None = None
+    seed: int = Field(-1, ge=-1, lt=2**63, description="-1 = random")
+    subseed: int = Field(-1, ge=-1, lt=2**63, description="variation seed; -1 = random")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    sampler_name: str | None = Field(None, max_length=64)
+    sampler_index: str | None = Field(None, max_length=64, description="older clients' sampler_name")
+    scheduler: str | None = Field(None, max_length=64)
+    batch_size: int = Field(1, ge=1, le=256)
+    n_iter: int = Field(1, ge=1, le=256)
+    steps: int | None = Field(None, ge=1, le=10_000, description="default: the model's")
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0, description="default: the model's")
+    width: int = Field(512, ge=8, le=8192)
+    height: int = Field(512, ge=8, le=8192)
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    override_settings: dict[str, Any] | None = None
+    send_images: bool = True
+    save_images: bool = False
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list, max_length=64)
+    mask: str | None = Field(None, max_length=16_000_000)
+    denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: int = 0
+    mask_blur: int = Field(4, ge=0, le=256)
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    include_init_images: bool = False
+
+
+class ImageResponse(BaseModel):
+    images: list[str] | None = Field(None, description="base64 PNGs")
+    parameters: dict[str, Any]
+    info: str = Field(description="A1111's JSON string: seed, all_seeds, infotexts, ...")
+
+
+class PNGInfoRequest(BaseModel):
+    image: str = Field(max_length=16_000_000, description="base64 PNG (or a data: URL)")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field(description="the infotext")
+    items: dict[str, Any] = Field(description="the other text chunks")
+    parameters: dict[str, Any] = Field(description="the infotext parsed")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="in [0, 1]")
+    eta_relative: float = Field(description="seconds left (estimate)")
+    state: ProgressState
+    current_image: str | None = Field(None, description="a small base64 PNG of the current prediction")
+    textinfo: str | None = None

@@ -1,0 +1,240 @@
+"""A1111 txt2img / img2img bodies -> our SampleRequests (one per ``n_iter`` batch).
+
+What does not map one to one, and is said in ``info`` (``comments``):
+- a class-conditional model (the shipped ``digits``) reads the class from the prompt: the first
+  digit 0-9 or its English word; a fixed-size model generates at its own size and the images are
+  resized to the requested one;
+- text models floor width/height to a multiple of 8 and resize back when that changed them;
+- fields we do not implement (hires fix, face restoration, tiling, styles, scripts, inpaint full
+  resolution, inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, ImageFilter, ImageOps
+
+from service.models.store import LoadedModel
+from service.sampling import registry
+
+from ..schemas import SampleRequest
+from ..validation import FieldError
+from . import a1111_names
+from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_DIGIT = re.compile(r"(?<![\w.])(\d)(?![\w.])|\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
+SAMPLER_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+@dataclass
+class Plan:
+    """The translated request: our bodies, and what A1111's response reports."""
+
+    model: LoadedModel
+    bodies: list[SampleRequest]
+    seeds: list[int]
+    subseeds: list[int]
+    size: tuple[int, int]  # requested (width, height)
+    generated: tuple[int, int]  # what the model makes (width, height)
+    sampler: str
+    schedule: str
+    steps: int
+    cfg_scale: float
+    clip_skip: int
+    class_labels: list[int | None] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+
+def class_from_prompt(prompt: str) -> int | None:
+    """The first digit 0-9 (standing alone) or English digit word in the prompt."""
+    m = _DIGIT.search(prompt)
+    if m is None:
+        return None
+    return int(m.group(1)) if m.group(1) is not None else DIGIT_WORDS.index(m.group(2).lower())
+
+
+def model_name(wanted: str, models: dict[str, LoadedModel]) -> str:
+    """Our model for an A1111 checkpoint title ("name", "name.safetensors", "name [hash]")."""
+    base = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", wanted.strip())
+    base = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", base)
+    for candidate in (wanted, base, base.rsplit("/", 1)[-1]):
+        if candidate in models:
+            return candidate
+    names = sorted(models)
+    raise FieldError("sd_model_checkpoint", f"model {wanted!r} not found; valid: {', '.join(names)}", names)
+
+
+def _ignored(body: Txt2ImgRequest) -> list[str]:
+    out = []
+    flags = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"), ("tiling", "tiling")]
+    out += [f"{name} ({what}) is not supported; ignored" for name, what in flags if getattr(body, name)]
+    if body.styles:
+        out.append("styles are not supported; ignored")
+    if body.script_name or body.alwayson_scripts:
+        out.append("scripts are not supported; ignored")
+    if body.save_images:
+        out.append("save_images: images are not saved on the server")
+    if isinstance(body, Img2ImgRequest):
+        if body.mask is not None and body.inpaint_full_res:
+            out.append("inpaint_full_res is not supported; the whole image is inpainted")
+        if body.mask is not None and body.inpainting_fill != 1:
+            out.append("inpainting_fill is not supported; masked content starts from the original")
+        if body.resize_mode:
+            out.append("resize_mode is not supported; the image is stretched to the size")
+        if len(body.init_images) > 1:
+            out.append("only the first of init_images is used")
+    return out
+
+
+def _sampler_options(body: Txt2ImgRequest, sampler: str) -> dict[str, Any]:
+    """A1111 sends eta / s_* with every request; keep those the sampler takes, within bounds."""
+    bounds = registry.get_sampler(sampler).bounds
+    out: dict[str, Any] = {}
+    for name in SAMPLER_FIELDS:
+        value = getattr(body, name)
+        if value is None or name not in bounds or (name == "s_tmax" and value == 0):
+            continue
+        try:
+            out[name] = bounds[name].check(name, value)
+        except ValueError:
+            continue
+    return out
+
+
+def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> str:
+    """A1111's mask (white = repaint; inverted on request; blurred by mask_blur) at the image size."""
+    assert body.mask is not None
+    data = body.mask.split(",", 1)[-1] if body.mask.startswith("data:") else body.mask
+    try:
+        img: Image.Image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        img.load()
+    except Exception as exc:
+        raise FieldError("mask", f"mask: not a readable base64 image ({exc})") from exc
+    if img.mode in ("RGBA", "LA"):  # painted masks: the alpha is the stroke
+        img = img.getchannel("A")
+    img = img.convert("L")
+    if body.inpainting_mask_invert:
+        img = ImageOps.invert(img)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    blur = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur
+    if blur and blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(blur))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _init_size(data: str) -> tuple[int, int]:
+    raw = data.split(",", 1)[-1] if data.startswith("data:") else data
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(raw, validate=True))) as img:
+            return img.size
+    except Exception as exc:
+        raise FieldError("init_images", f"init_images[0]: not a readable base64 image ({exc})") from exc
+
+
+def plan(
+    body: Txt2ImgRequest,
+    models: dict[str, LoadedModel],
+    default_model: str,
+    options: dict[str, Any],
+    max_images: int,
+) -> Plan:
+    """Translate one A1111 request (``options``: the caller's /options) into our requests."""
+    overrides = body.override_settings or {}
+    wanted = overrides.get("sd_model_checkpoint") or options.get("sd_model_checkpoint") or default_model
+    model = models[model_name(str(wanted), models)]
+    d = model.manifest.defaults
+    sampler, schedule = a1111_names.resolve(body.sampler_name or body.sampler_index, body.scheduler)
+    sampler = sampler or str(d.get("sampler", "dpmpp_2m"))
+    schedule = schedule or str(d.get("schedule", "karras"))
+    steps = body.steps or int(d.get("steps", 20))
+    cfg = body.cfg_scale if body.cfg_scale is not None else float(d.get("cfg_scale", 7.0))
+    comments = _ignored(body)
+    clip_skip = int(overrides.get("CLIP_stop_at_last_layers") or options.get("CLIP_stop_at_last_layers") or 1)
+    if not 1 <= clip_skip <= 12:
+        raise FieldError("CLIP_stop_at_last_layers", "CLIP_stop_at_last_layers must be in [1, 12]", [1, 12])
+    total = body.batch_size * body.n_iter
+    if body.batch_size > max_images:
+        raise FieldError("batch_size", f"batch_size must be in [1, {max_images}]", [1, max_images])
+    if total > 16 * max_images:
+        raise FieldError("n_iter", f"batch_size * n_iter must be at most {16 * max_images}")
+    seed = body.seed if body.seed >= 0 else secrets.randbelow(2**32)
+    subseed = body.subseed if body.subseed >= 0 else secrets.randbelow(2**32)
+    seeds = [seed + i for i in range(total)]
+    subseeds = [subseed + i for i in range(total)]
+    size = (body.width, body.height)
+    common: dict[str, Any] = {
+        "model": model.name,
+        "sampler": sampler,
+        "schedule": schedule,
+        "steps": steps,
+        "n": body.batch_size,
+        **_sampler_options(body, sampler),
+    }
+    if body.subseed_strength > 0:
+        common["subseed_strength"] = body.subseed_strength
+    labels: list[int | None] = [None]
+    if model.conditioning == "text":
+        gen = (body.width - body.width % 8, body.height - body.height % 8)
+        if min(gen) < 8:
+            raise FieldError("width" if gen[0] < 8 else "height", "width and height must be at least 8")
+        common |= {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None}
+        common |= {"cfg_scale": cfg, "width": gen[0], "height": gen[1]}
+        if clip_skip != 1:
+            common["clip_skip"] = clip_skip
+    else:
+        h, w = model.image_size
+        gen = (w, h)
+        if model.conditioning == "class":
+            label = class_from_prompt(body.prompt)
+            labels = [label]
+            if label is not None and label >= model.num_classes:
+                label = None
+            if label is None:
+                comments.append(f"no class 0-{model.num_classes - 1} in the prompt: unconditional sample")
+            else:
+                common["class_label"] = label
+                common["cfg_scale"] = cfg
+        else:
+            comments.append(f"model {model.name!r} is unconditional: prompt and cfg_scale are ignored")
+        if body.negative_prompt:
+            comments.append("negative_prompt is ignored by this model (it reads no text)")
+        if clip_skip != 1:
+            comments.append("CLIP_stop_at_last_layers is ignored by this model (it has no text encoder)")
+    if gen != size:
+        comments.append(f"model {model.name!r} generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
+    if isinstance(body, Img2ImgRequest):
+        common |= _img2img(body, model, gen, comments)
+    elif body.denoising_strength is not None and body.enable_hr:
+        pass  # hires denoising: no hires pass here
+    bodies = []
+    for it in range(body.n_iter):
+        part = seeds[it * body.batch_size : (it + 1) * body.batch_size]
+        if body.subseed_strength > 0:
+            common["subseed"] = subseeds[it * body.batch_size]
+        bodies.append(SampleRequest.model_validate({**common, "seed": part}))
+    return Plan(
+        model, bodies, seeds, subseeds, size, gen, sampler, schedule, steps, cfg, clip_skip, labels, comments
+    )
+
+
+def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]) -> dict:
+    if not body.init_images:
+        raise FieldError("init_images", "img2img needs init_images (one base64 image)")
+    init = body.init_images[0]
+    strength = body.denoising_strength if body.denoising_strength is not None else 0.75
+    if strength <= 0:
+        raise FieldError("denoising_strength", "denoising_strength must be > 0", [0.0, 1.0])
+    out: dict[str, Any] = {"init_image": init, "denoise": strength}
+    if body.mask is not None:
+        out["mask"] = _mask(body, _init_size(init) if model.conditioning == "text" else gen)
+    return out

@@ -1,0 +1,82 @@
+"""Who is calling, and what the compatibility routes keep per caller.
+
+A1111 keeps one global state (model, progress, interrupt). Here it is per caller:
+
+- the caller is the credential it sends (a hash of its Authorization header: a Bearer key or
+  HTTP Basic user:pass), else its client address;
+- ``/sdapi/v1/options`` (the default model, clip skip, ...) is kept per credential, or for the
+  whole server when a request brings none;
+- ``/sdapi/v1/progress``, ``/interrupt`` and ``/skip`` see the caller's own jobs only: all of them
+  for a credential, the most recent one for an address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from service.engine import Job
+
+MAX_CALLERS = 1024  # callers remembered (least recently seen dropped first)
+REQUESTS_PER_CALLER = 64  # recent requests remembered per caller
+
+
+@dataclass(frozen=True)
+class Caller:
+    key: str  # identifies the caller's jobs
+    credential: bool  # True: key comes from a credential; False: from the client address
+
+    @property
+    def options_scope(self) -> str:
+        return self.key if self.credential else "server"
+
+
+def caller_of(request: Request) -> Caller:
+    auth = request.headers.get("authorization", "").strip()
+    if auth:
+        return Caller("auth:" + hashlib.sha256(auth.encode()).hexdigest()[:32], True)
+    host = request.client.host if request.client else "unknown"
+    return Caller("addr:" + host, False)
+
+
+@dataclass
+class CompatState:
+    """Per-caller A1111 options and recent jobs (bounded), kept on ``app.state.compat``."""
+
+    options: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    jobs: OrderedDict[str, deque[list[Job]]] = field(default_factory=OrderedDict)
+
+    def caller_options(self, caller: Caller) -> dict[str, Any]:
+        scope = caller.options_scope
+        opts = self.options.setdefault(scope, {})
+        self.options.move_to_end(scope)
+        while len(self.options) > MAX_CALLERS:
+            self.options.popitem(last=False)
+        return opts
+
+    def track(self, caller: Caller, jobs: list[Job]) -> None:
+        """Remember one request's jobs for the caller."""
+        q = self.jobs.setdefault(caller.key, deque(maxlen=REQUESTS_PER_CALLER))
+        q.append(list(jobs))
+        self.jobs.move_to_end(caller.key)
+        while len(self.jobs) > MAX_CALLERS:
+            self.jobs.popitem(last=False)
+
+    def active(self, caller: Caller) -> list[Job]:
+        """The caller's unfinished jobs, oldest first (an address: those of its latest request)."""
+        q = self.jobs.get(caller.key)
+        if not q:
+            return []
+        groups = list(q) if caller.credential else [q[-1]]
+        return [j for group in groups for j in group if not j.status.finished]
+
+
+def compat_state(request: Request) -> CompatState:
+    app_state = request.app.state
+    if not hasattr(app_state, "compat"):
+        app_state.compat = CompatState()
+    return app_state.compat  # type: ignore[no-any-return]

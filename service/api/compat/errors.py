@@ -1,0 +1,120 @@
+"""Error bodies in each frontend's own shape, by route class (our API's handlers stay as they are).
+
+- A1111: FastAPI's validation list under ``detail`` (what A1111 answers for a body that does not
+  parse) plus A1111's own keys ``error``, ``body``, ``errors`` (what its exception handler adds).
+- OpenAI: ``{"error": {"message", "type", "param", "code"}}``; invalid input is 400 as OpenAI
+  answers it, not 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from ..validation import FieldError
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+MAX_ERRORS = 20
+
+
+def _validation_items(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors()[:MAX_ERRORS]:
+        item = {k: err[k] for k in ("loc", "msg", "type") if k in err}
+        item["loc"] = list(item.get("loc", []))
+        out.append(item)
+    return out
+
+
+def _message(detail: Any) -> str:
+    if isinstance(detail, dict):
+        return str(detail.get("message", detail))
+    return str(detail)
+
+
+def a1111_error(status: int, error: str, detail: Any, errors: str = "") -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail, "body": "", "errors": errors}, status_code=status)
+
+
+class A1111Route(APIRoute):
+    """Errors of /sdapi/v1 routes in A1111's shape."""
+
+    def get_route_handler(self) -> Handler:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await inner(request)
+            except RequestValidationError as exc:
+                items = _validation_items(exc)
+                text = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in items)
+                return a1111_error(422, "RequestValidationError", items, text)
+            except FieldError as exc:
+                item = {"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}
+                if exc.allowed is not None:
+                    item["allowed"] = exc.allowed
+                return a1111_error(422, "FieldError", [item], f"{exc.field}: {exc.message}")
+            except HTTPException as exc:
+                resp = a1111_error(exc.status_code, "HTTPException", exc.detail, _message(exc.detail))
+                resp.headers.update(exc.headers or {})
+                return resp
+
+        return handler
+
+
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+def openai_error(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class OpenAIRoute(APIRoute):
+    """Errors of /v1 routes in OpenAI's shape and statuses."""
+
+    def get_route_handler(self) -> Handler:
+        inner = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            try:
+                return await inner(request)
+            except RequestValidationError as exc:
+                first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid request"}
+                loc = [str(p) for p in first.get("loc", []) if p != "body"]
+                param = ".".join(loc) or None
+                return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param, "invalid_value")
+            except FieldError as exc:
+                return openai_error(400, exc.message, exc.field, "invalid_value")
+            except OpenAIError as exc:
+                return openai_error(exc.status, exc.message, exc.param, exc.code)
+            except HTTPException as exc:
+                code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(exc.status_code)
+                resp = openai_error(exc.status_code, _message(exc.detail), None, code)
+                resp.headers.update(exc.headers or {})
+                return resp
+
+        return handler

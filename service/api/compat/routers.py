@@ -1,0 +1,9 @@
+"""All compatibility routers, for the app factory: ``for r in ROUTERS: app.include_router(r)``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from . import a1111, a1111_info
+
+ROUTERS: list[APIRouter] = [a1111_info.router, a1111.router]

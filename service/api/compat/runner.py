@@ -1,0 +1,64 @@
+"""Submit translated requests to the engine (the same path as POST /sample) and wait for them;
+a client that goes away cancels its jobs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from service.engine import Job
+
+from ..schemas import SampleRequest
+from ..state import ServiceState
+from ..views import raise_for_failure, submit
+from .caller import Caller, CompatState
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run(
+    state: ServiceState,
+    compat: CompatState,
+    caller: Caller,
+    request: Request,
+    bodies: list[SampleRequest],
+    wait_disconnect: bool = True,
+) -> list[Job]:
+    """All jobs of one frontend request, submitted together (so the engine batches them), finished.
+
+    A failed job raises its HTTP error (after cancelling the rest); cancelled jobs (the caller's
+    /interrupt) come back as they are.
+    """
+    jobs: list[Job] = []
+    try:
+        for body in bodies:
+            jobs.append(await submit(state, body))
+    except BaseException:
+        for job in jobs:
+            state.cancel(job)
+        raise
+    compat.track(caller, jobs)
+    done = asyncio.ensure_future(asyncio.gather(*(j.wait_done() for j in jobs)))
+    waits: set[asyncio.Future] = {done}
+    gone = asyncio.ensure_future(_disconnected(request)) if wait_disconnect else None
+    if gone is not None:
+        waits.add(gone)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if gone is not None:
+            gone.cancel()
+        if not done.done():
+            done.cancel()
+            for job in jobs:
+                state.cancel(job)
+    for job in jobs:
+        if job.status.value == "failed":
+            raise_for_failure(job)
+    return jobs

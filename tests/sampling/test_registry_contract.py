@@ -1,14 +1,22 @@
-"""One contract suite over the whole sampler registry (k-diffusion's and any added later)."""
+"""One contract suite over the whole sampler and schedule registry (k-diffusion's and any added later).
+
+Every test here is parametrized by the registry, so a sampler or schedule added with ``@sampler`` /
+``@schedule`` is checked without editing this file.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import pytest
 import torch
 
-from service.sampling import SAMPLERS, SCHEDULES, KSampler, get_sampler
-from service.sampling.registry import UnknownNameError
+from service import sampling
+from service.sampling import SAMPLERS, SCHEDULES, KSampler, get_sampler, get_schedule
+from service.sampling.aliases import resolve, resolve_schedule
+from service.sampling.registry import Option, UnknownNameError
 from tests.sampling.conftest import toy_image_model
 
 
@@ -90,3 +98,73 @@ def test_unknown_names_list_valid_ones() -> None:
         KSampler(Toy(), "dpmpp_9m")
     with pytest.raises(UnknownNameError, match="karras"):
         KSampler(Toy(), "euler", schedule="karas")
+
+
+def _default_in_bounds(name: str, spec: Option) -> None:
+    if spec.default is None:  # "not given": the model's value (sigma range) or a rule of the sampler
+        return
+    if spec.choices is not None:
+        assert spec.default in spec.choices, f"{name}: default {spec.default!r} not among its choices"
+    else:
+        assert spec.lo <= spec.default <= spec.hi, (
+            f"{name}: default {spec.default} outside [{spec.lo}, {spec.hi}]"
+        )
+        assert not spec.integer or spec.default == int(spec.default), (
+            f"{name}: integer option, default {spec.default}"
+        )
+
+
+def _signature_defaults(fn: Any) -> dict[str, Any]:
+    return {
+        n: (None if p.default is inspect.Parameter.empty else p.default)
+        for n, p in inspect.signature(fn).parameters.items()
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sampler_contract(name: str) -> None:
+    """Defaults are the stepper's, sample_<name> exists and takes every option, metadata is complete."""
+    info = get_sampler(name)
+    defaults = _signature_defaults(info.stepper)  # follows the sigma-range adapter to its stepper
+    for opt, spec in info.bounds.items():
+        assert opt in defaults, f"{name}: bounds for {opt}, which the stepper does not take"
+        assert spec.default == defaults[opt] or (
+            spec.default != spec.default and defaults[opt] != defaults[opt]
+        )
+        _default_in_bounds(f"{name}.{opt}", spec)
+    sample = getattr(sampling, f"sample_{name}")
+    assert sample is info.sample and sample.__name__ == f"sample_{name}"
+    params = inspect.signature(sample).parameters
+    assert list(params)[:2] == ["model", "x"]
+    for opt, spec in info.bounds.items():
+        assert params[opt].default == spec.default, f"sample_{name}.{opt}"
+    assert info.doc and sample.__doc__  # the stepper's, or k-diffusion's for dpm_fast / dpm_adaptive
+    assert info.order >= 1 and info.nfe_per_step >= 1 and info.origin
+    assert info.noise in {"none", "gaussian", "brownian"}
+    assert not info.stochastic or info.noise != "none", f"{name}: stochastic, but gets no noise sampler"
+    assert info.expected_nfe(1) >= 1 and info.expected_nfe(10) >= info.expected_nfe(2)
+    for alias in info.aliases:
+        assert resolve(alias)[0] == name, f"{name}: alias {alias!r} resolves elsewhere"
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_contract(name: str) -> None:
+    info = get_schedule(name)
+    fn = getattr(sampling, f"get_sigmas_{name}")
+    assert fn is info.function
+    defaults = _signature_defaults(fn)
+    for opt, spec in info.bounds.items():
+        assert opt in defaults and spec.default == defaults[opt], f"{name}.{opt}"
+        _default_in_bounds(f"{name}.{opt}", spec)
+    assert info.doc and info.describe()["name"] == name
+    assert not (info.needs_discrete and info.uses_range)
+    if not info.uses_range:
+        assert not {"sigma_min", "sigma_max"} & set(info.bounds), f"{name} ignores the range it offers"
+    for alias in info.aliases:
+        assert resolve_schedule(alias) == name
+    if not info.needs_discrete:  # the schedule object makes the same sigmas as the function
+        opts = {k: v for k, v in info.options.items() if v is not None}
+        lo_hi = {"sigma_min": 0.03, "sigma_max": 14.6} if "sigma_min" in defaults and info.uses_range else {}
+        want = info.fn(6, lo_hi.get("sigma_min"), lo_hi.get("sigma_max"), **opts)
+        assert torch.equal(sampling.Schedule(name, **lo_hi, **opts)(6), want)
+        assert math.isfinite(float(want[0])) and want[-1] == 0

@@ -1,0 +1,132 @@
+"""Layering: the sampling core loads no web, engine or model code; no import cycles inside service/."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = ROOT / "service"
+
+
+def _loaded_after(statement: str) -> set[str]:
+    """Module names in sys.modules after ``statement`` in a fresh interpreter."""
+    code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _under(modules: set[str], *prefixes: str) -> list[str]:
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def test_sampling_core_loads_no_web_engine_or_api() -> None:
+    loaded = _loaded_after("import service.sampling")
+    assert not _under(loaded, "fastapi", "pydantic", "starlette", "service.engine", "service.api")
+
+
+def test_engine_loads_no_web_framework() -> None:
+    loaded = _loaded_after("import service.engine")
+    assert not _under(loaded, "fastapi", "starlette", "service.api")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports that run when the module is imported: module level, also inside if/try (not TYPE_CHECKING)."""
+    out: list[ast.Import | ast.ImportFrom] = []
+    todo: list[ast.stmt] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            out.append(node)
+        elif isinstance(node, ast.If) and not _is_type_checking(node):
+            todo += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [s for h in node.handlers for s in h.body]
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the service modules it imports at import time (a package's own __init__ is not an edge)."""
+    files = {_module_name(p): p for p in SERVICE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = package
+                for _ in range(node.level - 1 if node.level else 0):
+                    base = base.rpartition(".")[0]
+                base = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                # "from pkg import name": the submodule pkg.name when there is one, else pkg itself.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            edges |= {t for t in targets if t in files and t != mod}
+        graph[mod] = edges
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_graph_walk_sees_imports_and_cycles() -> None:
+    graph = import_graph()
+    assert "service.sampling.catalog" in graph["service.sampling.registry"]
+    assert "service.sampling.samplers.common" in graph["service.sampling.samplers.res_singlestep"]
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("package", ["service.sampling", "service"])
+def test_no_import_cycles(package: str) -> None:
+    graph = {m: e for m, e in import_graph().items() if m == package or m.startswith(package + ".")}
+    assert find_cycles(graph) == []

@@ -8,13 +8,21 @@ Layout of the output folder (also a valid model_store folder):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # type only: trainer imports this module
     from service.training.trainer import Trainer
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written file
 
 
 def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -31,8 +39,6 @@ def _opt_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], d
 
 
 def save(trainer: Trainer) -> None:
-    from service.training.trainer import write_json
-
     out = trainer.out
     out.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _opt_tensors(trainer.opt)

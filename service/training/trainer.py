@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from service.models.unet import UNet, UNetConfig
 from service.sampling.denoisers import KarrasDenoiser
 from service.training import checkpoints
 from service.training.augmentation import karras_augment, random_hflip
+from service.training.checkpoints import write_json  # noqa: F401  (was defined here)
 from service.training.datasets import DatasetError, ImageData
 from service.training.densities import make_sigma_sampler
 
@@ -230,9 +230,3 @@ class Trainer:
 
     def config_dict(self) -> dict[str, Any]:
         return {"train": dataclasses.asdict(self.tc), "model": self.mc.to_dict()}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written file

@@ -71,7 +71,7 @@ OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     409: "conflict_error",
     429: "rate_limit_error",
     503: "server_error",

@@ -28,7 +28,10 @@ def a1111(make_client: Callable[..., TestClient]) -> Iterator[TestClient]:
 @pytest.mark.parametrize(
     ("path", "check"),
     [
-        ("sd-models", lambda r: r[0]["title"] == "tiny" and {"model_name", "hash", "filename"} <= r[0].keys()),
+        (
+            "sd-models",
+            lambda r: r[0]["title"] == "tiny" and {"model_name", "hash", "filename"} <= r[0].keys(),
+        ),
         ("samplers", lambda r: {"DPM++ 2M", "Euler a"} <= {s["name"] for s in r} and "aliases" in r[0]),
         ("schedulers", lambda r: {"automatic", "karras"} <= {s["name"] for s in r} and "label" in r[0]),
         ("upscalers", lambda r: r[0]["name"] == "None"),
@@ -55,7 +58,15 @@ def test_post_only_routes_answer_null(a1111: TestClient) -> None:
 
 
 def test_txt2img_batches_seeds_resize_and_infotext(a1111: TestClient) -> None:
-    body = {**BASE, "batch_size": 2, "n_iter": 2, "width": 32, "height": 24, "enable_hr": True, "unknown": [1]}
+    body = {
+        **BASE,
+        "batch_size": 2,
+        "n_iter": 2,
+        "width": 32,
+        "height": 24,
+        "enable_hr": True,
+        "unknown": [1],
+    }
     r = a1111.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -64,7 +75,9 @@ def test_txt2img_batches_seeds_resize_and_infotext(a1111: TestClient) -> None:
     assert pixels(out["images"][0]).shape == (24, 32, 3)
     assert any("resized to 32x24" in c for c in meta["comments"])
     assert any("enable_hr" in c for c in meta["comments"])
-    assert meta["infotexts"][1].startswith("a 7\nSteps: 4, Sampler: Euler, Schedule type: Karras, CFG scale: 1")
+    assert meta["infotexts"][1].startswith(
+        "a 7\nSteps: 4, Sampler: Euler, Schedule type: Karras, CFG scale: 1"
+    )
     assert "Seed: 6, Size: 32x24, Model: tiny" in meta["infotexts"][1]
     assert out["parameters"]["prompt"] == "a 7"
     pinfo = a1111.post("/sdapi/v1/png-info", json={"image": out["images"][2]}).json()
@@ -118,7 +131,9 @@ def test_img2img_with_mask_keeps_the_unmasked_part(a1111: TestClient) -> None:
     out = pixels(r.json()["images"][0])
     assert np.abs(out[:, :4] - 200).max() <= 3  # kept
     assert np.abs(out[:, 4:] - 200).max() > 3  # repainted
-    inverted = pixels(a1111.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1}).json()["images"][0])
+    inverted = pixels(
+        a1111.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1}).json()["images"][0]
+    )
     assert np.abs(inverted[:, 4:] - 200).max() <= 3 and r.json()["parameters"]["init_images"] is None
     plain = a1111.post("/sdapi/v1/img2img", json={**body, "mask": None})
     assert plain.status_code == 200 and "inpaint" not in " ".join(info(plain.json())["comments"])
@@ -142,7 +157,10 @@ def test_bad_input_is_422_in_a1111_shape_and_runs_nothing(a1111: TestClient, bod
     r = a1111.post("/sdapi/v1/txt2img", json={**BASE, **body})
     assert r.status_code == 422, r.text
     out = r.json()
-    assert out["error"] in ("RequestValidationError", "FieldError") and {"detail", "body", "errors"} <= out.keys()
+    assert (
+        out["error"] in ("RequestValidationError", "FieldError")
+        and {"detail", "body", "errors"} <= out.keys()
+    )
     assert out["detail"][0]["loc"][-1] == field
     assert jobs_total(a1111.get("/metrics").text) == before
     assert a1111.post("/sdapi/v1/img2img", json={**BASE, "denoising_strength": 0.5}).status_code == 422
@@ -150,7 +168,11 @@ def test_bad_input_is_422_in_a1111_shape_and_runs_nothing(a1111: TestClient, bod
 
 def test_options_are_per_caller(a1111: TestClient) -> None:
     alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
-    r = a1111.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny"}, headers=alice)
+    r = a1111.post(
+        "/sdapi/v1/options",
+        json={"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "tiny"},
+        headers=alice,
+    )
     assert r.status_code == 200 and r.json() is None
     assert a1111.get("/sdapi/v1/options", headers=alice).json()["CLIP_stop_at_last_layers"] == 2
     assert a1111.get("/sdapi/v1/options", headers=bob).json()["CLIP_stop_at_last_layers"] == 1
@@ -201,7 +223,10 @@ def test_png_info_reads_an_a1111_png(a1111: TestClient) -> None:
 
     from PIL import Image, PngImagePlugin
 
-    text = 'a cat, (fluffy:1.2)\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model: "x, y"'
+    text = (
+        "a cat, (fluffy:1.2)\nNegative prompt: dog\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+        'CFG scale: 7, Seed: 1, Size: 512x512, Model: "x, y"'
+    )
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", text)
     buf = io.BytesIO()

@@ -1,0 +1,172 @@
+"""OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits (multipart), GET /v1/models,
+and the short-lived image URLs of ``response_format: "url"``. Requests run through the engine as
+POST /sample's do; errors come in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.engine import Job, JobStatus
+
+from ..deps import accepting, get_state, require_api_key
+from ..images import png_bytes, read_parameters
+from ..state import ServiceState
+from .caller import CompatState, caller_of, compat_state
+from .errors import OpenAIError, OpenAIRoute
+from .image_links import ImageLinks
+from .openai_schemas import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelList,
+    ModelObject,
+    form_fields,
+)
+from .openai_translate import Translated, translate
+from .runner import run
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+authed = [Depends(require_api_key)]
+MAX_UPLOAD = 16 * 2**20
+STARTED = int(time.time())
+
+
+def links(request: Request) -> ImageLinks:
+    app_state = request.app.state
+    if not hasattr(app_state, "image_links"):
+        app_state.image_links = ImageLinks()
+    return app_state.image_links  # type: ignore[no-any-return]
+
+
+def _resized(png: bytes, size: tuple[int, int]) -> bytes:
+    img: Image.Image = Image.open(io.BytesIO(png))
+    img.load()
+    if img.size == size:
+        return png
+    params = read_parameters(png)
+    params |= {"width": size[0], "height": size[1]}
+    return png_bytes(img.resize(size, Image.Resampling.LANCZOS), params)
+
+
+def _pngs(t: Translated, jobs: list[Job]) -> list[bytes]:
+    out = []
+    for job in jobs:
+        if job.status == JobStatus.cancelled:
+            raise OpenAIError(409, "the request was cancelled", None, "cancelled")
+        out += [_resized(p, t.size) for p in job.result["pngs"]]
+    return out
+
+
+async def _respond(
+    request: Request, req: ImageGenerationRequest, t: Translated, state: ServiceState, compat: CompatState
+) -> ImagesResponse:
+    jobs = await run(state, compat, caller_of(request), request, [t.body])
+    pngs = await asyncio.to_thread(_pngs, t, jobs)
+    data = []
+    store = links(request)
+    for png in pngs:
+        item = ImageData()
+        if req.response_format in (None, "b64_json"):
+            item.b64_json = base64.b64encode(png).decode()
+        if req.response_format in (None, "url"):
+            item.url = str(request.url_for("openai_image_file", token=store.put(png)))
+        data.append(item)
+    return ImagesResponse(
+        created=int(time.time()), data=data, size=f"{t.size[0]}x{t.size[1]}", quality=req.quality
+    )
+
+
+def _default(state: ServiceState) -> str:
+    return state.default_model or next(iter(state.models))
+
+
+@router.post(
+    "/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    dependencies=authed,
+)
+async def generations(
+    req: ImageGenerationRequest,
+    request: Request,
+    state: ServiceState = Depends(accepting),
+    compat: CompatState = Depends(compat_state),
+) -> ImagesResponse:
+    """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
+    t = translate(req, state.models, _default(state), state.settings.max_steps)
+    return await _respond(request, req, t, state, compat)
+
+
+async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | None:
+    for name in names:
+        value = form.get(name)
+        if isinstance(value, UploadFile):
+            data = await value.read(MAX_UPLOAD + 1)
+            if len(data) > MAX_UPLOAD:
+                raise OpenAIError(400, f"{name}: larger than {MAX_UPLOAD} bytes", name, "image_too_large")
+            return data
+    if required:
+        raise OpenAIError(
+            400, f"'{names[0]}' is required (a multipart file)", names[0], "missing_required_parameter"
+        )
+    return None
+
+
+@router.post(
+    "/images/edits", response_model=ImagesResponse, response_model_exclude_none=True, dependencies=authed
+)
+async def edits(
+    request: Request,
+    state: ServiceState = Depends(accepting),
+    compat: CompatState = Depends(compat_state),
+) -> ImagesResponse:
+    """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
+    inpainting where the mask (or the image's alpha) is transparent."""
+    try:
+        form = await request.form()
+    except Exception as exc:  # not multipart, or python-multipart missing
+        raise OpenAIError(
+            400, f"send multipart/form-data with an image file ({exc})", "image", "invalid_request"
+        ) from exc
+    try:
+        req = ImageGenerationRequest.model_validate(form_fields(form))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from exc
+    image = await _file(form, ("image", "image[]"), True)
+    mask = await _file(form, ("mask",), False)
+    t = await asyncio.to_thread(
+        translate, req, state.models, _default(state), state.settings.max_steps, image, mask
+    )
+    return await _respond(request, req, t, state, compat)
+
+
+@router.get("/images/files/{token}.png", name="openai_image_file", response_class=Response)
+async def image_file(token: str, request: Request) -> Response:
+    """A generated image, for a while after its request (the token is the credential)."""
+    png = links(request).get(token)
+    if png is None:
+        raise OpenAIError(404, "no such image (image URLs expire after 10 minutes)", None, "not_found")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+
+@router.get("/models", response_model=ModelList, dependencies=authed)
+async def models(state: ServiceState = Depends(get_state)) -> ModelList:
+    return ModelList(data=[ModelObject(id=name, created=STARTED) for name in state.models])
+
+
+@router.get("/models/{model_id}", response_model=ModelObject, dependencies=authed)
+async def model(model_id: str, state: ServiceState = Depends(get_state)) -> ModelObject:
+    if model_id not in state.models:
+        raise OpenAIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
+    return ModelObject(id=model_id, created=STARTED)

@@ -1,0 +1,64 @@
+"""OpenAI Images API bodies (``POST /v1/images/generations``; edits are multipart, same fields).
+
+Besides OpenAI's fields, requests may carry ours (``seed``, ``negative_prompt``, ``steps``,
+``sampler``, ``schedule``, ``cfg_scale``, ``denoise``): the OpenAI SDKs send them through
+``extra_body``. Other unknown fields are ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ImageGenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    prompt: str = Field(max_length=32_000)
+    model: str | None = Field(None, max_length=128)
+    n: int = Field(1, ge=1, le=256)
+    size: str | None = Field(None, max_length=32, description='"WIDTHxHEIGHT" or "auto"')
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: str | None = Field(
+        None, max_length=16, description="low|medium|standard|auto: the model's steps; high|hd: twice"
+    )
+    style: str | None = Field(None, max_length=16, description="accepted, ignored")
+    user: str | None = Field(None, max_length=256, description="accepted, ignored")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    negative_prompt: str | None = Field(None, max_length=4000)
+    steps: int | None = Field(None, ge=1, le=10_000)
+    sampler: str | None = Field(None, max_length=64)
+    schedule: str | None = Field(None, max_length=64)
+    cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
+    denoise: float | None = Field(None, gt=0.0, le=1.0, description="edits without a mask: img2img strength")
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str | None = None
+    quality: str | None = None
+    output_format: str = "png"
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kdiffusion-service"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+def form_fields(form: Any) -> dict[str, Any]:
+    """The text fields of a multipart form (files excluded), for ImageGenerationRequest."""
+    return {k: v for k, v in form.items() if isinstance(v, str) and k not in ("image", "image[]", "mask")}

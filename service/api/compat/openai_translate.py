@@ -1,0 +1,164 @@
+"""OpenAI Images requests -> one SampleRequest.
+
+- ``model``: one of ours, or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*) = the default model;
+- ``size`` "WxH" ("auto" or none: the model's own); a fixed-size model generates at its size and
+  the images are resized (as on the A1111 routes); a class-conditional model reads the class from
+  the prompt (a digit 0-9 or its English word);
+- edits: the image is the init image; a mask (or the image's own alpha) marks with transparent
+  pixels what to repaint (OpenAI's convention; a mask without alpha: white = repaint).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from PIL import Image
+
+from service.models.store import LoadedModel
+
+from ..schemas import SampleRequest
+from .a1111_translate import class_from_prompt
+from .errors import OpenAIError
+from .openai_schemas import ImageGenerationRequest
+
+OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-[\w.-]+|chatgpt-image.*)$")
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+MAX_SIDE = 4096
+
+
+@dataclass
+class Translated:
+    model: LoadedModel
+    body: SampleRequest
+    size: tuple[int, int]  # what the client gets (width, height)
+    generated: tuple[int, int]
+    comments: list[str] = field(default_factory=list)
+
+
+def pick_model(name: str | None, models: dict[str, LoadedModel], default: str) -> LoadedModel:
+    if not name or OPENAI_MODELS.match(name):
+        return models[default]
+    if name in models:
+        return models[name]
+    raise OpenAIError(
+        404,
+        f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
+        "model",
+        "model_not_found",
+    )
+
+
+def _size(text: str | None, model: LoadedModel) -> tuple[int, int] | None:
+    if text is None or text.strip().lower() == "auto":
+        return None
+    m = _SIZE.match(text)
+    if m is None:
+        raise OpenAIError(
+            400,
+            f"Invalid size {text!r}: give 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto'",
+            "size",
+            "invalid_size",
+        )
+    w, h = int(m.group(1)), int(m.group(2))
+    limit = int(model.info.get("max_size", MAX_SIDE)) if model.conditioning == "text" else MAX_SIDE
+    if not (8 <= w <= limit and 8 <= h <= limit):
+        raise OpenAIError(
+            400, f"Invalid size {text!r}: width and height must be in [8, {limit}]", "size", "invalid_size"
+        )
+    return w, h
+
+
+def _steps(req: ImageGenerationRequest, model: LoadedModel, max_steps: int) -> int | None:
+    if req.steps is not None:
+        return req.steps
+    base = int(model.manifest.defaults.get("steps", 20))
+    quality = (req.quality or "").lower()
+    if quality in ("hd", "high"):
+        return min(max_steps, 2 * base)
+    if quality == "low":
+        return max(1, base // 2)
+    return None
+
+
+def translate(
+    req: ImageGenerationRequest,
+    models: dict[str, LoadedModel],
+    default: str,
+    max_steps: int,
+    image: bytes | None = None,
+    mask: bytes | None = None,
+) -> Translated:
+    model = pick_model(req.model, models, default)
+    asked = _size(req.size, model)
+    comments: list[str] = []
+    fields: dict[str, Any] = {
+        "model": model.name,
+        "n": req.n,
+        "seed": req.seed,
+        "sampler": req.sampler,
+        "schedule": req.schedule,
+        "steps": _steps(req, model, max_steps),
+    }
+    if model.conditioning == "text":
+        w, h = asked or model.image_size[::-1]
+        gen = (w - w % 8, h - h % 8)
+        fields |= {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "cfg_scale": req.cfg_scale}
+        fields |= {"width": gen[0], "height": gen[1]}
+    else:
+        gen = (model.image_size[1], model.image_size[0])
+        label = class_from_prompt(req.prompt) if model.conditioning == "class" else None
+        if label is not None and label < model.num_classes:
+            fields |= {"class_label": label, "cfg_scale": req.cfg_scale}
+        else:
+            comments.append("no class in the prompt: unconditional sample")
+    size = asked or gen
+    if image is not None:
+        fields |= _edit_inputs(image, mask, model, gen, req.denoise)
+    if size != gen:
+        comments.append(f"generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
+    body = SampleRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    return Translated(model, body, size, gen, comments)
+
+
+def _open(data: bytes, field_name: str) -> Image.Image:
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise OpenAIError(
+            400, f"{field_name}: not a readable image ({exc})", field_name, "invalid_image"
+        ) from exc
+    return img
+
+
+def _b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _edit_inputs(
+    image: bytes, mask: bytes | None, model: LoadedModel, gen: tuple[int, int], denoise: float | None
+) -> dict[str, Any]:
+    init = _open(image, "image")
+    repaint: Image.Image | None = None
+    source = _open(mask, "mask") if mask is not None else init
+    if source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info:
+        alpha = source.convert("RGBA").getchannel("A")
+        if cast(int, alpha.getextrema()[0]) < 255 or mask is not None:  # transparent pixels: repaint
+            repaint = alpha.point(lambda a: 255 if a == 0 else 0)
+    elif mask is not None:
+        repaint = source.convert("L")
+    out: dict[str, Any] = {"init_image": _b64(init.convert("RGB"))}
+    if repaint is not None:
+        target = init.size if model.conditioning == "text" else gen
+        out["mask"] = _b64(repaint.resize(target, Image.Resampling.BILINEAR))
+        if denoise is not None:
+            out["denoise"] = denoise
+    else:
+        out["denoise"] = denoise if denoise is not None else 0.75
+    return out

@@ -1,0 +1,226 @@
+"""Real frontend clients against a live server: the A1111 client ``webuiapi`` and the official
+``openai`` SDK, both with auth on, on the tiny class-conditional model (8x8; prompts pick the class)."""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.api.tiny_store import make_tiny_store
+
+from .server import Server
+
+webuiapi = pytest.importorskip("webuiapi")
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test"
+BASIC = ("painter", "s3cret")  # a KDIFF_API_KEYS entry "user:pass" for HTTP Basic
+SAME = {"steps": 4, "seed": 21}  # with sampler euler / schedule karras on every route
+
+
+def _basic_auth_supported() -> bool:
+    from service.api import deps
+
+    return "basic" in inspect.getsource(deps).lower()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    store = make_tiny_store(tmp_path_factory.mktemp("clients-store"))
+    srv = Server(
+        store,
+        tmp_path_factory.mktemp("log") / "server.log",
+        KDIFF_API_KEYS=",".join([KEY, f"{BASIC[0]}:{BASIC[1]}", "sk-idle", *(f"sk-c{i}" for i in range(16))]),
+        KDIFF_MAX_STEPS="10000",
+        KDIFF_MAX_BATCH_ROWS="64",
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _a1111(server: Server, key: str = KEY) -> Any:
+    api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", scheduler="Karras", steps=4)
+    api.session.headers["Authorization"] = f"Bearer {key}"
+    return api
+
+
+def _oai(server: Server) -> Any:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def _arr(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB")).astype(int)
+
+
+def _b64_arr(data: str) -> np.ndarray:
+    return _arr(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def test_webuiapi_lists_options_and_txt2img(server: Server) -> None:
+    api = _a1111(server)
+    assert "tiny" in api.util_get_model_names()
+    assert {"Euler", "Euler a", "DPM++ 2M"} <= set(api.util_get_sampler_names())
+    api.set_options({"sd_model_checkpoint": "tiny", "CLIP_stop_at_last_layers": 1})
+    assert api.get_options()["sd_model_checkpoint"] == "tiny"
+    result = api.txt2img(prompt="a 7", seed=5, batch_size=2, width=64, height=64)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "Euler"
+    assert (
+        result.images[0].info["parameters"].startswith("a 7\nSteps: 4, Sampler: Euler, Schedule type: Karras")
+    )
+    assert api.png_info(result.images[0]).info.startswith("a 7\n")
+
+
+def test_webuiapi_img2img_with_a_mask(server: Server) -> None:
+    api = _a1111(server)
+    init = Image.new("RGB", (8, 8), (200, 200, 200))
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (4, 0, 8, 8))
+    result = api.img2img(
+        images=[init],
+        mask_image=mask,
+        mask_blur=0,
+        prompt="3",
+        seed=1,
+        width=8,
+        height=8,
+        denoising_strength=0.9,
+        inpainting_fill=1,
+    )
+    out = _arr(result.image)
+    assert np.abs(out[:, :4] - 200).max() <= 3 and np.abs(out[:, 4:] - 200).max() > 3
+
+
+def test_webuiapi_interrupt_ends_only_its_own_job(server: Server) -> None:
+    api, other = _a1111(server), _a1111(server, key="sk-idle")
+    done: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: done.setdefault("r", api.txt2img(prompt="1", steps=9000, width=8, height=8))
+    )
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while api.get_progress()["state"]["sampling_step"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert api.get_progress()["state"]["job_count"] == 1
+        assert other.get_progress()["state"]["job_count"] == 0
+        other.interrupt()
+        time.sleep(0.1)
+        assert api.get_progress()["state"]["job_count"] == 1
+        api.interrupt()
+        t.join(20)
+    finally:
+        if t.is_alive():
+            api.interrupt()
+            t.join(20)
+    assert done["r"].info["interrupted"] is True
+
+
+@pytest.mark.skipif(not _basic_auth_supported(), reason="HTTP Basic credentials are not accepted by deps yet")
+def test_webuiapi_with_basic_auth(server: Server) -> None:
+    api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", username=BASIC[0], password=BASIC[1])
+    assert len(api.txt2img(prompt="2", steps=2, width=8, height=8).images) == 1
+    wrong = httpx.get(f"{server.url}/sdapi/v1/sd-models", auth=(BASIC[0], "wrong"))
+    assert wrong.status_code == 401
+
+
+def test_openai_generate_b64_and_url_and_edit(server: Server) -> None:
+    client = _oai(server)
+    r = client.images.generate(
+        model="dall-e-3", prompt="a seven", n=2, size="32x32", response_format="b64_json"
+    )
+    assert len(r.data) == 2 and Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size == (32, 32)
+    r = client.images.generate(model="tiny", prompt="a seven", size="16x16", response_format="url")
+    fetched = httpx.get(r.data[0].url)
+    assert fetched.status_code == 200 and Image.open(io.BytesIO(fetched.content)).size == (16, 16)
+    image, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 200, 200)).save(image, format="PNG")
+    m = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    m.paste((0, 0, 0, 0), (4, 0, 8, 8))
+    m.save(mask, format="PNG")
+    r = client.images.edit(
+        image=("init.png", image.getvalue(), "image/png"),
+        mask=("mask.png", mask.getvalue(), "image/png"),
+        prompt="3",
+        size="8x8",
+        response_format="b64_json",
+    )
+    out = _b64_arr(r.data[0].b64_json)
+    assert np.abs(out[:, :4] - 200).max() <= 3 and np.abs(out[:, 4:] - 200).max() > 3
+
+
+def test_openai_errors_and_auth(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        _oai(server).images.generate(prompt="7", size="enormous")
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "size"
+    nobody = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        nobody.images.generate(prompt="7")
+    assert [m.id for m in _oai(server).models.list()] == ["tiny"]
+
+
+def test_same_seed_through_all_three_apis_gives_the_same_image(server: Server) -> None:
+    a1111 = _a1111(server).txt2img(prompt="7", seed=SAME["seed"], steps=SAME["steps"], width=8, height=8)
+    oai = _oai(server).images.generate(
+        model="tiny",
+        prompt="7",
+        size="8x8",
+        response_format="b64_json",
+        extra_body={**SAME, "sampler": "euler", "schedule": "karras"},
+    )
+    body = {**SAME, "class_label": 7, "sampler": "euler", "schedule": "karras"}
+    ours = httpx.post(f"{server.url}/sample", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    a = _arr(a1111.image)
+    assert np.array_equal(a, _b64_arr(oai.data[0].b64_json)) and np.array_equal(
+        a, _b64_arr(ours["images"][0])
+    )
+
+
+def _rows(server: Server) -> tuple[float, float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    total = sum(float(v) for v in re.findall(r"^kdiff_batch_rows_sum\{[^}]*\} (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(r"^kdiff_batch_rows_count\{[^}]*\} (\S+)$", text, re.M))
+    return total, count
+
+
+def test_sixteen_a1111_clients_share_model_calls_and_see_only_their_progress(server: Server) -> None:
+    rows0, calls0 = _rows(server)
+    clients = [_a1111(server, key=f"sk-c{i}") for i in range(16)]
+    steps = [300 + 10 * i for i in range(16)]
+    results: list[Any] = [None] * 16
+
+    def call(i: int) -> None:
+        results[i] = clients[i].txt2img(prompt=str(i % 10), seed=i, steps=steps[i], width=8, height=8)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    idle, reports = _a1111(server, key="sk-idle"), 0
+    while any(t.is_alive() for t in threads):
+        for i, api in enumerate(clients):
+            state = api.get_progress()["state"]
+            assert state["job_count"] <= 1
+            if state["job_count"] and state["sampling_steps"]:
+                assert state["sampling_steps"] == steps[i]  # its own job, never another client's
+                reports += 1
+        assert idle.get_progress()["state"]["job_count"] == 0
+    for t in threads:
+        t.join(60)
+    assert all(r is not None and len(r.images) == 1 for r in results)
+    assert reports > 0
+    rows, calls = _rows(server)
+    assert (rows - rows0) / (calls - calls0) > 1.0  # rows per model call: the requests shared calls

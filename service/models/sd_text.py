@@ -199,5 +199,10 @@ def apply_weights(context: Tensor, weights: list[float]) -> Tensor:
     for z, wc in zip(context.split(CHUNK + 2, dim=1), w.split(CHUNK + 2), strict=True):
         before = z.mean()
         z = z * wc.reshape(1, -1, 1)
-        out.append(z * (before / z.mean()))
+        after = z.mean()
+        # A hidden state whose mean is ~0 (a layer norm without bias: tiny test encoders) has no
+        # mean to restore, and dividing by it would blow up; real CLIP means are far from 0.
+        if float(after.abs()) > 1e-4 * float(z.abs().mean()) and bool(torch.isfinite(before / after)):
+            z = z * (before / after)
+        out.append(z)
     return torch.cat(out, dim=1)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .stepper import Callback, Stepper, run
+from .stepper import Callback, Model, Stepper, run
 
 _HEAD = ["model", "x", "sigmas"]
 _TAIL = {"extra_args": None, "callback": None, "disable": None}
@@ -37,6 +37,23 @@ def progress(
             callback(info)
 
     return cb, bar
+
+
+def drive(
+    make: Callable[[Callback | None], Stepper],
+    model: Model,
+    extra_args: dict[str, Any] | None,
+    callback: Callback | None,
+    disable: bool | None,
+    total: int | None,
+) -> Tensor:
+    """Run the stepper ``make(callback)`` with one model call per yield and a progress bar."""
+    cb, bar = progress(callback, disable, total)
+    try:
+        return run(make(cb), model, extra_args)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _signature(stepper: Callable[..., Stepper], head: list[str]) -> inspect.Signature:
@@ -61,12 +78,15 @@ def k_sampler(stepper: Callable[..., Stepper], name: str | None = None) -> Calla
         a = dict(bound.arguments)
         model, x, sigmas = a.pop("model"), a.pop("x"), a.pop("sigmas")
         extra_args, disable = a.pop("extra_args"), a.pop("disable")
-        callback, bar = progress(a.pop("callback"), disable, len(sigmas) - 1)
-        try:
-            return run(stepper(x, sigmas, callback=callback, **a), model, extra_args)
-        finally:
-            if bar is not None:
-                bar.close()
+        callback = a.pop("callback")
+        return drive(
+            lambda cb: stepper(x, sigmas, callback=cb, **a),
+            model,
+            extra_args,
+            callback,
+            disable,
+            len(sigmas) - 1,
+        )
 
     sample.__name__ = sample.__qualname__ = f"sample_{name or stepper.__name__}"
     sample.__doc__ = stepper.__doc__

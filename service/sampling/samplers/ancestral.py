@@ -15,7 +15,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import ancestral_step, check_nonneg, gaussian, noise_at, report
+from .common import ancestral_noise, ancestral_step, check_nonneg, evaluate, gaussian, noise_at
 
 
 @sampler(
@@ -36,13 +36,11 @@ def euler_ancestral(
     s_noise: float = 1.0,
 ) -> Stepper:
     """Ancestral sampling with Euler steps (Song et al. 2021 / Crowson)."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        report(callback, x, i, sigmas, s[i], denoised)
         d = (x - denoised) / s[i]
         x = x + d * (sigma_down - s[i])
         if s[i + 1] > 0:
@@ -69,13 +67,11 @@ def dpm_2_ancestral(
     s_noise: float = 1.0,
 ) -> Stepper:
     """Ancestral sampling with DPM-Solver-2 steps."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        report(callback, x, i, sigmas, s[i], denoised)
         d = (x - denoised) / s[i]
         if sigma_down == 0:
             x = x + d * (sigma_down - s[i])
@@ -160,8 +156,7 @@ def lcm(
     noise_sampler = gaussian(x, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         x = denoised
         if s[i + 1] > 0:  # re-noise the consistency prediction to the next level
             x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * s[i + 1])
@@ -236,8 +231,7 @@ def tcd(
     log_table = table.log()
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         sigma_s = _tcd_sigma_s(s[i + 1], gamma, log_table)
         x = denoised + (x - denoised) * (sigma_s / s[i])  # DDIM step to sigma_s
         if gamma > 0 and i < len(s) - 2 and s[i + 1] > sigma_s:  # forward diffusion back up to sigma_next

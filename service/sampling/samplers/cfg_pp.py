@@ -16,7 +16,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, GuidedStepper
-from .common import ancestral_step, check_nonneg, gaussian, noise_at, report, split_guided
+from .common import ancestral_noise, ancestral_step, evaluate_guided, noise_at, split_guided
 
 
 @sampler(
@@ -28,8 +28,7 @@ def euler_cfg_pp(
     """Euler with CFG++, Chung et al. (2024), https://arxiv.org/abs/2406.08070 (A1111's "DDIM CFG++")."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         x = denoised + (x - uncond) * (s[i + 1] / s[i])
     return x
 
@@ -53,12 +52,10 @@ def euler_ancestral_cfg_pp(
     s_noise: float = 1.0,
 ) -> GuidedStepper:
     """Ancestral Euler with CFG++, Chung et al. (2024), https://arxiv.org/abs/2406.08070."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         x = denoised + (x - uncond) * (sigma_down / s[i])
         if s[i + 1] > 0 and sigma_up > 0:
@@ -74,8 +71,7 @@ def dpmpp_2m_cfg_pp(
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         ratio = s[i + 1] / s[i]
         x = denoised + (x - uncond) * ratio
         if old_denoised is not None and s[i + 1] > 0:
@@ -105,12 +101,10 @@ def dpmpp_2s_ancestral_cfg_pp(
     s_noise: float = 1.0,
 ) -> GuidedStepper:
     """Ancestral DPM-Solver++(2S) with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070)."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         if sigma_down == 0:
             x = denoised

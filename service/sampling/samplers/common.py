@@ -11,14 +11,13 @@ operations, which is where a sampler's own time goes.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
 
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
-from ..stepper import Callback, Guided
-
-INF = float("inf")
+from ..stepper import Callback, Eval, Guided
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -79,6 +78,51 @@ def check_nonneg(**values: float) -> None:
     for name, v in values.items():
         if not math.isfinite(float(v)) or float(v) < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def evaluate(
+    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None
+) -> Generator[Eval, Tensor, Tensor]:
+    """``denoised = yield from evaluate(...)``: one model evaluation at sigmas[i], reported."""
+    denoised = yield Eval(x, sigmas[i], i)
+    report(callback, x, i, sigmas, s[i], denoised)
+    return denoised
+
+
+def evaluate_guided(
+    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None
+) -> Generator[Eval, Tensor | Guided, tuple[Tensor, Tensor]]:
+    """As :func:`evaluate` for CFG++ steppers: (guided, uncond) predictions at sigmas[i]."""
+    denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
+    report(callback, x, i, sigmas, s[i], denoised)
+    return denoised, uncond
+
+
+def churned_evaluate(
+    x: Tensor,
+    sigmas: Tensor,
+    s: list[float],
+    i: int,
+    callback: Callback | None,
+    noise_sampler: NoiseSampler | None,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> Generator[Eval, Tensor, tuple[Tensor, float, Tensor]]:
+    """Churn (Karras et al. 2022), evaluate at sigma_hat: (x, sigma_hat, d = (x - denoised) / sigma_hat)."""
+    x, sigma_hat = churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
+    denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
+    report(callback, x, i, sigmas, sigma_hat, denoised)
+    return x, sigma_hat, (x - denoised) / sigma_hat
+
+
+def ancestral_noise(
+    x: Tensor, noise_sampler: NoiseSampler | None, eta: float, s_noise: float
+) -> NoiseSampler:
+    """Check eta and s_noise, and the noise sampler of an ancestral stepper (see :func:`gaussian`)."""
+    check_nonneg(eta=eta, s_noise=s_noise)
+    return gaussian(x, noise_sampler)
 
 
 def gaussian(x: Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:

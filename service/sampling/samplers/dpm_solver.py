@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from ..catalog import S_NOISE, Bounds, sampler
-from ..k_api import progress
+from ..k_api import drive
 from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Model, Stepper, run
+from ..stepper import Callback, Eval, Model, Stepper
 from ..utils import get_ancestral_step
 from .common import gaussian
 
@@ -144,15 +144,16 @@ def sample_dpm_fast(
     noise_sampler: Any = None,
 ) -> Tensor:
     """DPM-Solver-Fast (fixed step size). See https://arxiv.org/abs/2206.00927."""
-    cb, bar = progress(callback, disable, n)
-    try:
-        stepper = dpm_fast(
+    return drive(
+        lambda cb: dpm_fast(
             x, sigma_min, sigma_max, n, callback=cb, noise_sampler=noise_sampler, eta=eta, s_noise=s_noise
-        )
-        return run(stepper, model, extra_args)
-    finally:
-        if bar is not None:
-            bar.close()
+        ),
+        model,
+        extra_args,
+        callback,
+        disable,
+        n,
+    )
 
 
 @torch.no_grad()
@@ -179,30 +180,25 @@ def sample_dpm_adaptive(
 ) -> Tensor | tuple[Tensor, dict[str, int]]:
     """DPM-Solver-12 and 23 (adaptive step size). See https://arxiv.org/abs/2206.00927."""
     info: dict[str, int] = {}
-    cb, bar = progress(callback, disable, None)
-    try:
-        stepper = dpm_adaptive(
-            x,
-            sigma_min,
-            sigma_max,
-            callback=cb,
-            noise_sampler=noise_sampler,
-            order=order,
-            rtol=rtol,
-            atol=atol,
-            h_init=h_init,
-            pcoeff=pcoeff,
-            icoeff=icoeff,
-            dcoeff=dcoeff,
-            accept_safety=accept_safety,
-            eta=eta,
-            s_noise=s_noise,
-            info=info,
+    options: dict[str, Any] = {
+        "order": order,
+        "rtol": rtol,
+        "atol": atol,
+        "h_init": h_init,
+        "pcoeff": pcoeff,
+        "icoeff": icoeff,
+        "dcoeff": dcoeff,
+        "accept_safety": accept_safety,
+        "eta": eta,
+        "s_noise": s_noise,
+    }
+
+    def make(cb: Callback | None) -> Stepper:
+        return dpm_adaptive(
+            x, sigma_min, sigma_max, callback=cb, noise_sampler=noise_sampler, info=info, **options
         )
-        x = run(stepper, model, extra_args)
-    finally:
-        if bar is not None:
-            bar.close()
+
+    x = drive(make, model, extra_args, callback, disable, None)
     return (x, info) if return_info else x
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import ancestral_step, brownian, check_nonneg, gaussian, noise_at, report
+from .common import ancestral_noise, ancestral_step, brownian, check_nonneg, evaluate, noise_at
 
 
 @sampler(
@@ -33,13 +33,11 @@ def dpmpp_2s_ancestral(
     s_noise: float = 1.0,
 ) -> Stepper:
     """Ancestral sampling with DPM-Solver++(2S) steps, Lu et al. (2022), https://arxiv.org/abs/2211.01095."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        report(callback, x, i, sigmas, s[i], denoised)
         if sigma_down == 0:
             x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         else:
@@ -79,8 +77,7 @@ def dpmpp_sde(
     noise_sampler = brownian(x, sigmas, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if s[i + 1] == 0:
             x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
             continue
@@ -108,8 +105,7 @@ def dpmpp_2m(
     s = sigmas.tolist()
     old_denoised = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if s[i + 1] == 0:
             x = denoised  # sigma_next / sigma = 0 and -expm1(-h) = 1
         else:
@@ -151,8 +147,7 @@ def dpmpp_2m_sde(
     old_denoised: Tensor | None = None
     h_last: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         h = None
         if s[i + 1] == 0:
             x = denoised  # the final denoising step
@@ -198,8 +193,7 @@ def dpmpp_3m_sde(
     h_1: float | None = None
     h_2: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         h = None
         if s[i + 1] == 0:
             x = denoised  # the final denoising step

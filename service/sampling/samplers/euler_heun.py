@@ -15,7 +15,7 @@ from ..catalog import CHURN, INF, S_NOISE, Bounds, sampler
 from ..noise import NoiseSampler
 from ..schedules import get_sigmas_karras
 from ..stepper import Callback, Eval, Stepper
-from .common import check_nonneg, churn, gaussian, noise_at, report
+from .common import check_nonneg, churned_evaluate, gaussian, noise_at, report
 
 
 @sampler(
@@ -40,10 +40,9 @@ def euler(
     check_nonneg(s_churn=s_churn, s_noise=s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        x, sigma_hat = churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
-        report(callback, x, i, sigmas, sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat, d = yield from churned_evaluate(
+            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+        )
         x = x + d * (s[i + 1] - sigma_hat)
     return x
 
@@ -71,10 +70,9 @@ def heun(
     check_nonneg(s_churn=s_churn, s_noise=s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        x, sigma_hat = churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
-        report(callback, x, i, sigmas, sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat, d = yield from churned_evaluate(
+            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+        )
         dt = s[i + 1] - sigma_hat
         if s[i + 1] == 0:
             x = x + d * dt
@@ -109,10 +107,9 @@ def dpm_2(
     check_nonneg(s_churn=s_churn, s_noise=s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        x, sigma_hat = churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
-        report(callback, x, i, sigmas, sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat, d = yield from churned_evaluate(
+            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+        )
         if s[i + 1] == 0:
             x = x + d * (s[i + 1] - sigma_hat)
         else:
@@ -153,10 +150,9 @@ def heunpp2(
     s = sigmas.tolist()
     s_end = s[-1]
     for i in range(len(s) - 1):
-        x, sigma_hat = churn(x, sigmas, s, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
-        denoised = yield Eval(x, sigmas.new_tensor(sigma_hat), i)
-        report(callback, x, i, sigmas, sigma_hat, denoised)
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat, d = yield from churned_evaluate(
+            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+        )
         dt = s[i + 1] - sigma_hat
         if s[i + 1] == s_end:
             x = x + d * dt

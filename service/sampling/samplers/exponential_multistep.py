@@ -18,7 +18,7 @@ from torch import Tensor
 from ..catalog import INF, S_NOISE, Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import check_nonneg, gaussian, noise_at, report
+from .common import ancestral_noise, evaluate, noise_at
 
 History = list[tuple[float, Tensor]]  # (lambda, denoised), newest last
 
@@ -96,8 +96,7 @@ def _unipc(x: Tensor, sigmas: Tensor, callback: Callback | None, order: int, var
     x_last: Tensor | None = None
     last_order = 1
     for i in range(n):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if x_last is not None:  # UniC: correct x_i with the model output at it (no extra call)
             x = _unipc_update(x_last, s[i], hist, last_order, variant, model_t=denoised)
         hist = (
@@ -181,8 +180,7 @@ def deis(
     n = len(s) - 1
     eps: list[tuple[float, Tensor]] = []  # (log sigma, eps), newest last
     for i in range(n):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         eps = (
             [*eps[-(max_order - 1) :], (math.log(s[i]), (x - denoised) / s[i])]
             if max_order > 1
@@ -248,8 +246,7 @@ def _sa_solver(
 ) -> Stepper:
     p_order = _check_order("predictor_order", predictor_order, 4)
     c_order = _check_order("corrector_order", corrector_order, 4)
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     n = len(s) - 1
     keep = max(p_order, c_order - 1, 2)
@@ -259,8 +256,7 @@ def _sa_solver(
     tau = 0.0
     last_c_order = 1
     for i in range(n):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if x_last is not None:  # SA-Corrector with the model output at the predicted point
             x = _sa_update(
                 x_last, s[i - 1], s[i], [*hist, (-math.log(s[i]), denoised)], last_c_order, tau, noise, False

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import check_nonneg, gaussian, noise_at, report
+from .common import ancestral_noise, check_nonneg, evaluate, gaussian, noise_at
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -72,8 +72,7 @@ def er_sde(
     old: list[Tensor] = []  # previous denoised, newest last
     dd1_old: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -137,13 +136,11 @@ def _seeds(
     s_noise: float,
     rs: tuple[float, ...],
 ) -> Stepper:
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     c = 1 + eta
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if s[i + 1] == 0:
             x = denoised
             continue

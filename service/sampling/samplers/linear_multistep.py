@@ -12,7 +12,7 @@ from torch import Tensor
 from ..catalog import Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import report
+from .common import evaluate, report
 
 _GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
 
@@ -91,8 +91,7 @@ def plms(
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         d = (x - denoised) / s[i]
         dt = s[i + 1] - s[i]
         if not ds and s[i + 1] > 0:
@@ -126,8 +125,7 @@ def ipndm(
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         ds = [*ds[-(max_order - 1) :], (x - denoised) / s[i]] if max_order > 1 else [(x - denoised) / s[i]]
         coeffs = AB_COEFFS[len(ds)]
         x = x + sum(c * dj for c, dj in zip(coeffs, reversed(ds), strict=True)) * (s[i + 1] - s[i])
@@ -170,8 +168,7 @@ def gradient_estimation(
     s = sigmas.tolist()
     old_d: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         d = (x - denoised) / s[i]
         d_bar = d if old_d is None else d * ge_gamma + old_d * (1 - ge_gamma)
         x = x + d_bar * (s[i + 1] - s[i])

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, GuidedStepper
-from .common import ancestral_step, check_nonneg, gaussian, noise_at, report, split_guided
+from ..stepper import Callback, GuidedStepper
+from .common import ancestral_noise, ancestral_step, evaluate_guided, noise_at
 
 
 def _res_multistep(
@@ -26,14 +26,12 @@ def _res_multistep(
     s_noise: float,
     cfg_pp: bool,
 ) -> GuidedStepper:
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
     old_sigma_down = s[0]
     for i in range(len(s) - 1):
-        denoised, uncond = split_guided((yield Eval(x, sigmas[i], i)))
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         if cfg_pp:
             x = x + (denoised - uncond)  # re-noise along the unconditional direction

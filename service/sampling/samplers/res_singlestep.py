@@ -25,7 +25,7 @@ from torch import Tensor
 from ..catalog import Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import report
+from .common import evaluate
 
 
 @sampler(
@@ -54,8 +54,7 @@ def res_2s(
         raise ValueError(f"c2 must be in (0, 1], got {c2!r}")
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield Eval(x, sigmas[i], i)
-        report(callback, x, i, sigmas, s[i], denoised)
+        denoised = yield from evaluate(x, sigmas, s, i, callback)
         if s[i + 1] == 0:
             x = denoised
             continue

@@ -93,7 +93,7 @@ def _check_descending(sigmas: Tensor, spec: SamplingSpec) -> None:
     body = sigmas[:-1] if sigmas[-1] == 0 else sigmas
     if bool((body > 0).all()) and bool((body[1:] < body[:-1]).all()):
         return
-    name = spec.schedule if isinstance(spec.schedule, str) else type(spec.schedule).__name__
+    name = spec.schedule if isinstance(spec.schedule, str) else spec.schedule.name
     given = ", ".join(f"{k}={v}" for k, v in spec.schedule_options.items())
     shown = ", ".join(f"{float(s):.4g}" for s in sigmas[:8]) + (", ..." if len(sigmas) > 8 else "")
     raise ValueError(

@@ -249,6 +249,24 @@ def _over_sigma_range(fn: Callable[..., Stepper]) -> Callable[..., Stepper]:
     return stepper
 
 
+def _with_fixed(
+    fn: Callable[..., Stepper], name: str, doc: str, fixed: Mapping[str, Any]
+) -> Callable[..., Stepper]:
+    """``fn`` with some keyword arguments fixed, as its own stepper ``name`` (signature without them)."""
+
+    @functools.wraps(fn)
+    def stepper(x: Tensor, sigmas: Tensor, **kw: Any) -> Stepper:
+        return fn(x, sigmas, **kw, **fixed)
+
+    sig = inspect.signature(fn)
+    stepper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name not in fixed]
+    )
+    stepper.__name__ = stepper.__qualname__ = name
+    stepper.__doc__ = doc
+    return stepper
+
+
 def sampler(
     *,
     order: int,
@@ -265,6 +283,8 @@ def sampler(
     sigma_range: bool = False,
     sample: Callable[..., Any] | None = None,
     name: str | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    doc: str | None = None,
 ) -> Callable[[F], F]:
     """Register the decorated stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)``.
 
@@ -280,6 +300,8 @@ def sampler(
     - ``sigma_range``: the stepper takes (x, sigma_min, sigma_max[, n]) instead of sigmas;
       ``sample``: its own k-diffusion function (else one is made from the stepper).
     - ``aliases``: A1111 / ComfyUI / diffusers spellings; ``origin``: the paper or project.
+    - ``name``, ``fixed``, ``doc``: register a variant of the decorated stepper under another name,
+      with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper).
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
@@ -288,7 +310,10 @@ def sampler(
         key = name or fn.__name__
         if key in SAMPLERS:
             raise ValueError(f"sampler {key!r} is registered twice")
-        stepper = _over_sigma_range(fn) if sigma_range else fn
+        if fixed and not doc:
+            raise TypeError(f"sampler {key}: a variant with fixed arguments needs its own doc")
+        base = _with_fixed(fn, key, doc or "", fixed) if fixed else fn
+        stepper = _over_sigma_range(base) if sigma_range else base
         if sample is None and sigma_range:
             raise TypeError(f"sampler {key}: a sigma-range stepper needs its own sample function")
         skip = ("x", "sigmas", "sigma_min", "sigma_max", "n", *PLUMBING, *internal)
@@ -302,7 +327,7 @@ def sampler(
             noise=noise,
             batch_coupled=batch_coupled,
             needs_uncond=needs_uncond,
-            bounds=option_specs(f"sampler {key}", fn, options or {}, skip),
+            bounds=option_specs(f"sampler {key}", base, options or {}, skip),
             origin=origin,
             aliases=aliases,
             nfe=nfe,

@@ -19,6 +19,17 @@ from .common import ancestral_noise, ancestral_step, check_nonneg, evaluate, gau
 
 
 @sampler(
+    name="ddpm",
+    fixed={"eta": 1.0},
+    doc="DDPM ancestral sampling, Ho et al. (2020), https://arxiv.org/abs/2006.11239 (DDIM at eta 1).",
+    order=1,
+    noise="gaussian",
+    stochastic=True,
+    options={"s_noise": S_NOISE},
+    aliases=("DDPM", "DDPMScheduler"),
+    origin="DDPM (Ho et al. 2020)",
+)
+@sampler(
     order=1,
     noise="gaussian",
     stochastic=True,
@@ -107,30 +118,6 @@ def ddim(
     return (
         yield from euler_ancestral(
             x, sigmas, callback=callback, noise_sampler=noise_sampler, eta=eta, s_noise=s_noise
-        )
-    )
-
-
-@sampler(
-    order=1,
-    noise="gaussian",
-    stochastic=True,
-    options={"s_noise": S_NOISE},
-    aliases=("DDPM", "DDPMScheduler"),
-    origin="DDPM (Ho et al. 2020)",
-)
-def ddpm(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_noise: float = 1.0,
-) -> Stepper:
-    """DDPM ancestral sampling, Ho et al. (2020), https://arxiv.org/abs/2006.11239 (DDIM at eta 1)."""
-    return (
-        yield from euler_ancestral(
-            x, sigmas, callback=callback, noise_sampler=noise_sampler, eta=1.0, s_noise=s_noise
         )
     )
 

@@ -121,6 +121,17 @@ def dpmpp_2m(
 
 
 @sampler(
+    name="dpmpp_2m_sde_heun",
+    fixed={"solver_type": "heun"},
+    doc="DPM-Solver++(2M) SDE with the Heun-type correction, Lu et al. (2022) (A1111/ComfyUI's name).",
+    order=2,
+    noise="brownian",
+    stochastic=True,
+    options=ANCESTRAL,
+    aliases=("DPM++ 2M SDE Heun",),
+    origin="DPM-Solver++ (Lu et al. 2022)",
+)
+@sampler(
     order=2,
     noise="brownian",
     stochastic=True,
@@ -218,34 +229,3 @@ def dpmpp_3m_sde(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
-
-
-@sampler(
-    order=2,
-    noise="brownian",
-    stochastic=True,
-    options=ANCESTRAL,
-    aliases=("DPM++ 2M SDE Heun",),
-    origin="DPM-Solver++ (Lu et al. 2022)",
-)
-def dpmpp_2m_sde_heun(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Stepper:
-    """DPM-Solver++(2M) SDE with the Heun-type correction, Lu et al. (2022) (A1111/ComfyUI's name)."""
-    return (
-        yield from dpmpp_2m_sde(
-            x,
-            sigmas,
-            callback=callback,
-            noise_sampler=noise_sampler,
-            eta=eta,
-            s_noise=s_noise,
-            solver_type="heun",
-        )
-    )

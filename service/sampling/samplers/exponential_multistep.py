@@ -52,6 +52,8 @@ def _check_order(name: str, value: int, hi: int) -> int:
     return int(value)
 
 
+ORDER3 = {"order": Bounds(lo=1, hi=3, integer=True)}
+
 # UniPC (Zhao et al. 2023, https://arxiv.org/abs/2302.04867), data prediction, B(h) of bh1 or bh2.
 
 
@@ -88,7 +90,35 @@ def _unipc_update(
     return x_t - corr * b_h
 
 
-def _unipc(x: Tensor, sigmas: Tensor, callback: Callback | None, order: int, variant: str) -> Stepper:
+@sampler(
+    name="uni_pc_bh2",
+    fixed={"variant": "bh2"},
+    doc="UniPC with B(h) = expm1(-h) (bh2), Zhao et al. (2023), https://arxiv.org/abs/2302.04867.",
+    order=3,
+    options=ORDER3,
+    aliases=("UniPC bh2", "UniPCMultistepScheduler"),
+    origin="UniPC (Zhao et al. 2023)",
+)
+@sampler(
+    order=3,
+    options=ORDER3,
+    internal=("variant",),
+    aliases=("UniPC", "unipc_bh1"),
+    origin="UniPC (Zhao et al. 2023)",
+)
+def uni_pc(
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    order: int = 3,
+    variant: str = "bh1",
+) -> Stepper:
+    """UniPC (bh1), Zhao et al. (2023), https://arxiv.org/abs/2302.04867: multistep predictor-corrector.
+
+    ``variant`` "bh2" is B(h) = expm1(-h) (registered as ``uni_pc_bh2``).
+    """
     order = _check_order("order", order, 3)
     s = sigmas.tolist()
     n = len(s) - 1
@@ -111,42 +141,6 @@ def _unipc(x: Tensor, sigmas: Tensor, callback: Callback | None, order: int, var
         x_last = x
         x = _unipc_update(x, s[i + 1], hist, last_order, variant)
     return x
-
-
-@sampler(
-    order=3,
-    options={"order": Bounds(lo=1, hi=3, integer=True)},
-    aliases=("UniPC", "unipc_bh1"),
-    origin="UniPC (Zhao et al. 2023)",
-)
-def uni_pc(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    order: int = 3,
-) -> Stepper:
-    """UniPC (bh1), Zhao et al. (2023), https://arxiv.org/abs/2302.04867: multistep predictor-corrector."""
-    return (yield from _unipc(x, sigmas, callback, order, "bh1"))
-
-
-@sampler(
-    order=3,
-    options={"order": Bounds(lo=1, hi=3, integer=True)},
-    aliases=("UniPC bh2", "UniPCMultistepScheduler"),
-    origin="UniPC (Zhao et al. 2023)",
-)
-def uni_pc_bh2(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    order: int = 3,
-) -> Stepper:
-    """UniPC with B(h) = expm1(-h) (bh2), Zhao et al. (2023), https://arxiv.org/abs/2302.04867."""
-    return (yield from _unipc(x, sigmas, callback, order, "bh2"))
 
 
 # DEIS (Zhang & Chen 2022, https://arxiv.org/abs/2204.13902), the log-rho AB variant of diffusers.
@@ -231,19 +225,67 @@ def _sa_update(
     return out
 
 
-def _sa_solver(
+_SA = {
+    "predictor_order": Bounds(lo=1, hi=4, integer=True),
+    "corrector_order": Bounds(lo=1, hi=4, integer=True),
+    "eta": Bounds(lo=0.0, hi=10.0),
+    "s_noise": S_NOISE,
+    # diffusers' / ComfyUI's default noise window (SD timesteps 200..800), as the samplers' defaults
+    "tau_sigma_lo": Bounds(lo=0.0, hi=INF),
+    "tau_sigma_hi": Bounds(lo=0.0, hi=INF),
+}
+
+
+def _pece_nfe(steps: int, opts: Mapping[str, Any]) -> int:
+    return 2 * steps - 1 if steps > 1 else 1
+
+
+@sampler(
+    name="sa_solver_pece",
+    fixed={"pece": True},
+    doc=(
+        "SA-Solver in PECE mode (Xue et al. 2023): a second model call at each corrected point.\n\n"
+        "Options and the default noise window (0.5716..5.112, diffusers' and ComfyUI's) as ``sa_solver``."
+    ),
+    order=3,
+    nfe_per_step=2,
+    nfe=_pece_nfe,
+    noise="gaussian",
+    stochastic=True,
+    options=_SA,
+    aliases=("SA-Solver PECE",),
+    origin="SA-Solver (Xue et al. 2023)",
+)
+@sampler(
+    order=3,
+    noise="gaussian",
+    stochastic=True,
+    options=_SA,
+    internal=("pece",),
+    aliases=("SA-Solver", "SASolverScheduler"),
+    origin="SA-Solver (Xue et al. 2023)",
+)
+def sa_solver(
     x: Tensor,
     sigmas: Tensor,
-    callback: Callback | None,
-    noise_sampler: NoiseSampler | None,
-    predictor_order: int,
-    corrector_order: int,
-    eta: float,
-    s_noise: float,
-    tau_sigma_lo: float,
-    tau_sigma_hi: float,
-    pece: bool,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    predictor_order: int = 3,
+    corrector_order: int = 4,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    tau_sigma_lo: float = 0.5716,
+    tau_sigma_hi: float = 5.112,
+    pece: bool = False,
 ) -> Stepper:
+    """SA-Solver, Xue et al. (2023), https://arxiv.org/abs/2309.05019: stochastic Adams predictor-corrector.
+
+    tau = eta while tau_sigma_lo <= sigma <= tau_sigma_hi, else 0 (eta = 0: the ODE). The default window
+    is diffusers' and ComfyUI's default (SD timesteps 200..800: sigma 0.5717..5.111, rounded outward);
+    noise at every sigma (tau_sigma_lo=0, tau_sigma_hi=inf) is unstable at few steps. ``pece``: evaluate
+    again at each corrected point (registered as ``sa_solver_pece``).
+    """
     p_order = _check_order("predictor_order", predictor_order, 4)
     c_order = _check_order("corrector_order", corrector_order, 4)
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
@@ -274,106 +316,3 @@ def _sa_solver(
         x_last = x
         x = _sa_update(x, s[i], s[i + 1], hist, order, tau, noise, True)
     return x
-
-
-_SA = {
-    "predictor_order": Bounds(lo=1, hi=4, integer=True),
-    "corrector_order": Bounds(lo=1, hi=4, integer=True),
-    "eta": Bounds(lo=0.0, hi=10.0),
-    "s_noise": S_NOISE,
-    # diffusers' / ComfyUI's default noise window (SD timesteps 200..800), as the samplers' defaults
-    "tau_sigma_lo": Bounds(lo=0.0, hi=INF),
-    "tau_sigma_hi": Bounds(lo=0.0, hi=INF),
-}
-
-
-def _pece_nfe(steps: int, opts: Mapping[str, Any]) -> int:
-    return 2 * steps - 1 if steps > 1 else 1
-
-
-@sampler(
-    order=3,
-    noise="gaussian",
-    stochastic=True,
-    options=_SA,
-    aliases=("SA-Solver", "SASolverScheduler"),
-    origin="SA-Solver (Xue et al. 2023)",
-)
-def sa_solver(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    predictor_order: int = 3,
-    corrector_order: int = 4,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    tau_sigma_lo: float = 0.5716,
-    tau_sigma_hi: float = 5.112,
-) -> Stepper:
-    """SA-Solver, Xue et al. (2023), https://arxiv.org/abs/2309.05019: stochastic Adams predictor-corrector.
-
-    tau = eta while tau_sigma_lo <= sigma <= tau_sigma_hi, else 0 (eta = 0: the ODE). The default window
-    is diffusers' and ComfyUI's default (SD timesteps 200..800: sigma 0.5717..5.111, rounded outward);
-    noise at every sigma (tau_sigma_lo=0, tau_sigma_hi=inf) is unstable at few steps.
-    """
-    return (
-        yield from _sa_solver(
-            x,
-            sigmas,
-            callback,
-            noise_sampler,
-            predictor_order,
-            corrector_order,
-            eta,
-            s_noise,
-            tau_sigma_lo,
-            tau_sigma_hi,
-            False,
-        )
-    )
-
-
-@sampler(
-    order=3,
-    nfe_per_step=2,
-    nfe=_pece_nfe,
-    noise="gaussian",
-    stochastic=True,
-    options=_SA,
-    aliases=("SA-Solver PECE",),
-    origin="SA-Solver (Xue et al. 2023)",
-)
-def sa_solver_pece(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    predictor_order: int = 3,
-    corrector_order: int = 4,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    tau_sigma_lo: float = 0.5716,
-    tau_sigma_hi: float = 5.112,
-) -> Stepper:
-    """SA-Solver in PECE mode (Xue et al. 2023): a second model call at each corrected point.
-
-    Options and the default noise window (0.5716..5.112, diffusers' and ComfyUI's) as ``sa_solver``.
-    """
-    return (
-        yield from _sa_solver(
-            x,
-            sigmas,
-            callback,
-            noise_sampler,
-            predictor_order,
-            corrector_order,
-            eta,
-            s_noise,
-            tau_sigma_lo,
-            tau_sigma_hi,
-            True,
-        )
-    )

@@ -17,15 +17,57 @@ from ..stepper import Callback, GuidedStepper
 from .common import ancestral_noise, ancestral_step, evaluate_guided, noise_at
 
 
-def _res_multistep(
+@sampler(
+    name="res_multistep_ancestral_cfg_pp",
+    fixed={"cfg_pp": True},
+    doc="Ancestral RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
+    order=2,
+    noise="gaussian",
+    stochastic=True,
+    options=ANCESTRAL,
+    needs_uncond=True,
+    origin="CFG++ (Chung et al. 2024)",
+)
+@sampler(
+    name="res_multistep_cfg_pp",
+    fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": True},
+    doc="RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
+    order=2,
+    aliases=("RES multistep CFG++",),
+    needs_uncond=True,
+    origin="CFG++ (Chung et al. 2024)",
+)
+@sampler(
+    name="res_multistep",
+    fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": False},
+    doc="RES multistep, Zhang et al. (2023), https://arxiv.org/abs/2308.02157: 2nd-order exponential.",
+    order=2,
+    aliases=("RES multistep",),
+    origin="RES (Zhang et al. 2023)",
+)
+@sampler(
+    order=2,
+    noise="gaussian",
+    stochastic=True,
+    options=ANCESTRAL,
+    internal=("cfg_pp",),
+    origin="RES (Zhang et al. 2023)",
+)
+def res_multistep_ancestral(
     x: Tensor,
     sigmas: Tensor,
-    callback: Callback | None,
-    noise_sampler: NoiseSampler | None,
-    eta: float,
-    s_noise: float,
-    cfg_pp: bool,
+    *,
+    callback: Callback | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    cfg_pp: bool = False,
 ) -> GuidedStepper:
+    """RES multistep with ancestral noise (ComfyUI), after Zhang et al. (2023), https://arxiv.org/abs/2308.02157.
+
+    ``cfg_pp``: re-noise along the unconditional prediction (CFG++; registered as the ``*_cfg_pp``
+    samplers, which the driver sends :class:`~service.sampling.stepper.Guided`).
+    """
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
@@ -51,54 +93,3 @@ def _res_multistep(
             x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
         old_denoised, old_sigma_down = denoised, sigma_down
     return x
-
-
-@sampler(order=2, aliases=("RES multistep",), origin="RES (Zhang et al. 2023)")
-def res_multistep(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> GuidedStepper:
-    """RES multistep, Zhang et al. (2023), https://arxiv.org/abs/2308.02157: 2nd-order exponential."""
-    return (yield from _res_multistep(x, sigmas, callback, noise_sampler, 0.0, 1.0, False))
-
-
-@sampler(order=2, noise="gaussian", stochastic=True, options=ANCESTRAL, origin="RES (Zhang et al. 2023)")
-def res_multistep_ancestral(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> GuidedStepper:
-    """RES multistep with ancestral noise (ComfyUI), after Zhang et al. (2023), https://arxiv.org/abs/2308.02157."""
-    return (yield from _res_multistep(x, sigmas, callback, noise_sampler, eta, s_noise, False))
-
-
-@sampler(order=2, aliases=("RES multistep CFG++",), needs_uncond=True, origin="CFG++ (Chung et al. 2024)")
-def res_multistep_cfg_pp(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> GuidedStepper:
-    """RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070)."""
-    return (yield from _res_multistep(x, sigmas, callback, noise_sampler, 0.0, 1.0, True))
-
-
-@sampler(
-    order=2,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
-    needs_uncond=True,
-    origin="CFG++ (Chung et al. 2024)",
-)
-def res_multistep_ancestral_cfg_pp(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> GuidedStepper:
-    """Ancestral RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070)."""
-    return (yield from _res_multistep(x, sigmas, callback, noise_sampler, eta, s_noise, True))

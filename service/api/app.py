@@ -17,6 +17,7 @@ from service.engine import Metrics
 from service.models.store import ModelStore
 
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
+from .guard import GuardMiddleware
 from .routes import info, jobs, sample
 from .schemas import SampleRequest
 from .settings import Settings
@@ -70,12 +71,13 @@ MAX_ERRORS = 20
 
 
 def _echo(value: Any, limit: int = 200) -> Any:
-    """The offending input as JSON can carry it: a raw non-JSON body arrives as bytes, and a huge
-    value is cut, so the 422 itself never fails or balloons."""
+    """The offending input as strict JSON can carry it: a raw non-JSON body arrives as bytes, NaN and
+    infinities (which Python's JSON parser accepts) become their text, and a huge value is cut, so the
+    422 itself never fails or balloons."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         value = text = repr(value)
     if len(text) <= limit:
@@ -98,6 +100,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
             err.pop("input", None)
         if "ctx" in err:
             err["ctx"] = {k: str(v) for k, v in err["ctx"].items()}
+        err["loc"] = [p if isinstance(p, int) else str(p) for p in err.get("loc", ())]
         if "input" in err:
             err["input"] = _echo(err["input"])
         errors.append(err)
@@ -126,6 +129,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.include_router(sample.router)
     app.include_router(jobs.router)
+    app.include_router(info.catalogue)
     app.include_router(info.router)
     for router in COMPAT_ROUTERS:  # A1111 and OpenAI frontends (service/api/compat)
         app.include_router(router)
@@ -137,5 +141,6 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
             allow_headers=["*"],
             expose_headers=["Retry-After", "X-Job-Id", "X-Seeds"],
         )
+    app.add_middleware(GuardMiddleware, settings=settings)  # inside CORS: preflights need no key
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

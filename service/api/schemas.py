@@ -32,6 +32,7 @@ class SampleRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         protected_namespaces=(),
+        allow_inf_nan=False,  # 1e400, NaN and Infinity parse as JSON numbers: refuse them here
         json_schema_extra={"examples": [{"model": "digits", "class_label": 7, "steps": 20, "seed": 1}]},
     )
 

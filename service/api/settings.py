@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(default=300.0, gt=0, description="deadline per job (queue time counts)")
     result_ttl_s: float = Field(default=600.0, gt=0, description="how long finished job results are kept")
     max_results: int = Field(default=1000, ge=1, description="most finished jobs kept (oldest dropped first)")
+    max_result_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        description="most bytes of encoded result images kept for GET /jobs (oldest dropped first)",
+    )
     drain_timeout_s: float = Field(
         default=25.0, ge=0, description="on SIGTERM: time for running jobs to finish"
     )
@@ -51,7 +56,32 @@ class Settings(BaseSettings):
         default_factory=list, description="allowed CORS origins; empty = CORS off"
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="if set, requests need 'Authorization: Bearer <key>'"
+        default_factory=list,
+        description="if set, requests need 'Authorization: Bearer <key>' (or HTTP Basic, for an entry "
+        "'user:pass'); each key sees only its own jobs",
+    )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="keys that see and cancel every job (and use management routes)"
+    )
+    public_docs: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json without a key")
+    max_body_bytes: int = Field(
+        default=34_000_000,
+        ge=1024,
+        description="largest request body (413 beyond): two 16 MB base64 images and the rest",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="time a request body may take to arrive (408)"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="time a client may take to send its request headers (then closed)"
+    )
+    keep_alive_s: int = Field(
+        default=5, ge=1, description="idle keep-alive connections are closed after this"
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="open connections and requests at once before 503 (uvicorn limit_concurrency)",
     )
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)"
@@ -62,7 +92,7 @@ class Settings(BaseSettings):
         "the model call then runs without the GIL)",
     )
 
-    @field_validator("models", "cors_origins", "api_keys", mode="before")
+    @field_validator("models", "cors_origins", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

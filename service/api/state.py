@@ -37,7 +37,7 @@ class ServiceState:
         self.settings = settings
         self.store = store or ModelStore(settings.model_store)
         self.metrics = Metrics()
-        self.jobs = JobStore(settings.result_ttl_s, settings.max_results)
+        self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
         self.models: dict[str, LoadedModel] = {}
         self.engines: dict[str, Engine] = {}
         self.ready = False
@@ -82,8 +82,9 @@ class ServiceState:
             )
         self.ready = True
 
-    def submit(self, model: str, request: JobRequest) -> Job:
+    def submit(self, model: str, request: JobRequest, owner: str | None = None) -> Job:
         job = self.engines[model].submit(request)
+        job.owner = owner
         self.jobs.add(job)
         return job
 

@@ -25,7 +25,8 @@ ERROR_STATUS = {
 }
 
 
-async def submit(state: ServiceState, body: SampleRequest) -> Job:
+async def submit(state: ServiceState, body: SampleRequest, owner: str | None = None) -> Job:
+    """Validate ``body`` against its model and queue it as a job belonging to ``owner`` (a key id)."""
     name = body.model or state.default_model
     if name is None or name not in state.models:
         raise FieldError(
@@ -40,7 +41,7 @@ async def submit(state: ServiceState, body: SampleRequest) -> Job:
     else:
         job_req = build_job(body, model, state.settings)
     try:
-        return state.submit(name, job_req)
+        return state.submit(name, job_req, owner)
     except QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
     except Draining as exc:

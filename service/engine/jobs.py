@@ -7,7 +7,7 @@ import enum
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -57,6 +57,10 @@ class JobRequest:
     parameters: dict[str, Any] = field(default_factory=dict)  # echoed in results and PNG chunks
     latent_shape: tuple[int, ...] | None = None  # per-image shape when it varies by request (SD sizes)
 
+    def without_tensors(self) -> JobRequest:
+        """The same request minus its tensors: what a finished job keeps (its parameters and spec)."""
+        return replace(self, cond={}, uncond=None if self.uncond is None else {}, init=None, mask=None)
+
     @property
     def guided(self) -> bool:
         return self.uncond is not None and self.cfg_scale != 1.0
@@ -102,7 +106,10 @@ class Job:
         self.t_finished: float | None = None
         self.deadline = self.t_created + request.timeout_s
         self.cancel_requested = False
-        self.preview: Tensor | None = None  # latest denoised prediction (x0), set by the engine
+        self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
+        self.preview: Tensor | None = (
+            None  # first image's latest denoised prediction (a copy), set by the engine
+        )
         self.work: Any = None  # engine-private sampling state
         self._changed = asyncio.Event()
         self._done = asyncio.Event()
@@ -126,8 +133,19 @@ class Job:
             return
         self.status, self.error, self.result = status, error, result
         self.t_finished = time.monotonic()
+        # A kept result holds encoded bytes only: tensors (conditioning, init image, preview, the
+        # sampler state) would pin native or device memory for as long as the result is kept.
         self.work = None
+        self.preview = None
+        self.request = self.request.without_tensors()
         self.notify()
+
+    @property
+    def result_bytes(self) -> int:
+        """What the kept result weighs: its encoded images."""
+        if not isinstance(self.result, dict):
+            return 0
+        return sum(len(p) for p in self.result.get("pngs", ()))
 
     def timings(self) -> dict[str, float | None]:
         def span(a: float | None, b: float | None) -> float | None:
@@ -149,10 +167,11 @@ class Job:
 
 
 class JobStore:
-    """Jobs by id. Finished ones are dropped after ``ttl_s`` and beyond ``max_finished`` (oldest first)."""
+    """Jobs by id. Finished ones are dropped after ``ttl_s``, beyond ``max_finished`` and beyond
+    ``max_bytes`` of kept results (oldest first)."""
 
-    def __init__(self, ttl_s: float, max_finished: int) -> None:
-        self.ttl_s, self.max_finished = ttl_s, max_finished
+    def __init__(self, ttl_s: float, max_finished: int, max_bytes: int | None = None) -> None:
+        self.ttl_s, self.max_finished, self.max_bytes = ttl_s, max_finished, max_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
     def add(self, job: Job) -> None:
@@ -163,17 +182,29 @@ class JobStore:
         self.purge()
         return self._jobs.get(job_id)
 
+    def discard(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+
     def list(self) -> list[Job]:
         self.purge()
         return list(self._jobs.values())
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(j.result_bytes for j in self._jobs.values())
 
     def purge(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         finished = [j for j in self._jobs.values() if j.status.finished]
         finished.sort(key=lambda j: j.t_finished or 0.0)
         excess = len(finished) - self.max_finished
+        budget = self.max_bytes
+        total = sum(j.result_bytes for j in finished) if budget is not None else 0
         for i, job in enumerate(finished):
-            if i < excess or (job.t_finished is not None and now - job.t_finished > self.ttl_s):
+            expired = job.t_finished is not None and now - job.t_finished > self.ttl_s
+            over_bytes = budget is not None and total > budget
+            if i < excess or expired or over_bytes:
+                total -= job.result_bytes
                 del self._jobs[job.id]
 
     def __len__(self) -> int:

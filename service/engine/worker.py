@@ -94,7 +94,9 @@ class _Iteration:
             if job in self.failed:
                 continue
             try:
-                job.preview = work.feed(track, part)
+                preview = work.feed(track, part)
+                if preview is not None:  # a copy: a view would keep the whole batched output alive
+                    job.preview = preview[:1].clone()
             except NonFiniteError as exc:
                 self.fail(job, "non_finite", str(exc))
             except Exception as exc:

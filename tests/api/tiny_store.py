@@ -11,10 +11,17 @@ from safetensors.torch import save_file
 from service.models.unet import UNet, UNetConfig
 
 
-def make_tiny_store(root: Path, name: str = "tiny", num_classes: int = 10, seed: int = 0) -> Path:
+def make_tiny_store(
+    root: Path,
+    name: str = "tiny",
+    num_classes: int = 10,
+    seed: int = 0,
+    image_size: int = 8,
+    channels: int = 1,
+) -> Path:
     cfg = UNetConfig(
-        in_channels=1,
-        image_size=8,
+        in_channels=channels,
+        image_size=image_size,
         widths=[16, 16],
         depths=[1, 1],
         self_attn=[False, False],

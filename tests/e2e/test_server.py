@@ -90,9 +90,9 @@ def test_delete_and_disconnect_cancel(http: httpx.Client, server: Server) -> Non
     job_id = http.post("/jobs", json={"steps": LONG}).json()["id"]
     _wait_status(http, job_id, "running")
     assert http.delete(f"/jobs/{job_id}").json()["status"] == "cancelled"
-    # a synchronous client that gives up cancels its job
+    # a synchronous client that gives up cancels its job (keep=true: still listed once it has left)
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as impatient:
-        impatient.post("/sample", json={"steps": LONG, "seed": 999})
+        impatient.post("/sample?keep=true", json={"steps": LONG, "seed": 999})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         jobs = http.get("/jobs", params={"status": "cancelled"}).json()
@@ -100,6 +100,28 @@ def test_delete_and_disconnect_cancel(http: httpx.Client, server: Server) -> Non
             break
         time.sleep(0.05)
     assert len(jobs) >= 2, jobs
+
+
+def _count(metrics: str, status: str) -> float:
+    prefix = f'kdiff_http_requests_total{{method="POST",route="/sample",status="{status}"}} '
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(prefix))
+
+
+def test_a_client_that_leaves_while_queued_counts_as_499(http: httpx.Client, server: Server) -> None:
+    before = http.get("/metrics").text
+    busy = [http.post("/jobs", json={"steps": LONG, "n": 2}).json()["id"] for _ in range(2)]  # 4 rows: full
+    for job_id in busy:
+        _wait_status(http, job_id, "running")
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as impatient:
+        impatient.post("/sample", json={"steps": 2, "seed": 5})  # queued behind them, then gone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _count(http.get("/metrics").text, "499") == _count(before, "499"):
+        time.sleep(0.05)
+    after = http.get("/metrics").text
+    for job_id in busy:
+        http.delete(f"/jobs/{job_id}")
+    assert _count(after, "499") == _count(before, "499") + 1
+    assert _count(after, "409") == _count(before, "409"), "no client received a 409"
 
 
 def test_bad_input_is_422(http: httpx.Client) -> None:

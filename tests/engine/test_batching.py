@@ -88,6 +88,7 @@ def test_new_jobs_join_running_batch_and_finished_jobs_leave() -> None:
 
 def test_request_mode_late_job_waits_for_the_whole_batch() -> None:
     model = FakeDenoiser(delay_s=0.002)
+    late_req = request("euler", 5, seeds=[3])  # a finished job drops its tensors: keep the request
 
     async def go() -> tuple:
         engine = make_engine(model, mode=Mode.request)
@@ -96,7 +97,7 @@ def test_request_mode_late_job_waits_for_the_whole_batch() -> None:
         b = engine.submit(request("euler", 5, seeds=[2]))
         while a.progress.evals < 3:
             await asyncio.sleep(0.001)
-        late = engine.submit(request("euler", 5, seeds=[3]))
+        late = engine.submit(late_req)
         await asyncio.gather(a.wait_done(), b.wait_done(), late.wait_done())
         await engine.stop()
         return a, b, late
@@ -105,7 +106,7 @@ def test_request_mode_late_job_waits_for_the_whole_batch() -> None:
     assert late.t_started is not None and a.t_computed is not None
     assert late.t_started >= a.t_computed  # no joining a running batch
     assert b.t_finished is not None and b.t_finished >= a.t_computed  # results come back together
-    torch.testing.assert_close(late.result, reference(FakeDenoiser(), late.request), atol=1e-5, rtol=0)
+    torch.testing.assert_close(late.result, reference(FakeDenoiser(), late_req), atol=1e-5, rtol=0)
 
 
 def test_serial_mode_runs_one_job_per_call() -> None:

@@ -42,10 +42,12 @@ def test_request_mode_releases_finished_jobs_when_the_rest_of_the_batch_is_dropp
     deadline (not by finishing) must still release it."""
     model = FakeDenoiser(delay_s=0.002)
 
+    short_req = request("euler", 3, seeds=[1])  # a finished job drops its tensors: keep the request
+
     async def go() -> tuple:
         engine = make_engine(model, mode=Mode.request)
         engine.start()
-        short = engine.submit(request("euler", 3, seeds=[1]))
+        short = engine.submit(short_req)
         long = engine.submit(request("euler", 1000, seeds=[2], timeout_s=0.3 if end == "deadline" else 60))
         while short.t_computed is None:
             await asyncio.sleep(0.001)
@@ -59,7 +61,7 @@ def test_request_mode_releases_finished_jobs_when_the_rest_of_the_batch_is_dropp
     short, long = run(go)
     assert short.status == JobStatus.succeeded
     assert long.status == (JobStatus.cancelled if end == "cancel" else JobStatus.failed)
-    torch.testing.assert_close(short.result, reference(FakeDenoiser(), short.request), atol=1e-5, rtol=0)
+    torch.testing.assert_close(short.result, reference(FakeDenoiser(), short_req), atol=1e-5, rtol=0)
 
 
 def test_cancel_of_a_queued_job_is_immediate() -> None:
@@ -111,9 +113,9 @@ def test_failing_batched_call_is_retried_job_by_job() -> None:
     culprit = jobs[1]
     assert culprit.status == JobStatus.failed and culprit.error is not None
     assert culprit.error.code == "model_error" and "simulated CUDA error" in culprit.error.message
-    for job in (jobs[0], *jobs[2:]):
+    for job, req in zip((jobs[0], *jobs[2:]), good, strict=True):
         assert job.status == JobStatus.succeeded
-        torch.testing.assert_close(job.result, reference(FakeDenoiser(), job.request), atol=1e-5, rtol=0)
+        torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
 
 
 class SmallDevice(FakeDenoiser):
@@ -149,8 +151,8 @@ def test_out_of_memory_halves_the_rows_per_call_and_the_jobs_still_succeed() -> 
     assert rows == 4  # 16 guided + 2 rows = 18 -> 9 (still too many) -> 4, then kept
     assert [c for c in model.calls if c < 0] == [-18, -9]  # only the first iteration's call failed
     assert max(model.calls) == 4
-    for job in jobs:
-        torch.testing.assert_close(job.result, reference(FakeDenoiser(), job.request), atol=1e-5, rtol=0)
+    for job, req in zip(jobs, reqs, strict=True):
+        torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
 
 
 def test_out_of_memory_on_a_single_row_fails_only_that_job() -> None:
@@ -260,5 +262,39 @@ def test_job_store_drops_finished_jobs_after_ttl_and_over_cap() -> None:
         jobs[1].t_finished = now - 11  # past its 10 s TTL
         assert [j.id for j in store.list()] == [jobs[2].id, jobs[3].id]  # the unfinished job stays
         assert len(store) == 2
+
+    run(go)
+
+
+def test_job_store_keeps_results_within_a_byte_budget() -> None:
+    async def go() -> None:
+        store = JobStore(ttl_s=100.0, max_finished=100, max_bytes=2500)
+        jobs = [make_engine(FakeDenoiser()).submit(request()) for _ in range(4)]
+        for i, job in enumerate(jobs):
+            store.add(job)
+            job.finish(JobStatus.succeeded, result={"pngs": [b"x" * 1000]})
+            job.t_finished = time.monotonic() + i
+        # 4,000 bytes of results in a 2,500-byte budget: the two oldest go
+        assert [j.id for j in store.list()] == [jobs[2].id, jobs[3].id]
+        assert store.result_bytes == 2000
+
+    run(go)
+
+
+def test_a_finished_job_keeps_no_tensors() -> None:
+    """A kept result must not pin the conditioning, the start image or a view of a batched output."""
+
+    async def go() -> None:
+        engine = make_engine(FakeDenoiser())
+        engine.start()
+        job = engine.submit(request("euler", 5, seeds=[1, 2]))
+        await job.wait_done()
+        await engine.stop()
+        assert job.status == JobStatus.succeeded
+        assert job.preview is None and job.work is None
+        held = [v for v in vars(job.request).values() if isinstance(v, torch.Tensor)]
+        held += [t for d in (job.request.cond, job.request.uncond or {}) for t in d.values()]
+        assert held == []
+        assert job.request.spec.steps == 5  # what the result view and PNG parameters still read
 
     run(go)

@@ -15,9 +15,11 @@ from ..state import ServiceState
 from ..validation import CUSTOM
 
 router = APIRouter(tags=["info"])
+# The catalogue needs a key like the rest of the API; the probes below are open (see guard.py).
+catalogue = APIRouter(tags=["info"], dependencies=[Depends(require_api_key)])
 
 
-@router.get("/models", dependencies=[Depends(require_api_key)])
+@catalogue.get("/models")
 async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
     """Loaded models: kind, conditioning, image size, defaults."""
     out = []
@@ -44,13 +46,13 @@ async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
     return {"default": state.default_model, "models": out}
 
 
-@router.get("/samplers")
+@catalogue.get("/samplers")
 async def samplers() -> dict[str, Any]:
     """Every sampler with its options: default, type and bounds (or choices)."""
     return {"samplers": [info.describe() for info in registry.SAMPLERS.values()]}
 
 
-@router.get("/schedules")
+@catalogue.get("/schedules")
 async def schedules() -> dict[str, Any]:
     """Every sigma schedule with its options: default, type and bounds."""
     custom = {

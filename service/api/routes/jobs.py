@@ -10,20 +10,25 @@ from fastapi.responses import StreamingResponse
 from service.engine import Job, JobStatus
 
 from ..deps import accepting, get_job, get_state, require_api_key
+from ..guard import Caller
 from ..schemas import JobCreated, JobView, SampleRequest
 from ..sse import job_events
 from ..state import ServiceState
 from ..views import job_view, submit
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=202, response_model=JobCreated)
 async def create_job(
-    body: SampleRequest, response: Response, state: ServiceState = Depends(accepting)
+    body: SampleRequest,
+    response: Response,
+    state: ServiceState = Depends(accepting),
+    caller: Caller = Depends(require_api_key),
 ) -> JobCreated:
-    """Queue a request; follow it with GET /jobs/{id} or its SSE stream."""
-    job = await submit(state, body)
+    """Queue a request; follow it with GET /jobs/{id} or its SSE stream. The job belongs to the
+    caller's key: other keys get 404 for it."""
+    job = await submit(state, body, caller.key_id)
     url = f"/jobs/{job.id}"
     response.headers["Location"] = url
     return JobCreated(
@@ -36,9 +41,15 @@ async def list_jobs(
     status: JobStatus | None = Query(None, description="only jobs with this status"),
     limit: int = Query(100, ge=1, le=1000),
     state: ServiceState = Depends(get_state),
+    caller: Caller = Depends(require_api_key),
 ) -> list[JobView]:
-    """Recent jobs, newest first (results omitted: GET /jobs/{id} has them)."""
-    jobs = [j for j in reversed(state.jobs.list()) if status is None or j.status == status]
+    """The caller's recent jobs (every job for an admin key), newest first (results omitted: GET
+    /jobs/{id} has them)."""
+    jobs = [
+        j
+        for j in reversed(state.jobs.list())
+        if (status is None or j.status == status) and caller.owns(j.owner)
+    ]
     return [job_view(state, j, with_result=False) for j in jobs[:limit]]
 
 
@@ -85,7 +96,8 @@ async def events(
 ) -> StreamingResponse:
     """Server-Sent Events: `queued` (position), `progress` (step, total, fraction, eta_s[, preview]),
     then one of `done` (the result), `error` or `cancelled`."""
-    decodes = state.models[job.model].decode is None if job.model in state.models else False
-    stream = job_events(state, job, preview and decodes)
+    # previews are PNGs of the model's own output: latent models (a decode step) have none
+    pixel_space = state.models[job.model].decode is None if job.model in state.models else False
+    stream = job_events(state, job, preview and pixel_space)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

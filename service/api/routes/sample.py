@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from service.engine import Job, JobStatus
 
 from ..deps import accepting, require_api_key
+from ..guard import Caller
 from ..images import grid_png
 from ..schemas import SampleRequest, SampleResponse
 from ..state import ServiceState
 from ..views import raise_for_failure, sample_response, submit
 
-router = APIRouter(tags=["sampling"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["sampling"])
 
 
 async def _disconnected(request: Request) -> None:
@@ -34,20 +37,37 @@ async def _disconnected(request: Request) -> None:
         504: {"description": "the job missed its deadline"},
     },
 )
-async def sample(body: SampleRequest, request: Request, state: ServiceState = Depends(accepting)) -> Response:
-    """Generate images and wait for them. A client that disconnects cancels its job."""
-    job = await submit(state, body)
+async def sample(
+    body: SampleRequest,
+    request: Request,
+    keep: bool = Query(False, description="keep the result for GET /jobs/{id} (X-Job-Id) after replying"),
+    state: ServiceState = Depends(accepting),
+    caller: Caller = Depends(require_api_key),
+) -> Response:
+    """Generate images and wait for them. A client that disconnects cancels its job. The result is
+    not kept once it is delivered, unless ``keep=true``."""
+    job = await submit(state, body, caller.key_id)
+    try:
+        return await _wait_and_reply(job, request, state)
+    finally:
+        if not keep:
+            state.jobs.discard(job)
+
+
+async def _wait_and_reply(job: Job, request: Request, state: ServiceState) -> Response:
     done = asyncio.ensure_future(job.wait_done())
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        client_gone = gone.done()
     finally:
         gone.cancel()
         if not done.done():
             done.cancel()
             state.cancel(job)
-    if not job.status.finished:
-        return Response(status_code=499)  # client closed the request; nobody reads this
+    if client_gone and job.status != JobStatus.succeeded:
+        # client closed the request (queued or running: its job is cancelled); nobody reads this
+        return Response(status_code=499)
     raise_for_failure(job)
     if "image/png" in request.headers.get("accept", ""):
         result = job.result

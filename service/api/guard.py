@@ -1,0 +1,159 @@
+"""The gate in front of every route: who is calling (API key) and how much body they may send.
+
+It runs before the body is read, so a client without a valid key, or with a body over the limit,
+costs the service a header parse, not a buffered body. Pure ASGI: streaming responses pass as-is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .settings import Settings
+
+# Open without a key: probes for orchestrators, and (KDIFF_PUBLIC_DOCS, on by default) the API docs.
+# Everything else, the catalogue routes included, needs a key when keys are set.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request. ``key_id`` is a digest of the key (never the key itself); None when the
+    service runs without keys. Admins see every job."""
+
+    key_id: str | None
+    admin: bool
+
+    def owns(self, owner: str | None) -> bool:
+        return self.admin or owner == self.key_id
+
+
+ANONYMOUS = Caller(None, admin=True)  # no keys configured: one trust domain
+
+
+def key_id(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+def _credentials(headers: dict[bytes, bytes]) -> str | None:
+    """The secret a request presents: a Bearer token, or HTTP Basic ``user:pass`` (A1111 clients)."""
+    raw = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, value = raw.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def authenticate(settings: Settings, headers: dict[bytes, bytes]) -> Caller | None:
+    """The caller, or None when keys are set and the request brings none that matches."""
+    keys = [k.get_secret_value() for k in settings.api_keys]
+    admins = [k.get_secret_value() for k in settings.admin_keys]
+    if not keys and not admins:
+        return ANONYMOUS
+    given = _credentials(headers)
+    if given is None:
+        return None
+    found: Caller | None = None
+    # compare against every key (no early exit) so the time taken does not tell which key matched
+    for secret, admin in [*((k, False) for k in keys), *((k, True) for k in admins)]:
+        if hmac.compare_digest(given.encode(), secret.encode()):
+            found = Caller(key_id(secret), admin=admin or (found is not None and found.admin))
+    return found
+
+
+def is_open(settings: Settings, path: str) -> bool:
+    return path in PROBES or (settings.public_docs and path in DOCS)
+
+
+async def _send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Authenticates every request before its body is read and bounds the body it may send.
+
+    - keys set, path not open, no valid key -> 401 (the body is never read);
+    - ``Content-Length`` over ``max_body_bytes`` -> 413 at once; a chunked body that grows past it
+      -> 413 as soon as it does; a body that takes longer than ``body_timeout_s`` to arrive -> 408.
+    The caller is left in ``scope["state"]["caller"]`` for the routes.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        s = self.settings
+        headers = dict(scope["headers"])
+        caller = authenticate(s, headers)
+        if caller is None and not is_open(s, scope["path"]):
+            await _send_error(
+                send,
+                401,
+                "a valid API key is required (Authorization: Bearer <key>, or Basic user:pass)",
+                # close: a refused client's body is not drained to keep its connection alive
+                {"WWW-Authenticate": 'Bearer, Basic realm="kdiffusion-service"', "Connection": "close"},
+            )
+            return
+        scope.setdefault("state", {})["caller"] = caller
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
+            await _send_error(send, 413, _too_large(s.max_body_bytes), {"Connection": "close"})
+            return
+        await self.app(scope, _BoundedReceive(receive, s.max_body_bytes, s.body_timeout_s), send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than the service's limit of {limit} bytes (KDIFF_MAX_BODY_BYTES)"
+
+
+class _BoundedReceive:
+    """``receive`` that raises 413 past ``limit`` body bytes and 408 when the whole body takes longer
+    than ``timeout_s`` (FastAPI passes HTTPExceptions raised while reading the body through)."""
+
+    def __init__(self, receive: Receive, limit: int, timeout_s: float) -> None:
+        self.receive, self.limit, self.timeout_s = receive, limit, timeout_s
+        self.seen = 0
+        self.deadline: float | None = None
+        self.done = False
+
+    async def __call__(self) -> Message:
+        if self.done:
+            return await self.receive()  # body complete: the next message is the disconnect, untimed
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+        try:
+            message = await asyncio.wait_for(self.receive(), max(0.0, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise HTTPException(
+                408,
+                f"the request body did not arrive within {self.timeout_s:g} s (KDIFF_BODY_TIMEOUT_S)",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] == "http.request":
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                raise HTTPException(413, _too_large(self.limit), headers={"Connection": "close"})
+            self.done = not message.get("more_body", False)
+        return message

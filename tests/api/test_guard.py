@@ -1,0 +1,62 @@
+"""The gate before the routes: keys (Bearer and Basic), which routes are open, body limits."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+
+def _basic(user_pass: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()}
+
+
+def test_basic_credentials_match_user_pass_entries(make_client: Callable[..., TestClient]) -> None:
+    with make_client(api_keys="alice:wonder,plain-key") as c:
+        assert c.post("/sample", json={"steps": 1}, headers=_basic("alice:wonder")).status_code == 200
+        assert c.post("/sample", json={"steps": 1}, headers=_basic("alice:wrong")).status_code == 401
+        assert c.get("/samplers", headers={"Authorization": "Bearer plain-key"}).status_code == 200
+        assert c.get("/samplers", headers={"Authorization": "Basic %%%"}).status_code == 401
+
+
+def test_docs_can_be_closed_and_probes_stay_open(make_client: Callable[..., TestClient]) -> None:
+    with make_client(api_keys="k", public_docs=False) as c:
+        for path in ("/docs", "/redoc", "/openapi.json", "/models", "/samplers"):
+            assert c.get(path).status_code == 401, path
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert c.get(path).status_code == 200, path
+        assert c.get("/openapi.json", headers={"Authorization": "Bearer k"}).status_code == 200
+    with make_client(api_keys="k") as c:  # the default: docs open
+        assert c.get("/openapi.json").status_code == 200
+
+
+def test_admin_keys_see_every_job_and_keys_see_their_own(make_client: Callable[..., TestClient]) -> None:
+    with make_client(api_keys="a,b", admin_keys="root") as c:
+        mine = c.post("/jobs", json={"steps": 1}, headers={"Authorization": "Bearer a"}).json()["id"]
+        assert c.get(f"/jobs/{mine}", headers={"Authorization": "Bearer b"}).status_code == 404
+        assert c.get(f"/jobs/{mine}", headers={"Authorization": "Bearer a"}).status_code == 200
+        assert c.get(f"/jobs/{mine}", headers={"Authorization": "Bearer root"}).status_code == 200
+        assert [j["id"] for j in c.get("/jobs", headers={"Authorization": "Bearer b"}).json()] == []
+
+
+def test_a_body_over_the_limit_is_413_before_validation(make_client: Callable[..., TestClient]) -> None:
+    with make_client(max_body_bytes=2048) as c:
+        r = c.post("/sample", json={"prompt": "x" * 4000})
+        assert r.status_code == 413 and "KDIFF_MAX_BODY_BYTES" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: refused as the stream passes the limit
+            for _ in range(8):
+                yield b" " * 1024
+
+        r = c.post("/sample", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/sample", json={"steps": 1}).status_code == 200
+
+
+def test_a_sync_result_is_dropped_once_delivered_unless_kept(client: TestClient) -> None:
+    gone = client.post("/sample", json={"steps": 1}, headers={"Accept": "image/png"})
+    assert client.get(f"/jobs/{gone.headers['x-job-id']}").status_code == 404
+    kept = client.post("/sample?keep=true", json={"steps": 1}, headers={"Accept": "image/png"})
+    view = client.get(f"/jobs/{kept.headers['x-job-id']}").json()
+    assert view["status"] == "succeeded" and view["result"]["images"]

@@ -1,0 +1,33 @@
+"""One real server (uvicorn subprocess, tiny model, two keys and an admin key) for the suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.api.tiny_store import make_tiny_store
+from tests.e2e.server import Server
+
+from .support import start
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/reliability/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(pytest.mark.reliability)
+
+
+@pytest.fixture(scope="session")
+def reliability_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("reliability-store"))
+
+
+@pytest.fixture(scope="session")
+def server(reliability_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start(reliability_store, tmp_path_factory.mktemp("reliability-log") / "server.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()

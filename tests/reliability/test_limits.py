@@ -1,0 +1,108 @@
+"""Oversized bodies are refused before they are read (413; 401 first without a key), slow clients are
+cut off (headers, body), and none of it costs the server memory or other clients their answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+
+from tests.e2e.server import Server
+
+from .support import KEY1, raw_request, rss_mib, status_of
+
+BIG = 50 * 10**6  # 50 MB, past the 34 MB default limit
+
+
+def _post_head(length: int | None, key: str | None, chunked: bool = False) -> bytes:
+    lines = ["POST /sample HTTP/1.1", "Host: x", "Content-Type: application/json"]
+    if key is not None:
+        lines.append(f"Authorization: Bearer {key}")
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _big_body() -> bytes:
+    filler = b"A" * (BIG - 40)
+    return b'{"init_image": "' + filler + b'", "steps": 1}'
+
+
+def test_oversized_bodies_get_413_or_401_before_being_read(server: Server) -> None:
+    body = _big_body()
+    before = rss_mib(server.proc.pid)
+    results = []
+
+    def send(key: str | None, chunked: bool) -> None:
+        if chunked:  # no Content-Length: refused while streaming, once past the limit
+            chunks = b"".join(
+                b"%x\r\n" % len(part) + part + b"\r\n"
+                for part in (body[i : i + 2**20] for i in range(0, len(body), 2**20))
+            )
+            data = _post_head(None, key, chunked=True) + chunks + b"0\r\n\r\n"
+        else:
+            data = _post_head(len(body), key) + body
+        t0 = time.monotonic()
+        results.append((key, chunked, status_of(raw_request(server.port, data)), time.monotonic() - t0))
+
+    threads = [
+        threading.Thread(target=send, args=(k, c))
+        for k in (KEY1, None)
+        for c in (False, True)
+        for _ in (1, 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    grown = rss_mib(server.proc.pid) - before
+    print(f"\noversized bodies: {[(k is not None, c, s, round(dt, 2)) for k, c, s, dt in results]}")
+    print(f"server RSS {before:.0f} MiB -> +{grown:.1f} MiB")
+    assert len(results) == len(threads)
+    for key, _chunked, status, _dt in results:
+        assert status == (413 if key is not None else 401)
+    assert grown < 20, f"RSS grew {grown:.1f} MiB for refused bodies"
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+
+def test_slow_headers_are_cut_off_and_do_not_slow_others(server: Server) -> None:
+    """50 clients sending headers a byte at a time: each is closed after the 1 s header deadline."""
+    socks = []
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        socks.append(s)
+    t0 = time.monotonic()
+    r = httpx.post(
+        f"{server.url}/sample",
+        json={"class_label": 1, "steps": 2},
+        headers={"Authorization": f"Bearer {KEY1}"},
+    )
+    assert r.status_code == 200
+    closed = 0
+    for s in socks:
+        s.settimeout(3)
+        try:
+            s.sendall(b"s")  # keep dripping; the server must have closed the socket
+            closed += s.recv(1024) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            closed += 1
+        except TimeoutError:
+            pass  # still open: not cut off
+        s.close()
+    elapsed = time.monotonic() - t0
+    print(f"\n50 slow-header clients closed after {elapsed:.1f} s (header deadline 1 s)")
+    assert closed == 50
+    assert elapsed < 8
+
+
+def test_a_slow_body_gets_408(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        body = b'{"class_label": 1, "steps": 2}'
+        s.sendall(_post_head(len(body), KEY1) + body[:5])
+        t0 = time.monotonic()
+        answer = s.recv(4096)
+        waited = time.monotonic() - t0
+    assert status_of(answer) == 408, answer[:200]
+    assert 0.5 < waited < 5

@@ -1,0 +1,68 @@
+"""Steady load with the result store full: the server's memory stays flat (kept results are encoded
+bytes, bounded in count and size; nothing of a finished job pins tensors)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.api.tiny_store import make_tiny_store
+from tests.e2e.server import Server
+
+from .support import AUTH1, SOAK, crashes, rss_mib, start
+
+ROUNDS = 9 if SOAK else 3  # rounds of 1,000 requests
+KEPT = 500  # KDIFF_MAX_RESULTS: full after the first 500 kept results
+
+
+@pytest.fixture(scope="module")
+def small_store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # 3x32x32 images: a batched model output is big enough that a finished job pinning one shows
+    store = make_tiny_store(tmp_path_factory.mktemp("rss-store"), image_size=32, channels=3)
+    srv = start(store, tmp_path_factory.mktemp("rss") / "server.log", KDIFF_MAX_RESULTS=str(KEPT))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def _round(url: str, start: int, rnd: random.Random) -> None:
+    sem = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=url, headers=AUTH1, timeout=120) as c:
+
+        async def one(i: int) -> None:
+            async with sem:
+                body = {
+                    "class_label": rnd.randrange(10),
+                    "steps": rnd.choice([2, 3]),
+                    "n": rnd.choice([1, 4]),
+                }
+                if i % 2:  # half kept for GET /jobs (the store fills), half delivered and dropped
+                    r = await c.post("/sample?keep=true", json={**body, "seed": i})
+                else:
+                    r = await c.post("/sample", json={**body, "seed": i}, headers={"Accept": "image/png"})
+                assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(one(start + i) for i in range(1000)))
+
+
+def test_rss_is_flat_once_the_result_store_is_full(small_store_server: Server) -> None:
+    srv = small_store_server
+    rnd = random.Random(1)
+    curve = []
+    for k in range(ROUNDS):
+        asyncio.run(_round(srv.url, k * 1000, rnd))
+        curve.append(rss_mib(srv.proc.pid))
+    print("\nserver RSS after each 1,000 requests (MiB): " + ", ".join(f"{v:.0f}" for v in curve))
+    jobs = httpx.get(f"{srv.url}/jobs?limit=1000", headers=AUTH1, timeout=30).json()
+    assert len(jobs) == KEPT, "the store holds its limit of finished jobs"
+    # the store is full after the first round: from then on what is kept is replaced, not added
+    assert curve[2] - curve[0] < 50, f"RSS grew {curve[2] - curve[0]:.0f} MiB from 1,000 to 3,000 requests"
+    if SOAK:  # and it levels off: the second half of a long run adds next to nothing
+        half = curve[len(curve) // 2 :]
+        assert max(half) - half[0] < 25, f"RSS still rising in the second half: {half}"
+    assert crashes(srv) == []

@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .settings import Settings
@@ -24,6 +24,9 @@ from .settings import Settings
 # Everything else, the catalogue routes included, needs a key when keys are set.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Image links handed out by /v1/images/generations: the unguessable, short-lived token in the URL is
+# the credential (as with OpenAI's own image URLs, which browsers fetch without the API key).
+CAPABILITY_PREFIXES = ("/v1/images/files/",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,12 @@ class Caller:
 
 
 ANONYMOUS = Caller(None, admin=True)  # no keys configured: one trust domain
+
+
+def owner_of(request: Request) -> str | None:
+    """The key id that owns the jobs this request creates (None without keys)."""
+    caller = request.scope.get("state", {}).get("caller")
+    return None if caller is None else caller.key_id
 
 
 def key_id(secret: str) -> str:
@@ -77,11 +86,25 @@ def authenticate(settings: Settings, headers: dict[bytes, bytes]) -> Caller | No
 
 
 def is_open(settings: Settings, path: str) -> bool:
-    return path in PROBES or (settings.public_docs and path in DOCS)
+    return path in PROBES or (settings.public_docs and path in DOCS) or path.startswith(CAPABILITY_PREFIXES)
 
 
-async def _send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": message}).encode()
+def _error_body(path: str, status: int, message: str) -> dict[str, object]:
+    """The error in the shape the route's clients parse: OpenAI's under /v1, A1111's under /sdapi,
+    FastAPI's ``detail`` elsewhere (the routes' own errors have the same shapes)."""
+    if path.startswith("/v1/"):
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
+        code = {401: "invalid_api_key", 408: "timeout", 413: "request_too_large"}.get(status)
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    if path.startswith("/sdapi/"):
+        return {"error": "HTTPException", "detail": message, "body": "", "errors": message}
+    return {"detail": message}
+
+
+async def _send_error(
+    send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    body = json.dumps(_error_body(path, status, message)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -110,6 +133,7 @@ class GuardMiddleware:
         if caller is None and not is_open(s, scope["path"]):
             await _send_error(
                 send,
+                scope["path"],
                 401,
                 "a valid API key is required (Authorization: Bearer <key>, or Basic user:pass)",
                 # close: a refused client's body is not drained to keep its connection alive
@@ -119,7 +143,7 @@ class GuardMiddleware:
         scope.setdefault("state", {})["caller"] = caller
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            await _send_error(send, 413, _too_large(s.max_body_bytes), {"Connection": "close"})
+            await _send_error(send, scope["path"], 413, _too_large(s.max_body_bytes), {"Connection": "close"})
             return
         await self.app(scope, _BoundedReceive(receive, s.max_body_bytes, s.body_timeout_s), send)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import re
 import threading
@@ -14,25 +13,18 @@ from typing import Any
 
 import httpx
 import numpy as np
+import openai
 import pytest
+import webuiapi
 from PIL import Image
 
 from tests.api.tiny_store import make_tiny_store
 
 from .server import Server
 
-webuiapi = pytest.importorskip("webuiapi")
-openai = pytest.importorskip("openai")
-
 KEY = "sk-test"
 BASIC = ("painter", "s3cret")  # a KDIFF_API_KEYS entry "user:pass" for HTTP Basic
 SAME = {"steps": 4, "seed": 21}  # with sampler euler / schedule karras on every route
-
-
-def _basic_auth_supported() -> bool:
-    from service.api import deps
-
-    return "basic" in inspect.getsource(deps).lower()
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +122,6 @@ def test_webuiapi_interrupt_ends_only_its_own_job(server: Server) -> None:
     assert done["r"].info["interrupted"] is True
 
 
-@pytest.mark.skipif(not _basic_auth_supported(), reason="HTTP Basic credentials are not accepted by deps yet")
 def test_webuiapi_with_basic_auth(server: Server) -> None:
     api = webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", username=BASIC[0], password=BASIC[1])
     assert len(api.txt2img(prompt="2", steps=2, width=8, height=8).images) == 1

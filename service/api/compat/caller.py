@@ -2,8 +2,8 @@
 
 A1111 keeps one global state (model, progress, interrupt). Here it is per caller:
 
-- the caller is the credential it sends (a hash of its Authorization header: a Bearer key or
-  HTTP Basic user:pass), else its client address;
+- the caller is its API key when keys are set (the key that owns its jobs on our own routes
+  too), else the credential it sends (a hash of its Authorization header), else its address;
 - ``/sdapi/v1/options`` (the default model, clip skip, ...) is kept per credential, or for the
   whole server when a request brings none;
 - ``/sdapi/v1/progress``, ``/interrupt`` and ``/skip`` see the caller's own jobs only: all of them
@@ -36,6 +36,9 @@ class Caller:
 
 
 def caller_of(request: Request) -> Caller:
+    keyed = request.scope.get("state", {}).get("caller")  # set by GuardMiddleware
+    if keyed is not None and keyed.key_id is not None:  # keys are on: the key is the caller
+        return Caller("key:" + keyed.key_id, True)
     auth = request.headers.get("authorization", "").strip()
     if auth:
         return Caller("auth:" + hashlib.sha256(auth.encode()).hexdigest()[:32], True)

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from service.engine import Job
 
+from ..guard import owner_of
 from ..schemas import SampleRequest
 from ..state import ServiceState
 from ..views import raise_for_failure, submit
@@ -38,7 +39,7 @@ async def run(
     jobs: list[Job] = []
     try:
         for body in bodies:
-            jobs.append(await submit(state, body))
+            jobs.append(await submit(state, body, owner_of(request)))
     except BaseException:
         for job in jobs:
             state.cancel(job)

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine import Metrics
 from service.models.store import ModelStore
 
+from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .guard import GuardMiddleware
 from .routes import info, jobs, sample
@@ -123,7 +124,14 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
         finally:
             await state.shutdown()
 
-    app = FastAPI(title="kdiffusion-service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="kdiffusion-service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served offline by the playground (no CDN)
+        redoc_url=None,
+    )
     app.state.service = state
     app.add_exception_handler(FieldError, _on_field_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -131,6 +139,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.include_router(jobs.router)
     app.include_router(info.catalogue)
     app.include_router(info.router)
+    playground.install(app)  # the web page at /, and /docs + /redoc with local assets
     for router in COMPAT_ROUTERS:  # A1111 and OpenAI frontends (service/api/compat)
         app.include_router(router)
     if settings.cors_origins:

@@ -27,6 +27,9 @@ DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 # Image links handed out by /v1/images/generations: the unguessable, short-lived token in the URL is
 # the credential (as with OpenAI's own image URLs, which browsers fetch without the API key).
 CAPABILITY_PREFIXES = ("/v1/images/files/",)
+# The web playground (service/api/playground): the page and its static assets hold no data and ask
+# for the key themselves, so they load without one.
+PAGE, PAGE_PREFIX = "/", "/playground/"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,13 @@ def authenticate(settings: Settings, headers: dict[bytes, bytes]) -> Caller | No
 
 
 def is_open(settings: Settings, path: str) -> bool:
-    return path in PROBES or (settings.public_docs and path in DOCS) or path.startswith(CAPABILITY_PREFIXES)
+    return (
+        path in PROBES
+        or (settings.public_docs and path in DOCS)
+        or path.startswith(CAPABILITY_PREFIXES)
+        or path == PAGE
+        or path.startswith(PAGE_PREFIX)
+    )
 
 
 def _error_body(path: str, status: int, message: str) -> dict[str, object]:

@@ -1,0 +1,130 @@
+// The playground: form from the catalogue, a job with live progress, results, errors.
+import { apiKey, cancelJob, runJob } from "./api.js";
+import { setupCompare } from "./compare.js";
+import { addErrorSlots, loadCatalogue, onModel, onSampler, onSchedule, readForm, restore } from "./form.js";
+import { img2imgFields, setupMask } from "./mask.js";
+import { parametersOf } from "./png.js";
+import { banner, clearErrors, figure, showError } from "./ui.js";
+
+const $ = (id) => document.getElementById(id);
+let current = null; // {id, abort} of the running job
+
+function progressText(name, d) {
+  if (name === "queued") return `Queued, position ${d.position}.`;
+  if (name === "progress") {
+    const eta = d.eta_s === null || d.eta_s === undefined ? "" : `, about ${d.eta_s.toFixed(1)} s left`;
+    return `Step ${d.step} of ${d.total}${eta}.`;
+  }
+  return "";
+}
+
+async function generate(e) {
+  e.preventDefault();
+  const form = $("gen");
+  clearErrors(form);
+  if (current) return;
+  const body = { ...readForm(), ...img2imgFields() };
+  const abort = new AbortController();
+  current = { id: null, abort };
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  $("status").textContent = "Submitting...";
+  $("progress").value = 0;
+  const t0 = performance.now();
+  try {
+    const end = await runJob(body, {
+      preview: true,
+      signal: abort.signal,
+      onJob: (id) => (current.id = id),
+      onEvent: (name, d) => {
+        if (name === "queued" || name === "progress") $("status").textContent = progressText(name, d);
+        if (name === "progress") $("progress").value = d.fraction;
+        if (d.preview) Object.assign($("preview"), { src: `data:image/png;base64,${d.preview}`, hidden: false });
+      },
+    });
+    $("preview").hidden = true;
+    if (end.status === "succeeded") {
+      const r = end.result;
+      $("progress").value = 1;
+      $("status").textContent = `Done in ${((performance.now() - t0) / 1000).toFixed(2)} s (server ${r.timings.total_s.toFixed(2)} s).`;
+      $("results").replaceChildren(...r.images.map((b64, i) => figure(b64, { ...r.parameters, seed: r.seeds[i] }, `seed ${r.seeds[i]}`)));
+    } else if (end.status === "cancelled") {
+      $("status").textContent = "Cancelled.";
+    } else {
+      $("status").textContent = "Failed.";
+      banner(`The job failed: ${end.error ? `${end.error.code}: ${end.error.message}` : "unknown error"}`);
+    }
+  } catch (err) {
+    $("status").textContent = "Not run.";
+    showError(err, form);
+  } finally {
+    current = null;
+    $("generate").disabled = false;
+    $("cancel").disabled = true;
+  }
+}
+
+async function cancel() {
+  if (!current || !current.id) return;
+  $("status").textContent = "Cancelling...";
+  try {
+    await cancelJob(current.id); // the event stream then ends with `cancelled`
+  } catch (err) {
+    showError(err, $("gen"));
+  }
+}
+
+async function loadParameters(file) {
+  try {
+    const p = await parametersOf(file);
+    if (!p) return banner(`${file.name} carries no generation parameters.`);
+    restore(p);
+    banner(`Parameters restored from ${file.name}.`, "info");
+  } catch (err) {
+    banner(`Cannot read ${file.name}: ${err.message}`);
+  }
+}
+
+async function start() {
+  const form = $("gen");
+  $("api-key").value = apiKey.get();
+  $("api-key").addEventListener("change", (e) => {
+    apiKey.set(e.target.value.trim());
+    startCatalogue();
+  });
+  addErrorSlots(form);
+  form.addEventListener("submit", generate);
+  form.addEventListener("input", (e) => {
+    const slot = e.target.name && form.querySelector(`#err-${e.target.name}`);
+    if (slot) slot.textContent = "";
+    e.target.removeAttribute("aria-invalid");
+  });
+  $("cancel").addEventListener("click", cancel);
+  $("model").addEventListener("change", onModel);
+  $("sampler").addEventListener("change", onSampler);
+  $("schedule").addEventListener("change", onSchedule);
+  $("dice").addEventListener("click", () => ($("seed").value = Math.floor(Math.random() * 2 ** 31)));
+  $("load-png").addEventListener("change", (e) => e.target.files[0] && loadParameters(e.target.files[0]));
+  document.addEventListener("dragover", (e) => e.preventDefault());
+  document.addEventListener("drop", (e) => {
+    const file = e.dataTransfer.files[0];
+    if (!file || e.target === $("init_image")) return;
+    e.preventDefault();
+    loadParameters(file);
+  });
+  setupMask();
+  setupCompare();
+  await startCatalogue();
+}
+
+async function startCatalogue() {
+  try {
+    await loadCatalogue();
+    banner("");
+    document.body.dataset.ready = "true";
+  } catch (err) {
+    showError(err, $("gen"));
+  }
+}
+
+start();

@@ -1,0 +1,105 @@
+// The sampler comparison grid (A1111's X/Y plot): samplers x values of one axis, same seed, every
+// cell submitted at once. The engine batches all of them at every step, so the grid's wall time is
+// close to its slowest cell, not the sum of the cells' times; the summary shows both.
+import { runJob } from "./api.js";
+import { readForm } from "./form.js";
+import { figure, showError } from "./ui.js";
+
+const $ = (id) => document.getElementById(id);
+const MAX = 4;
+
+function parseValues(axis, text) {
+  const parts = text.split(",").map((s) => s.trim()).filter(Boolean);
+  if (axis === "schedule") return parts;
+  return parts.map((p) => {
+    const v = Number(p);
+    if (!Number.isFinite(v) || (axis === "steps" && !Number.isInteger(v))) throw new Error(`${p} is not a valid ${axis} value`);
+    return v;
+  });
+}
+
+function cellBody(base, sampler, axis, value) {
+  const body = { ...base, sampler, n: 1, [axis]: value };
+  delete body.sampler_options; // the form's options belong to the form's sampler
+  if (axis === "schedule") delete body.schedule_options;
+  return body;
+}
+
+async function run() {
+  const err = document.querySelector('[data-for="cmp"]');
+  err.textContent = "";
+  const samplers = [...$("cmp-samplers").selectedOptions].map((o) => o.value);
+  const axis = $("cmp-axis").value;
+  let values;
+  try {
+    values = parseValues(axis, $("cmp-values").value);
+  } catch (e) {
+    err.textContent = e.message;
+    return $("cmp-values").focus();
+  }
+  if (!samplers.length || samplers.length > MAX) {
+    err.textContent = `pick 1 to ${MAX} samplers (ctrl/shift-click, or space with the keyboard)`;
+    return $("cmp-samplers").focus();
+  }
+  if (!values.length || values.length > MAX) {
+    err.textContent = `give 1 to ${MAX} values, comma separated`;
+    return $("cmp-values").focus();
+  }
+  if ($("seed").value === "") $("seed").value = Math.floor(Math.random() * 2 ** 31); // same seed everywhere
+  const base = readForm();
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  head.append(Object.assign(document.createElement("th"), { textContent: `sampler \\ ${axis}` }));
+  for (const v of values) head.append(Object.assign(document.createElement("th"), { scope: "col", textContent: v }));
+  const cells = [];
+  const tbody = table.createTBody();
+  for (const s of samplers) {
+    const row = tbody.insertRow();
+    row.append(Object.assign(document.createElement("th"), { scope: "row", textContent: s }));
+    for (const v of values) {
+      const td = row.insertCell();
+      td.textContent = "queued";
+      cells.push({ td, body: cellBody(base, s, axis, v), label: `${s}, ${axis} ${v}` });
+    }
+  }
+  $("cmp-grid").replaceChildren(table);
+  $("cmp-summary").textContent = `Running ${cells.length} cells...`;
+  $("cmp-run").disabled = true;
+  const t0 = performance.now();
+  const times = await Promise.all(cells.map((c) => runCell(c)));
+  const wall = (performance.now() - t0) / 1000;
+  const sum = times.reduce((a, b) => a + b, 0);
+  const summary = $("cmp-summary");
+  summary.dataset.wallS = wall.toFixed(3);
+  summary.dataset.sumS = sum.toFixed(3);
+  summary.textContent = `${cells.length} cells: total wall time ${wall.toFixed(2)} s; sum of the cells' times ` +
+    `${sum.toFixed(2)} s (run one after another they would take about ${(sum / wall).toFixed(1)}x as long).`;
+  $("cmp-run").disabled = false;
+}
+
+// One cell's job; resolves with its time (submission to result, as the server measured it).
+async function runCell({ td, body, label }) {
+  try {
+    const end = await runJob(body, {
+      onEvent: (name, d) => {
+        if (name === "progress") td.textContent = `step ${d.step}/${d.total}`;
+      },
+    });
+    if (end.status !== "succeeded") {
+      td.textContent = end.status + (end.error ? `: ${end.error.message}` : "");
+      return 0;
+    }
+    const r = end.result;
+    const t = r.timings.total_s;
+    td.replaceChildren(figure(r.images[0], { ...r.parameters, seed: r.seeds[0] }, `${label}: ${t.toFixed(2)} s`));
+    return t;
+  } catch (err) {
+    td.textContent = err.fields && err.fields.length ? err.fields.map((f) => f.msg).join("; ") : err.message;
+    if (!err.fields || !err.fields.length) showError(err, $("gen"));
+    return 0;
+  }
+}
+
+export function setupCompare() {
+  $("cmp-run").addEventListener("click", run);
+}

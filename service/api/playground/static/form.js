@@ -1,0 +1,140 @@
+// The generation form, built from the API's catalogue (/models, /samplers, /schedules): every
+// sampler and schedule option becomes a control with its default and bounds.
+import { call } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+export const catalogue = { models: [], samplers: [], schedules: [] };
+
+export async function loadCatalogue() {
+  const [m, sa, sc] = await Promise.all([call("GET", "models"), call("GET", "samplers"), call("GET", "schedules")]);
+  catalogue.models = m.models;
+  catalogue.samplers = sa.samplers;
+  catalogue.schedules = sc.schedules.filter((s) => s.name !== "custom"); // custom needs a sigmas list
+  fill($("model"), m.models.map((x) => x.name), m.default);
+  fill($("sampler"), catalogue.samplers.map((x) => x.name));
+  fill($("schedule"), catalogue.schedules.map((x) => x.name));
+  fill($("cmp-samplers"), catalogue.samplers.map((x) => x.name));
+  onModel();
+}
+
+function fill(select, names, selected) {
+  select.replaceChildren(...names.map((n) => new Option(n, n, false, n === selected)));
+}
+
+export const model = () => catalogue.models.find((m) => m.name === $("model").value);
+
+export function onModel() {
+  const m = model();
+  if (!m) return;
+  const d = m.defaults || {};
+  $("model-doc").textContent = `${m.description || m.kind}: ${m.width}x${m.height}, ${m.conditioning}`;
+  $("class-row").hidden = m.conditioning !== "class";
+  $("text-row").hidden = m.conditioning !== "text";
+  const labels = m.class_labels || [];
+  const picked = $("class_label").value;
+  $("class_label").replaceChildren(new Option("none (unconditional)", ""), ...labels.map((c) => new Option(c, c)));
+  $("class_label").value = labels.map(String).includes(picked) ? picked : labels.length ? "0" : "";
+  for (const [f, v] of Object.entries({ sampler: d.sampler, schedule: d.schedule, steps: d.steps, cfg_scale: d.cfg_scale })) {
+    if (v !== undefined && v !== null) $(f).value = v;
+  }
+  $("width").value = m.width;
+  $("height").value = m.height;
+  const fixed = m.kind === "unet"; // the project's UNets make one size; latent models take any multiple of 8
+  $("width").disabled = $("height").disabled = fixed;
+  onSampler();
+  onSchedule();
+}
+
+export function onSampler() {
+  const s = catalogue.samplers.find((x) => x.name === $("sampler").value);
+  $("sampler-doc").textContent = s ? s.doc : "";
+  options($("sampler-options"), s, "sampler");
+}
+
+export function onSchedule() {
+  options($("schedule-options"), catalogue.schedules.find((x) => x.name === $("schedule").value), "schedule");
+}
+
+function options(box, info, group) {
+  box.replaceChildren();
+  for (const [name, o] of Object.entries((info && info.options) || {})) {
+    const label = document.createElement("label");
+    let input;
+    if (o.choices) {
+      input = document.createElement("select");
+      input.append(...o.choices.map((c) => new Option(c, c, false, c === o.default)));
+    } else {
+      input = document.createElement("input");
+      input.type = "number";
+      if (o.minimum !== undefined) input.min = o.minimum;
+      if (o.maximum !== undefined) input.max = o.maximum;
+      input.step = o.type === "integer" ? "1" : "any";
+      input.value = o.default ?? "";
+      input.placeholder = o.default === null ? "model's" : "";
+    }
+    input.name = name;
+    input.id = `${group}-${name}`;
+    input.dataset.group = group;
+    input.dataset.default = o.default ?? "";
+    input.dataset.kind = o.choices ? (typeof o.choices[0] === "number" ? "integer" : "string") : o.type;
+    const bounds = o.choices ? o.choices.join(" | ") : o.maximum === undefined ? `>= ${o.minimum}` : `${o.minimum} to ${o.maximum}`;
+    label.append(`${name} `, input, Object.assign(document.createElement("small"), { textContent: ` ${bounds}` }));
+    box.append(label, errorSlot(name));
+  }
+}
+
+// An error slot after each control, filled from a 422's detail[].loc.
+function errorSlot(name) {
+  return Object.assign(document.createElement("span"), { className: "err", role: "alert", id: `err-${name}` });
+}
+
+export function addErrorSlots(form) {
+  for (const el of form.querySelectorAll("[name]")) {
+    if (el.type !== "hidden" && !el.dataset.group) el.closest("label").after(errorSlot(el.name));
+  }
+}
+
+const num = (id) => ($(id).value === "" ? undefined : Number($(id).value));
+
+// The request body from the form: only what the user set or what the model needs.
+export function readForm() {
+  const m = model();
+  const body = { model: m.name, sampler: $("sampler").value, schedule: $("schedule").value };
+  for (const f of ["steps", "cfg_scale", "n", "seed"]) body[f] = num(f);
+  if (m.conditioning === "class" && $("class_label").value !== "") body.class_label = Number($("class_label").value);
+  if (m.conditioning === "text") {
+    body.prompt = $("prompt").value;
+    if ($("negative_prompt").value) body.negative_prompt = $("negative_prompt").value;
+  }
+  if (!$("width").disabled) Object.assign(body, { width: num("width"), height: num("height") });
+  for (const group of ["sampler", "schedule"]) {
+    const opts = {};
+    for (const el of document.querySelectorAll(`[data-group=${group}]`)) {
+      if (el.value === "" || el.value === el.dataset.default) continue;
+      opts[el.name] = el.dataset.kind === "string" ? el.value : Number(el.value);
+    }
+    if (Object.keys(opts).length) body[`${group}_options`] = opts;
+  }
+  for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+  return body;
+}
+
+// Put a request's parameters (from a PNG's kdiff chunk) back into the form.
+export function restore(p) {
+  if (p.model && catalogue.models.some((m) => m.name === p.model)) $("model").value = p.model;
+  onModel();
+  if (p.sampler) $("sampler").value = p.sampler;
+  if (p.schedule) $("schedule").value = p.schedule;
+  onSampler();
+  onSchedule();
+  const seed = p.seed ?? (p.seeds || [])[0];
+  const label = Array.isArray(p.class_label) ? p.class_label[0] : p.class_label;
+  const fields = { steps: p.steps, cfg_scale: p.cfg_scale, seed, n: 1, class_label: label, prompt: p.prompt, negative_prompt: p.negative_prompt };
+  for (const [f, v] of Object.entries(fields)) if (v !== undefined && v !== null) $(f).value = v;
+  for (const group of ["sampler", "schedule"]) {
+    for (const [k, v] of Object.entries(p[`${group}_options`] || {})) {
+      const el = $(`${group}-${k}`);
+      if (el) el.value = v;
+    }
+  }
+}

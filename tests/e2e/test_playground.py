@@ -1,0 +1,219 @@
+"""The web playground at `/` and the offline /docs, in headless Chromium against a real server.
+
+As a person would use it: load the page, generate a digit, cancel a long job, run a 2x2 sampler
+comparison, get a field's error for a bad value, with and without an API key; no console errors.
+Screenshots and the page's measured figures (size, first load, grid wall time vs the sum of its
+cells) go to tests/artifacts/playground/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.api.tiny_store import make_tiny_store
+
+from .browser import ARGS, INSTALL, artifacts, chromium_path, confine_to_localhost
+from .server import Server
+
+try:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+except ImportError:  # a missing tool fails the test, it never skips it
+    pytest.fail(f"the browser tests need playwright; install it with: {INSTALL}", pytrace=False)
+
+LONG = 10_000  # steps of a job that is still running when the test cancels it
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("pg-store"))
+
+
+def _server(store: Path, log: Path, **env: str) -> Server:
+    srv = Server(store, log, KDIFF_MAX_STEPS=str(LONG), **env)
+    srv.wait_ready()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = _server(store, tmp_path_factory.mktemp("pg-log") / "server.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    path = chromium_path()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+class Console:
+    """Console errors and uncaught exceptions of a page; `expect_http(422)` allows the browser's own
+    "Failed to load resource ... 422" line for a response the step provokes on purpose."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        self.allowed: set[int] = set()
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+
+    def _on_console(self, msg: ConsoleMessage) -> None:
+        if msg.type != "error":
+            return
+        if any(f"status of {s} " in msg.text for s in self.allowed):
+            return
+        self.errors.append(msg.text)
+
+
+def _open(browser: Browser, url: str, **context: object) -> tuple[Page, Console]:
+    page = browser.new_context(**context).new_page()  # type: ignore[arg-type]
+    blocked = confine_to_localhost(page)
+    console = Console(page)
+    page.goto(f"{url}/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=15_000)
+    assert not blocked, blocked
+    return page, console
+
+
+def _generate_digit(page: Page, label: str = "7") -> None:
+    page.select_option("#class_label", label)
+    page.fill("#steps", "6")
+    page.fill("#seed", "1")
+    page.click("#generate")
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=20_000)
+    expect(page.locator("#status")).to_contain_text("Done")
+
+
+def test_playground(browser: Browser, server: Server) -> None:
+    out = artifacts()
+    t0 = time.perf_counter()
+    page, console = _open(browser, server.url, viewport={"width": 1280, "height": 900})
+    ready_s = time.perf_counter() - t0
+    # the form comes from the API: every sampler is listed, with its options as controls
+    n_samplers = len(page.locator("#sampler option").all())
+    assert n_samplers >= 30
+    page.select_option("#sampler", "euler_ancestral")
+    expect(page.locator("#sampler-eta")).to_have_value("1")
+    assert page.locator("#sampler-eta").get_attribute("max") == "10"
+    page.select_option("#sampler", "euler")
+
+    _generate_digit(page)
+    params = json.loads(page.locator("#results pre").first.text_content() or "{}")
+    assert params["class_label"] == 7 and params["seed"] == 1 and params["steps"] == 6
+    assert page.locator("#results a[download]").count() == 1
+    page.screenshot(path=str(out / "generate.png"), full_page=True)
+
+    # a long job: progress shows, then Cancel stops it
+    page.fill("#steps", str(LONG))
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Step", timeout=15_000)
+    expect(page.locator("#cancel")).to_be_enabled()
+    page.click("#cancel")
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=15_000)
+    expect(page.locator("#generate")).to_be_enabled()
+
+    # a bad value: the API's 422 is shown next to the field it names
+    console.allowed.add(422)
+    page.fill("#steps", "0")
+    page.click("#generate")
+    expect(page.locator("#err-steps")).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#steps")).to_have_attribute("aria-invalid", "true")
+    page.screenshot(path=str(out / "field-error.png"), full_page=True)
+    console.allowed.clear()
+    page.fill("#steps", "6")
+
+    # a 2x2 comparison grid: both samplers x two step counts, same seed, submitted at once
+    page.select_option("#cmp-samplers", ["euler", "heun"])
+    page.select_option("#cmp-axis", "steps")
+    page.fill("#cmp-values", "20, 40")
+    page.click("#cmp-run")
+    expect(page.locator("#cmp-grid td img")).to_have_count(4, timeout=30_000)
+    summary = page.locator("#cmp-summary")
+    expect(summary).to_contain_text("total wall time")
+    wall, cells = (
+        float(summary.get_attribute("data-wall-s") or 0),
+        float(summary.get_attribute("data-sum-s") or 0),
+    )
+    assert 0 < wall and 0 < cells
+    page.locator("#compare").screenshot(path=str(out / "compare.png"))
+    page.screenshot(path=str(out / "playground.png"), full_page=True)
+
+    # first load as a new visitor: bytes of the page's own files and time to a usable form
+    fresh = browser.new_context().new_page()
+    sizes: dict[str, int] = {}
+    fresh.on("response", lambda r: sizes.__setitem__(r.url, len(r.body())) if r.ok else None)
+    t0 = time.perf_counter()
+    fresh.goto(f"{server.url}/")
+    expect(fresh.locator("body")).to_have_attribute("data-ready", "true")
+    first_load_s = time.perf_counter() - t0
+    nav = fresh.evaluate("JSON.stringify(performance.getEntriesByType('navigation')[0].toJSON())")
+    page_bytes = sum(v for k, v in sizes.items() if "/playground/" in k or k.endswith("/"))
+    # phone width: nothing wider than the screen
+    fresh.set_viewport_size({"width": 390, "height": 844})
+    assert fresh.evaluate("document.documentElement.scrollWidth") <= 390
+    fresh.screenshot(path=str(out / "phone.png"), full_page=True)
+    fresh.context.close()
+
+    figures = {
+        "page_bytes": page_bytes,
+        "files": {k.removeprefix(server.url): v for k, v in sizes.items()},
+        "first_load_s": round(first_load_s, 3),
+        "load_event_ms": round(json.loads(nav)["loadEventEnd"], 1),
+        "first_visit_ready_s": round(ready_s, 3),
+        "grid_wall_s": wall,
+        "grid_sum_of_cells_s": cells,
+    }
+    (out / "figures.json").write_text(json.dumps(figures, indent=1))
+    print("\nplayground figures:", json.dumps(figures))
+    assert console.errors == [], console.errors
+    page.context.close()
+
+
+def test_docs_render_offline(browser: Browser, server: Server) -> None:
+    page = browser.new_context().new_page()
+    blocked = confine_to_localhost(page)
+    console = Console(page)
+    page.goto(f"{server.url}/docs")
+    expect(page.locator(".opblock").first).to_be_visible(timeout=15_000)
+    assert page.locator(".opblock").count() >= 10  # the operations are listed
+    expect(page.locator(".opblock-summary-path", has_text="/jobs/{job_id}/events")).to_have_count(1)
+    page.screenshot(path=str(artifacts() / "docs.png"))
+    page.goto(f"{server.url}/redoc")
+    expect(page.get_by_text("/jobs/{job_id}/events").first).to_be_attached(timeout=15_000)
+    assert blocked == [], f"the docs asked for non-local URLs: {blocked}"
+    assert console.errors == [], console.errors
+    page.context.close()
+
+
+def test_playground_with_api_key(browser: Browser, store: Path, tmp_path: Path) -> None:
+    srv = _server(store, tmp_path / "server.log", KDIFF_API_KEYS="s3cret")
+    try:
+        page = browser.new_context().new_page()
+        blocked = confine_to_localhost(page)
+        console = Console(page)
+        console.allowed.add(401)  # the catalogue, asked for before the key is typed
+        page.goto(f"{srv.url}/")
+        expect(page.locator("#banner")).to_contain_text("API key")
+        page.fill("#api-key", "s3cret")
+        page.press("#api-key", "Tab")  # the change event stores the key and reloads the catalogue
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#banner")).to_be_hidden()
+        console.allowed.clear()
+        _generate_digit(page, "3")  # the job and its event stream carry the key
+        page.reload()  # the key is kept in localStorage
+        expect(page.locator("body")).to_have_attribute("data-ready", "true")
+        expect(page.locator("#api-key")).to_have_value("s3cret")
+        page.screenshot(path=str(artifacts() / "with-key.png"), full_page=True)
+        assert blocked == [] and console.errors == [], (blocked, console.errors)
+        page.context.close()
+    finally:
+        srv.stop()

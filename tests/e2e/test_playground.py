@@ -8,6 +8,7 @@ cells) go to tests/artifacts/playground/ (git-ignored).
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -111,6 +112,27 @@ def test_playground(browser: Browser, server: Server) -> None:
     assert params["class_label"] == 7 and params["seed"] == 1 and params["steps"] == 6
     assert page.locator("#results a[download]").count() == 1
     page.screenshot(path=str(out / "generate.png"), full_page=True)
+
+    # loading one of our PNGs restores its parameters (the `kdiff` text chunk)
+    src = page.locator("#results img").first.get_attribute("src") or ""
+    png = base64.b64decode(src.split(",", 1)[1])
+    page.fill("#steps", "3")
+    page.fill("#seed", "99")
+    page.set_input_files("#load-png", {"name": "seven.png", "mimeType": "image/png", "buffer": png})
+    expect(page.locator("#banner")).to_contain_text("restored")
+    expect(page.locator("#steps")).to_have_value("6")
+    expect(page.locator("#seed")).to_have_value("1")
+
+    # img2img with a painted mask: the start image is the PNG just made, the mask covers all of it
+    page.set_input_files("#init_image", {"name": "seven.png", "mimeType": "image/png", "buffer": png})
+    expect(page.locator("#mask")).to_be_visible()
+    page.click("#mask-all")
+    page.fill("#denoise", "0.5")
+    page.click("#generate")
+    expect(page.locator("#results pre").first).to_contain_text('"inpaint": true', timeout=20_000)
+    params = json.loads(page.locator("#results pre").first.text_content() or "{}")
+    assert params["img2img"] and params["inpaint"] and params["denoise"] == 0.5, params
+    page.click("#init-clear")
 
     # a long job: progress shows, then Cancel stops it
     page.fill("#steps", str(LONG))

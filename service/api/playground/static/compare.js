@@ -72,8 +72,10 @@ async function run() {
   const summary = $("cmp-summary");
   summary.dataset.wallS = wall.toFixed(3);
   summary.dataset.sumS = sum.toFixed(3);
-  summary.textContent = `${cells.length} cells: total wall time ${wall.toFixed(2)} s; sum of the cells' times ` +
-    `${sum.toFixed(2)} s (run one after another they would take about ${(sum / wall).toFixed(1)}x as long).`;
+  summary.dataset.slowestS = Math.max(...times).toFixed(3);
+  summary.textContent = `${cells.length} cells: total wall time ${wall.toFixed(2)} s (slowest cell ` +
+    `${Math.max(...times).toFixed(2)} s); sum of the cells' times ${sum.toFixed(2)} s. The cells ran together: ` +
+    "the service batches every running job into each model call.";
   $("cmp-run").disabled = false;
 }
 

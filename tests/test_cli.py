@@ -28,8 +28,8 @@ def test_unknown_command_is_an_error_listing_the_commands(capsys: pytest.Capture
 def test_kdiff_sample_writes_a_png_with_its_parameters(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     from PIL import Image
 
-    from service.api.images import read_parameters
     from service.cli import main
+    from service.images import read_parameters
     from tests.api.tiny_store import make_tiny_store
 
     store, out = make_tiny_store(tmp_path / "store"), tmp_path / "seven.png"

@@ -116,6 +116,13 @@ class SampleRequest(BaseModel):
         default_factory=dict, max_length=32, description="further schedule options by name (GET /schedules)"
     )
     timeout_s: float | None = Field(default=None, gt=0, description="deadline in seconds (queue time counts)")
+    guidance_rescale: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="CFG rescale (Lin et al. 2023; diffusers' guidance_rescale, ComfyUI's RescaleCFG): "
+        "0 = plain CFG, 0.7 is the paper's choice; only with cfg_scale != 1",
+    )
 
 
 class Timings(BaseModel):

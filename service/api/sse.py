@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.engine import Job, JobStatus
+from service.images import preview_png
 
-from .images import preview_png
 from .state import ServiceState
 from .views import job_view, progress
 
@@ -45,8 +45,9 @@ async def job_events(state: ServiceState, job: Job, preview: bool) -> AsyncItera
             key = ("progress", p.step)
             if key != last:  # one event per completed step
                 data = {"id": job.id, **p.model_dump()}
-                if preview and job.preview is not None:
-                    data["preview"] = await asyncio.to_thread(preview_png, job.preview[0])
+                image = state.preview(job) if preview else None
+                if image is not None:
+                    data["preview"] = await asyncio.to_thread(preview_png, image[0])
                 yield frame("progress", data)
         last = key
         try:

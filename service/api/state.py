@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from service.engine import Engine, EngineConfig, Job, JobRequest, JobStore, Metrics, ModelHandle
+from service.images import encode_images
 from service.models.store import LoadedModel, ModelStore
 from service.models.traced import trace_denoiser
 from service.sampling.ksampler import sampling_dtype
 
-from .images import encode_images
 from .settings import Settings
 
 log = logging.getLogger("kdiff.service")
@@ -92,6 +92,11 @@ class ServiceState:
         engine = self.engines.get(job.model)
         if engine is not None:
             engine.cancel(job)
+
+    def preview(self, job: Job) -> Tensor | None:
+        """A running job's latest prediction of its first image (pixel models), for progress events."""
+        engine = self.engines.get(job.model)
+        return None if engine is None else engine.preview(job)
 
     def queue_position(self, job: Job) -> int | None:
         engine = self.engines.get(job.model)

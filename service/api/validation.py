@@ -3,30 +3,27 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from service.engine.jobs import JobRequest
+from service.images import ImageInputError, decode_image
 from service.models.store import LoadedModel
 from service.sampling import aliases, registry
-from service.sampling.ksampler import SamplingSpec, make_sigmas, make_steppers
+from service.sampling.driver import Driver
+from service.sampling.errors import InputError
 from service.sampling.schedules import CustomSchedule
+from service.sampling.spec import SamplingSpec, make_sigmas, sampling_dtype
 
-from .images import ImageInputError, decode_image
 from .schemas import TOP_LEVEL_OPTIONS, SampleRequest
 from .settings import Settings
 
 CUSTOM = "custom"  # the schedule name of a request that brings its own sigmas
 
 
-class FieldError(ValueError):
-    """A request field that does not fit; rendered as a 422 naming the field and the allowed values."""
-
-    def __init__(self, field: str, message: str, allowed: list[Any] | None = None) -> None:
-        super().__init__(message)
-        self.field, self.message, self.allowed = field, message, allowed
+FieldError = InputError  # the one input-error type; rendered as a 422 naming the field
 
 
 def _seeds(req: SampleRequest, n: int) -> list[int]:
@@ -248,29 +245,51 @@ def _custom(req: SampleRequest, settings: Settings) -> tuple[CustomSchedule, int
     return custom, steps
 
 
-def _dry_run(spec: SamplingSpec, model: LoadedModel, latent_shape: tuple[int, ...]) -> None:
-    """Build the schedule and start one image's sampler (no model call): options that pass their own
-    bounds can still clash (sigma_min >= sigma_max, seeds_3's r_1 < r_2, sigmas that round into
-    repeats), and the client should hear which field, now, rather than from a failed job."""
+def _start(
+    spec: SamplingSpec,
+    model: LoadedModel,
+    shape: tuple[int, ...],
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor] | None,
+    cfg: float,
+    init: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> Driver:
+    """Build the job's driver now, on the model's device: the schedule and each sampler's set-up run
+    up to its first model evaluation, so options that pass their own bounds but clash (sigma_min >=
+    sigma_max, seeds_3's r_1 < r_2, sigmas that round into repeats) are this request's 422 rather
+    than a failed job. The engine runs this same driver."""
     try:
-        sigmas = make_sigmas(spec, model.denoiser)
+        sigmas = make_sigmas(spec, model.denoiser, model.device)
+        return Driver.start(
+            spec,
+            model.denoiser,
+            shape,
+            cond=cond,
+            uncond=uncond,
+            cfg_scale=cfg,
+            init=init,
+            mask=mask,
+            device=model.device,
+            dtype=sampling_dtype(model.dtype),
+            sigmas=sigmas,
+        )
+    except InputError as exc:  # the core names the option (or steps / sigmas / schedule) at fault
+        raise FieldError(_request_field(exc.field, spec), exc.message, exc.allowed) from exc
     except ValueError as exc:
-        raise FieldError(_field(str(exc), spec.schedule_options, "schedule"), str(exc)) from exc
-    one = replace(spec, seeds=spec.seeds[:1])
-    try:
-        for _, stepper in make_steppers(one, torch.zeros(1, *latent_shape), sigmas):
-            next(stepper, None)  # runs the sampler's set-up up to its first model evaluation
-    except ValueError as exc:
-        field = _field(str(exc), spec.options, "sampler")
-        raise FieldError(field, f"sampler {spec.sampler!r}: {exc}") from exc
+        raise FieldError("sampler", f"sampler {spec.sampler!r}: {exc}") from exc
 
 
-def _field(message: str, options: dict[str, Any], kind: str) -> str:
-    """The request field an error message is about: an option it names, else steps, else the name."""
-    for key in options:
-        if key in message:
-            return key if key in TOP_LEVEL_OPTIONS else f"{kind}_options"
-    return "steps" if "steps" in message else kind
+def _request_field(name: str, spec: SamplingSpec) -> str:
+    """The request field for a name the core blamed: a top-level option, or the options dict it
+    was given in, or the field itself (steps, schedule, sigmas)."""
+    if name in TOP_LEVEL_OPTIONS:
+        return name
+    if name in spec.options:
+        return "sampler_options"
+    if name in spec.schedule_options:
+        return "schedule_options"
+    return name
 
 
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
@@ -311,10 +330,15 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
     subseeds = None if req.subseed is None else [req.subseed + i for i in range(n)]
     if strength > 0 and subseeds is None:
         raise FieldError("subseed", "subseed_strength > 0 needs a subseed")
-    spec = SamplingSpec(
-        sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise, subseeds, strength
-    )
-    _dry_run(spec, model, latent_shape or model.latent_shape)
+    # spec fields a request sets by name (SamplingSpec.request_fields), passed through as they are
+    named = {k: v for k in SamplingSpec.request_fields() if (v := getattr(req, k, None)) is not None}
+    try:
+        spec = SamplingSpec(
+            sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise, subseeds, strength, **named
+        )
+    except InputError as exc:
+        raise FieldError(exc.field, exc.message, exc.allowed) from exc
+    driver = _start(spec, model, (n, *(latent_shape or model.latent_shape)), cond, uncond, cfg, init, mask)
     params: dict[str, Any] = {
         "model": model.name,
         "sampler": sampler,
@@ -336,5 +360,6 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         "inpaint": mask is not None,
         "sampler_options": s_opts,
         "schedule_options": k_opts,
+        **named,
     }
-    return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params, latent_shape)
+    return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params, latent_shape, driver)

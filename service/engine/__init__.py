@@ -1,9 +1,10 @@
-"""The iteration-level batching engine: jobs, the scheduler loop and the model runner thread."""
+"""The iteration-level batching engine: jobs, the engine loop, its scheduler and executor."""
 
+from .engine import Engine, EngineConfig
 from .jobs import Draining, EngineError, Job, JobError, JobRequest, JobStatus, JobStore, QueueFull
 from .metrics import Metrics
 from .runner import ModelHandle, ModelRunner
-from .scheduler import Engine, EngineConfig, Mode
+from .scheduler import Mode, Scheduler
 
 __all__ = [
     "Draining",
@@ -20,4 +21,5 @@ __all__ = [
     "ModelHandle",
     "ModelRunner",
     "QueueFull",
+    "Scheduler",
 ]

@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
-from service.sampling.ksampler import SamplingSpec
+from service.sampling.driver import Driver
+from service.sampling.spec import SamplingSpec
 
 
 class JobStatus(str, enum.Enum):
@@ -56,10 +57,13 @@ class JobRequest:
     timeout_s: float = 300.0
     parameters: dict[str, Any] = field(default_factory=dict)  # echoed in results and PNG chunks
     latent_shape: tuple[int, ...] | None = None  # per-image shape when it varies by request (SD sizes)
+    driver: Driver | None = None  # built when the request was validated (else by the engine)
 
     def without_tensors(self) -> JobRequest:
         """The same request minus its tensors: what a finished job keeps (its parameters and spec)."""
-        return replace(self, cond={}, uncond=None if self.uncond is None else {}, init=None, mask=None)
+        return replace(
+            self, cond={}, uncond=None if self.uncond is None else {}, init=None, mask=None, driver=None
+        )
 
     @property
     def guided(self) -> bool:
@@ -107,10 +111,6 @@ class Job:
         self.deadline = self.t_created + request.timeout_s
         self.cancel_requested = False
         self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
-        self.preview: Tensor | None = (
-            None  # first image's latest denoised prediction (a copy), set by the engine
-        )
-        self.work: Any = None  # engine-private sampling state
         self._changed = asyncio.Event()
         self._done = asyncio.Event()
 
@@ -133,10 +133,8 @@ class Job:
             return
         self.status, self.error, self.result = status, error, result
         self.t_finished = time.monotonic()
-        # A kept result holds encoded bytes only: tensors (conditioning, init image, preview, the
-        # sampler state) would pin native or device memory for as long as the result is kept.
-        self.work = None
-        self.preview = None
+        # A kept result holds encoded bytes only: tensors (conditioning, init image, the sampler
+        # state) would pin native or device memory for as long as the result is kept.
         self.request = self.request.without_tensors()
         self.notify()
 

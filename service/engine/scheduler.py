@@ -1,33 +1,26 @@
-"""The engine: one asyncio task per model that batches the pending evaluations of all active jobs.
+"""The scheduler: the engine's batching policy, and nothing else.
 
-Each iteration packs the pending model evaluation of every active job (whatever its sampler,
-schedule, step count, seeds or guidance scale) into model calls of at most ``max_batch_rows``
-rows, runs them in the engine's worker thread, hands each job its rows and advances its
-steppers. Modes ``request`` (a batch of jobs runs start to finish together) and ``serial``
-(one job at a time) exist for comparison only.
+``admit`` decides which queued jobs start (oldest first, within the row budget); ``plan`` packs
+the pending evaluations of running jobs into model calls. Evaluations share a call when their
+tensors fit together (same latent shape, same conditioning keys and shapes), whatever the
+job's sampler, schedule, step, seeds or guidance scale. The batching modes are strategies:
+``iteration`` (the default: join and leave at every model call), and ``request`` and ``serial``,
+which exist to measure what iteration-level batching buys.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import math
-import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-from torch import Tensor
+from service.sampling.driver import Driver, Track
 
-from .jobs import Draining, Job, JobError, JobRequest, JobStatus, QueueFull
-from .metrics import Metrics
-from .runner import ModelHandle, ModelRunner
-from .work import JobWork
-from .worker import Outcome, iterate
+from .jobs import Job
 
-Finalizer = Callable[[Job, Tensor], Any]  # runs in a thread: images in [-1, 1] -> the job's result
+Item = tuple[Job, Driver, Track]
+T = TypeVar("T")
 
 
 class Mode(str, enum.Enum):
@@ -36,232 +29,62 @@ class Mode(str, enum.Enum):
     serial = "serial"  # one job at a time
 
 
-@dataclass
-class EngineConfig:
-    max_batch_rows: int = 64
-    max_queue: int = 256
-    batch_wait_ms: float = 2.0
-    mode: Mode = Mode.iteration
+class Scheduler:
+    """Admission and packing for one model's engine."""
 
-
-def _default_finalize(job: Job, images: Tensor) -> Any:
-    return images
-
-
-class Engine:
-    def __init__(
-        self,
-        handle: ModelHandle,
-        config: EngineConfig | None = None,
-        metrics: Metrics | None = None,
-        finalize: Finalizer | None = None,
-    ) -> None:
-        self.handle = handle
-        self.config = config or EngineConfig()
-        self.metrics = metrics
-        self.finalize = finalize or _default_finalize
-        self.runner = ModelRunner(handle, self.config.max_batch_rows)
-        self.queue: deque[Job] = deque()
-        self.active: list[Job] = []
-        self.draining = False
-        self._held: list[tuple[Job, Tensor]] = []
-        self._finalizing: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{handle.name}")
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-        self._job_s = 1.0  # running mean of job durations, for Retry-After
-
-    # --- public, event-loop side ---
-    @property
-    def name(self) -> str:
-        return self.handle.name
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.name}")
-
-    def submit(self, request: JobRequest) -> Job:
-        if self.draining or self._stopping:
-            raise Draining()
-        if len(self.queue) >= self.config.max_queue:
-            raise QueueFull(self.retry_after_s())
-        job = Job(request, self.name)
-        self.queue.append(job)
-        self._gauges()
-        self._wake.set()
-        return job
-
-    def cancel(self, job: Job) -> None:
-        if job.status.finished:
-            return
-        job.cancel_requested = True
-        if job in self.queue:
-            self.queue.remove(job)
-            self._end(job, JobStatus.cancelled)
-        self._wake.set()
-
-    def queue_position(self, job: Job) -> int | None:
-        try:
-            return self.queue.index(job) + 1
-        except ValueError:
-            return None
-
-    def retry_after_s(self) -> int:
-        per_slot = max(1, len(self.active))
-        return max(1, math.ceil(self._job_s * (1 + len(self.queue) / per_slot) / 4))
+    def __init__(self, mode: Mode, max_rows: int) -> None:
+        self.mode, self.max_rows = mode, max_rows
 
     @property
-    def busy(self) -> bool:
-        return bool(self.queue or self.active or self._held or self._finalizing)
+    def holds_results(self) -> bool:
+        """Request mode hands results back together, when the whole batch has finished."""
+        return self.mode == Mode.request
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop admitting, let queued and running jobs finish within ``timeout_s``, then stop."""
-        self.draining = True
-        deadline = time.monotonic() + timeout_s
-        while self.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await self.stop()
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for job in [*self.queue, *self.active, *(j for j, _ in self._held)]:
-            self._end(
-                job, JobStatus.failed, JobError("shutdown", "the service shut down before the job finished")
-            )
-        self.queue.clear()
-        self.active.clear()
-        self._held.clear()
-        self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout=30)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
-            self._task = None
-        for task in list(self._finalizing):
-            task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    # --- the loop ---
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        wait_s = self.config.batch_wait_ms / 1000
-        while not self._stopping:
-            self._reap()
-            if not self.active and not self.queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if not self.active and wait_s > 0 and self.config.mode != Mode.serial:
-                await asyncio.sleep(wait_s)  # let a burst arrive before the first call
-                self._reap()
-            new = self._admit()
-            if not self.active:
-                continue
-            batch = list(self.active)
-            outcomes = await loop.run_in_executor(self._executor, self._iterate, new, batch)
-            self._apply(outcomes)
-
-    def _iterate(self, new: list[Job], batch: list[Job]) -> list[Outcome]:
-        h = self.handle
-
-        def make(req: JobRequest) -> JobWork:
-            return JobWork(req, h.denoiser, h.latent_shape, h.device, h.dtype)
-
-        return iterate(self.runner, make, new, batch, self.config.max_batch_rows, self.metrics, self.name)
-
-    def _admit(self) -> list[Job]:
-        mode = self.config.mode
-        if mode != Mode.iteration and (self.active or self._held):
-            return []
-        used = sum(j.request.rows for j in self.active)
+    def admit(self, queue: deque[Job], running: Sequence[Job], holding: bool) -> list[Job]:
+        """Pop the queued jobs that start now (oldest first)."""
+        if self.mode != Mode.iteration and (running or holding):
+            return []  # request / serial: nobody joins a running batch
+        used = sum(j.request.rows for j in running)
         new: list[Job] = []
-        while self.queue:
-            job = self.queue[0]
-            busy = bool(self.active)
-            if busy and (mode == Mode.serial or used + job.request.rows > self.config.max_batch_rows):
+        while queue:
+            job = queue[0]
+            busy = bool(running) or bool(new)
+            if busy and (self.mode == Mode.serial or used + job.request.rows > self.max_rows):
                 break
-            self.queue.popleft()
-            job.status, job.t_started = JobStatus.running, time.monotonic()
-            self.active.append(job)
-            new.append(job)
+            new.append(queue.popleft())
             used += job.request.rows
-            job.notify()
-        if new:
-            for job in self.queue:
-                job.notify()  # queue positions moved
-            self._gauges()
         return new
 
-    def _reap(self) -> None:
-        now = time.monotonic()
-        for group in (self.queue, self.active):
-            for job in list(group):
-                if job.cancel_requested:
-                    group.remove(job)
-                    self._end(job, JobStatus.cancelled)
-                elif now > job.deadline:
-                    group.remove(job)
-                    msg = f"the job did not finish within its deadline of {job.request.timeout_s:g} s"
-                    self._end(job, JobStatus.failed, JobError("deadline_exceeded", msg))
-        self._release_held()  # the rest of a request batch may just have left by cancel or deadline
-        self._gauges()
+    def plan(self, items: list[Item]) -> list[list[Item]]:
+        """Model calls for the pending evaluations ``items`` (oldest job first): grouped by what can
+        be concatenated, then packed up to ``max_rows`` rows; an oversized item goes alone."""
+        groups: dict[tuple[object, ...], list[Item]] = {}
+        for item in items:
+            groups.setdefault(_group_key(item), []).append(item)
+        calls: list[list[Item]] = []
+        for group in groups.values():
+            calls += _pack(group, self.max_rows, lambda item: item[1].rows(item[2]))
+        return calls
 
-    def _apply(self, outcomes: list[Outcome]) -> None:
-        for out in outcomes:
-            job = out.job
-            if job.status.finished:
-                continue
-            if out.error is not None:
-                if job in self.active:
-                    self.active.remove(job)
-                self._end(job, JobStatus.failed, out.error)
-            elif out.images is not None:
-                job.t_computed = time.monotonic()
-                job.progress.step, job.progress.evals = job.progress.total, job.progress.expected_evals
-                self.active.remove(job)
-                self._held.append((job, out.images))
-                job.notify()
-            else:
-                work = job.work
-                job.progress.step, job.progress.evals = work.step, work.evals
-                job.progress.expected_evals = max(work.expected_evals, work.evals + 1)
-                job.notify()
-        self._release_held()
-        self._gauges()
 
-    def _release_held(self) -> None:
-        """Finalize finished jobs; request batching holds them until its whole batch has left."""
-        if self.config.mode == Mode.request and self.active:
-            return
-        for job, images in self._held:
-            task = asyncio.get_running_loop().create_task(self._finish(job, images))
-            self._finalizing.add(task)
-            task.add_done_callback(self._finalizing.discard)
-        self._held.clear()
+def _group_key(item: Item) -> tuple[object, ...]:
+    _, driver, track = item
+    assert track.pending is not None
+    cond = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in driver.cond.items()))
+    return cond, tuple(track.pending.x.shape[1:])
 
-    async def _finish(self, job: Job, images: Tensor) -> None:
-        if job.cancel_requested:
-            self._end(job, JobStatus.cancelled)
-            return
-        try:
-            result = await asyncio.to_thread(self.finalize, job, images)
-        except Exception as exc:  # encoding failed: this job only
-            self._end(job, JobStatus.failed, JobError("internal", f"encoding the result failed: {exc}"))
-            return
-        self._end(job, JobStatus.succeeded, result=result)
 
-    def _end(self, job: Job, status: JobStatus, error: JobError | None = None, result: Any = None) -> None:
-        if job.status.finished:
-            return
-        job.finish(status, error, result)
-        if status == JobStatus.succeeded and job.t_started is not None and job.t_finished is not None:
-            self._job_s = 0.8 * self._job_s + 0.2 * (job.t_finished - job.t_started)
-        if self.metrics is not None:
-            self.metrics.observe_job(self.name, status.value, job.timings())
-
-    def _gauges(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(len(self.queue))
-            self.metrics.running.labels(self.name).set(len(self.active) + len(self._held))
+def _pack(items: list[T], max_rows: int, rows_of: Callable[[T], int]) -> list[list[T]]:
+    calls: list[list[T]] = []
+    current: list[T] = []
+    rows = 0
+    for item in items:
+        r = rows_of(item)
+        if current and rows + r > max_rows:
+            calls.append(current)
+            current, rows = [], 0
+        current.append(item)
+        rows += r
+    if current:
+        calls.append(current)
+    return calls

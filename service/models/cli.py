@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from service.api.images import encode_images, grid_png
+    from service.images import encode_images, grid_png
     from service.models.store import ModelStore
     from service.sampling.ksampler import KSampler, sampling_dtype
 

@@ -30,14 +30,9 @@ from service.models.sd_loader import (
 from service.models.sd_text import Encoded, PromptEncoder
 from service.models.sd_unet import make_denoiser
 from service.models.store import LoadedModel, Manifest, register_loader
+from service.sampling.errors import InputError
 
-
-class SDInputError(ValueError):
-    """A request that does not fit the model; ``field`` names the request field (for a 422)."""
-
-    def __init__(self, field: str, message: str, allowed: list[Any] | None = None) -> None:
-        super().__init__(message)
-        self.field, self.message, self.allowed = field, message, allowed
+SDInputError = InputError  # a request that does not fit the model; ``field`` names the request field
 
 
 @dataclass

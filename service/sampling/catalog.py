@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor
 
+from .errors import InputError
 from .k_api import k_sampler
 from .stepper import Stepper
 
@@ -55,14 +56,16 @@ class Option:
     def check(self, name: str, value: Any) -> Any:
         if self.choices is not None:
             if value not in self.choices:
-                raise ValueError(f"{name} must be one of {list(self.choices)}, got {value!r}")
+                raise InputError(
+                    name, f"{name} must be one of {list(self.choices)}, got {value!r}", list(self.choices)
+                )
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise InputError(name, f"{name} must be a number, got {value!r}")
         if self.integer and value != int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise InputError(name, f"{name} must be an integer, got {value!r}")
         if math.isnan(value) or not self.lo <= value <= self.hi:
-            raise ValueError(f"{name} must be in [{self.lo}, {self.hi}], got {value!r}")
+            raise InputError(name, f"{name} must be in [{self.lo}, {self.hi}], got {value!r}")
         return int(value) if self.integer else float(value)
 
     def describe(self) -> dict[str, Any]:
@@ -111,7 +114,9 @@ def check_options(
     for key, value in given.items():
         if key not in spec:
             allowed = ", ".join(spec) or "none"
-            raise ValueError(f"unknown option {key!r} for {kind} {name!r}; allowed options: {allowed}")
+            raise InputError(
+                key, f"unknown option {key!r} for {kind} {name!r}; allowed options: {allowed}", list(spec)
+            )
         out[key] = spec[key].check(key, value)
     return out
 
@@ -239,8 +244,9 @@ def _over_sigma_range(fn: Callable[..., Stepper]) -> Callable[..., Stepper]:
             raise ValueError("the schedule needs at least one sigma > 0")
         sigma_min, sigma_max = float(positive.min()), float(sigmas.max())
         if sigma_min >= sigma_max:  # one step: it would run from sigma_max to itself and return noise
-            raise ValueError(
-                f"{fn.__name__} needs steps >= 2 (it runs between the schedule's first and last sigma > 0)"
+            raise InputError(
+                "steps",
+                f"{fn.__name__} needs steps >= 2 (it runs between the schedule's first and last sigma > 0)",
             )
         if with_n:
             return fn(x, sigma_min, sigma_max, len(sigmas) - 1, **kw)

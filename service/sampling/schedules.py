@@ -26,6 +26,7 @@ from scipy import stats
 from torch import Tensor
 
 from .catalog import SIGMA_RANGE, Bounds, get_schedule, schedule
+from .errors import InputError
 from .utils import append_zero
 
 Device = torch.device | str
@@ -33,20 +34,20 @@ Device = torch.device | str
 
 def _check_n(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {n!r}")
+        raise InputError("steps", f"steps must be an integer >= 1, got {n!r}")
 
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if not math.isfinite(float(v)) or float(v) <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            raise InputError(name, f"{name} must be a finite number > 0, got {v!r}")
     if float(sigma_min) >= float(sigma_max):
-        raise ValueError(f"sigma_min ({sigma_min}) must be < sigma_max ({sigma_max})")
+        raise InputError("sigma_min", f"sigma_min ({sigma_min}) must be < sigma_max ({sigma_max})")
 
 
 def _check_positive(name: str, v: float) -> None:
     if not math.isfinite(float(v)) or float(v) <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        raise InputError(name, f"{name} must be a finite number > 0, got {v!r}")
 
 
 @schedule(

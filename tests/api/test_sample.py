@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.images import read_parameters
+from service.images import read_parameters
 from service.models.traced import TracedModule
 
 
@@ -165,3 +165,13 @@ def test_sigma_range_options_sample_like_the_same_custom_sigmas(client: TestClie
     assert _pixels(_png(default["images"][0])) != want
     r = client.post("/sample", json={**base, "sigma_min": 30.0})  # above the tiny model's sigma_max of 20
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sigma_min"], r.text
+
+
+def test_guidance_rescale_is_a_request_field(client: TestClient) -> None:
+    body = {"class_label": 3, "cfg_scale": 3.0, "steps": 4, "seed": 5}
+    plain = client.post("/sample", json=body).json()
+    rescaled = client.post("/sample", json={**body, "guidance_rescale": 0.7}).json()
+    assert rescaled["parameters"]["guidance_rescale"] == 0.7
+    assert rescaled["images"] != plain["images"]
+    r = client.post("/sample", json={**body, "guidance_rescale": 1.5})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "guidance_rescale"]

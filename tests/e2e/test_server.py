@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.api.images import read_parameters
+from service.images import read_parameters
 from tests.api.tiny_store import make_tiny_store
 
 from .server import Server

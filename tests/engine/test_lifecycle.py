@@ -291,7 +291,7 @@ def test_a_finished_job_keeps_no_tensors() -> None:
         await job.wait_done()
         await engine.stop()
         assert job.status == JobStatus.succeeded
-        assert job.preview is None and job.work is None
+        assert engine.preview(job) is None and job not in engine._drivers
         held = [v for v in vars(job.request).values() if isinstance(v, torch.Tensor)]
         held += [t for d in (job.request.cond, job.request.uncond or {}) for t in d.values()]
         assert held == []

@@ -2,5 +2,5 @@
 Images' ``/v1/images`` and ``/v1/models``. Each translates its bodies into our SampleRequest and
 submits it the way POST /sample does, so validation and batching stay in one place.
 
-Import the routers from :mod:`.routers` (this package's other modules import ``service.api``
-pieces, and ``service.api.images`` imports :mod:`.infotext`)."""
+Import the routers from :mod:`.routers`. A1111's names and infotext format live below the API
+(``service.a1111_names``, ``service.infotext``): the PNG writer (``service.images``) uses them."""

@@ -14,13 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Query, Request
 from PIL import Image
 
+from service import infotext
 from service.engine import JobStatus
+from service.images import KDIFF_KEY, PARAMETERS_KEY, preview_png
 
 from ..deps import accepting, get_state, require_api_key
-from ..images import KDIFF_KEY, PARAMETERS_KEY, preview_png
 from ..state import ServiceState
 from ..validation import FieldError
-from . import a1111_results, a1111_translate, infotext
+from . import a1111_results, a1111_translate
 from .a1111_schemas import (
     ImageResponse,
     Img2ImgRequest,
@@ -98,8 +99,9 @@ async def progress(
     eta = max((e for e in etas if e is not None), default=0.0)
     image = None
     model = state.models.get(current.model)
-    if not skip_current_image and current.preview is not None and model is not None and model.decode is None:
-        image = await asyncio.to_thread(preview_png, current.preview[0], 256)
+    latest = state.preview(current)
+    if not skip_current_image and latest is not None and model is not None and model.decode is None:
+        image = await asyncio.to_thread(preview_png, latest[0], 256)
     st = ProgressState(
         job=f"Batch {jobs.index(current) + 1} out of {len(jobs)}",
         job_count=len(jobs),

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from fastapi import APIRouter, Depends
 
+from service import a1111_names
+
 from ..deps import get_state, require_api_key
 from ..state import ServiceState
-from . import a1111_names
 from .errors import A1111Route
 
 router = APIRouter(

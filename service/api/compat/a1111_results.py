@@ -11,10 +11,10 @@ from typing import Any
 
 from PIL import Image
 
+from service import a1111_names, infotext
 from service.engine import Job, JobStatus
+from service.images import png_bytes
 
-from ..images import png_bytes
-from . import a1111_names, infotext
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 from .a1111_translate import Plan
 

@@ -20,12 +20,12 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
+from service import a1111_names
 from service.models.store import LoadedModel
 from service.sampling import registry
 
 from ..schemas import SampleRequest
 from ..validation import FieldError
-from . import a1111_names
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

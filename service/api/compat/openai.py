@@ -16,9 +16,9 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from service.engine import Job, JobStatus
+from service.images import png_bytes, read_parameters
 
 from ..deps import accepting, get_state, require_api_key
-from ..images import png_bytes, read_parameters
 from ..state import ServiceState
 from .caller import CompatState, caller_of, compat_state
 from .errors import OpenAIError, OpenAIRoute

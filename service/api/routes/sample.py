@@ -7,10 +7,10 @@ import asyncio
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.engine import Job, JobStatus
+from service.images import grid_png
 
 from ..deps import accepting, require_api_key
 from ..guard import Caller
-from ..images import grid_png
 from ..schemas import SampleRequest, SampleResponse
 from ..state import ServiceState
 from ..views import raise_for_failure, sample_response, submit

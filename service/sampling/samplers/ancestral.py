@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
 from .common import ancestral_noise, ancestral_step, check_nonneg, evaluate, gaussian, noise_at
@@ -212,7 +213,7 @@ def tcd(
     """
     check_nonneg(gamma=gamma, s_noise=s_noise)
     if gamma > 1:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        raise InputError("gamma", f"gamma must be in [0, 1], got {gamma!r}")
     noise_sampler = gaussian(x, noise_sampler)
     table = (sd_sigma_table() if sigma_table is None else torch.as_tensor(sigma_table)).double().cpu()
     log_table = table.log()

@@ -16,6 +16,7 @@ from collections.abc import Generator
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
 from ..stepper import Callback, Eval, Guided
 
@@ -77,7 +78,7 @@ def brownian(x: Tensor, sigmas: Tensor, noise_sampler: NoiseSampler | None) -> N
 def check_nonneg(**values: float) -> None:
     for name, v in values.items():
         if not math.isfinite(float(v)) or float(v) < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            raise InputError(name, f"{name} must be a finite number >= 0, got {v!r}")
 
 
 def evaluate(

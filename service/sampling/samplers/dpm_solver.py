@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..catalog import S_NOISE, Bounds, sampler
+from ..errors import InputError
 from ..k_api import drive
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Model, Stepper
@@ -122,7 +123,7 @@ def _info_callback(callback: Callback | None, info: dict[str, Any]) -> None:
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
     if sigma_min <= 0 or sigma_max <= 0:
-        raise ValueError("sigma_min and sigma_max must not be 0")
+        raise InputError("sigma_min", "sigma_min and sigma_max must not be 0")
 
 
 # k-diffusion's own signatures for these two (sigma_min, sigma_max[, n] instead of sigmas); the
@@ -225,9 +226,9 @@ def dpm_fast(
     """DPM-Solver-Fast: orders 3,3,...,(2,1) on steps uniform in log sigma, exactly n evaluations."""
     _check_range(sigma_min, sigma_max)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (model evaluations) must be an integer >= 1, got {n!r}")
+        raise InputError("n", f"n (model evaluations) must be an integer >= 1, got {n!r}")
     if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+        raise InputError("eta", f"eta must be >= 0, got {eta!r}")
     noise_sampler = gaussian(x, noise_sampler)
     t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     m = math.floor(n / 3) + 1
@@ -299,14 +300,17 @@ def dpm_adaptive(
     """DPM-Solver-12/23 with embedded error estimates and PID step size control."""
     _check_range(sigma_min, sigma_max)
     if order not in {2, 3}:
-        raise ValueError("order should be 2 or 3")
-    if rtol < 0 or atol < 0 or h_init == 0:
-        raise ValueError("rtol and atol must be >= 0 and h_init nonzero")
+        raise InputError("order", "order should be 2 or 3", [2, 3])
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value < 0:
+            raise InputError(name, f"{name} must be >= 0, got {value!r}")
+    if h_init == 0:
+        raise InputError("h_init", "h_init must be nonzero")
     noise_sampler = gaussian(x, noise_sampler)
     t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     forward = bool(t_end > t_start)
     if not forward and eta:
-        raise ValueError("eta must be 0 for reverse sampling")
+        raise InputError("eta", "eta must be 0 for reverse sampling", [0])
     h_init = abs(h_init) * (1 if forward else -1)
     atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
     s, x_prev = t_start, x

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from ..catalog import ANCESTRAL, Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
 from .common import ancestral_noise, ancestral_step, brownian, check_nonneg, evaluate, noise_at
@@ -73,7 +74,7 @@ def dpmpp_sde(
     """DPM-Solver++ (stochastic, two stages per step with Brownian noise), Lu et al. (2022)."""
     check_nonneg(eta=eta, s_noise=s_noise)
     if not 0 < r <= 1:
-        raise ValueError(f"r must be in (0, 1], got {r!r}")
+        raise InputError("r", f"r must be in (0, 1], got {r!r}")
     noise_sampler = brownian(x, sigmas, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):

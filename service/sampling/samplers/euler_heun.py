@@ -12,6 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from ..catalog import CHURN, INF, S_NOISE, Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..schedules import get_sigmas_karras
 from ..stepper import Callback, Eval, Stepper
@@ -239,9 +240,9 @@ def restart(
     """
     check_nonneg(s_noise=s_noise)
     if restart_times is not None and (isinstance(restart_times, bool) or int(restart_times) != restart_times):
-        raise ValueError(f"restart_times must be an integer >= 0, got {restart_times!r}")
+        raise InputError("restart_times", f"restart_times must be an integer >= 0, got {restart_times!r}")
     if isinstance(restart_steps, bool) or int(restart_steps) != restart_steps or restart_steps < 2:
-        raise ValueError(f"restart_steps must be an integer >= 2, got {restart_steps!r}")
+        raise InputError("restart_steps", f"restart_steps must be an integer >= 2, got {restart_steps!r}")
     noise_sampler = gaussian(x, noise_sampler)
     s = sigmas.tolist()
     plan = restart_plan(s, restart_times, int(restart_steps), restart_sigma_lo, restart_sigma_hi)

@@ -16,6 +16,7 @@ from numpy.polynomial import Polynomial
 from torch import Tensor
 
 from ..catalog import INF, S_NOISE, Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
 from .common import ancestral_noise, evaluate, noise_at
@@ -48,7 +49,7 @@ def exp_poly_integral(p: Polynomial, c: float, a: float, b: float) -> float:
 
 def _check_order(name: str, value: int, hi: int) -> int:
     if isinstance(value, bool) or int(value) != value or not 1 <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [1, {hi}], got {value!r}")
+        raise InputError(name, f"{name} must be an integer in [1, {hi}], got {value!r}")
     return int(value)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
 from .common import ancestral_noise, check_nonneg, evaluate, gaussian, noise_at
@@ -216,5 +217,5 @@ def seeds_3(
 ) -> Stepper:
     """SEEDS-3, Gonzalez et al. (2023), https://arxiv.org/abs/2305.14267: 3-stage exponential SDE solver."""
     if not 0 < r_1 < r_2 < 1:
-        raise ValueError(f"need 0 < r_1 < r_2 < 1, got r_1={r_1!r}, r_2={r_2!r}")
+        raise InputError("r_1", f"need 0 < r_1 < r_2 < 1, got r_1={r_1!r}, r_2={r_2!r}")
     return (yield from _seeds(x, sigmas, callback, noise_sampler, eta, s_noise, (r_1, r_2)))

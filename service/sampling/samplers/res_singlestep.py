@@ -23,6 +23,7 @@ import math
 from torch import Tensor
 
 from ..catalog import Bounds, sampler
+from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
 from .common import evaluate
@@ -51,7 +52,7 @@ def res_2s(
     prediction (one model call).
     """
     if not 0 < c2 <= 1:
-        raise ValueError(f"c2 must be in (0, 1], got {c2!r}")
+        raise InputError("c2", f"c2 must be in (0, 1], got {c2!r}")
     s = sigmas.tolist()
     for i in range(len(s) - 1):
         denoised = yield from evaluate(x, sigmas, s, i, callback)

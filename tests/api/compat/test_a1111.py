@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.images import read_parameters
+from service.images import read_parameters
 
 from .helpers import info, jobs_total, pixels, png_b64
 

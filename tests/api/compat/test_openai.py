@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.images import read_parameters
+from service.images import read_parameters
 
 from .helpers import jobs_total, pixels
 

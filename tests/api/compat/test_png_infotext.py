@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.compat import infotext
-from service.api.images import read_parameters
+from service import infotext
+from service.images import read_parameters
 
 from .helpers import pixels
 

@@ -6,8 +6,7 @@ from functools import cache
 from typing import Any
 
 from service.sampling import aliases, registry
-
-from ..validation import FieldError
+from service.sampling.errors import InputError
 
 # A1111 1.10's samplers, in its own order.
 A1111_SAMPLERS = (
@@ -115,7 +114,7 @@ def resolve(sampler_name: str | None, scheduler: str | None) -> tuple[str | None
         found = _resolve_sampler(sampler_name)
         if found is None or found[0] not in registry.SAMPLERS:
             names = [i["name"] for i in sampler_items()]
-            raise FieldError(
+            raise InputError(
                 "sampler_name", f"sampler {sampler_name!r} not found; valid: {', '.join(names)}", names
             )
         sampler, implied = found
@@ -133,7 +132,7 @@ def resolve(sampler_name: str | None, scheduler: str | None) -> tuple[str | None
                 schedule = None
         if schedule is None or schedule not in registry.SCHEDULES:
             names = [i["name"] for i in scheduler_items()]
-            raise FieldError(
+            raise InputError(
                 "scheduler", f"scheduler {scheduler!r} not found; valid: {', '.join(names)}", names
             )
     return sampler, schedule

@@ -13,6 +13,8 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
+from service.infotext import from_parameters
+
 PARAMETERS_KEY = "parameters"  # the tEXt key A1111 and Civitai read: A1111's infotext
 KDIFF_KEY = "kdiff"  # our exact parameters as JSON (what reproduction reads)
 
@@ -34,7 +36,6 @@ def png_bytes(
 ) -> bytes:
     """PNG with A1111's infotext (``infotext``, else written from ``parameters``) in the ``parameters``
     chunk and ``parameters`` as JSON in the ``kdiff`` chunk."""
-    from .compat.infotext import from_parameters  # noqa: PLC0415  (compat imports this module)
 
     info = PngImagePlugin.PngInfo()
     if parameters is not None:

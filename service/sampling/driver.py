@@ -1,0 +1,204 @@
+"""The sampling driver: one batch of images under one spec, as a state machine any loop can drive.
+
+It owns what every way of sampling shares: the sigmas, the seeded start latents, one stepper per
+slice of images, the classifier-free guidance rows (cond, then uncond; CFG++ samplers are also
+sent the uncond prediction), the inpainting blend and the finiteness check. Its loops:
+
+- :func:`drive`: one model call per pending evaluation (KSampler, direct Stable Diffusion);
+- the engine: the pending evaluations of many drivers packed into one model call.
+
+Both answer ``pending()`` with ``inputs(track)`` -> model -> ``feed(track, out)``; neither repeats
+any of the above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .guidance import cfg_combine
+from .spec import SamplingSpec, make_sigmas, make_steppers, start_latents
+from .stepper import Callback, Eval, Guided, Stepper, check_finite
+
+Cond = dict[str, Tensor]
+
+
+@dataclass
+class Track:
+    """One stepper over a slice of the images, with its pending model evaluation."""
+
+    part: slice
+    stepper: Stepper
+    pending: Eval | None = None
+    out: Tensor | None = None
+
+
+class Driver:
+    """Samples ``x`` (the scaled start: noise * sigmas[0], plus the init for img2img) under ``spec``.
+
+    ``cond`` / ``uncond`` hold one row per image; guidance is on when ``uncond`` is given and
+    ``cfg_scale != 1``. With ``mask`` (1 = repaint) and ``init``, each prediction keeps ``init``
+    outside the mask.
+    """
+
+    def __init__(
+        self,
+        spec: SamplingSpec,
+        sigmas: Tensor,
+        x: Tensor,
+        cond: Cond | None = None,
+        uncond: Cond | None = None,
+        cfg_scale: float = 1.0,
+        init: Tensor | None = None,
+        mask: Tensor | None = None,
+        callback: Callback | None = None,
+    ) -> None:
+        self.spec, self.sigmas = spec, sigmas
+        self.cond = {} if cond is None else cond
+        self.uncond, self.scale = uncond, cfg_scale
+        self.guided = uncond is not None and cfg_scale != 1.0
+        self.needs_uncond = spec.info.needs_uncond
+        self.init, self.mask = init, mask
+        self.tracks = [Track(part, st) for part, st in make_steppers(spec, x, sigmas, callback)]
+        self.evals = 0
+        self.expected_evals = spec.info.expected_nfe(spec.steps, spec.options) * len(self.tracks)
+        for track in self.tracks:
+            self._advance(track, None)  # runs each sampler's set-up up to its first evaluation
+
+    @classmethod
+    def start(
+        cls,
+        spec: SamplingSpec,
+        model: Any,
+        shape: Sequence[int],
+        *,
+        cond: Cond | None = None,
+        uncond: Cond | None = None,
+        cfg_scale: float = 1.0,
+        init: Tensor | None = None,
+        mask: Tensor | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        callback: Callback | None = None,
+        sigmas: Tensor | None = None,
+    ) -> Driver:
+        """Sigmas from the spec and the model's range (unless given), seeded start latents of
+        ``shape`` [n, ...], everything moved to ``device`` (the sampler state in ``dtype``)."""
+        sigmas = (make_sigmas(spec, model, device) if sigmas is None else sigmas).to(
+            device=device, dtype=dtype
+        )
+        init = None if init is None else init.to(device=device, dtype=dtype)
+        x = start_latents(spec, shape, sigmas, device, dtype, init)
+        return cls(
+            spec,
+            sigmas,
+            x,
+            _to(cond, device),
+            None if uncond is None else _to(uncond, device),
+            cfg_scale,
+            init,
+            None if mask is None else mask.to(device=device, dtype=dtype),
+            callback,
+        )
+
+    # --- what a loop asks ---
+    @property
+    def done(self) -> bool:
+        return all(t.pending is None for t in self.tracks)
+
+    @property
+    def step(self) -> int:
+        """Steps completed by the slowest track."""
+        pending = [t.pending.step for t in self.tracks if t.pending is not None]
+        return min(pending) if pending else self.spec.steps
+
+    def pending(self) -> list[Track]:
+        return [t for t in self.tracks if t.pending is not None]
+
+    def rows(self, track: Track) -> int:
+        """Model input rows of a track's evaluation (guided: cond and uncond rows)."""
+        n = track.part.stop - track.part.start
+        return n * (2 if self.guided else 1)
+
+    def inputs(self, track: Track) -> tuple[Tensor, Tensor, Cond]:
+        """Model input for a track's pending evaluation: x, sigma[rows], conditioning (cond, then uncond)."""
+        ev = track.pending
+        assert ev is not None
+        x = ev.x
+        cond = {k: v[track.part] for k, v in self.cond.items()}
+        if self.guided:
+            assert self.uncond is not None
+            x = torch.cat([x, x])
+            cond = {k: torch.cat([v, self.uncond[k][track.part]]) for k, v in cond.items()}
+        sigma = ev.sigma.to(x.dtype) * x.new_ones([x.shape[0]])
+        return x, sigma, cond
+
+    def feed(self, track: Track, out: Tensor) -> Tensor:
+        """Hand a track the model's output rows; returns the denoised prediction it was sent."""
+        ev = track.pending
+        assert ev is not None
+        uncond_out = None
+        if self.guided:
+            cond_out, uncond_out = out.chunk(2)
+            out = cfg_combine(cond_out, uncond_out, self.scale)
+            if self.spec.guidance_rescale > 0:
+                out = rescale_cfg(ev.x, ev.sigma, cond_out, out, self.spec.guidance_rescale)
+        check_finite(out, ev)
+        if self.mask is not None and self.init is not None:
+            out = self._blend(track, out)
+            uncond_out = None if uncond_out is None else self._blend(track, uncond_out)
+        self.evals += 1
+        if self.needs_uncond:
+            self._advance(track, Guided(out, out if uncond_out is None else uncond_out))
+        else:
+            self._advance(track, out)
+        return out
+
+    def result(self) -> Tensor:
+        """The sampled latents, in image order (once ``done``)."""
+        return torch.cat([t.out for t in self.tracks if t.out is not None])
+
+    # --- internals ---
+    def _blend(self, track: Track, denoised: Tensor) -> Tensor:
+        """Inpainting: the kept region's prediction is the init image itself."""
+        assert self.mask is not None and self.init is not None
+        m = self.mask[track.part] if self.mask.shape[0] > 1 else self.mask
+        return denoised * m + self.init[track.part] * (1 - m)
+
+    def _advance(self, track: Track, denoised: Tensor | Guided | None) -> None:
+        try:
+            # a Guided goes only to needs_uncond steppers, which accept it
+            track.pending = next(track.stepper) if denoised is None else track.stepper.send(denoised)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            track.pending, track.out = None, stop.value
+
+
+def rescale_cfg(x: Tensor, sigma: Tensor, cond_out: Tensor, guided: Tensor, phi: float) -> Tensor:
+    """CFG rescale (Lin et al. 2023, eqs. 15-16): scale the guided noise prediction to the std of the
+    conditional one (per image), then blend ``phi`` of it with plain CFG. In noise space, as the paper
+    and diffusers do: eps = (x - denoised) / sigma."""
+    dims = list(range(1, x.ndim))
+    eps_cond, eps_cfg = (x - cond_out) / sigma, (x - guided) / sigma
+    ratio = eps_cond.std(dim=dims, keepdim=True) / eps_cfg.std(dim=dims, keepdim=True)
+    eps = phi * (eps_cfg * ratio) + (1 - phi) * eps_cfg
+    return x - eps * sigma
+
+
+def _to(cond: Cond | None, device: torch.device | str) -> Cond:
+    return {} if cond is None else {k: v.to(device) for k, v in cond.items()}
+
+
+Model = Callable[..., Tensor]
+
+
+def drive(driver: Driver, model: Model) -> Tensor:
+    """The direct loop: one ``model(x, sigma, **cond)`` call per pending evaluation, until done."""
+    while not driver.done:
+        for track in driver.pending():
+            x, sigma, cond = driver.inputs(track)
+            driver.feed(track, model(x, sigma, **cond))
+    return driver.result()

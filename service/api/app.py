@@ -19,7 +19,7 @@ from service.models.store import ModelStore
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .guard import GuardMiddleware
-from .routes import info, jobs, sample
+from .routes import info, jobs, models, sample
 from .schemas import SampleRequest
 from .settings import Settings
 from .state import ServiceState
@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.include_router(sample.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(info.catalogue)
     app.include_router(info.router)
     playground.install(app)  # the web page at /, and /docs + /redoc with local assets

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads (default: torch's)"
     )
+    memory_budget: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes of device memory models may use (default: what the device has); idle models "
+        "are unloaded least recently used first to make room",
+    )
     jit: bool = Field(
         default=True,
         description="serve the project's UNet models as TorchScript traces (checked against eager; "

@@ -36,8 +36,12 @@ async def job_events(state: ServiceState, job: Job, preview: bool) -> AsyncItera
                 err = view.error.model_dump() if view.error else {}
                 yield frame("error", {"id": job.id, **err})
             return
-        if status == JobStatus.queued:
-            key: tuple[Any, ...] = ("queued", state.queue_position(job))
+        if job.loading:
+            key: tuple[Any, ...] = ("loading",)
+            if key != last:
+                yield frame("loading", {"id": job.id, "model": job.model})
+        elif status == JobStatus.queued:
+            key = ("queued", state.queue_position(job))
             if key != last:
                 yield frame("queued", {"id": job.id, "position": key[1]})
         else:

@@ -10,6 +10,7 @@ from fastapi import HTTPException
 
 from service.engine import Draining, Job, JobStatus, QueueFull
 
+from .lifecycle import ModelUnavailable
 from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
 from .state import ServiceState
 from .validation import FieldError, build_job
@@ -22,30 +23,40 @@ ERROR_STATUS = {
     "non_finite": 500,
     "model_error": 500,
     "internal": 500,
+    "load_failed": 500,
+    "insufficient_memory": 507,
+    "unknown_model": 404,
 }
 
 
-async def submit(state: ServiceState, body: SampleRequest, owner: str | None = None) -> Job:
-    """Validate ``body`` against its model and queue it as a job belonging to ``owner`` (a key id)."""
+async def submit(
+    state: ServiceState, body: SampleRequest, owner: str | None = None, wait_load: bool = True
+) -> Job:
+    """Validate ``body`` against its model and queue it as a job belonging to ``owner`` (a key id).
+    A model that is not loaded is loaded first: awaited (``wait_load``, so field errors stay 422s), or
+    the job is returned at once and waits in the ``loading`` state."""
     name = body.model or state.default_model
-    if name is None or name not in state.models:
-        raise FieldError(
-            "model",
-            f"unknown model {name!r}; valid models: {', '.join(sorted(state.models))}",
-            sorted(state.models),
-        )
-    model = state.models[name]
-    if body.init_image is not None or body.mask is not None or model.conditioning == "text":
-        # image decoding, VAE encoding and text encoding are torch work: off the event loop
-        job_req = await asyncio.to_thread(build_job, body, model, state.settings)
-    else:
-        job_req = build_job(body, model, state.settings)
+    if name is None or name not in state.models and name not in state.refresh():
+        known = state.known()
+        raise FieldError("model", f"unknown model {name!r}; valid models: {', '.join(known)}", known)
+    if name not in state.models and not wait_load:
+        return state.submit_loading(name, lambda m: build_job(body, m, state.settings), owner)
     try:
-        return state.submit(name, job_req, owner)
-    except QueueFull as exc:
-        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
-    except Draining as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
+        model = await state.ensure_loaded(name)
+    except ModelUnavailable as exc:
+        raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
+    with state.pinned(name):
+        if body.init_image is not None or body.mask is not None or model.conditioning == "text":
+            # image decoding, VAE encoding and text encoding are torch work: off the event loop
+            job_req = await asyncio.to_thread(build_job, body, model, state.settings)
+        else:
+            job_req = build_job(body, model, state.settings)
+        try:
+            return state.submit(name, job_req, owner)
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+        except Draining as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
 
 
 def sample_response(job: Job) -> SampleResponse:

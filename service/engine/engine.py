@@ -81,12 +81,13 @@ class Engine:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.name}")
 
-    def submit(self, request: JobRequest) -> Job:
+    def submit(self, request: JobRequest, job: Job | None = None) -> Job:
+        """Queue ``request`` (as ``job`` when given: a job created while its model loaded)."""
         if self.draining or self._stopping:
             raise Draining()
         if len(self.queue) >= self.config.max_queue:
             raise QueueFull(self.retry_after_s())
-        job = Job(request, self.name)
+        job = Job(request, self.name) if job is None else job.attach(request)
         self.queue.append(job)
         self._gauges()
         self._wake.set()

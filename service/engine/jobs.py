@@ -111,8 +111,15 @@ class Job:
         self.deadline = self.t_created + request.timeout_s
         self.cancel_requested = False
         self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
+        self.loading = False  # queued behind its model's load (the request is a placeholder until then)
         self._changed = asyncio.Event()
         self._done = asyncio.Event()
+
+    def attach(self, request: JobRequest) -> Job:
+        """The real request of a job that waited for its model to load (its deadline stays)."""
+        self.request, self.loading = request, False
+        self.progress = Progress(total=request.spec.steps)
+        return self
 
     # --- notifications (event-loop side only) ---
     def change_event(self) -> asyncio.Event:

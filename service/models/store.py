@@ -117,14 +117,21 @@ class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def scan(self) -> dict[str, Manifest]:
+    def scan(self, errors: dict[str, str] | None = None) -> dict[str, Manifest]:
+        """The store's manifests by name. With ``errors``, a bad manifest is recorded there (name ->
+        message) instead of raising, so one broken folder does not hide the others."""
         out: dict[str, Manifest] = {}
         if not self.root.is_dir():
             return out
         for folder in sorted(self.root.iterdir()):
             path = folder / "manifest.json"
             if folder.is_dir() and NAME_RE.match(folder.name) and path.is_file():
-                out[folder.name] = self._read(folder, path)
+                try:
+                    out[folder.name] = self._read(folder, path)
+                except ManifestError as exc:
+                    if errors is None:
+                        raise
+                    errors[folder.name] = str(exc)
         return out
 
     def _read(self, folder: Path, path: Path) -> Manifest:
@@ -161,3 +168,38 @@ class ModelStore:
                 f"{name}: unknown kind {manifest.kind!r}; known kinds: {', '.join(sorted(LOADERS))}"
             )
         return loader(manifest, torch.device(device), dtype)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def disk_bytes(manifest: Manifest) -> int:
+    """Bytes of weight files in the model's folder (LoRAs under ``loras/`` excluded): its size on disk,
+    and the estimate of its memory use before it is loaded."""
+    total = 0
+    for path in manifest.folder.rglob("*"):
+        rel = path.relative_to(manifest.folder).parts
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file() and rel[0] != "loras":
+            total += path.stat().st_size
+    return total
+
+
+def memory_bytes(model: LoadedModel) -> int:
+    """Bytes of the tensors a loaded model holds (parameters and buffers of the modules it reaches
+    through its attributes, a few levels down, each tensor once)."""
+    seen: dict[tuple[int, str], int] = {}
+    visited: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if id(obj) in visited or depth > 3:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            for t in [*obj.parameters(), *obj.buffers()]:
+                seen[(t.data_ptr(), str(t.device))] = t.numel() * t.element_size()
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(model, 0)
+    return sum(seen.values())

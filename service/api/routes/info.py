@@ -1,4 +1,5 @@
-"""What may be asked for (models, samplers, schedules), health, readiness and metrics."""
+"""What may be asked for (samplers, schedules; models are in routes/models.py), health, readiness
+and metrics."""
 
 from __future__ import annotations
 
@@ -17,33 +18,6 @@ from ..validation import CUSTOM
 router = APIRouter(tags=["info"])
 # The catalogue needs a key like the rest of the API; the probes below are open (see guard.py).
 catalogue = APIRouter(tags=["info"], dependencies=[Depends(require_api_key)])
-
-
-@catalogue.get("/models")
-async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
-    """Loaded models: kind, conditioning, image size, defaults."""
-    out = []
-    for name, m in state.models.items():
-        h, w = m.image_size
-        out.append(
-            {
-                "name": name,
-                "kind": m.manifest.kind,
-                "description": m.manifest.description,
-                "default": name == state.default_model,
-                "conditioning": m.conditioning,
-                "class_labels": list(range(m.num_classes)) if m.conditioning == "class" else None,
-                "width": w,
-                "height": h,
-                "channels": m.image_channels,
-                "latent_shape": list(m.latent_shape),
-                "defaults": m.manifest.defaults,
-                "device": str(m.device),
-                "dtype": str(m.dtype).removeprefix("torch."),
-                **m.info,
-            }
-        )
-    return {"default": state.default_model, "models": out}
 
 
 @catalogue.get("/samplers")

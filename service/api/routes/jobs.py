@@ -27,8 +27,9 @@ async def create_job(
     caller: Caller = Depends(require_api_key),
 ) -> JobCreated:
     """Queue a request; follow it with GET /jobs/{id} or its SSE stream. The job belongs to the
-    caller's key: other keys get 404 for it."""
-    job = await submit(state, body, caller.key_id)
+    caller's key: other keys get 404 for it. A model that is not loaded yet is loaded first (the
+    job's events say `loading`; a failed load fails the job with the loader's message)."""
+    job = await submit(state, body, caller.key_id, wait_load=False)
     url = f"/jobs/{job.id}"
     response.headers["Location"] = url
     return JobCreated(
@@ -94,7 +95,8 @@ async def events(
     preview: bool = Query(False, description="add a small PNG of the current prediction to progress events"),
     state: ServiceState = Depends(get_state),
 ) -> StreamingResponse:
-    """Server-Sent Events: `queued` (position), `progress` (step, total, fraction, eta_s[, preview]),
+    """Server-Sent Events: `loading` (its model loads first), `queued` (position),
+    `progress` (step, total, fraction, eta_s[, preview]),
     then one of `done` (the result), `error` or `cancelled`."""
     # previews are PNGs of the model's own output: latent models (a decode step) have none
     pixel_space = state.models[job.model].decode is None if job.model in state.models else False

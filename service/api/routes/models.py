@@ -1,0 +1,103 @@
+"""Models: the store's models and their state (GET /models), and loading, unloading and rescanning
+them at run time (admin routes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+
+from service.models.store import disk_bytes
+
+from ..deps import get_state, require_api_key
+from ..guard import Caller
+from ..lifecycle import ModelUnavailable
+from ..state import ServiceState
+
+router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def require_admin(caller: Caller = Depends(require_api_key)) -> Caller:
+    """Management routes: an admin key when keys are set (KDIFF_ADMIN_KEYS)."""
+    if not caller.admin:
+        raise HTTPException(403, "managing models needs an admin key (KDIFF_ADMIN_KEYS)")
+    return caller
+
+
+def describe(state: ServiceState, name: str) -> dict[str, Any]:
+    """One model: state, kind, size on disk and memory use; what it takes once loaded."""
+    manifest = state.manifests.get(name) or state.models[name].manifest
+    out: dict[str, Any] = {
+        "name": name,
+        "kind": manifest.kind,
+        "description": manifest.description,
+        "default": name == state.default_model,
+        "state": state.model_state(name),
+        "size_bytes": disk_bytes(manifest) if manifest.folder.is_dir() else None,
+        "memory_bytes": state.footprint.weight.get(name, 0),
+        "defaults": manifest.defaults,
+    }
+    if name in state.load_errors:
+        out["error"] = state.load_errors[name]
+    m = state.models.get(name)
+    if m is not None:
+        h, w = m.image_size
+        out |= {
+            "conditioning": m.conditioning,
+            "class_labels": list(range(m.num_classes)) if m.conditioning == "class" else None,
+            "width": w,
+            "height": h,
+            "channels": m.image_channels,
+            "latent_shape": list(m.latent_shape),
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            **m.info,
+        }
+    return out
+
+
+@router.get("/models")
+async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """Every model in the store: state (on_disk | loading | loaded | failed), kind, size on disk,
+    memory use; for loaded ones also conditioning, image size, defaults."""
+    budget = state.footprint.budget
+    used = sum(state.footprint.weight.values())
+    return {
+        "default": state.default_model,
+        "memory": {"budget_bytes": budget, "used_bytes": used},
+        "models": [describe(state, name) for name in state.known()],
+        "errors": state.manifest_errors,
+    }
+
+
+def _unavailable(exc: ModelUnavailable) -> HTTPException:
+    return HTTPException(exc.status, {"code": exc.code, "message": exc.message})
+
+
+@router.post("/models/refresh", dependencies=[Depends(require_admin)])
+async def refresh(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """Rescan the store: new model folders appear without a restart."""
+    state.refresh()
+    return await models(state)
+
+
+@router.post("/models/{name}/load", dependencies=[Depends(require_admin)])
+async def load(name: str, state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """Load a model now (idle models are unloaded, least recently used first, to fit the budget)."""
+    try:
+        await state.ensure_loaded(name)
+    except ModelUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return describe(state, name)
+
+
+@router.post("/models/{name}/unload", dependencies=[Depends(require_admin)])
+async def unload(name: str, state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """Unload an idle model (409 while it has jobs); it stays in the store and loads again on use."""
+    if name not in state.known():
+        raise HTTPException(404, f"unknown model {name!r}; models: {state.known()}")
+    try:
+        await state.unload(name)
+    except ModelUnavailable as exc:
+        raise _unavailable(exc) from exc
+    return describe(state, name)

@@ -161,13 +161,17 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-class DiscreteEpsDenoiser(DiscreteSchedule):
-    """DDPM eps-prediction network: D = x - sigma * eps(x / sqrt(sigma^2 + 1), t)."""
+class DiscreteDDPMDenoiser(DiscreteSchedule):
+    """A network trained on a DDPM schedule alphas_cumprod, wrapped as a denoiser D(x; sigma)."""
 
     def __init__(self, model: nn.Module, alphas_cumprod: Tensor, quantize: bool = False) -> None:
         super().__init__(sigmas_from_alphas_cumprod(alphas_cumprod), quantize)
         self.inner_model = model
         self.sigma_data = 1.0
+
+
+class DiscreteEpsDenoiser(DiscreteDDPMDenoiser):
+    """DDPM eps-prediction network: D = x - sigma * eps(x / sqrt(sigma^2 + 1), t)."""
 
     def get_eps(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.inner_model(*args, **kwargs)
@@ -178,13 +182,8 @@ class DiscreteEpsDenoiser(DiscreteSchedule):
         return input + self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs) * c_out
 
 
-class DiscreteVDenoiser(DiscreteSchedule):
+class DiscreteVDenoiser(DiscreteDDPMDenoiser):
     """DDPM v-prediction network: c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)."""
-
-    def __init__(self, model: nn.Module, alphas_cumprod: Tensor, quantize: bool = False) -> None:
-        super().__init__(sigmas_from_alphas_cumprod(alphas_cumprod), quantize)
-        self.inner_model = model
-        self.sigma_data = 1.0
 
     def get_v(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.inner_model(*args, **kwargs)

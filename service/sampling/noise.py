@@ -28,6 +28,9 @@ NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 _BROWNIAN_STREAM = 0x5DEECE66D
 
 
+Sigma = float | Tensor  # a noise level given as a number or a 0-d tensor
+
+
 def _as_seeds(seeds: int | Sequence[int], batch: int) -> list[int]:
     if isinstance(seeds, int):
         return [seeds + i for i in range(batch)]
@@ -87,8 +90,8 @@ class GaussianNoiseSampler:
         return self.source.randn(self.shape, self.device, self.dtype)
 
 
-class BrownianNoiseSampler:
-    """Exact Brownian increments at the queried times, one path per image seed (see module doc)."""
+class _BrownianPaths:
+    """Brownian motion in t = transform(sigma) on [sigma_min, sigma_max], one path per image seed."""
 
     def __init__(
         self,
@@ -98,11 +101,24 @@ class BrownianNoiseSampler:
         seeds: int | Sequence[int] | None = None,
         transform: Callable[[Tensor], Tensor] = lambda t: t,
     ) -> None:
-        if seeds is None:
+        if seeds is None:  # one random seed for the batch, as k-diffusion's
             seeds = int(torch.randint(0, 2**63 - 1, []).item())
-        self.source = NoiseSource(_as_seeds(seeds, x.shape[0]), stream=_BROWNIAN_STREAM)
-        self.shape, self.device, self.dtype = x.shape[1:], x.device, x.dtype
         self.transform = transform
+        self.start(x, _as_seeds(seeds, x.shape[0]), sigma_min, sigma_max)
+
+    def start(self, x: Tensor, seeds: list[int], sigma_min: Sigma, sigma_max: Sigma) -> None:
+        raise NotImplementedError
+
+    def times(self, sigma: Sigma, sigma_next: Sigma) -> tuple[Tensor, Tensor]:
+        return self.transform(torch.as_tensor(sigma)), self.transform(torch.as_tensor(sigma_next))
+
+
+class BrownianNoiseSampler(_BrownianPaths):
+    """Exact Brownian increments at the queried times, one path per image seed (see module doc)."""
+
+    def start(self, x: Tensor, seeds: list[int], sigma_min: Sigma, sigma_max: Sigma) -> None:
+        self.source = NoiseSource(seeds, stream=_BROWNIAN_STREAM)
+        self.shape, self.device, self.dtype = x.shape[1:], x.device, x.dtype
         # Known points of W (float64 times, float32 values on the CPU): W(t_min) = 0.
         t0 = float(self.transform(torch.as_tensor(sigma_min)))
         self.ts: list[float] = [t0]
@@ -126,40 +142,25 @@ class BrownianNoiseSampler:
         return w
 
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        t0 = float(self.transform(torch.as_tensor(sigma)))
-        t1 = float(self.transform(torch.as_tensor(sigma_next)))
+        t0, t1 = map(float, self.times(sigma, sigma_next))
         w0, w1 = self._w(t0), self._w(t1)
         out = (w1 - w0) / abs(t1 - t0) ** 0.5
         return out.to(device=self.device, dtype=self.dtype)
 
 
-class BrownianTreeNoiseSampler:
+class BrownianTreeNoiseSampler(_BrownianPaths):
     """torchsde Brownian tree noise, one tree per image seed (k-diffusion's semantics)."""
 
-    def __init__(
-        self,
-        x: Tensor,
-        sigma_min: float | Tensor,
-        sigma_max: float | Tensor,
-        seeds: int | Sequence[int] | None = None,
-        transform: Callable[[Tensor], Tensor] = lambda t: t,
-    ) -> None:
+    def start(self, x: Tensor, seeds: list[int], sigma_min: Sigma, sigma_max: Sigma) -> None:
         import torchsde  # imported here: only callers of the tree pay for it
 
-        if seeds is None:
-            seeds = int(torch.randint(0, 2**63 - 1, []).item())
-        self.transform = transform
-        t0 = self.transform(torch.as_tensor(sigma_min))
-        t1 = self.transform(torch.as_tensor(sigma_max))
+        t0, t1 = self.times(sigma_min, sigma_max)
         self.lo, self.hi, self.sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         w0 = torch.zeros_like(x[0])
-        self.trees = [
-            torchsde.BrownianTree(self.lo, w0, self.hi, entropy=s) for s in _as_seeds(seeds, x.shape[0])
-        ]
+        self.trees = [torchsde.BrownianTree(self.lo, w0, self.hi, entropy=s) for s in seeds]
 
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        t0 = self.transform(torch.as_tensor(sigma))
-        t1 = self.transform(torch.as_tensor(sigma_next))
+        t0, t1 = self.times(sigma, sigma_next)
         a, b, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         w = torch.stack([tree(a, b) for tree in self.trees]) * (self.sign * sign)
         return w / (t1 - t0).abs().sqrt()

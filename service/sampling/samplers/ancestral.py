@@ -16,7 +16,15 @@ from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import ancestral_noise, ancestral_step, check_nonneg, evaluate, gaussian, noise_at
+from .common import (
+    ancestral_evaluate,
+    ancestral_noise,
+    check_nonneg,
+    evaluate,
+    gaussian,
+    noise_at,
+    renoise,
+)
 
 
 @sampler(
@@ -51,12 +59,10 @@ def euler_ancestral(
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
         d = (x - denoised) / s[i]
         x = x + d * (sigma_down - s[i])
-        if s[i + 1] > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x
 
 
@@ -82,8 +88,7 @@ def dpm_2_ancestral(
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
         d = (x - denoised) / s[i]
         if sigma_down == 0:
             x = x + d * (sigma_down - s[i])
@@ -93,8 +98,7 @@ def dpm_2_ancestral(
             denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
             d_2 = (x_2 - denoised_2) / sigma_mid
             x = x + d_2 * (sigma_down - s[i])
-        if s[i + 1] > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x
 
 
@@ -146,8 +150,8 @@ def lcm(
     for i in range(len(s) - 1):
         denoised = yield from evaluate(x, sigmas, s, i, callback)
         x = denoised
-        if s[i + 1] > 0:  # re-noise the consistency prediction to the next level
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * s[i + 1])
+        # re-noise the consistency prediction to the next level
+        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * s[i + 1])
     return x
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, GuidedStepper
-from .common import ancestral_noise, ancestral_step, evaluate_guided, noise_at, split_guided
+from .common import ancestral_noise, ancestral_step, evaluate_guided, renoise, split_guided
 
 
 @sampler(
@@ -58,8 +58,8 @@ def euler_ancestral_cfg_pp(
         denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
         x = denoised + (x - uncond) * (sigma_down / s[i])
-        if s[i + 1] > 0 and sigma_up > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        if sigma_up > 0:
+            x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x
 
 
@@ -113,6 +113,6 @@ def dpmpp_2s_ancestral_cfg_pp(
             x_2 = denoised + (x - uncond) * (sigma_s / s[i])
             denoised_2, _ = split_guided((yield Eval(x_2, sigmas.new_tensor(sigma_s), i)))
             x = denoised_2 + (x + denoised - uncond - denoised_2) * (sigma_down / s[i])
-        if s[i + 1] > 0 and sigma_up > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        if sigma_up > 0:
+            x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x

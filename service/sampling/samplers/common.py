@@ -99,6 +99,24 @@ def evaluate_guided(
     return denoised, uncond
 
 
+def ancestral_evaluate(
+    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None, eta: float
+) -> Generator[Eval, Tensor, tuple[Tensor, float, float]]:
+    """Evaluate at sigmas[i] and split the step to sigmas[i + 1]: (denoised, sigma_down, sigma_up)."""
+    denoised = yield from evaluate(x, sigmas, s, i, callback)
+    sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+    return denoised, sigma_down, sigma_up
+
+
+def renoise(
+    x: Tensor, noise_sampler: NoiseSampler, sigmas: Tensor, s: list[float], i: int, scale: float
+) -> Tensor:
+    """x plus scale * fresh noise from sigmas[i] to sigmas[i + 1] (ancestral), none on the step to 0."""
+    if s[i + 1] > 0:
+        x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * scale
+    return x
+
+
 def churned_evaluate(
     x: Tensor,
     sigmas: Tensor,

@@ -12,7 +12,16 @@ from ..catalog import ANCESTRAL, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import ancestral_noise, ancestral_step, brownian, check_nonneg, evaluate, noise_at
+from .common import (
+    ancestral_evaluate,
+    ancestral_noise,
+    ancestral_step,
+    brownian,
+    check_nonneg,
+    evaluate,
+    noise_at,
+    renoise,
+)
 
 
 @sampler(
@@ -37,8 +46,7 @@ def dpmpp_2s_ancestral(
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
         if sigma_down == 0:
             x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
         else:
@@ -47,8 +55,7 @@ def dpmpp_2s_ancestral(
             x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
             denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_s), i)
             x = x * (sigma_down / s[i]) - denoised_2 * math.expm1(-h)
-        if s[i + 1] > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x
 
 

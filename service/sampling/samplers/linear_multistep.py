@@ -105,6 +105,11 @@ def plms(
     return x
 
 
+def _check_max_order(max_order: int) -> None:
+    if isinstance(max_order, bool) or max_order not in AB_COEFFS:
+        raise ValueError(f"max_order must be an integer in [1, 4], got {max_order!r}")
+
+
 @sampler(
     order=4,
     options={"max_order": Bounds(lo=1, hi=4, integer=True)},
@@ -120,8 +125,7 @@ def ipndm(
     max_order: int = 4,
 ) -> Stepper:
     """Improved PNDM (Zhang & Chen 2022, https://arxiv.org/abs/2204.13902): AB 1-4 on d, lower-order start."""
-    if isinstance(max_order, bool) or max_order not in AB_COEFFS:
-        raise ValueError(f"max_order must be an integer in [1, 4], got {max_order!r}")
+    _check_max_order(max_order)
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
@@ -147,8 +151,7 @@ def ipndm_v(
     max_order: int = 4,
 ) -> Stepper:
     """iPNDM with variable step sizes (Zhang & Chen 2022): exact variable-step Adams-Bashforth in sigma."""
-    if isinstance(max_order, bool) or max_order not in AB_COEFFS:
-        raise ValueError(f"max_order must be an integer in [1, 4], got {max_order!r}")
+    _check_max_order(max_order)
     # The variable-step AB coefficients are the integrals of the Lagrange basis: k-diffusion's LMS.
     return (yield from lms(x, sigmas, callback=callback, noise_sampler=noise_sampler, order=max_order))
 

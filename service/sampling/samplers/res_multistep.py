@@ -14,7 +14,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, GuidedStepper
-from .common import ancestral_noise, ancestral_step, evaluate_guided, noise_at
+from .common import ancestral_noise, ancestral_step, evaluate_guided, renoise
 
 
 @sampler(
@@ -89,7 +89,7 @@ def res_multistep_ancestral(
             phi2 = (1 - phi1) / h
             b1, b2 = phi1 - phi2 / c2, phi2 / c2
             x = x * (sigma_down / s[i]) + (denoised * b1 + old_denoised * b2) * h
-        if s[i + 1] > 0 and sigma_up > 0:
-            x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * (s_noise * sigma_up)
+        if sigma_up > 0:
+            x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
         old_denoised, old_sigma_down = denoised, sigma_down
     return x

@@ -6,24 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
+
 Number = float | int
 OptionValue = float | int | str
-
-# Sampler and schedule options accepted at the top level of a request (also settable through
-# sampler_options / schedule_options); each is checked against the chosen sampler and schedule.
-TOP_LEVEL_OPTIONS = (
-    "eta",
-    "s_noise",
-    "s_churn",
-    "s_tmin",
-    "s_tmax",
-    "r",
-    "order",
-    "solver_type",
-    "rho",
-    "sigma_min",
-    "sigma_max",
-)
 
 
 class SampleRequest(BaseModel):

@@ -32,45 +32,46 @@ def _sample(args: argparse.Namespace) -> int:
 
     from service.images import encode_images, grid_png
     from service.models.store import ModelStore
-    from service.sampling.ksampler import KSampler, sampling_dtype
+    from service.sampling.driver import Driver, drive
+    from service.sampling.request import Limits, build_spec, spec_parameters
+    from service.sampling.spec import sampling_dtype
 
     model = ModelStore(args.model_store).load(args.model, args.device)
     d = model.manifest.defaults
-    sampler = args.sampler or d.get("sampler", "dpmpp_2m")
-    schedule = args.schedule or d.get("schedule", "karras")
-    steps = args.steps if args.steps is not None else int(d.get("steps", 20))
+    # the same spec building as the HTTP API: names, aliases, option checks, seeds (image i: seed+i)
+    wanted = argparse.Namespace(
+        sampler=args.sampler, schedule=args.schedule, steps=args.steps, seed=args.seed
+    )
+    wanted.n = args.n
+    spec, n = build_spec(wanted, d, Limits(), getattr(model.denoiser, "sigmas", None) is not None)
     cfg = args.cfg_scale if args.cfg_scale is not None else float(d.get("cfg_scale", 1.0))
-    seeds = [args.seed + i for i in range(args.n)]
-    cond = None
+    cond: dict[str, torch.Tensor] = {}
+    uncond = None
     if args.class_label is not None:
         if model.conditioning != "class" or not 0 <= args.class_label < model.num_classes:
             raise SystemExit(f"--class-label must be in [0, {model.num_classes - 1}] for {args.model}")
-        cond = torch.full([args.n], args.class_label, dtype=torch.long)
-    elif model.conditioning == "class":
-        cond = torch.full([args.n], model.num_classes, dtype=torch.long)
+        cond, uncond = model.class_conditioning(torch.full([n], args.class_label, dtype=torch.long))
+    elif model.conditioning == "class":  # unconditional: the null class, nothing to guide against
+        cond = {"class_cond": torch.full([n], model.num_classes, dtype=torch.long)}
         cfg = 1.0
-    ks = KSampler(model.denoiser, sampler, schedule)
     with torch.inference_mode():
-        x = ks.sample(
-            shape=(args.n, *model.latent_shape),
-            steps=steps,
-            seed=seeds,
-            condition=cond,
+        driver = Driver.start(
+            spec,
+            model.denoiser,
+            (n, *model.latent_shape),
+            cond=cond,
+            uncond=uncond,
             cfg_scale=cfg,
             device=model.device,
             dtype=sampling_dtype(model.dtype),
         )
+        x = drive(driver, model.denoiser)
         images = x if model.decode is None else model.decode(x)
-    params = {
-        "model": args.model,
-        "sampler": sampler,
-        "schedule": schedule,
-        "steps": steps,
-        "cfg_scale": cfg,
-        "class_label": args.class_label,
-        "seeds": seeds,
-    }
-    pngs = encode_images(images.float().cpu(), params, seeds)
+    params = {"model": args.model, **spec_parameters(spec), "cfg_scale": cfg, "class_label": args.class_label}
+    pngs = encode_images(images.float().cpu(), params, spec.seeds)
     Path(args.output).write_bytes(grid_png(pngs, params))
-    print(f"wrote {args.output} ({args.n} image(s), {sampler}/{schedule}, {steps} steps, seeds {seeds})")
+    print(
+        f"wrote {args.output} ({n} image(s), {spec.sampler}/{params['schedule']}, {spec.steps} steps, "
+        f"seeds {spec.seeds})"
+    )
     return 0

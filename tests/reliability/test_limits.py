@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.server import Server
 
-from .support import KEY1, raw_request, rss_mib, status_of
+from .support import KEY1, raw_request, rss_mib, start, status_of
 
 BIG = 50 * 10**6  # 50 MB, past the 34 MB default limit
 
@@ -106,3 +108,20 @@ def test_a_slow_body_gets_408(server: Server) -> None:
         waited = time.monotonic() - t0
     assert status_of(answer) == 408, answer[:200]
     assert 0.5 < waited < 5
+
+
+def test_connections_over_the_cap_get_503_and_the_service_recovers(
+    reliability_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    srv = start(reliability_store, tmp_path_factory.mktemp("cap") / "server.log", KDIFF_MAX_CONNECTIONS="4")
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(4)]
+        time.sleep(0.2)  # the server has accepted them
+        r = httpx.get(f"{srv.url}/healthz", timeout=10)
+        assert r.status_code == 503, r.text
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
+    finally:
+        srv.stop()

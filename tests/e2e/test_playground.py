@@ -85,6 +85,11 @@ def _open(browser: Browser, url: str, **context: object) -> tuple[Page, Console]
     return page, console
 
 
+def _reply_with(reply: dict):  # type: ignore[no-untyped-def]
+    """A route handler that answers with ``reply`` (Playwright passes the request too when asked)."""
+    return lambda route: route.fulfill(**reply)
+
+
 def _generate_digit(page: Page, label: str = "7") -> None:
     page.select_option("#class_label", label)
     page.fill("#steps", "6")
@@ -150,6 +155,14 @@ def test_playground(browser: Browser, server: Server) -> None:
     expect(page.locator("#err-steps")).to_contain_text("greater than or equal to 1")
     expect(page.locator("#steps")).to_have_attribute("aria-invalid", "true")
     page.screenshot(path=str(out / "field-error.png"), full_page=True)
+    # a full queue (429) and a draining service (503) are banners with the Retry-After the API sent
+    console.allowed |= {429, 503}
+    for status, text in ((429, "queue is full: try again in 7 s"), (503, "shutting down (503)")):
+        reply = {"status": status, "body": json.dumps({"detail": "busy"}), "headers": {"Retry-After": "7"}}
+        page.route("**/jobs", _reply_with(reply))
+        page.click("#generate")
+        expect(page.locator("#banner")).to_contain_text(text)
+        page.unroute("**/jobs")
     console.allowed.clear()
     page.fill("#steps", "6")
 

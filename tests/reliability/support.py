@@ -32,8 +32,6 @@ def start(store: Path, log: Path, **env: str) -> Server:
     settings = {
         "KDIFF_API_KEYS": f"{KEY1},{KEY2}",
         "KDIFF_ADMIN_KEYS": ADMIN,
-        "KDIFF_HEADER_TIMEOUT_S": "1",
-        "KDIFF_BODY_TIMEOUT_S": "1",
         "KDIFF_MAX_QUEUE": "1000",
         **env,
     }

@@ -122,8 +122,28 @@ def check_options(
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplerInfo:
+class Entry:
+    """A registered sampler or schedule: its name and option bounds (defaults from its signature)."""
+
     name: str
+    bounds: Mapping[str, Option] = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {k: o.default for k, o in self.bounds.items()}
+
+    def described(self, doc: str, **traits: Any) -> dict[str, Any]:
+        """The catalogue entry: name, doc, the traits given, and each option's bounds."""
+        return {
+            "name": self.name,
+            "doc": doc,
+            **traits,
+            "options": {k: o.describe() for k, o in self.bounds.items()},
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerInfo(Entry):
     stepper: Callable[..., Stepper]  # stepper(x, sigmas, *, callback=None, noise_sampler=None, **options)
     sample: Callable[..., Any]  # the k-diffusion style sample_<name>
     order: int
@@ -132,7 +152,6 @@ class SamplerInfo:
     noise: str = "none"  # "none" | "gaussian" | "brownian"
     batch_coupled: bool = False
     needs_uncond: bool = False
-    bounds: Mapping[str, Option] = field(default_factory=dict)
     origin: str = "k-diffusion"
     aliases: tuple[str, ...] = ()
     nfe: NfeRule | None = None  # total model calls, when not the rule below
@@ -144,52 +163,34 @@ class SamplerInfo:
         return max(1, steps * self.nfe_per_step - (self.nfe_per_step - 1))
 
     @property
-    def options(self) -> dict[str, Any]:
-        return {k: o.default for k, o in self.bounds.items()}
-
-    @property
     def doc(self) -> str:
         return (self.stepper.__doc__ or "").strip().splitlines()[0]
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "doc": self.doc,
-            "order": self.order,
-            "nfe_per_step": self.nfe_per_step,
-            "stochastic": self.stochastic,
-            "noise": self.noise,
-            "needs_uncond": self.needs_uncond,
-            "origin": self.origin,
-            "options": {k: o.describe() for k, o in self.bounds.items()},
-        }
+        return self.described(
+            self.doc,
+            order=self.order,
+            nfe_per_step=self.nfe_per_step,
+            stochastic=self.stochastic,
+            noise=self.noise,
+            needs_uncond=self.needs_uncond,
+            origin=self.origin,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScheduleInfo:
-    name: str
+class ScheduleInfo(Entry):
     fn: Callable[
         ..., Tensor
     ]  # fn(n, sigma_min, sigma_max, device=..., **options); discrete: fn(n, model, device=...)
     function: Callable[..., Tensor]  # the get_sigmas_<name> it was registered from
-    bounds: Mapping[str, Option] = field(default_factory=dict)
     needs_discrete: bool = False
     uses_range: bool = True
     doc: str = ""
     aliases: tuple[str, ...] = ()
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return {k: o.default for k, o in self.bounds.items()}
-
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "doc": self.doc,
-            "needs_discrete": self.needs_discrete,
-            "uses_sigma_range": self.uses_range,
-            "options": {k: o.describe() for k, o in self.bounds.items()},
-        }
+        return self.described(self.doc, needs_discrete=self.needs_discrete, uses_sigma_range=self.uses_range)
 
 
 SAMPLERS: dict[str, SamplerInfo] = {}

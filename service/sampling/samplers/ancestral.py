@@ -15,11 +15,12 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Callback, Stepper
 from .common import (
     ancestral_evaluate,
     ancestral_noise,
     check_nonneg,
+    euler_predict,
     evaluate,
     gaussian,
     noise_at,
@@ -94,9 +95,9 @@ def dpm_2_ancestral(
             x = x + d * (sigma_down - s[i])
         else:
             sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
-            x_2 = x + d * (sigma_mid - s[i])
-            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
-            d_2 = (x_2 - denoised_2) / sigma_mid
+            _, d_2 = yield from euler_predict(
+                x, d, sigma_mid - s[i], sigma_mid, sigmas.new_tensor(sigma_mid), i
+            )
             x = x + d_2 * (sigma_down - s[i])
         x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
     return x

@@ -99,6 +99,14 @@ def evaluate_guided(
     return denoised, uncond
 
 
+def evaluate_h(
+    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None
+) -> Generator[Eval, Tensor, tuple[Tensor, float | None]]:
+    """Evaluate at sigmas[i]: (denoised, h = log(sigma / sigma_next)), Lu et al. (2022); h None onto 0."""
+    denoised = yield from evaluate(x, sigmas, s, i, callback)
+    return denoised, None if s[i + 1] == 0 else math.log(s[i] / s[i + 1])
+
+
 def ancestral_evaluate(
     x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None, eta: float
 ) -> Generator[Eval, Tensor, tuple[Tensor, float, float]]:
@@ -115,6 +123,15 @@ def renoise(
     if s[i + 1] > 0:
         x = x + noise_at(noise_sampler, sigmas, s[i], s[i + 1]) * scale
     return x
+
+
+def euler_predict(
+    x: Tensor, d: Tensor, dt: float, sigma_next: float, sigma_next_t: Tensor, i: int
+) -> Generator[Eval, Tensor, tuple[Tensor, Tensor]]:
+    """Euler predictor x_2 = x + d * dt and the slope there, d_2 = (x_2 - D(x_2; sigma_next)) / sigma_next."""
+    x_2 = x + d * dt
+    denoised_2 = yield Eval(x_2, sigma_next_t, i)
+    return x_2, (x_2 - denoised_2) / sigma_next
 
 
 def churned_evaluate(

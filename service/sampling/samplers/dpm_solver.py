@@ -121,6 +121,15 @@ def _info_callback(callback: Callback | None, info: dict[str, Any]) -> None:
         callback({"sigma": _sigma(info["t"]), "sigma_hat": _sigma(info["t_up"]), **info})
 
 
+def _ancestral_t(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> tuple[Tensor, Tensor | float]:
+    """(t_next_, su): the deterministic part of an ancestral step from t to t_next ends at t_next_."""
+    if not eta:
+        return t_next, 0.0
+    sd, _ = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
+    t_next_ = torch.minimum(t_end, _t(sd))
+    return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
+
+
 def _check_range(sigma_min: float, sigma_max: float) -> None:
     if sigma_min <= 0 or sigma_max <= 0:
         raise InputError("sigma_min", "sigma_min and sigma_max must not be 0")
@@ -237,13 +246,7 @@ def dpm_fast(
     for i, order in enumerate(orders):
         solver = _Solver(i)
         t, t_next = ts[i], ts[i + 1]
-        su: Tensor | float
-        if eta:
-            sd, su = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
-            t_next_ = torch.minimum(t_end, _t(sd))
-            su = (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
-        else:
-            t_next_, su = t_next, 0.0
+        t_next_, su = _ancestral_t(t, t_next, t_end, eta)
         eps = yield from solver.eps("eps", x, t)
         _info_callback(callback, {"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - _sigma(t) * eps})
         step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
@@ -320,13 +323,7 @@ def dpm_adaptive(
     while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
         solver = _Solver(info["steps"])
         t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
-        su: Tensor | float
-        if eta:
-            sd, su = get_ancestral_step(_sigma(s), _sigma(t), eta)
-            t_ = torch.minimum(t_end, _t(sd))
-            su = (_sigma(t) ** 2 - _sigma(t_) ** 2) ** 0.5
-        else:
-            t_, su = t, 0.0
+        t_, su = _ancestral_t(s, t, t_end, eta)
         eps = yield from solver.eps("eps", x, s)
         denoised = x - _sigma(s) * eps
         if order == 2:

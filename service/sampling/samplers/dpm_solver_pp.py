@@ -18,7 +18,7 @@ from .common import (
     ancestral_step,
     brownian,
     check_nonneg,
-    evaluate,
+    evaluate_h,
     noise_at,
     renoise,
 )
@@ -85,11 +85,10 @@ def dpmpp_sde(
     noise_sampler = brownian(x, sigmas, noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
             continue
-        h = math.log(s[i] / s[i + 1])
         sigma_s = s[i] * math.exp(-h * r)
         fac = 1 / (2 * r)
         # Stage 1: to the intermediate sigma_s, ancestrally.
@@ -113,11 +112,10 @@ def dpmpp_2m(
     s = sigmas.tolist()
     old_denoised = None
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = denoised  # sigma_next / sigma = 0 and -expm1(-h) = 1
         else:
-            h = math.log(s[i] / s[i + 1])
             if old_denoised is None:
                 denoised_d = denoised
             else:
@@ -166,12 +164,10 @@ def dpmpp_2m_sde(
     old_denoised: Tensor | None = None
     h_last: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        h = None
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = denoised  # the final denoising step
         else:
-            h = math.log(s[i] / s[i + 1])
             eta_h = eta * h
             phi_1 = -math.expm1(-h - eta_h)
             x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * phi_1
@@ -212,12 +208,10 @@ def dpmpp_3m_sde(
     h_1: float | None = None
     h_2: float | None = None
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        h = None
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = denoised  # the final denoising step
         else:
-            h = math.log(s[i] / s[i + 1])
             h_eta = h * (eta + 1)
             x = x * math.exp(-h_eta) - denoised * math.expm1(-h_eta)
             phi_2 = math.expm1(-h_eta) / h_eta + 1

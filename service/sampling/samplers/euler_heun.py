@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..noise import NoiseSampler
 from ..schedules import get_sigmas_karras
 from ..stepper import Callback, Eval, Stepper
-from .common import check_nonneg, churned_evaluate, gaussian, noise_at, report
+from .common import check_nonneg, churned_evaluate, euler_predict, gaussian, noise_at, report
 
 
 @sampler(
@@ -78,9 +78,7 @@ def heun(
         if s[i + 1] == 0:
             x = x + d * dt
         else:
-            x_2 = x + d * dt
-            denoised_2 = yield Eval(x_2, sigmas[i + 1], i)
-            d_2 = (x_2 - denoised_2) / s[i + 1]
+            _, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
             x = x + (d + d_2) * (dt / 2)
     return x
 
@@ -115,9 +113,8 @@ def dpm_2(
             x = x + d * (s[i + 1] - sigma_hat)
         else:
             sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # midpoint in log sigma
-            x_2 = x + d * (sigma_mid - sigma_hat)
-            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_mid), i)
-            d_2 = (x_2 - denoised_2) / sigma_mid
+            dt_mid = sigma_mid - sigma_hat
+            _, d_2 = yield from euler_predict(x, d, dt_mid, sigma_mid, sigmas.new_tensor(sigma_mid), i)
             x = x + d_2 * (s[i + 1] - sigma_hat)
     return x
 
@@ -158,16 +155,12 @@ def heunpp2(
         if s[i + 1] == s_end:
             x = x + d * dt
             continue
-        x_2 = x + d * dt
-        denoised_2 = yield Eval(x_2, sigmas[i + 1], i)
-        d_2 = (x_2 - denoised_2) / s[i + 1]
+        x_2, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
         if s[i + 2] == s_end:
             w_2 = s[i + 1] / (2 * s[0])
             x = x + (d * (1 - w_2) + d_2 * w_2) * dt
             continue
-        x_3 = x_2 + d_2 * (s[i + 2] - s[i + 1])
-        denoised_3 = yield Eval(x_3, sigmas[i + 2], i)
-        d_3 = (x_3 - denoised_3) / s[i + 2]
+        _, d_3 = yield from euler_predict(x_2, d_2, s[i + 2] - s[i + 1], s[i + 2], sigmas[i + 2], i)
         w_2, w_3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
         x = x + (d * (1 - w_2 - w_3) + d_2 * w_2 + d_3 * w_3) * dt
     return x
@@ -258,8 +251,7 @@ def restart(
         if sigma_next == 0:
             x = x + d * dt
         else:
-            x_2 = x + d * dt
-            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_next), i)
-            x = x + (d + (x_2 - denoised_2) / sigma_next) * (dt / 2)
+            _, d_2 = yield from euler_predict(x, d, dt, sigma_next, sigmas.new_tensor(sigma_next), i)
+            x = x + (d + d_2) * (dt / 2)
         last = sigma_next
     return x

@@ -16,7 +16,7 @@ from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import ancestral_noise, check_nonneg, evaluate, gaussian, noise_at
+from .common import ancestral_noise, check_nonneg, evaluate, evaluate_h, gaussian, noise_at
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
@@ -141,11 +141,10 @@ def _seeds(
     s = sigmas.tolist()
     c = 1 + eta
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = denoised
             continue
-        h = math.log(s[i] / s[i + 1])
         cuts = [r * h for r in rs] + [h]
         zs: list[Tensor] = []
         if eta and s_noise:

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..catalog import Bounds, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import evaluate, report
+from .common import euler_predict, evaluate, report
 
 _GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
 
@@ -95,9 +95,8 @@ def plms(
         d = (x - denoised) / s[i]
         dt = s[i + 1] - s[i]
         if not ds and s[i + 1] > 0:
-            x_2 = x + d * dt
-            denoised_2 = yield Eval(x_2, sigmas[i + 1], i)
-            x = x + (d + (x_2 - denoised_2) / s[i + 1]) * (dt / 2)
+            _, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
+            x = x + (d + d_2) * (dt / 2)
             ds.append(d)
             continue
         ds = [*ds[-3:], d]

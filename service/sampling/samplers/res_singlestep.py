@@ -26,7 +26,7 @@ from ..catalog import Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import evaluate
+from .common import evaluate_h
 
 
 @sampler(
@@ -55,11 +55,10 @@ def res_2s(
         raise InputError("c2", f"c2 must be in (0, 1], got {c2!r}")
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
-        if s[i + 1] == 0:
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        if h is None:
             x = denoised
             continue
-        h = math.log(s[i] / s[i + 1])
         sigma_2 = s[i] * math.exp(-c2 * h)
         x_2 = x * (sigma_2 / s[i]) - denoised * math.expm1(-c2 * h)
         denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_2), i)

@@ -93,6 +93,8 @@ class Driver:
         )
         init = None if init is None else init.to(device=device, dtype=dtype)
         x = start_latents(spec, shape, sigmas, device, dtype, init)
+        if getattr(model, "flow", False):  # rectified flow: flow forms, Flux's shift, img2img start (flow.py)
+            spec, sigmas, x = model.prepare(spec, x, sigmas, init)
         return cls(
             spec,
             sigmas,

@@ -19,7 +19,11 @@ from torch import Tensor
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Kinds whose loader lives in a module that registers it on import (issue 5 adds stable_diffusion).
-PLUGINS = {"stable_diffusion": "service.models.stable_diffusion"}
+PLUGINS = {
+    "stable_diffusion": "service.models.stable_diffusion",
+    "sd3": "service.models.flow_model",
+    "flux": "service.models.flow_model",
+}
 
 
 class UnknownModelError(ValueError):

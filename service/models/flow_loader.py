@@ -1,0 +1,104 @@
+"""Load flow-matching models (SD3 / SD3.5, Flux) from the diffusers layout, local safetensors only.
+
+A folder with ``model_index.json`` and one sub-folder per component: ``transformer`` (SD3's
+MMDiT or Flux's transformer), ``vae``, ``text_encoder`` (CLIP-L), ``text_encoder_2`` (SD3: CLIP-G;
+Flux: T5), SD3's optional ``text_encoder_3`` (T5), their tokenizers, and ``scheduler`` (its
+config gives the shift). Each component is built by the class its model_index entry names, from
+``diffusers`` or ``transformers`` only; weights must be ``.safetensors`` (nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.models.sd_loader import SDLoadError
+
+LIBRARIES = ("diffusers", "transformers")
+FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+@dataclass
+class FlowComponents:
+    family: str  # "sd3" | "flux"
+    transformer: Any
+    vae: Any
+    text_encoders: dict[str, Any]  # by model_index name: text_encoder, text_encoder_2, text_encoder_3
+    tokenizers: dict[str, Any]  # tokenizer, tokenizer_2, tokenizer_3
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    model_index: dict[str, Any] = field(default_factory=dict)
+    source: str = "diffusers"
+
+
+def _json(path: Path, root: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SDLoadError(f"missing file {path.relative_to(root)} in {root}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SDLoadError(f"{path.relative_to(root)}: not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise SDLoadError(f"{path.relative_to(root)}: expected a JSON object")
+    return data
+
+
+def _class(lib: str, name: str, where: str) -> Any:
+    if lib not in LIBRARIES or not isinstance(name, str) or not name.isidentifier():
+        raise SDLoadError(f"{where}: component class {lib}.{name} is not one this service loads")
+    cls = getattr(importlib.import_module(lib), name, None)
+    if cls is None:
+        raise SDLoadError(f"{where}: {lib} has no class {name}")
+    return cls
+
+
+def _load(cls: Any, sub: Path, root: Path, name: str) -> Any:
+    if name.startswith("tokenizer"):
+        return cls.from_pretrained(str(sub), local_files_only=True)
+    unsafe = [p.name for p in sub.iterdir() if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+    if unsafe and not any(p.suffix == ".safetensors" for p in sub.iterdir()):
+        raise SDLoadError(f"{sub.relative_to(root)}: only .safetensors weights are loaded, found {unsafe}")
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if cls.__module__.startswith("diffusers") and importlib.util.find_spec("accelerate") is None:
+        kw["low_cpu_mem_usage"] = False
+    try:
+        return cls.from_pretrained(str(sub), **kw).eval()
+    except Exception as exc:
+        raise SDLoadError(
+            f"{sub.relative_to(root)}: cannot load {name} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def load_flow_diffusers(root: Path) -> FlowComponents:
+    """The components of a diffusers-layout SD3 or Flux folder."""
+    index = _json(root / "model_index.json", root)
+    entry = index.get("transformer")
+    if not isinstance(entry, list) or entry[1] not in FAMILIES:
+        raise SDLoadError(f"{root}: model_index.json names no SD3 or Flux transformer ({entry!r})")
+    parts: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        if name == "scheduler":
+            continue
+        sub = root / name
+        if not sub.is_dir():
+            raise SDLoadError(f"{root}: missing component folder {name}/")
+        parts[name] = _load(_class(spec[0], spec[1], f"model_index.json {name}"), sub, root, name)
+    sched = root / "scheduler" / "scheduler_config.json"
+    sched_cfg = _json(sched, root) if sched.is_file() else {}
+    for need in ("vae", "text_encoder", "tokenizer"):
+        if need not in parts:
+            raise SDLoadError(f"{root}: model_index.json has no {need}")
+    return FlowComponents(
+        family=FAMILIES[entry[1]],
+        transformer=parts["transformer"],
+        vae=parts["vae"],
+        text_encoders={k: v for k, v in parts.items() if k.startswith("text_encoder")},
+        tokenizers={k: v for k, v in parts.items() if k.startswith("tokenizer")},
+        scheduler_config=sched_cfg,
+        model_index=index,
+    )

@@ -95,6 +95,12 @@ class SampleRequest(BaseModel):
     rho: float | None = Field(default=None, description="schedule rho (karras, polyexponential)")
     sigma_min: float | None = Field(default=None, description="schedule sigma_min (default: the model's)")
     sigma_max: float | None = Field(default=None, description="schedule sigma_max (default: the model's)")
+    shift: float | None = Field(
+        default=None, description="schedule 'flow' (SD3 / Flux): timestep shift (default: the model's)"
+    )
+    guidance: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="Flux-dev: distilled guidance (default: the model's)"
+    )
     sampler_options: dict[str, OptionValue] = Field(
         default_factory=dict, max_length=32, description="further sampler options by name (GET /samplers)"
     )

@@ -168,6 +168,9 @@ def _text_job(req: SampleRequest, model: LoadedModel, n: int, cfg: float, denois
         except ImageInputError as exc:
             raise FieldError(field, f"{field}: {exc}") from exc
         images[field] = t if field == "init_image" else (t + 1) / 2
+    extra = {} if getattr(req, "guidance", None) is None else {"guidance": req.guidance}
+    if extra and not getattr(sd, "takes_guidance", False):  # Flux-dev's distilled guidance input
+        raise FieldError("guidance", f"model {model.name!r} takes no guidance (Flux-dev only); omit it", [])
     try:
         inp = sd.job_inputs(
             req.prompt,
@@ -179,6 +182,7 @@ def _text_job(req: SampleRequest, model: LoadedModel, n: int, cfg: float, denois
             init_image=images["init_image"],
             mask=images["mask"],
             clip_skip=req.clip_skip,
+            **extra,
         )
     except SDInputError as exc:
         raise FieldError(exc.field, exc.message, exc.allowed) from exc

@@ -38,6 +38,7 @@ TOP_LEVEL_OPTIONS = (
     "rho",
     "sigma_min",
     "sigma_max",
+    "shift",  # schedule "flow" (flow-matching models)
 )
 
 

@@ -1,0 +1,152 @@
+"""SD3 and Flux over HTTP with tiny random stores: txt2img, img2img, inpainting, jobs with progress,
+flow and non-flow models served side by side, and 422s naming the field for what they do not take."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.models.flow_generate import generate
+from service.models.store import ModelStore
+from tests.api.tiny_store import make_tiny_store
+from tests.models.flow_tiny import SIZE, tiny_flow_store
+
+BASE = {"prompt": "the red cat", "steps": 3, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_tiny_store(tmp_path_factory.mktemp("flow-store"))  # a non-flow model ("tiny") too
+    for name in ("sd3", "flux_schnell", "flux_dev"):
+        shutil.copytree(tiny_flow_store() / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(root: Path) -> Iterator[TestClient]:
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    with TestClient(create_app(Settings(model_store=root, torch_threads=1, batch_wait_ms=0))) as c:
+        yield c
+
+
+def _png_b64(mode: str, color: Any) -> str:
+    buf = io.BytesIO()
+    Image.new(mode, (SIZE, SIZE), color=color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def _post(client: TestClient, **body: Any) -> dict[str, Any]:
+    r = client.post("/sample", json={**BASE, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_sd3_txt2img_is_the_direct_generation(client: TestClient, root: Path) -> None:
+    out = _post(client, model="sd3", n=2, seed=[5, 6])
+    assert len(out["images"]) == 2 and out["parameters"]["cfg_scale"] == 4.0
+    m = ModelStore(root).load("sd3").sd  # type: ignore[attr-defined]
+    direct = generate(m, "the red cat", seeds=[6], steps=3, cfg_scale=4.0)
+    want = ((direct[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    assert np.abs(_pixels(out["images"][1]) - want).max() <= 1  # image 2 of a batch = its seed alone
+
+
+@pytest.mark.parametrize("model", ["flux_schnell", "flux_dev"])
+def test_flux_txt2img(client: TestClient, model: str) -> None:
+    out = _post(client, model=model, sampler="euler_ancestral")
+    assert out["images"] and out["parameters"]["cfg_scale"] == 1.0
+
+
+def test_flux_dev_guidance_is_an_input(client: TestClient) -> None:
+    a, b = _post(client, model="flux_dev", guidance=1.0), _post(client, model="flux_dev", guidance=6.0)
+    assert a["images"] != b["images"]
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux_dev"])
+def test_img2img_and_inpainting(client: TestClient, model: str) -> None:
+    init = _png_b64("RGB", (250, 250, 250))
+    r = _post(client, model=model, init_image=init, denoise=0.5)
+    assert r["parameters"]["img2img"] is True
+    keep = _png_b64("L", 0)  # black: keep everything
+    r = _post(client, model=model, init_image=init, mask=keep, sampler="dpmpp_2m_sde")
+    assert r["parameters"]["inpaint"] is True
+
+
+def test_shift_is_a_schedule_option(client: TestClient) -> None:
+    a, b = _post(client, model="sd3", shift=1.0), _post(client, model="sd3", shift=6.0)
+    assert a["images"] != b["images"]
+    assert _post(client, model="sd3", schedule="karras", sampler="dpmpp_2m")["images"]
+
+
+def _events(client: TestClient, url: str) -> list[tuple[str, dict[str, Any]]]:
+    out, event = [], None
+    with client.stream("GET", url) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event:
+                out.append((event, json.loads(line[6:])))
+    return out
+
+
+def test_jobs_with_progress_side_by_side_with_a_non_flow_model(client: TestClient) -> None:
+    ids = []
+    for body in (
+        {**BASE, "model": "sd3", "steps": 24, "sampler": "dpmpp_sde"},
+        {"model": "tiny", "class_label": 3, "steps": 4, "seed": 1},
+        {**BASE, "model": "flux_schnell", "steps": 4},
+    ):
+        r = client.post("/jobs", json=body)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    events = _events(client, f"/jobs/{ids[0]}/events")
+    assert events[-1][0] == "done", events[-1]
+    steps = [d["step"] for e, d in events if e == "progress"]
+    assert steps and steps == sorted(steps)
+    for job_id in ids:
+        assert _events(client, f"/jobs/{job_id}/events")[-1][0] == "done"
+        view = client.get(f"/jobs/{job_id}").json()
+        assert view["status"] == "succeeded" and view["progress"]["fraction"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "flux_schnell", "negative_prompt": "blurry"}, "negative_prompt"),
+        ({"model": "flux_schnell", "cfg_scale": 3.0}, "cfg_scale"),
+        ({"model": "flux_schnell", "guidance": 3.0}, "guidance"),
+        ({"model": "sd3", "guidance": 3.0}, "guidance"),
+        ({"model": "sd3", "schedule": "karras", "shift": 2.0}, "shift"),
+        ({"model": "sd3", "schedule": "karras", "sigma_max": 5.0}, "sigma_max"),
+        ({"model": "sd3", "sigmas": [3.0, 1.0, 0.5, 0.0]}, "sigmas"),
+        ({"model": "sd3", "width": 18}, "width"),
+    ],
+)
+def test_unsupported_options_are_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:
+    r = client.post("/sample", json={**BASE, **body})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(field in e["loc"] for e in errors), errors
+
+
+def test_models_list_flow_info(client: TestClient) -> None:
+    r = client.get("/models")
+    assert r.status_code == 200
+    assert "flux_dev" in r.text and "sd3" in r.text
+    assert torch.__version__  # the store's info reaches /models

@@ -16,7 +16,13 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, GuidedStepper
-from .common import ancestral_noise, ancestral_step, evaluate_guided, renoise, split_guided
+from .common import (
+    ancestral_evaluate_guided,
+    ancestral_noise,
+    evaluate_guided,
+    renoise,
+    split_guided,
+)
 
 
 @sampler(
@@ -55,8 +61,9 @@ def euler_ancestral_cfg_pp(
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
+            x, sigmas, s, i, callback, eta
+        )
         x = denoised + (x - uncond) * (sigma_down / s[i])
         if sigma_up > 0:
             x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
@@ -104,8 +111,9 @@ def dpmpp_2s_ancestral_cfg_pp(
     noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
+            x, sigmas, s, i, callback, eta
+        )
         if sigma_down == 0:
             x = denoised
         else:

@@ -116,6 +116,15 @@ def ancestral_evaluate(
     return denoised, sigma_down, sigma_up
 
 
+def ancestral_evaluate_guided(
+    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None, eta: float
+) -> Generator[Eval, Tensor | Guided, tuple[Tensor, Tensor, float, float]]:
+    """As :func:`ancestral_evaluate` for CFG++ steppers: (denoised, uncond, sigma_down, sigma_up)."""
+    denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
+    sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+    return denoised, uncond, sigma_down, sigma_up
+
+
 def renoise(
     x: Tensor, noise_sampler: NoiseSampler, sigmas: Tensor, s: list[float], i: int, scale: float
 ) -> Tensor:

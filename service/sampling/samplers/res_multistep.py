@@ -14,7 +14,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, GuidedStepper
-from .common import ancestral_noise, ancestral_step, evaluate_guided, renoise
+from .common import ancestral_evaluate_guided, ancestral_noise, renoise
 
 
 @sampler(
@@ -73,8 +73,9 @@ def res_multistep_ancestral(
     old_denoised: Tensor | None = None
     old_sigma_down = s[0]
     for i in range(len(s) - 1):
-        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
+        denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
+            x, sigmas, s, i, callback, eta
+        )
         if cfg_pp:
             x = x + (denoised - uncond)  # re-noise along the unconditional direction
         if sigma_down == 0 or old_denoised is None:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -145,8 +144,17 @@ def test_unsupported_options_are_422_naming_the_field(client: TestClient, body: 
     assert any(field in e["loc"] for e in errors), errors
 
 
-def test_models_list_flow_info(client: TestClient) -> None:
+def test_models_list_flow_models(client: TestClient) -> None:
     r = client.get("/models")
     assert r.status_code == 200
     assert "flux_dev" in r.text and "sd3" in r.text
-    assert torch.__version__  # the store's info reaches /models
+
+
+def test_a1111_route_serves_flow_models(client: TestClient) -> None:
+    for model, extra in (("flux_dev", {"cfg_scale": 1.0}), ("sd3", {"scheduler": "Karras"})):
+        body = {"prompt": "a cat", "steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"}
+        r = client.post(
+            "/sdapi/v1/txt2img", json={**body, **extra, "override_settings": {"sd_model_checkpoint": model}}
+        )
+        assert r.status_code == 200, r.text
+        assert len(r.json()["images"]) == 1

@@ -139,3 +139,23 @@ def test_flux_schedule_follows_the_resolution(store: Path) -> None:
     m = _model(store / "flux_schnell")
     assert m.denoiser.dynamic is not None
     assert m.denoiser.shift_for(8, 8) < m.denoiser.shift_for(64, 64)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_schnell"])
+def test_inpainting_blends_in_latent_space(store: Path, name: str) -> None:
+    """Outside the mask the x0 prediction is the init latents, so a keep-everything mask returns
+    them exactly and a repaint-everything mask is txt2img-like img2img."""
+    m = _model(store / name)
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    keep = torch.zeros(1, 1, SIZE, SIZE)
+    for sampler in ("euler", "dpmpp_2m_sde"):
+        out = generate(
+            m, PROMPT, seeds=[1], steps=3, init_image=image, mask=keep, sampler=sampler, output="latents"
+        )
+        assert (out - m.encode_image(image)).abs().max() < 1e-5, sampler
+    half = torch.zeros(1, 1, SIZE, SIZE)
+    half[..., : SIZE // 2] = 1
+    out = generate(m, PROMPT, seeds=[1], steps=3, init_image=image, mask=half, output="latents")
+    init = m.encode_image(image)
+    assert (out - init)[..., SIZE // 4 :].abs().max() < 1e-5  # the kept right half (latent columns 4..7)
+    assert (out - init)[..., : SIZE // 4].abs().max() > 1e-2

@@ -18,7 +18,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Required, TypedDict, TypeVar, Unpack
 
 from torch import Tensor
 
@@ -147,8 +147,8 @@ class SamplerInfo(Entry):
     stepper: Callable[..., Stepper]  # stepper(x, sigmas, *, callback=None, noise_sampler=None, **options)
     sample: Callable[..., Any]  # the k-diffusion style sample_<name>
     order: int
-    nfe_per_step: int
-    stochastic: bool
+    nfe_per_step: int = 1
+    stochastic: bool = False
     noise: str = "none"  # "none" | "gaussian" | "brownian"
     batch_coupled: bool = False
     needs_uncond: bool = False
@@ -274,24 +274,30 @@ def _with_fixed(
     return stepper
 
 
+class SamplerTraits(TypedDict, total=False):
+    """What :func:`sampler` records of a stepper as it is, into its :class:`SamplerInfo` (same names)."""
+
+    order: Required[int]
+    origin: Required[str]
+    nfe_per_step: int
+    nfe: NfeRule | None
+    noise: str
+    stochastic: bool
+    batch_coupled: bool
+    needs_uncond: bool
+    aliases: tuple[str, ...]
+
+
 def sampler(
     *,
-    order: int,
-    origin: str,
-    nfe_per_step: int = 1,
-    nfe: NfeRule | None = None,
-    noise: str = "none",
-    stochastic: bool = False,
-    batch_coupled: bool = False,
-    needs_uncond: bool = False,
     options: Mapping[str, Bounds] | None = None,
-    aliases: tuple[str, ...] = (),
     internal: tuple[str, ...] = (),
     sigma_range: bool = False,
     sample: Callable[..., Any] | None = None,
     name: str | None = None,
     fixed: Mapping[str, Any] | None = None,
     doc: str | None = None,
+    **traits: Unpack[SamplerTraits],
 ) -> Callable[[F], F]:
     """Register the decorated stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)``.
 
@@ -310,6 +316,7 @@ def sampler(
     - ``name``, ``fixed``, ``doc``: register a variant of the decorated stepper under another name,
       with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper).
     """
+    noise = traits.get("noise", "none")
     if noise not in NOISE_KINDS:
         raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
 
@@ -328,16 +335,8 @@ def sampler(
             name=key,
             stepper=stepper,
             sample=sample or k_sampler(stepper, key),
-            order=order,
-            nfe_per_step=nfe_per_step,
-            stochastic=stochastic,
-            noise=noise,
-            batch_coupled=batch_coupled,
-            needs_uncond=needs_uncond,
             bounds=option_specs(f"sampler {key}", base, options or {}, skip),
-            origin=origin,
-            aliases=aliases,
-            nfe=nfe,
+            **traits,
         )
         return fn
 

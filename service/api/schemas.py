@@ -12,6 +12,14 @@ Number = float | int
 OptionValue = float | int | str
 
 
+class LoraRef(BaseModel):
+    """One LoRA of a request (GET /loras lists them)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str = Field(max_length=128, description="LoRA name (its file name without .safetensors)")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength (1 = as trained)")
+
+
 class SampleRequest(BaseModel):
     """One generation request. Unknown fields are rejected (422)."""
 
@@ -62,7 +70,12 @@ class SampleRequest(BaseModel):
         None, description="class for class-conditional models (one, or one per image); none = unconditional"
     )
     prompt: str | None = Field(
-        default=None, max_length=4000, description="text prompt (text-conditional models)"
+        default=None,
+        max_length=4000,
+        description="text prompt (text-conditional models); A1111's <lora:name:weight> tags apply LoRAs",
+    )
+    loras: list[LoraRef] | None = Field(
+        None, max_length=4, description="LoRAs applied to this request only (it still shares batches)"
     )
     negative_prompt: str | None = Field(
         default=None, max_length=4000, description="negative prompt (text models)"

@@ -17,6 +17,7 @@ from torch import Tensor
 from service.engine import Engine, EngineConfig, Job, JobRequest, JobStatus, JobStore, Metrics, ModelHandle
 from service.engine.jobs import JobError
 from service.images import encode_images
+from service.models.lora import LoraIndex, attach
 from service.models.store import LoadedModel, Manifest, ModelStore, disk_bytes, memory_bytes
 from service.models.traced import trace_denoiser
 from service.sampling.errors import InputError
@@ -55,6 +56,7 @@ class ServiceState:
         self.engines: dict[str, Engine] = {}
         self.load_errors: dict[str, str] = {}  # the last failed load of each model
         self.footprint = Footprint(0, {}, {})
+        self.loras = LoraIndex(self.store.root)
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._pins: dict[str, int] = {}  # requests being built against a model: not evictable
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
@@ -155,8 +157,15 @@ class ServiceState:
             self.load_errors.pop(name, None)
             self.footprint.weight[name] = memory_bytes(model)
             self.footprint.used_at[name] = time.monotonic()
+            adapters = attach(model, self.loras)
             handle = ModelHandle(
-                name, model.denoiser, model.latent_shape, model.device, model.dtype, model.decode
+                name,
+                model.denoiser,
+                model.latent_shape,
+                model.device,
+                model.dtype,
+                model.decode,
+                None if adapters is None else adapters.call,
             )
             config = EngineConfig(s.max_batch_rows, s.max_queue, s.batch_wait_ms, s.batching)
             engine = Engine(handle, config, self.metrics, finalize)
@@ -181,7 +190,10 @@ class ServiceState:
 
     async def _unload(self, name: str) -> None:
         engine = self.engines.pop(name)
-        self.models.pop(name)
+        model = self.models.pop(name)
+        if model.adapters is not None:
+            model.adapters.close()
+        del model
         self.footprint.weight.pop(name, None)
         await engine.stop()
         del engine

@@ -10,6 +10,7 @@ import torch
 
 from service.engine.jobs import JobRequest
 from service.images import ImageInputError, decode_image
+from service.models.lora import text_loras
 from service.models.store import LoadedModel
 from service.sampling import aliases, registry
 from service.sampling.driver import Driver
@@ -17,6 +18,7 @@ from service.sampling.errors import InputError
 from service.sampling.schedules import CustomSchedule
 from service.sampling.spec import SamplingSpec, make_sigmas, sampling_dtype
 
+from .lora_request import lora_parameters, request_loras, with_adapters
 from .schemas import TOP_LEVEL_OPTIONS, SampleRequest
 from .settings import Settings
 
@@ -298,6 +300,7 @@ def _request_field(name: str, spec: SamplingSpec) -> str:
 
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
     d = model.manifest.defaults
+    tagged, (req, loras) = req, request_loras(req, model)  # <lora:...> tags leave the prompt
     sampler, schedule = _names(req, d)
     custom: CustomSchedule | None = None
     if schedule == CUSTOM:
@@ -322,7 +325,8 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
     s_opts, k_opts = _options(req, sampler, schedule)
     latent_shape: tuple[int, ...] | None = None
     if model.conditioning == "text":
-        text = _text_job(req, model, n, cfg, denoise)
+        with text_loras(model, loras):
+            text = _text_job(req, model, n, cfg, denoise)
         cond, uncond, init, mask = text.cond, text.uncond, text.init, text.mask
         latent_shape, (h, w) = text.latent_shape, text.image_size
     else:
@@ -342,6 +346,7 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         )
     except InputError as exc:
         raise FieldError(exc.field, exc.message, exc.allowed) from exc
+    cond, uncond = with_adapters(model, cond, uncond, loras, n)
     driver = _start(spec, model, (n, *(latent_shape or model.latent_shape)), cond, uncond, cfg, init, mask)
     params: dict[str, Any] = {
         "model": model.name,
@@ -362,6 +367,7 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         **({"clip_skip": req.clip_skip} if req.clip_skip is not None else {}),
         "img2img": init is not None,
         "inpaint": mask is not None,
+        **lora_parameters(tagged, model),
         "sampler_options": s_opts,
         "schedule_options": k_opts,
         **named,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ class ModelHandle:
 
     ``latent_shape`` is the per-image shape the sampler works in; ``decode`` (optional) turns
     sampled latents into images in [-1, 1] (a VAE for latent models; None for pixel models).
+    ``row_adapters`` (optional) takes the per-row adapter tensor of a call (conditioning key
+    :data:`ROW_ADAPTERS`, not passed to the denoiser) and returns the context the call runs in: per-row
+    LoRA, so rows with different adapters share one call.
     """
 
     name: str
@@ -27,6 +31,10 @@ class ModelHandle:
     device: torch.device
     dtype: torch.dtype
     decode: Callable[[Tensor], Tensor] | None = None
+    row_adapters: Callable[[Tensor], AbstractContextManager[None]] | None = None
+
+
+ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
 
 
 class ModelRunner:
@@ -62,12 +70,22 @@ class ModelRunner:
     def _chunked(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         size = self.max_rows
         if x.shape[0] <= size:
-            return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]
+            return self._call(x, sigma, cond)
         outs = []
         for i in range(0, x.shape[0], size):
             part = slice(i, i + size)
-            outs.append(self.handle.denoiser(x[part], sigma[part], **{k: v[part] for k, v in cond.items()}))
+            outs.append(self._call(x[part], sigma[part], {k: v[part] for k, v in cond.items()}))
         return torch.cat(outs)
+
+    def _call(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        rows = cond.get(ROW_ADAPTERS)
+        if rows is None:
+            return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]
+        cond = {k: v for k, v in cond.items() if k != ROW_ADAPTERS}
+        if self.handle.row_adapters is None:
+            raise RuntimeError(f"{self.handle.name}: rows carry adapters but the model has no adapter hook")
+        with self.handle.row_adapters(rows):
+            return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def decode(self, latents: Tensor) -> Tensor:

@@ -64,9 +64,11 @@ class PromptEncoder:
         self.device = torch.device(device)
         self.cache_size = cache_size
         # keyed by the prompt, or (prompt, clip_skip) for a clip_skip other than the encoder's own
-        self._cache: OrderedDict[str | tuple[str, int], Encoded] = OrderedDict()
+        self._cache: OrderedDict[Any, Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        # what else changes this thread's encodings (text-encoder LoRAs): part of the cache key
+        self.variant = threading.local()
 
     # --- tokens ---
     def chunk_ids(self, prompt: str, tokenizer_index: int = 0) -> list[list[int]]:
@@ -157,7 +159,9 @@ class PromptEncoder:
         skip = self.clip_skip if clip_skip is None else int(clip_skip)
         if skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
-        key: str | tuple[str, int] = prompt if skip == self.clip_skip else (prompt, skip)
+        key: Any = prompt if skip == self.clip_skip else (prompt, skip)
+        if getattr(self.variant, "key", None) is not None:
+            key = (key, self.variant.key)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:

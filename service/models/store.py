@@ -72,6 +72,7 @@ class LoadedModel:
     decode: Callable[[Tensor], Tensor] | None = None  # latents -> images in [-1, 1]
     encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (img2img)
     info: dict[str, Any] = field(default_factory=dict)
+    adapters: Any = None  # per-row LoRA support (service.models.lora.ModelAdapters), set once served
 
     @property
     def name(self) -> str:

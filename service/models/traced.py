@@ -47,10 +47,11 @@ class TracedModule(nn.Module):
         super().__init__()
         self.inner = inner
         self._traces: dict[Signature, Any] = {}  # Signature -> ScriptModule, or None for "stay eager"
+        self.bypass = False  # run eager (per-row LoRA hooks are active for this call)
 
     def forward(self, x: Tensor, c_noise: Tensor, **kwargs: Tensor | None) -> Tensor:
         conds = {k: v for k, v in sorted(kwargs.items()) if v is not None}  # fixed order: positional trace
-        if torch.is_grad_enabled() or self.inner.training:
+        if torch.is_grad_enabled() or self.inner.training or self.bypass:
             return self.inner(x, c_noise, **conds)  # type: ignore[no-any-return]
         sig = _signature(x, conds)
         if sig not in self._traces:

@@ -62,7 +62,6 @@ for _path in (
     "/latent-upscale-modes",
     "/sd-vae",
     "/sd-modules",
-    "/loras",
     "/hypernetworks",
     "/face-restorers",
     "/realesrgan-models",
@@ -70,6 +69,15 @@ for _path in (
     "/extensions",
 ):
     router.add_api_route(_path, _empty, methods=["GET"], name=_path.strip("/"))
+
+
+@router.get("/loras")
+async def loras(state: ServiceState = Depends(get_state)) -> list[dict[str, Any]]:
+    """The store's LoRAs as A1111 lists them (use them with <lora:name:weight> in the prompt)."""
+    return [
+        {"name": i.name, "alias": i.name, "path": i.path.name, "metadata": {"base_model": i.base_model}}
+        for i in state.loras.scan()
+    ]
 
 
 @router.get("/embeddings")

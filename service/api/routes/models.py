@@ -101,3 +101,16 @@ async def unload(name: str, state: ServiceState = Depends(get_state)) -> dict[st
     except ModelUnavailable as exc:
         raise _unavailable(exc) from exc
     return describe(state, name)
+
+
+@router.get("/loras")
+async def loras(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+    """LoRA files in the store: `model_store/loras/` (any model whose layers they fit) and
+    `model_store/<model>/loras/` (that model). Use them with `loras: [{"name", "weight"}]` or
+    `<lora:name:weight>` in the prompt."""
+    return {
+        "loras": [
+            {"name": i.name, "base_model": i.base_model, "size_bytes": i.size_bytes, "file": i.path.name}
+            for i in state.loras.scan()
+        ]
+    }

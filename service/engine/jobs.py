@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -95,8 +95,13 @@ class JobError:
 class Job:
     """One request's life: queued -> running -> succeeded | failed | cancelled."""
 
+    # Hex prefix of every id this process hands out (still 32 hex characters in all): a Ray Serve engine
+    # replica puts its slot and incarnation here so that any ingress replica can route /jobs/{id} back
+    # to it (service/deploy/ray_serve.py). Empty in a single-process server.
+    id_prefix: ClassVar[str] = ""
+
     def __init__(self, request: JobRequest, model: str) -> None:
-        self.id = uuid.uuid4().hex
+        self.id = (Job.id_prefix + uuid.uuid4().hex)[:32]
         self.request = request
         self.model = model
         self.status = JobStatus.queued

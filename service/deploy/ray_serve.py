@@ -1,0 +1,288 @@
+"""The Ray Serve application: ingress replicas in front of engine replicas (one engine slot per device).
+
+- ``EngineReplica`` (deployments ``engine0`` .. ``engine<N-1>``, one replica each, ``num_gpus`` when on
+  GPU) runs the unmodified service app in-process: ``ServiceState`` with one iteration-level engine per
+  model, GuardMiddleware (API keys, body limits), every route, schema, error and SSE stream. It loads
+  the models of its placement (``KDIFF_MODELS`` for that slot). Its job ids start with its slot and
+  incarnation (``service.engine.jobs.Job.id_prefix``).
+- ``Ingress`` (autoscaled on ongoing requests) receives every HTTP request from Serve's proxy and
+  forwards it, as data, to an engine replica through a deployment handle, streaming the response back
+  (SSE included): new work to the least busy slot that has the model, ``/jobs/{id}...`` to the slot
+  named in the id, ``GET /jobs`` to every slot (merged). The ingress keeps no job state, so any ingress
+  replica serves any job, and results outlive the ingress replica that created them.
+
+Backpressure: the ingress deployment's ``max_queued_requests`` makes Serve's proxy answer 503 with
+Retry-After; an engine slot's ``max_queued_requests`` makes its handle raise BackPressureError, which the
+ingress answers as 503 with Retry-After; an engine's own full queue is the service's 429. An engine
+replica that dies takes its jobs with it (their sampler state is in its memory): requests waiting on
+it get 503 ``engine_lost``, SSE streams end with an ``error`` event ``engine_lost``, later reads of its
+jobs 410 ``engine_lost``; they are not retried (the client resubmits; the same seed gives the same
+image). Serve restarts the replica.
+
+``serve run service.deploy.ray_serve:build_app engines=2`` or a config file (docker/serve-config.yaml).
+"""
+
+# No `from __future__ import annotations`: Serve's class-based FastAPI views need real annotations.
+import asyncio
+import json
+import math
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from .asgi import run_asgi
+from .routing import ENGINE_HEADER, INGRESS_HEADER, Placement, incarnation_of, job_prefix, new_incarnation
+
+APP_NAME = "kdiff"
+HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+@serve.deployment(health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+class EngineReplica:
+    """One engine slot: the service app with its engines, on this replica's device."""
+
+    async def __init__(self, slot: int, settings: dict[str, Any]) -> None:  # type: ignore[misc]
+        from service.api.app import create_app
+        from service.api.settings import Settings
+        from service.engine.jobs import Job
+
+        self.slot, self.incarnation = slot, new_incarnation()
+        Job.id_prefix = job_prefix(slot, self.incarnation)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.name = f"engine{slot}"
+        self.header = (ENGINE_HEADER, f"{self.name}; incarnation={self.incarnation}; replica={replica}")
+        self.app = create_app(Settings(**settings))
+        self._life = self.app.router.lifespan_context(self.app)
+        await self._life.__aenter__()  # loads this slot's models, starts their engines
+
+    async def http(self, req: dict[str, Any]) -> AsyncIterator[Any]:
+        async for message in run_asgi(self.app, req, [self.header]):
+            yield message
+
+    def info(self) -> dict[str, Any]:
+        state = self.app.state.service
+        return {"slot": self.slot, "incarnation": self.incarnation, "models": sorted(state.models)}
+
+    def check_health(self) -> None:
+        if self.app.state.service.draining:
+            raise RuntimeError("draining")
+
+    async def __del__(self) -> None:  # graceful shutdown: running jobs finish within the drain timeout
+        await self._life.__aexit__(None, None, None)
+
+
+proxy = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+
+def _error(status: int, code: str, message: str, retry_after: float | None = None) -> Response:
+    headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    body = json.dumps({"detail": {"code": code, "message": message}})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _query_int(query: str, name: str, default: int) -> int:
+    try:
+        return int(parse_qs(query).get(name, [default])[0])
+    except ValueError:
+        return default
+
+
+def _lost(slot: int, exc: BaseException) -> str:
+    return (
+        f"engine replica engine{slot} went away ({type(exc).__name__}); its jobs are lost, Serve restarts "
+        "it (resubmit: the same seed gives the same image)"
+    )
+
+
+def _stream(handle: DeploymentHandle, req: dict[str, Any]) -> DeploymentResponseGenerator:
+    return cast(DeploymentResponseGenerator, handle.options(stream=True).http.remote(req))
+
+
+def _kdiff_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("KDIFF_")}
+
+
+# (helpers above the deployments: Serve pickles the ingress class with the globals it sees)
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(proxy)
+class Ingress:
+    """Routes each request to an engine slot and streams its response back; keeps no state of its own."""
+
+    def __init__(self, placement: list[list[str]], *engines: DeploymentHandle) -> None:
+        self.engines = list(engines)
+        self.placement = Placement(placement)
+        self.header = (INGRESS_HEADER, serve.get_replica_context().replica_id.unique_id)
+
+    @proxy.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
+    async def forward(self, request: Request) -> Response:
+        body = await request.body()
+        client = request.client
+        req: dict[str, Any] = {
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query,
+            "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+            "body": body,
+            "client": None if client is None else [client.host, client.port],
+            "scheme": request.url.scheme,
+        }
+        route = self.placement.route(req["method"], req["path"], body)
+        if route.kind == "fanout":
+            return await self._fanout(req, route.slots)
+        slot = route.slots[0] if route.kind == "job" else self.placement.pick(route.slots)
+        if slot >= len(self.engines):
+            return _error(404, "unknown_job", f"no job {route.job_id!r} (no engine slot {slot})")
+        return await self._call(slot, req, route.job_id)
+
+    async def _call(self, slot: int, req: dict[str, Any], job_id: str | None) -> Response:
+        self.placement.inflight[slot] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.placement.inflight[slot] -= 1
+
+        gen = _stream(self.engines[slot], req)
+        try:
+            first = await gen.__anext__()
+        except BaseException as exc:
+            release()
+            gen.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return self._failure(slot, exc)
+        headers = [(k, v) for k, v in first["headers"] if k.lower() not in HOP_BY_HOP]
+        headers.append(self.header)
+        if job_id is not None and first["status"] == 404:
+            current = incarnation_of(dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER))
+            if current is not None and current != job_id[2:8]:
+                release()
+                gen.cancel()
+                return _error(
+                    410,
+                    "engine_lost",
+                    f"job {job_id!r} ran on engine replica engine{slot}, which has restarted since; "
+                    "its jobs are lost (resubmit: the same seed gives the same image)",
+                )
+        if not first["more"]:
+            release()
+            response = Response(first["body"], status_code=first["status"])
+            response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            response.headers["content-length"] = str(len(first["body"]))
+            return response
+        sse = any(k.lower() == "content-type" and "text/event-stream" in v for k, v in headers)
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                if first["body"]:
+                    yield first["body"]
+                async for chunk in gen:
+                    yield chunk
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+                if sse:  # the stream ends with an event saying why, never silently
+                    data = {"id": job_id, "code": "engine_lost", "message": _lost(slot, exc)}
+                    yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+            finally:
+                release()
+                gen.cancel()
+
+        response = StreamingResponse(rest(), status_code=first["status"])
+        response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        return response
+
+    def _failure(self, slot: int, exc: BaseException) -> Response:
+        if isinstance(exc, BackPressureError):
+            return _error(503, "overloaded", f"engine{slot} is at its queue limit", exc.retry_after_s or 5)
+        if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError):
+            return _error(503, "engine_lost", _lost(slot, exc), 5)
+        return _error(500, "engine_error", f"engine{slot}: {type(exc).__name__}: {exc}")
+
+    async def _fanout(self, req: dict[str, Any], slots: list[int]) -> Response:
+        """GET /jobs: every slot's list, merged newest first (a slot that fails is left out)."""
+
+        async def one(slot: int) -> dict[str, Any]:
+            gen = _stream(self.engines[slot], req)
+            first = await gen.__anext__()
+            chunks = [first["body"]] + ([c async for c in gen] if first["more"] else [])
+            return {"status": first["status"], "headers": first["headers"], "body": b"".join(chunks)}
+
+        answers = await asyncio.gather(*(one(k) for k in slots), return_exceptions=True)
+        good = [a for a in answers if isinstance(a, dict)]
+        failed = [a for a in good if a["status"] != 200]
+        if failed or not good:  # 401, 422 (bad query): every slot says the same; pass the first on
+            a = failed[0] if failed else None
+            if a is None:
+                return _error(503, "engine_lost", "no engine replica answered", 5)
+            response = Response(a["body"], status_code=a["status"])
+            response.raw_headers = [
+                (k.lower().encode(), v.encode()) for k, v in a["headers"] if k.lower() not in HOP_BY_HOP
+            ]
+            response.headers["content-length"] = str(len(a["body"]))
+            return response
+        jobs = [j for a in good for j in json.loads(a["body"])]
+        jobs.sort(key=lambda j: j.get("created_at", 0), reverse=True)
+        limit = _query_int(req["query"], "limit", 100)
+        return Response(json.dumps(jobs[:limit]), media_type="application/json")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application (``serve run service.deploy.ray_serve:build_app``; config files pass ``args``).
+
+    args (all optional): ``engines`` (slots, default 1), ``placement`` (a list per slot of model names;
+    missing or empty = every model), ``settings`` (KDIFF settings for the engines, e.g.
+    ``{"model_store": "/models"}``; KDIFF_* environment variables of the caller are passed on too),
+    ``num_gpus`` (per engine replica: 1 on GPU hosts, default 0), ``engine_cpus`` (default 1),
+    ``engine_max_ongoing_requests`` (64), ``engine_max_queued_requests`` (64),
+    ``ingress_min_replicas`` (1), ``ingress_max_replicas`` (2), ``ingress_target_ongoing_requests`` (32),
+    ``ingress_max_ongoing_requests`` (256), ``ingress_max_queued_requests`` (256), ``retry_after_s`` (5).
+    """
+    n = int(args.get("engines", 1))
+    placement = [list(p) for p in args.get("placement") or []]
+    placement += [[] for _ in range(n - len(placement))]
+    settings = dict(args.get("settings") or {})
+    store = settings.get("model_store") or os.environ.get("KDIFF_MODEL_STORE") or "model_store"
+    if Path(store).is_dir():  # replicas do not share the caller's working directory
+        settings["model_store"] = str(Path(store).resolve())
+    retry = float(args.get("retry_after_s", 5))
+    backpressure = {"status_code": 503, "retry_after_s": retry}
+    engines = []
+    for k in range(n):
+        slot_settings = dict(settings)
+        if placement[k]:
+            slot_settings["models"] = placement[k]
+        engines.append(
+            EngineReplica.options(  # type: ignore[attr-defined]
+                name=f"engine{k}",
+                num_replicas=1,
+                max_ongoing_requests=int(args.get("engine_max_ongoing_requests", 64)),
+                max_queued_requests=int(args.get("engine_max_queued_requests", 64)),
+                ray_actor_options={
+                    "num_cpus": float(args.get("engine_cpus", 1)),
+                    "num_gpus": float(args.get("num_gpus", 0)),
+                    "runtime_env": {"env_vars": _kdiff_env()},
+                },
+            ).bind(k, slot_settings)
+        )
+    ingress = Ingress.options(  # type: ignore[attr-defined]
+        max_ongoing_requests=int(args.get("ingress_max_ongoing_requests", 256)),
+        max_queued_requests=int(args.get("ingress_max_queued_requests", 256)),
+        backpressure_config=backpressure,
+        autoscaling_config={
+            "min_replicas": int(args.get("ingress_min_replicas", 1)),
+            "max_replicas": int(args.get("ingress_max_replicas", 2)),
+            "target_ongoing_requests": float(args.get("ingress_target_ongoing_requests", 32)),
+        },
+    )
+    return ingress.bind(placement, *engines)

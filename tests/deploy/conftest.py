@@ -1,0 +1,74 @@
+"""A local Ray cluster started by the tests themselves (small: 2 logical CPUs, no dashboard), with the
+kdiff Serve application on it: 2 engine slots over a tiny model store, 2 ingress replicas."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.tiny_store import make_tiny_store
+
+ray = pytest.importorskip("ray", reason="the ray extra is part of `dev`: pip install -e '.[dev]'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+ENGINE_SETTINGS: dict[str, Any] = {"torch_threads": 1, "batch_wait_ms": 0, "max_queue": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_store(tmp_path_factory.mktemp("ray_store"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_store: Path) -> Iterator[dict[str, Any]]:
+    from ray import serve
+
+    from service.deploy.ray_serve import APP_NAME, build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 1024 * 1024,
+        logging_level="warning",
+        log_to_driver=False,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    args = {
+        "engines": 2,
+        "settings": {**ENGINE_SETTINGS, "model_store": str(tiny_store)},
+        "engine_cpus": 0.5,
+        "engine_max_ongoing_requests": 16,
+        "engine_max_queued_requests": 8,
+        "ingress_min_replicas": 2,
+        "ingress_max_replicas": 2,
+        "retry_after_s": 2,
+    }
+    t0 = time.monotonic()
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield {"url": url, "store": tiny_store, "started_s": time.monotonic() - t0}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture()
+def http(cluster: dict[str, Any]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=cluster["url"], timeout=60) as c:
+        yield c

@@ -1,10 +1,16 @@
-"""Load flow-matching models (SD3 / SD3.5, Flux) from the diffusers layout, local safetensors only.
+"""Load flow-matching models (SD3 / SD3.5, Flux): diffusers layout or single file, local safetensors only.
 
 A folder with ``model_index.json`` and one sub-folder per component: ``transformer`` (SD3's
 MMDiT or Flux's transformer), ``vae``, ``text_encoder`` (CLIP-L), ``text_encoder_2`` (SD3: CLIP-G;
 Flux: T5), SD3's optional ``text_encoder_3`` (T5), their tokenizers, and ``scheduler`` (its
 config gives the shift). Each component is built by the class its model_index entry names, from
 ``diffusers`` or ``transformers`` only; weights must be ``.safetensors`` (nothing is unpickled).
+
+Single file: the transformer's weights in one ``.safetensors`` file in the original layout (the
+SD3 / SD3.5 release files' ``model.diffusion_model.*``, Flux's ``double_blocks`` /
+``single_blocks``), converted by diffusers' key maps for these layouts, plus a diffusers-layout
+``config`` folder with everything else (``transformer/config.json`` only; the VAE, text
+encoders, tokenizers and scheduler config with their weights), as ComfyUI users keep them.
 """
 
 from __future__ import annotations
@@ -72,8 +78,21 @@ def _load(cls: Any, sub: Path, root: Path, name: str) -> Any:
         ) from exc
 
 
-def load_flow_diffusers(root: Path) -> FlowComponents:
-    """The components of a diffusers-layout SD3 or Flux folder."""
+def _single_file(cls: Any, path: Path, config: Path) -> Any:
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise SDLoadError(f"{path.name}: a single-file transformer must be an existing .safetensors file")
+    kw: dict[str, Any] = {"config": str(config), "subfolder": "transformer", "local_files_only": True}
+    if importlib.util.find_spec("accelerate") is None:
+        kw["low_cpu_mem_usage"] = False
+    try:
+        return cls.from_single_file(str(path), **kw).eval()
+    except Exception as exc:
+        raise SDLoadError(f"{path.name}: cannot load the transformer ({type(exc).__name__}: {exc})") from exc
+
+
+def load_flow_diffusers(root: Path, transformer_file: Path | None = None) -> FlowComponents:
+    """The components of a diffusers-layout SD3 or Flux folder (``transformer_file``: the
+    transformer from one original-layout checkpoint, ``root`` holding only its config.json)."""
     index = _json(root / "model_index.json", root)
     entry = index.get("transformer")
     if not isinstance(entry, list) or entry[1] not in FAMILIES:
@@ -87,7 +106,11 @@ def load_flow_diffusers(root: Path) -> FlowComponents:
         sub = root / name
         if not sub.is_dir():
             raise SDLoadError(f"{root}: missing component folder {name}/")
-        parts[name] = _load(_class(spec[0], spec[1], f"model_index.json {name}"), sub, root, name)
+        cls = _class(spec[0], spec[1], f"model_index.json {name}")
+        if name == "transformer" and transformer_file is not None:
+            parts[name] = _single_file(cls, transformer_file, root)
+        else:
+            parts[name] = _load(cls, sub, root, name)
     sched = root / "scheduler" / "scheduler_config.json"
     sched_cfg = _json(sched, root) if sched.is_file() else {}
     for need in ("vae", "text_encoder", "tokenizer"):

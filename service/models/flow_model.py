@@ -215,9 +215,16 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32
     weights = manifest.file("weights", ".")
-    if not weights.is_dir():
-        raise SDLoadError(f"{manifest.name}: kind {manifest.kind!r} loads a diffusers-layout folder")
-    c = load_flow_diffusers(weights)
+    if weights.is_dir():
+        c = load_flow_diffusers(weights)
+    else:  # one original-layout transformer checkpoint + a diffusers-layout config folder
+        cfg = manifest.file("config", "config")
+        if not cfg.is_dir():
+            raise SDLoadError(
+                f"{manifest.name}: a single-file transformer needs a config folder ({cfg.name}/)"
+            )
+        c = load_flow_diffusers(cfg, transformer_file=weights)
+        c.source = "single_file"
     if c.family != manifest.kind:
         raise SDLoadError(f"{manifest.name}: manifest kind {manifest.kind!r} but the folder holds {c.family}")
     return FlowModel(
@@ -265,6 +272,7 @@ def load_flow(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> F
             "guidance": m.takes_guidance,
             "shift": m.denoiser.shift,
             "dynamic_shift": m.denoiser.dynamic is not None,
+            "source": m.components.source,
             "max_size": m.max_size,
             "sigma_min": m.denoiser.sigma_min,
             "sigma_max": m.denoiser.sigma_max,

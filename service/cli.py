@@ -1,4 +1,4 @@
-"""`kdiff` command line: serve | sample | train | eval (benchmarks are scripts in bench/).
+"""`kdiff` command line: serve | sample | train | eval | tune-schedule (benchmarks are scripts in bench/).
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
 modules are imported only when their command is parsed, so `kdiff --help` stays fast.
@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("service.models.cli", "sample images from a model in the store and write a PNG"),
     "train": ("service.training.cli", "train a UNet denoiser (digits or an image folder)"),
     "eval": ("service.training.eval_cli", "evaluate a model: class accuracy and Frechet distance"),
+    "tune-schedule": ("service.models.tune_cli", "tune a sampler's schedule to a store model (per NFE)"),
 }
 
 

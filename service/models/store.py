@@ -45,6 +45,12 @@ class Manifest:
     defaults: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
 
+    def tuned_schedules(self) -> dict[str, list[dict[str, int]]]:
+        """Tuned schedules in schedules/ ({sampler: [{"nfe", "steps"}]}; kdiff tune-schedule)."""
+        from service.models.tuned import available
+
+        return available(self.folder)
+
     def file(self, key: str, default: str) -> Path:
         """A file named by the manifest, which must stay inside the model's folder."""
         rel = self.raw.get(key, default)

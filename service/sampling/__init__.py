@@ -33,6 +33,7 @@ from .schedules import (
     get_sigmas_custom,
 )
 from .stepper import Eval, Guided, NonFiniteError, Stepper, run
+from .tuning import TuneResult, TuningError, tune, tune_schedule
 from .utils import append_dims, append_zero, get_ancestral_step, to_d
 
 globals().update({f"sample_{name}": info.sample for name, info in SAMPLERS.items()})

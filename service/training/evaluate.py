@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from service.models.tuned import TUNED, tuned_sigmas
+from service.sampling.schedules import CustomSchedule
 from service.training.datasets import digits
 from service.training.evaluation import (
     EvalRow,
@@ -80,7 +82,10 @@ def run_eval(
             t0 = time.perf_counter()
             shape = (config.in_channels, config.image_size, config.image_size)
             try:
-                x = generate(denoiser, labels, shape, sampler, schedule, steps, cfg_scale, seed)
+                sched: Any = schedule  # "tuned": the model's file for this sampler and step count
+                if schedule == TUNED:
+                    sched = CustomSchedule(tuned_sigmas(folder, folder.name, sampler, steps))
+                x = generate(denoiser, labels, shape, sampler, sched, steps, cfg_scale, seed)
             except ValueError as exc:  # e.g. dpm_fast at one step: skip this cell, keep the table
                 skipped.append({"sampler": sampler, "nfe": nfe, "steps": steps, "reason": str(exc)})
                 log(f"{sampler:<20}{nfe:>5}{steps:>7}  not run: {exc}")

@@ -158,7 +158,7 @@ def generate(
     labels: Tensor,
     shape: tuple[int, int, int],
     sampler: str,
-    schedule: str,
+    schedule: Any,
     steps: int,
     cfg_scale: float = 1.0,
     seed: int = 0,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.models.tuned import catalogue_entry as tuned_entry
 from service.sampling import registry
 
 from ..deps import get_state, require_api_key
@@ -27,7 +28,7 @@ async def samplers() -> dict[str, Any]:
 
 
 @catalogue.get("/schedules")
-async def schedules() -> dict[str, Any]:
+async def schedules(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
     """Every sigma schedule with its options: default, type and bounds."""
     custom = {
         "name": CUSTOM,
@@ -36,7 +37,8 @@ async def schedules() -> dict[str, Any]:
         "uses_sigma_range": False,
         "options": {},
     }
-    return {"schedules": [*(info.describe() for info in registry.SCHEDULES.values()), custom]}
+    folders = {n: (state.manifests.get(n) or state.models[n].manifest).folder for n in state.known()}
+    return {"schedules": [*(i.describe() for i in registry.SCHEDULES.values()), custom, tuned_entry(folders)]}
 
 
 @router.get("/healthz")

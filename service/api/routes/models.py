@@ -36,6 +36,7 @@ def describe(state: ServiceState, name: str) -> dict[str, Any]:
         "size_bytes": disk_bytes(manifest) if manifest.folder.is_dir() else None,
         "memory_bytes": state.footprint.weight.get(name, 0),
         "defaults": manifest.defaults,
+        "tuned_schedules": manifest.tuned_schedules(),
     }
     if name in state.load_errors:
         out["error"] = state.load_errors[name]

@@ -1,0 +1,338 @@
+"""Schedules tuned to one model: sigmas that make a sampler's few-step result match a fine teacher.
+
+:func:`tune_schedule` distils the step sizes of a deterministic sampler at a fixed number of model
+calls from the model's own trajectories, in the spirit of Optimal Stepsize Distillation (Pei et al.
+2025, https://arxiv.org/abs/2503.01719) and Align Your Steps (Sabour et al. 2024): a high-order
+teacher at many steps gives the target x0 of the caller's calibration noise; the start is the best
+of a few fixed schedules, then Levenberg-Marquardt on the log-sigmas (Jacobian by forward
+differences through the unmodified stepper, so every deterministic sampler, multistep ones
+included, is tuned as it runs) minimises the mean squared distance to the teacher's x0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .registry import SamplerInfo
+from .stepper import Model, NonFiniteError, run
+
+METHODS = ("lm", "search")
+INIT_SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("karras", {}),
+    ("karras", {"rho": 3.0}),
+    ("exponential", {}),
+    ("kl_optimal", {}),
+)
+DETERMINISTIC_MODES = (("eta", 0.0), ("gamma", 0.0), ("restart_times", 0))
+MIN_LOG_GAP = 1e-3  # starting fractions of the remaining log-sigma distance stay in [1e-3, 1 - 1e-3]
+MAX_STEPS = 1000
+Progress = Callable[[int, int], None]
+
+
+class TuningError(ValueError):
+    """Input tune_schedule cannot tune for (nfe, sampler, options) or a model that fails during tuning."""
+
+
+@dataclass
+class TuneResult:
+    """Tuned sigmas and how they were made (errors are RMS distances to the teacher's x0)."""
+
+    sigmas: Tensor
+    sampler: str
+    nfe: int
+    steps: int
+    options: dict[str, Any]
+    method: str
+    init: str
+    rms_karras: float
+    rms_init: float
+    rms_tuned: float
+    iterations: int = 0
+    runs: int = 0
+    seconds: float = 0.0
+    teacher: dict[str, Any] = field(default_factory=dict)
+
+
+def steps_for_nfe(info: SamplerInfo, nfe: int, options: Mapping[str, Any] | None = None) -> int:
+    """The step count giving exactly ``nfe`` model calls (registry ``expected_nfe``); else a TuningError."""
+    allowed: dict[int, int] = {}
+    for steps in range(1, MAX_STEPS + 1):
+        calls = info.expected_nfe(steps, options)
+        allowed.setdefault(calls, steps)
+        if calls > max(nfe, 20):
+            break
+    if nfe in allowed:
+        return allowed[nfe]
+    shown = ", ".join(str(v) for v in sorted(allowed) if v <= max(nfe, 20))
+    low = min(allowed)
+    why = f"below its minimum of {low}" if nfe < low else "not a count it can make"
+    raise TuningError(
+        f"sampler {info.name!r} cannot make exactly {nfe} model calls ({why}); allowed: {shown}, ..."
+    )
+
+
+def deterministic_options(info: SamplerInfo, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The sampler's options in its deterministic (ODE) mode; a TuningError if it has none."""
+    opts = registry.check_options("sampler", info.name, info.bounds, dict(options or {}))
+    if "sigma_min" in inspect.signature(info.stepper).parameters or info.batch_coupled:
+        raise TuningError(
+            f"sampler {info.name!r} uses only the schedule's first and last sigma (or adapts its own "
+            "steps): there is no schedule to tune"
+        )
+    if not info.stochastic:
+        return opts
+    for key, value in DETERMINISTIC_MODES:
+        if key in info.bounds:
+            if key in opts and opts[key] != value:
+                raise TuningError(
+                    f"sampler {info.name!r} draws noise with {key}={opts[key]}; tune it at {key}={value}"
+                )
+            return {**opts, key: value}
+    raise TuningError(
+        f"sampler {info.name!r} is stochastic and has no deterministic mode (eta=0, gamma=0, "
+        "restart_times=0): a schedule can only be tuned for a deterministic sampler"
+    )
+
+
+def _fixed_sigmas(name: str, steps: int, lo: float, hi: float, opts: dict[str, Any]) -> Tensor:
+    return registry.schedule_sigmas(name, steps, lo, hi, **opts).double()
+
+
+def _sigmas(theta: Tensor, lo: float, hi: float) -> Tensor:
+    """Stick-breaking logits -> [hi, s_1, ..., s_k, 0]: s_i takes sigmoid(theta_i) of the log-distance
+    from s_(i-1) down to ``lo`` (descending, inside (lo, hi), and s_i depends on theta_1..theta_i only)."""
+    out, log_lo, log_s = [theta.new_tensor(hi)], math.log(lo), theta.new_tensor(math.log(hi))
+    for v in torch.sigmoid(theta):
+        log_s = log_s - v * (log_s - log_lo)
+        out.append(log_s.exp())
+    return torch.stack([*out, theta.new_tensor(0.0)])
+
+
+def _logits(sigmas: Tensor, lo: float, hi: float) -> Tensor:
+    """Inverse of :func:`_sigmas` for a schedule from ``hi`` to ``lo`` (fractions within [1e-3, 0.999])."""
+    logs = sigmas[:-1].clamp(lo, hi).log()
+    v = (logs[:-1] - logs[1:]) / (logs[:-1] - math.log(lo)).clamp_min(1e-12)
+    v = v.clamp(MIN_LOG_GAP, 1 - MIN_LOG_GAP)
+    return (v / (1 - v)).log()
+
+
+class _Objective:
+    """Residual (student x0 - teacher x0) of a schedule, counting sampler runs."""
+
+    def __init__(
+        self, info: SamplerInfo, opts: dict[str, Any], model: Model, x: Tensor, target: Tensor, extra: dict
+    ) -> None:
+        self.info, self.opts, self.model, self.extra = info, opts, model, extra
+        self.x, self.target, self.runs = x, target, 0
+        self.base: dict[tuple[float, bytes], Tensor] = {}  # the calls of the current point's run
+        self.last: dict[tuple[float, bytes], Tensor] = {}
+
+    def keep(self) -> None:
+        """Reuse the last run's model calls (a perturbed schedule shares the calls before its change)."""
+        self.base = self.last
+
+    def _call(self, x: Tensor, sigma: Tensor, **kw: Any) -> Tensor:
+        digest = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+        key = (float(sigma.flatten()[0]), digest)
+        out = self.base.get(key)
+        if out is None:
+            out = self.model(x, sigma, **kw)
+        self.last[key] = out
+        return out
+
+    def residual(self, sigmas: Tensor, strict: bool = False) -> Tensor | None:
+        """Flattened float64 residual; None when the run is not finite (unless strict: then an error)."""
+        self.runs += 1
+        if not strict and not bool((sigmas[1:-1] < sigmas[:-2]).all()):
+            return None  # gaps that underflowed to repeated sigmas
+        try:
+            self.last = {}
+            out = run(self.info.stepper(self.x * sigmas[0], sigmas, **self.opts), self._call, self.extra)
+        except NonFiniteError as exc:
+            if strict:
+                raise TuningError(f"tune_schedule: the model's output is not finite: {exc}") from exc
+            return None
+        except (ArithmeticError, ValueError):  # a candidate the sampler cannot step (division by 0, ...)
+            if strict:
+                raise
+            return None
+        r = (out.double() - self.target).flatten()
+        if not bool(torch.isfinite(r).all()):
+            if strict:
+                raise TuningError(f"tune_schedule: sampler {self.info.name!r} diverged on the start schedule")
+            return None
+        return r
+
+
+def _rms(r: Tensor | None) -> float:
+    return math.inf if r is None else float(r.pow(2).mean().sqrt())
+
+
+def _levenberg_marquardt(
+    obj: _Objective, theta: Tensor, r: Tensor, lo: float, hi: float, iters: int, progress: Progress | None
+) -> tuple[Tensor, Tensor, int]:
+    """Damped Gauss-Newton on the gap logits, forward-difference Jacobian (Levenberg 1944, Marquardt 1963)."""
+    h = 1e-6 if obj.x.dtype == torch.float64 else 1e-3
+    lam, done = 1e-2, 0
+    obj.keep()  # r is the last run's residual
+    for it in range(iters):
+        cols = []
+        for j in range(theta.numel()):
+            dt = theta.clone()
+            dt[j] += h
+            rj = obj.residual(_sigmas(dt, lo, hi))
+            cols.append(torch.zeros_like(r) if rj is None else (rj - r) / h)
+        jac = torch.stack(cols, 1)
+        a, g = jac.T @ jac, jac.T @ r
+        scale = torch.diag(a) + 1e-9 * float(torch.diag(a).max()) + 1e-300
+        gain = 0.0
+        for _ in range(8):
+            cand = theta + torch.linalg.solve(a + torch.diag(lam * scale), -g)
+            rc = obj.residual(_sigmas(cand, lo, hi))
+            if rc is not None and _rms(rc) < _rms(r):
+                gain = 1 - _rms(rc) / _rms(r)
+                theta, r, lam = cand, rc, max(lam / 4, 1e-9)
+                obj.keep()
+                break
+            lam *= 4
+        done = it + 1
+        if progress is not None:
+            progress(done, iters)
+        if gain < 1e-5:
+            break
+    return theta, r, done
+
+
+def tune(
+    denoiser: Model,
+    sampler: str,
+    nfe: int,
+    x_T: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    sigma_min: float,
+    sigma_max: float,
+    options: Mapping[str, Any] | None = None,
+    teacher: str = "ipndm",
+    teacher_steps: int = 100,
+    method: str = "lm",
+    iters: int = 30,
+    starts: int = 2,
+    hops: int = 0,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Tune and report (sigmas, errors before/after, cost): :func:`tune_schedule` (OSS, Pei et al. 2025)."""
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise TuningError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise TuningError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    info = registry.get_sampler(sampler)
+    opts = deterministic_options(info, options)
+    steps = steps_for_nfe(info, nfe, opts)
+    extra = dict(extra_args or {})
+    t_info = registry.get_sampler(teacher)
+    t_opts = deterministic_options(t_info)
+    t_sig = _fixed_sigmas("karras", teacher_steps, sigma_min, sigma_max, {})
+    with torch.no_grad():
+        try:
+            target = run(t_info.stepper(x_T * sigma_max, t_sig, **t_opts), denoiser, extra).double()
+        except NonFiniteError as exc:
+            raise TuningError(
+                f"tune_schedule: the model's output is not finite (teacher run): {exc}"
+            ) from exc
+        obj = _Objective(info, opts, denoiser, x_T, target, extra)
+        inits = []
+        for name, sched_opts in INIT_SCHEDULES:
+            sig = _fixed_sigmas(name, steps, sigma_min, sigma_max, sched_opts)
+            inits.append((_rms(obj.residual(sig, strict=name == "karras")), name, sched_opts, sig))
+        rms_karras = inits[0][0]
+        rms_init, init_name, init_opts, sig = min(inits, key=lambda t: t[0])
+        label = init_name + "".join(f" {k}={v}" for k, v in init_opts.items())
+        r = obj.residual(sig)
+        iterations = 0
+        if method == "lm" and steps > 1:
+            best = (rms_init, sig)
+            for _, _, _, start in sorted(inits, key=lambda t: t[0])[:starts]:
+                theta = _logits(start, sigma_min, sigma_max)
+                r0 = obj.residual(_sigmas(theta, sigma_min, sigma_max))
+                if r0 is None:
+                    continue
+                theta, r0, its = _levenberg_marquardt(obj, theta, r0, sigma_min, sigma_max, iters, progress)
+                iterations += its
+                if _rms(r0) < best[0]:
+                    best = (_rms(r0), _sigmas(theta, sigma_min, sigma_max))
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(hops):  # basin hopping: perturb the best logits, descend again
+                theta = _logits(best[1], sigma_min, sigma_max)
+                theta = theta + 0.5 * torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+                r0 = obj.residual(_sigmas(theta, sigma_min, sigma_max))
+                if r0 is None:
+                    continue
+                theta, r0, its = _levenberg_marquardt(obj, theta, r0, sigma_min, sigma_max, iters, progress)
+                iterations += its
+                if _rms(r0) < best[0]:
+                    best = (_rms(r0), _sigmas(theta, sigma_min, sigma_max))
+            sig = best[1]
+            r = obj.residual(sig)
+    return TuneResult(
+        sigmas=sig,
+        sampler=info.name,
+        nfe=nfe,
+        steps=steps,
+        options=opts,
+        method=method,
+        init=label,
+        rms_karras=rms_karras,
+        rms_init=rms_init,
+        rms_tuned=_rms(r),
+        iterations=iterations,
+        runs=obj.runs,
+        seconds=time.perf_counter() - t0,
+        teacher={"sampler": teacher, "steps": teacher_steps, "schedule": "karras"},
+    )
+
+
+def tune_schedule(
+    denoiser: Model,
+    sampler: str,
+    nfe: int,
+    x_T: Tensor,
+    *,
+    extra_args: dict[str, Any] | None = None,
+    sigma_min: float,
+    sigma_max: float,
+    teacher_steps: int = 100,
+    method: str = "lm",
+    **kwargs: Any,
+) -> Tensor:
+    """Descending sigmas ending in 0 giving ``sampler`` exactly ``nfe`` model calls, tuned to ``denoiser``.
+
+    ``x_T`` is the caller's unit-variance calibration noise (runs start at ``x_T * sigma_max``);
+    ``extra_args`` go to every model call. Teacher: ``ipndm`` at ``teacher_steps`` karras steps;
+    ``method`` "lm" (best fixed schedule, then Levenberg-Marquardt on the log-sigmas, after Optimal
+    Stepsize Distillation, Pei et al. 2025) or "search" (the best fixed schedule only). Stochastic
+    samplers run in their deterministic mode (eta=0, ...); ``options`` (keyword) sets others.
+    """
+    return tune(
+        denoiser,
+        sampler,
+        nfe,
+        x_T,
+        extra_args=extra_args,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        teacher_steps=teacher_steps,
+        method=method,
+        **kwargs,
+    ).sigmas

@@ -81,6 +81,8 @@ def _load(cls: Any, sub: Path, root: Path, name: str) -> Any:
 def _single_file(cls: Any, path: Path, config: Path) -> Any:
     if path.suffix != ".safetensors" or not path.is_file():
         raise SDLoadError(f"{path.name}: a single-file transformer must be an existing .safetensors file")
+    if cls.__name__ == "FluxTransformer2DModel":
+        return _flux_single_file(cls, path, config)
     kw: dict[str, Any] = {"config": str(config), "subfolder": "transformer", "local_files_only": True}
     if importlib.util.find_spec("accelerate") is None:
         kw["low_cpu_mem_usage"] = False
@@ -88,6 +90,22 @@ def _single_file(cls: Any, path: Path, config: Path) -> Any:
         return cls.from_single_file(str(path), **kw).eval()
     except Exception as exc:
         raise SDLoadError(f"{path.name}: cannot load the transformer ({type(exc).__name__}: {exc})") from exc
+
+
+def _flux_single_file(cls: Any, path: Path, config: Path) -> Any:
+    """Flux through our own key map (service/models/flux_keys.py): sizes from the config."""
+    from safetensors.torch import load_file
+
+    from service.models.flux_keys import flux_to_diffusers
+
+    model = cls.from_config(cls.load_config(str(config / "transformer")))
+    inner = int(model.config.num_attention_heads) * int(model.config.attention_head_dim)
+    try:
+        sd = flux_to_diffusers(load_file(str(path)), inner, int(inner * 4.0))
+        model.load_state_dict(sd, strict=True)
+    except (KeyError, RuntimeError) as exc:
+        raise SDLoadError(f"{path.name}: not a Flux transformer in the original layout ({exc})") from exc
+    return model.eval()
 
 
 def load_flow_diffusers(root: Path, transformer_file: Path | None = None) -> FlowComponents:

@@ -1,5 +1,6 @@
-"""Write a diffusers SD3 MMDiT in the original single-file layout (``model.diffusion_model.*``,
-as the SD3 / SD3.5 release files) so the loader's single-file path can be tested.
+"""Write a diffusers SD3 MMDiT or Flux transformer in its original single-file layout (SD3 /
+SD3.5's ``model.diffusion_model.*``; Flux's ``double_blocks`` / ``single_blocks``) so the loader's
+single-file path can be tested.
 
 The inverse of the documented key map: fused qkv per stream, ``joint_blocks.{i}.x_block`` /
 ``context_block``, adaLN modulations with (shift, scale) in the original order where diffusers
@@ -68,3 +69,52 @@ def write_sd3_single_file(transformer: object, path: Path) -> None:
     n = int(transformer.config.num_layers)  # type: ignore[attr-defined]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd3_to_original(sd, n), str(path))
+
+
+def flux_to_original(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of service.models.flux_keys.flux_to_diffusers (its tables, read backwards)."""
+    from service.models.flux_keys import DOUBLE, EMBEDDERS, NORMS
+
+    o: dict[str, Tensor] = {}
+
+    def move(b: str, a: str) -> None:
+        for wb in ("weight", "bias"):
+            o[f"{a}.{wb}"] = sd.pop(f"{b}.{wb}")
+
+    for a, b in EMBEDDERS.items():
+        if f"{b}.linear_1.weight" in sd:
+            move(f"{b}.linear_1", f"{a}.in_layer")
+            move(f"{b}.linear_2", f"{a}.out_layer")
+    move("context_embedder", "txt_in")
+    move("x_embedder", "img_in")
+    doubles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")})
+    for i in doubles:
+        a, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for x, y in DOUBLE.items():
+            move(b + y, a + x)
+        for x, y in NORMS.items():
+            o[f"{a}{x}.scale"] = sd.pop(f"{b}{y}.weight")
+        for wb in ("weight", "bias"):
+            o[f"{a}img_attn.qkv.{wb}"] = torch.cat([sd.pop(f"{b}attn.to_{c}.{wb}") for c in "qkv"])
+            o[f"{a}txt_attn.qkv.{wb}"] = torch.cat([sd.pop(f"{b}attn.add_{c}_proj.{wb}") for c in "qkv"])
+    for i in singles:
+        a, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        move(b + "norm.linear", a + "modulation.lin")
+        move(b + "proj_out", a + "linear2")
+        o[f"{a}norm.query_norm.scale"] = sd.pop(f"{b}attn.norm_q.weight")
+        o[f"{a}norm.key_norm.scale"] = sd.pop(f"{b}attn.norm_k.weight")
+        for wb in ("weight", "bias"):
+            parts = [sd.pop(f"{b}attn.to_{c}.{wb}") for c in "qkv"] + [sd.pop(f"{b}proj_mlp.{wb}")]
+            o[f"{a}linear1.{wb}"] = torch.cat(parts)
+    move("proj_out", "final_layer.linear")
+    for wb in ("weight", "bias"):
+        o[f"final_layer.adaLN_modulation.1.{wb}"] = _swap(sd.pop(f"norm_out.linear.{wb}"))
+    assert not sd, f"unmapped keys: {sorted(sd)}"
+    return {k: v.contiguous() for k, v in o.items()}
+
+
+def write_flux_single_file(transformer: object, path: Path) -> None:
+    sd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flux_to_original(sd), str(path))

@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this wall time")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="train a LoRA of this rank on --init instead of a model"
+    )
+    p.add_argument("--init", help="LoRA: the model folder to adapt (e.g. model_store/digits)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-classes", default="", help="LoRA: train on these labels only (e.g. 7 or 1,7)")
 
 
 def _density_options(items: list[str]) -> dict[str, float]:
@@ -82,6 +88,9 @@ def _density_options(items: list[str]) -> dict[str, float]:
 
 def main(args: argparse.Namespace) -> int:
     import torch
+
+    if args.lora_rank:
+        return _main_lora(args)
 
     from service.models.unet import UNetConfig
     from service.training.datasets import DatasetError, load_dataset
@@ -135,4 +144,46 @@ def main(args: argparse.Namespace) -> int:
         f"done: step {trainer.step} in {trainer.train_seconds / 60:.1f} min of training, "
         f"last-{len(tail)}-step mean loss {sum(tail) / max(1, len(tail)):.4f}; model written to {args.out}"
     )
+    return 0
+
+
+def _main_lora(args: argparse.Namespace) -> int:
+    """``--lora-rank R --init FOLDER``: a LoRA file for a served model (its loras/ folder by default)."""
+    import torch
+
+    from service.models.unet import UNetConfig
+    from service.training.datasets import DatasetError, load_dataset
+    from service.training.lora_train import LoraTrainConfig, train_lora
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.init:
+        print("kdiff train: error: --lora-rank needs --init <model folder>", file=sys.stderr)
+        return 2
+    init = Path(args.init)
+    out = Path(args.out) if args.out.endswith(".safetensors") else init / "loras" / "lora.safetensors"
+    try:
+        mc = UNetConfig.load(init / "config.json")
+        data = load_dataset(args.dataset, mc.image_size, mc.in_channels, split="train")
+        if args.lora_classes:
+            keep = torch.tensor([int(c) for c in args.lora_classes.split(",")])
+            mask = torch.isin(data.labels, keep)
+            data = type(data)(data.images[mask], data.labels[mask], data.num_classes)
+        cfg = LoraTrainConfig(
+            init=init,
+            out=out,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            max_minutes=args.max_minutes,
+        )
+        path, losses = train_lora(cfg, data, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, DatasetError, FileNotFoundError) as e:
+        print(f"kdiff train: error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: LoRA rank {args.lora_rank} on {len(data)} images, {len(losses)} steps; written to {path}")
     return 0

@@ -192,6 +192,7 @@ class RowLora:
         key = name + "/stacked"
         if key not in cats:
             down, up = cats[name]
+            down, up = down.flatten(1), up.flatten(1)  # a 1x1 conv: a linear map over channels
             r = max(a.rank for a in adapters)
             ds, us = [down.new_zeros(r, down.shape[1])], [up.new_zeros(r, up.shape[0])]
             start = 0
@@ -218,6 +219,11 @@ class RowLora:
             if plan.slots is not None and isinstance(module, nn.Linear):
                 down, up = self._stacked(name, plan.adapters, cats)
                 return out + _gathered(down, up, x, plan.slots, plan.slot_scales)
+            if plan.slots is not None and _pointwise(module):
+                down, up = self._stacked(name, plan.adapters, cats)
+                rows = x.flatten(2).transpose(1, 2)  # [B, H W, C]
+                d = _gathered(down, up, rows, plan.slots, plan.slot_scales)
+                return out + d.transpose(1, 2).reshape(out.shape)
             return out + _delta(module, mats[0], mats[1], x, plan.scales)
 
         return hook
@@ -252,3 +258,8 @@ def _gathered(down: Tensor, up_t: Tensor, x: Tensor, slots: Tensor, scales: Tens
     x3 = x.to(d.dtype).reshape(b, -1, x.shape[-1])
     h = torch.bmm(x3, d.transpose(1, 2)) * scales[:, None, :]
     return torch.bmm(h, u).view(*x.shape[:-1], u.shape[-1])
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A 1x1 conv with stride 1: a linear map over channels at each pixel."""
+    return isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)

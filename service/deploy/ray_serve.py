@@ -154,12 +154,14 @@ class Ingress:
                 released = True
                 self.placement.inflight[slot] -= 1
 
-        gen = _stream(self.engines[slot], req)
+        gen: DeploymentResponseGenerator | None = None
         try:
+            gen = _stream(self.engines[slot], req)
             first = await gen.__anext__()
         except BaseException as exc:
             release()
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return self._failure(slot, exc)
@@ -268,6 +270,7 @@ def build_app(args: dict[str, Any]) -> Any:
                 num_replicas=1,
                 max_ongoing_requests=int(args.get("engine_max_ongoing_requests", 64)),
                 max_queued_requests=int(args.get("engine_max_queued_requests", 64)),
+                backpressure_config=backpressure,  # what the ingress answers when this slot is full
                 ray_actor_options={
                     "num_cpus": float(args.get("engine_cpus", 1)),
                     "num_gpus": float(args.get("num_gpus", 0)),

@@ -24,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, help="queued jobs before 429 (KDIFF_MAX_QUEUE)")
     parser.add_argument("--drain-timeout", type=float, help="SIGTERM drain seconds (KDIFF_DRAIN_TIMEOUT_S)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ray = parser.add_argument_group("Ray Serve (the `ray` extra; README 'Scaling out')")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: ingress + engine replicas")
+    ray.add_argument("--address", help="Ray cluster (auto, ray://head:10001); default: a local one")
+    ray.add_argument("--engines", type=int, default=1, help="engine slots (replicas), one device each")
+    ray.add_argument("--gpus-per-engine", type=float, default=0.0, help="num_gpus per engine (1 on GPU)")
+    ray.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (autoscaling minimum)")
+    ray.add_argument("--ingress-max-replicas", type=int, help="autoscaling maximum of the ingress replicas")
+    ray.add_argument("--placement", help="models per engine slot, e.g. 'digits;sd15,sdxl' (default: all)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +49,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):
+        from service.deploy.cli import serve_ray
+
+        return serve_ray(args, _overrides(args))
     from .malloc import cap_arenas
 
     cap_arenas()  # before any thread allocates: RSS stays flat under steady load

@@ -16,7 +16,6 @@ import pytest
 from tests.api.tiny_store import make_tiny_store
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

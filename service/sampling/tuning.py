@@ -34,7 +34,7 @@ INIT_SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("kl_optimal", {}),
 )
 DETERMINISTIC_MODES = (("eta", 0.0), ("gamma", 0.0), ("restart_times", 0))
-MIN_LOG_GAP = 1e-3  # starting fractions of the remaining log-sigma distance stay in [1e-3, 1 - 1e-3]
+MIN_LOG_GAP = 1e-3  # neighbouring sigmas differ by at least 0.1 % (no repeats, even in float32)
 MAX_STEPS = 1000
 Progress = Callable[[int, int], None]
 
@@ -109,21 +109,27 @@ def _fixed_sigmas(name: str, steps: int, lo: float, hi: float, opts: dict[str, A
 
 
 def _sigmas(theta: Tensor, lo: float, hi: float) -> Tensor:
-    """Stick-breaking logits -> [hi, s_1, ..., s_k, 0]: s_i takes sigmoid(theta_i) of the log-distance
-    from s_(i-1) down to ``lo`` (descending, inside (lo, hi), and s_i depends on theta_1..theta_i only)."""
-    out, log_lo, log_s = [theta.new_tensor(hi)], math.log(lo), theta.new_tensor(math.log(hi))
-    for v in torch.sigmoid(theta):
-        log_s = log_s - v * (log_s - log_lo)
+    """Stick-breaking logits -> [hi, s_1, ..., s_k, 0]: each log-gap is MIN_LOG_GAP plus sigmoid(theta_i)
+    of what is left down to ``lo`` (descending, inside (lo, hi); s_i depends on theta_1..theta_i only)."""
+    k, log_lo = theta.numel(), math.log(lo)
+    out, log_s = [theta.new_tensor(hi)], theta.new_tensor(math.log(hi))
+    for i, v in enumerate(torch.sigmoid(theta)):
+        room = (log_s - log_lo - MIN_LOG_GAP * (k - i)).clamp_min(0.0)
+        log_s = log_s - MIN_LOG_GAP - v * room
         out.append(log_s.exp())
     return torch.stack([*out, theta.new_tensor(0.0)])
 
 
 def _logits(sigmas: Tensor, lo: float, hi: float) -> Tensor:
     """Inverse of :func:`_sigmas` for a schedule from ``hi`` to ``lo`` (fractions within [1e-3, 0.999])."""
-    logs = sigmas[:-1].clamp(lo, hi).log()
-    v = (logs[:-1] - logs[1:]) / (logs[:-1] - math.log(lo)).clamp_min(1e-12)
-    v = v.clamp(MIN_LOG_GAP, 1 - MIN_LOG_GAP)
-    return (v / (1 - v)).log()
+    logs, k = sigmas[:-1].clamp(lo, hi).log().tolist(), len(sigmas) - 2
+    out, log_s = [], math.log(hi)
+    for i in range(k):
+        room = max(log_s - math.log(lo) - MIN_LOG_GAP * (k - i), 1e-12)
+        v = min(max((log_s - logs[i + 1] - MIN_LOG_GAP) / room, 1e-3), 1 - 1e-3)
+        out.append(math.log(v / (1 - v)))
+        log_s = log_s - MIN_LOG_GAP - v * room
+    return sigmas.new_tensor(out)
 
 
 class _Objective:

@@ -108,6 +108,14 @@ def _stream(handle: DeploymentHandle, req: dict[str, Any]) -> DeploymentResponse
     return cast(DeploymentResponseGenerator, handle.options(stream=True).http.remote(req))
 
 
+def _cancel(gen: DeploymentResponseGenerator) -> None:
+    """Cancel a handle call, best effort (on a call that already failed, cancel() re-raises its error)."""
+    try:
+        gen.cancel()
+    except Exception:
+        pass
+
+
 def _kdiff_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("KDIFF_")}
 
@@ -161,7 +169,7 @@ class Ingress:
         except BaseException as exc:
             release()
             if gen is not None:
-                gen.cancel()
+                _cancel(gen)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return self._failure(slot, exc)
@@ -171,7 +179,7 @@ class Ingress:
             current = incarnation_of(dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER))
             if current is not None and current != job_id[2:8]:
                 release()
-                gen.cancel()
+                _cancel(gen)
                 return _error(
                     410,
                     "engine_lost",
@@ -198,7 +206,7 @@ class Ingress:
                     yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
             finally:
                 release()
-                gen.cancel()
+                _cancel(gen)
 
         response = StreamingResponse(rest(), status_code=first["status"])
         response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]

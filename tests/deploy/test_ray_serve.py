@@ -162,6 +162,8 @@ def test_overload_gives_503_or_429_with_retry_after(cluster: dict[str, Any]) -> 
     bare = [(r.status_code, r.text) for r in refused if "retry-after" not in r.headers]
     assert not bare, bare[:3]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    overloaded = [r for r in refused if r.status_code == 503]
+    assert all(r.json()["detail"]["code"] == "overloaded" for r in overloaded), overloaded[0].text
     print(f"overload: {codes.count(200)} ok, {len(refused)} refused in {time.monotonic() - t0:.1f} s")
 
 

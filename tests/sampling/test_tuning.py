@@ -87,8 +87,10 @@ def _best_pairs(gmm: GMMDenoiser, budget: int, held: Tensor) -> dict[str, tuple[
     return best
 
 
-@pytest.mark.parametrize(("nfe", "sampler"), [(10, "ipndm"), (5, "uni_pc")])
-def test_tuned_schedule_beats_the_best_fixed_pairs(gmm: GMMDenoiser, nfe: int, sampler: str) -> None:
+@pytest.mark.parametrize(("nfe", "sampler", "starts"), [(10, "ipndm", 2), (5, "ipndm", 4)])
+def test_tuned_schedule_beats_the_best_fixed_pairs(
+    gmm: GMMDenoiser, nfe: int, sampler: str, starts: int
+) -> None:
     """Issue 16: a schedule tuned on 256 calibration points, measured on 256 held-out ones. <= 0.5x our
     best untuned pair is asserted; <= 0.2x the best k-diffusion pair is the issue's target too, and is
     reported as an expected failure while it is not met (docs/SAMPLERS.md has the numbers)."""
@@ -96,7 +98,7 @@ def test_tuned_schedule_beats_the_best_fixed_pairs(gmm: GMMDenoiser, nfe: int, s
     best = _best_pairs(gmm, nfe, held)
     cal = _noise(256, seed=0)
     sigmas = tune_schedule(
-        gmm, sampler, nfe, cal, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, teacher_steps=200, starts=2
+        gmm, sampler, nfe, cal, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, teacher_steps=200, starts=starts
     )
     tuned = _rms(gmm, sampler, {}, sigmas, held, _ode_map(gmm, held * SIGMA_MAX, SIGMA_MAX))
     kd, ours = best["kdiffusion"], best["ours"]

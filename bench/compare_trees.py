@@ -42,7 +42,8 @@ def overhead(tree: Path) -> dict[str, float]:
     """Our ms/step per (sampler, noise, batch) from the sampler-overhead bench's table."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "o.md"
-        cmd = [sys.executable, "bench/bench_sampler_overhead.py", "--batches", "1", "64", "--out", str(out)]
+        cmd = [sys.executable, "bench/bench_sampler_overhead.py", "--batches", "1", "64", "--repeats", "3"]
+        cmd += ["--out", str(out)]
         subprocess.run(cmd, cwd=tree, check=True, capture_output=True)
         rows = [line.strip("|").split("|") for line in out.read_text().splitlines()[2:]]
     return {"/".join(c.strip() for c in r[:3]): float(r[3]) for r in rows if len(r) >= 4}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,74 +11,18 @@ from service.engine.jobs import JobRequest
 from service.images import ImageInputError, decode_image
 from service.models.lora import text_loras
 from service.models.store import LoadedModel
-from service.sampling import aliases, registry
+from service.models.tuned import TUNED, apply_tuned
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
-from service.sampling.schedules import CustomSchedule
+from service.sampling.request import CUSTOM, TOP_LEVEL_OPTIONS, Limits, build_spec, spec_parameters
 from service.sampling.spec import SamplingSpec, make_sigmas, sampling_dtype
 
 from .lora_request import lora_parameters, request_loras, with_adapters
-from .schemas import TOP_LEVEL_OPTIONS, SampleRequest
+from .schemas import SampleRequest
 from .settings import Settings
 
-CUSTOM = "custom"  # the schedule name of a request that brings its own sigmas
-
-
 FieldError = InputError  # the one input-error type; rendered as a 422 naming the field
-
-
-def _seeds(req: SampleRequest, n: int) -> list[int]:
-    if req.seed is None:
-        return [secrets.randbelow(2**32) for _ in range(n)]
-    if isinstance(req.seed, int):
-        seeds = [req.seed + i for i in range(n)]
-    else:
-        seeds = list(req.seed)
-        if len(seeds) != n:
-            raise FieldError("seed", f"seed has {len(seeds)} values for n={n} images; give one int or {n}")
-    for s in seeds:
-        if not 0 <= s < 2**63:
-            raise FieldError("seed", f"seeds must be in [0, 2**63), got {s}")
-    return seeds
-
-
-def _options(req: SampleRequest, sampler: str, schedule: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    s_bounds = registry.get_sampler(sampler).bounds
-    k_bounds = {} if schedule == CUSTOM else registry.get_schedule(schedule).bounds
-    s_opts: dict[str, Any] = dict(req.sampler_options)
-    k_opts: dict[str, Any] = dict(req.schedule_options)
-    for name in TOP_LEVEL_OPTIONS:
-        value = getattr(req, name)
-        if value is None:
-            continue
-        if name in s_bounds:
-            s_opts[name] = value
-        elif name in k_bounds:
-            k_opts[name] = value
-        else:
-            raise FieldError(
-                name,
-                f"{name} does not apply to sampler {sampler!r} or schedule {schedule!r}; "
-                f"their options: {', '.join([*s_bounds, *k_bounds]) or 'none'}",
-                [*s_bounds, *k_bounds],
-            )
-    for kind, name, given, bounds in (
-        ("sampler", sampler, s_opts, s_bounds),
-        ("schedule", schedule, k_opts, k_bounds),
-    ):
-        field = f"{kind}_options"
-        for key, value in given.items():
-            if key not in bounds:
-                raise FieldError(
-                    key if key in TOP_LEVEL_OPTIONS else field,
-                    f"unknown option {key!r} for {kind} {name!r}; allowed: {', '.join(bounds) or 'none'}",
-                    list(bounds),
-                )
-            try:
-                given[key] = bounds[key].check(key, value)
-            except ValueError as exc:
-                raise FieldError(key if key in TOP_LEVEL_OPTIONS else field, str(exc), None) from exc
-    return s_opts, k_opts
+__all__ = ["CUSTOM", "FieldError", "build_job"]
 
 
 def _labels(req: SampleRequest, model: LoadedModel, n: int) -> torch.Tensor | None:
@@ -215,42 +158,6 @@ def _images(
     return init.expand(n, *init.shape[1:]).clone(), mask
 
 
-def _names(req: SampleRequest, defaults: dict[str, Any]) -> tuple[str, str]:
-    """Sampler and schedule, accepting A1111/ComfyUI/diffusers spellings ("DPM++ 2M Karras", "Euler a")."""
-    sampler = req.sampler or str(defaults.get("sampler", "dpmpp_2m"))
-    implied = None
-    try:
-        if sampler not in registry.SAMPLERS:
-            sampler, implied = aliases.resolve(sampler)
-        if req.sigmas is not None:
-            if req.schedule not in (None, CUSTOM):
-                raise FieldError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
-            return sampler, CUSTOM
-        schedule = req.schedule or implied or str(defaults.get("schedule", "karras"))
-        if schedule not in registry.SCHEDULES:
-            schedule = aliases.resolve_schedule(schedule)
-    except registry.UnknownNameError as exc:
-        raise FieldError(exc.kind, str(exc), exc.valid) from exc
-    return sampler, schedule
-
-
-def _custom(req: SampleRequest, settings: Settings) -> tuple[CustomSchedule, int]:
-    """The request's own sigmas as a schedule, and the step count they fix (and the img2img strength)."""
-    assert req.sigmas is not None
-    try:
-        custom = CustomSchedule(tuple(req.sigmas))
-    except ValueError as exc:
-        raise FieldError("sigmas", str(exc)) from exc
-    steps = len(custom()) - 1
-    if steps > settings.max_steps:
-        raise FieldError("sigmas", f"sigmas define {steps} steps; at most {settings.max_steps} are allowed")
-    if req.steps is not None and req.steps != steps:
-        raise FieldError("steps", f"steps ({req.steps}) does not match the {steps} steps of sigmas; omit it")
-    if req.denoise is not None and req.denoise != 1.0:
-        raise FieldError("denoise", "with sigmas, their first value sets the img2img strength; omit denoise")
-    return custom, steps
-
-
 def _start(
     spec: SamplingSpec,
     model: LoadedModel,
@@ -299,62 +206,35 @@ def _request_field(name: str, spec: SamplingSpec) -> str:
 
 
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
+    """The engine job for ``req`` on ``model``: the spec (shared with ``kdiff sample``), the model's
+    own inputs, and the driver, built once here and run by the engine."""
     d = model.manifest.defaults
     tagged, (req, loras) = req, request_loras(req, model)  # <lora:...> tags leave the prompt
-    sampler, schedule = _names(req, d)
-    custom: CustomSchedule | None = None
-    if schedule == CUSTOM:
-        custom, steps = _custom(req, settings)
-    else:
-        if registry.get_schedule(schedule).needs_discrete and getattr(model.denoiser, "sigmas", None) is None:
-            raise FieldError(
-                "schedule", f"schedule {schedule!r} needs a discrete-time model; {model.name!r} is not"
-            )
-        steps = req.steps if req.steps is not None else int(d.get("steps", 20))
-    if steps > settings.max_steps:
-        raise FieldError("steps", f"steps must be in [1, {settings.max_steps}]", [1, settings.max_steps])
-    n = req.n or (len(req.seed) if isinstance(req.seed, list) else None) or 1
-    if n > settings.max_images:
-        raise FieldError("n", f"n must be in [1, {settings.max_images}]", [1, settings.max_images])
+    limits = Limits(settings.max_steps, settings.max_images)
+    discrete = getattr(model.denoiser, "sigmas", None) is not None
+    tuned = req.schedule == TUNED  # the model's tuned sigmas for its sampler and steps
+    req = apply_tuned(req, model.manifest.folder, model.name, d)
+    spec, n = build_spec(req, d, limits, discrete)
     cfg = req.cfg_scale if req.cfg_scale is not None else float(d.get("cfg_scale", 1.0))
-    denoise = req.denoise if req.denoise is not None else 1.0
     timeout = req.timeout_s or settings.job_timeout_s
     if timeout > settings.job_timeout_s:
         raise FieldError("timeout_s", f"timeout_s must be in (0, {settings.job_timeout_s:g}]")
-    seeds = _seeds(req, n)
-    s_opts, k_opts = _options(req, sampler, schedule)
     latent_shape: tuple[int, ...] | None = None
     if model.conditioning == "text":
         with text_loras(model, loras):
-            text = _text_job(req, model, n, cfg, denoise)
+            text = _text_job(req, model, n, cfg, spec.denoise)
         cond, uncond, init, mask = text.cond, text.uncond, text.init, text.mask
         latent_shape, (h, w) = text.latent_shape, text.image_size
     else:
         _check_size(req, model)
         cond, uncond = _conditioning(req, model, n, cfg)
-        init, mask = _images(req, model, n, denoise)
+        init, mask = _images(req, model, n, spec.denoise)
         h, w = model.image_size
-    strength = req.subseed_strength or 0.0
-    subseeds = None if req.subseed is None else [req.subseed + i for i in range(n)]
-    if strength > 0 and subseeds is None:
-        raise FieldError("subseed", "subseed_strength > 0 needs a subseed")
-    # spec fields a request sets by name (SamplingSpec.request_fields), passed through as they are
-    named = {k: v for k in SamplingSpec.request_fields() if (v := getattr(req, k, None)) is not None}
-    try:
-        spec = SamplingSpec(
-            sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise, subseeds, strength, **named
-        )
-    except InputError as exc:
-        raise FieldError(exc.field, exc.message, exc.allowed) from exc
     cond, uncond = with_adapters(model, cond, uncond, loras, n)
     driver = _start(spec, model, (n, *(latent_shape or model.latent_shape)), cond, uncond, cfg, init, mask)
     params: dict[str, Any] = {
         "model": model.name,
-        "sampler": sampler,
-        "schedule": schedule,
-        "sigmas": None if custom is None else list(custom.sigmas),
-        "steps": steps,
-        "seeds": seeds,
+        **spec_parameters(spec),
         "n": n,
         "cfg_scale": cfg,
         "class_label": req.class_label,
@@ -362,14 +242,11 @@ def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> Job
         "negative_prompt": req.negative_prompt,
         "width": w,
         "height": h,
-        "denoise": denoise,
-        **({"subseeds": subseeds, "subseed_strength": strength} if strength > 0 else {}),
         **({"clip_skip": req.clip_skip} if req.clip_skip is not None else {}),
         "img2img": init is not None,
         "inpaint": mask is not None,
         **lora_parameters(tagged, model),
-        "sampler_options": s_opts,
-        "schedule_options": k_opts,
-        **named,
     }
+    if tuned:
+        params["schedule"] = TUNED
     return JobRequest(spec, n, cond, uncond, cfg, init, mask, timeout, params, latent_shape, driver)

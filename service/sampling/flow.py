@@ -27,6 +27,7 @@ in u through the shift, with the request's ``shift`` option.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -34,18 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .catalog import Bounds, schedule
+from . import registry
+from .catalog import SamplerInfo
 from .errors import InputError
-from .samplers.flow_forms import FlowSpec, flow_spec
-from .schedules import _check_n
+from .samplers.flow_forms import flow_info
+from .schedules_flow import get_sigmas_flow, shift_time
 from .spec import SamplingSpec, make_sigmas
 
 TRAIN_STEPS = 1000
-
-
-def shift_time(t: Tensor | float, shift: float) -> Tensor | float:
-    """SD3's timestep shift: t' = s t / (1 + (s - 1) t) (Flux: s = exp(mu))."""
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def flux_shift(
@@ -58,6 +55,21 @@ def flux_shift(
     """Flux's resolution-dependent shift exp(mu), mu linear in the packed latent's token count."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return math.exp(base_shift + slope * (seq_len - base_seq_len))
+
+
+@dataclasses.dataclass
+class FlowSpec(SamplingSpec):
+    """A SamplingSpec whose sampler runs in its flow form (same name, options and model calls)."""
+
+    @property
+    def info(self) -> SamplerInfo:
+        return flow_info(registry.get_sampler(self.sampler), self.options)
+
+
+def flow_spec(spec: SamplingSpec) -> FlowSpec:
+    if isinstance(spec, FlowSpec):
+        return spec
+    return FlowSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
 
 
 class FlowDenoiser(nn.Module):
@@ -132,25 +144,6 @@ def check_sigmas(sigmas: Tensor, spec: SamplingSpec) -> None:
 
 
 # --- the models' own schedule ---
-@schedule(
-    discrete=True,
-    options={"shift": Bounds(lo=0.05, hi=20.0)},
-    doc="flow-matching models' own (diffusers FlowMatchEuler): linear in u, through the shift",
-    aliases=("FlowMatchEulerDiscreteScheduler", "sd3", "flux"),
-)
-def get_sigmas_flow(
-    n: int, model: Any, shift: float | None = None, device: torch.device | str = "cpu"
-) -> Tensor:
-    """n times t = shift(u), u linear from 1 to the model's ramp end (SD3: its shifted 1/1000;
-    Flux: 1/n), then 0. ``shift`` defaults to the model's."""
-    _check_n(n)
-    if not getattr(model, "flow", False):
-        raise InputError("schedule", "schedule 'flow' is for flow-matching models (SD3, Flux)")
-    s = float(model.shift if shift is None else shift)
-    end = 1.0 / n if model.ramp_end is None else float(model.ramp_end)
-    u = torch.linspace(1.0, end, n, dtype=torch.float64) if n > 1 else torch.ones(1, dtype=torch.float64)
-    t = s * u / (1 + (s - 1) * u)  # shift_time
-    return torch.cat([t, t.new_zeros(1)]).float().to(device)
 
 
 __all__ = ["FlowDenoiser", "FlowSpec", "flow_spec", "flux_shift", "get_sigmas_flow", "shift_time"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import flow, samplers, schedules, schedules_discrete  # noqa: F401  (the schedule modules register)
+from . import samplers, schedules, schedules_discrete, schedules_flow  # noqa: F401  (the schedule modules register)
 from .catalog import (
     INF,
     SAMPLERS,

@@ -19,8 +19,8 @@ from torch import Tensor
 from service import sampling
 from service.sampling import registry
 from service.sampling.driver import Driver, drive
-from service.sampling.flow import FlowDenoiser, flux_shift, get_sigmas_flow, shift_time
-from service.sampling.samplers.flow_forms import FlowSpec, flow_spec, is_ode
+from service.sampling.flow import FlowDenoiser, FlowSpec, flow_spec, flux_shift, get_sigmas_flow, shift_time
+from service.sampling.samplers.flow_forms import is_ode
 from service.sampling.spec import SamplingSpec, make_sigmas, start_latents
 
 from .gmm import DIM, GMMDenoiser

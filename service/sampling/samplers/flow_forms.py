@@ -4,7 +4,8 @@ A flow model's sigma is its time t (x = (1 - t) x0 + t eps). Samplers that only 
 on it as they are; the others (ancestral, SDE, churn, CFG++) run their own stepper in the
 variance-exploding coordinates of the same process, sigma_ve = t / (1 - t), x_ve = x / (1 - t),
 where their re-noising is exact: :func:`flow_stepper`. No sampler is written twice, and each keeps
-its name, options and model-call count; :class:`FlowSpec` is a spec whose ``info`` is that form.
+its name, options and model-call count; ``service.sampling.flow.FlowSpec`` is a spec whose
+``info`` is that form.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import registry
 from ..catalog import SamplerInfo
-from ..spec import SamplingSpec
 from ..stepper import Eval, Guided, Stepper
 
 T_MAX = 1.0 - 1e-4  # where flow forms start instead of t = 1 (sigma_ve = 9999)
@@ -92,18 +91,3 @@ def flow_info(info: SamplerInfo, options: dict[str, Any]) -> SamplerInfo:
     if is_ode(info, options):
         return info
     return dataclasses.replace(info, stepper=flow_stepper(info.stepper))
-
-
-@dataclasses.dataclass
-class FlowSpec(SamplingSpec):
-    """A SamplingSpec whose sampler runs in its flow form (same name, options and model calls)."""
-
-    @property
-    def info(self) -> SamplerInfo:
-        return flow_info(registry.get_sampler(self.sampler), self.options)
-
-
-def flow_spec(spec: SamplingSpec) -> FlowSpec:
-    if isinstance(spec, FlowSpec):
-        return spec
-    return FlowSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})

@@ -23,6 +23,8 @@ def free_port() -> int:
 
 
 ENGINE_SETTINGS: dict[str, Any] = {"torch_threads": 1, "batch_wait_ms": 0, "max_queue": 64}
+KEYS = {"api_keys": "alice,bob", "admin_keys": "root"}  # job ownership must hold across replicas
+ALICE = {"Authorization": "Bearer alice"}
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +54,7 @@ def cluster(tiny_store: Path) -> Iterator[dict[str, Any]]:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     args = {
         "engines": 2,
-        "settings": {**ENGINE_SETTINGS, "model_store": str(tiny_store)},
+        "settings": {**ENGINE_SETTINGS, **KEYS, "model_store": str(tiny_store)},
         "engine_cpus": 0.5,
         "engine_max_ongoing_requests": 8,
         "engine_max_queued_requests": 4,
@@ -72,5 +74,5 @@ def cluster(tiny_store: Path) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture()
 def http(cluster: dict[str, Any]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster["url"], timeout=60) as c:
+    with httpx.Client(base_url=cluster["url"], timeout=60, headers=ALICE) as c:
         yield c

@@ -22,7 +22,7 @@ from PIL import Image
 from service.api.app import create_app
 from service.api.settings import Settings
 
-from .conftest import ENGINE_SETTINGS
+from .conftest import ALICE, ENGINE_SETTINGS
 
 pytestmark = pytest.mark.timeout(240)
 SAMPLERS = ["euler", "dpmpp_2m", "heun", "euler_ancestral", "dpmpp_sde", "lms"]
@@ -123,6 +123,13 @@ def test_job_across_ingress_replicas(http: httpx.Client) -> None:
     else:
         raise AssertionError("the other ingress replica never streamed")
     assert "event: done" in text and jid in text
+    # API-key ownership holds whichever replicas answer: another key sees a 404, an admin key sees it
+    bob, root = {"Authorization": "Bearer bob"}, {"Authorization": "Bearer root"}
+    for _ in range(4):
+        assert http.get(f"/jobs/{jid}", headers=bob).status_code == 404
+        assert jid not in http.get("/jobs", headers=bob).text
+        assert jid in http.get("/jobs", headers=root).text and jid in http.get("/jobs").text
+    assert http.get(f"/jobs/{jid}", headers={"Authorization": ""}).status_code == 401
     # cancel through the other one
     job2 = http.post("/jobs", json={**slow, "steps": 400, "seed": 8})
     a2, jid2 = job2.headers["x-kdiff-ingress"], job2.json()["id"]
@@ -150,7 +157,7 @@ def test_overload_gives_503_or_429_with_retry_after(cluster: dict[str, Any]) -> 
 
     async def blast() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=200)
-        async with httpx.AsyncClient(base_url=cluster["url"], timeout=120, limits=limits) as c:
+        async with httpx.AsyncClient(base_url=cluster["url"], timeout=120, limits=limits, headers=ALICE) as c:
             return await asyncio.gather(*(c.post("/sample", json=body) for _ in range(140)))
 
     t0 = time.monotonic()
@@ -184,7 +191,7 @@ def test_engine_replica_killed_while_jobs_run(http: httpx.Client) -> None:
 
     def follow() -> None:
         with (
-            httpx.Client(base_url=str(http.base_url), timeout=120) as c,
+            httpx.Client(base_url=str(http.base_url), timeout=120, headers=ALICE) as c,
             c.stream("GET", f"/jobs/{victim}/events") as s,
         ):
             events.extend(s.iter_lines())

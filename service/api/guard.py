@@ -154,11 +154,17 @@ class GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
             await _send_error(send, scope["path"], 413, _too_large(s.max_body_bytes), {"Connection": "close"})
             return
-        await self.app(scope, _BoundedReceive(receive, s.max_body_bytes, s.body_timeout_s), send)
+        # Without a Content-Length the size is unknown until read, and a refused body would have
+        # been buffered up to the limit: such bodies get the smaller chunked limit.
+        limit = s.max_body_bytes if length is not None else min(s.max_body_bytes, s.max_chunked_bytes)
+        await self.app(scope, _BoundedReceive(receive, limit, s.body_timeout_s), send)
 
 
 def _too_large(limit: int) -> str:
-    return f"the request body is larger than the service's limit of {limit} bytes (KDIFF_MAX_BODY_BYTES)"
+    return (
+        f"the request body is larger than the service's limit of {limit} bytes (KDIFF_MAX_BODY_BYTES; "
+        "KDIFF_MAX_CHUNKED_BYTES for a body sent without Content-Length)"
+    )
 
 
 class _BoundedReceive:

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest request body (413 beyond): two 16 MB base64 images and the rest",
     )
+    max_chunked_bytes: int = Field(
+        default=2**20,
+        ge=1024,
+        description="largest body sent without Content-Length (chunked): its size is only known as it "
+        "is read, so a refused one would have been buffered up to the limit",
+    )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="time a request body may take to arrive (408)"
     )

@@ -60,3 +60,16 @@ def test_a_sync_result_is_dropped_once_delivered_unless_kept(client: TestClient)
     kept = client.post("/sample?keep=true", json={"steps": 1}, headers={"Accept": "image/png"})
     view = client.get(f"/jobs/{kept.headers['x-job-id']}").json()
     assert view["status"] == "succeeded" and view["result"]["images"]
+
+
+def test_a_chunked_body_has_the_smaller_chunked_limit(make_client: Callable[..., TestClient]) -> None:
+    body = b'{"steps": 1, "prompt": null' + b" " * 6000 + b"}"
+    with make_client(max_chunked_bytes=4096) as c:
+        sized = c.post("/sample", content=body, headers={"Content-Type": "application/json"})
+        assert sized.status_code == 200  # 6 kB with Content-Length: under KDIFF_MAX_BODY_BYTES
+
+        def stream():
+            yield body
+
+        r = c.post("/sample", content=stream(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "KDIFF_MAX_CHUNKED_BYTES" in r.json()["detail"]

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.models.lora import LoraIndex, ModelAdapters  # noqa: E402
-from tests.models.lora_files import kohya_state, random_layers, save  # noqa: E402
+from tests.support.lora_files import kohya_state, random_layers, save  # noqa: E402
 
 
 def transformer_linears(name: str, m: torch.nn.Module) -> bool:

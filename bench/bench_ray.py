@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.server import Server, free_port  # noqa: E402
+from tests.support.server import Server, free_port  # noqa: E402
 
 SAMPLERS = ["euler", "dpmpp_2m", "heun", "euler_ancestral", "dpmpp_2m_sde"]
 SETTINGS = {"torch_threads": 1, "batch_wait_ms": 0}

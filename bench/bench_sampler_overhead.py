@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service import sampling  # noqa: E402
 from service.sampling.noise import BrownianNoiseSampler  # noqa: E402
-from tests.oracle import load  # noqa: E402
+from tests.support.oracle import load  # noqa: E402
 
 SDE = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
 NAMES = [

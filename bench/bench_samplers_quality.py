@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from service.sampling import registry  # noqa: E402
 from service.sampling.ksampler import SamplingSpec, make_sigmas, make_steppers, start_latents  # noqa: E402
 from service.sampling.stepper import run  # noqa: E402
-from tests.sampling.gmm import DIM, GMMDenoiser, ode_reference, start_points  # noqa: E402
+from tests.support.gmm import DIM, GMMDenoiser, ode_reference, start_points  # noqa: E402
 
 GMM_SCHEDULES = ["karras", "exponential", "beta", "kl_optimal", "align_your_steps"]
 BUDGETS = [5, 10, 20]

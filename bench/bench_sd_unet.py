@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.models.sd_tiny import _text_encoder, save_diffusers, write_manifest  # noqa: E402
+from tests.support.sd_tiny import save_diffusers, text_encoder, write_manifest  # noqa: E402
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
@@ -54,7 +54,7 @@ def build(folder: Path, tiny: bool) -> tuple[str, int]:
         from diffusers import UNet2DConditionModel
 
         vocab = json.loads((model / "tokenizer" / "vocab.json").read_text())
-        _text_encoder(len(vocab), 768, False, seed=10).save_pretrained(str(model / "text_encoder"))
+        text_encoder(len(vocab), 768, False, seed=10).save_pretrained(str(model / "text_encoder"))
         torch.manual_seed(0)
         UNet2DConditionModel(**SD15_UNET).half().save_pretrained(str(model / "unet"))  # 1.7 GB, not 3.4
         size = 512

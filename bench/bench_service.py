@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.server import Server  # noqa: E402
+from tests.support.server import Server  # noqa: E402
 
 SAMPLERS = ["euler", "dpmpp_2m", "heun", "euler_ancestral", "dpmpp_2m_sde"]
 NFE_PER_STEP = {"heun": 2}

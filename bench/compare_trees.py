@@ -38,12 +38,12 @@ def _find(data: dict[str, Any], mode: str, concurrency: int) -> dict[str, Any]:
     return next(p for p in data["modes"][mode] if p["concurrency"] == concurrency)
 
 
-def overhead(tree: Path) -> dict[str, float]:
+def overhead(tree: Path, batches: list[int], repeats: int) -> dict[str, float]:
     """Our ms/step per (sampler, noise, batch) from the sampler-overhead bench's table."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "o.md"
-        cmd = [sys.executable, "bench/bench_sampler_overhead.py", "--batches", "1", "64", "--repeats", "3"]
-        cmd += ["--out", str(out)]
+        cmd = [sys.executable, "bench/bench_sampler_overhead.py", "--batches", *map(str, batches)]
+        cmd += ["--repeats", str(repeats), "--out", str(out)]
         subprocess.run(cmd, cwd=tree, check=True, capture_output=True)
         rows = [line.strip("|").split("|") for line in out.read_text().splitlines()[2:]]
     return {"/".join(c.strip() for c in r[:3]): float(r[3]) for r in rows if len(r) >= 4}
@@ -54,13 +54,18 @@ def main() -> int:
     p.add_argument("--old", type=Path, required=True, help="a checkout of the old commit")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--overhead-repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     rounds = []
     for r in range(args.rounds):
         row = {}
         for name, tree in (("old", args.old), ("new", NEW)):
-            row[name] = {"service": service_point(tree, args.duration), "overhead": overhead(tree)}
+            row[name] = {
+                "service": service_point(tree, args.duration),
+                "overhead": overhead(tree, args.overhead_batches, args.overhead_repeats),
+            }
         rounds.append(row)
         print(json.dumps({"round": r, **row}), flush=True)
     ips = statistics.median(

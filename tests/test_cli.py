@@ -30,7 +30,7 @@ def test_kdiff_sample_writes_a_png_with_its_parameters(tmp_path, capsys: pytest.
 
     from service.cli import main
     from service.images import read_parameters
-    from tests.api.tiny_store import make_tiny_store
+    from tests.support.tiny_store import make_tiny_store
 
     store, out = make_tiny_store(tmp_path / "store"), tmp_path / "seven.png"
     argv = ["sample", "--model-store", str(store), "--model", "tiny", "--class-label", "7", "--steps", "3"]
@@ -50,7 +50,7 @@ def test_kdiff_sample_writes_a_png_with_its_parameters(tmp_path, capsys: pytest.
 )
 def test_kdiff_sample_errors_are_one_line(tmp_path, extra: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     from service.cli import main
-    from tests.api.tiny_store import make_tiny_store
+    from tests.support.tiny_store import make_tiny_store
 
     store = make_tiny_store(tmp_path / "store")
     with pytest.raises(SystemExit) as exit_:

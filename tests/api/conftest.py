@@ -9,8 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.api.settings import Settings
-
-from .tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.api.settings import Settings
 from service.models.store import LoadedModel, ModelStore, disk_bytes
-
-from .tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 SAMPLE = {"steps": 2, "seed": 1, "class_label": 3}
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 
 def free_port() -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import expect, sync_playwright
 
+from tests.support.server import REPO, Server
+
 from .browser import ARGS, chromium_path
-from .server import REPO, Server
 
 SAMPLERS, STEPS = ["euler", "dpmpp_2m", "heun", "dpmpp_sde"], [5, 10, 20, 40]
 

@@ -18,9 +18,8 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from tests.api.tiny_store import make_tiny_store
-
-from .server import Server
+from tests.support.server import Server
+from tests.support.tiny_store import make_tiny_store
 
 KEY = "sk-test"
 BASIC = ("painter", "s3cret")  # a KDIFF_API_KEYS entry "user:pass" for HTTP Basic

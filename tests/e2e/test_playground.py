@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.tiny_store import make_tiny_store
+from tests.support.server import Server
+from tests.support.tiny_store import make_tiny_store
 
 from .browser import ARGS, INSTALL, artifacts, chromium_path, confine_to_localhost
-from .server import Server
 
 try:
     from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright

@@ -24,7 +24,7 @@ from service.models.sd_generate import generate  # noqa: E402
 from service.models.stable_diffusion import SDLoadedModel  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.ksampler import SamplingSpec  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 INIT = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
 MASK = torch.zeros(1, 1, 64, 64)

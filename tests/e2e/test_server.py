@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from service.images import read_parameters
-from tests.api.tiny_store import make_tiny_store
-
-from .server import Server
+from tests.support.server import Server
+from tests.support.tiny_store import make_tiny_store
 
 # Jobs that must still be running when the test acts on them: the traced tiny model takes about a
 # millisecond per call, so 500 steps can finish inside the half-second a client waits.

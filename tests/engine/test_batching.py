@@ -7,8 +7,7 @@ import asyncio
 import torch
 
 from service.engine import JobStatus, Mode
-
-from .fakes import FakeDenoiser, make_engine, reference, request, run
+from tests.support.engine_fakes import FakeDenoiser, make_engine, reference, request, run
 
 MIX = [("euler", 10), ("heun", 5), ("dpmpp_2m", 20), ("euler_ancestral", 7), ("dpmpp_2m_sde", 12), ("lms", 9)]
 

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from service.engine import Draining, JobStatus, JobStore, Mode, QueueFull
-
-from .fakes import FAIL_LABEL, NAN_LABEL, FakeDenoiser, make_engine, reference, request, run
+from tests.support.engine_fakes import (
+    FAIL_LABEL,
+    NAN_LABEL,
+    FakeDenoiser,
+    make_engine,
+    reference,
+    request,
+    run,
+)
 
 
 def test_cancel_frees_rows_at_the_next_iteration() -> None:

@@ -12,7 +12,7 @@ import torch
 from service.models.flow_generate import generate
 from service.models.flow_loader import load_flow_diffusers
 from service.models.flow_model import FlowModel
-from tests.models.flow_tiny import SIZE, T5_LEN, tiny_flow_store
+from tests.support.flow_tiny import SIZE, T5_LEN, tiny_flow_store
 
 TOL = 1e-4
 PROMPT = "the red cat"

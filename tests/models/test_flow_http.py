@@ -18,8 +18,8 @@ from PIL import Image
 
 from service.models.flow_generate import generate
 from service.models.store import ModelStore
-from tests.api.tiny_store import make_tiny_store
-from tests.models.flow_tiny import SIZE, tiny_flow_store
+from tests.support.flow_tiny import SIZE, tiny_flow_store
+from tests.support.tiny_store import make_tiny_store
 
 BASE = {"prompt": "the red cat", "steps": 3, "seed": 5}
 

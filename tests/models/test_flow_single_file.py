@@ -12,8 +12,8 @@ import torch
 from service.models.flow_generate import generate
 from service.models.sd_loader import SDLoadError
 from service.models.store import ModelStore
-from tests.models.flow_single_file import write_flux_single_file, write_sd3_single_file
-from tests.models.flow_tiny import tiny_flow_store, write_manifest
+from tests.support.flow_single_file import write_flux_single_file, write_sd3_single_file
+from tests.support.flow_tiny import tiny_flow_store, write_manifest
 
 
 def _single_file_model(

@@ -18,8 +18,8 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from service.models.lora import LoraError, LoraIndex, attach  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.models.lora_files import kohya_state, peft_state, random_layers, save  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.lora_files import kohya_state, peft_state, random_layers, save  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 WEIGHT = 0.8
 

@@ -22,8 +22,8 @@ from service.api.app import create_app
 from service.api.settings import Settings
 from service.models.lora import LoraIndex, attach
 from service.models.store import ModelStore
-from tests.api.tiny_store import make_tiny_store
-from tests.models.lora_files import every_layer, kohya_state, peft_state, random_layers, save
+from tests.support.lora_files import every_layer, kohya_state, peft_state, random_layers, save
+from tests.support.tiny_store import make_tiny_store
 
 
 def _store(tmp_path: Path) -> ModelStore:

@@ -11,7 +11,7 @@ import torch
 from service.models.lora import LoraIndex, attach, read_lora
 from service.models.store import ModelStore
 from service.training.cli import add_arguments, main
-from tests.api.tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 
 def test_train_a_lora_and_serve_it(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from service.models.sd_loader import SDLoadError  # noqa: E402
 from service.models.stable_diffusion import SDLoadedModel  # noqa: E402
 from service.models.store import ModelStore, UnknownModelError  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store, write_manifest  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store, write_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from diffusers import (  # noqa: E402
 from service.models.sd_generate import generate  # noqa: E402
 from service.models.stable_diffusion import StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 PROMPTS = [("a red cat", "the dog"), ("the dog " * 3, "")]
 STEPS, CFG = 6, 5.0

@@ -11,7 +11,7 @@ from service.models.sd_generate import generate  # noqa: E402
 from service.models.stable_diffusion import SDInputError, StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling import registry  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 
 def _sd(name: str) -> StableDiffusion:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.models.store import LOADERS, ManifestError, ModelStore, UnknownModelError, register_loader
-from tests.api.tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 
 def test_loads_unet_models_with_shape_and_conditioning(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from service.api.settings import Settings
 from service.cli import main as kdiff
 from service.models.tuned import available, tuned_sigmas
 from service.sampling import registry
-from tests.api.tiny_store import make_tiny_store
+from tests.support.tiny_store import make_tiny_store
 
 DIGITS = Path(__file__).resolve().parents[2] / "model_store" / "digits"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.tiny_store import make_tiny_store
-from tests.e2e.server import Server
+from tests.support.server import Server
+from tests.support.tiny_store import make_tiny_store
 
 from .support import start
 

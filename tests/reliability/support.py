@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 # `make soak` sets KDIFF_SOAK=1: the full version (more requests, higher concurrency).
 SOAK = os.environ.get("KDIFF_SOAK") == "1"

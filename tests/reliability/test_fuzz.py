@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from service.api.app import create_app
 from service.api.settings import Settings
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 from .support import AUTH1, SOAK, crashes, start
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.api.schemas import SampleRequest
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 from .support import AUTH1, crashes
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 from .support import AUTH1, AUTH2, AUTH_ADMIN
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 from .support import KEY1, raw_request, rss_mib, start, status_of
 

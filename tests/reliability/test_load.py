@@ -13,7 +13,7 @@ from collections import Counter
 import httpx
 from PIL import Image
 
-from tests.e2e.server import Server
+from tests.support.server import Server
 
 from .support import AUTH1, SOAK, crashes
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.api.tiny_store import make_tiny_store
-from tests.e2e.server import Server
+from tests.support.server import Server
+from tests.support.tiny_store import make_tiny_store
 
 from .support import AUTH1, SOAK, crashes, rss_mib, start
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import types
 
 import pytest
-import torch
 
-from tests.oracle import load
-from tests.sampling.gmm import GMMDenoiser
+from tests.support.gmm import GMMDenoiser
+from tests.support.oracle import load
+from tests.support.toys import toy_image_model  # noqa: F401  (fixtures' users import it from support)
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +18,3 @@ def kd() -> types.SimpleNamespace:
 @pytest.fixture(scope="session")
 def gmm() -> GMMDenoiser:
     return GMMDenoiser()
-
-
-def toy_image_model(x: torch.Tensor, sigma: torch.Tensor, **kwargs: object) -> torch.Tensor:
-    """A cheap nonlinear, row-independent stand-in for an image denoiser."""
-    s = sigma.view(-1, *([1] * (x.ndim - 1)))
-    return x / (1 + s**2) + 0.1 * torch.tanh(x) * s / (1 + s)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from service import sampling
-from tests.sampling.gmm import SIGMA_MAX, SIGMA_MIN, GMMDenoiser, ode_reference
+from tests.support.gmm import SIGMA_MAX, SIGMA_MIN, GMMDenoiser, ode_reference
 
 # Observed order as N doubles from 64 to 128 steps. Multistep methods whose first steps are of
 # lower order (dpmpp_3m_sde) are limited to order 2 globally by that start-up, so 2 is expected.

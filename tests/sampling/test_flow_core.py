@@ -22,8 +22,7 @@ from service.sampling.driver import Driver, drive
 from service.sampling.flow import FlowDenoiser, FlowSpec, flow_spec, flux_shift, get_sigmas_flow, shift_time
 from service.sampling.samplers.flow_forms import is_ode
 from service.sampling.spec import SamplingSpec, make_sigmas, start_latents
-
-from .gmm import DIM, GMMDenoiser
+from tests.support.gmm import DIM, GMMDenoiser
 
 SHIFT, U_END = 3.0, 0.02
 T_END = float(shift_time(U_END, SHIFT))

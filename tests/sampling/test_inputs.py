@@ -9,7 +9,7 @@ import torch
 
 from service import sampling
 from service.sampling import KSampler, NonFiniteError, SamplingSpec
-from tests.sampling.test_registry_contract import Toy
+from tests.support.toys import Toy
 
 
 @pytest.mark.parametrize(

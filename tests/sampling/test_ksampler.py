@@ -9,7 +9,7 @@ import torch
 
 from service import sampling
 from service.sampling import CosineSchedule, CustomSchedule, KarrasSchedule, KSampler
-from tests.sampling.conftest import toy_image_model
+from tests.support.toys import toy_image_model
 
 
 class ClassToy:

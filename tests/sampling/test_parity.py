@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service import sampling
-from tests.sampling.conftest import toy_image_model
+from tests.support.toys import toy_image_model
 
 TOL = 1e-6
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}

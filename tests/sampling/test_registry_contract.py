@@ -17,21 +17,7 @@ from service import sampling
 from service.sampling import SAMPLERS, SCHEDULES, KSampler, get_sampler, get_schedule
 from service.sampling.aliases import resolve, resolve_schedule
 from service.sampling.registry import Option, UnknownNameError
-from tests.sampling.conftest import toy_image_model
-
-
-class Toy:
-    """Row-independent toy denoiser with the attributes KSampler expects; counts calls."""
-
-    sigma_min, sigma_max = 0.03, 14.6
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
-        self.calls += 1
-        return toy_image_model(x, sigma)
-
+from tests.support.toys import Toy
 
 NAMES = sorted(SAMPLERS)
 SEEDS = [11, 5, 99, 1234, 7, 42, 2**31 - 5, 0]

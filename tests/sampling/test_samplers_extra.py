@@ -19,7 +19,7 @@ from service.sampling import KSampler, registry
 from service.sampling.aliases import resolve
 from service.sampling.guidance import CFGDenoiser
 from service.sampling.stepper import Guided, run
-from tests.sampling.gmm import SIGMA_MAX, SIGMA_MIN, GMMDenoiser, ode_reference
+from tests.support.gmm import SIGMA_MAX, SIGMA_MIN, GMMDenoiser, ode_reference
 
 NEW = sorted(n for n, i in registry.SAMPLERS.items() if i.origin != "k-diffusion")
 

@@ -13,8 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.images import read_parameters
-
-from .helpers import info, jobs_total, pixels, png_b64
+from tests.support.compat import info, jobs_total, pixels, png_b64
 
 BASE = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Karras", "seed": 5}
 

@@ -12,8 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.images import read_parameters
-
-from .helpers import jobs_total, pixels
+from tests.support.compat import jobs_total, pixels
 
 
 @pytest.fixture(scope="module")

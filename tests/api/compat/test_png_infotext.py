@@ -14,8 +14,7 @@ from PIL import Image
 
 from service import infotext
 from service.images import read_parameters
-
-from .helpers import pixels
+from tests.support.compat import pixels
 
 
 @pytest.fixture(scope="module")

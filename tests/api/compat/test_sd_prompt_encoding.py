@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from service.models.sd_text import apply_weights  # noqa: E402
 from service.models.stable_diffusion import StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.api.compat.helpers import pixels  # noqa: E402
-from tests.models.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.compat import pixels  # noqa: E402
+from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")

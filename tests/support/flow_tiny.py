@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tests.models.sd_tiny import _text_encoder, write_tokenizer
+from tests.support.sd_tiny import text_encoder, write_tokenizer
 
 SIZE, T5_LEN, T5_DIM = 16, 8, 64
 
@@ -81,8 +81,8 @@ def make_flow_components(family: str, vocab: int, t5: bool = True, guidance: boo
             pos_embed_max_size=16,
         )
         comps["transformer"] = _calm(tr, tr.proj_out)
-        comps["text_encoder"] = _text_encoder(vocab, 32, True, 1)
-        comps["text_encoder_2"] = _text_encoder(vocab, 32, True, 2)
+        comps["text_encoder"] = text_encoder(vocab, 32, True, 1)
+        comps["text_encoder_2"] = text_encoder(vocab, 32, True, 2)
         if t5:
             comps["text_encoder_3"] = _t5(vocab, 4)
         comps["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -100,7 +100,7 @@ def make_flow_components(family: str, vocab: int, t5: bool = True, guidance: boo
             axes_dims_rope=(2, 2, 4),
         )
         comps["transformer"] = _calm(tr, tr.proj_out)
-        comps["text_encoder"] = _text_encoder(vocab, 32, False, 1)
+        comps["text_encoder"] = text_encoder(vocab, 32, False, 1)
         comps["text_encoder_2"] = _t5(vocab, 4)
         comps["scheduler"] = FlowMatchEulerDiscreteScheduler(
             shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15

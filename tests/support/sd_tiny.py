@@ -53,7 +53,7 @@ def write_tokenizer(folder: Path, pad: str = EOS) -> int:
     return len(vocab)
 
 
-def _text_encoder(vocab: int, hidden: int, projection: bool, seed: int) -> Any:
+def text_encoder(vocab: int, hidden: int, projection: bool, seed: int) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -168,7 +168,7 @@ def save_diffusers(
         hidden, proj, s = comps[name]
         tok_name = name.replace("text_encoder", "tokenizer")
         vocab = write_tokenizer(folder / tok_name, pad="!" if name.endswith("_2") else EOS)
-        enc = _text_encoder(vocab, hidden, proj, s)
+        enc = text_encoder(vocab, hidden, proj, s)
         enc.save_pretrained(str(folder / name))
         index[name] = ["transformers", type(enc).__name__]
         index[tok_name] = ["transformers", "CLIPTokenizer"]
@@ -218,7 +218,7 @@ def tiny_sd_store() -> Path:
     sd1 (eps, diffusers), sd1v (v-prediction, diffusers), sd1file (eps, single file + config folder),
     sd1inpaint (9-channel UNet), sdxl (diffusers), sdxlfile (single file).
     """
-    from tests.models.sd_ldm import write_single_file
+    from tests.support.sd_ldm import write_single_file
 
     with _LOCK:
         if "root" in _STORE:

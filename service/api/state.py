@@ -9,12 +9,21 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from service.engine import Engine, EngineConfig, Job, JobRequest, JobStatus, JobStore, Metrics, ModelHandle
+from service.engine import (
+    Engine,
+    EngineConfig,
+    ImageResult,
+    Job,
+    JobRequest,
+    JobStatus,
+    JobStore,
+    Metrics,
+    ModelHandle,
+)
 from service.engine.jobs import JobError
 from service.images import encode_images
 from service.models.lora import LoraIndex, attach
@@ -31,15 +40,11 @@ log = logging.getLogger("kdiff.service")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def finalize(job: Job, images: Tensor) -> dict[str, Any]:
+def finalize(job: Job, images: Tensor) -> ImageResult:
     """Runs in a thread: PNG-encode a finished job's images with their parameters."""
     params = dict(job.request.parameters)
     seeds = list(params.pop("seeds", job.request.spec.seeds))
-    return {
-        "pngs": encode_images(images, params, seeds),
-        "seeds": seeds,
-        "parameters": {**params, "seeds": seeds},
-    }
+    return ImageResult(encode_images(images, params, seeds), seeds, {**params, "seeds": seeds})
 
 
 class ServiceState:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any
 
 from fastapi import HTTPException
 
-from service.engine import Draining, Job, JobStatus, QueueFull
+from service.engine import Draining, ImageResult, Job, JobStatus, QueueFull
 
 from .lifecycle import ModelUnavailable
 from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
@@ -60,11 +59,11 @@ async def submit(
 
 
 def sample_response(job: Job) -> SampleResponse:
-    result: dict[str, Any] = job.result
+    result: ImageResult = job.result
     return SampleResponse(
-        images=[base64.b64encode(p).decode() for p in result["pngs"]],
-        seeds=result["seeds"],
-        parameters=result["parameters"],
+        images=[base64.b64encode(p).decode() for p in result.pngs],
+        seeds=result.seeds,
+        parameters=result.parameters,
         timings=Timings(**job.timings()),
     )
 

@@ -1,7 +1,17 @@
 """The iteration-level batching engine: jobs, the engine loop, its scheduler and executor."""
 
 from .engine import Engine, EngineConfig
-from .jobs import Draining, EngineError, Job, JobError, JobRequest, JobStatus, JobStore, QueueFull
+from .jobs import (
+    Draining,
+    EngineError,
+    ImageResult,
+    Job,
+    JobError,
+    JobRequest,
+    JobStatus,
+    JobStore,
+    QueueFull,
+)
 from .metrics import Metrics
 from .runner import ModelHandle, ModelRunner
 from .scheduler import Mode, Scheduler
@@ -11,6 +21,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineError",
+    "ImageResult",
     "Job",
     "JobError",
     "JobRequest",

@@ -74,6 +74,20 @@ class JobRequest:
         return self.n * (2 if self.guided else 1)
 
 
+@dataclass(frozen=True)
+class ImageResult:
+    """A succeeded job's result as it is kept: encoded PNGs (each with its parameters), the seed of
+    each image, and the parameters of the request."""
+
+    pngs: list[bytes]
+    seeds: list[int]
+    parameters: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.pngs)
+
+
 @dataclass
 class Progress:
     step: int = 0
@@ -153,9 +167,7 @@ class Job:
     @property
     def result_bytes(self) -> int:
         """What the kept result weighs: its encoded images."""
-        if not isinstance(self.result, dict):
-            return 0
-        return sum(len(p) for p in self.result.get("pngs", ()))
+        return self.result.nbytes if isinstance(self.result, ImageResult) else 0
 
     def timings(self) -> dict[str, float | None]:
         def span(a: float | None, b: float | None) -> float | None:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from service.engine import Draining, JobStatus, JobStore, Mode, QueueFull
+from service.engine import Draining, ImageResult, JobStatus, JobStore, Mode, QueueFull
 from tests.support.engine_fakes import (
     FAIL_LABEL,
     NAN_LABEL,
@@ -279,7 +279,7 @@ def test_job_store_keeps_results_within_a_byte_budget() -> None:
         jobs = [make_engine(FakeDenoiser()).submit(request()) for _ in range(4)]
         for i, job in enumerate(jobs):
             store.add(job)
-            job.finish(JobStatus.succeeded, result={"pngs": [b"x" * 1000]})
+            job.finish(JobStatus.succeeded, result=ImageResult([b"x" * 1000], [i], {}))
             job.t_finished = time.monotonic() + i
         # 4,000 bytes of results in a 2,500-byte budget: the two oldest go
         assert [j.id for j in store.list()] == [jobs[2].id, jobs[3].id]

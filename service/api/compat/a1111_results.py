@@ -54,8 +54,8 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
         if job.status != JobStatus.succeeded:
             continue
         result = job.result
-        params = {**result["parameters"], "seeds": result["seeds"]}
-        for i, png in enumerate(result["pngs"]):
+        params = {**result.parameters, "seeds": result.seeds}
+        for i, png in enumerate(result.pngs):
             p = _image_params(plan, body, params, i)
             text = infotext.from_parameters(p)
             infotexts.append(text)

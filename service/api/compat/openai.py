@@ -62,7 +62,7 @@ def _pngs(t: Translated, jobs: list[Job]) -> list[bytes]:
     for job in jobs:
         if job.status == JobStatus.cancelled:
             raise OpenAIError(409, "the request was cancelled", None, "cancelled")
-        out += [_resized(p, t.size) for p in job.result["pngs"]]
+        out += [_resized(p, t.size) for p in job.result.pngs]
     return out
 
 

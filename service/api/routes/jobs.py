@@ -79,7 +79,7 @@ async def job_image(index: int, job: Job = Depends(get_job)) -> Response:
     """One image of a succeeded job, as a PNG."""
     if job.status != JobStatus.succeeded:
         raise HTTPException(409, f"job is {job.status.value}, not succeeded")
-    pngs = job.result["pngs"]
+    pngs = job.result.pngs
     if not 0 <= index < len(pngs):
         raise HTTPException(404, f"index must be in [0, {len(pngs) - 1}]")
     return Response(pngs[index], media_type="image/png")

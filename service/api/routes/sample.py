@@ -71,7 +71,7 @@ async def _wait_and_reply(job: Job, request: Request, state: ServiceState) -> Re
     raise_for_failure(job)
     if "image/png" in request.headers.get("accept", ""):
         result = job.result
-        png = await asyncio.to_thread(grid_png, result["pngs"], result["parameters"])
-        headers = {"X-Job-Id": job.id, "X-Seeds": ",".join(map(str, result["seeds"]))}
+        png = await asyncio.to_thread(grid_png, result.pngs, result.parameters)
+        headers = {"X-Job-Id": job.id, "X-Seeds": ",".join(map(str, result.seeds))}
         return Response(png, media_type="image/png", headers=headers)
     return Response(sample_response(job).model_dump_json(), media_type="application/json")

@@ -124,8 +124,9 @@ class GuardMiddleware:
     """Authenticates every request before its body is read and bounds the body it may send.
 
     - keys set, path not open, no valid key -> 401 (the body is never read);
-    - ``Content-Length`` over ``max_body_bytes`` -> 413 at once; a chunked body that grows past it
-      -> 413 as soon as it does; a body that takes longer than ``body_timeout_s`` to arrive -> 408.
+    - ``Content-Length`` over ``max_body_bytes`` -> 413 at once; a body without one (chunked) that
+      grows past ``max_chunked_bytes`` -> 413 as soon as it does; a body that takes longer than
+      ``body_timeout_s`` to arrive -> 408.
     The caller is left in ``scope["state"]["caller"]`` for the routes.
     """
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from service.sampling.driver import Driver, drive
-from service.sampling.spec import SamplingSpec, make_sigmas, start_latents
+from service.sampling.spec import SamplingSpec
 
 from .flow_model import FlowModel
 
@@ -59,9 +59,16 @@ def generate(
     spec = SamplingSpec(
         sampler, schedule, steps, seeds, dict(sampler_options or {}), dict(schedule_options or {}), denoise
     )
-    sigmas = make_sigmas(spec, m.denoiser, m.device).to(m.device, torch.float32)
-    x = start_latents(spec, (n, *inp.latent_shape), sigmas, m.device, torch.float32, inp.init)
-    spec, sigmas, x = m.denoiser.prepare(spec, x, sigmas, inp.init)
-    driver = Driver(spec, sigmas, x, inp.cond, inp.uncond, cfg, inp.init, inp.mask)
+    driver = Driver.start(  # for a flow model this runs the denoiser's prepare() (flow forms, shift)
+        spec,
+        m.denoiser,
+        (n, *inp.latent_shape),
+        cond=inp.cond,
+        uncond=inp.uncond,
+        cfg_scale=cfg,
+        init=inp.init,
+        mask=inp.mask,
+        device=m.device,
+    )
     out = drive(driver, m.denoiser)
     return out if output == "latents" else m.decode(out)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from service.sampling.driver import Driver, drive
-from service.sampling.spec import SamplingSpec, make_sigmas, start_latents
+from service.sampling.spec import SamplingSpec, make_sigmas
 
 from .stable_diffusion import StableDiffusion
 
@@ -59,14 +59,25 @@ def generate(
     spec = SamplingSpec(
         sampler, schedule, steps, seeds, dict(sampler_options or {}), dict(schedule_options or {}), denoise
     )
-    if sigmas is None:
-        sigmas = make_sigmas(spec, sd.denoiser, sd.device)
-    sigmas = sigmas.to(sd.device, torch.float32)
     if x_start is None:
-        x = start_latents(spec, (n, *inp.latent_shape), sigmas, sd.device, torch.float32, inp.init)
-    else:
+        driver = Driver.start(
+            spec,
+            sd.denoiser,
+            (n, *inp.latent_shape),
+            cond=inp.cond,
+            uncond=inp.uncond,
+            cfg_scale=cfg_scale,
+            init=inp.init,
+            mask=inp.mask,
+            device=sd.device,
+            sigmas=sigmas,
+        )
+    else:  # the caller's own start, already scaled
+        if sigmas is None:
+            sigmas = make_sigmas(spec, sd.denoiser, sd.device)
         x = x_start.to(sd.device, torch.float32)
-    driver = Driver(spec, sigmas, x, inp.cond, inp.uncond, cfg_scale, inp.init, inp.mask)
+        sigmas = sigmas.to(sd.device, torch.float32)
+        driver = Driver(spec, sigmas, x, inp.cond, inp.uncond, cfg_scale, inp.init, inp.mask)
     out = drive(driver, sd.denoiser)
     if output == "latents":
         return out

@@ -288,6 +288,28 @@ class SamplerTraits(TypedDict, total=False):
     aliases: tuple[str, ...]
 
 
+FAMILY = "sampler_family"
+
+
+def family(
+    stepper: F,
+    *,
+    options: Mapping[str, Bounds],
+    noise: str = "none",
+    stochastic: bool = False,
+    needs_uncond: bool = False,
+) -> F:
+    """Mark a family's stepper (made by a factory that writes the signature once) with the option bounds
+    and traits every member shares; each member's :func:`sampler` adds its own and may override them."""
+    stepper.__dict__[FAMILY] = {
+        "options": options,
+        "noise": noise,
+        "stochastic": stochastic,
+        "needs_uncond": needs_uncond,
+    }
+    return stepper
+
+
 def sampler(
     *,
     options: Mapping[str, Bounds] | None = None,
@@ -308,7 +330,8 @@ def sampler(
       per image path); ``stochastic``: whether it draws noise with its default options.
     - ``batch_coupled``: images in one call influence each other (adaptive step size), so drivers
       run one stepper per image; ``needs_uncond``: send it :class:`~.stepper.Guided` (CFG++).
-    - ``options``: bounds per option (defaults come from the signature); ``internal``: keyword
+    - ``options``: bounds per option (defaults come from the signature; a stepper marked with
+      :func:`family` brings its family's bounds and traits); ``internal``: keyword
       arguments for Python callers that are not API options.
     - ``sigma_range``: the stepper takes (x, sigma_min, sigma_max[, n]) instead of sigmas;
       ``sample``: its own k-diffusion function (else one is made from the stepper).
@@ -316,11 +339,15 @@ def sampler(
     - ``name``, ``fixed``, ``doc``: register a variant of the decorated stepper under another name,
       with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper).
     """
-    noise = traits.get("noise", "none")
-    if noise not in NOISE_KINDS:
-        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
 
     def register(fn: F) -> F:
+        shared = dict(fn.__dict__.get(FAMILY, {}))  # what the stepper's family gives all its members
+        bounds = options if options is not None else shared.pop("options", {})
+        shared.pop("options", None)
+        given = {**shared, **traits}
+        noise = given.get("noise", "none")
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
         key = name or fn.__name__
         if key in SAMPLERS:
             raise ValueError(f"sampler {key!r} is registered twice")
@@ -335,8 +362,8 @@ def sampler(
             name=key,
             stepper=stepper,
             sample=sample or k_sampler(stepper, key),
-            bounds=option_specs(f"sampler {key}", base, options or {}, skip),
-            **traits,
+            bounds=option_specs(f"sampler {key}", base, bounds, skip),
+            **given,
         )
         return fn
 

@@ -12,20 +12,11 @@ import math
 import torch
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..catalog import S_NOISE, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Stepper
-from .common import (
-    ancestral_evaluate,
-    ancestral_noise,
-    check_nonneg,
-    euler_predict,
-    evaluate,
-    gaussian,
-    noise_at,
-    renoise,
-)
+from .common import StepResult, ancestral, check_nonneg, euler_predict, evaluate, gaussian, noise_at, renoise
 
 
 @sampler(
@@ -41,66 +32,35 @@ from .common import (
 )
 @sampler(
     order=1,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
     aliases=("Euler a", "euler_a", "k_euler_a", "EulerAncestralDiscreteScheduler"),
     origin="k-diffusion",
 )
+@ancestral()
 def euler_ancestral(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Stepper:
+    x: Tensor, denoised: Tensor, uncond: Tensor, sigma_down: float, s: list[float], sigmas: Tensor, i: int
+) -> StepResult:
     """Ancestral sampling with Euler steps (Song et al. 2021 / Crowson)."""
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
-        d = (x - denoised) / s[i]
-        x = x + d * (sigma_down - s[i])
-        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
-    return x
+    d = (x - denoised) / s[i]
+    return x + d * (sigma_down - s[i])
 
 
 @sampler(
     order=2,
     nfe_per_step=2,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
     aliases=("DPM2 a", "kdpm_2_a", "KDPM2AncestralDiscreteScheduler"),
     origin="k-diffusion",
 )
+@ancestral()
 def dpm_2_ancestral(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Stepper:
+    x: Tensor, denoised: Tensor, uncond: Tensor, sigma_down: float, s: list[float], sigmas: Tensor, i: int
+) -> StepResult:
     """Ancestral sampling with DPM-Solver-2 steps."""
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
-        d = (x - denoised) / s[i]
-        if sigma_down == 0:
-            x = x + d * (sigma_down - s[i])
-        else:
-            sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
-            _, d_2 = yield from euler_predict(
-                x, d, sigma_mid - s[i], sigma_mid, sigmas.new_tensor(sigma_mid), i
-            )
-            x = x + d_2 * (sigma_down - s[i])
-        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
-    return x
+    d = (x - denoised) / s[i]
+    if sigma_down == 0:
+        return x + d * (sigma_down - s[i])
+    sigma_mid = math.sqrt(s[i] * sigma_down)  # midpoint in log sigma
+    _, d_2 = yield from euler_predict(x, d, sigma_mid - s[i], sigma_mid, sigmas.new_tensor(sigma_mid), i)
+    return x + d_2 * (sigma_down - s[i])
 
 
 @sampler(

@@ -13,16 +13,10 @@ import math
 
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, sampler
+from ..catalog import sampler
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, GuidedStepper
-from .common import (
-    ancestral_evaluate_guided,
-    ancestral_noise,
-    evaluate_guided,
-    renoise,
-    split_guided,
-)
+from .common import StepResult, ancestral, evaluate_guided, split_guided
 
 
 @sampler(
@@ -39,35 +33,13 @@ def euler_cfg_pp(
     return x
 
 
-@sampler(
-    order=1,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
-    aliases=("Euler a CFG++",),
-    needs_uncond=True,
-    origin="CFG++ (Chung et al. 2024)",
-)
+@sampler(order=1, aliases=("Euler a CFG++",), origin="CFG++ (Chung et al. 2024)")
+@ancestral(guided=True)
 def euler_ancestral_cfg_pp(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> GuidedStepper:
+    x: Tensor, denoised: Tensor, uncond: Tensor, sigma_down: float, s: list[float], sigmas: Tensor, i: int
+) -> StepResult:
     """Ancestral Euler with CFG++, Chung et al. (2024), https://arxiv.org/abs/2406.08070."""
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
-            x, sigmas, s, i, callback, eta
-        )
-        x = denoised + (x - uncond) * (sigma_down / s[i])
-        if sigma_up > 0:
-            x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
-    return x
+    return denoised + (x - uncond) * (sigma_down / s[i])
 
 
 @sampler(order=2, aliases=("DPM++ 2M CFG++",), needs_uncond=True, origin="CFG++ (Chung et al. 2024)")
@@ -88,39 +60,15 @@ def dpmpp_2m_cfg_pp(
     return x
 
 
-@sampler(
-    order=2,
-    nfe_per_step=2,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
-    aliases=("DPM++ 2S a CFG++",),
-    needs_uncond=True,
-    origin="CFG++ (Chung et al. 2024)",
-)
+@sampler(order=2, nfe_per_step=2, aliases=("DPM++ 2S a CFG++",), origin="CFG++ (Chung et al. 2024)")
+@ancestral(guided=True)
 def dpmpp_2s_ancestral_cfg_pp(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> GuidedStepper:
+    x: Tensor, denoised: Tensor, uncond: Tensor, sigma_down: float, s: list[float], sigmas: Tensor, i: int
+) -> StepResult:
     """Ancestral DPM-Solver++(2S) with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070)."""
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
-            x, sigmas, s, i, callback, eta
-        )
-        if sigma_down == 0:
-            x = denoised
-        else:
-            sigma_s = math.sqrt(s[i] * sigma_down)  # midpoint in lambda
-            x_2 = denoised + (x - uncond) * (sigma_s / s[i])
-            denoised_2, _ = split_guided((yield Eval(x_2, sigmas.new_tensor(sigma_s), i)))
-            x = denoised_2 + (x + denoised - uncond - denoised_2) * (sigma_down / s[i])
-        if sigma_up > 0:
-            x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
-    return x
+    if sigma_down == 0:
+        return denoised
+    sigma_s = math.sqrt(s[i] * sigma_down)  # midpoint in lambda
+    x_2 = denoised + (x - uncond) * (sigma_s / s[i])
+    denoised_2, _ = split_guided((yield Eval(x_2, sigmas.new_tensor(sigma_s), i)))
+    return denoised_2 + (x + denoised - uncond - denoised_2) * (sigma_down / s[i])

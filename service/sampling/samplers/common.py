@@ -11,14 +11,19 @@ operations, which is where a sampler's own time goes.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..catalog import ANCESTRAL, family
 from ..errors import InputError
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
-from ..stepper import Callback, Eval, Guided
+from ..stepper import Callback, Eval, Guided, Stepper
+
+# One step of a family's loop: the new x, or a generator (it evaluates the model again) returning it.
+StepResult = Tensor | Generator[Eval, Any, Tensor]
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -178,3 +183,58 @@ def gaussian(x: Tensor, noise_sampler: NoiseSampler | None) -> NoiseSampler:
 def split_guided(out: Tensor | Guided) -> tuple[Tensor, Tensor]:
     """(guided, uncond) from what a driver sent; a plain tensor serves as both."""
     return (out.denoised, out.uncond) if isinstance(out, Guided) else (out, out)
+
+
+def stepped(result: StepResult) -> Generator[Eval, Any, Tensor]:
+    """``x = yield from stepped(step(...))``: a step's x, running its extra evaluations if it has any."""
+    if isinstance(result, Tensor):
+        return result
+    return (yield from result)
+
+
+def named(stepper: Callable[..., Stepper], step: Callable[..., StepResult]) -> Callable[..., Stepper]:
+    """A family's stepper under its step's name and docstring (the signature stays the family's)."""
+    stepper.__name__ = stepper.__qualname__ = step.__name__
+    stepper.__doc__, stepper.__module__ = step.__doc__, step.__module__
+    return stepper
+
+
+AncestralStep = Callable[[Tensor, Tensor, Tensor, float, list[float], Tensor, int], StepResult]
+
+
+def ancestral(*, guided: bool = False) -> Callable[[AncestralStep], Callable[..., Stepper]]:
+    """An ancestral sampler from its deterministic step ``step(x, denoised, uncond, sigma_down, s,
+    sigmas, i) -> x`` to sigma_down: evaluate, step, then fresh noise of size sigma_up (k-diffusion's
+    get_ancestral_step). ``guided``: a CFG++ sampler (uncond is the unconditional prediction, else
+    the same as denoised), which draws no noise where sigma_up is 0."""
+
+    def make(step: AncestralStep) -> Callable[..., Stepper]:
+        def stepper(
+            x: Tensor,
+            sigmas: Tensor,
+            *,
+            callback: Callback | None = None,
+            noise_sampler: NoiseSampler | None = None,
+            eta: float = 1.0,
+            s_noise: float = 1.0,
+        ) -> Stepper:
+            noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
+            s = sigmas.tolist()
+            for i in range(len(s) - 1):
+                denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
+                    x, sigmas, s, i, callback, eta
+                )
+                x = yield from stepped(step(x, denoised, uncond, sigma_down, s, sigmas, i))
+                if sigma_up > 0 or not guided:  # k-diffusion draws noise even at eta = 0
+                    x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
+            return x
+
+        return family(
+            named(stepper, step),
+            options=ANCESTRAL,
+            noise="gaussian",
+            stochastic=True,
+            needs_uncond=guided,
+        )
+
+    return make

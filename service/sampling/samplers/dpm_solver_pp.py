@@ -12,51 +12,22 @@ from ..catalog import ANCESTRAL, Bounds, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..stepper import Callback, Eval, Stepper
-from .common import (
-    ancestral_evaluate,
-    ancestral_noise,
-    ancestral_step,
-    brownian,
-    check_nonneg,
-    evaluate_h,
-    noise_at,
-    renoise,
-)
+from .common import StepResult, ancestral, ancestral_step, brownian, check_nonneg, evaluate_h, noise_at
 
 
-@sampler(
-    order=2,
-    nfe_per_step=2,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
-    aliases=("DPM++ 2S a", "dpmpp_2s"),
-    origin="k-diffusion",
-)
+@sampler(order=2, nfe_per_step=2, aliases=("DPM++ 2S a", "dpmpp_2s"), origin="k-diffusion")
+@ancestral()
 def dpmpp_2s_ancestral(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Stepper:
+    x: Tensor, denoised: Tensor, uncond: Tensor, sigma_down: float, s: list[float], sigmas: Tensor, i: int
+) -> StepResult:
     """Ancestral sampling with DPM-Solver++(2S) steps, Lu et al. (2022), https://arxiv.org/abs/2211.01095."""
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        denoised, sigma_down, sigma_up = yield from ancestral_evaluate(x, sigmas, s, i, callback, eta)
-        if sigma_down == 0:
-            x = x + (x - denoised) * ((sigma_down - s[i]) / s[i])
-        else:
-            h = math.log(s[i] / sigma_down)  # t = -log(sigma)
-            sigma_s = s[i] * math.exp(-h / 2)
-            x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
-            denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_s), i)
-            x = x * (sigma_down / s[i]) - denoised_2 * math.expm1(-h)
-        x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
-    return x
+    if sigma_down == 0:
+        return x + (x - denoised) * ((sigma_down - s[i]) / s[i])
+    h = math.log(s[i] / sigma_down)  # t = -log(sigma)
+    sigma_s = s[i] * math.exp(-h / 2)
+    x_2 = x * (sigma_s / s[i]) - denoised * math.expm1(-h / 2)
+    denoised_2 = yield Eval(x_2, sigmas.new_tensor(sigma_s), i)
+    return x * (sigma_down / s[i]) - denoised_2 * math.expm1(-h)
 
 
 @sampler(

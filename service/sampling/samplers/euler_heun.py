@@ -6,117 +6,85 @@ All integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma dir
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
 
-from ..catalog import CHURN, INF, S_NOISE, Bounds, sampler
+from ..catalog import CHURN, INF, S_NOISE, Bounds, family, sampler
 from ..errors import InputError
 from ..noise import NoiseSampler
 from ..schedules import get_sigmas_karras
 from ..stepper import Callback, Eval, Stepper
-from .common import check_nonneg, churned_evaluate, euler_predict, gaussian, noise_at, report
-
-
-@sampler(
-    order=1,
-    noise="gaussian",
-    options=CHURN,
-    aliases=("Euler", "EulerDiscreteScheduler"),
-    origin="k-diffusion",
+from .common import (
+    StepResult,
+    check_nonneg,
+    churned_evaluate,
+    euler_predict,
+    gaussian,
+    named,
+    noise_at,
+    report,
+    stepped,
 )
-def euler(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = INF,
-    s_noise: float = 1.0,
-) -> Stepper:
+
+ChurnStep = Callable[[Tensor, Tensor, float, list[float], Tensor, int], StepResult]
+
+
+def churned(step: ChurnStep) -> Callable[..., Stepper]:
+    """A Karras et al. (2022) sampler from its step ``step(x, d, sigma_hat, s, sigmas, i) -> x``: churn
+    (raise sigma_i to sigma_hat by adding noise), evaluate there, then step from sigma_hat to s[i + 1]."""
+
+    def stepper(
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        callback: Callback | None = None,
+        noise_sampler: NoiseSampler | None = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = INF,
+        s_noise: float = 1.0,
+    ) -> Stepper:
+        check_nonneg(s_churn=s_churn, s_noise=s_noise)
+        s = sigmas.tolist()
+        for i in range(len(s) - 1):
+            x, sigma_hat, d = yield from churned_evaluate(
+                x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+            )
+            x = yield from stepped(step(x, d, sigma_hat, s, sigmas, i))
+        return x
+
+    return family(named(stepper, step), options=CHURN, noise="gaussian")
+
+
+@sampler(order=1, aliases=("Euler", "EulerDiscreteScheduler"), origin="k-diffusion")
+@churned
+def euler(x: Tensor, d: Tensor, sigma_hat: float, s: list[float], sigmas: Tensor, i: int) -> StepResult:
     """Euler method, Algorithm 2 of Karras et al. (2022), https://arxiv.org/abs/2206.00364."""
-    check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        x, sigma_hat, d = yield from churned_evaluate(
-            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
-        )
-        x = x + d * (s[i + 1] - sigma_hat)
-    return x
+    return x + d * (s[i + 1] - sigma_hat)
 
 
-@sampler(
-    order=2,
-    nfe_per_step=2,
-    noise="gaussian",
-    options=CHURN,
-    aliases=("Heun", "HeunDiscreteScheduler"),
-    origin="k-diffusion",
-)
-def heun(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = INF,
-    s_noise: float = 1.0,
-) -> Stepper:
+@sampler(order=2, nfe_per_step=2, aliases=("Heun", "HeunDiscreteScheduler"), origin="k-diffusion")
+@churned
+def heun(x: Tensor, d: Tensor, sigma_hat: float, s: list[float], sigmas: Tensor, i: int) -> StepResult:
     """Heun's method, Algorithm 2 of Karras et al. (2022); Euler on the last step to sigma = 0."""
-    check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        x, sigma_hat, d = yield from churned_evaluate(
-            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
-        )
-        dt = s[i + 1] - sigma_hat
-        if s[i + 1] == 0:
-            x = x + d * dt
-        else:
-            _, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
-            x = x + (d + d_2) * (dt / 2)
-    return x
+    dt = s[i + 1] - sigma_hat
+    if s[i + 1] == 0:
+        return x + d * dt
+    _, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
+    return x + (d + d_2) * (dt / 2)
 
 
-@sampler(
-    order=2,
-    nfe_per_step=2,
-    noise="gaussian",
-    options=CHURN,
-    aliases=("DPM2", "kdpm_2", "KDPM2DiscreteScheduler"),
-    origin="k-diffusion",
-)
-def dpm_2(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = INF,
-    s_noise: float = 1.0,
-) -> Stepper:
+@sampler(order=2, nfe_per_step=2, aliases=("DPM2", "kdpm_2", "KDPM2DiscreteScheduler"), origin="k-diffusion")
+@churned
+def dpm_2(x: Tensor, d: Tensor, sigma_hat: float, s: list[float], sigmas: Tensor, i: int) -> StepResult:
     """DPM-Solver-2 as in Karras et al. (2022): a midpoint step in log sigma."""
-    check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    s = sigmas.tolist()
-    for i in range(len(s) - 1):
-        x, sigma_hat, d = yield from churned_evaluate(
-            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
-        )
-        if s[i + 1] == 0:
-            x = x + d * (s[i + 1] - sigma_hat)
-        else:
-            sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # midpoint in log sigma
-            dt_mid = sigma_mid - sigma_hat
-            _, d_2 = yield from euler_predict(x, d, dt_mid, sigma_mid, sigmas.new_tensor(sigma_mid), i)
-            x = x + d_2 * (s[i + 1] - sigma_hat)
-    return x
+    if s[i + 1] == 0:
+        return x + d * (s[i + 1] - sigma_hat)
+    sigma_mid = math.sqrt(sigma_hat * s[i + 1])  # midpoint in log sigma
+    _, d_2 = yield from euler_predict(x, d, sigma_mid - sigma_hat, sigma_mid, sigmas.new_tensor(sigma_mid), i)
+    return x + d_2 * (s[i + 1] - sigma_hat)
 
 
 def _heunpp2_nfe(steps: int, opts: Mapping[str, Any]) -> int:
@@ -127,43 +95,22 @@ def _heunpp2_nfe(steps: int, opts: Mapping[str, Any]) -> int:
     order=1,
     nfe_per_step=3,
     nfe=_heunpp2_nfe,
-    noise="gaussian",
-    options=CHURN,
     aliases=("Heun++ 2", "heunpp"),
     origin="Heun++ (Carzit / ComfyUI)",
 )
-def heunpp2(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_churn: float = 0.0,
-    s_tmin: float = 0.0,
-    s_tmax: float = INF,
-    s_noise: float = 1.0,
-) -> Stepper:
+@churned
+def heunpp2(x: Tensor, d: Tensor, sigma_hat: float, s: list[float], sigmas: Tensor, i: int) -> StepResult:
     """Heun++ (Carzit, sd-webui-samplers-scheduler, via ComfyUI): 3 stages, sigma-weighted slopes."""
-    check_nonneg(s_churn=s_churn, s_noise=s_noise)
-    s = sigmas.tolist()
-    s_end = s[-1]
-    for i in range(len(s) - 1):
-        x, sigma_hat, d = yield from churned_evaluate(
-            x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
-        )
-        dt = s[i + 1] - sigma_hat
-        if s[i + 1] == s_end:
-            x = x + d * dt
-            continue
-        x_2, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
-        if s[i + 2] == s_end:
-            w_2 = s[i + 1] / (2 * s[0])
-            x = x + (d * (1 - w_2) + d_2 * w_2) * dt
-            continue
-        _, d_3 = yield from euler_predict(x_2, d_2, s[i + 2] - s[i + 1], s[i + 2], sigmas[i + 2], i)
-        w_2, w_3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
-        x = x + (d * (1 - w_2 - w_3) + d_2 * w_2 + d_3 * w_3) * dt
-    return x
+    dt = s[i + 1] - sigma_hat
+    if s[i + 1] == s[-1]:
+        return x + d * dt
+    x_2, d_2 = yield from euler_predict(x, d, dt, s[i + 1], sigmas[i + 1], i)
+    if s[i + 2] == s[-1]:
+        w_2 = s[i + 1] / (2 * s[0])
+        return x + (d * (1 - w_2) + d_2 * w_2) * dt
+    _, d_3 = yield from euler_predict(x_2, d_2, s[i + 2] - s[i + 1], s[i + 2], sigmas[i + 2], i)
+    w_2, w_3 = s[i + 1] / (3 * s[0]), s[i + 2] / (3 * s[0])
+    return x + (d * (1 - w_2 - w_3) + d_2 * w_2 + d_3 * w_3) * dt
 
 
 def _restart_nfe(steps: int, opts: Mapping[str, Any]) -> int:

@@ -24,12 +24,12 @@ from torch import Tensor
 
 from .errors import InputError
 from .k_api import k_sampler
-from .stepper import Stepper
+from .stepper import StepIO, Stepper
 
 INF = math.inf
 NOISE_KINDS = ("none", "gaussian", "brownian")
-# Stepper keyword arguments that are plumbing, not options.
-PLUMBING = ("callback", "noise_sampler")
+# What a registered stepper takes besides options: x, sigmas and (keywords) the StepIO fields.
+PLUMBING = ("io", *StepIO._fields)
 
 F = TypeVar("F", bound=Callable[..., Any])
 NfeRule = Callable[[int, Mapping[str, Any]], int]
@@ -256,6 +256,28 @@ def _over_sigma_range(fn: Callable[..., Stepper]) -> Callable[..., Stepper]:
     return stepper
 
 
+def _keyword_io(fn: Callable[..., Stepper]) -> Callable[..., Stepper]:
+    """The registered stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)`` of a
+    sampler written as ``name(x, sigmas, io, *, **options)`` (its signature: those keywords + options)."""
+
+    def stepper(
+        x: Tensor, sigmas: Tensor, *, callback: Any = None, noise_sampler: Any = None, **kw: Any
+    ) -> Stepper:
+        return fn(x, sigmas, io=StepIO(callback, noise_sampler), **kw)
+
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    head = [
+        inspect.Parameter("x", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("sigmas", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(inspect.Parameter(name, kw_only, default=None) for name in StepIO._fields),
+    ]
+    options = [p for p in inspect.signature(fn).parameters.values() if p.kind is kw_only]
+    stepper.__signature__ = inspect.Signature([*head, *options])  # type: ignore[attr-defined]
+    stepper.__name__ = stepper.__qualname__ = fn.__name__
+    stepper.__doc__ = fn.__doc__
+    return stepper
+
+
 def _with_fixed(
     fn: Callable[..., Stepper], name: str, doc: str, fixed: Mapping[str, Any]
 ) -> Callable[..., Stepper]:
@@ -354,7 +376,7 @@ def sampler(
         if fixed and not doc:
             raise TypeError(f"sampler {key}: a variant with fixed arguments needs its own doc")
         base = _with_fixed(fn, key, doc or "", fixed) if fixed else fn
-        stepper = _over_sigma_range(base) if sigma_range else base
+        stepper = _keyword_io(_over_sigma_range(base) if sigma_range else base)
         if sample is None and sigma_range:
             raise TypeError(f"sampler {key}: a sigma-range stepper needs its own sample function")
         skip = ("x", "sigmas", "sigma_min", "sigma_max", "n", *PLUMBING, *internal)

@@ -42,6 +42,15 @@ GuidedModel = Callable[..., "Tensor | Guided"]  # a CFGDenoiser(return_uncond=Tr
 Callback = Callable[[dict[str, Any]], None]
 
 
+class StepIO(NamedTuple):
+    """What a driver hands a sampler's function besides x, sigmas and the options: the progress
+    callback (k-diffusion's dict per step) and the noise sampler (``noise_sampler(sigma, sigma_next)``,
+    for the samplers that draw noise). Registered steppers take them as keywords; see :mod:`.catalog`."""
+
+    callback: Callback | None = None
+    noise_sampler: Callable[[Tensor, Tensor], Tensor] | None = None
+
+
 class NonFiniteError(FloatingPointError):
     """The model returned NaN or inf; the message names the step and sigma."""
 

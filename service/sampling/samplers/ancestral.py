@@ -14,8 +14,7 @@ from torch import Tensor
 
 from ..catalog import S_NOISE, Bounds, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
-from ..stepper import Callback, Stepper
+from ..stepper import StepIO, Stepper
 from .common import StepResult, ancestral, check_nonneg, euler_predict, evaluate, gaussian, noise_at, renoise
 
 
@@ -70,22 +69,10 @@ def dpm_2_ancestral(
     aliases=("DDIM", "DDIMScheduler"),
     origin="DDIM (Song et al. 2021)",
 )
-def ddim(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 0.0,
-    s_noise: float = 1.0,
-) -> Stepper:
+def ddim(x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 0.0, s_noise: float = 1.0) -> Stepper:
     """DDIM, Song et al. (2021), https://arxiv.org/abs/2010.02502 (in sigma form: ancestral Euler, eta)."""
     # DDIM's sigma_t(eta) divided by sqrt(alpha_bar_prev) is exactly get_ancestral_step's sigma_up.
-    return (
-        yield from euler_ancestral(
-            x, sigmas, callback=callback, noise_sampler=noise_sampler, eta=eta, s_noise=s_noise
-        )
-    )
+    return (yield from euler_ancestral(x, sigmas, io, eta=eta, s_noise=s_noise))
 
 
 @sampler(
@@ -96,20 +83,13 @@ def ddim(
     aliases=("LCM", "LCMScheduler"),
     origin="LCM (Luo et al. 2023)",
 )
-def lcm(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_noise: float = 1.0,
-) -> Stepper:
+def lcm(x: Tensor, sigmas: Tensor, io: StepIO, *, s_noise: float = 1.0) -> Stepper:
     """Latent Consistency Model multistep sampling, Luo et al. (2023), https://arxiv.org/abs/2310.04378."""
     check_nonneg(s_noise=s_noise)
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         x = denoised
         # re-noise the consistency prediction to the next level
         x = renoise(x, noise_sampler, sigmas, s, i, s_noise * s[i + 1])
@@ -162,9 +142,8 @@ def _tcd_sigma_s(sigma_next: float, gamma: float, log_table: Tensor) -> float:
 def tcd(
     x: Tensor,
     sigmas: Tensor,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     gamma: float = 0.3,
     s_noise: float = 1.0,
     sigma_table: Tensor | None = None,
@@ -179,12 +158,12 @@ def tcd(
     check_nonneg(gamma=gamma, s_noise=s_noise)
     if gamma > 1:
         raise InputError("gamma", f"gamma must be in [0, 1], got {gamma!r}")
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     table = (sd_sigma_table() if sigma_table is None else torch.as_tensor(sigma_table)).double().cpu()
     log_table = table.log()
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         sigma_s = _tcd_sigma_s(s[i + 1], gamma, log_table)
         x = denoised + (x - denoised) * (sigma_s / s[i])  # DDIM step to sigma_s
         if gamma > 0 and i < len(s) - 2 and s[i + 1] > sigma_s:  # forward diffusion back up to sigma_next

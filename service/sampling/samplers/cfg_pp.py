@@ -14,21 +14,18 @@ import math
 from torch import Tensor
 
 from ..catalog import sampler
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, GuidedStepper
+from ..stepper import Eval, GuidedStepper, StepIO
 from .common import StepResult, ancestral, evaluate_guided, split_guided
 
 
 @sampler(
     order=1, aliases=("DDIM CFG++", "Euler CFG++"), needs_uncond=True, origin="CFG++ (Chung et al. 2024)"
 )
-def euler_cfg_pp(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> GuidedStepper:
+def euler_cfg_pp(x: Tensor, sigmas: Tensor, io: StepIO) -> GuidedStepper:
     """Euler with CFG++, Chung et al. (2024), https://arxiv.org/abs/2406.08070 (A1111's "DDIM CFG++")."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, io.callback)
         x = denoised + (x - uncond) * (s[i + 1] / s[i])
     return x
 
@@ -43,14 +40,12 @@ def euler_ancestral_cfg_pp(
 
 
 @sampler(order=2, aliases=("DPM++ 2M CFG++",), needs_uncond=True, origin="CFG++ (Chung et al. 2024)")
-def dpmpp_2m_cfg_pp(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> GuidedStepper:
+def dpmpp_2m_cfg_pp(x: Tensor, sigmas: Tensor, io: StepIO) -> GuidedStepper:
     """DPM-Solver++(2M) with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070)."""
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
+        denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, io.callback)
         ratio = s[i + 1] / s[i]
         x = denoised + (x - uncond) * ratio
         if old_denoised is not None and s[i + 1] > 0:

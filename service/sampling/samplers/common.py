@@ -20,7 +20,7 @@ from torch import Tensor
 from ..catalog import ANCESTRAL, family
 from ..errors import InputError
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
-from ..stepper import Callback, Eval, Guided, Stepper
+from ..stepper import Callback, Eval, Guided, StepIO, Stepper
 
 # One step of a family's loop: the new x, or a generator (it evaluates the model again) returning it.
 StepResult = Tensor | Generator[Eval, Any, Tensor]
@@ -210,19 +210,13 @@ def ancestral(*, guided: bool = False) -> Callable[[AncestralStep], Callable[...
 
     def make(step: AncestralStep) -> Callable[..., Stepper]:
         def stepper(
-            x: Tensor,
-            sigmas: Tensor,
-            *,
-            callback: Callback | None = None,
-            noise_sampler: NoiseSampler | None = None,
-            eta: float = 1.0,
-            s_noise: float = 1.0,
+            x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0
         ) -> Stepper:
-            noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
+            noise_sampler = ancestral_noise(x, io.noise_sampler, eta, s_noise)
             s = sigmas.tolist()
             for i in range(len(s) - 1):
                 denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
-                    x, sigmas, s, i, callback, eta
+                    x, sigmas, s, i, io.callback, eta
                 )
                 x = yield from stepped(step(x, denoised, uncond, sigma_down, s, sigmas, i))
                 if sigma_up > 0 or not guided:  # k-diffusion draws noise even at eta = 0
@@ -230,11 +224,7 @@ def ancestral(*, guided: bool = False) -> Callable[[AncestralStep], Callable[...
             return x
 
         return family(
-            named(stepper, step),
-            options=ANCESTRAL,
-            noise="gaussian",
-            stochastic=True,
-            needs_uncond=guided,
+            named(stepper, step), options=ANCESTRAL, noise="gaussian", stochastic=True, needs_uncond=guided
         )
 
     return make

@@ -16,8 +16,7 @@ from torch import Tensor
 from ..catalog import S_NOISE, Bounds, sampler
 from ..errors import InputError
 from ..k_api import drive
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Model, Stepper
+from ..stepper import Callback, Eval, Model, StepIO, Stepper
 from ..utils import get_ancestral_step
 from .common import gaussian
 
@@ -155,9 +154,7 @@ def sample_dpm_fast(
 ) -> Tensor:
     """DPM-Solver-Fast (fixed step size). See https://arxiv.org/abs/2206.00927."""
     return drive(
-        lambda cb: dpm_fast(
-            x, sigma_min, sigma_max, n, callback=cb, noise_sampler=noise_sampler, eta=eta, s_noise=s_noise
-        ),
+        lambda cb: dpm_fast(x, sigma_min, sigma_max, n, StepIO(cb, noise_sampler), eta=eta, s_noise=s_noise),
         model,
         extra_args,
         callback,
@@ -204,9 +201,7 @@ def sample_dpm_adaptive(
     }
 
     def make(cb: Callback | None) -> Stepper:
-        return dpm_adaptive(
-            x, sigma_min, sigma_max, callback=cb, noise_sampler=noise_sampler, info=info, **options
-        )
+        return dpm_adaptive(x, sigma_min, sigma_max, StepIO(cb, noise_sampler), info=info, **options)
 
     x = drive(make, model, extra_args, callback, disable, None)
     return (x, info) if return_info else x
@@ -226,9 +221,8 @@ def dpm_fast(
     sigma_min: float,
     sigma_max: float,
     n: int,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     eta: float = 0.0,
     s_noise: float = 1.0,
 ) -> Stepper:
@@ -238,7 +232,7 @@ def dpm_fast(
         raise InputError("n", f"n (model evaluations) must be an integer >= 1, got {n!r}")
     if eta < 0:
         raise InputError("eta", f"eta must be >= 0, got {eta!r}")
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     m = math.floor(n / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
@@ -248,7 +242,7 @@ def dpm_fast(
         t, t_next = ts[i], ts[i + 1]
         t_next_, su = _ancestral_t(t, t_next, t_end, eta)
         eps = yield from solver.eps("eps", x, t)
-        _info_callback(callback, {"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - _sigma(t) * eps})
+        _info_callback(io.callback, {"x": x, "i": i, "t": ts[i], "t_up": t, "denoised": x - _sigma(t) * eps})
         step = {1: solver.step_1, 2: solver.step_2, 3: solver.step_3}[order]
         x = yield from step(x, t, t_next_)
         if eta:  # k-diffusion draws (and discards) noise here even when eta = 0
@@ -285,9 +279,8 @@ def dpm_adaptive(
     x: Tensor,
     sigma_min: float,
     sigma_max: float,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     order: int = 3,
     rtol: float = 0.05,
     atol: float = 0.0078,
@@ -309,7 +302,7 @@ def dpm_adaptive(
             raise InputError(name, f"{name} must be >= 0, got {value!r}")
     if h_init == 0:
         raise InputError("h_init", "h_init must be nonzero")
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     forward = bool(t_end > t_start)
     if not forward and eta:
@@ -344,7 +337,7 @@ def dpm_adaptive(
         info["nfe"] += order
         info["steps"] += 1
         _info_callback(
-            callback,
+            io.callback,
             {
                 "x": x,
                 "i": info["steps"] - 1,

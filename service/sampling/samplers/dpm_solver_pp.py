@@ -10,8 +10,7 @@ from torch import Tensor
 
 from ..catalog import ANCESTRAL, Bounds, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import StepResult, ancestral, ancestral_step, brownian, check_nonneg, evaluate_h, noise_at
 
 
@@ -40,23 +39,16 @@ def dpmpp_2s_ancestral(
     origin="k-diffusion",
 )
 def dpmpp_sde(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 1 / 2,
+    x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0, r: float = 1 / 2
 ) -> Stepper:
     """DPM-Solver++ (stochastic, two stages per step with Brownian noise), Lu et al. (2022)."""
     check_nonneg(eta=eta, s_noise=s_noise)
     if not 0 < r <= 1:
         raise InputError("r", f"r must be in (0, 1], got {r!r}")
-    noise_sampler = brownian(x, sigmas, noise_sampler)
+    noise_sampler = brownian(x, sigmas, io.noise_sampler)
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = x + (x - denoised) * ((s[i + 1] - s[i]) / s[i])
             continue
@@ -76,14 +68,12 @@ def dpmpp_sde(
 
 
 @sampler(order=2, aliases=("DPM++ 2M", "DPMSolverMultistepScheduler", "dpmpp_2m"), origin="k-diffusion")
-def dpmpp_2m(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> Stepper:
+def dpmpp_2m(x: Tensor, sigmas: Tensor, io: StepIO) -> Stepper:
     """DPM-Solver++(2M), Lu et al. (2022), https://arxiv.org/abs/2211.01095."""
     s = sigmas.tolist()
     old_denoised = None
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised  # sigma_next / sigma = 0 and -expm1(-h) = 1
         else:
@@ -119,9 +109,8 @@ def dpmpp_2m(
 def dpmpp_2m_sde(
     x: Tensor,
     sigmas: Tensor,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
     solver_type: str = "midpoint",
@@ -130,12 +119,12 @@ def dpmpp_2m_sde(
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
     check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = brownian(x, sigmas, noise_sampler)
+    noise_sampler = brownian(x, sigmas, io.noise_sampler)
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
     h_last: float | None = None
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised  # the final denoising step
         else:
@@ -161,25 +150,17 @@ def dpmpp_2m_sde(
     aliases=("DPM++ 3M SDE", "dpmpp_3m"),
     origin="k-diffusion",
 )
-def dpmpp_3m_sde(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Stepper:
+def dpmpp_3m_sde(x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0) -> Stepper:
     """DPM-Solver++(3M) SDE, Lu et al. (2022), third-order multistep with Brownian noise."""
     check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = brownian(x, sigmas, noise_sampler)
+    noise_sampler = brownian(x, sigmas, io.noise_sampler)
     s = sigmas.tolist()
     denoised_1: Any = None
     denoised_2: Any = None
     h_1: float | None = None
     h_2: float | None = None
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised  # the final denoising step
         else:

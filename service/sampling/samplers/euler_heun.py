@@ -13,9 +13,8 @@ from torch import Tensor
 
 from ..catalog import CHURN, INF, S_NOISE, Bounds, family, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
 from ..schedules import get_sigmas_karras
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import (
     StepResult,
     check_nonneg,
@@ -38,9 +37,8 @@ def churned(step: ChurnStep) -> Callable[..., Stepper]:
     def stepper(
         x: Tensor,
         sigmas: Tensor,
+        io: StepIO,
         *,
-        callback: Callback | None = None,
-        noise_sampler: NoiseSampler | None = None,
         s_churn: float = 0.0,
         s_tmin: float = 0.0,
         s_tmax: float = INF,
@@ -50,7 +48,7 @@ def churned(step: ChurnStep) -> Callable[..., Stepper]:
         s = sigmas.tolist()
         for i in range(len(s) - 1):
             x, sigma_hat, d = yield from churned_evaluate(
-                x, sigmas, s, i, callback, noise_sampler, s_churn, s_tmin, s_tmax, s_noise
+                x, sigmas, s, i, io.callback, io.noise_sampler, s_churn, s_tmin, s_tmax, s_noise
             )
             x = yield from stepped(step(x, d, sigma_hat, s, sigmas, i))
         return x
@@ -163,9 +161,8 @@ def restart_plan(
 def restart(
     x: Tensor,
     sigmas: Tensor,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     s_noise: float = 1.0,
     restart_times: int | None = None,
     restart_steps: int = 10,
@@ -183,7 +180,7 @@ def restart(
         raise InputError("restart_times", f"restart_times must be an integer >= 0, got {restart_times!r}")
     if isinstance(restart_steps, bool) or int(restart_steps) != restart_steps or restart_steps < 2:
         raise InputError("restart_steps", f"restart_steps must be an integer >= 2, got {restart_steps!r}")
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     s = sigmas.tolist()
     plan = restart_plan(s, restart_times, int(restart_steps), restart_sigma_lo, restart_sigma_hi)
     last: float | None = None
@@ -192,7 +189,7 @@ def restart(
             eps = noise_at(noise_sampler, sigmas, last, sigma)
             x = x + eps * (s_noise * math.sqrt(sigma**2 - last**2))
         denoised = yield Eval(x, sigmas.new_tensor(sigma), i)
-        report(callback, x, i, sigmas, sigma, denoised)
+        report(io.callback, x, i, sigmas, sigma, denoised)
         d = (x - denoised) / sigma
         dt = sigma_next - sigma
         if sigma_next == 0:

@@ -17,8 +17,7 @@ from torch import Tensor
 
 from ..catalog import INF, S_NOISE, Bounds, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import ancestral_noise, evaluate, noise_at
 
 History = list[tuple[float, Tensor]]  # (lambda, denoised), newest last
@@ -107,15 +106,7 @@ def _unipc_update(
     aliases=("UniPC", "unipc_bh1"),
     origin="UniPC (Zhao et al. 2023)",
 )
-def uni_pc(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    order: int = 3,
-    variant: str = "bh1",
-) -> Stepper:
+def uni_pc(x: Tensor, sigmas: Tensor, io: StepIO, *, order: int = 3, variant: str = "bh1") -> Stepper:
     """UniPC (bh1), Zhao et al. (2023), https://arxiv.org/abs/2302.04867: multistep predictor-corrector.
 
     ``variant`` "bh2" is B(h) = expm1(-h) (registered as ``uni_pc_bh2``).
@@ -127,7 +118,7 @@ def uni_pc(
     x_last: Tensor | None = None
     last_order = 1
     for i in range(n):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         if x_last is not None:  # UniC: correct x_i with the model output at it (no extra call)
             x = _unipc_update(x_last, s[i], hist, last_order, variant, model_t=denoised)
         hist = (
@@ -161,21 +152,14 @@ def deis_coeffs(log_sigmas: list[float], sigma_s: float, sigma_t: float) -> list
     aliases=("DEIS", "DEISMultistepScheduler"),
     origin="DEIS (Zhang & Chen 2022)",
 )
-def deis(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    max_order: int = 3,
-) -> Stepper:
+def deis(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 3) -> Stepper:
     """DEIS (rho-AB, log-rho Lagrange), Zhang & Chen (2022), https://arxiv.org/abs/2204.13902."""
     max_order = _check_order("max_order", max_order, 3)
     s = sigmas.tolist()
     n = len(s) - 1
     eps: list[tuple[float, Tensor]] = []  # (log sigma, eps), newest last
     for i in range(n):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         eps = (
             [*eps[-(max_order - 1) :], (math.log(s[i]), (x - denoised) / s[i])]
             if max_order > 1
@@ -269,9 +253,8 @@ def _pece_nfe(steps: int, opts: Mapping[str, Any]) -> int:
 def sa_solver(
     x: Tensor,
     sigmas: Tensor,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     predictor_order: int = 3,
     corrector_order: int = 4,
     eta: float = 1.0,
@@ -289,7 +272,7 @@ def sa_solver(
     """
     p_order = _check_order("predictor_order", predictor_order, 4)
     c_order = _check_order("corrector_order", corrector_order, 4)
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
+    noise_sampler = ancestral_noise(x, io.noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     n = len(s) - 1
     keep = max(p_order, c_order - 1, 2)
@@ -299,7 +282,7 @@ def sa_solver(
     tau = 0.0
     last_c_order = 1
     for i in range(n):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         if x_last is not None:  # SA-Corrector with the model output at the predicted point
             x = _sa_update(
                 x_last, s[i - 1], s[i], [*hist, (-math.log(s[i]), denoised)], last_c_order, tau, noise, False

@@ -14,8 +14,7 @@ from torch import Tensor
 
 from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import ancestral_noise, check_nonneg, evaluate, evaluate_h, gaussian, noise_at
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
@@ -55,25 +54,17 @@ def er_coeffs(sigma_t: float, sigma_s: float, sigma_p: float, sigma_q: float) ->
     aliases=("ER SDE", "ER-SDE"),
     origin="ER-SDE (Cui et al. 2023)",
 )
-def er_sde(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    s_noise: float = 1.0,
-    max_stage: int = 3,
-) -> Stepper:
+def er_sde(x: Tensor, sigmas: Tensor, io: StepIO, *, s_noise: float = 1.0, max_stage: int = 3) -> Stepper:
     """ER-SDE-Solver-3 (VE), Cui et al. (2023), https://arxiv.org/abs/2309.06169."""
     check_nonneg(s_noise=s_noise)
     if isinstance(max_stage, bool) or max_stage not in (1, 2, 3):
         raise ValueError(f"max_stage must be 1, 2 or 3, got {max_stage!r}")
-    noise_sampler = gaussian(x, noise_sampler)
+    noise_sampler = gaussian(x, io.noise_sampler)
     s = sigmas.tolist()
     old: list[Tensor] = []  # previous denoised, newest last
     dd1_old: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         if s[i + 1] == 0:
             x = denoised
             continue
@@ -129,19 +120,13 @@ def _stage(
 
 
 def _seeds(
-    x: Tensor,
-    sigmas: Tensor,
-    callback: Callback | None,
-    noise_sampler: NoiseSampler | None,
-    eta: float,
-    s_noise: float,
-    rs: tuple[float, ...],
+    x: Tensor, sigmas: Tensor, io: StepIO, eta: float, s_noise: float, rs: tuple[float, ...]
 ) -> Stepper:
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
+    noise_sampler = ancestral_noise(x, io.noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     c = 1 + eta
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised
             continue
@@ -179,19 +164,12 @@ def _seeds(
     origin="SEEDS (Gonzalez et al. 2023)",
 )
 def seeds_2(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    r: float = 0.5,
+    x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5
 ) -> Stepper:
     """SEEDS-2, Gonzalez et al. (2023), https://arxiv.org/abs/2305.14267: 2-stage exponential SDE solver."""
     if not 0 < r < 1:
         raise ValueError(f"r must be in (0, 1), got {r!r}")
-    return (yield from _seeds(x, sigmas, callback, noise_sampler, eta, s_noise, (r,)))
+    return (yield from _seeds(x, sigmas, io, eta, s_noise, (r,)))
 
 
 @sampler(
@@ -206,9 +184,8 @@ def seeds_2(
 def seeds_3(
     x: Tensor,
     sigmas: Tensor,
+    io: StepIO,
     *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
     r_1: float = 1 / 3,
@@ -217,4 +194,4 @@ def seeds_3(
     """SEEDS-3, Gonzalez et al. (2023), https://arxiv.org/abs/2305.14267: 3-stage exponential SDE solver."""
     if not 0 < r_1 < r_2 < 1:
         raise InputError("r_1", f"need 0 < r_1 < r_2 < 1, got r_1={r_1!r}, r_2={r_2!r}")
-    return (yield from _seeds(x, sigmas, callback, noise_sampler, eta, s_noise, (r_1, r_2)))
+    return (yield from _seeds(x, sigmas, io, eta, s_noise, (r_1, r_2)))

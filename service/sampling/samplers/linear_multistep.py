@@ -10,8 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from ..catalog import Bounds, sampler
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import euler_predict, evaluate, report
 
 _GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
@@ -41,14 +40,7 @@ def linear_multistep_coeff(order: int, t: Any, i: int, j: int) -> float:
     aliases=("LMS", "k_lms", "LMSDiscreteScheduler"),
     origin="k-diffusion",
 )
-def lms(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    order: int = 4,
-) -> Stepper:
+def lms(x: Tensor, sigmas: Tensor, io: StepIO, *, order: int = 4) -> Stepper:
     """Linear multistep (Adams-Bashforth in sigma) of the given order, as in k-diffusion."""
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 8:
         raise ValueError(f"order must be an integer in [1, 8], got {order!r}")
@@ -59,7 +51,7 @@ def lms(
         ds.append((x - denoised) / s[i])
         if len(ds) > order:
             ds.pop(0)
-        report(callback, x, i, sigmas, s[i], denoised)
+        report(io.callback, x, i, sigmas, s[i], denoised)
         cur_order = min(i + 1, order)
         for j, d in enumerate(reversed(ds)):
             x = x + d * linear_multistep_coeff(cur_order, s, i, j)
@@ -80,9 +72,7 @@ def _plms_nfe(steps: int, opts: Mapping[str, Any]) -> int:
 
 
 @sampler(order=4, nfe=_plms_nfe, aliases=("PLMS", "pndm", "PNDMScheduler"), origin="PNDM (Liu et al. 2022)")
-def plms(
-    x: Tensor, sigmas: Tensor, *, callback: Callback | None = None, noise_sampler: NoiseSampler | None = None
-) -> Stepper:
+def plms(x: Tensor, sigmas: Tensor, io: StepIO) -> Stepper:
     """Pseudo linear multistep (PLMS/PNDM), Liu et al. (2022), https://arxiv.org/abs/2202.09778.
 
     A Heun (pseudo improved Euler) first step, then Adams-Bashforth 2-4 with equal-step
@@ -91,7 +81,7 @@ def plms(
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         d = (x - denoised) / s[i]
         dt = s[i + 1] - s[i]
         if not ds and s[i + 1] > 0:
@@ -115,20 +105,13 @@ def _check_max_order(max_order: int) -> None:
     aliases=("iPNDM", "IPNDMScheduler"),
     origin="iPNDM (Zhang & Chen 2022)",
 )
-def ipndm(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    max_order: int = 4,
-) -> Stepper:
+def ipndm(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 4) -> Stepper:
     """Improved PNDM (Zhang & Chen 2022, https://arxiv.org/abs/2204.13902): AB 1-4 on d, lower-order start."""
     _check_max_order(max_order)
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         ds = [*ds[-(max_order - 1) :], (x - denoised) / s[i]] if max_order > 1 else [(x - denoised) / s[i]]
         coeffs = AB_COEFFS[len(ds)]
         x = x + sum(c * dj for c, dj in zip(coeffs, reversed(ds), strict=True)) * (s[i + 1] - s[i])
@@ -141,36 +124,22 @@ def ipndm(
     aliases=("iPNDM v",),
     origin="iPNDM-v (Zhang & Chen 2022)",
 )
-def ipndm_v(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    max_order: int = 4,
-) -> Stepper:
+def ipndm_v(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 4) -> Stepper:
     """iPNDM with variable step sizes (Zhang & Chen 2022): exact variable-step Adams-Bashforth in sigma."""
     _check_max_order(max_order)
     # The variable-step AB coefficients are the integrals of the Lagrange basis: k-diffusion's LMS.
-    return (yield from lms(x, sigmas, callback=callback, noise_sampler=noise_sampler, order=max_order))
+    return (yield from lms(x, sigmas, io, order=max_order))
 
 
 @sampler(order=1, options={"ge_gamma": Bounds(lo=-10.0, hi=10.0)}, origin="Permenter & Yuan (2023)")
-def gradient_estimation(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    ge_gamma: float = 2.0,
-) -> Stepper:
+def gradient_estimation(x: Tensor, sigmas: Tensor, io: StepIO, *, ge_gamma: float = 2.0) -> Stepper:
     """Gradient estimation, Permenter & Yuan (2023), https://arxiv.org/abs/2306.04848."""
     if not math.isfinite(ge_gamma):
         raise ValueError(f"ge_gamma must be finite, got {ge_gamma!r}")
     s = sigmas.tolist()
     old_d: Tensor | None = None
     for i in range(len(s) - 1):
-        denoised = yield from evaluate(x, sigmas, s, i, callback)
+        denoised = yield from evaluate(x, sigmas, s, i, io.callback)
         d = (x - denoised) / s[i]
         d_bar = d if old_d is None else d * ge_gamma + old_d * (1 - ge_gamma)
         x = x + d_bar * (s[i + 1] - s[i])

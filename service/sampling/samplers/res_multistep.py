@@ -12,8 +12,7 @@ import math
 from torch import Tensor
 
 from ..catalog import ANCESTRAL, sampler
-from ..noise import NoiseSampler
-from ..stepper import Callback, GuidedStepper
+from ..stepper import GuidedStepper, StepIO
 from .common import ancestral_evaluate_guided, ancestral_noise, renoise
 
 
@@ -54,27 +53,20 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     origin="RES (Zhang et al. 2023)",
 )
 def res_multistep_ancestral(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    cfg_pp: bool = False,
+    x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0, cfg_pp: bool = False
 ) -> GuidedStepper:
     """RES multistep with ancestral noise (ComfyUI), after Zhang et al. (2023), https://arxiv.org/abs/2308.02157.
 
     ``cfg_pp``: re-noise along the unconditional prediction (CFG++; registered as the ``*_cfg_pp``
     samplers, which the driver sends :class:`~service.sampling.stepper.Guided`).
     """
-    noise_sampler = ancestral_noise(x, noise_sampler, eta, s_noise)
+    noise_sampler = ancestral_noise(x, io.noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     old_denoised: Tensor | None = None
     old_sigma_down = s[0]
     for i in range(len(s) - 1):
         denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
-            x, sigmas, s, i, callback, eta
+            x, sigmas, s, i, io.callback, eta
         )
         if cfg_pp:
             x = x + (denoised - uncond)  # re-noise along the unconditional direction

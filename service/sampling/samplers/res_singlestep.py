@@ -24,8 +24,7 @@ from torch import Tensor
 
 from ..catalog import Bounds, sampler
 from ..errors import InputError
-from ..noise import NoiseSampler
-from ..stepper import Callback, Eval, Stepper
+from ..stepper import Eval, StepIO, Stepper
 from .common import evaluate_h
 
 
@@ -36,14 +35,7 @@ from .common import evaluate_h
     aliases=("RES 2S", "res2s"),
     origin="RES (Zhang et al. 2023)",
 )
-def res_2s(
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    callback: Callback | None = None,
-    noise_sampler: NoiseSampler | None = None,
-    c2: float = 0.5,
-) -> Stepper:
+def res_2s(x: Tensor, sigmas: Tensor, io: StepIO, *, c2: float = 0.5) -> Stepper:
     """RES 2-stage exponential integrator, Zhang et al. (2023), https://arxiv.org/abs/2308.02157.
 
     Stage 2 is the exact step of the linear part to lambda + c2 h with D held at its first value
@@ -55,7 +47,7 @@ def res_2s(
         raise InputError("c2", f"c2 must be in (0, 1], got {c2!r}")
     s = sigmas.tolist()
     for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, callback)
+        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised
             continue

@@ -1,0 +1,315 @@
+"""What the text-to-image models share: Stable Diffusion (``stable_diffusion.py``) and the
+flow-matching models SD3 / Flux (``flow_model.py``).
+
+:class:`TextImageModel` holds the VAE between images and latents, the request size (given, else the
+init image's floored to the model's multiple, else the native size; checked), the img2img image and
+inpainting mask checks, and builds the store's :class:`TextLoadedModel`. A request that does not fit
+raises :data:`SDInputError` naming the request field. ``load_dtype`` / ``manifest_dtype`` read a
+manifest's ``dtype`` / ``vae_dtype``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.models.sd_loader import SDLoadError
+from service.models.store import LoadedModel, Manifest
+from service.sampling.errors import InputError
+
+if TYPE_CHECKING:
+    pass
+
+SDInputError = InputError  # a request that does not fit the model; ``field`` names the request field
+
+
+@dataclass
+class SDJobInputs:
+    """Everything a text-to-image job adds to an engine JobRequest."""
+
+    cond: dict[str, Tensor]  # n rows
+    uncond: dict[str, Tensor] | None  # n rows; None when unguided (cfg_scale == 1)
+    latent_shape: tuple[int, int, int]
+    image_size: tuple[int, int]  # (height, width)
+    init: Tensor | None = None  # [n, C, h, w] clean latents (img2img start; blend target)
+    mask: Tensor | None = None  # [1, 1, h, w] in [0, 1], 1 = repaint; latent blend for ordinary UNets
+
+
+class TextModelOptions(TypedDict, total=False):
+    """What every text-to-image model's constructor takes besides its components (:func:`model_options`)."""
+
+    cache_size: int
+    max_size: int
+    vae_dtype: torch.dtype | None
+
+
+class TextInputs(TypedDict, total=False):
+    """A request's inputs besides the prompts, as :meth:`TextImageModel.job_inputs` takes them."""
+
+    width: int | None
+    height: int | None
+    init_image: Tensor | None
+    mask: Tensor | None
+    clip_skip: int | None
+    guidance: float | None
+
+
+@dataclass
+class TextRequest:
+    """One request's prompts and guidance as :meth:`TextImageModel.text_rows` encodes them."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    size: tuple[int, int]  # (height, width)
+    cfg_scale: float
+    clip_skip: int | None
+    guidance: float | None  # Flux-dev's distilled guidance (None: the model's default)
+
+
+@dataclass
+class TextLoadedModel(LoadedModel):
+    """The store's LoadedModel plus the model object (``sd``) the API builds text jobs with."""
+
+    sd: TextImageModel | None = None
+
+
+class TextImageModel:
+    """A text-to-image model's requests (:meth:`job_inputs`), VAE, sizes, init images and masks.
+
+    Subclasses set ``denoiser``, ``multiple`` (width and height are multiples of it),
+    ``default_size`` and the defaults of the direct path (``default_sampler``, ``default_schedule``,
+    ``default_cfg``), and encode prompts in :meth:`text_rows`.
+    """
+
+    denoiser: Any
+    takes_guidance = False  # Flux-dev's distilled guidance input
+    multiple: int
+    default_size: int
+    default_sampler: str
+    default_schedule: str
+    default_cfg: float
+
+    def __init__(
+        self,
+        components: Any,
+        text_encoders: Iterable[Any],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        *,
+        cache_size: int = 128,
+        max_size: int = 2048,
+        vae_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Moves the VAE (``vae_dtype``, default: float32 for a float16 model) and the text encoders
+        to the device; ``cache_size``: encoded prompts kept; ``max_size``: the largest width/height."""
+        self.components = components
+        self.device, self.dtype = torch.device(device), dtype
+        self.cache_size, self.max_size = int(cache_size), int(max_size)
+        self.vae_dtype = vae_dtype or (torch.float32 if dtype == torch.float16 else dtype)
+        self.vae: Any = components.vae.to(self.device, self.vae_dtype).eval()
+        for enc in text_encoders:
+            enc.to(self.device, dtype).eval()
+        vcfg: Any = components.vae.config
+        self.latent_channels = int(vcfg.latent_channels)
+        self.vae_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+        self.scaling_factor = float(vcfg.scaling_factor)
+        self.shift_factor = float(getattr(vcfg, "shift_factor", None) or 0.0)
+
+    # --- requests ---
+    def job_inputs(
+        self,
+        prompt: str | None,
+        negative_prompt: str | None = None,
+        *,
+        n: int = 1,
+        cfg_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        init_image: Tensor | None = None,
+        mask: Tensor | None = None,
+        clip_skip: int | None = None,
+        guidance: float | None = None,
+    ) -> SDJobInputs:
+        """Check and encode one request (``cfg_scale`` defaults to the model's ``default_cfg``).
+
+        ``init_image``: [1, 3, H, W] in [-1, 1] at its own size; ``mask``: [1, 1, H, W] in [0, 1] (1 =
+        repaint), the init image's size. Width and height default to the init image's (floored to the
+        model's multiple), else the model's native size. ``guidance``: Flux-dev only.
+        """
+        cfg = self.default_cfg if cfg_scale is None else cfg_scale
+        if guidance is not None and not self.takes_guidance:
+            raise SDInputError(
+                "guidance", "guidance is the distilled-guidance input of Flux-dev; this model takes none", []
+            )
+        self.check_request(negative_prompt, cfg)
+        height, width, shape = self.request_size(init_image, mask, height, width)
+        req = TextRequest(prompt or "", negative_prompt, n, (height, width), cfg, clip_skip, guidance)
+        cond, uncond = self.text_rows(req)
+        out = SDJobInputs(cond, uncond, shape, (height, width))
+        self.add_images(out, init_image, mask, n)
+        return out
+
+    def check_request(self, negative_prompt: str | None, cfg_scale: float) -> None:
+        """Refuse what the model family does not take (Flux: negative prompts, CFG)."""
+
+    def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """cond rows (and uncond rows when guided) for ``req.n`` images of one prompt."""
+        raise NotImplementedError
+
+    def add_images(self, out: SDJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
+        """img2img start latents (``out.init``) and the inpainting mask (``out.mask``: a latent blend)."""
+        if init_image is not None:
+            _, pixel_mask = self.add_init(out, init_image, mask, n)
+            if pixel_mask is not None:
+                out.mask = self.latent_mask(pixel_mask, out)
+
+    # --- sizes ---
+    def check_size(self, height: int, width: int) -> tuple[int, int, int]:
+        """The latent shape for an image size, or SDInputError naming width/height."""
+        for field, v in (("width", width), ("height", height)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % self.multiple:
+                raise SDInputError(field, f"{field} must be a positive multiple of {self.multiple}, got {v}")
+            if v > self.max_size:
+                raise SDInputError(
+                    field, f"{field} must be at most {self.max_size}, got {v}", [8, self.max_size]
+                )
+        return (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def request_size(
+        self, init_image: Tensor | None, mask: Tensor | None, height: int | None, width: int | None
+    ) -> tuple[int, int, tuple[int, int, int]]:
+        """(height, width, latent shape) of a request: width and height default to the init image's
+        (floored to the model's multiple), else the model's native size."""
+        if mask is not None and init_image is None:
+            raise SDInputError("mask", "mask needs an init_image")
+        if isinstance(init_image, Tensor) and init_image.ndim == 4:
+            ih, iw = int(init_image.shape[-2]), int(init_image.shape[-1])
+            height, width = height or ih - ih % self.multiple, width or iw - iw % self.multiple
+        height, width = height or self.default_size, width or self.default_size
+        return height, width, self.check_size(height, width)
+
+    # --- VAE ---
+    @torch.inference_mode()
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents (the posterior mean, shifted and scaled)."""
+        mean = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist.mean
+        return ((mean - self.shift_factor) * self.scaling_factor).to(self.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor, chunk: int = 8) -> Tensor:
+        """Latents -> images in [-1, 1], ``chunk`` images per VAE call."""
+        outs = []
+        for part in latents.split(chunk):
+            z = part.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
+            outs.append(self.vae.decode(z).sample.float().clamp(-1, 1))
+        return torch.cat(outs)
+
+    # --- init image and mask ---
+    def add_init(
+        self, out: SDJobInputs, init_image: Tensor, mask: Tensor | None, n: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Check the init image (and mask) and put the image's latents in ``out.init``: the image
+        and the pixel mask at the request size."""
+        height, width = out.image_size
+        image_hw = (
+            (int(init_image.shape[-2]), int(init_image.shape[-1]))
+            if isinstance(init_image, Tensor)
+            else (0, 0)
+        )
+        image = _image(init_image, height, width)
+        pixel_mask = None if mask is None else _mask(mask, image_hw, height, width)
+        out.init = self.encode_image(image).expand(n, -1, -1, -1).clone()
+        return image, pixel_mask
+
+    def latent_mask(self, pixel_mask: Tensor, out: SDJobInputs) -> Tensor:
+        """The pixel mask at latent size (the driver's latent blend)."""
+        return F.interpolate(pixel_mask, size=out.latent_shape[-2:], mode="area").to(self.device, self.dtype)
+
+    # --- the model store ---
+    def store_info(self) -> dict[str, Any]:
+        """The model family's entries of the store's ``info`` (``GET /models``)."""
+        return {}
+
+    def loaded(self, manifest: Manifest) -> TextLoadedModel:
+        """The store's LoadedModel at the manifest's default size."""
+        d = manifest.defaults
+        h, w = int(d.get("height", self.default_size)), int(d.get("width", self.default_size))
+        return TextLoadedModel(
+            manifest=manifest,
+            denoiser=self.denoiser,
+            latent_shape=self.check_size(h, w),
+            image_size=(h, w),
+            image_channels=3,
+            device=self.device,
+            dtype=self.dtype,
+            conditioning="text",
+            decode=self.decode,
+            encode=self.encode_image,
+            info={
+                **self.store_info(),
+                "source": self.components.source,
+                "max_size": self.max_size,
+                "sigma_min": self.denoiser.sigma_min,
+                "sigma_max": self.denoiser.sigma_max,
+            },
+            sd=self,
+        )
+
+
+def _image(image: Tensor, height: int, width: int) -> Tensor:
+    if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3):
+        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise SDInputError("init_image", f"init_image must be one RGB image [1, 3, H, W]; got {got}")
+    if not torch.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
+        raise SDInputError("init_image", "init_image values must be in [-1, 1]")
+    if tuple(image.shape[-2:]) != (height, width):
+        image = F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False)
+    return image.clamp(-1, 1)
+
+
+def _mask(mask: Tensor, image_hw: tuple[int, int], height: int, width: int) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[:2] != (1, 1):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise SDInputError("mask", f"mask must be one grayscale image [1, 1, H, W]; got {got}")
+    if tuple(mask.shape[-2:]) != image_hw:
+        mh, mw = mask.shape[-2:]
+        raise SDInputError(
+            "mask", f"mask is {mw}x{mh} but init_image is {image_hw[1]}x{image_hw[0]}; they must match"
+        )
+    mask = mask.float().clamp(0, 1)
+    if tuple(mask.shape[-2:]) != (height, width):
+        mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+    return mask
+
+
+def manifest_dtype(name: Any, what: str) -> torch.dtype | None:
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name is None:
+        return None
+    if name not in table:
+        raise SDLoadError(f"manifest field {what} must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+def model_options(manifest: Manifest) -> TextModelOptions:
+    """The constructor options every text model reads from its manifest (prompt cache, size, VAE dtype)."""
+    raw = manifest.raw
+    return {
+        "cache_size": int(raw.get("prompt_cache_size", 128)),
+        "max_size": int(raw.get("max_size", 2048)),
+        "vae_dtype": manifest_dtype(raw.get("vae_dtype"), "vae_dtype"),
+    }
+
+
+def load_dtype(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The manifest's ``dtype`` (else the caller's); float32 on CPU for a float16 request."""
+    dtype = manifest_dtype(manifest.raw.get("dtype"), "dtype") or dtype
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 convolutions are slow or missing on CPU
+    return dtype

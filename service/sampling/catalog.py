@@ -3,7 +3,7 @@
 A sampler module writes its stepper and puts its metadata on it::
 
     @sampler(order=2, noise="gaussian", options=ANCESTRAL, aliases=("DPM2 a",), origin="k-diffusion")
-    def dpm_2_ancestral(x, sigmas, *, callback=None, noise_sampler=None, eta=1.0, s_noise=1.0): ...
+    def dpm_2_ancestral(x, sigmas, io, *, eta=1.0, s_noise=1.0): ...
 
 Option defaults are read from the stepper's signature; only the bounds are written here (they are
 what the HTTP API validates against and lists under GET /samplers and /schedules). Schedules do the
@@ -18,7 +18,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Required, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from torch import Tensor
 
@@ -299,8 +299,8 @@ def _with_fixed(
 class SamplerTraits(TypedDict, total=False):
     """What :func:`sampler` records of a stepper as it is, into its :class:`SamplerInfo` (same names)."""
 
-    order: Required[int]
-    origin: Required[str]
+    order: int  # required (a variant inherits it)
+    origin: str  # required (a variant inherits it)
     nfe_per_step: int
     nfe: NfeRule | None
     noise: str
@@ -332,6 +332,17 @@ def family(
     return stepper
 
 
+def _inherited(base: SamplerInfo, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """A variant's starting traits and option bounds: its base sampler's, less the fixed arguments."""
+    bounds = {
+        k: Bounds(lo=o.lo, hi=o.hi, integer=o.integer, choices=o.choices)
+        for k, o in base.bounds.items()
+        if k not in fixed
+    }
+    traits = {k: getattr(base, k) for k in SamplerTraits.__annotations__ if k != "aliases"}
+    return {"options": bounds, **traits}
+
+
 def sampler(
     *,
     options: Mapping[str, Bounds] | None = None,
@@ -343,7 +354,9 @@ def sampler(
     doc: str | None = None,
     **traits: Unpack[SamplerTraits],
 ) -> Callable[[F], F]:
-    """Register the decorated stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)``.
+    """Register the decorated sampler function ``name(x, sigmas, io, *, **options)`` (``io``: a StepIO).
+
+    Its registered stepper is ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)``.
 
     - ``order``: order of accuracy of the ODE solve; ``nfe_per_step``: model calls per step (``nfe``:
       a rule ``nfe(steps, options) -> calls`` where the count is not ``steps * nfe_per_step`` less
@@ -359,14 +372,22 @@ def sampler(
       ``sample``: its own k-diffusion function (else one is made from the stepper).
     - ``aliases``: A1111 / ComfyUI / diffusers spellings; ``origin``: the paper or project.
     - ``name``, ``fixed``, ``doc``: register a variant of the decorated stepper under another name,
-      with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper).
+      with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper, above
+      the base's own): it has the base's traits and option bounds (less ``fixed``) but its aliases,
+      unless the decorator gives them.
     """
 
     def register(fn: F) -> F:
-        shared = dict(fn.__dict__.get(FAMILY, {}))  # what the stepper's family gives all its members
+        if fixed and fn.__name__ in SAMPLERS:  # a variant starts from what its base sampler has
+            shared = _inherited(SAMPLERS[fn.__name__], fixed)
+        else:  # what the stepper's family gives all its members
+            shared = dict(fn.__dict__.get(FAMILY, {}))
         bounds = options if options is not None else shared.pop("options", {})
         shared.pop("options", None)
         given = {**shared, **traits}
+        missing = [k for k in ("order", "origin") if k not in given]
+        if missing:
+            raise TypeError(f"sampler {name or fn.__name__}: give {missing}")
         noise = given.get("noise", "none")
         if noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")

@@ -22,10 +22,6 @@ from .common import StepResult, ancestral, check_nonneg, euler_predict, evaluate
     name="ddpm",
     fixed={"eta": 1.0},
     doc="DDPM ancestral sampling, Ho et al. (2020), https://arxiv.org/abs/2006.11239 (DDIM at eta 1).",
-    order=1,
-    noise="gaussian",
-    stochastic=True,
-    options={"s_noise": S_NOISE},
     aliases=("DDPM", "DDPMScheduler"),
     origin="DDPM (Ho et al. 2020)",
 )

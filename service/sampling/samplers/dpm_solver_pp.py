@@ -91,10 +91,6 @@ def dpmpp_2m(x: Tensor, sigmas: Tensor, io: StepIO) -> Stepper:
     name="dpmpp_2m_sde_heun",
     fixed={"solver_type": "heun"},
     doc="DPM-Solver++(2M) SDE with the Heun-type correction, Lu et al. (2022) (A1111/ComfyUI's name).",
-    order=2,
-    noise="brownian",
-    stochastic=True,
-    options=ANCESTRAL,
     aliases=("DPM++ 2M SDE Heun",),
     origin="DPM-Solver++ (Lu et al. 2022)",
 )

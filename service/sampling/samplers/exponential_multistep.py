@@ -94,10 +94,7 @@ def _unipc_update(
     name="uni_pc_bh2",
     fixed={"variant": "bh2"},
     doc="UniPC with B(h) = expm1(-h) (bh2), Zhao et al. (2023), https://arxiv.org/abs/2302.04867.",
-    order=3,
-    options=ORDER3,
     aliases=("UniPC bh2", "UniPCMultistepScheduler"),
-    origin="UniPC (Zhao et al. 2023)",
 )
 @sampler(
     order=3,
@@ -232,14 +229,9 @@ def _pece_nfe(steps: int, opts: Mapping[str, Any]) -> int:
         "SA-Solver in PECE mode (Xue et al. 2023): a second model call at each corrected point.\n\n"
         "Options and the default noise window (0.5716..5.112, diffusers' and ComfyUI's) as ``sa_solver``."
     ),
-    order=3,
     nfe_per_step=2,
     nfe=_pece_nfe,
-    noise="gaussian",
-    stochastic=True,
-    options=_SA,
     aliases=("SA-Solver PECE",),
-    origin="SA-Solver (Xue et al. 2023)",
 )
 @sampler(
     order=3,

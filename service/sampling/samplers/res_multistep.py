@@ -20,10 +20,6 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     name="res_multistep_ancestral_cfg_pp",
     fixed={"cfg_pp": True},
     doc="Ancestral RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
-    order=2,
-    noise="gaussian",
-    stochastic=True,
-    options=ANCESTRAL,
     needs_uncond=True,
     origin="CFG++ (Chung et al. 2024)",
 )
@@ -31,7 +27,8 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     name="res_multistep_cfg_pp",
     fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": True},
     doc="RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
-    order=2,
+    noise="none",
+    stochastic=False,
     aliases=("RES multistep CFG++",),
     needs_uncond=True,
     origin="CFG++ (Chung et al. 2024)",
@@ -40,9 +37,9 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     name="res_multistep",
     fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": False},
     doc="RES multistep, Zhang et al. (2023), https://arxiv.org/abs/2308.02157: 2nd-order exponential.",
-    order=2,
+    noise="none",
+    stochastic=False,
     aliases=("RES multistep",),
-    origin="RES (Zhang et al. 2023)",
 )
 @sampler(
     order=2,

@@ -11,14 +11,14 @@ import io
 import time
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query
 from PIL import Image
 
 from service import infotext
 from service.engine import JobStatus
 from service.images import KDIFF_KEY, PARAMETERS_KEY, preview_png
 
-from ..deps import accepting, get_state, require_api_key
+from ..deps import require_api_key
 from ..state import ServiceState
 from ..validation import FieldError
 from . import a1111_results, a1111_translate
@@ -31,7 +31,7 @@ from .a1111_schemas import (
     ProgressState,
     Txt2ImgRequest,
 )
-from .caller import Caller, CompatState, caller_of, compat_state
+from .caller import CompatCall, compat_call, compat_caller
 from .errors import A1111Route
 from .runner import run
 
@@ -41,54 +41,35 @@ router = APIRouter(
 MAX_OPTIONS = 256
 
 
-async def _generate(
-    body: Txt2ImgRequest, request: Request, state: ServiceState, compat: CompatState
-) -> dict[str, Any]:
-    caller = caller_of(request)
-    default = state.default_model or next(iter(state.models))
-    options = compat.caller_options(caller)
+async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
+    options = call.options()
+    state = call.state
     plan = await asyncio.to_thread(
-        a1111_translate.plan, body, state.models, default, options, state.settings.max_images
+        a1111_translate.plan, body, state.models, call.default_model, options, state.settings.max_images
     )
-    jobs = await run(state, compat, caller, request, plan.bodies)
+    jobs = await run(call, plan.bodies)
     return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
 
 
 @router.post("/txt2img", response_model=ImageResponse)
-async def txt2img(
-    body: Txt2ImgRequest,
-    request: Request,
-    state: ServiceState = Depends(accepting),
-    compat: CompatState = Depends(compat_state),
-) -> dict[str, Any]:
+async def txt2img(body: Txt2ImgRequest, call: CompatCall = Depends(compat_call)) -> dict[str, Any]:
     """A1111's txt2img: batch_size images per batch, n_iter batches (all queued at once)."""
-    return await _generate(body, request, state, compat)
+    return await _generate(body, call)
 
 
 @router.post("/img2img", response_model=ImageResponse)
-async def img2img(
-    body: Img2ImgRequest,
-    request: Request,
-    state: ServiceState = Depends(accepting),
-    compat: CompatState = Depends(compat_state),
-) -> dict[str, Any]:
+async def img2img(body: Img2ImgRequest, call: CompatCall = Depends(compat_call)) -> dict[str, Any]:
     """A1111's img2img and inpainting (mask: white = repaint; inpainting_mask_invert flips it)."""
-    return await _generate(body, request, state, compat)
-
-
-def _caller(request: Request) -> Caller:
-    return caller_of(request)
+    return await _generate(body, call)
 
 
 @router.get("/progress", response_model=ProgressResponse)
 async def progress(
-    skip_current_image: bool = Query(False),
-    state: ServiceState = Depends(get_state),
-    compat: CompatState = Depends(compat_state),
-    caller: Caller = Depends(_caller),
+    skip_current_image: bool = Query(False), call: CompatCall = Depends(compat_caller)
 ) -> ProgressResponse:
     """Progress of the caller's own unfinished jobs (never another client's)."""
-    jobs = compat.active(caller)
+    state = call.state
+    jobs = call.active()
     if not jobs:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState(), current_image=None)
     running = [j for j in jobs if j.status == JobStatus.running]
@@ -116,27 +97,19 @@ async def progress(
 
 
 @router.post("/interrupt")
-async def interrupt(
-    state: ServiceState = Depends(get_state),
-    compat: CompatState = Depends(compat_state),
-    caller: Caller = Depends(_caller),
-) -> None:
+async def interrupt(call: CompatCall = Depends(compat_caller)) -> None:
     """Cancel the caller's unfinished jobs (its request returns what finished)."""
-    for job in compat.active(caller):
-        state.cancel(job)
+    for job in call.active():
+        call.state.cancel(job)
 
 
 @router.post("/skip")
-async def skip(
-    state: ServiceState = Depends(get_state),
-    compat: CompatState = Depends(compat_state),
-    caller: Caller = Depends(_caller),
-) -> None:
+async def skip(call: CompatCall = Depends(compat_caller)) -> None:
     """Cancel the caller's current batch only (the running job, else the next queued one)."""
-    jobs = compat.active(caller)
+    jobs = call.active()
     running = [j for j in jobs if j.status == JobStatus.running] or jobs[:1]
     for job in running[:1]:
-        state.cancel(job)
+        call.state.cancel(job)
 
 
 def _defaults(state: ServiceState) -> dict[str, Any]:
@@ -152,32 +125,23 @@ def _defaults(state: ServiceState) -> dict[str, Any]:
 
 
 @router.get("/options")
-async def get_options(
-    state: ServiceState = Depends(get_state),
-    compat: CompatState = Depends(compat_state),
-    caller: Caller = Depends(_caller),
-) -> dict[str, Any]:
+async def get_options(call: CompatCall = Depends(compat_caller)) -> dict[str, Any]:
     """The caller's options (per API key; per server without one) over the defaults."""
-    return {**_defaults(state), **compat.caller_options(caller)}
+    return {**_defaults(call.state), **call.options()}
 
 
 @router.post("/options")
-async def set_options(
-    body: dict[str, Any] = Body(...),
-    state: ServiceState = Depends(get_state),
-    compat: CompatState = Depends(compat_state),
-    caller: Caller = Depends(_caller),
-) -> None:
+async def set_options(body: dict[str, Any] = Body(...), call: CompatCall = Depends(compat_caller)) -> None:
     """Set the caller's options. sd_model_checkpoint picks the model the caller's A1111 requests
     use (ours are per request: nothing is loaded or unloaded); CLIP_stop_at_last_layers its clip skip."""
     if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] is not None:
         body["sd_model_checkpoint"] = a1111_translate.model_name(
-            str(body["sd_model_checkpoint"]), state.models
+            str(body["sd_model_checkpoint"]), call.state.models
         )
     skip_layers = body.get("CLIP_stop_at_last_layers")
     if skip_layers is not None and (not isinstance(skip_layers, int) or not 1 <= skip_layers <= 12):
         raise FieldError("CLIP_stop_at_last_layers", "CLIP_stop_at_last_layers must be an integer in [1, 12]")
-    options = compat.caller_options(caller)
+    options = call.options()
     if len(options.keys() | body.keys()) > MAX_OPTIONS:
         raise FieldError("options", f"at most {MAX_OPTIONS} options are kept per caller")
     options.update(body)

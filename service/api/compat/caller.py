@@ -17,9 +17,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from service.engine import Job
+
+from ..deps import accepting, get_state
+from ..state import ServiceState
 
 MAX_CALLERS = 1024  # callers remembered (least recently seen dropped first)
 REQUESTS_PER_CALLER = 64  # recent requests remembered per caller
@@ -83,3 +86,40 @@ def compat_state(request: Request) -> CompatState:
     if not hasattr(app_state, "compat"):
         app_state.compat = CompatState()
     return app_state.compat  # type: ignore[no-any-return]
+
+
+@dataclass
+class CompatCall:
+    """One frontend request's context: the service, the per-caller compat state and the caller
+    (the routes' dependencies :func:`compat_caller` and, for requests that generate, :func:`compat_call`)."""
+
+    request: Request
+    state: ServiceState
+    compat: CompatState
+    caller: Caller
+
+    @property
+    def default_model(self) -> str:
+        """The model of a request that names none: the service's default, else the first."""
+        return self.state.default_model or next(iter(self.state.models))
+
+    def options(self) -> dict[str, Any]:
+        """The caller's A1111 options."""
+        return self.compat.caller_options(self.caller)
+
+    def active(self) -> list[Job]:
+        """The caller's unfinished jobs."""
+        return self.compat.active(self.caller)
+
+
+def compat_caller(
+    request: Request, state: ServiceState = Depends(get_state), compat: CompatState = Depends(compat_state)
+) -> CompatCall:
+    return CompatCall(request, state, compat, caller_of(request))
+
+
+def compat_call(
+    call: CompatCall = Depends(compat_caller), _: ServiceState = Depends(accepting)
+) -> CompatCall:
+    """:func:`compat_caller` for a request that generates: 503 while the service accepts no work."""
+    return call

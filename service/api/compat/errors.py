@@ -41,8 +41,11 @@ def a1111_error(status: int, error: str, detail: Any, errors: str = "") -> JSONR
     return JSONResponse({"error": error, "detail": detail, "body": "", "errors": errors}, status_code=status)
 
 
-class A1111Route(APIRoute):
-    """Errors of /sdapi/v1 routes in A1111's shape."""
+class FrontendRoute(APIRoute):
+    """A route whose errors answer in its frontend's shape: a subclass renders each kind of error
+    (``own_errors``: the frontend's own exception types, rendered by ``own_error``)."""
+
+    own_errors: tuple[type[Exception], ...] = ()
 
     def get_route_handler(self) -> Handler:
         inner = super().get_route_handler()
@@ -51,20 +54,47 @@ class A1111Route(APIRoute):
             try:
                 return await inner(request)
             except RequestValidationError as exc:
-                items = _validation_items(exc)
-                text = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in items)
-                return a1111_error(422, "RequestValidationError", items, text)
+                return self.validation_error(exc)
             except FieldError as exc:
-                item = {"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}
-                if exc.allowed is not None:
-                    item["allowed"] = exc.allowed
-                return a1111_error(422, "FieldError", [item], f"{exc.field}: {exc.message}")
+                return self.field_error(exc)
+            except self.own_errors as exc:
+                return self.own_error(exc)
             except HTTPException as exc:
-                resp = a1111_error(exc.status_code, "HTTPException", exc.detail, _message(exc.detail))
+                resp = self.http_error(exc)
                 resp.headers.update(exc.headers or {})
                 return resp
 
         return handler
+
+    def validation_error(self, exc: RequestValidationError) -> JSONResponse:
+        raise NotImplementedError
+
+    def field_error(self, exc: FieldError) -> JSONResponse:
+        raise NotImplementedError
+
+    def own_error(self, exc: Exception) -> JSONResponse:
+        raise NotImplementedError
+
+    def http_error(self, exc: HTTPException) -> JSONResponse:
+        raise NotImplementedError
+
+
+class A1111Route(FrontendRoute):
+    """Errors of /sdapi/v1 routes in A1111's shape."""
+
+    def validation_error(self, exc: RequestValidationError) -> JSONResponse:
+        items = _validation_items(exc)
+        text = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in items)
+        return a1111_error(422, "RequestValidationError", items, text)
+
+    def field_error(self, exc: FieldError) -> JSONResponse:
+        item = {"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}
+        if exc.allowed is not None:
+            item["allowed"] = exc.allowed
+        return a1111_error(422, "FieldError", [item], f"{exc.field}: {exc.message}")
+
+    def http_error(self, exc: HTTPException) -> JSONResponse:
+        return a1111_error(exc.status_code, "HTTPException", exc.detail, _message(exc.detail))
 
 
 OPENAI_TYPES = {
@@ -93,28 +123,24 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-class OpenAIRoute(APIRoute):
+class OpenAIRoute(FrontendRoute):
     """Errors of /v1 routes in OpenAI's shape and statuses."""
 
-    def get_route_handler(self) -> Handler:
-        inner = super().get_route_handler()
+    own_errors = (OpenAIError,)
 
-        async def handler(request: Request) -> Response:
-            try:
-                return await inner(request)
-            except RequestValidationError as exc:
-                first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid request"}
-                loc = [str(p) for p in first.get("loc", []) if p != "body"]
-                param = ".".join(loc) or None
-                return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param, "invalid_value")
-            except FieldError as exc:
-                return openai_error(400, exc.message, exc.field, "invalid_value")
-            except OpenAIError as exc:
-                return openai_error(exc.status, exc.message, exc.param, exc.code)
-            except HTTPException as exc:
-                code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(exc.status_code)
-                resp = openai_error(exc.status_code, _message(exc.detail), None, code)
-                resp.headers.update(exc.headers or {})
-                return resp
+    def validation_error(self, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": ["body"], "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        param = ".".join(loc) or None
+        return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param, "invalid_value")
 
-        return handler
+    def field_error(self, exc: FieldError) -> JSONResponse:
+        return openai_error(400, exc.message, exc.field, "invalid_value")
+
+    def own_error(self, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, OpenAIError)
+        return openai_error(exc.status, exc.message, exc.param, exc.code)
+
+    def http_error(self, exc: HTTPException) -> JSONResponse:
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(exc.status_code)
+        return openai_error(exc.status_code, _message(exc.detail), None, code)

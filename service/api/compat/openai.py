@@ -18,9 +18,9 @@ from starlette.datastructures import UploadFile
 from service.engine import Job, JobStatus
 from service.images import png_bytes, read_parameters
 
-from ..deps import accepting, get_state, require_api_key
+from ..deps import get_state, require_api_key
 from ..state import ServiceState
-from .caller import CompatState, caller_of, compat_state
+from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
 from .openai_schemas import (
@@ -66,12 +66,11 @@ def _pngs(t: Translated, jobs: list[Job]) -> list[bytes]:
     return out
 
 
-async def _respond(
-    request: Request, req: ImageGenerationRequest, t: Translated, state: ServiceState, compat: CompatState
-) -> ImagesResponse:
-    jobs = await run(state, compat, caller_of(request), request, [t.body])
+async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated) -> ImagesResponse:
+    jobs = await run(call, [t.body])
     pngs = await asyncio.to_thread(_pngs, t, jobs)
     data = []
+    request = call.request
     store = links(request)
     for png in pngs:
         item = ImageData()
@@ -85,25 +84,16 @@ async def _respond(
     )
 
 
-def _default(state: ServiceState) -> str:
-    return state.default_model or next(iter(state.models))
-
-
 @router.post(
     "/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     dependencies=authed,
 )
-async def generations(
-    req: ImageGenerationRequest,
-    request: Request,
-    state: ServiceState = Depends(accepting),
-    compat: CompatState = Depends(compat_state),
-) -> ImagesResponse:
+async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
-    t = translate(req, state.models, _default(state), state.settings.max_steps)
-    return await _respond(request, req, t, state, compat)
+    t = translate(req, call.state.models, call.default_model, call.state.settings.max_steps)
+    return await _respond(call, req, t)
 
 
 async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | None:
@@ -124,15 +114,11 @@ async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | No
 @router.post(
     "/images/edits", response_model=ImagesResponse, response_model_exclude_none=True, dependencies=authed
 )
-async def edits(
-    request: Request,
-    state: ServiceState = Depends(accepting),
-    compat: CompatState = Depends(compat_state),
-) -> ImagesResponse:
+async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
     inpainting where the mask (or the image's alpha) is transparent."""
     try:
-        form = await request.form()
+        form = await call.request.form()
     except Exception as exc:  # not multipart, or python-multipart missing
         raise OpenAIError(
             400, f"send multipart/form-data with an image file ({exc})", "image", "invalid_request"
@@ -145,10 +131,11 @@ async def edits(
         raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from exc
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
+    state = call.state
     t = await asyncio.to_thread(
-        translate, req, state.models, _default(state), state.settings.max_steps, image, mask
+        translate, req, state.models, call.default_model, state.settings.max_steps, image, mask
     )
-    return await _respond(request, req, t, state, compat)
+    return await _respond(call, req, t)
 
 
 @router.get("/images/files/{token}.png", name="openai_image_file", response_class=Response)

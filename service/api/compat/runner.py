@@ -11,9 +11,8 @@ from service.engine import Job
 
 from ..guard import owner_of
 from ..schemas import SampleRequest
-from ..state import ServiceState
 from ..views import raise_for_failure, submit
-from .caller import Caller, CompatState
+from .caller import CompatCall
 
 
 async def _disconnected(request: Request) -> None:
@@ -23,19 +22,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def run(
-    state: ServiceState,
-    compat: CompatState,
-    caller: Caller,
-    request: Request,
-    bodies: list[SampleRequest],
-    wait_disconnect: bool = True,
-) -> list[Job]:
+async def run(call: CompatCall, bodies: list[SampleRequest], wait_disconnect: bool = True) -> list[Job]:
     """All jobs of one frontend request, submitted together (so the engine batches them), finished.
 
     A failed job raises its HTTP error (after cancelling the rest); cancelled jobs (the caller's
     /interrupt) come back as they are.
     """
+    state, request = call.state, call.request
     jobs: list[Job] = []
     try:
         for body in bodies:
@@ -44,7 +37,7 @@ async def run(
         for job in jobs:
             state.cancel(job)
         raise
-    compat.track(caller, jobs)
+    call.compat.track(call.caller, jobs)
     done = asyncio.ensure_future(asyncio.gather(*(j.wait_done() for j in jobs)))
     waits: set[asyncio.Future] = {done}
     gone = asyncio.ensure_future(_disconnected(request)) if wait_disconnect else None

@@ -18,7 +18,7 @@ from service.models.store import ModelStore
 
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
-from .guard import GuardMiddleware
+from .guard import GuardMiddleware, HTTPMiddleware
 from .routes import info, jobs, models, sample
 from .schemas import SampleRequest
 from .settings import Settings
@@ -29,16 +29,14 @@ DESCRIPTION = """k-diffusion samplers behind an HTTP API. Every request runs thr
 model that batches the model evaluations of all running requests at every sampler step."""
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HTTPMiddleware):
     """Counts HTTP requests by route template, method and status (pure ASGI: streaming-safe)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+        super().__init__(app)
+        self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = {"code": 500}
 
         async def send_wrapper(message: Message) -> None:

@@ -120,7 +120,24 @@ async def _send_error(
     await send({"type": "http.response.body", "body": body})
 
 
-class GuardMiddleware:
+class HTTPMiddleware:
+    """A pure-ASGI middleware (streaming-safe) over HTTP requests (:meth:`http`); other scopes
+    (lifespan, websockets) pass through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class GuardMiddleware(HTTPMiddleware):
     """Authenticates every request before its body is read and bounds the body it may send.
 
     - keys set, path not open, no valid key -> 401 (the body is never read);
@@ -131,12 +148,10 @@ class GuardMiddleware:
     """
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings = app, settings
+        super().__init__(app)
+        self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.settings
         headers = dict(scope["headers"])
         caller = authenticate(s, headers)

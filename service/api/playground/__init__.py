@@ -9,8 +9,10 @@ page has a key field); the docs pages keep their own rule (guard.py, ``KDIFF_PUB
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import fastapi_offline
 from fastapi import FastAPI
@@ -23,6 +25,7 @@ VENDOR = Path(fastapi_offline.__file__).parent / "static"
 PREFIX = "/playground"  # static assets; guard.py leaves paths under it open
 # relative to /docs and /redoc, so a path prefix in front of the service is kept
 OPENAPI, ASSETS = "openapi.json", "playground/vendor"
+FAVICON = f"{ASSETS}/favicon.png"
 # ReDoc's footer shows its vendor's logo from a CDN (hidden when it fails): an empty local image instead
 REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 EMPTY_SVG = b"data:image/svg+xml,<svg xmlns='http://www.w3.org/2000/svg'/>"
@@ -41,30 +44,35 @@ def install(app: FastAPI) -> None:
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=OPENAPI,
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{ASSETS}/favicon.png",
-            oauth2_redirect_url=None,  # no OAuth2 flows here (keys are Bearer/Basic)
-        )
+    def docs_page(path: str, name: str, render: Callable[..., HTMLResponse], **options: Any) -> None:
+        """FastAPI's docs page ``render`` at ``path``: the schema, the title ``name``, ``options``."""
+
+        async def page() -> HTMLResponse:
+            return render(openapi_url=OPENAPI, title=f"{app.title} - {name}", **options)
+
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False, name=name)
+
+    docs_page(
+        "/docs",
+        "Swagger UI",
+        get_swagger_ui_html,
+        swagger_js_url=f"{ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{ASSETS}/swagger-ui.css",
+        swagger_favicon_url=FAVICON,
+        oauth2_redirect_url=None,  # no OAuth2 flows here (keys are Bearer/Basic)
+    )
+    docs_page(
+        "/redoc",
+        "ReDoc",
+        get_redoc_html,
+        redoc_js_url=f"{ASSETS}/redoc.standalone.js",
+        redoc_favicon_url=FAVICON,
+        with_google_fonts=False,
+    )
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     async def oauth2_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url=OPENAPI,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{ASSETS}/favicon.png",
-            with_google_fonts=False,
-        )
 
     @app.get(f"{PREFIX}/vendor/redoc.standalone.js", include_in_schema=False)
     async def redoc_js() -> Response:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from service.cli_args import add_threads, set_threads
+
 CALIBRATION_SEED = 1_000_000  # calibration and held-out seeds stay clear of kdiff eval's 0..n-1
 HELDOUT_SEED = 2_000_000
 
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--starts", type=int, default=1, help="fixed schedules to start from (best first)")
     p.add_argument("--method", default="lm", choices=["lm", "search"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_threads(p)
     p.add_argument("--out", help="folder for the files (default: the model's schedules/ folder)")
 
 
@@ -83,8 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     from service.sampling.stepper import run
     from service.sampling.tuning import deterministic_options, steps_for_nfe, tune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     samplers = [s.strip() for s in args.sampler.split(",") if s.strip()]
     nfes = [int(v) for v in args.nfe.split(",") if v.strip()]
     for s in samplers:  # bad names and budgets fail before the model loads

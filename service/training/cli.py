@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from service.cli_args import add_threads, from_args, set_threads
 from service.training.densities import DENSITIES
 
 # The shipped default (model_store/digits): small enough to train on 2 CPU cores within an hour.
@@ -60,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_threads(p)
     p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument(
         "--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = at end)"
@@ -87,8 +88,7 @@ def _density_options(items: list[str]) -> dict[str, float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
+    set_threads(args)
     if args.lora_rank:
         return _main_lora(args)
 
@@ -96,38 +96,12 @@ def main(args: argparse.Namespace) -> int:
     from service.training.datasets import DatasetError, load_dataset
     from service.training.trainer import TrainConfig, Trainer, TrainingError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         raw = json.loads(Path(args.model_config).read_text()) if args.model_config else dict(DIGITS_MODEL)
         if args.gradient_checkpointing:
             raw["gradient_checkpointing"] = True
         mc = UNetConfig.from_dict(raw)
-        tc = TrainConfig(
-            out=args.out,
-            dataset=args.dataset,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup_steps=args.warmup_steps,
-            grad_clip=args.grad_clip,
-            ema_power=args.ema_power,
-            ema_max=args.ema_max,
-            sigma_density=args.sigma_density,
-            density_options=_density_options(args.density_option),
-            weighting=args.weighting,
-            cond_dropout=args.cond_dropout,
-            augment=args.augment,
-            aug_prob=args.aug_prob,
-            precision=args.precision,
-            seed=args.seed,
-            device=args.device,
-            checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every,
-            max_minutes=args.max_minutes,
-        )
+        tc = from_args(TrainConfig, args, density_options=_density_options(args.density_option))
         data = load_dataset(args.dataset, mc.image_size, mc.in_channels, split="train")
         trainer = Trainer(mc, tc, data)
         if args.resume:
@@ -155,8 +129,6 @@ def _main_lora(args: argparse.Namespace) -> int:
     from service.training.datasets import DatasetError, load_dataset
     from service.training.lora_train import LoraTrainConfig, train_lora
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.init:
         print("kdiff train: error: --lora-rank needs --init <model folder>", file=sys.stderr)
         return 2
@@ -169,18 +141,7 @@ def _main_lora(args: argparse.Namespace) -> int:
             keep = torch.tensor([int(c) for c in args.lora_classes.split(",")])
             mask = torch.isin(data.labels, keep)
             data = type(data)(data.images[mask], data.labels[mask], data.num_classes)
-        cfg = LoraTrainConfig(
-            init=init,
-            out=out,
-            rank=args.lora_rank,
-            alpha=args.lora_alpha,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            max_minutes=args.max_minutes,
-        )
+        cfg = from_args(LoraTrainConfig, args, init=init, out=out, rank=args.lora_rank, alpha=args.lora_alpha)
         path, losses = train_lora(cfg, data, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, DatasetError, FileNotFoundError) as e:
         print(f"kdiff train: error: {e}", file=sys.stderr)

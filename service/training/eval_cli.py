@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.cli_args import add_threads, set_threads
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", help="folder with classifier.safetensors (default: the model folder)")
     p.add_argument("--plot", help="write a quality-vs-NFE plot (PNG) here")
     p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_threads(p)
     p.add_argument(
         "--train-classifier",
         metavar="FOLDER",
@@ -60,10 +62,7 @@ def _train_classifier(folder: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     if args.train_classifier:
         return _train_classifier(args.train_classifier)
     from service.training.evaluate import run_eval, write_plot

@@ -31,6 +31,9 @@ NOISE_KINDS = ("none", "gaussian", "brownian")
 # What a registered stepper takes besides options: x, sigmas and (keywords) the StepIO fields.
 PLUMBING = ("io", *StepIO._fields)
 
+# The traits GET /samplers shows for each sampler (besides name, doc and options).
+DESCRIBED_TRAITS = ("order", "nfe_per_step", "stochastic", "noise", "needs_uncond", "origin")
+
 F = TypeVar("F", bound=Callable[..., Any])
 NfeRule = Callable[[int, Mapping[str, Any]], int]
 
@@ -167,15 +170,7 @@ class SamplerInfo(Entry):
         return (self.stepper.__doc__ or "").strip().splitlines()[0]
 
     def describe(self) -> dict[str, Any]:
-        return self.described(
-            self.doc,
-            order=self.order,
-            nfe_per_step=self.nfe_per_step,
-            stochastic=self.stochastic,
-            noise=self.noise,
-            needs_uncond=self.needs_uncond,
-            origin=self.origin,
-        )
+        return self.described(self.doc, **{k: getattr(self, k) for k in DESCRIBED_TRAITS})
 
 
 @dataclass(frozen=True, kw_only=True)

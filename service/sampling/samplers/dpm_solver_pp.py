@@ -4,7 +4,7 @@ lambda = -log(sigma) on the data prediction; single-step (2S, SDE) and multistep
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -114,27 +114,43 @@ def dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE, Lu et al. (2022); solver_type 'midpoint' or 'heun'."""
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+
+    def step(x: Tensor, denoised: Tensor, h: float, hist: SdeHistory, ratio: float) -> Tensor:
+        eta_h = eta * h
+        phi_1 = -math.expm1(-h - eta_h)
+        x = x * (ratio * math.exp(-eta_h)) + denoised * phi_1
+        if hist:
+            old_denoised, h_last = hist[0]
+            coeff = (1 - phi_1 / (h + eta_h)) if solver_type == "heun" else 0.5 * phi_1
+            x = x + (denoised - old_denoised) * (coeff / (h_last / h))
+        return x
+
+    return (yield from sde_multistep(x, sigmas, io, eta, s_noise, step))
+
+
+SdeHistory = list[tuple[Tensor, float]]  # (denoised, h) of the last steps, newest first
+
+
+def sde_multistep(
+    x: Tensor, sigmas: Tensor, io: StepIO, eta: float, s_noise: float, step: Callable[..., Tensor]
+) -> Stepper:
+    """The DPM-Solver++ multistep SDE loop (Lu et al. 2022): evaluate, take the multistep ``step(x,
+    denoised, h, history, sigma_next / sigma)`` in lambda, add Brownian noise of variance
+    sigma_next^2 (1 - e^(-2 eta h)); the last step to sigma = 0 returns the denoised prediction."""
     check_nonneg(eta=eta, s_noise=s_noise)
     noise_sampler = brownian(x, sigmas, io.noise_sampler)
     s = sigmas.tolist()
-    old_denoised: Tensor | None = None
-    h_last: float | None = None
+    hist: SdeHistory = []
     for i in range(len(s) - 1):
         denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
         if h is None:
             x = denoised  # the final denoising step
-        else:
-            eta_h = eta * h
-            phi_1 = -math.expm1(-h - eta_h)
-            x = x * (s[i + 1] / s[i] * math.exp(-eta_h)) + denoised * phi_1
-            if old_denoised is not None and h_last is not None:
-                r = h_last / h
-                coeff = (1 - phi_1 / (h + eta_h)) if solver_type == "heun" else 0.5 * phi_1
-                x = x + (denoised - old_denoised) * (coeff / r)
-            if eta:
-                noise = noise_at(noise_sampler, sigmas, s[i], s[i + 1])
-                x = x + noise * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
-        old_denoised, h_last = denoised, h
+            continue
+        x = step(x, denoised, h, hist, s[i + 1] / s[i])
+        if eta:
+            noise = noise_at(noise_sampler, sigmas, s[i], s[i + 1])
+            x = x + noise * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+        hist = [(denoised, h), *hist[:1]]
     return x
 
 
@@ -148,34 +164,23 @@ def dpmpp_2m_sde(
 )
 def dpmpp_3m_sde(x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 1.0, s_noise: float = 1.0) -> Stepper:
     """DPM-Solver++(3M) SDE, Lu et al. (2022), third-order multistep with Brownian noise."""
-    check_nonneg(eta=eta, s_noise=s_noise)
-    noise_sampler = brownian(x, sigmas, io.noise_sampler)
-    s = sigmas.tolist()
-    denoised_1: Any = None
-    denoised_2: Any = None
-    h_1: float | None = None
-    h_2: float | None = None
-    for i in range(len(s) - 1):
-        denoised, h = yield from evaluate_h(x, sigmas, s, i, io.callback)
-        if h is None:
-            x = denoised  # the final denoising step
-        else:
-            h_eta = h * (eta + 1)
-            x = x * math.exp(-h_eta) - denoised * math.expm1(-h_eta)
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            if h_2 is not None and h_1 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (denoised - denoised_1) / r0
-                d1_1 = (denoised_1 - denoised_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + d1 * phi_2 - d2 * phi_3
-            elif h_1 is not None:
-                x = x + (denoised - denoised_1) * (phi_2 / (h_1 / h))
-            if eta:
-                noise = noise_at(noise_sampler, sigmas, s[i], s[i + 1])
-                x = x + noise * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
-        denoised_1, denoised_2 = denoised, denoised_1
-        h_1, h_2 = h, h_1
-    return x
+
+    def step(x: Tensor, denoised: Tensor, h: float, hist: SdeHistory, ratio: float) -> Tensor:
+        h_eta = h * (eta + 1)
+        x = x * math.exp(-h_eta) - denoised * math.expm1(-h_eta)
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if len(hist) == 2:
+            (denoised_1, h_1), (denoised_2, h_2) = hist
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + d1 * phi_2 - d2 * phi_3
+        elif hist:
+            denoised_1, h_1 = hist[0]
+            x = x + (denoised - denoised_1) * (phi_2 / (h_1 / h))
+        return x
+
+    return (yield from sde_multistep(x, sigmas, io, eta, s_noise, step))

@@ -359,6 +359,7 @@ def _target(rows: list[dict[str, Any]], budget: int) -> dict[str, Any]:
 
 def run_fd(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     from service.models.store import ModelStore
+    from service.sampling.ksampler import KSampler
     from service.training.datasets import digits
     from service.training.evaluate import real_baseline
     from service.training.evaluation import accuracy, features, frechet_distance, generate, load_classifier
@@ -398,7 +399,8 @@ def run_fd(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 continue
             counter = Counter(loaded.denoiser)
             t0 = time.perf_counter()
-            x = generate(counter, labels, shape, name, "karras", steps, 1.0, args.seed)  # type: ignore[arg-type]
+            ks = KSampler(counter, sampler=name, schedule="karras")  # type: ignore[arg-type]
+            x = generate(ks, labels, shape, steps, 1.0, args.seed)
             secs = time.perf_counter() - t0
             x = x.clamp(-1, 1)
             row = {

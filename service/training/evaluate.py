@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from service.models.tuned import TUNED, tuned_sigmas
+from service.sampling.ksampler import KSampler
 from service.sampling.schedules import CustomSchedule
 from service.training.datasets import digits
 from service.training.evaluation import (
@@ -85,7 +86,8 @@ def run_eval(
                 sched: Any = schedule  # "tuned": the model's file for this sampler and step count
                 if schedule == TUNED:
                     sched = CustomSchedule(tuned_sigmas(folder, folder.name, sampler, steps))
-                x = generate(denoiser, labels, shape, sampler, sched, steps, cfg_scale, seed)
+                ks = KSampler(denoiser, sampler=sampler, schedule=sched)
+                x = generate(ks, labels, shape, steps, cfg_scale, seed)
             except ValueError as exc:  # e.g. dpm_fast at one step: skip this cell, keep the table
                 skipped.append({"sampler": sampler, "nfe": nfe, "steps": steps, "reason": str(exc)})
                 log(f"{sampler:<20}{nfe:>5}{steps:>7}  not run: {exc}")

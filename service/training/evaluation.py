@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from service.sampling.ksampler import KSampler
+
+BATCH = 500  # images per sampling call in generate
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_CONFIG = "classifier.json"
@@ -154,23 +159,18 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
 
 
 def generate(
-    denoiser: Any,
+    ks: KSampler,
     labels: Tensor,
     shape: tuple[int, int, int],
-    sampler: str,
-    schedule: Any,
     steps: int,
     cfg_scale: float = 1.0,
     seed: int = 0,
-    batch_size: int = 500,
 ) -> Tensor:
-    """Class-conditional samples, one per label, with per-image seeds seed, seed+1, ..."""
-    from service.sampling.ksampler import KSampler
-
-    ks = KSampler(denoiser, sampler=sampler, schedule=schedule)
+    """Class-conditional samples from ``ks``, one per label, with per-image seeds seed, seed+1, ...
+    (in batches of at most BATCH)."""
     out = []
-    for i in range(0, len(labels), batch_size):
-        lab = labels[i : i + batch_size]
+    for i in range(0, len(labels), BATCH):
+        lab = labels[i : i + BATCH]
         seeds = list(range(seed + i, seed + i + len(lab)))
         out.append(
             ks.sample(shape=(len(lab), *shape), steps=steps, seed=seeds, condition=lab, cfg_scale=cfg_scale)

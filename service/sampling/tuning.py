@@ -84,7 +84,8 @@ def steps_for_nfe(info: SamplerInfo, nfe: int, options: Mapping[str, Any] | None
 def deterministic_options(info: SamplerInfo, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The sampler's options in its deterministic (ODE) mode; a TuningError if it has none."""
     opts = registry.check_options("sampler", info.name, info.bounds, dict(options or {}))
-    if "sigma_min" in inspect.signature(info.stepper).parameters or info.batch_coupled:
+    ends = (info.stepper, info.sample)  # a sigma-range sampler's k-diffusion sample_<name> takes sigma_min
+    if info.batch_coupled or any("sigma_min" in inspect.signature(f).parameters for f in ends):
         raise TuningError(
             f"sampler {info.name!r} uses only the schedule's first and last sigma (or adapts its own "
             "steps): there is no schedule to tune"
@@ -219,6 +220,17 @@ def _levenberg_marquardt(
     return theta, r, done
 
 
+def _descend(
+    obj: _Objective, theta: Tensor, lo: float, hi: float, iters: int, progress: Progress | None
+) -> tuple[float, Tensor, int] | None:
+    """(RMS, sigmas, iterations) of Levenberg-Marquardt from ``theta``; None if its schedule does not run."""
+    r = obj.residual(_sigmas(theta, lo, hi))
+    if r is None:
+        return None
+    theta, r, its = _levenberg_marquardt(obj, theta, r, lo, hi, iters, progress)
+    return _rms(r), _sigmas(theta, lo, hi), its
+
+
 def tune(
     denoiser: Model,
     sampler: str,
@@ -269,26 +281,16 @@ def tune(
         iterations = 0
         if method == "lm" and steps > 1:
             best = (rms_init, sig)
-            for _, _, _, start in sorted(inits, key=lambda t: t[0])[:starts]:
-                theta = _logits(start, sigma_min, sigma_max)
-                r0 = obj.residual(_sigmas(theta, sigma_min, sigma_max))
-                if r0 is None:
-                    continue
-                theta, r0, its = _levenberg_marquardt(obj, theta, r0, sigma_min, sigma_max, iters, progress)
-                iterations += its
-                if _rms(r0) < best[0]:
-                    best = (_rms(r0), _sigmas(theta, sigma_min, sigma_max))
+            seeds = [start for *_, start in sorted(inits, key=lambda t: t[0])[:starts]]
             gen = torch.Generator().manual_seed(0)
-            for _ in range(hops):  # basin hopping: perturb the best logits, descend again
-                theta = _logits(best[1], sigma_min, sigma_max)
-                theta = theta + 0.5 * torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
-                r0 = obj.residual(_sigmas(theta, sigma_min, sigma_max))
-                if r0 is None:
-                    continue
-                theta, r0, its = _levenberg_marquardt(obj, theta, r0, sigma_min, sigma_max, iters, progress)
-                iterations += its
-                if _rms(r0) < best[0]:
-                    best = (_rms(r0), _sigmas(theta, sigma_min, sigma_max))
+            for k in range(len(seeds) + hops):  # the best starts, then basin hopping around the best
+                theta = _logits(seeds[k] if k < len(seeds) else best[1], sigma_min, sigma_max)
+                if k >= len(seeds):  # perturb the best logits, descend again
+                    theta = theta + 0.5 * torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+                found = _descend(obj, theta, sigma_min, sigma_max, iters, progress)
+                if found is not None:
+                    iterations += found[2]
+                    best = min(best, found[:2], key=lambda t: t[0])
             sig = best[1]
             r = obj.residual(sig)
     return TuneResult(

@@ -1,6 +1,7 @@
 """tune_schedule: exact call counts for every deterministic sampler, clear errors, and the issue-16 targets
 on the Gaussian mixture (held-out noise, exact ODE reference): tuned RMS error <= 0.2x the best
-k-diffusion-only (sampler, schedule) pair and <= 0.5x our best untuned pair, at 10 and at 5 calls."""
+k-diffusion-only (sampler, schedule) pair and <= 0.5x our best untuned pair, at 10 and at 5 calls
+(on 4,096 held-out draws; on the first 256 of them only the 0.5x target is met)."""
 
 from __future__ import annotations
 
@@ -86,28 +87,46 @@ def _best_pairs(gmm: GMMDenoiser, budget: int, held: Tensor) -> dict[str, tuple[
     return best
 
 
-@pytest.mark.parametrize(("nfe", "sampler", "starts"), [(10, "ipndm", 2), (5, "ipndm", 4)])
-def test_tuned_schedule_beats_the_best_fixed_pairs(
-    gmm: GMMDenoiser, nfe: int, sampler: str, starts: int
-) -> None:
-    """Issue 16: a schedule tuned on 256 calibration points, measured on 256 held-out ones: <= 0.5x our
-    best untuned pair. (The issue's other target, <= 0.2x the best k-diffusion pair, is not met yet:
-    0.32x at 10 calls, 0.25x at 5; docs/SAMPLERS.md. It is printed here, not asserted.)"""
-    held = _noise(256, seed=1)
+CAL, HELD, HELD_SMALL = 2048, 4096, 256  # calibration draws (seed 0), held-out draws (seed 1) and a prefix
+VARIANTS = ({}, {"max_order": 3})  # ipndm's default order 4 and order 3: the test keeps the better one
+TUNE: dict[str, Any] = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "teacher_steps": 200}
+
+
+def held_out_ratios(
+    gmm: GMMDenoiser, nfe: int, name: str, opts: dict[str, Any], sigmas: Tensor, n: int
+) -> tuple[float, float, str]:
+    """Tuned RMS on the first ``n`` held-out draws (seed 1) over that of the best k-diffusion pair and of
+    our best untuned pair on the same draws, and a line naming them."""
+    held = _noise(n, seed=1)
     best = _best_pairs(gmm, nfe, held)
-    cal = _noise(256, seed=0)
-    sigmas = tune_schedule(
-        gmm, sampler, nfe, cal, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, teacher_steps=200, starts=starts
-    )
-    tuned = _rms(gmm, sampler, {}, sigmas, held, _ode_map(gmm, held * SIGMA_MAX, SIGMA_MAX))
-    kd, ours = best["kdiffusion"], best["ours"]
+    tuned = _rms(gmm, name, opts, sigmas, held, _ode_map(gmm, held * SIGMA_MAX, SIGMA_MAX))
+    (kd, kd_name, kd_sched), (ours, ours_name, ours_sched) = best["kdiffusion"], best["ours"]
     msg = (
-        f"{sampler} tuned at {nfe} calls: RMS {tuned:.4g} = {tuned / ours[0]:.2f}x our best untuned pair "
-        f"{ours[1]} + {ours[2]} ({ours[0]:.4g}), {tuned / kd[0]:.2f}x the best k-diffusion pair "
-        f"{kd[1]} + {kd[2]} ({kd[0]:.4g})"
+        f"{n} held-out draws: tuned RMS {tuned:.4g} = {tuned / ours:.3f}x our best untuned pair "
+        f"{ours_name} + {ours_sched} ({ours:.4g}), {tuned / kd:.3f}x the best k-diffusion pair "
+        f"{kd_name} + {kd_sched} ({kd:.4g})"
     )
-    print(msg)
-    assert tuned <= 0.5 * ours[0], msg
+    return tuned / kd, tuned / ours, msg
+
+
+@pytest.mark.parametrize(("nfe", "starts"), [(10, 2), (5, 4)])
+def test_tuned_schedule_beats_the_best_fixed_pairs(gmm: GMMDenoiser, nfe: int, starts: int) -> None:
+    """Issue 16 on the mixture: ipndm (order 4 or 3, whichever fits the calibration draws better) tuned
+    on 2,048 calibration draws, measured on 4,096 held-out draws against the exact ODE map: <= 0.2x the
+    best k-diffusion pair and <= 0.5x our best untuned pair, both re-measured on the same draws. On the
+    first 256 of those draws alone (the set this test used before) the 0.5x target is asserted too; the
+    0.2x one is printed: it is not met there (0.26x at 10 calls, 0.22x at 5: one draw that ends between
+    two modes dominates 256; docs/SAMPLERS.md)."""
+    cal = _noise(CAL, seed=0)
+    runs = [tune(gmm, "ipndm", nfe, cal, starts=starts, options=o, **TUNE) for o in VARIANTS]
+    res = min(runs, key=lambda r: r.rms_tuned)
+    print(f"\nipndm {res.options} tuned at {nfe} calls: calibration RMS (to the teacher) {res.rms_tuned:.4g}")
+    for n in (HELD, HELD_SMALL):
+        kd_ratio, ours_ratio, msg = held_out_ratios(gmm, nfe, "ipndm", res.options, res.sigmas, n)
+        print(msg)
+        assert ours_ratio <= 0.5, msg
+        if n == HELD:
+            assert kd_ratio <= 0.2, msg
 
 
 def _counted(model: Any) -> Any:

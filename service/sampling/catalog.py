@@ -154,6 +154,7 @@ class SamplerInfo(Entry):
     stochastic: bool = False
     noise: str = "none"  # "none" | "gaussian" | "brownian"
     batch_coupled: bool = False
+    sigma_range: bool = False  # it uses only the schedule's first and last sigma > 0 (dpm_fast, dpm_adaptive)
     needs_uncond: bool = False
     origin: str = "k-diffusion"
     aliases: tuple[str, ...] = ()
@@ -401,6 +402,7 @@ def sampler(
             stepper=stepper,
             sample=sample or k_sampler(stepper, key),
             bounds=option_specs(f"sampler {key}", base, bounds, skip),
+            sigma_range=sigma_range,
             **given,
         )
         return fn

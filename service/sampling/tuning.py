@@ -12,7 +12,6 @@ included, is tuned as it runs) minimises the mean squared distance to the teache
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -84,8 +83,7 @@ def steps_for_nfe(info: SamplerInfo, nfe: int, options: Mapping[str, Any] | None
 def deterministic_options(info: SamplerInfo, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The sampler's options in its deterministic (ODE) mode; a TuningError if it has none."""
     opts = registry.check_options("sampler", info.name, info.bounds, dict(options or {}))
-    ends = (info.stepper, info.sample)  # a sigma-range sampler's k-diffusion sample_<name> takes sigma_min
-    if info.batch_coupled or any("sigma_min" in inspect.signature(f).parameters for f in ends):
+    if info.sigma_range or info.batch_coupled:
         raise TuningError(
             f"sampler {info.name!r} uses only the schedule's first and last sigma (or adapts its own "
             "steps): there is no schedule to tune"

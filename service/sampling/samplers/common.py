@@ -22,7 +22,8 @@ from ..errors import InputError
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
 from ..stepper import Callback, Eval, Guided, StepIO, Stepper
 
-# One step of a family's loop: the new x, or a generator (it evaluates the model again) returning it.
+# One step of a family's loop: the new x, or a generator (it evaluates the model again) returning it;
+# the loop runs it inline (no extra generator layer per step: the sampler's own time is in this loop).
 StepResult = Tensor | Generator[Eval, Any, Tensor]
 
 
@@ -185,13 +186,6 @@ def split_guided(out: Tensor | Guided) -> tuple[Tensor, Tensor]:
     return (out.denoised, out.uncond) if isinstance(out, Guided) else (out, out)
 
 
-def stepped(result: StepResult) -> Generator[Eval, Any, Tensor]:
-    """``x = yield from stepped(step(...))``: a step's x, running its extra evaluations if it has any."""
-    if isinstance(result, Tensor):
-        return result
-    return (yield from result)
-
-
 def named(stepper: Callable[..., Stepper], step: Callable[..., StepResult]) -> Callable[..., Stepper]:
     """A family's stepper under its step's name and docstring (the signature stays the family's)."""
     stepper.__name__ = stepper.__qualname__ = step.__name__
@@ -218,7 +212,8 @@ def ancestral(*, guided: bool = False) -> Callable[[AncestralStep], Callable[...
                 denoised, uncond, sigma_down, sigma_up = yield from ancestral_evaluate_guided(
                     x, sigmas, s, i, io.callback, eta
                 )
-                x = yield from stepped(step(x, denoised, uncond, sigma_down, s, sigmas, i))
+                out = step(x, denoised, uncond, sigma_down, s, sigmas, i)
+                x = out if isinstance(out, Tensor) else (yield from out)  # a step that evaluates again
                 if sigma_up > 0 or not guided:  # k-diffusion draws noise even at eta = 0
                     x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
             return x

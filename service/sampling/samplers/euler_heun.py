@@ -24,7 +24,6 @@ from .common import (
     named,
     noise_at,
     report,
-    stepped,
 )
 
 ChurnStep = Callable[[Tensor, Tensor, float, list[float], Tensor, int], StepResult]
@@ -50,7 +49,8 @@ def churned(step: ChurnStep) -> Callable[..., Stepper]:
             x, sigma_hat, d = yield from churned_evaluate(
                 x, sigmas, s, i, io.callback, io.noise_sampler, s_churn, s_tmin, s_tmax, s_noise
             )
-            x = yield from stepped(step(x, d, sigma_hat, s, sigmas, i))
+            out = step(x, d, sigma_hat, s, sigmas, i)
+            x = out if isinstance(out, Tensor) else (yield from out)  # a step that evaluates again
         return x
 
     return family(named(stepper, step), options=CHURN, noise="gaussian")

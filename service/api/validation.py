@@ -10,7 +10,7 @@ import torch
 from service.engine.jobs import JobRequest
 from service.images import ImageInputError, decode_image
 from service.models.lora import text_loras
-from service.models.store import LoadedModel
+from service.models.store import LoadedModel, Manifest
 from service.models.tuned import TUNED, apply_tuned
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
@@ -205,20 +205,35 @@ def _request_field(name: str, spec: SamplingSpec) -> str:
     return name
 
 
+def _spec(
+    req: SampleRequest, manifest: Manifest, settings: Settings, discrete: bool
+) -> tuple[SampleRequest, SamplingSpec, int, float]:
+    """(request with a tuned schedule resolved, spec, images, timeout): the part of a request's
+    checks that needs the model's manifest only."""
+    req = apply_tuned(req, manifest.folder, manifest.name, manifest.defaults)
+    spec, n = build_spec(req, manifest.defaults, Limits(settings.max_steps, settings.max_images), discrete)
+    timeout = req.timeout_s or settings.job_timeout_s
+    if timeout > settings.job_timeout_s:
+        raise FieldError("timeout_s", f"timeout_s must be in (0, {settings.job_timeout_s:g}]")
+    return req, spec, n, timeout
+
+
+def precheck(req: SampleRequest, manifest: Manifest, settings: Settings) -> None:
+    """Check what needs no loaded model (sampler, schedule and their options, steps, seeds, n,
+    timeout), so a request for a model that is still loading is a 422 now rather than a failed job
+    later. Whether a schedule needs a discrete-time model is left to :func:`build_job`."""
+    _spec(req, manifest, settings, discrete=True)
+
+
 def build_job(req: SampleRequest, model: LoadedModel, settings: Settings) -> JobRequest:
     """The engine job for ``req`` on ``model``: the spec (shared with ``kdiff sample``), the model's
     own inputs, and the driver, built once here and run by the engine."""
     d = model.manifest.defaults
     tagged, (req, loras) = req, request_loras(req, model)  # <lora:...> tags leave the prompt
-    limits = Limits(settings.max_steps, settings.max_images)
     discrete = getattr(model.denoiser, "sigmas", None) is not None
     tuned = req.schedule == TUNED  # the model's tuned sigmas for its sampler and steps
-    req = apply_tuned(req, model.manifest.folder, model.name, d)
-    spec, n = build_spec(req, d, limits, discrete)
+    req, spec, n, timeout = _spec(req, model.manifest, settings, discrete)
     cfg = req.cfg_scale if req.cfg_scale is not None else float(d.get("cfg_scale", 1.0))
-    timeout = req.timeout_s or settings.job_timeout_s
-    if timeout > settings.job_timeout_s:
-        raise FieldError("timeout_s", f"timeout_s must be in (0, {settings.job_timeout_s:g}]")
     latent_shape: tuple[int, ...] | None = None
     if model.conditioning == "text":
         with text_loras(model, loras):

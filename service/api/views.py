@@ -12,7 +12,7 @@ from service.engine import Draining, ImageResult, Job, JobStatus, QueueFull
 from .lifecycle import ModelUnavailable
 from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
 from .state import ServiceState
-from .validation import FieldError, build_job
+from .validation import FieldError, build_job, precheck
 
 # HTTP status of a failed synchronous request, by engine error code.
 ERROR_STATUS = {
@@ -39,6 +39,7 @@ async def submit(
         known = state.known()
         raise FieldError("model", f"unknown model {name!r}; valid models: {', '.join(known)}", known)
     if name not in state.models and not wait_load:
+        precheck(body, state.manifests[name], state.settings)  # field errors stay 422s while it loads
         return state.submit_loading(name, lambda m: build_job(body, m, state.settings), owner)
     try:
         model = await state.ensure_loaded(name)

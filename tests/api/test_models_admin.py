@@ -119,6 +119,30 @@ def test_loading_event_before_the_job_queues(tmp_path: Path) -> None:
         assert kinds[0] == "loading" and kinds[-1] == "done"
 
 
+def test_a_job_for_an_unloaded_model_with_a_bad_field_is_a_422_without_loading_it(tmp_path: Path) -> None:
+    """Sampler, schedule, options, steps, seeds, n and timeout are checked before the model loads;
+    what needs the model itself (the class label's range, sizes) fails the job once it has loaded."""
+    store = _store(tmp_path, "a", "b")
+    bad = [
+        ({"sampler": "nope"}, "sampler"),
+        ({"sampler": "euler", "sampler_options": {"eta": 0.5}}, "eta"),  # the option is named
+        ({"schedule": "karras", "schedule_options": {"rho": -1}}, "rho"),
+        ({"steps": 100_000}, "steps"),
+        ({"seed": [1, 2], "n": 3}, "seed"),
+        ({"timeout_s": 1e9}, "timeout_s"),
+        ({"schedule": "tuned", "sampler": "euler", "steps": 7}, "schedule"),
+    ]
+    with _client(store, models=["a"]) as c:
+        for fields, field in bad:
+            r = c.post("/jobs", json={**SAMPLE, "model": "b", **fields})
+            assert r.status_code == 422, (fields, r.text)
+            assert field in r.json()["detail"][0]["loc"], (fields, r.text)
+        assert _states(c)["b"] == "on_disk" and "b" not in store.loads
+        job = c.post("/jobs", json={**SAMPLE, "model": "b", "class_label": 99}).json()
+        kinds = [(e, d) for e, d in _events(c, job["id"])]
+        assert kinds[-1][0] == "error" and "class_label" in kinds[-1][1]["message"]
+
+
 def test_lru_eviction_under_a_small_budget(tmp_path: Path) -> None:
     store = _store(tmp_path, "a", "b", "c")
     size = disk_bytes(store.resolve("a"))

@@ -81,6 +81,11 @@ class ServiceState:
     def known(self) -> list[str]:
         return sorted({*self.manifests, *self.models})
 
+    def manifest(self, name: str) -> Manifest:
+        """The manifest of a known model, loaded or not (loaded ones keep theirs after a rescan)."""
+        m = self.models.get(name)
+        return m.manifest if m is not None else self.manifests[name]
+
     def model_state(self, name: str) -> str:
         if name in self.models:
             return "loaded"

@@ -143,6 +143,22 @@ def test_a_job_for_an_unloaded_model_with_a_bad_field_is_a_422_without_loading_i
         assert kinds[-1][0] == "error" and "class_label" in kinds[-1][1]["message"]
 
 
+def test_frontends_list_models_that_are_not_loaded_and_use_them(tmp_path: Path) -> None:
+    """A1111's sd-models and OpenAI's /v1/models list the whole store; picking an unloaded model
+    loads it on its first request."""
+    store = _store(tmp_path, "a", "b")
+    with _client(store, models=["a"]) as c:
+        assert [m["title"] for m in c.get("/sdapi/v1/sd-models").json()] == ["a", "b"]
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["a", "b"]
+        assert c.get("/v1/models/b").json()["id"] == "b" and _states(c)["b"] == "on_disk"
+        assert c.get("/v1/models/ghost").status_code == 404
+        body = {"prompt": "3", "steps": 2, "seed": 1, "override_settings": {"sd_model_checkpoint": "b"}}
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+        assert json.loads(r.json()["info"])["sd_model_name"] == "b"
+        assert _states(c)["b"] == "loaded"
+
+
 def test_lru_eviction_under_a_small_budget(tmp_path: Path) -> None:
     store = _store(tmp_path, "a", "b", "c")
     size = disk_bytes(store.resolve("a"))

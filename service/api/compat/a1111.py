@@ -44,6 +44,7 @@ MAX_OPTIONS = 256
 async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
     options = call.options()
     state = call.state
+    await call.load(a1111_translate.checkpoint(body, options, call.default_model, state.known()))
     plan = await asyncio.to_thread(
         a1111_translate.plan, body, state.models, call.default_model, options, state.settings.max_images
     )
@@ -133,10 +134,11 @@ async def get_options(call: CompatCall = Depends(compat_caller)) -> dict[str, An
 @router.post("/options")
 async def set_options(body: dict[str, Any] = Body(...), call: CompatCall = Depends(compat_caller)) -> None:
     """Set the caller's options. sd_model_checkpoint picks the model the caller's A1111 requests
-    use (ours are per request: nothing is loaded or unloaded); CLIP_stop_at_last_layers its clip skip."""
+    use (ours are per request: one not loaded yet loads on the first of them, nothing is unloaded);
+    CLIP_stop_at_last_layers its clip skip."""
     if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] is not None:
         body["sd_model_checkpoint"] = a1111_translate.model_name(
-            str(body["sd_model_checkpoint"]), call.state.models
+            str(body["sd_model_checkpoint"]), call.state.known()
         )
     skip_layers = body.get("CLIP_stop_at_last_layers")
     if skip_layers is not None and (not isinstance(skip_layers, int) or not 1 <= skip_layers <= 12):

@@ -21,17 +21,18 @@ router = APIRouter(
 
 @router.get("/sd-models")
 async def sd_models(state: ServiceState = Depends(get_state)) -> list[dict[str, Any]]:
-    """Loaded models; the title is the model name (what sd_model_checkpoint takes)."""
+    """Every model in the store, loaded or not (one that is not loads on its first request); the
+    title is the model name (what sd_model_checkpoint takes)."""
     return [
         {
             "title": name,
             "model_name": name,
             "hash": None,
             "sha256": None,
-            "filename": str(m.manifest.folder),
+            "filename": str(state.manifest(name).folder),
             "config": None,
         }
-        for name, m in state.models.items()
+        for name in state.known()
     ]
 
 

@@ -15,6 +15,7 @@ import base64
 import io
 import re
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,7 @@ def class_from_prompt(prompt: str) -> int | None:
     return int(m.group(1)) if m.group(1) is not None else DIGIT_WORDS.index(m.group(2).lower())
 
 
-def model_name(wanted: str, models: dict[str, LoadedModel]) -> str:
+def model_name(wanted: str, models: Collection[str]) -> str:
     """Our model for an A1111 checkpoint title ("name", "name.safetensors", "name [hash]")."""
     base = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", wanted.strip())
     base = re.sub(r"\.(safetensors|ckpt|pt|bin)$", "", base)
@@ -69,6 +70,15 @@ def model_name(wanted: str, models: dict[str, LoadedModel]) -> str:
             return candidate
     names = sorted(models)
     raise FieldError("sd_model_checkpoint", f"model {wanted!r} not found; valid: {', '.join(names)}", names)
+
+
+def checkpoint(
+    body: Txt2ImgRequest, options: dict[str, Any], default_model: str, models: Collection[str]
+) -> str:
+    """The model a request asks for: its override_settings, else the caller's /options, else ours."""
+    overrides = body.override_settings or {}
+    wanted = overrides.get("sd_model_checkpoint") or options.get("sd_model_checkpoint") or default_model
+    return model_name(str(wanted), models)
 
 
 def _ignored(body: Txt2ImgRequest) -> list[str]:
@@ -150,8 +160,7 @@ def plan(
 ) -> Plan:
     """Translate one A1111 request (``options``: the caller's /options) into our requests."""
     overrides = body.override_settings or {}
-    wanted = overrides.get("sd_model_checkpoint") or options.get("sd_model_checkpoint") or default_model
-    model = models[model_name(str(wanted), models)]
+    model = models[checkpoint(body, options, default_model, models)]
     d = model.manifest.defaults
     sampler, schedule = a1111_names.resolve(body.sampler_name or body.sampler_index, body.scheduler)
     sampler = sampler or str(d.get("sampler", "dpmpp_2m"))

@@ -17,11 +17,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from service.engine import Job
 
 from ..deps import accepting, get_state
+from ..lifecycle import ModelUnavailable
 from ..state import ServiceState
 
 MAX_CALLERS = 1024  # callers remembered (least recently seen dropped first)
@@ -101,7 +102,17 @@ class CompatCall:
     @property
     def default_model(self) -> str:
         """The model of a request that names none: the service's default, else the first."""
-        return self.state.default_model or next(iter(self.state.models))
+        return self.state.default_model or self.state.known()[0]
+
+    async def load(self, name: str) -> None:
+        """Load a model of the store that is not loaded yet: a frontend picked it, and translating
+        its request reads the model (conditioning, image size, defaults)."""
+        if name in self.state.models or name not in self.state.known():
+            return
+        try:
+            await self.state.ensure_loaded(name)
+        except ModelUnavailable as exc:
+            raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
 
     def options(self) -> dict[str, Any]:
         """The caller's A1111 options."""

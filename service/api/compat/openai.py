@@ -31,7 +31,7 @@ from .openai_schemas import (
     ModelObject,
     form_fields,
 )
-from .openai_translate import Translated, translate
+from .openai_translate import Translated, model_for, translate
 from .runner import run
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -92,6 +92,7 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
 )
 async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
+    await call.load(model_for(req.model, call.state.known(), call.default_model))
     t = translate(req, call.state.models, call.default_model, call.state.settings.max_steps)
     return await _respond(call, req, t)
 
@@ -132,6 +133,7 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
     state = call.state
+    await call.load(model_for(req.model, state.known(), call.default_model))
     t = await asyncio.to_thread(
         translate, req, state.models, call.default_model, state.settings.max_steps, image, mask
     )
@@ -149,11 +151,12 @@ async def image_file(token: str, request: Request) -> Response:
 
 @router.get("/models", response_model=ModelList, dependencies=authed)
 async def models(state: ServiceState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[ModelObject(id=name, created=STARTED) for name in state.models])
+    """Every model in the store, loaded or not (one that is not loads on its first request)."""
+    return ModelList(data=[ModelObject(id=name, created=STARTED) for name in state.known()])
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, dependencies=authed)
 async def model(model_id: str, state: ServiceState = Depends(get_state)) -> ModelObject:
-    if model_id not in state.models:
+    if model_id not in state.known():
         raise OpenAIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
     return ModelObject(id=model_id, created=STARTED)

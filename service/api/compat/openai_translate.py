@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,11 +40,12 @@ class Translated:
     comments: list[str] = field(default_factory=list)
 
 
-def pick_model(name: str | None, models: dict[str, LoadedModel], default: str) -> LoadedModel:
+def model_for(name: str | None, models: Collection[str], default: str) -> str:
+    """Our model for an OpenAI model name (dall-e-2/3, gpt-image-*: the default)."""
     if not name or OPENAI_MODELS.match(name):
-        return models[default]
+        return default
     if name in models:
-        return models[name]
+        return name
     raise OpenAIError(
         404,
         f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
@@ -92,7 +94,7 @@ def translate(
     image: bytes | None = None,
     mask: bytes | None = None,
 ) -> Translated:
-    model = pick_model(req.model, models, default)
+    model = models[model_for(req.model, models, default)]
     asked = _size(req.size, model)
     comments: list[str] = []
     fields: dict[str, Any] = {

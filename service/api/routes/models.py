@@ -26,7 +26,7 @@ def require_admin(caller: Caller = Depends(require_api_key)) -> Caller:
 
 def describe(state: ServiceState, name: str) -> dict[str, Any]:
     """One model: state, kind, size on disk and memory use; what it takes once loaded."""
-    manifest = state.manifests.get(name) or state.models[name].manifest
+    manifest = state.manifest(name)
     out: dict[str, Any] = {
         "name": name,
         "kind": manifest.kind,

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.engine import Job, JobStatus
-from service.images import preview_png
 
 from .state import ServiceState
 from .views import job_view, progress
 
 KEEPALIVE_S = 15.0
+PREVIEW_SIDE = 64  # pixels on the long side of a progress event's preview
 
 
 def frame(event: str, data: dict[str, Any]) -> str:
@@ -49,9 +49,9 @@ async def job_events(state: ServiceState, job: Job, preview: bool) -> AsyncItera
             key = ("progress", p.step)
             if key != last:  # one event per completed step
                 data = {"id": job.id, **p.model_dump()}
-                image = state.preview(job) if preview else None
+                image = await state.preview_png(job, PREVIEW_SIDE) if preview else None
                 if image is not None:
-                    data["preview"] = await asyncio.to_thread(preview_png, image[0])
+                    data["preview"] = image
                 yield frame("progress", data)
         last = key
         try:

@@ -34,6 +34,7 @@ from service.sampling.ksampler import sampling_dtype
 from service.sampling.spec import SamplingSpec
 
 from .lifecycle import Footprint, ModelBusy, ModelUnavailable, device_bytes
+from .previews import Previews, render
 from .settings import Settings
 
 log = logging.getLogger("kdiff.service")
@@ -68,6 +69,7 @@ class ServiceState:
         self._lock = asyncio.Lock()  # one load or unload at a time: the budget stays consistent
         self.ready = False
         self.draining = False
+        self.previews = Previews()
         self._threads: int | None = None
 
     @property
@@ -271,9 +273,21 @@ class ServiceState:
             engine.cancel(job)
 
     def preview(self, job: Job) -> Tensor | None:
-        """A running job's latest prediction of its first image (pixel models), for progress events."""
+        """A running job's latest prediction of its first image (an image, or a latent), or None."""
         engine = self.engines.get(job.model)
         return None if engine is None else engine.preview(job)
+
+    async def preview_png(self, job: Job, max_side: int) -> str | None:
+        """A base64 PNG of :meth:`preview` (latent models: decoded by their VAE, see api/previews.py)."""
+        latest, model = self.preview(job), self.models.get(job.model)
+        if latest is None or model is None:
+            return None
+        key = (job.id, job.progress.step, max_side)
+        png = self.previews.get(key)
+        if png is None:
+            png = await asyncio.to_thread(render, model, latest[0], max_side)
+            self.previews.put(key, png)
+        return png
 
     def queue_position(self, job: Job) -> int | None:
         engine = self.engines.get(job.model)

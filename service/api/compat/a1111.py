@@ -16,7 +16,7 @@ from PIL import Image
 
 from service import infotext
 from service.engine import JobStatus
-from service.images import KDIFF_KEY, PARAMETERS_KEY, preview_png
+from service.images import KDIFF_KEY, PARAMETERS_KEY
 
 from ..deps import require_api_key
 from ..state import ServiceState
@@ -79,11 +79,7 @@ async def progress(
     expected = sum(max(1, j.progress.expected_evals) for j in jobs)
     etas = [j.eta_s() for j in running]
     eta = max((e for e in etas if e is not None), default=0.0)
-    image = None
-    model = state.models.get(current.model)
-    latest = state.preview(current)
-    if not skip_current_image and latest is not None and model is not None and model.decode is None:
-        image = await asyncio.to_thread(preview_png, latest[0], 256)
+    image = None if skip_current_image else await state.preview_png(current, 256)
     st = ProgressState(
         job=f"Batch {jobs.index(current) + 1} out of {len(jobs)}",
         job_count=len(jobs),

@@ -98,8 +98,6 @@ async def events(
     """Server-Sent Events: `loading` (its model loads first), `queued` (position),
     `progress` (step, total, fraction, eta_s[, preview]),
     then one of `done` (the result), `error` or `cancelled`."""
-    # previews are PNGs of the model's own output: latent models (a decode step) have none
-    pixel_space = state.models[job.model].decode is None if job.model in state.models else False
-    stream = job_events(state, job, preview and pixel_space)
+    stream = job_events(state, job, preview)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

@@ -40,7 +40,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from .asgi import run_asgi
-from .routing import ENGINE_HEADER, INGRESS_HEADER, Placement, incarnation_of, job_prefix, new_incarnation
+from .routing import (
+    ENGINE_HEADER,
+    INGRESS_HEADER,
+    Placement,
+    incarnation_of,
+    job_prefix,
+    merge,
+    new_incarnation,
+)
 
 APP_NAME = "kdiff"
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
@@ -220,7 +228,8 @@ class Ingress:
         return _error(500, "engine_error", f"engine{slot}: {type(exc).__name__}: {exc}")
 
     async def _fanout(self, req: dict[str, Any], slots: list[int]) -> Response:
-        """GET /jobs: every slot's list, merged newest first (a slot that fails is left out)."""
+        """GET /jobs, /models, /metrics: every slot's answer, merged (routing.merge; a slot that fails
+        is left out)."""
 
         async def one(slot: int) -> dict[str, Any]:
             gen = _stream(self.engines[slot], req)
@@ -241,10 +250,9 @@ class Ingress:
             ]
             response.headers["content-length"] = str(len(a["body"]))
             return response
-        jobs = [j for a in good for j in json.loads(a["body"])]
-        jobs.sort(key=lambda j: j.get("created_at", 0), reverse=True)
-        limit = _query_int(req["query"], "limit", 100)
-        return Response(json.dumps(jobs[:limit]), media_type="application/json")
+        answered = [(k, a["body"]) for k, a in zip(slots, answers, strict=True) if isinstance(a, dict)]
+        body, media_type = merge(req["path"], answered, _query_int(req["query"], "limit", 100))
+        return Response(body, media_type=media_type)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -14,8 +14,10 @@ import random
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{32})(?:/.*)?$")
+FANOUT = ("/jobs", "/models", "/metrics")  # GET paths every slot answers, merged by the ingress
 MODEL_ACTION = re.compile(r"^/models/([^/]+)/(?:load|unload)$")
 ENGINE_HEADER = "x-kdiff-engine"  # "engine<k>; incarnation=<hex6>; replica=<serve replica id>"
 INGRESS_HEADER = "x-kdiff-ingress"
@@ -44,7 +46,7 @@ def incarnation_of(engine_header: str | None) -> str | None:
 
 @dataclass
 class Route:
-    kind: str  # "job" (one slot, fixed), "fanout" (every slot, GET /jobs), "any" (a slot among `slots`)
+    kind: str  # "job" (one slot, fixed), "fanout" (every slot: FANOUT), "any" (a slot among `slots`)
     slots: list[int]
     job_id: str | None = None
 
@@ -81,7 +83,7 @@ class Placement:
         if m:
             slot, _ = slot_of_job(m.group(1))
             return Route("job", [slot], m.group(1))
-        if path in ("/jobs", "/jobs/") and method == "GET":
+        if method == "GET" and path.rstrip("/") in FANOUT:
             return Route("fanout", list(range(len(self.models))))
         m = MODEL_ACTION.match(path)
         if m:
@@ -92,3 +94,81 @@ class Placement:
         """The least busy slot among ``slots`` (ties at random)."""
         least = min(self.inflight[k] for k in slots)
         return random.choice([k for k in slots if self.inflight[k] == least])
+
+
+# --- merging the answers of every slot (GET /jobs, /models, /metrics) ---
+
+STATE_RANK = {"on_disk": 0, "failed": 1, "loading": 2, "loaded": 3}
+
+
+def merge_jobs(answers: list[tuple[int, bytes]], limit: int) -> bytes:
+    """Every slot's job list, newest first, at most ``limit``."""
+    jobs = [j for _, body in answers for j in json.loads(body)]
+    jobs.sort(key=lambda j: j.get("created_at", 0), reverse=True)
+    return json.dumps(jobs[:limit]).encode()
+
+
+def merge_models(answers: list[tuple[int, bytes]]) -> bytes:
+    """One entry per model: its description from the slot where it is furthest along (loaded first),
+    ``engines``: its state on each slot; ``memory``: the sums, and each slot's under ``engines``."""
+    bodies = [(f"engine{slot}", json.loads(body)) for slot, body in answers]
+    models: dict[str, dict[str, Any]] = {}
+    for engine, body in bodies:
+        for m in body["models"]:
+            cur = models.get(m["name"])
+            states = {} if cur is None else cur["engines"]
+            if cur is None or STATE_RANK.get(m["state"], 0) > STATE_RANK.get(cur["state"], 0):
+                models[m["name"]] = cur = {**m, "engines": states}
+            states[engine] = m["state"]
+    budgets = [b["memory"]["budget_bytes"] for _, b in bodies]
+    memory = {
+        "budget_bytes": None if None in budgets else sum(budgets),
+        "used_bytes": sum(b["memory"]["used_bytes"] for _, b in bodies),
+    }
+    return json.dumps(
+        {
+            "default": bodies[0][1]["default"],
+            "memory": memory,
+            "engines": [{"engine": engine, **b["memory"]} for engine, b in bodies],
+            "models": [models[name] for name in sorted(models)],
+            "errors": {k: v for _, b in bodies for k, v in b.get("errors", {}).items()},
+        }
+    ).encode()
+
+
+def _labelled(sample: str, engine: str) -> str:
+    """A Prometheus sample line with an ``engine`` label added."""
+    name, brace, rest = sample.partition("{")
+    if brace:
+        return f'{name}{{engine="{engine}",{rest}'
+    name, _, value = sample.partition(" ")
+    return f'{name}{{engine="{engine}"}} {value}'
+
+
+def merge_metrics(answers: list[tuple[int, bytes]]) -> bytes:
+    """Prometheus text from every slot as one exposition: each family once (its HELP and TYPE), its
+    samples from every slot with an ``engine`` label (a family's lines stay together, as the format
+    requires)."""
+    head: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for slot, body in answers:
+        family = ""
+        for line in body.decode().splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ", 3)[2]
+                if line not in head.setdefault(family, []):
+                    head[family].append(line)
+            elif line and not line.startswith("#"):
+                samples.setdefault(family, []).append(_labelled(line, f"engine{slot}"))
+    out = [line for family in head | samples for line in (*head.get(family, []), *samples.get(family, []))]
+    return ("\n".join(out) + "\n").encode()
+
+
+def merge(path: str, answers: list[tuple[int, bytes]], limit: int) -> tuple[bytes, str]:
+    """The merged body of a FANOUT path and its media type."""
+    path = path.rstrip("/")
+    if path == "/metrics":
+        return merge_metrics(answers), "text/plain; version=0.0.4; charset=utf-8"
+    if path == "/models":
+        return merge_models(answers), "application/json"
+    return merge_jobs(answers, limit), "application/json"

@@ -99,6 +99,17 @@ def test_sixty_mixed_requests_both_engines_same_images(
     print(f"60 mixed requests in {elapsed:.1f} s (cluster started in {cluster['started_s']:.1f} s)")
 
 
+def test_models_and_metrics_come_from_every_engine(http: httpx.Client) -> None:
+    """Run after the mixed load: both engines served, so both have counted jobs."""
+    models = http.get("/models")
+    assert models.status_code == 200, models.text
+    entry = models.json()["models"][0]
+    assert set(entry["engines"]) == {"engine0", "engine1"} and entry["state"] == "loaded", entry
+    text = http.get("/metrics").text
+    assert 'engine="engine0"' in text and 'engine="engine1"' in text
+    assert text.count("# TYPE kdiff_jobs_total counter") == 1
+
+
 def other_ingress(client: httpx.Client, method: str, url: str, not_ingress: str) -> httpx.Response:
     for _ in range(60):
         r = client.request(method, url)

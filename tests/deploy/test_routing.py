@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from service.deploy.routing import Placement, incarnation_of, job_prefix, requested_model, slot_of_job
+import json
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.api.app import create_app
+from service.api.settings import Settings
+from service.deploy.routing import (
+    Placement,
+    incarnation_of,
+    job_prefix,
+    merge,
+    requested_model,
+    slot_of_job,
+)
 from service.engine.jobs import Job, JobRequest
 from service.sampling.spec import SamplingSpec
+from tests.support.tiny_store import make_tiny_store
 
 
 def test_job_ids_carry_slot_and_incarnation() -> None:
@@ -35,3 +51,42 @@ def test_routes() -> None:
     p.inflight[:] = [2, 0, 1]
     assert p.pick([0, 1, 2]) == 1 and p.pick([0, 2]) == 2
     assert incarnation_of("engine1; incarnation=abc123; replica=x") == "abc123"
+
+
+def _app(store_root: Path, models: list[str]) -> TestClient:
+    settings = Settings(model_store=store_root, models=models, torch_threads=1, batch_wait_ms=0, jit=False)
+    return TestClient(create_app(settings))
+
+
+def test_models_and_metrics_of_every_slot_merge_into_one_answer(tmp_path: Path) -> None:
+    """GET /models and /metrics through the ingress: the real answers of two engines (each with one of
+    the store's two models loaded), merged as the ingress merges them."""
+    for i, name in enumerate(("a", "b")):
+        make_tiny_store(tmp_path, name=name, seed=i)
+    assert Placement([[], []]).route("GET", "/models", b"").kind == "fanout"
+    assert Placement([[], []]).route("GET", "/metrics", b"").kind == "fanout"
+    with _app(tmp_path, ["a"]) as e0, _app(tmp_path, ["b"]) as e1:
+        for client, model, n in ((e0, "a", 1), (e1, "b", 2), (e1, "b", 1)):
+            assert client.post("/sample", json={"model": model, "steps": 2, "n": n}).status_code == 200
+        models = [(0, e0.get("/models").content), (1, e1.get("/models").content)]
+        metrics = [(0, e0.get("/metrics").content), (1, e1.get("/metrics").content)]
+    body, media = merge("/models", models, 100)
+    merged = json.loads(body)
+    assert media == "application/json" and [m["name"] for m in merged["models"]] == ["a", "b"]
+    a, b = merged["models"]
+    assert a["state"] == b["state"] == "loaded" and a["class_labels"] == list(range(10))
+    assert a["engines"] == {"engine0": "loaded", "engine1": "on_disk"}
+    assert b["engines"] == {"engine0": "on_disk", "engine1": "loaded"}
+    assert [e["engine"] for e in merged["engines"]] == ["engine0", "engine1"]
+    assert merged["memory"]["used_bytes"] == sum(e["used_bytes"] for e in merged["engines"]) > 0
+
+    text, media = merge("/metrics", metrics, 100)
+    assert media.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}  # parses, or raises
+    jobs = {
+        (s.labels["engine"], s.labels["model"]): s.value
+        for s in families["kdiff_jobs"].samples
+        if s.name == "kdiff_jobs_total" and s.labels["status"] == "succeeded"
+    }
+    assert jobs == {("engine0", "a"): 1.0, ("engine1", "b"): 2.0}
+    assert text.decode().count("# TYPE kdiff_jobs_total counter") == 1  # one family, samples of both

@@ -98,7 +98,7 @@ def is_open(settings: Settings, path: str) -> bool:
     )
 
 
-def _error_body(path: str, status: int, message: str) -> dict[str, object]:
+def error_body(path: str, status: int, message: str) -> dict[str, object]:
     """The error in the shape the route's clients parse: OpenAI's under /v1, A1111's under /sdapi,
     FastAPI's ``detail`` elsewhere (the routes' own errors have the same shapes)."""
     if path.startswith("/v1/"):
@@ -113,7 +113,7 @@ def _error_body(path: str, status: int, message: str) -> dict[str, object]:
 async def _send_error(
     send: Send, path: str, status: int, message: str, headers: dict[str, str] | None = None
 ) -> None:
-    body = json.dumps(_error_body(path, status, message)).encode()
+    body = json.dumps(error_body(path, status, message)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -168,7 +168,7 @@ class GuardMiddleware(HTTPMiddleware):
         scope.setdefault("state", {})["caller"] = caller
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            await _send_error(send, scope["path"], 413, _too_large(s.max_body_bytes), {"Connection": "close"})
+            await _send_error(send, scope["path"], 413, too_large(s.max_body_bytes), {"Connection": "close"})
             return
         # Without a Content-Length the size is unknown until read, and a refused body would have
         # been buffered up to the limit: such bodies get the smaller chunked limit.
@@ -176,7 +176,7 @@ class GuardMiddleware(HTTPMiddleware):
         await self.app(scope, _BoundedReceive(receive, limit, s.body_timeout_s), send)
 
 
-def _too_large(limit: int) -> str:
+def too_large(limit: int) -> str:
     return (
         f"the request body is larger than the service's limit of {limit} bytes (KDIFF_MAX_BODY_BYTES; "
         "KDIFF_MAX_CHUNKED_BYTES for a body sent without Content-Length)"
@@ -209,6 +209,6 @@ class _BoundedReceive:
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
             if self.seen > self.limit:
-                raise HTTPException(413, _too_large(self.limit), headers={"Connection": "close"})
+                raise HTTPException(413, too_large(self.limit), headers={"Connection": "close"})
             self.done = not message.get("more_body", False)
         return message

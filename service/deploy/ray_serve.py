@@ -39,6 +39,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from service.api.guard import error_body, too_large
+from service.api.settings import Settings
+
 from .asgi import run_asgi
 from .routing import (
     ENGINE_HEADER,
@@ -134,14 +137,40 @@ def _kdiff_env() -> dict[str, str]:
 class Ingress:
     """Routes each request to an engine slot and streams its response back; keeps no state of its own."""
 
-    def __init__(self, placement: list[list[str]], *engines: DeploymentHandle) -> None:
+    def __init__(
+        self, placement: list[list[str]], limits: tuple[int, int], *engines: DeploymentHandle
+    ) -> None:
         self.engines = list(engines)
         self.placement = Placement(placement)
+        self.limits = limits  # the engines' (max_body_bytes, max_chunked_bytes)
         self.header = (INGRESS_HEADER, serve.get_replica_context().replica_id.unique_id)
+
+    async def _body(self, request: Request) -> bytes | Response:
+        """The request body, or a 413 as soon as it passes the engines' limit (the engine would refuse
+        it too, but only after this replica had held all of it)."""
+        max_body, max_chunked = self.limits
+        length = request.headers.get("content-length")
+        limit = max_body if length is not None else min(max_body, max_chunked)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return self._too_large(request.url.path, limit)
+        chunks, seen = [], 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit:
+                return self._too_large(request.url.path, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, path: str, limit: int) -> Response:
+        body = json.dumps(error_body(path, 413, too_large(limit)))
+        headers = {"Connection": "close", self.header[0]: self.header[1]}
+        return Response(body, status_code=413, media_type="application/json", headers=headers)
 
     @proxy.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
-        body = await request.body()
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
         client = request.client
         req: dict[str, Any] = {
             "method": request.method,
@@ -304,4 +333,5 @@ def build_app(args: dict[str, Any]) -> Any:
             "target_ongoing_requests": float(args.get("ingress_target_ongoing_requests", 32)),
         },
     )
-    return ingress.bind(placement, *engines)
+    limits = Settings(**settings)  # KDIFF_* from the environment as the engines read them
+    return ingress.bind(placement, (limits.max_body_bytes, limits.max_chunked_bytes), *engines)

@@ -110,6 +110,20 @@ def test_models_and_metrics_come_from_every_engine(http: httpx.Client) -> None:
     assert text.count("# TYPE kdiff_jobs_total counter") == 1
 
 
+def test_the_ingress_refuses_an_oversized_body_itself(http: httpx.Client) -> None:
+    """A body without Content-Length past KDIFF_MAX_CHUNKED_BYTES (1 MiB): 413 from the ingress
+    (no engine named), not after it has held the whole body and forwarded it."""
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(8):
+            yield b" " * (256 * 1024)
+
+    r = http.post("/sample", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "KDIFF_MAX_BODY_BYTES" in r.json()["detail"], r.text
+    assert "x-kdiff-ingress" in r.headers and "x-kdiff-engine" not in r.headers
+    assert http.post("/sample", json=request_body(0)).status_code == 200  # and it keeps serving
+
+
 def other_ingress(client: httpx.Client, method: str, url: str, not_ingress: str) -> httpx.Response:
     for _ in range(60):
         r = client.request(method, url)

@@ -31,6 +31,9 @@ NOISE_KINDS = ("none", "gaussian", "brownian")
 # What a registered stepper takes besides options: x, sigmas and (keywords) the StepIO fields.
 PLUMBING = ("io", *StepIO._fields)
 
+# Options whose value here turns a noise-drawing sampler into an ODE solver (its deterministic mode).
+DETERMINISTIC_MODES = (("eta", 0.0), ("gamma", 0.0), ("restart_times", 0))
+
 # The traits GET /samplers shows for each sampler (besides name, doc and options).
 DESCRIBED_TRAITS = ("order", "nfe_per_step", "stochastic", "noise", "needs_uncond", "origin")
 
@@ -336,6 +339,8 @@ def _inherited(base: SamplerInfo, fixed: Mapping[str, Any]) -> dict[str, Any]:
         if k not in fixed
     }
     traits = {k: getattr(base, k) for k in SamplerTraits.__annotations__ if k != "aliases"}
+    if any(k in fixed and fixed[k] == v for k, v in DETERMINISTIC_MODES):  # fixed in its ODE mode
+        traits |= {"noise": "none", "stochastic": False}
     return {"options": bounds, **traits}
 
 
@@ -370,7 +375,7 @@ def sampler(
     - ``name``, ``fixed``, ``doc``: register a variant of the decorated stepper under another name,
       with the keyword arguments in ``fixed`` set (stack one decorator per name on the stepper, above
       the base's own): it has the base's traits and option bounds (less ``fixed``) but its aliases,
-      unless the decorator gives them.
+      unless the decorator gives them; fixed in a deterministic mode (eta = 0, ...) it draws no noise.
     """
 
     def register(fn: F) -> F:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import registry
+from .catalog import DETERMINISTIC_MODES
 from .registry import SamplerInfo
 from .stepper import Model, NonFiniteError, run
 
@@ -32,7 +33,6 @@ INIT_SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("exponential", {}),
     ("kl_optimal", {}),
 )
-DETERMINISTIC_MODES = (("eta", 0.0), ("gamma", 0.0), ("restart_times", 0))
 MIN_LOG_GAP = 1e-3  # neighbouring sigmas differ by at least 0.1 % (no repeats, even in float32)
 MAX_STEPS = 1000
 Progress = Callable[[int, int], None]

@@ -27,8 +27,6 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     name="res_multistep_cfg_pp",
     fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": True},
     doc="RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
-    noise="none",
-    stochastic=False,
     aliases=("RES multistep CFG++",),
     needs_uncond=True,
     origin="CFG++ (Chung et al. 2024)",
@@ -37,8 +35,6 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     name="res_multistep",
     fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": False},
     doc="RES multistep, Zhang et al. (2023), https://arxiv.org/abs/2308.02157: 2nd-order exponential.",
-    noise="none",
-    stochastic=False,
     aliases=("RES multistep",),
 )
 @sampler(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,6 @@ from torch import Tensor
 from service.models.sd_loader import SDLoadError
 from service.models.store import LoadedModel, Manifest
 from service.sampling.errors import InputError
-
-if TYPE_CHECKING:
-    pass
 
 SDInputError = InputError  # a request that does not fit the model; ``field`` names the request field
 

@@ -44,10 +44,10 @@ MAX_OPTIONS = 256
 async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
     options = call.options()
     state = call.state
-    await call.load(a1111_translate.checkpoint(body, options, call.default_model, state.known()))
-    plan = await asyncio.to_thread(
-        a1111_translate.plan, body, state.models, call.default_model, options, state.settings.max_images
-    )
+    async with call.loaded(a1111_translate.checkpoint(body, options, call.default_model, state.known())):
+        plan = await asyncio.to_thread(
+            a1111_translate.plan, body, state.models, call.default_model, options, state.settings.max_images
+        )
     jobs = await run(call, plan.bodies)
     return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
 

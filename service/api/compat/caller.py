@@ -12,8 +12,10 @@ A1111 keeps one global state (model, progress, interrupt). Here it is per caller
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,15 +106,18 @@ class CompatCall:
         """The model of a request that names none: the service's default, else the first."""
         return self.state.default_model or self.state.known()[0]
 
-    async def load(self, name: str) -> None:
-        """Load a model of the store that is not loaded yet: a frontend picked it, and translating
-        its request reads the model (conditioning, image size, defaults)."""
-        if name in self.state.models or name not in self.state.known():
-            return
-        try:
-            await self.state.ensure_loaded(name)
-        except ModelUnavailable as exc:
-            raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
+    @contextlib.asynccontextmanager
+    async def loaded(self, name: str) -> AsyncIterator[None]:
+        """Load a model of the store that is not loaded yet (a frontend picked it; translating its
+        request reads the model: conditioning, image size, defaults) and keep it from being evicted
+        while the request is translated."""
+        if name not in self.state.models and name in self.state.known():
+            try:
+                await self.state.ensure_loaded(name)
+            except ModelUnavailable as exc:
+                raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
+        with self.state.pinned(name):
+            yield
 
     def options(self) -> dict[str, Any]:
         """The caller's A1111 options."""

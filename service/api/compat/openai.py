@@ -92,8 +92,8 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
 )
 async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
-    await call.load(model_for(req.model, call.state.known(), call.default_model))
-    t = translate(req, call.state.models, call.default_model, call.state.settings.max_steps)
+    async with call.loaded(model_for(req.model, call.state.known(), call.default_model)):
+        t = translate(req, call.state.models, call.default_model, call.state.settings.max_steps)
     return await _respond(call, req, t)
 
 
@@ -133,10 +133,10 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
     state = call.state
-    await call.load(model_for(req.model, state.known(), call.default_model))
-    t = await asyncio.to_thread(
-        translate, req, state.models, call.default_model, state.settings.max_steps, image, mask
-    )
+    async with call.loaded(model_for(req.model, state.known(), call.default_model)):
+        t = await asyncio.to_thread(
+            translate, req, state.models, call.default_model, state.settings.max_steps, image, mask
+        )
     return await _respond(call, req, t)
 
 

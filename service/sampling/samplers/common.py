@@ -1,7 +1,8 @@
 """Helpers the steppers share: the callback report, noise draws, Karras churn, option checks.
 
-A stepper ``name(x, sigmas, *, callback=None, noise_sampler=None, **options)`` yields an
-:class:`~service.sampling.stepper.Eval` per model evaluation and returns the final x, in
+A sampler function ``name(x, sigmas, io, *, **options)`` (``io``: a StepIO with the callback and
+the noise sampler; the families below write it once for their members, whose step is all they add)
+yields an :class:`~service.sampling.stepper.Eval` per model evaluation and returns the final x, in
 k-diffusion's variance-exploding form x = x0 + sigma * n, with ``x`` already scaled to
 ``sigmas[0]``. Noise levels are handled as Python floats (``s = sigmas.tolist()``) and scalar
 factors are folded before they touch x: the same formulas as k-diffusion with fewer tensor
@@ -113,19 +114,12 @@ def evaluate_h(
     return denoised, None if s[i + 1] == 0 else math.log(s[i] / s[i + 1])
 
 
-def ancestral_evaluate(
-    x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None, eta: float
-) -> Generator[Eval, Tensor, tuple[Tensor, float, float]]:
-    """Evaluate at sigmas[i] and split the step to sigmas[i + 1]: (denoised, sigma_down, sigma_up)."""
-    denoised = yield from evaluate(x, sigmas, s, i, callback)
-    sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-    return denoised, sigma_down, sigma_up
-
-
 def ancestral_evaluate_guided(
     x: Tensor, sigmas: Tensor, s: list[float], i: int, callback: Callback | None, eta: float
 ) -> Generator[Eval, Tensor | Guided, tuple[Tensor, Tensor, float, float]]:
-    """As :func:`ancestral_evaluate` for CFG++ steppers: (denoised, uncond, sigma_down, sigma_up)."""
+    """Evaluate at sigmas[i] and split the step to sigmas[i + 1] (k-diffusion's get_ancestral_step):
+    (denoised, uncond, sigma_down, sigma_up); uncond is the unconditional prediction for CFG++
+    steppers, else the same as denoised."""
     denoised, uncond = yield from evaluate_guided(x, sigmas, s, i, callback)
     sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
     return denoised, uncond, sigma_down, sigma_up

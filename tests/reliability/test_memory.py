@@ -15,7 +15,7 @@ from tests.support.tiny_store import make_tiny_store
 
 from .support import AUTH1, SOAK, crashes, rss_mib, start
 
-ROUNDS = 9 if SOAK else 3  # rounds of 1,000 requests
+ROUNDS = 9 if SOAK else 4  # rounds of 1,000 requests
 KEPT = 500  # KDIFF_MAX_RESULTS: full after the first 500 kept results
 
 
@@ -60,8 +60,11 @@ def test_rss_is_flat_once_the_result_store_is_full(small_store_server: Server) -
     print("\nserver RSS after each 1,000 requests (MiB): " + ", ".join(f"{v:.0f}" for v in curve))
     jobs = httpx.get(f"{srv.url}/jobs?limit=1000", headers=AUTH1, timeout=30).json()
     assert len(jobs) == KEPT, "the store holds its limit of finished jobs"
-    # the store is full after the first round: from then on what is kept is replaced, not added
-    assert curve[2] - curve[0] < 50, f"RSS grew {curve[2] - curve[0]:.0f} MiB from 1,000 to 3,000 requests"
+    # The store is full within the first round; the allocator's arenas still grow into the second
+    # (the soak levels off from round 3: e.g. 550, 585, 599, 599, 611, 610, 611, 610, 611 MiB), so the
+    # bound is on the 2,000 requests after that: a finished job pinning its batch output (the bug
+    # this guards) added 81 MiB over 2,000 requests.
+    assert curve[3] - curve[1] < 50, f"RSS grew {curve[3] - curve[1]:.0f} MiB from 2,000 to 4,000 requests"
     if SOAK:  # and it levels off: the second half of a long run adds next to nothing
         half = curve[len(curve) // 2 :]
         assert max(half) - half[0] < 25, f"RSS still rising in the second half: {half}"

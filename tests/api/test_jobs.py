@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fastapi.testclient import TestClient
 
-
-def _events(client: TestClient, url: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    event = None
-    with client.stream("GET", url) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event:
-                out.append((event, json.loads(line[6:])))
-    return out
+from tests.support.sse import sse_events
 
 
 def test_job_runs_and_streams_progress_then_done(client: TestClient) -> None:
@@ -28,7 +15,7 @@ def test_job_runs_and_streams_progress_then_done(client: TestClient) -> None:
     assert r.status_code == 202
     job_id = r.json()["id"]
     assert r.headers["location"] == f"/jobs/{job_id}"
-    events = _events(client, f"/jobs/{job_id}/events?preview=true")
+    events = sse_events(client, f"/jobs/{job_id}/events?preview=true")
     kinds = [e for e, _ in events]
     assert kinds[-1] == "done" and "progress" in kinds
     steps = [d["step"] for e, d in events if e == "progress"]
@@ -52,7 +39,7 @@ def test_delete_cancels_a_running_job(client: TestClient) -> None:
         time.sleep(0.01)
     r = client.delete(f"/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert _events(client, f"/jobs/{job_id}/events")[-1][0] == "cancelled"
+    assert sse_events(client, f"/jobs/{job_id}/events")[-1][0] == "cancelled"
 
 
 def test_full_queue_answers_429_with_retry_after(make_client: Callable[..., TestClient]) -> None:

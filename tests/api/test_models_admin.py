@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.api.settings import Settings
 from service.models.store import LoadedModel, ModelStore, disk_bytes
+from tests.support.sse import sse_events
 from tests.support.tiny_store import make_tiny_store
 
 SAMPLE = {"steps": 2, "seed": 1, "class_label": 3}
@@ -72,28 +73,14 @@ def test_load_unload_refresh_over_http(tmp_path: Path) -> None:
     assert store.loads == {"a": 1, "b": 1}
 
 
-def _events(c: TestClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    with c.stream("GET", f"/jobs/{job_id}/events") as r:
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event is not None:
-                out.append((event, json.loads(line[6:])))
-                if event in ("done", "error", "cancelled"):
-                    break
-    return out
-
-
 def test_lazy_load_one_load_for_concurrent_requests(tmp_path: Path) -> None:
     store = _store(tmp_path, "a", "b")
     with _client(store, models=["a"]) as c:
         ids = [c.post("/jobs", json={**SAMPLE, "model": "b", "seed": s}).json()["id"] for s in range(4)]
-        events = _events(c, ids[0])
+        events = sse_events(c, f"/jobs/{ids[0]}/events")
         assert events[-1][0] == "done"
         for i in ids[1:]:
-            assert _events(c, i)[-1][0] == "done"
+            assert sse_events(c, f"/jobs/{i}/events")[-1][0] == "done"
         solo = c.post("/sample", json={**SAMPLE, "model": "b", "seed": 0}).json()
         assert c.get(f"/jobs/{ids[0]}").json()["result"]["images"] == solo["images"]
     assert store.loads["b"] == 1
@@ -115,7 +102,7 @@ def test_loading_event_before_the_job_queues(tmp_path: Path) -> None:
         job = c.post("/jobs", json={**SAMPLE, "model": "b"}).json()
         assert _states(c)["b"] == "loading"
         threading.Timer(0.3, gate.set).start()
-        kinds = [e for e, _ in _events(c, job["id"])]
+        kinds = [e for e, _ in sse_events(c, f"/jobs/{job['id']}/events")]
         assert kinds[0] == "loading" and kinds[-1] == "done"
 
 
@@ -139,7 +126,7 @@ def test_a_job_for_an_unloaded_model_with_a_bad_field_is_a_422_without_loading_i
             assert field in r.json()["detail"][0]["loc"], (fields, r.text)
         assert _states(c)["b"] == "on_disk" and "b" not in store.loads
         job = c.post("/jobs", json={**SAMPLE, "model": "b", "class_label": 99}).json()
-        kinds = [(e, d) for e, d in _events(c, job["id"])]
+        kinds = [(e, d) for e, d in sse_events(c, f"/jobs/{job['id']}/events")]
         assert kinds[-1][0] == "error" and "class_label" in kinds[-1][1]["message"]
 
 
@@ -185,7 +172,7 @@ def test_a_model_that_cannot_fit_gets_507_naming_the_budget(tmp_path: Path) -> N
         assert "KDIFF_MEMORY_BUDGET" in r.json()["detail"]["message"]
         assert str(size + 1000) in r.json()["detail"]["message"]
         job = c.post("/jobs", json={"model": "big", "steps": 2}).json()
-        assert _events(c, job["id"])[-1][1]["code"] == "insufficient_memory"
+        assert sse_events(c, f"/jobs/{job['id']}/events")[-1][1]["code"] == "insufficient_memory"
         assert c.post("/sample", json={**SAMPLE, "model": "a"}).status_code == 200
 
 
@@ -196,10 +183,10 @@ def test_corrupt_model_fails_only_its_own_requests(tmp_path: Path) -> None:
         assert _states(c) == {"a": "loaded", "bad": "failed"}
         job = c.post("/jobs", json={**SAMPLE, "model": "bad"}).json()
         good = c.post("/jobs", json={**SAMPLE, "model": "a"}).json()
-        err = _events(c, job["id"])[-1]
+        err = sse_events(c, f"/jobs/{job['id']}/events")[-1]
         assert err[0] == "error" and err[1]["code"] == "load_failed"
         assert "loading model 'bad' failed" in err[1]["message"]
-        assert _events(c, good["id"])[-1][0] == "done"
+        assert sse_events(c, f"/jobs/{good['id']}/events")[-1][0] == "done"
         r = c.post("/sample", json={**SAMPLE, "model": "bad"})
         assert r.status_code == 500 and "failed" in r.json()["detail"]["message"]
         listing = {m["name"]: m for m in c.get("/models").json()["models"]}

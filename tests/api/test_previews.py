@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from PIL import Image  # noqa: E402
 from service.api.previews import PREVIEW_LATENT, render  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sse import sse_events  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,7 @@ def test_render_decodes_a_downsized_latent_with_the_models_vae() -> None:
 def test_sse_progress_events_of_a_latent_model_carry_previews(client: TestClient) -> None:
     body = {"prompt": "a cat", "steps": 4, "seed": 1, "width": 64, "height": 64}
     job = client.post("/jobs", json=body).json()
-    events: list[tuple[str, dict[str, Any]]] = []
-    with client.stream("GET", f"/jobs/{job['id']}/events?preview=true") as r:
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event is not None:
-                events.append((event, json.loads(line[6:])))
-                if event in ("done", "error", "cancelled"):
-                    break
+    events = sse_events(client, f"/jobs/{job['id']}/events?preview=true")
     assert events[-1][0] == "done"
     previews = [d["preview"] for e, d in events if e == "progress" and "preview" in d]
     assert previews and all(_png(p).size == (64, 64) for p in previews)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import signal
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from PIL import Image
 
 from service.images import read_parameters
 from tests.support.server import Server
+from tests.support.sse import sse_events
 from tests.support.tiny_store import make_tiny_store
 
 # Jobs that must still be running when the test acts on them: the traced tiny model takes about a
@@ -72,14 +72,7 @@ def test_sample_json_and_png(http: httpx.Client) -> None:
 
 def test_job_followed_over_sse_to_the_end(http: httpx.Client) -> None:
     job_id = http.post("/jobs", json={"steps": 12, "seed": 5, "sampler": "euler_ancestral"}).json()["id"]
-    events = []
-    with http.stream("GET", f"/jobs/{job_id}/events") as r:
-        name = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
+    events = sse_events(http, f"/jobs/{job_id}/events")
     assert events[-1][0] == "done" and events[-1][1]["seeds"] == [5]
     progress = [d["step"] for n, d in events if n == "progress"]
     assert progress and progress == sorted(progress) and progress[-1] <= 12

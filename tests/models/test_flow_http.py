@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from service.models.flow_generate import generate
 from service.models.store import ModelStore
 from tests.support.flow_tiny import SIZE, tiny_flow_store
+from tests.support.sse import sse_events
 from tests.support.tiny_store import make_tiny_store
 
 BASE = {"prompt": "the red cat", "steps": 3, "seed": 5}
@@ -93,17 +93,6 @@ def test_shift_is_a_schedule_option(client: TestClient) -> None:
     assert _post(client, model="sd3", schedule="karras", sampler="dpmpp_2m")["images"]
 
 
-def _events(client: TestClient, url: str) -> list[tuple[str, dict[str, Any]]]:
-    out, event = [], None
-    with client.stream("GET", url) as r:
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event:
-                out.append((event, json.loads(line[6:])))
-    return out
-
-
 def test_jobs_with_progress_side_by_side_with_a_non_flow_model(client: TestClient) -> None:
     ids = []
     for body in (
@@ -114,12 +103,12 @@ def test_jobs_with_progress_side_by_side_with_a_non_flow_model(client: TestClien
         r = client.post("/jobs", json=body)
         assert r.status_code == 202, r.text
         ids.append(r.json()["id"])
-    events = _events(client, f"/jobs/{ids[0]}/events")
+    events = sse_events(client, f"/jobs/{ids[0]}/events")
     assert events[-1][0] == "done", events[-1]
     steps = [d["step"] for e, d in events if e == "progress"]
     assert steps and steps == sorted(steps)
     for job_id in ids:
-        assert _events(client, f"/jobs/{job_id}/events")[-1][0] == "done"
+        assert sse_events(client, f"/jobs/{job_id}/events")[-1][0] == "done"
         view = client.get(f"/jobs/{job_id}").json()
         assert view["status"] == "succeeded" and view["progress"]["fraction"] == 1.0
 

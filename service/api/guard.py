@@ -167,13 +167,20 @@ class GuardMiddleware(HTTPMiddleware):
             return
         scope.setdefault("state", {})["caller"] = caller
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
-            await _send_error(send, scope["path"], 413, too_large(s.max_body_bytes), {"Connection": "close"})
+        limit, refused = body_limit(length, s.max_body_bytes, s.max_chunked_bytes)
+        if refused:
+            await _send_error(send, scope["path"], 413, too_large(limit), {"Connection": "close"})
             return
-        # Without a Content-Length the size is unknown until read, and a refused body would have
-        # been buffered up to the limit: such bodies get the smaller chunked limit.
-        limit = s.max_body_bytes if length is not None else min(s.max_body_bytes, s.max_chunked_bytes)
         await self.app(scope, _BoundedReceive(receive, limit, s.body_timeout_s), send)
+
+
+def body_limit(length: bytes | str | None, max_body: int, max_chunked: int) -> tuple[int, bool]:
+    """(the most body bytes a request may send, whether its Content-Length already passes that).
+    Without a Content-Length the size is unknown until read, and a refused body would have been
+    buffered up to the limit: such bodies get the smaller chunked limit."""
+    if length is None:
+        return min(max_body, max_chunked), False
+    return max_body, length.isdigit() and int(length) > max_body
 
 
 def too_large(limit: int) -> str:

@@ -39,7 +39,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from service.api.guard import error_body, too_large
+from service.api.guard import body_limit, error_body, too_large
 from service.api.settings import Settings
 
 from .asgi import run_asgi
@@ -148,10 +148,8 @@ class Ingress:
     async def _body(self, request: Request) -> bytes | Response:
         """The request body, or a 413 as soon as it passes the engines' limit (the engine would refuse
         it too, but only after this replica had held all of it)."""
-        max_body, max_chunked = self.limits
-        length = request.headers.get("content-length")
-        limit = max_body if length is not None else min(max_body, max_chunked)
-        if length is not None and length.isdigit() and int(length) > limit:
+        limit, refused = body_limit(request.headers.get("content-length"), *self.limits)
+        if refused:
             return self._too_large(request.url.path, limit)
         chunks, seen = [], 0
         async for chunk in request.stream():

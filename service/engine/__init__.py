@@ -1,5 +1,7 @@
-"""The iteration-level batching engine: jobs, the engine loop, its scheduler and executor."""
+"""The iteration-level batching engine: jobs, the engine loop, its scheduler (which makes each
+iteration's :class:`Plan`) and executor (which runs it)."""
 
+from .codes import ErrorCode, JobStatus
 from .engine import Engine, EngineConfig
 from .jobs import (
     Draining,
@@ -8,11 +10,11 @@ from .jobs import (
     Job,
     JobError,
     JobRequest,
-    JobStatus,
     JobStore,
     QueueFull,
 )
 from .metrics import Metrics
+from .plan import ModelCall, Plan, Slot
 from .runner import ModelHandle, ModelRunner
 from .scheduler import Mode, Scheduler
 
@@ -21,6 +23,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineError",
+    "ErrorCode",
     "ImageResult",
     "Job",
     "JobError",
@@ -29,8 +32,11 @@ __all__ = [
     "JobStore",
     "Metrics",
     "Mode",
+    "ModelCall",
     "ModelHandle",
     "ModelRunner",
+    "Plan",
     "QueueFull",
     "Scheduler",
+    "Slot",
 ]

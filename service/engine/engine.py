@@ -2,10 +2,11 @@
 
 Each iteration the :class:`Scheduler` admits queued jobs and plans the pending model evaluations
 of all running jobs (whatever their sampler, schedule, step count, seeds or guidance scale) into
-model calls of at most ``max_batch_rows`` rows; the :class:`Executor` runs them in the engine's
-worker thread and advances each job's driver; the engine applies the outcome: progress, results,
-failures. Per-job sampling state (drivers, previews) is the engine's own, touched by one
-iteration at a time. Cancellation and deadlines are checked between iterations.
+model calls of at most ``max_batch_rows`` rows: a :class:`Plan` value, built on the event loop;
+the :class:`Executor` runs that plan in the engine's worker thread and advances each job's driver;
+the engine applies the outcome: progress, results, failures. Per-job sampling state (drivers,
+previews) is the engine's own, touched by one iteration at a time. Cancellation and deadlines
+are checked between iterations.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import Tensor
 
 from service.sampling.driver import Driver
 
+from .codes import ErrorCode, JobStatus
 from .executor import Executor, Outcome
-from .jobs import Draining, Job, JobError, JobRequest, JobStatus, QueueFull
+from .jobs import Draining, Job, JobError, JobRequest, QueueFull
 from .metrics import Metrics
 from .runner import ModelHandle, ModelRunner
 from .scheduler import Mode, Scheduler
@@ -58,7 +60,8 @@ class Engine:
         self.finalize = finalize or _default_finalize
         self.runner = ModelRunner(handle, self.config.max_batch_rows)
         self.scheduler = Scheduler(self.config.mode, self.config.max_batch_rows)
-        self.executor = Executor(handle, self.runner, self.scheduler, metrics)
+        self.executor = Executor(handle, self.runner, metrics)
+        self.iterations = 0  # plans made so far (a plan's number, in logs)
         self.queue: deque[Job] = deque()
         self.active: list[Job] = []
         self._drivers: dict[Job, Driver] = {}  # running jobs' sampling state
@@ -132,7 +135,9 @@ class Engine:
         self._stopping = True
         for job in [*self.queue, *self.active, *(j for j, _ in self._held)]:
             self._end(
-                job, JobStatus.failed, JobError("shutdown", "the service shut down before the job finished")
+                job,
+                JobStatus.failed,
+                JobError(ErrorCode.shutdown, "the service shut down before the job finished"),
             )
         self.queue.clear()
         self.active.clear()
@@ -164,9 +169,34 @@ class Engine:
             self._admit()
             if not self.active:
                 continue
-            batch = {job: self._drivers.get(job) for job in self.active}
-            outcomes = await loop.run_in_executor(self._executor, self.executor.step, batch)
+            await self._start_drivers()
+            if not self.active:
+                continue
+            plan = self.scheduler.plan({job: self._drivers[job] for job in self.active}, self.iterations)
+            self.iterations += 1
+            outcomes = await loop.run_in_executor(self._executor, self.executor.step, plan)
             self._apply(outcomes)
+
+    async def _start_drivers(self) -> None:
+        """Drivers for newly admitted jobs: the one their validation built, else built in the worker."""
+        todo = []
+        for job in self.active:
+            if job not in self._drivers:
+                if job.request.driver is not None:
+                    self._drivers[job] = job.request.driver
+                else:
+                    todo.append(job)
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        for out in await loop.run_in_executor(self._executor, self.executor.start, todo):
+            if out.job.status.finished:  # cancelled meanwhile
+                continue
+            if out.error is not None:
+                self.active.remove(out.job)
+                self._end(out.job, JobStatus.failed, out.error)
+            elif out.driver is not None:
+                self._drivers[out.job] = out.driver
 
     def _admit(self) -> None:
         new = self.scheduler.admit(self.queue, self.active, holding=bool(self._held))
@@ -189,7 +219,7 @@ class Engine:
                 elif now > job.deadline:
                     group.remove(job)
                     msg = f"the job did not finish within its deadline of {job.request.timeout_s:g} s"
-                    self._end(job, JobStatus.failed, JobError("deadline_exceeded", msg))
+                    self._end(job, JobStatus.failed, JobError(ErrorCode.deadline_exceeded, msg))
         self._release_held()  # the rest of a request batch may just have left by cancel or deadline
         self._gauges()
 
@@ -238,7 +268,9 @@ class Engine:
         try:
             result = await asyncio.to_thread(self.finalize, job, images)
         except Exception as exc:  # encoding failed: this job only
-            self._end(job, JobStatus.failed, JobError("internal", f"encoding the result failed: {exc}"))
+            self._end(
+                job, JobStatus.failed, JobError(ErrorCode.internal, f"encoding the result failed: {exc}")
+            )
             return
         self._end(job, JobStatus.succeeded, result=result)
 

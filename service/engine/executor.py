@@ -1,13 +1,14 @@
-"""The executor: runs one planned engine iteration in the engine's worker thread.
+"""The executor: runs one :class:`Plan` (an engine iteration) in the engine's worker thread.
 
-For each model call the scheduler planned it concatenates the rows, calls the model (through the
+For each model call of the plan it concatenates the rows, calls the model (through the
 :class:`ModelRunner`), hands each driver its rows and advances it. A call that raises is retried
-job by job, so only the culprit fails; a non-finite prediction fails its job. Finished jobs are
-decoded here too (a VAE is model work).
+job by job, so only the culprit fails, and the plan it belonged to is logged; a non-finite
+prediction fails its job. Finished jobs are decoded here too (a VAE is model work).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,10 +20,13 @@ from service.sampling.guidance import cat_cond
 from service.sampling.spec import sampling_dtype
 from service.sampling.stepper import NonFiniteError
 
+from .codes import ErrorCode
 from .jobs import Job, JobError, JobRequest
 from .metrics import Metrics
+from .plan import Plan, Slot
 from .runner import ModelHandle, ModelRunner
-from .scheduler import Item, Scheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,40 +60,43 @@ def start_job(req: JobRequest, handle: ModelHandle) -> Driver:
 
 
 class Executor:
-    def __init__(
-        self, handle: ModelHandle, runner: ModelRunner, scheduler: Scheduler, metrics: Metrics | None
-    ) -> None:
-        self.handle, self.runner, self.scheduler, self.metrics = handle, runner, scheduler, metrics
+    def __init__(self, handle: ModelHandle, runner: ModelRunner, metrics: Metrics | None) -> None:
+        self.handle, self.runner, self.metrics = handle, runner, metrics
 
-    def step(self, batch: dict[Job, Driver | None]) -> list[Outcome]:
-        """One iteration over the running jobs (``None``: a new job, whose driver starts here)."""
-        outcomes = {job: Outcome(job) for job in batch}
-        drivers: dict[Job, Driver] = {}
-        for job, driver in batch.items():
-            if driver is None:
-                try:
-                    driver = outcomes[job].driver = start_job(job.request, self.handle)
-                except Exception as exc:
-                    msg = f"could not start sampling: {type(exc).__name__}: {exc}"
-                    outcomes[job].error = JobError("invalid_input", msg)
-                    continue
-            drivers[job] = driver
-        items = [(job, d, track) for job, d in drivers.items() for track in d.pending()]
-        for call in self.scheduler.plan(items):
-            self._call([i for i in call if outcomes[i[0]].error is None], outcomes)
-        for job, driver in drivers.items():
+    def start(self, jobs: list[Job]) -> list[Outcome]:
+        """Build the drivers of newly admitted jobs whose validation did not (set-up is device work)."""
+        outcomes = []
+        for job in jobs:
+            out = Outcome(job)
+            try:
+                out.driver = start_job(job.request, self.handle)
+            except Exception as exc:
+                out.error = JobError(
+                    ErrorCode.invalid_input, f"could not start sampling: {type(exc).__name__}: {exc}"
+                )
+            outcomes.append(out)
+        return outcomes
+
+    def step(self, plan: Plan) -> list[Outcome]:
+        """Run ``plan``'s model calls in order, feed each track its rows, decode finished drivers."""
+        if log.isEnabledFor(logging.DEBUG):  # here, not on the loop: describing reads sigmas off the device
+            log.debug("%s: plan %s", self.handle.name, plan)
+        outcomes = {job: Outcome(job) for job in plan.drivers}
+        for index, call in enumerate(plan.calls):
+            self._call(plan, index, [s for s in call.slots if outcomes[s.job].error is None], outcomes)
+        for job, driver in plan.drivers.items():
             out = outcomes[job]
             if out.error is None and driver.done:
                 try:
                     out.images = self.runner.decode(driver.result())
                 except Exception as exc:
-                    out.error = JobError("model_error", f"decoding failed: {exc}")
+                    out.error = JobError(ErrorCode.model_error, f"decoding failed: {exc}")
         return list(outcomes.values())
 
-    def _call(self, items: list[Item], outcomes: dict[Job, Outcome]) -> None:
-        if not items:
+    def _call(self, plan: Plan, index: int, slots: list[Slot], outcomes: dict[Job, Outcome]) -> None:
+        if not slots:
             return
-        inputs = [driver.inputs(track) for _, driver, track in items]
+        inputs = [slot.driver.inputs(slot.track) for slot in slots]
         x = torch.cat([i[0] for i in inputs])
         sigma = torch.cat([i[1] for i in inputs])
         cond = cat_cond([i[2] for i in inputs])
@@ -101,28 +108,49 @@ class Executor:
                     f"the denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}"
                 )
         except Exception as exc:
-            jobs = list(dict.fromkeys(item[0] for item in items))
+            jobs = list(dict.fromkeys(slot.job for slot in slots))
             if len(jobs) > 1:  # retry job by job so only the culprit fails
+                log.warning(
+                    "%s: model call %d of iteration %d failed (%s: %s); retrying job by job. plan: %s",
+                    self.handle.name,
+                    index,
+                    plan.iteration,
+                    type(exc).__name__,
+                    exc,
+                    plan,
+                )
                 for job in jobs:
-                    self._call([item for item in items if item[0] is job], outcomes)
+                    self._call(plan, index, [s for s in slots if s.job is job], outcomes)
             else:
-                msg = f"the model call failed: {type(exc).__name__}: {exc}"
-                outcomes[jobs[0]].error = JobError("model_error", msg)
+                log.error(
+                    "%s: model call %d of iteration %d failed for job %s (%s: %s). plan: %s",
+                    self.handle.name,
+                    index,
+                    plan.iteration,
+                    jobs[0].id,
+                    type(exc).__name__,
+                    exc,
+                    plan,
+                )
+                # the job's owner sees where it failed, never the other jobs of the plan
+                where = f"iteration {plan.iteration}, call {index}"
+                msg = f"the model call failed: {type(exc).__name__}: {exc} ({where})"
+                outcomes[jobs[0]].error = JobError(ErrorCode.model_error, msg)
             return
         if self.metrics is not None:
             self.metrics.observe_call(self.handle.name, x.shape[0], time.perf_counter() - t0)
         offset = 0
-        for job, driver, track in items:
-            rows = driver.rows(track)
-            part = out[offset : offset + rows]
-            offset += rows
-            result = outcomes[job]
+        for slot in slots:
+            part = out[offset : offset + slot.rows]
+            offset += slot.rows
+            result = outcomes[slot.job]
             if result.error is not None:
                 continue
             try:
-                denoised = driver.feed(track, part)
+                denoised = slot.driver.feed(slot.track, part)
                 result.preview = denoised[:1].clone()  # a copy: a view would pin the whole batched output
             except NonFiniteError as exc:
-                result.error = JobError("non_finite", str(exc))
+                result.error = JobError(ErrorCode.non_finite, str(exc))
             except Exception as exc:
-                result.error = JobError("internal", f"the sampler failed: {type(exc).__name__}: {exc}")
+                msg = f"the sampler failed: {type(exc).__name__}: {exc}"
+                result.error = JobError(ErrorCode.internal, msg)

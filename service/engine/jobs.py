@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 import uuid
 from collections import OrderedDict
@@ -15,17 +14,7 @@ from torch import Tensor
 from service.sampling.driver import Driver
 from service.sampling.spec import SamplingSpec
 
-
-class JobStatus(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+from .codes import ErrorCode, JobStatus
 
 
 class EngineError(Exception):
@@ -100,10 +89,14 @@ class Progress:
         return min(1.0, self.evals / max(1, self.expected_evals))
 
 
-@dataclass
+@dataclass(init=False)
 class JobError:
-    code: str  # invalid_input | non_finite | model_error | deadline_exceeded | shutdown | internal
+    code: ErrorCode
     message: str
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        self.code = ErrorCode(code)  # a string naming a code is converted; an unknown one raises
+        self.message = message
 
 
 class Job:

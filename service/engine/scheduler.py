@@ -1,7 +1,8 @@
 """The scheduler: the engine's batching policy, and nothing else.
 
 ``admit`` decides which queued jobs start (oldest first, within the row budget); ``plan`` packs
-the pending evaluations of running jobs into model calls. Evaluations share a call when their
+the pending evaluations of running jobs into model calls and returns them as a :class:`Plan`
+value, which the executor runs. Evaluations share a call when their
 tensors fit together (same latent shape, same conditioning keys and shapes), whatever the
 job's sampler, schedule, step, seeds or guidance scale. The batching modes are strategies:
 ``iteration`` (the default: join and leave at every model call), and ``request`` and ``serial``,
@@ -12,15 +13,17 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from service.sampling.driver import Driver, Track
+from service.sampling.driver import Driver
 
 from .jobs import Job
+from .plan import ModelCall, Plan, Slot
 
-Item = tuple[Job, Driver, Track]
 T = TypeVar("T")
+# what rows must share to be concatenated: (conditioning key, per-row shape, dtype)..., latent row shape
+_GroupKey = tuple[tuple[tuple[str, tuple[int, ...], object], ...], tuple[int, ...]]
 
 
 class Mode(str, enum.Enum):
@@ -55,23 +58,29 @@ class Scheduler:
             used += job.request.rows
         return new
 
-    def plan(self, items: list[Item]) -> list[list[Item]]:
-        """Model calls for the pending evaluations ``items`` (oldest job first): grouped by what can
-        be concatenated, then packed up to ``max_rows`` rows; an oversized item goes alone."""
-        groups: dict[tuple[object, ...], list[Item]] = {}
-        for item in items:
-            groups.setdefault(_group_key(item), []).append(item)
-        calls: list[list[Item]] = []
-        for group in groups.values():
-            calls += _pack(group, self.max_rows, lambda item: item[1].rows(item[2]))
-        return calls
+    def plan(self, drivers: Mapping[Job, Driver], iteration: int = 0) -> Plan:
+        """The model calls for the pending evaluations of the running jobs ``drivers`` (oldest job
+        first): grouped by what can be concatenated, then packed up to ``max_rows`` rows; an
+        oversized evaluation goes alone. Reads shapes only (no device work): runs on the event loop."""
+        groups: dict[_GroupKey, list[Slot]] = {}
+        for job, driver in drivers.items():
+            for index, track in enumerate(driver.tracks):
+                if track.pending is None:
+                    continue
+                slot = Slot(job, driver, track, job.id, index, driver.rows(track), track.pending.step)
+                groups.setdefault(_group_key(driver, track.pending.x.shape[1:]), []).append(slot)
+        calls: list[ModelCall] = []
+        for (cond, row_shape), group in groups.items():
+            for slots in _pack(group, self.max_rows, lambda slot: slot.rows):
+                calls.append(ModelCall(tuple(slots), row_shape, tuple(k for k, _, _ in cond)))
+        return Plan(iteration, tuple(calls), dict(drivers), self.max_rows)
 
 
-def _group_key(item: Item) -> tuple[object, ...]:
-    _, driver, track = item
-    assert track.pending is not None
+def _group_key(
+    driver: Driver, row_shape: Sequence[int]
+) -> tuple[tuple[tuple[str, tuple[int, ...], object], ...], tuple[int, ...]]:
     cond = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in driver.cond.items()))
-    return cond, tuple(track.pending.x.shape[1:])
+    return cond, tuple(row_shape)
 
 
 def _pack(items: list[T], max_rows: int, rows_of: Callable[[T], int]) -> list[list[T]]:

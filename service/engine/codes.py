@@ -23,14 +23,21 @@ class JobStatus(enum.StrEnum):
 
 
 class ErrorCode(enum.StrEnum):
-    """Why a job failed."""
+    """Why a job or a request failed: the service's one list. It lives here, at the lowest layer that
+    fails jobs, so the engine's ``JobError`` and the layers above (serving, the HTTP front ends, Ray)
+    share it; each front end maps a code to its own answer (an HTTP status, an error body)."""
 
-    invalid_input = "invalid_input"  # the request cannot be sampled (found once the model is known)
-    non_finite = "non_finite"  # the model returned NaN / inf for the job's rows
-    model_error = "model_error"  # the model call (or the VAE decode) raised for the job's rows alone
+    invalid_input = "invalid_input"  # the request cannot be sampled; the message names the field
+    unknown_model = "unknown_model"  # the job's model is not in the store
+    busy = "busy"  # the model has queued or running jobs (an unload is refused)
+    insufficient_memory = "insufficient_memory"  # the model does not fit the memory budget
+    load_failed = "load_failed"  # the model's loader raised
+    queue_full = "queue_full"  # the model's queue is full; retry later
+    draining = "draining"  # the service is shutting down and takes no new work
+    cancelled = "cancelled"  # the caller cancelled the job
     deadline_exceeded = "deadline_exceeded"  # the job's timeout passed (queue time counts)
     shutdown = "shutdown"  # the service stopped before the job finished
+    non_finite = "non_finite"  # the model returned NaN / inf for the job's rows
+    model_error = "model_error"  # the model call (or the VAE decode) raised for the job's rows alone
     internal = "internal"  # a bug: the sampler or the result encoding raised
-    unknown_model = "unknown_model"  # the job's model is not in the store
-    load_failed = "load_failed"  # the job's model failed to load
-    insufficient_memory = "insufficient_memory"  # the job's model does not fit the memory budget
+    engine_lost = "engine_lost"  # Ray: the engine replica running the job died

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import Metrics
 from service.models.store import ModelStore
+from service.serving.service import Service
 
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
@@ -22,7 +23,6 @@ from .guard import GuardMiddleware, HTTPMiddleware
 from .routes import info, jobs, models, sample
 from .schemas import SampleRequest
 from .settings import Settings
-from .state import ServiceState
 from .validation import FieldError
 
 DESCRIPTION = """k-diffusion samplers behind an HTTP API. Every request runs through one engine per
@@ -112,7 +112,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 def create_app(settings: Settings | None = None, store: ModelStore | None = None) -> FastAPI:
     """Build the app; models load in the lifespan, not here."""
     settings = settings or Settings()
-    state = ServiceState(settings, store)
+    state = Service(settings, store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,28 +8,29 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.engine import Job
+from service.serving.service import Service
 
 from .guard import Caller, authenticate
-from .state import ServiceState
+from .settings import settings_of
 
 # Only documents the scheme in OpenAPI; GuardMiddleware checks the key before the body is read.
 _bearer = HTTPBearer(auto_error=False, description="API key, when the service has KDIFF_API_KEYS set")
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def get_state(request: Request) -> ServiceState:
+def get_state(request: Request) -> Service:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
 def require_api_key(
     request: Request,
-    state: ServiceState = Depends(get_state),
+    state: Service = Depends(get_state),
     creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> Caller:
     """The caller; 401 without a valid key (when keys are set)."""
     caller = request.scope.get("state", {}).get("caller")
     if caller is None:  # no GuardMiddleware in front (an app mounted elsewhere): check here
-        caller = authenticate(state.settings, dict(request.scope["headers"]))
+        caller = authenticate(settings_of(state), dict(request.scope["headers"]))
     if caller is None:
         raise HTTPException(
             401,
@@ -40,19 +41,19 @@ def require_api_key(
 
 
 def get_job(
-    job_id: str, state: ServiceState = Depends(get_state), caller: Caller = Depends(require_api_key)
+    job_id: str, state: Service = Depends(get_state), caller: Caller = Depends(require_api_key)
 ) -> Job:
     """The job, if it exists and the caller may see it: another key's job is a 404, like a missing one,
     so ids cannot be probed."""
     job = state.jobs.get(job_id) if _JOB_ID.match(job_id) else None
     if job is None or not caller.owns(job.owner):
         raise HTTPException(
-            404, f"no job {job_id!r} (finished jobs are kept for {state.settings.result_ttl_s:g} s)"
+            404, f"no job {job_id!r} (finished jobs are kept for {settings_of(state).result_ttl_s:g} s)"
         )
     return job
 
 
-def accepting(state: ServiceState = Depends(get_state)) -> ServiceState:
+def accepting(state: Service = Depends(get_state)) -> Service:
     """The state, if new work is accepted (503 while starting or draining)."""
     if state.draining or not state.ready:
         raise HTTPException(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -122,3 +122,9 @@ class Settings(BaseSettings):
                 "use 'cpu' or 'auto'"
             )
         return self.device
+
+
+def settings_of(service: Any) -> Settings:
+    """The HTTP app's settings of a :class:`service.serving.service.Service` it built (the serving layer
+    types them by what it reads only)."""
+    return cast(Settings, service.settings)

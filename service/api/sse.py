@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.engine import Job, JobStatus
+from service.serving.service import Service
 
-from .state import ServiceState
 from .views import job_view, progress
 
 KEEPALIVE_S = 15.0
@@ -20,7 +20,7 @@ def frame(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def job_events(state: ServiceState, job: Job, preview: bool) -> AsyncIterator[str]:
+async def job_events(state: Service, job: Job, preview: bool) -> AsyncIterator[str]:
     last: tuple[Any, ...] | None = None
     while True:
         changed = job.change_event()  # taken before reading, so no update is missed

@@ -8,49 +8,40 @@ import base64
 from fastapi import HTTPException
 
 from service.engine import Draining, ImageResult, Job, JobStatus, QueueFull
+from service.serving.errors import ModelUnavailable
+from service.serving.service import Service
 
-from .lifecycle import ModelUnavailable
+from .errors import http_error, status_of
 from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
-from .state import ServiceState
+from .settings import settings_of
 from .validation import FieldError, build_job, precheck
-
-# HTTP status of a failed synchronous request, by engine error code.
-ERROR_STATUS = {
-    "deadline_exceeded": 504,
-    "shutdown": 503,
-    "invalid_input": 422,
-    "non_finite": 500,
-    "model_error": 500,
-    "internal": 500,
-    "load_failed": 500,
-    "insufficient_memory": 507,
-    "unknown_model": 404,
-}
 
 
 async def submit(
-    state: ServiceState, body: SampleRequest, owner: str | None = None, wait_load: bool = True
+    state: Service, body: SampleRequest, owner: str | None = None, wait_load: bool = True
 ) -> Job:
     """Validate ``body`` against its model and queue it as a job belonging to ``owner`` (a key id).
     A model that is not loaded is loaded first: awaited (``wait_load``, so field errors stay 422s), or
     the job is returned at once and waits in the ``loading`` state."""
-    name = body.model or state.default_model
-    if name is None or name not in state.models and name not in state.refresh():
-        known = state.known()
+    name = body.model or state.pool.default_model
+    if name is None or name not in state.pool.models and name not in state.pool.refresh():
+        known = state.pool.known()
         raise FieldError("model", f"unknown model {name!r}; valid models: {', '.join(known)}", known)
-    if name not in state.models and not wait_load:
-        precheck(body, state.manifests[name], state.settings)  # field errors stay 422s while it loads
-        return state.submit_loading(name, lambda m: build_job(body, m, state.settings), owner)
+    if name not in state.pool.models and not wait_load:
+        precheck(
+            body, state.pool.manifests[name], settings_of(state)
+        )  # field errors stay 422s while it loads
+        return state.submit_loading(name, lambda m: build_job(body, m, settings_of(state)), owner)
     try:
-        model = await state.ensure_loaded(name)
+        model = await state.pool.ensure_loaded(name)
     except ModelUnavailable as exc:
-        raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
-    with state.pinned(name):
+        raise http_error(exc) from exc
+    with state.pool.pinned(name):
         if body.init_image is not None or body.mask is not None or model.conditioning == "text":
             # image decoding, VAE encoding and text encoding are torch work: off the event loop
-            job_req = await asyncio.to_thread(build_job, body, model, state.settings)
+            job_req = await asyncio.to_thread(build_job, body, model, settings_of(state))
         else:
-            job_req = build_job(body, model, state.settings)
+            job_req = build_job(body, model, settings_of(state))
         try:
             return state.submit(name, job_req, owner)
         except QueueFull as exc:
@@ -75,7 +66,7 @@ def progress(job: Job) -> JobProgress:
     return JobProgress(step=p.step, total=p.total, fraction=round(p.fraction, 4), eta_s=eta)
 
 
-def job_view(state: ServiceState, job: Job, with_result: bool = True) -> JobView:
+def job_view(state: Service, job: Job, with_result: bool = True) -> JobView:
     return JobView(
         id=job.id,
         status=job.status.value,
@@ -96,4 +87,4 @@ def raise_for_failure(job: Job) -> None:
     err = job.error
     code = "internal" if err is None else err.code
     message = "unknown failure" if err is None else err.message
-    raise HTTPException(ERROR_STATUS.get(code, 500), {"code": code, "message": message, "job_id": job.id})
+    raise HTTPException(status_of(code), {"code": code, "message": message, "job_id": job.id})

@@ -1,7 +1,7 @@
 """The Ray Serve application: ingress replicas in front of engine replicas (one engine slot per device).
 
 - ``EngineReplica`` (deployments ``engine0`` .. ``engine<N-1>``, one replica each, ``num_gpus`` when on
-  GPU) runs the unmodified service app in-process: ``ServiceState`` with one iteration-level engine per
+  GPU) runs the unmodified service app in-process: ``Service`` with one iteration-level engine per
   model, GuardMiddleware (API keys, body limits), every route, schema, error and SSE stream. It loads
   the models of its placement (``KDIFF_MODELS`` for that slot). Its job ids start with its slot and
   incarnation (``service.engine.jobs.Job.id_prefix``).
@@ -81,7 +81,7 @@ class EngineReplica:
 
     def info(self) -> dict[str, Any]:
         state = self.app.state.service
-        return {"slot": self.slot, "incarnation": self.incarnation, "models": sorted(state.models)}
+        return {"slot": self.slot, "incarnation": self.incarnation, "models": sorted(state.pool.models)}
 
     def check_health(self) -> None:
         if self.app.state.service.draining:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.sampling.spec import sampling_dtype
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Kinds whose loader lives in a module that registers it on import (issue 5 adds stable_diffusion).
 PLUGINS = {
@@ -88,6 +90,13 @@ class LoadedModel:
         """cond and uncond dicts for class labels (None/-1 -> the null class)."""
         null = torch.full_like(labels, self.num_classes)
         return {"class_cond": labels}, {"class_cond": null}
+
+    def example_input(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One row of model input with the conditioning requests bring (to trace the model at startup)."""
+        x = torch.zeros(1, *self.latent_shape, device=self.device, dtype=sampling_dtype(self.dtype))
+        if self.conditioning != "class":
+            return x, {}
+        return x, self.class_conditioning(torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
 
 Loader = Callable[[Manifest, torch.device, torch.dtype], LoadedModel]

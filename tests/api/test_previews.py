@@ -18,8 +18,8 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from service.api.previews import PREVIEW_LATENT, render  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
+from service.serving.previews import PREVIEW_LATENT, render  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 from tests.support.sse import sse_events  # noqa: E402
 

@@ -100,7 +100,7 @@ def test_peer_spellings_resolve_to_our_names(client: TestClient) -> None:
 def test_the_service_serves_traced_unets_unless_jit_is_off(make_client: Callable[..., TestClient]) -> None:
     for jit in (True, False):
         with make_client(jit=jit) as client:
-            model = client.app.state.service.models["tiny"]  # type: ignore[attr-defined]
+            model = client.app.state.service.pool.models["tiny"]  # type: ignore[attr-defined]
             assert isinstance(model.denoiser.inner_model, TracedModule) is jit
             r = client.post("/sample", json={"model": "tiny", "steps": 3, "seed": 1, "class_label": 2})
             assert r.status_code == 200, r.text
@@ -134,7 +134,7 @@ def test_half_precision_sampling_is_like_float32(make_client: Callable[..., Test
     images = {}
     for dt in ("float32", dtype):
         with make_client(dtype=dt) as client:
-            model = client.app.state.service.models["tiny"]  # type: ignore[attr-defined]
+            model = client.app.state.service.pool.models["tiny"]  # type: ignore[attr-defined]
             assert next(model.denoiser.parameters()).dtype == getattr(torch, dt)
             r = client.post("/sample", json=body)
             assert r.status_code == 200, r.text

@@ -17,9 +17,9 @@ from PIL import Image
 from service import infotext
 from service.engine import JobStatus
 from service.images import KDIFF_KEY, PARAMETERS_KEY
+from service.serving.service import Service
 
 from ..deps import require_api_key
-from ..state import ServiceState
 from ..validation import FieldError
 from . import a1111_results, a1111_translate
 from .a1111_schemas import (
@@ -44,9 +44,14 @@ MAX_OPTIONS = 256
 async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
     options = call.options()
     state = call.state
-    async with call.loaded(a1111_translate.checkpoint(body, options, call.default_model, state.known())):
+    async with call.loaded(a1111_translate.checkpoint(body, options, call.default_model, state.pool.known())):
         plan = await asyncio.to_thread(
-            a1111_translate.plan, body, state.models, call.default_model, options, state.settings.max_images
+            a1111_translate.plan,
+            body,
+            state.pool.models,
+            call.default_model,
+            options,
+            state.settings.max_images,
         )
     jobs = await run(call, plan.bodies)
     return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
@@ -109,15 +114,15 @@ async def skip(call: CompatCall = Depends(compat_caller)) -> None:
         call.state.cancel(job)
 
 
-def _defaults(state: ServiceState) -> dict[str, Any]:
+def _defaults(state: Service) -> dict[str, Any]:
     return {
-        "sd_model_checkpoint": state.default_model,
+        "sd_model_checkpoint": state.pool.default_model,
         "sd_checkpoint_hash": None,
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
         "eta_noise_seed_delta": 0,
-        "sd_checkpoints_limit": len(state.models),
+        "sd_checkpoints_limit": len(state.pool.models),
     }
 
 
@@ -134,7 +139,7 @@ async def set_options(body: dict[str, Any] = Body(...), call: CompatCall = Depen
     CLIP_stop_at_last_layers its clip skip."""
     if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] is not None:
         body["sd_model_checkpoint"] = a1111_translate.model_name(
-            str(body["sd_model_checkpoint"]), call.state.known()
+            str(body["sd_model_checkpoint"]), call.state.pool.known()
         )
     skip_layers = body.get("CLIP_stop_at_last_layers")
     if skip_layers is not None and (not isinstance(skip_layers, int) or not 1 <= skip_layers <= 12):

@@ -9,9 +9,9 @@ import torch
 from fastapi import APIRouter, Depends
 
 from service import a1111_names
+from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
-from ..state import ServiceState
 from .errors import A1111Route
 
 router = APIRouter(
@@ -20,7 +20,7 @@ router = APIRouter(
 
 
 @router.get("/sd-models")
-async def sd_models(state: ServiceState = Depends(get_state)) -> list[dict[str, Any]]:
+async def sd_models(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
     """Every model in the store, loaded or not (one that is not loads on its first request); the
     title is the model name (what sd_model_checkpoint takes)."""
     return [
@@ -29,10 +29,10 @@ async def sd_models(state: ServiceState = Depends(get_state)) -> list[dict[str, 
             "model_name": name,
             "hash": None,
             "sha256": None,
-            "filename": str(state.manifest(name).folder),
+            "filename": str(state.pool.manifest(name).folder),
             "config": None,
         }
-        for name in state.known()
+        for name in state.pool.known()
     ]
 
 
@@ -73,11 +73,11 @@ for _path in (
 
 
 @router.get("/loras")
-async def loras(state: ServiceState = Depends(get_state)) -> list[dict[str, Any]]:
+async def loras(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
     """The store's LoRAs as A1111 lists them (use them with <lora:name:weight> in the prompt)."""
     return [
         {"name": i.name, "alias": i.name, "path": i.path.name, "metadata": {"base_model": i.base_model}}
-        for i in state.loras.scan()
+        for i in state.pool.loras.scan()
     ]
 
 
@@ -92,7 +92,7 @@ async def scripts() -> dict[str, list[str]]:
 
 
 @router.get("/cmd-flags")
-async def cmd_flags(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def cmd_flags(state: Service = Depends(get_state)) -> dict[str, Any]:
     return {
         "api": True,
         "nowebui": True,

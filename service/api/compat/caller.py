@@ -19,13 +19,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from service.engine import Job
+from service.serving.errors import ModelUnavailable
+from service.serving.service import Service
 
 from ..deps import accepting, get_state
-from ..lifecycle import ModelUnavailable
-from ..state import ServiceState
+from ..errors import http_error
 
 MAX_CALLERS = 1024  # callers remembered (least recently seen dropped first)
 REQUESTS_PER_CALLER = 64  # recent requests remembered per caller
@@ -97,26 +98,26 @@ class CompatCall:
     (the routes' dependencies :func:`compat_caller` and, for requests that generate, :func:`compat_call`)."""
 
     request: Request
-    state: ServiceState
+    state: Service
     compat: CompatState
     caller: Caller
 
     @property
     def default_model(self) -> str:
         """The model of a request that names none: the service's default, else the first."""
-        return self.state.default_model or self.state.known()[0]
+        return self.state.pool.default_model or self.state.pool.known()[0]
 
     @contextlib.asynccontextmanager
     async def loaded(self, name: str) -> AsyncIterator[None]:
         """Load a model of the store that is not loaded yet (a frontend picked it; translating its
         request reads the model: conditioning, image size, defaults) and keep it from being evicted
         while the request is translated."""
-        if name not in self.state.models and name in self.state.known():
+        if name not in self.state.pool.models and name in self.state.pool.known():
             try:
-                await self.state.ensure_loaded(name)
+                await self.state.pool.ensure_loaded(name)
             except ModelUnavailable as exc:
-                raise HTTPException(exc.status, {"code": exc.code, "message": exc.message}) from exc
-        with self.state.pinned(name):
+                raise http_error(exc) from exc
+        with self.state.pool.pinned(name):
             yield
 
     def options(self) -> dict[str, Any]:
@@ -129,13 +130,11 @@ class CompatCall:
 
 
 def compat_caller(
-    request: Request, state: ServiceState = Depends(get_state), compat: CompatState = Depends(compat_state)
+    request: Request, state: Service = Depends(get_state), compat: CompatState = Depends(compat_state)
 ) -> CompatCall:
     return CompatCall(request, state, compat, caller_of(request))
 
 
-def compat_call(
-    call: CompatCall = Depends(compat_caller), _: ServiceState = Depends(accepting)
-) -> CompatCall:
+def compat_call(call: CompatCall = Depends(compat_caller), _: Service = Depends(accepting)) -> CompatCall:
     """:func:`compat_caller` for a request that generates: 503 while the service accepts no work."""
     return call

@@ -17,9 +17,9 @@ from starlette.datastructures import UploadFile
 
 from service.engine import Job, JobStatus
 from service.images import png_bytes, read_parameters
+from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
-from ..state import ServiceState
 from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
@@ -92,8 +92,8 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
 )
 async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
-    async with call.loaded(model_for(req.model, call.state.known(), call.default_model)):
-        t = translate(req, call.state.models, call.default_model, call.state.settings.max_steps)
+    async with call.loaded(model_for(req.model, call.state.pool.known(), call.default_model)):
+        t = translate(req, call.state.pool.models, call.default_model, call.state.settings.max_steps)
     return await _respond(call, req, t)
 
 
@@ -133,9 +133,9 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
     state = call.state
-    async with call.loaded(model_for(req.model, state.known(), call.default_model)):
+    async with call.loaded(model_for(req.model, state.pool.known(), call.default_model)):
         t = await asyncio.to_thread(
-            translate, req, state.models, call.default_model, state.settings.max_steps, image, mask
+            translate, req, state.pool.models, call.default_model, state.settings.max_steps, image, mask
         )
     return await _respond(call, req, t)
 
@@ -150,13 +150,13 @@ async def image_file(token: str, request: Request) -> Response:
 
 
 @router.get("/models", response_model=ModelList, dependencies=authed)
-async def models(state: ServiceState = Depends(get_state)) -> ModelList:
+async def models(state: Service = Depends(get_state)) -> ModelList:
     """Every model in the store, loaded or not (one that is not loads on its first request)."""
-    return ModelList(data=[ModelObject(id=name, created=STARTED) for name in state.known()])
+    return ModelList(data=[ModelObject(id=name, created=STARTED) for name in state.pool.known()])
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, dependencies=authed)
-async def model(model_id: str, state: ServiceState = Depends(get_state)) -> ModelObject:
-    if model_id not in state.known():
+async def model(model_id: str, state: Service = Depends(get_state)) -> ModelObject:
+    if model_id not in state.pool.known():
         raise OpenAIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
     return ModelObject(id=model_id, created=STARTED)

@@ -11,9 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.models.tuned import catalogue_entry as tuned_entry
 from service.sampling import registry
+from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
-from ..state import ServiceState
 from ..validation import CUSTOM
 
 router = APIRouter(tags=["info"])
@@ -28,7 +28,7 @@ async def samplers() -> dict[str, Any]:
 
 
 @catalogue.get("/schedules")
-async def schedules(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def schedules(state: Service = Depends(get_state)) -> dict[str, Any]:
     """Every sigma schedule with its options: default, type and bounds."""
     custom = {
         "name": CUSTOM,
@@ -37,7 +37,9 @@ async def schedules(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
         "uses_sigma_range": False,
         "options": {},
     }
-    folders = {n: (state.manifests.get(n) or state.models[n].manifest).folder for n in state.known()}
+    folders = {
+        n: (state.pool.manifests.get(n) or state.pool.models[n].manifest).folder for n in state.pool.known()
+    }
     return {"schedules": [*(i.describe() for i in registry.SCHEDULES.values()), custom, tuned_entry(folders)]}
 
 
@@ -48,13 +50,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "loading models, or draining"}})
-async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
+async def readyz(state: Service = Depends(get_state)) -> JSONResponse:
     """Ready: models loaded and not draining."""
-    body = {"ready": state.ready, "draining": state.draining, "models": sorted(state.models)}
+    body = {"ready": state.ready, "draining": state.draining, "models": sorted(state.pool.models)}
     return JSONResponse(body, status_code=200 if state.ready else 503)
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+async def metrics(state: Service = Depends(get_state)) -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

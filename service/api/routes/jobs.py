@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
 from service.engine import Job, JobStatus
+from service.serving.service import Service
 
 from ..deps import accepting, get_job, get_state, require_api_key
 from ..guard import Caller
 from ..schemas import JobCreated, JobView, SampleRequest
 from ..sse import job_events
-from ..state import ServiceState
 from ..views import job_view, submit
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -23,7 +23,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 async def create_job(
     body: SampleRequest,
     response: Response,
-    state: ServiceState = Depends(accepting),
+    state: Service = Depends(accepting),
     caller: Caller = Depends(require_api_key),
 ) -> JobCreated:
     """Queue a request; follow it with GET /jobs/{id} or its SSE stream. The job belongs to the
@@ -41,7 +41,7 @@ async def create_job(
 async def list_jobs(
     status: JobStatus | None = Query(None, description="only jobs with this status"),
     limit: int = Query(100, ge=1, le=1000),
-    state: ServiceState = Depends(get_state),
+    state: Service = Depends(get_state),
     caller: Caller = Depends(require_api_key),
 ) -> list[JobView]:
     """The caller's recent jobs (every job for an admin key), newest first (results omitted: GET
@@ -55,13 +55,13 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView)
-async def read_job(job: Job = Depends(get_job), state: ServiceState = Depends(get_state)) -> JobView:
+async def read_job(job: Job = Depends(get_job), state: Service = Depends(get_state)) -> JobView:
     """Status, progress, and the result (base64 PNGs) or error."""
     return job_view(state, job)
 
 
 @router.delete("/{job_id}", response_model=JobView)
-async def cancel_job(job: Job = Depends(get_job), state: ServiceState = Depends(get_state)) -> JobView:
+async def cancel_job(job: Job = Depends(get_job), state: Service = Depends(get_state)) -> JobView:
     """Cancel a job; its rows leave the batch at the next iteration. Finished jobs are left as they are."""
     state.cancel(job)
     if not job.status.finished:
@@ -93,7 +93,7 @@ async def job_image(index: int, job: Job = Depends(get_job)) -> Response:
 async def events(
     job: Job = Depends(get_job),
     preview: bool = Query(False, description="add a small PNG of the current prediction to progress events"),
-    state: ServiceState = Depends(get_state),
+    state: Service = Depends(get_state),
 ) -> StreamingResponse:
     """Server-Sent Events: `loading` (its model loads first), `queued` (position),
     `progress` (step, total, fraction, eta_s[, preview]),

@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException
 
 from service.models.store import disk_bytes
+from service.serving.errors import ModelUnavailable
+from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
+from ..errors import http_error
 from ..guard import Caller
-from ..lifecycle import ModelUnavailable
-from ..state import ServiceState
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -24,23 +25,23 @@ def require_admin(caller: Caller = Depends(require_api_key)) -> Caller:
     return caller
 
 
-def describe(state: ServiceState, name: str) -> dict[str, Any]:
+def describe(state: Service, name: str) -> dict[str, Any]:
     """One model: state, kind, size on disk and memory use; what it takes once loaded."""
-    manifest = state.manifest(name)
+    manifest = state.pool.manifest(name)
     out: dict[str, Any] = {
         "name": name,
         "kind": manifest.kind,
         "description": manifest.description,
-        "default": name == state.default_model,
-        "state": state.model_state(name),
+        "default": name == state.pool.default_model,
+        "state": state.pool.model_state(name),
         "size_bytes": disk_bytes(manifest) if manifest.folder.is_dir() else None,
-        "memory_bytes": state.footprint.weight.get(name, 0),
+        "memory_bytes": state.pool.footprint.weight.get(name, 0),
         "defaults": manifest.defaults,
         "tuned_schedules": manifest.tuned_schedules(),
     }
-    if name in state.load_errors:
-        out["error"] = state.load_errors[name]
-    m = state.models.get(name)
+    if name in state.pool.load_errors:
+        out["error"] = state.pool.load_errors[name]
+    m = state.pool.models.get(name)
     if m is not None:
         h, w = m.image_size
         out |= {
@@ -58,60 +59,56 @@ def describe(state: ServiceState, name: str) -> dict[str, Any]:
 
 
 @router.get("/models")
-async def models(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def models(state: Service = Depends(get_state)) -> dict[str, Any]:
     """Every model in the store: state (on_disk | loading | loaded | failed), kind, size on disk,
     memory use; for loaded ones also conditioning, image size, defaults."""
-    budget = state.footprint.budget
-    used = sum(state.footprint.weight.values())
+    budget = state.pool.footprint.budget
+    used = sum(state.pool.footprint.weight.values())
     return {
-        "default": state.default_model,
+        "default": state.pool.default_model,
         "memory": {"budget_bytes": budget, "used_bytes": used},
-        "models": [describe(state, name) for name in state.known()],
-        "errors": state.manifest_errors,
+        "models": [describe(state, name) for name in state.pool.known()],
+        "errors": state.pool.manifest_errors,
     }
 
 
-def _unavailable(exc: ModelUnavailable) -> HTTPException:
-    return HTTPException(exc.status, {"code": exc.code, "message": exc.message})
-
-
 @router.post("/models/refresh", dependencies=[Depends(require_admin)])
-async def refresh(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def refresh(state: Service = Depends(get_state)) -> dict[str, Any]:
     """Rescan the store: new model folders appear without a restart."""
-    state.refresh()
+    state.pool.refresh()
     return await models(state)
 
 
 @router.post("/models/{name}/load", dependencies=[Depends(require_admin)])
-async def load(name: str, state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def load(name: str, state: Service = Depends(get_state)) -> dict[str, Any]:
     """Load a model now (idle models are unloaded, least recently used first, to fit the budget)."""
     try:
-        await state.ensure_loaded(name)
+        await state.pool.ensure_loaded(name)
     except ModelUnavailable as exc:
-        raise _unavailable(exc) from exc
+        raise http_error(exc) from exc
     return describe(state, name)
 
 
 @router.post("/models/{name}/unload", dependencies=[Depends(require_admin)])
-async def unload(name: str, state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def unload(name: str, state: Service = Depends(get_state)) -> dict[str, Any]:
     """Unload an idle model (409 while it has jobs); it stays in the store and loads again on use."""
-    if name not in state.known():
-        raise HTTPException(404, f"unknown model {name!r}; models: {state.known()}")
+    if name not in state.pool.known():
+        raise HTTPException(404, f"unknown model {name!r}; models: {state.pool.known()}")
     try:
-        await state.unload(name)
+        await state.pool.unload(name)
     except ModelUnavailable as exc:
-        raise _unavailable(exc) from exc
+        raise http_error(exc) from exc
     return describe(state, name)
 
 
 @router.get("/loras")
-async def loras(state: ServiceState = Depends(get_state)) -> dict[str, Any]:
+async def loras(state: Service = Depends(get_state)) -> dict[str, Any]:
     """LoRA files in the store: `model_store/loras/` (any model whose layers they fit) and
     `model_store/<model>/loras/` (that model). Use them with `loras: [{"name", "weight"}]` or
     `<lora:name:weight>` in the prompt."""
     return {
         "loras": [
             {"name": i.name, "base_model": i.base_model, "size_bytes": i.size_bytes, "file": i.path.name}
-            for i in state.loras.scan()
+            for i in state.pool.loras.scan()
         ]
     }

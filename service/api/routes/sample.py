@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.engine import Job, JobStatus
 from service.images import grid_png
+from service.serving.service import Service
 
 from ..deps import accepting, require_api_key
 from ..guard import Caller
 from ..schemas import SampleRequest, SampleResponse
-from ..state import ServiceState
 from ..views import raise_for_failure, sample_response, submit
 
 router = APIRouter(tags=["sampling"])
@@ -41,7 +41,7 @@ async def sample(
     body: SampleRequest,
     request: Request,
     keep: bool = Query(False, description="keep the result for GET /jobs/{id} (X-Job-Id) after replying"),
-    state: ServiceState = Depends(accepting),
+    state: Service = Depends(accepting),
     caller: Caller = Depends(require_api_key),
 ) -> Response:
     """Generate images and wait for them. A client that disconnects cancels its job. The result is
@@ -54,7 +54,7 @@ async def sample(
             state.jobs.discard(job)
 
 
-async def _wait_and_reply(job: Job, request: Request, state: ServiceState) -> Response:
+async def _wait_and_reply(job: Job, request: Request, state: Service) -> Response:
     done = asyncio.ensure_future(job.wait_done())
     gone = asyncio.ensure_future(_disconnected(request))
     try:

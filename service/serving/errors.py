@@ -1,0 +1,30 @@
+"""The one list of error codes a job or a request can fail with, and the errors that carry them.
+
+Errors here carry a code, never an HTTP status: each front end maps codes to its own answer (the HTTP
+API: ``service/api/errors.py``). The list is ``service.engine.codes.ErrorCode`` (the lowest layer that
+fails jobs), re-exported here for the layers above.
+"""
+
+from __future__ import annotations
+
+from service.engine.codes import ErrorCode
+
+__all__ = ["ErrorCode", "ModelBusy", "ModelUnavailable", "ServingError"]
+
+
+class ServingError(Exception):
+    """A request the serving layer cannot take now. ``transient``: it may succeed later unchanged
+    (the front end says so: HTTP 503 with Retry-After)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.transient = code, message, transient
+
+
+class ModelUnavailable(ServingError):
+    """A model that cannot be served now: unknown, does not fit the budget, or its loader failed."""
+
+
+class ModelBusy(ModelUnavailable):
+    def __init__(self, name: str) -> None:
+        super().__init__(ErrorCode.busy, f"model {name!r} has queued or running jobs; unload it when idle")

@@ -1,0 +1,335 @@
+"""The model pool: every model of the store (its manifest and typed defaults), loaded on first use
+(one shared load per model, the loader in a thread), unloaded on request or evicted least recently
+used first to fit the memory budget, pinned while a request is built against it; one engine per
+loaded model. Failures are :class:`ModelUnavailable` with an :class:`ErrorCode`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
+from service.engine.scheduler import Mode
+from service.models.lora import LoraIndex, attach
+from service.models.store import LoadedModel, Manifest, ModelStore, disk_bytes, memory_bytes
+from service.models.traced import trace_denoiser
+
+from .errors import ErrorCode, ModelBusy, ModelUnavailable
+
+log = logging.getLogger("kdiff.service")
+SHIPPED = "digits"  # the model the repository ships: the default when the settings name none
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PoolSettings(Protocol):
+    """What the pool reads from the service's settings (``service.api.settings.Settings`` has it)."""
+
+    @property
+    def models(self) -> list[str]: ...
+    @property
+    def default_model(self) -> str | None: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def memory_budget(self) -> int | None: ...
+    @property
+    def torch_threads(self) -> int | None: ...
+    @property
+    def jit(self) -> bool: ...
+    @property
+    def max_batch_rows(self) -> int: ...
+    @property
+    def max_queue(self) -> int: ...
+    @property
+    def batch_wait_ms(self) -> float: ...
+    @property
+    def batching(self) -> Mode: ...
+    def resolve_device(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """A model's defaults for what a request leaves out, parsed once from its manifest's
+    ``defaults`` (the only place they fall back)."""
+
+    sampler: str = "dpmpp_2m"
+    schedule: str = "karras"
+    steps: int = 20
+    cfg_scale: float = 1.0
+    guidance: float | None = None  # Flux-dev's distilled guidance
+    width: int | None = None
+    height: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> ModelDefaults:
+        base = cls()
+
+        def num(key: str, kind: type, default: Any) -> Any:
+            value = raw.get(key)
+            return default if value is None else kind(value)
+
+        return cls(
+            sampler=str(raw.get("sampler") or base.sampler),
+            schedule=str(raw.get("schedule") or base.schedule),
+            steps=num("steps", int, base.steps),
+            cfg_scale=num("cfg_scale", float, base.cfg_scale),
+            guidance=num("guidance", float, None),
+            width=num("width", int, None),
+            height=num("height", int, None),
+        )
+
+
+def defaults_of(manifest: Manifest) -> ModelDefaults:
+    return ModelDefaults.parse(manifest.defaults)
+
+
+def device_bytes(device: str) -> int:
+    """What the device has: a GPU's total memory, or the machine's RAM for the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"
+
+
+@dataclass
+class Footprint:
+    """Models' memory: the bytes each loaded one holds, and when each was last used."""
+
+    budget: int
+    used_at: dict[str, float]
+    weight: dict[str, int]
+
+    def plan_evictions(
+        self, name: str, need: int, idle: Callable[[str], bool], loaded: Iterable[str]
+    ) -> list[str]:
+        """The idle models to unload (least recently used first) so that ``need`` more bytes fit;
+        raises ModelUnavailable (never fits; or, transient, the room is held by busy models)."""
+        if need > self.budget:
+            raise ModelUnavailable(
+                ErrorCode.insufficient_memory,
+                f"model {name!r} needs about {fmt_bytes(need)}, more than the memory budget of "
+                f"{fmt_bytes(self.budget)} (KDIFF_MEMORY_BUDGET)",
+            )
+        others = [m for m in loaded if m != name]
+        used = sum(self.weight.get(m, 0) for m in others)
+        out: list[str] = []
+        for m in sorted((m for m in others if idle(m)), key=lambda m: self.used_at.get(m, 0.0)):
+            if used + need <= self.budget:
+                break
+            out.append(m)
+            used -= self.weight.get(m, 0)
+        if used + need > self.budget:
+            raise ModelUnavailable(
+                ErrorCode.insufficient_memory,
+                f"model {name!r} needs about {fmt_bytes(need)}; the memory budget of "
+                f"{fmt_bytes(self.budget)} (KDIFF_MEMORY_BUDGET) is held by models with "
+                "running jobs; retry later",
+                transient=True,
+            )
+        return out
+
+
+Finalize = Callable[[Job, Tensor], ImageResult]
+
+
+class ModelPool:
+    """Models (on disk, loading, loaded), their defaults, and one engine per loaded model."""
+
+    def __init__(
+        self, settings: PoolSettings, store: ModelStore, metrics: Metrics, finalize: Finalize
+    ) -> None:
+        self.settings, self.store, self.metrics, self._finalize = settings, store, metrics, finalize
+        self.manifests: dict[str, Manifest] = {}  # every model in the store (last scan)
+        self.manifest_errors: dict[str, str] = {}
+        self.models: dict[str, LoadedModel] = {}  # loaded
+        self.engines: dict[str, Engine] = {}
+        self.load_errors: dict[str, str] = {}  # the last failed load of each model
+        self.footprint = Footprint(0, {}, {})
+        self.loras = LoraIndex(self.store.root)
+        self.loads: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._pins: dict[str, int] = {}  # requests being built against a model: not evictable
+        self._lock = asyncio.Lock()  # one load or unload at a time: the budget stays consistent
+        self._device, self._dtype = "cpu", torch.float32
+
+    # --- what the store has ---
+    @property
+    def default_model(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        if SHIPPED in self.models or SHIPPED in self.manifests:
+            return SHIPPED
+        return next(iter(self.models), None) or next(iter(sorted(self.manifests)), None)
+
+    def known(self) -> list[str]:
+        return sorted({*self.manifests, *self.models})
+
+    def manifest(self, name: str) -> Manifest:
+        """The manifest of a known model, loaded or not (loaded ones keep theirs after a rescan)."""
+        m = self.models.get(name)
+        return m.manifest if m is not None else self.manifests[name]
+
+    def defaults(self, name: str) -> ModelDefaults:
+        return defaults_of(self.manifest(name))
+
+    def model_state(self, name: str) -> str:
+        if name in self.models:
+            return "loaded"
+        if name in self.loads:
+            return "loading"
+        return "failed" if name in self.load_errors else "on_disk"
+
+    def refresh(self) -> dict[str, Manifest]:
+        """Rescan the store: new folders appear, removed ones go (unless loaded)."""
+        errors: dict[str, str] = {}
+        self.manifests = self.store.scan(errors)
+        self.manifest_errors = errors
+        return self.manifests
+
+    def resolve(self, name: str | None) -> str | None:
+        """``name`` (else the default model) if the store has it after a rescan when needed, else None."""
+        name = name or self.default_model
+        if name is None or name in self.models or name in self.manifests or name in self.refresh():
+            return name
+        return None
+
+    async def start(self) -> None:
+        """Scan the store and load what the settings name (or every model, best effort)."""
+        s = self.settings
+        self._device, self._dtype = s.resolve_device(), DTYPES[s.dtype]
+        self.footprint.budget = s.memory_budget if s.memory_budget is not None else device_bytes(self._device)
+        self.refresh()
+        names = s.models or sorted(self.manifests)
+        if not names and not self.manifest_errors:  # a wrong path or mount would otherwise serve nothing
+            root = self.store.root
+            why = "does not exist" if not root.is_dir() else "holds no <name>/manifest.json"
+            raise RuntimeError(f"no models to serve: the model store {str(root)!r} {why} (KDIFF_MODEL_STORE)")
+        for name in names:
+            if name not in self.manifests:
+                self.store.resolve(name)  # raises UnknownModelError naming the valid ones
+            try:
+                await self.ensure_loaded(name)
+            except ModelUnavailable as exc:
+                if s.models:  # asked for by name: as before, the service does not start without it
+                    raise RuntimeError(exc.message) from exc
+                log.warning("not preloaded: %s", exc.message)
+        if s.default_model and s.default_model not in self.manifests:
+            raise ValueError(f"default_model {s.default_model!r} is not in the store; models: {self.known()}")
+
+    # --- loading and unloading ---
+    async def ensure_loaded(self, name: str) -> LoadedModel:
+        """The model, loading it first if needed (off the event loop; concurrent callers share one load).
+        Raises ModelUnavailable: unknown, does not fit the budget, or the loader failed."""
+        if name in self.models:
+            self.footprint.used_at[name] = time.monotonic()
+            return self.models[name]
+        if name not in self.manifests:
+            self.refresh()
+        if name not in self.manifests:
+            why = self.manifest_errors.get(name)
+            raise ModelUnavailable(
+                ErrorCode.unknown_model, why or f"unknown model {name!r}; models: {self.known()}"
+            )
+        task = self.loads.get(name)
+        if task is None:
+            task = self.loads[name] = asyncio.get_running_loop().create_task(self._load(name))
+            task.add_done_callback(lambda _t: self.loads.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str) -> LoadedModel:
+        async with self._lock:
+            manifest, s = self.manifests[name], self.settings
+            for victim in self.footprint.plan_evictions(
+                name, await asyncio.to_thread(disk_bytes, manifest), self.idle, self.models
+            ):
+                await self._unload(victim)
+            log.info("loading model %s (%s)", name, manifest.kind)
+            try:
+                model = await asyncio.to_thread(self.store.load, name, self._device, self._dtype)
+                if s.jit:
+                    await asyncio.to_thread(trace_denoiser, model.denoiser, model.example_input())
+            except Exception as exc:
+                msg = f"loading model {name!r} failed: {type(exc).__name__}: {exc}"
+                self.load_errors[name] = msg
+                log.error("%s", msg)
+                raise ModelUnavailable(ErrorCode.load_failed, msg) from exc
+            self.load_errors.pop(name, None)
+            self.footprint.weight[name] = memory_bytes(model)
+            self.footprint.used_at[name] = time.monotonic()
+            adapters = attach(model, self.loras)
+            handle = ModelHandle(
+                name,
+                model.denoiser,
+                model.latent_shape,
+                model.device,
+                model.dtype,
+                model.decode,
+                None if adapters is None else adapters.call,
+            )
+            config = EngineConfig(s.max_batch_rows, s.max_queue, s.batch_wait_ms, s.batching)
+            engine = Engine(handle, config, self.metrics, self._finalize)
+            engine.start()
+            self.models[name], self.engines[name] = model, engine
+            log.info("loaded model %s on %s/%s", name, self._device, s.dtype)
+            return model
+
+    def idle(self, name: str) -> bool:
+        engine = self.engines.get(name)
+        return not self._pins.get(name) and (engine is None or not engine.busy)
+
+    async def unload(self, name: str) -> bool:
+        """Unload an idle model (ModelBusy if it has jobs); False if it was not loaded."""
+        async with self._lock:
+            if name not in self.models:
+                return False
+            if not self.idle(name):
+                raise ModelBusy(name)
+            await self._unload(name)
+            return True
+
+    async def _unload(self, name: str) -> None:
+        engine = self.engines.pop(name)
+        model = self.models.pop(name)
+        if model.adapters is not None:
+            model.adapters.close()
+        del model
+        self.footprint.weight.pop(name, None)
+        await engine.stop()
+        del engine
+        await asyncio.to_thread(_collect)
+        log.info("unloaded model %s", name)
+
+    @contextlib.contextmanager
+    def pinned(self, name: str) -> Iterator[None]:
+        """While a request is being built against ``name``, it is not evicted."""
+        self._pins[name] = self._pins.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self._pins[name] -= 1
+
+    def touch(self, name: str) -> None:
+        self.footprint.used_at[name] = time.monotonic()
+
+    def cancel_loads(self) -> None:
+        for task in list(self.loads.values()):
+            task.cancel()
+
+
+def _collect() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

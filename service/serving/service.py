@@ -1,0 +1,176 @@
+"""The service: jobs on the model pool's engines. Submitting (a model still loading: the job waits
+in the ``loading`` state), cancelling, previews, draining, and finalizing a finished job (PNG
+encoding off the event loop). Front ends (HTTP routes, the compat translators, the Ray replicas)
+call this; it knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from service.engine import ImageResult, Job, JobRequest, JobStatus, JobStore, Metrics
+from service.engine.jobs import JobError
+from service.images import encode_images
+from service.models.store import LoadedModel, ModelStore
+from service.sampling.errors import InputError
+from service.sampling.spec import SamplingSpec
+
+from .errors import ErrorCode, ModelUnavailable
+from .pool import ModelPool, PoolSettings
+from .previews import Previews, render
+
+log = logging.getLogger("kdiff.service")
+
+
+class ServiceSettings(PoolSettings, Protocol):
+    """What the service reads from its settings (``service.api.settings.Settings`` has it)."""
+
+    @property
+    def model_store(self) -> object: ...
+    @property
+    def job_timeout_s(self) -> float: ...
+    @property
+    def result_ttl_s(self) -> float: ...
+    @property
+    def max_results(self) -> int: ...
+    @property
+    def max_result_bytes(self) -> int: ...
+    @property
+    def drain_timeout_s(self) -> float: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def max_images(self) -> int: ...
+
+
+def finalize(job: Job, images: Tensor) -> ImageResult:
+    """Runs in a thread: PNG-encode a finished job's images with their parameters."""
+    params = dict(job.request.parameters)
+    seeds = list(params.pop("seeds", job.request.spec.seeds))
+    return ImageResult(encode_images(images, params, seeds), seeds, {**params, "seeds": seeds})
+
+
+class Service:
+    """The model pool, the job store and metrics; readiness and draining."""
+
+    def __init__(self, settings: ServiceSettings, store: ModelStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
+        store = store or ModelStore(str(settings.model_store))
+        self.pool = ModelPool(settings, store, self.metrics, finalize)
+        self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
+        self.ready = False
+        self.draining = False
+        self.previews = Previews()
+        self._threads: int | None = None
+
+    async def startup(self) -> None:
+        s = self.settings
+        if s.torch_threads:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(s.torch_threads)
+        await self.pool.start()
+        self.ready = True
+
+    # --- jobs ---
+    def submit(
+        self, model: str, request: JobRequest, owner: str | None = None, job: Job | None = None
+    ) -> Job:
+        """Queue a built request on its model's engine (QueueFull, Draining from the engine)."""
+        self.pool.touch(model)
+        job = self.pool.engines[model].submit(request, job)
+        job.owner = owner
+        self.jobs.add(job)
+        return job
+
+    def submit_loading(
+        self, model: str, build: Callable[[LoadedModel], JobRequest], owner: str | None = None
+    ) -> Job:
+        """A job for a model not loaded yet: it waits (events say ``loading``) while the model loads,
+        then is built and queued; a failed load fails it with the loader's message."""
+        placeholder = JobRequest(
+            SamplingSpec("euler", "karras", 1, [0]), 1, {}, timeout_s=self.settings.job_timeout_s
+        )
+        job = Job(placeholder, model)
+        job.loading, job.owner = True, owner
+        self.jobs.add(job)
+        task = asyncio.get_running_loop().create_task(self._after_load(job, build))
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+        return job
+
+    async def _after_load(self, job: Job, build: Callable[[LoadedModel], JobRequest]) -> None:
+        try:
+            loaded = await self.pool.ensure_loaded(job.model)
+            if job.status.finished:
+                return
+            with self.pool.pinned(job.model):
+                request = await asyncio.to_thread(build, loaded)
+                if not job.status.finished:
+                    self.submit(job.model, request, job.owner, job)
+        except ModelUnavailable as exc:
+            job.finish(JobStatus.failed, JobError(exc.code.value, exc.message))
+        except InputError as exc:
+            job.finish(
+                JobStatus.failed, JobError(ErrorCode.invalid_input.value, f"{exc.field}: {exc.message}")
+            )
+        except Exception as exc:  # queue full, draining, anything else: this job only
+            job.finish(JobStatus.failed, JobError(ErrorCode.internal.value, f"{type(exc).__name__}: {exc}"))
+
+    def cancel(self, job: Job) -> None:
+        if job.loading:
+            job.cancel_requested = True
+            job.finish(JobStatus.cancelled)
+            return
+        engine = self.pool.engines.get(job.model)
+        if engine is not None:
+            engine.cancel(job)
+
+    def preview(self, job: Job) -> Tensor | None:
+        """A running job's latest prediction of its first image (an image, or a latent), or None."""
+        engine = self.pool.engines.get(job.model)
+        return None if engine is None else engine.preview(job)
+
+    async def preview_png(self, job: Job, max_side: int) -> str | None:
+        """A base64 PNG of :meth:`preview` (latent models: decoded by their VAE, see previews.py)."""
+        latest, model = self.preview(job), self.pool.models.get(job.model)
+        if latest is None or model is None:
+            return None
+        key = (job.id, job.progress.step, max_side)
+        png = self.previews.get(key)
+        if png is None:
+            png = await asyncio.to_thread(render, model, latest[0], max_side)
+            self.previews.put(key, png)
+        return png
+
+    def queue_position(self, job: Job) -> int | None:
+        engine = self.pool.engines.get(job.model)
+        return None if engine is None else engine.queue_position(job)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Readiness off, refuse new work, let running jobs finish within the timeout, stop engines."""
+        self.draining = True
+        self.ready = False
+        for task in self._waiting:
+            task.cancel()
+        self.pool.cancel_loads()
+        for job in self.jobs.list():
+            if job.loading and not job.status.finished:
+                job.finish(
+                    JobStatus.failed,
+                    JobError(ErrorCode.shutdown.value, "the service shut down while the model loaded"),
+                )
+        await asyncio.gather(*(e.drain(timeout_s) for e in self.pool.engines.values()))
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        if not self.draining:
+            await self.drain(self.settings.drain_timeout_s)
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)

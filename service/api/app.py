@@ -20,6 +20,7 @@ from service.serving.service import Service
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .guard import GuardMiddleware, HTTPMiddleware
+from .metrics_labels import method_label, route_label
 from .routes import info, jobs, models, sample
 from .schemas import SampleRequest
 from .settings import Settings
@@ -30,7 +31,8 @@ model that batches the model evaluations of all running requests at every sample
 
 
 class MetricsMiddleware(HTTPMiddleware):
-    """Counts HTTP requests by route template, method and status (pure ASGI: streaming-safe)."""
+    """Counts HTTP requests by route template, method and status, each from a fixed set
+    (metrics_labels.py; pure ASGI: streaming-safe)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         super().__init__(app)
@@ -47,9 +49,8 @@ class MetricsMiddleware(HTTPMiddleware):
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
+            labels = route_label(scope), method_label(scope["method"]), str(status["code"])
+            self.metrics.requests.labels(*labels).inc()
 
 
 def _field_error(

@@ -21,7 +21,7 @@ from service.serving.service import Service
 
 from ..deps import require_api_key
 from ..validation import FieldError
-from . import a1111_results, a1111_translate
+from . import a1111_options, a1111_results, a1111_translate, limits
 from .a1111_schemas import (
     ImageResponse,
     Img2ImgRequest,
@@ -38,10 +38,17 @@ from .runner import run
 router = APIRouter(
     prefix="/sdapi/v1", tags=["a1111"], dependencies=[Depends(require_api_key)], route_class=A1111Route
 )
-MAX_OPTIONS = 256
+
+
+def _check_free_fields(body: Txt2ImgRequest) -> None:
+    """What we ignore or echo is bounded too (limits.py); known override_settings are typed."""
+    a1111_options.check_overrides(body.override_settings or {})
+    for name, value in {**(body.model_extra or {}), "alwayson_scripts": body.alwayson_scripts}.items():
+        limits.check_depth(value, name)
 
 
 async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
+    _check_free_fields(body)
     options = call.options()
     state = call.state
     async with call.loaded(a1111_translate.checkpoint(body, options, call.default_model, state.pool.known())):
@@ -134,20 +141,14 @@ async def get_options(call: CompatCall = Depends(compat_caller)) -> dict[str, An
 
 @router.post("/options")
 async def set_options(body: dict[str, Any] = Body(...), call: CompatCall = Depends(compat_caller)) -> None:
-    """Set the caller's options. sd_model_checkpoint picks the model the caller's A1111 requests
-    use (ours are per request: one not loaded yet loads on the first of them, nothing is unloaded);
-    CLIP_stop_at_last_layers its clip skip."""
-    if "sd_model_checkpoint" in body and body["sd_model_checkpoint"] is not None:
-        body["sd_model_checkpoint"] = a1111_translate.model_name(
-            str(body["sd_model_checkpoint"]), call.state.pool.known()
-        )
-    skip_layers = body.get("CLIP_stop_at_last_layers")
-    if skip_layers is not None and (not isinstance(skip_layers, int) or not 1 <= skip_layers <= 12):
-        raise FieldError("CLIP_stop_at_last_layers", "CLIP_stop_at_last_layers must be an integer in [1, 12]")
-    options = call.options()
-    if len(options.keys() | body.keys()) > MAX_OPTIONS:
-        raise FieldError("options", f"at most {MAX_OPTIONS} options are kept per caller")
-    options.update(body)
+    """Set the caller's options (typed where we read them, the rest bounded: a1111_options).
+    sd_model_checkpoint picks the model the caller's A1111 requests use (ours are per request: one
+    not loaded yet loads on the first of them, nothing is unloaded); CLIP_stop_at_last_layers its
+    clip skip."""
+    if body.get("sd_model_checkpoint") is not None:
+        wanted = a1111_options.check_known("sd_model_checkpoint", body["sd_model_checkpoint"])
+        body["sd_model_checkpoint"] = a1111_translate.model_name(wanted, call.state.pool.known())
+    call.compat.options.update(call.caller.options_scope, body)
 
 
 @router.post("/png-info", response_model=PNGInfoResponse)

@@ -1,15 +1,20 @@
 """Request and response bodies of the A1111-compatible routes (field names and types as A1111's
-``modules/api/models.py``). Unknown fields are accepted and ignored, as A1111 does."""
+``modules/api/models.py``). Unknown fields are accepted and ignored, as A1111 does (nested at most
+``limits.MAX_DEPTH`` deep, checked by the routes). Numbers must be finite: 1e400, NaN and Infinity
+(which Python's JSON parser reads) are a 422 naming the field."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_IMAGE_B64 = 16_000_000  # one base64 image field (the body limit allows two of them)
+ImageB64 = Annotated[str, Field(max_length=MAX_IMAGE_B64)]
+
 
 class Txt2ImgRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), allow_inf_nan=False)
 
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
@@ -43,8 +48,8 @@ class Txt2ImgRequest(BaseModel):
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: list[str] = Field(default_factory=list, max_length=64)
-    mask: str | None = Field(None, max_length=16_000_000)
+    init_images: list[ImageB64] = Field(default_factory=list, max_length=64)
+    mask: ImageB64 | None = None
     denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0)
     resize_mode: int = 0
     mask_blur: int = Field(4, ge=0, le=256)
@@ -64,7 +69,7 @@ class ImageResponse(BaseModel):
 
 
 class PNGInfoRequest(BaseModel):
-    image: str = Field(max_length=16_000_000, description="base64 PNG (or a data: URL)")
+    image: str = Field(max_length=MAX_IMAGE_B64, description="base64 PNG (or a data: URL)")
 
 
 class PNGInfoResponse(BaseModel):

@@ -27,6 +27,7 @@ from service.sampling import registry
 
 from ..schemas import SampleRequest
 from ..validation import FieldError
+from . import a1111_options, frontend_schedules
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -168,14 +169,17 @@ def plan(
     steps = body.steps or int(d.get("steps", 20))
     cfg = body.cfg_scale if body.cfg_scale is not None else float(d.get("cfg_scale", 7.0))
     comments = _ignored(body)
-    clip_skip = int(overrides.get("CLIP_stop_at_last_layers") or options.get("CLIP_stop_at_last_layers") or 1)
-    if not 1 <= clip_skip <= 12:
-        raise FieldError("CLIP_stop_at_last_layers", "CLIP_stop_at_last_layers must be in [1, 12]", [1, 12])
+    schedule, schedule_options, note = frontend_schedules.for_model(schedule, model, steps)
+    comments += [note] if note else []
+    clip_skip = a1111_options.clip_skip(overrides, options)
     total = body.batch_size * body.n_iter
     if body.batch_size > max_images:
         raise FieldError("batch_size", f"batch_size must be in [1, {max_images}]", [1, max_images])
     if total > 16 * max_images:
         raise FieldError("n_iter", f"batch_size * n_iter must be at most {16 * max_images}")
+    for name in ("seed", "subseed") if body.subseed_strength > 0 else ("seed",):  # image i: seed + i
+        if getattr(body, name) + total > 2**63:
+            raise FieldError(name, f"{name} + batch_size * n_iter - 1 must be below 2**63")
     seed = body.seed if body.seed >= 0 else secrets.randbelow(2**32)
     subseed = body.subseed if body.subseed >= 0 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(total)]
@@ -189,6 +193,8 @@ def plan(
         "n": body.batch_size,
         **_sampler_options(body, sampler),
     }
+    if schedule_options:
+        common["schedule_options"] = schedule_options
     if body.subseed_strength > 0:
         common["subseed_strength"] = body.subseed_strength
     labels: list[int | None] = [None]

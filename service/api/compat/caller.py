@@ -27,6 +27,7 @@ from service.serving.service import Service
 
 from ..deps import accepting, get_state
 from ..errors import http_error
+from .a1111_options import OptionsStore
 
 MAX_CALLERS = 1024  # callers remembered (least recently seen dropped first)
 REQUESTS_PER_CALLER = 64  # recent requests remembered per caller
@@ -57,16 +58,12 @@ def caller_of(request: Request) -> Caller:
 class CompatState:
     """Per-caller A1111 options and recent jobs (bounded), kept on ``app.state.compat``."""
 
-    options: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    options: OptionsStore = field(default_factory=OptionsStore)
     jobs: OrderedDict[str, deque[list[Job]]] = field(default_factory=OrderedDict)
 
     def caller_options(self, caller: Caller) -> dict[str, Any]:
-        scope = caller.options_scope
-        opts = self.options.setdefault(scope, {})
-        self.options.move_to_end(scope)
-        while len(self.options) > MAX_CALLERS:
-            self.options.popitem(last=False)
-        return opts
+        """A copy of the caller's options (set them with ``options.update``)."""
+        return self.options.get(caller.options_scope)
 
     def track(self, caller: Caller, jobs: list[Job]) -> None:
         """Remember one request's jobs for the caller."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException  # FastAPI raises this base class for unparsable bodies
 
 from ..validation import FieldError
 
@@ -29,6 +31,18 @@ def _validation_items(exc: RequestValidationError) -> list[dict[str, Any]]:
         item["loc"] = list(item.get("loc", []))
         out.append(item)
     return out
+
+
+def body_error(exc: HTTPException) -> str | None:
+    """What was wrong with a body FastAPI could not parse (it says only 'error parsing the body')."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not UTF-8 text (JSON bodies must be UTF-8)"
+    if isinstance(cause, RecursionError):
+        return "the body is nested too deeply to parse"
+    return f"the body could not be parsed ({type(cause).__name__})"
 
 
 def _message(detail: Any) -> str:
@@ -59,6 +73,8 @@ class FrontendRoute(APIRoute):
                 return self.field_error(exc)
             except self.own_errors as exc:
                 return self.own_error(exc)
+            except ValidationError as exc:  # a translated request our own schema refuses
+                return self.validation_error(RequestValidationError(exc.errors()))
             except HTTPException as exc:
                 resp = self.http_error(exc)
                 resp.headers.update(exc.headers or {})
@@ -94,6 +110,9 @@ class A1111Route(FrontendRoute):
         return a1111_error(422, "FieldError", [item], f"{exc.field}: {exc.message}")
 
     def http_error(self, exc: HTTPException) -> JSONResponse:
+        text = body_error(exc)
+        if text is not None:
+            return a1111_error(400, "HTTPException", text, text)
         return a1111_error(exc.status_code, "HTTPException", exc.detail, _message(exc.detail))
 
 
@@ -142,5 +161,8 @@ class OpenAIRoute(FrontendRoute):
         return openai_error(exc.status, exc.message, exc.param, exc.code)
 
     def http_error(self, exc: HTTPException) -> JSONResponse:
+        text = body_error(exc)
+        if text is not None:
+            return openai_error(400, text, None, "invalid_json")
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(exc.status_code)
         return openai_error(exc.status_code, _message(exc.detail), None, code)

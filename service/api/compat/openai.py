@@ -20,6 +20,7 @@ from service.images import png_bytes, read_parameters
 from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
+from ..guard import owner_of
 from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
@@ -77,7 +78,8 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
         if req.response_format in (None, "b64_json"):
             item.b64_json = base64.b64encode(png).decode()
         if req.response_format in (None, "url"):
-            item.url = str(request.url_for("openai_image_file", token=store.put(png)))
+            token = store.put(png, owner_of(request))  # bounded per key: no key expires another's
+            item.url = str(request.url_for("openai_image_file", token=token))
         data.append(item)
     return ImagesResponse(
         created=int(time.time()), data=data, size=f"{t.size[0]}x{t.size[1]}", quality=req.quality

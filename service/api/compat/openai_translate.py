@@ -19,9 +19,12 @@ from typing import Any, cast
 
 from PIL import Image
 
+from service import a1111_names
 from service.models.store import LoadedModel
+from service.sampling.errors import InputError
 
 from ..schemas import SampleRequest
+from . import frontend_schedules
 from .a1111_translate import class_from_prompt
 from .errors import OpenAIError
 from .openai_schemas import ImageGenerationRequest
@@ -105,6 +108,8 @@ def translate(
         "schedule": req.schedule,
         "steps": _steps(req, model, max_steps),
     }
+    if req.schedule is not None:  # A1111's scheduler names too, run on any model
+        fields |= _schedule(req.schedule, model, fields["steps"], comments)
     if model.conditioning == "text":
         w, h = asked or model.image_size[::-1]
         gen = (w - w % 8, h - h % 8)
@@ -124,6 +129,20 @@ def translate(
         comments.append(f"generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
     body = SampleRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     return Translated(model, body, size, gen, comments)
+
+
+def _schedule(name: str, model: LoadedModel, steps: int | None, comments: list[str]) -> dict[str, Any]:
+    try:
+        _, schedule = a1111_names.resolve(None, name)
+    except InputError as exc:
+        message = exc.message.replace("scheduler", "schedule", 1)
+        raise OpenAIError(400, message, "schedule", "invalid_value") from exc
+    if schedule is None:  # "automatic": the model's own
+        return {"schedule": None}
+    steps = steps or int(model.manifest.defaults.get("steps", 20))
+    schedule, options, note = frontend_schedules.for_model(schedule, model, steps)
+    comments += [note] if note else []
+    return {"schedule": schedule, "schedule_options": options or None}
 
 
 def _open(data: bytes, field_name: str) -> Image.Image:

@@ -4,6 +4,7 @@ and the per-row adapter tensor they add to the conditioning."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from service.sampling.errors import InputError
 from .schemas import SampleRequest
 
 TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")
+MAX_WEIGHT = 10.0  # the ``loras`` field's bound (LoraRef.weight)
 
 
 def prompt_tags(prompt: str | None) -> tuple[str | None, list[tuple[str, float]]]:
@@ -28,6 +30,10 @@ def prompt_tags(prompt: str | None) -> tuple[str | None, list[tuple[str, float]]
             weight = float(m.group(2)) if m.group(2) else 1.0
         except ValueError as exc:
             raise InputError("prompt", f"LoRA tag {m.group(0)!r}: the weight is not a number") from exc
+        if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:  # "nan", "inf", "1e400" parse
+            raise InputError(
+                "prompt", f"LoRA tag {m.group(0)!r}: the weight must be a finite number in [-10, 10]"
+            )
         pairs.append((m.group(1).strip(), weight))
     clean = re.sub(r"\s*,\s*,", ",", TAG.sub("", prompt)).strip(" ,")
     return clean, pairs

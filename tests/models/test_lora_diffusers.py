@@ -1,6 +1,8 @@
-"""Per-row LoRA against diffusers' load_lora_weights + fuse_lora on a tiny Stable Diffusion model:
-kohya and diffusers/PEFT files, UNet and text encoder (<= 1e-4, fp32); a batch mixing rows with no
-LoRA, A, B and A+B equals each row run alone (<= 1e-5)."""
+"""Per-row LoRA against diffusers' load_lora_weights + fuse_lora on tiny Stable Diffusion models, with
+files carrying the key names real tools write (tests/support/lora_files.py): kohya LoCon (SD1: diffusers
+UNet names; SDXL: the SGM names kohya writes, lora_te1_/lora_te2_), PEFT, diffusers' save_lora_weights
+layout and the old attention-processor layout; UNet and every text encoder (<= 1e-4, fp32). A batch
+mixing rows with no LoRA, A, B and A+B equals each row run alone (<= 1e-5)."""
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
 
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
 
 from service.models.lora import LoraError, LoraIndex, attach  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.support.lora_files import kohya_state, peft_state, random_layers, save  # noqa: E402
+from tests.support.lora_files import diffusers_file, kohya_file, kohya_state, random_layers, save  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 WEIGHT = 0.8
@@ -29,87 +31,109 @@ def sd1() -> Any:
     return ModelStore(tiny_sd_store()).load("sd1")
 
 
-def _parts(model: Any, seed: int, rank: int = 4) -> dict[str, Any]:
+def real_file(model: Any, layout: str, seed: int) -> dict[str, torch.Tensor]:
+    """A LoRA for ``model`` in ``layout``: kohya (LoCon on SD1; SGM names on SDXL), peft, diffusers, old."""
     sd = model.sd
-    return {
-        "unet": random_layers(sd.unet, rank, seed),
-        "text_encoder": random_layers(sd.components.text_encoders[0], rank, seed + 1),
-    }
+    unet, tes = sd.unet, sd.components.text_encoders
+    if layout == "kohya":
+        return kohya_file(unet, tes, seed, conv_rank=None if sd.is_sdxl else 2, sgm=sd.is_sdxl)
+    return diffusers_file(unet, tes, seed, layout)
 
 
-def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
+    unet = model.sd.unet
     x = torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([999.0, 500.0, 20.0, 1.0])
-    ctx = torch.randn(4, 77, 32, generator=g)
+    ctx = torch.randn(4, 77, unet.config.cross_attention_dim, generator=g)
     ids = torch.randint(0, 300, (4, 77), generator=g)
-    return x, t, ctx, ids
+    extra: dict[str, Any] = {}
+    if model.sd.is_sdxl:
+        pooled = torch.randn(4, model.sd.components.text_encoders[1].config.projection_dim, generator=g)
+        extra = {
+            "added_cond_kwargs": {
+                "text_embeds": pooled,
+                "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 4),
+            }
+        }
+    return x, t, ctx, ids, extra
 
 
-def _reference(model: Any, state: dict[str, torch.Tensor], weight: float) -> tuple[Any, Any]:
-    """diffusers' own LoRA loading, fused into copies of the UNet and text encoder."""
+def _reference(model: Any, path: Path, weight: float) -> Any:
+    """diffusers' own LoRA loading from the file, fused into copies of the UNet and text encoders."""
     c = model.sd.components
-    pipe = StableDiffusionPipeline(
-        vae=c.vae,
-        text_encoder=copy.deepcopy(c.text_encoders[0]),
-        tokenizer=c.tokenizers[0],
-        unet=copy.deepcopy(c.unet),
-        scheduler=model.sd.components.scheduler if hasattr(c, "scheduler") else _scheduler(c),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.load_lora_weights(dict(state), adapter_name="x")
-    pipe.fuse_lora(lora_scale=weight, components=["unet", "text_encoder"])
-    return pipe.unet, pipe.text_encoder
+    kw: dict[str, Any] = {
+        "vae": c.vae,
+        "text_encoder": copy.deepcopy(c.text_encoders[0]),
+        "tokenizer": c.tokenizers[0],
+        "unet": copy.deepcopy(c.unet),
+        "scheduler": EulerDiscreteScheduler.from_config(c.scheduler_config),
+    }
+    if model.sd.is_sdxl:
+        pipe: Any = StableDiffusionXLPipeline(
+            text_encoder_2=copy.deepcopy(c.text_encoders[1]), tokenizer_2=c.tokenizers[1], **kw
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+        )
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
+    names = ["unet", "text_encoder", "text_encoder_2"][: 1 + len(c.text_encoders)]
+    pipe.fuse_lora(lora_scale=weight, components=names)
+    return pipe
 
 
-def _scheduler(c: Any) -> Any:
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler.from_config(c.scheduler_config)
-
-
-@pytest.mark.parametrize("fmt", ["kohya", "peft"])
-def test_matches_diffusers_fused_lora(sd1: Any, fmt: str, tmp_path: Path) -> None:
-    parts = _parts(sd1, seed=1)
-    state = kohya_state(parts, alpha=2.0) if fmt == "kohya" else peft_state(parts)
-    save(state, tmp_path / "loras" / "a.safetensors")
-    adapters = attach(sd1, LoraIndex(tmp_path))
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("sd1", "kohya"),
+        ("sd1", "peft"),
+        ("sd1", "diffusers"),
+        ("sd1", "old"),
+        ("sdxl", "kohya"),
+        ("sdxl", "peft"),
+    ],
+)
+def test_matches_diffusers_fused_lora(name: str, layout: str, tmp_path: Path) -> None:
+    model = ModelStore(tiny_sd_store()).load(name)
+    path = save(real_file(model, layout, seed=1), tmp_path / "loras" / "a.safetensors")
+    adapters = attach(model, LoraIndex(tmp_path))
     assert adapters is not None
     try:
         resolved = adapters.resolve([("a", WEIGHT)])
-        x, t, ctx, ids = _inputs(sd1)
-        unet, te = sd1.sd.unet, sd1.sd.components.text_encoders[0]
-        ref_unet, ref_te = _reference(sd1, state, WEIGHT)
+        x, t, ctx, ids, extra = _inputs(model)
+        unet, tes = model.sd.unet, model.sd.components.text_encoders
+        pipe = _reference(model, path, WEIGHT)
+        refs = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
         with torch.inference_mode():
             with adapters.call(adapters.encode(resolved, 4)):
-                ours = unet(x, t, encoder_hidden_states=ctx).sample
-            with adapters.text(resolved):
-                ours_text = te(ids)[0]
-            base = unet(x, t, encoder_hidden_states=ctx).sample
-            want = ref_unet(x, t, encoder_hidden_states=ctx).sample
-            want_text = ref_te(ids)[0]
-        assert (want - base).abs().max() > 1e-2, (
+                ours = unet(x, t, encoder_hidden_states=ctx, **extra).sample
+            base = unet(x, t, encoder_hidden_states=ctx, **extra).sample
+            want = pipe.unet(x, t, encoder_hidden_states=ctx, **extra).sample
+            for te, ref in zip(tes, refs, strict=False):
+                with adapters.text(resolved):
+                    ours_text = te(ids)[0]
+                want_text = ref(ids)[0]
+                assert (ours_text - want_text).abs().max() <= 1e-4
+                assert (te(ids)[0] - want_text).abs().max() > 1e-2  # outside the block: the base encoder
+        assert (want - base).abs().max() > 1e-3, (
             "the LoRA must change the output for the test to mean anything"
         )
         assert (ours - want).abs().max() <= 1e-4
-        assert (ours_text - want_text).abs().max() <= 1e-4
-        assert (te(ids)[0] - want_text).abs().max() > 1e-3  # outside the block: the base encoder again
     finally:
         adapters.close()
 
 
 def test_mixed_batch_equals_each_row_alone(sd1: Any, tmp_path: Path) -> None:
-    save(kohya_state(_parts(sd1, seed=3), alpha=4.0), tmp_path / "loras" / "a.safetensors")
-    save(peft_state(_parts(sd1, seed=5)), tmp_path / "loras" / "b.safetensors")
+    save(real_file(sd1, "kohya", seed=3), tmp_path / "loras" / "a.safetensors")
+    save(real_file(sd1, "peft", seed=5), tmp_path / "loras" / "b.safetensors")
     adapters = attach(sd1, LoraIndex(tmp_path))
     assert adapters is not None
     try:
         a, b = adapters.resolve([("a", 0.7)]), adapters.resolve([("b", 1.2)])
         rows_of = [[], a, b, a + b]
         rows = torch.cat([adapters.encode(r, 1) for r in rows_of])
-        x, t, ctx, _ = _inputs(sd1)
+        x, t, ctx, _, _ = _inputs(sd1)
         unet = sd1.sd.unet
         with torch.inference_mode():
             with adapters.call(rows):
@@ -128,18 +152,25 @@ def test_mixed_batch_equals_each_row_alone(sd1: Any, tmp_path: Path) -> None:
 
 
 def test_a_lora_for_another_base_model_is_refused_naming_it(sd1: Any, tmp_path: Path) -> None:
+    """An SDXL file (lora_te2_, SGM names) on SD1, a layer of another width, a LyCORIS file: each
+    refused naming the key at fault."""
+    sdxl = ModelStore(tiny_sd_store()).load("sdxl")
+    save(real_file(sdxl, "kohya", seed=0), tmp_path / "loras" / "xl.safetensors")
     layers = random_layers(sd1.sd.unet, 4, 0)
     name = next(n for n, (d, _) in layers.items() if d.dim() == 2)
     down, up = layers[name]
     layers[name] = (torch.randn(4, down.shape[1] + 8), up)
     save(kohya_state({"unet": layers}, None), tmp_path / "loras" / "other.safetensors")
-    save({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, tmp_path / "loras" / "loha.safetensors")
+    loha = "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a"
+    save({loha: torch.zeros(2, 2)}, tmp_path / "loras" / "loha.safetensors")
     adapters = attach(sd1, LoraIndex(tmp_path))
     assert adapters is not None
     try:
-        with pytest.raises(LoraError, match="'other'.*another base model"):
+        with pytest.raises(LoraError, match="'xl'.*(no text_encoder_2|no layer 'lora_unet_input_blocks)"):
+            adapters.resolve([("xl", 1.0)])
+        with pytest.raises(LoraError, match=f"'other'.*layer 'lora_unet_{name.replace('.', '_')}'.*another"):
             adapters.resolve([("other", 1.0)])
-        with pytest.raises(LoraError, match="LyCORIS"):
+        with pytest.raises(LoraError, match=f"{loha!r}: LyCORIS LoHa"):
             adapters.resolve([("loha", 1.0)])
         with pytest.raises(LoraError, match="unknown LoRA 'nope'"):
             adapters.resolve([("nope", 1.0)])

@@ -86,7 +86,7 @@ class ModelAdapters:
         traced: Any = None,
     ) -> None:
         self.model, self.index = model, index
-        self.parts = {"unet": RowLora(unet), **{c: RowLora(m) for c, m in text_encoders.items()}}
+        self.parts = {"unet": RowLora(unet), **{c: RowLora(m, text=True) for c, m in text_encoders.items()}}
         self.traced = traced  # a TracedModule to bypass while rows have adapters (hooks need eager)
         self._ids: dict[Path, int] = {}
         self._adapters: list[dict[str, Prepared]] = []  # id -> component -> prepared layers

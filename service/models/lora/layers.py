@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .formats import LoraFormatError, LoraWeight, flat
+from .names import layers_per_block, sgm_name, text_name
 
 CACHE_SETS = 8  # adapter sets whose concatenated matrices are kept per tree
 
@@ -70,6 +71,8 @@ def _check(name: str, w: LoraWeight, base: nn.Module) -> str | None:
     got_in, got_out = int(w.down.shape[1]), int(w.up.shape[0])
     if (got_in, got_out) != (want_in, want_out):
         return f"layer {name!r} is {want_in}->{want_out}, the LoRA's is {got_in}->{got_out}"
+    if kernel is None and w.down.dim() == 4 and tuple(w.down.shape[2:]) != (1, 1):
+        return f"layer {name!r} is linear, the LoRA's down is a {tuple(w.down.shape[2:])} conv"
     if kernel is not None and w.down.dim() == 4 and tuple(w.down.shape[2:]) not in (kernel, (1, 1)):
         return f"layer {name!r} has kernel {kernel}, the LoRA's {tuple(w.down.shape[2:])}"
     if base.groups != 1 if isinstance(base, nn.Conv2d) else False:
@@ -101,11 +104,13 @@ def _shape(w: LoraWeight, base: nn.Module, rank: int) -> tuple[Tensor, Tensor]:
 
 
 class RowLora:
-    """Per-row LoRA updates for one module tree (a UNet or a text encoder)."""
+    """Per-row LoRA updates for one module tree (a UNet or, ``text=True``, a CLIP text encoder)."""
 
-    def __init__(self, root: nn.Module) -> None:
+    def __init__(self, root: nn.Module, text: bool = False) -> None:
+        self.text = text
+        self.layers_per_block = None if text else layers_per_block(root)
         self.layers: dict[str, nn.Module] = {
-            flat(n): m for n, m in root.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
+            self._own(flat(n)): m for n, m in root.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)
         }
         param = next(root.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -115,25 +120,43 @@ class RowLora:
         self._cats: OrderedDict[tuple[int, ...], dict[str, tuple[Tensor, Tensor] | None]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def _own(self, name: str) -> str:
+        return text_name(name) if self.text else name
+
+    def resolve(self, name: str) -> str | None:
+        """This tree's layer for a file's flat layer name (see :mod:`.names`); None: no such layer."""
+        name = self._own(name)
+        if name in self.layers:
+            return name
+        if self.layers_per_block is not None:
+            mapped = sgm_name(name, self.layers_per_block)
+            if mapped is not None and mapped in self.layers:
+                return mapped
+        return None
+
     def prepare(self, layers: dict[str, LoraWeight], where: str) -> Prepared:
         """The adapter checked against this tree (LoraFormatError naming the first layer that does not
         fit: a LoRA for another base model), on its device and dtype, with hooks on its layers."""
+        mine: dict[str, LoraWeight] = {}
         for name, w in layers.items():
-            base = self.layers.get(name)
-            if base is None:
+            own = self.resolve(name)
+            if own is None:
                 raise LoraFormatError(
-                    f"{where}: the model has no layer {name!r} (a LoRA for another base model?)"
+                    f"{where}: the model has no layer {w.key or name!r} (a LoRA for another base model?)"
                 )
-            problem = _check(name, w, base)
+            if own in mine:
+                raise LoraFormatError(f"{where}: {mine[own].key!r} and {w.key!r} are the same layer")
+            problem = _check(w.key or name, w, self.layers[own])
             if problem is not None:
                 raise LoraFormatError(f"{where}: {problem} (a LoRA for another base model?)")
-        rank = max(w.rank for w in layers.values())
+            mine[own] = w
+        rank = max(w.rank for w in mine.values())
         out = {}
-        for name, w in layers.items():
+        for name, w in mine.items():
             try:
                 down, up = _shape(w, self.layers[name], rank)
             except LoraFormatError as exc:
-                raise LoraFormatError(f"{where}: layer {name!r}: {exc}") from exc
+                raise LoraFormatError(f"{where}: layer {w.key or name!r}: {exc}") from exc
             out[name] = (down.to(self.device, self.dtype), up.to(self.device, self.dtype))
         for name in out:
             if name not in self._hooked:

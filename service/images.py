@@ -1,26 +1,22 @@
-"""PNG encoding (with generation parameters in a text chunk), grids, and decoding client images."""
+"""PNG encoding (with generation parameters in a text chunk) and grids. Images that come in are read
+by :mod:`service.image_gate`."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import math
 from typing import Any
 
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 from torch import Tensor
 
 from service.infotext import from_parameters
 
 PARAMETERS_KEY = "parameters"  # the tEXt key A1111 and Civitai read: A1111's infotext
 KDIFF_KEY = "kdiff"  # our exact parameters as JSON (what reproduction reads)
-
-
-class ImageInputError(ValueError):
-    pass
 
 
 def to_pil(image: Tensor) -> Image.Image:
@@ -73,35 +69,6 @@ def read_parameters(png: bytes) -> dict[str, Any]:
     """Our parameters from a PNG: the ``kdiff`` chunk (older PNGs: JSON in ``parameters``)."""
     img = Image.open(io.BytesIO(png))
     return dict(json.loads(img.info.get(KDIFF_KEY) or img.info[PARAMETERS_KEY]))
-
-
-def decode_image(
-    data: str, size: tuple[int, int] | None, channels: int, max_pixels: int = 4096 * 4096
-) -> Tensor:
-    """A base64 PNG/JPEG (optionally a data: URL) -> [1, C, H, W] in [-1, 1], resized to ``size`` (h, w)
-    unless it is None (then the image keeps its own size)."""
-    if data.startswith("data:"):
-        data = data.split(",", 1)[-1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageInputError(f"not valid base64: {exc}") from exc
-    try:
-        img: Image.Image = Image.open(io.BytesIO(raw))
-        if img.width * img.height > max_pixels:
-            raise ImageInputError(f"image too large: {img.width}x{img.height}")
-        img = img.convert("L" if channels == 1 else "RGB")
-        if size is not None:
-            img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    except ImageInputError:
-        raise
-    except UnidentifiedImageError as exc:  # its message names a BytesIO object, which helps no client
-        raise ImageInputError(f"not a readable image ({len(raw)} bytes in no format PIL reads)") from exc
-    except Exception as exc:
-        raise ImageInputError(f"not a readable image: {exc}") from exc
-    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()
-    t = t.view(img.height, img.width, channels).permute(2, 0, 1)
-    return (t / 127.5 - 1).unsqueeze(0)
 
 
 def preview_png(image: Tensor, max_side: int = 64) -> str:

@@ -13,12 +13,23 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from typing import Any
 
 from .a1111_names import sampler_display, schedule_label
 
 VERSION = "kdiffusion-service"
-_PAIR = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# The longest infotext parsed. A1111's own are a few KB (long prompts, extension fields); a PNG text
+# chunk may hold 1 MiB (image_gate), so this is the bound, not the chunk limit.
+MAX_CHARS = 256 * 1024
+_NOT_KEY = re.compile(r"[^\w \-/+]")  # a character no key contains
+_WORD = re.compile(r"\w")
+_SPACES = re.compile(r"\s*")
+_QUOTED = re.compile(r'"(?:\\.|[^\\"])*"')  # one way to match each character: no backtracking blow-up
+
+
+class InfotextTooLong(ValueError):
+    pass
 
 
 def _quote(value: Any) -> str:
@@ -76,12 +87,15 @@ def from_parameters(p: dict[str, Any]) -> str:
 
 def parse(text: str) -> dict[str, Any]:
     """A1111's png-info ``parameters``: Prompt, Negative prompt, and each "Key: value" pair (strings),
-    Size split into Size-1 / Size-2."""
+    Size split into Size-1 / Size-2. Linear in the text's length; longer than :data:`MAX_CHARS`:
+    :class:`InfotextTooLong`."""
+    if len(text) > MAX_CHARS:
+        raise InfotextTooLong(f"the infotext is {len(text)} characters; at most {MAX_CHARS} are read")
     lines = text.strip().split("\n")
-    pairs_line = lines[-1] if len(lines) > 1 or len(_PAIR.findall(lines[-1])) >= 3 else ""
-    if pairs_line and len(_PAIR.findall(pairs_line)) < 3:
-        pairs_line = ""
-    body = lines[:-1] if pairs_line else lines
+    pairs = pairs_of(lines[-1])
+    if len(pairs) < 3:  # not a "Key: value, ..." line: all of it is prompt
+        pairs = []
+    body = lines[:-1] if pairs else lines
     prompt: list[str] = []
     negative: list[str] = []
     in_negative = False
@@ -90,7 +104,7 @@ def parse(text: str) -> dict[str, Any]:
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _PAIR.findall(pairs_line):
+    for key, value in pairs:
         if value.startswith('"'):
             try:
                 value = json.loads(value)
@@ -99,4 +113,46 @@ def parse(text: str) -> dict[str, Any]:
         out[key.strip()] = value
         if key.strip() == "Size" and "x" in value:
             out["Size-1"], out["Size-2"] = value.split("x", 1)
+    return out
+
+
+def pairs_of(line: str) -> list[tuple[str, str]]:
+    r"""The (key, value) pairs of an infotext's last line, as A1111's pattern
+    ``\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)`` finds them, in one pass: that
+    pattern retries every start of a long key-like run (40,000 letters without a colon took
+    seconds). Here a key is the run of key characters just before a colon, from its first word
+    character; a value a quoted string followed by a comma or the end, else the text to the next
+    comma. Each step starts where the last ended, so the work is linear in the line's length."""
+    out: list[tuple[str, str]] = []
+    n, pos = len(line), 0
+    breaks = [m.start() for m in _NOT_KEY.finditer(line)]  # where a key run cannot continue
+    memo: tuple[int, int] | None = None  # (opening, closing) quote of the last quoted scan; -1: unclosed
+    while pos < n:
+        colon = line.find(":", pos)
+        if colon < 0:
+            break
+        before = bisect_left(breaks, colon) - 1  # the last break before the colon
+        start = max(pos, breaks[before] + 1 if before >= 0 else 0)
+        word = _WORD.search(line, start, colon)
+        if word is None:  # no word character before this colon: no pair ends here
+            pos = colon + 1
+            continue
+        key = line[word.start() : colon]
+        spaces = _SPACES.match(line, colon + 1)  # whitespace may be empty: it always matches
+        j = spaces.end() if spaces else colon + 1
+        if j < n and line[j] == '"':
+            if memo is not None and memo[0] < j and (memo[1] < 0 or j < memo[1]):
+                close = memo[1]  # a quote escaped in the last scan ends where that scan ended
+            else:
+                quoted = _QUOTED.match(line, j)
+                close = quoted.end() - 1 if quoted else -1
+                memo = (j, close)
+            if close >= 0 and (close + 1 == n or line[close + 1] == ","):
+                out.append((key, line[j : close + 1]))
+                pos = close + 2
+                continue
+        comma = line.find(",", j)
+        end = n if comma < 0 else comma
+        out.append((key, line[j:end]))
+        pos = end + 1
     return out

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import image_gate
 from service.engine import Metrics
 from service.models.store import ModelStore
 from service.serving.service import Service
@@ -113,6 +114,7 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 def create_app(settings: Settings | None = None, store: ModelStore | None = None) -> FastAPI:
     """Build the app; models load in the lifespan, not here."""
     settings = settings or Settings()
+    image_gate.set_max_pixels(settings.max_image_pixels)
     state = Service(settings, store)
 
     @asynccontextmanager

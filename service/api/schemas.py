@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
+from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
 
 Number = float | int
+
+
+def _text_or_gated(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    return value if isinstance(value, GatedImage) else handler(value)
+
+
+# An image field: base64 text (or a data: URL) from a client, or, from the A1111 / OpenAI
+# translators only (JSON cannot make one), an image that already passed service/image_gate.py as a
+# GatedImage, so an upload is neither re-encoded nor decoded twice. Clients see a string field.
+ImageField = Annotated[str | None, Field(max_length=MAX_B64_CHARS), WrapValidator(_text_or_gated)]
 OptionValue = float | int | str
 
 
@@ -84,15 +95,14 @@ class SampleRequest(BaseModel):
     height: int | None = Field(
         default=None, ge=8, le=4096, description="image height, where the model allows"
     )
-    init_image: str | None = Field(
-        None, max_length=16_000_000, description="base64 PNG/JPEG start image for img2img"
+    init_image: ImageField = Field(
+        None, description="base64 PNG/JPEG/WebP start image for img2img (or a data: URL)"
     )
     denoise: float | None = Field(
         None, gt=0.0, le=1.0, description="img2img strength in (0, 1]; 1 = from noise"
     )
-    mask: str | None = Field(
+    mask: ImageField = Field(
         None,
-        max_length=16_000_000,
         description="base64 grayscale inpainting mask (white = repaint); needs init_image",
     )
     eta: float | None = Field(

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     )
     max_images: int = Field(default=16, ge=1, le=256, description="most images per request (n)")
     max_steps: int = Field(default=500, ge=1, le=10_000, description="most sampler steps per request")
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        le=89_478_485,  # PIL's own bomb limit (Image.MAX_IMAGE_PIXELS): beyond it PIL warns, then refuses
+        description="largest incoming image (width x height; init images, masks, uploads, png-info): "
+        "read from the header, refused before a pixel is decoded",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins; empty = CORS off"
     )

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from service.engine.jobs import JobRequest
-from service.images import ImageInputError, decode_image
+from service.image_gate import ImageInputError, to_tensor
 from service.models.lora import text_loras
 from service.models.store import LoadedModel, Manifest
 from service.models.tuned import TUNED, apply_tuned
@@ -109,9 +109,9 @@ def _text_job(req: SampleRequest, model: LoadedModel, n: int, cfg: float, denois
         if data is None:
             continue
         try:
-            t = decode_image(data, None, channels)
+            t = to_tensor(data, field, None, channels)
         except ImageInputError as exc:
-            raise FieldError(field, f"{field}: {exc}") from exc
+            raise FieldError(exc.field, exc.message, exc.allowed) from exc
         images[field] = t if field == "init_image" else (t + 1) / 2
     extra = {} if getattr(req, "guidance", None) is None else {"guidance": req.guidance}
     if extra and not getattr(sd, "takes_guidance", False):  # Flux-dev's distilled guidance input
@@ -144,17 +144,17 @@ def _images(
             raise FieldError("mask", "mask needs an init_image", [])
         return None, None
     try:
-        image = decode_image(req.init_image, model.image_size, model.image_channels)
+        image = to_tensor(req.init_image, "init_image", model.image_size, model.image_channels)
     except ImageInputError as exc:
-        raise FieldError("init_image", f"init_image: {exc}") from exc
+        raise FieldError(exc.field, exc.message, exc.allowed) from exc
     init = image if model.encode is None else model.encode(image.to(model.device, model.dtype)).cpu()
     mask = None
     if req.mask is not None:
         lat_hw = model.latent_shape[-2:]
         try:
-            mask = (decode_image(req.mask, (lat_hw[0], lat_hw[1]), 1) + 1) / 2
+            mask = (to_tensor(req.mask, "mask", (lat_hw[0], lat_hw[1]), 1) + 1) / 2
         except ImageInputError as exc:
-            raise FieldError("mask", f"mask: {exc}") from exc
+            raise FieldError(exc.field, exc.message, exc.allowed) from exc
     return init.expand(n, *init.shape[1:]).clone(), mask
 
 

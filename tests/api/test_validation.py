@@ -24,7 +24,11 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"n": 2, "seed": [1, 2, 3]}, "seed", "n=2"),
     ({"denoise": 0.5}, "denoise", "init_image"),
     ({"init_image": "not base64!!", "denoise": 0.5}, "init_image", "base64"),
-    ({"init_image": "aGVsbG8=", "denoise": 0.5}, "init_image", "not a readable image (5 bytes"),  # "hello"
+    (
+        {"init_image": "aGVsbG8=", "denoise": 0.5},
+        "init_image",
+        "not a PNG, JPEG or WebP image (5 by",
+    ),  # hello
     ({"cfg_scale": 99}, "cfg_scale", "less than or equal"),
     ({"timeout_s": 10_000}, "timeout_s", "300"),
     ({"sigmas": [1.0, 2.0, 0.0]}, "sigmas", "strictly descending"),

@@ -5,17 +5,14 @@ same engine as POST /sample (so requests of every frontend share model calls).""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import time
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
-from PIL import Image
 
-from service import infotext
+from service import image_gate, infotext
 from service.engine import JobStatus
+from service.image_gate import ImageInputError
 from service.images import KDIFF_KEY, PARAMETERS_KEY
 from service.serving.service import Service
 
@@ -153,14 +150,21 @@ async def set_options(body: dict[str, Any] = Body(...), call: CompatCall = Depen
 
 @router.post("/png-info", response_model=PNGInfoResponse)
 async def png_info(body: PNGInfoRequest) -> PNGInfoResponse:
-    """The infotext of a PNG (ours or A1111's), parsed; other text chunks (our JSON: ``kdiff``) in items."""
-    data = body.image.split(",", 1)[-1] if body.image.startswith("data:") else body.image
+    """The infotext of a PNG (ours or A1111's; JPEG / WebP: EXIF UserComment), parsed; other text
+    chunks (our JSON: ``kdiff``) in items. Read through the image gate, no pixel decoded, off the loop."""
+    return await asyncio.to_thread(_png_info, body.image)
+
+
+def _png_info(data: str) -> PNGInfoResponse:
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-    except (binascii.Error, ValueError, OSError) as exc:
-        raise FieldError("image", f"image: not a readable base64 image ({exc})") from exc
-    chunks = {str(k): v for k, v in img.info.items() if isinstance(v, str)}
+        chunks = image_gate.text_chunks(data, "image")
+    except ImageInputError as exc:
+        raise FieldError(exc.field, exc.message, exc.allowed) from exc
     text = chunks.pop(PARAMETERS_KEY, "")
     if text.startswith("{") and KDIFF_KEY not in chunks:  # our older PNGs: JSON in "parameters"
         chunks[KDIFF_KEY], text = text, ""
-    return PNGInfoResponse(info=text, items=chunks, parameters=infotext.parse(text) if text else {})
+    try:
+        parameters = infotext.parse(text) if text else {}
+    except infotext.InfotextTooLong as exc:
+        raise FieldError("image", f"image: its parameters text is too long to parse ({exc})") from exc
+    return PNGInfoResponse(info=text, items=chunks, parameters=parameters)

@@ -11,8 +11,6 @@ What does not map one to one, and is said in ``info`` (``comments``):
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 import secrets
 from collections.abc import Collection
@@ -21,7 +19,8 @@ from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps
 
-from service import a1111_names
+from service import a1111_names, image_gate
+from service.image_gate import GatedImage, ImageInputError
 from service.models.store import LoadedModel
 from service.sampling import registry
 
@@ -119,15 +118,10 @@ def _sampler_options(body: Txt2ImgRequest, sampler: str) -> dict[str, Any]:
     return out
 
 
-def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> str:
+def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> GatedImage:
     """A1111's mask (white = repaint; inverted on request; blurred by mask_blur) at the image size."""
     assert body.mask is not None
-    data = body.mask.split(",", 1)[-1] if body.mask.startswith("data:") else body.mask
-    try:
-        img: Image.Image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        img.load()
-    except Exception as exc:
-        raise FieldError("mask", f"mask: not a readable base64 image ({exc})") from exc
+    img = _gated(body.mask, "mask").image
     if img.mode in ("RGBA", "LA"):  # painted masks: the alpha is the stroke
         img = img.getchannel("A")
     img = img.convert("L")
@@ -138,18 +132,15 @@ def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> str:
     blur = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur
     if blur and blur > 0:
         img = img.filter(ImageFilter.GaussianBlur(blur))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    return GatedImage(img, "mask")
 
 
-def _init_size(data: str) -> tuple[int, int]:
-    raw = data.split(",", 1)[-1] if data.startswith("data:") else data
+def _gated(data: str, field: str) -> GatedImage:
+    """An A1111 image field through the gate (decoded once; our request takes it as it is)."""
     try:
-        with Image.open(io.BytesIO(base64.b64decode(raw, validate=True))) as img:
-            return img.size
-    except Exception as exc:
-        raise FieldError("init_images", f"init_images[0]: not a readable base64 image ({exc})") from exc
+        return image_gate.load(data, field)
+    except ImageInputError as exc:
+        raise FieldError(exc.field, exc.message, exc.allowed) from exc
 
 
 def plan(
@@ -245,11 +236,11 @@ def plan(
 def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]) -> dict:
     if not body.init_images:
         raise FieldError("init_images", "img2img needs init_images (one base64 image)")
-    init = body.init_images[0]
+    init = _gated(body.init_images[0], "init_images")
     strength = body.denoising_strength if body.denoising_strength is not None else 0.75
     if strength <= 0:
         raise FieldError("denoising_strength", "denoising_strength must be > 0", [0.0, 1.0])
     out: dict[str, Any] = {"init_image": init, "denoise": strength}
     if body.mask is not None:
-        out["mask"] = _mask(body, _init_size(init) if model.conditioning == "text" else gen)
+        out["mask"] = _mask(body, init.image.size if model.conditioning == "text" else gen)
     return out

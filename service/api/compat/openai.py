@@ -15,6 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service import image_gate
 from service.engine import Job, JobStatus
 from service.images import png_bytes, read_parameters
 from service.serving.service import Service
@@ -37,7 +38,7 @@ from .runner import run
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 authed = [Depends(require_api_key)]
-MAX_UPLOAD = 16 * 2**20
+MAX_UPLOAD = image_gate.MAX_FILE_BYTES
 STARTED = int(time.time())
 
 

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_IMAGE_B64 = 16_000_000  # one base64 image field (the body limit allows two of them)
+from service.image_gate import MAX_B64_CHARS
+
+MAX_IMAGE_B64 = MAX_B64_CHARS  # one base64 image field, the gate's bound (the body limit allows two)
 ImageB64 = Annotated[str, Field(max_length=MAX_IMAGE_B64)]
 
 
@@ -69,7 +71,7 @@ class ImageResponse(BaseModel):
 
 
 class PNGInfoRequest(BaseModel):
-    image: str = Field(max_length=MAX_IMAGE_B64, description="base64 PNG (or a data: URL)")
+    image: str = Field(max_length=MAX_IMAGE_B64, description="base64 PNG, JPEG or WebP (or a data: URL)")
 
 
 class PNGInfoResponse(BaseModel):

@@ -152,6 +152,7 @@ def kohya_file(
     conv_rank: int | None = None,
     conv_alpha: float = 1.0,
     sgm: bool = False,
+    std: float = 0.2,
 ) -> dict[str, Tensor]:
     """A kohya LoRA (LoCon when ``conv_rank``): ``lora_unet_`` / ``lora_te_`` (two encoders: ``lora_te1_``
     / ``lora_te2_``) keys with per-layer alphas, UNet names in the SGM layout when ``sgm``."""
@@ -159,7 +160,7 @@ def kohya_file(
     out: dict[str, Tensor] = {}
 
     def add(prefix: str, path: str, m: nn.Module, r: int, a: float) -> None:
-        down, up = random_pair(m, r, g)
+        down, up = random_pair(m, r, g, std)
         key = prefix + path.replace(".", "_")
         out[f"{key}.lora_down.weight"] = down.contiguous()
         out[f"{key}.lora_up.weight"] = up.contiguous()
@@ -184,7 +185,7 @@ PEFT_TEXT = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def diffusers_file(
-    unet: nn.Module, text_encoders: list[nn.Module], seed: int, layout: str, rank: int = 4
+    unet: nn.Module, text_encoders: list[nn.Module], seed: int, layout: str, rank: int = 4, std: float = 0.2
 ) -> dict[str, Tensor]:
     """A diffusers-side LoRA: ``layout`` "peft" (``lora_A`` / ``lora_B``), "diffusers" (what
     ``save_lora_weights`` writes: ``unet.*.lora.down``, ``text_encoder.*.lora_linear_layer.down``) or
@@ -210,7 +211,7 @@ def diffusers_file(
                 and not any(path.endswith(t) for t in old_names if t.startswith("to_"))
             ):
                 continue  # the processor format held attention projections only
-            down, up = random_pair(m, rank, g)
+            down, up = random_pair(m, rank, g, std)
             full = f"{comp}.{with_text_model(path) if text else path}"
             last = next(t for t in targets if path.endswith(t))
             if layout == "peft":

@@ -6,7 +6,6 @@ mixing rows with no LoRA, A, B and A+B equals each row run alone (<= 1e-5)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,9 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
 
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
-
 from service.models.lora import LoraError, LoraIndex, attach  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.support.lora_files import diffusers_file, kohya_file, kohya_state, random_layers, save  # noqa: E402
+from tests.support.lora_files import kohya_state, random_layers, real_file, reference_pipeline, save  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 WEIGHT = 0.8
@@ -29,15 +26,6 @@ WEIGHT = 0.8
 @pytest.fixture(scope="module")
 def sd1() -> Any:
     return ModelStore(tiny_sd_store()).load("sd1")
-
-
-def real_file(model: Any, layout: str, seed: int) -> dict[str, torch.Tensor]:
-    """A LoRA for ``model`` in ``layout``: kohya (LoCon on SD1; SGM names on SDXL), peft, diffusers, old."""
-    sd = model.sd
-    unet, tes = sd.unet, sd.components.text_encoders
-    if layout == "kohya":
-        return kohya_file(unet, tes, seed, conv_rank=None if sd.is_sdxl else 2, sgm=sd.is_sdxl)
-    return diffusers_file(unet, tes, seed, layout)
 
 
 def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -57,30 +45,6 @@ def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
             }
         }
     return x, t, ctx, ids, extra
-
-
-def _reference(model: Any, path: Path, weight: float) -> Any:
-    """diffusers' own LoRA loading from the file, fused into copies of the UNet and text encoders."""
-    c = model.sd.components
-    kw: dict[str, Any] = {
-        "vae": c.vae,
-        "text_encoder": copy.deepcopy(c.text_encoders[0]),
-        "tokenizer": c.tokenizers[0],
-        "unet": copy.deepcopy(c.unet),
-        "scheduler": EulerDiscreteScheduler.from_config(c.scheduler_config),
-    }
-    if model.sd.is_sdxl:
-        pipe: Any = StableDiffusionXLPipeline(
-            text_encoder_2=copy.deepcopy(c.text_encoders[1]), tokenizer_2=c.tokenizers[1], **kw
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-        )
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="x")
-    names = ["unet", "text_encoder", "text_encoder_2"][: 1 + len(c.text_encoders)]
-    pipe.fuse_lora(lora_scale=weight, components=names)
-    return pipe
 
 
 @pytest.mark.parametrize(
@@ -103,7 +67,7 @@ def test_matches_diffusers_fused_lora(name: str, layout: str, tmp_path: Path) ->
         resolved = adapters.resolve([("a", WEIGHT)])
         x, t, ctx, ids, extra = _inputs(model)
         unet, tes = model.sd.unet, model.sd.components.text_encoders
-        pipe = _reference(model, path, WEIGHT)
+        pipe = reference_pipeline(model, path, WEIGHT)
         refs = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
         with torch.inference_mode():
             with adapters.call(adapters.encode(resolved, 4)):

@@ -8,7 +8,6 @@ our API, the A1111 and the OpenAI routes."""
 from __future__ import annotations
 
 import base64
-import copy
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,12 +21,12 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
 
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
+from diffusers import EulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import make_noise  # noqa: E402
-from tests.support.lora_files import diffusers_file, kohya_file, save  # noqa: E402
+from tests.support.lora_files import kohya_file, real_file, reference_pipeline, save  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
@@ -48,16 +47,6 @@ LOHA = "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a"
 DORA = "lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale"
 
 
-def _file(model: Any, layout: str, seed: int) -> dict[str, torch.Tensor]:
-    sd = model.sd
-    unet, tes = sd.unet, sd.components.text_encoders
-    if layout == "kohya":
-        return kohya_file(
-            unet, tes, seed, conv_rank=None if sd.is_sdxl else 2, sgm=sd.is_sdxl, std=STD[layout]
-        )
-    return diffusers_file(unet, tes, seed, layout, std=STD[layout])
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("lora-store")
@@ -67,7 +56,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         (root / name).symlink_to(tiny / name, target_is_directory=True)
         models[name] = ModelStore(tiny).load(name)
     for i, (lora, (model, layout)) in enumerate(FILES.items()):
-        save(_file(models[model], layout, seed=20 + i), root / "loras" / f"{lora}.safetensors")
+        save(real_file(models[model], layout, 20 + i, STD[layout]), root / "loras" / f"{lora}.safetensors")
     save({LOHA: torch.zeros(2, 2)}, root / "loras" / "loha.safetensors")
     dora = kohya_file(models["sd1"].sd.unet, models["sd1"].sd.components.text_encoders, 0)
     dora[DORA] = torch.ones(64)
@@ -96,30 +85,8 @@ def _ours(url: str, model: str, prompt: str, sigmas: list[float]) -> np.ndarray:
 
 
 def _diffusers(model: Any, lora: Path | None) -> np.ndarray:
-    """diffusers' pipeline on copies of the same components, the LoRA loaded by load_lora_weights."""
-    c = model.sd.components
-    kw: dict[str, Any] = {
-        "vae": c.vae,
-        "text_encoder": copy.deepcopy(c.text_encoders[0]),
-        "tokenizer": c.tokenizers[0],
-        "unet": copy.deepcopy(c.unet),
-        "scheduler": EulerDiscreteScheduler.from_config(c.scheduler_config),
-    }
-    if model.sd.is_sdxl:
-        pipe: Any = StableDiffusionXLPipeline(
-            text_encoder_2=copy.deepcopy(c.text_encoders[1]), tokenizer_2=c.tokenizers[1], **kw
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-        )
-    pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
-        pipe.fuse_lora(
-            lora_scale=WEIGHT,
-            components=["unet", "text_encoder", "text_encoder_2"][: 1 + len(c.text_encoders)],
-        )
+    """diffusers' pipeline with the LoRA loaded by load_lora_weights, from the service's start noise."""
+    pipe = reference_pipeline(model, lora, WEIGHT)
     noise = make_noise((1, 4, 8, 8), [SEED])  # the service's start noise for this seed
     with torch.inference_mode():
         out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -227,3 +229,42 @@ def diffusers_file(
                 a, b = f"{full}.lora_linear_layer.down.weight", f"{full}.lora_linear_layer.up.weight"
             out[a], out[b] = down.contiguous(), up.contiguous()
     return out
+
+
+def real_file(model: Any, layout: str, seed: int, std: float = 0.2) -> dict[str, Tensor]:
+    """A LoRA for a loaded Stable Diffusion ``model`` in ``layout``: "kohya" (a LoCon on SD1/SD2; SGM
+    UNet names and lora_te1_/lora_te2_ on SDXL), or diffusers_file's "peft", "diffusers", "old"."""
+    sd = model.sd
+    unet, tes = sd.unet, sd.components.text_encoders
+    if layout == "kohya":
+        return kohya_file(unet, tes, seed, conv_rank=None if sd.is_sdxl else 2, sgm=sd.is_sdxl, std=std)
+    return diffusers_file(unet, tes, seed, layout, std=std)
+
+
+def reference_pipeline(model: Any, lora: Path | None, weight: float) -> Any:
+    """diffusers' StableDiffusion(XL)Pipeline on copies of ``model``'s components, with ``lora`` loaded
+    by diffusers' own ``load_lora_weights`` from the file and fused at ``weight``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    c = model.sd.components
+    kw: dict[str, Any] = {
+        "vae": c.vae,
+        "text_encoder": copy.deepcopy(c.text_encoders[0]),
+        "tokenizer": c.tokenizers[0],
+        "unet": copy.deepcopy(c.unet),
+        "scheduler": EulerDiscreteScheduler.from_config(c.scheduler_config),
+    }
+    if model.sd.is_sdxl:
+        pipe: Any = StableDiffusionXLPipeline(
+            text_encoder_2=copy.deepcopy(c.text_encoders[1]), tokenizer_2=c.tokenizers[1], **kw
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+        )
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+        names = ["unet", "text_encoder", "text_encoder_2"][: 1 + len(c.text_encoders)]
+        pipe.fuse_lora(lora_scale=weight, components=names)
+    return pipe

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=2.0, ge=0, le=10_000, description="wait for a burst when the engine idles"
     )
+    invariant_rows: int = Field(
+        default=8,
+        ge=0,
+        le=8192,
+        description="batch-invariant mode: every model call runs exactly this many rows (padded), so the "
+        "same seed gives the same image bit for bit alone or batched; 0 = off (calls of any size)",
+    )
     job_timeout_s: float = Field(default=300.0, gt=0, description="deadline per job (queue time counts)")
     result_ttl_s: float = Field(default=600.0, gt=0, description="how long finished job results are kept")
     max_results: int = Field(default=1000, ge=1, description="most finished jobs kept (oldest dropped first)")

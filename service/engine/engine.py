@@ -40,6 +40,9 @@ class EngineConfig:
     max_queue: int = 256
     batch_wait_ms: float = 2.0
     mode: Mode = Mode.iteration
+    # batch-invariant mode: every denoiser call has exactly this many rows (padded), so an image is
+    # bit for bit the same alone or batched (runner.py); None: calls of any size up to max_batch_rows
+    invariant_rows: int | None = None
 
 
 def _default_finalize(job: Job, images: Tensor) -> Any:
@@ -58,7 +61,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.finalize = finalize or _default_finalize
-        self.runner = ModelRunner(handle, self.config.max_batch_rows)
+        self.runner = ModelRunner(handle, self.config.max_batch_rows, self.config.invariant_rows)
         self.scheduler = Scheduler(self.config.mode, self.config.max_batch_rows)
         self.executor = Executor(handle, self.runner, metrics)
         self.iterations = 0  # plans made so far (a plan's number, in logs)

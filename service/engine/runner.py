@@ -40,26 +40,42 @@ ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
 class ModelRunner:
     """Runs the denoiser on packed rows (no grad), chunking calls above ``max_rows``.
 
-    Out of memory, it halves its chunk size and retries (the denoiser is row-independent, so the
-    result is the same), and keeps the smaller size: a batch too big for the device slows down
-    instead of failing its jobs, and later calls do not hit the same wall.
+    Batch-invariant mode (``chunk_rows``, the engine's ``invariant_rows``): every denoiser call has
+    exactly ``chunk_rows`` rows (the last chunk padded with copies of its last row, whose outputs
+    are dropped). A model's float rounding depends on the shape of its call (the kernels and their
+    blocking are chosen by the batch size), not on where a row sits in it or on its neighbours'
+    values, so with the shape fixed a row's output is bit for bit the same whatever shares its call:
+    the same seed gives the same image alone or batched (tests/engine/test_batch_invariance.py
+    checks both halves of that on the digits UNet, eager and traced). The price is the padding and
+    the smaller calls (docs/BENCHMARKS.md).
+
+    Out of memory, it halves its chunk size and retries, and keeps the smaller size: a batch too big
+    for the device slows down instead of failing its jobs, and later calls do not hit the same wall
+    (in batch-invariant mode images stay invariant among calls made at the new size).
     """
 
-    def __init__(self, handle: ModelHandle, max_rows: int) -> None:
+    def __init__(self, handle: ModelHandle, max_rows: int, chunk_rows: int | None = None) -> None:
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
         self.handle, self.max_rows = handle, max_rows
+        self.chunk_rows = None if chunk_rows is None else min(chunk_rows, max_rows)
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         while True:
             try:
+                if self.chunk_rows is not None:
+                    return self._fixed(x, sigma, cond, self.chunk_rows)
                 return self._chunked(x, sigma, cond)
             except torch.OutOfMemoryError:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
-                rows = min(self.max_rows, x.shape[0])
+                rows = min(self.max_rows, x.shape[0]) if self.chunk_rows is None else self.chunk_rows
                 if rows <= 1:
                     raise
                 self.max_rows = rows // 2
+                if self.chunk_rows is not None:
+                    self.chunk_rows = rows // 2
                 log.warning(
                     "%s: out of memory at %d rows per call; now at most %d",
                     self.handle.name,
@@ -76,6 +92,20 @@ class ModelRunner:
             part = slice(i, i + size)
             outs.append(self._call(x[part], sigma[part], {k: v[part] for k, v in cond.items()}))
         return torch.cat(outs)
+
+    def _fixed(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], size: int) -> Tensor:
+        """Calls of exactly ``size`` rows each (batch-invariant mode)."""
+        rows = x.shape[0]
+        pad = -rows % size
+        if pad:  # copies of a real row: padding stays finite and valid for any model
+            index = torch.cat([torch.arange(rows), torch.full([pad], rows - 1)]).to(x.device)
+            x, sigma = x.index_select(0, index), sigma.index_select(0, index)
+            cond = {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
+        outs = []
+        for i in range(0, rows + pad, size):
+            part = slice(i, i + size)
+            outs.append(self._call(x[part], sigma[part], {k: v[part] for k, v in cond.items()}))
+        return torch.cat(outs)[:rows]
 
     def _call(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         rows = cond.get(ROW_ADAPTERS)

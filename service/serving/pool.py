@@ -54,6 +54,8 @@ class PoolSettings(Protocol):
     def batch_wait_ms(self) -> float: ...
     @property
     def batching(self) -> Mode: ...
+    @property
+    def invariant_rows(self) -> int: ...
     def resolve_device(self) -> str: ...
 
 
@@ -279,7 +281,9 @@ class ModelPool:
                 model.decode,
                 None if adapters is None else adapters.call,
             )
-            config = EngineConfig(s.max_batch_rows, s.max_queue, s.batch_wait_ms, s.batching)
+            config = EngineConfig(
+                s.max_batch_rows, s.max_queue, s.batch_wait_ms, s.batching, s.invariant_rows or None
+            )
             engine = Engine(handle, config, self.metrics, self._finalize)
             engine.start()
             self.models[name], self.engines[name] = model, engine

@@ -162,6 +162,26 @@ def test_out_of_memory_halves_the_rows_per_call_and_the_jobs_still_succeed() -> 
         torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
 
 
+def test_out_of_memory_in_batch_invariant_mode_halves_the_fixed_call_size() -> None:
+    model = SmallDevice(limit=5)
+    reqs = [request("dpmpp_2m", 4, seeds=list(range(5)), cfg=3.0), request("euler", 4, seeds=[9])]
+
+    async def go() -> list:
+        engine = make_engine(model, max_batch_rows=64, invariant_rows=8)
+        engine.start()
+        jobs = [engine.submit(r) for r in reqs]
+        await asyncio.gather(*(j.wait_done() for j in jobs))
+        await engine.stop()
+        return [*jobs, engine.runner.chunk_rows]
+
+    *jobs, chunk = run(go)
+    assert [j.status for j in jobs] == [JobStatus.succeeded] * 2, [j.error for j in jobs]
+    assert chunk == 4 and [c for c in model.calls if c < 0] == [-8]  # 8 rows failed once, then 4
+    assert set(c for c in model.calls if c > 0) == {4}  # 11 rows: three calls of exactly 4, padded
+    for job, req in zip(jobs, reqs, strict=True):
+        torch.testing.assert_close(job.result, reference(FakeDenoiser(), req), atol=1e-5, rtol=0)
+
+
 def test_out_of_memory_on_a_single_row_fails_only_that_job() -> None:
     model = SmallDevice(limit=0)
 

@@ -31,3 +31,20 @@ def server(reliability_store: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(reliability_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The schemathesis runs' server: small bounds keep each generated request quick (the bounds
+    themselves are fuzzed too)."""
+    srv = start(
+        reliability_store,
+        tmp_path_factory.mktemp("fuzz") / "server.log",
+        KDIFF_MAX_STEPS="40",
+        KDIFF_MAX_IMAGES="4",
+        KDIFF_JOB_TIMEOUT_S="20",
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from tests.support.server import Server
 
@@ -15,6 +16,9 @@ KEY1, KEY2, ADMIN = "key-one", "key-two", "admin-key"
 AUTH1 = {"Authorization": f"Bearer {KEY1}"}
 AUTH2 = {"Authorization": f"Bearer {KEY2}"}
 AUTH_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+
+# The A1111 and OpenAI routes (their own fuzz run: test_fuzz_frontends.py).
+FRONTENDS = r"^/(sdapi/v1|v1)/"
 
 # What a server with Python's default error handling writes when a request escapes the app.
 CRASH_MARKERS = ("Exception in ASGI application", "Traceback (most recent call last)")
@@ -67,3 +71,20 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else -1
+
+
+def schema_types(spec: dict[str, Any]) -> set[str]:
+    """The JSON types a property accepts, with array items as 'array:<type>' and objects as 'object'."""
+    out: set[str] = set()
+    for alt in spec.get("anyOf", [spec]):
+        kind = alt.get("type")
+        if kind == "array":
+            out.add(f"array:{alt.get('items', {}).get('type')}")
+        elif kind == "object":
+            out.add("object")
+        elif kind is not None:
+            out.add(kind)
+        extra = alt.get("additionalProperties")  # a schema, or True for dict[str, Any]
+        for sub in extra.get("anyOf", []) if isinstance(extra, dict) else []:
+            out.add(f"object:{sub.get('type')}")
+    return out

@@ -4,41 +4,23 @@ schema, so a new field is covered without editing this file)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
 
 from service.api.schemas import SampleRequest
 from tests.support.server import Server
 
-from .support import AUTH1, crashes
+from .support import AUTH1, crashes, schema_types
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]  # Python's json.loads takes them all
 OUT_OF_RANGE = {"integer": str(10**30), "number": "-1e30"}
-
-
-def _types(spec: dict[str, Any]) -> set[str]:
-    """The JSON types a property accepts, with array items as 'array:<type>' and objects as 'object'."""
-    out: set[str] = set()
-    for alt in spec.get("anyOf", [spec]):
-        kind = alt.get("type")
-        if kind == "array":
-            out.add(f"array:{alt.get('items', {}).get('type')}")
-        elif kind == "object":
-            out.add("object")
-        elif kind is not None:
-            out.add(kind)
-        for sub in alt.get("additionalProperties", {}).get("anyOf", []):
-            out.add(f"object:{sub.get('type')}")
-    return out
 
 
 def _cases() -> list[tuple[str, str]]:
     """(field, raw JSON value) for every field of SampleRequest."""
     cases = []
     for field, spec in SampleRequest.model_json_schema()["properties"].items():
-        types = _types(spec)
+        types = schema_types(spec)
         for literal in NON_FINITE:
             if types & {"object", "object:number", "object:integer"}:
                 cases.append((field, f'{{"eta": {literal}}}'))

@@ -20,7 +20,7 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = Field("", max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    styles: list[str] | None = None
+    styles: list[Annotated[str, Field(max_length=256)]] | None = Field(None, max_length=64)
     seed: int = Field(-1, ge=-1, lt=2**63, description="-1 = random")
     subseed: int = Field(-1, ge=-1, lt=2**63, description="variation seed; -1 = random")
     subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
@@ -33,19 +33,21 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0, description="default: the model's")
     width: int = Field(512, ge=8, le=8192)
     height: int = Field(512, ge=8, le=8192)
-    eta: float | None = None
-    s_churn: float | None = None
-    s_tmax: float | None = None
-    s_tmin: float | None = None
-    s_noise: float | None = None
-    denoising_strength: float | None = None
+    # A1111's sampler settings (webuiapi sends them with every request); bounds generous around
+    # A1111's own UI ranges; a value the chosen sampler does not take is ignored
+    eta: float | None = Field(None, ge=0.0, le=100.0)
+    s_churn: float | None = Field(None, ge=0.0, le=1000.0)
+    s_tmax: float | None = Field(None, ge=0.0, le=1e4, description="0 = no upper limit")
+    s_tmin: float | None = Field(None, ge=0.0, le=1e4)
+    s_noise: float | None = Field(None, ge=0.0, le=10.0)
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     enable_hr: bool = False
     restore_faces: bool | None = None
     tiling: bool | None = None
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
     save_images: bool = False
-    script_name: str | None = None
+    script_name: str | None = Field(None, max_length=256)
     alwayson_scripts: dict[str, Any] | None = None
 
 
@@ -53,13 +55,13 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[ImageB64] = Field(default_factory=list, max_length=64)
     mask: ImageB64 | None = None
     denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0)
-    resize_mode: int = 0
+    resize_mode: int = Field(0, ge=0, le=3)
     mask_blur: int = Field(4, ge=0, le=256)
-    mask_blur_x: int | None = None
-    mask_blur_y: int | None = None
-    inpainting_fill: int = 0
-    inpaint_full_res: bool | int = True
-    inpaint_full_res_padding: int = 0
+    mask_blur_x: int | None = Field(None, ge=0, le=256)
+    mask_blur_y: int | None = Field(None, ge=0, le=256)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool | Annotated[int, Field(ge=0, le=1)] = True
+    inpaint_full_res_padding: int = Field(0, ge=0, le=4096)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 

@@ -26,7 +26,7 @@ from service.sampling import registry
 
 from ..schemas import SampleRequest
 from ..validation import FieldError
-from . import a1111_options, frontend_schedules
+from . import a1111_options, frontend_schedules, limits
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -160,7 +160,9 @@ def plan(
     steps = body.steps or int(d.get("steps", 20))
     cfg = body.cfg_scale if body.cfg_scale is not None else float(d.get("cfg_scale", 7.0))
     comments = _ignored(body)
-    schedule, schedule_options, note = frontend_schedules.for_model(schedule, model, steps)
+    img2img = isinstance(body, Img2ImgRequest) and body.denoising_strength is not None
+    denoise = float(body.denoising_strength or 1.0) if img2img else 1.0
+    schedule, schedule_options, note = frontend_schedules.for_model(schedule, model, steps, denoise)
     comments += [note] if note else []
     clip_skip = a1111_options.clip_skip(overrides, options)
     total = body.batch_size * body.n_iter
@@ -216,7 +218,8 @@ def plan(
             comments.append("negative_prompt is ignored by this model (it reads no text)")
         if clip_skip != 1:
             comments.append("CLIP_stop_at_last_layers is ignored by this model (it has no text encoder)")
-    if gen != size:
+    if gen != size and model.conditioning != "text":
+        limits.check_resize(size, total, ("width", "height", "n_iter"))
         comments.append(f"model {model.name!r} generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)

@@ -48,9 +48,13 @@ def _at(u: float, lo: float, hi: float) -> float:
     return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
 
 
-def for_model(schedule: str, model: LoadedModel, steps: int) -> tuple[str, dict[str, Any], str | None]:
+def for_model(
+    schedule: str, model: LoadedModel, steps: int, denoise: float = 1.0
+) -> tuple[str, dict[str, Any], str | None]:
     """(schedule, schedule_options, comment) to run a frontend's ``schedule`` on ``model``: the
-    schedule itself where the model can run it (comment None), else its equivalent (see above)."""
+    schedule itself where the model can run it (comment None), else its equivalent (see above).
+    ``denoise`` < 1 (img2img): the schedule is made for steps / denoise steps and its tail run (as
+    ``spec.make_sigmas`` does), so the rule's n is that longer count."""
     if schedule not in registry.SCHEDULES or not registry.get_schedule(schedule).needs_discrete:
         return schedule, {}, None
     if _discrete(model):
@@ -61,7 +65,8 @@ def for_model(schedule: str, model: LoadedModel, steps: int) -> tuple[str, dict[
         note = f"schedule {schedule!r} needs a discrete-time model; ran the model's default {default!r}"
         return default, {}, note
     lo, hi = float(model.denoiser.sigma_min), float(model.denoiser.sigma_max)
-    u_lo, u_hi = rule(max(1, steps))
+    n = steps if denoise >= 1.0 else max(steps, int(steps / denoise))
+    u_lo, u_hi = rule(max(1, n))
     options: dict[str, Any] = {}
     if u_lo > 0 or u_hi < 1:
         top = _at(u_hi, lo, hi)

@@ -40,3 +40,20 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 def check_depth(value: Any, field: str, limit: int = MAX_DEPTH) -> None:
     if depth(value, limit) > limit:
         raise FieldError(field, f"{field} is nested deeper than {limit} levels")
+
+
+# What a request may ask a fixed-size model's images to be resized to (the resize and the PNGs
+# happen on the server whatever the model made): per image, and for all images of one request.
+MAX_RESIZE_SIDE = 2048  # A1111's own UI limit
+MAX_OUTPUT_PIXELS = 2**26  # 16 images of 2048x2048, 256 of 512x512
+
+
+def check_resize(size: tuple[int, int], images: int, fields: tuple[str, str, str]) -> None:
+    """``size`` (width, height) for ``images`` images; ``fields``: the width, height and count fields."""
+    for side, field in zip(size, fields[:2], strict=True):
+        if side > MAX_RESIZE_SIDE:
+            message = f"{field} must be at most {MAX_RESIZE_SIDE} for a fixed-size model (images are resized)"
+            raise FieldError(field, message, [8, MAX_RESIZE_SIDE])
+    if size[0] * size[1] * images > MAX_OUTPUT_PIXELS:
+        message = f"images x width x height must be at most {MAX_OUTPUT_PIXELS} pixels for a fixed-size model"
+        raise FieldError(fields[2], message)

@@ -23,7 +23,7 @@ from service.models.store import LoadedModel
 from service.sampling.errors import InputError
 
 from ..schemas import SampleRequest
-from . import frontend_schedules
+from . import frontend_schedules, limits
 from .a1111_translate import class_from_prompt
 from .errors import OpenAIError
 from .openai_schemas import ImageGenerationRequest
@@ -107,8 +107,6 @@ def translate(
         "schedule": req.schedule,
         "steps": _steps(req, model, max_steps),
     }
-    if req.schedule is not None:  # A1111's scheduler names too, run on any model
-        fields |= _schedule(req.schedule, model, fields["steps"], comments)
     if model.conditioning == "text":
         w, h = asked or model.image_size[::-1]
         gen = (w - w % 8, h - h % 8)
@@ -122,15 +120,25 @@ def translate(
         else:
             comments.append("no class in the prompt: unconditional sample")
     size = asked or gen
+    if size != gen and model.conditioning != "text":
+        try:
+            limits.check_resize(size, req.n, ("size", "size", "n"))
+        except InputError as exc:
+            raise OpenAIError(400, exc.message, exc.field, "invalid_size") from exc
     if image is not None:
         fields |= _edit_inputs(image, mask, model, gen, req.denoise)
+    if req.schedule is not None:  # A1111's scheduler names too, run on any model
+        denoise = float(fields.get("denoise") or 1.0)
+        fields |= _schedule(req.schedule, model, fields["steps"], denoise, comments)
     if size != gen:
         comments.append(f"generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
     body = SampleRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     return Translated(model, body, size, gen, comments)
 
 
-def _schedule(name: str, model: LoadedModel, steps: int | None, comments: list[str]) -> dict[str, Any]:
+def _schedule(
+    name: str, model: LoadedModel, steps: int | None, denoise: float, comments: list[str]
+) -> dict[str, Any]:
     try:
         _, schedule = a1111_names.resolve(None, name)
     except InputError as exc:
@@ -139,7 +147,7 @@ def _schedule(name: str, model: LoadedModel, steps: int | None, comments: list[s
     if schedule is None:  # "automatic": the model's own
         return {"schedule": None}
     steps = steps or int(model.manifest.defaults.get("steps", 20))
-    schedule, options, note = frontend_schedules.for_model(schedule, model, steps)
+    schedule, options, note = frontend_schedules.for_model(schedule, model, steps, denoise)
     comments += [note] if note else []
     return {"schedule": schedule, "schedule_options": options or None}
 

@@ -1,0 +1,74 @@
+"""A1111's discrete-timestep schedulers on a continuous-time model (frontend_schedules.py).
+
+The oracle: a continuous-time model's timestep is log sigma, so its equivalent of a rule over T
+discrete timesteps is that rule on a table spaced uniformly in log sigma, as T grows. Our real
+discrete schedules (the code SD models run) on such a table of 20,000 entries must give the sigmas
+the mapping runs on the continuous model, within a few table entries."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from service.api.compat import frontend_schedules
+from service.sampling.spec import SamplingSpec, make_sigmas
+
+LO, HI = 0.02, 20.0  # the shipped digits model's range
+T = 20_000
+
+
+@dataclass
+class Continuous:
+    sigma_min: float = LO
+    sigma_max: float = HI
+
+
+class Discrete(Continuous):
+    """A table uniform in log sigma from LO (t = 0) to HI (t = T-1)."""
+
+    sigmas = torch.exp(torch.linspace(math.log(LO), math.log(HI), T, dtype=torch.float64)).float()
+
+
+def model(denoiser: Any) -> Any:
+    manifest = SimpleNamespace(name="m", defaults={"schedule": "karras"})
+    return SimpleNamespace(denoiser=denoiser, manifest=manifest, name="m")
+
+
+def run(schedule: str, options: dict[str, Any], steps: int, denoise: float, denoiser: Any) -> torch.Tensor:
+    spec = SamplingSpec("euler", schedule, steps, [0], {}, options, denoise)
+    return make_sigmas(spec, denoiser)
+
+
+@pytest.mark.parametrize("schedule", ["normal", "sgm_uniform", "simple", "ddim_uniform"])
+@pytest.mark.parametrize(
+    ("steps", "denoise"), [(1, 1.0), (2, 1.0), (7, 1.0), (20, 1.0), (30, 1.0), (10, 0.5)]
+)
+def test_equivalent_is_the_discrete_rule_in_the_limit(schedule: str, steps: int, denoise: float) -> None:
+    name, options, note = frontend_schedules.for_model(schedule, model(Continuous()), steps, denoise)
+    assert name == "exponential" and note is not None and schedule in note
+    ours = run(name, options, steps, denoise, Continuous())
+    reference = run(schedule, {}, steps, denoise, Discrete())
+    assert ours[-1] == 0 and reference[-1] == 0 and len(ours) == len(reference) == steps + 1
+    # within n + 2 table entries (ddim's T // n drifts by up to one entry per step)
+    tol = (steps / denoise + 2) * math.log(HI / LO) / (T - 1)
+    assert torch.allclose(ours[:-1].log(), reference[:-1].log(), atol=tol, rtol=0), (ours, reference)
+
+
+def test_a_discrete_model_runs_the_schedule_itself() -> None:
+    for schedule in ("normal", "sgm_uniform", "simple", "ddim_uniform", "karras"):
+        assert frontend_schedules.for_model(schedule, model(Discrete()), 20) == (schedule, {}, None)
+
+
+def test_continuous_schedules_are_unchanged_on_a_continuous_model() -> None:
+    for schedule in ("karras", "exponential", "beta", "kl_optimal", "align_your_steps", "polyexponential"):
+        assert frontend_schedules.for_model(schedule, model(Continuous()), 20) == (schedule, {}, None)
+
+
+def test_a_discrete_only_schedule_without_a_rule_falls_back_to_the_models_default() -> None:
+    name, options, note = frontend_schedules.for_model("flow", model(Continuous()), 20)
+    assert (name, options) == ("karras", {}) and note is not None and "default 'karras'" in note

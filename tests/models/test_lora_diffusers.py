@@ -6,6 +6,7 @@ mixing rows with no LoRA, A, B and A+B equals each row run alone (<= 1e-5)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from service.models.lora import LoraError, LoraIndex, attach  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
@@ -138,5 +141,57 @@ def test_a_lora_for_another_base_model_is_refused_naming_it(sd1: Any, tmp_path: 
             adapters.resolve([("loha", 1.0)])
         with pytest.raises(LoraError, match="unknown LoRA 'nope'"):
             adapters.resolve([("nope", 1.0)])
+    finally:
+        adapters.close()
+
+
+def test_a_file_written_by_diffusers_training_scripts(sd1: Any, tmp_path: Path) -> None:
+    """What diffusers' train_text_to_image_lora / dreambooth_lora scripts save: PEFT adapters added with
+    LoraConfig (lora_alpha != r, a rank_pattern, rsLoRA on the text encoder), trained (here: random
+    lora_B), written by save_lora_weights with the adapters' configs as lora_adapter_metadata."""
+    from diffusers.training_utils import _collate_lora_metadata
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    unet, te = copy.deepcopy(sd1.sd.unet), copy.deepcopy(sd1.sd.components.text_encoders[0])
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                          target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                          rank_pattern={"attn2.to_q": 2})  # fmt: skip
+    te_cfg = LoraConfig(r=4, lora_alpha=2, use_rslora=True, init_lora_weights="gaussian",
+                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])  # fmt: skip
+    unet.add_adapter(unet_cfg)
+    te = inject_adapter_in_model(te_cfg, te)  # what transformers' add_adapter does (it wants peft >= 0.22)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for root in (unet, te):
+            for name, p in root.named_parameters():
+                if "lora_B" in name:  # "training": init leaves lora_B at zero
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "loras",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te)),
+        weight_name="trained.safetensors",
+        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+        **_collate_lora_metadata({"unet": unet}),
+    )
+    path = tmp_path / "loras" / "trained.safetensors"
+    adapters = attach(sd1, LoraIndex(tmp_path))
+    assert adapters is not None
+    try:
+        resolved = adapters.resolve([("trained", WEIGHT)])
+        x, t, ctx, ids, _ = _inputs(sd1)
+        pipe = reference_pipeline(sd1, path, WEIGHT)
+        with torch.inference_mode():
+            with adapters.call(adapters.encode(resolved, 4)):
+                ours = sd1.sd.unet(x, t, encoder_hidden_states=ctx).sample
+            with adapters.text(resolved):
+                ours_text = sd1.sd.components.text_encoders[0](ids)[0]
+            want = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+            want_text = pipe.text_encoder(ids)[0]
+            base = sd1.sd.unet(x, t, encoder_hidden_states=ctx).sample
+        assert (want - base).abs().max() > 1e-3
+        assert (ours - want).abs().max() <= 1e-4
+        assert (ours_text - want_text).abs().max() <= 1e-4
     finally:
         adapters.close()

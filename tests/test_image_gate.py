@@ -198,3 +198,16 @@ def test_no_other_exception_leaves_the_gate_on_mangled_files() -> None:
                     image_gate.to_tensor(bytes(data), "image", None, 3)
                 except ImageInputError:
                     pass
+
+
+def test_long_base64_decodes_in_slices_exactly_as_whole() -> None:
+    """Long base64 is decoded a slice at a time (so the GIL is released between slices); the result
+    and what is refused are those of one strict decode."""
+    rng = torch.Generator().manual_seed(0)
+    for n in (0, 5, 3 * 2**16, 3 * 2**16 + 1, 1_000_003):
+        raw = bytes(torch.randint(0, 256, (n,), generator=rng, dtype=torch.uint8).tolist())
+        assert image_gate.b64_bytes(base64.b64encode(raw).decode(), "image") == raw
+    text = base64.b64encode(bytes(3 * 2**16)).decode()
+    for bad in (text[:-4] + "QQ==" + text, text + "!", text[:-1]):  # padding inside, junk, cut
+        with pytest.raises(ImageInputError, match="not valid base64"):
+            image_gate.b64_bytes(bad, "image")

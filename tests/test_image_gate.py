@@ -95,9 +95,9 @@ def test_oversized_images_are_refused_from_the_header(name: str, make: object, s
     data = make()  # type: ignore[operator]
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         message = _refused(b64(data))
-        seconds = time.perf_counter() - t0
+        seconds = time.thread_time() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -161,9 +161,9 @@ def test_bad_text_and_data_urls(text: str, says: str) -> None:
 
 def test_overlong_base64_is_refused_before_decoding() -> None:
     text = "A" * (image_gate.MAX_B64_CHARS + 4)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     message = _refused(text)
-    assert f"at most {image_gate.MAX_B64_CHARS}" in message and time.perf_counter() - t0 < 0.05
+    assert f"at most {image_gate.MAX_B64_CHARS}" in message and time.thread_time() - t0 < 0.05
     assert "at most" in _refused(b"\x89PNG" + bytes(image_gate.MAX_FILE_BYTES), "image")
 
 

@@ -53,23 +53,24 @@ def test_pairs_equal_a1111s_pattern_on_random_lines() -> None:
 )
 def test_parsing_is_linear(make: object) -> None:
     def seconds(n: int) -> float:
+        """CPU seconds of this thread (not wall time: the machine's other load does not count)."""
         text = make(n)  # type: ignore[operator]
         best = float("inf")
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             infotext.parse(text)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.thread_time() - t0)
         return best
 
     small, large = seconds(16_000), seconds(256_000)  # 16x the text
     assert large < 1.0, large
-    assert large < 16 * 4 * small + 0.02, (small, large)  # linear with slack; quadratic would be 256x
+    assert large < 16 * 3 * small + 0.03, (small, large)  # linear with slack; quadratic would be 256x
 
 
 def test_the_issue_body_parses_fast_and_the_input_is_bounded() -> None:
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     out = infotext.parse("a" * 40_000)
-    assert out["Prompt"] == "a" * 40_000 and time.perf_counter() - t0 < 0.05
+    assert out["Prompt"] == "a" * 40_000 and time.thread_time() - t0 < 0.05
     with pytest.raises(infotext.InfotextTooLong):
         infotext.parse("a" * (infotext.MAX_CHARS + 1))
 

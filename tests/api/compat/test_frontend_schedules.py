@@ -7,16 +7,23 @@ the mapping runs on the continuous model, within a few table entries."""
 
 from __future__ import annotations
 
+import base64
+import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from service.api.compat import frontend_schedules
+from service.images import read_parameters
 from service.sampling.spec import SamplingSpec, make_sigmas
+from tests.support.compat import pixels
 
 LO, HI = 0.02, 20.0  # the shipped digits model's range
 T = 20_000
@@ -72,3 +79,44 @@ def test_continuous_schedules_are_unchanged_on_a_continuous_model() -> None:
 def test_a_discrete_only_schedule_without_a_rule_falls_back_to_the_models_default() -> None:
     name, options, note = frontend_schedules.for_model("flow", model(Continuous()), 20)
     assert (name, options) == ("karras", {}) and note is not None and "default 'karras'" in note
+
+
+DISCRETE_NAMES = ["normal", "Uniform", "sgm_uniform", "simple", "ddim"]  # as A1111 clients send them
+
+
+@pytest.fixture(scope="module")
+def client(make_client: Callable[..., TestClient]) -> Iterator[TestClient]:
+    with make_client() as c:  # the tiny continuous-time UNet
+        yield c
+
+
+@pytest.mark.parametrize("scheduler", DISCRETE_NAMES)
+def test_frontends_run_discrete_names_on_a_continuous_model_and_sample_keeps_its_422(
+    client: TestClient, scheduler: str
+) -> None:
+    a1111 = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "a 3", "steps": 5, "scheduler": scheduler, "width": 8, "height": 8, "seed": 1},
+    )
+    assert a1111.status_code == 200, a1111.text
+    info = json.loads(a1111.json()["info"])
+    assert any("ran as its equivalent 'exponential'" in c for c in info["comments"]), info["comments"]
+    params = read_parameters(base64.b64decode(a1111.json()["images"][0]))
+    assert params["schedule"] == "exponential"  # what ran, with its range: /sample reproduces it
+    again = client.post(  # /sample reproduces it from the recorded schedule and range
+        "/sample",
+        json={
+            "class_label": 3,
+            "steps": 5,
+            "seed": 1,
+            "sampler": params["sampler"],
+            "schedule": "exponential",
+        }
+        | {"schedule_options": params["schedule_options"], "cfg_scale": params["cfg_scale"]},
+    )
+    assert again.status_code == 200, again.text
+    assert np.array_equal(pixels(again.json()["images"][0]), pixels(a1111.json()["images"][0]))
+    openai = client.post("/v1/images/generations", json={"prompt": "a 3", "steps": 5, "schedule": scheduler})
+    assert openai.status_code == 200, openai.text
+    ours = client.post("/sample", json={"class_label": 3, "steps": 5, "schedule": scheduler})
+    assert ours.status_code == 422 and ours.json()["detail"][0]["loc"] == ["body", "schedule"]

@@ -8,6 +8,8 @@
   ``load_lora_into_unet`` + ``fuse_lora`` (<= 1e-4).
 - CLIP text encoders: ``text_model_...`` names (files) and names without that level match both
   transformers 5's ``CLIPTextModel`` (no ``text_model`` level) and ``CLIPTextModelWithProjection``.
+- SD1 under SGM names (some tools write those; diffusers reads them for SDXL only) equals the same
+  LoRA under diffusers names.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
 
 from service.models.lora import LoraFormatError, RowLora, parse_state_dict  # noqa: E402
 from service.models.lora.layers import Plan  # noqa: E402
+from service.models.store import ModelStore  # noqa: E402
 from tests.support.lora_files import kohya_file  # noqa: E402
-from tests.support.sd_tiny import text_encoder  # noqa: E402
+from tests.support.sd_tiny import text_encoder, tiny_sd_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,32 @@ def kohya_file_for_text(name: str) -> dict[str, torch.Tensor]:
         f"lora_te_{name}.lora_down.weight": torch.zeros(2, 64),
         f"lora_te_{name}.lora_up.weight": torch.zeros(32, 2),
     }
+
+
+def test_sd1_lora_under_sgm_names_equals_it_under_diffusers_names() -> None:
+    """Some tools write SD1 LoRAs with the original UNet's names too (diffusers reads those for SDXL
+    only): the same LoCon under both spellings gives the same output. Tiny SD1 has an up level without
+    attention, whose upsampler is ``output_blocks_<i>_1_conv``."""
+    unet = ModelStore(tiny_sd_store()).load("sd1").sd.unet
+    outs = []
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([900.0, 30.0]),
+        torch.randn(2, 5, 32, generator=g),
+    )
+    for sgm in (False, True):
+        state = kohya_file(unet, [], 5, conv_rank=2, sgm=sgm, std=1.0)
+        assert any("output_blocks_1_1_conv" in k for k in state) == sgm
+        layers, _ = parse_state_dict(state, "f")
+        row = RowLora(unet)
+        try:
+            prepared = row.prepare(layers["unet"], "f")
+            with torch.inference_mode(), row.rows(Plan([prepared], torch.ones(1, prepared.rank)), 0):
+                outs.append(unet(x, t, ctx).sample)
+        finally:
+            row.remove()
+    with torch.inference_mode():
+        base = unet(x, t, ctx).sample
+    assert (outs[0] - base).abs().max() > 1e-2
+    assert (outs[0] - outs[1]).abs().max() == 0

@@ -115,12 +115,10 @@ def _split(key: str) -> tuple[str, str, str, str] | None:
     if suffix is None or part is None:
         return None
     stem = key[: -len(suffix)]
-    comp = next((c for p, c in KOHYA_PREFIX.items() if stem.startswith(p)), None)
-    if comp is not None:
-        module = stem[len(next(p for p in KOHYA_PREFIX if stem.startswith(p))) :]
-        if "." in module:
-            return None
-        return comp, stem, module, part
+    kohya = next((p for p in KOHYA_PREFIX if stem.startswith(p)), None)
+    if kohya is not None:
+        module = stem[len(kohya) :]
+        return None if "." in module else (KOHYA_PREFIX[kohya], stem, module, part)
     prefix = next((p for p in DIFFUSERS_PREFIX if stem.startswith(p)), None)
     if prefix is not None:
         comp, module = DIFFUSERS_PREFIX[prefix], stem[len(prefix) :]

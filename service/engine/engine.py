@@ -71,6 +71,7 @@ class Engine:
         self._previews: dict[Job, Tensor] = {}  # running jobs' latest prediction of their first image
         self.draining = False
         self._held: list[tuple[Job, Tensor]] = []
+        self._interrupted: dict[Job, Driver] = {}  # cancelled running jobs that keep their partial images
         self._finalizing: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{handle.name}")
         self._wake = asyncio.Event()
@@ -124,7 +125,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.active or self._held or self._finalizing)
+        return bool(self.queue or self.active or self._held or self._finalizing or self._interrupted)
 
     async def drain(self, timeout_s: float) -> None:
         """Stop admitting, let queued and running jobs finish within ``timeout_s``, then stop."""
@@ -136,7 +137,7 @@ class Engine:
 
     async def stop(self) -> None:
         self._stopping = True
-        for job in [*self.queue, *self.active, *(j for j, _ in self._held)]:
+        for job in [*self.queue, *self.active, *(j for j, _ in self._held), *self._interrupted]:
             self._end(
                 job,
                 JobStatus.failed,
@@ -145,6 +146,7 @@ class Engine:
         self.queue.clear()
         self.active.clear()
         self._held.clear()
+        self._interrupted.clear()
         self._wake.set()
         if self._task is not None:
             try:
@@ -162,6 +164,8 @@ class Engine:
         wait_s = self.config.batch_wait_ms / 1000
         while not self._stopping:
             self._reap()
+            if self._interrupted:
+                await self._partials()
             if not self.active and not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
@@ -201,6 +205,18 @@ class Engine:
             elif out.driver is not None:
                 self._drivers[out.job] = out.driver
 
+    async def _partials(self) -> None:
+        """Interrupted jobs' images as they stand (decoded in the worker), then finished as usual."""
+        drivers, self._interrupted = self._interrupted, {}
+        loop = asyncio.get_running_loop()
+        for out in await loop.run_in_executor(self._executor, self.executor.partial, drivers):
+            if out.error is not None:
+                self._end(out.job, JobStatus.cancelled, out.error)
+            elif out.images is not None:
+                out.job.t_computed = time.monotonic()
+                self._held.append((out.job, out.images))
+        self._release_held()
+
     def _admit(self) -> None:
         new = self.scheduler.admit(self.queue, self.active, holding=bool(self._held))
         for job in new:
@@ -218,7 +234,11 @@ class Engine:
             for job in list(group):
                 if job.cancel_requested:
                     group.remove(job)
-                    self._end(job, JobStatus.cancelled)
+                    driver = self._drivers.pop(job, None)
+                    if job.keep_partial and driver is not None:
+                        self._interrupted[job] = driver
+                    else:
+                        self._end(job, JobStatus.cancelled)
                 elif now > job.deadline:
                     group.remove(job)
                     msg = f"the job did not finish within its deadline of {job.request.timeout_s:g} s"
@@ -265,7 +285,7 @@ class Engine:
         self._held.clear()
 
     async def _finish(self, job: Job, images: Tensor) -> None:
-        if job.cancel_requested:
+        if job.cancel_requested and not job.keep_partial:
             self._end(job, JobStatus.cancelled)
             return
         try:
@@ -275,7 +295,8 @@ class Engine:
                 job, JobStatus.failed, JobError(ErrorCode.internal, f"encoding the result failed: {exc}")
             )
             return
-        self._end(job, JobStatus.succeeded, result=result)
+        # an interrupted job (keep_partial) ends cancelled, with its images as they stood
+        self._end(job, JobStatus.cancelled if job.cancel_requested else JobStatus.succeeded, result=result)
 
     def _end(self, job: Job, status: JobStatus, error: JobError | None = None, result: Any = None) -> None:
         if job.status.finished:

@@ -77,6 +77,18 @@ class Executor:
             outcomes.append(out)
         return outcomes
 
+    def partial(self, drivers: dict[Job, Driver]) -> list[Outcome]:
+        """Interrupted jobs: their images as they stand (``Driver.partial``), decoded."""
+        outcomes = []
+        for job, driver in drivers.items():
+            out = Outcome(job)
+            try:
+                out.images = self.runner.decode(driver.partial())
+            except Exception as exc:
+                out.error = JobError(ErrorCode.model_error, f"decoding failed: {exc}")
+            outcomes.append(out)
+        return outcomes
+
     def step(self, plan: Plan) -> list[Outcome]:
         """Run ``plan``'s model calls in order, feed each track its rows, decode finished drivers."""
         if log.isEnabledFor(logging.DEBUG):  # here, not on the loop: describing reads sigmas off the device

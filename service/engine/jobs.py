@@ -122,6 +122,9 @@ class Job:
         self.t_finished: float | None = None
         self.deadline = self.t_created + request.timeout_s
         self.cancel_requested = False
+        # a cancel of the running job keeps the images as they stand (A1111's /interrupt): it ends
+        # cancelled with those as its result (each unfinished image's latest denoised prediction)
+        self.keep_partial = False
         self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
         self.loading = False  # queued behind its model's load (the request is a placeholder until then)
         self._changed = asyncio.Event()

@@ -35,6 +35,7 @@ class Track:
     stepper: Stepper
     pending: Eval | None = None
     out: Tensor | None = None
+    denoised: Tensor | None = None  # the latest denoised prediction (what an interrupt returns)
 
 
 class Driver:
@@ -154,6 +155,8 @@ class Driver:
             out = self._blend(track, out)
             uncond_out = None if uncond_out is None else self._blend(track, uncond_out)
         self.evals += 1
+        # kept for partial(); a view would pin the whole batched model output it was sliced from
+        track.denoised = out if out._base is None else out.clone()
         if self.needs_uncond:
             self._advance(track, Guided(out, out if uncond_out is None else uncond_out))
         else:
@@ -163,6 +166,20 @@ class Driver:
     def result(self) -> Tensor:
         """The sampled latents, in image order (once ``done``)."""
         return torch.cat([t.out for t in self.tracks if t.out is not None])
+
+    def partial(self) -> Tensor:
+        """The images as they stand (an interrupted job's result, as A1111 returns it): a finished
+        track's latents, else its latest denoised prediction, else (no step made yet) its current x."""
+        parts = []
+        for t in self.tracks:
+            if t.out is not None:
+                parts.append(t.out)
+            elif t.denoised is not None:
+                parts.append(t.denoised)
+            else:
+                assert t.pending is not None
+                parts.append(t.pending.x)
+        return torch.cat(parts)
 
     # --- internals ---
     def _blend(self, track: Track, denoised: Tensor) -> Tensor:

@@ -104,17 +104,21 @@ async def progress(
 
 @router.post("/interrupt")
 async def interrupt(call: CompatCall = Depends(compat_caller)) -> None:
-    """Cancel the caller's unfinished jobs (its request returns what finished)."""
+    """Stop the caller's unfinished jobs: as A1111, its request returns the images as they stand (a
+    running job's latest denoised prediction of each image) with ``interrupted: true``."""
     for job in call.active():
+        job.keep_partial = True
         call.state.cancel(job)
 
 
 @router.post("/skip")
 async def skip(call: CompatCall = Depends(compat_caller)) -> None:
-    """Cancel the caller's current batch only (the running job, else the next queued one)."""
+    """Stop the caller's current batch only (the running job, else the next queued one); as A1111,
+    a running batch's images come back as they stand."""
     jobs = call.active()
     running = [j for j in jobs if j.status == JobStatus.running] or jobs[:1]
     for job in running[:1]:
+        job.keep_partial = True
         call.state.cancel(job)
 
 

@@ -51,7 +51,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
     infotexts: list[str] = []
     seeds: list[int] = []
     for job in jobs:
-        if job.status != JobStatus.succeeded:
+        if job.result is None:  # failed, or cancelled before it started; interrupted jobs have images
             continue
         result = job.result
         params = {**result.parameters, "seeds": result.seeds}

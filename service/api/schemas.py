@@ -19,7 +19,10 @@ def _text_or_gated(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 # An image field: base64 text (or a data: URL) from a client, or, from the A1111 / OpenAI
 # translators only (JSON cannot make one), an image that already passed service/image_gate.py as a
 # GatedImage, so an upload is neither re-encoded nor decoded twice. Clients see a string field.
-ImageField = Annotated[str | None, Field(max_length=MAX_B64_CHARS), WrapValidator(_text_or_gated)]
+# Left out of model_dump (exclude): recorded parameters and logs must not carry an image.
+ImageField = Annotated[
+    str | None, Field(max_length=MAX_B64_CHARS, exclude=True), WrapValidator(_text_or_gated)
+]
 OptionValue = float | int | str
 
 

@@ -12,7 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.api.cli", "run the HTTP service on the models in the model store"),
-    "sample": ("service.models.cli", "sample images from a model in the store and write a PNG"),
+    "sample": ("service.serving.cli", "sample images from a model in the store and write a PNG"),
     "train": ("service.training.cli", "train a UNet denoiser (digits or an image folder)"),
     "eval": ("service.training.eval_cli", "evaluate a model: class accuracy and Frechet distance"),
     "tune-schedule": ("service.models.tune_cli", "tune a sampler's schedule to a store model (per NFE)"),

@@ -130,3 +130,94 @@ def test_the_graph_walk_sees_imports_and_cycles() -> None:
 def test_no_import_cycles(package: str) -> None:
     graph = {m: e for m, e in import_graph().items() if m == package or m.startswith(package + ".")}
     assert find_cycles(graph) == []
+
+
+WEB = ("fastapi", "starlette", "pydantic", "pydantic_settings")
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every module an import in ``path`` names (module level and inside functions; TYPE_CHECKING
+    blocks left out: they never run), as absolute names, with their line."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            skip |= {id(n) for s in node.body for n in ast.walk(s)}
+    mod = _module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1 if node.level else 0):
+                base = base.rpartition(".")[0]
+            name = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            out += [(name, node.lineno)] + [(f"{name}.{a.name}", node.lineno) for a in node.names]
+    return out
+
+
+def _offenders(package: str, banned: tuple[str, ...]) -> list[str]:
+    root = SERVICE.joinpath(*package.split(".")[1:])
+    return [o for path in sorted(root.rglob("*.py")) for o in _offenders_file(path, banned)]
+
+
+def test_only_api_and_deploy_import_the_web_framework() -> None:
+    offenders = [
+        o
+        for pkg in sorted({p.name for p in SERVICE.iterdir() if p.is_dir() and p.name != "__pycache__"})
+        if pkg not in ("api", "deploy")
+        for o in _offenders(f"service.{pkg}", WEB)
+    ]
+    offenders += [o for p in SERVICE.glob("*.py") for o in _offenders_file(p, WEB)]
+    assert offenders == []
+
+
+def _offenders_file(path: Path, banned: tuple[str, ...]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for name, line in _imports(path)
+        if any(name == b or name.startswith(b + ".") for b in banned)
+    ]
+
+
+def test_serving_imports_no_api_and_models_no_api_or_serving() -> None:
+    assert _offenders("service.serving", ("service.api", "service.deploy", *WEB)) == []
+    assert _offenders("service.models", ("service.api", "service.deploy", "service.serving")) == []
+
+
+def test_serving_loads_no_web_framework_or_api() -> None:
+    loaded = _loaded_after("import service.serving.service, service.serving.request, service.serving.cli")
+    assert not _under(loaded, "fastapi", "pydantic", "starlette", "service.api", "service.deploy")
+
+
+def _kind_switches(path: Path) -> list[str]:
+    """Comparisons that read ``.conditioning`` (==, !=, in): a switch over model kinds."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(isinstance(o, ast.Attribute) and o.attr == "conditioning" for o in operands):
+                out.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return out
+
+
+def test_no_model_kind_switch_outside_models() -> None:
+    """A model family's behaviour is the family's (service/models): no one else asks which it is."""
+    assert _kind_switches(SERVICE / "models" / "pixel.py")  # the walk finds the families' own switches
+    outside = [
+        hit
+        for path in sorted(SERVICE.rglob("*.py"))
+        if "models" not in path.parts
+        for hit in _kind_switches(path)
+    ]
+    assert outside == []
+
+
+def test_the_import_walk_sees_lazy_imports_and_skips_type_checking() -> None:
+    names = {n for n, _ in _imports(SERVICE / "models" / "store.py")}
+    assert "service.models.pixel" in names  # imported inside a method
+    assert "service.serving.request" not in names  # under TYPE_CHECKING only

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import image_gate
 from service.engine import Metrics
 from service.models.store import ModelStore
+from service.sampling.errors import InputError
 from service.serving.service import Service
 
 from . import playground
@@ -25,7 +26,6 @@ from .metrics_labels import method_label, route_label
 from .routes import info, jobs, models, sample
 from .schemas import SampleRequest
 from .settings import Settings
-from .validation import FieldError
 
 DESCRIPTION = """k-diffusion samplers behind an HTTP API. Every request runs through one engine per
 model that batches the model evaluations of all running requests at every sampler step."""
@@ -64,7 +64,7 @@ def _field_error(
 
 
 async def _on_field_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, FieldError)
+    assert isinstance(exc, InputError)
     return JSONResponse({"detail": [_field_error(exc.field, exc.message, exc.allowed)]}, status_code=422)
 
 
@@ -134,7 +134,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
         redoc_url=None,
     )
     app.state.service = state
-    app.add_exception_handler(FieldError, _on_field_error)
+    app.add_exception_handler(InputError, _on_field_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.include_router(sample.router)
     app.include_router(jobs.router)

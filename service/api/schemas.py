@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
+from service.serving.request import GenerationRequest, request_fields
+from service.serving.request import LoraRef as ServingLora
+
+FIELDS = {f.name: f for f in request_fields()}
 
 Number = float | int
 
@@ -34,8 +39,18 @@ class LoraRef(BaseModel):
     weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength (1 = as trained)")
 
 
+def field_of(name: str) -> Any:
+    """The pydantic Field of a GenerationRequest field: its default, bounds and doc."""
+    f = FIELDS[name]
+    meta = {"description": f.metadata["doc"], **f.metadata["bounds"]}
+    if f.default_factory is not dataclasses.MISSING:
+        return Field(default_factory=f.default_factory, **meta)
+    return Field(f.default, **meta)
+
+
 class SampleRequest(BaseModel):
-    """One generation request. Unknown fields are rejected (422)."""
+    """One generation request. Unknown fields are rejected (422). The fields, their bounds and docs are
+    serving's GenerationRequest (``field_of``); tests/serving/test_request.py checks the two lists match."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -44,103 +59,56 @@ class SampleRequest(BaseModel):
         json_schema_extra={"examples": [{"model": "digits", "class_label": 7, "steps": 20, "seed": 1}]},
     )
 
-    model: str | None = Field(
-        None, max_length=64, description="model name (GET /models); default: the service's"
-    )
-    sampler: str | None = Field(
-        None, max_length=64, description="sampler name (GET /samplers); default: model's"
-    )
-    schedule: str | None = Field(default=None, max_length=64, description="sigma schedule (GET /schedules)")
-    sigmas: list[float] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=10_001,
-        description="your own strictly descending sigmas (a final 0 is added when missing), as ComfyUI's "
-        "SamplerCustom takes them: replaces schedule (or schedule 'custom'), sets steps, and for img2img "
-        "the first sigma sets the strength (leave denoise unset)",
-    )
-    steps: int | None = Field(
-        default=None, ge=1, le=10_000, description="sampler steps (bounded by the service)"
-    )
-    seed: int | list[int] | None = Field(
-        None, description="one int (image i gets seed+i) or one per image; default: random"
-    )
-    n: int | None = Field(
-        None, ge=1, le=256, description="number of images (bounded by the service); default 1"
-    )
-    subseed: int | None = Field(
-        None, ge=0, lt=2**63, description="variation seed (A1111's subseed; image i gets subseed+i)"
-    )
-    subseed_strength: float | None = Field(
-        None, ge=0.0, le=1.0, description="how far each start noise moves towards its subseed's (slerp)"
-    )
-    clip_skip: int | None = Field(
-        None, ge=1, le=12, description="text models: stop CLIP this many layers from the end (1 = last)"
-    )
-    cfg_scale: float | None = Field(
-        None, ge=0.0, le=50.0, description="classifier-free guidance scale (1 = off)"
-    )
-    class_label: int | list[int] | None = Field(
-        None, description="class for class-conditional models (one, or one per image); none = unconditional"
-    )
-    prompt: str | None = Field(
-        default=None,
-        max_length=4000,
-        description="text prompt (text-conditional models); A1111's <lora:name:weight> tags apply LoRAs",
-    )
-    loras: list[LoraRef] | None = Field(
-        None, max_length=4, description="LoRAs applied to this request only (it still shares batches)"
-    )
-    negative_prompt: str | None = Field(
-        default=None, max_length=4000, description="negative prompt (text models)"
-    )
-    width: int | None = Field(default=None, ge=8, le=4096, description="image width, where the model allows")
-    height: int | None = Field(
-        default=None, ge=8, le=4096, description="image height, where the model allows"
-    )
-    init_image: ImageField = Field(
-        None, description="base64 PNG/JPEG/WebP start image for img2img (or a data: URL)"
-    )
-    denoise: float | None = Field(
-        None, gt=0.0, le=1.0, description="img2img strength in (0, 1]; 1 = from noise"
-    )
-    mask: ImageField = Field(
-        None,
-        description="base64 grayscale inpainting mask (white = repaint); needs init_image",
-    )
-    eta: float | None = Field(
-        default=None, description="ancestral / SDE noise amount (samplers that take it)"
-    )
-    s_noise: float | None = Field(default=None, description="noise scale (samplers that take it)")
-    s_churn: float | None = Field(default=None, description="Karras churn (euler, heun, dpm_2)")
-    s_tmin: float | None = Field(default=None, description="churn sigma range start")
-    s_tmax: float | None = Field(default=None, description="churn sigma range end")
-    r: float | None = Field(default=None, description="dpmpp_sde step ratio")
-    order: int | None = Field(default=None, description="lms / dpm_adaptive order")
-    solver_type: str | None = Field(default=None, max_length=16, description="dpmpp_2m_sde: midpoint | heun")
-    rho: float | None = Field(default=None, description="schedule rho (karras, polyexponential)")
-    sigma_min: float | None = Field(default=None, description="schedule sigma_min (default: the model's)")
-    sigma_max: float | None = Field(default=None, description="schedule sigma_max (default: the model's)")
-    shift: float | None = Field(
-        default=None, description="schedule 'flow' (SD3 / Flux): timestep shift (default: the model's)"
-    )
-    guidance: float | None = Field(
-        default=None, ge=0.0, le=100.0, description="Flux-dev: distilled guidance (default: the model's)"
-    )
-    sampler_options: dict[str, OptionValue] = Field(
-        default_factory=dict, max_length=32, description="further sampler options by name (GET /samplers)"
-    )
-    schedule_options: dict[str, OptionValue] = Field(
-        default_factory=dict, max_length=32, description="further schedule options by name (GET /schedules)"
-    )
-    timeout_s: float | None = Field(default=None, gt=0, description="deadline in seconds (queue time counts)")
-    guidance_rescale: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=1.0,
-        description="CFG rescale (Lin et al. 2023; diffusers' guidance_rescale, ComfyUI's RescaleCFG): "
-        "0 = plain CFG, 0.7 is the paper's choice; only with cfg_scale != 1",
-    )
+    model: str | None = field_of("model")
+    sampler: str | None = field_of("sampler")
+    schedule: str | None = field_of("schedule")
+    sigmas: list[float] | None = field_of("sigmas")
+    steps: int | None = field_of("steps")
+    seed: int | list[int] | None = field_of("seed")
+    n: int | None = field_of("n")
+    subseed: int | None = field_of("subseed")
+    subseed_strength: float | None = field_of("subseed_strength")
+    clip_skip: int | None = field_of("clip_skip")
+    cfg_scale: float | None = field_of("cfg_scale")
+    class_label: int | list[int] | None = field_of("class_label")
+    prompt: str | None = field_of("prompt")
+    loras: list[LoraRef] | None = field_of("loras")
+    negative_prompt: str | None = field_of("negative_prompt")
+    width: int | None = field_of("width")
+    height: int | None = field_of("height")
+    init_image: ImageField = field_of("init_image")
+    denoise: float | None = field_of("denoise")
+    mask: ImageField = field_of("mask")
+    eta: float | None = field_of("eta")
+    s_noise: float | None = field_of("s_noise")
+    s_churn: float | None = field_of("s_churn")
+    s_tmin: float | None = field_of("s_tmin")
+    s_tmax: float | None = field_of("s_tmax")
+    r: float | None = field_of("r")
+    order: int | None = field_of("order")
+    solver_type: str | None = field_of("solver_type")
+    rho: float | None = field_of("rho")
+    sigma_min: float | None = field_of("sigma_min")
+    sigma_max: float | None = field_of("sigma_max")
+    shift: float | None = field_of("shift")
+    guidance: float | None = field_of("guidance")
+    sampler_options: dict[str, OptionValue] = field_of("sampler_options")
+    schedule_options: dict[str, OptionValue] = field_of("schedule_options")
+    timeout_s: float | None = field_of("timeout_s")
+    guidance_rescale: float | None = field_of("guidance_rescale")
+
+    def request(self) -> GenerationRequest:
+        """The serving layer's request for this body."""
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        if self.loras is not None:
+            values["loras"] = [ServingLora(ref.name, ref.weight) for ref in self.loras]
+        return GenerationRequest(**values)
+
+
+def generation_request(fields: dict[str, Any]) -> GenerationRequest:
+    """A front end's translated fields, checked against the bounds (as a body of POST /sample would
+    be), as the serving layer's request."""
+    return SampleRequest.model_validate(fields).request()
 
 
 class Timings(BaseModel):

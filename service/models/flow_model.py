@@ -126,6 +126,12 @@ class FlowModel(TextImageModel):
                     [1.0],
                 )
 
+    def resolved(self, req: TextRequest) -> dict[str, Any]:
+        """Flux-dev records the guidance it ran with (the request's, else the model's default)."""
+        if not self.takes_guidance:
+            return {}
+        return {"guidance": self.default_guidance if req.guidance is None else req.guidance}
+
     def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         guidance = self.default_guidance if req.guidance is None else req.guidance
         g = guidance if self.takes_guidance else None

@@ -12,12 +12,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from service.sampling.spec import sampling_dtype
+
+if TYPE_CHECKING:
+    from service.serving.request import GenerationRequest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Kinds whose loader lives in a module that registers it on import (issue 5 adds stable_diffusion).
@@ -65,6 +68,41 @@ class Manifest:
 
 
 @dataclass
+class JobInputs:
+    """What a model family adds to a job (:meth:`LoadedModel.job_inputs`)."""
+
+    cond: dict[str, Tensor]  # n rows
+    uncond: dict[str, Tensor] | None  # n rows; None when unguided
+    init: Tensor | None = None  # [n, C, h, w] clean start latents (img2img)
+    mask: Tensor | None = None  # the inpainting mask the driver blends with
+    latent_shape: tuple[int, ...] | None = None  # None: the model's own
+    resolved: dict[str, Any] = field(default_factory=dict)  # request fields the family settled
+
+
+@dataclass(frozen=True)
+class PromptAsk:
+    """What a front end that speaks in prompts and sizes (A1111, OpenAI) asks for."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    cfg_scale: float | None = None
+    size: tuple[int, int] | None = None  # (width, height); None: the model's own
+    clip_skip: int = 1
+
+
+@dataclass
+class PromptInputs:
+    """What a front end that speaks in prompts and sizes (A1111, OpenAI) asks of a model family
+    (:meth:`LoadedModel.prompt_inputs`): the request fields, the size it generates at (width, height),
+    the class read from the prompt (class-conditional models) and notes on what it ignores."""
+
+    fields: dict[str, Any]
+    generated: tuple[int, int]
+    label: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoadedModel:
     """A loaded model as the service sees it (generic over pixel and latent models)."""
 
@@ -86,10 +124,54 @@ class LoadedModel:
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def class_labels(self) -> list[int] | None:
+        """The classes a request may ask for (class-conditional models), else None."""
+        return list(range(self.num_classes)) if self.conditioning == "class" else None
+
     def class_conditioning(self, labels: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """cond and uncond dicts for class labels (None/-1 -> the null class)."""
         null = torch.full_like(labels, self.num_classes)
         return {"class_cond": labels}, {"class_cond": null}
+
+    def job_inputs(
+        self, request: GenerationRequest, *, n: int, cfg_scale: float, denoise: float
+    ) -> JobInputs:
+        """The request's conditioning, start image and mask for this model family (pixel models here;
+        text-to-image models override it). Raises InputError naming the request field."""
+        from .pixel import pixel_inputs
+
+        return pixel_inputs(self, request, n, cfg_scale, denoise)
+
+    def prompt_inputs(self, ask: PromptAsk) -> PromptInputs:
+        """A prompt-and-size front end's request for this family. Pixel models generate at their own
+        size; a class-conditional one reads its class from the prompt (a digit 0-9 or its word)."""
+        from .pixel import pixel_prompt_inputs
+
+        return pixel_prompt_inputs(self, ask)
+
+    @property
+    def fixed_size(self) -> bool:
+        """Whether the family makes one image size only (a front end resizes what it asked for)."""
+        return True
+
+    def size_limit(self) -> int:
+        """The largest width or height a front end may ask for (pixel models: resized to it)."""
+        return 4096
+
+    def mask_size(self, init_size: tuple[int, int], generated: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) a front end brings a mask to: pixel models take it at their own size."""
+        return generated
+
+    def conditioning_fields(self) -> frozenset[str]:
+        """The optional conditioning fields of a request (those front ends pass through by name:
+        guidance, SDXL's micro-conditioning, ...) this family reads; a request setting another is
+        refused naming it."""
+        return frozenset()
+
+    def builds_off_loop(self, request: GenerationRequest) -> bool:
+        """Whether building ``request`` is torch work to keep off the event loop (images to decode)."""
+        return request.init_image is not None or request.mask is not None
 
     def example_input(self) -> tuple[Tensor, dict[str, Tensor]]:
         """One row of model input with the conditioning requests bring (to trace the model at startup)."""

@@ -10,17 +10,22 @@ manifest's ``dtype`` / ``vae_dtype``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.image_gate import ImageInputError, to_tensor
 from service.models.sd_loader import SDLoadError
-from service.models.store import LoadedModel, Manifest
+from service.models.store import JobInputs, LoadedModel, Manifest, PromptAsk, PromptInputs
 from service.sampling.errors import InputError
+
+if TYPE_CHECKING:
+    from service.serving.request import GenerationRequest
 
 SDInputError = InputError  # a request that does not fit the model; ``field`` names the request field
 
@@ -35,6 +40,9 @@ class SDJobInputs:
     image_size: tuple[int, int]  # (height, width)
     init: Tensor | None = None  # [n, C, h, w] clean latents (img2img start; blend target)
     mask: Tensor | None = None  # [1, 1, h, w] in [0, 1], 1 = repaint; latent blend for ordinary UNets
+    resolved: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # request fields the model settled (guidance)
 
 
 class TextModelOptions(TypedDict, total=False):
@@ -67,13 +75,82 @@ class TextRequest:
     cfg_scale: float
     clip_skip: int | None
     guidance: float | None  # Flux-dev's distilled guidance (None: the model's default)
+    fields: GenerationRequest | None = None  # the served request (its other conditioning fields)
 
 
 @dataclass
 class TextLoadedModel(LoadedModel):
-    """The store's LoadedModel plus the model object (``sd``) the API builds text jobs with."""
+    """The store's LoadedModel plus the model object (``sd``) the serving layer builds text jobs with."""
 
     sd: TextImageModel | None = None
+
+    def conditioning_fields(self) -> frozenset[str]:
+        return frozenset() if self.sd is None else self.sd.conditioning_fields()
+
+    def builds_off_loop(self, request: GenerationRequest) -> bool:
+        return True  # prompts are encoded by the text encoders
+
+    def prompt_inputs(self, ask: PromptAsk) -> PromptInputs:
+        """The asked size (else the model's) floored to a multiple of 8; the front end resizes back."""
+        w, h = ask.size or (self.image_size[1], self.image_size[0])
+        gen = (w - w % 8, h - h % 8)
+        if min(gen) < 8:
+            raise SDInputError("width" if gen[0] < 8 else "height", "width and height must be at least 8")
+        fields = {"prompt": ask.prompt, "negative_prompt": ask.negative_prompt, "cfg_scale": ask.cfg_scale}
+        fields |= {"width": gen[0], "height": gen[1]}
+        if ask.clip_skip != 1:
+            fields["clip_skip"] = ask.clip_skip
+        return PromptInputs(fields, gen)
+
+    @property
+    def fixed_size(self) -> bool:
+        return False
+
+    def size_limit(self) -> int:
+        return int(self.info.get("max_size", super().size_limit()))
+
+    def mask_size(self, init_size: tuple[int, int], generated: tuple[int, int]) -> tuple[int, int]:
+        return init_size  # resized with the init image to the request size
+
+    def job_inputs(
+        self, request: GenerationRequest, *, n: int, cfg_scale: float, denoise: float
+    ) -> JobInputs:
+        """Prompts, size, init image and mask through the model's own checks
+        (:meth:`TextImageModel.job_inputs`)."""
+        sd = self.sd
+        if sd is None:
+            raise SDInputError("model", f"model {self.name!r} has no text encoder loaded", [])
+        if request.class_label is not None:
+            raise SDInputError(
+                "class_label", f"model {self.name!r} is text-conditional; use prompt, not class_label", []
+            )
+        if request.init_image is None and denoise < 1.0:
+            raise SDInputError("denoise", "denoise < 1 needs an init_image", [1.0])
+        images: dict[str, Tensor | None] = {"init_image": None, "mask": None}
+        for name, channels in (("init_image", 3), ("mask", 1)):
+            data = getattr(request, name)
+            if data is None:
+                continue
+            try:
+                t = to_tensor(data, name, None, channels)
+            except ImageInputError as exc:
+                raise SDInputError(exc.field, exc.message, exc.allowed) from exc
+            images[name] = t if name == "init_image" else (t + 1) / 2
+        inp = sd.job_inputs(
+            request.prompt,
+            request.negative_prompt,
+            n=n,
+            cfg_scale=cfg_scale,
+            width=request.width,
+            height=request.height,
+            init_image=images["init_image"],
+            mask=images["mask"],
+            clip_skip=request.clip_skip,
+            guidance=request.guidance,
+            fields=request,
+        )
+        resolved = {"image_size": inp.image_size, **inp.resolved}
+        return JobInputs(inp.cond, inp.uncond, inp.init, inp.mask, inp.latent_shape, resolved)
 
 
 class TextImageModel:
@@ -132,12 +209,14 @@ class TextImageModel:
         mask: Tensor | None = None,
         clip_skip: int | None = None,
         guidance: float | None = None,
+        fields: GenerationRequest | None = None,
     ) -> SDJobInputs:
         """Check and encode one request (``cfg_scale`` defaults to the model's ``default_cfg``).
 
         ``init_image``: [1, 3, H, W] in [-1, 1] at its own size; ``mask``: [1, 1, H, W] in [0, 1] (1 =
         repaint), the init image's size. Width and height default to the init image's (floored to the
-        model's multiple), else the model's native size. ``guidance``: Flux-dev only.
+        model's multiple), else the model's native size. ``guidance``: Flux-dev only. ``fields``: the
+        served request, for conditioning fields a family reads by name (SDXL's micro-conditioning).
         """
         cfg = self.default_cfg if cfg_scale is None else cfg_scale
         if guidance is not None and not self.takes_guidance:
@@ -146,11 +225,19 @@ class TextImageModel:
             )
         self.check_request(negative_prompt, cfg)
         height, width, shape = self.request_size(init_image, mask, height, width)
-        req = TextRequest(prompt or "", negative_prompt, n, (height, width), cfg, clip_skip, guidance)
+        req = TextRequest(prompt or "", negative_prompt, n, (height, width), cfg, clip_skip, guidance, fields)
         cond, uncond = self.text_rows(req)
-        out = SDJobInputs(cond, uncond, shape, (height, width))
+        out = SDJobInputs(cond, uncond, shape, (height, width), resolved=self.resolved(req))
         self.add_images(out, init_image, mask, n)
         return out
+
+    def conditioning_fields(self) -> frozenset[str]:
+        """The optional request fields this model reads (Flux-dev: its distilled guidance)."""
+        return frozenset({"guidance"}) if self.takes_guidance else frozenset()
+
+    def resolved(self, req: TextRequest) -> dict[str, Any]:
+        """Request fields this family settles that the request left out (Flux-dev: its guidance)."""
+        return {}
 
     def check_request(self, negative_prompt: str | None, cfg_scale: float) -> None:
         """Refuse what the model family does not take (Flux: negative prompts, CFG)."""

@@ -7,6 +7,7 @@ made, see :mod:`service.models.tune_cli`); names are built here, never taken fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -96,15 +97,16 @@ def catalogue_entry(folders: Mapping[str, Path]) -> dict[str, Any]:
     }
 
 
-def apply_tuned(req: Any, folder: Path, model: str, defaults: Mapping[str, Any]) -> Any:
-    """``req`` with schedule ``tuned`` swapped for the model's tuned sigmas (its sampler and steps)."""
+def tuned_request(req: Any, folder: Path, model: str, default_sampler: str, default_steps: int) -> Any:
+    """``req`` (a dataclass with ``schedule``, ``sampler``, ``steps``, ``sigmas``) with schedule ``tuned``
+    swapped for the model's tuned sigmas for its sampler and steps (defaults: the model's)."""
     if getattr(req, "schedule", None) != TUNED:
         return req
     from service.sampling import aliases, registry
     from service.sampling.errors import InputError
 
-    sampler = getattr(req, "sampler", None) or str(defaults.get("sampler", "dpmpp_2m"))
-    steps = getattr(req, "steps", None) or int(defaults.get("steps", 20))
+    sampler = req.sampler or default_sampler
+    steps = req.steps or default_steps
     try:
         if sampler not in registry.SAMPLERS:
             sampler = aliases.resolve(sampler)[0]
@@ -116,6 +118,6 @@ def apply_tuned(req: Any, folder: Path, model: str, defaults: Mapping[str, Any])
         raise InputError(
             "schedule", str(exc), [f"{s}-{r['nfe']}" for s, rows in have.items() for r in rows]
         ) from exc
-    if getattr(req, "sigmas", None) is not None:
+    if req.sigmas is not None:
         raise InputError("schedule", "give a schedule or sigmas, not both")
-    return req.model_copy(update={"schedule": None, "sigmas": list(sigmas), "steps": steps})
+    return dataclasses.replace(req, schedule=None, sigmas=list(sigmas), steps=steps)

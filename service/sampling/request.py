@@ -19,10 +19,9 @@ from typing import Any
 from . import aliases, registry
 from .errors import InputError
 from .schedules import CustomSchedule
-from .spec import SamplingSpec
+from .spec import MAX_STEPS, SamplingSpec
 
 CUSTOM = "custom"  # the schedule name of a request that brings its own sigmas
-FieldError = InputError
 
 # Sampler and schedule options a request may give at its top level (also settable through
 # sampler_options / schedule_options); each is checked against the chosen sampler and schedule.
@@ -44,7 +43,7 @@ TOP_LEVEL_OPTIONS = (
 
 @dataclass(frozen=True)
 class Limits:
-    max_steps: int = 10_000
+    max_steps: int = MAX_STEPS
     max_images: int = 256
 
 
@@ -63,26 +62,26 @@ def build_spec(
         custom, steps = _custom(req, limits)
     else:
         if registry.get_schedule(schedule).needs_discrete and not discrete:
-            raise FieldError(
+            raise InputError(
                 "schedule", f"schedule {schedule!r} needs a discrete-time model; this one is not"
             )
         steps = _get(req, "steps") if _get(req, "steps") is not None else int(defaults.get("steps", 20))
     if not 1 <= steps <= limits.max_steps:
         bounds = [1, limits.max_steps]
-        raise FieldError(
+        raise InputError(
             "steps", f"steps must be an integer in [1, {limits.max_steps}], got {steps!r}", bounds
         )
     seed = _get(req, "seed")
     n = _get(req, "n") or (len(seed) if isinstance(seed, list) else None) or 1
     if not 1 <= n <= limits.max_images:
-        raise FieldError("n", f"n must be in [1, {limits.max_images}]", [1, limits.max_images])
+        raise InputError("n", f"n must be in [1, {limits.max_images}]", [1, limits.max_images])
     seeds = _seeds(req, n)
     s_opts, k_opts = _options(req, sampler, schedule)
     strength = _get(req, "subseed_strength") or 0.0
     subseed = _get(req, "subseed")
     subseeds = None if subseed is None else [subseed + i for i in range(n)]
     if strength > 0 and subseeds is None:
-        raise FieldError("subseed", "subseed_strength > 0 needs a subseed")
+        raise InputError("subseed", "subseed_strength > 0 needs a subseed")
     denoise = _get(req, "denoise") if _get(req, "denoise") is not None else 1.0
     # spec fields a request sets by name (SamplingSpec.request_fields), passed through as they are
     named = {k: v for k in SamplingSpec.request_fields() if (v := _get(req, k)) is not None}
@@ -91,7 +90,7 @@ def build_spec(
             sampler, custom or schedule, steps, seeds, s_opts, k_opts, denoise, subseeds, strength, **named
         )
     except InputError as exc:
-        raise FieldError(exc.field, exc.message, exc.allowed) from exc
+        raise InputError(exc.field, exc.message, exc.allowed) from exc
     return spec, n
 
 
@@ -124,10 +123,10 @@ def _seeds(req: Any, n: int) -> list[int]:
     else:
         seeds = list(_get(req, "seed"))
         if len(seeds) != n:
-            raise FieldError("seed", f"seed has {len(seeds)} values for n={n} images; give one int or {n}")
+            raise InputError("seed", f"seed has {len(seeds)} values for n={n} images; give one int or {n}")
     for s in seeds:
         if not 0 <= s < 2**63:
-            raise FieldError("seed", f"seeds must be in [0, 2**63), got {s}")
+            raise InputError("seed", f"seeds must be in [0, 2**63), got {s}")
     return seeds
 
 
@@ -145,7 +144,7 @@ def _options(req: Any, sampler: str, schedule: str) -> tuple[dict[str, Any], dic
         elif name in k_bounds:
             k_opts[name] = value
         else:
-            raise FieldError(
+            raise InputError(
                 name,
                 f"{name} does not apply to sampler {sampler!r} or schedule {schedule!r}; "
                 f"their options: {', '.join([*s_bounds, *k_bounds]) or 'none'}",
@@ -158,7 +157,7 @@ def _options(req: Any, sampler: str, schedule: str) -> tuple[dict[str, Any], dic
         field = f"{kind}_options"
         for key, value in given.items():
             if key not in bounds:
-                raise FieldError(
+                raise InputError(
                     key if key in TOP_LEVEL_OPTIONS else field,
                     f"unknown option {key!r} for {kind} {name!r}; allowed: {', '.join(bounds) or 'none'}",
                     list(bounds),
@@ -166,7 +165,7 @@ def _options(req: Any, sampler: str, schedule: str) -> tuple[dict[str, Any], dic
             try:
                 given[key] = bounds[key].check(key, value)
             except ValueError as exc:
-                raise FieldError(key if key in TOP_LEVEL_OPTIONS else field, str(exc), None) from exc
+                raise InputError(key if key in TOP_LEVEL_OPTIONS else field, str(exc), None) from exc
     return s_opts, k_opts
 
 
@@ -179,13 +178,13 @@ def _names(req: Any, defaults: Mapping[str, Any]) -> tuple[str, str]:
             sampler, implied = aliases.resolve(sampler)
         if _get(req, "sigmas") is not None:
             if _get(req, "schedule") not in (None, CUSTOM):
-                raise FieldError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
+                raise InputError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
             return sampler, CUSTOM
         schedule = _get(req, "schedule") or implied or str(defaults.get("schedule", "karras"))
         if schedule not in registry.SCHEDULES:
             schedule = aliases.resolve_schedule(schedule)
     except registry.UnknownNameError as exc:
-        raise FieldError(exc.kind, str(exc), exc.valid) from exc
+        raise InputError(exc.kind, str(exc), exc.valid) from exc
     return sampler, schedule
 
 
@@ -195,14 +194,14 @@ def _custom(req: Any, limits: Limits) -> tuple[CustomSchedule, int]:
     try:
         custom = CustomSchedule(tuple(_get(req, "sigmas")))
     except ValueError as exc:
-        raise FieldError("sigmas", str(exc)) from exc
+        raise InputError("sigmas", str(exc)) from exc
     steps = len(custom()) - 1
     if steps > limits.max_steps:
-        raise FieldError("sigmas", f"sigmas define {steps} steps; at most {limits.max_steps} are allowed")
+        raise InputError("sigmas", f"sigmas define {steps} steps; at most {limits.max_steps} are allowed")
     if _get(req, "steps") is not None and _get(req, "steps") != steps:
-        raise FieldError(
+        raise InputError(
             "steps", f"steps ({_get(req, 'steps')}) does not match the {steps} steps of sigmas; omit it"
         )
     if _get(req, "denoise") is not None and _get(req, "denoise") != 1.0:
-        raise FieldError("denoise", "with sigmas, their first value sets the img2img strength; omit denoise")
+        raise InputError("denoise", "with sigmas, their first value sets the img2img strength; omit denoise")
     return custom, steps

@@ -21,6 +21,7 @@ from .variation import mix
 
 _STEP_STREAM = 0x9E3779B97F4A7C15  # step noise: independent of the start noise of the same seed
 REQUEST = {"request": True}
+MAX_STEPS = 10_000  # the most steps any spec may have (a service sets its own lower limit)
 
 
 @dataclass
@@ -50,8 +51,12 @@ class SamplingSpec:
             )
         elif self.schedule_options:
             raise ValueError("schedule_options apply to named schedules; set them on the Schedule object")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 10_000:
-            raise ValueError(f"steps must be an integer in [1, 10000], got {self.steps!r}")
+        if (
+            isinstance(self.steps, bool)
+            or not isinstance(self.steps, int)
+            or not 1 <= self.steps <= MAX_STEPS
+        ):
+            raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
         if not 0.0 < float(self.denoise) <= 1.0:
             raise ValueError(f"denoise must be in (0, 1], got {self.denoise!r}")
         if not self.seeds:

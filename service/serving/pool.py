@@ -11,9 +11,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -34,28 +34,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class PoolSettings(Protocol):
     """What the pool reads from the service's settings (``service.api.settings.Settings`` has it)."""
 
-    @property
-    def models(self) -> list[str]: ...
-    @property
-    def default_model(self) -> str | None: ...
-    @property
-    def dtype(self) -> str: ...
-    @property
-    def memory_budget(self) -> int | None: ...
-    @property
-    def torch_threads(self) -> int | None: ...
-    @property
-    def jit(self) -> bool: ...
-    @property
-    def max_batch_rows(self) -> int: ...
-    @property
-    def max_queue(self) -> int: ...
-    @property
-    def batch_wait_ms(self) -> float: ...
-    @property
-    def batching(self) -> Mode: ...
-    @property
-    def invariant_rows(self) -> int: ...
+    models: list[str]
+    default_model: str | None
+    dtype: Literal["float32", "float16", "bfloat16"]
+    memory_budget: int | None
+    torch_threads: int | None
+    jit: bool
+    max_batch_rows: int
+    max_queue: int
+    batch_wait_ms: float
+    batching: Mode
+    invariant_rows: int
+
     def resolve_device(self) -> str: ...
 
 
@@ -315,6 +305,13 @@ class ModelPool:
         del engine
         await asyncio.to_thread(_collect)
         log.info("unloaded model %s", name)
+
+    @contextlib.asynccontextmanager
+    async def using(self, name: str) -> AsyncIterator[LoadedModel]:
+        """The model, loaded first if needed, kept from eviction while a request is built against it."""
+        model = await self.ensure_loaded(name)
+        with self.pinned(name):
+            yield model
 
     @contextlib.contextmanager
     def pinned(self, name: str) -> Iterator[None]:

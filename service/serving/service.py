@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -18,11 +19,13 @@ from service.engine.jobs import JobError
 from service.images import encode_images
 from service.models.store import LoadedModel, ModelStore
 from service.sampling.errors import InputError
+from service.sampling.request import Limits
 from service.sampling.spec import SamplingSpec
 
 from .errors import ErrorCode, ModelUnavailable
 from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
+from .request import GenerationRequest, build_job, check_spec
 
 log = logging.getLogger("kdiff.service")
 
@@ -30,22 +33,14 @@ log = logging.getLogger("kdiff.service")
 class ServiceSettings(PoolSettings, Protocol):
     """What the service reads from its settings (``service.api.settings.Settings`` has it)."""
 
-    @property
-    def model_store(self) -> object: ...
-    @property
-    def job_timeout_s(self) -> float: ...
-    @property
-    def result_ttl_s(self) -> float: ...
-    @property
-    def max_results(self) -> int: ...
-    @property
-    def max_result_bytes(self) -> int: ...
-    @property
-    def drain_timeout_s(self) -> float: ...
-    @property
-    def max_steps(self) -> int: ...
-    @property
-    def max_images(self) -> int: ...
+    model_store: Path
+    job_timeout_s: float
+    result_ttl_s: float
+    max_results: int
+    max_result_bytes: int
+    drain_timeout_s: float
+    max_steps: int
+    max_images: int
 
 
 def finalize(job: Job, images: Tensor) -> ImageResult:
@@ -62,7 +57,7 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
-        store = store or ModelStore(str(settings.model_store))
+        store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
         self.ready = False
@@ -79,6 +74,39 @@ class Service:
         self.ready = True
 
     # --- jobs ---
+    def limits(self) -> Limits:
+        return Limits(self.settings.max_steps, self.settings.max_images)
+
+    def build(self, request: GenerationRequest, model: LoadedModel) -> JobRequest:
+        """``request`` checked against ``model`` and built into the engine's job (InputError naming
+        the field when it does not fit)."""
+        return build_job(request, model, self.limits(), self.settings.job_timeout_s)
+
+    async def generate(
+        self, request: GenerationRequest, owner: str | None = None, wait_load: bool = True
+    ) -> Job:
+        """Check ``request`` against its model and queue it as a job belonging to ``owner`` (a key id).
+        A model that is not loaded is loaded first: awaited (``wait_load``, so field errors stay
+        InputErrors), or the job is returned at once and waits in the ``loading`` state. Raises
+        InputError, ModelUnavailable, and the engine's QueueFull / Draining."""
+        name = self.pool.resolve(request.model)
+        if name is None:
+            known = self.pool.known()
+            wanted = request.model or self.pool.default_model
+            raise InputError("model", f"unknown model {wanted!r}; valid models: {', '.join(known)}", known)
+        if name not in self.pool.models and not wait_load:
+            # what needs no loaded model is checked now: those field errors are not failed jobs later
+            check_spec(
+                request, self.pool.manifests[name], self.limits(), self.settings.job_timeout_s, discrete=True
+            )
+            return self.submit_loading(name, lambda m: self.build(request, m), owner)
+        async with self.pool.using(name) as model:
+            if model.builds_off_loop(request):  # image decoding, VAE and text encoding: torch work
+                job_request = await asyncio.to_thread(self.build, request, model)
+            else:
+                job_request = self.build(request, model)
+            return self.submit(name, job_request, owner)
+
     def submit(
         self, model: str, request: JobRequest, owner: str | None = None, job: Job | None = None
     ) -> Job:

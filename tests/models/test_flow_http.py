@@ -77,6 +77,19 @@ def test_flux_dev_guidance_is_an_input(client: TestClient) -> None:
     assert a["images"] != b["images"]
 
 
+def test_flux_dev_records_the_guidance_it_ran_with(client: TestClient) -> None:
+    """Issue 23 item 7: parameters come from the request's fields, so Flux-dev's guidance is in them
+    (the request's, else the model's default), in the JSON and in each PNG's parameters chunk; a
+    model that takes none records none."""
+    from service.images import read_parameters
+
+    given, default = _post(client, model="flux_dev", guidance=6.0), _post(client, model="flux_dev")
+    assert given["parameters"]["guidance"] == 6.0
+    assert read_parameters(base64.b64decode(given["images"][0]))["guidance"] == 6.0
+    assert default["parameters"]["guidance"] == 3.5  # the manifest's default
+    assert "guidance" not in _post(client, model="flux_schnell")["parameters"]
+
+
 @pytest.mark.parametrize("model", ["sd3", "flux_dev"])
 def test_img2img_and_inpainting(client: TestClient, model: str) -> None:
     init = _png_b64("RGB", (250, 250, 250))

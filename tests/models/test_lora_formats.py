@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from service.api.lora_request import prompt_tags
 from service.models.lora import LoraFormatError, parse_state_dict
 from service.sampling.errors import InputError
+from service.serving.loras import prompt_tags
 
 KOHYA_TE = "lora_te_text_model_encoder_layers_0_mlp_fc1"
 KOHYA_UNET = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -14,10 +14,10 @@ from service import image_gate, infotext
 from service.engine import JobStatus
 from service.image_gate import ImageInputError
 from service.images import KDIFF_KEY, PARAMETERS_KEY
+from service.sampling.errors import InputError
 from service.serving.service import Service
 
 from ..deps import require_api_key
-from ..validation import FieldError
 from . import a1111_options, a1111_results, a1111_translate, limits
 from .a1111_schemas import (
     ImageResponse,
@@ -48,15 +48,10 @@ async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
     _check_free_fields(body)
     options = call.options()
     state = call.state
-    async with call.loaded(a1111_translate.checkpoint(body, options, call.default_model, state.pool.known())):
-        plan = await asyncio.to_thread(
-            a1111_translate.plan,
-            body,
-            state.pool.models,
-            call.default_model,
-            options,
-            state.settings.max_images,
-        )
+    async with call.model(
+        a1111_translate.checkpoint(body, options, call.default_model, state.pool.known())
+    ) as m:
+        plan = await asyncio.to_thread(a1111_translate.plan, body, m, options, state.settings.max_images)
     jobs = await run(call, plan.bodies)
     return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
 
@@ -163,12 +158,12 @@ def _png_info(data: str) -> PNGInfoResponse:
     try:
         chunks = image_gate.text_chunks(data, "image")
     except ImageInputError as exc:
-        raise FieldError(exc.field, exc.message, exc.allowed) from exc
+        raise InputError(exc.field, exc.message, exc.allowed) from exc
     text = chunks.pop(PARAMETERS_KEY, "")
     if text.startswith("{") and KDIFF_KEY not in chunks:  # our older PNGs: JSON in "parameters"
         chunks[KDIFF_KEY], text = text, ""
     try:
         parameters = infotext.parse(text) if text else {}
     except infotext.InfotextTooLong as exc:
-        raise FieldError("image", f"image: its parameters text is too long to parse ({exc})") from exc
+        raise InputError("image", f"image: its parameters text is too long to parse ({exc})") from exc
     return PNGInfoResponse(info=text, items=chunks, parameters=parameters)

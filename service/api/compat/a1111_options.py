@@ -21,7 +21,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..validation import FieldError
+from service.sampling.errors import InputError
+
 from .limits import check_depth
 
 MAX_CALLERS = 1024
@@ -32,7 +33,7 @@ MAX_TEXT = 512  # a known text option's length
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise FieldError(name, f"{name} must be a string of at most {MAX_TEXT} characters")
+        raise InputError(name, f"{name} must be a string of at most {MAX_TEXT} characters")
     return value
 
 
@@ -43,7 +44,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             message = f"{name} must be an integer in [{lo}, {hi}], got {_shown(value)}"
-            raise FieldError(name, message, [lo, hi])
+            raise InputError(name, message, [lo, hi])
         return value
 
     return check
@@ -125,7 +126,7 @@ class OptionsStore:
         checked: dict[str, Any] = {}
         for name, value in body.items():
             if len(name) > MAX_TEXT:
-                raise FieldError("options", f"option names are at most {MAX_TEXT} characters")
+                raise InputError("options", f"option names are at most {MAX_TEXT} characters")
             if name in KNOWN and value is not None:
                 checked[name] = check_known(name, value)
             else:
@@ -136,14 +137,14 @@ class OptionsStore:
         if len(unknown) > self.max_unknown:
             known = ", ".join(KNOWN)
             message = f"at most {self.max_unknown} options other than {known} are kept per caller"
-            raise FieldError("options", message)
+            raise InputError("options", message)
         try:
             size = _size(unknown)
         except ValueError as exc:  # NaN / Infinity: not JSON a client could read back
-            raise FieldError("options", "option values must be finite numbers") from exc
+            raise InputError("options", "option values must be finite numbers") from exc
         if size > self.max_bytes:
             message = f"options other than the known ones may hold {self.max_bytes} bytes of JSON per caller"
-            raise FieldError("options", message)
+            raise InputError("options", message)
         self._by_caller[scope] = merged
         self._by_caller.move_to_end(scope)
         while len(self._by_caller) > self.max_callers:

@@ -1,10 +1,12 @@
-"""A1111 txt2img / img2img bodies -> our SampleRequests (one per ``n_iter`` batch).
+"""A1111 txt2img / img2img bodies -> our GenerationRequests (one per ``n_iter`` batch), for a model
+the route has loaded (this module loads nothing).
 
 What does not map one to one, and is said in ``info`` (``comments``):
-- a class-conditional model (the shipped ``digits``) reads the class from the prompt: the first
-  digit 0-9 or its English word; a fixed-size model generates at its own size and the images are
-  resized to the requested one;
-- text models floor width/height to a multiple of 8 and resize back when that changed them;
+- what a prompt and a size become is the model family's (``LoadedModel.prompt_inputs``): a
+  class-conditional model (the shipped ``digits``) reads the class from the prompt, a fixed-size
+  model generates at its own size, text models floor width/height to a multiple of 8; the images
+  are resized back to the requested size;
+- conditioning fields of ours that A1111 has no name for (``guidance``, ...) pass through by name;
 - fields we do not implement (hires fix, face restoration, tiling, styles, scripts, inpaint full
   resolution, inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111).
 """
@@ -21,16 +23,16 @@ from PIL import Image, ImageFilter, ImageOps
 
 from service import a1111_names, image_gate
 from service.image_gate import GatedImage, ImageInputError
-from service.models.store import LoadedModel
+from service.models.store import LoadedModel, PromptAsk
 from service.sampling import registry
+from service.sampling.errors import InputError
+from service.serving.pool import defaults_of
+from service.serving.request import GenerationRequest, frontend_fields
 
-from ..schemas import SampleRequest
-from ..validation import FieldError
+from ..schemas import generation_request
 from . import a1111_options, frontend_schedules, limits
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-_DIGIT = re.compile(r"(?<![\w.])(\d)(?![\w.])|\b(" + "|".join(DIGIT_WORDS) + r")\b", re.IGNORECASE)
 SAMPLER_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
@@ -39,7 +41,7 @@ class Plan:
     """The translated request: our bodies, and what A1111's response reports."""
 
     model: LoadedModel
-    bodies: list[SampleRequest]
+    bodies: list[GenerationRequest]
     seeds: list[int]
     subseeds: list[int]
     size: tuple[int, int]  # requested (width, height)
@@ -53,14 +55,6 @@ class Plan:
     comments: list[str] = field(default_factory=list)
 
 
-def class_from_prompt(prompt: str) -> int | None:
-    """The first digit 0-9 (standing alone) or English digit word in the prompt."""
-    m = _DIGIT.search(prompt)
-    if m is None:
-        return None
-    return int(m.group(1)) if m.group(1) is not None else DIGIT_WORDS.index(m.group(2).lower())
-
-
 def model_name(wanted: str, models: Collection[str]) -> str:
     """Our model for an A1111 checkpoint title ("name", "name.safetensors", "name [hash]")."""
     base = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", wanted.strip())
@@ -69,7 +63,7 @@ def model_name(wanted: str, models: Collection[str]) -> str:
         if candidate in models:
             return candidate
     names = sorted(models)
-    raise FieldError("sd_model_checkpoint", f"model {wanted!r} not found; valid: {', '.join(names)}", names)
+    raise InputError("sd_model_checkpoint", f"model {wanted!r} not found; valid: {', '.join(names)}", names)
 
 
 def checkpoint(
@@ -140,25 +134,18 @@ def _gated(data: str, field: str) -> GatedImage:
     try:
         return image_gate.load(data, field)
     except ImageInputError as exc:
-        raise FieldError(exc.field, exc.message, exc.allowed) from exc
+        raise InputError(exc.field, exc.message, exc.allowed) from exc
 
 
-def plan(
-    body: Txt2ImgRequest,
-    models: dict[str, LoadedModel],
-    default_model: str,
-    options: dict[str, Any],
-    max_images: int,
-) -> Plan:
-    """Translate one A1111 request (``options``: the caller's /options) into our requests."""
+def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_images: int) -> Plan:
+    """Translate one A1111 request (``options``: the caller's /options) for ``model`` (the one
+    :func:`checkpoint` names) into our requests."""
     overrides = body.override_settings or {}
-    model = models[checkpoint(body, options, default_model, models)]
-    d = model.manifest.defaults
+    d = defaults_of(model.manifest)
     sampler, schedule = a1111_names.resolve(body.sampler_name or body.sampler_index, body.scheduler)
-    sampler = sampler or str(d.get("sampler", "dpmpp_2m"))
-    schedule = schedule or str(d.get("schedule", "karras"))
-    steps = body.steps or int(d.get("steps", 20))
-    cfg = body.cfg_scale if body.cfg_scale is not None else float(d.get("cfg_scale", 7.0))
+    sampler, schedule = sampler or d.sampler, schedule or d.schedule
+    steps = body.steps or d.steps
+    cfg = body.cfg_scale if body.cfg_scale is not None else d.cfg_scale
     comments = _ignored(body)
     img2img = isinstance(body, Img2ImgRequest) and body.denoising_strength is not None
     denoise = float(body.denoising_strength or 1.0) if img2img else 1.0
@@ -167,12 +154,12 @@ def plan(
     clip_skip = a1111_options.clip_skip(overrides, options)
     total = body.batch_size * body.n_iter
     if body.batch_size > max_images:
-        raise FieldError("batch_size", f"batch_size must be in [1, {max_images}]", [1, max_images])
+        raise InputError("batch_size", f"batch_size must be in [1, {max_images}]", [1, max_images])
     if total > 16 * max_images:
-        raise FieldError("n_iter", f"batch_size * n_iter must be at most {16 * max_images}")
+        raise InputError("n_iter", f"batch_size * n_iter must be at most {16 * max_images}")
     for name in ("seed", "subseed") if body.subseed_strength > 0 else ("seed",):  # image i: seed + i
         if getattr(body, name) + total > 2**63:
-            raise FieldError(name, f"{name} + batch_size * n_iter - 1 must be below 2**63")
+            raise InputError(name, f"{name} + batch_size * n_iter - 1 must be below 2**63")
     seed = body.seed if body.seed >= 0 else secrets.randbelow(2**32)
     subseed = body.subseed if body.subseed >= 0 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(total)]
@@ -185,65 +172,53 @@ def plan(
         "steps": steps,
         "n": body.batch_size,
         **_sampler_options(body, sampler),
+        **frontend_fields(body.model_extra or {}),
     }
     if schedule_options:
         common["schedule_options"] = schedule_options
     if body.subseed_strength > 0:
         common["subseed_strength"] = body.subseed_strength
-    labels: list[int | None] = [None]
-    if model.conditioning == "text":
-        gen = (body.width - body.width % 8, body.height - body.height % 8)
-        if min(gen) < 8:
-            raise FieldError("width" if gen[0] < 8 else "height", "width and height must be at least 8")
-        common |= {"prompt": body.prompt, "negative_prompt": body.negative_prompt or None}
-        common |= {"cfg_scale": cfg, "width": gen[0], "height": gen[1]}
-        if clip_skip != 1:
-            common["clip_skip"] = clip_skip
-    else:
-        h, w = model.image_size
-        gen = (w, h)
-        if model.conditioning == "class":
-            label = class_from_prompt(body.prompt)
-            labels = [label]
-            if label is not None and label >= model.num_classes:
-                label = None
-            if label is None:
-                comments.append(f"no class 0-{model.num_classes - 1} in the prompt: unconditional sample")
-            else:
-                common["class_label"] = label
-                common["cfg_scale"] = cfg
-        else:
-            comments.append(f"model {model.name!r} is unconditional: prompt and cfg_scale are ignored")
-        if body.negative_prompt:
-            comments.append("negative_prompt is ignored by this model (it reads no text)")
-        if clip_skip != 1:
-            comments.append("CLIP_stop_at_last_layers is ignored by this model (it has no text encoder)")
-    if gen != size and model.conditioning != "text":
+    asked = model.prompt_inputs(PromptAsk(body.prompt, body.negative_prompt or None, cfg, size, clip_skip))
+    common |= asked.fields
+    comments += asked.notes
+    gen = asked.generated
+    if gen != size and model.fixed_size:
         limits.check_resize(size, total, ("width", "height", "n_iter"))
+    if gen != size:
         comments.append(f"model {model.name!r} generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)
-    elif body.denoising_strength is not None and body.enable_hr:
-        pass  # hires denoising: no hires pass here
     bodies = []
     for it in range(body.n_iter):
         part = seeds[it * body.batch_size : (it + 1) * body.batch_size]
         if body.subseed_strength > 0:
             common["subseed"] = subseeds[it * body.batch_size]
-        bodies.append(SampleRequest.model_validate({**common, "seed": part}))
+        bodies.append(generation_request({**common, "seed": part}))
     return Plan(
-        model, bodies, seeds, subseeds, size, gen, sampler, schedule, steps, cfg, clip_skip, labels, comments
+        model,
+        bodies,
+        seeds,
+        subseeds,
+        size,
+        gen,
+        sampler,
+        schedule,
+        steps,
+        cfg,
+        clip_skip,
+        [asked.label],
+        comments,
     )
 
 
 def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]) -> dict:
     if not body.init_images:
-        raise FieldError("init_images", "img2img needs init_images (one base64 image)")
+        raise InputError("init_images", "img2img needs init_images (one base64 image)")
     init = _gated(body.init_images[0], "init_images")
     strength = body.denoising_strength if body.denoising_strength is not None else 0.75
     if strength <= 0:
-        raise FieldError("denoising_strength", "denoising_strength must be > 0", [0.0, 1.0])
+        raise InputError("denoising_strength", "denoising_strength must be > 0", [0.0, 1.0])
     out: dict[str, Any] = {"init_image": init, "denoise": strength}
     if body.mask is not None:
-        out["mask"] = _mask(body, init.image.size if model.conditioning == "text" else gen)
+        out["mask"] = _mask(body, model.mask_size(init.image.size, gen))
     return out

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import Depends, Request
 
 from service.engine import Job
+from service.models.store import LoadedModel
 from service.serving.errors import ModelUnavailable
 from service.serving.service import Service
 
@@ -105,17 +106,15 @@ class CompatCall:
         return self.state.pool.default_model or self.state.pool.known()[0]
 
     @contextlib.asynccontextmanager
-    async def loaded(self, name: str) -> AsyncIterator[None]:
-        """Load a model of the store that is not loaded yet (a frontend picked it; translating its
-        request reads the model: conditioning, image size, defaults) and keep it from being evicted
-        while the request is translated."""
-        if name not in self.state.pool.models and name in self.state.pool.known():
-            try:
-                await self.state.pool.ensure_loaded(name)
-            except ModelUnavailable as exc:
-                raise http_error(exc) from exc
-        with self.state.pool.pinned(name):
-            yield
+    async def model(self, name: str) -> AsyncIterator[LoadedModel]:
+        """The model a frontend picked (translating its request reads it: family, image size,
+        defaults), loaded by the pool if it is not yet and kept from eviction while it is translated;
+        a model that cannot be served is its HTTP error."""
+        try:
+            async with self.state.pool.using(name) as model:
+                yield model
+        except ModelUnavailable as exc:
+            raise http_error(exc) from exc
 
     def options(self) -> dict[str, Any]:
         """The caller's A1111 options."""

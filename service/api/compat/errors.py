@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException  # FastAPI raises this base class for unparsable bodies
 
-from ..validation import FieldError
+from service.sampling.errors import InputError
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 MAX_ERRORS = 20
@@ -69,7 +69,7 @@ class FrontendRoute(APIRoute):
                 return await inner(request)
             except RequestValidationError as exc:
                 return self.validation_error(exc)
-            except FieldError as exc:
+            except InputError as exc:
                 return self.field_error(exc)
             except self.own_errors as exc:
                 return self.own_error(exc)
@@ -85,7 +85,7 @@ class FrontendRoute(APIRoute):
     def validation_error(self, exc: RequestValidationError) -> JSONResponse:
         raise NotImplementedError
 
-    def field_error(self, exc: FieldError) -> JSONResponse:
+    def field_error(self, exc: InputError) -> JSONResponse:
         raise NotImplementedError
 
     def own_error(self, exc: Exception) -> JSONResponse:
@@ -103,7 +103,7 @@ class A1111Route(FrontendRoute):
         text = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in items)
         return a1111_error(422, "RequestValidationError", items, text)
 
-    def field_error(self, exc: FieldError) -> JSONResponse:
+    def field_error(self, exc: InputError) -> JSONResponse:
         item = {"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}
         if exc.allowed is not None:
             item["allowed"] = exc.allowed
@@ -153,7 +153,7 @@ class OpenAIRoute(FrontendRoute):
         param = ".".join(loc) or None
         return openai_error(400, f"{param or 'body'}: {first.get('msg')}", param, "invalid_value")
 
-    def field_error(self, exc: FieldError) -> JSONResponse:
+    def field_error(self, exc: InputError) -> JSONResponse:
         return openai_error(400, exc.message, exc.field, "invalid_value")
 
     def own_error(self, exc: Exception) -> JSONResponse:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import FieldError
+from service.sampling.errors import InputError
 
 # ControlNet's units (alwayson_scripts.controlnet.args[i].{...}) are 4 levels; real clients stay
 # well below this.
@@ -39,7 +39,7 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
 
 def check_depth(value: Any, field: str, limit: int = MAX_DEPTH) -> None:
     if depth(value, limit) > limit:
-        raise FieldError(field, f"{field} is nested deeper than {limit} levels")
+        raise InputError(field, f"{field} is nested deeper than {limit} levels")
 
 
 # What a request may ask a fixed-size model's images to be resized to (the resize and the PNGs
@@ -53,7 +53,7 @@ def check_resize(size: tuple[int, int], images: int, fields: tuple[str, str, str
     for side, field in zip(size, fields[:2], strict=True):
         if side > MAX_RESIZE_SIDE:
             message = f"{field} must be at most {MAX_RESIZE_SIDE} for a fixed-size model (images are resized)"
-            raise FieldError(field, message, [8, MAX_RESIZE_SIDE])
+            raise InputError(field, message, [8, MAX_RESIZE_SIDE])
     if size[0] * size[1] * images > MAX_OUTPUT_PIXELS:
         message = f"images x width x height must be at most {MAX_OUTPUT_PIXELS} pixels for a fixed-size model"
-        raise FieldError(fields[2], message)
+        raise InputError(fields[2], message)

@@ -95,8 +95,8 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
 )
 async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
-    async with call.loaded(model_for(req.model, call.state.pool.known(), call.default_model)):
-        t = translate(req, call.state.pool.models, call.default_model, call.state.settings.max_steps)
+    async with call.model(model_for(req.model, call.state.pool.known(), call.default_model)) as model:
+        t = translate(req, model, call.state.settings.max_steps)
     return await _respond(call, req, t)
 
 
@@ -136,10 +136,8 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
     state = call.state
-    async with call.loaded(model_for(req.model, state.pool.known(), call.default_model)):
-        t = await asyncio.to_thread(
-            translate, req, state.pool.models, call.default_model, state.settings.max_steps, image, mask
-        )
+    async with call.model(model_for(req.model, state.pool.known(), call.default_model)) as model:
+        t = await asyncio.to_thread(translate, req, model, state.settings.max_steps, image, mask)
     return await _respond(call, req, t)
 
 

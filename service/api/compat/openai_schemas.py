@@ -2,7 +2,8 @@
 
 Besides OpenAI's fields, requests may carry ours (``seed``, ``negative_prompt``, ``steps``,
 ``sampler``, ``schedule``, ``cfg_scale``, ``denoise``): the OpenAI SDKs send them through
-``extra_body``. Other unknown fields are ignored."""
+``extra_body``; so may the conditioning fields of ours that OpenAI has no name for (``guidance``, ...:
+``GenerationRequest``'s ``frontends`` fields). Other unknown fields are ignored."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImageGenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="allow", protected_namespaces=(), allow_inf_nan=False
+    )  # extras: frontend_fields
 
     prompt: str = Field(max_length=32_000)
     model: str | None = Field(None, max_length=128)

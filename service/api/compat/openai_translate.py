@@ -1,4 +1,5 @@
-"""OpenAI Images requests -> one SampleRequest.
+"""OpenAI Images requests -> one GenerationRequest, for a model the route has loaded (this module
+loads nothing).
 
 - ``model``: one of ours, or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*) = the default model;
 - ``size`` "WxH" ("auto" or none: the model's own); a fixed-size model generates at its size and
@@ -19,24 +20,24 @@ from PIL import Image
 
 from service import a1111_names, image_gate
 from service.image_gate import GatedImage, ImageInputError
-from service.models.store import LoadedModel
+from service.models.store import LoadedModel, PromptAsk
 from service.sampling.errors import InputError
+from service.serving.pool import defaults_of
+from service.serving.request import GenerationRequest, frontend_fields
 
-from ..schemas import SampleRequest
+from ..schemas import generation_request
 from . import frontend_schedules, limits
-from .a1111_translate import class_from_prompt
 from .errors import OpenAIError
 from .openai_schemas import ImageGenerationRequest
 
 OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-[\w.-]+|chatgpt-image.*)$")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-MAX_SIDE = 4096
 
 
 @dataclass
 class Translated:
     model: LoadedModel
-    body: SampleRequest
+    body: GenerationRequest
     size: tuple[int, int]  # what the client gets (width, height)
     generated: tuple[int, int]
     comments: list[str] = field(default_factory=list)
@@ -68,7 +69,7 @@ def _size(text: str | None, model: LoadedModel) -> tuple[int, int] | None:
             "invalid_size",
         )
     w, h = int(m.group(1)), int(m.group(2))
-    limit = int(model.info.get("max_size", MAX_SIDE)) if model.conditioning == "text" else MAX_SIDE
+    limit = model.size_limit()
     if not (8 <= w <= limit and 8 <= h <= limit):
         raise OpenAIError(
             400, f"Invalid size {text!r}: width and height must be in [8, {limit}]", "size", "invalid_size"
@@ -79,7 +80,7 @@ def _size(text: str | None, model: LoadedModel) -> tuple[int, int] | None:
 def _steps(req: ImageGenerationRequest, model: LoadedModel, max_steps: int) -> int | None:
     if req.steps is not None:
         return req.steps
-    base = int(model.manifest.defaults.get("steps", 20))
+    base = defaults_of(model.manifest).steps
     quality = (req.quality or "").lower()
     if quality in ("hd", "high"):
         return min(max_steps, 2 * base)
@@ -90,13 +91,12 @@ def _steps(req: ImageGenerationRequest, model: LoadedModel, max_steps: int) -> i
 
 def translate(
     req: ImageGenerationRequest,
-    models: dict[str, LoadedModel],
-    default: str,
+    model: LoadedModel,
     max_steps: int,
     image: bytes | None = None,
     mask: bytes | None = None,
 ) -> Translated:
-    model = models[model_for(req.model, models, default)]
+    """One OpenAI request for ``model`` (the one :func:`model_for` names, loaded by the route)."""
     asked = _size(req.size, model)
     comments: list[str] = []
     fields: dict[str, Any] = {
@@ -106,21 +106,14 @@ def translate(
         "sampler": req.sampler,
         "schedule": req.schedule,
         "steps": _steps(req, model, max_steps),
+        **frontend_fields(req.model_extra or {}),
     }
-    if model.conditioning == "text":
-        w, h = asked or model.image_size[::-1]
-        gen = (w - w % 8, h - h % 8)
-        fields |= {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "cfg_scale": req.cfg_scale}
-        fields |= {"width": gen[0], "height": gen[1]}
-    else:
-        gen = (model.image_size[1], model.image_size[0])
-        label = class_from_prompt(req.prompt) if model.conditioning == "class" else None
-        if label is not None and label < model.num_classes:
-            fields |= {"class_label": label, "cfg_scale": req.cfg_scale}
-        else:
-            comments.append("no class in the prompt: unconditional sample")
+    family = model.prompt_inputs(PromptAsk(req.prompt, req.negative_prompt, req.cfg_scale, asked))
+    fields |= family.fields
+    comments += family.notes
+    gen = family.generated
     size = asked or gen
-    if size != gen and model.conditioning != "text":
+    if size != gen and model.fixed_size:
         try:
             limits.check_resize(size, req.n, ("size", "size", "n"))
         except InputError as exc:
@@ -132,7 +125,7 @@ def translate(
         fields |= _schedule(req.schedule, model, fields["steps"], denoise, comments)
     if size != gen:
         comments.append(f"generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
-    body = SampleRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    body = generation_request({k: v for k, v in fields.items() if v is not None})
     return Translated(model, body, size, gen, comments)
 
 
@@ -146,7 +139,7 @@ def _schedule(
         raise OpenAIError(400, message, "schedule", "invalid_value") from exc
     if schedule is None:  # "automatic": the model's own
         return {"schedule": None}
-    steps = steps or int(model.manifest.defaults.get("steps", 20))
+    steps = steps or defaults_of(model.manifest).steps
     schedule, options, note = frontend_schedules.for_model(schedule, model, steps, denoise)
     comments += [note] if note else []
     return {"schedule": schedule, "schedule_options": options or None}
@@ -175,7 +168,7 @@ def _edit_inputs(
     # 2600x2600 photo re-encoded passed the 16 MB base64 limit of the field).
     out: dict[str, Any] = {"init_image": GatedImage(init, "image")}
     if repaint is not None:
-        target = init.size if model.conditioning == "text" else gen
+        target = model.mask_size(init.size, gen)
         out["mask"] = GatedImage(repaint.resize(target, Image.Resampling.BILINEAR), "mask")
         if denoise is not None:
             out["denoise"] = denoise

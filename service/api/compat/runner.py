@@ -8,9 +8,9 @@ import asyncio
 from fastapi import Request
 
 from service.engine import Job
+from service.serving.request import GenerationRequest
 
 from ..guard import owner_of
-from ..schemas import SampleRequest
 from ..views import raise_for_failure, submit
 from .caller import CompatCall
 
@@ -22,7 +22,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def run(call: CompatCall, bodies: list[SampleRequest], wait_disconnect: bool = True) -> list[Job]:
+async def run(call: CompatCall, bodies: list[GenerationRequest], wait_disconnect: bool = True) -> list[Job]:
     """All jobs of one frontend request, submitted together (so the engine batches them), finished.
 
     A failed job raises its HTTP error (after cancelling the rest); cancelled jobs (the caller's

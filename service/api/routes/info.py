@@ -11,10 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.models.tuned import catalogue_entry as tuned_entry
 from service.sampling import registry
+from service.sampling.request import CUSTOM
 from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
-from ..validation import CUSTOM
 
 router = APIRouter(tags=["info"])
 # The catalogue needs a key like the rest of the API; the probes below are open (see guard.py).

@@ -46,7 +46,7 @@ def describe(state: Service, name: str) -> dict[str, Any]:
         h, w = m.image_size
         out |= {
             "conditioning": m.conditioning,
-            "class_labels": list(range(m.num_classes)) if m.conditioning == "class" else None,
+            "class_labels": m.class_labels,
             "width": w,
             "height": h,
             "channels": m.image_channels,

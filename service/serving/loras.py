@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -14,7 +14,8 @@ from service.models.lora import KEY, LoraError
 from service.models.store import LoadedModel
 from service.sampling.errors import InputError
 
-from .schemas import SampleRequest
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")
 MAX_WEIGHT = 10.0  # the ``loras`` field's bound (LoraRef.weight)
@@ -39,12 +40,14 @@ def prompt_tags(prompt: str | None) -> tuple[str | None, list[tuple[str, float]]
     return clean, pairs
 
 
-def request_loras(req: SampleRequest, model: LoadedModel) -> tuple[SampleRequest, list[tuple[int, float]]]:
+def request_loras(
+    req: GenerationRequest, model: LoadedModel
+) -> tuple[GenerationRequest, list[tuple[int, float]]]:
     """The request with tag-free prompts, and its adapters as (id, weight) on ``model``."""
     prompt, tags = prompt_tags(req.prompt)
     pairs = [(ref.name, ref.weight) for ref in req.loras or []] + tags
     if prompt != req.prompt:
-        req = req.model_copy(update={"prompt": prompt})
+        req = req.replace(prompt=prompt)
     if not pairs:
         return req, []
     field = "loras" if req.loras else "prompt"
@@ -71,7 +74,7 @@ def with_adapters(
     return {**cond, KEY: rows}, None if uncond is None else {**uncond, KEY: rows}
 
 
-def lora_parameters(req: SampleRequest, model: LoadedModel) -> dict[str, Any]:
+def lora_parameters(req: GenerationRequest, model: LoadedModel) -> dict[str, Any]:
     """The PNG / result parameters: every LoRA the request used, by name and weight."""
     _, tags = prompt_tags(req.prompt)
     pairs = [(ref.name, ref.weight) for ref in req.loras or []] + tags

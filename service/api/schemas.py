@@ -92,6 +92,7 @@ class SampleRequest(BaseModel):
     sigma_max: float | None = field_of("sigma_max")
     shift: float | None = field_of("shift")
     guidance: float | None = field_of("guidance")
+    crops_coords_top_left: list[int] | None = field_of("crops_coords_top_left")
     sampler_options: dict[str, OptionValue] = field_of("sampler_options")
     schedule_options: dict[str, OptionValue] = field_of("schedule_options")
     timeout_s: float | None = field_of("timeout_s")

@@ -92,8 +92,10 @@ class StableDiffusion(TextImageModel):
         width: int,
         guided: bool,
         clip_skip: int | None = None,
+        crop: list[int] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        """cond (and uncond when guided) rows for n images of one prompt."""
+        """cond (and uncond when guided) rows for n images of one prompt; SDXL: ``crop`` (top, left)
+        of its time ids (default 0, 0)."""
         pos = self.text.encode(prompt, clip_skip)
         neg: Encoded | None = None
         if guided:
@@ -103,22 +105,34 @@ class StableDiffusion(TextImageModel):
                 neg = self.text.encode(negative_prompt or "", clip_skip)
             chunks = max(pos.chunks, neg.chunks)
             pos, neg = self.text.pad_to(pos, chunks, clip_skip), self.text.pad_to(neg, chunks, clip_skip)
-        return self._rows(pos, n, height, width), (None if neg is None else self._rows(neg, n, height, width))
+        top, left = crop or (0, 0)
+        rows = (n, height, width, top, left)
+        return self._rows(pos, *rows), (None if neg is None else self._rows(neg, *rows))
 
-    def _rows(self, enc: Encoded, n: int, height: int, width: int) -> dict[str, Tensor]:
+    def _rows(self, enc: Encoded, n: int, height: int, width: int, top: int, left: int) -> dict[str, Tensor]:
         d = {"context": enc.context.expand(n, -1, -1).clone()}
-        if self.is_sdxl:
+        if self.is_sdxl:  # time ids: original size, crop top-left, target size (diffusers' order)
             assert enc.pooled is not None
             d["y"] = enc.pooled.expand(n, -1).clone()
-            ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=self.device)
+            values = [height, width, top, left, height, width]
+            ids = torch.tensor(values, dtype=torch.float32, device=self.device)
             d["time_ids"] = ids.expand(n, -1).clone()
         return d
 
     def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         guided = req.cfg_scale != 1.0
+        crop = None if req.fields is None else req.fields.crops_coords_top_left
+        if crop is not None and not all(0 <= int(v) <= self.max_size for v in crop):
+            raise SDInputError(
+                "crops_coords_top_left", f"crops_coords_top_left must be 2 integers in [0, {self.max_size}]"
+            )
         return self.text_conditioning(
-            req.prompt, req.negative_prompt, req.n, *req.size, guided, req.clip_skip
+            req.prompt, req.negative_prompt, req.n, *req.size, guided, req.clip_skip, crop=crop
         )
+
+    def conditioning_fields(self) -> frozenset[str]:
+        extra = {"crops_coords_top_left"} if self.is_sdxl else set()  # SDXL's micro-conditioning
+        return super().conditioning_fields() | extra
 
     def add_images(self, out: SDJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
         """9-channel inpainting UNets: the masked-image conditioning instead of the latent blend."""

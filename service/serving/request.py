@@ -157,6 +157,13 @@ class GenerationRequest:
     guidance: float | None = request_field(
         "Flux-dev: distilled guidance (default: the model's)", frontends=True, ge=0.0, le=100.0
     )
+    crops_coords_top_left: list[int] | None = request_field(
+        "SDXL micro-conditioning: the (top, left) crop of the training image to imitate, in pixels "
+        "(default [0, 0]: centred, uncropped)",
+        frontends=True,
+        min_length=2,
+        max_length=2,
+    )
     sampler_options: dict[str, float | int | str] = request_field(
         "further sampler options by name (GET /samplers)", record="spec", default_factory=dict, max_length=32
     )

@@ -20,7 +20,9 @@ simple         every T/n-th entry from the top             u = 1 .. 1/n (the sam
 ddim_uniform   1 + k (T // n), k = n-1 .. 0 ("leading")    u = (n-1)/n .. 0: sigma_max lowered
 =============  ==========================================  ===================================
 
-Any other schedule a model cannot run falls back to the model's default schedule (also said).
+Any other schedule a model cannot run falls back to the model's default schedule (also said): a
+discrete-only one without a rule above, and on a flow-matching model (SD3, Flux: sigmas are times
+in [0, 1]) a schedule with its own fixed sigmas (``align_your_steps``: SD's 14.6 .. 0.03).
 """
 
 from __future__ import annotations
@@ -55,13 +57,18 @@ def for_model(
     schedule itself where the model can run it (comment None), else its equivalent (see above).
     ``denoise`` < 1 (img2img): the schedule is made for steps / denoise steps and its tail run (as
     ``spec.make_sigmas`` does), so the rule's n is that longer count."""
-    if schedule not in registry.SCHEDULES or not registry.get_schedule(schedule).needs_discrete:
-        return schedule, {}, None
-    if _discrete(model):
+    if schedule not in registry.SCHEDULES:
+        return schedule, {}, None  # not a name we know: the core's 422 names it
+    info = registry.get_schedule(schedule)
+    default = str(model.manifest.defaults.get("schedule", "karras"))
+    flow = bool(getattr(model.denoiser, "flow", False))
+    if flow and not info.needs_discrete and not info.uses_range and schedule != default:
+        note = f"schedule {schedule!r}: fixed sigmas outside a flow model's [0, 1]; ran {default!r}"
+        return default, {}, note
+    if not info.needs_discrete or _discrete(model):
         return schedule, {}, None
     rule = _CONTINUOUS.get(schedule)
     if rule is None:
-        default = str(model.manifest.defaults.get("schedule", "karras"))
         note = f"schedule {schedule!r} needs a discrete-time model; ran the model's default {default!r}"
         return default, {}, note
     lo, hi = float(model.denoiser.sigma_min), float(model.denoiser.sigma_max)

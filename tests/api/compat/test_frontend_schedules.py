@@ -120,3 +120,35 @@ def test_frontends_run_discrete_names_on_a_continuous_model_and_sample_keeps_its
     assert openai.status_code == 200, openai.text
     ours = client.post("/sample", json={"class_label": 3, "steps": 5, "schedule": scheduler})
     assert ours.status_code == 422 and ours.json()["detail"][0]["loc"] == ["body", "schedule"]
+
+
+class Flow(Discrete):
+    flow = True
+
+
+def test_a_fixed_table_schedule_on_a_flow_model_falls_back_to_its_default() -> None:
+    flow = model(Flow())
+    flow.manifest.defaults["schedule"] = "flow"
+    name, options, note = frontend_schedules.for_model("align_your_steps", flow, 20)
+    assert (name, options) == ("flow", {}) and note is not None and "'align_your_steps'" in note
+    for schedule in ("normal", "karras", "beta", "flow"):  # a flow model has a table and takes ranges
+        assert frontend_schedules.for_model(schedule, flow, 20) == (schedule, {}, None)
+
+
+def test_every_a1111_scheduler_on_tiny_flow_models() -> None:
+    """SD3 and Flux take every A1111 scheduler name (align_your_steps was a 422: its SD sigmas)."""
+    pytest.importorskip("diffusers")
+    from service import a1111_names
+    from service.api.app import create_app
+    from service.api.settings import Settings
+    from tests.support.flow_tiny import tiny_flow_store
+
+    app = create_app(Settings(model_store=tiny_flow_store(), torch_threads=1, batch_wait_ms=0))
+    with TestClient(app) as c:
+        for name in ("sd3", "flux_schnell"):
+            for item in a1111_names.scheduler_items():
+                body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "scheduler": item["name"]}
+                r = c.post(
+                    "/sdapi/v1/txt2img", json=body | {"override_settings": {"sd_model_checkpoint": name}}
+                )
+                assert r.status_code == 200, (name, item["name"], r.text[:300])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
@@ -48,9 +48,10 @@ def field_of(name: str) -> Any:
     return Field(f.default, **meta)
 
 
-class SampleRequest(BaseModel):
-    """One generation request. Unknown fields are rejected (422). The fields, their bounds and docs are
-    serving's GenerationRequest (``field_of``); tests/serving/test_request.py checks the two lists match."""
+# SampleRequest's fields are serving's GenerationRequest's, each with its type, default, bounds and
+# doc (built by _sample_request below: a new request field needs no line here).
+class _SampleRequest(BaseModel):
+    """One generation request. Unknown fields are rejected (422)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -59,51 +60,31 @@ class SampleRequest(BaseModel):
         json_schema_extra={"examples": [{"model": "digits", "class_label": 7, "steps": 20, "seed": 1}]},
     )
 
-    model: str | None = field_of("model")
-    sampler: str | None = field_of("sampler")
-    schedule: str | None = field_of("schedule")
-    sigmas: list[float] | None = field_of("sigmas")
-    steps: int | None = field_of("steps")
-    seed: int | list[int] | None = field_of("seed")
-    n: int | None = field_of("n")
-    subseed: int | None = field_of("subseed")
-    subseed_strength: float | None = field_of("subseed_strength")
-    clip_skip: int | None = field_of("clip_skip")
-    cfg_scale: float | None = field_of("cfg_scale")
-    class_label: int | list[int] | None = field_of("class_label")
-    prompt: str | None = field_of("prompt")
-    loras: list[LoraRef] | None = field_of("loras")
-    negative_prompt: str | None = field_of("negative_prompt")
-    width: int | None = field_of("width")
-    height: int | None = field_of("height")
-    init_image: ImageField = field_of("init_image")
-    denoise: float | None = field_of("denoise")
-    mask: ImageField = field_of("mask")
-    eta: float | None = field_of("eta")
-    s_noise: float | None = field_of("s_noise")
-    s_churn: float | None = field_of("s_churn")
-    s_tmin: float | None = field_of("s_tmin")
-    s_tmax: float | None = field_of("s_tmax")
-    r: float | None = field_of("r")
-    order: int | None = field_of("order")
-    solver_type: str | None = field_of("solver_type")
-    rho: float | None = field_of("rho")
-    sigma_min: float | None = field_of("sigma_min")
-    sigma_max: float | None = field_of("sigma_max")
-    shift: float | None = field_of("shift")
-    guidance: float | None = field_of("guidance")
-    crops_coords_top_left: list[int] | None = field_of("crops_coords_top_left")
-    sampler_options: dict[str, OptionValue] = field_of("sampler_options")
-    schedule_options: dict[str, OptionValue] = field_of("schedule_options")
-    timeout_s: float | None = field_of("timeout_s")
-    guidance_rescale: float | None = field_of("guidance_rescale")
-
     def request(self) -> GenerationRequest:
         """The serving layer's request for this body."""
         values = {name: getattr(self, name) for name in type(self).model_fields}
-        if self.loras is not None:
-            values["loras"] = [ServingLora(ref.name, ref.weight) for ref in self.loras]
+        if values.get("loras") is not None:
+            values["loras"] = [ServingLora(ref.name, ref.weight) for ref in values["loras"]]
         return GenerationRequest(**values)
+
+
+# The HTTP types where they are not the dataclass's own: LoRAs validated as LoraRef bodies, images as
+# base64 text (or a translator's GatedImage) kept out of model_dump.
+HTTP_TYPES: dict[str, Any] = {"loras": list[LoraRef] | None, "init_image": ImageField, "mask": ImageField}
+
+
+def _sample_request() -> type[_SampleRequest]:
+    hints = get_type_hints(GenerationRequest)
+    fields: dict[str, Any] = {name: (HTTP_TYPES.get(name, hints[name]), field_of(name)) for name in FIELDS}
+    model = create_model("SampleRequest", __base__=_SampleRequest, __module__=__name__, **fields)
+    model.__doc__ = _SampleRequest.__doc__
+    return model
+
+
+if TYPE_CHECKING:
+    SampleRequest = _SampleRequest
+else:
+    SampleRequest = _sample_request()
 
 
 def generation_request(fields: dict[str, Any]) -> GenerationRequest:

@@ -27,6 +27,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -186,3 +187,24 @@ def test_every_scheduler_and_sampler_on_a_tiny_sd_model(st: httpx.Client, st_ser
         assert n == len(lists["samplers"]) * len(lists["schedulers"])
     finally:
         pick_model(st, "digits")
+
+
+def test_sillytavern_with_an_api_key_entry_as_its_basic_auth(tmp_path: Path) -> None:
+    """Its Authentication field "user:pass" (a KDIFF_API_KEYS entry) is sent as HTTP Basic on every
+    call; a wrong one fails its connect (the ping) with 401, as A1111's --api-auth does."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    shutil.copytree(REPO / "model_store" / "digits", tmp_path / "digits")
+    app = create_app(Settings(model_store=tmp_path, api_keys="st:secret", torch_threads=1, batch_wait_ms=0))
+    with TestClient(app) as c:
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"st:nope").decode()}
+        assert c.get("/sdapi/v1/options", headers=wrong).status_code == 401
+        c.headers["Authorization"] = "Basic " + base64.b64encode(b"st:secret").decode()
+        lists = connect(c)
+        pick_model(c, lists["models"][0])
+        body = st_body("http://testserver", "a 5", steps=4) | {"auth": "st:secret"}
+        image, info = generate(c, body)
+        assert image.size == (512, 512) and info["sd_model_name"] == "digits"

@@ -221,3 +221,15 @@ def test_the_import_walk_sees_lazy_imports_and_skips_type_checking() -> None:
     names = {n for n, _ in _imports(SERVICE / "models" / "store.py")}
     assert "service.models.pixel" in names  # imported inside a method
     assert "service.serving.request" not in names  # under TYPE_CHECKING only
+
+
+def test_translators_load_no_model() -> None:
+    """The A1111 and OpenAI translators turn a body into GenerationRequests for a model they are
+    handed: they reach neither the pool nor the store (the route has the pool load the model)."""
+    compat = SERVICE / "api" / "compat"
+    for path in (compat / "a1111_translate.py", compat / "openai_translate.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not names & {"ensure_loaded", "pool", "using", "ModelStore", "ModelPool", "Service"}, path
+        assert "GenerationRequest" in names, path

@@ -3,7 +3,7 @@
 :class:`FlowModel` mirrors :class:`~service.models.stable_diffusion.StableDiffusion`'s surface:
 ``job_inputs`` turns a request into conditioning rows (``context`` [B, L, D], ``pooled`` [B, P],
 and Flux-dev's ``guidance`` [B]), the latent shape, img2img latents and the inpainting mask
-(latent blend), raising SDInputError naming the request field; ``decode`` / ``encode_image``.
+(latent blend), raising InputError naming the request field; ``decode`` / ``encode_image``.
 Its ``denoiser`` is a :class:`~service.sampling.flow.FlowDenoiser`: drivers see ``flow = True``
 and run the flow forms of the samplers (service/sampling/flow.py).
 
@@ -25,13 +25,13 @@ from service.models.flow_text import FlowPromptEncoder
 from service.models.sd_loader import SDLoadError
 from service.models.store import LoadedModel, Manifest, register_loader
 from service.models.text_image import (
-    SDInputError,
     TextImageModel,
     TextModelOptions,
     TextRequest,
     load_dtype,
     model_options,
 )
+from service.sampling.errors import InputError
 from service.sampling.flow import FlowDenoiser, flux_shift
 
 if TYPE_CHECKING:
@@ -115,11 +115,11 @@ class FlowModel(TextImageModel):
     def check_request(self, negative_prompt: str | None, cfg_scale: float) -> None:
         if not self.uses_cfg:
             if negative_prompt is not None:
-                raise SDInputError(
+                raise InputError(
                     "negative_prompt", "Flux models use no classifier-free guidance: omit negative_prompt", []
                 )
             if cfg_scale != 1.0:
-                raise SDInputError(
+                raise InputError(
                     "cfg_scale",
                     "Flux models use no classifier-free guidance: cfg_scale must be 1"
                     + (" (use guidance)" if self.takes_guidance else ""),
@@ -158,15 +158,16 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
         c.source = "single_file"
     if c.family != manifest.kind:
         raise SDLoadError(f"{manifest.name}: manifest kind {manifest.kind!r} but the folder holds {c.family}")
+    d = manifest.model_defaults
     return FlowModel(
         c,
         device,
         dtype,
         shift=raw.get("shift"),
         max_sequence_length=raw.get("max_sequence_length"),
-        guidance=float(manifest.defaults.get("guidance", 3.5)),
+        guidance=3.5 if d.guidance is None else d.guidance,
         **model_options(manifest),
-        default_size=manifest.defaults.get("width"),
+        default_size=d.width,
     )
 
 

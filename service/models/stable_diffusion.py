@@ -29,7 +29,6 @@ from service.models.sd_loader import (
 from service.models.sd_text import Encoded, PromptEncoder
 from service.models.sd_unet import make_denoiser
 from service.models.store import Manifest, register_loader
-from service.models.text_image import SDInputError as SDInputError
 from service.models.text_image import (
     SDJobInputs,
     TextImageModel,
@@ -39,6 +38,7 @@ from service.models.text_image import (
     load_dtype,
     model_options,
 )
+from service.sampling.errors import InputError
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -123,7 +123,7 @@ class StableDiffusion(TextImageModel):
         guided = req.cfg_scale != 1.0
         crop = None if req.fields is None else req.fields.crops_coords_top_left
         if crop is not None and not all(0 <= int(v) <= self.max_size for v in crop):
-            raise SDInputError(
+            raise InputError(
                 "crops_coords_top_left", f"crops_coords_top_left must be 2 integers in [0, {self.max_size}]"
             )
         return self.text_conditioning(

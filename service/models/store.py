@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +42,41 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelDefaults:
+    """A model's defaults for what a request leaves out, parsed once from its manifest's
+    ``defaults`` (the only place they fall back)."""
+
+    sampler: str = "dpmpp_2m"
+    schedule: str = "karras"
+    steps: int = 20
+    cfg_scale: float = 1.0
+    guidance: float | None = None  # Flux-dev's distilled guidance
+    width: int | None = None
+    height: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> ModelDefaults:
+        base = cls()
+
+        def num(key: str, kind: type, default: Any) -> Any:
+            value = raw.get(key)
+            return default if value is None else kind(value)
+
+        try:
+            return cls(
+                sampler=str(raw.get("sampler") or base.sampler),
+                schedule=str(raw.get("schedule") or base.schedule),
+                steps=num("steps", int, base.steps),
+                cfg_scale=num("cfg_scale", float, base.cfg_scale),
+                guidance=num("guidance", float, None),
+                width=num("width", int, None),
+                height=num("height", int, None),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"'defaults' has a value of the wrong type: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     kind: str
@@ -49,6 +84,10 @@ class Manifest:
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    model_defaults: ModelDefaults = field(init=False)  # ``defaults`` parsed once: the one place
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_defaults", ModelDefaults.parse(self.defaults))
 
     def tuned_schedules(self) -> dict[str, list[dict[str, int]]]:
         """Tuned schedules in schedules/ ({sampler: [{"nfe", "steps"}]}; kdiff tune-schedule)."""

@@ -4,7 +4,7 @@ flow-matching models SD3 / Flux (``flow_model.py``).
 :class:`TextImageModel` holds the VAE between images and latents, the request size (given, else the
 init image's floored to the model's multiple, else the native size; checked), the img2img image and
 inpainting mask checks, and builds the store's :class:`TextLoadedModel`. A request that does not fit
-raises :data:`SDInputError` naming the request field. ``load_dtype`` / ``manifest_dtype`` read a
+raises :data:`InputError` naming the request field. ``load_dtype`` / ``manifest_dtype`` read a
 manifest's ``dtype`` / ``vae_dtype``.
 """
 
@@ -26,8 +26,6 @@ from service.sampling.errors import InputError
 
 if TYPE_CHECKING:
     from service.serving.request import GenerationRequest
-
-SDInputError = InputError  # a request that does not fit the model; ``field`` names the request field
 
 
 @dataclass
@@ -95,7 +93,7 @@ class TextLoadedModel(LoadedModel):
         w, h = ask.size or (self.image_size[1], self.image_size[0])
         gen = (w - w % 8, h - h % 8)
         if min(gen) < 8:
-            raise SDInputError("width" if gen[0] < 8 else "height", "width and height must be at least 8")
+            raise InputError("width" if gen[0] < 8 else "height", "width and height must be at least 8")
         fields = {"prompt": ask.prompt, "negative_prompt": ask.negative_prompt, "cfg_scale": ask.cfg_scale}
         fields |= {"width": gen[0], "height": gen[1]}
         if ask.clip_skip != 1:
@@ -119,13 +117,13 @@ class TextLoadedModel(LoadedModel):
         (:meth:`TextImageModel.job_inputs`)."""
         sd = self.sd
         if sd is None:
-            raise SDInputError("model", f"model {self.name!r} has no text encoder loaded", [])
+            raise InputError("model", f"model {self.name!r} has no text encoder loaded", [])
         if request.class_label is not None:
-            raise SDInputError(
+            raise InputError(
                 "class_label", f"model {self.name!r} is text-conditional; use prompt, not class_label", []
             )
         if request.init_image is None and denoise < 1.0:
-            raise SDInputError("denoise", "denoise < 1 needs an init_image", [1.0])
+            raise InputError("denoise", "denoise < 1 needs an init_image", [1.0])
         images: dict[str, Tensor | None] = {"init_image": None, "mask": None}
         for name, channels in (("init_image", 3), ("mask", 1)):
             data = getattr(request, name)
@@ -134,7 +132,7 @@ class TextLoadedModel(LoadedModel):
             try:
                 t = to_tensor(data, name, None, channels)
             except ImageInputError as exc:
-                raise SDInputError(exc.field, exc.message, exc.allowed) from exc
+                raise InputError(exc.field, exc.message, exc.allowed) from exc
             images[name] = t if name == "init_image" else (t + 1) / 2
         inp = sd.job_inputs(
             request.prompt,
@@ -220,7 +218,7 @@ class TextImageModel:
         """
         cfg = self.default_cfg if cfg_scale is None else cfg_scale
         if guidance is not None and not self.takes_guidance:
-            raise SDInputError(
+            raise InputError(
                 "guidance", "guidance is the distilled-guidance input of Flux-dev; this model takes none", []
             )
         self.check_request(negative_prompt, cfg)
@@ -255,12 +253,12 @@ class TextImageModel:
 
     # --- sizes ---
     def check_size(self, height: int, width: int) -> tuple[int, int, int]:
-        """The latent shape for an image size, or SDInputError naming width/height."""
+        """The latent shape for an image size, or InputError naming width/height."""
         for field, v in (("width", width), ("height", height)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % self.multiple:
-                raise SDInputError(field, f"{field} must be a positive multiple of {self.multiple}, got {v}")
+                raise InputError(field, f"{field} must be a positive multiple of {self.multiple}, got {v}")
             if v > self.max_size:
-                raise SDInputError(
+                raise InputError(
                     field, f"{field} must be at most {self.max_size}, got {v}", [8, self.max_size]
                 )
         return (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
@@ -271,7 +269,7 @@ class TextImageModel:
         """(height, width, latent shape) of a request: width and height default to the init image's
         (floored to the model's multiple), else the model's native size."""
         if mask is not None and init_image is None:
-            raise SDInputError("mask", "mask needs an init_image")
+            raise InputError("mask", "mask needs an init_image")
         if isinstance(init_image, Tensor) and init_image.ndim == 4:
             ih, iw = int(init_image.shape[-2]), int(init_image.shape[-1])
             height, width = height or ih - ih % self.multiple, width or iw - iw % self.multiple
@@ -322,8 +320,8 @@ class TextImageModel:
 
     def loaded(self, manifest: Manifest) -> TextLoadedModel:
         """The store's LoadedModel at the manifest's default size."""
-        d = manifest.defaults
-        h, w = int(d.get("height", self.default_size)), int(d.get("width", self.default_size))
+        d = manifest.model_defaults
+        h, w = d.height or self.default_size, d.width or self.default_size
         return TextLoadedModel(
             manifest=manifest,
             denoiser=self.denoiser,
@@ -349,9 +347,9 @@ class TextImageModel:
 def _image(image: Tensor, height: int, width: int) -> Tensor:
     if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[:2] != (1, 3):
         got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-        raise SDInputError("init_image", f"init_image must be one RGB image [1, 3, H, W]; got {got}")
+        raise InputError("init_image", f"init_image must be one RGB image [1, 3, H, W]; got {got}")
     if not torch.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
-        raise SDInputError("init_image", "init_image values must be in [-1, 1]")
+        raise InputError("init_image", "init_image values must be in [-1, 1]")
     if tuple(image.shape[-2:]) != (height, width):
         image = F.interpolate(image.float(), size=(height, width), mode="bicubic", align_corners=False)
     return image.clamp(-1, 1)
@@ -360,10 +358,10 @@ def _image(image: Tensor, height: int, width: int) -> Tensor:
 def _mask(mask: Tensor, image_hw: tuple[int, int], height: int, width: int) -> Tensor:
     if not isinstance(mask, Tensor) or mask.ndim != 4 or mask.shape[:2] != (1, 1):
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise SDInputError("mask", f"mask must be one grayscale image [1, 1, H, W]; got {got}")
+        raise InputError("mask", f"mask must be one grayscale image [1, 1, H, W]; got {got}")
     if tuple(mask.shape[-2:]) != image_hw:
         mh, mw = mask.shape[-2:]
-        raise SDInputError(
+        raise InputError(
             "mask", f"mask is {mw}x{mh} but init_image is {image_hw[1]}x{image_hw[0]}; they must match"
         )
     mask = mask.float().clamp(0, 1)

@@ -65,7 +65,7 @@ def build_spec(
             raise InputError(
                 "schedule", f"schedule {schedule!r} needs a discrete-time model; this one is not"
             )
-        steps = _get(req, "steps") if _get(req, "steps") is not None else int(defaults.get("steps", 20))
+        steps = _get(req, "steps") if _get(req, "steps") is not None else int(defaults["steps"])
     if not 1 <= steps <= limits.max_steps:
         bounds = [1, limits.max_steps]
         raise InputError(
@@ -171,7 +171,7 @@ def _options(req: Any, sampler: str, schedule: str) -> tuple[dict[str, Any], dic
 
 def _names(req: Any, defaults: Mapping[str, Any]) -> tuple[str, str]:
     """Sampler and schedule, accepting A1111/ComfyUI/diffusers spellings ("DPM++ 2M Karras", "Euler a")."""
-    sampler = _get(req, "sampler") or str(defaults.get("sampler", "dpmpp_2m"))
+    sampler = _get(req, "sampler") or str(defaults["sampler"])
     implied = None
     try:
         if sampler not in registry.SAMPLERS:
@@ -180,7 +180,7 @@ def _names(req: Any, defaults: Mapping[str, Any]) -> tuple[str, str]:
             if _get(req, "schedule") not in (None, CUSTOM):
                 raise InputError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
             return sampler, CUSTOM
-        schedule = _get(req, "schedule") or implied or str(defaults.get("schedule", "karras"))
+        schedule = _get(req, "schedule") or implied or str(defaults["schedule"])
         if schedule not in registry.SCHEDULES:
             schedule = aliases.resolve_schedule(schedule)
     except registry.UnknownNameError as exc:

@@ -11,9 +11,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from torch import Tensor
 from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
 from service.engine.scheduler import Mode
 from service.models.lora import LoraIndex, attach
-from service.models.store import LoadedModel, Manifest, ModelStore, disk_bytes, memory_bytes
+from service.models.store import LoadedModel, Manifest, ModelDefaults, ModelStore, disk_bytes, memory_bytes
 from service.models.traced import trace_denoiser
 
 from .errors import ErrorCode, ModelBusy, ModelUnavailable
@@ -47,42 +47,6 @@ class PoolSettings(Protocol):
     invariant_rows: int
 
     def resolve_device(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    """A model's defaults for what a request leaves out, parsed once from its manifest's
-    ``defaults`` (the only place they fall back)."""
-
-    sampler: str = "dpmpp_2m"
-    schedule: str = "karras"
-    steps: int = 20
-    cfg_scale: float = 1.0
-    guidance: float | None = None  # Flux-dev's distilled guidance
-    width: int | None = None
-    height: int | None = None
-
-    @classmethod
-    def parse(cls, raw: Mapping[str, Any]) -> ModelDefaults:
-        base = cls()
-
-        def num(key: str, kind: type, default: Any) -> Any:
-            value = raw.get(key)
-            return default if value is None else kind(value)
-
-        return cls(
-            sampler=str(raw.get("sampler") or base.sampler),
-            schedule=str(raw.get("schedule") or base.schedule),
-            steps=num("steps", int, base.steps),
-            cfg_scale=num("cfg_scale", float, base.cfg_scale),
-            guidance=num("guidance", float, None),
-            width=num("width", int, None),
-            height=num("height", int, None),
-        )
-
-
-def defaults_of(manifest: Manifest) -> ModelDefaults:
-    return ModelDefaults.parse(manifest.defaults)
 
 
 def device_bytes(device: str) -> int:
@@ -175,7 +139,7 @@ class ModelPool:
         return m.manifest if m is not None else self.manifests[name]
 
     def defaults(self, name: str) -> ModelDefaults:
-        return defaults_of(self.manifest(name))
+        return self.manifest(name).model_defaults
 
     def model_state(self, name: str) -> str:
         if name in self.models:

@@ -30,7 +30,6 @@ from service.sampling.request import TOP_LEVEL_OPTIONS, Limits, build_spec, spec
 from service.sampling.spec import MAX_STEPS, SamplingSpec, make_sigmas, sampling_dtype
 
 from .loras import lora_parameters, request_loras, with_adapters
-from .pool import defaults_of
 
 # How a field goes into the recorded parameters: "spec" through the SamplingSpec (spec_parameters),
 # "always" with its (resolved) value, "given" when it has one, "never" (images, deadlines, LoRAs:
@@ -229,7 +228,7 @@ def check_spec(
 ) -> tuple[GenerationRequest, SamplingSpec, int, float]:
     """(request with a tuned schedule resolved, spec, images, timeout): the part of a request's
     checks that needs the model's manifest only (a request for a model still loading is checked so)."""
-    d = defaults_of(manifest)
+    d = manifest.model_defaults
     request = tuned_request(request, manifest.folder, manifest.name, d.sampler, d.steps)
     spec, n = build_spec(
         request, {"sampler": d.sampler, "schedule": d.schedule, "steps": d.steps}, limits, discrete
@@ -249,7 +248,7 @@ def build_job(
     discrete = getattr(model.denoiser, "sigmas", None) is not None
     tuned = request.schedule == TUNED  # the model's tuned sigmas for its sampler and steps
     request, spec, n, timeout = check_spec(request, model.manifest, limits, max_timeout_s, discrete=discrete)
-    cfg = request.cfg_scale if request.cfg_scale is not None else defaults_of(model.manifest).cfg_scale
+    cfg = request.cfg_scale if request.cfg_scale is not None else model.manifest.model_defaults.cfg_scale
     _check_conditioning_fields(request, model)
     with text_loras(model, loras):
         inputs = model.job_inputs(request, n=n, cfg_scale=cfg, denoise=spec.denoise)

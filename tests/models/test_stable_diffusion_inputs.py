@@ -8,9 +8,10 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 
 from service.models.sd_generate import generate  # noqa: E402
-from service.models.stable_diffusion import SDInputError, StableDiffusion  # noqa: E402
+from service.models.stable_diffusion import StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling import registry  # noqa: E402
+from service.sampling.errors import InputError  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 
@@ -95,7 +96,7 @@ def test_sdxl_conditioning_has_pooled_and_time_ids(sdxl: StableDiffusion) -> Non
     ],
 )
 def test_bad_inputs_name_the_field(sd1: StableDiffusion, kwargs: dict, field: str) -> None:
-    with pytest.raises(SDInputError) as err:
+    with pytest.raises(InputError) as err:
         sd1.job_inputs("a cat", **kwargs)
     assert err.value.field == field
 

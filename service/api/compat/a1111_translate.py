@@ -26,7 +26,6 @@ from service.image_gate import GatedImage, ImageInputError
 from service.models.store import LoadedModel, PromptAsk
 from service.sampling import registry
 from service.sampling.errors import InputError
-from service.serving.pool import defaults_of
 from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
@@ -141,7 +140,7 @@ def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_
     """Translate one A1111 request (``options``: the caller's /options) for ``model`` (the one
     :func:`checkpoint` names) into our requests."""
     overrides = body.override_settings or {}
-    d = defaults_of(model.manifest)
+    d = model.manifest.model_defaults
     sampler, schedule = a1111_names.resolve(body.sampler_name or body.sampler_index, body.scheduler)
     sampler, schedule = sampler or d.sampler, schedule or d.schedule
     steps = body.steps or d.steps

@@ -35,7 +35,10 @@ REQUESTS_PER_CALLER = 64  # recent requests remembered per caller
 
 
 @dataclass(frozen=True)
-class Caller:
+class FrontendCaller:
+    """Who a frontend request comes from, for the state A1111 keeps per caller (the key of our own
+    routes is ``guard.Caller``; this one also knows callers without keys, by credential or address)."""
+
     key: str  # identifies the caller's jobs
     credential: bool  # True: key comes from a credential; False: from the client address
 
@@ -44,15 +47,15 @@ class Caller:
         return self.key if self.credential else "server"
 
 
-def caller_of(request: Request) -> Caller:
+def caller_of(request: Request) -> FrontendCaller:
     keyed = request.scope.get("state", {}).get("caller")  # set by GuardMiddleware
     if keyed is not None and keyed.key_id is not None:  # keys are on: the key is the caller
-        return Caller("key:" + keyed.key_id, True)
+        return FrontendCaller("key:" + keyed.key_id, True)
     auth = request.headers.get("authorization", "").strip()
     if auth:
-        return Caller("auth:" + hashlib.sha256(auth.encode()).hexdigest()[:32], True)
+        return FrontendCaller("auth:" + hashlib.sha256(auth.encode()).hexdigest()[:32], True)
     host = request.client.host if request.client else "unknown"
-    return Caller("addr:" + host, False)
+    return FrontendCaller("addr:" + host, False)
 
 
 @dataclass
@@ -62,11 +65,11 @@ class CompatState:
     options: OptionsStore = field(default_factory=OptionsStore)
     jobs: OrderedDict[str, deque[list[Job]]] = field(default_factory=OrderedDict)
 
-    def caller_options(self, caller: Caller) -> dict[str, Any]:
+    def caller_options(self, caller: FrontendCaller) -> dict[str, Any]:
         """A copy of the caller's options (set them with ``options.update``)."""
         return self.options.get(caller.options_scope)
 
-    def track(self, caller: Caller, jobs: list[Job]) -> None:
+    def track(self, caller: FrontendCaller, jobs: list[Job]) -> None:
         """Remember one request's jobs for the caller."""
         q = self.jobs.setdefault(caller.key, deque(maxlen=REQUESTS_PER_CALLER))
         q.append(list(jobs))
@@ -74,7 +77,7 @@ class CompatState:
         while len(self.jobs) > MAX_CALLERS:
             self.jobs.popitem(last=False)
 
-    def active(self, caller: Caller) -> list[Job]:
+    def active(self, caller: FrontendCaller) -> list[Job]:
         """The caller's unfinished jobs, oldest first (an address: those of its latest request)."""
         q = self.jobs.get(caller.key)
         if not q:
@@ -98,7 +101,7 @@ class CompatCall:
     request: Request
     state: Service
     compat: CompatState
-    caller: Caller
+    caller: FrontendCaller
 
     @property
     def default_model(self) -> str:

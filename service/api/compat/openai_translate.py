@@ -22,7 +22,6 @@ from service import a1111_names, image_gate
 from service.image_gate import GatedImage, ImageInputError
 from service.models.store import LoadedModel, PromptAsk
 from service.sampling.errors import InputError
-from service.serving.pool import defaults_of
 from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
@@ -80,7 +79,7 @@ def _size(text: str | None, model: LoadedModel) -> tuple[int, int] | None:
 def _steps(req: ImageGenerationRequest, model: LoadedModel, max_steps: int) -> int | None:
     if req.steps is not None:
         return req.steps
-    base = defaults_of(model.manifest).steps
+    base = model.manifest.model_defaults.steps
     quality = (req.quality or "").lower()
     if quality in ("hd", "high"):
         return min(max_steps, 2 * base)
@@ -139,7 +138,7 @@ def _schedule(
         raise OpenAIError(400, message, "schedule", "invalid_value") from exc
     if schedule is None:  # "automatic": the model's own
         return {"schedule": None}
-    steps = steps or defaults_of(model.manifest).steps
+    steps = steps or model.manifest.model_defaults.steps
     schedule, options, note = frontend_schedules.for_model(schedule, model, steps, denoise)
     comments += [note] if note else []
     return {"schedule": schedule, "schedule_options": options or None}

@@ -32,7 +32,7 @@ from service.models.text_image import (
     model_options,
 )
 from service.sampling.errors import InputError
-from service.sampling.flow import FlowDenoiser, flux_shift
+from service.sampling.flow import TRAIN_STEPS, FlowDenoiser, flux_shift
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -75,7 +75,7 @@ class FlowModel(TextImageModel):
         self.denoiser = FlowDenoiser(
             velocity,  # type: ignore[arg-type]
             shift=base_shift,
-            ramp_end=None if flux else 0.0,
+            ramp_end=None if flux else 1.0 / TRAIN_STEPS,
             dynamic=dynamic,  # type: ignore[arg-type]
         )
         self.denoiser.to(self.device)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .k_api import k_sampler
+from .samplers.flow_forms import flow_info
 from .stepper import StepIO, Stepper
 
 INF = math.inf
@@ -405,7 +406,7 @@ def sampler(
         SAMPLERS[key] = SamplerInfo(
             name=key,
             stepper=stepper,
-            sample=sample or k_sampler(stepper, key),
+            sample=sample or k_sampler(stepper, key, functools.partial(_flow_form, key)),
             bounds=option_specs(f"sampler {key}", base, bounds, skip),
             sigma_range=sigma_range,
             **given,
@@ -413,6 +414,11 @@ def sampler(
         return fn
 
     return register
+
+
+def _flow_form(key: str, options: dict[str, Any]) -> Callable[..., Stepper]:
+    """What sample_<key> runs on a flow-matching model with these options (samplers/flow_forms.py)."""
+    return flow_info(SAMPLERS[key], options).stepper
 
 
 def _without_range(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -86,14 +86,17 @@ class Driver:
         dtype: torch.dtype = torch.float32,
         callback: Callback | None = None,
         sigmas: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> Driver:
         """Sigmas from the spec and the model's range (unless given), seeded start latents of
-        ``shape`` [n, ...], everything moved to ``device`` (the sampler state in ``dtype``)."""
+        ``shape`` [n, ...] (or ``noise``: the caller's unit-variance start noise of that shape),
+        everything moved to ``device`` (the sampler state in ``dtype``). Every way of sampling
+        starts here, so a flow model's ``prepare`` runs whatever the start noise."""
         sigmas = (make_sigmas(spec, model, device) if sigmas is None else sigmas).to(
             device=device, dtype=dtype
         )
         init = None if init is None else init.to(device=device, dtype=dtype)
-        x = start_latents(spec, shape, sigmas, device, dtype, init)
+        x = start_latents(spec, shape, sigmas, device, dtype, init, noise)
         if getattr(model, "flow", False):  # rectified flow: flow forms, Flux's shift, img2img start (flow.py)
             spec, sigmas, x = model.prepare(spec, x, sigmas, init)
         return cls(

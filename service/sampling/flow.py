@@ -21,8 +21,9 @@ Shift. SD3 trains on shifted times t = s u / (1 + (s - 1) u) (s = 3.0); Flux use
 with s = exp(mu), mu linear in the number of latent patches (0.5 at 256, 1.15 at 4096:
 :func:`flux_shift`). The denoiser's discrete table (what ``simple``, ``normal``, ``sgm_uniform``
 use) and its range (``sigma_min`` = shift(1/1000), ``sigma_max`` = 1, what karras / beta /
-exponential use) are shifted; schedule ``flow`` is the models' own (diffusers'): a linear ramp
-in u through the shift, with the request's ``shift`` option.
+exponential use) are shifted at the model's shift; schedule ``flow`` is the models' own
+(diffusers'): a linear ramp in u through the shift, with the request's ``shift`` option, which
+moves the whole schedule (its last time too, as in diffusers and ComfyUI).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class FlowDenoiser(nn.Module):
     """D(x; t) = x - t v(x, t) for a velocity network ``inner(x, t[B], **cond)`` (t in [0, 1]).
 
     ``shift``: the model's default shift; ``ramp_end``: where the models' own schedule's linear
-    ramp in u ends (None: 1/n, Flux's; else a number, SD3's shifted 1/1000).
+    ramp in u ends before the schedule's shift is applied to it (SD3: 1/1000, the last time of its
+    training table; None: 1/n, Flux's pipelines). See schedules_flow.get_sigmas_flow.
     """
 
     flow = True
@@ -86,7 +88,7 @@ class FlowDenoiser(nn.Module):
         self,
         inner: Callable[..., Tensor],
         shift: float = 1.0,
-        ramp_end: float | None = 0.0,
+        ramp_end: float | None = 1.0 / TRAIN_STEPS,
         dynamic: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__()
@@ -100,7 +102,9 @@ class FlowDenoiser(nn.Module):
             "sigmas", (self.shift * u / (1 + (self.shift - 1) * u)).float(), persistent=False
         )
         self.sigma_min, self.sigma_max, self.sigma_data = float(self.sigmas[0]), 1.0, 1.0
-        self.ramp_end = self.sigma_min if ramp_end == 0.0 else ramp_end
+        if ramp_end is not None and not 0.0 < ramp_end < 1.0:
+            raise ValueError(f"ramp_end must be in (0, 1) or None, got {ramp_end!r}")
+        self.ramp_end = ramp_end
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         v = self.inner(x, sigma, **cond)

@@ -46,7 +46,18 @@ class CFGDenoiser(nn.Module):
         super().__init__()
         self.inner_model = model
         self.return_uncond = return_uncond
-        for attr in ("sigma_min", "sigma_max", "sigmas", "sigma_data"):
+        # what schedules and drivers read off a denoiser; a flow model's too (flow.FlowDenoiser), so
+        # sample_<name> runs flow forms and schedule "flow" works through the wrapper
+        for attr in (
+            "sigma_min",
+            "sigma_max",
+            "sigmas",
+            "sigma_data",
+            "flow",
+            "shift",
+            "ramp_end",
+            "prepare",
+        ):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

@@ -56,6 +56,24 @@ def drive(
             bar.close()
 
 
+FlowForm = Callable[[dict[str, Any]], Callable[..., Stepper]]  # options -> the stepper a flow model runs
+
+
+def is_flow(model: Any, sigma_max: float, name: str) -> bool:
+    """Whether ``model`` is a flow-matching denoiser (``model.flow``: SD3, Flux; sigma = its time t).
+
+    On one, sigmas above 1 have no meaning: refused here, naming the function, instead of
+    sampling nonsense. A model wrapped for guidance (CFGDenoiser) keeps the flag."""
+    if not getattr(model, "flow", False):
+        return False
+    if not sigma_max <= 1.0 + 1e-6:
+        raise ValueError(
+            f"sample_{name} on a flow-matching model takes sigmas (times t) in [0, 1], got "
+            f"{sigma_max:.4g}: use the model's schedule (get_sigmas_flow) or sigma_max=1"
+        )
+    return True
+
+
 def _signature(stepper: Callable[..., Stepper], head: list[str]) -> inspect.Signature:
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in head]
     params += [
@@ -67,9 +85,17 @@ def _signature(stepper: Callable[..., Stepper], head: list[str]) -> inspect.Sign
     return inspect.Signature(params)
 
 
-def k_sampler(stepper: Callable[..., Stepper], name: str | None = None) -> Callable[..., Tensor]:
-    """Make ``sample_<name>(model, x, sigmas, ...)`` from a stepper ``name(x, sigmas, *, ...)``."""
+def k_sampler(
+    stepper: Callable[..., Stepper], name: str | None = None, flow_form: FlowForm | None = None
+) -> Callable[..., Tensor]:
+    """Make ``sample_<name>(model, x, sigmas, ...)`` from a stepper ``name(x, sigmas, *, ...)``.
+
+    On a flow-matching model (``model.flow``) it runs ``flow_form(options)`` instead: the sampler's
+    flow form where it adds noise (as ComfyUI switches to its RF samplers), the stepper itself where
+    it only solves the ODE (samplers/flow_forms.py). ``x`` is then x_t = (1 - t) x0 + t noise: the
+    noise itself at t = 1, as k-diffusion's x = noise * sigmas[0]."""
     sig = _signature(stepper, _HEAD)
+    label = name or stepper.__name__
 
     @torch.no_grad()
     def sample(*args: Any, **kwargs: Any) -> Tensor:
@@ -79,8 +105,11 @@ def k_sampler(stepper: Callable[..., Stepper], name: str | None = None) -> Calla
         model, x, sigmas = a.pop("model"), a.pop("x"), a.pop("sigmas")
         extra_args, disable = a.pop("extra_args"), a.pop("disable")
         callback = a.pop("callback")
+        make = stepper
+        if flow_form is not None and is_flow(model, float(sigmas.max()), label):
+            make = flow_form({k: v for k, v in a.items() if k != "noise_sampler"})
         return drive(
-            lambda cb: stepper(x, sigmas, callback=cb, **a),
+            lambda cb: make(x, sigmas, callback=cb, **a),
             model,
             extra_args,
             callback,
@@ -88,7 +117,7 @@ def k_sampler(stepper: Callable[..., Stepper], name: str | None = None) -> Calla
             len(sigmas) - 1,
         )
 
-    sample.__name__ = sample.__qualname__ = f"sample_{name or stepper.__name__}"
+    sample.__name__ = sample.__qualname__ = f"sample_{label}"
     sample.__doc__ = stepper.__doc__
     sample.__signature__ = sig  # type: ignore[attr-defined]
     return sample

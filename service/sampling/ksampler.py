@@ -123,20 +123,18 @@ class KSampler:
         elif uncond is not None:
             uncond = _as_cond(self.model, uncond, b)
         kw: dict[str, Any] = {"cond": cond, "uncond": uncond, "cfg_scale": cfg_scale, "callback": callback}
-        if x is None:
-            assert shape is not None
-            device = device or "cpu"
-            driver = Driver.start(
-                spec,
-                self.model,
-                tuple(shape),
-                init=init,
-                device=device,
-                dtype=dtype or torch.float32,
-                **kw,
-            )
-        else:  # the caller's unit-variance start noise
-            sigmas = make_sigmas(spec, self.model, device or x.device).to(dtype or x.dtype)
-            start = x * sigmas[0] if init is None else init + x * sigmas[0]
-            driver = Driver(spec, sigmas, start, init=None, **kw)
+        if x is not None:  # the caller's unit-variance start noise: its shape, device and dtype
+            shape, device, dtype = x.shape, device or x.device, dtype or x.dtype
+        assert shape is not None
+        # one path for both: a flow model's prepare (flow forms, Flux's shift, img2img start) runs in it
+        driver = Driver.start(
+            spec,
+            self.model,
+            tuple(shape),
+            init=init,
+            device=device or "cpu",
+            dtype=dtype or torch.float32,
+            noise=x,
+            **kw,
+        )
         return drive(driver, self.model)

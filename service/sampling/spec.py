@@ -138,13 +138,20 @@ def start_latents(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     init: Tensor | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """Per-image seeded start: noise * sigmas[0], added to ``init`` for img2img."""
+    """Per-image seeded start: noise * sigmas[0], added to ``init`` for img2img. ``noise``: the
+    caller's unit-variance start noise of ``shape`` instead of the seeds' (KSampler.sample(x))."""
     if len(spec.seeds) != shape[0]:
         raise ValueError(f"got {len(spec.seeds)} seeds for {shape[0]} images")
-    x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype)
-    if spec.subseeds is not None and spec.subseed_strength > 0:
-        x = mix(x, NoiseSource(spec.subseeds).randn(shape[1:], device, dtype), spec.subseed_strength)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"start noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        x = noise.to(device=device, dtype=dtype)
+    else:
+        x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype)
+        if spec.subseeds is not None and spec.subseed_strength > 0:
+            x = mix(x, NoiseSource(spec.subseeds).randn(shape[1:], device, dtype), spec.subseed_strength)
     x = x * sigmas[0]
     return x if init is None else init.to(device=device, dtype=dtype) + x
 

@@ -12,7 +12,7 @@ import torch
 from service.models.flow_generate import generate
 from service.models.flow_loader import load_flow_diffusers
 from service.models.flow_model import FlowModel
-from tests.support.flow_tiny import SIZE, T5_LEN, tiny_flow_store
+from tests.support.flow_tiny import SIZE, T5_LEN, diffusers_pipeline, tiny_flow_store
 
 TOL = 1e-4
 PROMPT = "the red cat"
@@ -27,18 +27,8 @@ def _model(folder: Path) -> FlowModel:
     return FlowModel(load_flow_diffusers(folder), max_sequence_length=T5_LEN, default_size=SIZE)
 
 
-def _pipe(m: FlowModel, folder: Path, cls_name: str) -> Any:
-    import diffusers
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    c = m.components
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
-    parts = {**c.text_encoders, **c.tokenizers}
-    if cls_name.startswith("StableDiffusion3") and "text_encoder_3" not in parts:
-        parts.update(text_encoder_3=None, tokenizer_3=None)
-    pipe = getattr(diffusers, cls_name)(transformer=c.transformer, vae=c.vae, scheduler=sched, **parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _pipe(m: FlowModel, folder: Path, cls_name: str, **scheduler_config: Any) -> Any:
+    return diffusers_pipeline(m.components, folder, cls_name, **scheduler_config)
 
 
 def _init(m: FlowModel) -> torch.Tensor:
@@ -64,6 +54,29 @@ def test_sd3_txt2img_matches_diffusers(store: Path, name: str) -> None:
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() <= TOL, float((ours - ref).abs().max())
     assert ref.abs().max() > 0.1
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(4, 6.0), (2, 13.0), (3, 0.5), (4, 1.0)])
+def test_sd3_request_shift_matches_diffusers_built_with_that_shift(
+    store: Path, steps: int, shift: float
+) -> None:
+    """Issue 23: a request's shift moves the whole schedule, as FlowMatchEulerDiscreteScheduler built
+    with that shift (before, the last time kept the model's shift: latents 3.5e-4..4.8e-3 apart)."""
+    m = _model(store / "sd3")
+    ours = generate(
+        m, PROMPT, seeds=[7], steps=steps, cfg_scale=4.0, schedule_options={"shift": shift}, output="latents"
+    )
+    ref = _pipe(m, store / "sd3", "StableDiffusion3Pipeline", shift=shift)(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+        max_sequence_length=T5_LEN,
+    ).images
+    assert (ours - ref).abs().max() <= TOL, float((ours - ref).abs().max())
 
 
 def test_sd3_img2img_matches_diffusers(store: Path) -> None:

@@ -175,3 +175,21 @@ def tiny_flow_store() -> Path:
         write_manifest(root / "flux_dev", "flux", cfg_scale=1.0, guidance=3.5)
         _STORE["root"] = root
         return root
+
+
+def diffusers_pipeline(components: Any, folder: Path, cls_name: str, **scheduler_config: Any) -> Any:
+    """diffusers' pipeline ``cls_name`` (StableDiffusion3Pipeline, FluxImg2ImgPipeline, ...) on the
+    modules of a loaded model (``FlowModel.components``), its scheduler read from ``folder``
+    (``scheduler_config``: overrides, e.g. shift=6.0): the reference the flow tests compare with."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"), **scheduler_config)
+    parts = {**components.text_encoders, **components.tokenizers}
+    if cls_name.startswith("StableDiffusion3") and "text_encoder_3" not in parts:
+        parts.update(text_encoder_3=None, tokenizer_3=None)
+    pipe = getattr(diffusers, cls_name)(
+        transformer=components.transformer, vae=components.vae, scheduler=sched, **parts
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,7 +7,7 @@ keys k-diffusion uses, so the second- and third-order stages share evaluations e
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
@@ -15,10 +15,11 @@ from torch import Tensor
 
 from ..catalog import S_NOISE, Bounds, sampler
 from ..errors import InputError
-from ..k_api import drive
+from ..k_api import drive, is_flow
 from ..stepper import Callback, Eval, Model, StepIO, Stepper
 from ..utils import get_ancestral_step
 from .common import gaussian
+from .flow_forms import flow_stepper
 
 EpsGen = Generator[Eval, Tensor, Tensor]
 StepGen = Generator[Eval, Tensor, Tensor]
@@ -138,6 +139,23 @@ def _check_range(sigma_min: float, sigma_max: float) -> None:
 # registry makes every other sample_<name> from its stepper.
 
 
+def _range_run(
+    fn: Any, model: Model, x: Tensor, sigma_min: float, sigma_max: float, eta: float, *args: Any
+) -> Callable[..., Stepper]:
+    """``run(io, **options)``: ``fn(x, sigma_min, sigma_max, *args, io, **options)``, or with eta > 0 on
+    a flow-matching model its flow form (VE coordinates, as the registered sampler runs there)."""
+    if not (is_flow(model, sigma_max, fn.__name__) and eta > 0):
+        return lambda io, **kw: fn(x, sigma_min, sigma_max, *args, io, **kw)
+
+    def ve(xv: Tensor, sv: Tensor, *, callback: Any, noise_sampler: Any, **kw: Any) -> Stepper:
+        # sv = [sigma_max, sigma_min] in VE units; fn ends at sigma_min, where flow_stepper maps back
+        return fn(xv, float(sv[-1]), float(sv[0]), *args, StepIO(callback, noise_sampler), **kw)
+
+    flow = flow_stepper(ve)
+    ends = torch.tensor([sigma_max, sigma_min], dtype=torch.float64, device=x.device)
+    return lambda io, **kw: flow(x, ends, callback=io.callback, noise_sampler=io.noise_sampler, **kw)
+
+
 @torch.no_grad()
 def sample_dpm_fast(
     model: Model,
@@ -153,8 +171,9 @@ def sample_dpm_fast(
     noise_sampler: Any = None,
 ) -> Tensor:
     """DPM-Solver-Fast (fixed step size). See https://arxiv.org/abs/2206.00927."""
+    run = _range_run(dpm_fast, model, x, sigma_min, sigma_max, eta, n)
     return drive(
-        lambda cb: dpm_fast(x, sigma_min, sigma_max, n, StepIO(cb, noise_sampler), eta=eta, s_noise=s_noise),
+        lambda cb: run(StepIO(cb, noise_sampler), eta=eta, s_noise=s_noise),
         model,
         extra_args,
         callback,
@@ -200,8 +219,10 @@ def sample_dpm_adaptive(
         "s_noise": s_noise,
     }
 
+    run = _range_run(dpm_adaptive, model, x, sigma_min, sigma_max, eta)
+
     def make(cb: Callback | None) -> Stepper:
-        return dpm_adaptive(x, sigma_min, sigma_max, StepIO(cb, noise_sampler), info=info, **options)
+        return run(StepIO(cb, noise_sampler), info=info, **options)
 
     x = drive(make, model, extra_args, callback, disable, None)
     return (x, info) if return_info else x

@@ -5,20 +5,22 @@ on it as they are; the others (ancestral, SDE, churn, CFG++) run their own stepp
 variance-exploding coordinates of the same process, sigma_ve = t / (1 - t), x_ve = x / (1 - t),
 where their re-noising is exact: :func:`flow_stepper`. No sampler is written twice, and each keeps
 its name, options and model-call count; ``service.sampling.flow.FlowSpec`` is a spec whose
-``info`` is that form.
+``info`` is that form, and ``sample_<name>`` runs it when its model is a flow model (k_api.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ..catalog import SamplerInfo
 from ..stepper import Eval, Guided, Stepper
+
+if TYPE_CHECKING:  # the catalog makes each sample_<name> with its flow form: no import back
+    from ..catalog import SamplerInfo
 
 T_MAX = 1.0 - 1e-4  # where flow forms start instead of t = 1 (sigma_ve = 9999)
 NOISE_OPTIONS = {"s_churn": 0.0, "eta": 0.0}  # options that make a noise-taking sampler an ODE at 0

@@ -309,19 +309,7 @@ def tune(
     )
 
 
-def tune_schedule(
-    denoiser: Model,
-    sampler: str,
-    nfe: int,
-    x_T: Tensor,
-    *,
-    extra_args: dict[str, Any] | None = None,
-    sigma_min: float,
-    sigma_max: float,
-    teacher_steps: int = 100,
-    method: str = "lm",
-    **kwargs: Any,
-) -> Tensor:
+def tune_schedule(denoiser: Model, sampler: str, nfe: int, x_T: Tensor, **kwargs: Any) -> Tensor:
     """Descending sigmas ending in 0 giving ``sampler`` exactly ``nfe`` model calls, tuned to ``denoiser``.
 
     ``x_T`` is the caller's unit-variance calibration noise (runs start at ``x_T * sigma_max``);
@@ -329,16 +317,6 @@ def tune_schedule(
     ``method`` "lm" (best fixed schedule, then Levenberg-Marquardt on the log-sigmas, after Optimal
     Stepsize Distillation, Pei et al. 2025) or "search" (the best fixed schedule only). Stochastic
     samplers run in their deterministic mode (eta=0, ...); ``options`` (keyword) sets others.
+    The keywords are :func:`tune`'s (``sigma_min`` and ``sigma_max`` required).
     """
-    return tune(
-        denoiser,
-        sampler,
-        nfe,
-        x_T,
-        extra_args=extra_args,
-        sigma_min=sigma_min,
-        sigma_max=sigma_max,
-        teacher_steps=teacher_steps,
-        method=method,
-        **kwargs,
-    ).sigmas
+    return tune(denoiser, sampler, nfe, x_T, **kwargs).sigmas

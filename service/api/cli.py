@@ -53,9 +53,10 @@ def main(args: argparse.Namespace) -> int:
         from service.deploy.cli import serve_ray
 
         return serve_ray(args, _overrides(args))
-    from .malloc import cap_arenas
+    from .malloc import cap_arenas, start_trimming
 
     cap_arenas()  # before any thread allocates: RSS stays flat under steady load
+    start_trimming()  # and what a busier moment allocated goes back to the OS
     import uvicorn
 
     from .app import create_app

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from service.api.malloc import TRIM_EVERY_S
 from tests.support.server import Server
 from tests.support.tiny_store import make_tiny_store
 
@@ -53,18 +55,26 @@ async def _round(url: str, start: int, rnd: random.Random) -> None:
 def test_rss_is_flat_once_the_result_store_is_full(small_store_server: Server) -> None:
     srv = small_store_server
     rnd = random.Random(1)
-    curve = []
+    at_end, curve = [], []
     for k in range(ROUNDS):
         asyncio.run(_round(srv.url, k * 1000, rnd))
+        at_end.append(rss_mib(srv.proc.pid))
+        # what the server keeps: read once its malloc_trim thread has handed the free pages back
+        time.sleep(TRIM_EVERY_S + 1)
         curve.append(rss_mib(srv.proc.pid))
-    print("\nserver RSS after each 1,000 requests (MiB): " + ", ".join(f"{v:.0f}" for v in curve))
+    print(
+        "\nserver RSS after each 1,000 requests (MiB), as the round ends: "
+        + ", ".join(f"{v:.0f}" for v in at_end)
+    )
+    print("and once trimmed: " + ", ".join(f"{v:.0f}" for v in curve))
     jobs = httpx.get(f"{srv.url}/jobs?limit=1000", headers=AUTH1, timeout=30).json()
     assert len(jobs) == KEPT, "the store holds its limit of finished jobs"
     # The store is full within the first round; the allocator's arenas still grow into the second
     # (the soak levels off from round 3: e.g. 550, 585, 599, 599, 611, 610, 611, 610, 611 MiB), so the
-    # bound is on the 2,000 requests after that: a finished job pinning its batch output (the bug
-    # this guards) added 81 MiB over 2,000 requests.
-    assert curve[3] - curve[1] < 50, f"RSS grew {curve[3] - curve[1]:.0f} MiB from 2,000 to 4,000 requests"
+    # bound is on the 2,000 requests after that (issue 23: +48 MiB): a finished job pinning its batch
+    # output (the bug this guards) added 81 MiB over 2,000 requests; glibc keeping what a busier
+    # moment allocated (before malloc_trim) +23 and +61 MiB in two runs.
+    assert curve[3] - curve[1] < 48, f"RSS grew {curve[3] - curve[1]:.0f} MiB from 2,000 to 4,000 requests"
     if SOAK:  # and it levels off: the second half of a long run adds next to nothing
         half = curve[len(curve) // 2 :]
         assert max(half) - half[0] < 25, f"RSS still rising in the second half: {half}"

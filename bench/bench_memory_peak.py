@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reliability.support import AUTH1, rss_mib, start  # noqa: E402
+from tests.reliability.support import rss_mib, start  # noqa: E402
+from tests.reliability.test_memory import load_round  # noqa: E402
 from tests.support.tiny_store import make_tiny_store  # noqa: E402
 
 
@@ -33,27 +32,6 @@ def malloc_stats(pid: int, log: Path) -> list[str]:
     time.sleep(0.3)
     lines = log.read_text()[before:].splitlines()
     return [x.split("=")[1].strip() for x in lines if x.startswith(("system bytes", "in use bytes"))][-2:]
-
-
-async def round_(url: str, first: int, rnd: random.Random, concurrency: int) -> None:
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, headers=AUTH1, timeout=300, limits=limits) as c:
-
-        async def one(i: int) -> None:
-            async with sem:
-                body = {
-                    "class_label": rnd.randrange(10),
-                    "steps": rnd.choice([2, 3]),
-                    "n": rnd.choice([1, 4]),
-                }
-                if i % 2:  # as the memory test: half kept for GET /jobs, half delivered and dropped
-                    r = await c.post("/sample?keep=true", json={**body, "seed": i})
-                else:
-                    r = await c.post("/sample", json={**body, "seed": i}, headers={"Accept": "image/png"})
-                assert r.status_code == 200, r.text
-
-        await asyncio.gather(*(one(first + i) for i in range(1000)))
 
 
 def main() -> None:
@@ -69,7 +47,7 @@ def main() -> None:
     try:
         rnd = random.Random(1)
         for k, conc in enumerate(int(x) for x in args.pattern.split(",")):
-            asyncio.run(round_(srv.url, k * 1000, rnd, conc))
+            asyncio.run(load_round(srv.url, k * 1000, rnd, conc))
             row = {"round": k, "concurrency": conc, "rss_end": round(rss_mib(srv.proc.pid))}
             if args.malloc_stats:
                 row["glibc_heap_inuse"] = malloc_stats(srv.proc.pid, srv.log_path)

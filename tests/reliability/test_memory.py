@@ -32,9 +32,11 @@ def small_store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         srv.stop()
 
 
-async def _round(url: str, start: int, rnd: random.Random) -> None:
-    sem = asyncio.Semaphore(16)
-    async with httpx.AsyncClient(base_url=url, headers=AUTH1, timeout=120) as c:
+async def load_round(url: str, start: int, rnd: random.Random, concurrency: int = 16) -> None:
+    """1,000 valid requests, ``concurrency`` at a time (also bench/bench_memory_peak.py's load)."""
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=max(100, concurrency))
+    async with httpx.AsyncClient(base_url=url, headers=AUTH1, timeout=300, limits=limits) as c:
 
         async def one(i: int) -> None:
             async with sem:
@@ -57,7 +59,7 @@ def test_rss_is_flat_once_the_result_store_is_full(small_store_server: Server) -
     rnd = random.Random(1)
     at_end, curve = [], []
     for k in range(ROUNDS):
-        asyncio.run(_round(srv.url, k * 1000, rnd))
+        asyncio.run(load_round(srv.url, k * 1000, rnd))
         at_end.append(rss_mib(srv.proc.pid))
         # what the server keeps: read once its malloc_trim thread has handed the free pages back
         time.sleep(TRIM_EVERY_S + 1)

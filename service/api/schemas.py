@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler,
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
+from service.serving.errors import ErrorCode
 from service.serving.request import GenerationRequest, request_fields
 from service.serving.request import LoraRef as ServingLora
 
@@ -115,9 +116,7 @@ class JobProgress(BaseModel):
 
 
 class JobErrorBody(BaseModel):
-    code: str = Field(
-        description="invalid_input | non_finite | model_error | deadline_exceeded | shutdown | internal"
-    )
+    code: str = Field(description=" | ".join(ErrorCode))  # the one list (engine/codes.py)
     message: str
 
 

@@ -30,8 +30,8 @@ from service.models.sd_text import Encoded, PromptEncoder
 from service.models.sd_unet import make_denoiser
 from service.models.store import Manifest, register_loader
 from service.models.text_image import (
-    SDJobInputs,
     TextImageModel,
+    TextJobInputs,
     TextLoadedModel,
     TextModelOptions,
     TextRequest,
@@ -134,7 +134,7 @@ class StableDiffusion(TextImageModel):
         extra = {"crops_coords_top_left"} if self.is_sdxl else set()  # SDXL's micro-conditioning
         return super().conditioning_fields() | extra
 
-    def add_images(self, out: SDJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
+    def add_images(self, out: TextJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
         """9-channel inpainting UNets: the masked-image conditioning instead of the latent blend."""
         if not self.inpainting:
             return super().add_images(out, init_image, mask, n)
@@ -150,7 +150,7 @@ class StableDiffusion(TextImageModel):
         family = "sdxl" if self.is_sdxl else "sd"
         return {"family": family, "prediction_type": self.prediction_type, "inpainting": self.inpainting}
 
-    def _add_concat(self, out: SDJobInputs, image: Tensor, pixel_mask: Tensor, n: int) -> None:
+    def _add_concat(self, out: TextJobInputs, image: Tensor, pixel_mask: Tensor, n: int) -> None:
         """9-channel UNets: [binary mask at latent size, latents of the image with the masked part zeroed]."""
         binary = (pixel_mask >= 0.5).float()
         masked = self.encode_image(image.to(binary.device) * (1 - binary))

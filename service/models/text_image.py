@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SDJobInputs:
+class TextJobInputs:
     """Everything a text-to-image job adds to an engine JobRequest."""
 
     cond: dict[str, Tensor]  # n rows
@@ -208,7 +208,7 @@ class TextImageModel:
         clip_skip: int | None = None,
         guidance: float | None = None,
         fields: GenerationRequest | None = None,
-    ) -> SDJobInputs:
+    ) -> TextJobInputs:
         """Check and encode one request (``cfg_scale`` defaults to the model's ``default_cfg``).
 
         ``init_image``: [1, 3, H, W] in [-1, 1] at its own size; ``mask``: [1, 1, H, W] in [0, 1] (1 =
@@ -225,7 +225,7 @@ class TextImageModel:
         height, width, shape = self.request_size(init_image, mask, height, width)
         req = TextRequest(prompt or "", negative_prompt, n, (height, width), cfg, clip_skip, guidance, fields)
         cond, uncond = self.text_rows(req)
-        out = SDJobInputs(cond, uncond, shape, (height, width), resolved=self.resolved(req))
+        out = TextJobInputs(cond, uncond, shape, (height, width), resolved=self.resolved(req))
         self.add_images(out, init_image, mask, n)
         return out
 
@@ -244,7 +244,7 @@ class TextImageModel:
         """cond rows (and uncond rows when guided) for ``req.n`` images of one prompt."""
         raise NotImplementedError
 
-    def add_images(self, out: SDJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
+    def add_images(self, out: TextJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
         """img2img start latents (``out.init``) and the inpainting mask (``out.mask``: a latent blend)."""
         if init_image is not None:
             _, pixel_mask = self.add_init(out, init_image, mask, n)
@@ -294,7 +294,7 @@ class TextImageModel:
 
     # --- init image and mask ---
     def add_init(
-        self, out: SDJobInputs, init_image: Tensor, mask: Tensor | None, n: int
+        self, out: TextJobInputs, init_image: Tensor, mask: Tensor | None, n: int
     ) -> tuple[Tensor, Tensor | None]:
         """Check the init image (and mask) and put the image's latents in ``out.init``: the image
         and the pixel mask at the request size."""
@@ -309,7 +309,7 @@ class TextImageModel:
         out.init = self.encode_image(image).expand(n, -1, -1, -1).clone()
         return image, pixel_mask
 
-    def latent_mask(self, pixel_mask: Tensor, out: SDJobInputs) -> Tensor:
+    def latent_mask(self, pixel_mask: Tensor, out: TextJobInputs) -> Tensor:
         """The pixel mask at latent size (the driver's latent blend)."""
         return F.interpolate(pixel_mask, size=out.latent_shape[-2:], mode="area").to(self.device, self.dtype)
 

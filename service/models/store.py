@@ -289,7 +289,10 @@ class ModelStore:
         if not isinstance(defaults, dict):
             raise ManifestError(f"{path}: 'defaults' must be an object")
         desc = str(raw.get("description", ""))
-        return Manifest(folder.name, raw["kind"], folder, desc, defaults, raw)
+        try:
+            return Manifest(folder.name, raw["kind"], folder, desc, defaults, raw)
+        except ManifestError as exc:  # its defaults, parsed once here
+            raise ManifestError(f"{path}: {exc}") from exc
 
     def resolve(self, name: str) -> Manifest:
         manifests = self.scan()

@@ -69,3 +69,19 @@ def test_other_kinds_register_their_loader(tmp_path: Path) -> None:
     finally:
         LOADERS.pop("test_fake")
     assert seen == [("fake", {"steps": 3}, torch.device("cpu"))]
+
+
+def test_defaults_are_parsed_once_with_the_manifest(tmp_path: Path) -> None:
+    """A manifest's defaults are typed when the store is scanned (ModelDefaults: the one place a
+    request's missing fields fall back); a value of the wrong type is that manifest's error."""
+    for name, defaults in (
+        ("good", {"steps": "12", "cfg_scale": 3, "width": 64}),
+        ("bad", {"steps": "many"}),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"kind": "unet", "defaults": defaults}))
+    errors: dict[str, str] = {}
+    manifests = ModelStore(tmp_path).scan(errors)
+    d = manifests["good"].model_defaults
+    assert (d.steps, d.cfg_scale, d.width, d.height, d.sampler) == (12, 3.0, 64, None, "dpmpp_2m")
+    assert "bad" not in manifests and "defaults" in errors["bad"] and "manifest.json" in errors["bad"]

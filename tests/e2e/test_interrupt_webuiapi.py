@@ -1,9 +1,11 @@
 """A1111's /sdapi/v1/interrupt with the real ``webuiapi`` client against `kdiff serve` on the shipped
-digits model: the blocked txt2img call gets the images as they stand (each one's latest denoised
-prediction), with ``interrupted: true``, as A1111 returns them."""
+digits model and on a tiny Stable Diffusion model (random weights, diffusers layout): the blocked
+txt2img call gets the images as they stand (each one's latest denoised prediction, through the VAE
+for the latent model), with ``interrupted: true``, as A1111 returns them."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +22,16 @@ STEPS = 5000  # far more than the interrupt lets run
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(REPO / "model_store", tmp_path_factory.mktemp("log") / "server.log", KDIFF_MAX_STEPS="10000")
+    from tests.support.sd_tiny import save_diffusers, write_manifest
+
+    store = tmp_path_factory.mktemp("store")
+    shutil.copytree(REPO / "model_store" / "digits", store / "digits")
+    save_diffusers(store / "sd1")
+    write_manifest(store / "sd1")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = Server(store, log, KDIFF_MAX_STEPS="10000", KDIFF_DEFAULT_MODEL="digits")
     try:
-        srv.wait_ready()
+        srv.wait_ready(120)
         yield srv
     finally:
         srv.stop()
@@ -32,12 +41,13 @@ def _api(server: Server) -> Any:
     return webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler a", steps=STEPS)
 
 
-def test_webuiapi_gets_the_partial_images_back_after_an_interrupt(server: Server) -> None:
+def _interrupted(server: Server, prompt: str, size: int, **kwargs: Any) -> Any:
+    """webuiapi's txt2img of 2 images, interrupted from a second client once 3 steps have run."""
     api, other = _api(server), _api(server)
     out: dict[str, Any] = {}
 
     def generate() -> None:
-        out["result"] = api.txt2img(prompt="a 3", seed=11, batch_size=2, width=16, height=16, cfg_scale=3.0)
+        out["result"] = api.txt2img(prompt=prompt, seed=11, batch_size=2, width=size, height=size, **kwargs)
 
     t = threading.Thread(target=generate)
     t.start()
@@ -57,8 +67,13 @@ def test_webuiapi_gets_the_partial_images_back_after_an_interrupt(server: Server
             t.join(60)
     result = out["result"]
     assert result.info["interrupted"] is True
-    assert len(result.images) == 2 and all(img.size == (16, 16) for img in result.images)
+    assert len(result.images) == 2 and all(img.size == (size, size) for img in result.images)
     assert result.info["all_seeds"] == [11, 12]
+    return result
+
+
+def test_webuiapi_gets_the_partial_images_back_after_an_interrupt(server: Server) -> None:
+    result = _interrupted(server, "a 3", 16, cfg_scale=3.0)
     assert result.images[0].info["parameters"].startswith("a 3\nSteps: 5000, Sampler: Euler a")
     for img in result.images:
         px = np.asarray(img.convert("L")).astype(int)
@@ -67,3 +82,13 @@ def test_webuiapi_gets_the_partial_images_back_after_an_interrupt(server: Server
         clipped = np.mean((px == 0) | (px == 255))
         assert clipped < 0.5 and px.std() > 5, (clipped, px.std())
     assert result.images[0].tobytes() != result.images[1].tobytes()  # each image its own prediction
+
+
+def test_the_partial_images_of_a_latent_model_come_back_too(server: Server) -> None:
+    result = _interrupted(server, "a cat", 64, cfg_scale=5.0, override_settings={"sd_model_checkpoint": "sd1"})
+    assert result.info["sd_model_name"] == "sd1"
+    assert result.images[0].info["parameters"].startswith("a cat\n")
+    assert "Steps: 5000" in result.images[0].info["parameters"]
+    arrays = [np.asarray(img.convert("RGB")).astype(int) for img in result.images]
+    assert all(a.std() > 1 for a in arrays)  # a decoded latent, not a blank placeholder
+    assert not np.array_equal(arrays[0], arrays[1])  # each image its own seed's prediction

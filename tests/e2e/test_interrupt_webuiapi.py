@@ -85,7 +85,8 @@ def test_webuiapi_gets_the_partial_images_back_after_an_interrupt(server: Server
 
 
 def test_the_partial_images_of_a_latent_model_come_back_too(server: Server) -> None:
-    result = _interrupted(server, "a cat", 64, cfg_scale=5.0, override_settings={"sd_model_checkpoint": "sd1"})
+    sd1 = {"sd_model_checkpoint": "sd1"}
+    result = _interrupted(server, "a cat", 64, cfg_scale=5.0, override_settings=sd1)
     assert result.info["sd_model_name"] == "sd1"
     assert result.images[0].info["parameters"].startswith("a cat\n")
     assert "Steps: 5000" in result.images[0].info["parameters"]

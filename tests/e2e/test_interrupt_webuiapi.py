@@ -5,7 +5,6 @@ for the latent model), with ``interrupted: true``, as A1111 returns them."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -15,19 +14,16 @@ import numpy as np
 import pytest
 import webuiapi
 
-from tests.support.server import REPO, Server
+from tests.support.server import Server
 
 STEPS = 5000  # far more than the interrupt lets run
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.support.sd_tiny import save_diffusers, write_manifest
+    from tests.support.sd_tiny import digits_and_tiny_sd_store
 
-    store = tmp_path_factory.mktemp("store")
-    shutil.copytree(REPO / "model_store" / "digits", store / "digits")
-    save_diffusers(store / "sd1")
-    write_manifest(store / "sd1")
+    store = digits_and_tiny_sd_store(tmp_path_factory.mktemp("store"))
     log = tmp_path_factory.mktemp("log") / "server.log"
     srv = Server(store, log, KDIFF_MAX_STEPS="10000", KDIFF_DEFAULT_MODEL="digits")
     try:

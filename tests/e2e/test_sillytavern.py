@@ -134,12 +134,9 @@ def sweep(c: httpx.Client, url: str, samplers: list[str], schedulers: list[str],
 @pytest.fixture(scope="module")
 def st_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The shipped digits model and a tiny SD 1.x model (random weights), no keys (a local A1111)."""
-    from tests.support.sd_tiny import save_diffusers, write_manifest
+    from tests.support.sd_tiny import digits_and_tiny_sd_store
 
-    store = tmp_path_factory.mktemp("st-store")
-    shutil.copytree(REPO / "model_store" / "digits", store / "digits")
-    save_diffusers(store / "sd1")
-    write_manifest(store / "sd1")
+    store = digits_and_tiny_sd_store(tmp_path_factory.mktemp("st-store"))
     srv = Server(store, tmp_path_factory.mktemp("st-log") / "server.log", KDIFF_DEFAULT_MODEL="digits")
     try:
         srv.wait_ready(120)

@@ -238,3 +238,13 @@ def tiny_sd_store() -> Path:
             write_manifest(root / name, weights="model.safetensors", config="config")
         _STORE["root"] = root
         return root
+
+
+def digits_and_tiny_sd_store(store: Path) -> Path:
+    """A model store with the shipped digits model (continuous-time) and a tiny SD 1.x model named
+    ``sd1`` (random weights, diffusers layout, discrete-time): what frontend tests run against."""
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(repo / "model_store" / "digits", store / "digits")
+    save_diffusers(store / "sd1")
+    write_manifest(store / "sd1")
+    return store

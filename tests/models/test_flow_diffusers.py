@@ -12,7 +12,7 @@ import torch
 from service.models.flow_generate import generate
 from service.models.flow_loader import load_flow_diffusers
 from service.models.flow_model import FlowModel
-from tests.support.flow_tiny import SIZE, T5_LEN, diffusers_pipeline, tiny_flow_store
+from tests.support.flow_tiny import SIZE, T5_LEN, diffusers_pipeline, run_sd3_pipeline, tiny_flow_store
 
 TOL = 1e-4
 PROMPT = "the red cat"
@@ -41,16 +41,7 @@ def _init(m: FlowModel) -> torch.Tensor:
 def test_sd3_txt2img_matches_diffusers(store: Path, name: str) -> None:
     m = _model(store / name)
     ours = generate(m, PROMPT, seeds=[7], steps=4, cfg_scale=4.0, output="latents")
-    ref = _pipe(m, store / name, "StableDiffusion3Pipeline")(
-        PROMPT,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="latent",
-        max_sequence_length=T5_LEN,
-    ).images
+    ref = run_sd3_pipeline(_pipe(m, store / name, "StableDiffusion3Pipeline"), PROMPT, 4, 4.0, "latent")
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max() <= TOL, float((ours - ref).abs().max())
     assert ref.abs().max() > 0.1
@@ -66,16 +57,8 @@ def test_sd3_request_shift_matches_diffusers_built_with_that_shift(
     ours = generate(
         m, PROMPT, seeds=[7], steps=steps, cfg_scale=4.0, schedule_options={"shift": shift}, output="latents"
     )
-    ref = _pipe(m, store / "sd3", "StableDiffusion3Pipeline", shift=shift)(
-        PROMPT,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=steps,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="latent",
-        max_sequence_length=T5_LEN,
-    ).images
+    pipe = _pipe(m, store / "sd3", "StableDiffusion3Pipeline", shift=shift)
+    ref = run_sd3_pipeline(pipe, PROMPT, steps, 4.0, "latent")
     assert (ours - ref).abs().max() <= TOL, float((ours - ref).abs().max())
 
 
@@ -83,16 +66,8 @@ def test_sd3_img2img_matches_diffusers(store: Path) -> None:
     m = _model(store / "sd3")
     init = _init(m)
     ours = generate_from_latents(m, init, steps=3, denoise=0.6, cfg_scale=3.0)
-    ref = _pipe(m, store / "sd3", "StableDiffusion3Img2ImgPipeline")(
-        PROMPT,
-        image=init,
-        strength=0.6,
-        num_inference_steps=5,
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="latent",
-        max_sequence_length=T5_LEN,
-    ).images
+    pipe = _pipe(m, store / "sd3", "StableDiffusion3Img2ImgPipeline")
+    ref = run_sd3_pipeline(pipe, PROMPT, 5, 3.0, "latent", image=init, strength=0.6)
     assert (ours - ref).abs().max() <= TOL, float((ours - ref).abs().max())
 
 

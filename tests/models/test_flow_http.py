@@ -113,24 +113,14 @@ def test_sd3_request_shift_is_diffusers_pipeline_built_with_that_shift(
     StableDiffusion3Pipeline image with ``FlowMatchEulerDiscreteScheduler(shift=6)`` (same weights,
     seed, prompt), to 1/255 per pixel; the last time kept the model's shift before (0.0177 against
     0.0348)."""
-    import torch
 
-    from tests.support.flow_tiny import T5_LEN, diffusers_pipeline
+    from tests.support.flow_tiny import diffusers_pipeline, run_sd3_pipeline
 
     body = {"schedule": "flow", "steps": 4, "shift": 6.0, "seed": 7, "cfg_scale": 4.0}
     out = _post(client, model="sd3", **body)
     c = ModelStore(root).load("sd3").sd.components  # type: ignore[attr-defined]
     pipe = diffusers_pipeline(c, root / "sd3", "StableDiffusion3Pipeline", shift=6.0)
-    ref = pipe(
-        BASE["prompt"],
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-        max_sequence_length=T5_LEN,
-    ).images[0]
+    ref = run_sd3_pipeline(pipe, str(BASE["prompt"]), 4, 4.0, "np")[0]
     assert [round(float(s), 4) for s in pipe.scheduler.sigmas] == [1.0, 0.9237, 0.7533, 0.0348, 0.0]
     assert np.abs(_pixels(out["images"][0]) - (ref * 255).round()).max() <= 1
 

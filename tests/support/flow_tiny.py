@@ -193,3 +193,21 @@ def diffusers_pipeline(components: Any, folder: Path, cls_name: str, **scheduler
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def run_sd3_pipeline(
+    pipe: Any, prompt: str, steps: int, cfg_scale: float, output_type: str, **extra: Any
+) -> Any:
+    """An SD3 pipeline's images for ``prompt`` at the tiny models' size, seed 7 (the flow tests' seed),
+    T5 tokens capped as the models are built; ``extra``: e.g. ``image`` and ``strength`` for img2img."""
+    return pipe(
+        prompt,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        guidance_scale=cfg_scale,
+        generator=torch.Generator().manual_seed(7),
+        output_type=output_type,
+        max_sequence_length=T5_LEN,
+        **extra,
+    ).images

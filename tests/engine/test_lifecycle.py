@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -141,19 +142,27 @@ class SmallDevice(FakeDenoiser):
         return super().__call__(x, sigma, class_cond)
 
 
-def test_out_of_memory_halves_the_rows_per_call_and_the_jobs_still_succeed() -> None:
-    model = SmallDevice(limit=5)
-    reqs = [request("dpmpp_2m", 4, seeds=list(range(8)), cfg=3.0), request("euler", 4, seeds=[9, 10])]
+def _run_all(model: Any, reqs: list, **engine_options: Any) -> tuple[list, Any]:
+    """Run ``reqs`` to the end on an engine over ``model`` (64 rows per call at most); the jobs and
+    the engine's ModelRunner, whose call size the out-of-memory tests read afterwards."""
 
-    async def go() -> list:
-        engine = make_engine(model, max_batch_rows=64)
+    async def go() -> tuple[list, Any]:
+        engine = make_engine(model, max_batch_rows=64, **engine_options)
         engine.start()
         jobs = [engine.submit(r) for r in reqs]
         await asyncio.gather(*(j.wait_done() for j in jobs))
         await engine.stop()
-        return [*jobs, engine.runner.max_rows]
+        return jobs, engine.runner
 
-    *jobs, rows = run(go)
+    return run(go)
+
+
+def test_out_of_memory_halves_the_rows_per_call_and_the_jobs_still_succeed() -> None:
+    model = SmallDevice(limit=5)
+    reqs = [request("dpmpp_2m", 4, seeds=list(range(8)), cfg=3.0), request("euler", 4, seeds=[9, 10])]
+
+    jobs, runner = _run_all(model, reqs)
+    rows = runner.max_rows
     assert [j.status for j in jobs] == [JobStatus.succeeded] * 2, [j.error for j in jobs]
     assert rows == 4  # 16 guided + 2 rows = 18 -> 9 (still too many) -> 4, then kept
     assert [c for c in model.calls if c < 0] == [-18, -9]  # only the first iteration's call failed
@@ -166,15 +175,8 @@ def test_out_of_memory_in_batch_invariant_mode_halves_the_fixed_call_size() -> N
     model = SmallDevice(limit=5)
     reqs = [request("dpmpp_2m", 4, seeds=list(range(5)), cfg=3.0), request("euler", 4, seeds=[9])]
 
-    async def go() -> list:
-        engine = make_engine(model, max_batch_rows=64, invariant_rows=8)
-        engine.start()
-        jobs = [engine.submit(r) for r in reqs]
-        await asyncio.gather(*(j.wait_done() for j in jobs))
-        await engine.stop()
-        return [*jobs, engine.runner.chunk_rows]
-
-    *jobs, chunk = run(go)
+    jobs, runner = _run_all(model, reqs, invariant_rows=8)
+    chunk = runner.chunk_rows
     assert [j.status for j in jobs] == [JobStatus.succeeded] * 2, [j.error for j in jobs]
     assert chunk == 4 and [c for c in model.calls if c < 0] == [-8]  # 8 rows failed once, then 4
     assert set(c for c in model.calls if c > 0) == {4}  # 11 rows: three calls of exactly 4, padded

@@ -84,14 +84,18 @@ def clip_skip(overrides: Mapping[str, Any], options: Mapping[str, Any]) -> int:
     return int(options.get(name) or 1)
 
 
+def _checked(name: str, value: Any, field: str) -> Any:
+    """A known option typed, any other value nested at most MAX_DEPTH (errors name ``field``)."""
+    if name in KNOWN and value is not None:
+        return check_known(name, value, field)
+    check_depth(value, field)
+    return value
+
+
 def check_overrides(overrides: Mapping[str, Any]) -> None:
     """A request's ``override_settings``: known options typed, the rest nested at most MAX_DEPTH."""
     for name, value in overrides.items():
-        field = f"override_settings.{name}"
-        if name in KNOWN and value is not None:
-            check_known(name, value, field)
-        else:
-            check_depth(value, field)
+        _checked(name, value, f"override_settings.{name}")
 
 
 def _size(values: Mapping[str, Any]) -> int:
@@ -127,11 +131,7 @@ class OptionsStore:
         for name, value in body.items():
             if len(name) > MAX_TEXT:
                 raise InputError("options", f"option names are at most {MAX_TEXT} characters")
-            if name in KNOWN and value is not None:
-                checked[name] = check_known(name, value)
-            else:
-                check_depth(value, name)
-                checked[name] = value
+            checked[name] = _checked(name, value, name)
         merged = {**self._by_caller.get(scope, {}), **checked}
         unknown = {k: v for k, v in merged.items() if k not in KNOWN}
         if len(unknown) > self.max_unknown:

@@ -65,10 +65,6 @@ def set_max_pixels(pixels: int) -> None:
     _max_pixels = int(pixels)
 
 
-def max_pixels() -> int:
-    return _max_pixels
-
-
 @dataclass(frozen=True, eq=False)
 class GatedImage:
     """An image that passed the gate (pixels decoded, one frame, within the limit). A translator

@@ -9,8 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler,
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
+from service.sampling.spec import MAX_STEPS
 from service.serving.errors import ErrorCode
-from service.serving.request import GenerationRequest, request_fields
+from service.serving.hires import HiresFix
+from service.serving.request import MAX_SIDE, GenerationRequest, request_fields
 from service.serving.request import LoraRef as ServingLora
 
 FIELDS = {f.name: f for f in request_fields()}
@@ -40,6 +42,22 @@ class LoraRef(BaseModel):
     weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength (1 = as trained)")
 
 
+class HiresBody(BaseModel):
+    """A1111's hires fix (``GET /sdapi/v1/upscalers`` and ``/latent-upscale-modes`` list upscalers)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    scale: float | None = Field(None, gt=0.0, le=8.0, description="upscale by (default 2)")
+    resize_x: int | None = Field(None, ge=0, le=MAX_SIDE, description="width to resize to (0: unset)")
+    resize_y: int | None = Field(None, ge=0, le=MAX_SIDE, description="height to resize to (0: unset)")
+    upscaler: str | None = Field(None, max_length=128, description="default 'Latent'")
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="second pass steps (0: the first's)")
+    denoise: float | None = Field(None, gt=0.0, le=1.0, description="second pass strength (default 0.75)")
+    sampler: str | None = Field(None, max_length=64, description="default: the first pass's")
+    schedule: str | None = Field(None, max_length=64, description="default: the first pass's")
+    prompt: str | None = Field(None, max_length=4000, description="default: the first pass's")
+    negative_prompt: str | None = Field(None, max_length=4000, description="default: the first pass's")
+
+
 def field_of(name: str) -> Any:
     """The pydantic Field of a GenerationRequest field: its default, bounds and doc."""
     f = FIELDS[name]
@@ -66,12 +84,19 @@ class _SampleRequest(BaseModel):
         values = {name: getattr(self, name) for name in type(self).model_fields}
         if values.get("loras") is not None:
             values["loras"] = [ServingLora(ref.name, ref.weight) for ref in values["loras"]]
+        if values.get("hires") is not None:
+            values["hires"] = HiresFix(**values["hires"].model_dump())
         return GenerationRequest(**values)
 
 
 # The HTTP types where they are not the dataclass's own: LoRAs validated as LoraRef bodies, images as
 # base64 text (or a translator's GatedImage) kept out of model_dump.
-HTTP_TYPES: dict[str, Any] = {"loras": list[LoraRef] | None, "init_image": ImageField, "mask": ImageField}
+HTTP_TYPES: dict[str, Any] = {
+    "loras": list[LoraRef] | None,
+    "hires": HiresBody | None,
+    "init_image": ImageField,
+    "mask": ImageField,
+}
 
 
 def _sample_request() -> type[_SampleRequest]:

@@ -261,15 +261,13 @@ class Engine:
                 self._end(job, JobStatus.failed, out.error)
             elif out.images is not None:
                 job.t_computed = time.monotonic()
-                job.progress.step, job.progress.evals = job.progress.total, job.progress.expected_evals
+                job.progress.finished()
                 self.active.remove(job)
                 self._drivers.pop(job, None)  # sampled: the state can go now
                 self._held.append((job, out.images))
                 job.notify()
             else:
-                driver = self._drivers[job]
-                job.progress.step, job.progress.evals = driver.step, driver.evals
-                job.progress.expected_evals = max(driver.expected_evals, driver.evals + 1)
+                job.progress.follow(self._drivers[job])
                 job.notify()
         self._release_held()
         self._gauges()

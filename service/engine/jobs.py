@@ -79,10 +79,32 @@ class ImageResult:
 
 @dataclass
 class Progress:
-    step: int = 0
+    step: int = 0  # over all passes
     total: int = 0
     evals: int = 0
     expected_evals: int = 1
+    # a job of two passes (hires fix): which one runs, and its own steps (A1111's job_no / sampling_step)
+    pass_no: int = 0
+    passes: int = 1
+    pass_step: int = 0
+    pass_steps: int = 0
+
+    @classmethod
+    def of(cls, request: JobRequest) -> Progress:
+        d = request.driver
+        if d is None:
+            return cls(total=request.spec.steps, pass_steps=request.spec.steps)
+        return cls(total=d.total_steps, passes=d.passes, pass_steps=d.pass_steps)
+
+    def follow(self, driver: Driver) -> None:
+        """The running driver's progress (a finished job: ``finished``)."""
+        self.step, self.evals = driver.step, driver.evals
+        self.total, self.pass_no, self.passes = driver.total_steps, driver.pass_no, driver.passes
+        self.pass_step, self.pass_steps = driver.pass_step, driver.pass_steps
+        self.expected_evals = max(driver.expected_evals, driver.evals + 1)
+
+    def finished(self) -> None:
+        self.step, self.evals, self.pass_step = self.total, self.expected_evals, self.pass_steps
 
     @property
     def fraction(self) -> float:
@@ -112,7 +134,7 @@ class Job:
         self.request = request
         self.model = model
         self.status = JobStatus.queued
-        self.progress = Progress(total=request.spec.steps)
+        self.progress = Progress.of(request)
         self.error: JobError | None = None
         self.result: Any = None
         self.created = time.time()
@@ -133,7 +155,7 @@ class Job:
     def attach(self, request: JobRequest) -> Job:
         """The real request of a job that waited for its model to load (its deadline stays)."""
         self.request, self.loading = request, False
-        self.progress = Progress(total=request.spec.steps)
+        self.progress = Progress.of(request)
         return self
 
     # --- notifications (event-loop side only) ---

@@ -122,6 +122,21 @@ class Driver:
         pending = [t.pending.step for t in self.tracks if t.pending is not None]
         return min(pending) if pending else self.spec.steps
 
+    # one pass; a job of two (hires fix) runs as sampling/passes.Passes, which counts both
+    pass_no, passes = 0, 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.spec.steps
+
+    @property
+    def pass_step(self) -> int:
+        return self.step
+
+    @property
+    def pass_steps(self) -> int:
+        return self.spec.steps
+
     def pending(self) -> list[Track]:
         return [t for t in self.tracks if t.pending is not None]
 

@@ -29,6 +29,7 @@ from service.sampling.errors import InputError
 from service.sampling.request import TOP_LEVEL_OPTIONS, Limits, build_spec, spec_parameters
 from service.sampling.spec import MAX_STEPS, SamplingSpec, make_sigmas, sampling_dtype
 
+from .hires import HiresFix, with_hires
 from .loras import lora_parameters, request_loras, with_adapters
 
 # How a field goes into the recorded parameters: "spec" through the SamplingSpec (spec_parameters),
@@ -180,6 +181,12 @@ class GenerationRequest:
         ge=0.0,
         le=1.0,
     )
+    hires: HiresFix | None = request_field(
+        "A1111's hires fix: after this request's pass, upscale (scale, or resize_x / resize_y; "
+        "upscaler: a latent mode or a pixel upscaler) and run img2img there (steps, denoise, "
+        "sampler, schedule, prompt, negative_prompt; default: the first pass's)",
+        record="never",  # recorded with its resolved values (serving/hires.py)
+    )
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -258,6 +265,10 @@ def build_job(
     h, w = inputs.resolved.pop("image_size", model.image_size)
     resolved = {"model": model.name, "n": n, "cfg_scale": cfg, "width": w, "height": h, **inputs.resolved}
     params = recorded_parameters(request, spec, resolved)
+    if request.hires is not None:  # the driver continues into the hires pass
+        driver, params["hires"] = with_hires(
+            request, model, driver, spec, limits, max_timeout_s, (h, w), loras
+        )
     params |= {"img2img": inputs.init is not None, "inpaint": inputs.mask is not None}
     params |= lora_parameters(tagged, model)
     if tuned:

@@ -145,6 +145,23 @@ class JobErrorBody(BaseModel):
     message: str
 
 
+class WebhookAttemptView(BaseModel):
+    at: float = Field(description="unix time the attempt started")
+    duration_s: float
+    status_code: int | None = Field(default=None, description="the receiver's HTTP status, if it answered")
+    error: str | None = Field(default=None, description="why the attempt failed (null: delivered)")
+
+
+class WebhookView(BaseModel):
+    id: str = Field(description="the delivery id (also the Kdiff-Delivery header)")
+    url: str
+    event: str = Field(description="job.succeeded | job.failed | job.cancelled")
+    state: Literal["pending", "delivered", "failed"]
+    attempt_count: int
+    next_attempt_at: float | None = Field(default=None, description="unix time of the next retry")
+    attempts: list[WebhookAttemptView] = Field(description="the latest attempts, oldest first")
+
+
 class JobView(BaseModel):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -154,6 +171,9 @@ class JobView(BaseModel):
     progress: JobProgress
     result: SampleResponse | None = None
     error: JobErrorBody | None = None
+    webhooks: list[WebhookView] | None = Field(
+        default=None, description="webhook deliveries of this job (callback_url) and their attempts"
+    )
 
 
 class JobCreated(BaseModel):

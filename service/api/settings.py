@@ -118,12 +118,48 @@ class Settings(BaseSettings):
         "the model call then runs without the GIL)",
     )
 
-    @field_validator("models", "cors_origins", "api_keys", "admin_keys", mode="before")
+    state_dir: Path | None = Field(
+        default=None,
+        description="folder for state that survives a restart (the webhook outbox); empty = in memory",
+    )
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="hosts callback_url may name: comma-separated host[:port] patterns (* a wildcard, "
+        "no port = 80/443, :* any port); private, loopback and link-local addresses only for a pattern "
+        "naming its host without a wildcard (e.g. 127.0.0.1:*); empty = webhooks off",
+    )
+    webhook_urls: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="default callback per key: comma-separated '<api key>=<url>' ('*=<url>': every key)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key of the Kdiff-Signature header (t=<unix>,v1=<hex>) on every webhook",
+    )
+    webhook_max_age_s: float = Field(
+        default=86400.0, gt=0, description="a webhook is retried (back-off with jitter) for this long"
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="most time one webhook attempt may take (DNS to answer)"
+    )
+    webhook_retry_base_s: float = Field(
+        default=2.0, gt=0, description="first webhook retry delay; doubles per attempt (to 1 h), jittered"
+    )
+    webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhook attempts at once")
+
+    @field_validator(
+        "models", "cors_origins", "api_keys", "admin_keys", "webhook_allow", "webhook_urls", mode="before"
+    )
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("state_dir", "webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     def resolve_device(self) -> str:
         import torch

@@ -12,7 +12,15 @@ from service.serving.request import GenerationRequest
 from service.serving.service import Service
 
 from .errors import http_error, status_of
-from .schemas import JobErrorBody, JobProgress, JobView, SampleRequest, SampleResponse, Timings
+from .schemas import (
+    JobErrorBody,
+    JobProgress,
+    JobView,
+    SampleRequest,
+    SampleResponse,
+    Timings,
+    WebhookView,
+)
 
 
 async def submit(
@@ -58,6 +66,7 @@ def job_view(state: Service, job: Job, with_result: bool = True) -> JobView:
         progress=progress(job),
         result=sample_response(job) if with_result and job.status == JobStatus.succeeded else None,
         error=None if job.error is None else JobErrorBody(code=job.error.code, message=job.error.message),
+        webhooks=[WebhookView(**d) for d in state.webhooks.view(job.id)] or None,
     )
 
 

@@ -174,6 +174,12 @@ class GenerationRequest:
         max_length=32,
     )
     timeout_s: float | None = request_field("deadline in seconds (queue time counts)", record="never", gt=0)
+    callback_url: str | None = request_field(
+        "webhook: a signed POST to this URL when the job ends (succeeded, failed, cancelled); its host "
+        "must be allowed by the service (KDIFF_WEBHOOK_ALLOW)",
+        record="never",
+        max_length=2048,
+    )
     guidance_rescale: float | None = request_field(
         "CFG rescale (Lin et al. 2023; diffusers' guidance_rescale, ComfyUI's RescaleCFG): "
         "0 = plain CFG, 0.7 is the paper's choice; only with cfg_scale != 1",

@@ -26,11 +26,12 @@ from .errors import ErrorCode, ModelUnavailable
 from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
 from .request import GenerationRequest, build_job, check_spec
+from .webhooks import Webhooks, WebhookSettings
 
 log = logging.getLogger("kdiff.service")
 
 
-class ServiceSettings(PoolSettings, Protocol):
+class ServiceSettings(PoolSettings, WebhookSettings, Protocol):
     """What the service reads from its settings (``service.api.settings.Settings`` has it)."""
 
     model_store: Path
@@ -59,6 +60,7 @@ class Service:
         self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
         store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
+        self.webhooks = Webhooks(settings)
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
         self.ready = False
         self.draining = False
@@ -71,6 +73,7 @@ class Service:
             self._threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)
         await self.pool.start()
+        await self.webhooks.start()
         self.ready = True
 
     # --- jobs ---
@@ -87,8 +90,16 @@ class Service:
     ) -> Job:
         """Check ``request`` against its model and queue it as a job belonging to ``owner`` (a key id).
         A model that is not loaded is loaded first: awaited (``wait_load``, so field errors stay
-        InputErrors), or the job is returned at once and waits in the ``loading`` state. Raises
-        InputError, ModelUnavailable, and the engine's QueueFull / Draining."""
+        InputErrors), or the job is returned at once and waits in the ``loading`` state. Its
+        webhook (``callback_url``, or the key's default) is checked first and sent when the job
+        ends. Raises InputError, ModelUnavailable, and the engine's QueueFull / Draining."""
+        callback = self.webhooks.target(request.callback_url, owner)
+        job = await self._queue(request, owner, wait_load)
+        if callback is not None:
+            self.webhooks.watch(job, callback)
+        return job
+
+    async def _queue(self, request: GenerationRequest, owner: str | None, wait_load: bool) -> Job:
         name = self.pool.resolve(request.model)
         if name is None:
             known = self.pool.known()
@@ -200,5 +211,6 @@ class Service:
         self.ready = False
         if not self.draining:
             await self.drain(self.settings.drain_timeout_s)
+        await self.webhooks.stop()
         if self._threads is not None:
             torch.set_num_threads(self._threads)

@@ -1,0 +1,219 @@
+"""Webhooks for the service: a job's callback checked at submit, its terminal event written to the
+outbox when it ends and handed to the delivery thread, its deliveries shown on ``GET /jobs/{id}``.
+
+Events: ``job.succeeded``, ``job.failed``, ``job.cancelled``. The POSTed JSON (signed, see
+signing.py) holds the job's ``id``, ``status``, ``event``, ``model``, the recorded ``parameters``
+(seeds included), ``error`` and ``links`` (paths on this service: the job, its events, each
+image). A delivery's id is a digest of (job id, event, URL): a job run again after a restart ends
+with the same delivery, so a delivered event is not sent twice by this service (receivers should
+still treat deliveries as at-least-once and keep the ids they have seen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.engine import ImageResult, Job, JobStatus
+from service.sampling.errors import InputError
+
+from .outbox import Delivery, MemoryOutbox, Outbox, SqliteOutbox
+from .sender import Sender, SenderConfig
+from .targets import Target, TargetRefused, check_url, parse_patterns
+
+log = logging.getLogger("kdiff.webhooks")
+OUTBOX_FILE = "webhooks.sqlite3"
+MAX_PENDING = 10_000  # deliveries waiting at once; beyond it a new one fails at once ("outbox full")
+KEPT_PER_PROCESS = 5_000  # finished deliveries indexed for GET /jobs/{id} (oldest forgotten first)
+
+
+class Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class WebhookSettings(Protocol):
+    """What webhooks read from the settings (``service.api.settings.Settings`` has it)."""
+
+    state_dir: Path | None
+    webhook_urls: list[Any]  # "<api key>=<url>" or "*=<url>" (SecretStr: they name keys)
+    webhook_secret: Any  # SecretStr | None
+    webhook_allow: list[str]
+    webhook_max_age_s: float
+    webhook_timeout_s: float
+    webhook_retry_base_s: float
+    webhook_concurrency: int
+
+
+def key_digest(key: str) -> str:
+    """A key's id as the HTTP gate computes it (service/api/guard.key_id: tests check they agree)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def parse_defaults(entries: list[str]) -> dict[str | None, str]:
+    """``KDIFF_WEBHOOK_URLS`` entries ``<api key>=<url>`` (``*`` for every key, and for a service
+    without keys) -> {key id or None: url}."""
+    out: dict[str | None, str] = {}
+    for entry in entries:
+        cut = max(entry.find("=http://"), entry.find("=https://"))
+        if cut <= 0:
+            raise ValueError("a KDIFF_WEBHOOK_URLS entry is not '<api key>=<http(s) url>' or '*=<url>'")
+        key, url = entry[:cut].strip(), entry[cut + 1 :].strip()
+        out[None if key == "*" else key_digest(key)] = url
+    return out
+
+
+def _delivery_id(job_id: str, event: str, url: str) -> str:
+    return hashlib.sha256(f"{job_id}\n{event}\n{url}".encode()).hexdigest()[:32]
+
+
+def event_body(job: Job, delivery_id: str) -> bytes:
+    """The JSON sent for a job's terminal event (the exact bytes signed)."""
+    status = job.status.value
+    result = job.result if isinstance(job.result, ImageResult) else None
+    base = f"/jobs/{job.id}"
+    n_images = len(result.pngs) if result is not None and job.status == JobStatus.succeeded else 0
+    payload = {
+        "id": job.id,
+        "status": status,
+        "event": f"job.{status}",
+        "delivery_id": delivery_id,
+        "model": job.model,
+        "created_at": job.created,
+        "finished_at": time.time(),
+        "parameters": result.parameters if result is not None else job.request.parameters,
+        "error": None if job.error is None else {"code": job.error.code.value, "message": job.error.message},
+        "links": {
+            "job": base,
+            "events": f"{base}/events",
+            "images": [f"{base}/images/{i}" for i in range(n_images)],
+        },
+    }
+    return json.dumps(payload, default=str, separators=(",", ":")).encode()
+
+
+class Webhooks:
+    """The service's webhooks: submit-time checks, the outbox, the delivery thread."""
+
+    def __init__(self, settings: WebhookSettings) -> None:
+        self.patterns = parse_patterns(settings.webhook_allow)
+        urls = [getattr(e, "get_secret_value", lambda e=e: e)() for e in settings.webhook_urls]
+        self.defaults = parse_defaults(urls)
+        self.max_age_s = settings.webhook_max_age_s
+        secret = settings.webhook_secret
+        self.secret = secret.get_secret_value() if secret is not None else None
+        state_dir = settings.state_dir
+        self.outbox: Outbox = SqliteOutbox(state_dir / OUTBOX_FILE) if state_dir else MemoryOutbox()
+        self.lock = threading.Lock()
+        self.sender = Sender(
+            SenderConfig(
+                self.secret or None,
+                self.patterns,
+                timeout_s=settings.webhook_timeout_s,
+                max_age_s=self.max_age_s,
+                retry_base_s=settings.webhook_retry_base_s,
+                concurrency=settings.webhook_concurrency,
+            ),
+            self.outbox,
+            self.lock,
+        )
+        self._by_job: dict[str, list[Delivery]] = {}
+        self._watchers: dict[asyncio.Task[None], tuple[Job, str]] = {}
+        for url in self.defaults.values():
+            try:
+                check_url(url, self.patterns)
+            except TargetRefused as exc:
+                raise RuntimeError(f"KDIFF_WEBHOOK_URLS: {url!r} is refused: {exc}") from None
+        if self.patterns and not self.secret:
+            log.warning("KDIFF_WEBHOOK_ALLOW is set but KDIFF_WEBHOOK_SECRET is empty: webhooks go unsigned")
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        """Start the delivery thread and resume the outbox's pending deliveries."""
+        since = time.time() - self.max_age_s
+        await asyncio.to_thread(self.outbox.purge, since)
+        kept = await asyncio.to_thread(self.outbox.load, since)
+        self.sender.start()
+        for d in kept:
+            self._index(d)
+            if d.state == "pending":
+                self.sender.submit(d)
+        resumed = sum(d.state == "pending" for d in kept)
+        if resumed:
+            log.info("webhooks: %d pending deliveries resumed from the outbox", resumed)
+
+    async def stop(self) -> None:
+        """Stop watching and delivering; pending deliveries stay in the outbox (a persisted one is
+        resumed at the next start)."""
+        for task, (job, url) in list(self._watchers.items()):
+            task.cancel()
+            if job.status.finished:  # ended during the drain; its watcher had not run yet
+                self.enqueue(job, url)
+        await asyncio.to_thread(self.sender.stop)
+        self.outbox.close()
+
+    # --- jobs ---
+    def target(self, url: str | None, owner: str | None) -> Target | None:
+        """The callback of a job being submitted: its own ``callback_url``, else its key's default
+        (``KDIFF_WEBHOOK_URLS``), else none. InputError naming ``callback_url`` when refused."""
+        url = url if url is not None else self.defaults.get(owner, self.defaults.get(None))
+        if url is None:
+            return None
+        try:
+            return check_url(url, self.patterns)
+        except TargetRefused as exc:
+            raise InputError("callback_url", f"callback_url refused: {exc}") from None
+
+    def watch(self, job: Job, target: Target) -> None:
+        """Send ``job``'s terminal event to ``target`` once it ends."""
+        task = asyncio.get_running_loop().create_task(self._on_done(job, target.url))
+        self._watchers[task] = (job, target.url)
+        task.add_done_callback(lambda t: self._watchers.pop(t, None))
+
+    async def _on_done(self, job: Job, url: str) -> None:
+        await job.wait_done()
+        self.enqueue(job, url)
+
+    def enqueue(self, job: Job, url: str) -> None:
+        event = f"job.{job.status.value}"
+        delivery_id = _delivery_id(job.id, event, url)
+        d = Delivery(delivery_id, job.id, job.owner, url, event, event_body(job, delivery_id), time.time())
+        if self.sender.in_flight >= MAX_PENDING:
+            d.state = "failed"
+        if not self.outbox.add(d):  # already there: this event was sent (or is being sent) before
+            return
+        self._index(d)
+        if d.state == "pending":
+            self.sender.submit(d)
+        else:
+            log.warning("webhook outbox full (%d pending): %s of job %s dropped", MAX_PENDING, event, job.id)
+
+    def _index(self, d: Delivery) -> None:
+        self._by_job.setdefault(d.job_id, []).append(d)
+        while len(self._by_job) > KEPT_PER_PROCESS:
+            oldest = next(iter(self._by_job))
+            if any(x.state == "pending" for x in self._by_job[oldest]):
+                break
+            del self._by_job[oldest]
+
+    def view(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's deliveries for ``GET /jobs/{id}``: URL, event, state, attempts."""
+        with self.lock:
+            return [
+                {
+                    "id": d.id,
+                    "url": d.url,
+                    "event": d.event,
+                    "state": d.state,
+                    "attempt_count": d.attempt_count,
+                    "next_attempt_at": d.next_at if d.state == "pending" and d.attempt_count else None,
+                    "attempts": [asdict(a) for a in d.attempts],
+                }
+                for d in self._by_job.get(job_id, [])
+            ]

@@ -76,6 +76,8 @@ def from_parameters(p: dict[str, Any]) -> str:
         pairs.append(("Variation seed strength", _num(p["subseed_strength"])))
     if p.get("clip_skip") is not None:
         pairs.append(("Clip skip", p["clip_skip"]))
+    if isinstance(p.get("hires"), dict) and "a1111_extra" not in p:  # A1111's routes write their own
+        pairs.extend(hires_pairs(p["hires"]))
     pairs.extend((str(k), v) for k, v in (p.get("a1111_extra") or {}).items())
     pairs.append(("Version", VERSION))
     lines = [_prompt_line(p)]
@@ -83,6 +85,19 @@ def from_parameters(p: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {negative}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs if v is not None))
     return "\n".join(lines)
+
+
+def hires_pairs(h: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A1111's hires fix fields from our recorded ``hires`` (serving/hires.py), in A1111's order."""
+    out: list[tuple[str, Any]] = [("Denoising strength", _num(h.get("denoise")))]
+    if "scale" in h:
+        out.append(("Hires upscale", _num(h["scale"])))
+    else:
+        out.append(("Hires resize", f"{h.get('resize_x', 0)}x{h.get('resize_y', 0)}"))
+    out += [("Hires steps", h.get("steps")), ("Hires upscaler", h.get("upscaler"))]
+    out.append(("Hires sampler", sampler_display(str(h["sampler"])) if h.get("sampler") else None))
+    out.append(("Hires schedule type", schedule_label(str(h["schedule"])) if h.get("schedule") else None))
+    return out + [("Hires prompt", h.get("prompt")), ("Hires negative prompt", h.get("negative_prompt"))]
 
 
 def parse(text: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import webuiapi
 
+from tests.support.sd_tiny import frontend_server
 from tests.support.server import Server
 
 STEPS = 5000  # far more than the interrupt lets run
@@ -21,16 +22,8 @@ STEPS = 5000  # far more than the interrupt lets run
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.support.sd_tiny import digits_and_tiny_sd_store
-
-    store = digits_and_tiny_sd_store(tmp_path_factory.mktemp("store"))
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    srv = Server(store, log, KDIFF_MAX_STEPS="10000", KDIFF_DEFAULT_MODEL="digits")
-    try:
-        srv.wait_ready(120)
+    with frontend_server(tmp_path_factory, KDIFF_MAX_STEPS="10000", KDIFF_DEFAULT_MODEL="digits") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _api(server: Server) -> Any:

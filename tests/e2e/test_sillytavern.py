@@ -56,6 +56,12 @@ def st_body(url: str, prompt: str, **settings: Any) -> dict[str, Any]:
         "width": 512,
         "height": 512,
         "clip_skip": 1,
+        # its hires settings (defaultSettings: off, "Latent", 2.0, 0.7, 0 = the first pass's steps)
+        "enable_hr": False,
+        "hr_upscaler": "Latent",
+        "hr_scale": 2.0,
+        "denoising_strength": 0.7,
+        "hr_second_pass_steps": 0,
         **settings,
     }
     return {
@@ -70,11 +76,11 @@ def st_body(url: str, prompt: str, **settings: Any) -> dict[str, Any]:
         "width": s["width"],
         "height": s["height"],
         "restore_faces": False,
-        "enable_hr": False,
-        "hr_upscaler": "Latent",
-        "hr_scale": 2.0,
-        "denoising_strength": 0.7,
-        "hr_second_pass_steps": 0,
+        "enable_hr": s["enable_hr"],
+        "hr_upscaler": s["hr_upscaler"],
+        "hr_scale": s["hr_scale"],
+        "denoising_strength": s["denoising_strength"],
+        "hr_second_pass_steps": s["hr_second_pass_steps"],
         # seed -1 is sent as undefined, which JSON.stringify leaves out; sd_vae likewise
         "override_settings": {"CLIP_stop_at_last_layers": s["clip_skip"]},
         "override_settings_restore_afterwards": True,
@@ -182,6 +188,25 @@ def test_every_scheduler_and_sampler_on_a_tiny_sd_model(st: httpx.Client, st_ser
         assert not any("equivalent" in c for c in info["comments"])
         n = sweep(st, st_server.url, lists["samplers"], lists["schedulers"], steps=3, width=64, height=64)
         assert n == len(lists["samplers"]) * len(lists["schedulers"])
+    finally:
+        pick_model(st, "digits")
+
+
+def test_sillytavern_with_hires_fix_on_a_tiny_sd_model(st: httpx.Client, st_server: Server) -> None:
+    """Its hires settings turned on (its default upscaler "Latent", scale 2, strength 0.7, and a
+    pixel upscaler from the list it reads): the image SillyTavern shows has the hires size."""
+    lists = connect(st)
+    pick_model(st, "sd1")
+    upscalers = [x["name"] for x in st.get("/sdapi/v1/upscalers").json()]
+    try:
+        for upscaler, scale in (("Latent", 2.0), (upscalers[-1], 1.5)):
+            body = st_body(st_server.url, "a cat", steps=3, width=64, height=64, enable_hr=True,
+                           hr_upscaler=upscaler, hr_scale=scale)  # fmt: skip
+            image, info = generate(st, body)
+            assert image.size == (int(64 * scale), int(64 * scale)), (upscaler, image.size)
+            text = info["infotexts"][0]
+            assert f"Hires upscaler: {upscaler}" in text and "Denoising strength: 0.7" in text, text
+        assert "DDIM" in lists["samplers"]
     finally:
         pick_model(st, "digits")
 

@@ -30,9 +30,8 @@ from diffusers import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import make_noise  # noqa: E402
-from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import link_tiny_models  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 STEPS, HR_STEPS, DENOISE, CFG, SEED = 4, 3, 0.5, 5.0, 11
@@ -43,11 +42,7 @@ SIZE = 64  # the tiny models' native size; hires at 2x
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("hires-store")
-    tiny = tiny_sd_store()
-    models = {}
-    for name in ("sd1", "sdxl"):
-        (root / name).symlink_to(tiny / name, target_is_directory=True)
-        models[name] = ModelStore(tiny).load(name)
+    models = link_tiny_models(root)
     server = Server(root, root.parent / "server.log")
     try:
         server.wait_ready()

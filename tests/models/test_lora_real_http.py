@@ -24,10 +24,9 @@ pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev
 from diffusers import EulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import make_noise  # noqa: E402
 from tests.support.lora_files import kohya_file, real_file, reference_pipeline, save  # noqa: E402
-from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import link_tiny_models  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 STEPS, CFG, SEED, WEIGHT = 4, 5.0, 11, 0.9
@@ -50,11 +49,7 @@ DORA = "lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("lora-store")
-    tiny = tiny_sd_store()
-    models = {}
-    for name in ("sd1", "sdxl"):
-        (root / name).symlink_to(tiny / name, target_is_directory=True)
-        models[name] = ModelStore(tiny).load(name)
+    models = link_tiny_models(root)
     for i, (lora, (model, layout)) in enumerate(FILES.items()):
         save(real_file(models[model], layout, 20 + i, STD[layout]), root / "loras" / f"{lora}.safetensors")
     save({LOHA: torch.zeros(2, 2)}, root / "loras" / "loha.safetensors")

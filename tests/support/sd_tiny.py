@@ -14,6 +14,8 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +250,31 @@ def digits_and_tiny_sd_store(store: Path) -> Path:
     save_diffusers(store / "sd1")
     write_manifest(store / "sd1")
     return store
+
+
+@contextmanager
+def frontend_server(factory: Any, **env: str) -> Iterator[Any]:
+    """A live ``kdiff serve`` (tests/support/server.py) on :func:`digits_and_tiny_sd_store`, for a
+    module's tests (``factory``: pytest's tmp_path_factory; ``env``: its KDIFF_* settings)."""
+    from tests.support.server import Server
+
+    store = digits_and_tiny_sd_store(factory.mktemp("store"))
+    srv = Server(store, factory.mktemp("log") / "server.log", **env)
+    try:
+        srv.wait_ready(120)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def link_tiny_models(root: Path, names: tuple[str, ...] = ("sd1", "sdxl")) -> dict[str, Any]:
+    """Link the tiny models ``names`` into the store at ``root`` (a server's) and load each here, as
+    the test's own reference (diffusers pipelines are built from its components)."""
+    from service.models.store import ModelStore
+
+    tiny = tiny_sd_store()
+    models = {}
+    for name in names:
+        (root / name).symlink_to(tiny / name, target_is_directory=True)
+        models[name] = ModelStore(tiny).load(name)
+    return models

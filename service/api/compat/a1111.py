@@ -84,13 +84,18 @@ async def progress(
     etas = [j.eta_s() for j in running]
     eta = max((e for e in etas if e is not None), default=0.0)
     image = None if skip_current_image else await state.preview_png(current, 256)
+    # A1111 counts each pass of a batch as a job (hires fix: job_count doubles, job_no moves on
+    # and sampling_step restarts for the second pass)
+    cp = current.progress
+    passes = [j.progress.passes for j in jobs]
+    index = jobs.index(current)
     st = ProgressState(
-        job=f"Batch {jobs.index(current) + 1} out of {len(jobs)}",
-        job_count=len(jobs),
-        job_no=jobs.index(current),
+        job=f"Batch {index + 1} out of {len(jobs)}",
+        job_count=sum(passes),
+        job_no=sum(passes[:index]) + cp.pass_no,
         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(current.created)),
-        sampling_step=current.progress.step,
-        sampling_steps=current.progress.total,
+        sampling_step=cp.pass_step,
+        sampling_steps=cp.pass_steps,
     )
     return ProgressResponse(
         progress=round(min(1.0, evals / expected), 4), eta_relative=eta, state=st, current_image=image

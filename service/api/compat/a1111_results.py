@@ -21,9 +21,7 @@ from .a1111_translate import Plan
 
 def _image_params(plan: Plan, body: Txt2ImgRequest, params: dict[str, Any], index: int) -> dict[str, Any]:
     p = {k: v for k, v in params.items() if k != "seeds"}
-    extra = (
-        {"Resized from": f"{plan.generated[0]}x{plan.generated[1]}"} if plan.generated != plan.size else {}
-    )
+    extra = _extra(plan)
     return {
         **p,
         "seed": params["seeds"][index],
@@ -34,6 +32,14 @@ def _image_params(plan: Plan, body: Txt2ImgRequest, params: dict[str, Any], inde
         "width": plan.size[0],
         "height": plan.size[1],
     }
+
+
+def _extra(plan: Plan) -> dict[str, Any]:
+    """A1111's extra infotext fields: the hires fix's, and a fixed-size model's resize."""
+    extra = dict(plan.hires.extra) if plan.hires is not None else {}
+    if plan.generated != plan.size and (plan.hires is None or plan.hires.fields is None):
+        extra["Resized from"] = f"{plan.generated[0]}x{plan.generated[1]}"
+    return extra
 
 
 def _reencode(png: bytes, size: tuple[int, int], params: dict[str, Any], text: str) -> bytes:
@@ -61,7 +67,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
             infotexts.append(text)
             seeds.append(p["seed"])
             if body.send_images:
-                images.append(base64.b64encode(_reencode(png, plan.size, p, text)).decode())
+                images.append(base64.b64encode(_reencode(png, plan.out_size, p, text)).decode())
     interrupted = any(j.status == JobStatus.cancelled for j in jobs)
     echo = body.model_dump()
     if isinstance(body, Img2ImgRequest):
@@ -79,7 +85,8 @@ def info(
     n = len(seeds)
     strength = body.subseed_strength
     subseeds = [plan.subseeds[plan.seeds.index(s)] for s in seeds] if seeds else []
-    denoise = body.denoising_strength if isinstance(body, Img2ImgRequest) else None
+    hires = plan.hires is not None
+    denoise = body.denoising_strength if isinstance(body, Img2ImgRequest) or hires else None
     return {
         "prompt": body.prompt,
         "all_prompts": [body.prompt] * n,
@@ -106,11 +113,7 @@ def info(
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": denoise,
-        "extra_generation_params": (
-            {"Resized from": f"{plan.generated[0]}x{plan.generated[1]}"}
-            if plan.generated != plan.size
-            else {}
-        ),
+        "extra_generation_params": _extra(plan),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": body.styles or [],

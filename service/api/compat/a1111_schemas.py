@@ -42,6 +42,17 @@ class Txt2ImgRequest(BaseModel):
     s_noise: float | None = Field(None, ge=0.0, le=10.0)
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     enable_hr: bool = False
+    # hires fix (A1111's StableDiffusionProcessingTxt2Img; None: its default; a1111_hires.py)
+    hr_scale: float | None = Field(2.0, gt=0.0, le=8.0)
+    hr_upscaler: str | None = Field(None, max_length=128, description="default 'Latent'")
+    hr_second_pass_steps: int | None = Field(0, ge=0, le=10_000, description="0 = steps")
+    hr_resize_x: int | None = Field(0, ge=0, le=8192)
+    hr_resize_y: int | None = Field(0, ge=0, le=8192)
+    hr_sampler_name: str | None = Field(None, max_length=64)
+    hr_scheduler: str | None = Field(None, max_length=64)
+    hr_prompt: str | None = Field("", max_length=4000)
+    hr_negative_prompt: str | None = Field("", max_length=4000)
+    hr_checkpoint_name: str | None = Field(None, max_length=256)
     restore_faces: bool | None = None
     tiling: bool | None = None
     override_settings: dict[str, Any] | None = None

@@ -7,8 +7,10 @@ What does not map one to one, and is said in ``info`` (``comments``):
   model generates at its own size, text models floor width/height to a multiple of 8; the images
   are resized back to the requested size;
 - conditioning fields of ours that A1111 has no name for (``guidance``, ...) pass through by name;
-- fields we do not implement (hires fix, face restoration, tiling, styles, scripts, inpaint full
-  resolution, inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111).
+- hires fix (``enable_hr``) becomes our ``hires`` object (``a1111_hires.py``); a model of one size
+  resizes its image to the hires size instead;
+- fields we do not implement (face restoration, tiling, styles, scripts, inpaint full resolution,
+  inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
 from . import a1111_options, frontend_schedules, limits
+from .a1111_hires import Hires, plan_hires
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 SAMPLER_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -52,6 +55,12 @@ class Plan:
     clip_skip: int
     class_labels: list[int | None] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
+    hires: Hires | None = None  # txt2img's hires fix: the result's size and its infotext fields
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """The (width, height) of the images returned: the hires size, else the asked size."""
+        return self.hires.size if self.hires is not None else self.size
 
 
 def model_name(wanted: str, models: Collection[str]) -> str:
@@ -76,7 +85,8 @@ def checkpoint(
 
 def _ignored(body: Txt2ImgRequest) -> list[str]:
     out = []
-    flags = [("enable_hr", "hires fix"), ("restore_faces", "face restoration"), ("tiling", "tiling")]
+    flags = [("restore_faces", "face restoration"), ("tiling", "tiling")]
+    flags += [("enable_hr", "hires fix (txt2img only)")] if isinstance(body, Img2ImgRequest) else []
     out += [f"{name} ({what}) is not supported; ignored" for name, what in flags if getattr(body, name)]
     if body.styles:
         out.append("styles are not supported; ignored")
@@ -185,6 +195,13 @@ def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_
         limits.check_resize(size, total, ("width", "height", "n_iter"))
     if gen != size:
         comments.append(f"model {model.name!r} generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
+    hires = None
+    if body.enable_hr and not isinstance(body, Img2ImgRequest):
+        hires = plan_hires(body, model, steps, comments)
+        if hires.fields is not None:
+            common["hires"] = hires.fields
+        else:
+            limits.check_resize(hires.size, total, ("hr_scale", "hr_scale", "n_iter"))
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)
     bodies = []
@@ -207,6 +224,7 @@ def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_
         clip_skip,
         [asked.label],
         comments,
+        hires,
     )
 
 

@@ -71,9 +71,10 @@ def test_txt2img_batches_seeds_resize_and_infotext(a1111: TestClient) -> None:
     out = r.json()
     meta = info(out)
     assert meta["all_seeds"] == [5, 6, 7, 8] and meta["seed"] == 5 and len(out["images"]) == 4
-    assert pixels(out["images"][0]).shape == (24, 32, 3)
+    # a fixed-size model runs no hires pass: its image is resized to the hires size (2x), and it says so
+    assert pixels(out["images"][0]).shape == (48, 64, 3)
     assert any("resized to 32x24" in c for c in meta["comments"])
-    assert any("enable_hr" in c for c in meta["comments"])
+    assert any("hires fix not run" in c for c in meta["comments"])
     assert meta["infotexts"][1].startswith(
         "a 7\nSteps: 4, Sampler: Euler, Schedule type: Karras, CFG scale: 1"
     )

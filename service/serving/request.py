@@ -180,6 +180,13 @@ class GenerationRequest:
         record="never",
         max_length=2048,
     )
+    callback_progress_s: float | None = request_field(
+        "with callback_url: also POST job.started, and job.progress at most once per this many "
+        "seconds while the job runs (each tried once, never retried)",
+        record="never",
+        ge=1.0,
+        le=3600.0,
+    )
     guidance_rescale: float | None = request_field(
         "CFG rescale (Lin et al. 2023; diffusers' guidance_rescale, ComfyUI's RescaleCFG): "
         "0 = plain CFG, 0.7 is the paper's choice; only with cfg_scale != 1",

@@ -96,7 +96,7 @@ class Service:
         callback = self.webhooks.target(request.callback_url, owner)
         job = await self._queue(request, owner, wait_load)
         if callback is not None:
-            self.webhooks.watch(job, callback)
+            self.webhooks.watch(job, callback, request.callback_progress_s)
         return job
 
     async def _queue(self, request: GenerationRequest, owner: str | None, wait_load: bool) -> Job:

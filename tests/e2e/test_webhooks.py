@@ -169,6 +169,28 @@ def test_a_refused_callback_url_is_a_422_at_submit(http: httpx.Client, url: str)
     assert err["loc"] == ["body", "callback_url"] and "callback_url refused" in err["msg"]
 
 
+def test_started_and_progress_events_at_the_rate_asked(http: httpx.Client, receiver: Receiver) -> None:
+    url = receiver.on("/progress")
+    job_id = submit(http, callback_url=url, steps=LONG, callback_progress_s=1)
+    t0 = time.monotonic()
+    time.sleep(3.2)
+    assert http.delete(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    elapsed = time.monotonic() - t0
+    wait_view(http, job_id, settled)
+    posts = receiver.wait("/progress", 1)
+    events = [p.json["event"] for p in posts]
+    assert all(p.verdict == "ok" for p in posts) and all(p.json["id"] == job_id for p in posts)
+    assert events[0] == "job.started" and events[-1] == "job.cancelled", events
+    progress = [p for p in posts if p.json["event"] == "job.progress"]
+    assert 2 <= len(progress) <= elapsed + 1, events  # one a second at most
+    steps = [p.json["progress"]["step"] for p in progress]
+    assert steps == sorted(steps) and steps[-1] > 0
+    gaps = [b.at - a.at for a, b in zip(progress, progress[1:], strict=False)]
+    assert all(g > 0.8 for g in gaps), gaps
+    (hook,) = http.get(f"/jobs/{job_id}").json()["webhooks"]  # GET lists the stored (terminal) one
+    assert hook["event"] == "job.cancelled"
+
+
 def _until_all(http: httpx.Client, ids: list[str]) -> float:
     t0 = time.monotonic()
     for job_id in ids:

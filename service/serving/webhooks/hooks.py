@@ -41,7 +41,9 @@ class Secret(Protocol):
 class WebhookSettings(Protocol):
     """What webhooks read from the settings (``service.api.settings.Settings`` has it)."""
 
-    state_dir: Path | None
+    @property
+    def state_dir(self) -> str | Path | None: ...  # empty or None: in memory
+
     webhook_urls: list[Any]  # "<api key>=<url>" or "*=<url>" (SecretStr: they name keys)
     webhook_secret: Any  # SecretStr | None
     webhook_allow: list[str]
@@ -73,20 +75,22 @@ def _delivery_id(job_id: str, event: str, url: str) -> str:
     return hashlib.sha256(f"{job_id}\n{event}\n{url}".encode()).hexdigest()[:32]
 
 
-def event_body(job: Job, delivery_id: str) -> bytes:
-    """The JSON sent for a job's terminal event (the exact bytes signed)."""
+def event_body(job: Job, delivery_id: str, event: str | None = None) -> bytes:
+    """The JSON sent for a job's event (the exact bytes signed): its terminal event by default."""
     status = job.status.value
     result = job.result if isinstance(job.result, ImageResult) else None
     base = f"/jobs/{job.id}"
     n_images = len(result.pngs) if result is not None and job.status == JobStatus.succeeded else 0
+    p = job.progress
     payload = {
         "id": job.id,
         "status": status,
-        "event": f"job.{status}",
+        "event": event or f"job.{status}",
         "delivery_id": delivery_id,
         "model": job.model,
         "created_at": job.created,
-        "finished_at": time.time(),
+        "event_at": time.time(),
+        "progress": {"step": p.step, "total": p.total, "fraction": round(p.fraction, 4)},
         "parameters": result.parameters if result is not None else job.request.parameters,
         "error": None if job.error is None else {"code": job.error.code.value, "message": job.error.message},
         "links": {
@@ -109,7 +113,7 @@ class Webhooks:
         secret = settings.webhook_secret
         self.secret = secret.get_secret_value() if secret is not None else None
         state_dir = settings.state_dir
-        self.outbox: Outbox = SqliteOutbox(state_dir / OUTBOX_FILE) if state_dir else MemoryOutbox()
+        self.outbox: Outbox = SqliteOutbox(Path(state_dir) / OUTBOX_FILE) if state_dir else MemoryOutbox()
         self.lock = threading.Lock()
         self.sender = Sender(
             SenderConfig(
@@ -170,15 +174,40 @@ class Webhooks:
         except TargetRefused as exc:
             raise InputError("callback_url", f"callback_url refused: {exc}") from None
 
-    def watch(self, job: Job, target: Target) -> None:
-        """Send ``job``'s terminal event to ``target`` once it ends."""
-        task = asyncio.get_running_loop().create_task(self._on_done(job, target.url))
+    def watch(self, job: Job, target: Target, progress_s: float | None = None) -> None:
+        """Send ``job``'s terminal event to ``target`` once it ends; with ``progress_s``, also
+        ``job.started`` and at most one ``job.progress`` per ``progress_s`` while it runs."""
+        task = asyncio.get_running_loop().create_task(self._follow(job, target.url, progress_s))
         self._watchers[task] = (job, target.url)
         task.add_done_callback(lambda t: self._watchers.pop(t, None))
 
-    async def _on_done(self, job: Job, url: str) -> None:
+    async def _follow(self, job: Job, url: str, progress_s: float | None) -> None:
+        if progress_s:
+            last, sent = None, None  # monotonic time and delivery of the latest event sent
+            while not job.status.finished:
+                changed = job.change_event()  # taken before the state is read
+                if job.status != JobStatus.running:
+                    await changed.wait()
+                    continue
+                now = time.monotonic()
+                if last is None or (
+                    now - last >= progress_s and sent is not None and sent.state != "pending"
+                ):
+                    sent = self._send_once(job, url, "job.progress" if last else "job.started")
+                    last = now
+                try:  # until the next one is due (not woken at every step) or the job ends
+                    await asyncio.wait_for(job.wait_done(), max(0.05, last + progress_s - now))
+                except asyncio.TimeoutError:
+                    pass
         await job.wait_done()
         self.enqueue(job, url)
+
+    def _send_once(self, job: Job, url: str, event: str) -> Delivery:
+        delivery_id = _delivery_id(job.id, f"{event}@{time.time()}", url)
+        body = event_body(job, delivery_id, event)
+        d = Delivery(delivery_id, job.id, job.owner, url, event, body, time.time(), ephemeral=True)
+        self.sender.submit(d)
+        return d
 
     def enqueue(self, job: Job, url: str) -> None:
         event = f"job.{job.status.value}"

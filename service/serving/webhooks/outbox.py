@@ -42,6 +42,8 @@ class Delivery:
     next_at: float = 0.0  # unix time of the next attempt (pending only)
     attempt_count: int = 0
     attempts: list[Attempt] = field(default_factory=list)
+    # job.started / job.progress: tried once, never stored or retried (a later one supersedes it)
+    ephemeral: bool = False
 
     def record(self, attempt: Attempt) -> None:
         self.attempt_count += 1

@@ -138,6 +138,9 @@ class Sender:
             now = self.clock()
             with self.lock:
                 d.record(attempt)
+                if d.ephemeral:
+                    d.state = Outcome.delivered if outcome == Outcome.delivered else Outcome.failed
+                    return
                 if outcome == Outcome.retry:
                     c = self.config
                     d.next_at = now + backoff_s(d.attempt_count, c.retry_base_s, c.retry_cap_s)
@@ -145,7 +148,10 @@ class Sender:
                         outcome = Outcome.failed
                         attempt.error = f"{attempt.error}; gave up after {d.attempt_count} attempts"
                 d.state = "pending" if outcome == Outcome.retry else outcome
-            self.outbox.save(d)
+            try:
+                self.outbox.save(d)
+            except Exception:  # a full disk must not end the delivery loop; the row is saved next time
+                log.exception("webhook outbox: saving delivery %s failed", d.id)
             level = logging.INFO if d.state == "delivered" else logging.WARNING
             log.log(level, "webhook %s of job %s: %s", d.event, d.job_id, attempt.error or "delivered")
 

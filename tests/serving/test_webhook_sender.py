@@ -118,3 +118,25 @@ def test_the_connection_goes_to_the_checked_address(
     assert seen == ["hooks.invalid"]
     (post,) = receiver.posts("/pinned")
     assert post.headers["Host"] == f"hooks.invalid:{receiver.port}" and post.verdict == "ok"
+
+
+def test_an_endless_answer_is_read_up_to_a_bound(receiver: Receiver) -> None:
+    d = delivery(receiver.on("/flood", flood=True))
+    run([d], ["127.0.0.1:*"], timeout_s=5.0)
+    assert d.state == "delivered" and d.attempts[0].duration_s < 2.0
+
+
+def test_a_delivery_handed_over_twice_runs_once(receiver: Receiver) -> None:
+    d = delivery(receiver.on("/once", delay_s=0.3))
+    outbox = MemoryOutbox()
+    config = SenderConfig(SECRET, parse_patterns(["127.0.0.1:*"]), retry_base_s=0.05)
+    sender = Sender(config, outbox, threading.Lock())
+    sender.start()
+    try:
+        sender.submit(d)
+        sender.submit(d)
+        receiver.wait("/once", 1)
+        time.sleep(0.5)
+    finally:
+        sender.stop()
+    assert len(receiver.posts("/once")) == 1 and d.attempt_count == 1

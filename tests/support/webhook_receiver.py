@@ -68,6 +68,7 @@ class Behaviour:
     fail_first: int = 0  # answer 500 to the first N attempts of each delivery
     delay_s: float = 0.0  # sleep before answering
     redirect_to: str | None = None  # answer 302 with this Location
+    flood: bool = False  # answer 200 with an endless body
     seen: dict[str, int] = field(default_factory=dict)  # attempts per delivery id
 
 
@@ -96,6 +97,9 @@ class Receiver:
                     receiver.received.append(
                         Received(self.path, dict(self.headers), body, verdict, time.time(), status)
                     )
+                if b.flood:
+                    self.flood()
+                    return
                 try:
                     self.send_response(status)
                     if b.redirect_to:
@@ -105,6 +109,16 @@ class Receiver:
                     self.wfile.write(b"{}")
                 except OSError:
                     pass  # the sender gave up waiting (a slow-receiver test) and closed
+
+            def flood(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**12))
+                self.end_headers()
+                try:
+                    while True:
+                        self.wfile.write(b"x" * 2**20)
+                except OSError:
+                    pass
 
             def log_message(self, *args: Any) -> None:
                 pass

@@ -96,12 +96,12 @@ class MemoryOutbox:
 
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL, owner TEXT, url TEXT NOT NULL, event TEXT NOT NULL,
     body BLOB NOT NULL, created REAL NOT NULL, state TEXT NOT NULL, next_at REAL NOT NULL,
     attempt_count INTEGER NOT NULL, attempts TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_created ON deliveries (created);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_created ON webhook_deliveries (created);
 """
 COLUMNS = "id, job_id, owner, url, event, body, created, state, next_at, attempt_count, attempts"
 
@@ -138,7 +138,7 @@ class SqliteOutbox:
     def add(self, delivery: Delivery) -> bool:
         with self._lock:
             cur = self._db.execute(
-                f"INSERT OR IGNORE INTO deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR IGNORE INTO webhook_deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 self._row(delivery),
             )
             return cur.rowcount == 1
@@ -146,13 +146,14 @@ class SqliteOutbox:
     def save(self, delivery: Delivery) -> None:
         with self._lock:
             self._db.execute(
-                f"REPLACE INTO deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", self._row(delivery)
+                f"REPLACE INTO webhook_deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                self._row(delivery),
             )
 
     def load(self, since: float) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {COLUMNS} FROM deliveries WHERE created >= ? ORDER BY created", (since,)
+                f"SELECT {COLUMNS} FROM webhook_deliveries WHERE created >= ? ORDER BY created", (since,)
             ).fetchall()
         out = []
         for id_, job_id, owner, url, event, body, created, state, next_at, count, attempts in rows:
@@ -163,7 +164,7 @@ class SqliteOutbox:
 
     def purge(self, before: float) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM deliveries WHERE created < ?", (before,))
+            self._db.execute("DELETE FROM webhook_deliveries WHERE created < ?", (before,))
 
     def close(self) -> None:
         with self._lock:

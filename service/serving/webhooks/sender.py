@@ -74,6 +74,7 @@ class Sender:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[str] = set()  # delivery ids with a task
         self._stop: asyncio.Event | None = None
 
     # --- control (any thread) ---
@@ -124,9 +125,13 @@ class Sender:
             await self._client.aclose()
 
     def _spawn(self, delivery: Delivery) -> None:
+        if delivery.id in self._running:  # handed over twice (resumed at start-up and just ended)
+            return
+        self._running.add(delivery.id)
         task = asyncio.get_running_loop().create_task(self._deliver(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._running.discard(delivery.id))
 
     async def _deliver(self, d: Delivery) -> None:
         while d.state == "pending":

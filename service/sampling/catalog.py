@@ -110,6 +110,9 @@ CHURN = {
     "s_noise": S_NOISE,
 }
 ANCESTRAL = {"eta": ETA, "s_noise": S_NOISE}
+# A sampler keyword with one of these names gets these bounds unless its decorator (or its family)
+# gives others: the one place the usual noise options are bounded.
+STANDARD_OPTIONS = {**CHURN, **ANCESTRAL}
 SIGMA_RANGE = {"sigma_min": Bounds(lo=1e-5, hi=1e4), "sigma_max": Bounds(lo=1e-4, hi=1e5)}
 
 
@@ -316,7 +319,7 @@ FAMILY = "sampler_family"
 def family(
     stepper: F,
     *,
-    options: Mapping[str, Bounds],
+    options: Mapping[str, Bounds] | None = None,
     noise: str = "none",
     stochastic: bool = False,
     needs_uncond: bool = False,
@@ -324,7 +327,7 @@ def family(
     """Mark a family's stepper (made by a factory that writes the signature once) with the option bounds
     and traits every member shares; each member's :func:`sampler` adds its own and may override them."""
     stepper.__dict__[FAMILY] = {
-        "options": options,
+        "options": options or {},
         "noise": noise,
         "stochastic": stochastic,
         "needs_uncond": needs_uncond,
@@ -403,6 +406,7 @@ def sampler(
         if sample is None and sigma_range:
             raise TypeError(f"sampler {key}: a sigma-range stepper needs its own sample function")
         skip = ("x", "sigmas", "sigma_min", "sigma_max", "n", *PLUMBING, *internal)
+        bounds = {**_standard_bounds(base, skip), **bounds}
         SAMPLERS[key] = SamplerInfo(
             name=key,
             stepper=stepper,
@@ -414,6 +418,12 @@ def sampler(
         return fn
 
     return register
+
+
+def _standard_bounds(fn: Callable[..., Any], skip: tuple[str, ...]) -> dict[str, Bounds]:
+    """The :data:`STANDARD_OPTIONS` bounds of ``fn``'s options that have one of those names."""
+    params = inspect.signature(fn).parameters
+    return {k: b for k, b in STANDARD_OPTIONS.items() if k in params and k not in skip}
 
 
 def _flow_form(key: str, options: dict[str, Any]) -> Callable[..., Stepper]:

@@ -60,7 +60,7 @@ def for_model(
     if schedule not in registry.SCHEDULES:
         return schedule, {}, None  # not a name we know: the core's 422 names it
     info = registry.get_schedule(schedule)
-    default = str(model.manifest.defaults.get("schedule", "karras"))
+    default = model.manifest.model_defaults.schedule
     flow = bool(getattr(model.denoiser, "flow", False))
     if flow and not info.needs_discrete and not info.uses_range and schedule != default:
         note = f"schedule {schedule!r}: fixed sigmas outside a flow model's [0, 1]; ran {default!r}"

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..catalog import S_NOISE, Bounds, sampler
+from ..catalog import Bounds, sampler
 from ..errors import InputError
 from ..stepper import StepIO, Stepper
 from .common import StepResult, ancestral, check_nonneg, euler_predict, evaluate, gaussian, noise_at, renoise
@@ -61,7 +61,7 @@ def dpm_2_ancestral(
 @sampler(
     order=1,
     noise="gaussian",
-    options={"eta": Bounds(lo=0.0, hi=1.0), "s_noise": S_NOISE},
+    options={"eta": Bounds(lo=0.0, hi=1.0)},  # eta runs from DDIM (0) to DDPM (1)
     aliases=("DDIM", "DDIMScheduler"),
     origin="DDIM (Song et al. 2021)",
 )
@@ -75,7 +75,6 @@ def ddim(x: Tensor, sigmas: Tensor, io: StepIO, *, eta: float = 0.0, s_noise: fl
     order=1,
     noise="gaussian",
     stochastic=True,
-    options={"s_noise": S_NOISE},
     aliases=("LCM", "LCMScheduler"),
     origin="LCM (Luo et al. 2023)",
 )
@@ -130,7 +129,7 @@ def _tcd_sigma_s(sigma_next: float, gamma: float, log_table: Tensor) -> float:
     order=1,
     noise="gaussian",
     stochastic=True,
-    options={"gamma": Bounds(lo=0.0, hi=1.0), "s_noise": S_NOISE},
+    options={"gamma": Bounds(lo=0.0, hi=1.0)},
     internal=("sigma_table",),
     aliases=("TCD", "TCDScheduler"),
     origin="TCD (Zheng et al. 2024)",

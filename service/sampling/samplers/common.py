@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, family
+from ..catalog import family
 from ..errors import InputError
 from ..noise import BrownianNoiseSampler, NoiseSampler, default_noise_sampler
 from ..stepper import Callback, Eval, Guided, StepIO, Stepper
@@ -212,8 +212,6 @@ def ancestral(*, guided: bool = False) -> Callable[[AncestralStep], Callable[...
                     x = renoise(x, noise_sampler, sigmas, s, i, s_noise * sigma_up)
             return x
 
-        return family(
-            named(stepper, step), options=ANCESTRAL, noise="gaussian", stochastic=True, needs_uncond=guided
-        )
+        return family(named(stepper, step), noise="gaussian", stochastic=True, needs_uncond=guided)
 
     return make

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..catalog import S_NOISE, Bounds, sampler
+from ..catalog import Bounds, sampler
 from ..errors import InputError
 from ..k_api import drive, is_flow
 from ..stepper import Callback, Eval, Model, StepIO, Stepper
@@ -231,7 +231,6 @@ def sample_dpm_adaptive(
 @sampler(
     order=3,
     noise="gaussian",
-    options={"eta": Bounds(lo=0.0, hi=10.0), "s_noise": S_NOISE},
     sigma_range=True,
     sample=sample_dpm_fast,
     aliases=("DPM fast",),
@@ -287,8 +286,6 @@ def dpm_fast(
         "icoeff": Bounds(lo=0.05, hi=2.0),
         "dcoeff": Bounds(lo=0.0, hi=1.0),
         "accept_safety": Bounds(lo=0.0, hi=1.0),
-        "eta": Bounds(lo=0.0, hi=10.0),
-        "s_noise": S_NOISE,
     },
     internal=("info",),
     sigma_range=True,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, Bounds, sampler
+from ..catalog import Bounds, sampler
 from ..errors import InputError
 from ..stepper import Eval, StepIO, Stepper
 from .common import StepResult, ancestral, ancestral_step, brownian, check_nonneg, evaluate_h, noise_at
@@ -34,7 +34,7 @@ def dpmpp_2s_ancestral(
     nfe_per_step=2,
     noise="brownian",
     stochastic=True,
-    options={**ANCESTRAL, "r": Bounds(lo=0.01, hi=1.0)},
+    options={"r": Bounds(lo=0.01, hi=1.0)},
     aliases=("DPM++ SDE", "DPMSolverSDEScheduler"),
     origin="k-diffusion",
 )
@@ -98,7 +98,7 @@ def dpmpp_2m(x: Tensor, sigmas: Tensor, io: StepIO) -> Stepper:
     order=2,
     noise="brownian",
     stochastic=True,
-    options={**ANCESTRAL, "solver_type": Bounds(choices=("midpoint", "heun"))},
+    options={"solver_type": Bounds(choices=("midpoint", "heun"))},
     aliases=("DPM++ 2M SDE",),
     origin="k-diffusion",
 )
@@ -158,7 +158,6 @@ def sde_multistep(
     order=3,
     noise="brownian",
     stochastic=True,
-    options=ANCESTRAL,
     aliases=("DPM++ 3M SDE", "dpmpp_3m"),
     origin="k-diffusion",
 )

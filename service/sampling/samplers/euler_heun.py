@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..catalog import CHURN, INF, S_NOISE, Bounds, family, sampler
+from ..catalog import INF, Bounds, family, sampler
 from ..errors import InputError
 from ..schedules import get_sigmas_karras
 from ..stepper import Eval, StepIO, Stepper
@@ -53,7 +53,7 @@ def churned(step: ChurnStep) -> Callable[..., Stepper]:
             x = out if isinstance(out, Tensor) else (yield from out)  # a step that evaluates again
         return x
 
-    return family(named(stepper, step), options=CHURN, noise="gaussian")
+    return family(named(stepper, step), noise="gaussian")
 
 
 @sampler(order=1, aliases=("Euler", "EulerDiscreteScheduler"), origin="k-diffusion")
@@ -149,7 +149,6 @@ def restart_plan(
     noise="gaussian",
     stochastic=True,
     options={
-        "s_noise": S_NOISE,
         "restart_times": Bounds(lo=0, hi=20, integer=True),
         "restart_steps": Bounds(lo=2, hi=100, integer=True),
         "restart_sigma_lo": Bounds(lo=0.0, hi=INF),

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 from torch import Tensor
 
-from ..catalog import INF, S_NOISE, Bounds, sampler
+from ..catalog import INF, Bounds, sampler
 from ..errors import InputError
 from ..stepper import Eval, StepIO, Stepper
 from .common import ancestral_noise, evaluate, noise_at
@@ -210,8 +210,6 @@ def _sa_update(
 _SA = {
     "predictor_order": Bounds(lo=1, hi=4, integer=True),
     "corrector_order": Bounds(lo=1, hi=4, integer=True),
-    "eta": Bounds(lo=0.0, hi=10.0),
-    "s_noise": S_NOISE,
     # diffusers' / ComfyUI's default noise window (SD timesteps 200..800), as the samplers' defaults
     "tau_sigma_lo": Bounds(lo=0.0, hi=INF),
     "tau_sigma_hi": Bounds(lo=0.0, hi=INF),

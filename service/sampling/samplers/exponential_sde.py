@@ -12,7 +12,7 @@ import math
 import numpy as np
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, S_NOISE, Bounds, sampler
+from ..catalog import Bounds, sampler
 from ..errors import InputError
 from ..stepper import Eval, StepIO, Stepper
 from .common import ancestral_noise, check_nonneg, evaluate, evaluate_h, gaussian, noise_at
@@ -50,7 +50,7 @@ def er_coeffs(sigma_t: float, sigma_s: float, sigma_p: float, sigma_q: float) ->
     order=3,
     noise="gaussian",
     stochastic=True,
-    options={"s_noise": S_NOISE, "max_stage": Bounds(lo=1, hi=3, integer=True)},
+    options={"max_stage": Bounds(lo=1, hi=3, integer=True)},
     aliases=("ER SDE", "ER-SDE"),
     origin="ER-SDE (Cui et al. 2023)",
 )
@@ -159,7 +159,7 @@ def _seeds(
     nfe_per_step=2,
     noise="gaussian",
     stochastic=True,
-    options={**ANCESTRAL, "r": Bounds(lo=0.01, hi=0.99)},
+    options={"r": Bounds(lo=0.01, hi=0.99)},
     aliases=("SEEDS 2",),
     origin="SEEDS (Gonzalez et al. 2023)",
 )
@@ -177,7 +177,7 @@ def seeds_2(
     nfe_per_step=3,
     noise="gaussian",
     stochastic=True,
-    options={**ANCESTRAL, "r_1": Bounds(lo=0.01, hi=0.98), "r_2": Bounds(lo=0.02, hi=0.99)},
+    options={"r_1": Bounds(lo=0.01, hi=0.98), "r_2": Bounds(lo=0.02, hi=0.99)},
     aliases=("SEEDS 3",),
     origin="SEEDS (Gonzalez et al. 2023)",
 )

@@ -8,29 +8,30 @@ noise estimate; see :mod:`.cfg_pp`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
-from ..catalog import ANCESTRAL, sampler
+from ..catalog import F, sampler
 from ..stepper import GuidedStepper, StepIO
 from .common import ancestral_evaluate_guided, ancestral_noise, renoise
 
 
-@sampler(
-    name="res_multistep_ancestral_cfg_pp",
-    fixed={"cfg_pp": True},
-    doc="Ancestral RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
-    needs_uncond=True,
-    origin="CFG++ (Chung et al. 2024)",
-)
-@sampler(
-    name="res_multistep_cfg_pp",
-    fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": True},
-    doc="RES multistep with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
-    aliases=("RES multistep CFG++",),
-    needs_uncond=True,
-    origin="CFG++ (Chung et al. 2024)",
-)
+def _cfg_pp(name: str, what: str, fixed: dict[str, Any], aliases: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Register ``what`` with CFG++ re-noising (``cfg_pp`` fixed on) as the variant ``name``."""
+    return sampler(
+        name=name,
+        fixed={**fixed, "cfg_pp": True},
+        doc=f"{what} with CFG++ re-noising (Chung et al. 2024, https://arxiv.org/abs/2406.08070).",
+        aliases=aliases,
+        needs_uncond=True,
+        origin="CFG++ (Chung et al. 2024)",
+    )
+
+
+@_cfg_pp("res_multistep_ancestral_cfg_pp", "Ancestral RES multistep", {})
+@_cfg_pp("res_multistep_cfg_pp", "RES multistep", {"eta": 0.0, "s_noise": 1.0}, ("RES multistep CFG++",))
 @sampler(
     name="res_multistep",
     fixed={"eta": 0.0, "s_noise": 1.0, "cfg_pp": False},
@@ -41,7 +42,6 @@ from .common import ancestral_evaluate_guided, ancestral_noise, renoise
     order=2,
     noise="gaussian",
     stochastic=True,
-    options=ANCESTRAL,
     internal=("cfg_pp",),
     origin="RES (Zhang et al. 2023)",
 )

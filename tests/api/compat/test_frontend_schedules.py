@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from service.api.compat import frontend_schedules
 from service.images import read_parameters
+from service.models.store import ModelDefaults
 from service.sampling.spec import SamplingSpec, make_sigmas
 from tests.support.compat import pixels
 
@@ -41,8 +42,8 @@ class Discrete(Continuous):
     sigmas = torch.exp(torch.linspace(math.log(LO), math.log(HI), T, dtype=torch.float64)).float()
 
 
-def model(denoiser: Any) -> Any:
-    manifest = SimpleNamespace(name="m", defaults={"schedule": "karras"})
+def model(denoiser: Any, schedule: str = "karras") -> Any:
+    manifest = SimpleNamespace(name="m", model_defaults=ModelDefaults(schedule=schedule))
     return SimpleNamespace(denoiser=denoiser, manifest=manifest, name="m")
 
 
@@ -127,8 +128,7 @@ class Flow(Discrete):
 
 
 def test_a_fixed_table_schedule_on_a_flow_model_falls_back_to_its_default() -> None:
-    flow = model(Flow())
-    flow.manifest.defaults["schedule"] = "flow"
+    flow = model(Flow(), schedule="flow")
     name, options, note = frontend_schedules.for_model("align_your_steps", flow, 20)
     assert (name, options) == ("flow", {}) and note is not None and "'align_your_steps'" in note
     for schedule in ("normal", "karras", "beta", "flow"):  # a flow model has a table and takes ranges

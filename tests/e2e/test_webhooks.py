@@ -199,7 +199,7 @@ def _until_all(http: httpx.Client, ids: list[str]) -> float:
 
 
 def test_a_slow_receiver_does_not_slow_other_jobs(http: httpx.Client, receiver: Receiver) -> None:
-    """Jobs whose receiver answers after 4 s hold the delivery slots they may (half of the 8 for one
+    """Jobs whose receiver answers after 8 s hold the delivery slots they may (half of the 8 for one
     host); other jobs still finish as fast as before, and their webhooks, to another receiver, go
     out at once."""
     fast = receiver.on("/fast")
@@ -207,7 +207,7 @@ def test_a_slow_receiver_does_not_slow_other_jobs(http: httpx.Client, receiver: 
     receiver.wait("/fast", 8)
     sluggish = Receiver(SECRET)  # another host:port
     try:
-        slow = sluggish.on("/slow", delay_s=4.0)
+        slow = sluggish.on("/slow", delay_s=8.0)
         _until_all(http, [submit(http, callback_url=slow, seed=s) for s in range(12)])
         deadline = time.monotonic() + 2
         while sluggish.arrived("/slow") < 4 and time.monotonic() < deadline:
@@ -222,7 +222,7 @@ def test_a_slow_receiver_does_not_slow_other_jobs(http: httpx.Client, receiver: 
             f"baseline {baseline:.2f} s, with slow receivers {during:.2f} s, delivered in {delivered_s:.2f} s"
         )
         assert during < 2 * baseline + 1.0, (baseline, during)
-        assert delivered_s < 3.0  # before the slow receiver answers anything (4 s)
+        assert delivered_s < 4.0  # long before the slow receiver answers anything (8 s)
     finally:
         sluggish.close()
 

@@ -41,6 +41,7 @@ export function onModel() {
   $("height").value = m.height;
   const fixed = m.kind === "unet"; // the project's UNets make one size; latent models take any multiple of 8
   $("width").disabled = $("height").disabled = fixed;
+  $("hires-box").hidden = fixed; // hires fix needs a model that makes any size
   onSampler();
   onSchedule();
 }
@@ -115,8 +116,16 @@ export function readForm() {
     }
     if (Object.keys(opts).length) body[`${group}_options`] = opts;
   }
+  if ($("hires_on").checked && !$("hires-box").hidden) body.hires = hires();
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   return body;
+}
+
+// The hires fix object (its steps only when set: 0 means the first pass's).
+function hires() {
+  const h = { scale: num("hires_scale"), upscaler: $("hires_upscaler").value, denoise: num("hires_denoise") };
+  if (num("hires_steps")) h.steps = num("hires_steps");
+  return h;
 }
 
 // Put a request's parameters (from a PNG's kdiff chunk) back into the form.
@@ -131,6 +140,10 @@ export function restore(p) {
   const label = Array.isArray(p.class_label) ? p.class_label[0] : p.class_label;
   const fields = { steps: p.steps, cfg_scale: p.cfg_scale, seed, n: 1, class_label: label, prompt: p.prompt, negative_prompt: p.negative_prompt };
   for (const [f, v] of Object.entries(fields)) if (v !== undefined && v !== null) $(f).value = v;
+  const h = p.hires || {};
+  $("hires_on").checked = Boolean(p.hires);
+  const hf = { hires_scale: h.scale, hires_upscaler: h.upscaler, hires_steps: h.steps, hires_denoise: h.denoise };
+  for (const [f, v] of Object.entries(hf)) if (v !== undefined && v !== null) $(f).value = v;
   for (const group of ["sampler", "schedule"]) {
     for (const [k, v] of Object.entries(p[`${group}_options`] || {})) {
       const el = $(`${group}-${k}`);

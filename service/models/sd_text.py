@@ -15,6 +15,12 @@ A1111's attention syntax (``(word:1.3)``, ``[word]``, ``BREAK``; parsed by
 on its own, ``BREAK`` closes the current chunk, and each chunk's hidden states are multiplied by
 their tokens' weights, then rescaled so the chunk keeps its original mean. A prompt without the
 syntax encodes exactly as before. ``clip_skip`` may be given per call (SD 1.x / 2.x).
+
+Textual-inversion embeddings (``service.models.embeddings``, attached when the model is served):
+their names in a prompt (A1111's token-sequence matching) or ComfyUI's ``embedding:name`` become
+placeholder tokens whose token embeddings are replaced by the embedding's vectors (SDXL: ``clip_l`` in
+the first encoder, ``clip_g`` in the second), with the fragment's weight; the prompt cache key
+includes the embedding files' state.
 """
 
 from __future__ import annotations
@@ -27,9 +33,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.models.embeddings import EmbeddingInfo, EmbeddingSet, ModelEmbeddings, split_references
 from service.sampling import prompt_weights
 
 CHUNK = 75
+PLACEHOLDER = 0  # the token id under an embedding's vectors (A1111's); its embedding is replaced
+
+
+@dataclass
+class TokenChunks:
+    """A prompt's 77-token chunks for one tokenizer: ids, per-token weights and, per chunk, the
+    embedding vectors to put at token positions (position, [n, D])."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]
+    fixes: list[list[tuple[int, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,7 @@ class PromptEncoder:
         self.hits = self.misses = 0
         # what else changes this thread's encodings (text-encoder LoRAs): part of the cache key
         self.variant = threading.local()
+        self.embeddings: ModelEmbeddings | None = None  # set when served (embeddings.attach_embeddings)
 
     # --- tokens ---
     def chunk_ids(self, prompt: str, tokenizer_index: int = 0) -> list[list[int]]:
@@ -79,39 +98,79 @@ class PromptEncoder:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return [[tok.bos_token_id, *p, tok.eos_token_id] + [pad] * (CHUNK - len(p)) for p in pieces]
 
-    def weighted_chunk_ids(
-        self, fragments: list[tuple[str, float]], tokenizer_index: int = 0
-    ) -> tuple[list[list[int]], list[list[float]]]:
-        """A1111's chunks for parsed fragments: token ids and one weight per token (1 on BOS/EOS/pad)."""
+    def token_chunks(
+        self,
+        fragments: list[tuple[str, float]],
+        tokenizer_index: int = 0,
+        embeddings: EmbeddingSet | None = None,
+    ) -> TokenChunks:
+        """A1111's chunks (``sd_hijack_clip.tokenize_line``): each fragment tokenized on its own, 75
+        tokens a chunk, ``BREAK`` closes one; an embedding's name (or ComfyUI's ``embedding:name``)
+        becomes as many placeholder tokens as it has vectors, never split over two chunks, and the
+        vectors replace the placeholders' token embeddings (:attr:`TokenChunks.fixes`)."""
         tok = self.tokenizers[tokenizer_index]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        chunks: list[list[int]] = []
-        weights: list[list[float]] = []
+        out = TokenChunks([], [], [])
         ids: list[int] = []
         ws: list[float] = []
+        fixes: list[tuple[int, Tensor]] = []
 
         def close() -> None:
-            chunks.append([tok.bos_token_id, *ids, tok.eos_token_id] + [pad] * (CHUNK - len(ids)))
-            weights.append([1.0, *ws, 1.0] + [1.0] * (CHUNK - len(ws)))
+            out.ids.append([tok.bos_token_id, *ids, tok.eos_token_id] + [pad] * (CHUNK - len(ids)))
+            out.weights.append([1.0, *ws, 1.0] + [1.0] * (CHUNK - len(ws)))
+            out.fixes.append(list(fixes))
             ids.clear()
             ws.clear()
+            fixes.clear()
+
+        def embed(info: EmbeddingInfo, weight: float) -> None:
+            vec = EmbeddingSet.vectors(info, tokenizer_index)
+            if len(ids) + vec.shape[0] > CHUNK:
+                close()
+            fixes.append((len(ids) + 1, vec))  # + 1: after the chunk's BOS
+            ids.extend([PLACEHOLDER] * vec.shape[0])
+            ws.extend([weight] * vec.shape[0])
 
         for text, weight in fragments:
             if (text, weight) == prompt_weights.BREAK_FRAGMENT:
                 close()
                 continue
-            for t in tok(text, add_special_tokens=False, truncation=False)["input_ids"]:
-                if len(ids) == CHUNK:
-                    close()
-                ids.append(t)
-                ws.append(weight)
-        if ids or not chunks:
+            for piece in [text] if embeddings is None else split_references(text, embeddings):
+                if not isinstance(piece, str):
+                    embed(piece, weight)
+                    continue
+                tokens = tok(piece, add_special_tokens=False, truncation=False)["input_ids"]
+                position = 0
+                while position < len(tokens):
+                    hit = None if not embeddings else embeddings.match(tokens, position, tokenizer_index)
+                    if hit is not None:
+                        embed(hit[0], weight)
+                        position += hit[1]
+                        continue
+                    if len(ids) == CHUNK:
+                        close()
+                    ids.append(tokens[position])
+                    ws.append(weight)
+                    position += 1
+        if ids or not out.ids:
             close()
-        return chunks, weights
+        return out
 
     # --- encoding ---
-    def _hidden(self, encoder: nn.Module, ids: Tensor, clip_skip: int) -> tuple[Tensor, Tensor | None]:
-        out = encoder(ids, output_hidden_states=True)
+    def _hidden(
+        self,
+        encoder: nn.Module,
+        ids: Tensor,
+        clip_skip: int,
+        fixes: list[list[tuple[int, Tensor]]] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        if fixes and any(fixes):
+            self._hook(encoder)
+            _FIXES.value = fixes
+        try:
+            out = encoder(ids, output_hidden_states=True)
+        finally:
+            _FIXES.value = None
         pooled = getattr(out, "text_embeds", None)
         if self.sdxl:
             return out.hidden_states[-2], pooled
@@ -121,21 +180,17 @@ class PromptEncoder:
         return text_model.final_layer_norm(out.hidden_states[-clip_skip]), pooled
 
     @torch.inference_mode()
-    def _encode(self, prompt: str, clip_skip: int) -> Encoded:
+    def _encode(self, prompt: str, clip_skip: int, embeddings: EmbeddingSet | None = None) -> Encoded:
         fragments = prompt_weights.parse(prompt)
         plain = fragments == [(prompt, 1.0)]
         per_encoder: list[Tensor] = []
         per_weights: list[list[float]] = []
         pooled: Tensor | None = None
         for i, encoder in enumerate(self.encoders):
-            weights: list[list[float]] = []
-            if plain:
-                chunks = self.chunk_ids(prompt, i)
-            else:
-                chunks, weights = self.weighted_chunk_ids(fragments, i)
-            per_weights.append([w for chunk in weights for w in chunk])
-            ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
-            hidden, pool = self._hidden(encoder, ids, clip_skip)
+            chunks = self.token_chunks(fragments, i, embeddings)
+            per_weights.append([w for chunk in chunks.weights for w in chunk])
+            ids = torch.tensor(chunks.ids, dtype=torch.long, device=self.device)
+            hidden, pool = self._hidden(encoder, ids, clip_skip, chunks.fixes)
             per_encoder.append(hidden.reshape(1, -1, hidden.shape[-1]))
             if pool is not None:
                 pooled = pool[:1]
@@ -146,6 +201,22 @@ class PromptEncoder:
         if not plain:
             context = apply_weights(context, per_weights[0])
         return Encoded(context, pooled if self.sdxl else None)
+
+    # --- embeddings ---
+    def _hook(self, encoder: nn.Module) -> None:
+        """Once per encoder: a hook on its token embedding that puts this thread's embedding vectors
+        in place of their placeholders (A1111's ``EmbeddingsWithFixes``); other calls pass through."""
+        get: Any = encoder.get_input_embeddings
+        module = get()
+        with self._lock:
+            if getattr(module, "_kdiff_embedding_hook", False):
+                return
+            module._kdiff_embedding_hook = True
+            module.register_forward_hook(_replace_placeholders)
+
+    def embedding_set(self) -> EmbeddingSet | None:
+        """The model's embeddings as they are now (files rescanned), None when it has none attached."""
+        return None if self.embeddings is None else self.embeddings.current()
 
     def _pad_with_empty(self, hidden: Tensor, length: int, index: int, clip_skip: int) -> Tensor:
         empty_ids = torch.tensor(self.chunk_ids("", index), dtype=torch.long, device=self.device)
@@ -162,13 +233,16 @@ class PromptEncoder:
         key: Any = prompt if skip == self.clip_skip else (prompt, skip)
         if getattr(self.variant, "key", None) is not None:
             key = (key, self.variant.key)
+        embeddings = self.embedding_set()
+        if embeddings is not None:
+            key = (key, embeddings.key)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 self.hits += 1
                 return hit
-        enc = self._encode(prompt, skip)
+        enc = self._encode(prompt, skip, embeddings)
         with self._lock:
             self.misses += 1
             if self.cache_size > 0:
@@ -192,6 +266,22 @@ class PromptEncoder:
         if torch.count_nonzero(enc.context) == 0:  # a zero uncond stays zero
             tail = torch.zeros_like(tail)
         return Encoded(torch.cat([enc.context, tail], dim=1), enc.pooled)
+
+
+# This thread's embedding vectors for the encoder it is calling (module level: the hook stays a plain
+# function, so encoders deep-copy and pickle as before).
+_FIXES = threading.local()
+
+
+def _replace_placeholders(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
+    fixes = getattr(_FIXES, "value", None)
+    if not fixes:
+        return None
+    out = output.clone()
+    for row, row_fixes in enumerate(fixes):
+        for position, vec in row_fixes:
+            out[row, position : position + vec.shape[0]] = vec.to(out.device, out.dtype)
+    return out
 
 
 def apply_weights(context: Tensor, weights: list[float]) -> Tensor:

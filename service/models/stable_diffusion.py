@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.models.embeddings import EmbeddingError
 from service.models.sd_loader import (
     SDComponents,
     SDLoadError,
@@ -96,18 +97,25 @@ class StableDiffusion(TextImageModel):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """cond (and uncond when guided) rows for n images of one prompt; SDXL: ``crop`` (top, left)
         of its time ids (default 0, 0)."""
-        pos = self.text.encode(prompt, clip_skip)
+        pos = self._encode("prompt", prompt, clip_skip)
         neg: Encoded | None = None
         if guided:
             if self.force_zeros and negative_prompt is None:
                 neg = self.text.zeros_like(pos)
             else:
-                neg = self.text.encode(negative_prompt or "", clip_skip)
+                neg = self._encode("negative_prompt", negative_prompt or "", clip_skip)
             chunks = max(pos.chunks, neg.chunks)
             pos, neg = self.text.pad_to(pos, chunks, clip_skip), self.text.pad_to(neg, chunks, clip_skip)
         top, left = crop or (0, 0)
         rows = (n, height, width, top, left)
         return self._rows(pos, *rows), (None if neg is None else self._rows(neg, *rows))
+
+    def _encode(self, field: str, prompt: str, clip_skip: int | None) -> Encoded:
+        """One prompt; an ``embedding:name`` naming no usable embedding is an InputError on ``field``."""
+        try:
+            return self.text.encode(prompt, clip_skip)
+        except EmbeddingError as exc:
+            raise InputError(field, exc.message, exc.allowed) from exc
 
     def _rows(self, enc: Encoded, n: int, height: int, width: int, top: int, left: int) -> dict[str, Tensor]:
         d = {"context": enc.context.expand(n, -1, -1).clone()}

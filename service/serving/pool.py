@@ -20,6 +20,7 @@ from torch import Tensor
 
 from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
 from service.engine.scheduler import Mode
+from service.models.embeddings import EmbeddingIndex, attach_embeddings
 from service.models.lora import LoraIndex, attach
 from service.models.store import LoadedModel, Manifest, ModelDefaults, ModelStore, disk_bytes, memory_bytes
 from service.models.traced import trace_denoiser
@@ -116,6 +117,7 @@ class ModelPool:
         self.load_errors: dict[str, str] = {}  # the last failed load of each model
         self.footprint = Footprint(0, {}, {})
         self.loras = LoraIndex(self.store.root)
+        self.embeddings = EmbeddingIndex(self.store.root)
         self.loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._pins: dict[str, int] = {}  # requests being built against a model: not evictable
         self._lock = asyncio.Lock()  # one load or unload at a time: the budget stays consistent
@@ -226,6 +228,7 @@ class ModelPool:
             self.footprint.weight[name] = memory_bytes(model)
             self.footprint.used_at[name] = time.monotonic()
             adapters = attach(model, self.loras)
+            attach_embeddings(model, self.embeddings)
             handle = ModelHandle(
                 name,
                 model.denoiser,

@@ -21,13 +21,12 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (dev extra)")
 
-from diffusers import EulerDiscreteScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from service.sampling.noise import make_noise  # noqa: E402
-from tests.support.lora_files import kohya_file, real_file, reference_pipeline, save  # noqa: E402
+from tests.support.lora_files import euler_sigmas, kohya_file, real_file, reference_pipeline, save  # noqa: E402
 from tests.support.sd_tiny import link_tiny_models  # noqa: E402
-from tests.support.server import Server  # noqa: E402
+from tests.support.server import running  # noqa: E402
 
 STEPS, CFG, SEED, WEIGHT = 4, 5.0, 11, 0.9
 # The tiny random models barely react to LoRAs of a trained file's size; these change the images by
@@ -56,18 +55,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     dora = kohya_file(models["sd1"].sd.unet, models["sd1"].sd.components.text_encoders, 0)
     dora[DORA] = torch.ones(64)
     save(dora, root / "loras" / "dora.safetensors")
-    server = Server(root, root.parent / "server.log")
-    try:
-        server.wait_ready()
+    with running(root, root.parent / "server.log") as server:
         yield server.url, root, models
-    finally:
-        server.stop()
-
-
-def _sigmas(model: Any) -> list[float]:
-    scheduler = EulerDiscreteScheduler.from_config(model.sd.components.scheduler_config)
-    scheduler.set_timesteps(STEPS)
-    return [float(s) for s in scheduler.sigmas]
 
 
 def _ours(url: str, model: str, prompt: str, sigmas: list[float]) -> np.ndarray:
@@ -96,7 +85,7 @@ def test_real_lora_files_match_diffusers_over_http(
     url, root, models = served
     name = FILES[lora][0]
     model = models[name]
-    sigmas = _sigmas(model)
+    sigmas = euler_sigmas(model, STEPS)
     ours = _ours(url, name, f"{PROMPT} <lora:{lora}:{WEIGHT}>", sigmas)
     want = _diffusers(model, root / "loras" / f"{lora}.safetensors")
     plain = _ours(url, name, PROMPT, sigmas)

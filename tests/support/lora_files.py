@@ -268,3 +268,13 @@ def reference_pipeline(model: Any, lora: Path | None, weight: float) -> Any:
         names = ["unet", "text_encoder", "text_encoder_2"][: 1 + len(c.text_encoders)]
         pipe.fuse_lora(lora_scale=weight, components=names)
     return pipe
+
+
+def euler_sigmas(model: Any, steps: int) -> list[float]:
+    """The sigmas diffusers' EulerDiscreteScheduler runs for ``model`` at ``steps`` (requests send them
+    as ``sigmas`` so the service and the reference pipeline take the same steps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_config(model.sd.components.scheduler_config)
+    scheduler.set_timesteps(steps)
+    return [float(s) for s in scheduler.sigmas]

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,3 +65,14 @@ class Server:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+
+
+@contextmanager
+def running(store: Path, log: Path, **env: str) -> Iterator[Server]:
+    """A ready server on ``store`` for the ``with`` block, killed after it."""
+    server = Server(store, log, **env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

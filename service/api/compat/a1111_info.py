@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -9,9 +10,12 @@ import torch
 from fastapi import APIRouter, Depends
 
 from service import a1111_names
+from service.models.embeddings import embedding_catalog
 from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
+from . import a1111_translate
+from .caller import CompatCall, compat_caller
 from .errors import A1111Route
 
 router = APIRouter(
@@ -82,8 +86,22 @@ async def loras(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
 
 
 @router.get("/embeddings")
-async def embeddings() -> dict[str, Any]:
-    return {"loaded": {}, "skipped": {}}
+async def embeddings(call: CompatCall = Depends(compat_caller)) -> dict[str, Any]:
+    """The textual-inversion embeddings of the caller's model (its sd_model_checkpoint, loaded if it is
+    not), as A1111 lists them: ``loaded`` (usable by name in prompts) and ``skipped`` (another width,
+    or a file that cannot be read: ``reason`` says which)."""
+    pool = call.state.pool
+    name = a1111_translate.model_name(
+        str(call.options().get("sd_model_checkpoint") or call.default_model), pool.known()
+    )
+    async with call.model(name) as model:
+        return await asyncio.to_thread(embedding_catalog(model, pool.embeddings).listing)
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings(state: Service = Depends(get_state)) -> None:
+    """Read every embedding file again (new and changed files are also picked up on their own)."""
+    await asyncio.to_thread(state.pool.embeddings.refresh)
 
 
 @router.get("/scripts")

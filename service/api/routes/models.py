@@ -3,6 +3,7 @@ them at run time (admin routes)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -99,6 +100,16 @@ async def unload(name: str, state: Service = Depends(get_state)) -> dict[str, An
     except ModelUnavailable as exc:
         raise http_error(exc) from exc
     return describe(state, name)
+
+
+@router.get("/embeddings")
+@router.get("/api/embeddings")
+async def embeddings(state: Service = Depends(get_state)) -> list[str]:
+    """Textual-inversion embedding files (ComfyUI's list of names, at ComfyUI's path too):
+    `model_store/embeddings/` (any model whose text width fits) and `model_store/<model>/embeddings/`.
+    Use them by name in prompts (A1111) or as `embedding:name` (ComfyUI); `GET /sdapi/v1/embeddings`
+    says which fit a model and why others do not."""
+    return await asyncio.to_thread(state.pool.embeddings.comfy_names)
 
 
 @router.get("/loras")

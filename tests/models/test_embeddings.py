@@ -1,19 +1,29 @@
 """Textual-inversion embeddings: the files as A1111, kohya and diffusers write them, hostile files
 skipped with their reason, and A1111's name matching (the token-sequence rule of
 ``EmbeddingDatabase.find_embedding_at_position`` and ``sd_hijack_clip.tokenize_line``'s chunking) on
-the tiny SD1 model's CLIP tokenizer; ComfyUI's ``embedding:name`` spelling."""
+the tiny SD1 model's CLIP tokenizer; ComfyUI's ``embedding:name`` spelling; requests with and without
+embeddings share model calls."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from PIL import Image
 
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 
+from service.api.app import create_app  # noqa: E402
+from service.api.settings import Settings  # noqa: E402
 from service.models.embeddings import EmbeddingIndex, attach_embeddings  # noqa: E402
 from service.models.sd_text import PLACEHOLDER  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
@@ -168,3 +178,32 @@ def test_comfyui_embedding_spelling(sd1: Any, tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         cond("embedding:wide", None, 1, 64, 64, guided=True)
     assert err.value.field == "prompt" and "does not fit" in str(err.value)
+
+
+def test_requests_with_and_without_embeddings_share_model_calls(tmp_path: Path) -> None:
+    (tmp_path / "sd1").symlink_to(tiny_sd_store() / "sd1", target_is_directory=True)
+    a1111_pt(tmp_path / "embeddings" / "emb.pt", vectors(6, WIDTH, 1, std=2.0))
+    settings = Settings(model_store=tmp_path, models=["sd1"], torch_threads=1, batch_wait_ms=300)
+    prompts = ["a red emb cat", "a red cat", "emb", "the dog"]
+    common = {"model": "sd1", "negative_prompt": "dog", "steps": 3, "seed": 5, "sampler": "euler"}
+    bodies = [{**common, "prompt": p, "cfg_scale": 20.0, "width": 64, "height": 64} for p in prompts]
+
+    def rows_and_calls(metrics: str) -> tuple[float, float]:
+        found = dict(re.findall(r'kdiff_batch_rows_(sum|count)\{model="sd1"\} (\S+)', metrics))
+        return float(found["sum"]), float(found["count"])
+
+    def pixels(r: Any) -> Any:
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))), dtype=np.int16)
+
+    with TestClient(create_app(settings)) as c:
+        solo = [pixels(c.post("/sample", json=b)) for b in bodies]
+        before = rows_and_calls(c.get("/metrics").text)
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda b: pixels(c.post("/sample", json=b)), bodies))
+        after = rows_and_calls(c.get("/metrics").text)
+    rows, calls = after[0] - before[0], after[1] - before[1]
+    assert rows == 4 * 3 * 2 and calls < 12, f"{rows} rows in {calls} calls: the requests did not share calls"
+    for s, t in zip(solo, together, strict=True):
+        assert np.abs(s - t).max() <= 1  # each image as its request run alone
+    assert np.abs(solo[0] - solo[1]).max() > 10  # the embedding acts

@@ -98,7 +98,8 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     fi && \
     groupadd --system --gid 10001 kdiff && \
     useradd --system --uid 10001 --gid kdiff --create-home --home-dir /home/kdiff \
-            --shell /usr/sbin/nologin kdiff
+            --shell /usr/sbin/nologin kdiff && \
+    install -d -o kdiff -g kdiff /var/lib/kdiff/state
 
 COPY --from=files /stage/ /
 COPY --from=builder /opt/venv /opt/venv

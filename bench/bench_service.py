@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -63,7 +64,25 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-async def drive(url: str, concurrency: int, duration: float, ramp: float = 3.0) -> dict[str, Any]:
+async def run_sample(http: httpx.AsyncClient, req: dict[str, Any]) -> bool:
+    return (await http.post("/sample", json=req)).status_code == 200
+
+
+async def run_job(http: httpx.AsyncClient, req: dict[str, Any]) -> bool:
+    """POST /jobs, then its event stream up to the end (the result stays stored, as a client's would)."""
+    r = await http.post("/jobs", json=req)
+    if r.status_code != 202:
+        return False
+    async with http.stream("GET", f"/jobs/{r.json()['id']}/events") as events:
+        async for line in events.aiter_lines():
+            if line.startswith("event: ") and line[7:] in ("done", "error", "cancelled"):
+                return line[7:] == "done"
+    return False
+
+
+async def drive(
+    url: str, concurrency: int, duration: float, ramp: float = 3.0, route: str = "sample"
+) -> dict[str, Any]:
     """Closed-loop clients; counts the requests that finish inside a window of ``duration`` seconds
     that opens ``ramp`` seconds after the clients start (steady state: no start-up burst, and no
     tail in which the last requests run with fewer clients). Clients are stopped when it closes."""
@@ -79,10 +98,10 @@ async def drive(url: str, concurrency: int, duration: float, ramp: float = 3.0) 
         while True:
             req = workload(next(counter))
             start = time.perf_counter()
-            r = await http.post("/sample", json=req)
+            ok = await (run_job(http, req) if route == "jobs" else run_sample(http, req))
             end = time.perf_counter()
             if opens <= end <= closes:
-                if r.status_code == 200:
+                if ok:
                     done.append((req, end - start))
                 else:
                     errors += 1
@@ -186,6 +205,14 @@ def main() -> int:
     p.add_argument("--max-batch-rows", default="64")
     p.add_argument("--threads", type=int, default=None, help="torch threads (server and raw)")
     p.add_argument("--no-jit", action="store_true", help="serve and measure the eager model (KDIFF_JIT=0)")
+    p.add_argument(
+        "--route", choices=["sample", "jobs"], default="sample", help="POST /sample, or /jobs + SSE"
+    )
+    p.add_argument(
+        "--state-dir",
+        default="",
+        help="KDIFF_STATE_DIR of the server (a fresh folder per mode); empty: in memory",
+    )
     p.add_argument("--out", default="docs/bench_service.json")
     p.add_argument("--plot", default="docs/bench_service.png")
     a = p.parse_args()
@@ -202,6 +229,8 @@ def main() -> int:
         "model": a.model,
         "duration_s": a.duration,
         "jit": not a.no_jit,
+        "route": a.route,
+        "state_dir": bool(a.state_dir),
         "modes": {},
     }
     raw = RawDenoiser(store, a.model, a.threads, not a.no_jit)
@@ -209,6 +238,10 @@ def main() -> int:
     print("raw", results["raw"], flush=True)
     for mode in a.modes:
         extra = {"KDIFF_BATCHING": mode}
+        if a.state_dir:
+            state = Path(a.state_dir) / mode
+            shutil.rmtree(state, ignore_errors=True)
+            extra["KDIFF_STATE_DIR"] = str(state)
         if a.threads:
             extra["KDIFF_TORCH_THREADS"] = str(a.threads)
         srv = Server(store, Path(f"/tmp/bench-{mode}.log"), **env, **extra)
@@ -217,7 +250,9 @@ def main() -> int:
             asyncio.run(drive(srv.url, 2, 3.0))  # warm-up
             points = []
             for c in a.concurrency:
-                point, limit = raw.bracket(lambda c=c, url=srv.url: asyncio.run(drive(url, c, a.duration)))
+                point, limit = raw.bracket(
+                    lambda c=c, url=srv.url: asyncio.run(drive(url, c, a.duration, route=a.route))
+                )
                 point["raw_limit_rows_per_s"] = limit
                 point["vs_raw_limit"] = round(point["rows_per_s"] / limit, 3)
                 print(mode, point, flush=True)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from types import FrameType
 from typing import Any
 
@@ -59,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     start_trimming()  # and what a busier moment allocated goes back to the OS
     import uvicorn
 
+    from service.serving.jobstore import StateCorrupt
+
     from .app import create_app
     from .protocol import with_header_timeout
     from .settings import Settings
@@ -67,7 +70,11 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = Settings(**_overrides(args))
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except StateCorrupt as exc:  # a clear line, not a traceback; the file is left as it is
+        print(f"kdiff serve: {exc}", file=sys.stderr)
+        return 2
     state = app.state.service
 
     class DrainingServer(uvicorn.Server):

@@ -54,6 +54,22 @@ class Settings(BaseSettings):
         ge=0,
         description="most bytes of encoded result images kept for GET /jobs (oldest dropped first)",
     )
+    state_dir: str = Field(
+        default="",
+        description="folder of what survives a restart: the job store (SQLite file + result PNGs: accepted "
+        "jobs are re-run, finished results kept) and the webhook outbox; empty = in memory only",
+    )
+    state_reset: bool = Field(
+        default=False,
+        description="a corrupted job store is set aside (renamed) and an empty one started, instead of "
+        "refusing to start",
+    )
+    replay_attempts: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="times a job is re-run after restarts that interrupted it before it is failed",
+    )
     drain_timeout_s: float = Field(
         default=25.0, ge=0, description="on SIGTERM: time for running jobs to finish"
     )
@@ -118,10 +134,6 @@ class Settings(BaseSettings):
         "the model call then runs without the GIL)",
     )
 
-    state_dir: Path | None = Field(
-        default=None,
-        description="folder for state that survives a restart (the webhook outbox); empty = in memory",
-    )
     webhook_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="hosts callback_url may name: comma-separated host[:port] patterns (* a wildcard, "
@@ -156,7 +168,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("state_dir", "webhook_secret", mode="before")
+    @field_validator("webhook_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

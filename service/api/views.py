@@ -8,6 +8,7 @@ from fastapi import HTTPException
 
 from service.engine import Draining, ImageResult, Job, JobStatus, QueueFull
 from service.serving.errors import ModelUnavailable
+from service.serving.jobstore import SYNC
 from service.serving.request import GenerationRequest
 from service.serving.service import Service
 
@@ -24,14 +25,18 @@ from .schemas import (
 
 
 async def submit(
-    state: Service, body: SampleRequest | GenerationRequest, owner: str | None = None, wait_load: bool = True
+    state: Service,
+    body: SampleRequest | GenerationRequest,
+    owner: str | None = None,
+    wait_load: bool = True,
+    kind: str = SYNC,
 ) -> Job:
-    """Queue ``body`` through the serving layer as a job belonging to ``owner`` (a key id); its
-    errors as HTTP answers (a field: 422 naming it; a model that cannot be served; a full queue: 429;
-    draining: 503)."""
+    """Queue ``body`` through the serving layer as a job belonging to ``owner`` (a key id); ``kind``
+    JOB: re-run after a restart (KDIFF_STATE_DIR). Its errors as HTTP answers (a field: 422 naming
+    it; a model that cannot be served; a full queue: 429; draining: 503)."""
     request = body.request() if isinstance(body, SampleRequest) else body
     try:
-        return await state.generate(request, owner, wait_load)
+        return await state.generate(request, owner, wait_load, kind)
     except ModelUnavailable as exc:
         raise http_error(exc) from exc
     except QueueFull as exc:

@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -213,6 +214,8 @@ class JobStore:
     def __init__(self, ttl_s: float, max_finished: int, max_bytes: int | None = None) -> None:
         self.ttl_s, self.max_finished, self.max_bytes = ttl_s, max_finished, max_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
+        # told of every job dropped (discarded, expired, over the bounds): a durable store forgets it too
+        self.on_drop: Callable[[Job], None] | None = None
 
     def add(self, job: Job) -> None:
         self.purge()
@@ -223,7 +226,8 @@ class JobStore:
         return self._jobs.get(job_id)
 
     def discard(self, job: Job) -> None:
-        self._jobs.pop(job.id, None)
+        if self._jobs.pop(job.id, None) is not None and self.on_drop is not None:
+            self.on_drop(job)
 
     def list(self) -> list[Job]:
         self.purge()
@@ -246,6 +250,8 @@ class JobStore:
             if i < excess or expired or over_bytes:
                 total -= job.result_bytes
                 del self._jobs[job.id]
+                if self.on_drop is not None:
+                    self.on_drop(job)
 
     def __len__(self) -> int:
         return len(self._jobs)

@@ -6,6 +6,7 @@ call this; it knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,15 +15,15 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from service.engine import ImageResult, Job, JobRequest, JobStatus, JobStore, Metrics
+from service.engine import Draining, ImageResult, Job, JobRequest, JobStatus, JobStore, Metrics, QueueFull
 from service.engine.jobs import JobError
 from service.images import encode_images
 from service.models.store import LoadedModel, ModelStore
 from service.sampling.errors import InputError
 from service.sampling.request import Limits
-from service.sampling.spec import SamplingSpec
 
 from .errors import ErrorCode, ModelUnavailable
+from .jobstore import SYNC, Journal, StateDB, TerminalListener, placeholder
 from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
 from .request import GenerationRequest, build_job, check_spec
@@ -42,6 +43,9 @@ class ServiceSettings(PoolSettings, WebhookSettings, Protocol):
     drain_timeout_s: float
     max_steps: int
     max_images: int
+    state_dir: str  # empty: jobs live in memory only
+    state_reset: bool
+    replay_attempts: int
 
 
 def finalize(job: Job, images: Tensor) -> ImageResult:
@@ -58,6 +62,9 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
+        # the durable store (KDIFF_STATE_DIR; a corrupted file raises StateCorrupt here, at start-up)
+        self.journal = Journal(settings.state_dir, settings.state_reset)
+        self.jobs.on_drop = self.journal.dropped
         store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
         self.webhooks = Webhooks(settings)
@@ -74,7 +81,45 @@ class Service:
             torch.set_num_threads(s.torch_threads)
         await self.pool.start()
         await self.webhooks.start()
+        await self._restore()
         self.ready = True
+
+    @property
+    def state_db(self) -> StateDB | None:
+        """The state file other modules may keep their tables in (None without KDIFF_STATE_DIR)."""
+        return self.journal.db
+
+    def add_terminal_listener(self, fn: TerminalListener) -> None:
+        """``fn(event, conn)`` at every job's end (jobstore/journal.py says when and where)."""
+        self.journal.listeners.append(fn)
+
+    async def _restore(self) -> None:
+        """Jobs of the state dir: finished ones readable again, unfinished ones queued again, in the
+        order they were accepted (one at a time, waiting for room in a full queue)."""
+        s = self.settings
+        restored = await self.journal.restore(s.result_ttl_s, s.replay_attempts, s.job_timeout_s)
+        for job in restored.finished:
+            self.jobs.add(job)
+        for job, request in restored.replay:
+            self.jobs.add(job)
+            self._rewatch(job, request)
+
+        async def replay() -> None:
+            for job, request in restored.replay:
+                await self._after_load(job, functools.partial(self.build, request), wait_for_room=True)
+
+        if restored.replay:
+            self._track(asyncio.get_running_loop().create_task(replay()))
+
+    def _rewatch(self, job: Job, request: GenerationRequest) -> None:
+        """A replayed job's webhook, as when it was accepted (unless the allow-list now refuses it)."""
+        try:
+            callback = self.webhooks.target(request.callback_url, job.owner)
+        except InputError as exc:
+            log.warning("job %s: its webhook is not sent: %s", job.id, exc.message)
+            return
+        if callback is not None:
+            self.webhooks.watch(job, callback, request.callback_progress_s)
 
     # --- jobs ---
     def limits(self) -> Limits:
@@ -86,15 +131,24 @@ class Service:
         return build_job(request, model, self.limits(), self.settings.job_timeout_s)
 
     async def generate(
-        self, request: GenerationRequest, owner: str | None = None, wait_load: bool = True
+        self, request: GenerationRequest, owner: str | None = None, wait_load: bool = True, kind: str = SYNC
     ) -> Job:
         """Check ``request`` against its model and queue it as a job belonging to ``owner`` (a key id).
         A model that is not loaded is loaded first: awaited (``wait_load``, so field errors stay
         InputErrors), or the job is returned at once and waits in the ``loading`` state. Its
         webhook (``callback_url``, or the key's default) is checked first and sent when the job
-        ends. Raises InputError, ModelUnavailable, and the engine's QueueFull / Draining."""
+        ends. Raises InputError, ModelUnavailable, and the engine's QueueFull / Draining.
+
+        With a state dir the job is recorded before this returns: ``kind`` JOB (POST /jobs) is run
+        again after a restart; SYNC (answered in its response) is recorded while it runs."""
+        request = self.journal.settled(request)
         callback = self.webhooks.target(request.callback_url, owner)
         job = await self._queue(request, owner, wait_load)
+        try:
+            await self.journal.accepted(job, request, kind)
+        except BaseException:  # not recorded: not accepted
+            self.cancel(job)
+            raise
         if callback is not None:
             self.webhooks.watch(job, callback, request.callback_progress_s)
         return job
@@ -133,26 +187,37 @@ class Service:
     ) -> Job:
         """A job for a model not loaded yet: it waits (events say ``loading``) while the model loads,
         then is built and queued; a failed load fails it with the loader's message."""
-        placeholder = JobRequest(
-            SamplingSpec("euler", "karras", 1, [0]), 1, {}, timeout_s=self.settings.job_timeout_s
-        )
-        job = Job(placeholder, model)
+        job = Job(placeholder(self.settings.job_timeout_s), model)
         job.loading, job.owner = True, owner
         self.jobs.add(job)
-        task = asyncio.get_running_loop().create_task(self._after_load(job, build))
-        self._waiting.add(task)
-        task.add_done_callback(self._waiting.discard)
+        self._track(asyncio.get_running_loop().create_task(self._after_load(job, build)))
         return job
 
-    async def _after_load(self, job: Job, build: Callable[[LoadedModel], JobRequest]) -> None:
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
+
+    async def _after_load(
+        self, job: Job, build: Callable[[LoadedModel], JobRequest], wait_for_room: bool = False
+    ) -> None:
+        """Build and queue a waiting job once its model is loaded (``wait_for_room``: a full queue
+        is waited out, for jobs accepted before a restart, rather than failing them)."""
         try:
             loaded = await self.pool.ensure_loaded(job.model)
             if job.status.finished:
                 return
             with self.pool.pinned(job.model):
                 request = await asyncio.to_thread(build, loaded)
-                if not job.status.finished:
-                    self.submit(job.model, request, job.owner, job)
+                while not job.status.finished:
+                    try:
+                        self.submit(job.model, request, job.owner, job)
+                        break
+                    except QueueFull:
+                        if not wait_for_room:
+                            raise
+                        await asyncio.sleep(0.2)
+        except Draining:  # shutting down: a durable job stays queued in the store for the next start
+            job.finish(JobStatus.failed, JobError(ErrorCode.shutdown.value, "the service shut down"))
         except ModelUnavailable as exc:
             job.finish(JobStatus.failed, JobError(exc.code.value, exc.message))
         except InputError as exc:
@@ -212,5 +277,6 @@ class Service:
         if not self.draining:
             await self.drain(self.settings.drain_timeout_s)
         await self.webhooks.stop()
+        await self.journal.close()
         if self._threads is not None:
             torch.set_num_threads(self._threads)

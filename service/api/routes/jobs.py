@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
 from service.engine import Job, JobStatus
+from service.serving.jobstore import JOB
 from service.serving.service import Service
 
 from ..deps import accepting, get_job, get_state, require_api_key
@@ -29,7 +30,7 @@ async def create_job(
     """Queue a request; follow it with GET /jobs/{id} or its SSE stream. The job belongs to the
     caller's key: other keys get 404 for it. A model that is not loaded yet is loaded first (the
     job's events say `loading`; a failed load fails the job with the loader's message)."""
-    job = await submit(state, body, caller.key_id, wait_load=False)
+    job = await submit(state, body, caller.key_id, wait_load=False, kind=JOB)
     url = f"/jobs/{job.id}"
     response.headers["Location"] = url
     return JobCreated(

@@ -168,6 +168,11 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _folder_text(cls, value: object) -> object:
+        return "" if value is None else str(value) if isinstance(value, Path) else value
+
     @field_validator("webhook_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

@@ -239,6 +239,10 @@ class EmbeddingIndex:
         """ComfyUI's ``GET /embeddings``: every file's path below its folder, without the extension."""
         return sorted({ref for _, ref, _ in self.files()})
 
+    def comfy_files(self) -> list[str]:
+        """ComfyUI's ``GET /models/embeddings``: the same with the extension (its file list)."""
+        return sorted({ref + path.suffix for path, ref, _ in self.files()})
+
     def refresh(self) -> None:
         """Read every file again on the next scan (A1111's refresh-embeddings)."""
         with self._lock:

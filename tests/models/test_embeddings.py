@@ -88,6 +88,7 @@ def test_every_layout_loads_and_hostile_files_are_skipped_with_the_reason(sd1: A
     assert EmbeddingIndex(tmp_path).comfy_names() == sorted(
         ["a1111", "sub/kohya", "concept", "xl", "wide", "evil", "corrupt", "truncated", "twokeys"]
     )
+    assert "sub/kohya.safetensors" in EmbeddingIndex(tmp_path).comfy_files()
     # the prompt still encodes (the bad files are simply not there)
     assert text.encode("a red a1111 cat").context.shape == (1, 77, WIDTH)
 

@@ -233,3 +233,9 @@ def test_translators_load_no_model() -> None:
         names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not names & {"ensure_loaded", "pool", "using", "ModelStore", "ModelPool", "Service"}, path
         assert "GenerationRequest" in names, path
+
+
+def test_comfy_workflows_import_no_api_or_web_framework() -> None:
+    assert _offenders("service.comfy", ("service.api", "service.deploy", *WEB)) == []
+    loaded = _loaded_after("import service.comfy")
+    assert not _under(loaded, "fastapi", "pydantic", "starlette", "service.api", "service.deploy")

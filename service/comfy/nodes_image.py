@@ -1,0 +1,225 @@
+"""Latent and image nodes: EmptyLatentImage, LatentUpscale(By), SetLatentNoiseMask, VAEEncode,
+VAEDecode, SaveImage, PreviewImage, LoadImage, ImageScale, ETN_LoadImageBase64.
+
+Every image that comes in (LoadImage's upload, ETN_LoadImageBase64's base64) goes through
+``service.image_gate`` (bounded base64, format and size from the header before a pixel is decoded),
+at validation already for base64 so a bomb is a node error of ``POST /prompt``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from service import image_gate
+from service.sampling.errors import InputError
+
+from .node import MAX_RESOLUTION, Catalog, Enum, Float, In, Int, Str, node
+from .runtime import NodeRun, image_to_pil, pil_to_image, save_png
+from .sample import latent_images
+from .values import Latent
+
+MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # one resized image at most (a 4096 x 4096)
+LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
+IMAGE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+CROPS = ("disabled", "center")
+
+
+def _target(w: int, h: int, old_w: int, old_h: int) -> tuple[int, int]:
+    """ComfyUI's sizes: 0 keeps the aspect ratio from the other side (both 0: unchanged)."""
+    if w == 0 and h == 0:
+        return old_w, old_h
+    if w == 0:
+        w = max(1, round(old_w * h / old_h))
+    if h == 0:
+        h = max(1, round(old_h * w / old_w))
+    if w * h > MAX_OUTPUT_PIXELS:
+        raise InputError("width", f"{w}x{h} is over {MAX_OUTPUT_PIXELS} pixels per image")
+    return w, h
+
+
+def resize(images: Tensor, w: int, h: int, method: str, crop: str) -> Tensor:
+    """IMAGE [B, H, W, 3] -> [B, h, w, 3]; ``crop`` "center" cuts the source to the new aspect first."""
+    _, old_h, old_w, _ = images.shape
+    if crop == "center":
+        old_aspect, new_aspect = old_w / old_h, w / h
+        if old_aspect > new_aspect:
+            keep = round(old_h * new_aspect)
+            x = (old_w - keep) // 2
+            images = images[:, :, x : x + keep]
+        elif old_aspect < new_aspect:
+            keep = round(old_w / new_aspect)
+            y = (old_h - keep) // 2
+            images = images[:, y : y + keep]
+    if method == "lanczos":
+        pils = [image_to_pil(i).resize((w, h), Image.Resampling.LANCZOS) for i in images]
+        return torch.cat([pil_to_image(p) for p in pils])
+    mode = {"bislerp": "bilinear"}.get(method, method)
+    nchw = images.permute(0, 3, 1, 2)
+    corners = False if mode in ("bilinear", "bicubic") else None
+    out = F.interpolate(nchw, size=(h, w), mode=mode, align_corners=corners)
+    return out.clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+def _resize_latent(latent: Latent, w: int, h: int, method: str, crop: str) -> Latent:
+    if latent.images is None:
+        return latent.with_(width=w, height=h)
+    return latent.with_(width=w, height=h, images=resize(latent.images, w, h, method, crop))
+
+
+LATENT, IMAGE = In("LATENT"), In("IMAGE")
+SIZE = Int(512, 16, MAX_RESOLUTION, 8)
+TARGET = Int(512, 0, MAX_RESOLUTION, 8)
+
+
+def _empty_latent(c: Catalog) -> dict[str, In]:
+    return {"width": SIZE, "height": SIZE, "batch_size": Int(1, 1, c.max_batch)}
+
+
+@node("EmptyLatentImage", "latent", ["LATENT"], _empty_latent)
+async def empty_latent(rt: NodeRun, width: int, height: int, batch_size: int) -> tuple[Any, ...]:
+    """Noise of this size for a sampler (a fixed-size model samples at its own size)."""
+    return (Latent(width, height, batch_size),)
+
+
+def _latent_upscale(c: Catalog) -> dict[str, In]:
+    size = {"width": TARGET, "height": TARGET}
+    return {"samples": LATENT, "upscale_method": Enum(LATENT_METHODS)} | size | {"crop": Enum(CROPS)}
+
+
+@node("LatentUpscale", "latent", ["LATENT"], _latent_upscale)
+async def latent_upscale(rt: NodeRun, samples: Latent, upscale_method: str, **kw: Any) -> tuple[Any, ...]:
+    """A sampled latent is carried as its image: this resizes that image."""
+    w, h = _target(kw["width"], kw["height"], samples.width, samples.height)
+    return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, kw["crop"]),)
+
+
+_BY = {"samples": LATENT, "upscale_method": Enum(LATENT_METHODS), "scale_by": Float(1.5, 0.01, 8.0, 0.01)}
+
+
+@node("LatentUpscaleBy", "latent", ["LATENT"], _BY)
+async def latent_upscale_by(
+    rt: NodeRun, samples: Latent, upscale_method: str, scale_by: float
+) -> tuple[Any, ...]:
+    w, h = (max(1, round(side * scale_by)) for side in (samples.width, samples.height))
+    w, h = _target(w, h, samples.width, samples.height)
+    return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, "disabled"),)
+
+
+@node("SetLatentNoiseMask", "latent/inpaint", ["LATENT"], {"samples": LATENT, "mask": In("MASK")})
+async def set_latent_noise_mask(rt: NodeRun, samples: Latent, mask: Tensor) -> tuple[Any, ...]:
+    """The sampler repaints where the mask is 1 (our inpainting mask)."""
+    return (samples.with_(noise_mask=mask.reshape(-1, mask.shape[-2], mask.shape[-1])),)
+
+
+@node("VAEEncode", "latent", ["LATENT"], {"pixels": IMAGE, "vae": In("VAE")})
+async def vae_encode(rt: NodeRun, pixels: Tensor, vae: Any) -> tuple[Any, ...]:
+    """The image becomes the sampler's img2img start (our engine encodes it with its VAE)."""
+    b, h, w, _ = pixels.shape
+    return (Latent(w, h, b, images=pixels),)
+
+
+@node("VAEDecode", "latent", ["IMAGE"], {"samples": LATENT, "vae": In("VAE")})
+async def vae_decode(rt: NodeRun, samples: Latent, vae: Any) -> tuple[Any, ...]:
+    """A sampler's result is decoded by the engine with the sampled model's VAE."""
+    return (latent_images(samples),)
+
+
+async def _save(rt: NodeRun, images: Tensor, prefix: str, kind: str) -> dict[str, Any]:
+    pngs = await asyncio.to_thread(lambda: [save_png(i, rt.prompt) for i in images])
+    saved = [rt.ctx.save_image(png, prefix, kind) for png in pngs]
+    return {"ui": {"images": saved}, "result": ()}
+
+
+@node("SaveImage", "image", (), {"images": IMAGE, "filename_prefix": Str("ComfyUI")}, output=True)
+async def save_image(rt: NodeRun, images: Tensor, filename_prefix: str) -> dict[str, Any]:
+    """Saves the images to the caller's output folder (GET /view), the workflow in each PNG."""
+    return await _save(rt, images, filename_prefix, "output")
+
+
+@node("PreviewImage", "image", (), {"images": IMAGE}, output=True)
+async def preview_image(rt: NodeRun, images: Tensor) -> dict[str, Any]:
+    """Saves the images as temporary files."""
+    return await _save(rt, images, "ComfyUI_temp_" + secrets.token_hex(3), "temp")
+
+
+def gated_image(data: str | bytes, field: str) -> tuple[Tensor, Tensor]:
+    """IMAGE [1, H, W, 3] and MASK [1, H, W] (1 - alpha; zeros without alpha) of an incoming image."""
+    try:
+        img = image_gate.load(data, field).image
+    except image_gate.ImageInputError as exc:
+        raise InputError(exc.field, exc.message, exc.allowed) from exc
+    image = pil_to_image(img)
+    if "A" in img.getbands():
+        alpha = pil_to_image(img.getchannel("A"))[..., 0]
+        mask = 1.0 - alpha
+    else:
+        mask = torch.zeros(1, image.shape[1], image.shape[2])
+    return image, mask
+
+
+def split_annotated(name: str) -> tuple[str, str, str]:
+    """ComfyUI's image names: "sub/x.png", "x.png [output]" -> (file, subfolder, type)."""
+    kind = "input"
+    for k in ("output", "input", "temp"):
+        if name.endswith(f" [{k}]"):
+            name, kind = name[: -len(k) - 3], k
+    sub, _, file = name.rpartition("/")
+    return file, sub, kind
+
+
+def _listed(name: str, value: Any, catalog: Catalog) -> str | None:
+    return None if value in catalog.inputs else f"Invalid image file: {value}"
+
+
+# the file under a name may change (an upload with overwrite): LoadImage always runs
+def _load_inputs(c: Catalog) -> dict[str, In]:
+    return {"image": Enum(sorted(c.inputs), extra=(("image_upload", True),))}
+
+
+@node("LoadImage", "image", ["IMAGE", "MASK"], _load_inputs, check=_listed, cacheable=False)
+async def load_image(rt: NodeRun, image: str) -> tuple[Any, ...]:
+    """An uploaded image (POST /upload/image) and its alpha as the mask (1 - alpha)."""
+    file, sub, kind = split_annotated(image)
+    try:
+        data = rt.ctx.load_image(file, sub, kind)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InputError("image", f"Invalid image file: {image} ({exc})") from exc
+    return await asyncio.to_thread(gated_image, data, "image")
+
+
+def _scale_inputs(c: Catalog) -> dict[str, In]:
+    size = Int(512, 0, MAX_RESOLUTION, 1)
+    return {
+        "image": IMAGE,
+        "upscale_method": Enum(IMAGE_METHODS),
+        "width": size,
+        "height": size,
+        "crop": Enum(CROPS),
+    }
+
+
+@node("ImageScale", "image/upscaling", ["IMAGE"], _scale_inputs)
+async def image_scale(rt: NodeRun, image: Tensor, upscale_method: str, **kw: Any) -> tuple[Any, ...]:
+    w, h = _target(kw["width"], kw["height"], image.shape[2], image.shape[1])
+    return (await asyncio.to_thread(resize, image, w, h, upscale_method, kw["crop"]),)
+
+
+def _header(name: str, value: Any, catalog: Catalog) -> str | None:
+    try:  # the header only: pixels are decoded when the node runs, off the event loop
+        image_gate.open_header(str(value), "image").close()
+    except image_gate.ImageInputError as exc:
+        return exc.message
+    return None
+
+
+@node("ETN_LoadImageBase64", "external_tooling", ["IMAGE", "MASK"], {"image": Str("")}, check=_header)
+async def load_image_base64(rt: NodeRun, image: str) -> tuple[Any, ...]:
+    """Acly's comfyui-tooling-nodes node (SillyTavern's avatar workflow uses it): a base64 image in."""
+    return await asyncio.to_thread(gated_image, image, "image")

@@ -1,0 +1,109 @@
+"""The values that flow along a workflow's links.
+
+ComfyUI passes live objects (a patched model, CLIP, a latent tensor). Here the loaders, text
+encoders and model patches are *descriptions* (which model of our store, which LoRAs, clip skip,
+shift, guidance), and a sampler node turns them into one :class:`GenerationRequest` run by the
+engine, so it batches with all other traffic. A LATENT is either a size to start from noise
+(EmptyLatentImage) or images (VAEEncode's pixels, a sampler's decoded result): our engine samples
+a model's latents and decodes them itself, so a latent handed from one sampler to the next (hires
+fix) or through LatentUpscale is carried as its decoded image and re-encoded by the next sampler's
+img2img start, an approximation of ComfyUI's latent-space hand-over.
+
+IMAGE is ComfyUI's own: a float tensor [B, H, W, 3] in [0, 1]; MASK [B, H, W] in [0, 1] (1 = repaint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """MODEL: a model of our store with the patches applied to it."""
+
+    name: str
+    loras: tuple[tuple[str, float], ...] = ()
+    shift: float | None = None  # ModelSamplingSD3 / ModelSamplingFlux
+
+    def with_(self, **kw: Any) -> ModelRef:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """CLIP: the text encoder(s) of a store model."""
+
+    name: str
+    clip_skip: int | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class VaeRef:
+    """VAE: the autoencoder of a store model (our engine decodes with the sampled model's own)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """CONDITIONING: the text a model's encoder reads (combined conditionings join their texts)."""
+
+    clip: ClipRef
+    texts: tuple[str, ...]
+    guidance: float | None = None  # FluxGuidance
+
+    @property
+    def text(self) -> str:
+        return ", ".join(t for t in self.texts if t)
+
+
+@dataclass(frozen=True, eq=False)
+class Latent:
+    """LATENT: a start for a sampler. ``images`` None: pure noise of this pixel size and batch."""
+
+    width: int
+    height: int
+    batch: int
+    images: Tensor | None = None  # [B, H, W, 3] in [0, 1]
+    noise_mask: Tensor | None = None  # [B or 1, H, W] in [0, 1]; 1 = sample, 0 = keep
+    model: str | None = None  # the model that sampled it (a sampler's result)
+
+    def with_(self, **kw: Any) -> Latent:
+        return replace(self, **kw)
+
+
+class SamplerRef(NamedTuple):
+    """SAMPLER (KSamplerSelect)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class SigmasRef:
+    """SIGMAS: a schedule to be made for the sampler's model (BasicScheduler, KarrasScheduler)."""
+
+    schedule: str
+    steps: int
+    denoise: float = 1.0
+    options: tuple[tuple[str, float], ...] = ()
+    model: str | None = None
+
+
+class NoiseRef(NamedTuple):
+    """NOISE (RandomNoise; DisableNoise has seed None)."""
+
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Guider:
+    """GUIDER (CFGGuider, BasicGuider)."""
+
+    model: ModelRef
+    positive: Conditioning
+    negative: Conditioning | None
+    cfg: float

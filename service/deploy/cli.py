@@ -1,8 +1,11 @@
 """`kdiff serve --ray`: deploy the Ray Serve application (service/deploy/ray_serve.py) and wait.
 
-Without ``--address`` a local Ray cluster is started in this process; with one (``auto``, or
-``ray://head:10001``) the application is deployed on that cluster. Ctrl-C / SIGTERM deletes the
-application (engine replicas drain their running jobs first) and stops the local cluster.
+Without ``--address`` a Ray cluster of its own is started in this process, always: an exported
+``RAY_ADDRESS`` or a cluster left by ``ray start`` on this machine is not joined (``ray.init`` would
+join either when given no address). With ``--address`` (``auto``, ``host:port``, ``ray://head:10001``)
+the application is deployed on that cluster. Ctrl-C / SIGTERM stops only what this command started:
+its application always (engine replicas drain their running jobs first); Serve, if Serve was not
+running on that cluster before and no other application is left on it; the cluster, if it is its own.
 """
 
 from __future__ import annotations
@@ -13,14 +16,36 @@ import threading
 from typing import Any
 
 
+def serve_running() -> bool:
+    """Whether Serve's controller runs on the connected cluster (someone started Serve there)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
 def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     import ray
     from ray import serve
 
     from .ray_serve import APP_NAME, build_app
 
-    local = args.address is None
-    ray.init(address=args.address, include_dashboard=False if local else None)
+    own_cluster = args.address is None
+    # "local": a new cluster, whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster say
+    ray.init(
+        address="local" if own_cluster else args.address, include_dashboard=False if own_cluster else None
+    )
+    own_serve = not serve_running()
+    if not own_cluster and APP_NAME in serve.status().applications:
+        print(
+            f"kdiff serve --ray: the cluster already runs a Serve application {APP_NAME!r}; not replacing it"
+        )
+        ray.shutdown()
+        return 2
     serve.start(http_options={"host": args.host, "port": args.port})
     build_args: dict[str, Any] = {
         "engines": args.engines,
@@ -32,13 +57,20 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]
     serve.run(build_app(build_args), name=APP_NAME, route_prefix="/")
-    print(f"kdiff on Ray Serve: http://{args.host}:{args.port}/ ({args.engines} engine slot(s))", flush=True)
+    where = (
+        "its own Ray cluster" if own_cluster else "Ray cluster " + str(ray.get_runtime_context().gcs_address)
+    )
+    print(
+        f"kdiff on Ray Serve: http://{args.host}:{args.port}/ ({args.engines} engine slot(s)) on {where}; "
+        f"gcs={ray.get_runtime_context().gcs_address}",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     serve.delete(APP_NAME)  # engine replicas drain (their __del__ runs the service's shutdown)
-    if local:
-        serve.shutdown()
-        ray.shutdown()
+    if own_serve and (own_cluster or not serve.status().applications):
+        serve.shutdown()  # Serve was started here and nothing else runs on it
+    ray.shutdown()  # stops the cluster if it is this process's own; else only disconnects
     return 0

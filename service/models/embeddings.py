@@ -1,7 +1,7 @@
 """Textual-inversion embeddings: A1111's files, found in the store and matched in prompts as A1111 does.
 
-Files (read once each, again when their size or mtime changes; new files are picked up on the next
-prompt, no restart):
+Files (read once each, again when their size or mtime changes; new files are picked up by prompts
+within a second, no restart; listings and A1111's refresh-embeddings read the folders at once):
 
 - ``model_store/embeddings/**`` (every model whose text encoders have the file's width) and
   ``model_store/<model>/embeddings/**`` (that model; its names win over the shared ones).
@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -44,6 +45,7 @@ MAX_VECTORS = 75  # one CLIP chunk: A1111 never splits an embedding over two
 MAX_WIDTH = 8192
 MAX_FILE_BYTES = 32 << 20  # embeddings are kilobytes; a checkpoint put here by mistake is refused unread
 MAX_FILES = 4096  # per scan: the folder walk stays bounded
+RESCAN_S = 1.0  # prompts see new or changed files within this long (listings and refresh at once)
 SDXL_KEYS = ("clip_l", "clip_g")  # the SDXL text encoders' parts, in encoder order
 REFERENCE = re.compile(r"(?<!\S)embedding:(\S+)")  # ComfyUI's spelling, a whole word
 _READS = count(1)
@@ -205,9 +207,10 @@ class Catalog:
 class EmbeddingIndex:
     """Embedding files of the store, each read once (again when it changes)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, max_age_s: float = RESCAN_S) -> None:
+        self.root, self.max_age_s = Path(root), float(max_age_s)
         self._read: dict[Path, tuple[tuple[int, int], EmbeddingInfo]] = {}
+        self._last: tuple[float, list[EmbeddingInfo]] | None = None  # (when, what) of the last scan
         self._lock = threading.Lock()
 
     def folders(self) -> list[tuple[Path, str | None]]:
@@ -247,8 +250,16 @@ class EmbeddingIndex:
         """Read every file again on the next scan (A1111's refresh-embeddings)."""
         with self._lock:
             self._read.clear()
+            self._last = None
 
-    def scan(self) -> list[EmbeddingInfo]:
+    def scan(self, fresh: bool = False) -> list[EmbeddingInfo]:
+        """Every file's info; the last scan's when it is younger than ``max_age_s`` (prompts: a folder
+        of many files is walked at most that often) unless ``fresh``."""
+        with self._lock:
+            last = self._last
+        if not fresh and last is not None and time.monotonic() - last[0] < self.max_age_s:
+            return last[1]
+        started = time.monotonic()
         seen, out = set(), []
         for path, ref, base in self.files():
             try:
@@ -269,11 +280,12 @@ class EmbeddingIndex:
         with self._lock:
             for gone in set(self._read) - seen:
                 del self._read[gone]
+            self._last = (started, out)
         return out
 
-    def catalog(self, model: str, widths: list[int]) -> Catalog:
+    def catalog(self, model: str, widths: list[int], fresh: bool = False) -> Catalog:
         """What ``model`` (its text encoders' widths, in order) can use; the rest with the reason."""
-        infos = [i for i in self.scan() if i.base_model in (None, model)]
+        infos = [i for i in self.scan(fresh) if i.base_model in (None, model)]
         infos.sort(key=lambda i: i.base_model is None)  # the model's own folder first: its names win
         loaded: dict[str, EmbeddingInfo] = {}
         skipped: dict[str, tuple[EmbeddingInfo, str]] = {}
@@ -374,8 +386,8 @@ class ModelEmbeddings:
         self._current: EmbeddingSet | None = None
         self._lock = threading.Lock()
 
-    def catalog(self) -> Catalog:
-        return self.index.catalog(self.model, self.widths)
+    def catalog(self, fresh: bool = False) -> Catalog:
+        return self.index.catalog(self.model, self.widths, fresh)
 
     def current(self) -> EmbeddingSet:
         catalog = self.catalog()
@@ -414,4 +426,4 @@ def embedding_catalog(model: Any, index: EmbeddingIndex) -> Catalog:
     """A loaded model's catalog (a model without CLIP text encoders: every file skipped, saying so)."""
     text = getattr(getattr(model, "sd", None), "text", None)
     own: ModelEmbeddings | None = getattr(text, "embeddings", None)
-    return own.catalog() if own is not None else index.catalog(model.name, [])
+    return own.catalog(fresh=True) if own is not None else index.catalog(model.name, [], fresh=True)

@@ -10,6 +10,7 @@ import base64
 import io
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from service.api.app import create_app  # noqa: E402
 from service.api.settings import Settings  # noqa: E402
-from service.models.embeddings import EmbeddingIndex, attach_embeddings  # noqa: E402
+from service.models.embeddings import RESCAN_S, EmbeddingIndex, attach_embeddings  # noqa: E402
 from service.models.sd_text import PLACEHOLDER  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.errors import InputError  # noqa: E402
@@ -47,7 +48,7 @@ def sd1() -> Any:
 
 
 def _attach(model: Any, root: Path) -> Any:
-    attach_embeddings(model, EmbeddingIndex(root))
+    attach_embeddings(model, EmbeddingIndex(root, max_age_s=0))  # every prompt rescans
     return model.sd.text
 
 
@@ -208,3 +209,13 @@ def test_requests_with_and_without_embeddings_share_model_calls(tmp_path: Path) 
     for s, t in zip(solo, together, strict=True):
         assert np.abs(s - t).max() <= 1  # each image as its request run alone
     assert np.abs(solo[0] - solo[1]).max() > 10  # the embedding acts
+
+
+def test_prompts_see_a_new_file_within_the_rescan_interval(sd1: Any, tmp_path: Path) -> None:
+    index = EmbeddingIndex(tmp_path)  # the served default: folders walked at most once per RESCAN_S
+    attach_embeddings(sd1, index)
+    before = sd1.sd.text.encode("a late cat").context
+    a1111_pt(tmp_path / "embeddings" / "late.pt", vectors(2, WIDTH, 1))
+    time.sleep(RESCAN_S + 0.05)
+    assert not torch.equal(sd1.sd.text.encode("a late cat").context, before)
+    assert "late" in index.catalog("sd1", [WIDTH]).loaded

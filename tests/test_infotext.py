@@ -81,3 +81,18 @@ def test_parse_reads_an_a1111_infotext() -> None:
     assert out["Prompt"] == "a cat,\nsitting" and out["Negative prompt"] == "dog, blurry"
     assert out["Lora hashes"] == "add_detail: 7c6bad76eb54, epiNoiseoffset_v2: d1131f7207d6"
     assert out["Size-1"] == "1024" and out["Size-2"] == "1024" and out["Sampler"] == "Euler a"
+
+
+def test_hires_fields_as_a1111_writes_them() -> None:
+    """Our recorded ``hires`` (serving/hires.py) -> A1111's Hires fields; the first pass's Size."""
+    p = {"prompt": "a cat", "steps": 20, "sampler": "euler", "schedule": "karras", "cfg_scale": 7.0,
+         "seed": 3, "width": 512, "height": 512, "model": "sd1",
+         "hires": {"upscaler": "Latent (bicubic)", "steps": 10, "denoise": 0.55, "scale": 1.5,
+                   "sampler": "dpmpp_2m", "schedule": "karras", "width": 768, "height": 768}}  # fmt: skip
+    parsed = infotext.parse(infotext.from_parameters(p))
+    assert parsed["Size"] == "512x512" and parsed["Denoising strength"] == "0.55"
+    assert parsed["Hires upscale"] == "1.5" and parsed["Hires steps"] == "10"
+    assert parsed["Hires upscaler"] == "Latent (bicubic)" and parsed["Hires sampler"] == "DPM++ 2M"
+    resized = {**p, "hires": {**p["hires"], "resize_x": 800, "resize_y": 600}}
+    del resized["hires"]["scale"]
+    assert infotext.parse(infotext.from_parameters(resized))["Hires resize"] == "800x600"

@@ -19,6 +19,7 @@ from service.models.store import ModelStore
 from service.sampling.errors import InputError
 from service.serving.service import Service
 
+from . import comfy as comfy_api
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .guard import GuardMiddleware, HTTPMiddleware
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
         try:
             yield
         finally:
+            await comfy_front.close()
             await state.shutdown()
 
     app = FastAPI(
@@ -144,6 +146,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     playground.install(app)  # the web page at /, and /docs + /redoc with local assets
     for router in COMPAT_ROUTERS:  # A1111 and OpenAI frontends (service/api/compat)
         app.include_router(router)
+    comfy_front = comfy_api.install(app, state, settings)  # ComfyUI's API (service/api/comfy)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -159,6 +159,30 @@ class Settings(BaseSettings):
     )
     webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhook attempts at once")
 
+    comfy_dir: Path | None = Field(
+        default=None,
+        description="ComfyUI routes: folder of each key's input/output/temp files (uploads, SaveImage); "
+        "empty = a temporary folder removed at exit",
+    )
+    comfy_max_files: int = Field(
+        default=1000, ge=1, description="ComfyUI routes: most files kept per key (oldest removed first)"
+    )
+    comfy_max_bytes: int = Field(
+        default=2**30,
+        ge=2**20,
+        description="ComfyUI routes: most bytes of files kept per key (oldest removed first)",
+    )
+    comfy_max_history: int = Field(
+        default=1000,
+        ge=1,
+        description="ComfyUI routes: most /history entries kept per key (oldest dropped first)",
+    )
+    comfy_max_prompts: int = Field(
+        default=64,
+        ge=1,
+        description="ComfyUI routes: most prompts queued or running per key before /prompt refuses",
+    )
+
     @field_validator(
         "models", "cors_origins", "api_keys", "admin_keys", "webhook_allow", "webhook_urls", mode="before"
     )
@@ -173,7 +197,7 @@ class Settings(BaseSettings):
     def _folder_text(cls, value: object) -> object:
         return "" if value is None else str(value) if isinstance(value, Path) else value
 
-    @field_validator("webhook_secret", mode="before")
+    @field_validator("webhook_secret", "comfy_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

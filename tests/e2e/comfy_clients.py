@@ -75,6 +75,8 @@ def apply_nodes(
 class OpenWebUI:
     def __init__(self, base_url: str, api_key: str = "") -> None:
         self.base, self.key = base_url, api_key
+        self.frames: list[bytes] = []  # the binary frames it skipped (kept to check them)
+        self.messages: list[dict[str, Any]] = []
 
     def _auth(self) -> dict[str, str]:
         # f"Bearer {api_key}": HTTP drops the trailing space of an empty key's header
@@ -114,8 +116,11 @@ class OpenWebUI:
             deadline = time.monotonic() + timeout
             while True:
                 message = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+                if isinstance(message, bytes):
+                    self.frames.append(message)
                 if isinstance(message, str):
                     m = json.loads(message)
+                    self.messages.append(m)
                     if (
                         m["type"] == "executing"
                         and m["data"]["node"] is None

@@ -82,6 +82,11 @@ def test_open_webui_generates_with_its_default_workflow_and_a_key(keyed: Server)
     payload = {"prompt": "a handwritten 7", "width": 512, "height": 512, "n": 2, "steps": 6, "seed": 1234}
     prompt_id, images = owui.run(owui_workflow("digits", **payload))
     assert [ct for _, ct in images] == ["image/png", "image/png"]
+    kinds = [m["type"] for m in owui.messages]
+    assert kinds[0] == "status" and {"execution_start", "executing", "progress", "executed"} <= set(kinds)
+    assert all(m["data"]["prompt_id"] == prompt_id for m in owui.messages if m["type"] == "progress")
+    # preview frames while its socket is open: uint32 1 (preview), uint32 2 (PNG), a PNG
+    assert owui.frames and all(f[:12] == b"\0\0\0\x01\0\0\0\x02\x89PNG" for f in owui.frames)
     got = [pixels(png) for png, _ in images]
     # the same request through /sample: class from the digit, ComfyUI's defaults of the workflow
     # (cfg 8, euler, "normal" = the continuous-time model's exponential schedule), seeds seed + i

@@ -312,20 +312,22 @@ async def object_info_one(request: Request) -> Response:
     return JSONResponse(front.comfy.object_info_one(name, front.context(owner_of(request))))
 
 
-def _folders(comfy: Any) -> dict[str, list[str]]:
-    """Model folder -> file names (``Comfy.model_folders()``; its interface note spells it
-    ``models(folder)``: either is taken)."""
-    if hasattr(comfy, "model_folders"):
-        return dict(comfy.model_folders())
-    return {folder: list(comfy.models(folder) or []) for folder in comfy.models()}
+def _folders(request: Request) -> dict[str, list[str]]:
+    """Model folder -> file names: ``Comfy.model_folders()``, with the embedding files of the store
+    (the embeddings index's ComfyUI list)."""
+    folders = dict(front_of(request).comfy.model_folders())
+    embeddings = getattr(request.app.state.service.pool, "embeddings", None)
+    if embeddings is not None:
+        folders["embeddings"] = embeddings.comfy_files()
+    return folders
 
 
 async def model_folders(request: Request) -> Response:
-    return JSONResponse(list(_folders(front_of(request).comfy)))
+    return JSONResponse(list(_folders(request)))
 
 
 async def model_files(request: Request) -> Response:
-    files = _folders(front_of(request).comfy).get(request.path_params["folder"])
+    files = _folders(request).get(request.path_params["folder"])
     return Response(status_code=404) if files is None else JSONResponse(files)
 
 

@@ -362,7 +362,8 @@ def test_routes_exist_under_api_too(open_client: TestClient) -> None:
             open_client.get("/api" + path).json() == open_client.get(path).json() or path == "/system_stats"
         )
     assert open_client.get("/object_info/NoSuchNode").json() == {}
-    assert open_client.get("/api/models").json() == ["checkpoints", "vae", "unet"]
+    assert open_client.get("/api/models").json() == ["checkpoints", "vae", "unet", "embeddings"]
+    assert open_client.get("/models/embeddings").json() == []
     assert open_client.get("/api/models/checkpoints").json() == ["digits"]
     assert open_client.get("/models/nothing").status_code == 404
     assert isinstance(open_client.get("/models").json(), list | dict)  # our own /models keeps its shape

@@ -13,6 +13,7 @@ from service.sampling.spec import MAX_STEPS
 from service.serving.errors import ErrorCode
 from service.serving.hires import HiresFix
 from service.serving.request import MAX_SIDE, GenerationRequest, request_fields
+from service.serving.request import ControlNetRef as ServingControlNet
 from service.serving.request import LoraRef as ServingLora
 
 FIELDS = {f.name: f for f in request_fields()}
@@ -58,6 +59,35 @@ class HiresBody(BaseModel):
     negative_prompt: str | None = Field(None, max_length=4000, description="default: the first pass's")
 
 
+class ControlNetRef(BaseModel):
+    """One ControlNet unit of a request (GET /controlnet/model_list, /controlnet/module_list)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model: str = Field(max_length=256, description="ControlNet name (GET /controlnet/model_list)")
+    image: ImageField = Field(None, description="base64 control image (resized per resize_mode)")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength of its residuals")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="first step fraction it acts at")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="last step fraction it acts at")
+    control_mode: str | int = Field(
+        "balanced", description="balanced | prompt | control, A1111's names, or 0-2"
+    )
+    resize_mode: str | int = Field(
+        "crop_and_resize",
+        description="just_resize | crop_and_resize | resize_and_fill, A1111's names, or 0-2",
+    )
+    mask: ImageField = Field(None, description="effective region: white = controlled")
+    module: str = Field("none", max_length=64, description="preprocessor (GET /controlnet/module_list)")
+    processor_res: int | None = Field(
+        None, ge=64, le=2048, description="preprocessor resolution (short side)"
+    )
+    threshold_a: float | None = Field(None, ge=-1e4, le=1e4, description="preprocessor parameter a")
+    threshold_b: float | None = Field(None, ge=-1e4, le=1e4, description="preprocessor parameter b")
+    pixel_perfect: bool = Field(False, description="preprocessor resolution from the generation size")
+
+    def serving(self) -> ServingControlNet:
+        return ServingControlNet(**{k: getattr(self, k) for k in type(self).model_fields})
+
+
 def field_of(name: str) -> Any:
     """The pydantic Field of a GenerationRequest field: its default, bounds and doc."""
     f = FIELDS[name]
@@ -86,6 +116,8 @@ class _SampleRequest(BaseModel):
             values["loras"] = [ServingLora(ref.name, ref.weight) for ref in values["loras"]]
         if values.get("hires") is not None:
             values["hires"] = HiresFix(**values["hires"].model_dump())
+        if values.get("controlnets") is not None:
+            values["controlnets"] = [unit.serving() for unit in values["controlnets"]]
         return GenerationRequest(**values)
 
 
@@ -94,6 +126,7 @@ class _SampleRequest(BaseModel):
 HTTP_TYPES: dict[str, Any] = {
     "loras": list[LoraRef] | None,
     "hires": HiresBody | None,
+    "controlnets": list[ControlNetRef] | None,
     "init_image": ImageField,
     "mask": ImageField,
 }

@@ -86,5 +86,6 @@ def generate(
         x = x_start.to(m.device, torch.float32)
         sigmas = sigmas.to(m.device, torch.float32)
         driver = Driver(spec, sigmas, x, inp.cond, inp.uncond, cfg, inp.init, inp.mask)
+    m.bind_driver(driver)
     out = drive(driver, m.denoiser)
     return out if output == "latents" else m.decode(out)

@@ -24,6 +24,7 @@ class SDUNet(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
+        self.controls: Any = None  # a ControlSet when the model's store has ControlNets
 
     @property
     def dtype(self) -> torch.dtype:
@@ -37,7 +38,10 @@ class SDUNet(nn.Module):
         y: Tensor | None = None,
         time_ids: Tensor | None = None,
         c_concat: Tensor | None = None,
+        control_hint: Tensor | None = None,
+        control_unit: Tensor | None = None,
     ) -> Tensor:
+        """``control_hint`` / ``control_unit``: the rows' ControlNet units (controlnet/units.py)."""
         dt = self.dtype
         inp = x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
         added: dict[str, Tensor] | None = None
@@ -45,8 +49,23 @@ class SDUNet(nn.Module):
             if y is None or time_ids is None:
                 raise ValueError("an SDXL UNet needs both the pooled embedding y and time_ids")
             added = {"text_embeds": y.to(dt), "time_ids": time_ids.to(dt)}
+        extra: dict[str, Any] = {}
+        if control_unit is not None and control_hint is not None and self.controls is not None:
+            res = self.controls.residuals(
+                x, t, context, control_hint, control_unit, {"y": y, "time_ids": time_ids}
+            )
+            if res is not None:
+                extra = {
+                    "down_block_additional_residuals": tuple(res[0]),
+                    "mid_block_additional_residual": res[1],
+                }
         out = self.unet(
-            inp.to(dt), t, encoder_hidden_states=context.to(dt), added_cond_kwargs=added, return_dict=False
+            inp.to(dt),
+            t,
+            encoder_hidden_states=context.to(dt),
+            added_cond_kwargs=added,
+            return_dict=False,
+            **extra,
         )[0]
         return out.to(x.dtype)  # type: ignore[no-any-return]
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from service.models.controlnet import ControlSet, scan
 from service.models.embeddings import EmbeddingError
 from service.models.sd_loader import (
     SDComponents,
@@ -127,7 +128,44 @@ class StableDiffusion(TextImageModel):
             d["time_ids"] = ids.expand(n, -1).clone()
         return d
 
+    # --- ControlNet ---
+    def attach_controls(self, manifest: Manifest) -> None:
+        """ControlNets from the store's ``controlnet/`` folder, applied per row inside the UNet call."""
+        self.controls = ControlSet(
+            manifest.folder.parent, self.unet.config, self.device, self.dtype, manifest.name
+        )
+        self.denoiser.inner_model.controls = self.controls
+
+    def _control_rows(
+        self, req: TextRequest, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None
+    ) -> None:
+        """Every row carries the ControlNet keys once the store has ControlNets (so rows with units
+        and rows without share calls); a request's units fill its rows' slots."""
+        units = None if req.fields is None else req.fields.controlnets
+        controls: ControlSet | None = getattr(self, "controls", None)
+        if controls is None or not (units or scan(controls.root)):
+            if units:
+                raise InputError("controlnets", "this model takes no ControlNet units", [])
+            return
+        height, width = req.size
+        prepared = controls.prepare(list(units or []), height, width)
+        cond.update(controls.rows(prepared, req.n, height, width, uncond=False))
+        if uncond is not None:
+            uncond.update(controls.rows(prepared, req.n, height, width, uncond=True))
+
+    def bind_driver(self, driver: Any) -> None:
+        """Units' guidance_start / guidance_end -> each row's timestep window, from the job's sigmas."""
+        if getattr(self, "controls", None) is None:
+            return
+        for rows in (driver.cond, driver.uncond or {}):
+            ControlSet.bind_schedule(rows, driver.sigmas, self.denoiser.sigma_to_t)
+
     def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        cond, uncond = self._text_rows(req)
+        self._control_rows(req, cond, uncond)
+        return cond, uncond
+
+    def _text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         guided = req.cfg_scale != 1.0
         crop = None if req.fields is None else req.fields.crops_coords_top_left
         if crop is not None and not all(0 <= int(v) <= self.max_size for v in crop):
@@ -140,6 +178,8 @@ class StableDiffusion(TextImageModel):
 
     def conditioning_fields(self) -> frozenset[str]:
         extra = {"crops_coords_top_left"} if self.is_sdxl else set()  # SDXL's micro-conditioning
+        if getattr(self, "controls", None) is not None:
+            extra.add("controlnets")
         return super().conditioning_fields() | extra
 
     def add_images(self, out: TextJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
@@ -210,7 +250,9 @@ SDLoadedModel = TextLoadedModel  # the store's LoadedModel plus the model object
 
 def load_stable_diffusion(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> TextLoadedModel:
     """The model store's loader for kind "stable_diffusion"."""
-    return load_model(manifest, device, dtype).loaded(manifest)
+    sd = load_model(manifest, device, dtype)
+    sd.attach_controls(manifest)
+    return sd.loaded(manifest)
 
 
 register_loader("stable_diffusion", load_stable_diffusion)

@@ -208,6 +208,9 @@ class LoadedModel:
         refused naming it."""
         return frozenset()
 
+    def bind_driver(self, driver: Any) -> None:
+        """Settle conditioning that depends on the job's sigmas once its driver is built (no-op)."""
+
     def builds_off_loop(self, request: GenerationRequest) -> bool:
         """Whether building ``request`` is torch work to keep off the event loop (images to decode)."""
         return request.init_image is not None or request.mask is not None

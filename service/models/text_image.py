@@ -60,6 +60,7 @@ class TextInputs(TypedDict, total=False):
     mask: Tensor | None
     clip_skip: int | None
     guidance: float | None
+    fields: Any  # the served request (GenerationRequest): conditioning fields a family reads by name
 
 
 @dataclass
@@ -109,6 +110,10 @@ class TextLoadedModel(LoadedModel):
 
     def mask_size(self, init_size: tuple[int, int], generated: tuple[int, int]) -> tuple[int, int]:
         return init_size  # resized with the init image to the request size
+
+    def bind_driver(self, driver: Any) -> None:
+        if self.sd is not None:
+            self.sd.bind_driver(driver)
 
     def job_inputs(
         self, request: GenerationRequest, *, n: int, cfg_scale: float, denoise: float
@@ -236,6 +241,9 @@ class TextImageModel:
     def resolved(self, req: TextRequest) -> dict[str, Any]:
         """Request fields this family settles that the request left out (Flux-dev: its guidance)."""
         return {}
+
+    def bind_driver(self, driver: Any) -> None:
+        """Settle what depends on the job's sigmas in its conditioning rows (SD: ControlNet windows)."""
 
     def check_request(self, negative_prompt: str | None, cfg_scale: float) -> None:
         """Refuse what the model family does not take (Flux: negative prompts, CFG)."""

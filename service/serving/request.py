@@ -64,6 +64,25 @@ class LoraRef:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class ControlNetRef:
+    """One ControlNet unit of a request (GET /controlnet/model_list lists the models)."""
+
+    model: str
+    image: str | GatedImage | None = None
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str | int = "balanced"  # balanced | prompt | control, A1111's names, or 0-2
+    resize_mode: str | int = "crop_and_resize"  # just_resize | crop_and_resize | resize_and_fill, or 0-2
+    mask: str | GatedImage | None = None  # effective region (white = controlled)
+    module: str = "none"  # preprocessor (GET /controlnet/module_list)
+    processor_res: int | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+
+
 OPTION: Record = "spec"  # sampler / schedule options: recorded in the spec's options
 
 
@@ -117,6 +136,13 @@ class GenerationRequest:
     )
     loras: list[LoraRef] | None = request_field(
         "LoRAs applied to this request only (it still shares batches)", record="never", max_length=4
+    )
+    controlnets: list[ControlNetRef] | None = request_field(
+        "ControlNet units applied to this request only (it still shares batches): model, image, "
+        "weight, guidance_start, guidance_end, control_mode, resize_mode, mask, module",
+        record="never",
+        frontends=True,
+        max_length=3,
     )
     negative_prompt: str | None = request_field(
         "negative prompt (text models)", record="always", max_length=4000
@@ -275,6 +301,7 @@ def build_job(
     cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
     driver = start_driver(spec, model, shape, cond, uncond, cfg, inputs.init, inputs.mask)
+    model.bind_driver(driver)
     h, w = inputs.resolved.pop("image_size", model.image_size)
     resolved = {"model": model.name, "n": n, "cfg_scale": cfg, "width": w, "height": h, **inputs.resolved}
     params = recorded_parameters(request, spec, resolved)

@@ -1,0 +1,108 @@
+"""ControlNet models in the store's ``controlnet/`` folder, and loading one.
+
+Two layouts: a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, the
+``.fp16`` variant too) named by the folder, and an original single file (``control_v11p_sd15_canny.pth``
+or ``.safetensors``, ``control_model.*`` names) named by its stem. ``.pth`` files are read with
+``torch.load(weights_only=True)``: tensors only, no code runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import original_keys
+from .net import ControlNet, ControlNetConfig, ControlNetConfigError
+
+NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
+SINGLE = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+
+
+class ControlNetError(ValueError):
+    """A ControlNet file that does not load (unreadable, or not what its config says)."""
+
+
+@dataclass(frozen=True)
+class ControlNetFile:
+    name: str
+    path: Path  # the folder (diffusers) or the file (original)
+
+
+def scan(root: Path) -> dict[str, ControlNetFile]:
+    """The ControlNets in ``<store>/controlnet/`` by name (rescanned each time: new files appear)."""
+    folder = Path(root) / "controlnet"
+    out: dict[str, ControlNetFile] = {}
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHTS):
+            name = p.name
+        elif p.is_file() and p.suffix in SINGLE:
+            name = p.stem
+        else:
+            continue
+        if set(name) <= NAME_OK:
+            out.setdefault(name, ControlNetFile(name, p))
+    return out
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise ControlNetConfigError(f"{path.name} holds no state dict of tensors")
+    return raw
+
+
+def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
+    """The config and the diffusers-named state dict of a ControlNet file or folder."""
+    if info.path.is_dir():
+        raw_cfg: dict[str, Any] = json.loads((info.path / "config.json").read_text())
+        weights = next(info.path / w for w in WEIGHTS if (info.path / w).is_file())
+        sd = _read_tensors(weights)
+        return ControlNetConfig.from_dict(raw_cfg), sd
+    sd = _read_tensors(info.path)
+    if not original_keys.is_original(list(sd)):
+        raise ControlNetConfigError(
+            f"{info.path.name}: not an original ControlNet (no input_hint_block); a diffusers "
+            "ControlNet is a folder with config.json"
+        )
+    sd = original_keys.strip(sd)
+    raw_cfg = original_keys.infer_config(sd)
+    return ControlNetConfig.from_dict(raw_cfg), original_keys.to_diffusers(sd, raw_cfg)
+
+
+def load(info: ControlNetFile, device: torch.device, dtype: torch.dtype) -> ControlNet:
+    """Build the network and load its weights strictly (a missing or extra tensor is an error)."""
+    try:
+        cfg, sd = read(info)
+        net = ControlNet(cfg)
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+    except (ControlNetConfigError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise ControlNetError(f"ControlNet {info.name!r} could not be loaded: {exc}") from exc
+    if missing or unexpected:
+        raise ControlNetError(
+            f"ControlNet {info.name!r} does not match its config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    return net.to(device, dtype).eval()
+
+
+def family(cfg: ControlNetConfig | Any) -> str:
+    """A readable base-model family for a UNet / ControlNet config (the 422 names it)."""
+    get = (lambda k: getattr(cfg, k, None)) if not isinstance(cfg, dict) else cfg.get
+    dim = get("cross_attention_dim")
+    if get("addition_embed_type") == "text_time":
+        return f"SDXL (cross_attention_dim {dim})"
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(int(dim or 0), "SD") + f" (cross_attention_dim {dim})"

@@ -1,0 +1,276 @@
+"""ControlNet units per request, per row, in shared UNet calls.
+
+A request's units ride in its conditioning rows, so rows with different ControlNets, different
+control images or none share one UNet call (the scheduler groups rows by conditioning keys and
+shapes, and every row of a model whose store has ControlNets carries both keys):
+
+- :data:`HINT` ``[rows, MAX_UNITS, 4, H, W]`` uint8: each unit's control image (RGB) and its
+  effective-region mask (255 = everywhere) at the generation size;
+- :data:`UNIT` ``[rows, MAX_UNITS, 5]`` float: ControlNet id (-1: empty slot), weight, the
+  timestep window ``(t_lo, t_hi]`` in which it acts, and 1 for soft injection.
+
+:meth:`ControlSet.residuals` runs, per ControlNet used by some active row, ONE call over all the
+(row, unit) pairs that use it (their control images concatenated), scales each pair's outputs
+by its weight (soft injection: ``0.825 ** (12 - i)`` for output i, as sd-webui-controlnet), masks
+them, and sums them per row; rows without an active unit add zero. Control modes (the extension's
+``soft_injection = mode != Balanced``, ``cfg_injection = mode == ControlNet is more important``:
+then the unit acts on the cond rows only) and guidance_start / guidance_end (the extension's rule:
+step i acts when ``start <= i / steps <= end``) are settled per row when the job is built:
+:meth:`bind_schedule` turns the step window into the row's timestep window from its own sigmas.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.image_gate import ImageInputError, load
+from service.sampling.errors import InputError
+
+from . import files, preprocess
+from .net import ControlNet
+
+HINT, UNIT = "control_hint", "control_unit"
+MAX_UNITS = 3  # sd-webui-controlnet's default unit count
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+MODE_ALIASES = {"balanced": 0, "prompt": 1, "control": 2}
+
+
+def _index(value: Any, names: tuple[str, ...], aliases: dict[str, int], field: str) -> int:
+    """A mode given as its A1111 name (any case), one of our short names, or its index."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        for i, n in enumerate(names):
+            if low == n.lower():
+                return i
+        if low in aliases:
+            return aliases[low]
+        if low.isdigit() and int(low) < len(names):
+            return int(low)
+    raise InputError(
+        field, f"{field} must be one of {list(names)} (or 0-{len(names) - 1}); got {value!r}", list(names)
+    )
+
+
+def control_mode(value: Any, field: str = "controlnets.control_mode") -> int:
+    return _index(value, CONTROL_MODES, MODE_ALIASES, field)
+
+
+def resize_mode(value: Any, field: str = "controlnets.resize_mode") -> int:
+    aliases = {
+        "just_resize": 0,
+        "crop_and_resize": 1,
+        "resize_and_fill": 2,
+        "inner_fit": 1,
+        "outer_fit": 2,
+        "envelope (outer fit)": 2,
+        "scale to fit (inner fit)": 1,
+    }
+    return _index(value, preprocess.RESIZE_MODES, aliases, field)
+
+
+@dataclass
+class PreparedUnit:
+    net: int
+    weight: float
+    start: float
+    end: float
+    mode: int
+    hint: Tensor  # [4, H, W] uint8
+
+
+def control_image(unit: Any, height: int, width: int, field: str) -> Tensor:
+    """A unit's control image through the image gate, its preprocessor and its resize mode:
+    [4, H, W] uint8 (RGB and the effective-region mask)."""
+    module = preprocess.module_name(str(getattr(unit, "module", None) or "none"))
+    if module is None:
+        raise InputError(
+            f"{field}.module", f"unknown preprocessor {unit.module!r}", sorted(preprocess.MODULES)
+        )
+    mode = resize_mode(getattr(unit, "resize_mode", 1), f"{field}.resize_mode")
+    if unit.image is None:
+        raise InputError(f"{field}.image", "a ControlNet unit needs an image")
+    try:
+        img = np.asarray(load(unit.image, f"{field}.image").image.convert("RGB"))
+        mask_data = getattr(unit, "mask", None)
+        mask = None if mask_data is None else np.asarray(load(mask_data, f"{field}.mask").image.convert("L"))
+    except ImageInputError as exc:
+        raise InputError(exc.field, exc.message, exc.allowed) from exc
+    res = getattr(unit, "processor_res", None)
+    if getattr(unit, "pixel_perfect", False):
+        res = preprocess.pixel_perfect_resolution(img.shape[0], img.shape[1], height, width, mode)
+    if module != "none":
+        res = None if res is None or int(res) <= 0 else min(int(res), 2048)
+        img = preprocess.run(
+            module, img, res, getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None)
+        )
+    rgb = preprocess.fit(img, width, height, mode)
+    m = (
+        np.full((height, width), 255, np.uint8)
+        if mask is None
+        else preprocess.fit(np.repeat(mask[:, :, None], 3, 2), width, height, 0)[:, :, 0]
+    )
+    return torch.from_numpy(np.concatenate([rgb, m[:, :, None]], axis=2).copy()).permute(2, 0, 1)
+
+
+class ControlSet:
+    """The ControlNets one loaded SD model uses: loaded on first use and kept (ids are stable)."""
+
+    def __init__(
+        self, root: Path, unet_config: Any, device: torch.device, dtype: torch.dtype, model: str
+    ) -> None:
+        self.root, self.unet_config, self.device, self.dtype, self.model = (
+            root,
+            unet_config,
+            device,
+            dtype,
+            model,
+        )
+        self.nets: list[ControlNet] = []
+        self._ids: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> dict[str, files.ControlNetFile]:
+        return files.scan(self.root)
+
+    def resolve(self, name: str, field: str) -> int:
+        known = self.available()
+        key = name.strip()
+        if key not in known and key.endswith("]") and " [" in key:
+            key = key.rsplit(" [", 1)[0]  # A1111 lists "name [hash]"
+        info = known.get(key)
+        if info is None:
+            raise InputError(f"{field}.model", f"unknown ControlNet {name!r}", sorted(known))
+        with self._lock:
+            if info.path in self._ids:
+                return self._ids[info.path]
+            try:
+                net = files.load(info, self.device, self.dtype)
+            except files.ControlNetError as exc:
+                raise InputError(f"{field}.model", str(exc), sorted(known)) from exc
+            self._check_base(net, info.name, field)
+            self._ids[info.path] = len(self.nets)
+            self.nets.append(net)
+            return self._ids[info.path]
+
+    def _check_base(self, net: ControlNet, name: str, field: str) -> None:
+        u, c = self.unet_config, net.cfg
+        same = (
+            int(u.cross_attention_dim) == c.cross_attention_dim
+            and tuple(u.block_out_channels) == tuple(c.block_out_channels)
+            and (u.addition_embed_type == "text_time") == c.is_sdxl
+            and int(u.layers_per_block) == c.layers_per_block
+        )
+        if not same:
+            raise InputError(
+                f"{field}.model",
+                f"ControlNet {name!r} is for {files.family(c)}, but model {self.model!r} is "
+                f"{files.family(dict(u))}",
+            )
+
+    # --- building a request's rows ---
+    def prepare(self, units: list[Any], height: int, width: int) -> list[PreparedUnit]:
+        if len(units) > MAX_UNITS:
+            raise InputError(
+                "controlnets", f"at most {MAX_UNITS} ControlNet units per request, got {len(units)}"
+            )
+        out = []
+        for i, unit in enumerate(units):
+            field = f"controlnets[{i}]"
+            start, end = float(unit.guidance_start), float(unit.guidance_end)
+            if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+                raise InputError(
+                    f"{field}.guidance_start", "guidance_start and guidance_end must be in [0, 1]"
+                )
+            mode = control_mode(unit.control_mode, f"{field}.control_mode")
+            net = self.resolve(str(unit.model), field)
+            hint = control_image(unit, height, width, field)
+            out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint))
+        return out
+
+    def rows(
+        self, units: list[PreparedUnit], n: int, height: int, width: int, uncond: bool
+    ) -> dict[str, Tensor]:
+        """The two conditioning tensors for ``n`` rows (uncond rows: no unit in
+        "ControlNet is more important" mode or on a global-pooling ControlNet, as the extension)."""
+        hint = torch.zeros(MAX_UNITS, 4, height, width, dtype=torch.uint8)
+        table = torch.tensor([[-1.0, 0.0, 0.0, 0.0, 0.0]] * MAX_UNITS)
+        for i, u in enumerate(units):
+            if uncond and (u.mode == 2 or self.nets[u.net].cfg.global_pool_conditions):
+                continue
+            hint[i] = u.hint
+            # start / end stay step fractions until bind_schedule turns them into a timestep window
+            table[i] = torch.tensor([float(u.net), u.weight, u.start, u.end, float(u.mode != 0)])
+        return {HINT: hint.expand(n, -1, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
+
+    @staticmethod
+    def bind_schedule(cond: dict[str, Tensor], sigmas: Tensor, sigma_to_t: Any) -> None:
+        """Step fractions -> the timestep window ``(t_lo, t_hi]`` of the steps i with
+        ``start <= i / steps <= end`` (in place; a window with no step: the slot is emptied)."""
+        table = cond.get(UNIT)
+        if table is None:
+            return
+        steps = len(sigmas) - 1
+        s = sigmas.detach().float().cpu()
+        ts = sigma_to_t(s.clamp(min=1e-8)).float().cpu()
+        for row in table.view(-1, table.shape[-1]):
+            if row[0] < 0:
+                continue
+            start, end = float(row[2]), float(row[3])
+            # the fractions were stored as float32: compare within its rounding
+            active = [i for i in range(steps) if start - 1e-6 <= i / steps <= end + 1e-6]
+            if not active:
+                row[0] = -1
+                continue
+            first, last = active[0], active[-1]
+            # the window opens at the first active step's sigma and closes above the next step's
+            row[3] = float(ts[first]) + 1e-3
+            row[2] = float(ts[last + 1]) + 1e-3 if last + 1 < steps and s[last + 1] > 0 else float("-inf")
+
+    # --- the model call ---
+    def residuals(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        hint: Tensor,
+        unit: Tensor,
+        extra: dict[str, Tensor | None],
+    ) -> tuple[list[Tensor], Tensor] | None:
+        """The summed residuals for each row (down residuals, mid residual), or None when no row
+        has an active unit at this timestep."""
+        tt = t.reshape(-1).expand(x.shape[0]).float().to(unit.device)[:, None]
+        ids = unit[..., 0]
+        active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 2]) & (tt <= unit[..., 3])
+        if not bool(active.any()):
+            return None
+        total: list[Tensor] | None = None
+        for net_id in sorted({int(v) for v in ids[active].tolist()}):
+            rows, slots = torch.nonzero(active & (ids == net_id), as_tuple=True)
+            net = self.nets[net_id]
+            h = hint[rows, slots].to(self.dtype) / 255
+            picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
+            outs = net(x[rows], t.reshape(-1).expand(x.shape[0])[rows], context[rows], h[:, :3], **picked)
+            weight = unit[rows, slots, 1].to(outs[0].dtype)
+            soft = unit[rows, slots, 4].to(outs[0].dtype)
+            mask = h[:, 3:4]
+            if total is None:
+                total = [torch.zeros(x.shape[0], *o.shape[1:], dtype=o.dtype, device=o.device) for o in outs]
+            for i, o in enumerate(outs):
+                scale = weight * (soft * (0.825 ** float(12 - i)) + (1 - soft))
+                r = o * scale.view(-1, 1, 1, 1)
+                if not bool((mask == 1).all()):  # the effective region, at this resolution
+                    r = r * torch.nn.functional.interpolate(mask, size=o.shape[-2:], mode="area")
+                total[i] = total[i].index_add(0, rows, r)
+        assert total is not None
+        return total[:-1], total[-1]

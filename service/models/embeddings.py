@@ -122,6 +122,7 @@ def _parts(data: Any) -> dict[str, Tensor]:
         raise EmbeddingFileError(f"not an embedding: the file holds a {type(data).__name__}, not a dict")
     if "string_to_param" in data:
         params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)  # a ParameterDict (torch 1.11): its dict
         if not isinstance(params, dict) or len(params) != 1:
             raise EmbeddingFileError("string_to_param must hold exactly one tensor (A1111's {'*': tensor})")
         return {"": _tensor(next(iter(params.values())), "string_to_param")}
@@ -145,12 +146,16 @@ def _load(path: Path) -> Any:
 
         return load_file(str(path), device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A1111 files saved with torch 1.11 hold string_to_param as a ParameterDict: a container whose
+        # state is restored as data (no code of the file runs), so it is the one class allowed beyond
+        # tensors and plain containers.
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        culprit = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise EmbeddingFileError(
-            "refused: the file needs Python code to load (a pickle beyond plain tensors); "
-            f"only weights are read ({first[:160]})"
+            "refused: the file needs Python code to load (a pickle beyond plain tensors; only weights"
+            " are read)" + (f": {culprit[:160]}" if culprit else "")
         ) from exc
 
 

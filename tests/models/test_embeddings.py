@@ -31,6 +31,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.sampling.errors import InputError  # noqa: E402
 from tests.support.embedding_files import (  # noqa: E402
     a1111_pt,
+    a1111_pt_torch111,
     concept_bin,
     emb_params,
     pickled_code,
@@ -61,6 +62,7 @@ def _fixes(text: Any, prompt: str) -> list[tuple[int, int]]:
 def test_every_layout_loads_and_hostile_files_are_skipped_with_the_reason(sd1: Any, tmp_path: Path) -> None:
     folder = tmp_path / "embeddings"
     a1111_pt(folder / "a1111.pt", vectors(3, WIDTH, 1), step=1500)
+    a1111_pt_torch111(folder / "old.pt", vectors(2, WIDTH, 8))
     emb_params(folder / "sub" / "kohya.safetensors", vectors(2, WIDTH, 2))
     concept_bin(folder / "concept.bin", "<concept>", vectors(1, WIDTH, 3)[0])
     sdxl_pair(folder / "xl.safetensors", vectors(2, WIDTH, 4), vectors(2, 48, 5))
@@ -74,20 +76,22 @@ def test_every_layout_loads_and_hostile_files_are_skipped_with_the_reason(sd1: A
     text = _attach(sd1, tmp_path)
 
     listing = text.embeddings.catalog().listing()
-    assert set(listing["loaded"]) == {"a1111", "kohya", "concept"}
+    assert set(listing["loaded"]) == {"a1111", "kohya", "concept", "old"}
     assert listing["loaded"]["a1111"] == {"step": 1500, "sd_checkpoint": "a9263745",
                                           "sd_checkpoint_name": "v1-5-pruned-emaonly", "shape": WIDTH,
                                           "vectors": 3}  # fmt: skip
     assert listing["loaded"]["kohya"]["vectors"] == 2 and listing["loaded"]["concept"]["vectors"] == 1
+    assert torch.equal(text.embeddings.catalog().loaded["old"].parts[""], vectors(2, WIDTH, 8))  # torch 1.11
     skipped = {name: entry["reason"] for name, entry in listing["skipped"].items()}
     assert set(skipped) == {"xl", "wide", "evil", "corrupt", "truncated", "twokeys"}
     assert "does not fit" in skipped["xl"] and "does not fit" in skipped["wide"]
     assert listing["skipped"]["xl"]["shape"] == WIDTH + 48 and listing["skipped"]["wide"]["shape"] == 768
     assert "needs Python code" in skipped["evil"] and not marker.exists()  # refused, never run
+    assert "posix.system" in skipped["evil"]  # what it wanted to call
     assert skipped["corrupt"].startswith("unreadable") and skipped["truncated"].startswith("unreadable")
     assert "not an embedding" in skipped["twokeys"]
     assert EmbeddingIndex(tmp_path).comfy_names() == sorted(
-        ["a1111", "sub/kohya", "concept", "xl", "wide", "evil", "corrupt", "truncated", "twokeys"]
+        ["a1111", "old", "sub/kohya", "concept", "xl", "wide", "evil", "corrupt", "truncated", "twokeys"]
     )
     assert "sub/kohya.safetensors" in EmbeddingIndex(tmp_path).comfy_files()
     # the prompt still encodes (the bad files are simply not there)

@@ -36,6 +36,15 @@ def a1111_pt(path: Path, vec: Tensor, step: int = 1500) -> Path:
     return path
 
 
+def a1111_pt_torch111(path: Path, vec: Tensor) -> Path:
+    """The same as saved by A1111 under torch 1.11: ``string_to_param`` is a ``torch.nn.ParameterDict``
+    (A1111 reads its ``_parameters``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vec.clone())})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": path.stem, "step": 7}, path)
+    return path
+
+
 def emb_params(path: Path, vec: Tensor) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"emb_params": vec.contiguous()}, str(path))

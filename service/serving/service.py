@@ -67,7 +67,9 @@ class Service:
         self.jobs.on_drop = self.journal.dropped
         store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
-        self.webhooks = Webhooks(settings)
+        self.webhooks = Webhooks(settings, self.journal.db)
+        if self.webhooks.enabled:
+            self.add_terminal_listener(self.webhooks.on_terminal)
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
         self.ready = False
         self.draining = False
@@ -112,14 +114,15 @@ class Service:
             self._track(asyncio.get_running_loop().create_task(replay()))
 
     def _rewatch(self, job: Job, request: GenerationRequest) -> None:
-        """A replayed job's webhook, as when it was accepted (unless the allow-list now refuses it)."""
+        """A replayed job's progress webhooks, as when it was accepted (its terminal one comes from
+        the journal's listener; nothing if the allow-list now refuses it)."""
         try:
             callback = self.webhooks.target(request.callback_url, job.owner)
         except InputError as exc:
             log.warning("job %s: its webhook is not sent: %s", job.id, exc.message)
             return
-        if callback is not None:
-            self.webhooks.watch(job, callback, request.callback_progress_s)
+        if callback is not None and request.callback_progress_s:
+            self.webhooks.follow_progress(job, callback, request.callback_progress_s)
 
     # --- jobs ---
     def limits(self) -> Limits:
@@ -149,8 +152,8 @@ class Service:
         except BaseException:  # not recorded: not accepted
             self.cancel(job)
             raise
-        if callback is not None:
-            self.webhooks.watch(job, callback, request.callback_progress_s)
+        if callback is not None and request.callback_progress_s:  # its end: the journal's listener
+            self.webhooks.follow_progress(job, callback, request.callback_progress_s)
         return job
 
     async def _queue(self, request: GenerationRequest, owner: str | None, wait_load: bool) -> Job:

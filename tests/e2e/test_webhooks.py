@@ -249,7 +249,39 @@ def test_a_pending_delivery_survives_a_restart(
     again = start(store, logs / "second.log", receiver, KDIFF_STATE_DIR=str(state))
     try:
         (post,) = receiver.wait("/later", 1, timeout_s=30)
+        with httpx.Client(base_url=again.url, timeout=30, headers=AUTH1) as c:
+            (after,) = wait_view(c, job_id, settled)["webhooks"]  # the job and its delivery, restored
     finally:
         again.stop()
     assert post.verdict == "ok" and post.json["id"] == job_id and post.json["status"] == "succeeded"
-    assert post.headers["Kdiff-Delivery"] == hook["id"]
+    assert post.headers["Kdiff-Delivery"] == hook["id"] == after["id"]
+    assert after["state"] == "delivered" and [a["status_code"] for a in after["attempts"]][-1] == 200
+    assert not list(state.glob("webhook*"))  # the outbox is a table of the job store's file
+
+
+def test_a_job_replayed_after_a_crash_sends_its_webhook_once(
+    store: Path, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """kill -9 while the job is queued or running: the durable store runs it again at the next
+    start, and its end, recorded once, is delivered once."""
+    state = tmp_path_factory.mktemp("state-replay")
+    logs = tmp_path_factory.mktemp("replay-log")
+    url = receiver.on("/replayed")
+    srv = start(store, logs / "first.log", receiver, KDIFF_STATE_DIR=str(state))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30, headers=AUTH1) as c:
+            job_id = submit(c, callback_url=url, steps=3000)
+    finally:
+        srv.stop()  # SIGKILL, the job not finished
+    assert receiver.posts("/replayed") == []
+    again = start(store, logs / "second.log", receiver, KDIFF_STATE_DIR=str(state))
+    try:
+        (post,) = receiver.wait("/replayed", 1, timeout_s=60)
+        with httpx.Client(base_url=again.url, timeout=30, headers=AUTH1) as c:
+            view = wait_view(c, job_id, settled)
+        time.sleep(0.5)
+    finally:
+        again.stop()
+    assert len(receiver.posts("/replayed")) == 1
+    assert post.verdict == "ok" and post.json["id"] == job_id and post.json["status"] == "succeeded"
+    assert post.json["parameters"]["seeds"] == view["result"]["seeds"]

@@ -1,5 +1,5 @@
 """Webhook targets: the allow list, the SSRF rules (after DNS), the signature, the back-off, the
-outbox file."""
+outbox table."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from service.serving.jobstore import StateDB
 from service.serving.webhooks import check_url, parse_patterns, signature_header
-from service.serving.webhooks.outbox import Attempt, Delivery, SqliteOutbox
+from service.serving.webhooks.outbox import Attempt, Delivery, StateOutbox
 from service.serving.webhooks.sender import backoff_s
 from service.serving.webhooks.targets import TargetRefused, refusal, resolve
 from tests.support.webhook_receiver import verify
@@ -126,33 +127,24 @@ def _delivery(i: int) -> Delivery:
     return Delivery(f"d{i}", f"job{i}", "owner", "http://127.0.0.1:9/", "job.succeeded", b"{}", 1000.0 + i)
 
 
-def test_the_sqlite_outbox_keeps_deliveries_across_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "webhooks.sqlite3"
-    box = SqliteOutbox(path)
+def test_the_outbox_table_survives_reopening_the_state_file(tmp_path: Path) -> None:
+    db = StateDB(tmp_path)
+    box = StateOutbox(db)
     assert box.add(_delivery(1)) and box.add(_delivery(2))
     assert not box.add(_delivery(1))  # the same delivery id twice: kept once
+    # inside a caller's transaction (the job store's terminal listener): committed with it
+    assert db.write(lambda conn: StateOutbox.insert(conn, _delivery(3))).result()
+    assert not db.write(lambda conn: StateOutbox.insert(conn, _delivery(3))).result()
     d = _delivery(2)
     d.record(Attempt(1001.0, 0.5, 500, "the receiver answered 500"))
     d.next_at = 1010.0
     box.save(d)
-    box.close()
-    again = SqliteOutbox(path)
+    db.close()  # commits what is queued
+    db = StateDB(tmp_path)
+    again = StateOutbox(db)
     loaded = again.load(since=0)
-    assert [x.id for x in loaded] == ["d1", "d2"]
+    assert [x.id for x in loaded] == ["d1", "d2", "d3"]
     assert loaded[1].attempts == d.attempts and loaded[1].next_at == 1010.0 and loaded[1].body == b"{}"
     again.purge(before=1001.5)
-    assert [x.id for x in again.load(since=0)] == ["d2"]
-    again.close()
-
-
-def test_a_corrupted_outbox_is_a_clear_error_at_start(tmp_path: Path) -> None:
-    path = tmp_path / "webhooks.sqlite3"
-    box = SqliteOutbox(path)
-    for i in range(200):
-        box.add(_delivery(i))
-    box.close()
-    data = bytearray(path.read_bytes())
-    data[100:4000] = b"\xff" * 3900  # the header's tail and the schema page
-    path.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="webhook outbox .* corrupted.*move it away"):
-        SqliteOutbox(path)
+    assert [x.id for x in again.load(since=0)] == ["d2", "d3"]
+    db.close()

@@ -15,21 +15,21 @@ import asyncio
 import hashlib
 import json
 import logging
+import sqlite3
 import threading
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Protocol
 
 from service.engine import ImageResult, Job, JobStatus
 from service.sampling.errors import InputError
 
-from .outbox import Delivery, MemoryOutbox, Outbox, SqliteOutbox
+from ..jobstore import StateDB, TerminalEvent
+from .outbox import Attempt, Delivery, MemoryOutbox, Outbox, StateOutbox
 from .sender import Sender, SenderConfig
 from .targets import Target, TargetRefused, check_url, parse_patterns
 
 log = logging.getLogger("kdiff.webhooks")
-OUTBOX_FILE = "webhooks.sqlite3"
 MAX_PENDING = 10_000  # deliveries waiting at once; beyond it a new one fails at once ("outbox full")
 KEPT_PER_PROCESS = 5_000  # finished deliveries indexed for GET /jobs/{id} (oldest forgotten first)
 
@@ -40,9 +40,6 @@ class Secret(Protocol):
 
 class WebhookSettings(Protocol):
     """What webhooks read from the settings (``service.api.settings.Settings`` has it)."""
-
-    @property
-    def state_dir(self) -> str | Path | None: ...  # empty or None: in memory
 
     webhook_urls: list[Any]  # "<api key>=<url>" or "*=<url>" (SecretStr: they name keys)
     webhook_secret: Any  # SecretStr | None
@@ -103,17 +100,19 @@ def event_body(job: Job, delivery_id: str, event: str | None = None) -> bytes:
 
 
 class Webhooks:
-    """The service's webhooks: submit-time checks, the outbox, the delivery thread."""
+    """The service's webhooks: submit-time checks, the outbox, the delivery thread. A job's
+    terminal event comes from the job store's terminal listener (:meth:`on_terminal`: with a state
+    dir inside the transaction that records the job's end, so its delivery is stored with it)."""
 
-    def __init__(self, settings: WebhookSettings) -> None:
+    def __init__(self, settings: WebhookSettings, db: StateDB | None = None) -> None:
         self.patterns = parse_patterns(settings.webhook_allow)
+        self.enabled = bool(self.patterns)  # an empty allow list: no callback can be accepted
         urls = [getattr(e, "get_secret_value", lambda e=e: e)() for e in settings.webhook_urls]
         self.defaults = parse_defaults(urls)
         self.max_age_s = settings.webhook_max_age_s
         secret = settings.webhook_secret
         self.secret = secret.get_secret_value() if secret is not None else None
-        state_dir = settings.state_dir
-        self.outbox: Outbox = SqliteOutbox(Path(state_dir) / OUTBOX_FILE) if state_dir else MemoryOutbox()
+        self.outbox: Outbox = StateOutbox(db) if db is not None and self.enabled else MemoryOutbox()
         self.lock = threading.Lock()
         self.sender = Sender(
             SenderConfig(
@@ -128,7 +127,7 @@ class Webhooks:
             self.lock,
         )
         self._by_job: dict[str, list[Delivery]] = {}
-        self._watchers: dict[asyncio.Task[None], tuple[Job, str]] = {}
+        self._followers: set[asyncio.Task[None]] = set()
         for url in self.defaults.values():
             try:
                 check_url(url, self.patterns)
@@ -140,12 +139,16 @@ class Webhooks:
     # --- lifecycle ---
     async def start(self) -> None:
         """Start the delivery thread and resume the outbox's pending deliveries."""
+        if not self.enabled:
+            return
         since = time.time() - self.max_age_s
         await asyncio.to_thread(self.outbox.purge, since)
         kept = await asyncio.to_thread(self.outbox.load, since)
         self.sender.start()
+        with self.lock:
+            for d in kept:
+                self._index(d)
         for d in kept:
-            self._index(d)
             if d.state == "pending":
                 self.sender.submit(d)
         resumed = sum(d.state == "pending" for d in kept)
@@ -153,20 +156,21 @@ class Webhooks:
             log.info("webhooks: %d pending deliveries resumed from the outbox", resumed)
 
     async def stop(self) -> None:
-        """Stop watching and delivering; pending deliveries stay in the outbox (a persisted one is
-        resumed at the next start)."""
-        for task, (job, url) in list(self._watchers.items()):
+        """Stop delivering; pending deliveries stay in the outbox (a stored one is resumed at the
+        next start). Before the job store closes: the last attempts' rows go through it."""
+        for task in self._followers:
             task.cancel()
-            if job.status.finished:  # ended during the drain; its watcher had not run yet
-                self.enqueue(job, url)
         await asyncio.to_thread(self.sender.stop)
         self.outbox.close()
 
     # --- jobs ---
+    def _url_for(self, url: str | None, owner: str | None) -> str | None:
+        return url if url is not None else self.defaults.get(owner, self.defaults.get(None))
+
     def target(self, url: str | None, owner: str | None) -> Target | None:
         """The callback of a job being submitted: its own ``callback_url``, else its key's default
         (``KDIFF_WEBHOOK_URLS``), else none. InputError naming ``callback_url`` when refused."""
-        url = url if url is not None else self.defaults.get(owner, self.defaults.get(None))
+        url = self._url_for(url, owner)
         if url is None:
             return None
         try:
@@ -174,33 +178,53 @@ class Webhooks:
         except TargetRefused as exc:
             raise InputError("callback_url", f"callback_url refused: {exc}") from None
 
-    def watch(self, job: Job, target: Target, progress_s: float | None = None) -> None:
-        """Send ``job``'s terminal event to ``target`` once it ends; with ``progress_s``, also
-        ``job.started`` and at most one ``job.progress`` per ``progress_s`` while it runs."""
-        task = asyncio.get_running_loop().create_task(self._follow(job, target.url, progress_s))
-        self._watchers[task] = (job, target.url)
-        task.add_done_callback(lambda t: self._watchers.pop(t, None))
+    def on_terminal(self, event: TerminalEvent, conn: sqlite3.Connection | None) -> None:
+        """The job store's terminal listener: the job's terminal event into the outbox (in the
+        store's transaction when ``conn`` is given) and on to the delivery thread. A URL that the
+        allow list refuses by now fails at its first attempt, recorded."""
+        url = self._url_for(event.request.callback_url, event.job.owner)
+        if url is not None:
+            self.enqueue(event.job, url, conn)
 
-    async def _follow(self, job: Job, url: str, progress_s: float | None) -> None:
-        if progress_s:
-            last, sent = None, None  # monotonic time and delivery of the latest event sent
-            while not job.status.finished:
-                changed = job.change_event()  # taken before the state is read
-                if job.status != JobStatus.running:
-                    await changed.wait()
-                    continue
-                now = time.monotonic()
-                if last is None or (
-                    now - last >= progress_s and sent is not None and sent.state != "pending"
-                ):
-                    sent = self._send_once(job, url, "job.progress" if last else "job.started")
-                    last = now
-                try:  # until the next one is due (not woken at every step) or the job ends
-                    await asyncio.wait_for(job.wait_done(), max(0.05, last + progress_s - now))
-                except asyncio.TimeoutError:
-                    pass
-        await job.wait_done()
-        self.enqueue(job, url)
+    def enqueue(self, job: Job, url: str, conn: sqlite3.Connection | None = None) -> None:
+        event = f"job.{job.status.value}"
+        delivery_id = _delivery_id(job.id, event, url)
+        now = time.time()
+        d = Delivery(delivery_id, job.id, job.owner, url, event, event_body(job, delivery_id), now)
+        if self.sender.in_flight >= MAX_PENDING:
+            d.state = "failed"
+            d.record(Attempt(now, 0.0, None, f"not sent: {MAX_PENDING} deliveries pending (outbox full)"))
+        added = StateOutbox.insert(conn, d) if conn is not None else self.outbox.add(d)
+        if not added:  # stored already: this event was sent (or is being sent) before
+            return
+        with self.lock:
+            self._index(d)
+        if d.state == "pending":
+            self.sender.submit(d)
+        else:
+            log.warning("webhook outbox full (%d pending): %s of job %s dropped", MAX_PENDING, event, job.id)
+
+    def follow_progress(self, job: Job, target: Target, progress_s: float) -> None:
+        """``job.started``, then at most one ``job.progress`` per ``progress_s`` while ``job`` runs."""
+        task = asyncio.get_running_loop().create_task(self._progress(job, target.url, progress_s))
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _progress(self, job: Job, url: str, progress_s: float) -> None:
+        last, sent = None, None  # monotonic time and delivery of the latest event sent
+        while not job.status.finished:
+            changed = job.change_event()  # taken before the state is read
+            if job.status != JobStatus.running:
+                await changed.wait()
+                continue
+            now = time.monotonic()
+            if last is None or (now - last >= progress_s and sent is not None and sent.state != "pending"):
+                sent = self._send_once(job, url, "job.progress" if last else "job.started")
+                last = now
+            try:  # until the next one is due (not woken at every step) or the job ends
+                await asyncio.wait_for(job.wait_done(), max(0.05, last + progress_s - now))
+            except asyncio.TimeoutError:
+                pass
 
     def _send_once(self, job: Job, url: str, event: str) -> Delivery:
         delivery_id = _delivery_id(job.id, f"{event}@{time.time()}", url)
@@ -208,20 +232,6 @@ class Webhooks:
         d = Delivery(delivery_id, job.id, job.owner, url, event, body, time.time(), ephemeral=True)
         self.sender.submit(d)
         return d
-
-    def enqueue(self, job: Job, url: str) -> None:
-        event = f"job.{job.status.value}"
-        delivery_id = _delivery_id(job.id, event, url)
-        d = Delivery(delivery_id, job.id, job.owner, url, event, event_body(job, delivery_id), time.time())
-        if self.sender.in_flight >= MAX_PENDING:
-            d.state = "failed"
-        if not self.outbox.add(d):  # already there: this event was sent (or is being sent) before
-            return
-        self._index(d)
-        if d.state == "pending":
-            self.sender.submit(d)
-        else:
-            log.warning("webhook outbox full (%d pending): %s of job %s dropped", MAX_PENDING, event, job.id)
 
     def _index(self, d: Delivery) -> None:
         self._by_job.setdefault(d.job_id, []).append(d)

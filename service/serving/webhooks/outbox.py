@@ -1,20 +1,24 @@
 """The webhook outbox: every delivery, its attempts and its state, kept where a restart finds it.
 
 A :class:`Delivery` is added when its job ends, before any attempt, and saved after each attempt,
-so a restart (even ``kill -9``) resumes the pending ones. ``SqliteOutbox`` is one SQLite file (WAL)
-under ``KDIFF_STATE_DIR``; ``MemoryOutbox`` (``KDIFF_STATE_DIR`` empty) keeps them in this process
-only. Both are behind the narrow :class:`Outbox` interface, so the durable job store can host the
-table instead without the sender changing.
+so a restart (even ``kill -9``) resumes the pending ones. ``StateOutbox`` is a table in the durable
+job store's SQLite file under ``KDIFF_STATE_DIR`` (the terminal delivery is inserted in the same
+transaction as the job's end); ``MemoryOutbox`` (``KDIFF_STATE_DIR`` empty) keeps them in this
+process only. The sender sees the narrow :class:`Outbox` interface only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from ..jobstore import StateDB
+
+log = logging.getLogger("kdiff.webhooks")
 
 KEPT_ATTEMPTS = 20  # the latest attempts kept per delivery (the count covers all of them)
 
@@ -104,68 +108,62 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_created ON webhook_deliveries (created);
 """
 COLUMNS = "id, job_id, owner, url, event, body, created, state, next_at, attempt_count, attempts"
+UPSERT = f"INSERT OR {{}} INTO webhook_deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 
 
-class SqliteOutbox:
-    """One SQLite file (WAL; each add and save is its own small transaction). Used from the event
-    loop (add: microseconds, no fsync per commit with synchronous=NORMAL) and from the delivery
-    thread (save), hence one connection behind a lock."""
+def _row(d: Delivery) -> tuple[object, ...]:
+    attempts = json.dumps([asdict(a) for a in d.attempts])
+    return (d.id, d.job_id, d.owner, d.url, d.event, d.body, d.created, d.state, d.next_at,
+            d.attempt_count, attempts)  # fmt: skip
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            ok = self._db.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise sqlite3.DatabaseError(ok)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise RuntimeError(
-                f"the webhook outbox {path} is unreadable or corrupted ({exc}); move it away to start "
-                "with an empty outbox (its pending deliveries are then lost)"
-            ) from None
+
+class StateOutbox:
+    """The ``webhook_deliveries`` table of the durable job store's file (``KDIFF_STATE_DIR``,
+    service/serving/jobstore): written by its writer thread; a job's terminal delivery by
+    :meth:`insert`, inside the transaction that records the job's end, so a job recorded as ended
+    always has its delivery stored."""
+
+    def __init__(self, db: StateDB) -> None:
+        self.db = db
+        db.add_schema(SCHEMA)
 
     @staticmethod
-    def _row(d: Delivery) -> tuple[object, ...]:
-        attempts = json.dumps([asdict(a) for a in d.attempts])
-        return (d.id, d.job_id, d.owner, d.url, d.event, d.body, d.created, d.state, d.next_at,
-                d.attempt_count, attempts)  # fmt: skip
+    def insert(conn: sqlite3.Connection, delivery: Delivery) -> bool:
+        """Store a new delivery in the caller's transaction; False when its id is stored already."""
+        return conn.execute(UPSERT.format("IGNORE"), _row(delivery)).rowcount == 1
 
     def add(self, delivery: Delivery) -> bool:
-        with self._lock:
-            cur = self._db.execute(
-                f"INSERT OR IGNORE INTO webhook_deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                self._row(delivery),
-            )
-            return cur.rowcount == 1
+        return self.db.write(lambda conn: self.insert(conn, delivery)).result()
 
     def save(self, delivery: Delivery) -> None:
-        with self._lock:
-            self._db.execute(
-                f"REPLACE INTO webhook_deliveries ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                self._row(delivery),
-            )
+        """Queued to the writer thread (the delivery thread does not wait for the commit)."""
+        row = _row(delivery)
+        done = self.db.write(lambda conn: conn.execute(UPSERT.format("REPLACE"), row))
+        done.add_done_callback(_log_failure)
 
     def load(self, since: float) -> list[Delivery]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {COLUMNS} FROM webhook_deliveries WHERE created >= ? ORDER BY created", (since,)
-            ).fetchall()
+        def rows(conn: sqlite3.Connection) -> list[Any]:
+            query = f"SELECT {COLUMNS} FROM webhook_deliveries WHERE created >= ? ORDER BY created"
+            return conn.execute(query, (since,)).fetchall()
+
         out = []
-        for id_, job_id, owner, url, event, body, created, state, next_at, count, attempts in rows:
+        for id_, job_id, owner, url, event, body, created, state, next_at, count, attempts in self.db.read(
+            rows
+        ):
             d = Delivery(id_, job_id, owner, url, event, bytes(body), created, state, next_at, count)
             d.attempts = [Attempt(**a) for a in json.loads(attempts)]
             out.append(d)
         return out
 
     def purge(self, before: float) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM webhook_deliveries WHERE created < ?", (before,))
+        self.db.write(
+            lambda conn: conn.execute("DELETE FROM webhook_deliveries WHERE created < ?", (before,))
+        ).result()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        pass  # the job store owns the file
+
+
+def _log_failure(done: Future[Any]) -> None:
+    if done.exception() is not None:
+        log.error("webhook outbox: saving a delivery failed: %s", done.exception())

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from service.serving.service import Service
 
 MAX_CACHE_ENTRIES = 256
-MAX_CACHE_BYTES = 1 << 30
+MAX_CACHE_BYTES = 256 << 20  # the tensors (IMAGE batches) the cache may hold
 
 
 @dataclass

@@ -112,6 +112,7 @@ class Node:
     OUTPUT_NODE: ClassVar[bool] = False
     # run() results cached per (node, inputs); SaveImage too (ComfyUI reuses its ui output)
     CACHEABLE: ClassVar[bool] = True
+    CHECKED: ClassVar[bool] = False  # has its own check (ComfyUI's VALIDATE_INPUTS): no list check
 
     @classmethod
     def inputs(cls, catalog: Catalog) -> dict[str, In]:
@@ -168,6 +169,7 @@ DISPLAY_NAMES = {
     "ConditioningCombine": "Conditioning (Combine)",
     "KSamplerAdvanced": "KSampler (Advanced)",
     "EmptyLatentImage": "Empty Latent Image",
+    "EmptySD3LatentImage": "EmptySD3LatentImage",
     "LatentUpscale": "Upscale Latent",
     "LatentUpscaleBy": "Upscale Latent By",
     "SetLatentNoiseMask": "Set Latent Noise Mask",
@@ -211,6 +213,7 @@ def node(
         }
         if check is not None:
             attrs["check"] = classmethod(lambda _cls, n, v, c: check(n, v, c))
+            attrs["CHECKED"] = True
         cls = type(name, (Node,), attrs)
         REGISTRY[name] = cls
         return cls

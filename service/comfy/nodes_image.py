@@ -25,22 +25,23 @@ from .runtime import NodeRun, image_to_pil, pil_to_image, save_png
 from .sample import latent_images
 from .values import Latent
 
-MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # one resized image at most (a 4096 x 4096)
+MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # a resized batch at most (one 4096 x 4096)
 LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 IMAGE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 CROPS = ("disabled", "center")
 
 
-def _target(w: int, h: int, old_w: int, old_h: int) -> tuple[int, int]:
-    """ComfyUI's sizes: 0 keeps the aspect ratio from the other side (both 0: unchanged)."""
+def _target(w: int, h: int, old_w: int, old_h: int, batch: int) -> tuple[int, int]:
+    """ComfyUI's sizes: 0 keeps the aspect ratio from the other side (both 0: unchanged); a
+    resized batch holds at most MAX_OUTPUT_PIXELS (192 MB as float RGB)."""
     if w == 0 and h == 0:
         return old_w, old_h
     if w == 0:
         w = max(1, round(old_w * h / old_h))
     if h == 0:
         h = max(1, round(old_h * w / old_w))
-    if w * h > MAX_OUTPUT_PIXELS:
-        raise InputError("width", f"{w}x{h} is over {MAX_OUTPUT_PIXELS} pixels per image")
+    if w * h * batch > MAX_OUTPUT_PIXELS:
+        raise InputError("width", f"{batch} x {w}x{h} is over {MAX_OUTPUT_PIXELS} pixels in all")
     return w, h
 
 
@@ -88,6 +89,12 @@ async def empty_latent(rt: NodeRun, width: int, height: int, batch_size: int) ->
     return (Latent(width, height, batch_size),)
 
 
+@node("EmptySD3LatentImage", "latent/sd3", ["LATENT"], _empty_latent)
+async def empty_sd3_latent(rt: NodeRun, width: int, height: int, batch_size: int) -> tuple[Any, ...]:
+    """SD3's and Flux's empty latent (ComfyUI's own has 16 channels; ours are the model's)."""
+    return (Latent(width, height, batch_size),)
+
+
 def _latent_upscale(c: Catalog) -> dict[str, In]:
     size = {"width": TARGET, "height": TARGET}
     return {"samples": LATENT, "upscale_method": Enum(LATENT_METHODS)} | size | {"crop": Enum(CROPS)}
@@ -96,7 +103,7 @@ def _latent_upscale(c: Catalog) -> dict[str, In]:
 @node("LatentUpscale", "latent", ["LATENT"], _latent_upscale)
 async def latent_upscale(rt: NodeRun, samples: Latent, upscale_method: str, **kw: Any) -> tuple[Any, ...]:
     """A sampled latent is carried as its image: this resizes that image."""
-    w, h = _target(kw["width"], kw["height"], samples.width, samples.height)
+    w, h = _target(kw["width"], kw["height"], samples.width, samples.height, samples.batch)
     return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, kw["crop"]),)
 
 
@@ -108,7 +115,7 @@ async def latent_upscale_by(
     rt: NodeRun, samples: Latent, upscale_method: str, scale_by: float
 ) -> tuple[Any, ...]:
     w, h = (max(1, round(side * scale_by)) for side in (samples.width, samples.height))
-    w, h = _target(w, h, samples.width, samples.height)
+    w, h = _target(w, h, samples.width, samples.height, samples.batch)
     return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, "disabled"),)
 
 
@@ -207,7 +214,7 @@ def _scale_inputs(c: Catalog) -> dict[str, In]:
 
 @node("ImageScale", "image/upscaling", ["IMAGE"], _scale_inputs)
 async def image_scale(rt: NodeRun, image: Tensor, upscale_method: str, **kw: Any) -> tuple[Any, ...]:
-    w, h = _target(kw["width"], kw["height"], image.shape[2], image.shape[1])
+    w, h = _target(kw["width"], kw["height"], image.shape[2], image.shape[1], image.shape[0])
     return (await asyncio.to_thread(resize, image, w, h, upscale_method, kw["crop"]),)
 
 

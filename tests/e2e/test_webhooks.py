@@ -227,61 +227,47 @@ def test_a_slow_receiver_does_not_slow_other_jobs(http: httpx.Client, receiver: 
         sluggish.close()
 
 
-def test_a_pending_delivery_survives_a_restart(
+def test_kill_9_loses_no_webhook(
     store: Path, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """kill -9 with a delivery pending in the outbox: the next server on the same state dir sends it."""
+    """``kill -9`` with (a) a finished job's delivery pending in the outbox after a failed attempt
+    and (b) a job still queued or running: the next server on the same state dir sends (a) with
+    the same delivery id, runs (b) again and sends its webhook once."""
     state = tmp_path_factory.mktemp("state")
     logs = tmp_path_factory.mktemp("restart-log")
-    url = receiver.on("/later", fail_first=10**6)
+    later = receiver.on("/later", fail_first=10**6)
+    replayed = receiver.on("/replayed")
     srv = start(
         store, logs / "first.log", receiver, KDIFF_STATE_DIR=str(state), KDIFF_WEBHOOK_RETRY_BASE_S="1"
     )
     try:
         with httpx.Client(base_url=srv.url, timeout=30, headers=AUTH1) as c:
-            job_id = submit(c, callback_url=url)
-            view = wait_view(c, job_id, lambda v: (v.get("webhooks") or [{}])[0].get("attempt_count", 0) >= 1)
+            pending = submit(c, callback_url=later)
+            view = wait_view(
+                c, pending, lambda v: (v.get("webhooks") or [{}])[0].get("attempt_count", 0) >= 1
+            )
+            running = submit(c, callback_url=replayed, steps=3000, seed=5)
     finally:
         srv.stop()  # SIGKILL
     (hook,) = view["webhooks"]
     assert hook["state"] == "pending" and hook["attempts"][0]["status_code"] == 500
+    assert receiver.posts("/replayed") == []
     receiver.behaviours["/later"].fail_first = 0  # the receiver is back
     again = start(store, logs / "second.log", receiver, KDIFF_STATE_DIR=str(state))
     try:
         (post,) = receiver.wait("/later", 1, timeout_s=30)
+        (replay,) = receiver.wait("/replayed", 1, timeout_s=60)
         with httpx.Client(base_url=again.url, timeout=30, headers=AUTH1) as c:
-            (after,) = wait_view(c, job_id, settled)["webhooks"]  # the job and its delivery, restored
-    finally:
-        again.stop()
-    assert post.verdict == "ok" and post.json["id"] == job_id and post.json["status"] == "succeeded"
-    assert post.headers["Kdiff-Delivery"] == hook["id"] == after["id"]
-    assert after["state"] == "delivered" and [a["status_code"] for a in after["attempts"]][-1] == 200
-    assert not list(state.glob("webhook*"))  # the outbox is a table of the job store's file
-
-
-def test_a_job_replayed_after_a_crash_sends_its_webhook_once(
-    store: Path, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """kill -9 while the job is queued or running: the durable store runs it again at the next
-    start, and its end, recorded once, is delivered once."""
-    state = tmp_path_factory.mktemp("state-replay")
-    logs = tmp_path_factory.mktemp("replay-log")
-    url = receiver.on("/replayed")
-    srv = start(store, logs / "first.log", receiver, KDIFF_STATE_DIR=str(state))
-    try:
-        with httpx.Client(base_url=srv.url, timeout=30, headers=AUTH1) as c:
-            job_id = submit(c, callback_url=url, steps=3000)
-    finally:
-        srv.stop()  # SIGKILL, the job not finished
-    assert receiver.posts("/replayed") == []
-    again = start(store, logs / "second.log", receiver, KDIFF_STATE_DIR=str(state))
-    try:
-        (post,) = receiver.wait("/replayed", 1, timeout_s=60)
-        with httpx.Client(base_url=again.url, timeout=30, headers=AUTH1) as c:
-            view = wait_view(c, job_id, settled)
+            (after,) = wait_view(c, pending, settled)["webhooks"]  # the job and its delivery, restored
+            replayed_view = wait_view(c, running, settled)
         time.sleep(0.5)
     finally:
         again.stop()
+    assert post.verdict == "ok" and post.json["id"] == pending and post.json["status"] == "succeeded"
+    assert post.headers["Kdiff-Delivery"] == hook["id"] == after["id"]
+    assert after["state"] == "delivered" and [a["status_code"] for a in after["attempts"]][-1] == 200
+    assert len(receiver.posts("/later")) == 2  # the failed attempt before the kill, the one after
+    assert not list(state.glob("webhook*"))  # the outbox is a table of the job store's file
     assert len(receiver.posts("/replayed")) == 1
-    assert post.verdict == "ok" and post.json["id"] == job_id and post.json["status"] == "succeeded"
-    assert post.json["parameters"]["seeds"] == view["result"]["seeds"]
+    assert replay.verdict == "ok" and replay.json["id"] == running and replay.json["status"] == "succeeded"
+    assert replay.json["parameters"]["seeds"] == replayed_view["result"]["seeds"] == [5]

@@ -52,6 +52,7 @@ class In:
     tooltip: str = ""
     extra: tuple[tuple[str, Any], ...] = ()
     accepts: Callable[[str], bool] | None = None
+    max_length: int = 100_000  # STRING: not in ComfyUI's options (it has no bound); ours
 
     @property
     def is_value(self) -> bool:

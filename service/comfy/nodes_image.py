@@ -226,7 +226,10 @@ def _header(name: str, value: Any, catalog: Catalog) -> str | None:
     return None
 
 
-@node("ETN_LoadImageBase64", "external_tooling", ["IMAGE", "MASK"], {"image": Str("")}, check=_header)
+_B64 = {"image": Str("", max_length=image_gate.MAX_B64_CHARS)}
+
+
+@node("ETN_LoadImageBase64", "external_tooling", ["IMAGE", "MASK"], _B64, check=_header)
 async def load_image_base64(rt: NodeRun, image: str) -> tuple[Any, ...]:
     """Acly's comfyui-tooling-nodes node (SillyTavern's avatar workflow uses it): a base64 image in."""
     return await asyncio.to_thread(gated_image, image, "image")

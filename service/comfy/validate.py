@@ -98,7 +98,7 @@ class _Checker:
                 name,
                 input_name=name,
                 input_config=info,
-                received_value=value,
+                received_value=_short(value),
             )
         source, slot = str(value[0]), value[1]
         if source not in self.prompt:
@@ -108,7 +108,7 @@ class _Checker:
                 name,
                 input_name=name,
                 input_config=info,
-                received_value=value,
+                received_value=_short(value),
             )
         returns = self.nodes[self.prompt[source]["class_type"]].RETURNS
         received = returns[slot][0] if 0 <= slot < len(returns) else None
@@ -147,6 +147,15 @@ class _Checker:
                 input_config=info,
                 received_value=_short(value),
                 exception_message=str(exc),
+            )
+        if isinstance(value, str) and len(value) > spec.max_length:
+            return None, _err(
+                "value_bigger_than_max",
+                f"Value length {len(value)} bigger than max length of {spec.max_length}",
+                name,
+                input_name=name,
+                input_config=info,
+                received_value=_short(value),
             )
         if spec.min is not None and value < spec.min:
             return None, _err(
@@ -195,12 +204,16 @@ class _Checker:
 
 
 def _short(value: Any) -> Any:
-    """A value as echoed in an error (long strings, e.g. base64 images, cut)."""
-    if isinstance(value, str) and len(value) > 200:
-        return value[:200] + f"... ({len(value)} characters)"
-    if not isinstance(value, str | int | float | bool) and value is not None:
-        return _short(str(value))
-    return value
+    """A value as echoed in an error: JSON (no NaN), long strings (base64 images) cut."""
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + f"... ({len(value)} characters)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list) and len(value) <= 4:
+        return [_short(v) for v in value]
+    if value is None or isinstance(value, int | float | bool):
+        return value
+    return _short(str(value))
 
 
 def _convert(kind: str, value: Any) -> Any:

@@ -12,7 +12,7 @@ import pytest
 
 from service.serving.jobstore import StateDB
 from service.serving.webhooks import check_url, parse_patterns, signature_header
-from service.serving.webhooks.outbox import Attempt, Delivery, StateOutbox
+from service.serving.webhooks.outbox import Attempt, Delivery, MemoryOutbox, StateOutbox
 from service.serving.webhooks.sender import backoff_s
 from service.serving.webhooks.targets import TargetRefused, refusal, resolve
 from tests.support.webhook_receiver import verify
@@ -145,6 +145,20 @@ def test_the_outbox_table_survives_reopening_the_state_file(tmp_path: Path) -> N
     loaded = again.load(since=0)
     assert [x.id for x in loaded] == ["d1", "d2", "d3"]
     assert loaded[1].attempts == d.attempts and loaded[1].next_at == 1010.0 and loaded[1].body == b"{}"
-    again.purge(before=1001.5)
+    again.purge(before=1001.5, finished_before=0)
     assert [x.id for x in again.load(since=0)] == ["d2", "d3"]
+    d.state = "delivered"
+    again.save(d)
+    again.purge(before=0, finished_before=1002.5)  # finished ones go sooner than pending ones
+    assert [x.id for x in again.load(since=0)] == ["d3"]
     db.close()
+
+
+def test_the_memory_outbox_keeps_pending_deliveries_only() -> None:
+    box = MemoryOutbox()
+    for i in range(3):
+        box.add(_delivery(i))
+    done = _delivery(1)
+    done.state = "failed"
+    box.save(done)
+    assert [d.id for d in box.load(since=0)] == ["d0", "d2"]

@@ -31,7 +31,11 @@ from .targets import Target, TargetRefused, check_url, parse_patterns
 
 log = logging.getLogger("kdiff.webhooks")
 MAX_PENDING = 10_000  # deliveries waiting at once; beyond it a new one fails at once ("outbox full")
-KEPT_PER_PROCESS = 5_000  # finished deliveries indexed for GET /jobs/{id} (oldest forgotten first)
+KEPT_PER_PROCESS = 5_000
+# Finished deliveries (their record, the body dropped) stay in the outbox this long, then go (every
+# PURGE_EVERY_S); pending ones stay until they are delivered or KDIFF_WEBHOOK_MAX_AGE_S old.
+KEEP_FINISHED_S = 3600.0
+PURGE_EVERY_S = 600.0  # finished deliveries indexed for GET /jobs/{id} (oldest forgotten first)
 
 
 class Secret(Protocol):
@@ -128,6 +132,7 @@ class Webhooks:
         )
         self._by_job: dict[str, list[Delivery]] = {}
         self._followers: set[asyncio.Task[None]] = set()
+        self._purger: asyncio.Task[None] | None = None
         for url in self.defaults.values():
             try:
                 check_url(url, self.patterns)
@@ -141,10 +146,10 @@ class Webhooks:
         """Start the delivery thread and resume the outbox's pending deliveries."""
         if not self.enabled:
             return
-        since = time.time() - self.max_age_s
-        await asyncio.to_thread(self.outbox.purge, since)
-        kept = await asyncio.to_thread(self.outbox.load, since)
+        await self._purge()
+        kept = await asyncio.to_thread(self.outbox.load, time.time() - self.max_age_s)
         self.sender.start()
+        self._purger = asyncio.get_running_loop().create_task(self._purge_every(PURGE_EVERY_S))
         with self.lock:
             for d in kept:
                 self._index(d)
@@ -155,10 +160,22 @@ class Webhooks:
         if resumed:
             log.info("webhooks: %d pending deliveries resumed from the outbox", resumed)
 
+    async def _purge(self) -> None:
+        now = time.time()
+        await asyncio.to_thread(self.outbox.purge, now - self.max_age_s, now - KEEP_FINISHED_S)
+
+    async def _purge_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self._purge()
+            except Exception:
+                log.exception("webhook outbox: purging old deliveries failed")
+
     async def stop(self) -> None:
         """Stop delivering; pending deliveries stay in the outbox (a stored one is resumed at the
         next start). Before the job store closes: the last attempts' rows go through it."""
-        for task in self._followers:
+        for task in [*self._followers, *([self._purger] if self._purger else [])]:
             task.cancel()
         await asyncio.to_thread(self.sender.stop)
         self.outbox.close()

@@ -67,8 +67,9 @@ class Outbox(Protocol):
         """Deliveries created at or after ``since`` (unix time), oldest first."""
         ...
 
-    def purge(self, before: float) -> None:
-        """Forget deliveries created before ``before``."""
+    def purge(self, before: float, finished_before: float) -> None:
+        """Forget deliveries created before ``before``, and finished ones created before
+        ``finished_before``."""
         ...
 
     def close(self) -> None: ...
@@ -87,12 +88,15 @@ class MemoryOutbox:
         return True
 
     def save(self, delivery: Delivery) -> None:
-        self._rows[delivery.id] = delivery
+        if delivery.state == "pending":
+            self._rows[delivery.id] = delivery
+        else:  # only pending ones are needed here (GET /jobs reads the service's index)
+            self._rows.pop(delivery.id, None)
 
     def load(self, since: float) -> list[Delivery]:
         return sorted((d for d in self._rows.values() if d.created >= since), key=lambda d: d.created)
 
-    def purge(self, before: float) -> None:
+    def purge(self, before: float, finished_before: float) -> None:
         self._rows = {k: d for k, d in self._rows.items() if d.created >= before}
 
     def close(self) -> None:
@@ -155,10 +159,9 @@ class StateOutbox:
             out.append(d)
         return out
 
-    def purge(self, before: float) -> None:
-        self.db.write(
-            lambda conn: conn.execute("DELETE FROM webhook_deliveries WHERE created < ?", (before,))
-        ).result()
+    def purge(self, before: float, finished_before: float) -> None:
+        query = "DELETE FROM webhook_deliveries WHERE created < ? OR (state != 'pending' AND created < ?)"
+        self.db.write(lambda conn: conn.execute(query, (before, finished_before))).result()
 
     def close(self) -> None:
         pass  # the job store owns the file

@@ -153,6 +153,8 @@ class Sender:
                         outcome = Outcome.failed
                         attempt.error = f"{attempt.error}; gave up after {d.attempt_count} attempts"
                 d.state = "pending" if outcome == Outcome.retry else outcome
+                if d.state != "pending":
+                    d.body = b""  # sent for the last time: only its record is kept
             try:
                 self.outbox.save(d)
             except Exception:  # a full disk must not end the delivery loop; the row is saved next time

@@ -22,7 +22,7 @@ passes run through the engine and batch with other requests at that size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,9 +69,10 @@ def register_pixel_upscaler(name: str, upscale: PixelUpscaler) -> None:
     PIXEL_UPSCALERS[name] = upscale
 
 
-def upscaler_names() -> list[str]:
-    """Every name ``upscaler`` takes: the latent modes, then the pixel upscalers."""
-    return [*LATENT_MODES, *PIXEL_UPSCALERS]
+def upscaler_names(models: Iterable[str] = ()) -> list[str]:
+    """Every name ``upscaler`` takes: the latent modes, the plain resizes, then the upscaler
+    models' names (``models``: the model pool's ``upscalers.names()``)."""
+    return list(dict.fromkeys([*LATENT_MODES, *PIXEL_UPSCALERS, *models]))
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,18 @@ def target_size(hr: HiresFix, width: int, height: int, multiple: int, field: str
     return HiresSize(up, final)
 
 
-def check_upscaler(name: str | None, field: str = "hires") -> str:
+def check_upscaler(name: str | None, field: str = "hires", models: Iterable[str] = ()) -> str:
+    """The upscaler a request names (default ``Latent``), or InputError listing those available."""
     name = DEFAULT_UPSCALER if name is None else name
-    if name not in LATENT_MODES and name not in PIXEL_UPSCALERS:
-        names = upscaler_names()
+    names = upscaler_names(models)
+    if name not in names:
         raise InputError(field, f"unknown upscaler {name!r}; available: {', '.join(names)}", names)
     return name
+
+
+def model_names(upscalers: Any) -> list[str]:
+    """The upscaler models of the pool's ``upscalers`` (service.models.upscalers; None: none)."""
+    return [] if upscalers is None else list(upscalers.names())
 
 
 def with_hires(
@@ -137,9 +144,10 @@ def with_hires(
     max_timeout_s: float,
     image_size: tuple[int, int],
     loras: Any,
+    upscalers: Any = None,
 ) -> tuple[Passes, dict[str, Any]]:
     """The job's driver continuing into its hires pass, and the hires parameters it records.
-    ``image_size``: the first pass's (height, width)."""
+    ``image_size``: the first pass's (height, width); ``upscalers``: the pool's upscaler models."""
     from service.models.lora import text_loras
 
     from .loras import with_adapters
@@ -151,7 +159,7 @@ def with_hires(
         raise InputError(
             "hires", f"model {model.name!r} makes one image size; hires fix needs a text-to-image model", []
         )
-    upscaler = check_upscaler(hr.upscaler)
+    upscaler = check_upscaler(hr.upscaler, "hires", model_names(upscalers))
     multiple = int(getattr(getattr(model, "sd", None), "multiple", 8))
     size = target_size(hr, image_size[1], image_size[0], multiple)
     limit = model.size_limit()
@@ -176,7 +184,7 @@ def with_hires(
     sigmas = make_sigmas(spec2, model.denoiser, model.device)
 
     def next_pass(latents: Tensor) -> Driver:
-        init = _crop(upscale(model, latents, upscaler, size.upscale), shape[-2:])
+        init = _crop(upscale(model, latents, upscaler, size.upscale, upscalers), shape[-2:])
         return Driver.start(
             spec2, model.denoiser, shape, cond=cond, uncond=uncond, cfg_scale=cfg, init=init,
             device=model.device, dtype=sampling_dtype(model.dtype), sigmas=sigmas,
@@ -224,23 +232,31 @@ def _second_request(
     return request.replace(**changes)
 
 
-def upscale(model: LoadedModel, latents: Tensor, upscaler: str, size: tuple[int, int]) -> Tensor:
+def upscale(
+    model: LoadedModel, latents: Tensor, upscaler: str, size: tuple[int, int], upscalers: Any = None
+) -> Tensor:
     """The first pass's latents at ``size`` (width, height) in pixels: interpolated, or decoded,
-    resized as 8-bit images (as A1111 does) and encoded."""
+    resized as 8-bit images (as A1111 does: a plain resize, or an upscaler model's passes then
+    Lanczos to the size, ``upscalers.upscale``) and encoded."""
     scale = max(1, model.image_size[0] // model.latent_shape[-2])  # pixels per latent
     lh, lw = size[1] // scale, size[0] // scale
     if upscaler in LATENT_MODES:
         mode, antialias = LATENT_MODES[upscaler]
         return F.interpolate(latents, size=(lh, lw), mode=mode, antialias=antialias)
     assert model.decode is not None and model.encode is not None
-    resize = PIXEL_UPSCALERS[upscaler]
-    images = model.decode(latents)
-    out = []
-    for image in images:
-        pixels = ((image.float().cpu().clamp(-1, 1) + 1) / 2 * 255).permute(1, 2, 0).numpy()
-        big = resize(Image.fromarray(pixels.astype(np.uint8)), lw * scale, lh * scale).convert("RGB")
-        out.append(torch.from_numpy(np.asarray(big, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
-    return model.encode(torch.stack(out)).to(latents.dtype)
+    # A1111 takes the decoded image to 8 bits (x_sample.astype(np.uint8): truncated) before resizing
+    eight = (((model.decode(latents).float().cpu().clamp(-1, 1) + 1) / 2) * 255).to(torch.uint8)
+    if upscaler in PIXEL_UPSCALERS:
+        resize = PIXEL_UPSCALERS[upscaler]
+        out = []
+        for image in eight:
+            big = resize(Image.fromarray(image.permute(1, 2, 0).numpy()), lw * scale, lh * scale)
+            out.append(torch.from_numpy(np.asarray(big.convert("RGB"), dtype=np.float32)).permute(2, 0, 1))
+        pixels = torch.stack(out) / 255
+    else:  # an upscaler model; its result comes back as an 8-bit image in A1111 too
+        big = upscalers.upscale(eight.float() / 255, upscaler, size=(lh * scale, lw * scale), field="hires")
+        pixels = (big.float().cpu().clamp(0, 1) * 255).round() / 255
+    return model.encode(pixels * 2 - 1).to(latents.dtype)
 
 
 def _crop(latents: Tensor, hw: tuple[int, ...]) -> Tensor:

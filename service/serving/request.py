@@ -286,10 +286,15 @@ def check_spec(
 
 
 def build_job(
-    request: GenerationRequest, model: LoadedModel, limits: Limits, max_timeout_s: float
+    request: GenerationRequest,
+    model: LoadedModel,
+    limits: Limits,
+    max_timeout_s: float,
+    upscalers: Any = None,
 ) -> JobRequest:
     """The engine job for ``request`` on ``model``: the spec (shared with ``kdiff sample``), the model
-    family's own inputs, LoRAs, and the driver, built once here and run by the engine."""
+    family's own inputs, LoRAs, and the driver, built once here and run by the engine.
+    ``upscalers``: the pool's upscaler models (a hires fix may name one)."""
     tagged, (request, loras) = request, request_loras(request, model)  # <lora:...> tags leave the prompt
     discrete = getattr(model.denoiser, "sigmas", None) is not None
     tuned = request.schedule == TUNED  # the model's tuned sigmas for its sampler and steps
@@ -307,7 +312,7 @@ def build_job(
     params = recorded_parameters(request, spec, resolved)
     if request.hires is not None:  # the driver continues into the hires pass
         driver, params["hires"] = with_hires(
-            request, model, driver, spec, limits, max_timeout_s, (h, w), loras
+            request, model, driver, spec, limits, max_timeout_s, (h, w), loras, upscalers
         )
     params |= {"img2img": inputs.init is not None, "inpaint": inputs.mask is not None}
     params |= lora_parameters(tagged, model)

@@ -131,7 +131,9 @@ class Service:
     def build(self, request: GenerationRequest, model: LoadedModel) -> JobRequest:
         """``request`` checked against ``model`` and built into the engine's job (InputError naming
         the field when it does not fit)."""
-        return build_job(request, model, self.limits(), self.settings.job_timeout_s)
+        # the pool's upscaler models, once it has them (service/models/upscalers)
+        upscalers = getattr(self.pool, "upscalers", None)
+        return build_job(request, model, self.limits(), self.settings.job_timeout_s, upscalers)
 
     async def generate(
         self, request: GenerationRequest, owner: str | None = None, wait_load: bool = True, kind: str = SYNC

@@ -45,7 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     models = link_tiny_models(root)
     server = Server(root, root.parent / "server.log")
     try:
-        server.wait_ready()
+        server.wait_ready(240)  # a loaded 2-core machine: two models load first
         yield server.url, models
     finally:
         server.stop()

@@ -15,6 +15,7 @@ from service.engine import JobStatus
 from service.image_gate import ImageInputError
 from service.images import KDIFF_KEY, PARAMETERS_KEY
 from service.sampling.errors import InputError
+from service.serving.hires import model_names
 from service.serving.service import Service
 
 from ..deps import require_api_key
@@ -51,7 +52,10 @@ async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
     async with call.model(
         a1111_translate.checkpoint(body, options, call.default_model, state.pool.known())
     ) as m:
-        plan = await asyncio.to_thread(a1111_translate.plan, body, m, options, state.settings.max_images)
+        upscalers = model_names(getattr(state.pool, "upscalers", None))  # a hires fix may name one
+        plan = await asyncio.to_thread(
+            a1111_translate.plan, body, m, options, state.settings.max_images, upscalers
+        )
     jobs = await run(call, plan.bodies)
     return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
 

@@ -5,6 +5,7 @@ the size A1111's result has, and its infotext fields."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +38,12 @@ def _size_field(body: Txt2ImgRequest) -> str:
     return "hr_resize_x" if body.hr_resize_x or body.hr_resize_y else "hr_scale"
 
 
-def plan_hires(body: Txt2ImgRequest, model: LoadedModel, steps: int, comments: list[str]) -> Hires:
-    """Check a body's hires fields (naming A1111's) for ``model`` and translate them."""
-    upscaler = check_upscaler(body.hr_upscaler, "hr_upscaler")
+def plan_hires(
+    body: Txt2ImgRequest, model: LoadedModel, steps: int, comments: list[str], upscalers: Collection[str] = ()
+) -> Hires:
+    """Check a body's hires fields (naming A1111's) for ``model`` and translate them
+    (``upscalers``: the upscaler models' names)."""
+    upscaler = check_upscaler(body.hr_upscaler, "hr_upscaler", upscalers)
     scale = 2.0 if body.hr_scale is None else body.hr_scale
     hr = HiresFix(scale=scale, resize_x=body.hr_resize_x or 0, resize_y=body.hr_resize_y or 0)
     where = _size_field(body)

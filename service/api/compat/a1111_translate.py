@@ -146,9 +146,15 @@ def _gated(data: str, field: str) -> GatedImage:
         raise InputError(exc.field, exc.message, exc.allowed) from exc
 
 
-def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_images: int) -> Plan:
+def plan(
+    body: Txt2ImgRequest,
+    model: LoadedModel,
+    options: dict[str, Any],
+    max_images: int,
+    upscalers: Collection[str] = (),
+) -> Plan:
     """Translate one A1111 request (``options``: the caller's /options) for ``model`` (the one
-    :func:`checkpoint` names) into our requests."""
+    :func:`checkpoint` names) into our requests; ``upscalers``: the upscaler models' names."""
     overrides = body.override_settings or {}
     d = model.manifest.model_defaults
     sampler, schedule = a1111_names.resolve(body.sampler_name or body.sampler_index, body.scheduler)
@@ -197,7 +203,7 @@ def plan(body: Txt2ImgRequest, model: LoadedModel, options: dict[str, Any], max_
         comments.append(f"model {model.name!r} generated {gen[0]}x{gen[1]}; resized to {size[0]}x{size[1]}")
     hires = None
     if body.enable_hr and not isinstance(body, Img2ImgRequest):
-        hires = plan_hires(body, model, steps, comments)
+        hires = plan_hires(body, model, steps, comments, upscalers)
         if hires.fields is not None:
             common["hires"] = hires.fields
         else:

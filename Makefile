@@ -18,7 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)
 
-setup: $(STAMP)
+# spandrel (PyPI, MIT) is the upscaler tests' oracle only, never the runtime path. --no-deps: its
+# torchvision requirement would pull a CUDA torch; the two torchvision functions it imports belong to
+# architectures the tests never load (tests/support/upscaler_files.py stands in for them).
+ORACLES := $(VENV)/.oracles
+$(ORACLES): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps spandrel==0.4.2 einops==0.8.2
+	touch $(ORACLES)
+
+setup: $(STAMP) $(ORACLES)
 
 serve: $(STAMP)
 	$(BIN)/kdiff serve --host $(HOST) --port $(PORT)
@@ -26,7 +34,7 @@ serve: $(STAMP)
 sample: $(STAMP)
 	$(BIN)/kdiff sample --model digits --class-label 7 -o seven.png
 
-lint: $(STAMP)
+lint: $(STAMP) $(ORACLES)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy

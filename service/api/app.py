@@ -24,7 +24,7 @@ from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
 from .guard import GuardMiddleware, HTTPMiddleware
 from .metrics_labels import method_label, route_label
-from .routes import info, jobs, models, sample
+from .routes import info, jobs, models, sample, upscale
 from .schemas import SampleRequest
 from .settings import Settings
 
@@ -143,6 +143,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.include_router(models.router)
     app.include_router(info.catalogue)
     app.include_router(info.router)
+    app.include_router(upscale.router)
     playground.install(app)  # the web page at /, and /docs + /redoc with local assets
     for router in COMPAT_ROUTERS:  # A1111 and OpenAI frontends (service/api/compat)
         app.include_router(router)

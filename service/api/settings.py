@@ -183,6 +183,31 @@ class Settings(BaseSettings):
         description="ComfyUI routes: most prompts queued or running per key before /prompt refuses",
     )
 
+    upscaler_tile: int = Field(
+        default=256,
+        ge=0,
+        le=4096,
+        description="upscaler models run on tiles of this many pixels a side (plus the overlap), so "
+        "memory stays bounded for any image size; 0 = the whole image at once",
+    )
+    upscaler_tile_overlap: int = Field(
+        default=16, ge=0, le=512, description="pixels of image context around each upscaler tile"
+    )
+    upscaler_batch: int = Field(
+        default=4, ge=1, le=64, description="upscaler tiles (of concurrent requests too) per model call"
+    )
+    upscaler_noncommercial: bool = Field(
+        default=False,
+        description="allow upscaler files whose architecture is under a non-commercial licence "
+        "(spandrel_extra_arches' list); refused by default",
+    )
+    upscale_max_pixels: int = Field(
+        default=8192 * 4096,
+        ge=64 * 64,
+        le=2**31,
+        description="largest upscaled image (width x height, also of an intermediate model pass)",
+    )
+
     @field_validator(
         "models", "cors_origins", "api_keys", "admin_keys", "webhook_allow", "webhook_urls", mode="before"
     )

@@ -24,6 +24,7 @@ from service.models.embeddings import EmbeddingIndex, attach_embeddings
 from service.models.lora import LoraIndex, attach
 from service.models.store import LoadedModel, Manifest, ModelDefaults, ModelStore, disk_bytes, memory_bytes
 from service.models.traced import trace_denoiser
+from service.models.upscalers import UpscalerConfig, Upscalers, UpscalerSettings
 
 from .errors import ErrorCode, ModelBusy, ModelUnavailable
 
@@ -32,7 +33,7 @@ SHIPPED = "digits"  # the model the repository ships: the default when the setti
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PoolSettings(Protocol):
+class PoolSettings(UpscalerSettings, Protocol):
     """What the pool reads from the service's settings (``service.api.settings.Settings`` has it)."""
 
     models: list[str]
@@ -118,6 +119,7 @@ class ModelPool:
         self.footprint = Footprint(0, {}, {})
         self.loras = LoraIndex(self.store.root)
         self.embeddings = EmbeddingIndex(self.store.root)
+        self.upscalers = Upscalers(self.store.root / "upscalers")  # model_store/upscalers/*.pth|safetensors
         self.loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._pins: dict[str, int] = {}  # requests being built against a model: not evictable
         self._lock = asyncio.Lock()  # one load or unload at a time: the budget stays consistent
@@ -169,6 +171,7 @@ class ModelPool:
         s = self.settings
         self._device, self._dtype = s.resolve_device(), DTYPES[s.dtype]
         self.footprint.budget = s.memory_budget if s.memory_budget is not None else device_bytes(self._device)
+        self.upscalers.configure(UpscalerConfig.of(s, self._device, self._dtype))
         self.refresh()
         names = s.models or sorted(self.manifests)
         if not names and not self.manifest_errors:  # a wrong path or mount would otherwise serve nothing

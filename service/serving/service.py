@@ -283,5 +283,6 @@ class Service:
             await self.drain(self.settings.drain_timeout_s)
         await self.webhooks.stop()
         await self.journal.close()
+        self.pool.upscalers.close()
         if self._threads is not None:
             torch.set_num_threads(self._threads)

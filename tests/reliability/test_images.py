@@ -98,6 +98,12 @@ def _routes(bomb: bytes, bomb20k: bytes) -> list[tuple[str, Callable[[httpx.Clie
          _openai("mask")),
         ("a1111 png-info", lambda c: c.post("/sdapi/v1/png-info", json={"image": b64(bomb20k)}),
          _a1111("image")),
+        ("a1111 extra-single-image",
+         lambda c: c.post("/sdapi/v1/extra-single-image", json={"image": b64(bomb)}), _a1111("image")),
+        ("a1111 extra-batch-images",
+         lambda c: c.post("/sdapi/v1/extra-batch-images", json={"imageList": [{"data": b64(bomb)}]}),
+         _a1111("imageList.0.data")),
+        ("/upscale image", lambda c: c.post("/upscale", json={"image": b64(bomb)}), _ours("image")),
     ]  # fmt: skip
 
 

@@ -70,6 +70,8 @@ def test_probes_and_docs_are_open(server: Server, path: str) -> None:
         ("GET", "/jobs"),
         ("POST", "/jobs"),
         ("POST", "/sample"),
+        ("GET", "/upscalers"),
+        ("POST", "/upscale"),
         ("GET", f"/jobs/{'a' * 32}"),
         ("DELETE", f"/jobs/{'a' * 32}"),
         ("GET", f"/jobs/{'a' * 32}/events"),

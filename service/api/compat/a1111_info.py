@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends
 
 from service import a1111_names
 from service.models.embeddings import embedding_catalog
+from service.models.upscalers import LATENT_UPSCALE_MODES
 from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
@@ -51,12 +52,26 @@ async def schedulers() -> list[dict[str, Any]]:
 
 
 @router.get("/upscalers")
-async def upscalers() -> list[dict[str, Any]]:
-    """Plain resizes only (what a fixed-size model's images get when another size is asked)."""
+async def upscalers(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
+    """The plain resizes, then every model file in model_store/upscalers/ (A1111's UpscalerItem: the
+    file's name, its family, path and own scale; read from the file's keys, off the loop)."""
+    items = await asyncio.to_thread(state.pool.upscalers.items)
     return [
-        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-        for name in ("None", "Lanczos", "Nearest")
+        {
+            "name": i.name,
+            "model_name": i.family,
+            "model_path": str(i.path) if i.path else None,
+            "model_url": None,
+            "scale": i.scale,
+        }
+        for i in items
     ]
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes() -> list[dict[str, Any]]:
+    """A1111's latent upscale modes (the hires fix's ``hr_upscaler`` also takes them)."""
+    return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
 
 def _empty() -> list[Any]:
@@ -64,7 +79,6 @@ def _empty() -> list[Any]:
 
 
 for _path in (
-    "/latent-upscale-modes",
     "/sd-vae",
     "/sd-modules",
     "/hypernetworks",

@@ -34,7 +34,7 @@ def a1111(make_client: Callable[..., TestClient]) -> Iterator[TestClient]:
         ("samplers", lambda r: {"DPM++ 2M", "Euler a"} <= {s["name"] for s in r} and "aliases" in r[0]),
         ("schedulers", lambda r: {"automatic", "karras"} <= {s["name"] for s in r} and "label" in r[0]),
         ("upscalers", lambda r: r[0]["name"] == "None"),
-        ("latent-upscale-modes", lambda r: r == []),
+        ("latent-upscale-modes", lambda r: [m["name"] for m in r][:2] == ["Latent", "Latent (antialiased)"]),
         ("sd-vae", lambda r: r == []),
         ("sd-modules", lambda r: r == []),
         ("loras", lambda r: r == []),

@@ -6,6 +6,7 @@ one model call."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,35 +148,46 @@ def test_sizes_over_the_limit_are_refused_before_running(folder: Path) -> None:
 
 
 def test_tiles_of_concurrent_requests_share_model_calls(folder: Path) -> None:
-    """The first model call is held until a second request's tiles are queued: the next call holds
-    tiles of both requests (same window shape), up to the batch size."""
-    ups = Upscalers(folder, UpscalerConfig(tile=8, overlap=4, batch=8))
-    x = torch.rand(2, 3, 24, 24)
-    want = [ups.upscale(x[i : i + 1], "4x-small", scale=4) for i in range(2)]  # also loads it
+    """A model call (another window shape) holds the batching thread until both requests have queued
+    all their tiles (9 each); the next call then takes 12 of the 18 in queue order, so tiles of both.
+    Request 0's pixels are below 0.5 and request 1's above, so each row of a call says whose it is."""
+    ups = Upscalers(folder, UpscalerConfig(tile=8, overlap=4, batch=12))
+    x = [torch.rand(1, 3, 24, 24) * 0.4, 0.6 + torch.rand(1, 3, 24, 24) * 0.4]
+    want = [ups.upscale(x[i], "4x-small", scale=4) for i in range(2)]  # also loads it
     entry = ups._loaded["4x-small"]
-    gate, calls = threading.Event(), []
-    forward = entry.net.forward
+    gate, calls, submitted = threading.Event(), [], []
+    forward, submit = entry.net.forward, entry.batcher.submit
 
     def held(t: torch.Tensor) -> torch.Tensor:
-        calls.append(t.shape[0])
+        calls.append({int(row.mean() > 0.5) for row in t})
         gate.wait(30)
         return forward(t)
 
+    def counted(t: torch.Tensor):  # type: ignore[no-untyped-def]
+        submitted.append(1)
+        return submit(t)
+
     entry.net.forward = held  # type: ignore[method-assign]
+    entry.batcher.submit = counted  # type: ignore[method-assign]
     out: list[torch.Tensor] = [torch.empty(0)] * 2
-    threads = [
-        threading.Thread(
-            target=lambda i=i: out.__setitem__(i, ups.upscale(x[i : i + 1], "4x-small", scale=4))
-        )
-        for i in range(2)
-    ]
+    blocker = submit(torch.full((1, 3, 5, 5), 0.5))
+    while not calls:
+        time.sleep(0.01)
+
+    def request(i: int) -> None:
+        out[i] = ups.upscale(x[i], "4x-small", scale=4)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-    while len(calls) < 1 or entry.batcher._queue.qsize() < 2:
-        threading.Event().wait(0.01)
+    deadline = time.monotonic() + 30
+    while len(submitted) < 18 and time.monotonic() < deadline:
+        time.sleep(0.01)
     gate.set()
     for t in threads:
         t.join(60)
-    assert max(calls) > 1 and sum(calls) == 2 * 9  # 9 windows per image, in fewer calls than windows
+    assert blocker.result().shape == (1, 3, 20, 20)
+    assert len(submitted) == 18 and len(calls) == 1 + 2, calls  # the blocker, then 12 + 6 tiles
+    assert calls[1] == {0, 1}, calls  # tiles of both requests in one call
     for i in range(2):
         assert (out[i] - want[i]).abs().max() < 1e-5

@@ -31,7 +31,7 @@ from service.sampling.errors import InputError
 from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
-from . import a1111_options, frontend_schedules, limits
+from . import a1111_controlnet, a1111_options, frontend_schedules, limits
 from .a1111_hires import Hires, plan_hires
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
@@ -90,7 +90,8 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
     out += [f"{name} ({what}) is not supported; ignored" for name, what in flags if getattr(body, name)]
     if body.styles:
         out.append("styles are not supported; ignored")
-    if body.script_name or body.alwayson_scripts:
+    others = [k for k in body.alwayson_scripts or {} if str(k).strip().lower() != "controlnet"]
+    if body.script_name or others:
         out.append("scripts are not supported; ignored")
     if body.save_images:
         out.append("save_images: images are not saved on the server")
@@ -210,6 +211,9 @@ def plan(
             limits.check_resize(hires.size, total, ("hr_scale", "hr_scale", "n_iter"))
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)
+    control = a1111_controlnet.units(body.alwayson_scripts, common.get("init_image"))
+    if control is not None:
+        common["controlnets"] = control
     bodies = []
     for it in range(body.n_iter):
         part = seeds[it * body.batch_size : (it + 1) * body.batch_size]

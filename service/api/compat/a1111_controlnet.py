@@ -1,0 +1,183 @@
+"""sd-webui-controlnet's API: ``alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`` on
+txt2img / img2img, and its routes ``/controlnet/model_list``, ``module_list``, ``control_types``,
+``version``, ``detect``.
+
+Unit fields as the extension reads them (``internal_controlnet/external_code.py``): ``enabled``
+(default true), ``module``, ``model`` (``"None"``: no unit), ``weight``, ``image`` (alias
+``input_image``; also ``{"image": ..., "mask": ...}``), ``mask`` (alias ``mask_image``),
+``resize_mode``, ``processor_res`` / ``threshold_a`` / ``threshold_b`` (-1: the module's default),
+``guidance_start``, ``guidance_end``, ``control_mode`` (names or 0-2), ``pixel_perfect``. An img2img
+unit without an image uses the init image, as the extension does. The script title matches
+case-insensitively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.image_gate import MAX_B64_CHARS
+from service.models.controlnet import MAX_UNITS, preprocess, scan
+from service.models.controlnet.units import CONTROL_MODES
+from service.sampling.errors import InputError
+from service.serving.service import Service
+
+from ..deps import get_state, require_api_key
+from .errors import A1111Route
+
+UNIT_FIELDS = (
+    "module",
+    "model",
+    "weight",
+    "resize_mode",
+    "guidance_start",
+    "guidance_end",
+    "control_mode",
+    "pixel_perfect",
+    "processor_res",
+    "threshold_a",
+    "threshold_b",
+)
+
+
+def script_args(scripts: dict[str, Any] | None) -> list[Any] | None:
+    """The ControlNet script's args (title matched case-insensitively), or None."""
+    for title, script in (scripts or {}).items():
+        if str(title).strip().lower() == "controlnet":
+            args = script.get("args") if isinstance(script, dict) else None
+            if not isinstance(args, list):
+                raise InputError(
+                    "alwayson_scripts.controlnet.args", "ControlNet args must be a list of units"
+                )
+            return args
+    return None
+
+
+def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[str, Any]] | None:
+    """Our ``controlnets`` units for an A1111 body's ControlNet args (None: no ControlNet)."""
+    args = script_args(scripts)
+    if args is None:
+        return None
+    out = []
+    for i, unit in enumerate(args):
+        field = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(unit, dict):
+            raise InputError(field, "a ControlNet unit must be an object")
+        if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
+            continue
+        module = str(unit.get("module") or "none")
+        if module.lower().startswith("ip-adapter"):
+            raise InputError(
+                f"{field}.module", "IP-Adapter units are not supported", sorted(preprocess.MODULES)
+            )
+        image, mask = unit.get("image", unit.get("input_image")), unit.get("mask", unit.get("mask_image"))
+        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
+            both: dict[str, Any] = image
+            image, mask = both.get("image"), mask or both.get("mask")
+        image = image or init_image  # webuiapi sends "" for no image
+        mask = mask or None
+        if image is None:
+            raise InputError(f"{field}.image", "a ControlNet unit needs an image")
+        ours = {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
+        for k in ("processor_res", "threshold_a", "threshold_b"):  # -1: the module's default
+            if isinstance(ours.get(k), (int, float)) and ours[k] < 0:
+                ours.pop(k)
+        ours |= {"module": module, "image": image, "mask": mask or None}
+        out.append(ours)
+    if len(out) > MAX_UNITS:
+        raise InputError("alwayson_scripts.controlnet.args", f"at most {MAX_UNITS} enabled ControlNet units")
+    return out or None
+
+
+router = APIRouter(
+    prefix="/controlnet", tags=["a1111"], dependencies=[Depends(require_api_key)], route_class=A1111Route
+)
+
+
+@router.get("/version")
+async def version() -> dict[str, int]:
+    return {"version": 2}
+
+
+@router.get("/model_list")
+async def model_list(update: bool = True, state: Service = Depends(get_state)) -> dict[str, list[str]]:
+    """The ControlNets in ``model_store/controlnet/`` (a unit's ``model``)."""
+    return {"model_list": sorted(scan(state.pool.store.root))}
+
+
+@router.get("/module_list")
+async def module_list(alias_names: bool = False) -> dict[str, Any]:
+    """The preprocessors we run (no downloaded weights needed)."""
+    detail = {name: {"model_free": True, "sliders": []} for name in preprocess.MODULES}
+    return {"module_list": list(preprocess.MODULES), "module_detail": detail}
+
+
+@router.get("/control_types")
+async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
+    models = sorted(scan(state.pool.store.root))
+    out = {}
+    for name, (default, modules) in preprocess.CONTROL_TYPES.items():
+        key = name.split("/")[0].lower()
+        fits = models if name == "All" else [m for m in models if key in m.lower()]
+        out[name] = {
+            "module_list": modules,
+            "model_list": ["None", *fits],
+            "default_option": default,
+            "default_model": fits[0] if fits and name != "All" else "None",
+        }
+    return {"control_types": out}
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    controlnet_module: str = Field("none", max_length=64)
+    controlnet_input_images: list[str] = Field(default_factory=list, max_length=8)
+    controlnet_images: list[str] = Field(default_factory=list, max_length=8)  # webuiapi's name
+    controlnet_processor_res: int = Field(512, ge=-1, le=2048)
+    controlnet_threshold_a: float = Field(-1, ge=-1e4, le=1e4)
+    controlnet_threshold_b: float = Field(-1, ge=-1e4, le=1e4)
+
+
+def _detect(body: DetectRequest, module: str) -> list[str]:
+    from service.image_gate import ImageInputError, load
+
+    out = []
+    for i, data in enumerate(body.controlnet_input_images or body.controlnet_images):
+        if len(data) > MAX_B64_CHARS:
+            raise InputError(f"controlnet_input_images[{i}]", "image too large")
+        try:
+            img = np.asarray(load(data, f"controlnet_input_images[{i}]").image.convert("RGB"))
+        except ImageInputError as exc:
+            raise InputError(exc.field, exc.message, exc.allowed) from exc
+        a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
+        b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
+        res = body.controlnet_processor_res if body.controlnet_processor_res > 0 else None
+        result = preprocess.run(module, img, res, a, b)
+        buf = io.BytesIO()
+        Image.fromarray(result).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+@router.post("/detect")
+async def detect(body: DetectRequest) -> dict[str, Any]:
+    """Run a preprocessor on images (a preview of what a unit's control image becomes)."""
+    module = preprocess.module_name(body.controlnet_module)
+    if module is None:
+        raise InputError(
+            "controlnet_module", f"unknown module {body.controlnet_module!r}", list(preprocess.MODULES)
+        )
+    if not (body.controlnet_input_images or body.controlnet_images):
+        raise InputError("controlnet_input_images", "no images given")
+    images = await asyncio.to_thread(_detect, body, module)  # preprocessors are CPU work: off the loop
+    return {"images": images, "info": "Success"}
+
+
+__all__ = ["CONTROL_MODES", "router", "units"]

@@ -1,0 +1,72 @@
+"""The real ``webuiapi`` client's ControlNet helpers against `kdiff serve` on a tiny Stable Diffusion
+model with tiny ControlNets in ``model_store/controlnet/``: ``ControlNetUnit`` units on txt2img
+(sent as ``alwayson_scripts["ControlNet"]``), ``controlnet_model_list``, ``controlnet_module_list``,
+``controlnet_version`` and ``controlnet_detect``; the unit's image is the same as our own
+``controlnets`` field's, and a disabled unit is no unit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
+import requests  # noqa: E402
+import webuiapi  # noqa: E402
+
+from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
+from tests.support.controlnet_tiny import add_controlnets  # noqa: E402
+from tests.support.sd_tiny import digits_and_tiny_sd_store  # noqa: E402
+from tests.support.server import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    store = digits_and_tiny_sd_store(tmp_path_factory.mktemp("store"))
+    add_controlnets(store)
+    srv = Server(store, tmp_path_factory.mktemp("log") / "server.log", KDIFF_DEFAULT_MODEL="sd1")
+    try:
+        srv.wait_ready(120)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _api(server: Server) -> Any:
+    return webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", steps=4)
+
+
+def test_webuiapi_controlnet_unit(server: Server) -> None:
+    api = _api(server)
+    assert "cn_a" in api.controlnet_model_list() and "canny" in api.controlnet_module_list()
+    assert api.controlnet_version() >= 2
+    control = png_image(control_png(6))
+    kw: dict[str, Any] = {"prompt": "a red cat", "seed": 9, "width": 64, "height": 64, "cfg_scale": 5.0}
+    unit = webuiapi.ControlNetUnit(
+        image=control, module="none", model="cn_a", weight=0.9, resize_mode="Just Resize", control_mode=0
+    )
+    with_unit = api.txt2img(controlnet_units=[unit], **kw)
+    off = webuiapi.ControlNetUnit(image=control, model="cn_a", enabled=False)
+    without = api.txt2img(controlnet_units=[off], **kw)
+    ours = requests.post(
+        f"{server.url}/sample",
+        timeout=120,
+        json={
+            "model": "sd1",
+            "prompt": "a red cat",
+            "seed": 9,
+            "steps": 4,
+            "sampler": "euler",
+            "cfg_scale": 5.0,
+            "width": 64,
+            "height": 64,
+            "controlnets": [{"model": "cn_a", "image": control_png(6), "weight": 0.9, "resize_mode": 0}],
+        },
+    ).json()
+    a, b = np.asarray(with_unit.image, np.int16), np.asarray(without.image, np.int16)
+    assert np.abs(a - np.asarray(png_image(ours["images"][0]), np.int16)).max() <= 1
+    assert np.abs(a - b).max() > 2  # the unit acts; the disabled one does not
+    edges = api.controlnet_detect([control], module="canny", threshold_a=50, threshold_b=120)
+    assert len(edges.images) == 1 and set(np.unique(np.asarray(edges.images[0]))) <= {0, 255}

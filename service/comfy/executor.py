@@ -170,7 +170,10 @@ class Run:
         self.emit("execution_start", {}, record=True)
         if not v.ok:
             error = v.error or {}
-            why = f"{error.get('message', 'invalid prompt')}: {error.get('details', '')}"
+            why = f"{error.get('message', 'invalid prompt')}: {error.get('details', '')}".rstrip(": ")
+            for node_id, entry in v.node_errors.items():
+                for e in entry["errors"]:
+                    why += f"; node {node_id} ({entry['class_type']}): {e['message']}: {e['details']}"
             return self.fail(
                 "execution_error",
                 {

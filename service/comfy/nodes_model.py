@@ -80,7 +80,7 @@ async def vae_loader(rt: NodeRun, vae_name: str) -> tuple[Any, ...]:
     lambda c: {
         "model": MODEL,
         "clip": CLIP,
-        "lora_name": Enum(c.loras),
+        "lora_name": Enum(c.loras, accepts=lambda v: model_name(v) in c.loras),
         "strength_model": Float(1.0, -100.0, 100.0),
         "strength_clip": Float(1.0, -100.0, 100.0),
     },

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from service.image_gate import MAX_TEXT_CHUNK
+
 if TYPE_CHECKING:
     from service.serving.service import Service
 
@@ -84,8 +86,9 @@ def mask_to_pil(mask: Tensor) -> Image.Image:
 def save_png(image: Tensor, prompt: dict[str, Any] | None) -> bytes:
     """IMAGE [H, W, 3] -> PNG with the workflow in a ``prompt`` text chunk, as ComfyUI's SaveImage."""
     info = PngImagePlugin.PngInfo()
-    if prompt is not None:
-        info.add_text("prompt", json.dumps(prompt))
+    text = json.dumps(prompt) if prompt is not None else ""
+    if text and len(text) <= MAX_TEXT_CHUNK:  # a workflow carrying a base64 image stays out of the PNG
+        info.add_text("prompt", text)
     buf = io.BytesIO()
     image_to_pil(image).save(buf, format="PNG", pnginfo=info, compress_level=4)
     return buf.getvalue()

@@ -1,0 +1,126 @@
+"""ControlNet units of 4 requests in one shared UNet call, versus each request in its own call.
+
+An SD1.5-shaped UNet (diffusers' UNet2DConditionModel with SD1.5's blocks, 2 layers per block, 8
+heads, 768-wide context; widths scaled by ``--width`` / 320 so that it fits a CPU) and two
+ControlNets of its shape (random weights, loaded through service.models.controlnet from diffusers
+folders). 4 requests with classifier-free guidance (2 rows each): no unit, ControlNet A, ControlNet B,
+A + B. Timed, interleaved, ``--repeats`` times, one denoiser evaluation each:
+
+- mixed: one call of the 8 rows (one ControlNet call per ControlNet: A on 4 rows, B on 4 rows);
+- separate: 4 calls of 2 rows (each request with its own ControlNet calls: 4 ControlNet calls).
+
+    python bench/bench_controlnet.py --threads 1                                  # CPU: width 64
+    python bench/bench_controlnet.py --device cuda --width 320 --latent 64 --dtype float16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_lora import sync, unet  # noqa: E402
+from service.models.controlnet import ControlSet  # noqa: E402
+from service.models.controlnet.units import PreparedUnit  # noqa: E402
+from service.models.sd_unet import SDUNet  # noqa: E402
+
+
+def controlnets(root: Path, model: Any) -> None:
+    from diffusers import ControlNetModel
+
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(10 + i)
+        net = ControlNetModel.from_unet(model, load_weights_from_unet=False)
+        with torch.no_grad():
+            for key, p in net.named_parameters():
+                if "controlnet_down" in key or "controlnet_mid" in key or "cond_embedding.conv_out" in key:
+                    p.normal_(0, 0.02)
+        net.save_pretrained(str(root / "controlnet" / name))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--latent", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = unet(args.width, args.latent)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        controlnets(root, model)
+        wrapped = SDUNet(model.to(device, dtype))
+        controls = ControlSet(root, model.config, device, dtype, "bench")
+        wrapped.controls = controls
+        a, b = controls.resolve("a", "a"), controls.resolve("b", "b")
+    size = args.latent * 8
+    g = torch.Generator().manual_seed(0)
+
+    def unit(net: int) -> PreparedUnit:
+        hint = torch.randint(0, 256, (4, size, size), dtype=torch.uint8, generator=g)
+        hint[3] = 255
+        return PreparedUnit(net, 1.0, 0.0, 1.0, 0, hint)
+
+    requests = [[], [unit(a)], [unit(b)], [unit(a), unit(b)]]
+    rows = [controls.rows(r, 2, size, size, uncond=False) for r in requests]
+    for r in rows:  # the whole schedule (what bind_schedule sets from a job's sigmas)
+        r["control_unit"][..., 2], r["control_unit"][..., 3] = float("-inf"), float("inf")
+    x = torch.randn(8, 4, args.latent, args.latent, generator=g).to(device, dtype)
+    t = torch.full([8], 500.0, device=device)
+    ctx = torch.randn(8, 77, 768, generator=g).to(device, dtype)
+    cond = {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
+    calls: list[int] = []
+    for net in controls.nets:
+        net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+
+    @torch.inference_mode()
+    def mixed() -> torch.Tensor:
+        return wrapped(x, t, ctx, **cond)
+
+    @torch.inference_mode()
+    def separate() -> torch.Tensor:
+        parts = [slice(2 * i, 2 * i + 2) for i in range(4)]
+        return torch.cat([wrapped(x[p], t[p], ctx[p], **{k: v[p] for k, v in cond.items()}) for p in parts])
+
+    variants = {"mixed": mixed, "separate": separate}
+    outs = {name: fn() for name, fn in variants.items()}  # warm-up, and the outputs to compare
+    counts = {}
+    for name, fn in variants.items():
+        calls.clear()
+        fn()
+        counts[name] = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"SD1.5-shaped UNet width {args.width}, latent {args.latent}x{args.latent}, {args.dtype}, {device}")
+    print("| variant | UNet calls | ControlNet calls (rows) | median s |")
+    print("|---|---|---|---|")
+    print(f"| mixed: 8 rows, one call | 1 | {len(counts['mixed'])} {counts['mixed']} | {med['mixed']:.3f} |")
+    print(
+        f"| separate: 4 x 2 rows | 4 | {len(counts['separate'])} {counts['separate']} | {med['separate']:.3f} |"
+    )
+    print(
+        f"mixed / separate = {med['mixed'] / med['separate']:.2f}; "
+        f"max |mixed - separate| = {float((outs['mixed'] - outs['separate']).abs().max()):.2g}"
+    )
+
+
+if __name__ == "__main__":
+    main()

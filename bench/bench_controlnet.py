@@ -112,10 +112,11 @@ def main() -> None:
     print(f"SD1.5-shaped UNet width {args.width}, latent {args.latent}x{args.latent}, {args.dtype}, {device}")
     print("| variant | UNet calls | ControlNet calls (rows) | median s |")
     print("|---|---|---|---|")
-    print(f"| mixed: 8 rows, one call | 1 | {len(counts['mixed'])} {counts['mixed']} | {med['mixed']:.3f} |")
-    print(
-        f"| separate: 4 x 2 rows | 4 | {len(counts['separate'])} {counts['separate']} | {med['separate']:.3f} |"
-    )
+    for name, label, unet_calls in (
+        ("mixed", "mixed: 8 rows, one call", 1),
+        ("separate", "separate: 4 x 2 rows", 4),
+    ):
+        print(f"| {label} | {unet_calls} | {len(counts[name])} {counts[name]} | {med[name]:.3f} |")
     print(
         f"mixed / separate = {med['mixed'] / med['separate']:.2f}; "
         f"max |mixed - separate| = {float((outs['mixed'] - outs['separate']).abs().max()):.2g}"

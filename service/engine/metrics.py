@@ -37,6 +37,12 @@ class Metrics:
         )
         self.jobs = Counter("kdiff_jobs", "finished jobs by outcome", ["model", "status"], registry=r)
         self.nfe = Counter("kdiff_nfe", "denoiser rows evaluated (NFE x images)", ["model"], registry=r)
+        self.webhook_attempts = Counter(
+            "kdiff_webhook_attempts",
+            "webhook attempts by outcome (delivered, retry: to be tried again, failed: given up)",
+            ["outcome"],
+            registry=r,
+        )
         self.nfe_rate = Gauge(
             "kdiff_nfe_per_second", "denoiser rows per second over the last window", ["model"], registry=r
         )

@@ -67,7 +67,7 @@ class Service:
         self.jobs.on_drop = self.journal.dropped
         store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
-        self.webhooks = Webhooks(settings, self.journal.db)
+        self.webhooks = Webhooks(settings, self.journal.db, self.metrics)
         if self.webhooks.enabled:
             self.add_terminal_listener(self.webhooks.on_terminal)
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load

@@ -135,6 +135,11 @@ def test_a_receiver_failing_three_times_gets_the_fourth(http: httpx.Client, rece
     assert len(posts) == 4 and all(p.verdict == "ok" for p in posts)
     assert {p.headers["Kdiff-Delivery"] for p in posts} == {hook["id"]}
     assert all(p.json["id"] == job_id for p in posts)
+    metrics = http.get("/metrics").text
+    retries = [
+        ln for ln in metrics.splitlines() if ln.startswith('kdiff_webhook_attempts_total{outcome="retry"}')
+    ]
+    assert retries and float(retries[0].split()[-1]) >= 3
 
 
 @pytest.mark.parametrize(

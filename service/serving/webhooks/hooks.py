@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Protocol
 
-from service.engine import ImageResult, Job, JobStatus
+from service.engine import ImageResult, Job, JobStatus, Metrics
 from service.sampling.errors import InputError
 
 from ..jobstore import StateDB, TerminalEvent
@@ -108,7 +108,9 @@ class Webhooks:
     terminal event comes from the job store's terminal listener (:meth:`on_terminal`: with a state
     dir inside the transaction that records the job's end, so its delivery is stored with it)."""
 
-    def __init__(self, settings: WebhookSettings, db: StateDB | None = None) -> None:
+    def __init__(
+        self, settings: WebhookSettings, db: StateDB | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.patterns = parse_patterns(settings.webhook_allow)
         self.enabled = bool(self.patterns)  # an empty allow list: no callback can be accepted
         urls = [getattr(e, "get_secret_value", lambda e=e: e)() for e in settings.webhook_urls]
@@ -129,6 +131,9 @@ class Webhooks:
             ),
             self.outbox,
             self.lock,
+            observe=None
+            if metrics is None
+            else lambda outcome: metrics.webhook_attempts.labels(outcome).inc(),
         )
         self._by_job: dict[str, list[Delivery]] = {}
         self._followers: set[asyncio.Task[None]] = set()

@@ -68,8 +68,10 @@ class Sender:
         outbox: Outbox,
         lock: threading.Lock,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[str], None] | None = None,
     ) -> None:
         self.config, self.outbox, self.lock, self.clock = config, outbox, lock, clock
+        self.observe = observe  # told each attempt's outcome (metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -155,6 +157,8 @@ class Sender:
                 d.state = "pending" if outcome == Outcome.retry else outcome
                 if d.state != "pending":
                     d.body = b""  # sent for the last time: only its record is kept
+            if self.observe is not None:
+                self.observe(d.state if d.state != "pending" else Outcome.retry)
             try:
                 self.outbox.save(d)
             except Exception:  # a full disk must not end the delivery loop; the row is saved next time

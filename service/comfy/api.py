@@ -50,6 +50,24 @@ def _resolves(fn: Any) -> Any:
     return check
 
 
+def _models_of(pool: Any) -> Any:
+    """Whether a checkpoint value names a model: the store is rescanned at most once per catalog
+    (a new folder appears without a restart; a workflow of unknown names costs one scan, not one each)."""
+    known = set(pool.known())
+    rescanned = False
+
+    def check(value: str) -> bool:
+        nonlocal known, rescanned
+        name = model_name(value)
+        if name not in known and not rescanned:
+            rescanned = True
+            pool.refresh()
+            known = set(pool.known())
+        return name in known
+
+    return check
+
+
 def _listed(comfy: tuple[str, ...], ours: set[str]) -> tuple[str, ...]:
     """ComfyUI's names in its order, then our further ones."""
     return (*comfy, *sorted(ours - set(comfy)))
@@ -75,7 +93,7 @@ class Comfy:
             max_steps=int(settings.max_steps),
             resolves_sampler=_resolves(resolve_sampler),
             resolves_schedule=_resolves(aliases.resolve_schedule),
-            resolves_model=lambda v: pool.resolve(model_name(v)) is not None,
+            resolves_model=_models_of(pool),
         )
 
     def object_info(self, ctx: ComfyContext | None = None) -> dict[str, Any]:

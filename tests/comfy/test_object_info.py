@@ -128,3 +128,40 @@ def test_loader_lists_are_there_when_empty(tmp_path: Path, store: Path) -> None:
         assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == []
 
     run(only, scenario)
+
+
+def test_every_nodes_defaults_are_valid_values(store: Path) -> None:
+    """A client that fills a node from /object_info's defaults gets values that validate."""
+    from service.comfy.node import Catalog
+
+    async def scenario(comfy: Comfy) -> None:
+        catalog = comfy.catalog()
+        for name, cls in NODES.items():
+            for field, spec in cls.inputs(catalog).items():
+                if spec.choices is not None and spec.choices:
+                    assert spec.default in spec.choices, (name, field)
+                if spec.min is not None and spec.default is not None:
+                    assert spec.min <= spec.default <= spec.max, (name, field)
+        assert isinstance(catalog, Catalog)
+
+    run(store, scenario)
+
+
+def test_unknown_checkpoints_rescan_the_store_once(store: Path) -> None:
+    async def scenario(comfy: Comfy) -> None:
+        pool = comfy.service.pool
+        scans = 0
+        refresh = pool.refresh
+
+        def counted() -> object:
+            nonlocal scans
+            scans += 1
+            return refresh()
+
+        pool.refresh = counted  # type: ignore[method-assign]
+        catalog = comfy.catalog()  # one validation's
+        assert not any(catalog.resolves_model(f"m{i}.safetensors") for i in range(50))
+        assert catalog.resolves_model("sd1.safetensors") and catalog.resolves_model("digits")
+        assert scans == 1
+
+    run(store, scenario)

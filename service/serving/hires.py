@@ -160,6 +160,9 @@ def with_hires(
             "hires", f"model {model.name!r} makes one image size; hires fix needs a text-to-image model", []
         )
     upscaler = check_upscaler(hr.upscaler, "hires", model_names(upscalers))
+    if upscaler not in LATENT_MODES and upscaler not in PIXEL_UPSCALERS:
+        # load the model now (cached): a file it cannot use is this request's 422, naming the file
+        upscalers.upscale(torch.zeros(1, 3, 8, 8), upscaler, size=(8, 8), field="hires")
     multiple = int(getattr(getattr(model, "sd", None), "multiple", 8))
     size = target_size(hr, image_size[1], image_size[0], multiple)
     limit = model.size_limit()

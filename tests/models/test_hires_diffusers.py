@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 from service.sampling.noise import make_noise  # noqa: E402
 from tests.support.sd_tiny import link_tiny_models  # noqa: E402
 from tests.support.server import Server  # noqa: E402
+from tests.support.upscaler_files import compact, spandrel_model, write  # noqa: E402
 
 STEPS, HR_STEPS, DENOISE, CFG, SEED = 4, 3, 0.5, 5.0, 11
 PROMPT, NEGATIVE = "a red cat", "the dog"
@@ -43,6 +44,9 @@ SIZE = 64  # the tiny models' native size; hires at 2x
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("hires-store")
     models = link_tiny_models(root)
+    # an upscaler model in realesr-general-x4v3's layout (SRVGGNetCompact), smaller, random weights
+    models["upscaler"] = write(root / "upscalers" / "compact-x4.pth", compact(8, 16, 4, seed=3), "params")
+    (root / "upscalers" / "broken.pth").write_bytes(b"not a checkpoint" * 64)
     server = Server(root, root.parent / "server.log")
     try:
         server.wait_ready(240)  # a loaded 2-core machine: two models load first
@@ -83,18 +87,22 @@ def _pipelines(model: Any) -> tuple[Any, Any]:
     return StableDiffusionPipeline(**kw, **extra), StableDiffusionImg2ImgPipeline(**kw, **extra)
 
 
-def _resize_lanczos(model: Any, latents: torch.Tensor, size: int) -> torch.Tensor:
-    """A1111's pixel path: decode, 8-bit image, Lanczos resize, encode (the posterior mean)."""
+def _resize_lanczos(model: Any, latents: torch.Tensor, size: int, net: Any = None) -> torch.Tensor:
+    """A1111's pixel path: decode, 8-bit image, the upscaler model ``net`` (spandrel's inference; its
+    output back to 8 bits, as A1111's PIL images are), Lanczos resize, encode (the posterior mean)."""
     vae = model.sd.components.vae
     with torch.inference_mode():
-        image = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)[0]
-        pixels = ((image + 1) / 2 * 255).permute(1, 2, 0).numpy().astype(np.uint8)
+        image = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+        eight = ((image + 1) / 2 * 255).to(torch.uint8)
+        if net is not None:
+            eight = (net(eight.float() / 255).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = eight[0].permute(1, 2, 0).numpy()
         big = Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
         t = torch.from_numpy(np.asarray(big, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         return vae.encode(t).latent_dist.mean * vae.config.scaling_factor
 
 
-def _diffusers(model: Any, upscaler: str, mode: str | None, antialias: bool) -> np.ndarray:
+def _diffusers(model: Any, mode: str | None, antialias: bool, net: Any = None) -> np.ndarray:
     txt2img, img2img = _pipelines(model)
     for pipe in (txt2img, img2img):
         pipe.set_progress_bar_config(disable=True)
@@ -105,7 +113,7 @@ def _diffusers(model: Any, upscaler: str, mode: str | None, antialias: bool) -> 
     if mode is not None:
         up = F.interpolate(first, size=(16, 16), mode=mode, antialias=antialias)
     else:
-        up = _resize_lanczos(model, first, 2 * SIZE)
+        up = _resize_lanczos(model, first, 2 * SIZE, net)
     assert torch.equal(
         make_noise((1, 4, 16, 16), [SEED]),
         torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(SEED)),
@@ -154,7 +162,35 @@ def test_hires_fix_matches_diffusers_two_pipelines_over_http(
         HR_STEPS,
         upscaler,
     )
-    want = _diffusers(model, upscaler, mode, antialias)
+    want = _diffusers(model, mode, antialias)
     err = int(np.abs(ours - want).max())
     print(f"{name} {upscaler}: max |ours - diffusers| {err}/255")
     assert err <= 2, f"max |ours - diffusers| = {err}/255 ({name}, {upscaler})"
+
+
+def test_hires_fix_with_an_upscaler_model_matches_diffusers_and_spandrel(
+    served: tuple[str, dict[str, Any]],
+) -> None:
+    """A pixel upscaler model between the passes: ours (service/models/upscalers) against spandrel's
+    inference on the same file, in diffusers' two-pipeline hires fix."""
+    url, models = served
+    net, scale, _ = spandrel_model(models["upscaler"])
+    assert scale == 4
+    ours, params = _ours(url, "sd1", models["sd1"], "compact-x4")
+    assert params["hires"]["upscaler"] == "compact-x4" and ours.shape == (2 * SIZE, 2 * SIZE, 3)
+    want = _diffusers(models["sd1"], None, False, net)
+    plain = _diffusers(models["sd1"], None, False)  # Lanczos only: the model must show
+    err, effect = int(np.abs(ours - want).max()), int(np.abs(want - plain).max())
+    print(f"sd1 compact-x4: max |ours - diffusers + spandrel| {err}/255; the model's effect {effect}/255")
+    assert effect > 10 and err <= 2, (err, effect)
+
+
+def test_a_corrupt_upscaler_file_fails_only_its_requests(served: tuple[str, dict[str, Any]]) -> None:
+    url = served[0]
+    hires = {"scale": 2, "steps": 1, "denoise": 0.5}
+    body = {"model": "sd1", "prompt": PROMPT, "steps": 1, "width": SIZE, "height": SIZE}
+    r = httpx.post(f"{url}/sample", json={**body, "hires": {**hires, "upscaler": "broken"}}, timeout=120)
+    assert r.status_code == 422 and "broken" in r.text, r.text
+    for upscaler in ("compact-x4", "Latent"):
+        r = httpx.post(f"{url}/sample", json={**body, "hires": {**hires, "upscaler": upscaler}}, timeout=120)
+        assert r.status_code == 200, r.text

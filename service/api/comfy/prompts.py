@@ -109,7 +109,7 @@ def split_prefix(filename_prefix: Any) -> tuple[str, str]:
     could not be file names (``..``, control characters) are replaced rather than refused, since a
     prefix is a label, not a path a client picks a file by."""
     text = str(filename_prefix or "ComfyUI")[:120]
-    parts = [p for p in text.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = [p for p in text.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     clean = []
     for part in parts or ["ComfyUI"]:
         part = re.sub(r"[\x00-\x1f\x7f]", "_", part)

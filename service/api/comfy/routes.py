@@ -29,6 +29,7 @@ from .prompts import prompt_id_of
 router = APIRouter(tags=["ComfyUI"])
 MAX_DEPTH = 64  # a workflow is node -> inputs -> value (a link is a list): real ones are 4 deep
 MAX_IDS = 1000  # ids in one /queue or /history delete
+BIG_BODY = 256 * 2**10  # bodies parsed (and workflows validated) in a worker thread past this size
 
 
 def front_of(request: Request) -> ComfyFront:
@@ -61,6 +62,11 @@ async def json_body(request: Request, empty: Any = None) -> Any:
         if empty is not None:
             return empty
         raise BodyError("the request body is empty; expected JSON")
+    # a workflow with a base64 avatar is megabytes: parse it off the event loop
+    return await asyncio.to_thread(_parse, raw) if len(raw) > BIG_BODY else _parse(raw)
+
+
+def _parse(raw: bytes) -> Any:
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -96,7 +102,12 @@ async def post_prompt(request: Request) -> Response:
         return comfy_error(
             400, "invalid_prompt", "Invalid prompt", f"prompt_id {prompt_id!r} is already queued"
         )
-    validation = front.comfy.validate(body["prompt"], front.context(owner))
+    size = len(await request.body())
+    ctx = front.context(owner)
+    if size > BIG_BODY:  # validation reads its base64 images' headers: off the event loop
+        validation = await asyncio.to_thread(front.comfy.validate, body["prompt"], ctx)
+    else:
+        validation = front.comfy.validate(body["prompt"], ctx)
     if not validation.ok:
         return JSONResponse(validation.body(), status_code=400)
     try:
@@ -107,7 +118,7 @@ async def post_prompt(request: Request) -> Response:
             client_id,
             extra,
             list(validation.outputs),
-            len(await request.body()),
+            size,
         )
     except QueueFull:
         limit = front.max_prompts

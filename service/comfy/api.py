@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.sampling import aliases, registry
 
-from . import nodes_image, nodes_model, nodes_sampling
+from . import nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
 from .executor import OutputCache, Run, RunResult
 from .node import REGISTRY, Catalog, Node
 from .nodes_model import model_name
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from service.serving.service import Service
 
 NODES: dict[str, type[Node]] = REGISTRY  # filled by the node modules imported above
-_ = (nodes_image, nodes_model, nodes_sampling)
 # ComfyUI's KSampler list (comfy/samplers.py SAMPLER_NAMES), first and in its order: all resolve to ours
 COMFY_SAMPLERS = tuple(
     """

@@ -236,6 +236,11 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
         down, mid = sd.controls.residuals(x, t, ctx, prompt.cond[HINT], table, {"y": None, "time_ids": None})
     for i, r in enumerate([*down, mid]):
         assert torch.allclose(r, raw[i] * 0.825 ** (12 - i), atol=1e-6)
+    masked = prompt.cond[HINT].clone()
+    masked[:, :, 3, :, :32] = 0  # effective region: the right half only
+    with torch.inference_mode():
+        down, mid = sd.controls.residuals(x, t, ctx, masked, table, {"y": None, "time_ids": None})
+    assert float(down[0][..., :4].abs().max()) == 0 and float(down[0][..., 4:].abs().max()) > 0
     # guidance window over 10 steps, start 0.2, end 0.5: steps 2..5 act (the extension's rule)
     rows = _rows(sd, [ControlNetRef("cn_a", img, guidance_start=0.2, guidance_end=0.5)]).cond
     sigmas = torch.cat([torch.linspace(14.0, 0.1, 10), torch.zeros(1)])

@@ -23,6 +23,13 @@ def _conv(g: torch.Generator, out_c: int, in_c: int, k: int = 3) -> tuple[Tensor
     return w, b
 
 
+def _last(g: torch.Generator, nf: int) -> tuple[Tensor, Tensor]:
+    """The last conv, its bias moved by +0.5: random weights give outputs around 0, and half of them
+    would be clamped away; around 0.5 most pixels stay inside 0..1, where a comparison sees them."""
+    w, b = _conv(g, 3, nf)
+    return w, b + 0.5
+
+
 def _put(state: dict[str, Tensor], key: str, wb: tuple[Tensor, Tensor]) -> None:
     state[f"{key}.weight"], state[f"{key}.bias"] = wb
 
@@ -46,7 +53,7 @@ def esrgan_old(nb: int = 23, nf: int = 64, gc: int = 32, scale: int = 4, seed: i
     for k in range(1, ups + 1):
         _put(state, f"model.{3 * k}", _conv(g, nf, nf))
     _put(state, f"model.{3 * ups + 2}", _conv(g, nf, nf))
-    _put(state, f"model.{3 * ups + 4}", _conv(g, 3, nf))
+    _put(state, f"model.{3 * ups + 4}", _last(g, nf))
     return state
 
 
@@ -63,7 +70,7 @@ def esrgan_new(
     _put(state, "conv_up1", _conv(g, nf, nf))
     _put(state, "conv_up2", _conv(g, nf, nf))
     _put(state, "conv_hr", _conv(g, nf, nf))
-    _put(state, "conv_last", _conv(g, 3, nf))
+    _put(state, "conv_last", _last(g, nf))
     return state
 
 
@@ -136,3 +143,28 @@ def spandrel_model(path: Path) -> tuple[Callable[[Tensor], Tensor], int, str]:
             return model(x).float()
 
     return run, int(desc.scale), str(desc.architecture.id)
+
+
+def span(nf: int = 48, scale: int = 4, seed: int = 0) -> dict[str, Tensor]:
+    """A SPAN file's layout (spandrel's: Conv3XC units with sk / conv.0-2 / eval_conv, six SPAB blocks,
+    conv_cat, upsampler.0), e.g. 4xNomos8k_span_otf (48 features, x4)."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, Tensor] = {}
+
+    def unit(key: str, c_in: int, c_out: int) -> None:
+        _put(state, f"{key}.sk", _conv(g, c_out, c_in, 1))
+        _put(state, f"{key}.conv.0", _conv(g, 2 * c_in, c_in, 1))
+        _put(state, f"{key}.conv.1", _conv(g, 2 * c_out, 2 * c_in, 3))
+        _put(state, f"{key}.conv.2", _conv(g, c_out, 2 * c_out, 1))
+        _put(state, f"{key}.eval_conv", _conv(g, c_out, c_in, 3))  # stale in real files too: recomputed
+
+    unit("conv_1", 3, nf)
+    for b in range(1, 7):
+        for c in range(1, 4):
+            unit(f"block_{b}.c{c}_r", nf, nf)
+    _put(state, "conv_cat", _conv(g, nf, 4 * nf, 1))
+    unit("conv_2", nf, nf)
+    w, b = _conv(g, 3 * scale * scale, nf)
+    # random weights give outputs of +-30; scaled so that most pixels land inside 0..1 (not clamped)
+    state["upsampler.0.weight"], state["upsampler.0.bias"] = w * 0.01, b * 0.01 + 0.5
+    return state

@@ -20,10 +20,7 @@ def detect(state: StateDict) -> bool:
 class Compact(Net):
     arch = "Compact"
     family = "RealESRGAN"
-
-    def __init__(self, weights: dict[str, Tensor], layers: int, scale: int) -> None:
-        super().__init__(weights)
-        self.layers, self.scale = layers, scale
+    layers = 3  # body.0 .. body.{layers-1}
 
     def forward(self, x: Tensor) -> Tensor:
         out = x
@@ -49,4 +46,4 @@ def load(state: StateDict) -> Compact:
         raise ArchError(
             f"{in_nc} input channels and {last} last-conv channels; expected RGB and 3 * scale**2"
         )
-    return Compact(weights, layers, math.isqrt(last // 3))
+    return Compact(weights, layers=layers, scale=math.isqrt(last // 3))

@@ -46,11 +46,7 @@ def _lrelu(x: Tensor) -> Tensor:
 class ESRGAN(Net):
     arch = "ESRGAN"
     family = "ESRGAN"
-
-    def __init__(self, weights: dict[str, Tensor], blocks: int, ups: int, unshuffle: int) -> None:
-        super().__init__(weights)
-        self.blocks, self.ups, self.unshuffle = blocks, ups, unshuffle
-        self.scale, self.align = 2**ups // unshuffle, unshuffle
+    blocks, ups, unshuffle = 23, 2, 1  # RRDBs, 2x stages, pixel-unshuffle factor of the input
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -141,4 +137,5 @@ def load(state: StateDict) -> ESRGAN:
         raise ArchError(f"{in_nc} input and {out_nc} output channels; upscalers here take RGB (3)")
     if 2**ups < unshuffle:
         raise ArchError(f"an unshuffle factor {unshuffle} with only {ups} 2x stages")
-    return ESRGAN(weights, blocks, ups, unshuffle)
+    scale = 2**ups // unshuffle
+    return ESRGAN(weights, blocks=blocks, ups=ups, unshuffle=unshuffle, scale=scale, align=unshuffle)

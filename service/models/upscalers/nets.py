@@ -28,8 +28,11 @@ class Net:
     scale = 1
     align = 1  # windows of a tiled run start on multiples of this (a pixel-unshuffling net's factor)
 
-    def __init__(self, weights: dict[str, Tensor]) -> None:
+    def __init__(self, weights: dict[str, Tensor], **hyper: int | bool) -> None:
+        """``hyper``: the architecture's settings read from the keys (declared on each subclass)."""
         self.w = weights
+        for name, value in hyper.items():
+            setattr(self, name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError

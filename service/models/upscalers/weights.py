@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from . import compact, esrgan
+from . import compact, esrgan, span
 from .nets import ArchError, Net, StateDict
 
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt")
@@ -24,6 +24,7 @@ _PREFIXES = ("module.", "netG.")
 # Architectures we run: (detect, load), in the order they are tried (spandrel's order for these).
 ARCHES: list[tuple[str, Callable[[StateDict], bool], Callable[[StateDict], Net]]] = [
     ("ESRGAN", esrgan.detect, esrgan.load),
+    ("SPAN", span.detect, span.load),
     ("Compact", compact.detect, compact.load),
 ]
 

@@ -17,7 +17,8 @@ ingress answers as 503 with Retry-After; an engine's own full queue is the servi
 replica that dies takes its jobs with it (their sampler state is in its memory): requests waiting on
 it get 503 ``engine_lost``, SSE streams end with an ``error`` event ``engine_lost``, later reads of its
 jobs 410 ``engine_lost``; they are not retried (the client resubmits; the same seed gives the same
-image). Serve restarts the replica.
+image). Serve restarts the replica. With ``KDIFF_STATE_DIR`` each slot keeps a job store of its own
+(``slot_state``) and the restarted replica re-runs that slot's accepted jobs under their ids.
 
 ``serve run service.deploy.ray_serve:build_app engines=2`` or a config file (docker/serve-config.yaml).
 """
@@ -71,7 +72,7 @@ class EngineReplica:
         replica = serve.get_replica_context().replica_id.unique_id
         self.name = f"engine{slot}"
         self.header = (ENGINE_HEADER, f"{self.name}; incarnation={self.incarnation}; replica={replica}")
-        self.app = create_app(Settings(**settings))
+        self.app = create_app(Settings(**slot_state(settings, slot)))
         self._life = self.app.router.lifespan_context(self.app)
         await self._life.__aenter__()  # loads this slot's models, starts their engines
 
@@ -125,6 +126,13 @@ def _cancel(gen: DeploymentResponseGenerator) -> None:
         gen.cancel()
     except Exception:
         pass
+
+
+def slot_state(settings: dict[str, Any], slot: int) -> dict[str, Any]:
+    """An engine slot's settings with its own job store: ``<KDIFF_STATE_DIR>/engine<slot>`` (a store
+    is one process's; the replica Serve starts in place of a dead one re-runs that slot's jobs)."""
+    folder = settings.get("state_dir", os.environ.get("KDIFF_STATE_DIR", ""))
+    return {**settings, "state_dir": str(Path(folder) / f"engine{slot}")} if folder else dict(settings)
 
 
 def _kdiff_env() -> dict[str, str]:

@@ -33,7 +33,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cluster(tiny_store: Path) -> Iterator[dict[str, Any]]:
+def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         import ray
         from ray import serve
@@ -54,7 +54,13 @@ def cluster(tiny_store: Path) -> Iterator[dict[str, Any]]:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     args = {
         "engines": 2,
-        "settings": {**ENGINE_SETTINGS, **KEYS, "model_store": str(tiny_store)},
+        # a job store per engine slot under it (ray_serve.slot_state): a replaced replica re-runs its jobs
+        "settings": {
+            **ENGINE_SETTINGS,
+            **KEYS,
+            "model_store": str(tiny_store),
+            "state_dir": str(tmp_path_factory.mktemp("ray_state")),
+        },
         "engine_cpus": 0.5,
         "engine_max_ongoing_requests": 8,
         "engine_max_queued_requests": 4,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,3 +91,15 @@ def test_models_and_metrics_of_every_slot_merge_into_one_answer(tmp_path: Path) 
     }
     assert jobs == {("engine0", "a"): 1.0, ("engine1", "b"): 2.0}
     assert text.decode().count("# TYPE kdiff_jobs_total counter") == 1  # one family, samples of both
+
+
+def test_each_engine_slot_gets_its_own_job_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A job store is one process's (flock): engine replicas share KDIFF_STATE_DIR as a parent, each
+    slot in its own folder, so the replica Serve starts in place of a dead one re-runs that slot's jobs."""
+    from service.deploy.ray_serve import slot_state
+
+    monkeypatch.delenv("KDIFF_STATE_DIR", raising=False)
+    assert slot_state({"max_queue": 3}, 1) == {"max_queue": 3}  # none: in memory, as before
+    assert slot_state({"state_dir": str(tmp_path)}, 1) == {"state_dir": str(tmp_path / "engine1")}
+    monkeypatch.setenv("KDIFF_STATE_DIR", str(tmp_path))
+    assert slot_state({}, 0) == {"state_dir": str(tmp_path / "engine0")}

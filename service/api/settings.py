@@ -133,6 +133,16 @@ class Settings(BaseSettings):
         description="serve the project's UNet models as TorchScript traces (checked against eager; "
         "the model call then runs without the GIL)",
     )
+    compile: bool = Field(
+        default=False,
+        description="serve every model's network through torch.compile (inductor), rows padded to "
+        "KDIFF_COMPILE_BUCKETS, each graph checked against eager; supersedes KDIFF_JIT",
+    )
+    compile_buckets: Annotated[list[Annotated[int, Field(ge=1, le=8192)]], NoDecode] = Field(
+        default_factory=list,
+        description="row counts compiled graphs are made for (comma-separated); empty = powers of two "
+        "up to max_batch_rows",
+    )
 
     webhook_allow: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -209,7 +219,14 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "models", "cors_origins", "api_keys", "admin_keys", "webhook_allow", "webhook_urls", mode="before"
+        "models",
+        "cors_origins",
+        "api_keys",
+        "admin_keys",
+        "webhook_allow",
+        "webhook_urls",
+        "compile_buckets",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: object) -> object:

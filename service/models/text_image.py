@@ -115,6 +115,13 @@ class TextLoadedModel(LoadedModel):
         if self.sd is not None:
             self.sd.bind_driver(driver)
 
+    def example_input(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """One row at the default size with the empty prompt's conditioning (the keys requests bring)."""
+        x, _ = super().example_input()
+        if self.sd is None:
+            return x, {}
+        return x, self.sd.job_inputs("", None, n=1, cfg_scale=1.0).cond
+
     def job_inputs(
         self, request: GenerationRequest, *, n: int, cfg_scale: float, denoise: float
     ) -> JobInputs:

@@ -20,9 +20,11 @@ from torch import Tensor
 
 from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
 from service.engine.scheduler import Mode
+from service.models.compiled import compile_denoiser, default_buckets
 from service.models.embeddings import EmbeddingIndex, attach_embeddings
 from service.models.lora import LoraIndex, attach
 from service.models.store import LoadedModel, Manifest, ModelDefaults, ModelStore, disk_bytes, memory_bytes
+from service.models.text_image import TextLoadedModel
 from service.models.traced import trace_denoiser
 from service.models.upscalers import UpscalerConfig, Upscalers, UpscalerSettings
 
@@ -42,6 +44,8 @@ class PoolSettings(UpscalerSettings, Protocol):
     memory_budget: int | None
     torch_threads: int | None
     jit: bool
+    compile: bool
+    compile_buckets: list[int]
     max_batch_rows: int
     max_queue: int
     batch_wait_ms: float
@@ -220,7 +224,9 @@ class ModelPool:
             log.info("loading model %s (%s)", name, manifest.kind)
             try:
                 model = await asyncio.to_thread(self.store.load, name, self._device, self._dtype)
-                if s.jit:
+                if s.compile:  # supersedes the trace: one compiled graph per (inputs, bucket)
+                    await asyncio.to_thread(self._compile, model)
+                elif s.jit and not isinstance(model, TextLoadedModel):  # traces the project's UNet only
                     await asyncio.to_thread(trace_denoiser, model.denoiser, model.example_input())
             except Exception as exc:
                 msg = f"loading model {name!r} failed: {type(exc).__name__}: {exc}"
@@ -250,6 +256,14 @@ class ModelPool:
             await asyncio.to_thread(settle_heap)  # the new model's objects are long-lived: freeze them
             log.info("loaded model %s on %s/%s", name, self._device, s.dtype)
             return model
+
+    def _compile(self, model: LoadedModel) -> None:
+        """Serve the network through torch.compile, every bucket compiled now for the example input."""
+        buckets = self.settings.compile_buckets or default_buckets(self.settings.max_batch_rows)
+        with torch.inference_mode():
+            example = model.example_input()
+        if compile_denoiser(model.denoiser, buckets, example, label=f"model {model.name}") is None:
+            log.warning("model %s: no network to compile, serving eager", model.name)
 
     def idle(self, name: str) -> bool:
         engine = self.engines.get(name)

@@ -209,9 +209,11 @@ def attach(model: Any, index: LoraIndex) -> ModelAdapters | None:
     if sd is not None:
         names = ("text_encoder", "text_encoder_2")
         unet, texts = sd.unet, dict(zip(names, sd.components.text_encoders, strict=False))
+        wrapper = getattr(model.denoiser, "inner_model", None)
+        traced = wrapper if hasattr(wrapper, "bypass") else None  # a compiled SD UNet: hooks need eager
     else:
         unet, texts = getattr(model.denoiser, "inner_model", None), {}
-        if unet is not None and hasattr(unet, "bypass"):  # a TracedModule: hooks need the eager UNet
+        if unet is not None and hasattr(unet, "bypass"):  # Traced/CompiledModule: hooks need the eager UNet
             traced, unet = unet, unet.inner
     if not isinstance(unet, nn.Module):
         return None

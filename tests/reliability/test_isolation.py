@@ -75,6 +75,14 @@ def test_probes_and_docs_are_open(server: Server, path: str) -> None:
         ("GET", f"/jobs/{'a' * 32}"),
         ("DELETE", f"/jobs/{'a' * 32}"),
         ("GET", f"/jobs/{'a' * 32}/events"),
+        # ComfyUI's routes (service/api/comfy), bare and under /api/
+        ("POST", "/prompt"),
+        ("GET", "/api/history"),
+        ("GET", "/view?filename=x.png"),
+        ("POST", "/api/upload/image"),
+        ("POST", "/interrupt"),
+        ("GET", "/object_info"),
+        ("GET", "/system_stats"),
     ],
 )
 def test_the_api_needs_a_key(server: Server, method: str, path: str) -> None:

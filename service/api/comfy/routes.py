@@ -149,7 +149,7 @@ async def _clear_or_delete(request: Request, drop: Callable[[str | None, list[st
             drop(owner_of(request), None)
         if "delete" in body:
             drop(owner_of(request), _ids(body["delete"]))
-    return Response(status_code=200)
+    return JSONResponse({})  # ComfyUI answers an empty 200; clients read only the status
 
 
 async def post_queue(request: Request) -> Response:
@@ -168,7 +168,7 @@ async def post_interrupt(request: Request) -> Response:
         body = {}  # ComfyUI's frontend posts no body at all; a junk one still means "stop"
     target = body.get("prompt_id") if isinstance(body, dict) else None
     front.interrupt(owner_of(request), [target] if isinstance(target, str) else None)
-    return Response(status_code=200)
+    return JSONResponse({})  # ComfyUI answers an empty 200; clients read only the status
 
 
 # ---- history -----------------------------------------------------------------------------------
@@ -185,8 +185,7 @@ async def get_history(request: Request) -> Response:
     return JSONResponse(dict(items))
 
 
-async def get_history_item(request: Request) -> Response:
-    prompt_id = request.path_params["prompt_id"]
+async def get_history_item(request: Request, prompt_id: str) -> Response:
     item = front_of(request).owner(owner_of(request)).history.get(prompt_id)
     return JSONResponse({} if item is None else {prompt_id: item})
 
@@ -317,10 +316,9 @@ async def object_info(request: Request) -> Response:
     return JSONResponse(front.comfy.object_info(front.context(owner_of(request))))
 
 
-async def object_info_one(request: Request) -> Response:
+async def object_info_one(request: Request, node_class: str) -> Response:
     front = front_of(request)
-    name = request.path_params["node_class"]
-    return JSONResponse(front.comfy.object_info_one(name, front.context(owner_of(request))))
+    return JSONResponse(front.comfy.object_info_one(node_class, front.context(owner_of(request))))
 
 
 def _folders(request: Request) -> dict[str, list[str]]:
@@ -337,8 +335,8 @@ async def model_folders(request: Request) -> Response:
     return JSONResponse(list(_folders(request)))
 
 
-async def model_files(request: Request) -> Response:
-    files = _folders(request).get(request.path_params["folder"])
+async def model_files(request: Request, folder: str) -> Response:
+    files = _folders(request).get(folder)
     return Response(status_code=404) if files is None else JSONResponse(files)
 
 
@@ -359,11 +357,16 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/object_info/{node_class}", object_info_one),
     ("GET", "/models/{folder}", model_files),
 ]
+# what the schema documents besides JSON (schemathesis checks responses against it)
+RESPONSES: dict[str, dict[int | str, dict[str, Any]]] = {
+    "/view": {200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+}
 for _method, _path, _handler in ROUTES:
     for _prefix in ("", "/api"):
         router.add_api_route(
             _prefix + _path,
             _handler,
+            responses=RESPONSES.get(_path),
             methods=[_method],
             include_in_schema=not _prefix,
             name=f"comfy{_prefix}{_path}",

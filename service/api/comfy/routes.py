@@ -340,7 +340,7 @@ async def model_files(request: Request, folder: str) -> Response:
     return Response(status_code=404) if files is None else JSONResponse(files)
 
 
-Handler = Callable[[Request], Any]
+Handler = Callable[..., Any]  # (request, path parameters...) -> a response
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/prompt", post_prompt),
     ("GET", "/prompt", get_prompt),

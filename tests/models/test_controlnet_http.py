@@ -264,7 +264,7 @@ def test_control_image_bomb_is_refused(client: TestClient) -> None:
 
     from tests.support.hostile_images import bomb_png
 
-    bomb = base64.b64encode(bomb_png(60000, 60000)).decode()
+    bomb = base64.b64encode(bomb_png(12000, 12000)).decode()
     r = client.post(
         "/sample",
         json={"model": "sd1", "prompt": "x", "steps": 2, "controlnets": [{"model": "cn_a", "image": bomb}]},

@@ -16,7 +16,6 @@ runs the tiles); one image of a batch is decoded, upscaled and encoded at a time
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import html
 import io
@@ -156,7 +155,7 @@ async def _extras(
     _check(body, ups)
     out, text = [], ""
     for data, field in images:
-        image, text = await asyncio.to_thread(_run, data, field, body, ups)
+        image, text = await ups.call(_run, data, field, body, ups)
         out.append(image)
     return out, _html(text)
 

@@ -55,7 +55,7 @@ async def schedulers() -> list[dict[str, Any]]:
 async def upscalers(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
     """The plain resizes, then every model file in model_store/upscalers/ (A1111's UpscalerItem: the
     file's name, its family, path and own scale; read from the file's keys, off the loop)."""
-    items = await asyncio.to_thread(state.pool.upscalers.items)
+    items = await state.pool.upscalers.call(state.pool.upscalers.items)
     return [
         {
             "name": i.name,

@@ -3,7 +3,6 @@ to an exact size or by a factor, with a model from model_store/upscalers/ or a p
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import time
@@ -88,7 +87,7 @@ async def upscalers(state: Service = Depends(get_state)) -> dict[str, Any]:
     """Upscalers a request may name (``upscaler`` here, A1111's ``upscaler_1/2`` and ``hr_upscaler``):
     the plain resizes and the model files in model_store/upscalers/ with their family and own scale;
     plus the latent modes the hires fix takes."""
-    items = await asyncio.to_thread(state.pool.upscalers.items)
+    items = await state.pool.upscalers.call(state.pool.upscalers.items)
     return {
         "upscalers": [
             {"name": i.name, "family": i.family, "scale": i.scale, "file": i.path.name if i.path else None}
@@ -104,4 +103,4 @@ async def upscale(req: UpscaleRequest, state: Service = Depends(get_state)) -> d
     its passes (tiled, batched with other requests' tiles) until the image covers the size, then a
     Lanczos resize to it; ``Lanczos`` / ``Nearest`` / ``None`` (= Lanczos) resize directly.
     Unknown upscaler: 422 listing the available ones."""
-    return await asyncio.to_thread(_upscale, req, state.pool.upscalers)
+    return await state.pool.upscalers.call(_upscale, req, state.pool.upscalers)

@@ -9,13 +9,15 @@ name it with :class:`UpscalerLoadError`, naming the file; the error is remembere
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -28,7 +30,9 @@ from .resize import LANCZOS, NEAREST, pil_resize
 from .tiles import upscale_tiled
 from .weights import EXTENSIONS, FileError, NonCommercial, load_net
 
+T = TypeVar("T")
 PLAIN_UPSCALERS = ("None", "Lanczos", "Nearest")
+REQUEST_THREADS = 8  # upscale requests waiting on their tiles at once (their own pool: see call())
 MAX_PASSES = 3  # A1111's loop: a model pass repeats until the image covers the target, 3 times at most
 
 
@@ -92,6 +96,13 @@ class Upscalers:
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._failed: dict[str, tuple[tuple[float, int], str]] = {}
         self._meta: dict[str, tuple[tuple[float, int], str | None, float | None]] = {}
+        self._requests = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="upscale-request")
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking upscale step (decode, upscale, encode) off the event loop, in the upscalers'
+        own threads: a long upscale must not hold the loop's default executor, which model loading,
+        PNG encoding and the other routes share (it has only cpu_count + 4 threads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._requests, fn, *args)
 
     def configure(self, config: UpscalerConfig) -> None:
         """New settings (the app's, at start); loaded models are dropped so they reload with them."""

@@ -114,6 +114,10 @@ class ComfyFront:
             old, _ = state.history.popitem(last=False)
             total -= self._sizes.pop(old, 0)
 
+    def history_bytes(self, items: list[tuple[str, Any]]) -> int:
+        """About how many bytes these history items' prompts take (their request bodies)."""
+        return sum(self._sizes.get(pid, 0) for pid, _ in items)
+
     def interrupt(self, owner: str | None, prompt_ids: list[str] | None) -> int:
         """Stop the caller's running prompts (those named, or all); how many were stopped."""
         state = self.owner(owner)

@@ -182,6 +182,11 @@ async def get_history(request: Request) -> Response:
         items = items[int(offset) :]
     if max_items.isdigit():
         items = items[-int(max_items) :] if int(max_items) else []
+    # SillyTavern polls the whole history every 100 ms, and items hold whole workflows (base64
+    # avatars too): a big one is serialised off the event loop
+    if front_of(request).history_bytes(items) > BIG_BODY:
+        body = await asyncio.to_thread(json.dumps, dict(items))
+        return Response(body, media_type="application/json")
     return JSONResponse(dict(items))
 
 

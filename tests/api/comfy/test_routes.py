@@ -337,6 +337,11 @@ def test_history_can_be_deleted_and_cleared_and_is_bounded(make: Callable[..., T
     assert last not in client.get("/history").json()
     assert client.post("/api/history", json={"clear": True}).status_code == 200
     assert client.get("/history").json() == {}
+    big = workflow(prefix="x" * 100)  # a large workflow (a base64 avatar): served the same way
+    big["4"]["inputs"]["note"] = "a" * 300_000
+    pid = client.post("/prompt", json={"prompt": big}).json()["prompt_id"]
+    wait_history(client, pid)
+    assert client.get("/history").json()[pid]["prompt"][2]["4"]["inputs"]["note"] == "a" * 300_000
 
 
 def test_too_many_prompts_in_flight_for_a_key_is_a_429(make: Callable[..., TestClient]) -> None:

@@ -74,8 +74,6 @@ def main() -> None:
 
     requests = [[], [unit(a)], [unit(b)], [unit(a), unit(b)]]
     rows = [controls.rows(r, 2, size, size, uncond=False) for r in requests]
-    for r in rows:  # the whole schedule (what bind_schedule sets from a job's sigmas)
-        r["control_unit"][..., 2], r["control_unit"][..., 3] = float("-inf"), float("inf")
     x = torch.randn(8, 4, args.latent, args.latent, generator=g).to(device, dtype)
     t = torch.full([8], 500.0, device=device)
     ctx = torch.randn(8, 77, 768, generator=g).to(device, dtype)

@@ -188,10 +188,12 @@ def with_hires(
 
     def next_pass(latents: Tensor) -> Driver:
         init = _crop(upscale(model, latents, upscaler, size.upscale, upscalers), shape[-2:])
-        return Driver.start(
+        driver = Driver.start(
             spec2, model.denoiser, shape, cond=cond, uncond=uncond, cfg_scale=cfg, init=init,
             device=model.device, dtype=sampling_dtype(model.dtype), sigmas=sigmas,
         )  # fmt: skip
+        model.bind_driver(driver)  # sigma-dependent conditioning (ControlNet windows) for this pass
+        return driver
 
     info = spec2.info
     tracks = n if info.batch_coupled and n > 1 else 1

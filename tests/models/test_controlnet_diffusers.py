@@ -200,8 +200,6 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(store: tuple[Path, dict[st
         net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     with torch.inference_mode():
         cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-        for table in cond[UNIT]:  # whole schedule: (t_lo, t_hi] = (-inf, inf)
-            table[:, 2], table[:, 3] = float("-inf"), float("inf")
         together = sd.denoiser(x, sigma, **cond)
         assert sorted(calls) == [2, 2]  # cn_a on rows 1 and 3, cn_b on rows 2 and 3: one call each
         alone = torch.cat(
@@ -231,8 +229,7 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
     ctx = balanced.cond["context"]
     with torch.inference_mode():
         raw = sd.controls.nets[0](x, t, ctx, balanced.cond[HINT][0, :1, :3].float() / 255)
-        table = prompt.cond[UNIT].clone()
-        table[..., 2], table[..., 3] = float("-inf"), float("inf")
+        table = prompt.cond[UNIT]  # unbound: the whole schedule
         down, mid = sd.controls.residuals(x, t, ctx, prompt.cond[HINT], table, {"y": None, "time_ids": None})
     for i, r in enumerate([*down, mid]):
         assert torch.allclose(r, raw[i] * 0.825 ** (12 - i), atol=1e-6)
@@ -245,7 +242,8 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
     rows = _rows(sd, [ControlNetRef("cn_a", img, guidance_start=0.2, guidance_end=0.5)]).cond
     sigmas = torch.cat([torch.linspace(14.0, 0.1, 10), torch.zeros(1)])
     sd.controls.bind_schedule(rows, sigmas, sd.denoiser.sigma_to_t)
-    lo, hi = float(rows[UNIT][0, 0, 2]), float(rows[UNIT][0, 0, 3])
+    sd.controls.bind_schedule(rows, sigmas, sd.denoiser.sigma_to_t)  # binding twice: the same window
+    lo, hi = float(rows[UNIT][0, 0, 5]), float(rows[UNIT][0, 0, 6])
     ts = sd.denoiser.sigma_to_t(sigmas[:-1]).tolist()
     assert [i for i, tv in enumerate(ts) if lo < tv <= hi] == [2, 3, 4, 5]
 

@@ -6,8 +6,9 @@ shapes, and every row of a model whose store has ControlNets carries both keys):
 
 - :data:`HINT` ``[rows, MAX_UNITS, 4, H, W]`` uint8: each unit's control image (RGB) and its
   effective-region mask (255 = everywhere) at the generation size;
-- :data:`UNIT` ``[rows, MAX_UNITS, 5]`` float: ControlNet id (-1: empty slot), weight, the
-  timestep window ``(t_lo, t_hi]`` in which it acts, and 1 for soft injection.
+- :data:`UNIT` ``[rows, MAX_UNITS, 7]`` float: ControlNet id (-1: empty slot), weight,
+  guidance_start, guidance_end, 1 for soft injection, and the timestep window ``(t_lo, t_hi]`` in
+  which it acts (the whole schedule until :meth:`ControlSet.bind_schedule` sets it).
 
 :meth:`ControlSet.residuals` runs, per ControlNet used by some active row, ONE call over all the
 (row, unit) pairs that use it (their control images concatenated), scales each pair's outputs
@@ -204,19 +205,21 @@ class ControlSet:
         """The two conditioning tensors for ``n`` rows (uncond rows: no unit in
         "ControlNet is more important" mode or on a global-pooling ControlNet, as the extension)."""
         hint = torch.zeros(MAX_UNITS, 4, height, width, dtype=torch.uint8)
-        table = torch.tensor([[-1.0, 0.0, 0.0, 0.0, 0.0]] * MAX_UNITS)
+        inf = float("inf")
+        table = torch.tensor([[-1.0, 0.0, 0.0, 1.0, 0.0, -inf, inf]] * MAX_UNITS)
         for i, u in enumerate(units):
             if uncond and (u.mode == 2 or self.nets[u.net].cfg.global_pool_conditions):
                 continue
             hint[i] = u.hint
-            # start / end stay step fractions until bind_schedule turns them into a timestep window
-            table[i] = torch.tensor([float(u.net), u.weight, u.start, u.end, float(u.mode != 0)])
+            # the window is the whole schedule until bind_schedule reads start / end against the sigmas
+            table[i, :5] = torch.tensor([float(u.net), u.weight, u.start, u.end, float(u.mode != 0)])
         return {HINT: hint.expand(n, -1, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
 
     @staticmethod
     def bind_schedule(cond: dict[str, Tensor], sigmas: Tensor, sigma_to_t: Any) -> None:
         """Step fractions -> the timestep window ``(t_lo, t_hi]`` of the steps i with
-        ``start <= i / steps <= end`` (in place; a window with no step: the slot is emptied)."""
+        ``start <= i / steps <= end`` (in place, from the fractions: binding again, as a second pass
+        with its own sigmas does, is the same as binding once; no step: an empty window)."""
         table = cond.get(UNIT)
         if table is None:
             return
@@ -230,12 +233,12 @@ class ControlSet:
             # the fractions were stored as float32: compare within its rounding
             active = [i for i in range(steps) if start - 1e-6 <= i / steps <= end + 1e-6]
             if not active:
-                row[0] = -1
+                row[5], row[6] = float("inf"), float("-inf")
                 continue
             first, last = active[0], active[-1]
             # the window opens at the first active step's sigma and closes above the next step's
-            row[3] = float(ts[first]) + 1e-3
-            row[2] = float(ts[last + 1]) + 1e-3 if last + 1 < steps and s[last + 1] > 0 else float("-inf")
+            row[6] = float(ts[first]) + 1e-3 if first > 0 else float("inf")
+            row[5] = float(ts[last + 1]) + 1e-3 if last + 1 < steps and s[last + 1] > 0 else float("-inf")
 
     # --- the model call ---
     def residuals(
@@ -251,7 +254,7 @@ class ControlSet:
         has an active unit at this timestep."""
         tt = t.reshape(-1).expand(x.shape[0]).float().to(unit.device)[:, None]
         ids = unit[..., 0]
-        active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 2]) & (tt <= unit[..., 3])
+        active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
         if not bool(active.any()):
             return None
         total: list[Tensor] | None = None

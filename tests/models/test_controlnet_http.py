@@ -270,3 +270,26 @@ def test_control_image_bomb_is_refused(client: TestClient) -> None:
         json={"model": "sd1", "prompt": "x", "steps": 2, "controlnets": [{"model": "cn_a", "image": bomb}]},
     )
     assert r.status_code in (413, 422) and "image" in r.text
+
+
+def test_hires_fix_second_pass_keeps_the_unit(client: TestClient) -> None:
+    """A1111's hires fix with a unit runs (the second pass builds its rows at the hires size and binds
+    its own sigmas) and the unit changes the result."""
+    base = {
+        "prompt": "a red cat",
+        "steps": 3,
+        "seed": 2,
+        "sampler_name": "Euler",
+        "width": 64,
+        "height": 64,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "Latent",
+        "denoising_strength": 0.6,
+        "override_settings": {"sd_model_checkpoint": "sd1"},
+    }
+    unit = {"model": "cn_a", "image": control_png(7), "guidance_end": 0.5}
+    with_unit = _post(client, "/sdapi/v1/txt2img", **base, alwayson_scripts={"ControlNet": {"args": [unit]}})
+    without = _post(client, "/sdapi/v1/txt2img", **base)
+    a, b = _pixels(with_unit["images"][0]), _pixels(without["images"][0])
+    assert a.shape == (128, 128, 3) and np.abs(a - b).max() > 2

@@ -74,7 +74,10 @@ def test_serve_ray_without_address_owns_its_cluster_even_with_ray_address_set(
         assert kdiff.poll() is None, log.read_text()[-3000:]
         r = httpx.post(f"{url}/sample", json={"class_label": 1, "steps": 2}, timeout=60)
         assert r.status_code == 200, r.text
-        m = re.search(r"on its own Ray cluster; gcs=[\d.]+:(\d+)", log.read_text())
+        line = r"on its own Ray cluster; gcs=[\d.]+:(\d+)"
+        # printed when serve.run returns, which can be a moment after the proxy already answers
+        wait_for(lambda: re.search(line, log.read_text()) is not None, 60, "the start-up line")
+        m = re.search(line, log.read_text())
         assert m is not None, log.read_text()[-3000:]
         own_port = int(m.group(1))
         assert own_port != head_port and listening(own_port)

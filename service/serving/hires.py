@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from service.models.upscalers import LATENT_UPSCALE_MODES as LATENT_MODES
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
 from service.sampling.passes import Passes
@@ -43,15 +44,6 @@ if TYPE_CHECKING:
 
     from .request import GenerationRequest
 
-# A1111's latent upscale modes (shared.latent_upscale_modes): name -> (F.interpolate mode, antialias)
-LATENT_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
 DEFAULT_DENOISE = 0.75  # A1111's txt2img denoising_strength default
 # Pixel upscalers: name -> (8-bit RGB image, width, height) -> that image at that size. The plain

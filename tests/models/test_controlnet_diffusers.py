@@ -23,8 +23,6 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetPipeline,
 )
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -35,7 +33,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.sampling.errors import InputError  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.support.controlnet_tiny import add_controlnets, to_original  # noqa: E402
-from tests.support.sd_tiny import save_diffusers, write_manifest  # noqa: E402
+from tests.support.sd_tiny import diffusers_pipeline, save_diffusers, write_manifest  # noqa: E402
 
 STEPS, CFG = 5, 5.0
 
@@ -101,23 +99,7 @@ def test_generation_matches_diffusers_pipeline(
     scheduler = EulerDiscreteScheduler.from_config(c.scheduler_config)
     image = control_png(5)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    kw: dict[str, Any] = {
-        "vae": c.vae,
-        "text_encoder": c.text_encoders[0],
-        "tokenizer": c.tokenizers[0],
-        "unet": c.unet,
-        "scheduler": scheduler,
-        "controlnet": nets[cn],
-    }
-    if sd.is_sdxl:
-        pipe = StableDiffusionXLControlNetPipeline(
-            text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1], **kw
-        )
-    else:
-        pipe = StableDiffusionControlNetPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-        )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(sd, scheduler, nets[cn])
     weight = 0.8
     with torch.inference_mode():
         ref = pipe(

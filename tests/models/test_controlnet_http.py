@@ -21,15 +21,13 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetPipeline,
 )
 
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
 from tests.support.controlnet_tiny import add_controlnets  # noqa: E402
-from tests.support.sd_tiny import save_diffusers, write_manifest  # noqa: E402
+from tests.support.sd_tiny import diffusers_pipeline, save_diffusers, write_manifest  # noqa: E402
 
 STEPS, CFG, SEED = 4, 5.0, 11
 
@@ -77,23 +75,7 @@ def test_sample_matches_diffusers_controlnet_pipeline(
     sigmas = [float(s) for s in scheduler.sigmas]
     image = control_png(8)
     noise = NoiseSource([SEED]).randn((4, 8, 8), "cpu", torch.float32)
-    kw: dict[str, Any] = {
-        "vae": c.vae,
-        "text_encoder": c.text_encoders[0],
-        "tokenizer": c.tokenizers[0],
-        "unet": c.unet,
-        "scheduler": scheduler,
-        "controlnet": nets[cn],
-    }
-    if sd.is_sdxl:
-        pipe = StableDiffusionXLControlNetPipeline(
-            text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1], **kw
-        )
-    else:
-        pipe = StableDiffusionControlNetPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-        )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(sd, scheduler, nets[cn])
     with torch.inference_mode():
         ref = pipe(
             "a red cat",

@@ -9,8 +9,6 @@ in VP space, whose start noise is x_VE = noise * sqrt(sigma_max^2 + 1).
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -19,36 +17,14 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from diffusers import (  # noqa: E402
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 
 from service.models.sd_generate import generate  # noqa: E402
-from service.models.stable_diffusion import StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
-from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import diffusers_pipeline, tiny_sd_store  # noqa: E402
 
 PROMPTS = [("a red cat", "the dog"), ("the dog " * 3, "")]
 STEPS, CFG = 6, 5.0
-
-
-def _pipeline(sd: StableDiffusion, scheduler: Any) -> Any:
-    c = sd.components
-    kw: dict[str, Any] = {
-        "vae": c.vae,
-        "text_encoder": c.text_encoders[0],
-        "tokenizer": c.tokenizers[0],
-        "unet": c.unet,
-        "scheduler": scheduler,
-    }
-    if sd.is_sdxl:
-        pipe = StableDiffusionXLPipeline(text_encoder_2=c.text_encoders[1], tokenizer_2=c.tokenizers[1], **kw)
-    else:
-        pipe = StableDiffusionPipeline(
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd1v", "sdxl"])
@@ -59,7 +35,7 @@ def test_matches_diffusers_pipeline(name: str, sampler: str) -> None:
     scheduler = cls.from_config(sd.components.scheduler_config)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = _pipeline(sd, scheduler)(
+        ref = diffusers_pipeline(sd, scheduler)(
             [p for p, _ in PROMPTS],
             negative_prompt=[n for _, n in PROMPTS],
             num_inference_steps=STEPS,

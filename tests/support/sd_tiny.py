@@ -278,3 +278,29 @@ def link_tiny_models(root: Path, names: tuple[str, ...] = ("sd1", "sdxl")) -> di
         (root / name).symlink_to(tiny / name, target_is_directory=True)
         models[name] = ModelStore(tiny).load(name)
     return models
+
+
+def diffusers_pipeline(sd: Any, scheduler: Any, controlnet: Any = None) -> Any:
+    """diffusers' pipeline for a loaded tiny model (SD 1.x or SDXL by ``sd.is_sdxl``; the ControlNet
+    pipelines when ``controlnet``, a diffusers ControlNetModel, is given) on the model's own components:
+    the reference the comparisons run."""
+    import diffusers
+
+    c = sd.components
+    kw: dict[str, Any] = {
+        "vae": c.vae,
+        "text_encoder": c.text_encoders[0],
+        "tokenizer": c.tokenizers[0],
+        "unet": c.unet,
+        "scheduler": scheduler,
+    }
+    name = "StableDiffusionXL" if sd.is_sdxl else "StableDiffusion"
+    if controlnet is not None:
+        kw["controlnet"], name = controlnet, name + "ControlNet"
+    if sd.is_sdxl:
+        kw |= {"text_encoder_2": c.text_encoders[1], "tokenizer_2": c.tokenizers[1]}
+    else:
+        kw |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = getattr(diffusers, name + "Pipeline")(**kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tests.support.sd_tiny import sdxl_added_conditioning
+
 RESNET = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -30,13 +32,7 @@ def make_controlnet(sdxl: bool = False, seed: int = 0, heads: int = 4, **over: A
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    extra: dict[str, Any] = {}
-    if sdxl:
-        extra = {
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 48 + 6 * 8,
-        }
+    extra = sdxl_added_conditioning(48) if sdxl else {}
     kw: dict[str, Any] = {
         "block_out_channels": (16, 32),
         "layers_per_block": 1,

@@ -75,17 +75,21 @@ def text_encoder(vocab: int, hidden: int, projection: bool, seed: int) -> Any:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
+def sdxl_added_conditioning(pooled: int) -> dict[str, Any]:
+    """The config of SDXL's added conditioning (pooled text + 6 size/crop ids, 8 wide each) for a
+    diffusers UNet or ControlNet whose pooled text embedding is ``pooled`` wide."""
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": pooled + 6 * 8,
+    }
+
+
 def _unet(in_channels: int, context: int, sdxl: bool, pooled: int, seed: int) -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    extra: dict[str, Any] = {}
-    if sdxl:
-        extra = {
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": pooled + 6 * 8,
-        }
+    extra = sdxl_added_conditioning(pooled) if sdxl else {}
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=in_channels,

@@ -44,8 +44,6 @@ class FlowModel(TextImageModel):
     def __init__(
         self,
         c: FlowComponents,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
         *,
         shift: float | None = None,
         max_sequence_length: int | None = None,
@@ -53,9 +51,9 @@ class FlowModel(TextImageModel):
         default_size: int | None = None,
         **options: Unpack[TextModelOptions],
     ) -> None:
-        super().__init__(c, c.text_encoders.values(), device, dtype, **options)
+        super().__init__(c, c.text_encoders.values(), **options)
         self.family = c.family
-        self.transformer: Any = c.transformer.to(self.device, dtype).eval()
+        self.transformer: Any = c.transformer.to(self.device, self.dtype).eval()
         tcfg: Any = self.transformer.config
         sc = c.scheduler_config
         flux = self.family == "flux"
@@ -161,12 +159,10 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
     d = manifest.model_defaults
     return FlowModel(
         c,
-        device,
-        dtype,
         shift=raw.get("shift"),
         max_sequence_length=raw.get("max_sequence_length"),
         guidance=3.5 if d.guidance is None else d.guidance,
-        **model_options(manifest),
+        **model_options(manifest, device, dtype),
         default_size=d.width,
     )
 

@@ -52,8 +52,6 @@ class StableDiffusion(TextImageModel):
     def __init__(
         self,
         c: SDComponents,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
         *,
         prediction_type: str | None = None,
         clip_skip: int = 1,
@@ -62,9 +60,9 @@ class StableDiffusion(TextImageModel):
         **options: Unpack[TextModelOptions],
     ) -> None:
         check_consistency(c, where or "model")
-        super().__init__(c, c.text_encoders, device, dtype, **options)
+        super().__init__(c, c.text_encoders, **options)
         self.is_sdxl = c.is_sdxl
-        self.unet: Any = c.unet.to(self.device, dtype).eval()
+        self.unet: Any = c.unet.to(self.device, self.dtype).eval()
         self.denoiser = make_denoiser(self.unet, c.scheduler_config, prediction_type, quantize).to(
             self.device
         )
@@ -233,12 +231,10 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
     try:
         return StableDiffusion(
             c,
-            device,
-            dtype,
             prediction_type=raw.get("prediction_type"),
             clip_skip=int(raw.get("clip_skip", 1)),
             quantize=bool(raw.get("quantize", False)),
-            **model_options(manifest),
+            **model_options(manifest, device, dtype),
             where=f"{manifest.name} ({manifest.folder})",
         )
     except ValueError as exc:

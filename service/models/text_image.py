@@ -46,6 +46,8 @@ class TextJobInputs:
 class TextModelOptions(TypedDict, total=False):
     """What every text-to-image model's constructor takes besides its components (:func:`model_options`)."""
 
+    device: torch.device | str
+    dtype: torch.dtype
     cache_size: int
     max_size: int
     vae_dtype: torch.dtype | None
@@ -183,9 +185,9 @@ class TextImageModel:
         self,
         components: Any,
         text_encoders: Iterable[Any],
-        device: torch.device | str,
-        dtype: torch.dtype,
         *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
         cache_size: int = 128,
         max_size: int = 2048,
         vae_dtype: torch.dtype | None = None,
@@ -394,10 +396,13 @@ def manifest_dtype(name: Any, what: str) -> torch.dtype | None:
     return table[name]
 
 
-def model_options(manifest: Manifest) -> TextModelOptions:
-    """The constructor options every text model reads from its manifest (prompt cache, size, VAE dtype)."""
+def model_options(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> TextModelOptions:
+    """The constructor options every text model takes: where it runs and in what dtype, and what it reads
+    from its manifest (prompt cache, size, VAE dtype)."""
     raw = manifest.raw
     return {
+        "device": device,
+        "dtype": dtype,
         "cache_size": int(raw.get("prompt_cache_size", 128)),
         "max_size": int(raw.get("max_size", 2048)),
         "vae_dtype": manifest_dtype(raw.get("vae_dtype"), "vae_dtype"),

@@ -130,9 +130,16 @@ def _ancestral_t(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> tuple[
     return t_next_, (_sigma(t_next) ** 2 - _sigma(t_next_) ** 2) ** 0.5
 
 
-def _check_range(sigma_min: float, sigma_max: float) -> None:
+def _log_range(x: Tensor, sigma_min: float, sigma_max: float, io: StepIO) -> tuple[Any, Tensor, Tensor]:
+    """(noise sampler, t_start, t_end): where both solvers start and end in t = -log(sigma)."""
     if sigma_min <= 0 or sigma_max <= 0:
         raise InputError("sigma_min", "sigma_min and sigma_max must not be 0")
+    return gaussian(x, io.noise_sampler), _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
+
+
+def _range_sampler(**traits: Any) -> Callable[[Callable[..., Stepper]], Callable[..., Stepper]]:
+    """Both solvers' registration: third order, Gaussian noise, (sigma_min, sigma_max) for sigmas."""
+    return sampler(order=3, noise="gaussian", sigma_range=True, origin="k-diffusion", **traits)
 
 
 # k-diffusion's own signatures for these two (sigma_min, sigma_max[, n] instead of sigmas); the
@@ -228,14 +235,7 @@ def sample_dpm_adaptive(
     return (x, info) if return_info else x
 
 
-@sampler(
-    order=3,
-    noise="gaussian",
-    sigma_range=True,
-    sample=sample_dpm_fast,
-    aliases=("DPM fast",),
-    origin="k-diffusion",
-)
+@_range_sampler(sample=sample_dpm_fast, aliases=("DPM fast",))
 def dpm_fast(
     x: Tensor,
     sigma_min: float,
@@ -247,13 +247,11 @@ def dpm_fast(
     s_noise: float = 1.0,
 ) -> Stepper:
     """DPM-Solver-Fast: orders 3,3,...,(2,1) on steps uniform in log sigma, exactly n evaluations."""
-    _check_range(sigma_min, sigma_max)
+    noise_sampler, t_start, t_end = _log_range(x, sigma_min, sigma_max, io)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError("n", f"n (model evaluations) must be an integer >= 1, got {n!r}")
     if eta < 0:
         raise InputError("eta", f"eta must be >= 0, got {eta!r}")
-    noise_sampler = gaussian(x, io.noise_sampler)
-    t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     m = math.floor(n / 3) + 1
     ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
     orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
@@ -270,10 +268,8 @@ def dpm_fast(
     return x
 
 
-@sampler(
-    order=3,
+@_range_sampler(
     nfe_per_step=3,
-    noise="gaussian",
     batch_coupled=True,
     options={
         "order": Bounds(choices=(2, 3)),
@@ -288,10 +284,8 @@ def dpm_fast(
         "accept_safety": Bounds(lo=0.0, hi=1.0),
     },
     internal=("info",),
-    sigma_range=True,
     sample=sample_dpm_adaptive,
     aliases=("DPM adaptive",),
-    origin="k-diffusion",
 )
 def dpm_adaptive(
     x: Tensor,
@@ -312,7 +306,7 @@ def dpm_adaptive(
     info: dict[str, int] | None = None,
 ) -> Stepper:
     """DPM-Solver-12/23 with embedded error estimates and PID step size control."""
-    _check_range(sigma_min, sigma_max)
+    noise_sampler, t_start, t_end = _log_range(x, sigma_min, sigma_max, io)
     if order not in {2, 3}:
         raise InputError("order", "order should be 2 or 3", [2, 3])
     for name, value in (("rtol", rtol), ("atol", atol)):
@@ -320,8 +314,6 @@ def dpm_adaptive(
             raise InputError(name, f"{name} must be >= 0, got {value!r}")
     if h_init == 0:
         raise InputError("h_init", "h_init must be nonzero")
-    noise_sampler = gaussian(x, io.noise_sampler)
-    t_start, t_end = _t(torch.as_tensor(sigma_max)), _t(torch.as_tensor(sigma_min))
     forward = bool(t_end > t_start)
     if not forward and eta:
         raise InputError("eta", "eta must be 0 for reverse sampling", [0])

@@ -28,6 +28,13 @@ from ..stepper import Callback, Eval, Guided, StepIO, Stepper
 StepResult = Tensor | Generator[Eval, Any, Tensor]
 
 
+def check_order(name: str, value: int, hi: int) -> int:
+    """A multistep solver's order option as an int in [1, hi] (booleans and fractions refused)."""
+    if isinstance(value, bool) or int(value) != value or not 1 <= value <= hi:
+        raise InputError(name, f"{name} must be an integer in [1, {hi}], got {value!r}")
+    return int(value)
+
+
 def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) of an ancestral step, as k-diffusion's get_ancestral_step, in floats."""
     if not eta:

@@ -16,9 +16,8 @@ from numpy.polynomial import Polynomial
 from torch import Tensor
 
 from ..catalog import INF, Bounds, sampler
-from ..errors import InputError
 from ..stepper import Eval, StepIO, Stepper
-from .common import ancestral_noise, evaluate, noise_at
+from .common import ancestral_noise, check_order, evaluate, noise_at
 
 History = list[tuple[float, Tensor]]  # (lambda, denoised), newest last
 
@@ -44,12 +43,6 @@ def exp_poly_integral(p: Polynomial, c: float, a: float, b: float) -> float:
         return math.exp(c * u) * total
 
     return antiderivative(b) - antiderivative(a)
-
-
-def _check_order(name: str, value: int, hi: int) -> int:
-    if isinstance(value, bool) or int(value) != value or not 1 <= value <= hi:
-        raise InputError(name, f"{name} must be an integer in [1, {hi}], got {value!r}")
-    return int(value)
 
 
 ORDER3 = {"order": Bounds(lo=1, hi=3, integer=True)}
@@ -108,7 +101,7 @@ def uni_pc(x: Tensor, sigmas: Tensor, io: StepIO, *, order: int = 3, variant: st
 
     ``variant`` "bh2" is B(h) = expm1(-h) (registered as ``uni_pc_bh2``).
     """
-    order = _check_order("order", order, 3)
+    order = check_order("order", order, 3)
     s = sigmas.tolist()
     n = len(s) - 1
     hist: History = []
@@ -151,7 +144,7 @@ def deis_coeffs(log_sigmas: list[float], sigma_s: float, sigma_t: float) -> list
 )
 def deis(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 3) -> Stepper:
     """DEIS (rho-AB, log-rho Lagrange), Zhang & Chen (2022), https://arxiv.org/abs/2204.13902."""
-    max_order = _check_order("max_order", max_order, 3)
+    max_order = check_order("max_order", max_order, 3)
     s = sigmas.tolist()
     n = len(s) - 1
     eps: list[tuple[float, Tensor]] = []  # (log sigma, eps), newest last
@@ -260,8 +253,8 @@ def sa_solver(
     noise at every sigma (tau_sigma_lo=0, tau_sigma_hi=inf) is unstable at few steps. ``pece``: evaluate
     again at each corrected point (registered as ``sa_solver_pece``).
     """
-    p_order = _check_order("predictor_order", predictor_order, 4)
-    c_order = _check_order("corrector_order", corrector_order, 4)
+    p_order = check_order("predictor_order", predictor_order, 4)
+    c_order = check_order("corrector_order", corrector_order, 4)
     noise_sampler = ancestral_noise(x, io.noise_sampler, eta, s_noise)
     s = sigmas.tolist()
     n = len(s) - 1

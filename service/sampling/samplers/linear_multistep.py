@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..catalog import Bounds, sampler
 from ..stepper import Eval, StepIO, Stepper
-from .common import euler_predict, evaluate, report
+from .common import check_order, euler_predict, evaluate, report
 
 _GAUSS = {n: np.polynomial.legendre.leggauss(n) for n in range(1, 9)}
 
@@ -94,11 +94,6 @@ def plms(x: Tensor, sigmas: Tensor, io: StepIO) -> Stepper:
     return x
 
 
-def _check_max_order(max_order: int) -> None:
-    if isinstance(max_order, bool) or max_order not in AB_COEFFS:
-        raise ValueError(f"max_order must be an integer in [1, 4], got {max_order!r}")
-
-
 @sampler(
     order=4,
     options={"max_order": Bounds(lo=1, hi=4, integer=True)},
@@ -107,7 +102,7 @@ def _check_max_order(max_order: int) -> None:
 )
 def ipndm(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 4) -> Stepper:
     """Improved PNDM (Zhang & Chen 2022, https://arxiv.org/abs/2204.13902): AB 1-4 on d, lower-order start."""
-    _check_max_order(max_order)
+    max_order = check_order("max_order", max_order, len(AB_COEFFS))
     s = sigmas.tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
@@ -126,7 +121,7 @@ def ipndm(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 4) -> Stepp
 )
 def ipndm_v(x: Tensor, sigmas: Tensor, io: StepIO, *, max_order: int = 4) -> Stepper:
     """iPNDM with variable step sizes (Zhang & Chen 2022): exact variable-step Adams-Bashforth in sigma."""
-    _check_max_order(max_order)
+    max_order = check_order("max_order", max_order, len(AB_COEFFS))
     # The variable-step AB coefficients are the integrals of the Lagrange basis: k-diffusion's LMS.
     return (yield from lms(x, sigmas, io, order=max_order))
 

@@ -14,6 +14,7 @@ from service.serving.errors import ErrorCode
 from service.serving.hires import HiresFix
 from service.serving.request import MAX_SIDE, GenerationRequest, request_fields
 from service.serving.request import ControlNetRef as ServingControlNet
+from service.serving.request import IPAdapterRef as ServingIPAdapter
 from service.serving.request import LoraRef as ServingLora
 
 FIELDS = {f.name: f for f in request_fields()}
@@ -88,6 +89,18 @@ class ControlNetRef(BaseModel):
         return ServingControlNet(**{k: getattr(self, k) for k in type(self).model_fields})
 
 
+class IPAdapterRef(BaseModel):
+    """One IP-Adapter image of a request (an adapter in the store's ipadapter/ folder)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    model: str = Field(max_length=256, description="IP-Adapter name (its file name without the suffix)")
+    image: ImageField = Field(None, description="base64 image prompt (a reference face, style, object)")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength of the image prompt")
+
+    def serving(self) -> ServingIPAdapter:
+        return ServingIPAdapter(self.model, self.image, self.weight)
+
+
 def field_of(name: str) -> Any:
     """The pydantic Field of a GenerationRequest field: its default, bounds and doc."""
     f = FIELDS[name]
@@ -118,6 +131,8 @@ class _SampleRequest(BaseModel):
             values["hires"] = HiresFix(**values["hires"].model_dump())
         if values.get("controlnets") is not None:
             values["controlnets"] = [unit.serving() for unit in values["controlnets"]]
+        if values.get("ip_adapters") is not None:
+            values["ip_adapters"] = [ref.serving() for ref in values["ip_adapters"]]
         return GenerationRequest(**values)
 
 
@@ -127,6 +142,7 @@ HTTP_TYPES: dict[str, Any] = {
     "loras": list[LoraRef] | None,
     "hires": HiresBody | None,
     "controlnets": list[ControlNetRef] | None,
+    "ip_adapters": list[IPAdapterRef] | None,
     "init_image": ImageField,
     "mask": ImageField,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ class SDUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.controls: Any = None  # a ControlSet when the model's store has ControlNets
+        self.images: Any = None  # an ipadapter.ImageAdapters when the store has IP-Adapters
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,8 +42,11 @@ class SDUNet(nn.Module):
         c_concat: Tensor | None = None,
         control_hint: Tensor | None = None,
         control_unit: Tensor | None = None,
+        ip_tokens: Tensor | None = None,
+        ip_unit: Tensor | None = None,
     ) -> Tensor:
-        """``control_hint`` / ``control_unit``: the rows' ControlNet units (controlnet/units.py)."""
+        """``control_hint`` / ``control_unit``: the rows' ControlNet units (controlnet/units.py);
+        ``ip_tokens`` / ``ip_unit``: their IP-Adapter images (ipadapter/adapters.py)."""
         dt = self.dtype
         inp = x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
         added: dict[str, Tensor] | None = None
@@ -59,14 +64,16 @@ class SDUNet(nn.Module):
                     "down_block_additional_residuals": tuple(res[0]),
                     "mid_block_additional_residual": res[1],
                 }
-        out = self.unet(
-            inp.to(dt),
-            t,
-            encoder_hidden_states=context.to(dt),
-            added_cond_kwargs=added,
-            return_dict=False,
-            **extra,
-        )[0]
+        images = nullcontext() if self.images is None else self.images.bind(ip_tokens, ip_unit)
+        with images:  # the UNet's cross-attention reads the rows' image tokens (not the ControlNets')
+            out = self.unet(
+                inp.to(dt),
+                t,
+                encoder_hidden_states=context.to(dt),
+                added_cond_kwargs=added,
+                return_dict=False,
+                **extra,
+            )[0]
         return out.to(x.dtype)  # type: ignore[no-any-return]
 
 

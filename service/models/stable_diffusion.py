@@ -21,6 +21,8 @@ from torch import Tensor
 
 from service.models.controlnet import ControlSet, scan
 from service.models.embeddings import EmbeddingError
+from service.models.ipadapter import ImageAdapters
+from service.models.ipadapter import scan as scan_ip_adapters
 from service.models.sd_loader import (
     SDComponents,
     SDLoadError,
@@ -151,6 +153,22 @@ class StableDiffusion(TextImageModel):
         if uncond is not None:
             uncond.update(controls.rows(prepared, req.n, height, width, uncond=True))
 
+    # --- IP-Adapter ---
+    def attach_ip_adapters(self, manifest: Manifest) -> None:
+        """IP-Adapters from the store's ``ipadapter/`` folder, applied per row inside the UNet call."""
+        self.images = ImageAdapters(manifest.folder.parent, self.unet, self.device, self.dtype, manifest.name)
+        self.denoiser.inner_model.images = self.images
+
+    def _ip_rows(self, req: TextRequest, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None) -> None:
+        """Every row carries the IP-Adapter keys once the store has adapters (rows with images and
+        rows without share calls); a request's images fill its rows' slots."""
+        refs = list((req.fields and req.fields.ip_adapters) or [])
+        images: ImageAdapters | None = getattr(self, "images", None)
+        if images is not None and (refs or scan_ip_adapters(images.root)):
+            images.add_rows(refs, req.n, cond, uncond)
+        elif refs:
+            raise InputError("ip_adapters", "this model takes no IP-Adapters", [])
+
     def bind_driver(self, driver: Any) -> None:
         """Units' guidance_start / guidance_end -> each row's timestep window, from the job's sigmas."""
         if getattr(self, "controls", None) is None:
@@ -161,6 +179,7 @@ class StableDiffusion(TextImageModel):
     def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         cond, uncond = self._text_rows(req)
         self._control_rows(req, cond, uncond)
+        self._ip_rows(req, cond, uncond)
         return cond, uncond
 
     def _text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
@@ -178,6 +197,8 @@ class StableDiffusion(TextImageModel):
         extra = {"crops_coords_top_left"} if self.is_sdxl else set()  # SDXL's micro-conditioning
         if getattr(self, "controls", None) is not None:
             extra.add("controlnets")
+        if getattr(self, "images", None) is not None:
+            extra.add("ip_adapters")
         return super().conditioning_fields() | extra
 
     def add_images(self, out: TextJobInputs, init_image: Tensor | None, mask: Tensor | None, n: int) -> None:
@@ -248,6 +269,7 @@ def load_stable_diffusion(manifest: Manifest, device: torch.device, dtype: torch
     """The model store's loader for kind "stable_diffusion"."""
     sd = load_model(manifest, device, dtype)
     sd.attach_controls(manifest)
+    sd.attach_ip_adapters(manifest)
     return sd.loaded(manifest)
 
 

@@ -83,6 +83,19 @@ class ControlNetRef:
     pixel_perfect: bool = False
 
 
+@dataclass(frozen=True)
+class IPAdapterRef:
+    """One IP-Adapter image of a request (an adapter file in the store's ipadapter/ folder)."""
+
+    model: str
+    image: str | GatedImage | None = None
+    weight: float = 1.0  # diffusers' set_ip_adapter_scale, A1111's unit weight
+
+
+IP_ADAPTERS_DOC = (
+    "IP-Adapter image prompts (model: a file in the store's ipadapter/ folder, image, weight) for this "
+    "request only (it still shares batches)"
+)
 OPTION: Record = "spec"  # sampler / schedule options: recorded in the spec's options
 
 
@@ -143,6 +156,9 @@ class GenerationRequest:
         record="never",
         frontends=True,
         max_length=3,
+    )
+    ip_adapters: list[IPAdapterRef] | None = request_field(
+        IP_ADAPTERS_DOC, record="never", frontends=True, max_length=3
     )
     negative_prompt: str | None = request_field(
         "negative prompt (text models)", record="always", max_length=4000

@@ -60,6 +60,39 @@ def script_args(scripts: dict[str, Any] | None) -> list[Any] | None:
     return None
 
 
+def is_ip_adapter(module: str) -> bool:
+    """Units whose module is ``ip-adapter_*`` (ip-adapter_clip_sd15, ip-adapter_clip_sdxl, ...) are
+    IP-Adapter image prompts: our ``ip_adapters``, not ControlNets."""
+    return module.strip().lower().startswith("ip-adapter")
+
+
+def _unit_image(unit: dict[str, Any], field: str, init_image: Any) -> tuple[Any, Any]:
+    """A unit's image and mask: ``image`` / ``input_image`` (or the extension's {"image", "mask"}),
+    else the img2img init image (webuiapi sends "" for no image)."""
+    image, mask = unit.get("image", unit.get("input_image")), unit.get("mask", unit.get("mask_image"))
+    if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
+        both: dict[str, Any] = image
+        image, mask = both.get("image"), mask or both.get("mask")
+    image = image or init_image
+    if image is None:
+        raise InputError(f"{field}.image", "a ControlNet unit needs an image")
+    return image, mask or None
+
+
+def ip_units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[str, Any]] | None:
+    """Our ``ip_adapters`` for the body's ControlNet units with an ``ip-adapter_*`` module (the unit's
+    model names the adapter file; its weight the scale)."""
+    out = []
+    for i, unit in enumerate(script_args(scripts) or []):
+        if not isinstance(unit, dict) or not is_ip_adapter(str(unit.get("module") or "")):
+            continue
+        if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
+            continue
+        image, _ = _unit_image(unit, f"alwayson_scripts.controlnet.args[{i}]", init_image)
+        out.append({"model": unit["model"], "image": image, "weight": unit.get("weight", 1.0)})
+    return out or None
+
+
 def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[str, Any]] | None:
     """Our ``controlnets`` units for an A1111 body's ControlNet args (None: no ControlNet)."""
     args = script_args(scripts)
@@ -73,18 +106,9 @@ def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[s
         if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
             continue
         module = str(unit.get("module") or "none")
-        if module.lower().startswith("ip-adapter"):
-            raise InputError(
-                f"{field}.module", "IP-Adapter units are not supported", sorted(preprocess.MODULES)
-            )
-        image, mask = unit.get("image", unit.get("input_image")), unit.get("mask", unit.get("mask_image"))
-        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
-            both: dict[str, Any] = image
-            image, mask = both.get("image"), mask or both.get("mask")
-        image = image or init_image  # webuiapi sends "" for no image
-        mask = mask or None
-        if image is None:
-            raise InputError(f"{field}.image", "a ControlNet unit needs an image")
+        if is_ip_adapter(module):
+            continue  # ip_units() takes it
+        image, mask = _unit_image(unit, field, init_image)
         ours = {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
         for k in ("processor_res", "threshold_a", "threshold_b"):  # -1: the module's default
             if isinstance(ours.get(k), (int, float)) and ours[k] < 0:

@@ -214,6 +214,9 @@ def plan(
     control = a1111_controlnet.units(body.alwayson_scripts, common.get("init_image"))
     if control is not None:
         common["controlnets"] = control
+    images = a1111_controlnet.ip_units(body.alwayson_scripts, common.get("init_image"))
+    if images is not None:
+        common["ip_adapters"] = images
     bodies = []
     for it in range(body.n_iter):
         part = seeds[it * body.batch_size : (it + 1) * body.batch_size]

@@ -1,0 +1,188 @@
+"""IP-Adapters per request, per row, in shared UNet calls.
+
+A request's adapters ride in its conditioning rows, so rows with different adapters, different
+images or none share one UNet call (every row of a model whose store has IP-Adapters carries both
+keys, so the scheduler groups them together):
+
+- :data:`TOKENS` ``[rows, MAX_ADAPTERS, MAX_TOKENS, cross_dim]``: each slot's image tokens (the
+  adapter's projection of the CLIP embedding; zero padding past the adapter's token count);
+- :data:`UNIT` ``[rows, MAX_ADAPTERS, 2]``: adapter id (-1: empty slot) and weight.
+
+Cond rows carry the image's tokens, uncond rows the unconditional image's (zeros through a plain
+adapter's projection, the zero image's hidden states through a plus adapter's), at the same weight:
+what diffusers' pipelines do with ``set_ip_adapter_scale``. :meth:`ImageAdapters.bind` turns a
+call's rows into one group per adapter used (attention.py adds their image attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.image_gate import ImageInputError, load
+from service.sampling.errors import InputError
+
+from . import files, projection
+from .attention import Group, hidden_sizes, image_rows, install
+from .encoder import ImageEncoder
+
+TOKENS, UNIT = "ip_tokens", "ip_unit"
+MAX_ADAPTERS = 3  # images per request (sd-webui-controlnet's unit count)
+MAX_TOKENS = 16  # plus adapters' query count; plain adapters use 4
+FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+@dataclass
+class Adapter:
+    name: str
+    kind: str
+    proj: nn.Module
+    layers: list[tuple[Tensor, Tensor]]
+    encoder: ImageEncoder
+    tokens: int
+
+
+@dataclass
+class PreparedImage:
+    adapter: int
+    weight: float
+    cond: Tensor  # [T, cross_dim]
+    uncond: Tensor
+
+
+def _family(cross_dim: int, layers: int) -> str:
+    family = FAMILIES.get(cross_dim, "a UNet")
+    return f"{family} (cross_attention_dim {cross_dim}, {layers} cross-attention layers)"
+
+
+@dataclass(eq=False)
+class ImageAdapters:
+    """The IP-Adapters one loaded SD model uses: loaded on first use and kept (ids are stable)."""
+
+    root: Path  # the model store
+    unet: Any
+    device: torch.device
+    dtype: torch.dtype
+    model: str  # the SD model's name (the 422s name it)
+    adapters: list[Adapter] = dataclasses.field(default_factory=list)
+    _ids: dict[Path, int] = dataclasses.field(default_factory=dict)
+    _encoders: dict[Path, ImageEncoder] = dataclasses.field(default_factory=dict)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def cross_dim(self) -> int:
+        return int(self.unet.config.cross_attention_dim)
+
+    def resolve(self, name: str, field: str) -> int:
+        """The id of the adapter ``name`` (A1111's "name [hash]" too), loaded on first use."""
+        known = files.scan(self.root)
+        info = known.get(name.strip()) or known.get(name.strip().rsplit(" [", 1)[0])
+        if info is None:
+            raise InputError(f"{field}.model", f"unknown IP-Adapter {name!r}", sorted(known))
+        with self._lock:
+            aid = self._ids.get(info.path)
+            if aid is None:
+                try:
+                    self.adapters.append(self._load(info, field))
+                except (files.IPAdapterError, OSError, RuntimeError, KeyError) as exc:
+                    raise InputError(f"{field}.model", str(exc), sorted(known)) from exc
+                aid = self._ids[info.path] = len(self.adapters) - 1
+            return aid
+
+    def _load(self, info: files.AdapterFile, field: str) -> Adapter:
+        w = files.read(info)
+        sizes = hidden_sizes(self.unet)
+        fits = w.cross_dim == self.cross_dim and [int(k.shape[0]) for k, _ in w.layers] == sizes
+        if not fits or any(v.shape != k.shape for k, v in w.layers):
+            raise InputError(
+                f"{field}.model",
+                f"IP-Adapter {info.name!r} is for {_family(w.cross_dim, len(w.layers))}, but model "
+                f"{self.model!r} is {_family(self.cross_dim, len(sizes))}",
+            )
+        try:
+            proj = projection.build(w.kind, w.image_proj).to(self.device, self.dtype)
+        except (RuntimeError, KeyError, ValueError, IndexError) as exc:
+            raise files.IPAdapterError(f"IP-Adapter {info.name!r}: image_proj does not load: {exc}") from exc
+        probe = proj(
+            torch.zeros(
+                1,
+                *((w.embed_dim,) if w.kind == "plain" else (1, w.embed_dim)),
+                dtype=self.dtype,
+                device=self.device,
+            )
+        )
+        if probe.shape[-1] != self.cross_dim or probe.shape[1] > MAX_TOKENS:
+            raise files.IPAdapterError(
+                f"IP-Adapter {info.name!r} makes {probe.shape[1]} tokens of width {probe.shape[-1]} "
+                f"(at most {MAX_TOKENS} of width {self.cross_dim})"
+            )
+        folder = files.pick_encoder(self.root, info, w)
+        if folder.path not in self._encoders:
+            self._encoders[folder.path] = ImageEncoder(folder, self.device, self.dtype)
+        install(self.unet)
+        layers = [(k.to(self.device, self.dtype), v.to(self.device, self.dtype)) for k, v in w.layers]
+        return Adapter(info.name, w.kind, proj, layers, self._encoders[folder.path], int(probe.shape[1]))
+
+    # --- building a request's rows ---
+    def prepare(self, refs: list[Any]) -> list[PreparedImage]:
+        if len(refs) > MAX_ADAPTERS:
+            raise InputError(
+                "ip_adapters", f"at most {MAX_ADAPTERS} IP-Adapter images per request, got {len(refs)}"
+            )
+        out = []
+        for i, ref in enumerate(refs):
+            field = f"ip_adapters[{i}]"
+            if ref.image is None:
+                raise InputError(f"{field}.image", "an IP-Adapter needs an image")
+            aid = self.resolve(str(ref.model), field)
+            try:
+                img = load(ref.image, f"{field}.image").image
+            except ImageInputError as exc:
+                raise InputError(exc.field, exc.message, exc.allowed) from exc
+            a = self.adapters[aid]
+            cond, uncond = a.encoder.embed(img, a.kind)
+            with torch.inference_mode():
+                tokens = a.proj(torch.cat([cond, uncond]).to(self.dtype))
+            out.append(PreparedImage(aid, float(ref.weight), tokens[0], tokens[1]))
+        return out
+
+    def rows(self, images: list[PreparedImage], n: int, uncond: bool) -> dict[str, Tensor]:
+        tokens = torch.zeros(MAX_ADAPTERS, MAX_TOKENS, self.cross_dim, dtype=self.dtype, device=self.device)
+        table = torch.tensor([[-1.0, 0.0]] * MAX_ADAPTERS, device=self.device)
+        for i, p in enumerate(images):
+            t = p.uncond if uncond else p.cond
+            tokens[i, : t.shape[0]] = t
+            table[i] = torch.tensor([float(p.adapter), p.weight])
+        return {TOKENS: tokens.expand(n, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
+
+    def add_rows(
+        self, refs: list[Any], n: int, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None
+    ) -> None:
+        """A request's images into its ``n`` cond rows (and uncond rows, with the unconditional tokens)."""
+        prepared = self.prepare(refs)
+        cond.update(self.rows(prepared, n, uncond=False))
+        if uncond is not None:
+            uncond.update(self.rows(prepared, n, uncond=True))
+
+    # --- the model call ---
+    def bind(self, tokens: Tensor | None, unit: Tensor | None) -> AbstractContextManager[None]:
+        """The image rows of one UNet call (nothing when no row has an active adapter)."""
+        if tokens is None or unit is None:
+            return nullcontext()
+        ids = unit[..., 0]
+        active = (ids >= 0) & (unit[..., 1] != 0)
+        if not bool(active.any()):
+            return nullcontext()
+        groups = []
+        for aid in sorted({int(v) for v in ids[active].tolist()}):
+            rows, slots = torch.nonzero(active & (ids == aid), as_tuple=True)
+            a = self.adapters[aid]
+            groups.append(Group(rows, tokens[rows, slots, : a.tokens], unit[rows, slots, 1], a.layers))
+        return image_rows(groups)

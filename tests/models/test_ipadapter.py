@@ -1,0 +1,135 @@
+"""IP-Adapter in process on tiny random files in h94's published layouts (tests/support/ipadapter_tiny):
+
+- our projections (plain, plus Resampler) equal diffusers' ImageProjection / IPAdapterPlusImageProjection
+  converted from the same file by diffusers' own loader, and our CLIP pixels equal CLIPImageProcessor's;
+- one UNet call mixing none / adapter A / ControlNet / adapter A + ControlNet / adapter B (another
+  image, weight, token count) equals each row run alone within 1e-5; a row without an adapter is the
+  plain UNet's, bit for bit;
+- bad input: unknown adapter (lists those available), an adapter of another base model, too many.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
+
+from PIL import Image  # noqa: E402
+
+from service.models.controlnet import HINT  # noqa: E402
+from service.models.ipadapter import TOKENS, UNIT, files  # noqa: E402
+from service.models.ipadapter.encoder import clip_pixels  # noqa: E402
+from service.models.ipadapter.projection import build  # noqa: E402
+from service.models.store import ModelStore  # noqa: E402
+from service.sampling.errors import InputError  # noqa: E402
+from service.serving.request import ControlNetRef, GenerationRequest, IPAdapterRef  # noqa: E402
+from tests.support.controlnet_tiny import make_controlnet, save_folder  # noqa: E402
+from tests.support.ipadapter_tiny import ip_store  # noqa: E402
+
+CFG = 5.0
+
+
+def png(seed: int, size: tuple[int, int] = (40, 56)) -> str:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("ip-store")
+    adapters = ip_store(root)
+    save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_a")
+    return root, adapters
+
+
+@pytest.fixture(scope="module")
+def sd1(store: tuple[Path, dict[str, Path]]) -> Any:
+    return ModelStore(store[0]).load("sd1").sd  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus_sdxl_vit-h"])
+def test_projection_matches_diffusers(store: tuple[Path, dict[str, Path]], sd1: Any, name: str) -> None:
+    """diffusers' loader converts the file's image_proj names (strict) into its module; ours reads them as
+    they are. Same tokens for the same embedding."""
+    w = files.read(files.scan(store[0])[name])
+    ref = sd1.unet._convert_ip_adapter_image_proj_to_diffusers(w.image_proj, low_cpu_mem_usage=False)
+    ours = build(w.kind, w.image_proj)
+    g = torch.Generator().manual_seed(1)
+    x = (
+        torch.randn(2, w.embed_dim, generator=g)
+        if w.kind == "plain"
+        else torch.randn(2, 17, w.embed_dim, generator=g)
+    )
+    with torch.no_grad():
+        assert float((ours(x) - ref(x)).abs().max()) <= 1e-5
+
+
+def test_clip_pixels_match_clip_image_processor() -> None:
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(size=32, crop_size=32)  # what diffusers' load_ip_adapter makes
+    for i, size in enumerate([(40, 56), (97, 31), (32, 32), (500, 300)]):
+        img = Image.open(io.BytesIO(base64.b64decode(png(i, size))))
+        want = proc(img, return_tensors="pt").pixel_values
+        assert float((clip_pixels(img, 32) - want).abs().max()) <= 1e-5
+
+
+def _rows(sd: Any, ips: list[IPAdapterRef], cns: list[ControlNetRef] | None = None) -> Any:
+    fields = GenerationRequest(ip_adapters=ips, controlnets=cns)
+    return sd.job_inputs("a red cat", "the dog", n=1, cfg_scale=CFG, width=64, height=64, fields=fields)
+
+
+def test_mixed_rows_share_a_call_and_equal_each_alone(sd1: Any) -> None:
+    """none / A / ControlNet / A + ControlNet / B in one UNet call: each row as alone (1e-5), cond and
+    uncond rows alike; rows without an adapter are the plain UNet's."""
+    a, b = IPAdapterRef("ip-adapter_sd15", png(1), 0.8), IPAdapterRef("ip-adapter-plus_sd15", png(2), 0.6)
+    cn = [ControlNetRef("cn_a", png(3, (64, 64)))]
+    inputs = [_rows(sd1, []), _rows(sd1, [a]), _rows(sd1, [], cn), _rows(sd1, [a], cn), _rows(sd1, [b, a])]
+    rows = [r.cond for r in inputs] + [r.uncond for r in inputs]
+    assert all(set(r) == set(rows[0]) and {TOKENS, UNIT, HINT} <= set(r) for r in rows)
+    n = len(rows)
+    x = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = torch.linspace(9.0, 0.5, n)
+    with torch.inference_mode():
+        cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        together = sd1.denoiser(x, sigma, **cond)
+        alone = torch.cat(
+            [
+                sd1.denoiser(x[i : i + 1], sigma[i : i + 1], **{k: v[i : i + 1] for k, v in cond.items()})
+                for i in range(n)
+            ]
+        )
+        bare = sd1.denoiser(x[:1], sigma[:1], context=cond["context"][:1])
+        no_image = {k: v[3:4] for k, v in cond.items() if k not in (TOKENS, UNIT)}
+        cn_only = sd1.denoiser(x[3:4], sigma[3:4], **no_image)
+    assert float((together - alone).abs().max()) <= 1e-5
+    assert torch.equal(alone[:1], bare)  # a row without anything is the plain UNet's
+    assert float((alone[3:4] - cn_only).abs().max()) > 1e-3  # the adapter acts on a ControlNet row
+    assert float((alone[1:2] - alone[0:1]).abs().max()) > 1e-3
+    assert int(cond[UNIT][4, 0, 0]) != int(cond[UNIT][4, 1, 0])  # two adapters in one row
+
+
+def test_bad_adapters_are_named(store: tuple[Path, dict[str, Path]], sd1: Any) -> None:
+    with pytest.raises(InputError) as unknown:
+        _rows(sd1, [IPAdapterRef("nope", png(1))])
+    assert unknown.value.field == "ip_adapters[0].model"
+    assert set(unknown.value.allowed) == set(store[1])
+    with pytest.raises(InputError) as other_base:
+        _rows(sd1, [IPAdapterRef("ip-adapter_sdxl", png(1))])
+    assert "ip-adapter_sdxl" in other_base.value.message and "'sd1'" in other_base.value.message
+    with pytest.raises(InputError) as many:
+        _rows(sd1, [IPAdapterRef("ip-adapter_sd15", png(1))] * 4)
+    assert many.value.field == "ip_adapters"
+    with pytest.raises(InputError) as no_image:
+        _rows(sd1, [IPAdapterRef("ip-adapter_sd15")])
+    assert no_image.value.field == "ip_adapters[0].image"

@@ -1,0 +1,194 @@
+"""IP-Adapter over HTTP on tiny random files in h94's published layouts: /sample against diffusers'
+StableDiffusionPipeline / StableDiffusionXLPipeline with ``load_ip_adapter`` + ``set_ip_adapter_scale``
+on the same files (plain .safetensors, plus .bin, SDXL plain, SDXL plus on the ViT-H encoder), same seed
+noise and sigmas: within 2/255; an A1111 ControlNet unit with module ``ip-adapter_*`` is the same request;
+the 422s (unknown adapter listing those available, another base model, an image bomb)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
+
+from diffusers import EulerDiscreteScheduler  # noqa: E402
+
+from service.models.store import ModelStore  # noqa: E402
+from service.sampling.noise import NoiseSource  # noqa: E402
+from tests.models.test_controlnet_diffusers import png_image  # noqa: E402
+from tests.models.test_controlnet_http import _pixels, _post  # noqa: E402
+from tests.models.test_ipadapter import png  # noqa: E402
+from tests.support.ipadapter_tiny import ip_store  # noqa: E402
+from tests.support.sd_tiny import diffusers_pipeline  # noqa: E402
+
+STEPS, CFG, SEED = 4, 5.0, 11
+ENCODER = {"ip-adapter_sdxl": "sdxl_models/image_encoder"}  # the others use the top image_encoder
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("ip-http")
+    return root, ip_store(root)
+
+
+@pytest.fixture(scope="module")
+def client(root: tuple[Path, dict[str, Path]]) -> Iterator[TestClient]:
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    with TestClient(create_app(Settings(model_store=root[0], torch_threads=1, batch_wait_ms=100))) as c:
+        yield c
+
+
+def _reference(store: Path, model: str, adapter: Path, image: str, weight: float) -> np.ndarray:
+    """diffusers' pipeline with load_ip_adapter on the same file (its own copy of the model)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    sd = ModelStore(store).load(model).sd  # type: ignore[attr-defined]
+    scheduler = EulerDiscreteScheduler.from_config(sd.components.scheduler_config)
+    pipe = diffusers_pipeline(sd, scheduler)
+    encoder = store / "ipadapter" / ENCODER.get(adapter.stem, "image_encoder")
+    pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(str(encoder)))
+    pipe.load_ip_adapter(
+        str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None
+    )
+    pipe.set_ip_adapter_scale(weight)
+    noise = NoiseSource([SEED]).randn((4, 8, 8), "cpu", torch.float32)
+    size = {
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": STEPS,
+        "guidance_scale": CFG,
+        "output_type": "np",
+    }
+    with torch.inference_mode():
+        out = pipe(
+            "a red cat", negative_prompt="the dog", ip_adapter_image=png_image(image), latents=noise, **size
+        ).images[0]
+    return np.round(out * 255).astype(np.int16)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model", "adapter"),
+    [
+        ("sd1", "ip-adapter_sd15"),
+        ("sdxl", "ip-adapter-plus_sdxl_vit-h"),
+        # the other two layouts (plus .bin on SD1, plain on SDXL's own encoder): -m slow
+        pytest.param("sd1", "ip-adapter-plus_sd15", marks=pytest.mark.slow),
+        pytest.param("sdxl", "ip-adapter_sdxl", marks=pytest.mark.slow),
+    ],
+)
+def test_sample_matches_diffusers_ip_adapter_pipeline(
+    client: TestClient, root: tuple[Path, dict[str, Path]], model: str, adapter: str
+) -> None:
+    store, files = root
+    image = png(8)
+    want = _reference(store, model, files[adapter], image, 0.7)
+    sched = EulerDiscreteScheduler.from_pretrained(str(store / model / "scheduler"))
+    sched.set_timesteps(STEPS)
+    body = {
+        "model": model,
+        "prompt": "a red cat",
+        "negative_prompt": "the dog",
+        "sampler": "euler",
+        "sigmas": [float(s) for s in sched.sigmas],
+        "seed": SEED,
+        "cfg_scale": CFG,
+        "width": 64,
+        "height": 64,
+    }
+    out = _post(client, **body, ip_adapters=[{"model": adapter, "image": image, "weight": 0.7}])
+    plain = _post(client, **body)
+    got = _pixels(out["images"][0])
+    assert np.abs(got - want).max() <= 2
+    assert np.abs(_pixels(plain["images"][0]) - want).max() > 2  # the adapter changed the image
+
+
+def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:
+    image = png(4)
+    common = {"prompt": "a red cat", "steps": STEPS, "seed": 5, "cfg_scale": CFG, "width": 64, "height": 64}
+    a1111 = _post(
+        client,
+        "/sdapi/v1/txt2img",
+        **common,
+        sampler_name="Euler",
+        override_settings={"sd_model_checkpoint": "sd1"},
+        alwayson_scripts={
+            "ControlNet": {
+                "args": [
+                    {
+                        "enabled": True,
+                        "module": "ip-adapter_clip_sd15",
+                        "model": "ip-adapter-plus_sd15 [c817b455]",
+                        "weight": 0.8,
+                        "image": image,
+                        "resize_mode": "Crop and Resize",
+                        "processor_res": -1,
+                        "threshold_a": -1,
+                        "threshold_b": -1,
+                        "guidance_start": 0.0,
+                        "guidance_end": 1.0,
+                        "control_mode": "Balanced",
+                        "pixel_perfect": False,
+                    },
+                    {"enabled": False, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"},
+                ]
+            }
+        },
+    )
+    ours = _post(
+        client,
+        **common,
+        model="sd1",
+        sampler="euler",
+        ip_adapters=[{"model": "ip-adapter-plus_sd15", "image": image, "weight": 0.8}],
+    )
+    plain = _post(client, **common, model="sd1", sampler="euler")
+    assert np.abs(_pixels(a1111["images"][0]) - _pixels(ours["images"][0])).max() <= 1
+    assert np.abs(_pixels(plain["images"][0]) - _pixels(ours["images"][0])).max() > 2
+
+
+@pytest.mark.parametrize(
+    ("ref", "field", "listed"),
+    [
+        ({"model": "nope"}, "model", "ip-adapter_sd15"),
+        ({"model": "ip-adapter_sdxl"}, "model", "cross_attention_dim 80"),  # the tiny SDXL's width
+    ],
+)
+def test_bad_adapters_are_422_naming_the_field(
+    client: TestClient, ref: dict[str, Any], field: str, listed: str
+) -> None:
+    """Our field and A1111's unit (module ip-adapter_*) alike: 422 naming the field and what is allowed."""
+    unit = {"module": "ip-adapter_clip_h", "image": png(1), **ref}
+    a1111 = {"width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "sd1"}}
+    bodies = {
+        "/sample": {"model": "sd1", "ip_adapters": [{"image": png(1), **ref}]},
+        "/sdapi/v1/txt2img": a1111 | {"alwayson_scripts": {"controlnet": {"args": [unit]}}},
+    }
+    for path, body in bodies.items():
+        r = client.post(path, json={"prompt": "x", "steps": 2, **body})
+        assert r.status_code == 422 and listed in r.text, (path, r.text)
+        assert field in r.text
+
+
+def test_image_bomb_is_refused(client: TestClient) -> None:
+    from tests.support.hostile_images import bomb_png
+
+    bomb = base64.b64encode(bomb_png(12000, 12000)).decode()
+    r = client.post(
+        "/sample",
+        json={
+            "model": "sd1",
+            "prompt": "x",
+            "steps": 2,
+            "ip_adapters": [{"model": "ip-adapter_sd15", "image": bomb}],
+        },
+    )
+    assert r.status_code in (413, 422) and "image" in r.text

@@ -114,34 +114,19 @@ def test_sample_matches_diffusers_ip_adapter_pipeline(
 def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:
     image = png(4)
     common = {"prompt": "a red cat", "steps": STEPS, "seed": 5, "cfg_scale": CFG, "width": 64, "height": 64}
+    # a unit as webuiapi's ControlNetUnit sends it (all its fields), and a disabled one
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter-plus_sd15 [c817b455]"}
+    unit |= {"weight": 0.8, "image": image, "resize_mode": "Crop and Resize", "control_mode": "Balanced"}
+    unit |= {"processor_res": -1, "threshold_a": -1, "threshold_b": -1, "pixel_perfect": False}
+    unit |= {"guidance_start": 0.0, "guidance_end": 1.0, "low_vram": False}
+    off = {"enabled": False, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"}
     a1111 = _post(
         client,
         "/sdapi/v1/txt2img",
         **common,
         sampler_name="Euler",
         override_settings={"sd_model_checkpoint": "sd1"},
-        alwayson_scripts={
-            "ControlNet": {
-                "args": [
-                    {
-                        "enabled": True,
-                        "module": "ip-adapter_clip_sd15",
-                        "model": "ip-adapter-plus_sd15 [c817b455]",
-                        "weight": 0.8,
-                        "image": image,
-                        "resize_mode": "Crop and Resize",
-                        "processor_res": -1,
-                        "threshold_a": -1,
-                        "threshold_b": -1,
-                        "guidance_start": 0.0,
-                        "guidance_end": 1.0,
-                        "control_mode": "Balanced",
-                        "pixel_perfect": False,
-                    },
-                    {"enabled": False, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"},
-                ]
-            }
-        },
+        alwayson_scripts={"ControlNet": {"args": [unit, off]}},
     )
     ours = _post(
         client,

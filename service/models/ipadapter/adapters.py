@@ -132,26 +132,26 @@ class ImageAdapters:
 
     # --- building a request's rows ---
     def prepare(self, refs: list[Any]) -> list[PreparedImage]:
+        """A request's images: each through the image gate, its adapter's encoder and projection."""
         if len(refs) > MAX_ADAPTERS:
             raise InputError(
-                "ip_adapters", f"at most {MAX_ADAPTERS} IP-Adapter images per request, got {len(refs)}"
+                "ip_adapters", f"at most {MAX_ADAPTERS} IP-Adapter images per request ({len(refs)})"
             )
-        out = []
-        for i, ref in enumerate(refs):
-            field = f"ip_adapters[{i}]"
-            if ref.image is None:
-                raise InputError(f"{field}.image", "an IP-Adapter needs an image")
-            aid = self.resolve(str(ref.model), field)
-            try:
-                img = load(ref.image, f"{field}.image").image
-            except ImageInputError as exc:
-                raise InputError(exc.field, exc.message, exc.allowed) from exc
-            a = self.adapters[aid]
-            cond, uncond = a.encoder.embed(img, a.kind)
-            with torch.inference_mode():
-                tokens = a.proj(torch.cat([cond, uncond]).to(self.dtype))
-            out.append(PreparedImage(aid, float(ref.weight), tokens[0], tokens[1]))
-        return out
+        return [self._prepare(ref, f"ip_adapters[{i}]") for i, ref in enumerate(refs)]
+
+    def _prepare(self, ref: Any, field: str) -> PreparedImage:
+        if ref.image is None:
+            raise InputError(f"{field}.image", "an IP-Adapter needs an image")
+        aid = self.resolve(str(ref.model), field)
+        try:
+            img = load(ref.image, f"{field}.image").image
+        except ImageInputError as exc:
+            raise InputError(exc.field, exc.message, exc.allowed) from exc
+        a = self.adapters[aid]
+        cond, uncond = a.encoder.embed(img, a.kind)
+        with torch.inference_mode():
+            tokens = a.proj(torch.cat([cond, uncond]).to(self.dtype))
+        return PreparedImage(aid, float(ref.weight), tokens[0], tokens[1])
 
     def rows(self, images: list[PreparedImage], n: int, uncond: bool) -> dict[str, Tensor]:
         tokens = torch.zeros(MAX_ADAPTERS, MAX_TOKENS, self.cross_dim, dtype=self.dtype, device=self.device)

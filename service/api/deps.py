@@ -40,12 +40,12 @@ def require_api_key(
     return caller  # type: ignore[no-any-return]
 
 
-def get_job(
+async def get_job(
     job_id: str, state: Service = Depends(get_state), caller: Caller = Depends(require_api_key)
 ) -> Job:
     """The job, if it exists and the caller may see it: another key's job is a 404, like a missing one,
-    so ids cannot be probed."""
-    job = state.jobs.get(job_id) if _JOB_ID.match(job_id) else None
+    so ids cannot be probed. (With KDIFF_REDIS_URL, a job of another replica is read from Redis.)"""
+    job = await state.find_job(job_id) if _JOB_ID.match(job_id) else None
     if job is None or not caller.owns(job.owner):
         raise HTTPException(
             404, f"no job {job_id!r} (finished jobs are kept for {settings_of(state).result_ttl_s:g} s)"

@@ -70,6 +70,21 @@ class Settings(BaseSettings):
         le=100,
         description="times a job is re-run after restarts that interrupted it before it is failed",
     )
+    redis_url: str = Field(
+        default="",
+        description="a Redis shared by the replicas of a scaled-out service (redis://host:6379/0): the job "
+        "store instead of KDIFF_STATE_DIR's, so a dead replica's jobs run on a live one; empty = none",
+    )
+    redis_prefix: str = Field(
+        default="kdiff",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="prefix of this deployment's Redis keys (several deployments may share one Redis)",
+    )
+    redis_lease_s: float = Field(
+        default=10.0, ge=0.5, le=3600, description="a job's lease on Redis (renewed every quarter of it)"
+    )
     drain_timeout_s: float = Field(
         default=25.0, ge=0, description="on SIGTERM: time for running jobs to finish"
     )

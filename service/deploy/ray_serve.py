@@ -28,6 +28,7 @@ import asyncio
 import json
 import math
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -48,13 +49,16 @@ from .routing import (
     ENGINE_HEADER,
     INGRESS_HEADER,
     Placement,
+    Route,
     incarnation_of,
     job_prefix,
     merge,
     new_incarnation,
 )
+from .shared import EngineBeat, Shared, SharedConfig
 
 APP_NAME = "kdiff"
+UNFINISHED = ("queued", "running")
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -75,6 +79,11 @@ class EngineReplica:
         self.app = create_app(Settings(**slot_state(settings, slot)))
         self._life = self.app.router.lifespan_context(self.app)
         await self._life.__aenter__()  # loads this slot's models, starts their engines
+        # with KDIFF_REDIS_URL: "this engine is up" for the ingress, from now until it stops
+        config = SharedConfig.of(self.app.state.service.settings)
+        self.beat = None if config is None else EngineBeat(config, slot, self.incarnation)
+        if self.beat is not None:
+            self.beat.start()
 
     async def http(self, req: dict[str, Any]) -> AsyncIterator[Any]:
         async for message in run_asgi(self.app, req, [self.header]):
@@ -89,6 +98,8 @@ class EngineReplica:
             raise RuntimeError("draining")
 
     async def __del__(self) -> None:  # graceful shutdown: running jobs finish within the drain timeout
+        if self.beat is not None:
+            await self.beat.stop()
         await self._life.__aexit__(None, None, None)
 
 
@@ -120,6 +131,26 @@ def _stream(handle: DeploymentHandle, req: dict[str, Any]) -> DeploymentResponse
     return cast(DeploymentResponseGenerator, handle.options(stream=True).http.remote(req))
 
 
+class _TryAnother(Exception):
+    """An engine did not take the request (``dead``: it died); the next engine may."""
+
+    def __init__(self, dead: bool) -> None:
+        self.dead = dead
+
+
+async def _assigned(gen: DeploymentResponseGenerator, timeout_s: float) -> bool:
+    """Whether Serve hands the call to a replica of its deployment within ``timeout_s``. (Serve holds a
+    call to a deployment with no running replica until one starts: a dead engine's restart.) Uses the
+    handle's private assignment future, the only place Serve exposes it."""
+    task = asyncio.ensure_future(gen._fetch_future_result_async())
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        task.result()
+        return True
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # cancelled with the call
+    return False
+
+
 def _cancel(gen: DeploymentResponseGenerator) -> None:
     """Cancel a handle call, best effort (on a call that already failed, cancel() re-raises its error)."""
     try:
@@ -146,12 +177,20 @@ class Ingress:
     """Routes each request to an engine slot and streams its response back; keeps no state of its own."""
 
     def __init__(
-        self, placement: list[list[str]], limits: tuple[int, int], *engines: DeploymentHandle
+        self,
+        placement: list[list[str]],
+        limits: tuple[int, int],
+        shared: SharedConfig | None,
+        assign_s: float,
+        *engines: DeploymentHandle,
     ) -> None:
         self.engines = list(engines)
         self.placement = Placement(placement)
         self.limits = limits  # the engines' (max_body_bytes, max_chunked_bytes)
         self.header = (INGRESS_HEADER, serve.get_replica_context().replica_id.unique_id)
+        # KDIFF_REDIS_URL: jobs are where Redis says, and a dead engine's requests go to a live one
+        self.shared = None if shared is None else Shared(shared, len(self.engines))
+        self.assign_s = assign_s
 
     async def _body(self, request: Request) -> bytes | Response:
         """The request body, or a 413 as soon as it passes the engines' limit (the engine would refuse
@@ -190,12 +229,65 @@ class Ingress:
         route = self.placement.route(req["method"], req["path"], body)
         if route.kind == "fanout":
             return await self._fanout(req, route.slots)
+        if self.shared is not None:
+            return await self._shared_call(route, req)
         slot = route.slots[0] if route.kind == "job" else self.placement.pick(route.slots)
         if slot >= len(self.engines):
             return _error(404, "unknown_job", f"no job {route.job_id!r} (no engine slot {slot})")
         return await self._call(slot, req, route.job_id)
 
-    async def _call(self, slot: int, req: dict[str, Any], job_id: str | None) -> Response:
+    async def _shared_call(self, route: Route, req: dict[str, Any]) -> Response:
+        """With the Redis store: a job's requests go where Redis says it is (else to any engine, which
+        reads it from Redis); new work to the least busy live engine with the model. An engine that
+        died before answering: the same request to the next one (at-least-once: the same seeds give
+        the same images; a job it had recorded is taken over too, so it may run twice)."""
+        assert self.shared is not None
+        live = await self.shared.live()
+        if route.kind == "job":
+            job_id = route.job_id
+            assert job_id is not None
+            place, status = await self.shared.place(job_id)
+            placed = Shared.slot_of(place)
+            view = req["method"] == "GET" and req["path"].rstrip("/") == f"/jobs/{job_id}"
+            if placed is not None and placed not in live and status in UNFINISHED and not view:
+                # its engine is gone and nobody took it over yet: cancel, stream or read it where it
+                # goes (a plain GET answers at once from any engine: queued)
+                slot = await self._placed(job_id, place)
+                if slot is None:
+                    return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
+                return await self._call(slot, req, job_id)
+            first = placed if placed is not None else route.slots[0]
+            order = await self.shared.order([first] if first < len(self.engines) else [])
+            assign_s = None
+        else:
+            alive = [k for k in route.slots if k in live] or route.slots
+            first = self.placement.pick(alive)
+            order = [first] + [k for k in alive if k != first]
+            assign_s = self.assign_s
+        for slot in order:
+            last = slot == order[-1]
+            try:
+                response = await self._call(
+                    slot, req, route.job_id, retry=not last, assign_s=None if last else assign_s
+                )
+            except _TryAnother as why:
+                if why.dead:
+                    self.shared.died(slot)
+                continue
+            return response
+        return _error(503, "engine_lost", "no engine replica is up", 5)
+
+    async def _call(
+        self,
+        slot: int,
+        req: dict[str, Any],
+        job_id: str | None,
+        retry: bool = False,
+        assign_s: float | None = None,
+    ) -> Response:
+        """The engine's response. With ``retry``, raises _TryAnother when the engine died before
+        answering, or (``assign_s``) Serve gave the request to none of its replicas in that time: a
+        dead replica not yet replaced, or one at its ``max_ongoing_requests``."""
         self.placement.inflight[slot] += 1
         released = False
 
@@ -208,17 +300,21 @@ class Ingress:
         gen: DeploymentResponseGenerator | None = None
         try:
             gen = _stream(self.engines[slot], req)
+            if assign_s is not None and not await _assigned(gen, assign_s):
+                raise _TryAnother(dead=False)
             first = await gen.__anext__()
         except BaseException as exc:
             release()
             if gen is not None:
                 _cancel(gen)
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError | _TryAnother):
                 raise
+            if retry and isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError):
+                raise _TryAnother(dead=True) from exc
             return self._failure(slot, exc)
         headers = [(k, v) for k, v in first["headers"] if k.lower() not in HOP_BY_HOP]
         headers.append(self.header)
-        if job_id is not None and first["status"] == 404:
+        if job_id is not None and first["status"] == 404 and self.shared is None:
             current = incarnation_of(dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER))
             if current is not None and current != job_id[2:8]:
                 release()
@@ -236,6 +332,7 @@ class Ingress:
             response.headers["content-length"] = str(len(first["body"]))
             return response
         sse = any(k.lower() == "content-type" and "text/event-stream" in v for k, v in headers)
+        engine = dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER)
 
         async def rest() -> AsyncIterator[bytes]:
             try:
@@ -244,7 +341,11 @@ class Ingress:
                 async for chunk in gen:
                     yield chunk
             except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                if sse:  # the stream ends with an event saying why, never silently
+                if sse and self.shared is not None and job_id is not None:  # go on where the job went
+                    dead = job_prefix(slot, incarnation_of(engine) or "")
+                    async for chunk in self._resume(slot, dead, req, job_id):
+                        yield chunk
+                elif sse:  # the stream ends with an event saying why, never silently
                     data = {"id": job_id, "code": "engine_lost", "message": _lost(slot, exc)}
                     yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
             finally:
@@ -254,6 +355,39 @@ class Ingress:
         response = StreamingResponse(rest(), status_code=first["status"])
         response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return response
+
+    async def _placed(self, job_id: str, dead_place: str | None) -> int | None:
+        """The live engine slot a job moved to from ``dead_place`` (or that has it ended), once one
+        has; None after three leases and a minute."""
+        assert self.shared is not None
+        deadline = time.monotonic() + 3 * self.shared.config.lease_s + 60
+        while time.monotonic() < deadline:
+            place, status = await self.shared.place(job_id)
+            slot = Shared.slot_of(place)
+            if slot is not None and (place != dead_place or status not in UNFINISHED):
+                if slot in await self.shared.live():
+                    return slot
+            await asyncio.sleep(0.25)
+        return None
+
+    async def _resume(
+        self, dead: int, dead_place: str, req: dict[str, Any], job_id: str
+    ) -> AsyncIterator[bytes]:
+        """An event stream whose engine died: the stream from the engine that took the job over (its
+        events start again from the job's start), or from the one that has it ended."""
+        assert self.shared is not None
+        self.shared.died(dead)
+        slot = await self._placed(job_id, dead_place)
+        response = None if slot is None else await self._call(slot, req, job_id)
+        if isinstance(response, StreamingResponse):
+            async for chunk in response.body_iterator:
+                yield chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            return
+        if response is not None and response.status_code == 200:
+            yield bytes(response.body)
+            return
+        data = {"id": job_id, "code": "engine_lost", "message": "no engine took the job over in time"}
+        yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
 
     def _failure(self, slot: int, exc: BaseException) -> Response:
         if isinstance(exc, BackPressureError):
@@ -299,7 +433,9 @@ def build_app(args: dict[str, Any]) -> Any:
     ``num_gpus`` (per engine replica: 1 on GPU hosts, default 0), ``engine_cpus`` (default 1),
     ``engine_max_ongoing_requests`` (64), ``engine_max_queued_requests`` (64),
     ``ingress_min_replicas`` (1), ``ingress_max_replicas`` (2), ``ingress_target_ongoing_requests`` (32),
-    ``ingress_max_ongoing_requests`` (256), ``ingress_max_queued_requests`` (256), ``retry_after_s`` (5).
+    ``ingress_max_ongoing_requests`` (256), ``ingress_max_queued_requests`` (256), ``retry_after_s`` (5),
+    ``engine_assign_timeout_s`` (1; with KDIFF_REDIS_URL: new work that no replica of its engine takes
+    within this goes to the next engine).
     """
     n = int(args.get("engines", 1))
     placement = [list(p) for p in args.get("placement") or []]
@@ -340,4 +476,7 @@ def build_app(args: dict[str, Any]) -> Any:
         },
     )
     limits = Settings(**settings)  # KDIFF_* from the environment as the engines read them
-    return ingress.bind(placement, (limits.max_body_bytes, limits.max_chunked_bytes), *engines)
+    shared, assign_s = SharedConfig.of(limits), float(args.get("engine_assign_timeout_s", 1.0))
+    return ingress.bind(
+        placement, (limits.max_body_bytes, limits.max_chunked_bytes), shared, assign_s, *engines
+    )

@@ -102,8 +102,14 @@ STATE_RANK = {"on_disk": 0, "failed": 1, "loading": 2, "loaded": 3}
 
 
 def merge_jobs(answers: list[tuple[int, bytes]], limit: int) -> bytes:
-    """Every slot's job list, newest first, at most ``limit``."""
-    jobs = [j for _, body in answers for j in json.loads(body)]
+    """Every slot's job list, newest first, at most ``limit``; a job two slots list (with the Redis
+    store: one ran it, another read it) once, its ended view first."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _, body in answers:
+        for j in json.loads(body):
+            if j["id"] not in seen or seen[j["id"]].get("status") in ("queued", "running"):
+                seen[j["id"]] = j
+    jobs = list(seen.values())
     jobs.sort(key=lambda j: j.get("created_at", 0), reverse=True)
     return json.dumps(jobs[:limit]).encode()
 

@@ -23,7 +23,7 @@ from service.sampling.errors import InputError
 from service.sampling.request import Limits
 
 from .errors import ErrorCode, ModelUnavailable
-from .jobstore import SYNC, Journal, StateDB, TerminalListener, placeholder
+from .jobstore import SYNC, Journal, RedisJournal, Restored, StateDB, TerminalListener, placeholder
 from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
 from .request import GenerationRequest, build_job, check_spec
@@ -46,6 +46,9 @@ class ServiceSettings(PoolSettings, WebhookSettings, Protocol):
     state_dir: str  # empty: jobs live in memory only
     state_reset: bool
     replay_attempts: int
+    redis_url: str  # empty: no store shared with other replicas
+    redis_prefix: str
+    redis_lease_s: float
 
 
 def finalize(job: Job, images: Tensor) -> ImageResult:
@@ -62,8 +65,14 @@ class Service:
         self.settings = settings
         self.metrics = Metrics()
         self.jobs = JobStore(settings.result_ttl_s, settings.max_results, settings.max_result_bytes)
-        # the durable store (KDIFF_STATE_DIR; a corrupted file raises StateCorrupt here, at start-up)
-        self.journal = Journal(settings.state_dir, settings.state_reset)
+        # the durable store: shared by replicas (KDIFF_REDIS_URL), or this process's (KDIFF_STATE_DIR; a
+        # corrupted file raises StateCorrupt here, at start-up)
+        s = settings
+        self.journal = (
+            RedisJournal(s.redis_url, s.redis_prefix, s.redis_lease_s, s.state_dir)
+            if s.redis_url
+            else Journal(s.state_dir, s.state_reset)
+        )
         self.jobs.on_drop = self.journal.dropped
         store = store or ModelStore(settings.model_store)
         self.pool = ModelPool(settings, store, self.metrics, finalize)
@@ -75,6 +84,7 @@ class Service:
         self.draining = False
         self.previews = Previews()
         self._threads: int | None = None
+        self._leases: asyncio.Task[None] | None = None  # with a shared store: heartbeat and takeover
 
     async def startup(self) -> None:
         s = self.settings
@@ -84,6 +94,8 @@ class Service:
         await self.pool.start()
         await self.webhooks.start()
         await self._restore()
+        if self.journal.shared:
+            self._leases = asyncio.get_running_loop().create_task(self._keep_leases())
         self.ready = True
 
     @property
@@ -99,7 +111,9 @@ class Service:
         """Jobs of the state dir: finished ones readable again, unfinished ones queued again, in the
         order they were accepted (one at a time, waiting for room in a full queue)."""
         s = self.settings
-        restored = await self.journal.restore(s.result_ttl_s, s.replay_attempts, s.job_timeout_s)
+        self._replay(await self.journal.restore(s.result_ttl_s, s.replay_attempts, s.job_timeout_s))
+
+    def _replay(self, restored: Restored) -> None:
         for job in restored.finished:
             self.jobs.add(job)
         for job, request in restored.replay:
@@ -112,6 +126,34 @@ class Service:
 
         if restored.replay:
             self._track(asyncio.get_running_loop().create_task(replay()))
+
+    async def _keep_leases(self) -> None:
+        """With a store shared by replicas (redis_journal.py): renew the leases of this replica's jobs
+        four times per lease (from the event loop, so a long model call does not stop it), stop the
+        jobs another replica took over, and take over the jobs of replicas that died."""
+        journal, s = self.journal, self.settings
+        assert isinstance(journal, RedisJournal)
+        while True:
+            try:
+                for job in await journal.heartbeat():
+                    self.cancel(job)
+                if not self.draining:
+                    runs = {m for m in self.pool.manifests if not s.models or m in s.models}
+                    self._replay(await journal.takeover(runs, s.replay_attempts, s.job_timeout_s))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis unreachable for a while: the next beat tries again
+                log.exception("job leases: renewing or taking over failed")
+            await asyncio.sleep(journal.lease_s / 4)
+
+    async def find_job(self, job_id: str) -> Job | None:
+        """The job with this id: in this process, else (a store shared by replicas) as the store has it."""
+        job = self.jobs.get(job_id)
+        if job is None and isinstance(self.journal, RedisJournal):
+            job = await self.journal.lookup(job_id, self.settings.job_timeout_s)
+            if job is not None and job.status.finished:
+                self.jobs.add(job)  # read once (a copy: its replica's store still owns it)
+        return job
 
     def _rewatch(self, job: Job, request: GenerationRequest) -> None:
         """A replayed job's progress webhooks, as when it was accepted (its terminal one comes from
@@ -281,6 +323,8 @@ class Service:
         self.ready = False
         if not self.draining:
             await self.drain(self.settings.drain_timeout_s)
+        if self._leases is not None:  # after the drain: the jobs still running kept their leases
+            self._leases.cancel()
         await self.webhooks.stop()
         await self.journal.close()
         self.pool.upscalers.close()

@@ -1,5 +1,6 @@
 """A local Ray cluster started by the tests themselves (small: 2 logical CPUs, no dashboard), with the
-kdiff Serve application on it: 2 engine slots over a tiny model store, 2 ingress replicas."""
+kdiff Serve application on it: 2 engine slots over a tiny model store, 2 ingress replicas, and the
+Redis job store they share (a redis-server started here, redis_server.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from tests.support.tiny_store import make_tiny_store
 
+from .redis_server import redis_server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,6 +28,7 @@ def free_port() -> int:
 ENGINE_SETTINGS: dict[str, Any] = {"torch_threads": 1, "batch_wait_ms": 0, "max_queue": 64}
 KEYS = {"api_keys": "alice,bob", "admin_keys": "root"}  # job ownership must hold across replicas
 ALICE = {"Authorization": "Bearer alice"}
+LEASE_S = 2.0  # KDIFF_REDIS_LEASE_S of the cluster: a dead engine's jobs move within about 2.5 s
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +55,18 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         log_to_driver=False,
     )
     port = free_port()
+    redis = redis_server(tmp_path_factory.mktemp("redis"))
+    redis_url = redis.__enter__()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     args = {
         "engines": 2,
-        # a job store per engine slot under it (ray_serve.slot_state): a replaced replica re-runs its jobs
+        # the job store the engines share: a dead engine's jobs move to a live one
         "settings": {
             **ENGINE_SETTINGS,
             **KEYS,
             "model_store": str(tiny_store),
-            "state_dir": str(tmp_path_factory.mktemp("ray_state")),
+            "redis_url": redis_url,
+            "redis_lease_s": LEASE_S,
         },
         "engine_cpus": 0.5,
         "engine_max_ongoing_requests": 8,
@@ -72,10 +79,11 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:
-        yield {"url": url, "store": tiny_store, "started_s": time.monotonic() - t0}
+        yield {"url": url, "store": tiny_store, "started_s": time.monotonic() - t0, "redis_url": redis_url}
     finally:
         serve.shutdown()
         ray.shutdown()
+        redis.__exit__(None, None, None)
 
 
 @pytest.fixture()

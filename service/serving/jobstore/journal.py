@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.engine import ImageResult, Job, JobError, JobRequest, JobStatus
 from service.engine.codes import ErrorCode
@@ -28,6 +29,9 @@ from ..request import GenerationRequest
 from .codec import decode_request, encode_request
 from .db import StateDB
 from .store import DurableJobs, StoredJob
+
+if TYPE_CHECKING:
+    from .redis_store import Claimed, Stored
 
 log = logging.getLogger("kdiff.state")
 
@@ -70,6 +74,11 @@ class Journal:
     @property
     def durable(self) -> bool:
         return self.store is not None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas share the store (redis_journal.py: jobs move between them)."""
+        return False
 
     def settled(self, request: GenerationRequest) -> GenerationRequest:
         """The request to record: a random seed drawn now, so that a replay makes the same images."""
@@ -192,14 +201,14 @@ class Journal:
             await asyncio.to_thread(self.db.close)
 
 
-def _job(row: StoredJob, timeout_s: float) -> Job:
+def _job(row: StoredJob | Stored | Claimed, timeout_s: float) -> Job:
     job = Job(placeholder(timeout_s), row.model)
     job.id, job.owner, job.created = row.id, row.owner, row.created
     job.loading = True  # waits for its model (and its turn) like a job whose model loads
     return job
 
 
-def _finished_job(row: StoredJob, timeout_s: float) -> Job:
+def _finished_job(row: StoredJob | Stored, timeout_s: float) -> Job:
     job = Job(placeholder(timeout_s), row.model)
     job.id, job.owner, job.created = row.id, row.owner, row.created
     result = None

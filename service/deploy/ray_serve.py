@@ -14,11 +14,14 @@
 Backpressure: the ingress deployment's ``max_queued_requests`` makes Serve's proxy answer 503 with
 Retry-After; an engine slot's ``max_queued_requests`` makes its handle raise BackPressureError, which the
 ingress answers as 503 with Retry-After; an engine's own full queue is the service's 429. An engine
-replica that dies takes its jobs with it (their sampler state is in its memory): requests waiting on
-it get 503 ``engine_lost``, SSE streams end with an ``error`` event ``engine_lost``, later reads of its
-jobs 410 ``engine_lost``; they are not retried (the client resubmits; the same seed gives the same
-image). Serve restarts the replica. With ``KDIFF_STATE_DIR`` each slot keeps a job store of its own
-(``slot_state``) and the restarted replica re-runs that slot's accepted jobs under their ids.
+replica that dies: with ``KDIFF_REDIS_URL`` (the shared job store, shared.py) its jobs are taken over
+by a live engine, job routes follow Redis's ``place`` of each job, new work goes to live engines and
+a request whose engine died before answering goes to another, an SSE stream goes on from the new
+holder. Without it the replica takes its jobs with it (their sampler state is in its memory):
+requests waiting on it get 503 ``engine_lost``, SSE streams end with an ``error`` event
+``engine_lost``, later reads of its jobs 410 ``engine_lost`` (the client resubmits; the same seed
+gives the same image); with ``KDIFF_STATE_DIR`` each slot keeps a job store of its own
+(``slot_state``) and the replica Serve starts in its place re-runs that slot's accepted jobs.
 
 ``serve run service.deploy.ray_serve:build_app engines=2`` or a config file (docker/serve-config.yaml).
 """

@@ -202,3 +202,10 @@ def test_a_result_is_read_through_another_replica(redis_url: str, tiny_store: Pa
         assert image.status_code == 200 and image.content == base64.b64decode(view["result"]["images"][1])
         assert two.get(f"/jobs/{jid}", headers=bob).status_code == 404  # keys still isolate jobs
         assert two.get(f"/jobs/{'0' * 32}", headers=alice).status_code == 404
+
+
+def test_an_unreachable_redis_stops_the_start_naming_the_setting(tiny_store: Path) -> None:
+    settings = Settings(model_store=tiny_store, **ENGINE_SETTINGS, redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(RuntimeError, match="KDIFF_REDIS_URL.*does not answer"):
+        with TestClient(create_app(settings)):
+            pass

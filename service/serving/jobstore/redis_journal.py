@@ -77,16 +77,17 @@ class RedisJournal(Journal):
         if event.kind != JOB:
             await super().ended(event)  # no store: listeners only
             return
-        self._held.pop(job.id, None)
-        if job in self._moved:
-            return
-        if job.error is not None and job.error.code == ErrorCode.shutdown:
-            return  # not an end: its lease lapses and a live replica runs it
         try:
+            if job in self._moved:
+                return
+            if job.error is not None and job.error.code == ErrorCode.shutdown:
+                return  # not an end: its lease lapses and a live replica runs it
             recorded = await self.redis.ended(job, self.holder, self.keep_s)
         except Exception:
             log.exception("recording the end of job %s in Redis failed", job.id)
             return
+        finally:
+            self._held.pop(job.id, None)
         if recorded != 1:
             return
         for fn in list(self.listeners):
@@ -110,13 +111,20 @@ class RedisJournal(Journal):
             ending.add_done_callback(forget)
 
     async def restore(self, ttl_s: float, max_attempts: int, timeout_s: float) -> Restored:
+        """Nothing to read back (a live replica takes over what is orphaned); Redis must answer."""
         self.keep_s = ttl_s
+        try:
+            await self.redis.client.ping()
+        except Exception as exc:
+            raise RuntimeError(
+                f"the Redis job store (KDIFF_REDIS_URL) does not answer: {type(exc).__name__}: {exc}"
+            ) from exc
         return Restored([], [])
 
     # --- leases ---
     async def heartbeat(self) -> list[Job]:
         """Renew this replica's leases; the jobs another replica holds now come back."""
-        held = [i for i, job in self._held.items() if not job.status.finished]
+        held = list(self._held)  # ended ones too, until their end is recorded (ended() drops them)
         lost = await self.redis.renew(held, self.holder)
         jobs = [self._held.pop(i) for i in lost if i in self._held]
         for job in jobs:

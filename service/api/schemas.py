@@ -17,7 +17,7 @@ from service.serving.request import ControlNetRef as ServingControlNet
 from service.serving.request import IPAdapterRef as ServingIPAdapter
 from service.serving.request import LoraRef as ServingLora
 
-FIELDS = {f.name: f for f in request_fields()}
+FIELDS = {f.name: f for f in request_fields() if f.metadata["http"]}  # the HTTP body's fields
 
 Number = float | int
 

@@ -22,7 +22,7 @@ from service.sampling.errors import InputError
 
 from .node import MAX_RESOLUTION, Catalog, Enum, Float, In, Int, Str, node
 from .runtime import NodeRun, image_to_pil, pil_to_image, save_png
-from .sample import latent_images
+from .sample import decode_latents, latent_images
 from .values import Latent
 
 MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # a resized batch at most (one 4096 x 4096)
@@ -45,30 +45,49 @@ def _target(w: int, h: int, old_w: int, old_h: int, batch: int) -> tuple[int, in
     return w, h
 
 
+def _crop_center(nchw: Tensor, w: int, h: int) -> Tensor:
+    """Cut [B, C, H, W] to the aspect ratio of w x h, centred (ComfyUI's crop "center")."""
+    old_h, old_w = nchw.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, w / h
+    if old_aspect > new_aspect:
+        keep = round(old_h * new_aspect)
+        x = (old_w - keep) // 2
+        return nchw[..., x : x + keep]
+    if old_aspect < new_aspect:
+        keep = round(old_w / new_aspect)
+        y = (old_h - keep) // 2
+        return nchw[..., y : y + keep, :]
+    return nchw
+
+
+def _interpolate(nchw: Tensor, w: int, h: int, method: str, crop: str) -> Tensor:
+    if crop == "center":
+        nchw = _crop_center(nchw, w, h)
+    mode = {"bislerp": "bilinear"}.get(method, method)
+    corners = False if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(nchw, size=(h, w), mode=mode, align_corners=corners)
+
+
 def resize(images: Tensor, w: int, h: int, method: str, crop: str) -> Tensor:
     """IMAGE [B, H, W, 3] -> [B, h, w, 3]; ``crop`` "center" cuts the source to the new aspect first."""
-    _, old_h, old_w, _ = images.shape
-    if crop == "center":
-        old_aspect, new_aspect = old_w / old_h, w / h
-        if old_aspect > new_aspect:
-            keep = round(old_h * new_aspect)
-            x = (old_w - keep) // 2
-            images = images[:, :, x : x + keep]
-        elif old_aspect < new_aspect:
-            keep = round(old_w / new_aspect)
-            y = (old_h - keep) // 2
-            images = images[:, y : y + keep]
     if method == "lanczos":
-        pils = [image_to_pil(i).resize((w, h), Image.Resampling.LANCZOS) for i in images]
+        nchw = images.permute(0, 3, 1, 2)
+        cut = (_crop_center(nchw, w, h) if crop == "center" else nchw).permute(0, 2, 3, 1)
+        pils = [image_to_pil(i).resize((w, h), Image.Resampling.LANCZOS) for i in cut]
         return torch.cat([pil_to_image(p) for p in pils])
-    mode = {"bislerp": "bilinear"}.get(method, method)
-    nchw = images.permute(0, 3, 1, 2)
-    corners = False if mode in ("bilinear", "bicubic") else None
-    out = F.interpolate(nchw, size=(h, w), mode=mode, align_corners=corners)
+    out = _interpolate(images.permute(0, 3, 1, 2), w, h, method, crop)
     return out.clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
 
 def _resize_latent(latent: Latent, w: int, h: int, method: str, crop: str) -> Latent:
+    """A latent at w x h pixels: a model's latents interpolated in latent space (ComfyUI's
+    common_upscale; lanczos as bicubic), else VAEEncode's pixels resized."""
+    if latent.samples is not None:
+        f = max(1, latent.width // latent.samples.shape[-1])  # pixels per latent cell
+        lw, lh = max(1, w // f), max(1, h // f)
+        method = "bicubic" if method == "lanczos" else method
+        samples = _interpolate(latent.samples, lw, lh, method, crop)
+        return latent.with_(width=lw * f, height=lh * f, samples=samples, images=None)
     if latent.images is None:
         return latent.with_(width=w, height=h)
     return latent.with_(width=w, height=h, images=resize(latent.images, w, h, method, crop))
@@ -102,7 +121,7 @@ def _latent_upscale(c: Catalog) -> dict[str, In]:
 
 @node("LatentUpscale", "latent", ["LATENT"], _latent_upscale)
 async def latent_upscale(rt: NodeRun, samples: Latent, upscale_method: str, **kw: Any) -> tuple[Any, ...]:
-    """A sampled latent is carried as its image: this resizes that image."""
+    """A sampler's latents resized in latent space (VAEEncode's pixels: the pixels)."""
     w, h = _target(kw["width"], kw["height"], samples.width, samples.height, samples.batch)
     return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, kw["crop"]),)
 
@@ -114,7 +133,9 @@ _BY = {"samples": LATENT, "upscale_method": Enum(LATENT_METHODS), "scale_by": Fl
 async def latent_upscale_by(
     rt: NodeRun, samples: Latent, upscale_method: str, scale_by: float
 ) -> tuple[Any, ...]:
-    w, h = (max(1, round(side * scale_by)) for side in (samples.width, samples.height))
+    f = samples.width // samples.samples.shape[-1] if samples.samples is not None else 1
+    # ComfyUI rounds the latent's own sides (pixels / 8 on SD models)
+    w, h = (max(1, round(side // f * scale_by)) * f for side in (samples.width, samples.height))
     w, h = _target(w, h, samples.width, samples.height, samples.batch)
     return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, "disabled"),)
 
@@ -134,7 +155,10 @@ async def vae_encode(rt: NodeRun, pixels: Tensor, vae: Any) -> tuple[Any, ...]:
 
 @node("VAEDecode", "latent", ["IMAGE"], {"samples": LATENT, "vae": In("VAE")})
 async def vae_decode(rt: NodeRun, samples: Latent, vae: Any) -> tuple[Any, ...]:
-    """A sampler's result is decoded by the engine with the sampled model's VAE."""
+    """A sampler's result was decoded by the engine with the sampled model's VAE; resized latents
+    are decoded here by that model's."""
+    if samples.images is None and samples.samples is not None and samples.model is not None:
+        return (await decode_latents(rt, samples.model, samples.samples),)
     return (latent_images(samples),)
 
 

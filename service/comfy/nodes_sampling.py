@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from service.sampling.errors import InputError
+from service.sampling.spec import StepWindow
 
 from .node import Catalog, Enum, Float, In, Int, Seed, node
 from .runtime import NodeRun
@@ -71,21 +72,18 @@ def _advanced(c: Catalog) -> dict[str, In]:
 
 @node("KSamplerAdvanced", "sampling", ["LATENT"], _advanced)
 async def ksampler_advanced(rt: NodeRun, **kw: Any) -> tuple[Any, ...]:
-    """start_at_step s of n steps runs the last n - s steps of the n-step schedule (ComfyUI's
-    sigmas[s:]); stopping early with leftover noise is not served."""
-    steps, start = kw["steps"], kw["start_at_step"]
-    if kw["end_at_step"] < steps or kw["return_with_leftover_noise"] == "enable":
-        raise InputError(
-            "end_at_step",
-            "stopping before the last step (end_at_step < steps, or leftover noise) is not served; "
-            f"set end_at_step >= steps ({steps}) and return_with_leftover_noise 'disable'",
-        )
-    if start >= steps:
+    """ComfyUI's rules: the schedule of ``steps`` steps; end_at_step < steps stops there, at sigma 0
+    (its last step jumps there) or, with return_with_leftover_noise, with that step's noise left in
+    the latents; start_at_step runs from there (at or past the end: the latent as it came);
+    add_noise disable adds no noise to the start (a leftover-noise latent continues as it is)."""
+    steps, start, end = kw["steps"], kw["start_at_step"], kw["end_at_step"]
+    if start >= min(end, steps):
         return (kw["latent_image"],)
-    # the schedule for `steps` from step `start`: our denoise makes steps / denoise and runs the tail
-    sigmas = SigmasRef(kw["scheduler"], steps - start, (steps - start) / steps)
-    seed = kw["noise_seed"] if kw["add_noise"] == "enable" else None
-    return (await _run(_call(kw, sigmas, seed), rt),)
+    leftover = kw["return_with_leftover_noise"] == "enable"
+    window = StepWindow(start, end if end < steps else None, leftover)
+    call = _call(kw, SigmasRef(kw["scheduler"], steps), kw["noise_seed"])
+    call = replace(call, add_noise=kw["add_noise"] == "enable", window=window)
+    return (await _run(call, rt),)
 
 
 @node("KSamplerSelect", CS + "samplers", ["SAMPLER"], lambda c: {"sampler_name": _sampler(c)})

@@ -8,9 +8,17 @@ prompt, as on the A1111 routes); ComfyUI's sampler and scheduler spellings resol
 its equivalent (``service.frontend_schedules``), as on the A1111 routes.
 
 Seeds: a ComfyUI seed is 0 .. 2**64 - 1. Image i of a batch gets our per-image seed
-(seed + i) mod 2**63, so below 2**63 a workflow's batch is /sample's ``seed`` with ``n`` images, and
-each image can be made again alone. (ComfyUI draws a batch's noise as one tensor from one
-generator, so its image i depends on the batch size; ours does not.)
+(seed + i) mod 2**63 (i: the latent's ``batch_index`` when it has one), so below 2**63 a workflow's
+batch is /sample's ``seed`` with ``n`` images, and each image can be made again alone. (ComfyUI
+draws a batch's noise as one tensor from one generator, so its image i depends on the batch size;
+ours does not.)
+
+Latents: a sampler's result is its model's latents (``Latent.samples``, read from the job's driver
+when the job ends) with the engine's decoding of them; a sampler given such latents starts from
+them (``service/serving/latents.py``). KSamplerAdvanced's window (start_at_step, end_at_step,
+return_with_leftover_noise) and add_noise are ComfyUI's rules; a flow model's latents that keep
+leftover noise are handed on divided by (1 - t), as ComfyUI's ``inverse_noise_scaling`` does, so
+the next sampler's (1 - t) x + t noise start gives them back.
 """
 
 from __future__ import annotations
@@ -26,12 +34,15 @@ from torch import Tensor
 from service.engine import Job, JobStatus
 from service.frontend_schedules import for_model
 from service.image_gate import GatedImage
+from service.images import to_pil
 from service.models.store import LoadedModel, PromptAsk
 from service.sampling import aliases, registry
 from service.sampling.errors import InputError
+from service.sampling.spec import StepWindow
+from service.serving.latents import LatentInput
 from service.serving.request import GenerationRequest, LoraRef
 
-from .runtime import Interrupted, NodeRun, image_to_pil, mask_to_pil, png_to_image
+from .runtime import Interrupted, NodeRun, image_to_pil, mask_to_pil, pil_to_image, png_to_image
 from .values import Conditioning, Latent, ModelRef, SigmasRef
 
 SEED_SPACE = 2**63  # our seeds: [0, 2**63)
@@ -50,13 +61,20 @@ class SampleCall:
     cfg: float
     sampler: str
     sigmas: SigmasRef
-    seed: int | None  # None: ComfyUI's add_noise disabled
+    seed: int | None  # None: no noise seed (SamplerCustomAdvanced's DisableNoise)
     latent: Latent
+    add_noise: bool = True  # KSamplerAdvanced's add_noise
+    window: StepWindow | None = None  # KSamplerAdvanced's start_at_step / end_at_step / leftover noise
+
+    @property
+    def noisy(self) -> bool:
+        return self.add_noise and self.seed is not None
 
 
-def seeds_for(seed: int, n: int) -> list[int]:
+def seeds_for(seed: int, n: int, batch_index: tuple[int, ...] | None = None) -> list[int]:
     """Our per-image seeds for a ComfyUI seed and a batch of n (see the module doc)."""
-    return [(seed + i) % SEED_SPACE for i in range(n)]
+    index = batch_index if batch_index is not None and len(batch_index) == n else range(n)
+    return [(seed + i) % SEED_SPACE for i in index]
 
 
 def resolve_sampler(name: str) -> str:
@@ -114,14 +132,28 @@ def _conditioning(call: SampleCall, model: LoadedModel) -> dict[str, Any]:
     return fields
 
 
+def _latent_input(call: SampleCall, samples: Tensor | None) -> LatentInput | None:
+    """The request's latent start: the latents, no added noise, the window (None: none of them)."""
+    w, latent = call.window, call.latent
+    if samples is None and call.noisy and w is None:
+        return None  # a plain request (same fields as /sample's)
+    start, end, leftover = (w.start, w.end, w.leftover_noise) if w is not None else (0, None, False)
+    mask = latent.noise_mask if samples is not None else None
+    return LatentInput(samples, call.noisy, start, end, leftover, mask)
+
+
 def requests_for(call: SampleCall, model: LoadedModel) -> list[GenerationRequest]:
-    """The call as our requests: one for a batch from noise, one per image for an img2img start
-    (each image its own init image; they still share model calls in the engine)."""
-    if call.seed is None:
-        raise InputError("add_noise", "add_noise 'disable' is not served: sampling starts from seeded noise")
+    """The call as our requests: one for a batch from noise or from latents, one per image for an
+    img2img start from pixels (each its own init image; they still share model calls)."""
     common = {"model": model.name, **_names(call, model), **_conditioning(call, model)}
     latent, denoise = call.latent, call.sigmas.denoise
-    seeds = seeds_for(call.seed, latent.batch)
+    seeds = seeds_for(call.seed or 0, latent.batch, latent.batch_index)
+    if latent.samples is not None:
+        start = _latent_input(call, latent.samples)
+        fields = dict(common, n=latent.batch, seed=seeds, latent=start)
+        if denoise < 1.0:
+            fields["denoise"] = denoise
+        return [GenerationRequest(**fields)]
     if latent.images is None:
         if denoise < 1.0:
             raise InputError(
@@ -129,10 +161,10 @@ def requests_for(call: SampleCall, model: LoadedModel) -> list[GenerationRequest
                 "denoise < 1 needs a start image (VAEEncode or a sampler's LATENT); this latent is empty",
                 [1.0],
             )
-        return [GenerationRequest(**common, n=latent.batch, seed=seeds)]
+        return [GenerationRequest(**common, n=latent.batch, seed=seeds, latent=_latent_input(call, None))]
     out = []
     for i in range(latent.batch):
-        fields = dict(common, n=1, seed=[seeds[i]], denoise=denoise)
+        fields = dict(common, n=1, seed=[seeds[i]], denoise=denoise, latent=_latent_input(call, None))
         fields["init_image"] = GatedImage(image_to_pil(latent.images[i]), "init_image")
         if latent.noise_mask is not None:
             mask = latent.noise_mask[min(i, latent.noise_mask.shape[0] - 1)]
@@ -149,10 +181,13 @@ async def sample(call: SampleCall, rt: NodeRun) -> Latent:
         raise InputError("model", f"unknown model {call.model.name!r}", service.pool.known())
     async with service.pool.using(name) as model:
         requests = requests_for(call, model)
+        flow = bool(getattr(model.denoiser, "flow", False))
     jobs: list[Job] = []
+    drivers = []  # each job's driver keeps its final latents after the engine is done with it
     try:
         for request in requests:
             jobs.append(await service.generate(request, rt.ctx.owner))
+            drivers.append(jobs[-1].request.driver)
         await _wait(jobs, rt)
     except BaseException as exc:
         running = [j for j in jobs if not j.status.finished]
@@ -161,9 +196,21 @@ async def sample(call: SampleCall, rt: NodeRun) -> Latent:
         if running and not isinstance(exc, asyncio.CancelledError):  # interrupted: ended when we say so
             await asyncio.wait([asyncio.ensure_future(j.wait_done()) for j in running], timeout=CANCEL_WAIT_S)
         raise
-    images = [png_to_image(png) for job in jobs for png in job.result.pngs]
-    batch = torch.cat(images)
-    return Latent(batch.shape[2], batch.shape[1], batch.shape[0], images=batch, model=name)
+    images = torch.cat([png_to_image(png) for job in jobs for png in job.result.pngs])
+    samples = await asyncio.to_thread(_final_latents, drivers, flow)
+    b, h, w, _ = images.shape
+    latent = call.latent
+    return Latent(w, h, b, images, latent.noise_mask, name, samples, latent.batch_index)
+
+
+def _final_latents(drivers: list[Any], flow: bool) -> Tensor:
+    """The jobs' sampled latents on the CPU (a flow model's leftover noise: ComfyUI's x / (1 - t))."""
+    parts = []
+    for driver in drivers:
+        x = driver.result().detach().float().cpu()
+        t = float(driver.sigmas[-1])
+        parts.append(x / (1.0 - t) if flow and 0.0 < t < 1.0 else x)
+    return torch.cat(parts)
 
 
 async def _wait(jobs: list[Job], rt: NodeRun) -> None:
@@ -212,3 +259,16 @@ def latent_images(latent: Latent) -> Tensor:
             "samples", "VAEDecode of an empty latent: sample it first (KSampler) or encode an image", []
         )
     return latent.images
+
+
+async def decode_latents(rt: NodeRun, model_name: str, samples: Tensor) -> Tensor:
+    """A model's latents -> IMAGE, by its VAE in a thread, rounded to 8 bits as the engine's PNGs."""
+    async with rt.service.pool.using(model_name) as model:
+        return await asyncio.to_thread(_decode, model, samples)
+
+
+def _decode(model: LoadedModel, samples: Tensor) -> Tensor:
+    with torch.inference_mode():
+        x = samples.to(model.device)
+        images = (model.decode(x) if model.decode is not None else x).float().cpu()
+    return torch.cat([pil_to_image(to_pil(i)) for i in images])

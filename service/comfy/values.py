@@ -3,11 +3,10 @@
 ComfyUI passes live objects (a patched model, CLIP, a latent tensor). Here the loaders, text
 encoders and model patches are *descriptions* (which model of our store, which LoRAs, clip skip,
 shift, guidance), and a sampler node turns them into one :class:`GenerationRequest` run by the
-engine, so it batches with all other traffic. A LATENT is either a size to start from noise
-(EmptyLatentImage) or images (VAEEncode's pixels, a sampler's decoded result): our engine samples
-a model's latents and decodes them itself, so a latent handed from one sampler to the next (hires
-fix) or through LatentUpscale is carried as its decoded image and re-encoded by the next sampler's
-img2img start, an approximation of ComfyUI's latent-space hand-over.
+engine, so it batches with all other traffic. A LATENT is a size to start from noise
+(EmptyLatentImage), pixels to be encoded by the sampler's model (VAEEncode), or a model's latents
+(a sampler's result, with the engine's decoding of them, or those latents resized by LatentUpscale):
+the next sampler starts from those very latents (``service/serving/latents.py``), as ComfyUI's do.
 
 IMAGE is ComfyUI's own: a float tensor [B, H, W, 3] in [0, 1]; MASK [B, H, W] in [0, 1] (1 = repaint).
 """
@@ -63,14 +62,17 @@ class Conditioning:
 
 @dataclass(frozen=True, eq=False)
 class Latent:
-    """LATENT: a start for a sampler. ``images`` None: pure noise of this pixel size and batch."""
+    """LATENT: a start for a sampler, of this pixel size and batch. Neither ``images`` nor
+    ``samples``: an empty latent (noise only)."""
 
     width: int
     height: int
     batch: int
-    images: Tensor | None = None  # [B, H, W, 3] in [0, 1]
+    images: Tensor | None = None  # [B, H, W, 3] in [0, 1]: VAEEncode's, or the decoding of samples
     noise_mask: Tensor | None = None  # [B or 1, H, W] in [0, 1]; 1 = sample, 0 = keep
-    model: str | None = None  # the model that sampled it (a sampler's result)
+    model: str | None = None  # the model whose latent space ``samples`` are in
+    samples: Tensor | None = None  # [B, C, h, w]: a model's latents (a sampler's result)
+    batch_index: tuple[int, ...] | None = None  # ComfyUI's: image i's noise is the seed's batch_index[i]
 
     def with_(self, **kw: Any) -> Latent:
         return replace(self, **kw)

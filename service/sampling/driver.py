@@ -66,7 +66,7 @@ class Driver:
         self.init, self.mask = init, mask
         self.tracks = [Track(part, st) for part, st in make_steppers(spec, x, sigmas, callback)]
         self.evals = 0
-        self.expected_evals = spec.info.expected_nfe(spec.steps, spec.options) * len(self.tracks)
+        self.expected_evals = spec.info.expected_nfe(spec.run_steps, spec.options) * len(self.tracks)
         for track in self.tracks:
             self._advance(track, None)  # runs each sampler's set-up up to its first evaluation
 
@@ -120,14 +120,14 @@ class Driver:
     def step(self) -> int:
         """Steps completed by the slowest track."""
         pending = [t.pending.step for t in self.tracks if t.pending is not None]
-        return min(pending) if pending else self.spec.steps
+        return min(pending) if pending else self.spec.run_steps
 
     # one pass; a job of two (hires fix) runs as sampling/passes.Passes, which counts both
     pass_no, passes = 0, 1
 
     @property
     def total_steps(self) -> int:
-        return self.spec.steps
+        return self.spec.run_steps
 
     @property
     def pass_step(self) -> int:
@@ -135,7 +135,7 @@ class Driver:
 
     @property
     def pass_steps(self) -> int:
-        return self.spec.steps
+        return self.spec.run_steps
 
     def pending(self) -> list[Track]:
         return [t for t in self.tracks if t.pending is not None]

@@ -24,6 +24,27 @@ REQUEST = {"request": True}
 MAX_STEPS = 10_000  # the most steps any spec may have (a service sets its own lower limit)
 
 
+@dataclass(frozen=True)
+class StepWindow:
+    """Part of a schedule (ComfyUI's KSamplerAdvanced start_at_step / end_at_step): run steps
+    ``start`` .. ``end`` of the spec's sigmas (``end`` None: to the last). Stopping early ends at
+    sigma 0 (the last step jumps there), or at sigma[end] with its noise left in the latents
+    (``leftover_noise``), for a later run to continue from."""
+
+    start: int = 0
+    end: int | None = None
+    leftover_noise: bool = False
+
+    def apply(self, sigmas: Tensor) -> Tensor:
+        if self.end is not None and self.end < len(sigmas) - 1:
+            sigmas = sigmas[: self.end + 1].clone()
+            if not self.leftover_noise:
+                sigmas[-1] = 0
+        if not 0 <= self.start < len(sigmas) - 1:
+            raise InputError("start_step", f"start_step must be in [0, {len(sigmas) - 1}), got {self.start}")
+        return sigmas[self.start :]
+
+
 @dataclass
 class SamplingSpec:
     """Everything that determines a sample besides the model, conditioning and start noise."""
@@ -40,6 +61,7 @@ class SamplingSpec:
     # Fields marked REQUEST are request fields of the same name, passed through as they are by the
     # API (and recorded in the PNG parameters): a new one needs its schema field and its use only.
     guidance_rescale: float = field(default=0.0, metadata=REQUEST)  # CFG rescale (see driver.py)
+    window: StepWindow | None = None  # run only part of the schedule (ComfyUI's LATENT hand-over)
 
     def __post_init__(self) -> None:
         info = registry.get_sampler(self.sampler)
@@ -80,6 +102,13 @@ class SamplingSpec:
     def info(self) -> registry.SamplerInfo:
         return registry.get_sampler(self.sampler)
 
+    @property
+    def run_steps(self) -> int:
+        """The steps a driver of this spec runs (``steps``, or its window's part of them)."""
+        if self.window is None:
+            return self.steps
+        return min(self.window.end or self.steps, self.steps) - self.window.start
+
 
 def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cpu") -> Tensor:
     """The schedule's sigmas for ``spec.steps`` steps; with denoise < 1 the tail of a longer schedule."""
@@ -99,7 +128,7 @@ def make_sigmas(spec: SamplingSpec, model: Any, device: torch.device | str = "cp
             sigmas = registry.schedule_sigmas(spec.schedule, total, lo, hi, device=device, **opts)
     sigmas = sigmas[-(spec.steps + 1) :]
     _check_descending(sigmas, spec)
-    return sigmas
+    return sigmas if spec.window is None else spec.window.apply(sigmas)
 
 
 def _check_descending(sigmas: Tensor, spec: SamplingSpec) -> None:

@@ -29,7 +29,9 @@ from service.sampling.errors import InputError
 from service.sampling.request import TOP_LEVEL_OPTIONS, Limits, build_spec, spec_parameters
 from service.sampling.spec import MAX_STEPS, SamplingSpec, make_sigmas, sampling_dtype
 
+from . import latents
 from .hires import HiresFix, with_hires
+from .latents import LatentInput
 from .loras import lora_parameters, request_loras, with_adapters
 
 # How a field goes into the recorded parameters: "spec" through the SamplingSpec (spec_parameters),
@@ -46,11 +48,13 @@ def request_field(
     record: Record = "given",
     frontends: bool = False,
     default_factory: Any = None,
+    http: bool = True,
     **bounds: Any,
 ) -> Any:
     """A GenerationRequest field: ``bounds`` are pydantic's names (ge, le, gt, lt, min_length,
-    max_length); ``frontends``: the A1111 and OpenAI routes pass it through from their bodies."""
-    meta = {"doc": doc, "bounds": bounds, "record": record, "frontends": frontends}
+    max_length); ``frontends``: the A1111 and OpenAI routes pass it through from their bodies;
+    ``http`` False: no HTTP body has it (a tensor only a front end in-process can make)."""
+    meta = {"doc": doc, "bounds": bounds, "record": record, "frontends": frontends, "http": http}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -242,6 +246,11 @@ class GenerationRequest:
         "sampler, schedule, prompt, negative_prompt; default: the first pass's)",
         record="never",  # recorded with its resolved values (serving/hires.py)
     )
+    latent: LatentInput | None = request_field(
+        "ComfyUI's LATENT: start from these latents / run part of the schedule (serving/latents.py)",
+        record="never",
+        http=False,
+    )
 
     def replace(self, **changes: Any) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -317,11 +326,19 @@ def build_job(
     request, spec, n, timeout = check_spec(request, model.manifest, limits, max_timeout_s, discrete=discrete)
     cfg = request.cfg_scale if request.cfg_scale is not None else model.manifest.model_defaults.cfg_scale
     _check_conditioning_fields(request, model)
+    start = request.latent
+    if start is not None:  # ComfyUI's LATENT: its latents are the start, not an init image
+        latents.check(request, start)
+        spec = latents.with_window(spec, start)
     with text_loras(model, loras):
-        inputs = model.job_inputs(request, n=n, cfg_scale=cfg, denoise=spec.denoise)
+        denoise = 1.0 if start is not None and start.samples is not None else spec.denoise
+        inputs = model.job_inputs(request, n=n, cfg_scale=cfg, denoise=denoise)
+    if start is not None:
+        latents.start(start, inputs, model, n)
     cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
-    driver = start_driver(spec, model, shape, cond, uncond, cfg, inputs.init, inputs.mask)
+    noise = latents.start_noise(start, shape)
+    driver = start_driver(spec, model, shape, cond, uncond, cfg, inputs.init, inputs.mask, noise)
     model.bind_driver(driver)
     h, w = inputs.resolved.pop("image_size", model.image_size)
     resolved = {"model": model.name, "n": n, "cfg_scale": cfg, "width": w, "height": h, **inputs.resolved}
@@ -357,6 +374,7 @@ def start_driver(
     cfg: float,
     init: Any,
     mask: Any,
+    noise: Any = None,
 ) -> Driver:
     """Build the job's driver now, on the model's device: the schedule and each sampler's set-up run
     up to its first model evaluation, so options that pass their own bounds but clash (sigma_min >=
@@ -376,6 +394,7 @@ def start_driver(
             device=model.device,
             dtype=sampling_dtype(model.dtype),
             sigmas=sigmas,
+            noise=noise,
         )
     except InputError as exc:  # the core names the option (or steps / sigmas / schedule) at fault
         raise InputError(_request_field(exc.field, spec), exc.message, exc.allowed) from exc

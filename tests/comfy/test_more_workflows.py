@@ -1,4 +1,5 @@
-"""Hires fix, inpainting from an upload, previews, and 16 concurrent prompts sharing model calls."""
+"""Inpainting from an upload, previews, and 16 concurrent prompts sharing model calls (the hires-fix
+chain: test_latents.py)."""
 
 from __future__ import annotations
 
@@ -22,59 +23,6 @@ from .workflows import fresh, open_webui
 def only_image(ctx: MemoryContext, outputs: dict[str, Any], node: str = "9") -> np.ndarray:
     (image,) = outputs[node]["images"]
     return pixels(ctx.files[(image["type"], image["subfolder"], image["filename"])])
-
-
-def test_hires_fix_chain_on_tiny_sd(store: Path) -> None:
-    """KSampler -> LatentUpscaleBy 2 -> KSampler(denoise 0.5) -> VAEDecode: the second pass is /sample's
-    img2img of the first pass's image, resized, at twice the size."""
-
-    async def scenario(comfy: Comfy) -> None:
-        wf = open_webui("sd1", "a red cat", 32, 32, 1, 3, 4)
-        wf["10"] = {
-            "class_type": "LatentUpscaleBy",
-            "inputs": {"samples": ["3", 0], "upscale_method": "bilinear", "scale_by": 2.0},
-        }
-        second = {
-            "seed": 4,
-            "steps": 4,
-            "cfg": 8,
-            "sampler_name": "euler",
-            "scheduler": "karras",
-            "denoise": 0.5,
-        }
-        links = {"model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["10", 0]}
-        wf["11"] = {"class_type": "KSampler", "inputs": second | links}
-        wf["8"]["inputs"]["samples"] = ["11", 0]
-        wf["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
-        wf["13"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}}
-        ctx = MemoryContext()
-        r = await comfy.run(wf, "hr", ctx)
-        assert r.status_str == "success", r.error
-        final, first = only_image(ctx, r.outputs), only_image(ctx, r.outputs, "13")
-        assert first.shape == (32, 32, 3) and final.shape == (64, 64, 3)
-        import torch
-
-        from service.comfy.nodes_image import resize
-        from service.comfy.runtime import image_to_pil
-
-        up = resize(torch.from_numpy(first.copy()).float().div(255)[None], 64, 64, "bilinear", "disabled")
-        init = GatedImage(image_to_pil(up[0]), "init_image")
-        fields = {
-            "prompt": "a red cat",
-            "cfg_scale": 8.0,
-            "sampler": "euler",
-            "schedule": "karras",
-            "steps": 4,
-        }
-        job = await comfy.service.generate(
-            GenerationRequest(
-                model="sd1", seed=[4], width=64, height=64, init_image=init, denoise=0.5, **fields
-            )
-        )
-        await job.wait_done()
-        assert np.array_equal(final, pixels(job.result.pngs[0]))
-
-    run(store, scenario)
 
 
 def _rgba_upload() -> bytes:

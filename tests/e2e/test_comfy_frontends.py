@@ -174,6 +174,31 @@ def test_open_webui_default_workflow_on_a_tiny_sd_model(keyless: Server) -> None
     assert pixels(images[0][0]).shape == (64, 64, 3)
 
 
+def test_base_and_refiner_halves_over_prompt_are_one_sample_run(keyless: Server) -> None:
+    """ComfyUI's SDXL base + refiner wiring (two KSamplerAdvanced: 0-3 with leftover noise, then 3-6
+    with add_noise disabled) through /prompt is /sample's 6-step run of the same seed, pixel-equal."""
+    payload = {"prompt": "a cat", "width": 32, "height": 32, "steps": 6, "seed": 11}
+    wf = owui_workflow("sd1", **payload)
+    ksampler = wf.pop("3")["inputs"]
+    common = {k: ksampler[k] for k in ("model", "positive", "negative", "cfg", "steps")}
+    common |= {"sampler_name": "euler", "scheduler": "karras", "noise_seed": 11}
+    base = {
+        "add_noise": "enable",
+        "start_at_step": 0,
+        "end_at_step": 3,
+        "return_with_leftover_noise": "enable",
+    }
+    refiner = {"add_noise": "disable", "start_at_step": 3, "end_at_step": 10000}
+    refiner |= {"return_with_leftover_noise": "disable"}
+    wf["20"] = {"class_type": "KSamplerAdvanced", "inputs": common | base | {"latent_image": ["5", 0]}}
+    wf["21"] = {"class_type": "KSamplerAdvanced", "inputs": common | refiner | {"latent_image": ["20", 0]}}
+    wf["8"]["inputs"]["samples"] = ["21", 0]
+    _, images = OpenWebUI(keyless.url).run(wf)
+    same = {"cfg_scale": float(ksampler["cfg"]), "sampler": "euler", "schedule": "karras"}
+    want = sample(keyless, model="sd1", prompt="a cat", width=32, height=32, steps=6, seed=11, **same)
+    assert np.array_equal(pixels(images[0][0]), want[0])
+
+
 # ---- SillyTavern ------------------------------------------------------------------------------------
 
 

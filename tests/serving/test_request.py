@@ -21,8 +21,9 @@ def _bounds(info: object) -> dict[str, object]:
 
 
 def test_the_http_schema_is_the_request_fields() -> None:
-    fields = {f.name: f for f in request_fields()}
+    fields = {f.name: f for f in request_fields() if f.metadata["http"]}
     assert list(SampleRequest.model_fields) == list(fields)
+    assert [f.name for f in request_fields() if not f.metadata["http"]] == ["latent"]  # a tensor
     for name, info in SampleRequest.model_fields.items():
         f = fields[name]
         assert info.description == f.metadata["doc"], name

@@ -3,7 +3,8 @@
 Plain values are JSON as they are; a request's own dataclasses (``LoraRef``, and those other front
 ends add) are tagged with their class, which is only ever looked up inside ``service.``; an image
 that passed the gate (``GatedImage``: decoded pixels) is stored losslessly, as PNG where its mode
-allows, else as its compressed raw bytes, so a replay builds from the very same pixels.
+allows, else as its compressed raw bytes, so a replay builds from the very same pixels; a tensor
+(ComfyUI's latents) as its dtype, shape and compressed raw bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import zlib
 from typing import Any
 
+import torch
 from PIL import Image
 
 from service.image_gate import GatedImage
@@ -43,6 +45,11 @@ def decode_request(text: str) -> GenerationRequest:
 def _encode(value: Any) -> Any:
     if isinstance(value, GatedImage):
         return {TAG: "image", "field": value.field, **_image(value.image)}
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        raw = zlib.compress(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        dtype = str(t.dtype).removeprefix("torch.")
+        return {TAG: "tensor", "dtype": dtype, "shape": list(t.shape), "data": base64.b64encode(raw).decode()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         cls = type(value)
         body = {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -62,6 +69,12 @@ def _decode(value: Any) -> Any:
     tag = value.get(TAG)
     if tag == "image":
         return GatedImage(_pixels(value), value["field"])
+    if tag == "tensor":
+        dtype = getattr(torch, value["dtype"])
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"stored tensor has dtype {value['dtype']!r}")
+        raw = bytearray(zlib.decompress(base64.b64decode(value["data"])))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(value["shape"])
     if tag == "dataclass":
         cls = _dataclass(value["class"])
         return cls(**{k: _decode(v) for k, v in value["fields"].items()})

@@ -73,9 +73,17 @@ def seq_len(state: StateDict, prefix: str) -> int:
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Reflect-pad the bottom and right so both sides are multiples of ``multiple``."""
+    """Reflect-pad the bottom and right so both sides are multiples of ``multiple``. A pad as large as
+    the side (a 16-px attention window over a 6-px image or tile), which one reflection cannot give,
+    reflects again from the padded edge (replicates a 1-px side): the same result wherever one
+    reflection suffices."""
     h, w = x.shape[-2:]
     ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        return F.pad(x, (0, pw, 0, ph), mode="reflect")
+    while ph or pw:
+        h, w = x.shape[-2:]
+        step_h, step_w = min(ph, h - 1), min(pw, w - 1)
+        if (ph and not step_h) or (pw and not step_w):
+            return F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = F.pad(x, (0, step_w, 0, step_h), mode="reflect")
+        ph, pw = ph - step_h, pw - step_w
     return x

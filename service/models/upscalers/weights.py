@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from . import compact, esrgan, span
+from . import compact, esrgan, hat, span, swinir
 from .nets import ArchError, Net, StateDict
 
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt")
@@ -25,6 +25,8 @@ _PREFIXES = ("module.", "netG.")
 ARCHES: list[tuple[str, Callable[[StateDict], bool], Callable[[StateDict], Net]]] = [
     ("ESRGAN", esrgan.detect, esrgan.load),
     ("SPAN", span.detect, span.load),
+    ("HAT", hat.detect, hat.load),
+    ("SwinIR", swinir.detect, swinir.load),
     ("Compact", compact.detect, compact.load),
 ]
 

@@ -79,24 +79,24 @@ def burst(jobs: int, steps: int, samplers: list[str], shape: tuple[int, ...]) ->
             for i in range(jobs)
         ]
         clock = GcClock()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         done = [engine.submit(r) for r in reqs]
         await asyncio.gather(*(j.wait_done() for j in done))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         clock.close()
         iterations = engine.iterations
         await engine.stop()
         assert all(j.status == JobStatus.succeeded for j in done), [j.error for j in done]
         rows = sum(j.progress.evals for j in done)
-        return {"wall_s": wall, "iterations": iterations, "rows": rows, "gc_s": clock.seconds}
+        return {"wall_s": wall, "cpu_s": cpu, "iterations": iterations, "rows": rows, "gc_s": clock.seconds}
 
     return asyncio.run(go())
 
 
-def fit(points: list[dict[str, float]]) -> tuple[float, float]:
-    """Least squares ms_per_iteration = a + b * rows_per_iteration: (a ms, b us)."""
+def fit(points: list[dict[str, float]], key: str = "ms_per_iteration") -> tuple[float, float]:
+    """Least squares ``key`` = a + b * rows_per_iteration: (a ms, b us)."""
     xs = [p["rows_per_iteration"] for p in points]
-    ys = [p["ms_per_iteration"] for p in points]
+    ys = [p[key] for p in points]
     n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if n > 1 and sxx else 0.0
@@ -135,6 +135,7 @@ def main() -> None:
             **best,
             "rows_per_iteration": best["rows"] / it,
             "ms_per_iteration": 1000.0 * best["wall_s"] / it,
+            "cpu_ms_per_iteration": 1000.0 * best["cpu_s"] / it,
             "iterations_per_s": it / best["wall_s"],
             "rows_per_s": best["rows"] / best["wall_s"],
         }
@@ -142,10 +143,15 @@ def main() -> None:
         ms, rows, gc_s = point["ms_per_iteration"], point["rows_per_iteration"], best["gc_s"]
         print(
             f"{jobs:4d} jobs: {ms:7.3f} ms/iteration at {rows:6.1f} rows,"
-            f" {point['iterations_per_s']:7.1f} it/s, {point['rows_per_s']:8.0f} rows/s, {gc_s:.3f} s in gc"
+            f" {point['iterations_per_s']:7.1f} it/s, {point['rows_per_s']:8.0f} rows/s, {gc_s:.3f} s in gc,"
+            f" CPU {point['cpu_ms_per_iteration']:7.3f} ms/iteration"
         )
     a_ms, b_us = fit(points)
     print(f"fit: {a_ms:.3f} ms per iteration + {b_us:.1f} us per row")
+    # CPU time of the whole process (every thread) per iteration: on a machine shared with other work the
+    # wall clock counts time spent waiting for a core, this does not.
+    cpu_a, cpu_b = fit(points, "cpu_ms_per_iteration")
+    print(f"fit (CPU): {cpu_a:.3f} ms per iteration + {cpu_b:.1f} us per row")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -160,7 +166,14 @@ def main() -> None:
         }
         result = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "meta": meta, "points": points}
         args.out.write_text(
-            json.dumps({**result, "fit": {"ms_per_iteration": a_ms, "us_per_row": b_us}}, indent=1)
+            json.dumps(
+                {
+                    **result,
+                    "fit": {"ms_per_iteration": a_ms, "us_per_row": b_us},
+                    "fit_cpu": {"ms_per_iteration": cpu_a, "us_per_row": cpu_b},
+                },
+                indent=1,
+            )
         )
 
 

@@ -33,9 +33,8 @@ ENCODER = {"ip-adapter_sdxl": "sdxl_models/image_encoder"}  # the others use the
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("ip-http")
-    return root, ip_store(root)
+def root() -> tuple[Path, dict[str, Path]]:
+    return ip_store()
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +160,13 @@ def test_bad_adapters_are_422_naming_the_field(
         r = client.post(path, json={"prompt": "x", "steps": 2, **body})
         assert r.status_code == 422 and listed in r.text, (path, r.text)
         assert field in r.text
+
+
+def test_a1111_routes_list_the_adapters(client: TestClient, root: tuple[Path, dict[str, Path]]) -> None:
+    models = client.get("/controlnet/model_list").json()["model_list"]
+    assert models == sorted(["cn_a", *root[1]])
+    ip = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
+    assert ip["model_list"] == ["None", *sorted(root[1])] and "ip-adapter_clip_sd15" in ip["module_list"]
 
 
 def test_image_bomb_is_refused(client: TestClient) -> None:

@@ -137,15 +137,29 @@ def add_ip_adapters(store: Path, unets: dict[str, Any]) -> dict[str, Path]:
     return {name: save_adapter(path, proj, ip_layers(unet, g)) for name, (path, proj, unet) in files.items()}
 
 
-def ip_store(root: Path) -> dict[str, Path]:
-    """A store at ``root`` with the tiny ``sd1`` and ``sdxl`` models and :func:`add_ip_adapters`'s files."""
+_STORE: dict[str, Any] = {}
+
+
+def ip_store() -> tuple[Path, dict[str, Path]]:
+    """A store with the tiny ``sd1`` and ``sdxl`` models, :func:`add_ip_adapters`'s files and one SD1
+    ControlNet (``cn_a``), built once per test process (removed at exit); and the adapter files."""
+    import atexit
+    import shutil
+    import tempfile
+
     from service.models.store import ModelStore
+    from tests.support.controlnet_tiny import make_controlnet, save_folder
     from tests.support.sd_tiny import save_diffusers, write_manifest
 
-    save_diffusers(root / "sd1")
-    save_diffusers(root / "sdxl", sdxl=True)
-    unets = {}
-    for name in ("sd1", "sdxl"):
-        write_manifest(root / name)
-        unets[name] = ModelStore(root).load(name).sd.unet  # type: ignore[attr-defined]
-    return add_ip_adapters(root, unets)
+    if "root" not in _STORE:
+        root = Path(tempfile.mkdtemp(prefix="tiny-ip-store-"))
+        atexit.register(shutil.rmtree, root, True)
+        save_diffusers(root / "sd1")
+        save_diffusers(root / "sdxl", sdxl=True)
+        unets = {}
+        for name in ("sd1", "sdxl"):
+            write_manifest(root / name)
+            unets[name] = ModelStore(root).load(name).sd.unet  # type: ignore[attr-defined]
+        save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_a")
+        _STORE["root"], _STORE["files"] = root, add_ip_adapters(root, unets)
+    return _STORE["root"], _STORE["files"]

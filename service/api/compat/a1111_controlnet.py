@@ -24,6 +24,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.image_gate import MAX_B64_CHARS
+from service.models import ipadapter
 from service.models.controlnet import MAX_UNITS, preprocess, scan
 from service.models.controlnet.units import CONTROL_MODES
 from service.sampling.errors import InputError
@@ -58,6 +59,15 @@ def script_args(scripts: dict[str, Any] | None) -> list[Any] | None:
                 )
             return args
     return None
+
+
+# sd-webui-controlnet's IP-Adapter modules (the CLIP encoder they name is picked here by the adapter's width)
+IP_MODULES = (
+    "ip-adapter_clip_sd15",
+    "ip-adapter_clip_sdxl",
+    "ip-adapter_clip_sdxl_plus_vith",
+    "ip-adapter_clip_h",
+)
 
 
 def is_ip_adapter(module: str) -> bool:
@@ -132,8 +142,10 @@ async def version() -> dict[str, int]:
 
 @router.get("/model_list")
 async def model_list(update: bool = True, state: Service = Depends(get_state)) -> dict[str, list[str]]:
-    """The ControlNets in ``model_store/controlnet/`` (a unit's ``model``)."""
-    return {"model_list": sorted(scan(state.pool.store.root))}
+    """The ControlNets in ``model_store/controlnet/`` and the IP-Adapters in ``model_store/ipadapter/``
+    (a unit's ``model``)."""
+    root = state.pool.store.root
+    return {"model_list": sorted({*scan(root), *ipadapter.scan(root)})}
 
 
 @router.get("/module_list")
@@ -156,6 +168,13 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
             "default_option": default,
             "default_model": fits[0] if fits and name != "All" else "None",
         }
+    adapters = sorted(ipadapter.scan(state.pool.store.root))
+    out["IP-Adapter"] = {  # units with these modules are IP-Adapter image prompts (ip_units)
+        "module_list": list(IP_MODULES),
+        "model_list": ["None", *adapters],
+        "default_option": IP_MODULES[0],
+        "default_model": adapters[0] if adapters else "None",
+    }
     return {"control_types": out}
 
 

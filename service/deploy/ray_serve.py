@@ -145,7 +145,10 @@ async def _assigned(gen: DeploymentResponseGenerator, timeout_s: float) -> bool:
     """Whether Serve hands the call to a replica of its deployment within ``timeout_s``. (Serve holds a
     call to a deployment with no running replica until one starts: a dead engine's restart.) Uses the
     handle's private assignment future, the only place Serve exposes it."""
-    task = asyncio.ensure_future(gen._fetch_future_result_async())
+    assignment = getattr(gen, "_fetch_future_result_async", None)
+    if assignment is None:  # another Ray version: no timeout (the engines' liveness keys still count)
+        return True
+    task = asyncio.ensure_future(assignment())
     done, _ = await asyncio.wait({task}, timeout=timeout_s)
     if done:
         task.result()

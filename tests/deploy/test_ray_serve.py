@@ -221,17 +221,27 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
 
     bodies = {}
     jobs: dict[int, list[str]] = {0: [], 1: []}
-    for i in range(24):
-        body = {**request_body(i), "steps": 150 + 50 * (i % 4), "n": 1 + i % 3}
+    for i in range(16):
+        body = {**request_body(i), "steps": 100 + 40 * (i % 4), "n": 1 + i % 3}
         r = http.post("/jobs", json=body)
         assert r.status_code == 202, r.text
         jid = r.json()["id"]
         bodies[jid] = body
         jobs[int(jid[:2], 16)].append(jid)
-        if len(jobs[0]) >= 6 and len(jobs[1]) >= 4:
+        if len(jobs[0]) >= 4 and len(jobs[1]) >= 2:
             break
-    assert len(jobs[0]) >= 3 and jobs[1], jobs
-    victim = jobs[0][0]
+    assert len(jobs[0]) >= 2 and jobs[1], jobs
+    victim_engine = replica_actor("engine0")
+    for t in range(12):  # a long job on engine0, followed by SSE and running when engine0 is killed
+        body = {"sampler": "heun", "steps": 500, "seed": 900 + t, "class_label": 9, "n": 2}
+        r = http.post("/jobs", json=body)
+        assert r.status_code == 202, r.text
+        victim = r.json()["id"]
+        bodies[victim] = body
+        jobs[int(victim[:2], 16)].append(victim)
+        if victim.startswith("00"):
+            break
+    assert victim.startswith("00"), jobs
     events: list[str] = []
 
     def follow() -> None:
@@ -241,16 +251,23 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
         ):
             events.extend(s.iter_lines())
 
+    # /sample calls in flight at the kill (some on engine0): answered all the same
+    in_flight = [
+        {"sampler": "heun", "steps": 120, "seed": 700 + k, "class_label": k, "n": 2} for k in range(4)
+    ]
+    pool = ThreadPoolExecutor(4)
+    waiting = [pool.submit(http.post, "/sample", json=body) for body in in_flight]
     streamer = threading.Thread(target=follow)
     streamer.start()
     for _ in range(400):
         if http.get(f"/jobs/{victim}").json()["status"] == "running":
             break
         time.sleep(0.02)
-    assert http.get(f"/jobs/{victim}").json()["status"] == "running"
-    old = http.get(f"/jobs/{victim}").headers["x-kdiff-engine"]
+    running = http.get(f"/jobs/{victim}")
+    assert running.json()["status"] == "running"
+    old = running.headers["x-kdiff-engine"]
     t_kill = time.monotonic()
-    ray.kill(replica_actor("engine0"), no_restart=True)
+    ray.kill(victim_engine, no_restart=True)
     # during the outage: new work is answered by a live engine, not held for engine0's restart
     outage = []
     for k in range(4):
@@ -265,6 +282,14 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
         assert took < 5, (engine, took)
         ref = single.post("/sample", json={"sampler": "euler", "steps": 6, "seed": 500 + k, "class_label": k})
         assert [pixels(x).tolist() for x in images] == [pixels(x).tolist() for x in ref.json()["images"]]
+    answered_by = []
+    for body, future in zip(in_flight, waiting, strict=True):
+        r = future.result(timeout=120)
+        assert r.status_code == 200, r.text
+        answered_by.append(engine_of(r))
+        ref = single.post("/sample", json=body).json()["images"]
+        assert [pixels(x).tolist() for x in r.json()["images"]] == [pixels(x).tolist() for x in ref]
+    pool.shutdown()
     # every accepted job ends succeeded, with a single process's images; no poll sees engine_lost
     codes: list[int] = []
     deadline = time.monotonic() + 120
@@ -283,10 +308,20 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
     assert "event: done" in events and not any("engine_lost" in line for line in events), events[-6:]
     listed = [j["id"] for j in http.get("/jobs", params={"limit": 1000}).json()]
     assert len(listed) == len(set(listed)) and set(jobs[0] + jobs[1]) <= set(listed)
+    # in Redis: engine0's jobs were taken over once each, engine1's never; nothing left unfinished
+    import redis
+
+    store = redis.Redis.from_url(cluster["redis_url"])
+    attempts = {jid: int(store.hget(f"kdiff:job:{jid}", "attempts") or -1) for jid in jobs[0] + jobs[1]}
+    assert attempts[victim] == 1 and {attempts[j] for j in jobs[0]} <= {0, 1}, attempts  # (some may have
+    assert {attempts[j] for j in jobs[1]} == {0}, attempts  # ended before the kill)
+    assert store.zcard("kdiff:unfinished") == 0
     print(
         f"engine0 killed with {len(jobs[0])} jobs ({len(jobs[1])} on engine1): outage requests answered by "
         f"{[(e.split(';')[0], round(t, 2)) for e, t, _, _ in outage]} s; every job succeeded "
-        f"{moved:.1f} s after the kill, engine0's now at {sorted({where[j][0] for j in jobs[0]})}"
+        f"{moved:.1f} s after the kill, {sum(attempts[j] for j in jobs[0])} of engine0's taken over, now at "
+        f"{sorted({where[j][0] for j in jobs[0]})}; "
+        f"/sample calls in flight at the kill answered by {answered_by}"
     )
     # Serve restarted engine0 (a new incarnation) and it serves again
     for _ in range(200):

@@ -143,6 +143,7 @@ def test_detection_reads_hyper_parameters_from_the_keys(folder: Path) -> None:
     assert (jpeg.window, jpeg.img_range, jpeg.scale) == (7, 255.0, 1)  # type: ignore[attr-defined]
     real = load_net(folder / "SwinIR-L_x4_GAN.pth", False)
     assert (real.upsampler, "conv_after_body.4.weight" in real.w) == ("nearest+conv", True)  # type: ignore[attr-defined]
+    assert real.to("cpu", torch.float16).dtype == torch.float32  # no half precision (as spandrel)
     big = load_net(folder / "HAT-L_w16_x2.pth", False)
     assert (big.window, big.overlap, big.scale, big.depths) == (16, 24, 2, (1, 1))  # type: ignore[attr-defined]
 

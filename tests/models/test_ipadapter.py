@@ -118,6 +118,21 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(sd1: Any) -> None:
     assert int(cond[UNIT][4, 0, 0]) != int(cond[UNIT][4, 1, 0])  # two adapters in one row
 
 
+def test_same_image_encodes_once(sd1: Any) -> None:
+    """A reference image sent again (a character's face on every request) reuses its tokens."""
+    ref = IPAdapterRef("ip-adapter-plus_sd15", png(11), 0.5)
+    first = _rows(sd1, [ref]).cond[TOKENS]
+    encoder = sd1.images.adapters[sd1.images.resolve(ref.model, "x")].encoder
+    calls: list[int] = []
+    hook = encoder.net.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        again = _rows(sd1, [ref]).cond[TOKENS]
+        other = _rows(sd1, [IPAdapterRef(ref.model, png(12), 0.5)]).cond[TOKENS]
+    finally:
+        hook.remove()
+    assert torch.equal(first, again) and not torch.equal(first, other) and len(calls) == 1
+
+
 def test_bad_adapters_are_named(store: tuple[Path, dict[str, Path]], sd1: Any) -> None:
     with pytest.raises(InputError) as unknown:
         _rows(sd1, [IPAdapterRef("nope", png(1))])

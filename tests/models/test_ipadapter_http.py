@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from diffusers import EulerDiscreteScheduler  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from tests.models.test_controlnet_diffusers import png_image  # noqa: E402
-from tests.models.test_controlnet_http import _pixels, _post  # noqa: E402
+from tests.models.test_controlnet_http import _pixels, _post, _rows  # noqa: E402
 from tests.models.test_ipadapter import png  # noqa: E402
 from tests.support.ipadapter_tiny import ip_store  # noqa: E402
 from tests.support.sd_tiny import diffusers_pipeline  # noqa: E402
@@ -108,6 +109,29 @@ def test_sample_matches_diffusers_ip_adapter_pipeline(
     got = _pixels(out["images"][0])
     assert np.abs(got - want).max() <= 2
     assert np.abs(_pixels(plain["images"][0]) - want).max() > 2  # the adapter changed the image
+
+
+def test_concurrent_requests_with_different_adapters_share_calls(client: TestClient) -> None:
+    """none / plain A / plus B at another weight / A + a ControlNet, sent together: their rows share
+    UNet calls (/metrics) and each image equals its solo run."""
+    plain = {"model": "ip-adapter_sd15", "image": png(5)}
+    bodies: list[dict[str, Any]] = [
+        {},
+        {"ip_adapters": [plain]},
+        {"ip_adapters": [{"model": "ip-adapter-plus_sd15", "image": png(6), "weight": 0.5}]},
+        {"ip_adapters": [plain], "controlnets": [{"model": "cn_a", "image": png(7, (64, 64))}]},
+    ]
+    for b in bodies:
+        b.update(model="sd1", prompt="a red cat", steps=STEPS, seed=3, sampler="euler", width=64, height=64)
+    solo = {i: _post(client, **b)["images"][0] for i, b in enumerate(bodies)}
+    before = _rows(client.get("/metrics").text)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = {i: pool.submit(_post, client, **b) for i, b in enumerate(bodies)}
+        together = {i: f.result()["images"][0] for i, f in futures.items()}
+    rows, calls = np.subtract(_rows(client.get("/metrics").text), before)
+    assert rows == 8 * STEPS and calls < 4 * STEPS, f"{rows} rows in {calls} calls: no sharing"
+    assert max(np.abs(_pixels(solo[i]) - _pixels(together[i])).max() for i in solo) <= 1
+    assert np.abs(_pixels(solo[0]) - _pixels(solo[1])).max() > 2  # adapter A acts
 
 
 def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:

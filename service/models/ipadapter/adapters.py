@@ -17,7 +17,9 @@ call's rows into one group per adapter used (attention.py adds their image atten
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
+from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from .encoder import ImageEncoder
 TOKENS, UNIT = "ip_tokens", "ip_unit"
 MAX_ADAPTERS = 3  # images per request (sd-webui-controlnet's unit count)
 MAX_TOKENS = 16  # plus adapters' query count; plain adapters use 4
+CACHE = 32  # token sets kept (at most 2 x 16 x 2048 floats each: 256 KB)
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 
 
@@ -75,6 +78,9 @@ class ImageAdapters:
     _ids: dict[Path, int] = dataclasses.field(default_factory=dict)
     _encoders: dict[Path, ImageEncoder] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # the last CACHE images' tokens by (adapter, CLIP pixels digest): a client that sends the same
+    # reference image with every request (a character's face) runs the vision model once
+    _tokens: OrderedDict[tuple[int, str], Tensor] = dataclasses.field(default_factory=OrderedDict)
 
     @property
     def cross_dim(self) -> int:
@@ -148,9 +154,20 @@ class ImageAdapters:
         except ImageInputError as exc:
             raise InputError(exc.field, exc.message, exc.allowed) from exc
         a = self.adapters[aid]
-        cond, uncond = a.encoder.embed(img, a.kind)
-        with torch.inference_mode():
-            tokens = a.proj(torch.cat([cond, uncond]).to(self.dtype))
+        pixels = a.encoder.pixels(img)
+        key = (aid, hashlib.sha256(pixels.numpy().tobytes()).hexdigest())
+        with self._lock:
+            tokens = self._tokens.get(key)
+            if tokens is not None:
+                self._tokens.move_to_end(key)
+        if tokens is None:
+            cond, uncond = a.encoder.embed(pixels, a.kind)
+            with torch.inference_mode():
+                tokens = a.proj(torch.cat([cond, uncond]).to(self.dtype))
+            with self._lock:
+                self._tokens[key] = tokens
+                while len(self._tokens) > CACHE:
+                    self._tokens.popitem(last=False)
         return PreparedImage(aid, float(ref.weight), tokens[0], tokens[1])
 
     def rows(self, images: list[PreparedImage], n: int, uncond: bool) -> dict[str, Tensor]:

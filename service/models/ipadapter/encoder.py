@@ -47,9 +47,13 @@ class ImageEncoder:
         self.net = net.to(device, dtype).eval()
         self.device, self.dtype = device, dtype
 
-    def embed(self, img: Image.Image, kind: str) -> tuple[Tensor, Tensor]:
-        """(the image's embedding, the unconditional one) for a ``kind`` ("plain" | "plus") adapter."""
-        pixels = clip_pixels(img, self.folder.image_size).to(self.device, self.dtype)
+    def pixels(self, img: Image.Image) -> Tensor:
+        return clip_pixels(img, self.folder.image_size)
+
+    def embed(self, pixels: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+        """(the image's embedding, the unconditional one) for a ``kind`` ("plain" | "plus") adapter,
+        from :meth:`pixels`."""
+        pixels = pixels.to(self.device, self.dtype)
         with torch.inference_mode():
             if kind == "plain":
                 cond = self.net(pixel_values=pixels).image_embeds

@@ -168,3 +168,24 @@ def span(nf: int = 48, scale: int = 4, seed: int = 0) -> dict[str, Tensor]:
     # random weights give outputs of +-30; scaled so that most pixels land inside 0..1 (not clamped)
     state["upsampler.0.weight"], state["upsampler.0.bias"] = w * 0.01, b * 0.01 + 0.5
     return state
+
+
+def spandrel_on_windows(
+    run: Callable[[Tensor], Tensor], x: Tensor, scale: int, tile: int, overlap: int, align: int = 1
+) -> Tensor:
+    """What a tiled upscale must give: spandrel (``run``) on each window of ``tiles.windows``, clamped,
+    each cell's part kept. Also checks that the cells cover the image exactly once."""
+    from service.models.upscalers.tiles import windows
+
+    h, w = x.shape[-2:]
+    want = torch.empty(*x.shape[:-2], h * scale, w * scale)
+    covered = torch.zeros(h, w, dtype=torch.int64)
+    for ys, xs in windows(h, w, tile, overlap, align):
+        covered[ys.start : ys.stop, xs.start : xs.stop] += 1
+        out = run(x[..., ys.wstart : ys.wstop, xs.wstart : xs.wstop]).clamp(0, 1)
+        oy, ox = (ys.start - ys.wstart) * scale, (xs.start - xs.wstart) * scale
+        want[..., ys.start * scale : ys.stop * scale, xs.start * scale : xs.stop * scale] = out[
+            ..., oy : oy + (ys.stop - ys.start) * scale, ox : ox + (xs.stop - xs.start) * scale
+        ]
+    assert bool((covered == 1).all())  # the cells cover the image exactly once
+    return want

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from . import compact, esrgan, hat, span, swinir
+from . import compact, dat, esrgan, hat, omnisr, span, swinir
 from .nets import ArchError, Net, StateDict
 
 EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt")
@@ -28,6 +28,8 @@ ARCHES: list[tuple[str, Callable[[StateDict], bool], Callable[[StateDict], Net]]
     ("HAT", hat.detect, hat.load),
     ("SwinIR", swinir.detect, swinir.load),
     ("Compact", compact.detect, compact.load),
+    ("DAT", dat.detect, dat.load),
+    ("OmniSR", omnisr.detect, omnisr.load),
 ]
 
 # Architectures whose published code is under a non-commercial licence (spandrel keeps them out of its

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator, create_model
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
+from service.models.stepcache import CacheSpec
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
 from service.sampling.spec import MAX_STEPS
 from service.serving.errors import ErrorCode
@@ -58,6 +59,19 @@ class HiresBody(BaseModel):
     schedule: str | None = Field(None, max_length=64, description="default: the first pass's")
     prompt: str | None = Field(None, max_length=4000, description="default: the first pass's")
     negative_prompt: str | None = Field(None, max_length=4000, description="default: the first pass's")
+
+
+class CacheBody(BaseModel):
+    """A request's step cache (docs/STEP_CACHE.md); off when absent."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    method: str = Field(max_length=32, description="deepcache (UNets) | fbcache (SD3 / Flux)")
+    interval: int | None = Field(
+        None, ge=1, le=1000, description="deepcache: a full step every N (default 3)"
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=10.0, description="full step when the probe moved more than this (relative)"
+    )
 
 
 class ControlNetRef(BaseModel):
@@ -133,6 +147,8 @@ class _SampleRequest(BaseModel):
             values["controlnets"] = [unit.serving() for unit in values["controlnets"]]
         if values.get("ip_adapters") is not None:
             values["ip_adapters"] = [ref.serving() for ref in values["ip_adapters"]]
+        if values.get("cache") is not None:
+            values["cache"] = CacheSpec(**values["cache"].model_dump())
         return GenerationRequest(**values)
 
 
@@ -143,6 +159,7 @@ HTTP_TYPES: dict[str, Any] = {
     "hires": HiresBody | None,
     "controlnets": list[ControlNetRef] | None,
     "ip_adapters": list[IPAdapterRef] | None,
+    "cache": CacheBody | None,
     "init_image": ImageField,
     "mask": ImageField,
 }

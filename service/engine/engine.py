@@ -264,6 +264,7 @@ class Engine:
                 job.progress.finished()
                 self.active.remove(job)
                 self._drivers.pop(job, None)  # sampled: the state can go now
+                self._forget(job)
                 self._held.append((job, out.images))
                 job.notify()
             else:
@@ -301,11 +302,17 @@ class Engine:
             return
         self._drivers.pop(job, None)
         self._previews.pop(job, None)
+        self._forget(job)
         job.finish(status, error, result)
         if status == JobStatus.succeeded and job.t_started is not None and job.t_finished is not None:
             self._job_s = 0.8 * self._job_s + 0.2 * (job.t_finished - job.t_started)
         if self.metrics is not None:
             self.metrics.observe_job(self.name, status.value, job.timings())
+
+    def _forget(self, job: Job) -> None:
+        """Drop what the model keeps for the job's rows between calls (its step cache)."""
+        if self.handle.forget is not None:
+            self.handle.forget([job.request.cond, job.request.uncond])
 
     def _gauges(self) -> None:
         if self.metrics is not None:

@@ -22,7 +22,9 @@ class ModelHandle:
     sampled latents into images in [-1, 1] (a VAE for latent models; None for pixel models).
     ``row_adapters`` (optional) takes the per-row adapter tensor of a call (conditioning key
     :data:`ROW_ADAPTERS`, not passed to the denoiser) and returns the context the call runs in: per-row
-    LoRA, so rows with different adapters share one call.
+    LoRA, so rows with different adapters share one call. ``forget`` (optional) drops what the
+    model keeps per row between calls (the step cache) for a job's conditioning dicts; the engine
+    calls it when the job ends (thread-safe: a call still running then cannot bring them back).
     """
 
     name: str
@@ -32,6 +34,7 @@ class ModelHandle:
     dtype: torch.dtype
     decode: Callable[[Tensor], Tensor] | None = None
     row_adapters: Callable[[Tensor], AbstractContextManager[None]] | None = None
+    forget: Callable[[list[dict[str, Tensor] | None]], None] | None = None
 
 
 ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters

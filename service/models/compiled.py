@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.models.stepcache.spec import KEY as CACHE_KEY
+from service.models.stepcache.state import live
 from service.models.traced import Signature, _signature
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ class CompiledModule(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, **kwargs: Tensor | None) -> Tensor:
         conds = {k: v for k, v in sorted(kwargs.items()) if v is not None}
+        cached = conds.pop(CACHE_KEY, None)  # rows with a step cache take the eager network's split path
+        if cached is not None and live(cached):
+            return self.inner(x, t, **conds, **{CACHE_KEY: cached})  # type: ignore[no-any-return]
         if (
             self._compiled is None
             or self.bypass
@@ -166,7 +171,9 @@ class CompiledModule(nn.Module):
     def precompile(self, x: Tensor, conds: dict[str, Tensor]) -> int:
         """Make every bucket's graph for the signature of one example row; the number that compiled."""
         made = 0
-        conds = {k: v for k, v in sorted(conds.items()) if k not in EAGER_KEYS and v is not None}
+        conds = {
+            k: v for k, v in sorted(conds.items()) if k not in (*EAGER_KEYS, CACHE_KEY) and v is not None
+        }
         for i, size in enumerate(self.buckets, 1):
             log.info("%s: compiling bucket %d/%d (%d rows)", self.label, i, len(self.buckets), size)
             (xp,), cp = pad_rows([x[:1]], {k: v[:1] for k, v in conds.items()}, size)

@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.models.stepcache.spec import KEY as CACHE_KEY
+from service.models.stepcache.state import live
+
 log = logging.getLogger(__name__)
 
 # Frozen graphs may fuse ops; the results differ from eager only by float rounding.
@@ -51,7 +54,10 @@ class TracedModule(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, **kwargs: Tensor | None) -> Tensor:
         conds = {k: v for k, v in sorted(kwargs.items()) if v is not None}  # fixed order: positional trace
-        if torch.is_grad_enabled() or self.inner.training or self.bypass:
+        rows = conds.pop(CACHE_KEY, None)  # rows with a step cache take the eager network's split path
+        if torch.is_grad_enabled() or self.inner.training or self.bypass or live(rows):
+            if rows is not None:
+                conds[CACHE_KEY] = rows
             return self.inner(x, c_noise, **conds)  # type: ignore[no-any-return]
         sig = _signature(x, conds)
         if sig not in self._traces:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from service.models.stepcache.state import live, run_cached
+
 AUG_COND_DIM = 9  # length of the Karras augmentation conditioning vector
 
 
@@ -212,6 +214,10 @@ class UNet(nn.Module):
                 )
         return out
 
+    def cache_methods(self) -> tuple[str, ...]:
+        """DeepCache needs a level below the first to skip."""
+        return ("deepcache",) if len(self.down) > 1 else ()
+
     def _cond(self, c_noise: Tensor, class_cond: Tensor | None, aug_cond: Tensor | None) -> Tensor:
         b = c_noise.shape[0]
         emb = self.time_in(self.time_emb(c_noise.reshape(b, 1)))
@@ -238,23 +244,51 @@ class UNet(nn.Module):
         class_cond: Tensor | None = None,
         aug_cond: Tensor | None = None,
         cross_cond: Tensor | None = None,
+        cache: Tensor | None = None,
     ) -> Tensor:
+        """``cache``: the rows' step cache (models/stepcache: DeepCache over the levels below the first)."""
         # Callers keep the sampler state in float32 (or float64); a half-precision model casts its
         # inputs here and answers in the caller's dtype.
         dtype = self.proj_in.weight.dtype
         cross_cond = None if cross_cond is None else cross_cond.to(dtype)
         cond = self._cond(c_noise, class_cond, aug_cond)
         h = self.proj_in(x.to(dtype))
-        skips = []
-        for level in self.down:
-            for block in level:  # type: ignore[attr-defined]
-                h = self._run(block, h, cond, cross_cond)
-            skips.append(h)
-        for level in self.up:
-            h = torch.cat([h, skips.pop()], dim=1)
-            for block in level:  # type: ignore[attr-defined]
-                h = self._run(block, h, cond, cross_cond)
+        if live(cache):
+            assert cache is not None
+            skip = self._down(h, cond, cross_cond, self.down[:1], [])
+            h = run_cached(cache, skip, lambda index: self.deep(skip, cond, cross_cond, index))
+            h = self._up(h, cond, cross_cond, self.up[-1:], [skip])
+        else:
+            skips: list[Tensor] = []
+            h = self._down(h, cond, cross_cond, self.down, skips)
+            h = self._up(h, cond, cross_cond, self.up, skips)
         return self.proj_out(F.gelu(self.norm_out(h))).to(x.dtype)
+
+    def _down(
+        self, h: Tensor, cond: Tensor, cross: Tensor | None, levels: Any, skips: list[Tensor]
+    ) -> Tensor:
+        for level in levels:
+            for block in level:
+                h = self._run(block, h, cond, cross)
+            skips.append(h)
+        return h
+
+    def _up(self, h: Tensor, cond: Tensor, cross: Tensor | None, levels: Any, skips: list[Tensor]) -> Tensor:
+        for level in levels:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for block in level:
+                h = self._run(block, h, cond, cross)
+        return h
+
+    def deep(self, h: Tensor, cond: Tensor, cross: Tensor | None, index: Tensor | None = None) -> Tensor:
+        """Every level below the first, down and up, from the first level's output ``h`` (its rows
+        ``index``; None: all): the part DeepCache reuses."""
+        if index is not None:
+            h, cond = h.index_select(0, index), cond.index_select(0, index)
+            cross = None if cross is None else cross.index_select(0, index)
+        skips: list[Tensor] = []
+        h = self._down(h, cond, cross, self.down[1:], skips)
+        return self._up(h, cond, cross, self.up[:-1], skips)
 
 
 def param_count(model: nn.Module) -> int:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from service.models.stepcache import KEY as CACHE_KEY
 from service.models.upscalers import LATENT_UPSCALE_MODES as LATENT_MODES
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
@@ -173,6 +174,7 @@ def with_hires(
     with text_loras(model, loras):
         inputs = model.job_inputs(second, n=n, cfg_scale=cfg, denoise=1.0)
     cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
+    cond, uncond = same_cache_rows(first, cond, uncond)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
     zeros = torch.zeros(shape, device=model.device, dtype=sampling_dtype(model.dtype))
     start_driver(spec2, model, shape, cond, uncond, cfg, zeros, None)  # its options are this request's 422
@@ -192,6 +194,19 @@ def with_hires(
     evals = info.expected_nfe(spec2.steps, spec2.options) * tracks
     params = _parameters(hr, upscaler, spec, spec2, second, size, request)
     return Passes(first, next_pass, spec2.steps, evals), params
+
+
+def same_cache_rows(
+    first: Driver, cond: dict[str, Any], uncond: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The second pass's rows keep the first pass's step-cache rows (models/stepcache): the same ids,
+    freed with the job; the new size makes their first evaluation there a full one."""
+    if CACHE_KEY not in first.cond:
+        return cond, uncond
+    cond = {**cond, CACHE_KEY: first.cond[CACHE_KEY]}
+    if uncond is not None and first.uncond is not None:
+        uncond = {**uncond, CACHE_KEY: first.uncond[CACHE_KEY]}
+    return cond, uncond
 
 
 def _discrete(model: LoadedModel) -> bool:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
 from service.engine.scheduler import Mode
+from service.models import stepcache
 from service.models.compiled import compile_denoiser, default_buckets
 from service.models.embeddings import EmbeddingIndex, attach_embeddings
 from service.models.lora import LoraIndex, attach
@@ -246,7 +247,10 @@ class ModelPool:
                 model.dtype,
                 model.decode,
                 None if adapters is None else adapters.call,
+                stepcache.release,
             )
+            # fixed-shape calls (batch-invariant mode): a cached row's neighbours keep their shapes
+            stepcache.STORE.fixed_shape = bool(s.invariant_rows)
             config = EngineConfig(
                 s.max_batch_rows, s.max_queue, s.batch_wait_ms, s.batching, s.invariant_rows or None
             )

@@ -22,6 +22,9 @@ from typing import Any, Literal
 from service.engine.jobs import JobRequest
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.models.lora import text_loras
+from service.models.stepcache import KEY as CACHE_KEY
+from service.models.stepcache import CacheSpec, cache_rows
+from service.models.stepcache.support import cache_methods
 from service.models.store import LoadedModel, Manifest
 from service.models.tuned import TUNED, tuned_request
 from service.sampling.driver import Driver
@@ -240,6 +243,11 @@ class GenerationRequest:
         ge=0.0,
         le=1.0,
     )
+    cache: CacheSpec | None = request_field(
+        "step cache (training-free speed-up; off by default): {method: deepcache (UNets; interval N: "
+        "a full step every N, default 3; or threshold) | fbcache (SD3 / Flux; threshold, default 0.1)}",
+        record="never",  # recorded with its resolved values (build_job)
+    )
     hires: HiresFix | None = request_field(
         "A1111's hires fix: after this request's pass, upscale (scale, or resize_x / resize_y; "
         "upscaler: a latent mode or a pixel upscaler) and run img2img there (steps, denoise, "
@@ -336,6 +344,7 @@ def build_job(
     if start is not None:
         latents.start(start, inputs, model, n)
     cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
+    cond, uncond, cache = with_cache(request, model, cond, uncond, n)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
     noise = latents.start_noise(start, shape)
     driver = start_driver(spec, model, shape, cond, uncond, cfg, inputs.init, inputs.mask, noise)
@@ -349,11 +358,30 @@ def build_job(
         )
     params |= {"img2img": inputs.init is not None, "inpaint": inputs.mask is not None}
     params |= lora_parameters(tagged, model)
+    if cache is not None:
+        params["cache"] = cache.record()
     if tuned:
         params["schedule"] = TUNED
     return JobRequest(
         spec, n, cond, uncond, cfg, inputs.init, inputs.mask, timeout, params, inputs.latent_shape, driver
     )
+
+
+def with_cache(
+    request: GenerationRequest,
+    model: LoadedModel,
+    cond: dict[str, Any],
+    uncond: dict[str, Any] | None,
+    n: int,
+) -> tuple[dict[str, Any], dict[str, Any] | None, CacheSpec | None]:
+    """Every request to a model that can cache carries the per-row cache tensor (rows without a cache
+    too: they share calls with cached rows, which decide per row); the guidance rows get their own."""
+    methods = cache_methods(model.denoiser)
+    spec = None if request.cache is None else request.cache.resolved(methods)
+    if not methods:
+        return cond, uncond, spec
+    cond = {**cond, CACHE_KEY: cache_rows(spec, n)}
+    return cond, None if uncond is None else {**uncond, CACHE_KEY: cache_rows(spec, n)}, spec
 
 
 def _check_conditioning_fields(request: GenerationRequest, model: LoadedModel) -> None:

@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", help="folder with classifier.safetensors (default: the model folder)")
+    p.add_argument(
+        "--cache",
+        help="step-cache settings to compare, e.g. none,deepcache:3,deepcache:t0.1 (docs/STEP_CACHE.md)",
+    )
     p.add_argument("--plot", help="write a quality-vs-NFE plot (PNG) here")
     p.add_argument("--json", help="write the results as JSON here")
     add_threads(p)
@@ -65,7 +69,8 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args)
     if args.train_classifier:
         return _train_classifier(args.train_classifier)
-    from service.training.evaluate import run_eval, write_plot
+    from service.sampling.errors import InputError
+    from service.training.evaluate import parse_cache_arg, run_eval, write_plot
 
     try:
         folder = resolve_model(args.model)
@@ -81,7 +86,11 @@ def main(args: argparse.Namespace) -> int:
             args.seed,
             Path(args.classifier) if args.classifier else None,
             log=print,
+            caches=parse_cache_arg(args.cache) if args.cache else None,
         )
+    except InputError as e:
+        print(f"kdiff eval: error: {e.field}: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"kdiff eval: error: {e}", file=sys.stderr)
         return 1

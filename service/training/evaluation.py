@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.models.stepcache import KEY as CACHE_KEY
+from service.models.stepcache import CacheSpec, cache_rows
+
 if TYPE_CHECKING:
     from service.sampling.ksampler import KSampler
 
@@ -141,6 +144,8 @@ class EvalRow:
     accuracy: float
     fd: float
     seconds: float
+    cache: str = "none"
+    cost: float | None = None  # full-network-equivalent evaluations per image (step caching)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -165,14 +170,28 @@ def generate(
     steps: int,
     cfg_scale: float = 1.0,
     seed: int = 0,
+    cache: CacheSpec | None = None,
 ) -> Tensor:
     """Class-conditional samples from ``ks``, one per label, with per-image seeds seed, seed+1, ...
-    (in batches of at most BATCH)."""
+    (in batches of at most BATCH); ``cache``: every row with that step cache (models/stepcache)."""
     out = []
     for i in range(0, len(labels), BATCH):
         lab = labels[i : i + BATCH]
         seeds = list(range(seed + i, seed + i + len(lab)))
+        cond: Any = lab
+        uncond = None
+        if cache is not None:  # the guidance rows get ids of their own
+            cond = {"class_cond": lab, CACHE_KEY: cache_rows(cache, len(lab))}
+            null = torch.full_like(lab, int(getattr(ks.model, "num_classes", 10)))
+            uncond = {"class_cond": null, CACHE_KEY: cache_rows(cache, len(lab))} if cfg_scale != 1 else None
         out.append(
-            ks.sample(shape=(len(lab), *shape), steps=steps, seed=seeds, condition=lab, cfg_scale=cfg_scale)
+            ks.sample(
+                shape=(len(lab), *shape),
+                steps=steps,
+                seed=seeds,
+                condition=cond,
+                uncond=uncond,
+                cfg_scale=cfg_scale,
+            )
         )
     return torch.cat(out)

@@ -1,0 +1,176 @@
+"""Per-row cache state and the per-row decision inside one batched model call.
+
+A network that can cache calls :func:`run_cached` at its split point with each row's probe (the
+features the decision reads) and a function that computes the skipped part for some rows. Rows
+whose cache holds take the skipped part's output from their last full evaluation; only the other
+rows run it. Rows without a cache (id 0) always run it, so they compute exactly what the plain
+forward computes.
+
+In fixed-shape mode (the engine's batch-invariant mode, on by default) the rows that run the skipped
+part are padded, with copies of their last row, to the call's row count: an uncached row then runs
+every layer at the shape it would have alone and stays bit for bit the same in a mixed call; the
+work saved is that of calls whose rows all hold their cache. Without it the skipped part runs on the
+rows that need it only.
+
+State lives in one process-wide store keyed by row id: :func:`cache_rows` registers a request's
+rows, a call only updates registered rows, and :func:`release` (the engine, when the job ends) or
+the rows tensor being freed (a request that never ran: refused at submit, or the direct loop)
+removes them; a call still running when its job ends cannot bring a row back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .spec import KEY, METHODS, CacheSpec
+
+
+@dataclass
+class RowState:
+    since_full: int = 0  # evaluations since the last full one
+    ref: Tensor | None = None  # the probe at the last full evaluation (threshold mode)
+    cached: Tensor | None = None  # the skipped part's output at the last full evaluation
+    probe_shape: tuple[int, ...] = ()
+
+
+class Store:
+    """Every live row's state, and counts of skipped-part row evaluations (run, padding, reused)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: dict[int, RowState] = {}
+        self.fixed_shape = True
+        self.ran = self.padded = self.reused = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def reset_counts(self) -> None:
+        self.ran = self.padded = self.reused = 0
+
+
+STORE = Store()
+_ids = itertools.count(1)
+
+
+def cache_rows(spec: CacheSpec | None, rows: int) -> Tensor:
+    """``rows`` rows of the cache tensor (:data:`KEY`): fresh registered ids for a spec, zeros (no
+    cache) without one. The ids are forgotten when the tensor is freed, if not released before."""
+    out = torch.zeros(rows, 4, dtype=torch.float64)
+    if spec is None:
+        return out
+    with STORE.lock:
+        ids = [next(_ids) for _ in range(rows)]
+        STORE.rows.update((i, RowState()) for i in ids)
+    out[:, 0] = torch.tensor(ids, dtype=torch.float64)
+    out[:, 1] = METHODS[spec.method]
+    out[:, 2] = spec.interval or 0
+    out[:, 3] = spec.threshold or 0.0
+    weakref.finalize(out, _forget, ids)
+    return out
+
+
+def _forget(ids: Iterable[int]) -> None:
+    with STORE.lock:
+        for i in ids:
+            STORE.rows.pop(i, None)
+
+
+def live(rows: Tensor | None) -> bool:
+    """Whether a call's cache tensor has any row with a cache (a device read; CPU-side it is cheap)."""
+    return rows is not None and rows.numel() > 0 and bool(rows[:, 0].any())
+
+
+def release(conds: Iterable[Mapping[str, Tensor] | None]) -> None:
+    """Forget the cache of every row in these conditioning dicts (a job's cond and uncond)."""
+    ids: set[int] = set()
+    for cond in conds:
+        if cond is not None and KEY in cond:
+            ids.update(int(i) for i in cond[KEY][:, 0].tolist() if i)
+    _forget(ids)
+
+
+def _decide(ids: list[int], rows: Tensor, probe: Tensor) -> list[bool]:
+    """Per row: True when its cache holds (reuse the skipped part), False when it must run it."""
+    settings = rows[:, 1:].tolist()
+    reuse = [False] * len(ids)
+    by_threshold: list[tuple[int, RowState, float]] = []
+    seen: dict[int, int] = {}
+    for i, row_id in enumerate(ids):
+        if row_id == 0 or row_id in seen:
+            continue
+        seen[row_id] = i
+        state = STORE.rows.get(row_id)
+        if state is None or state.cached is None or state.probe_shape != tuple(probe.shape[1:]):
+            continue  # first evaluation, or a new size (the hires pass): run it
+        _, interval, threshold = settings[i]
+        if interval > 0:
+            reuse[i] = state.since_full + 1 < interval
+        else:
+            by_threshold.append((i, state, threshold))
+    if by_threshold:  # one batched comparison: the relative mean absolute change of the probe
+        index = torch.tensor([i for i, _, _ in by_threshold], device=probe.device)
+        now = probe.index_select(0, index).flatten(1).float()
+        ref = torch.stack([s.ref for _, s, _ in by_threshold]).flatten(1).float()  # type: ignore[misc]
+        change = ((now - ref).abs().mean(1) / ref.abs().mean(1).clamp_min(1e-12)).tolist()
+        for (i, _, threshold), c in zip(by_threshold, change, strict=True):
+            reuse[i] = c < threshold
+    for i, row_id in enumerate(ids):  # padding rows repeat an id: they follow its first row
+        if row_id and seen[row_id] != i:
+            reuse[i] = reuse[seen[row_id]]
+    return reuse
+
+
+def run_cached(rows: Tensor, probe: Tensor, skipped: Callable[[Tensor | None], Tensor]) -> Tensor:
+    """The skipped part's output for every row of a call: ``skipped(index)`` computes it for the rows
+    ``index`` (None: all rows, in order) and is called at most once; rows whose cache holds get
+    their cached output. ``probe`` [B, ...] is what threshold decisions compare."""
+    ids = [int(i) for i in rows[:, 0].tolist()]
+    b = len(ids)
+    with STORE.lock:
+        reuse = _decide(ids, rows, probe)
+        cached = {ids[i]: STORE.rows[ids[i]].cached for i in range(b) if reuse[i]}
+    run = [i for i in range(b) if not reuse[i]]
+    if len(run) == b:
+        out = skipped(None)
+        STORE.ran += b
+    else:
+        kept = torch.stack([cached[ids[i]] for i in range(b) if reuse[i]])  # type: ignore[misc]
+        out = kept.new_empty((b, *kept.shape[1:]))
+        out[[i for i in range(b) if reuse[i]]] = kept
+        if run:
+            pad = b - len(run) if STORE.fixed_shape else 0
+            index = torch.tensor(run + [run[-1]] * pad, device=probe.device)
+            out[run] = skipped(index)[: len(run)].to(out.dtype)
+            STORE.ran += len(run)
+            STORE.padded += pad
+        STORE.reused += b - len(run)
+    _remember(ids, reuse, rows, probe, out)
+    return out
+
+
+def _remember(ids: list[int], reuse: list[bool], rows: Tensor, probe: Tensor, out: Tensor) -> None:
+    intervals = rows[:, 2].tolist()  # interval 0: threshold mode, which compares with the probe
+    with STORE.lock:
+        done: set[int] = set()
+        for i, row_id in enumerate(ids):
+            if row_id == 0 or row_id in done:
+                continue
+            done.add(row_id)
+            state = STORE.rows.get(row_id)
+            if state is None:  # released (its job ended) while this call ran
+                continue
+            if reuse[i]:
+                state.since_full += 1
+                continue
+            state.since_full = 0
+            state.cached = out[i].clone()
+            state.ref = probe[i].clone() if intervals[i] == 0 else None
+            state.probe_shape = tuple(probe.shape[1:])

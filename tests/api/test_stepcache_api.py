@@ -1,0 +1,47 @@
+"""The ``cache`` request field over HTTP: recorded in the PNG (and enough to reproduce the image),
+bad values a 422 naming the field."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.images import read_parameters
+
+BODY = {"class_label": 3, "steps": 6, "seed": 11, "cfg_scale": 2.0, "sampler": "dpmpp_2m"}
+
+
+def test_a_cached_request_records_its_cache_and_reproduces(client: TestClient) -> None:
+    r = client.post("/sample", json={**BODY, "cache": {"method": "deepcache"}})
+    assert r.status_code == 200, r.text
+    png = base64.b64decode(r.json()["images"][0])
+    params = read_parameters(png)
+    assert params["cache"] == {"method": "deepcache", "interval": 3} == r.json()["parameters"]["cache"]
+    again = client.post("/sample", json={**BODY, "cache": params["cache"]}).json()
+    assert again["images"] == r.json()["images"]
+    plain = client.post("/sample", json=BODY).json()
+    assert "cache" not in plain["parameters"] and plain["images"] != r.json()["images"]
+
+
+CASES: list[tuple[Any, str, str]] = [
+    ({"method": "deepcache", "interval": 0}, "interval", "greater than or equal to 1"),
+    ({"method": "deepcache", "threshold": -0.1}, "threshold", "greater than or equal to 0"),
+    ({"method": "deepcache", "every": 2}, "every", "unknown field 'every'"),
+    ({"interval": 2}, "method", "Field required"),
+    ({"method": "teacache"}, "cache.method", "unknown cache method"),
+    ({"method": "fbcache"}, "cache.method", "it runs deepcache"),
+    ({"method": "deepcache", "interval": 2, "threshold": 0.1}, "cache.interval", "not both"),
+    ("deepcache", "cache", "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize(("cache", "field", "hint"), CASES)
+def test_bad_cache_is_422_naming_the_field(client: TestClient, cache: Any, field: str, hint: str) -> None:
+    r = client.post("/sample", json={**BODY, "cache": cache})
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(e["loc"][-1] == field for e in errors), errors
+    assert any(hint in e["msg"] for e in errors), errors

@@ -153,7 +153,7 @@ def swinir(
         for k in range(1, int(math.log2(scale)) + 1):
             _put(state, f"conv_up{k}", _conv(g, nf, nf))
         _put(state, "conv_hr", _conv(g, nf, nf))
-        _put(state, "conv_last", _last(g, nf))
+        _put(state, "conv_last", _conv(g, 3, nf, gain=2 * LAST_GAIN))  # after two LeakyReLUs: weaker
     else:  # a residual on the input; the JPEG models (window 7) divide it by img_range 255
         _put(state, "conv_last", _conv(g, 3, embed, gain=LAST_GAIN * (3 if window == 7 else 1)))
     return state

@@ -35,6 +35,7 @@ FILES: list[tuple[str, Callable[[], dict[str, Tensor]], str | None, int, str]] =
         "SwinIR",
     ),
     ("SwinIR-L_x4_GAN", lambda: us.swinir(upsampler="nearest+conv", resi="3conv"), "params_ema", 4, "SwinIR"),
+    ("SwinIR-M_x2_GAN", lambda: us.swinir(upsampler="nearest+conv", scale=2), None, 2, "SwinIR"),
     (
         "SwinIR_jpeg",
         lambda: us.swinir(us.Dims(window=7), upsampler="", scale=1, img_size=28),

@@ -135,8 +135,9 @@ class Service:
         assert isinstance(journal, RedisJournal)
         while True:
             try:
-                for job in await journal.heartbeat():
+                for job in await journal.heartbeat():  # taken over: the new holder's copy is the job
                     self.cancel(job)
+                    self.jobs.discard(job)
                 if not self.draining:
                     runs = {m for m in self.pool.manifests if not s.models or m in s.models}
                     self._replay(await journal.takeover(runs, s.replay_attempts, s.job_timeout_s))

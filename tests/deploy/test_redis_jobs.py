@@ -51,6 +51,16 @@ def test_one_end_per_job_id_and_only_from_its_holder(redis_url: str) -> None:
         assert await jobs.orphans() == []
         await asyncio.sleep(0.4)  # A stops renewing: its lease lapses
         assert await jobs.orphans() == [(job.id, "tiny")]
+        # found past the first page too (live holders' jobs ahead of it)
+        live = RedisJobs(redis_url, "t1", lease_s=30)
+        others = [a_job() for _ in range(5)]
+        for other in others:
+            other.created = job.created - 1
+            await live.accepted(other, JOB, request, "live")
+        assert await jobs.orphans(page=2) == [(job.id, "tiny")]
+        for other in others:
+            await live.forget(other.id)
+        await live.close()
         claimed = await jobs.claim(job.id, "B")
         assert claimed is not None and claimed.attempts == 1 and claimed.request == request
         assert claimed.owner == "k1" and claimed.created == job.created
@@ -127,6 +137,9 @@ def test_a_slow_holder_keeps_its_job_and_a_stopped_one_loses_it(redis_url: str) 
         assert [j.id for j in lost] == [job.id]
         job.finish(JobStatus.succeeded, None, ImageResult([b"a"], [11, 12], {}))
         await a.ended(TerminalEvent(job, request, JOB))
+        a.dropped(job)  # A lets its copy go: B's record stays
+        await asyncio.sleep(0.05)
+        assert await b.redis.get(job.id) is not None
         moved.finish(JobStatus.succeeded, None, ImageResult([b"b1", b"b2"], [11, 12], {}))
         await b.ended(TerminalEvent(moved, replayed, JOB))
         assert heard == [f"B:{job.id}"]

@@ -129,6 +129,7 @@ class RedisJournal(Journal):
         jobs = [self._held.pop(i) for i in lost if i in self._held]
         for job in jobs:
             self._moved.add(job)
+            self._durable.discard(job)  # its record is the new holder's: never forgotten from here
             log.warning("job %s was taken over by another replica (this one missed its lease)", job.id)
         return jobs
 

@@ -175,22 +175,25 @@ class RedisJobs:
         owner, kind, model, request, created, attempts = (_text(v) for v in got)
         return Claimed(job_id, owner or None, kind, model, request, float(created), int(attempts))
 
-    async def orphans(self, limit: int = 256) -> list[tuple[str, str]]:
-        """(id, model) of unfinished jobs, oldest first, whose lease lapsed (their holder died)."""
-        ids = [_text(i) for i in await self.client.zrange(self.unfinished_key, 0, limit - 1)]
-        if not ids:
-            return []
-        async with self.client.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.exists(self.lease_key(i))
-                pipe.hget(self.job_key(i), "model")
-            answers = await pipe.execute()
-        out = []
-        for k, job_id in enumerate(ids):
-            held, model = answers[2 * k], answers[2 * k + 1]
-            if not held and model is not None:
-                out.append((job_id, _text(model)))
-        return out
+    async def orphans(self, page: int = 256) -> list[tuple[str, str]]:
+        """(id, model) of unfinished jobs, oldest first, whose lease lapsed (their holder died); every
+        unfinished job is looked at, ``page`` at a time."""
+        out: list[tuple[str, str]] = []
+        start = 0
+        while True:
+            ids = [_text(i) for i in await self.client.zrange(self.unfinished_key, start, start + page - 1)]
+            if not ids:
+                return out
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.exists(self.lease_key(i))
+                    pipe.hget(self.job_key(i), "model")
+                answers = await pipe.execute()
+            for k, job_id in enumerate(ids):
+                held, model = answers[2 * k], answers[2 * k + 1]
+                if not held and model is not None:
+                    out.append((job_id, _text(model)))
+            start += page
 
     async def renew(self, job_ids: list[str], holder: str) -> list[str]:
         """Renew this holder's leases; the ids another replica holds now (taken over) come back."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from service.models.controlnet import scan as scan_controlnets
 from service.sampling import aliases, registry
 
-from . import nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
+from . import nodes_control, nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
 from .executor import OutputCache, Run, RunResult
 from .node import REGISTRY, Catalog, Node
 from .nodes_model import model_name
@@ -87,6 +88,7 @@ class Comfy:
             samplers=_listed(COMFY_SAMPLERS, set(registry.SAMPLERS)),
             schedules=_listed(COMFY_SCHEDULERS, set(registry.SCHEDULES) - _NOT_SCHEDULERS),
             loras=tuple(loras),
+            controlnets=tuple(sorted(scan_controlnets(pool.store.root))),
             inputs=tuple(ctx.list_inputs()) if ctx is not None else (),
             max_batch=int(settings.max_images),
             max_steps=int(settings.max_steps),
@@ -112,7 +114,8 @@ class Comfy:
         models = list(catalog.models)
         folders = ("checkpoints", "diffusion_models", "unet", "vae", "clip", "text_encoders")
         out = {f: models for f in folders}
-        out |= {"loras": list(catalog.loras), "embeddings": [], "upscale_models": [], "controlnet": []}
+        out |= {"loras": list(catalog.loras), "embeddings": [], "upscale_models": []}
+        out["controlnet"] = list(catalog.controlnets)
         return out
 
     def validate(self, prompt: Any, ctx: ComfyContext | None = None) -> Validation:

@@ -27,6 +27,7 @@ class Catalog:
     samplers: tuple[str, ...] = ()
     schedules: tuple[str, ...] = ()
     loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()  # model_store/controlnet/ (GET /controlnet/model_list)
     inputs: tuple[str, ...] = ()  # the caller's uploaded images (LoadImage)
     max_batch: int = 64  # the service's max images per request
     max_steps: int = 10000  # the service's max steps
@@ -181,6 +182,9 @@ DISPLAY_NAMES = {
     "LoadImage": "Load Image",
     "ImageScale": "Upscale Image",
     "ETN_LoadImageBase64": "Load Image (Base64)",
+    "ControlNetLoader": "Load ControlNet Model",
+    "ControlNetApply": "Apply ControlNet (OLD)",
+    "ControlNetApplyAdvanced": "Apply ControlNet",
 }
 
 

@@ -7,6 +7,7 @@ models (a Flux workflow loads the one folder three times); with an empty store t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from service.sampling.flow import flux_shift
@@ -119,7 +120,8 @@ async def conditioning_combine(
 ) -> tuple[Any, ...]:
     """Joins the two prompts (ComfyUI averages two predictions; we encode one joined prompt)."""
     a, b = conditioning_1, conditioning_2
-    return (Conditioning(a.clip, (*a.texts, *b.texts), a.guidance if a.guidance is not None else b.guidance),)
+    guidance = a.guidance if a.guidance is not None else b.guidance
+    return (Conditioning(a.clip, (*a.texts, *b.texts), guidance, (*a.controls, *b.controls)),)
 
 
 @node(
@@ -130,7 +132,7 @@ async def conditioning_combine(
 )
 async def flux_guidance(rt: NodeRun, conditioning: Conditioning, guidance: float) -> tuple[Any, ...]:
     """Flux-dev's distilled guidance (our request's ``guidance``)."""
-    return (Conditioning(conditioning.clip, conditioning.texts, guidance),)
+    return (replace(conditioning, guidance=guidance),)
 
 
 @node("ModelSamplingSD3", "advanced/model", ["MODEL"], {"model": MODEL, "shift": Float(3.0, 0.0, 100.0)})

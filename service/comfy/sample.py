@@ -40,10 +40,10 @@ from service.sampling import aliases, registry
 from service.sampling.errors import InputError
 from service.sampling.spec import StepWindow
 from service.serving.latents import LatentInput
-from service.serving.request import GenerationRequest, LoraRef
+from service.serving.request import ControlNetRef, GenerationRequest, LoraRef
 
 from .runtime import Interrupted, NodeRun, image_to_pil, mask_to_pil, pil_to_image, png_to_image
-from .values import Conditioning, Latent, ModelRef, SigmasRef
+from .values import Conditioning, ControlUnit, Latent, ModelRef, SigmasRef
 
 SEED_SPACE = 2**63  # our seeds: [0, 2**63)
 POLL_S = 0.25  # progress / cancel check while a sampler's jobs run
@@ -129,7 +129,15 @@ def _conditioning(call: SampleCall, model: LoadedModel) -> dict[str, Any]:
     loras = dict(call.model.loras) | dict(call.positive.clip.loras)
     if loras:
         fields["loras"] = [LoraRef(n, w) for n, w in loras.items()]
+    if call.positive.controls:  # ControlNetApply(Advanced): ours act on cond and uncond rows alike
+        fields["controlnets"] = [_unit(u) for u in call.positive.controls]
     return fields
+
+
+def _unit(unit: ControlUnit) -> ControlNetRef:
+    """A ControlNet node's unit as our request's (the image resized to the sampled size, centred)."""
+    image = GatedImage(image_to_pil(unit.image[0]), "controlnets.image")
+    return ControlNetRef(unit.net, image, unit.strength, unit.start, unit.end, resize_mode="crop_and_resize")
 
 
 def _latent_input(call: SampleCall, samples: Tensor | None) -> LatentInput | None:
@@ -203,8 +211,11 @@ async def sample(call: SampleCall, rt: NodeRun) -> Latent:
     return Latent(w, h, b, images, latent.noise_mask, name, samples, latent.batch_index)
 
 
-def _final_latents(drivers: list[Any], flow: bool) -> Tensor:
-    """The jobs' sampled latents on the CPU (a flow model's leftover noise: ComfyUI's x / (1 - t))."""
+def _final_latents(drivers: list[Any], flow: bool) -> Tensor | None:
+    """The jobs' sampled latents on the CPU (a flow model's leftover noise: ComfyUI's x / (1 - t));
+    None when a job ran elsewhere (no driver here): the LATENT is then its decoded images."""
+    if any(d is None for d in drivers):
+        return None
     parts = []
     for driver in drivers:
         x = driver.result().detach().float().cpu()

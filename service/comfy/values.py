@@ -48,12 +48,32 @@ class VaeRef:
 
 
 @dataclass(frozen=True)
+class ControlNetRef:
+    """CONTROL_NET (ControlNetLoader): a ControlNet of our store (GET /controlnet/model_list)."""
+
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class ControlUnit:
+    """A ControlNet applied to a conditioning (ControlNetApply / ControlNetApplyAdvanced)."""
+
+    net: str
+    image: Tensor  # IMAGE [B, H, W, 3]: the first image is the control image
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
 class Conditioning:
-    """CONDITIONING: the text a model's encoder reads (combined conditionings join their texts)."""
+    """CONDITIONING: the text a model's encoder reads (combined conditionings join their texts),
+    and the ControlNets applied to it."""
 
     clip: ClipRef
     texts: tuple[str, ...]
     guidance: float | None = None  # FluxGuidance
+    controls: tuple[ControlUnit, ...] = ()
 
     @property
     def text(self) -> str:

@@ -44,6 +44,7 @@ ISSUE_NODES = {
     "BasicGuider",
     "ETN_LoadImageBase64",
 }
+CONTROLNET_NODES = {"ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced"}  # issue 26
 KEYS = {
     "input",
     "input_order",
@@ -64,7 +65,7 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         ctx = MemoryContext()
         ctx.files[("input", "", "cat.png")] = b""
         info = comfy.object_info(ctx)
-        assert set(info) == ISSUE_NODES | {"EmptySD3LatentImage"} == set(NODES)
+        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | {"EmptySD3LatentImage"} == set(NODES)
         for name, entry in info.items():
             assert set(entry) == KEYS and entry["name"] == name
             assert entry["input_order"]["required"] == list(entry["input"]["required"])
@@ -107,6 +108,7 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         assert comfy.object_info_one("KSampler") == {"KSampler": info["KSampler"]}
         assert comfy.object_info_one("Nope") == {}
         assert comfy.model_folders()["checkpoints"] == ["digits", "sd1"]
+        assert info["ControlNetLoader"]["input"]["required"]["control_net_name"] == [[]]  # none here
 
     run(store, scenario)
 

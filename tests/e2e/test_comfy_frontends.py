@@ -21,7 +21,9 @@ import pytest
 from PIL import Image
 from websockets.exceptions import InvalidStatus
 
+from tests.comfy.test_controlnet_nodes import b64, control_png, controlnet_workflow
 from tests.comfy.workflows import OPEN_WEBUI_DEFAULT, SILLYTAVERN_AVATAR, SILLYTAVERN_DEFAULT, sillytavern
+from tests.support.controlnet_tiny import add_controlnets
 from tests.support.hostile_images import bomb_png
 from tests.support.sd_tiny import digits_and_tiny_sd_store
 from tests.support.server import Server
@@ -31,8 +33,12 @@ from .comfy_clients import OPEN_WEBUI_NODES, OpenWebUI, SillyTavern, apply_nodes
 KEY = "owui-secret"
 
 
-def _server(tmp: pytest.TempPathFactory, name: str, **env: str) -> Iterator[Server]:
+def _server(
+    tmp: pytest.TempPathFactory, name: str, controlnets: bool = False, **env: str
+) -> Iterator[Server]:
     store = digits_and_tiny_sd_store(tmp.mktemp(f"{name}-store"))
+    if controlnets:  # the tiny ControlNets (cn_a, cn_b, an original single file, cn_xl)
+        add_controlnets(store)
     # only digits loads at start; sd1 loads on its first request (the tiny SD test)
     env = {"KDIFF_DEFAULT_MODEL": "digits", "KDIFF_MODELS": "digits", **env}
     srv = Server(store, tmp.mktemp(f"{name}-log") / "server.log", **env)
@@ -52,7 +58,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def keyless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A local ComfyUI stand-in without keys (SillyTavern sends none)."""
-    yield from _server(tmp_path_factory, "keyless")
+    yield from _server(tmp_path_factory, "keyless", controlnets=True)
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -197,6 +203,25 @@ def test_base_and_refiner_halves_over_prompt_are_one_sample_run(keyless: Server)
     same = {"cfg_scale": float(ksampler["cfg"]), "sampler": "euler", "schedule": "karras"}
     want = sample(keyless, model="sd1", prompt="a cat", width=32, height=32, steps=6, seed=11, **same)
     assert np.array_equal(pixels(images[0][0]), want[0])
+
+
+def test_controlnet_workflow_over_prompt_is_the_sample_unit(keyless: Server) -> None:
+    """ControlNetLoader + ControlNetApplyAdvanced through /prompt is /sample with the same unit,
+    pixel-equal; an unknown ControlNet is ComfyUI's 400 with a value_not_in_list node error."""
+    info = httpx.get(f"{keyless.url}/object_info/ControlNetLoader").json()
+    assert "cn_a" in info["ControlNetLoader"]["input"]["required"]["control_net_name"][0]
+    _, images = OpenWebUI(keyless.url).run(controlnet_workflow("cn_a"))
+    unit = {"model": "cn_a", "image": b64(control_png()), "weight": 0.8, "guidance_end": 0.5}
+    same = {"cfg_scale": 8.0, "sampler": "euler", "schedule": "karras", "steps": 4, "seed": 9}
+    body = {"model": "sd1", "prompt": "a red cat", "width": 32, "height": 32, **same}
+    want = sample(keyless, controlnets=[unit | {"resize_mode": "crop_and_resize"}], **body)
+    assert np.array_equal(pixels(images[0][0]), want[0])
+    r = httpx.post(
+        f"{keyless.url}/prompt", json={"prompt": controlnet_workflow("control_v11p_sd15_openpose")}
+    )
+    assert r.status_code == 400
+    (err,) = r.json()["node_errors"]["20"]["errors"]
+    assert err["type"] == "value_not_in_list" and "control_net_name" in err["details"]
 
 
 # ---- SillyTavern ------------------------------------------------------------------------------------

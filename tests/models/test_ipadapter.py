@@ -147,3 +147,46 @@ def test_bad_adapters_are_named(store: tuple[Path, dict[str, Path]], sd1: Any) -
     with pytest.raises(InputError) as no_image:
         _rows(sd1, [IPAdapterRef("ip-adapter_sd15")])
     assert no_image.value.field == "ip_adapters[0].image"
+
+
+def test_unusable_files_are_422s_not_500s(sd1: Any, tmp_path: Path) -> None:
+    """A .bin that pickles code, a cut-off .safetensors, a FaceID layout, an adapter without a fitting
+    encoder: each an InputError naming the adapter and why (nothing runs, nothing crashes)."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from service.models.ipadapter import ImageAdapters
+    from tests.support.ipadapter_tiny import plain_proj, save_adapter
+
+    folder = tmp_path / "ipadapter"
+    folder.mkdir()
+
+    class Boom:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (print, ("pickled code ran",))
+
+    (folder / "evil.bin").write_bytes(pickle.dumps({"image_proj": Boom()}))
+    save_file({"image_proj.proj.weight": torch.zeros(4, 4)}, str(folder / "cut.safetensors"))
+    (folder / "cut.safetensors").write_bytes((folder / "cut.safetensors").read_bytes()[:-7])
+    faceid = {
+        "proj.0.weight": torch.zeros(8, 4),
+        "proj.2.weight": torch.zeros(128, 8),
+        "norm.weight": torch.ones(32),
+    }
+    save_adapter(folder / "faceid.safetensors", faceid, {"1.to_k_ip.weight": torch.zeros(16, 32)})
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        f"{2 * k + 1}.to_{kv}_ip.weight": torch.zeros(h, 32)
+        for k, h in enumerate([16, 16, 16, 32])
+        for kv in "kv"
+    }
+    save_adapter(folder / "no_encoder.safetensors", plain_proj(24, 32, g), layers)
+    images = ImageAdapters(tmp_path, sd1.unet, sd1.device, sd1.dtype, "sd1")
+    why = {"evil": "could not be read", "cut": "could not be read", "faceid": "plain and plus"}
+    why["no_encoder"] = "needs a CLIP image encoder"
+    for name, reason in why.items():
+        with pytest.raises(InputError) as err:
+            images.resolve(name, "ip_adapters[0]")
+        assert err.value.field == "ip_adapters[0].model" and name in err.value.message, err.value.message
+        assert reason in err.value.message and set(err.value.allowed) == set(why)

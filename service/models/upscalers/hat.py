@@ -26,7 +26,17 @@ from torch import Tensor
 
 from .nets import ArchError, StateDict, take
 from .ops import layer_norm, linear, window_merge, window_partition
-from .swin import WindowNet, gather_bias, groups, keep, pixelshuffle_stages, rgb_embed, swin_bias, window_of
+from .swin import (
+    WindowNet,
+    checked_scale,
+    gather_bias,
+    groups,
+    keep,
+    pixelshuffle_stages,
+    rgb_embed,
+    swin_bias,
+    window_of,
+)
 
 G0 = "layers.0.residual_group"
 KEYS = (
@@ -115,7 +125,7 @@ def load(state: StateDict) -> HAT:
     ows = side - ws + 1
     if (
         side * side != state[f"{G0}.overlap_attn.relative_position_bias_table"].shape[0]
-        or ows < ws
+        or not ws <= ows <= 2 * ws
         or (ows - ws) % 2
     ):
         raise ArchError(f"an overlapping-attention table of {side}**2 rows does not fit window {ws}")
@@ -142,5 +152,11 @@ def load(state: StateDict) -> HAT:
         keep(state, weights, f"layers.{i}.conv", optional=True)
     stages = tuple(pixelshuffle_stages(state))
     return HAT(
-        weights, scale=math.prod(stages), window=ws, overlap=ows, depths=depths, heads=heads, stages=stages
+        weights,
+        scale=checked_scale(math.prod(stages)),
+        window=ws,
+        overlap=ows,
+        depths=depths,
+        heads=heads,
+        stages=stages,
     )

@@ -21,6 +21,11 @@ from .nets import ArchError, Net, StateDict, pad_to_multiple, seq_len, take
 from .ops import layer_norm, linear, relative_index, window_merge, window_partition
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
+# Bounds on what a file may declare, so a hostile one cannot ask for unbounded memory at the probe:
+# windows of the published models are 7 (JPEG), 8 (SwinIR) and 16 (HAT); a 64-px window already
+# means attention matrices of 4096 x 4096 per window and head. Scales: 1 to 8 published.
+MAX_WINDOW = 64
+MAX_SCALE = 16
 MASK_FILL = -100.0
 _MASKS_KEPT = 8  # masks by (h, w, device): a batching thread sees few window shapes
 
@@ -60,11 +65,22 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
 
 
 def window_of(state: StateDict, key: str) -> int:
-    """The window side from a Swin bias table key ((2ws - 1)**2 rows)."""
+    """The window side from a Swin bias table key ((2ws - 1)**2 rows), at most MAX_WINDOW."""
     side = math.isqrt(take(state, key, 2).shape[0])
     if side * side != state[key].shape[0] or side % 2 == 0:
         raise ArchError(f"{key!r} has {state[key].shape[0]} rows; expected (2 * window - 1)**2")
-    return (side + 1) // 2
+    ws = (side + 1) // 2
+    if ws > MAX_WINDOW:
+        raise ArchError(f"an attention window of {ws} px; at most {MAX_WINDOW} here")
+    return ws
+
+
+def checked_scale(scale: int) -> int:
+    """The net's scale, refused above MAX_SCALE (a file of many upsampling stages would otherwise
+    ask for a huge image at the load-time probe)."""
+    if not 1 <= scale <= MAX_SCALE:
+        raise ArchError(f"a scale of {scale}; at most {MAX_SCALE} here")
+    return scale
 
 
 def keep(state: StateDict, out: dict[str, Tensor], *prefixes: str, optional: bool = False) -> None:
@@ -92,7 +108,7 @@ def groups(state: StateDict, table: str, embed: int) -> tuple[tuple[int, ...], t
     count = seq_len(state, "layers")
     depths = tuple(seq_len(state, f"layers.{i}.residual_group.blocks") for i in range(count))
     heads = tuple(take(state, f"layers.{i}.{table}", 2).shape[1] for i in range(count))
-    if not depths or min(depths) < 1 or any(embed % n for n in heads):
+    if not depths or min(depths) < 1 or min(heads) < 1 or any(embed % n for n in heads):
         raise ArchError(f"groups of depths {depths} with heads {heads} over {embed} channels")
     return depths, heads
 
@@ -106,7 +122,7 @@ def pixelshuffle_stages(state: StateDict, prefix: str = "upsample") -> list[int]
         if key not in state:
             break
         out_c, in_c = take(state, key, 4).shape[:2]
-        k = math.isqrt(out_c // in_c)
+        k = math.isqrt(out_c // in_c) if in_c else 0
         if k < 2 or k * k * in_c != out_c:
             raise ArchError(f"{key!r} maps {in_c} to {out_c} channels; expected k*k*{in_c}")
         factors.append(k)

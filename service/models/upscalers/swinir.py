@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .nets import ArchError, StateDict
 from .ops import layer_norm
-from .swin import WindowNet, groups, keep, pixelshuffle_stages, rgb_embed, swin_bias, window_of
+from .swin import WindowNet, checked_scale, groups, keep, pixelshuffle_stages, rgb_embed, swin_bias, window_of
 
 BLOCK0 = "layers.0.residual_group.blocks.0"
 KEYS = (f"{BLOCK0}.norm1.weight", f"{BLOCK0}.mlp.fc1.bias", f"{BLOCK0}.attn.relative_position_index")
@@ -119,6 +119,6 @@ def load(state: StateDict) -> SwinIR:
         keep(state, weights, "conv_last")
         scale = 1
     return SwinIR(
-        weights, scale=scale, window=ws, depths=depths, heads=heads, upsampler=upsampler, stages=stages,
-        img_range=255.0 if ws == 7 else 1.0,
+        weights, scale=checked_scale(scale), window=ws, depths=depths, heads=heads, upsampler=upsampler,
+        stages=stages, img_range=255.0 if ws == 7 else 1.0,
     )  # fmt: skip

@@ -149,17 +149,49 @@ def test_detection_reads_hyper_parameters_from_the_keys(folder: Path) -> None:
     assert (big.window, big.overlap, big.scale, big.depths) == (16, 24, 2, (1, 1))  # type: ignore[attr-defined]
 
 
-def test_swin2sr_and_damaged_files_are_not_taken_for_swinir(tmp_path: Path) -> None:
-    """Swin2SR has SwinIR's keys plus patch_embed.proj (spandrel tries it first): not ours. A SwinIR
-    file with a bias table that does not fit its window fails its own requests, naming the file."""
+TABLE = "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
+OCA_TABLE = "layers.0.residual_group.overlap_attn.relative_position_bias_table"
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        # a bias table that fits no window; one with no heads (a division by zero if unchecked)
+        (lambda: {**us.swinir(), TABLE: torch.zeros(200, 2)}, "looks like SwinIR but .* 200 rows"),
+        (
+            lambda: {**us.swinir(), TABLE: torch.zeros(225, 0)},
+            "looks like SwinIR but groups of .* heads \\(0,\\)",
+        ),
+        # declared sizes that would ask the probe for unbounded memory: a 65-px window, a 32x scale,
+        # an overlapping window wider than twice the window
+        (lambda: {**us.swinir(), TABLE: torch.zeros(129 * 129, 2)}, "window of 65 px; at most 64"),
+        (
+            lambda: {
+                **us.swinir(upsampler="nearest+conv"),
+                **{f"conv_up{k}.weight": torch.zeros(64, 64, 3, 3) for k in (3, 4, 5)},
+            },
+            "a scale of 32; at most 16",
+        ),
+        (
+            lambda: {**us.hat(), OCA_TABLE: torch.zeros(25 * 25, 3)},
+            "looks like HAT but an overlapping-attention table",
+        ),
+    ],
+    ids=["table-shape", "no-heads", "huge-window", "huge-scale", "huge-overlap"],
+)
+def test_damaged_or_hostile_files_fail_their_own_requests(tmp_path: Path, state, why: str) -> None:  # type: ignore[no-untyped-def]
+    from service.models.upscalers import UpscalerLoadError
+
+    uf.write(tmp_path / "bad.pth", state())
+    with pytest.raises(UpscalerLoadError, match=r"'bad' \(bad.pth\) cannot be used: .*" + why):
+        Upscalers(tmp_path).upscale(_image(8, 8), "bad", scale=2)
+
+
+def test_swin2sr_is_not_taken_for_swinir(tmp_path: Path) -> None:
+    """Swin2SR has SwinIR's keys plus patch_embed.proj (spandrel tries it first): not ours."""
     from service.models.upscalers import UpscalerLoadError
 
     state = us.swinir(scale=2)
     uf.write(tmp_path / "swin2sr.pth", {**state, "patch_embed.proj.weight": torch.zeros(24, 3, 1, 1)})
-    key = "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
-    uf.write(tmp_path / "bad.pth", {**state, key: torch.zeros(200, 2)})
-    ups = Upscalers(tmp_path)
     with pytest.raises(UpscalerLoadError, match="no supported architecture"):
-        ups.upscale(_image(8, 8), "swin2sr", scale=2)
-    with pytest.raises(UpscalerLoadError, match=r"'bad' \(bad.pth\) cannot be used: .*SwinIR"):
-        ups.upscale(_image(8, 8), "bad", scale=2)
+        Upscalers(tmp_path).upscale(_image(8, 8), "swin2sr", scale=2)

@@ -9,7 +9,8 @@ What A1111's ``modules/processing.py`` (``StableDiffusionProcessingTxt2Img``) do
   and ``Lanczos``: Lanczos, ``Nearest``: nearest; upscaler models registered in
   :data:`PIXEL_UPSCALERS`), encode;
 - second pass: img2img from the upscaled latents with fresh noise from the same seeds (and
-  subseeds), the hires prompts encoded at the hires size, the hires sampler / schedule (default: the
+  subseeds), the hires prompts encoded at the hires size (their <lora:...> tags are the second pass's
+  LoRAs, in place of the first prompt's), the hires sampler / schedule (default: the
   first pass's); because its step count is given, the schedule is built for
   ``int(steps / denoise)`` steps and its last ``steps`` run (the same tail our img2img takes, with
   ``x = init + noise * sigma_0``; flow models start from ``(1 - t0) init + t0 noise``).
@@ -143,7 +144,7 @@ def with_hires(
     ``image_size``: the first pass's (height, width); ``upscalers``: the pool's upscaler models."""
     from service.models.lora import text_loras
 
-    from .loras import with_adapters
+    from .loras import request_loras, with_adapters
     from .request import check_spec, start_driver
 
     hr = request.hires
@@ -166,6 +167,13 @@ def with_hires(
             [8, limit],
         )
     second = _second_request(request, hr, spec, size.final)
+    if hr.prompt:
+        # A1111 (processing.py sample_hr_pass): the second pass activates the hires prompt's own
+        # <lora:...> tags, not the first prompt's; the tags leave the text as in the first pass
+        try:
+            second, loras = request_loras(second, model)
+        except InputError as exc:
+            raise InputError("hires", f"hires prompt: {exc.message}", exc.allowed) from exc
     second, spec2, n, _ = check_spec(second, model.manifest, limits, max_timeout_s, discrete=_discrete(model))
     spec2 = dataclasses.replace(
         spec2, seeds=spec.seeds, subseeds=spec.subseeds, subseed_strength=spec.subseed_strength

@@ -54,7 +54,7 @@ def test_hires_resize_both_sides_crops_to_that_size(server: Server) -> None:
     result = _api(server).txt2img(
         prompt="a cat", seed=1, width=64, height=32, enable_hr=True, hr_resize_x=96, hr_resize_y=96,
         hr_upscaler="Latent (bicubic)", denoising_strength=0.5, hr_sampler_name="DPM++ 2M",
-        hr_prompt="a dog",
+        hr_prompt="a dog", hr_checkpoint_name="sd1.safetensors [0123abcd]",  # the same model, A1111's title
     )  # fmt: skip
     assert result.images[0].size == (96, 96)
     text = result.info["infotexts"][0]
@@ -103,6 +103,8 @@ def test_bad_hires_fields_are_422s_naming_the_field(server: Server) -> None:
         ({"hr_resize_x": 4096}, "hr_resize_x", "128"),
         ({"hr_sampler_name": "Nope"}, "hr_sampler_name", "Euler"),
         ({"hr_scale": float("nan")}, "hr_scale", ""),
+        # a second-pass checkpoint: refused (the second pass continues on the first pass's model)
+        ({"hr_checkpoint_name": "digits"}, "hr_checkpoint_name", "Use same checkpoint"),
     ]
     for extra, field, listed in bad:
         body = {**base, **extra}

@@ -127,3 +127,33 @@ def test_non_finite_tag_weights_are_refused_on_every_route(
     assert oai.status_code == 400, oai.text  # OpenAI's invalid_request_error
     err = oai.json()["error"]
     assert err["param"] == "prompt" and tag in err["message"]
+
+
+def test_hires_prompt_tags_are_the_second_pass_loras(served: tuple[str, Path, dict[str, Any]]) -> None:
+    """A1111's rule (processing.py sample_hr_pass activates the hires prompt's extra networks): an
+    ``hr_prompt`` that repeats the first prompt's ``<lora:...>`` tag gives the image of no hr_prompt
+    (the tag applied again, and not left in the text); one without the tag drops the LoRA in the
+    second pass only; a tag only in hr_prompt applies it in the second pass only."""
+    url = served[0]
+    tagged = f"{PROMPT} <lora:k1:{WEIGHT}>"
+
+    def hires(prompt: str, hr_prompt: str) -> np.ndarray:
+        body = {"prompt": prompt, "negative_prompt": NEGATIVE, "seed": SEED, "steps": 3, "cfg_scale": CFG,
+                "sampler_name": "Euler", "width": 64, "height": 64, "enable_hr": True, "hr_scale": 2,
+                "hr_second_pass_steps": 2, "denoising_strength": 0.6, "hr_prompt": hr_prompt,
+                "override_settings": {"sd_model_checkpoint": "sd1"}}  # fmt: skip
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        assert img.size == (128, 128)
+        return np.asarray(img, dtype=np.int16)
+
+    both = hires(tagged, "")
+    assert np.array_equal(hires(tagged, tagged), both)
+    first_only, second_only, neither = hires(tagged, PROMPT), hires(PROMPT, tagged), hires(PROMPT, "")
+    for name, img in [("first pass only", first_only), ("second pass only", second_only)]:
+        assert np.abs(img - both).max() > 3 and np.abs(img - neither).max() > 3, name
+    r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                   "enable_hr": True, "hr_prompt": "x <lora:nope:1>",
+                   "override_settings": {"sd_model_checkpoint": "sd1"}}, timeout=60)  # fmt: skip
+    assert r.status_code == 422 and "nope" in r.text and "hires prompt" in r.text, r.text

@@ -59,8 +59,7 @@ def plan_hires(
     if denoise <= 0:
         raise InputError("denoising_strength", "hires fix needs denoising_strength > 0", [0.0, 1.0])
     extra = _infotext(body, upscaler, scale, denoise)
-    if body.hr_checkpoint_name and body.hr_checkpoint_name != model.name:
-        comments.append("hr_checkpoint_name is not supported; the second pass ran on the same model")
+    _check_checkpoint(body.hr_checkpoint_name, model)
     if model.fixed_size:
         comments.append(f"model {model.name!r} makes one size: hires fix not run; the image is resized")
         return Hires(None, final, extra)
@@ -77,6 +76,27 @@ def plan_hires(
     if body.hr_negative_prompt:
         fields["negative_prompt"] = body.hr_negative_prompt
     return Hires(fields, final, extra)
+
+
+def _check_checkpoint(name: str | None, model: LoadedModel) -> None:
+    """A1111's ``hr_checkpoint_name`` (processing.py: a checkpoint other than "Use same checkpoint"
+    loaded for the second pass). The second pass continues in the first pass's job, on its model, so
+    only that model is accepted (under any of A1111's spellings of its title); another is a 422."""
+    if name is None or name.strip().lower() in ("", "use same checkpoint"):
+        return
+    from .a1111_translate import model_name  # A1111's title spellings; imported here: it imports us
+
+    try:
+        same = model_name(name, [model.name]) == model.name
+    except InputError:
+        same = False
+    if not same:
+        raise InputError(
+            "hr_checkpoint_name",
+            f"a second-pass checkpoint other than the request's model ({model.name!r}) is not "
+            f"supported; got {name!r}. Send 'Use same checkpoint' (or leave it empty) or {model.name!r}",
+            ["Use same checkpoint", model.name],
+        )
 
 
 def _sampler(

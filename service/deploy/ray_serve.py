@@ -62,6 +62,7 @@ from .shared import EngineBeat, Shared, SharedConfig
 
 APP_NAME = "kdiff"
 UNFINISHED = ("queued", "running")
+PASSED_HEADER = "x-kdiff-passed"  # engines a request went past (died, or took it in no time)
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -270,6 +271,7 @@ class Ingress:
             first = self.placement.pick(alive)
             order = [first] + [k for k in alive if k != first]
             assign_s = self.assign_s
+        passed: list[str] = []  # engines that did not take it, said in X-Kdiff-Passed
         for slot in order:
             last = slot == order[-1]
             try:
@@ -279,7 +281,10 @@ class Ingress:
             except _TryAnother as why:
                 if why.dead:
                     self.shared.died(slot)
+                passed.append(f"engine{slot} ({'died' if why.dead else 'not assigned'})")
                 continue
+            if passed:
+                response.headers[PASSED_HEADER] = ", ".join(passed)
             return response
         return _error(503, "engine_lost", "no engine replica is up", 5)
 

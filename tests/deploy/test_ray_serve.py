@@ -232,16 +232,23 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
             break
     assert len(jobs[0]) >= 2 and jobs[1], jobs
     victim_engine = replica_actor("engine0")
-    for t in range(12):  # a long job on engine0, followed by SSE and running when engine0 is killed
+    # two long jobs on engine0, running when it is killed: one followed by SSE, one cancelled after
+    long0: list[str] = []
+    for t in range(16):
         body = {"sampler": "heun", "steps": 500, "seed": 900 + t, "class_label": 9, "n": 2}
         r = http.post("/jobs", json=body)
         assert r.status_code == 202, r.text
-        victim = r.json()["id"]
-        bodies[victim] = body
-        jobs[int(victim[:2], 16)].append(victim)
-        if victim.startswith("00"):
-            break
-    assert victim.startswith("00"), jobs
+        jid = r.json()["id"]
+        bodies[jid] = body
+        if jid.startswith("00"):
+            long0.append(jid)
+            if len(long0) == 2:
+                break
+        else:
+            jobs[1].append(jid)
+    assert len(long0) == 2, jobs
+    victim, doomed = long0
+    jobs[0].append(victim)
     events: list[str] = []
 
     def follow() -> None:
@@ -282,11 +289,18 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
         assert took < 5, (engine, took)
         ref = single.post("/sample", json={"sampler": "euler", "steps": 6, "seed": 500 + k, "class_label": k})
         assert [pixels(x).tolist() for x in images] == [pixels(x).tolist() for x in ref.json()["images"]]
+    # a DELETE of a job of the dead engine waits for the engine that takes it over, which cancels it
+    t0 = time.monotonic()
+    cancelled = http.delete(f"/jobs/{doomed}")
+    took_cancel = time.monotonic() - t0
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
     answered_by = []
     for body, future in zip(in_flight, waiting, strict=True):
         r = future.result(timeout=120)
         assert r.status_code == 200, r.text
-        answered_by.append(engine_of(r))
+        answered_by.append(
+            engine_of(r) + (f" after {r.headers['x-kdiff-passed']}" if "x-kdiff-passed" in r.headers else "")
+        )
         ref = single.post("/sample", json=body).json()["images"]
         assert [pixels(x).tolist() for x in r.json()["images"]] == [pixels(x).tolist() for x in ref]
     pool.shutdown()
@@ -316,12 +330,14 @@ def test_engine_replica_killed_mid_load_its_jobs_move_to_the_live_one(
     assert attempts[victim] == 1 and {attempts[j] for j in jobs[0]} <= {0, 1}, attempts  # (some may have
     assert {attempts[j] for j in jobs[1]} == {0}, attempts  # ended before the kill)
     assert store.zcard("kdiff:unfinished") == 0
+    assert store.hmget(f"kdiff:job:{doomed}", "status", "attempts") == [b"cancelled", b"1"]
     print(
         f"engine0 killed with {len(jobs[0])} jobs ({len(jobs[1])} on engine1): outage requests answered by "
         f"{[(e.split(';')[0], round(t, 2)) for e, t, _, _ in outage]} s; every job succeeded "
         f"{moved:.1f} s after the kill, {sum(attempts[j] for j in jobs[0])} of engine0's taken over, now at "
         f"{sorted({where[j][0] for j in jobs[0]})}; "
-        f"/sample calls in flight at the kill answered by {answered_by}"
+        f"/sample calls in flight at the kill answered by {answered_by}; DELETE of another engine0 job "
+        f"answered cancelled in {took_cancel:.1f} s"
     )
     # Serve restarted engine0 (a new incarnation) and it serves again
     for _ in range(200):

@@ -103,3 +103,24 @@ def test_each_engine_slot_gets_its_own_job_store(monkeypatch: pytest.MonkeyPatch
     assert slot_state({"state_dir": str(tmp_path)}, 1) == {"state_dir": str(tmp_path / "engine1")}
     monkeypatch.setenv("KDIFF_STATE_DIR", str(tmp_path))
     assert slot_state({}, 0) == {"state_dir": str(tmp_path / "engine0")}
+
+
+def test_a_job_two_engines_list_is_listed_once_as_it_ended() -> None:
+    """With the Redis store one engine may hold a job's stale view (queued: read while it moved) and
+    another its end; GET /jobs lists it once, ended, newest first, within the limit."""
+    a = [
+        {"id": "j1", "status": "queued", "created_at": 1.0},
+        {"id": "j2", "status": "succeeded", "created_at": 2.0},
+    ]
+    b = [
+        {"id": "j1", "status": "succeeded", "created_at": 1.0},
+        {"id": "j3", "status": "running", "created_at": 3.0},
+    ]
+    body, _ = merge("/jobs", [(0, json.dumps(a).encode()), (1, json.dumps(b).encode())], 10)
+    assert [(j["id"], j["status"]) for j in json.loads(body)] == [
+        ("j3", "running"),
+        ("j2", "succeeded"),
+        ("j1", "succeeded"),
+    ]
+    body, _ = merge("/jobs", [(1, json.dumps(b).encode()), (0, json.dumps(a).encode())], 2)
+    assert [(j["id"], j["status"]) for j in json.loads(body)] == [("j3", "running"), ("j2", "succeeded")]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from service.models.controlnet import scan as scan_controlnets
@@ -124,6 +125,6 @@ class Comfy:
 
     async def run(self, prompt: Any, prompt_id: str, ctx: ComfyContext) -> RunResult:
         """Validate and run ``prompt`` for ``ctx``'s owner; never raises (bar CancelledError)."""
-        v = self.validate(prompt, ctx)
+        v = await asyncio.to_thread(self.validate, prompt, ctx)  # disk scans, base64 headers
         original = prompt if isinstance(prompt, dict) else {}
         return await Run(self.service, NODES, self.cache, prompt_id, ctx, original).execute(v)

@@ -80,6 +80,7 @@ def test_probes_and_docs_are_open(server: Server, path: str) -> None:
         ("GET", "/api/history"),
         ("GET", "/view?filename=x.png"),
         ("POST", "/api/upload/image"),
+        ("POST", "/upload/mask"),
         ("POST", "/interrupt"),
         ("GET", "/object_info"),
         ("GET", "/system_stats"),

@@ -18,12 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from service import image_gate
+from service.comfy.nodes_image import split_annotated
 
 from ..compat.limits import depth
 from ..guard import Caller
 from ..settings import settings_of
 from .files import FileNameError, check_name, check_type
 from .front import ComfyFront, QueueFull
+from .images import view_variant, with_mask_alpha
 from .prompts import prompt_id_of
 
 router = APIRouter(tags=["ComfyUI"])
@@ -104,10 +106,9 @@ async def post_prompt(request: Request) -> Response:
         )
     size = len(await request.body())
     ctx = front.context(owner)
-    if size > BIG_BODY:  # validation reads its base64 images' headers: off the event loop
-        validation = await asyncio.to_thread(front.comfy.validate, body["prompt"], ctx)
-    else:
-        validation = front.comfy.validate(body["prompt"], ctx)
+    # off the event loop: validation scans the store's LoRA / ControlNet folders and the caller's
+    # uploads, and reads base64 images' headers
+    validation = await asyncio.to_thread(front.comfy.validate, body["prompt"], ctx)
     if not validation.ok:
         return JSONResponse(validation.body(), status_code=400)
     try:
@@ -216,11 +217,21 @@ async def view(request: Request) -> Response:
         return Response(str(exc), status_code=400)
     except FileNotFoundError:
         return Response("no such file", status_code=404)
+    name = os.path.basename(q["filename"])
+    if q.get("preview") is not None or q.get("channel") not in (None, "rgba"):
+        try:  # ComfyUI's preview=format;quality and channel=rgb|a
+            variant = await asyncio.to_thread(view_variant, data, q.get("preview"), q.get("channel"))
+        except (OSError, ValueError) as exc:  # not an image PIL can read
+            return Response(f"cannot make that view of {name}: {exc}", status_code=400)
+        if variant is not None:
+            body, fmt = variant
+            headers = {"Content-Disposition": f'filename="{name.replace("png", fmt)}"'}
+            return Response(body, media_type=f"image/{fmt}", headers=headers)
     media = mimetypes.guess_type(q["filename"])[0] or ""
     sniffed = image_gate.sniff(data)
     if sniffed is not None:  # the bytes say what it is, whatever the name's extension says
         media = {"PNG": "image/png", "JPEG": "image/jpeg", "WebP": "image/webp"}[sniffed]
-    headers = {"Content-Disposition": f'filename="{os.path.basename(q["filename"])}"'}
+    headers = {"Content-Disposition": f'filename="{name}"'}
     return Response(data, media_type=media or "application/octet-stream", headers=headers)
 
 
@@ -231,6 +242,40 @@ def _flag(value: Any) -> bool:
 async def upload_image(request: Request) -> Response:
     """Multipart ``image`` (+ ``type``, ``subfolder``, ``overwrite``) -> ``{name, subfolder, type}``.
     The file passes the image gate (format, size from the header, pixels) before it is stored."""
+    return await _upload(request, None)
+
+
+async def upload_mask(request: Request) -> Response:
+    """ComfyUI's mask editor: multipart ``image`` (the mask; its alpha is the mask) and
+    ``original_ref`` (JSON ``{filename, subfolder, type}``, type default "output"): stores the
+    original image with its alpha replaced by the mask's, under the uploaded name."""
+    front, owner = front_of(request), owner_of(request)
+
+    def masked(form: Any, mask: bytes) -> bytes:
+        try:
+            ref = json.loads(str(form.get("original_ref") or ""))
+            file, sub, kind = split_annotated(str(ref["filename"]))
+            kind = check_type(str(ref.get("type") or "output"), "output") if kind == "input" else kind
+            sub = str(ref.get("subfolder") or sub)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MaskError("original_ref must be JSON {filename, subfolder, type}") from exc
+        try:
+            original = front.files.read(owner, kind, sub, file)
+        except FileNotFoundError as exc:
+            raise MaskError(f"original_ref: no such {kind} file {file!r}") from exc
+        try:
+            return with_mask_alpha(original, mask)
+        except (OSError, ValueError) as exc:
+            raise MaskError(f"cannot put the mask on {file!r}: {exc}") from exc
+
+    return await _upload(request, masked)
+
+
+class MaskError(Exception):
+    pass
+
+
+async def _upload(request: Request, transform: Callable[[Any, bytes], bytes] | None) -> Response:
     front, owner = front_of(request), owner_of(request)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return Response("expected a multipart/form-data body with an 'image' file", status_code=400)
@@ -249,10 +294,12 @@ async def upload_image(request: Request) -> Response:
         if len(data) > image_gate.MAX_FILE_BYTES:
             return Response(f"the image is larger than {image_gate.MAX_FILE_BYTES} bytes", status_code=413)
         await asyncio.to_thread(image_gate.load, data, "image")
+        if transform is not None:
+            data = await asyncio.to_thread(transform, form, data)
         stored = await asyncio.to_thread(
             front.files.save, owner, kind, subfolder, name, data, _flag(form.get("overwrite"))
         )
-    except FileNameError as exc:
+    except (FileNameError, MaskError) as exc:
         return Response(str(exc), status_code=400)
     except image_gate.ImageInputError as exc:
         return Response(exc.message, status_code=400)
@@ -357,6 +404,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/history", post_history),
     ("GET", "/view", view),
     ("POST", "/upload/image", upload_image),
+    ("POST", "/upload/mask", upload_mask),
     ("GET", "/system_stats", system_stats),
     ("GET", "/object_info", object_info),
     ("GET", "/object_info/{node_class}", object_info_one),

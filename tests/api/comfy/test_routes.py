@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from starlette.websockets import WebSocketDisconnect
 
 from service.api.app import create_app
@@ -291,6 +291,63 @@ def test_uploads_that_are_not_multipart_are_refused(open_client: TestClient) -> 
 )
 def test_view_refuses_paths_out_of_the_folder(open_client: TestClient, query: str) -> None:
     assert open_client.get(f"/view?{query}").status_code in (400, 404)
+
+
+def _rgba(size: int = 8) -> bytes:
+    """An RGBA PNG whose alpha is a left-right ramp, with a text chunk as our PNGs carry."""
+    img = Image.new("RGBA", (size, size), (10, 200, 30, 255))
+    for x in range(size):
+        for y in range(size):
+            img.putpixel((x, y), (10 + x, 200, 30, 255 - 30 * x))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", "{}")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_view_preview_and_channel_as_comfyui(open_client: TestClient) -> None:
+    """ComfyUI's /view: preview=format;quality re-encodes (webp unless jpeg; webp when the alpha is
+    asked for), channel=rgb drops the alpha, channel=a is the alpha alone; the file otherwise."""
+    _upload(open_client, _rgba(), "v.png", overwrite="true")
+    base = "/view?filename=v.png&type=input"
+    jpeg = open_client.get(base + "&preview=jpeg;50")
+    assert jpeg.headers["content-type"] == "image/jpeg" and _open(jpeg.content).format == "JPEG"
+    assert 'filename="v.jpeg"' in jpeg.headers["content-disposition"]
+    webp = open_client.get(base + "&preview=webp;90&channel=a")
+    assert webp.headers["content-type"] == "image/webp" and _open(webp.content).mode == "RGBA"
+    assert open_client.get(base + "&preview=gif").headers["content-type"] == "image/webp"
+    rgb = _open(open_client.get(base + "&channel=rgb").content)
+    assert rgb.mode == "RGB" and rgb.getpixel((3, 0)) == (13, 200, 30)
+    alpha = _open(open_client.get(base + "&channel=a").content)
+    assert alpha.mode == "RGBA" and alpha.getpixel((3, 0)) == (0, 0, 0, 255 - 90)
+    assert open_client.get(base + "&channel=rgba").content == _rgba()
+    assert open_client.get(base + "&preview=jpeg;999").status_code == 200  # quality capped at 100
+
+
+def test_upload_mask_puts_the_masks_alpha_on_the_original(open_client: TestClient) -> None:
+    """ComfyUI's mask editor posts the painted mask as ``image`` with ``original_ref``: the stored file
+    is the original's pixels (and text chunks) with the mask's alpha."""
+    _upload(open_client, _rgba(), "photo.png", overwrite="true")
+    mask = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    mask.putpixel((2, 5), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    ref = json.dumps({"filename": "photo.png", "subfolder": "", "type": "input"})
+    fields = {"original_ref": ref, "type": "input", "subfolder": "clipspace"}
+    files = {"image": ("clipspace-mask-1.png", buf.getvalue(), "image/png")}
+    r = open_client.post("/upload/mask", files=files, data=fields)
+    assert r.json() == {"name": "clipspace-mask-1.png", "subfolder": "clipspace", "type": "input"}
+    got = _open(open_client.get("/view?filename=clipspace-mask-1.png&subfolder=clipspace&type=input").content)
+    assert got.getpixel((2, 5)) == (12, 200, 30, 0) and got.getpixel((3, 0)) == (13, 200, 30, 255)
+    assert got.text["prompt"] == "{}"  # type: ignore[attr-defined]
+    bad = {"original_ref": json.dumps({"filename": "nope.png", "type": "input"})}
+    assert open_client.post("/api/upload/mask", files=files, data=bad).status_code == 400
+    assert open_client.post("/upload/mask", files=files, data={"original_ref": "{"}).status_code == 400
 
 
 def test_view_of_a_missing_file_is_404(open_client: TestClient) -> None:

@@ -145,12 +145,17 @@ def test_concurrent_requests_with_different_adapters_share_calls(client: TestCli
 def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:
     image = png(4)
     common = {"prompt": "a red cat", "steps": STEPS, "seed": 5, "cfg_scale": CFG, "width": 64, "height": 64}
-    # a unit as webuiapi's ControlNetUnit sends it (all its fields), and a disabled one
-    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter-plus_sd15 [c817b455]"}
-    unit |= {"weight": 0.8, "image": image, "resize_mode": "Crop and Resize", "control_mode": "Balanced"}
-    unit |= {"processor_res": -1, "threshold_a": -1, "threshold_b": -1, "pixel_perfect": False}
-    unit |= {"guidance_start": 0.0, "guidance_end": 1.0, "low_vram": False}
-    off = {"enabled": False, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15"}
+    # the units as webuiapi's ControlNetUnit sends them (its to_dict, every field), one disabled
+    webuiapi = pytest.importorskip("webuiapi")
+    unit = webuiapi.ControlNetUnit(
+        image=png_image(image),
+        module="ip-adapter_clip_sd15",
+        model="ip-adapter-plus_sd15 [c817b455]",
+        weight=0.8,
+    ).to_dict()
+    off = webuiapi.ControlNetUnit(
+        module="ip-adapter_clip_sd15", model="ip-adapter_sd15", enabled=False
+    ).to_dict()
     a1111 = _post(
         client,
         "/sdapi/v1/txt2img",

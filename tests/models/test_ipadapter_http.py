@@ -206,6 +206,26 @@ def test_a1111_routes_list_the_adapters(client: TestClient, root: tuple[Path, di
     assert ip["model_list"] == ["None", *sorted(root[1])] and "ip-adapter_clip_sd15" in ip["module_list"]
 
 
+def test_hires_fix_and_img2img_keep_the_adapter(client: TestClient) -> None:
+    """A1111's hires fix (the second pass builds its rows at the hires size with the same image) and
+    img2img (a unit without an image takes the init image, as the extension does)."""
+    base = {"prompt": "a red cat", "steps": 2, "seed": 5, "width": 64, "height": 64, "cfg_scale": CFG}
+    base |= {"override_settings": {"sd_model_checkpoint": "sd1"}}
+    hires = base | {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+    unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15", "image": png(3)}
+    with_unit = _post(client, "/sdapi/v1/txt2img", **hires, alwayson_scripts={"controlnet": {"args": [unit]}})
+    bare = _post(client, "/sdapi/v1/txt2img", **hires)
+    assert _pixels(with_unit["images"][0]).shape == (96, 96, 3)
+    assert np.abs(_pixels(with_unit["images"][0]) - _pixels(bare["images"][0])).max() > 2
+    i2i = base | {"init_images": [png(9, (64, 64))], "denoising_strength": 0.8}
+    own = _post(
+        client, "/sdapi/v1/img2img", **i2i, alwayson_scripts={"controlnet": {"args": [unit | {"image": ""}]}}
+    )
+    same = {"model": "ip-adapter_sd15", "image": i2i["init_images"][0]}
+    ours = _post(client, "/sdapi/v1/img2img", **i2i, alwayson_scripts={"controlnet": {"args": [unit | same]}})
+    assert np.abs(_pixels(own["images"][0]) - _pixels(ours["images"][0])).max() <= 1
+
+
 def test_image_bomb_is_refused(client: TestClient) -> None:
     from tests.support.hostile_images import bomb_png
 

@@ -12,7 +12,11 @@ within a second, no restart; listings and A1111's refresh-embeddings read the fo
   "step", "sd_checkpoint", "sd_checkpoint_name", ...}`` (A1111's own training), ``{"clip_l": [n, 768],
   "clip_g": [n, 1280]}`` (SDXL), or one tensor alone (``emb_params`` of kohya's safetensors, a diffusers
   concept ``{"<token>": [D]}``).
-- The name is the file's stem (A1111); a file that cannot be used is listed as skipped with its reason.
+- ``.png`` / ``.webp``: A1111's embedding images (the data in an ``sd-ti-embedding`` text chunk or
+  hidden in the pixels; embedding_images.py, through the image gate); ``name.preview.png`` is a
+  picture, not read.
+- The name is the file's stem (A1111), or for an embedding image the ``name`` its data holds (A1111);
+  a file that cannot be used is listed as skipped with its reason.
 
 Matching (A1111's ``find_embedding_at_position``): every name is tokenized with the model's tokenizer
 (no special tokens); while a prompt's tokens are read, at each position the longest name whose token
@@ -40,6 +44,7 @@ import torch
 from torch import Tensor
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
+IMAGE_EXTENSIONS = (".png", ".webp")  # A1111's embedding images (embedding_images.py); not ComfyUI's
 FOLDER = "embeddings"
 MAX_VECTORS = 75  # one CLIP chunk: A1111 never splits an embedding over two
 MAX_WIDTH = 8192
@@ -159,6 +164,30 @@ def _load(path: Path) -> Any:
         ) from exc
 
 
+def _embedding_file(path: Path) -> bool:
+    """An embedding file by its extension; A1111's ``name.preview.png`` (a picture for the UI) is not."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return Path(path.stem).suffix.lower() != ".preview" and path.is_file()
+    return suffix in EXTENSIONS and path.is_file()
+
+
+def _load_image(path: Path) -> dict[str, Any]:
+    """An A1111 embedding image's data, through the image gate (embedding_images.py)."""
+    from service.image_gate import ImageInputError
+
+    from .embedding_images import NoEmbedding, read
+
+    try:
+        return read(path.read_bytes())
+    except NoEmbedding as exc:
+        raise EmbeddingFileError(str(exc)) from exc
+    except ImageInputError as exc:
+        raise EmbeddingFileError(f"refused by the image gate: {exc.message}") from exc
+    except ValueError as exc:
+        raise EmbeddingFileError(str(exc)) from exc
+
+
 def read_embedding(path: Path, name: str, ref: str, base_model: str | None) -> EmbeddingInfo:
     """One file as an :class:`EmbeddingInfo`; a file that cannot be used has ``error`` set (never raises
     for what the file holds)."""
@@ -170,7 +199,12 @@ def read_embedding(path: Path, name: str, ref: str, base_model: str | None) -> E
             raise EmbeddingFileError("empty file")
         if size > MAX_FILE_BYTES:
             raise EmbeddingFileError(f"{size} bytes: too large for an embedding (at most {MAX_FILE_BYTES})")
-        data = _load(path)
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            data = _load_image(path)
+            named = data.get("name")
+            base["name"] = named if isinstance(named, str) and named.strip() else name  # A1111's rule
+        else:
+            data = _load(path)
         parts = _parts(data)
     except EmbeddingFileError as exc:
         return EmbeddingInfo(**base, error=str(exc))
@@ -236,7 +270,7 @@ class EmbeddingIndex:
                 dirnames.sort()
                 for fn in sorted(filenames):
                     path = Path(dirpath) / fn
-                    if path.suffix.lower() not in EXTENSIONS or not path.is_file():
+                    if not _embedding_file(path):
                         continue
                     count += 1
                     if count > MAX_FILES:
@@ -244,12 +278,15 @@ class EmbeddingIndex:
                     yield path, path.relative_to(folder).with_suffix("").as_posix(), base
 
     def comfy_names(self) -> list[str]:
-        """ComfyUI's ``GET /embeddings``: every file's path below its folder, without the extension."""
-        return sorted({ref for _, ref, _ in self.files()})
+        """ComfyUI's ``GET /embeddings``: every file's path below its folder, without the extension
+        (ComfyUI's own kinds: no embedding images)."""
+        return sorted({ref for path, ref, _ in self.files() if path.suffix.lower() in EXTENSIONS})
 
     def comfy_files(self) -> list[str]:
         """ComfyUI's ``GET /models/embeddings``: the same with the extension (its file list)."""
-        return sorted({ref + path.suffix for path, ref, _ in self.files()})
+        return sorted(
+            {ref + path.suffix for path, ref, _ in self.files() if path.suffix.lower() in EXTENSIONS}
+        )
 
     def refresh(self) -> None:
         """Read every file again on the next scan (A1111's refresh-embeddings)."""

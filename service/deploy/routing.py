@@ -4,7 +4,9 @@ Every engine replica is one *slot* (a Serve deployment ``engine<k>`` with one re
 A job id starts with its slot (2 hex digits) and the incarnation of the replica that created it
 (6 hex digits, new at every replica start), so any ingress replica routes ``/jobs/{id}...`` to the
 replica holding the job, and knows when that replica has been replaced since (the job is lost).
-New work goes to a slot whose placement includes the request's model, the least busy first.
+With the Redis job store the job's ``place`` there (the same prefix, of the engine holding it now)
+wins (shared.py). New work goes to a slot whose placement includes the request's model, the least
+busy first.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from .files import ComfyFiles
 from .front import ComfyFront
+from .history_store import HistoryStore
 from .routes import router
 from .ws import router as ws_router
 
@@ -26,7 +27,9 @@ def install(app: FastAPI, service: Any, settings: Any, comfy: Any = None) -> Com
         return Comfy(service)
 
     files = ComfyFiles(settings.comfy_dir, settings.comfy_max_files, settings.comfy_max_bytes)
-    front = ComfyFront(make_comfy, files, settings.comfy_max_history, settings.comfy_max_prompts)
+    db = getattr(service, "state_db", None)  # KDIFF_STATE_DIR: the history outlives a restart
+    store = HistoryStore(db) if db is not None else None
+    front = ComfyFront(make_comfy, files, settings.comfy_max_history, settings.comfy_max_prompts, store)
     app.state.comfy = front
     app.include_router(router)
     app.include_router(ws_router)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .files import ComfyFiles
+from .history_store import HistoryStore
 from .prompts import OwnerPrompts, Run, RunContext, failed_entry, history_entry, previews_wanted
 from .sockets import Sockets
 
@@ -26,15 +27,28 @@ class QueueFull(Exception):
 
 class ComfyFront:
     def __init__(
-        self, make_comfy: Callable[[], Any], files: ComfyFiles, max_history: int, max_prompts: int
+        self,
+        make_comfy: Callable[[], Any],
+        files: ComfyFiles,
+        max_history: int,
+        max_prompts: int,
+        store: HistoryStore | None = None,
     ) -> None:
         self._make_comfy = make_comfy
+        self.store = store  # KDIFF_STATE_DIR: history kept across restarts
         self._comfy: Any = None
         self.files = files
         self.sockets = Sockets()
         self.max_history, self.max_prompts = max_history, max_prompts
         self._owners: dict[str | None, OwnerPrompts] = {}
         self._sizes: dict[str, int] = {}  # prompt id -> bytes its history item is counted as
+        if store is not None:
+            for owner, prompt_id, item, size in store.load():
+                state = self.owner(owner)
+                self._sizes[prompt_id] = size
+                self._remember(state, prompt_id, item)
+                number = item.get("prompt", [0])[0]
+                state.number = max(state.number, number + 1 if isinstance(number, int) else 0)
 
     @property
     def comfy(self) -> Any:
@@ -103,6 +117,11 @@ class ComfyFront:
         # ComfyUI's order, which clients rely on: the history item exists before "executing: null"
         state.running.pop(run.prompt_id, None)
         self._remember(state, run.prompt_id, item)
+        if self.store is not None:  # on disk too before clients are told it is done
+            try:
+                await self.store.put(owner, run.prompt_id, item, self._sizes.get(run.prompt_id, 0))
+            except Exception:
+                log.exception("storing the history of ComfyUI prompt %s failed", run.prompt_id)
         ctx.on_event("executing", {"node": None, "display_node": None, "prompt_id": run.prompt_id})
         self.send_status(owner)
 
@@ -110,9 +129,16 @@ class ComfyFront:
         state.history.pop(prompt_id, None)
         state.history[prompt_id] = item
         total = sum(self._sizes.get(pid, 0) for pid in state.history)
+        dropped = []
         while len(state.history) > self.max_history or (total > MAX_HISTORY_BYTES and len(state.history) > 1):
             old, _ = state.history.popitem(last=False)
             total -= self._sizes.pop(old, 0)
+            dropped.append(old)
+        if dropped and self.store is not None:
+            self.store.delete(self._owner_of(state), dropped)
+
+    def _owner_of(self, state: OwnerPrompts) -> str | None:
+        return next(o for o, s in self._owners.items() if s is state)
 
     def history_bytes(self, items: list[tuple[str, Any]]) -> int:
         """About how many bytes these history items' prompts take (their request bodies)."""
@@ -131,6 +157,8 @@ class ComfyFront:
         for pid in list(state.history) if prompt_ids is None else prompt_ids:
             if state.history.pop(pid, None) is not None:
                 self._sizes.pop(pid, None)
+        if self.store is not None:
+            self.store.delete(owner, prompt_ids)
 
     async def close(self) -> None:
         tasks = [r.task for s in self._owners.values() for r in s.running.values() if r.task is not None]

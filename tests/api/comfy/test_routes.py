@@ -401,6 +401,42 @@ def test_history_can_be_deleted_and_cleared_and_is_bounded(make: Callable[..., T
     assert client.get("/history").json()[pid]["prompt"][2]["4"]["inputs"]["note"] == "a" * 300_000
 
 
+def test_history_outlives_a_restart_with_a_state_dir(store_root: Path, tmp_path: Path) -> None:
+    """KDIFF_STATE_DIR (+ KDIFF_COMFY_DIR for the files): after a restart each key's history is as it
+    was (order, deletions, numbering) and its images are still served."""
+    dirs = {
+        "state_dir": str(tmp_path / "state"),
+        "comfy_dir": tmp_path / "files",
+        "api_keys": f"{KEY_A},{KEY_B}",
+    }
+
+    def app() -> TestClient:
+        made = create_app(Settings(model_store=store_root, torch_threads=1, **dirs))
+        made.state.comfy.comfy = StandInComfy()
+        return TestClient(made)
+
+    with app() as client:
+        ids = [
+            client.post("/prompt", json={"prompt": workflow()}, headers=A).json()["prompt_id"]
+            for _ in range(3)
+        ]
+        for pid in ids:
+            wait_history(client, pid, A)
+        other = client.post("/prompt", json={"prompt": workflow()}, headers=B).json()["prompt_id"]
+        wait_history(client, other, B)
+        assert client.post("/history", json={"delete": [ids[1]]}, headers=A).status_code == 200
+        before = client.get("/history", headers=A).json()
+    with app() as client:
+        after = client.get("/history", headers=A).json()
+        assert after == before and list(after) == [ids[0], ids[2]]
+        assert list(client.get("/history", headers=B).json()) == [other]
+        image = after[ids[2]]["outputs"]["9"]["images"][0]
+        view = client.get("/view", params=image, headers=A)
+        assert view.status_code == 200 and view.headers["content-type"] == "image/png"
+        number = client.post("/prompt", json={"prompt": workflow()}, headers=A).json()["number"]
+        assert number > after[ids[2]]["prompt"][0]
+
+
 def test_too_many_prompts_in_flight_for_a_key_is_a_429(make: Callable[..., TestClient]) -> None:
     client = make(StandInComfy(step_s=0.5, steps=20), comfy_max_prompts=2)
     for _ in range(2):

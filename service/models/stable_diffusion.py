@@ -12,6 +12,7 @@ and ``time_ids`` [B, 6]; 9-channel inpainting UNets also ``c_concat`` [B, 5, h, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,10 +130,16 @@ class StableDiffusion(TextImageModel):
         return d
 
     # --- ControlNet ---
-    def attach_controls(self, manifest: Manifest) -> None:
-        """ControlNets from the store's ``controlnet/`` folder, applied per row inside the UNet call."""
+    def attach_controls(self, manifest: Manifest, reserve: Callable[[int], None] | None = None) -> None:
+        """ControlNets from the store's ``controlnet/`` folder, applied per row inside the UNet call;
+        ``reserve``: the memory budget each one is loaded within (LoadedModel.reserve_memory)."""
         self.controls = ControlSet(
-            manifest.folder.parent, self.unet.config, self.device, self.dtype, manifest.name
+            manifest.folder.parent,
+            self.unet.config,
+            self.device,
+            self.dtype,
+            manifest.name,
+            reserve=reserve,
         )
         self.denoiser.inner_model.controls = self.controls
 
@@ -268,9 +275,10 @@ SDLoadedModel = TextLoadedModel  # the store's LoadedModel plus the model object
 def load_stable_diffusion(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> TextLoadedModel:
     """The model store's loader for kind "stable_diffusion"."""
     sd = load_model(manifest, device, dtype)
-    sd.attach_controls(manifest)
+    loaded = sd.loaded(manifest)
+    sd.attach_controls(manifest, loaded.reserve_memory)  # its ControlNets count in its memory
     sd.attach_ip_adapters(manifest)
-    return sd.loaded(manifest)
+    return loaded
 
 
 register_loader("stable_diffusion", load_stable_diffusion)

@@ -158,10 +158,18 @@ class LoadedModel:
     encode: Callable[[Tensor], Tensor] | None = None  # images in [-1, 1] -> latents (img2img)
     info: dict[str, Any] = field(default_factory=dict)
     adapters: Any = None  # per-row LoRA support (service.models.lora.ModelAdapters), set once served
+    # the pool's memory budget for weights loaded after the model (ControlNets), set once served
+    memory_hook: Callable[[int], None] | None = None
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    def reserve_memory(self, nbytes: int) -> None:
+        """Count ``nbytes`` more (negative: fewer) in this model's memory before loading them; the
+        pool evicts idle models to make room or raises ``ModelUnavailable`` (507) to refuse."""
+        if self.memory_hook is not None:
+            self.memory_hook(nbytes)
 
     @property
     def class_labels(self) -> list[int] | None:

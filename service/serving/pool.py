@@ -77,14 +77,15 @@ class Footprint:
     weight: dict[str, int]
 
     def plan_evictions(
-        self, name: str, need: int, idle: Callable[[str], bool], loaded: Iterable[str]
+        self, name: str, need: int, idle: Callable[[str], bool], loaded: Iterable[str], what: str = ""
     ) -> list[str]:
         """The idle models to unload (least recently used first) so that ``need`` more bytes fit;
-        raises ModelUnavailable (never fits; or, transient, the room is held by busy models)."""
+        raises ModelUnavailable (never fits; or, transient, the room is held by busy models).
+        ``what``: what ``need`` is for, when it is more than the model itself (its ControlNets)."""
         if need > self.budget:
             raise ModelUnavailable(
                 ErrorCode.insufficient_memory,
-                f"model {name!r} needs about {fmt_bytes(need)}, more than the memory budget of "
+                f"model {name!r}{what} needs about {fmt_bytes(need)}, more than the memory budget of "
                 f"{fmt_bytes(self.budget)} (KDIFF_MEMORY_BUDGET)",
             )
         others = [m for m in loaded if m != name]
@@ -98,7 +99,7 @@ class Footprint:
         if used + need > self.budget:
             raise ModelUnavailable(
                 ErrorCode.insufficient_memory,
-                f"model {name!r} needs about {fmt_bytes(need)}; the memory budget of "
+                f"model {name!r}{what} needs about {fmt_bytes(need)}; the memory budget of "
                 f"{fmt_bytes(self.budget)} (KDIFF_MEMORY_BUDGET) is held by models with "
                 "running jobs; retry later",
                 transient=True,
@@ -257,9 +258,42 @@ class ModelPool:
             engine = Engine(handle, config, self.metrics, self._finalize)
             engine.start()
             self.models[name], self.engines[name] = model, engine
+            model.memory_hook = self._memory_hook(name)
             await asyncio.to_thread(settle_heap)  # the new model's objects are long-lived: freeze them
             log.info("loaded model %s on %s/%s", name, self._device, s.dtype)
             return model
+
+    def _memory_hook(self, name: str) -> Callable[[int], None]:
+        """What a loaded model calls, from a build thread, before it loads more weights (a
+        ControlNet): the bytes join its footprint, idle models are evicted least recently used
+        first to make room, or ModelUnavailable (507) refuses, as for loading a model."""
+        loop = asyncio.get_running_loop()
+
+        def reserve(nbytes: int) -> None:
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                on_loop = False
+            if on_loop:  # no thread to block for an eviction: only what fits now
+                self._plan_growth(name, nbytes, lambda _m: False)
+                self.footprint.weight[name] = self.footprint.weight.get(name, 0) + nbytes
+            else:
+                asyncio.run_coroutine_threadsafe(self._grow(name, nbytes), loop).result()
+
+        return reserve
+
+    async def _grow(self, name: str, nbytes: int) -> None:
+        async with self._lock:
+            for victim in self._plan_growth(name, nbytes, self.idle):
+                await self._unload(victim)
+            self.footprint.weight[name] = self.footprint.weight.get(name, 0) + nbytes
+
+    def _plan_growth(self, name: str, nbytes: int, idle: Callable[[str], bool]) -> list[str]:
+        """The models to evict so that ``name`` fits with ``nbytes`` more (none when it shrinks)."""
+        if nbytes <= 0:
+            return []
+        need = self.footprint.weight.get(name, 0) + nbytes
+        return self.footprint.plan_evictions(name, need, idle, self.models, " with its ControlNets")
 
     def _compile(self, model: LoadedModel) -> None:
         """Serve the network through torch.compile, every bucket compiled now for the example input."""

@@ -18,20 +18,14 @@ import webuiapi  # noqa: E402
 
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
 from tests.support.controlnet_tiny import add_controlnets  # noqa: E402
-from tests.support.sd_tiny import digits_and_tiny_sd_store  # noqa: E402
+from tests.support.sd_tiny import frontend_server  # noqa: E402
 from tests.support.server import Server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    store = digits_and_tiny_sd_store(tmp_path_factory.mktemp("store"))
-    add_controlnets(store)
-    srv = Server(store, tmp_path_factory.mktemp("log") / "server.log", KDIFF_DEFAULT_MODEL="sd1")
-    try:
-        srv.wait_ready(120)
+    with frontend_server(tmp_path_factory, add_controlnets, KDIFF_DEFAULT_MODEL="sd1") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _api(server: Server) -> Any:

@@ -49,6 +49,17 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
 
 @pytest.fixture(scope="module")
+def sd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with a tiny SD 1.x model (and digits) and tiny ControlNets, shared by the hires and
+    ControlNet sections' tests (a server with SD models takes the longest to start)."""
+    from tests.support.controlnet_tiny import add_controlnets
+    from tests.support.sd_tiny import frontend_server
+
+    with frontend_server(tmp_path_factory, add_controlnets, KDIFF_DEFAULT_MODEL="sd1") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     path = chromium_path()
     with sync_playwright() as p:
@@ -254,42 +265,51 @@ def test_playground_with_api_key(browser: Browser, store: Path, tmp_path: Path) 
         srv.stop()
 
 
-@pytest.mark.timeout(300)  # a server with a Stable Diffusion model of its own
-def test_playground_hires_fix(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.timeout(300)  # starts the server with a Stable Diffusion model
+def test_playground_hires_fix(browser: Browser, sd_server: Server) -> None:
     """The hires section on a text model (a tiny SD 1.x): the image comes back at the hires size with
     the hires parameters, loading its PNG restores them, an over-limit size is the section's error;
     the section is hidden for a model of one size (digits)."""
-    from tests.support.sd_tiny import frontend_server
+    srv = sd_server
+    page, console = _open(browser, srv.url, viewport={"width": 1280, "height": 1400})
+    page.select_option("#model", "digits")
+    expect(page.locator("#hires-box")).to_be_hidden()
+    page.select_option("#model", "sd1")
+    expect(page.locator("#hires-box")).to_be_visible()
+    page.fill("#prompt", "a red cat")
+    for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "3"), ("#seed", "4")):
+        page.fill(field, value)
+    page.check("#hires_on")
+    page.select_option("#hires_upscaler", "Latent (bicubic)")
+    page.fill("#hires_steps", "2")
+    page.click("#generate")
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=60_000)
+    size = page.locator("#results figure img").first.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [128, 128]
+    params = json.loads(page.locator("#results pre").first.text_content() or "{}")
+    assert params["hires"]["upscaler"] == "Latent (bicubic)" and params["hires"]["steps"] == 2
+    page.screenshot(path=str(artifacts() / "hires.png"), full_page=True)
+    src = page.locator("#results img").first.get_attribute("src") or ""
+    page.uncheck("#hires_on")
+    page.select_option("#hires_upscaler", "Nearest")
+    png = base64.b64decode(src.split(",", 1)[1])
+    page.set_input_files("#load-png", {"name": "cat.png", "mimeType": "image/png", "buffer": png})
+    expect(page.locator("#banner")).to_contain_text("restored")
+    expect(page.locator("#hires_on")).to_be_checked()
+    expect(page.locator("#hires_upscaler")).to_have_value("Latent (bicubic)")
+    console.allowed.add(422)
+    page.fill("#hires_scale", "4")  # 256 > the tiny model's max_size 128
+    page.click("#generate")
+    expect(page.locator("#err-hires")).to_contain_text("limit of 128")
+    assert not console.errors, console.errors
 
-    with frontend_server(tmp_path_factory, KDIFF_DEFAULT_MODEL="sd1") as srv:
-        page, console = _open(browser, srv.url, viewport={"width": 1280, "height": 1400})
-        page.select_option("#model", "digits")
-        expect(page.locator("#hires-box")).to_be_hidden()
-        page.select_option("#model", "sd1")
-        expect(page.locator("#hires-box")).to_be_visible()
-        page.fill("#prompt", "a red cat")
-        for field, value in (("#width", "64"), ("#height", "64"), ("#steps", "3"), ("#seed", "4")):
-            page.fill(field, value)
-        page.check("#hires_on")
-        page.select_option("#hires_upscaler", "Latent (bicubic)")
-        page.fill("#hires_steps", "2")
-        page.click("#generate")
-        expect(page.locator("#results figure img")).to_have_count(1, timeout=60_000)
-        size = page.locator("#results figure img").first.evaluate("i => [i.naturalWidth, i.naturalHeight]")
-        assert size == [128, 128]
-        params = json.loads(page.locator("#results pre").first.text_content() or "{}")
-        assert params["hires"]["upscaler"] == "Latent (bicubic)" and params["hires"]["steps"] == 2
-        page.screenshot(path=str(artifacts() / "hires.png"), full_page=True)
-        src = page.locator("#results img").first.get_attribute("src") or ""
-        page.uncheck("#hires_on")
-        page.select_option("#hires_upscaler", "Nearest")
-        png = base64.b64decode(src.split(",", 1)[1])
-        page.set_input_files("#load-png", {"name": "cat.png", "mimeType": "image/png", "buffer": png})
-        expect(page.locator("#banner")).to_contain_text("restored")
-        expect(page.locator("#hires_on")).to_be_checked()
-        expect(page.locator("#hires_upscaler")).to_have_value("Latent (bicubic)")
-        console.allowed.add(422)
-        page.fill("#hires_scale", "4")  # 256 > the tiny model's max_size 128
-        page.click("#generate")
-        expect(page.locator("#err-hires")).to_contain_text("limit of 128")
-        assert not console.errors, console.errors
+
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_controlnet(browser: Browser, sd_server: Server) -> None:
+    """The ControlNet section (playground_controlnet.py): preview, generate, field errors."""
+    from .playground_controlnet import check_controlnet_section
+
+    page, console = _open(browser, sd_server.url, viewport={"width": 1280, "height": 1600})
+    check_controlnet_section(page, console, sd_server)
+    assert not console.errors, console.errors
+    page.context.close()

@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -257,12 +257,15 @@ def digits_and_tiny_sd_store(store: Path) -> Path:
 
 
 @contextmanager
-def frontend_server(factory: Any, **env: str) -> Iterator[Any]:
+def frontend_server(factory: Any, add: Callable[[Path], Any] | None = None, **env: str) -> Iterator[Any]:
     """A live ``kdiff serve`` (tests/support/server.py) on :func:`digits_and_tiny_sd_store`, for a
-    module's tests (``factory``: pytest's tmp_path_factory; ``env``: its KDIFF_* settings)."""
+    module's tests (``factory``: pytest's tmp_path_factory; ``add``: puts more in the store first,
+    e.g. ControlNets; ``env``: its KDIFF_* settings)."""
     from tests.support.server import Server
 
     store = digits_and_tiny_sd_store(factory.mktemp("store"))
+    if add is not None:
+        add(store)
     srv = Server(store, factory.mktemp("log") / "server.log", **env)
     try:
         srv.wait_ready(120)

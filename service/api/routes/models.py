@@ -54,6 +54,8 @@ def describe(state: Service, name: str) -> dict[str, Any]:
             "latent_shape": list(m.latent_shape),
             "device": str(m.device),
             "dtype": str(m.dtype).removeprefix("torch."),
+            # the optional conditioning fields its requests take (controlnets, SDXL's crops, ...)
+            "conditioning_fields": sorted(m.conditioning_fields()),
             **m.info,
         }
     return out

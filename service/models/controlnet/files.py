@@ -65,12 +65,16 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     return raw
 
 
+def _weights(folder: Path) -> Path:
+    """A diffusers folder's weights file (the full-precision one when both are there)."""
+    return next(folder / w for w in WEIGHTS if (folder / w).is_file())
+
+
 def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
     """The config and the diffusers-named state dict of a ControlNet file or folder."""
     if info.path.is_dir():
         raw_cfg: dict[str, Any] = json.loads((info.path / "config.json").read_text())
-        weights = next(info.path / w for w in WEIGHTS if (info.path / w).is_file())
-        sd = _read_tensors(weights)
+        sd = _read_tensors(_weights(info.path))
         return ControlNetConfig.from_dict(raw_cfg), sd
     sd = _read_tensors(info.path)
     if not original_keys.is_original(list(sd)):
@@ -106,3 +110,13 @@ def family(cfg: ControlNetConfig | Any) -> str:
     if get("addition_embed_type") == "text_time":
         return f"SDXL (cross_attention_dim {dim})"
     return {768: "SD 1.x", 1024: "SD 2.x"}.get(int(dim or 0), "SD") + f" (cross_attention_dim {dim})"
+
+
+def size(info: ControlNetFile) -> int:
+    """Bytes on disk of a ControlNet's weights (what loading it adds, about)."""
+    return (_weights(info.path) if info.path.is_dir() else info.path).stat().st_size
+
+
+def held_bytes(net: torch.nn.Module) -> int:
+    """Bytes of a loaded network's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])

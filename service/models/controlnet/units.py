@@ -23,6 +23,7 @@ step i acts when ``start <= i / steps <= end``) are settled per row when the job
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,13 @@ class ControlSet:
     """The ControlNets one loaded SD model uses: loaded on first use and kept (ids are stable)."""
 
     def __init__(
-        self, root: Path, unet_config: Any, device: torch.device, dtype: torch.dtype, model: str
+        self,
+        root: Path,
+        unet_config: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        model: str,
+        reserve: Callable[[int], None] | None = None,
     ) -> None:
         self.root, self.unet_config, self.device, self.dtype, self.model = (
             root,
@@ -137,6 +144,8 @@ class ControlSet:
             dtype,
             model,
         )
+        # the memory budget (LoadedModel.reserve_memory): a ControlNet's bytes count in its model's
+        self.reserve = reserve
         self.nets: list[ControlNet] = []
         self._ids: dict[Path, int] = {}
         self._lock = threading.Lock()
@@ -155,14 +164,32 @@ class ControlSet:
         with self._lock:
             if info.path in self._ids:
                 return self._ids[info.path]
-            try:
-                net = files.load(info, self.device, self.dtype)
-            except files.ControlNetError as exc:
-                raise InputError(f"{field}.model", str(exc), sorted(known)) from exc
-            self._check_base(net, info.name, field)
+            net = self._load(info, field, sorted(known))
             self._ids[info.path] = len(self.nets)
             self.nets.append(net)
             return self._ids[info.path]
+
+    def _load(self, info: files.ControlNetFile, field: str, known: list[str]) -> ControlNet:
+        """Load a ControlNet within the memory budget: its file's size is reserved first (the pool
+        evicts idle models or refuses), then corrected to the bytes it holds once loaded."""
+        need = files.size(info)
+        if self.reserve is not None:
+            self.reserve(need)
+        held = 0
+        try:
+            net = files.load(info, self.device, self.dtype)
+            self._check_base(net, info.name, field)
+            held = files.held_bytes(net)
+        except files.ControlNetError as exc:
+            raise InputError(f"{field}.model", str(exc), known) from exc
+        finally:
+            if self.reserve is not None:
+                self.reserve(held - need)
+        return net
+
+    def held_bytes(self) -> int:
+        """The bytes the loaded ControlNets hold."""
+        return sum(files.held_bytes(n) for n in self.nets)
 
     def _check_base(self, net: ControlNet, name: str, field: str) -> None:
         u, c = self.unet_config, net.cfg

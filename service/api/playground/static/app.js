@@ -1,6 +1,7 @@
 // The playground: form from the catalogue, a job with live progress, results, errors.
 import { apiKey, cancelJob, runJob } from "./api.js";
 import { setupCompare } from "./compare.js";
+import { controlNetFields, loadControlNets, setupControlNet } from "./controlnet.js";
 import { addErrorSlots, loadCatalogue, onModel, onSampler, onSchedule, readForm, restore } from "./form.js";
 import { img2imgFields, setupMask } from "./mask.js";
 import { parametersOf } from "./png.js";
@@ -23,7 +24,7 @@ async function generate(e) {
   const form = $("gen");
   clearErrors(form);
   if (current) return;
-  const body = { ...readForm(), ...img2imgFields() };
+  const body = { ...readForm(), ...img2imgFields(), ...controlNetFields() };
   const abort = new AbortController();
   current = { id: null, abort };
   $("generate").disabled = true;
@@ -114,12 +115,13 @@ async function start() {
   });
   setupMask();
   setupCompare();
+  setupControlNet();
   await startCatalogue();
 }
 
 async function startCatalogue() {
   try {
-    await loadCatalogue();
+    await Promise.all([loadCatalogue(), loadControlNets()]);
     banner("");
     document.body.dataset.ready = "true";
   } catch (err) {

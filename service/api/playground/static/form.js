@@ -1,6 +1,7 @@
 // The generation form, built from the API's catalogue (/models, /samplers, /schedules): every
 // sampler and schedule option becomes a control with its default and bounds.
 import { call } from "./api.js";
+import { showFor } from "./controlnet.js";
 
 const $ = (id) => document.getElementById(id);
 export const catalogue = { models: [], samplers: [], schedules: [] };
@@ -42,6 +43,7 @@ export function onModel() {
   const fixed = m.kind === "unet"; // the project's UNets make one size; latent models take any multiple of 8
   $("width").disabled = $("height").disabled = fixed;
   $("hires-box").hidden = fixed; // hires fix needs a model that makes any size
+  showFor(m);
   onSampler();
   onSchedule();
 }

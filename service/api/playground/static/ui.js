@@ -14,12 +14,22 @@ export function clearErrors(form) {
   banner("");
 }
 
+// A ControlNet unit's field (loc "controlnets[0].model" or ["controlnets", 0, "model"]) -> its
+// control in the ControlNet section (cn_model), not the form's control of the same name.
+function unitField(loc, form) {
+  const path = loc.filter((p) => p !== "body").join(".").replace(/\[(\d+)\]/g, ".$1");
+  const m = /^controlnets(?:\.\d+\.(\w+))?/.exec(path);
+  if (!m) return null;
+  const name = `cn_${m[1] || "model"}`;
+  return form.querySelector(`[name="${name}"]`) ? name : null;
+}
+
 // An API error shown where it belongs: 422 next to the field named by detail[].loc, others as a banner.
 export function showError(err, form) {
   if (err.name === "AbortError") return;
   if (err.status === 422 && err.fields.length) {
     for (const f of err.fields) {
-      const name = [...(f.loc || [])].reverse().find((p) => typeof p === "string" && form.querySelector(`[name="${p}"]`));
+      const name = unitField(f.loc || [], form) || [...(f.loc || [])].reverse().find((p) => typeof p === "string" && form.querySelector(`[name="${p}"]`));
       const slot = name && form.querySelector(`#err-${name}`);
       const msg = f.allowed && f.allowed.length <= 12 ? `${f.msg} (allowed: ${f.allowed.join(", ")})` : f.msg;
       if (slot) {

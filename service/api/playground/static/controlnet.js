@@ -1,0 +1,75 @@
+// The ControlNet section: one unit (control image, ControlNet, preprocessor, weight, guidance window,
+// control mode, resize mode) sent as the request's `controlnets`, and a preview of what the
+// preprocessor makes of the image (POST controlnet/detect), shown before generating. The section
+// shows for models that take ControlNet units (GET /models: conditioning_fields).
+import { call } from "./api.js";
+import { showError } from "./ui.js";
+
+const $ = (id) => document.getElementById(id);
+const state = { b64: null };
+const toB64 = (dataUrl) => dataUrl.slice(dataUrl.indexOf(",") + 1);
+
+// The ControlNets in model_store/controlnet/ and the preprocessors the service runs.
+export async function loadControlNets() {
+  const [models, modules] = await Promise.all([call("GET", "controlnet/model_list"), call("GET", "controlnet/module_list")]);
+  const keep = $("cn_model").value;
+  $("cn_model").replaceChildren(...models.model_list.map((n) => new Option(n, n, false, n === keep)));
+  $("cn_module").replaceChildren(...modules.module_list.map((n) => new Option(n, n)));
+  $("cn-none").hidden = models.model_list.length > 0;
+}
+
+// Shown only for a model whose requests take `controlnets`.
+export function showFor(model) {
+  const takes = Boolean(model && (model.conditioning_fields || []).includes("controlnets"));
+  $("cn-box").hidden = !takes;
+}
+
+async function onFile(file) {
+  $("cn-preview").hidden = true;
+  if (!file) return (state.b64 = null);
+  state.b64 = toB64(await new Promise((ok) => {
+    const r = new FileReader();
+    r.onload = () => ok(r.result);
+    r.readAsDataURL(file);
+  }));
+  $("cn_on").checked = true;
+}
+
+async function preview() {
+  const err = document.querySelector('[data-for="cn"]');
+  err.textContent = "";
+  if (!state.b64) return (err.textContent = "Choose a control image first.");
+  $("cn-detect").disabled = true;
+  try {
+    // processor_res -1: the image's own resolution, as the unit runs it when generating
+    const body = { controlnet_module: $("cn_module").value, controlnet_input_images: [state.b64], controlnet_processor_res: -1 };
+    const r = await call("POST", "controlnet/detect", body);
+    Object.assign($("cn-preview"), { src: `data:image/png;base64,${r.images[0]}`, hidden: false });
+  } catch (e) {
+    showError(e, $("gen"));
+  } finally {
+    $("cn-detect").disabled = false;
+  }
+}
+
+// {controlnets: [unit]} for the request when the section is on and has an image, else {}.
+export function controlNetFields() {
+  if ($("cn-box").hidden || !$("cn_on").checked || !state.b64) return {};
+  const unit = {
+    model: $("cn_model").value,
+    image: state.b64,
+    module: $("cn_module").value,
+    weight: Number($("cn_weight").value),
+    guidance_start: Number($("cn_guidance_start").value),
+    guidance_end: Number($("cn_guidance_end").value),
+    control_mode: $("cn_control_mode").value,
+    resize_mode: $("cn_resize_mode").value,
+  };
+  return { controlnets: [unit] };
+}
+
+export function setupControlNet() {
+  $("cn_image").addEventListener("change", (e) => onFile(e.target.files[0]));
+  $("cn-detect").addEventListener("click", preview);
+  $("cn_module").addEventListener("change", () => ($("cn-preview").hidden = true));
+}

@@ -136,3 +136,25 @@ def add_controlnets(store: Path) -> dict[str, Any]:
         else:
             save_folder(net, folder / name)
     return nets
+
+
+def residual_gap(ours: Any, ref: Any, context: int, pooled: int | None = None) -> float:
+    """The largest difference between our ControlNet's residuals and a diffusers ControlNetModel's on
+    the same random inputs (latents 8x8, control image 64x64; ``pooled``: SDXL's pooled text width)."""
+    g = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    ctx = torch.randn(2, 7, context, generator=g)
+    t = torch.tensor([700.0, 15.0])
+    extra: dict[str, Any] = {}
+    if pooled is not None:
+        extra = {
+            "y": torch.randn(2, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
+    with torch.no_grad():
+        got = ours(x, t, ctx, hint, **extra)
+        added = {"text_embeds": extra["y"], "time_ids": extra["time_ids"]} if extra else None
+        down, mid = ref(x, t, ctx, hint, added_cond_kwargs=added, return_dict=False)
+    want = [*down, mid]
+    assert len(got) == len(want), (len(got), len(want))
+    return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))

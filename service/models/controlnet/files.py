@@ -1,8 +1,10 @@
 """ControlNet models in the store's ``controlnet/`` folder, and loading one.
 
 Two layouts: a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, the
-``.fp16`` variant too) named by the folder, and an original single file (``control_v11p_sd15_canny.pth``
-or ``.safetensors``, ``control_model.*`` names) named by its stem. ``.pth`` files are read with
+``.fp16`` variant too) named by the folder, and a single file named by its stem: original names
+(``control_v11p_sd15_canny.pth`` / ``.safetensors``, ``control_model.*``; SD 2.x's
+``control_v11p_sd21_*`` without the prefix) or diffusers' names without a config (SDXL's
+``diffusers_xl_canny_full.safetensors``), the config read off the tensors. ``.pth`` files are read with
 ``torch.load(weights_only=True)``: tensors only, no code runs.
 """
 
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import original_keys
+from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
 
 NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
@@ -77,14 +79,14 @@ def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
         sd = _read_tensors(_weights(info.path))
         return ControlNetConfig.from_dict(raw_cfg), sd
     sd = _read_tensors(info.path)
+    if diffusers_keys.is_diffusers(list(sd)):  # SDXL's diffusers_xl_*.safetensors, a folder's weights
+        return ControlNetConfig.from_dict(diffusers_keys.infer_config(sd)), sd
     if not original_keys.is_original(list(sd)):
         raise ControlNetConfigError(
-            f"{info.path.name}: not an original ControlNet (no input_hint_block); a diffusers "
-            "ControlNet is a folder with config.json"
+            f"{info.path.name}: not a ControlNet (neither input_hint_block nor controlnet_cond_embedding)"
         )
-    sd = original_keys.strip(sd)
-    raw_cfg = original_keys.infer_config(sd)
-    return ControlNetConfig.from_dict(raw_cfg), original_keys.to_diffusers(sd, raw_cfg)
+    sd = original_keys.to_diffusers(original_keys.strip(sd))
+    return ControlNetConfig.from_dict(diffusers_keys.infer_config(sd)), sd
 
 
 def load(info: ControlNetFile, device: torch.device, dtype: torch.dtype) -> ControlNet:

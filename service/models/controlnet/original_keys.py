@@ -1,6 +1,6 @@
 """The original ControlNet checkpoints (lllyasviel's ``control_v11p_sd15_*.pth`` / ``.safetensors``,
-the files A1111 users have): ``control_model.``-prefixed (or bare) LDM names -> diffusers' names,
-and the network's config read off the tensors' shapes.
+the files A1111 users have): ``control_model.``-prefixed (or bare) LDM names -> diffusers' names;
+the config is then read off the tensors as for any diffusers-named file (``diffusers_keys``).
 
 The original network (``cldm.py``): ``time_embed.{0,2}``, ``input_hint_block.{0,2,..}`` (the
 conditioning embedding: conv, SiLU, ...), ``input_blocks.k`` (k = 0 the input conv; then per level
@@ -12,9 +12,7 @@ SD 2.x and SDXL (linear projections) 64 channels per head.
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Any
 
 from torch import Tensor
 
@@ -64,65 +62,7 @@ def _levels(sd: dict[str, Tensor]) -> list[list[int]]:
     return [lv for lv in levels if lv]
 
 
-def infer_config(sd: dict[str, Tensor]) -> dict[str, Any]:
-    """A diffusers ControlNetModel config for an original-layout state dict (prefix stripped)."""
-    try:
-        levels = _levels(sd)
-        per_level = {len(lv) for lv in levels}
-        if len(per_level) != 1:
-            raise ControlNetConfigError(f"levels with different ResBlock counts: {sorted(per_level)}")
-        channels = [int(sd[f"input_blocks.{lv[0]}.0.out_layers.3.weight"].shape[0]) for lv in levels]
-        attn = [f"input_blocks.{lv[0]}.1.proj_in.weight" in sd for lv in levels]
-        depth = [
-            len(
-                {
-                    m.group(1)
-                    for k in sd
-                    if (m := re.match(rf"input_blocks\.{lv[0]}\.1\.transformer_blocks\.(\d+)\.", k))
-                }
-            )
-            or 1
-            for lv in levels
-        ]
-        proj = next(
-            sd[f"input_blocks.{lv[0]}.1.proj_in.weight"] for lv, a in zip(levels, attn, strict=True) if a
-        )
-        linear = proj.ndim == 2
-        first = next(lv[0] for lv, a in zip(levels, attn, strict=True) if a)
-        context = int(sd[f"input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"].shape[1])
-        hint = sorted(int(k.split(".")[1]) for k in sd if re.match(r"input_hint_block\.\d+\.weight$", k))
-        hint_out = [int(sd[f"input_hint_block.{i}.weight"].shape[0]) for i in hint]
-        widths = [hint_out[0]] + [hint_out[j] for j in range(2, len(hint) - 1, 2)]
-        cfg: dict[str, Any] = {
-            "in_channels": int(sd["input_blocks.0.0.weight"].shape[1]),
-            "conditioning_channels": int(sd[f"input_hint_block.{hint[0]}.weight"].shape[1]),
-            "block_out_channels": channels,
-            # ldm's normalization() is GroupNorm(32); fewer only for channels that 32 does not divide
-            "norm_num_groups": math.gcd(32, *channels),
-            "layers_per_block": per_level.pop(),
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-            "cross_attention_dim": context,
-            "use_linear_projection": linear,
-            # cldm_v15.yaml: 8 heads; cldm_v21 / SDXL: 64 channels a head (per level)
-            "attention_head_dim": [max(1, c // 64) for c in channels] if linear else 8,
-            "transformer_layers_per_block": depth,
-            "conditioning_embedding_out_channels": widths,
-            "mid_block_type": "UNetMidBlock2DCrossAttn"
-            if "middle_block.1.proj_in.weight" in sd
-            else "UNetMidBlock2D",
-        }
-        if "label_emb.0.0.weight" in sd:
-            cfg |= {
-                "addition_embed_type": "text_time",
-                "addition_time_embed_dim": 256,
-                "projection_class_embeddings_input_dim": int(sd["label_emb.0.0.weight"].shape[1]),
-            }
-        return cfg
-    except (KeyError, StopIteration, IndexError) as exc:
-        raise ControlNetConfigError(f"not an original-layout ControlNet: missing {exc}") from exc
-
-
-def to_diffusers(sd: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+def to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename an original-layout state dict (prefix stripped) to diffusers' ControlNetModel names."""
     levels = _levels(sd)
     where: dict[int, str] = {}

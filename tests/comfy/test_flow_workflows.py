@@ -123,3 +123,41 @@ def test_sd3_checkpoint_workflow_with_model_sampling_shift(flow_store: Path) -> 
 async def run_one_save(comfy: Comfy, wf: dict[str, Any]) -> np.ndarray:
     wf["save"] = wf.pop("9")
     return await run_one(comfy, wf)
+
+
+def test_sd3_halves_with_leftover_noise_are_one_run(flow_store: Path) -> None:
+    """The base + refiner split on a flow model: the first half's latents are handed on as ComfyUI's
+    x / (1 - t) and the second half's (1 - t) x start gives them back, so the two halves are the
+    one 4-step euler run to within float rounding (at most one 8-bit level)."""
+
+    async def scenario(comfy: Comfy) -> None:
+        from .workflows import open_webui
+
+        def sd3(steps_end: int | None) -> dict[str, Any]:
+            wf = open_webui("sd3", "the red cat", 32, 32, 1, 4, 21, negative="a dog")
+            wf["3"]["inputs"].update(cfg=4.0, scheduler="flow", sampler_name="euler")
+            if steps_end is None:
+                return wf
+            ks = wf.pop("3")["inputs"]
+            common = {k: ks[k] for k in ("model", "positive", "negative", "cfg", "steps", "sampler_name")}
+            common |= {"scheduler": "flow", "noise_seed": 21, "return_with_leftover_noise": "enable"}
+            first = {"add_noise": "enable", "start_at_step": 0, "end_at_step": steps_end}
+            second = {"add_noise": "disable", "start_at_step": steps_end, "end_at_step": 10000}
+            wf["20"] = {
+                "class_type": "KSamplerAdvanced",
+                "inputs": common | first | {"latent_image": ["5", 0]},
+            }
+            wf["21"] = {
+                "class_type": "KSamplerAdvanced",
+                "inputs": common | second | {"latent_image": ["20", 0]},
+            }
+            wf["9"]["inputs"]["images"] = ["8", 0]
+            wf["8"]["inputs"]["samples"] = ["21", 0]
+            return wf
+
+        whole = await run_one_save(comfy, sd3(None))
+        halves = await run_one_save(comfy, sd3(2))
+        assert np.abs(whole.astype(int) - halves.astype(int)).max() <= 1
+        assert whole.std() > 1  # an image, not a constant
+
+    run(flow_store, scenario, models=["sd3"])

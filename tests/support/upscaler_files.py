@@ -135,6 +135,12 @@ def spandrel_model(path: Path) -> tuple[Callable[[Tensor], Tensor], int, str]:
     _torchvision_stub()
     import spandrel
 
+    if getattr(sys.modules.get("torchvision"), "__spec__", True) is None:  # the stand-in (no spec)
+        # spandrel holds what it took from the stand-in; out of sys.modules it cannot mislead a later
+        # importlib.util.find_spec("torchvision") (transformers asks it while diffusers loads a model)
+        for name in ("torchvision.transforms.functional", "torchvision.transforms", "torchvision"):
+            sys.modules.pop(name, None)
+
     desc = spandrel.ModelLoader().load_from_file(str(path))
     model = desc.model.eval()
 

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from service.models.upscalers import UpscalerConfig, Upscalers
-from service.models.upscalers.tiles import windows
 from tests.support import upscaler_files as uf
 from tests.support import upscaler_files_swin as us
 
@@ -101,13 +100,7 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
     tile, overlap = 12, 6
     ups = Upscalers(folder, UpscalerConfig(tile=tile, overlap=overlap, batch=4))
     ours = ups.upscale(x, name, scale=4.0)
-    want = torch.empty_like(ours)
-    for ys, xs in windows(30, 38, tile, overlap):
-        out = run(x[..., ys.wstart : ys.wstop, xs.wstart : xs.wstop]).clamp(0, 1)
-        oy, ox = (ys.start - ys.wstart) * scale, (xs.start - xs.wstart) * scale
-        want[..., ys.start * scale : ys.stop * scale, xs.start * scale : xs.stop * scale] = out[
-            ..., oy : oy + (ys.stop - ys.start) * scale, ox : ox + (xs.stop - xs.start) * scale
-        ]
+    want = uf.spandrel_on_windows(run, x, scale, tile, overlap)
     assert (ours - want).abs().max().item() < ATOL
     stats = ups.stats(name)
     assert stats is not None and stats.largest == 4  # tiles batched into one call

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", help="model store folder (KDIFF_MODEL_STORE)")
     parser.add_argument("--models", help="comma-separated models to load (KDIFF_MODELS); default all")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (KDIFF_DEVICE)")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(KDIFF_DTYPE)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="(KDIFF_DTYPE)")
     parser.add_argument("--batching", choices=["iteration", "request", "serial"], help="(KDIFF_BATCHING)")
     parser.add_argument("--max-batch-rows", type=int, help="rows per model call (KDIFF_MAX_BATCH_ROWS)")
     parser.add_argument("--max-queue", type=int, help="queued jobs before 429 (KDIFF_MAX_QUEUE)")

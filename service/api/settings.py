@@ -26,8 +26,10 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N, mps"
     )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        default="float32", description="model weights dtype"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="model weights dtype; auto: bfloat16 on a CUDA GPU that supports it, else float16 there, "
+        "float32 elsewhere",
     )
     batching: Mode = Field(default=Mode.iteration, description="iteration (default) | request | serial")
     max_batch_rows: int = Field(
@@ -258,6 +260,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    def resolve_dtype(self, device: str) -> str:
+        """The weights dtype ``dtype`` names on ``device`` (the sampler state stays float32 regardless)."""
+        import torch
+
+        if self.dtype != "auto":
+            return self.dtype
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
 
     def resolve_device(self) -> str:
         import torch

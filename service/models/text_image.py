@@ -51,6 +51,7 @@ class TextModelOptions(TypedDict, total=False):
     cache_size: int
     max_size: int
     vae_dtype: torch.dtype | None
+    vae_tile_px: int
 
 
 class TextInputs(TypedDict, total=False):
@@ -191,12 +192,15 @@ class TextImageModel:
         cache_size: int = 128,
         max_size: int = 2048,
         vae_dtype: torch.dtype | None = None,
+        vae_tile_px: int = 0,
     ) -> None:
         """Moves the VAE (``vae_dtype``, default: float32 for a float16 model) and the text encoders
-        to the device; ``cache_size``: encoded prompts kept; ``max_size``: the largest width/height."""
+        to the device; ``cache_size``: encoded prompts kept; ``max_size``: the largest width/height;
+        ``vae_tile_px``: images wider or taller than this are decoded in tiles of this size (0: never)."""
         self.components = components
         self.device, self.dtype = torch.device(device), dtype
         self.cache_size, self.max_size = int(cache_size), int(max_size)
+        self.vae_tile_px = int(vae_tile_px)
         self.vae_dtype = vae_dtype or (torch.float32 if dtype == torch.float16 else dtype)
         self.vae: Any = components.vae.to(self.device, self.vae_dtype).eval()
         for enc in text_encoders:
@@ -306,8 +310,18 @@ class TextImageModel:
         outs = []
         for part in latents.split(chunk):
             z = part.to(self.device, self.vae_dtype) / self.scaling_factor + self.shift_factor
-            outs.append(self.vae.decode(z).sample.float().clamp(-1, 1))
+            outs.append(self._vae_decode(z).float().clamp(-1, 1))
         return torch.cat(outs)
+
+    def _vae_decode(self, z: Tensor) -> Tensor:
+        """One VAE decode; past ``vae_tile_px`` in tiles of that size (a quarter overlapping, blended:
+        diffusers' tiled decoder), so the decoder's activations stay bounded however large the image."""
+        px = self.vae_tile_px
+        if not px or max(z.shape[-2:]) * self.vae_scale <= px:
+            return self.vae.decode(z).sample
+        # set per call, not with enable_tiling(): that would also tile every encode
+        self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = px, px // self.vae_scale
+        return self.vae.tiled_decode(z).sample
 
     # --- init image and mask ---
     def add_init(
@@ -406,7 +420,16 @@ def model_options(manifest: Manifest, device: torch.device, dtype: torch.dtype) 
         "cache_size": int(raw.get("prompt_cache_size", 128)),
         "max_size": int(raw.get("max_size", 2048)),
         "vae_dtype": manifest_dtype(raw.get("vae_dtype"), "vae_dtype"),
+        # on a GPU a 2048 px decode in one piece needs ~10 GB of activations; CPU memory is the host's
+        "vae_tile_px": _int_field(raw, "vae_tile_px", 1024 if device.type == "cuda" else 0),
     }
+
+
+def _int_field(raw: dict[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SDLoadError(f"manifest field {key} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def load_dtype(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> torch.dtype:

@@ -41,7 +41,7 @@ class PoolSettings(UpscalerSettings, Protocol):
 
     models: list[str]
     default_model: str | None
-    dtype: Literal["float32", "float16", "bfloat16"]
+    dtype: Literal["auto", "float32", "float16", "bfloat16"]
     memory_budget: int | None
     torch_threads: int | None
     jit: bool
@@ -54,6 +54,7 @@ class PoolSettings(UpscalerSettings, Protocol):
     invariant_rows: int
 
     def resolve_device(self) -> str: ...
+    def resolve_dtype(self, device: str) -> str: ...
 
 
 def device_bytes(device: str) -> int:
@@ -175,7 +176,8 @@ class ModelPool:
     async def start(self) -> None:
         """Scan the store and load what the settings name (or every model, best effort)."""
         s = self.settings
-        self._device, self._dtype = s.resolve_device(), DTYPES[s.dtype]
+        self._device = s.resolve_device()
+        self._dtype = DTYPES[s.resolve_dtype(self._device)]
         self.footprint.budget = s.memory_budget if s.memory_budget is not None else device_bytes(self._device)
         self.upscalers.configure(UpscalerConfig.of(s, self._device, self._dtype))
         self.refresh()
@@ -260,7 +262,7 @@ class ModelPool:
             self.models[name], self.engines[name] = model, engine
             model.memory_hook = self._memory_hook(name)
             await asyncio.to_thread(settle_heap)  # the new model's objects are long-lived: freeze them
-            log.info("loaded model %s on %s/%s", name, self._device, s.dtype)
+            log.info("loaded model %s on %s/%s", name, self._device, str(self._dtype).removeprefix("torch."))
             return model
 
     def _memory_hook(self, name: str) -> Callable[[int], None]:

@@ -46,3 +46,22 @@ def test_a_cuda_device_without_cuda_is_a_clear_error() -> None:
         with pytest.raises(ValueError, match="KDIFF_DEVICE.*sees no CUDA GPU"):
             Settings(device="cuda").resolve_device()
     assert Settings(device="cpu").resolve_device() == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "bf16", "want"),
+    [
+        ("auto", "cpu", False, "float32"),
+        ("auto", "cuda", True, "bfloat16"),  # Ampere and later
+        ("auto", "cuda:1", False, "float16"),  # older GPUs
+        ("float32", "cuda", True, "float32"),  # an explicit choice wins
+        ("float16", "cpu", False, "float16"),  # (a manifest load still keeps float32 convolutions on CPU)
+    ],
+)
+def test_the_weights_dtype_defaults_to_half_precision_on_a_gpu_only(
+    monkeypatch: pytest.MonkeyPatch, setting: str, device: str, bf16: bool, want: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert Settings(dtype=setting).resolve_dtype(device) == want

@@ -133,7 +133,7 @@ async def cmd_flags(state: Service = Depends(get_state)) -> dict[str, Any]:
         "ckpt_dir": None,
         "lowvram": False,
         "medvram": False,
-        "no_half": state.settings.dtype == "float32",
+        "no_half": state.settings.resolve_dtype(state.settings.resolve_device()) == "float32",
     }
 
 

@@ -1,0 +1,12 @@
+#!/bin/sh
+# The GPU suite (issue 28 §4), for a session that is lent a device: SD1.5-, SDXL- and Flux-shaped
+# models with random weights, eager vs torch.compile vs diffusers' pipeline, and the service at
+# concurrency 32. Writes docs/bench_gpu.json and docs/bench_gpu.md; the Python script skips the points
+# it has no time left for (--budget-s), and this wrapper stops it at 8 minutes whatever happens.
+#   sh bench/gpu_suite.sh            (on the device machine, from the repository root)
+set -e
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+timeout 480 "$PY" bench/bench_gpu.py --device cuda --budget-s 420 --out docs/bench_gpu.json --md docs/bench_gpu.md "$@"

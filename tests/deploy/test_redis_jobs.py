@@ -222,3 +222,58 @@ def test_an_unreachable_redis_stops_the_start_naming_the_setting(tiny_store: Pat
     with pytest.raises(RuntimeError, match="KDIFF_REDIS_URL.*does not answer"):
         with TestClient(create_app(settings)):
             pass
+
+
+def test_a_slow_engine_keeps_its_job(
+    redis_url: str, tiny_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Service level, lease 0.5 s: every model call of replica one takes 1.5 s (three leases) while
+    replica two scans for orphans all along. The job stays one's (its heartbeat runs on the event
+    loop, the model call in the worker thread): it is never taken over, and its images are a normal
+    run's."""
+    from service.engine.runner import ModelRunner
+
+    settings: dict[str, Any] = {
+        **ENGINE_SETTINGS,
+        "model_store": tiny_store,
+        "redis_url": redis_url,
+        "redis_prefix": "t5",
+        "redis_lease_s": 0.5,
+    }
+    body = {"sampler": "euler", "steps": 2, "seed": 21, "class_label": 6}
+    with (
+        TestClient(create_app(Settings(**settings))) as one,
+        TestClient(create_app(Settings(**settings))) as two,
+    ):
+        want = one.post("/sample", json=body).json()["images"]
+        denoise = ModelRunner.denoise
+
+        def slow(self: ModelRunner, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(1.5)
+            return denoise(self, *args, **kwargs)
+
+        monkeypatch.setattr(ModelRunner, "denoise", slow)
+        jid = one.post("/jobs", json=body).json()["id"]
+        t0 = time.monotonic()
+        for _ in range(400):
+            view = one.get(f"/jobs/{jid}").json()
+            if view["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+        assert view["status"] == "succeeded" and view["result"]["images"] == want, view
+        assert took > 3 * 0.5, took  # it did outlast several leases
+        journal = one.app.state.service.journal
+        assert journal.redis is not None
+        stored = asyncio.run(_attempts(redis_url, "t5", jid))
+        assert stored == b"0"  # never taken over
+        assert two.app.state.service.jobs.get(jid) is None  # replica two never ran it
+        print(f"a job of {took:.1f} s under a 0.5 s lease stayed with its engine")
+
+
+async def _attempts(url: str, prefix: str, job_id: str) -> Any:
+    jobs = RedisJobs(url, prefix, 1.0)
+    try:
+        return await jobs.client.hget(jobs.job_key(job_id), "attempts")
+    finally:
+        await jobs.close()

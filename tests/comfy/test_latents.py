@@ -63,9 +63,10 @@ def split(end: int, second_noise: str = "disable") -> dict[str, Any]:
     return wf
 
 
-def test_two_advanced_halves_with_leftover_noise_are_one_ksampler_run(store: Path) -> None:
+def test_two_advanced_halves_with_leftover_noise_are_one_ksampler_run(store: Path, tmp_path: Path) -> None:
     """euler is deterministic: steps 0-3 with leftover noise, then 3-6 from those latents without
-    new noise, is exactly the 6-step run of the same seed (pixel-equal)."""
+    new noise, is exactly the 6-step run of the same seed (pixel-equal). With a state dir, as the
+    journal records every request (latents included)."""
 
     async def scenario(comfy: Comfy) -> None:
         one = open_webui("sd1", "a red cat", 32, 32, 1, 6, 5)
@@ -80,7 +81,7 @@ def test_two_advanced_halves_with_leftover_noise_are_one_ksampler_run(store: Pat
         # the hand-over is what makes it equal: new noise on the leftover latents is another image
         assert not np.array_equal(await image_of(comfy, split(3, "enable")), whole)
 
-    run(store, scenario)
+    run(store, scenario, state_dir=str(tmp_path / "state"))
 
 
 def test_comfyui_hires_example_chain_is_the_latent_hires_fix(store: Path) -> None:

@@ -47,88 +47,70 @@ SAMPLERS = ["euler", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "heun", "uni
 # --- model shapes (diffusers configs of the published models; --smoke: tiny ones) ---
 
 
+# the smoke run's UNets: two levels of 16 and 32 channels
+TINY_UNET = {"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8}
+
+
 def sd15_unet_config(smoke: bool) -> dict[str, Any]:
     if smoke:
-        return dict(
-            sample_size=8,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            cross_attention_dim=32,
-            attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
-    return dict(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+        down, up = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
+        tiny = {"cross_attention_dim": 32, "attention_head_dim": 4}
+        return {**TINY_UNET, **tiny, "down_block_types": down, "up_block_types": up}
+    return {
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    }
 
 
 def sdxl_unet_config(smoke: bool) -> dict[str, Any]:
+    """SDXL's UNet: text_time added conditioning (pooled text + 6 size ids, 256 wide each)."""
+    pooled, ids = (32, 8) if smoke else (1280, 256)
+    added = {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": ids,
+        "projection_class_embeddings_input_dim": pooled + 6 * ids,
+        "use_linear_projection": True,
+    }
     if smoke:
-        return dict(
-            sample_size=8,
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            cross_attention_dim=48,
-            attention_head_dim=4,
-            transformer_layers_per_block=(1, 2),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8,
-            use_linear_projection=True,
-        )
-    return dict(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        cross_attention_dim=2048,
-        attention_head_dim=(5, 10, 20),
-        transformer_layers_per_block=(1, 2, 10),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=1280 + 6 * 256,
-        use_linear_projection=True,
-    )
+        down, up = ("DownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")
+        tiny = {"cross_attention_dim": 48, "attention_head_dim": 4, "transformer_layers_per_block": (1, 2)}
+        return {**TINY_UNET, **tiny, "down_block_types": down, "up_block_types": up, **added}
+    return {
+        "sample_size": 128,
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 2048,
+        "attention_head_dim": (5, 10, 20),
+        "transformer_layers_per_block": (1, 2, 10),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        **added,
+    }
 
 
 def flux_config(smoke: bool) -> dict[str, Any]:
+    """Flux.1's transformer (19 double-stream + 38 single-stream blocks, 3072 wide, guidance input)."""
     if smoke:
-        return dict(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        )
-    return dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+        from tests.support.flow_tiny import tiny_flux_config
+
+        return tiny_flux_config(guidance=True)
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56),
+    }
 
 
 @contextlib.contextmanager

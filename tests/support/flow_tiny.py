@@ -60,6 +60,22 @@ def _calm(model: Any, layer: Any) -> Any:
     return model
 
 
+def tiny_flux_config(guidance: bool) -> dict[str, Any]:
+    """A one-block-each Flux transformer (16 latent channels, patch 1) for tests and smoke runs."""
+    return {
+        "patch_size": 1,
+        "in_channels": 16,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 8,
+        "num_attention_heads": 2,
+        "joint_attention_dim": T5_DIM,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": guidance,
+        "axes_dims_rope": (2, 2, 4),
+    }
+
+
 def make_flow_components(family: str, vocab: int, t5: bool = True, guidance: bool = False) -> dict[str, Any]:
     """Components by model_index name (tokenizers are written by :func:`save_flow`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
@@ -87,18 +103,7 @@ def make_flow_components(family: str, vocab: int, t5: bool = True, guidance: boo
             comps["text_encoder_3"] = _t5(vocab, 4)
         comps["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
     else:
-        tr = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=T5_DIM,
-            pooled_projection_dim=32,
-            guidance_embeds=guidance,
-            axes_dims_rope=(2, 2, 4),
-        )
+        tr = FluxTransformer2DModel(**tiny_flux_config(guidance))
         comps["transformer"] = _calm(tr, tr.proj_out)
         comps["text_encoder"] = text_encoder(vocab, 32, False, 1)
         comps["text_encoder_2"] = _t5(vocab, 4)

@@ -161,9 +161,11 @@ class StableDiffusion(TextImageModel):
             uncond.update(controls.rows(prepared, req.n, height, width, uncond=True))
 
     # --- IP-Adapter ---
-    def attach_ip_adapters(self, manifest: Manifest) -> None:
-        """IP-Adapters from the store's ``ipadapter/`` folder, applied per row inside the UNet call."""
-        self.images = ImageAdapters(manifest.folder.parent, self.unet, self.device, self.dtype, manifest.name)
+    def attach_ip_adapters(self, manifest: Manifest, reserve: Callable[[int], None] | None = None) -> None:
+        """IP-Adapters from the store's ``ipadapter/`` folder, applied per row inside the UNet call;
+        ``reserve``: the memory budget each adapter and encoder is loaded within."""
+        root, name = manifest.folder.parent, manifest.name
+        self.images = ImageAdapters(root, self.unet, self.device, self.dtype, name, reserve=reserve)
         self.denoiser.inner_model.images = self.images
 
     def _ip_rows(self, req: TextRequest, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None) -> None:

@@ -133,6 +133,33 @@ def test_same_image_encodes_once(sd1: Any) -> None:
     assert torch.equal(first, again) and not torch.equal(first, other) and len(calls) == 1
 
 
+def test_adapters_load_within_the_memory_budget(store: tuple[Path, dict[str, Path]], sd1: Any) -> None:
+    """Each adapter (and a new encoder) reserves its files' bytes before loading, then what it holds;
+    a refusal (the pool's 507) passes through and loads nothing."""
+    from service.models.ipadapter import ImageAdapters
+
+    class Refused(Exception):
+        pass
+
+    booked: list[int] = []
+    images = ImageAdapters(store[0], sd1.unet, sd1.device, sd1.dtype, "sd1", reserve=booked.append)
+    images.resolve("ip-adapter_sd15", "ip_adapters[0]")
+    encoder = store[1]["ip-adapter_sd15"].parent / "image_encoder" / "model.safetensors"
+    assert booked[0] == store[1]["ip-adapter_sd15"].stat().st_size + encoder.stat().st_size
+    images.resolve("ip-adapter-plus_sd15", "ip_adapters[0]")  # same encoder: only the adapter file
+    assert booked[2] == store[1]["ip-adapter-plus_sd15"].stat().st_size
+    assert sum(booked) == images.held_bytes() > 0
+
+    def refuse(nbytes: int) -> None:
+        if nbytes > 0:
+            raise Refused("over KDIFF_MEMORY_BUDGET")
+
+    full = ImageAdapters(store[0], sd1.unet, sd1.device, sd1.dtype, "sd1", reserve=refuse)
+    with pytest.raises(Refused):
+        full.resolve("ip-adapter_sd15", "ip_adapters[0]")
+    assert not full.adapters and full.held_bytes() == 0
+
+
 def test_bad_adapters_are_named(store: tuple[Path, dict[str, Path]], sd1: Any) -> None:
     with pytest.raises(InputError) as unknown:
         _rows(sd1, [IPAdapterRef("nope", png(1))])

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ class PreparedImage:
     uncond: Tensor
 
 
+def _bytes(net: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+
+
 def _family(cross_dim: int, layers: int) -> str:
     family = FAMILIES.get(cross_dim, "a UNet")
     return f"{family} (cross_attention_dim {cross_dim}, {layers} cross-attention layers)"
@@ -74,6 +79,8 @@ class ImageAdapters:
     device: torch.device
     dtype: torch.dtype
     model: str  # the SD model's name (the 422s name it)
+    # the memory budget adapters and encoders load within (LoadedModel's reserve), when served
+    reserve: Callable[[int], None] | None = None
     adapters: list[Adapter] = dataclasses.field(default_factory=list)
     _ids: dict[Path, int] = dataclasses.field(default_factory=dict)
     _encoders: dict[Path, ImageEncoder] = dataclasses.field(default_factory=dict)
@@ -112,29 +119,56 @@ class ImageAdapters:
                 f"IP-Adapter {info.name!r} is for {_family(w.cross_dim, len(w.layers))}, but model "
                 f"{self.model!r} is {_family(self.cross_dim, len(sizes))}",
             )
+        folder = files.pick_encoder(self.root, info, w)
+        new_encoder = folder.path not in self._encoders
+        # within the memory budget: the files' bytes first (the pool evicts idle models or refuses),
+        # then what the loaded tensors hold
+        need = info.path.stat().st_size + (
+            (folder.path / "model.safetensors").stat().st_size if new_encoder else 0
+        )
+        self._reserve(need)
+        held = 0
+        try:
+            adapter = self._build(info, w, folder)
+            held = _bytes(adapter.proj) + sum(k.nbytes + v.nbytes for k, v in adapter.layers)
+            held += _bytes(adapter.encoder.net) if new_encoder else 0
+        finally:
+            self._reserve(held - need)
+        return adapter
+
+    def _reserve(self, nbytes: int) -> None:
+        if self.reserve is not None and nbytes:
+            self.reserve(nbytes)
+
+    def _build(
+        self, info: files.AdapterFile, w: files.AdapterWeights, folder: files.EncoderFolder
+    ) -> Adapter:
         try:
             proj = projection.build(w.kind, w.image_proj).to(self.device, self.dtype)
         except (RuntimeError, KeyError, ValueError, IndexError) as exc:
             raise files.IPAdapterError(f"IP-Adapter {info.name!r}: image_proj does not load: {exc}") from exc
-        probe = proj(
-            torch.zeros(
-                1,
-                *((w.embed_dim,) if w.kind == "plain" else (1, w.embed_dim)),
-                dtype=self.dtype,
-                device=self.device,
-            )
-        )
+        shape = (1, w.embed_dim) if w.kind == "plain" else (1, 1, w.embed_dim)
+        with torch.no_grad():
+            probe = proj(torch.zeros(shape, dtype=self.dtype, device=self.device))
         if probe.shape[-1] != self.cross_dim or probe.shape[1] > MAX_TOKENS:
             raise files.IPAdapterError(
                 f"IP-Adapter {info.name!r} makes {probe.shape[1]} tokens of width {probe.shape[-1]} "
                 f"(at most {MAX_TOKENS} of width {self.cross_dim})"
             )
-        folder = files.pick_encoder(self.root, info, w)
         if folder.path not in self._encoders:
             self._encoders[folder.path] = ImageEncoder(folder, self.device, self.dtype)
         install(self.unet)
         layers = [(k.to(self.device, self.dtype), v.to(self.device, self.dtype)) for k, v in w.layers]
         return Adapter(info.name, w.kind, proj, layers, self._encoders[folder.path], int(probe.shape[1]))
+
+    def held_bytes(self) -> int:
+        """The bytes the loaded adapters and encoders hold."""
+        layers = sum(k.nbytes + v.nbytes for a in self.adapters for k, v in a.layers)
+        return (
+            layers
+            + sum(_bytes(a.proj) for a in self.adapters)
+            + sum(_bytes(e.net) for e in self._encoders.values())
+        )
 
     # --- building a request's rows ---
     def prepare(self, refs: list[Any]) -> list[PreparedImage]:

@@ -279,7 +279,7 @@ def load_stable_diffusion(manifest: Manifest, device: torch.device, dtype: torch
     sd = load_model(manifest, device, dtype)
     loaded = sd.loaded(manifest)
     sd.attach_controls(manifest, loaded.reserve_memory)  # its ControlNets count in its memory
-    sd.attach_ip_adapters(manifest)
+    sd.attach_ip_adapters(manifest, loaded.reserve_memory)  # adapters and encoders too
     return loaded
 
 

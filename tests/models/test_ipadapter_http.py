@@ -85,6 +85,27 @@ def _reference(
     return np.round(out * 255).astype(np.int16)  # type: ignore[no-any-return]
 
 
+def test_an_adapter_counts_in_its_models_memory(
+    client: TestClient, root: tuple[Path, dict[str, Path]]
+) -> None:
+    """The adapters and encoders a request loads join its model's footprint (GET /models
+    ``memory_bytes``, what KDIFF_MEMORY_BUDGET evicts and refuses by, as for ControlNets). First in
+    the module: no request of this server has loaded ip-adapter_sdxl yet."""
+    from service.models.ipadapter import ImageAdapters
+
+    def sdxl_bytes() -> int:
+        return next(m["memory_bytes"] for m in client.get("/models").json()["models"] if m["name"] == "sdxl")
+
+    body = {"model": "sdxl", "prompt": "x", "steps": 1, "width": 64, "height": 64}
+    _post(client, **body)  # loaded, no adapter yet
+    before = sdxl_bytes()
+    _post(client, **body, ip_adapters=[{"model": "ip-adapter_sdxl", "image": png(1)}])
+    sd = ModelStore(root[0]).load("sdxl").sd  # type: ignore[attr-defined]
+    ours = ImageAdapters(root[0], sd.unet, sd.device, sd.dtype, "sdxl")
+    ours.resolve("ip-adapter_sdxl", "x")
+    assert sdxl_bytes() - before == ours.held_bytes() > 0
+
+
 @pytest.mark.parametrize(
     ("model", "adapter"),
     [

@@ -88,18 +88,11 @@ def test_controlnet_nodes_are_our_units(cn_store: Path) -> None:
         plain = open_webui("sd1", "a red cat", 32, 32, 1, 4, 9)
         plain["3"]["inputs"].update(sampler_name="euler", scheduler="karras")
         assert not np.array_equal(adv, await image_of(comfy, plain))  # the unit did act
-
-    run(cn_store, scenario)
-
-
-def test_an_unknown_controlnet_is_value_not_in_list(cn_store: Path) -> None:
-    async def scenario(comfy: Comfy) -> None:
-        v = comfy.validate(controlnet_workflow("control_v11p_sd15_openpose"))
-        assert not v.ok
+        v = comfy.validate(controlnet_workflow("control_v11p_sd15_openpose"))  # not in the store
+        assert not v.ok and v.error["type"] == "prompt_outputs_failed_validation"
         (err,) = v.node_errors["20"]["errors"]
         assert err["type"] == "value_not_in_list" and err["message"] == "Value not in list"
         assert err["details"].startswith("control_net_name: 'control_v11p_sd15_openpose' not in ")
         assert v.node_errors["20"]["class_type"] == "ControlNetLoader"
-        assert v.error["type"] == "prompt_outputs_failed_validation"
 
     run(cn_store, scenario)

@@ -117,6 +117,7 @@ def swinir(
     resi: str = "1conv",
     img_size: int = 32,
     seed: int = 0,
+    unshuffle: int = 1,
 ) -> dict[str, Tensor]:
     """A SwinIR state dict. The published ones: classical SR ``upsampler="pixelshuffle"`` (embed 180,
     depths 6x6, heads 6, window 8, img_size 48/64, 1conv), lightweight ``"pixelshuffledirect"`` (embed
@@ -126,7 +127,8 @@ def swinir(
     g = torch.Generator().manual_seed(seed)
     state: dict[str, Tensor] = {}
     nf = 64
-    _put(state, "conv_first", _conv(g, embed, 3))
+    # unshuffle > 1 (traiNNer-style files): conv_first is nn.Sequential(PixelUnshuffle(u), Conv2d)
+    _put(state, "conv_first.1" if unshuffle > 1 else "conv_first", _conv(g, embed, 3 * unshuffle**2))
     _put(state, "patch_embed.norm", _norm(g, embed))
     mlp = int(embed * MLP_RATIO)
     for i, depth in enumerate(depths):

@@ -134,6 +134,7 @@ class WindowNet(Net):
     ``tail`` (upsampling)."""
 
     window = 8
+    unshuffle = 1  # a pixel-unshuffled input (SwinIR's start_unshuffle): the scale is the net's / this
     img_range = 1.0
     depths: tuple[int, ...] = ()
     heads: tuple[int, ...] = ()
@@ -152,7 +153,9 @@ class WindowNet(Net):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         mean = torch.tensor(RGB_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (pad_to_multiple(x, self.window) - mean) * self.img_range
+        x = (pad_to_multiple(x, self.window * self.unshuffle) - mean) * self.img_range
+        if self.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv(x, "conv_first")
         out = self.tail(self.after_body(self.features(feat)) + feat, x)
         return (out / self.img_range + mean)[..., : h * self.scale, : w * self.scale]

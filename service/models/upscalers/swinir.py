@@ -14,6 +14,8 @@ table's (2ws-1)**2 rows), MLP width, ``resi_connection`` 1conv (``conv_after_bod
   ``conv_up{k}`` (LeakyReLU 0.2), ``conv_hr``, ``conv_last``;
 - none (denoising, JPEG artefacts; scale 1): the input plus ``conv_last`` of the features.
 img_range 255 for window 7 (the JPEG models, the only window-7 ones), else 1, as spandrel assumes.
+A ``conv_first.1`` (nn.Sequential(PixelUnshuffle(u), Conv2d), community 1x / 2x files) unshuffles the
+padded input by u first; the scale is the upsampler's over u, and the input is padded to window * u.
 
 Each Swin block: x + W-MSA(LN(x)) (odd blocks: windows shifted by ws/2, masked), then x + MLP(LN(x));
 each group ends with its conv over the image of its tokens, plus the group's input.
@@ -26,14 +28,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nets import ArchError, StateDict
+from .nets import ArchError, StateDict, take
 from .ops import layer_norm
 from .swin import WindowNet, checked_scale, groups, keep, pixelshuffle_stages, rgb_embed, swin_bias, window_of
 
 BLOCK0 = "layers.0.residual_group.blocks.0"
 KEYS = (f"{BLOCK0}.norm1.weight", f"{BLOCK0}.mlp.fc1.bias", f"{BLOCK0}.attn.relative_position_index")
 SWIN2SR_KEY = "patch_embed.proj.weight"  # Swin2SR (SwinV2 blocks) has these keys too, and this one
-UNSHUFFLED_KEY = "conv_first.1.weight"  # a pixel-unshuffled input (some community files): not supported
+UNSHUFFLED_KEY = "conv_first.1.weight"  # a pixel-unshuffled input (community 1x / 2x files): conv_first.1
 
 
 def detect(state: StateDict) -> bool:
@@ -79,10 +81,23 @@ class SwinIR(WindowNet):
         return x + self.conv(body, "conv_last")
 
 
+def _unshuffled(state: StateDict) -> tuple[StateDict, int]:
+    """A file with ``conv_first.1`` (nn.Sequential(PixelUnshuffle(u), Conv2d)): its conv as
+    ``conv_first`` and u, read from the conv's 3 * u**2 input channels; otherwise (state, 1)."""
+    if UNSHUFFLED_KEY not in state:
+        return state, 1
+    first = take(state, UNSHUFFLED_KEY, 4)
+    u = math.isqrt(first.shape[1] // 3)
+    if u < 2 or 3 * u * u != first.shape[1] or _upsampler(state) == "":
+        raise ArchError(f"conv_first.1 takes {first.shape[1]} channels; expected 3 * u**2 and an upsampler")
+    renamed = {k: v for k, v in state.items() if not k.startswith("conv_first.1.")}
+    renamed["conv_first.weight"], renamed["conv_first.bias"] = first, take(state, "conv_first.1.bias", 1)
+    return renamed, u
+
+
 def load(state: StateDict) -> SwinIR:
-    if UNSHUFFLED_KEY in state:
-        raise ArchError("SwinIR with a pixel-unshuffled input (conv_first.1) is not supported")
-    embed = rgb_embed(state)
+    state, unshuffle = _unshuffled(state)
+    embed = take(state, "conv_first.weight", 4).shape[0] if unshuffle > 1 else rgb_embed(state)
     ws = window_of(state, f"{BLOCK0}.attn.relative_position_bias_table")
     depths, heads = groups(state, "residual_group.blocks.0.attn.relative_position_bias_table", embed)
     weights: dict[str, Tensor] = {}
@@ -118,7 +133,10 @@ def load(state: StateDict) -> SwinIR:
     else:
         keep(state, weights, "conv_last")
         scale = 1
+    if scale % unshuffle:
+        raise ArchError(f"an upscale of {scale} after a {unshuffle}x unshuffle")
     return SwinIR(
-        weights, scale=checked_scale(scale), window=ws, depths=depths, heads=heads, upsampler=upsampler,
-        stages=stages, img_range=255.0 if ws == 7 else 1.0,
+        weights, scale=checked_scale(scale // unshuffle), window=ws, depths=depths, heads=heads,
+        upsampler=upsampler, stages=stages, img_range=255.0 if ws == 7 else 1.0, unshuffle=unshuffle,
+        align=unshuffle,
     )  # fmt: skip

@@ -107,6 +107,21 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
     assert (ours - run(x).clamp(0, 1)).abs().mean().item() < 0.05  # and near the untiled image
 
 
+def test_unshuffled_input_equals_spandrel(tmp_path: Path) -> None:
+    """conv_first.1 (a 2x pixel-unshuffle before the first conv) on a 4x pixelshuffle net: a 2x
+    upscaler. spandrel pads only to the window, so it runs where the size is a multiple of window * 2
+    (32 x 48 here); ours pads to that multiple, so other sizes work too."""
+    path = uf.write(tmp_path / "unshuffled.safetensors", us.swinir(unshuffle=2, img_size=16))
+    run, scale, _ = uf.spandrel_model(path)
+    ups = Upscalers(tmp_path, UpscalerConfig(tile=0))
+    assert scale == 2 and {i.name: i.scale for i in ups.items()}["unshuffled"] == 2
+    x = _image(32, 48, seed=4)
+    raw = run(x)
+    assert (ups.upscale(x, "unshuffled", scale=2.0) - raw.clamp(0, 1)).abs().max().item() < ATOL
+    assert raw.std() > 0.05
+    assert ups.upscale(_image(12, 20), "unshuffled", scale=2.0).shape == (1, 3, 24, 40)
+
+
 def test_images_smaller_than_half_a_window(tmp_path: Path) -> None:
     """A 16-px window over a 5 x 3 or a 1 x 9 input (a thin strip, a small last tile): one reflection
     cannot pad it (spandrel raises); ours reflects again from the padded edge (replicates a 1-px side),

@@ -267,7 +267,7 @@ class ModelPool:
 
     def _memory_hook(self, name: str) -> Callable[[int], None]:
         """What a loaded model calls, from a build thread, before it loads more weights (a
-        ControlNet): the bytes join its footprint, idle models are evicted least recently used
+        ControlNet, an IP-Adapter): the bytes join its footprint, idle models are evicted least recently used
         first to make room, or ModelUnavailable (507) refuses, as for loading a model."""
         loop = asyncio.get_running_loop()
 
@@ -295,7 +295,9 @@ class ModelPool:
         if nbytes <= 0:
             return []
         need = self.footprint.weight.get(name, 0) + nbytes
-        return self.footprint.plan_evictions(name, need, idle, self.models, " with its ControlNets")
+        return self.footprint.plan_evictions(
+            name, need, idle, self.models, " with its ControlNets / IP-Adapters"
+        )
 
     def _compile(self, model: LoadedModel) -> None:
         """Serve the network through torch.compile, every bucket compiled now for the example input."""

@@ -175,6 +175,7 @@ DISPLAY_NAMES = {
     "LatentUpscale": "Upscale Latent",
     "LatentUpscaleBy": "Upscale Latent By",
     "SetLatentNoiseMask": "Set Latent Noise Mask",
+    "LatentFromBatch": "Latent From Batch",
     "VAEEncode": "VAE Encode",
     "VAEDecode": "VAE Decode",
     "SaveImage": "Save Image",

@@ -1,5 +1,5 @@
-"""Latent and image nodes: EmptyLatentImage, LatentUpscale(By), SetLatentNoiseMask, VAEEncode,
-VAEDecode, SaveImage, PreviewImage, LoadImage, ImageScale, ETN_LoadImageBase64.
+"""Latent and image nodes: EmptyLatentImage, LatentUpscale(By), LatentFromBatch, SetLatentNoiseMask,
+VAEEncode, VAEDecode, SaveImage, PreviewImage, LoadImage, ImageScale, ETN_LoadImageBase64.
 
 Every image that comes in (LoadImage's upload, ETN_LoadImageBase64's base64) goes through
 ``service.image_gate`` (bounded base64, format and size from the header before a pixel is decoded),
@@ -138,6 +138,35 @@ async def latent_upscale_by(
     w, h = (max(1, round(side // f * scale_by)) * f for side in (samples.width, samples.height))
     w, h = _target(w, h, samples.width, samples.height, samples.batch)
     return (await asyncio.to_thread(_resize_latent, samples, w, h, upscale_method, "disabled"),)
+
+
+def _from_batch(latent: Latent, start: int, length: int) -> Latent:
+    """ComfyUI's LatentFromBatch: images start .. start + length of the batch (clamped), their noise
+    mask, and their batch_index (so each keeps its seed: seed + its index in the first batch)."""
+    start = min(latent.batch - 1, start)
+    length = min(latent.batch - start, length)
+    part = slice(start, start + length)
+    index = latent.batch_index or tuple(range(latent.batch))
+    mask = latent.noise_mask
+    if mask is not None and mask.shape[0] > 1:
+        reps = -(-latent.batch // mask.shape[0])
+        mask = mask.repeat(reps, 1, 1)[: latent.batch][part]
+    return latent.with_(
+        batch=length,
+        images=None if latent.images is None else latent.images[part],
+        samples=None if latent.samples is None else latent.samples[part],
+        noise_mask=mask,
+        batch_index=tuple(index[part]),
+    )
+
+
+_FROM_BATCH = {"samples": LATENT, "batch_index": Int(0, 0, 63), "length": Int(1, 1, 64)}
+
+
+@node("LatentFromBatch", "latent/batch", ["LATENT"], _FROM_BATCH)
+async def latent_from_batch(rt: NodeRun, samples: Latent, batch_index: int, length: int) -> tuple[Any, ...]:
+    """Part of a batch; sampled again, each image has the noise it had in the whole batch."""
+    return (_from_batch(samples, batch_index, length),)
 
 
 @node("SetLatentNoiseMask", "latent/inpaint", ["LATENT"], {"samples": LATENT, "mask": In("MASK")})

@@ -134,6 +134,37 @@ def test_start_at_step_on_encoded_pixels_is_img2img_on_the_schedules_tail(store:
     run(store, scenario)
 
 
+def test_latent_from_batch_keeps_each_images_noise(store: Path) -> None:
+    """ComfyUI's way to make one image of a batch again: EmptyLatentImage(batch 3) ->
+    LatentFromBatch(2, 1) -> KSampler is the batch's third image (its batch_index picks its noise);
+    LatentFromBatch of a sampled batch hands on that image's latents."""
+
+    async def scenario(comfy: Comfy) -> None:
+        batch = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
+        ctx = MemoryContext()
+        r = await comfy.run(batch, "b", ctx)
+        whole = [
+            pixels(ctx.files[(i["type"], i["subfolder"], i["filename"])]) for i in r.outputs["9"]["images"]
+        ]
+        assert len(whole) == 3 and not np.array_equal(whole[1], whole[2])
+        one = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
+        one["10"] = {
+            "class_type": "LatentFromBatch",
+            "inputs": {"samples": ["5", 0], "batch_index": 2, "length": 1},
+        }
+        one["3"]["inputs"]["latent_image"] = ["10", 0]
+        assert np.array_equal(await image_of(comfy, one), whole[2])
+        picked = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
+        picked["10"] = {
+            "class_type": "LatentFromBatch",
+            "inputs": {"samples": ["3", 0], "batch_index": 1, "length": 1},
+        }
+        picked["8"]["inputs"]["samples"] = ["10", 0]
+        assert np.array_equal(await image_of(comfy, picked), whole[1])
+
+    run(store, scenario)
+
+
 def _pil(arr: np.ndarray) -> Any:
     from PIL import Image
 

@@ -45,6 +45,7 @@ ISSUE_NODES = {
     "ETN_LoadImageBase64",
 }
 CONTROLNET_NODES = {"ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced"}  # issue 26
+MORE_NODES = {"EmptySD3LatentImage", "LatentFromBatch"}
 KEYS = {
     "input",
     "input_order",
@@ -65,7 +66,7 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         ctx = MemoryContext()
         ctx.files[("input", "", "cat.png")] = b""
         info = comfy.object_info(ctx)
-        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | {"EmptySD3LatentImage"} == set(NODES)
+        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | MORE_NODES == set(NODES)
         for name, entry in info.items():
             assert set(entry) == KEYS and entry["name"] == name
             assert entry["input_order"]["required"] == list(entry["input"]["required"])

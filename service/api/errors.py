@@ -22,6 +22,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.model_error: 500,
     ErrorCode.internal: 500,
     ErrorCode.engine_lost: 503,
+    ErrorCode.store_unavailable: 503,
 }
 TRANSIENT = 503  # an error that may pass unchanged later (ServingError.transient)
 
@@ -37,4 +38,5 @@ def status_of(code: str) -> int:
 def http_error(exc: ServingError) -> HTTPException:
     """A serving error as the HTTPException the routes raise (``{"code", "message"}`` detail)."""
     status = TRANSIENT if exc.transient else STATUS[exc.code]
-    return HTTPException(status, {"code": exc.code.value, "message": exc.message})
+    headers = {"Retry-After": "5"} if status == TRANSIENT else None
+    return HTTPException(status, {"code": exc.code.value, "message": exc.message}, headers=headers)

@@ -7,7 +7,7 @@ import base64
 from fastapi import HTTPException
 
 from service.engine import Draining, ImageResult, Job, JobStatus, QueueFull
-from service.serving.errors import ModelUnavailable
+from service.serving.errors import ServingError
 from service.serving.jobstore import SYNC
 from service.serving.request import GenerationRequest
 from service.serving.service import Service
@@ -37,7 +37,7 @@ async def submit(
     request = body.request() if isinstance(body, SampleRequest) else body
     try:
         return await state.generate(request, owner, wait_load, kind)
-    except ModelUnavailable as exc:
+    except ServingError as exc:  # a model that cannot be served; the job store down (503, retry)
         raise http_error(exc) from exc
     except QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc

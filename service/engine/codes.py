@@ -41,3 +41,4 @@ class ErrorCode(enum.StrEnum):
     model_error = "model_error"  # the model call (or the VAE decode) raised for the job's rows alone
     internal = "internal"  # a bug: the sampler or the result encoding raised
     engine_lost = "engine_lost"  # Ray: the engine replica running the job died
+    store_unavailable = "store_unavailable"  # the job store (SQLite file, Redis) could not record the job

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from service.engine.codes import ErrorCode
 
-__all__ = ["ErrorCode", "ModelBusy", "ModelUnavailable", "ServingError"]
+__all__ = ["ErrorCode", "ModelBusy", "ModelUnavailable", "ServingError", "StoreUnavailable"]
 
 
 class ServingError(Exception):
@@ -28,3 +28,12 @@ class ModelUnavailable(ServingError):
 class ModelBusy(ModelUnavailable):
     def __init__(self, name: str) -> None:
         super().__init__(ErrorCode.busy, f"model {name!r} has queued or running jobs; unload it when idle")
+
+
+class StoreUnavailable(ServingError):
+    """The job store could not record an accepted job (Redis unreachable, a disk error): the job is not
+    accepted, and the same request may succeed once the store answers again."""
+
+    def __init__(self, exc: BaseException) -> None:
+        msg = f"the job store could not record the job ({type(exc).__name__}: {exc}); retry later"
+        super().__init__(ErrorCode.store_unavailable, msg, transient=True)

@@ -22,7 +22,7 @@ from service.models.store import LoadedModel, ModelStore
 from service.sampling.errors import InputError
 from service.sampling.request import Limits
 
-from .errors import ErrorCode, ModelUnavailable
+from .errors import ErrorCode, ModelUnavailable, ServingError, StoreUnavailable
 from .jobstore import SYNC, Journal, RedisJournal, Restored, StateDB, TerminalListener, placeholder
 from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
@@ -194,7 +194,13 @@ class Service:
         job = await self._queue(request, owner, wait_load)
         try:
             await self.journal.accepted(job, request, kind)
-        except BaseException:  # not recorded: not accepted
+        except (InputError, ServingError):
+            self.cancel(job)
+            raise
+        except Exception as exc:  # the store failed (Redis down, disk full): not recorded, not accepted
+            self.cancel(job)
+            raise StoreUnavailable(exc) from exc
+        except BaseException:  # cancelled while recording: not accepted either
             self.cancel(job)
             raise
         if callback is not None and request.callback_progress_s:  # its end: the journal's listener

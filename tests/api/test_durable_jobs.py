@@ -200,3 +200,27 @@ def test_one_process_per_state_dir(tmp_path: Path) -> None:
         StateDB(tmp_path)
     first.close()
     StateDB(tmp_path).close()  # released with the first
+
+
+def test_a_store_that_cannot_record_answers_503_and_accepts_nothing(
+    make_client: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis unreachable or the state file's disk failing: the job is not accepted (no 500, no job left
+    behind), the caller is told to retry, and the next request once the store answers succeeds."""
+    with make_client(state_dir=tmp_path) as c:
+        journal = c.app.state.service.journal  # type: ignore[attr-defined]
+        real = journal.accepted
+
+        async def failing(*args: Any, **kwargs: Any) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(journal, "accepted", failing)
+        r = c.post("/jobs", json={"class_label": 2, "steps": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert r.json()["detail"]["code"] == "store_unavailable" and "disk I/O error" in r.text
+        assert [j["status"] for j in c.get("/jobs").json()] in ([], ["cancelled"])  # never run
+        monkeypatch.setattr(journal, "accepted", real)
+        assert (
+            wait(c, c.post("/jobs", json={"class_label": 2, "steps": 2}).json()["id"])["status"]
+            == "succeeded"
+        )

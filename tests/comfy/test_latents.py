@@ -147,20 +147,13 @@ def test_latent_from_batch_keeps_each_images_noise(store: Path) -> None:
             pixels(ctx.files[(i["type"], i["subfolder"], i["filename"])]) for i in r.outputs["9"]["images"]
         ]
         assert len(whole) == 3 and not np.array_equal(whole[1], whole[2])
-        one = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
-        one["10"] = {
-            "class_type": "LatentFromBatch",
-            "inputs": {"samples": ["5", 0], "batch_index": 2, "length": 1},
-        }
-        one["3"]["inputs"]["latent_image"] = ["10", 0]
-        assert np.array_equal(await image_of(comfy, one), whole[2])
-        picked = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
-        picked["10"] = {
-            "class_type": "LatentFromBatch",
-            "inputs": {"samples": ["3", 0], "batch_index": 1, "length": 1},
-        }
-        picked["8"]["inputs"]["samples"] = ["10", 0]
-        assert np.array_equal(await image_of(comfy, picked), whole[1])
+        # LatentFromBatch between the empty latent and the sampler, or after the sampler
+        for source, reader, index in (("5", ("3", "latent_image"), 2), ("3", ("8", "samples"), 1)):
+            wf = open_webui("digits", "a 3", 16, 16, 3, 4, 50)
+            inputs = {"samples": [source, 0], "batch_index": index, "length": 1}
+            wf["10"] = {"class_type": "LatentFromBatch", "inputs": inputs}
+            wf[reader[0]]["inputs"][reader[1]] = ["10", 0]
+            assert np.array_equal(await image_of(comfy, wf), whole[index])
 
     run(store, scenario)
 

@@ -224,6 +224,29 @@ def test_controlnet_workflow_over_prompt_is_the_sample_unit(keyless: Server) -> 
     assert err["type"] == "value_not_in_list" and "control_net_name" in err["details"]
 
 
+def test_mask_editor_upload_and_view_previews_over_http(keyless: Server) -> None:
+    """The mask editor's requests (a form with the painted ``image`` and ``original_ref``, as ComfyUI's
+    frontend and API clients post it), then /view with ``channel=a`` and ``preview=webp;50``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 20, 200)).save(buf, format="PNG")
+    up = httpx.post(f"{keyless.url}/upload/image", files={"image": ("face.png", buf.getvalue(), "image/png")})
+    assert up.status_code == 200, up.text
+    mask = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (4, 4, 12, 12))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    ref = json.dumps({"filename": up.json()["name"], "subfolder": "", "type": "input"})
+    form = {"original_ref": ref, "subfolder": "clipspace"}
+    r = httpx.post(f"{keyless.url}/upload/mask", files={"image": ("mask.png", buf.getvalue())}, data=form)
+    assert r.status_code == 200 and r.json()["subfolder"] == "clipspace", r.text
+    query = {"filename": r.json()["name"], "subfolder": "clipspace", "type": "input"}
+    alpha = httpx.get(f"{keyless.url}/view", params=query | {"channel": "a"})
+    with Image.open(io.BytesIO(alpha.content)) as a:
+        assert a.getpixel((8, 8))[3] == 0 and a.getpixel((0, 0))[3] == 255
+    webp = httpx.get(f"{keyless.url}/api/view", params=query | {"preview": "webp;50"})
+    assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
+
+
 # ---- SillyTavern ------------------------------------------------------------------------------------
 
 

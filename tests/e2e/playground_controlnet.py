@@ -3,7 +3,7 @@ model and tiny ControlNets in ``model_store/controlnet/`` (the real layouts); ru
 ``test_playground.py`` on the server it shares with the hires section's test.
 
 As a person would use it: the section shows for a model that takes ControlNet units and not for the
-digits model; the ControlNets and preprocessors come from ``/controlnet/model_list`` and
+digits model; the ControlNets and preprocessors come from ``/controlnet/control_types`` and
 ``module_list``; "Preview preprocessor" shows what ``/controlnet/detect`` makes of the chosen file;
 Generate sends the unit (the file's own bytes, the chosen model, module, weight, window, modes) and
 the image equals the same body sent to ``/sample`` by hand, and differs from the image without the
@@ -70,9 +70,9 @@ def check_controlnet_section(page: Page, console: Any, server: Server) -> None:
     expect(page.locator("#cn-box")).to_be_hidden()
     page.select_option("#model", "sd1")
     expect(page.locator("#cn-box")).to_be_visible()
-    listed = httpx.get(f"{server.url}/controlnet/model_list").json()["model_list"]
-    assert page.locator("#cn_model option").all_text_contents() == listed
-    assert "cn_a" in listed and "control_v11p_sd15_tiny" in listed
+    listed = httpx.get(f"{server.url}/controlnet/control_types").json()["control_types"]["All"]["model_list"]
+    assert page.locator("#cn_model option").all_text_contents() == listed[1:]  # without "None"
+    assert {"cn_a", "cn_xl", "control_v11p_sd15_tiny"} <= set(listed)
     modules = httpx.get(f"{server.url}/controlnet/module_list").json()["module_list"]
     assert page.locator("#cn_module option").all_text_contents() == modules
 

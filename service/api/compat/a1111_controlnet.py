@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.image_gate import MAX_B64_CHARS
 from service.models import ipadapter
-from service.models.controlnet import MAX_UNITS, preprocess, scan
+from service.models.controlnet import MAX_UNITS, annotators, preprocess, scan
 from service.models.controlnet.units import CONTROL_MODES
 from service.sampling.errors import InputError
 from service.serving.service import Service
@@ -149,10 +150,12 @@ async def model_list(update: bool = True, state: Service = Depends(get_state)) -
 
 
 @router.get("/module_list")
-async def module_list(alias_names: bool = False) -> dict[str, Any]:
-    """The preprocessors we run (no downloaded weights needed)."""
-    detail = {name: {"model_free": True, "sliders": []} for name in preprocess.MODULES}
-    return {"module_list": list(preprocess.MODULES), "module_detail": detail}
+async def module_list(alias_names: bool = False, state: Service = Depends(get_state)) -> dict[str, Any]:
+    """The preprocessors we run: those without weights, then those whose weights are in
+    ``model_store/annotators/``."""
+    names = preprocess.modules(state.pool.store.root)
+    detail = {name: {"model_free": name in preprocess.MODULES, "sliders": []} for name in names}
+    return {"module_list": names, "module_detail": detail}
 
 
 @router.get("/control_types")
@@ -167,6 +170,14 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
             "model_list": ["None", *fits],
             "default_option": default,
             "default_model": fits[0] if fits and name != "All" else "None",
+        }
+    if annotators.DEPTH in annotators.available(state.pool.store.root):
+        fits = [m for m in models if "depth" in m.lower()]
+        out["Depth"] = {
+            "module_list": ["none", annotators.DEPTH],
+            "model_list": ["None", *fits],
+            "default_option": annotators.DEPTH,
+            "default_model": fits[0] if fits else "None",
         }
     adapters = sorted(ipadapter.scan(state.pool.store.root))
     out["IP-Adapter"] = {  # units with these modules are IP-Adapter image prompts (ip_units)
@@ -188,7 +199,7 @@ class DetectRequest(BaseModel):
     controlnet_threshold_b: float = Field(-1, ge=-1e4, le=1e4)
 
 
-def _detect(body: DetectRequest, module: str) -> list[str]:
+def _detect(body: DetectRequest, module: str, root: Path) -> list[str]:
     from service.image_gate import ImageInputError, load
 
     out = []
@@ -202,7 +213,7 @@ def _detect(body: DetectRequest, module: str) -> list[str]:
         a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
         b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
         res = body.controlnet_processor_res if body.controlnet_processor_res > 0 else None
-        result = preprocess.run(module, img, res, a, b)
+        result = preprocess.run(module, img, res, a, b, root)
         buf = io.BytesIO()
         Image.fromarray(result).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode())
@@ -210,16 +221,17 @@ def _detect(body: DetectRequest, module: str) -> list[str]:
 
 
 @router.post("/detect")
-async def detect(body: DetectRequest) -> dict[str, Any]:
+async def detect(body: DetectRequest, state: Service = Depends(get_state)) -> dict[str, Any]:
     """Run a preprocessor on images (a preview of what a unit's control image becomes)."""
-    module = preprocess.module_name(body.controlnet_module)
+    root = state.pool.store.root
+    module = preprocess.module_name(body.controlnet_module, root)
     if module is None:
         raise InputError(
-            "controlnet_module", f"unknown module {body.controlnet_module!r}", list(preprocess.MODULES)
+            "controlnet_module", f"unknown module {body.controlnet_module!r}", preprocess.modules(root)
         )
     if not (body.controlnet_input_images or body.controlnet_images):
         raise InputError("controlnet_input_images", "no images given")
-    images = await asyncio.to_thread(_detect, body, module)  # preprocessors are CPU work: off the loop
+    images = await asyncio.to_thread(_detect, body, module, root)  # CPU work: off the loop
     return {"images": images, "info": "Success"}
 
 

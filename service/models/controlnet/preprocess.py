@@ -10,9 +10,12 @@ crop; the default) and "Resize and Fill" (fit inside, the rest filled with the b
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from . import annotators
 
 Array = np.ndarray
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
@@ -141,17 +144,25 @@ CONTROL_TYPES = {
 }
 
 
-def module_name(name: str) -> str | None:
+def modules(root: Path | None = None) -> list[str]:
+    """Every module a unit may name: the weight-free ones, then those whose weights are in the
+    store at ``root`` (``annotators``)."""
+    return [*MODULES, *(annotators.available(root) if root is not None else [])]
+
+
+def module_name(name: str, root: Path | None = None) -> str | None:
     """A module's canonical name (A1111's aliases too: "invert (from white bg & black line)")."""
     key = name.strip().lower().split(" (")[0]
     key = {"tile_gaussian": "blur_gaussian", "scribble_pidinet": "scribble"}.get(key, key)
-    return key if key in MODULES else None
+    return key if key in modules(root) else None
 
 
-def run(name: str, img: Array, resolution: int | None, a: float | None, b: float | None) -> Array:
-    """Run a module at ``resolution`` (the short side; None: the image's own)."""
-    fn = MODULES[name]
-    if fn is None:
+def run(
+    name: str, img: Array, resolution: int | None, a: float | None, b: float | None, root: Path | None = None
+) -> Array:
+    """Run a module at ``resolution`` (the short side; None: the image's own); a model-based one
+    with its weights from the store at ``root``."""
+    if name == "none":
         return img
     if resolution:
         h, w = img.shape[:2]
@@ -159,7 +170,12 @@ def run(name: str, img: Array, resolution: int | None, a: float | None, b: float
         if abs(k - 1) > 1e-6:
             size = (max(1, round(w * k)), max(1, round(h * k)))
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
-    return fn(img, a, b)
+    fn = MODULES.get(name)
+    if fn is not None:
+        return fn(img, a, b)
+    if root is None:
+        raise KeyError(name)
+    return annotators.run(root, name, img)
 
 
 def _resize(img: Array, w: int, h: int) -> Array:

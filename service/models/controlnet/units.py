@@ -91,13 +91,13 @@ class PreparedUnit:
     hint: Tensor  # [4, H, W] uint8
 
 
-def control_image(unit: Any, height: int, width: int, field: str) -> Tensor:
+def control_image(unit: Any, height: int, width: int, field: str, root: Path | None = None) -> Tensor:
     """A unit's control image through the image gate, its preprocessor and its resize mode:
-    [4, H, W] uint8 (RGB and the effective-region mask)."""
-    module = preprocess.module_name(str(getattr(unit, "module", None) or "none"))
+    [4, H, W] uint8 (RGB and the effective-region mask); ``root``: the store (model-based modules)."""
+    module = preprocess.module_name(str(getattr(unit, "module", None) or "none"), root)
     if module is None:
         raise InputError(
-            f"{field}.module", f"unknown preprocessor {unit.module!r}", sorted(preprocess.MODULES)
+            f"{field}.module", f"unknown preprocessor {unit.module!r}", sorted(preprocess.modules(root))
         )
     mode = resize_mode(getattr(unit, "resize_mode", 1), f"{field}.resize_mode")
     if unit.image is None:
@@ -114,7 +114,7 @@ def control_image(unit: Any, height: int, width: int, field: str) -> Tensor:
     if module != "none":
         res = None if res is None or int(res) <= 0 else min(int(res), 2048)
         img = preprocess.run(
-            module, img, res, getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None)
+            module, img, res, getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None), root
         )
     rgb = preprocess.fit(img, width, height, mode)
     m = (
@@ -222,7 +222,7 @@ class ControlSet:
                 )
             mode = control_mode(unit.control_mode, f"{field}.control_mode")
             net = self.resolve(str(unit.model), field)
-            hint = control_image(unit, height, width, field)
+            hint = control_image(unit, height, width, field, self.root)
             out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint))
         return out
 

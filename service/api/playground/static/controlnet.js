@@ -9,13 +9,15 @@ const $ = (id) => document.getElementById(id);
 const state = { b64: null };
 const toB64 = (dataUrl) => dataUrl.slice(dataUrl.indexOf(",") + 1);
 
-// The ControlNets in model_store/controlnet/ and the preprocessors the service runs.
+// The ControlNets in model_store/controlnet/ (control type "All": model_list also names IP-Adapters)
+// and the preprocessors the service runs.
 export async function loadControlNets() {
-  const [models, modules] = await Promise.all([call("GET", "controlnet/model_list"), call("GET", "controlnet/module_list")]);
+  const [types, modules] = await Promise.all([call("GET", "controlnet/control_types"), call("GET", "controlnet/module_list")]);
+  const names = types.control_types.All.model_list.filter((n) => n !== "None");
   const keep = $("cn_model").value;
-  $("cn_model").replaceChildren(...models.model_list.map((n) => new Option(n, n, false, n === keep)));
+  $("cn_model").replaceChildren(...names.map((n) => new Option(n, n, false, n === keep)));
   $("cn_module").replaceChildren(...modules.module_list.map((n) => new Option(n, n)));
-  $("cn-none").hidden = models.model_list.length > 0;
+  $("cn-none").hidden = names.length > 0;
 }
 
 // Shown only for a model whose requests take `controlnets`.

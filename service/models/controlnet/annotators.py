@@ -1,0 +1,111 @@
+"""Preprocessors that need downloaded weights, from ``model_store/annotators/``; each is listed (and
+accepted as a unit's ``module``) only while its weights are there.
+
+- ``depth_anything``: Depth Anything in the transformers layout (``annotators/depth_anything/``:
+  ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json``, as
+  ``LiheYoung/depth-anything-small-hf`` publishes it). The network is transformers'
+  ``DepthAnythingForDepthEstimation`` (as the IP-Adapter's CLIP image encoder is transformers'
+  model); the image goes in as its image processor prepares it (published settings: the side
+  closest to 518 scaled to 518 keeping the aspect, both sides rounded to multiples of 14, bicubic,
+  ImageNet mean / std) and the relative depth comes out as transformers' depth-estimation pipeline
+  renders it: bicubic back to the image's size, then (d - min) / (max - min) * 255, white = near.
+
+Loaded once per folder and kept for the process (about 100 MB for the small model, outside
+KDIFF_MEMORY_BUDGET).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+FOLDER = "annotators"
+DEPTH = "depth_anything"
+SIZE, MULTIPLE = 518, 14
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+_lock = threading.Lock()
+_loaded: dict[Path, Any] = {}
+
+
+def _depth_folder(root: Path) -> Path:
+    return Path(root) / FOLDER / DEPTH
+
+
+def available(root: Path) -> list[str]:
+    """The model-based modules whose weights are in the store."""
+    d = _depth_folder(root)
+    return [DEPTH] if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else []
+
+
+@dataclass(frozen=True)
+class Processing:
+    """The image processor's settings (the folder's preprocessor_config.json, else the published)."""
+
+    size: tuple[int, int] = (SIZE, SIZE)
+    multiple: int = MULTIPLE
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+
+    @classmethod
+    def of(cls, folder: Path) -> Processing:
+        path = folder / "preprocessor_config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        size = raw.get("size") or {}
+        return cls(
+            (int(size.get("height", SIZE)), int(size.get("width", SIZE))),
+            int(raw.get("ensure_multiple_of", MULTIPLE)),
+            tuple(raw.get("image_mean", MEAN)),
+            tuple(raw.get("image_std", STD)),
+        )
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Scale as little as possible so that one side is the target's, keep the aspect, then
+        each side to the nearest multiple (Python's round: halves to even)."""
+        sh, sw = self.size[0] / height, self.size[1] / width
+        s = sw if abs(1 - sw) < abs(1 - sh) else sh
+        m = self.multiple
+        return max(m, round(s * height / m) * m), max(m, round(s * width / m) * m)
+
+
+def _network(root: Path) -> tuple[Any, Processing]:
+    folder = _depth_folder(root).resolve()
+    with _lock:
+        loaded = _loaded.get(folder)
+        if loaded is None:
+            from transformers import DepthAnythingForDepthEstimation
+
+            net = DepthAnythingForDepthEstimation.from_pretrained(str(folder)).eval()
+            loaded = _loaded[folder] = (net, Processing.of(folder))
+        return loaded
+
+
+def depth_anything(root: Path, img: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> the relative depth as RGB uint8 [H, W, 3] (white = near)."""
+    net, proc = _network(root)
+    h, w = img.shape[:2]
+    ih, iw = proc.input_size(h, w)
+    resized = np.asarray(Image.fromarray(img).resize((iw, ih), Image.Resampling.BICUBIC), np.float32)
+    x = (resized / 255 - np.array(proc.mean, np.float32)) / np.array(proc.std, np.float32)
+    pixels = torch.from_numpy(x).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        depth = net(pixel_values=pixels).predicted_depth[:, None]
+        depth = torch.nn.functional.interpolate(depth, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
+    d = depth.numpy()
+    span = float(d.max() - d.min())
+    d = (d - d.min()) / (span if span > 0 and math.isfinite(span) else 1.0)
+    return np.repeat((d * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def run(root: Path, name: str, img: np.ndarray) -> np.ndarray:
+    if name == DEPTH:
+        return depth_anything(root, img)
+    raise KeyError(name)

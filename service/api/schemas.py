@@ -110,9 +110,11 @@ class IPAdapterRef(BaseModel):
     model: str = Field(max_length=256, description="IP-Adapter name (its file name without the suffix)")
     image: ImageField = Field(None, description="base64 image prompt (a reference face, style, object)")
     weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength of the image prompt")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="first step fraction it acts at")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="last step fraction it acts at")
 
     def serving(self) -> ServingIPAdapter:
-        return ServingIPAdapter(self.model, self.image, self.weight)
+        return ServingIPAdapter(self.model, self.image, self.weight, self.guidance_start, self.guidance_end)
 
 
 def field_of(name: str) -> Any:

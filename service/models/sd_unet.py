@@ -64,7 +64,7 @@ class SDUNet(nn.Module):
                     "down_block_additional_residuals": tuple(res[0]),
                     "mid_block_additional_residual": res[1],
                 }
-        images = nullcontext() if self.images is None else self.images.bind(ip_tokens, ip_unit)
+        images = nullcontext() if self.images is None else self.images.bind(ip_tokens, ip_unit, t)
         with images:  # the UNet's cross-attention reads the rows' image tokens (not the ControlNets')
             out = self.unet(
                 inp.to(dt),

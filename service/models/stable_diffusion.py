@@ -179,11 +179,11 @@ class StableDiffusion(TextImageModel):
             raise InputError("ip_adapters", "this model takes no IP-Adapters", [])
 
     def bind_driver(self, driver: Any) -> None:
-        """Units' guidance_start / guidance_end -> each row's timestep window, from the job's sigmas."""
-        if getattr(self, "controls", None) is None:
-            return
+        """ControlNet units' and IP-Adapters' guidance_start / guidance_end -> each row's timestep
+        window, from the job's sigmas."""
         for rows in (driver.cond, driver.uncond or {}):
             ControlSet.bind_schedule(rows, driver.sigmas, self.denoiser.sigma_to_t)
+            ImageAdapters.bind_schedule(rows, driver.sigmas, self.denoiser.sigma_to_t)
 
     def text_rows(self, req: TextRequest) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         cond, uncond = self._text_rows(req)

@@ -97,11 +97,13 @@ class IPAdapterRef:
     model: str
     image: str | GatedImage | None = None
     weight: float = 1.0  # diffusers' set_ip_adapter_scale, A1111's unit weight
+    guidance_start: float = 0.0  # A1111's unit window: the fraction of the steps it acts in
+    guidance_end: float = 1.0
 
 
 IP_ADAPTERS_DOC = (
-    "IP-Adapter image prompts (model: a file in the store's ipadapter/ folder, image, weight) for this "
-    "request only (it still shares batches)"
+    "IP-Adapter image prompts (model: a file in the store's ipadapter/ folder, image, weight, "
+    "guidance_start, guidance_end) for this request only (it still shares batches)"
 )
 OPTION: Record = "spec"  # sampler / schedule options: recorded in the spec's options
 

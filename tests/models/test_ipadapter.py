@@ -118,6 +118,24 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(sd1: Any) -> None:
     assert int(cond[UNIT][4, 0, 0]) != int(cond[UNIT][4, 1, 0])  # two adapters in one row
 
 
+def test_guidance_window_is_the_extensions_rule(sd1: Any) -> None:
+    """guidance_start 0.2, guidance_end 0.5 over 10 steps: the adapter acts at steps 2..5 (A1111's
+    rule for every unit, IP-Adapter ones included) and the row is the plain one elsewhere."""
+    ref = IPAdapterRef("ip-adapter_sd15", png(1), 1.0, guidance_start=0.2, guidance_end=0.5)
+    rows = _rows(sd1, [ref]).cond
+    sigmas = torch.cat([torch.linspace(14.0, 0.1, 10), torch.zeros(1)])
+    sd1.images.bind_schedule(rows, sigmas, sd1.denoiser.sigma_to_t)
+    lo, hi = float(rows[UNIT][0, 0, 5]), float(rows[UNIT][0, 0, 6])
+    ts = sd1.denoiser.sigma_to_t(sigmas[:-1]).tolist()
+    assert [i for i, tv in enumerate(ts) if lo < tv <= hi] == [2, 3, 4, 5]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    plain = {k: v for k, v in rows.items() if k not in (TOKENS, UNIT)}
+    with torch.inference_mode():
+        for step, acts in ((0, False), (3, True), (8, False)):
+            s = sigmas[step : step + 1]
+            assert torch.equal(sd1.denoiser(x, s, **rows), sd1.denoiser(x, s, **plain)) != acts, step
+
+
 def test_same_image_encodes_once(sd1: Any) -> None:
     """A reference image sent again (a character's face on every request) reuses its tokens."""
     ref = IPAdapterRef("ip-adapter-plus_sd15", png(11), 0.5)

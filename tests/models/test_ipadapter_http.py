@@ -173,6 +173,7 @@ def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:
         module="ip-adapter_clip_sd15",
         model="ip-adapter-plus_sd15 [c817b455]",
         weight=0.8,
+        guidance_end=0.5,
     ).to_dict()
     off = webuiapi.ControlNetUnit(
         module="ip-adapter_clip_sd15", model="ip-adapter_sd15", enabled=False
@@ -190,7 +191,7 @@ def test_a1111_ip_adapter_unit_is_our_request(client: TestClient) -> None:
         **common,
         model="sd1",
         sampler="euler",
-        ip_adapters=[{"model": "ip-adapter-plus_sd15", "image": image, "weight": 0.8}],
+        ip_adapters=[{"model": "ip-adapter-plus_sd15", "image": image, "weight": 0.8, "guidance_end": 0.5}],
     )
     plain = _post(client, **common, model="sd1", sampler="euler")
     assert np.abs(_pixels(a1111["images"][0]) - _pixels(ours["images"][0])).max() <= 1

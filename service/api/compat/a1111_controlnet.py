@@ -100,7 +100,8 @@ def ip_units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dic
         if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
             continue
         image, _ = _unit_image(unit, f"alwayson_scripts.controlnet.args[{i}]", init_image)
-        out.append({"model": unit["model"], "image": image, "weight": unit.get("weight", 1.0)})
+        window = {k: unit[k] for k in ("guidance_start", "guidance_end") if unit.get(k) is not None}
+        out.append({"model": unit["model"], "image": image, "weight": unit.get("weight", 1.0), **window})
     return out or None
 
 

@@ -6,7 +6,9 @@ keys, so the scheduler groups them together):
 
 - :data:`TOKENS` ``[rows, MAX_ADAPTERS, MAX_TOKENS, cross_dim]``: each slot's image tokens (the
   adapter's projection of the CLIP embedding; zero padding past the adapter's token count);
-- :data:`UNIT` ``[rows, MAX_ADAPTERS, 2]``: adapter id (-1: empty slot) and weight.
+- :data:`UNIT` ``[rows, MAX_ADAPTERS, 7]``: adapter id (-1: empty slot), weight, guidance_start,
+  guidance_end, 0, and the timestep window ``(t_lo, t_hi]`` it acts in (the ControlNet unit table's
+  columns: :meth:`ImageAdapters.bind_schedule` sets the window from the job's sigmas).
 
 Cond rows carry the image's tokens, uncond rows the unconditional image's (zeros through a plain
 adapter's projection, the zero image's hidden states through a plus adapter's), at the same weight:
@@ -32,6 +34,8 @@ from torch import Tensor, nn
 from service.image_gate import ImageInputError, load
 from service.sampling.errors import InputError
 
+from ..controlnet import UNIT as CONTROL_UNIT
+from ..controlnet import ControlSet
 from . import files, projection
 from .attention import Group, hidden_sizes, image_rows, install
 from .encoder import ImageEncoder
@@ -59,6 +63,8 @@ class PreparedImage:
     weight: float
     cond: Tensor  # [T, cross_dim]
     uncond: Tensor
+    start: float = 0.0  # guidance_start / guidance_end: the fraction of the steps it acts in
+    end: float = 1.0
 
 
 def _bytes(net: nn.Module) -> int:
@@ -202,16 +208,29 @@ class ImageAdapters:
                 self._tokens[key] = tokens
                 while len(self._tokens) > CACHE:
                     self._tokens.popitem(last=False)
-        return PreparedImage(aid, float(ref.weight), tokens[0], tokens[1])
+        start, end = float(getattr(ref, "guidance_start", 0.0)), float(getattr(ref, "guidance_end", 1.0))
+        if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
+            raise InputError(f"{field}.guidance_start", "guidance_start and guidance_end must be in [0, 1]")
+        return PreparedImage(aid, float(ref.weight), tokens[0], tokens[1], start, end)
 
     def rows(self, images: list[PreparedImage], n: int, uncond: bool) -> dict[str, Tensor]:
         tokens = torch.zeros(MAX_ADAPTERS, MAX_TOKENS, self.cross_dim, dtype=self.dtype, device=self.device)
-        table = torch.tensor([[-1.0, 0.0]] * MAX_ADAPTERS, device=self.device)
+        inf = float("inf")
+        table = torch.tensor([[-1.0, 0.0, 0.0, 1.0, 0.0, -inf, inf]] * MAX_ADAPTERS, device=self.device)
         for i, p in enumerate(images):
             t = p.uncond if uncond else p.cond
             tokens[i, : t.shape[0]] = t
-            table[i] = torch.tensor([float(p.adapter), p.weight])
+            # the window is the whole schedule until bind_schedule reads start / end against the sigmas
+            table[i, :4] = torch.tensor([float(p.adapter), p.weight, p.start, p.end])
         return {TOKENS: tokens.expand(n, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
+
+    @staticmethod
+    def bind_schedule(rows: dict[str, Tensor], sigmas: Tensor, sigma_to_t: Any) -> None:
+        """guidance_start / guidance_end -> each slot's timestep window, by sd-webui-controlnet's rule
+        for every unit (step i acts when start <= i / steps <= end): the table has the ControlNet unit
+        table's columns, so ControlNet's binding does it."""
+        if UNIT in rows:
+            ControlSet.bind_schedule({CONTROL_UNIT: rows[UNIT]}, sigmas, sigma_to_t)
 
     def add_rows(
         self, refs: list[Any], n: int, cond: dict[str, Tensor], uncond: dict[str, Tensor] | None
@@ -223,12 +242,13 @@ class ImageAdapters:
             uncond.update(self.rows(prepared, n, uncond=True))
 
     # --- the model call ---
-    def bind(self, tokens: Tensor | None, unit: Tensor | None) -> AbstractContextManager[None]:
-        """The image rows of one UNet call (nothing when no row has an active adapter)."""
+    def bind(self, tokens: Tensor | None, unit: Tensor | None, t: Tensor) -> AbstractContextManager[None]:
+        """The image rows of one UNet call at timesteps ``t`` (nothing when no row has an active adapter)."""
         if tokens is None or unit is None:
             return nullcontext()
         ids = unit[..., 0]
-        active = (ids >= 0) & (unit[..., 1] != 0)
+        tt = t.reshape(-1).expand(unit.shape[0]).float().to(unit.device)[:, None]
+        active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
         if not bool(active.any()):
             return nullcontext()
         groups = []

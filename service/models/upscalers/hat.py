@@ -28,6 +28,7 @@ from .nets import ArchError, StateDict, take
 from .ops import layer_norm, linear, window_merge, window_partition
 from .swin import (
     WindowNet,
+    attend,
     checked_scale,
     gather_bias,
     groups,
@@ -107,8 +108,7 @@ class HAT(WindowNet):
         cols = cols.view(b, 2, c, ows * ows, nw).permute(1, 0, 4, 3, 2).reshape(2, b * nw, ows * ows, c)
         qh = q.reshape(b * nw, ws * ws, heads, d).transpose(1, 2) * d**-0.5
         kh, vh = (m.reshape(b * nw, ows * ows, heads, d).transpose(1, 2) for m in cols)
-        attn = (qh @ kh.transpose(-2, -1) + self.w[f"{prefix}.bias"][None]).softmax(-1)
-        out = (attn @ vh).transpose(1, 2).reshape(b * nw, ws * ws, c)
+        out = attend(qh, kh, vh, self.w[f"{prefix}.bias"]).transpose(1, 2).reshape(b * nw, ws * ws, c)
         t = linear(window_merge(out, ws, ws, h, w).reshape(b, h * w, c), self.w, f"{prefix}.proj") + t
         return t + self.mlp(layer_norm(t, self.w, f"{prefix}.norm2"), f"{prefix}.mlp")
 

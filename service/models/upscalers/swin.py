@@ -26,6 +26,7 @@ RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # means attention matrices of 4096 x 4096 per window and head. Scales: 1 to 8 published.
 MAX_WINDOW = 64
 MAX_SCALE = 16
+ATTN_SCORES = 1 << 24  # attention scores computed at once (64 MiB in float32): see attend()
 MASK_FILL = -100.0
 _MASKS_KEPT = 8  # masks by (h, w, device): a batching thread sees few window shapes
 
@@ -43,6 +44,23 @@ def shift_mask(h: int, w: int, ws: int, shift: int) -> Tensor:
     return torch.where(diff != 0, MASK_FILL, 0.0)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T + bias [+ mask]) v per window: q [W, heads, n, d] (already scaled), k and v
+    [W, heads, m, d], bias [heads, n, m], mask [nW, n, m] (window i takes mask[i % nW]) -> like q.
+    Windows go in chunks of at most ATTN_SCORES scores, so a tile's attention needs about that much
+    memory instead of every window's scores at once (a 288-px HAT tile: gigabytes)."""
+    wins, heads, n, _ = q.shape
+    step = max(1, ATTN_SCORES // (heads * n * k.shape[2]))
+    out = torch.empty(wins, heads, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    for s in range(0, wins, step):
+        e = min(s + step, wins)
+        scores = q[s:e] @ k[s:e].transpose(-2, -1) + bias
+        if mask is not None:
+            scores = scores + mask[torch.arange(s, e, device=mask.device) % mask.shape[0]][:, None]
+        out[s:e] = scores.softmax(-1) @ v[s:e]
+    return out
+
+
 def window_attention(
     x: Tensor, w: dict[str, Tensor], prefix: str, heads: int, bias: Tensor, mask: Tensor | None
 ) -> Tensor:
@@ -50,13 +68,8 @@ def window_attention(
     relative position bias, gathered at load); ``mask`` [nW, N, N] or None."""
     bn, n, c = x.shape
     qkv = linear(x, w, f"{prefix}.qkv").reshape(bn, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * (c // heads) ** -0.5, qkv[1], qkv[2]
-    attn = q @ k.transpose(-2, -1) + bias[None]
-    if mask is not None:
-        nw = mask.shape[0]
-        attn = (attn.view(bn // nw, nw, heads, n, n) + mask[None, :, None]).view(bn, heads, n, n)
-    out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(bn, n, c)
-    return linear(out, w, f"{prefix}.proj")
+    out = attend(qkv[0] * (c // heads) ** -0.5, qkv[1], qkv[2], bias, mask)
+    return linear(out.transpose(1, 2).reshape(bn, n, c), w, f"{prefix}.proj")
 
 
 def gather_bias(table: Tensor, index: Tensor) -> Tensor:

@@ -107,6 +107,22 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
     assert (ours - run(x).clamp(0, 1)).abs().mean().item() < 0.05  # and near the untiled image
 
 
+@pytest.mark.parametrize("name", ["SwinIR-M_x4", "HAT_SRx4"])
+def test_attention_in_chunks_equals_spandrel(
+    folder: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the score budget cut to about 3 windows, windows go through attention 2-3 at a time; the
+    chunks do not line up with the images or with the shifted-window masks' rows (12 windows each
+    image), and the result is still spandrel's."""
+    from service.models.upscalers import swin
+
+    monkeypatch.setattr(swin, "ATTN_SCORES", 3 * 3 * 64 * 144)  # 3 heads x 64 queries x 144 keys (HAT's OCAB)
+    run, scale, _ = uf.spandrel_model(_path(folder, name))
+    x = torch.cat([_image(24, 32, seed=5), _image(24, 32, seed=6)])
+    ours = Upscalers(folder, UpscalerConfig(tile=0)).upscale(x, name, scale=float(scale))
+    assert (ours - run(x).clamp(0, 1)).abs().max().item() < ATOL
+
+
 def test_unshuffled_input_equals_spandrel(tmp_path: Path) -> None:
     """conv_first.1 (a 2x pixel-unshuffle before the first conv) on a 4x pixelshuffle net: a 2x
     upscaler. spandrel pads only to the window, so it runs where the size is a multiple of window * 2

@@ -94,6 +94,7 @@ def _image(t: Tensor, h: int, w: int) -> Tensor:
 class DAT(Net):
     arch = "DAT"
     family = "DAT"
+    supports_half = False  # spandrel marks DAT float16-unsafe (bfloat16 is fine): float32 instead
     depth: tuple[int, ...] = ()
     heads: tuple[int, ...] = ()
     split = (8, 32)

@@ -27,6 +27,7 @@ class Net:
     family = ""  # A1111's upscaler family for /sdapi/v1/upscalers' model_name
     scale = 1
     align = 1  # windows of a tiled run start on multiples of this (a pixel-unshuffling net's factor)
+    supports_half = True  # False: run in float32 where the models' dtype is float16 (spandrel's flag)
 
     def __init__(self, weights: dict[str, Tensor], **hyper: int | bool) -> None:
         """``hyper``: the architecture's settings read from the keys (declared on each subclass)."""

@@ -263,7 +263,9 @@ class Upscalers:
                 raise UpscalerLoadError(field, failed[1], self.names())
             cfg = self.config
             try:
-                net = load_net(path, cfg.allow_noncommercial).to(cfg.device, cfg.dtype)
+                net = load_net(path, cfg.allow_noncommercial)
+                half = cfg.dtype == torch.float16 and not net.supports_half
+                net = net.to(cfg.device, torch.float32 if half else cfg.dtype)
             except FileError as exc:
                 kind = "refused" if isinstance(exc, NonCommercial) else "cannot be used"
                 message = f"upscaler {name!r} ({path.name}) {kind}: {exc}"

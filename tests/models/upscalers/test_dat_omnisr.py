@@ -144,3 +144,15 @@ def test_small_images_and_damaged_files(tmp_path: Path) -> None:
     uf.write(tmp_path / "broken_dat.pth", state, "params")
     with pytest.raises(UpscalerLoadError, match=r"broken_dat\.pth.*DAT.*fc2"):
         Upscalers(tmp_path).upscale(_image(8, 8), "broken_dat", scale=2.0)
+
+
+def test_dat_runs_in_float32_where_the_models_are_float16(folder: Path) -> None:
+    """spandrel marks DAT unsafe in float16 (not bfloat16): on a float16 service it loads in float32;
+    OmniSR (float16-safe) takes the service's dtype."""
+    ups = Upscalers(folder, UpscalerConfig(tile=0, dtype=torch.float16))
+    dtypes = {
+        n: ups._entry(n, next(folder.glob(f"{n}.*")), "upscaler").net.dtype for n in ("DAT_2_x2", "OmniSR_X2")
+    }
+    assert dtypes == {"DAT_2_x2": torch.float32, "OmniSR_X2": torch.float16}
+    bf16 = Upscalers(folder, UpscalerConfig(tile=0, dtype=torch.bfloat16))
+    assert bf16._entry("DAT_2_x2", folder / "DAT_2_x2.safetensors", "upscaler").net.dtype == torch.bfloat16

@@ -89,4 +89,5 @@ def test_single_file_matches_diffusers_from_single_file(tmp_path: Path, name: st
     assert tuple(ours.cfg.block_out_channels) == tuple(net.config.block_out_channels)
     gap = residual_gap(ours, ref, int(net.config.cross_attention_dim), POOLED if sdxl else None)
     assert gap <= 1e-5, gap
-    assert residual_gap(ours, net, int(net.config.cross_attention_dim), POOLED if sdxl else None) <= 1e-5
+    want = net.state_dict()  # diffusers read the file's weights (not a fresh init): the test can fail
+    assert all(torch.equal(v, want[k]) for k, v in ref.state_dict().items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from copy import copy
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator, create_model
@@ -103,6 +104,11 @@ class ControlNetRef(BaseModel):
         return ServingControlNet(**{k: getattr(self, k) for k in type(self).model_fields})
 
 
+def _field_of(model: type[BaseModel], name: str) -> Any:
+    """Another body's field (default, bounds, description), for a field that means the same."""
+    return copy(model.model_fields[name])
+
+
 class IPAdapterRef(BaseModel):
     """One IP-Adapter image of a request (an adapter in the store's ipadapter/ folder)."""
 
@@ -110,8 +116,9 @@ class IPAdapterRef(BaseModel):
     model: str = Field(max_length=256, description="IP-Adapter name (its file name without the suffix)")
     image: ImageField = Field(None, description="base64 image prompt (a reference face, style, object)")
     weight: float = Field(1.0, ge=-10.0, le=10.0, description="strength of the image prompt")
-    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="first step fraction it acts at")
-    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="last step fraction it acts at")
+    # the step window, as a ControlNet unit's
+    guidance_start: float = _field_of(ControlNetRef, "guidance_start")
+    guidance_end: float = _field_of(ControlNetRef, "guidance_end")
 
     def serving(self) -> ServingIPAdapter:
         return ServingIPAdapter(self.model, self.image, self.weight, self.guidance_start, self.guidance_end)

@@ -160,7 +160,13 @@ def dat(name: str, seed: int = 0, img_size: int = 64, groups: list[int] | None =
 
 
 def omnisr(
-    nf: int = 64, res_num: int = 5, block_num: int = 1, window: int = 8, scale: int = 4, seed: int = 0
+    nf: int = 64,
+    res_num: int = 5,
+    block_num: int = 1,
+    window: int = 8,
+    scale: int = 4,
+    seed: int = 0,
+    pe: bool = True,
 ) -> dict[str, Tensor]:
     """OmniSR_X4_DIV2K.safetensors' layout (64 features, 5 OSAGs of 1 OSA block, 8 px windows with
     position bias, biases on), with the thop counters the published files carry."""
@@ -179,9 +185,10 @@ def omnisr(
             for a in (2, 8):  # block-like and grid-like window attention
                 r.norm(f"{lay}.{a}.norm", nf)
                 r.linear(f"{lay}.{a}.fn.to_qkv", 3 * nf, nf, bias=False)
-                r.state[f"{lay}.{a}.fn.rel_pos_bias.weight"] = torch.randn(
-                    (2 * window - 1) ** 2, heads, generator=r.g
-                )
+                if pe:  # with_pe=False models have no position bias table
+                    r.state[f"{lay}.{a}.fn.rel_pos_bias.weight"] = torch.randn(
+                        (2 * window - 1) ** 2, heads, generator=r.g
+                    )
                 r.linear(f"{lay}.{a}.fn.to_out.0", nf, nf, bias=False)
             for ff in (4, 6, 10, 12):  # gated conv feed-forwards
                 r.norm(f"{lay}.{ff}.norm", nf)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import ops
 from .nets import ArchError, Net, StateDict, seq_len, take
+from .swin import attend, gather_bias
 
 KEYS = (
     "conv_first.weight",
@@ -219,13 +220,9 @@ def _window_attention(qkv: Tensor, wh: int, ww: int, heads: int, bias: Tensor, m
     def split(x: Tensor) -> Tensor:
         return ops.window_partition(x, wh, ww).reshape(-1, n, heads, d).transpose(1, 2)
 
-    q, k, v = split(qkv[0]), split(qkv[1]), split(qkv[2])
-    attn = (q * d**-0.5) @ k.transpose(-2, -1) + bias[None]
-    if mask is not None:
-        nw = mask.shape[0]
-        attn = (attn.view(b, nw, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
-    out = (torch.softmax(attn, dim=-1) @ v).transpose(1, 2).reshape(-1, n, c)
-    return ops.window_merge(out, wh, ww, h, w)
+    # in chunks of windows (swin.attend): a 288 px tile's scores at once would take gigabytes
+    out = attend(split(qkv[0]) * d**-0.5, split(qkv[1]), split(qkv[2]), bias, mask)
+    return ops.window_merge(out.transpose(1, 2).reshape(-1, n, c), wh, ww, h, w)
 
 
 def _factor(weight: Tensor) -> int:
@@ -239,8 +236,7 @@ def _position_bias(w: dict[str, Tensor], name: str, wh: int, ww: int) -> Tensor:
     x = ops.linear(ops.offsets(wh, ww), w, f"{name}.pos_proj")
     for k in (1, 2, 3):
         x = ops.linear(F.relu(ops.layer_norm(x, w, f"{name}.pos{k}.0")), w, f"{name}.pos{k}.2")
-    n = wh * ww
-    return x[ops.relative_index(wh, ww).view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+    return gather_bias(x, ops.relative_index(wh, ww))
 
 
 def load(state: StateDict) -> DAT:

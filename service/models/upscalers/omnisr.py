@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import ops
 from .nets import ArchError, Net, StateDict, seq_len, take
+from .swin import attend, gather_bias
 
 KEYS = ("residual_layer.0.residual_layer.0.layer.0.fn.0.weight", "input.weight", "up.0.weight")
 HEADS = 4  # the published blocks: attention heads of width C / 4, channel attention over 4 heads
@@ -124,11 +125,11 @@ class OmniSR(Net):
             part.reshape(part.shape[0], ws * ws, HEADS, d).transpose(1, 2)
             for part in ops.linear(t, self.w, f"{name}.fn.to_qkv").chunk(3, dim=-1)
         )
-        sim = (q * d**-0.5) @ k.transpose(-2, -1)
-        bias = self.w.get(f"{name}.fn.bias")
-        if bias is not None:
-            sim = sim + bias[None]
-        out = (torch.softmax(sim, dim=-1) @ v).transpose(1, 2).reshape(-1, ws * ws, c)
+        bias = self.w.get(f"{name}.fn.bias")  # no position bias in the file: none added
+        out = attend(
+            q * d**-0.5, k, v, bias if bias is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        )
+        out = out.transpose(1, 2).reshape(-1, ws * ws, c)
         out = ops.linear(out, self.w, f"{name}.fn.to_out.0")
         return x + _unwindows(out, ws, grid, h, w).permute(0, 3, 1, 2)
 
@@ -179,13 +180,12 @@ def load(state: StateDict) -> OmniSR:
         window = (math.isqrt(table.shape[0]) + 1) // 2
         if (2 * window - 1) ** 2 != table.shape[0]:
             raise ArchError(f"rel_pos_bias has {table.shape[0]} rows; expected (2 * window - 1)**2")
-    index = ops.relative_index(window, window).view(-1)
-    n = window * window
+    index = ops.relative_index(window, window)
     for g in range(groups):
         for b in range(blocks):
             for a in (2, 8):
                 name = f"residual_layer.{g}.residual_layer.{b}.layer.{a}.fn"
                 rows = weights.get(f"{name}.rel_pos_bias.weight")
                 if rows is not None:  # [heads, N, N]: the table looked up for each token pair, once
-                    weights[f"{name}.bias"] = rows[index].view(n, n, -1).permute(2, 0, 1).contiguous()
+                    weights[f"{name}.bias"] = gather_bias(rows, index)
     return OmniSR(weights, scale=scale, groups=groups, blocks=blocks, window=window)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from service.models.upscalers import UpscalerConfig, UpscalerLoadError, Upscalers, dat, omnisr
-from service.models.upscalers.weights import read_state_dict
+from service.models.upscalers.weights import load_net, read_state_dict
 from tests.support import upscaler_files as uf
 from tests.support import upscaler_files_dat as ud
 
@@ -135,10 +135,15 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
 
 def test_small_images_and_damaged_files(tmp_path: Path) -> None:
     """OmniSR pads below 16 px (its pooled gate needs that much; the published code refuses smaller
-    inputs): a 5 x 3 image still upscales. A DAT file missing one weight fails its requests, naming it."""
-    uf.write(tmp_path / "omni.safetensors", ud.omnisr(res_num=1, nf=16))
+    inputs): a 5 x 3 image still upscales; a file without position bias tables equals spandrel's.
+    A DAT file missing one weight fails its requests, naming it."""
+    uf.write(tmp_path / "omni.safetensors", ud.omnisr(res_num=1, nf=16, pe=False))  # no position bias
     out = Upscalers(tmp_path).upscale(_image(5, 3), "omni", size=(20, 12))
     assert out.shape == (1, 3, 20, 12) and bool(torch.isfinite(out).all())
+    run, _, _ = uf.spandrel_model(tmp_path / "omni.safetensors")
+    x = _image(16, 20)
+    with torch.inference_mode():
+        assert (load_net(tmp_path / "omni.safetensors", False).forward(x) - run(x)).abs().max() < ATOL
     state = ud.dat("DAT_light_x4", groups=[2])
     del state["layers.0.blocks.1.ffn.fc2.weight"]
     uf.write(tmp_path / "broken_dat.pth", state, "params")

@@ -63,3 +63,19 @@ def test_embedding_images_load_as_a1111_reads_them(tmp_path: Path) -> None:
     assert not any("preview" in info.ref for info in index.scan())
     # ComfyUI reads no embedding images: its lists stay its own kinds
     assert index.comfy_names() == ["hidden-pt"]
+
+
+def test_a_prompt_uses_an_embedding_image_by_the_name_its_data_holds(tmp_path: Path) -> None:
+    """On the tiny SD 1.x model: ``hidden`` (the data's name; the file is saved-image.png) in a prompt
+    is replaced by the image's 5 vectors, as A1111 names it; the file's stem names nothing."""
+    from service.models.embeddings import attach_embeddings
+    from service.models.store import ModelStore
+    from tests.support.sd_tiny import tiny_sd_store
+
+    a1111_image_pixels(tmp_path / "embeddings" / "saved-image.png", vectors(5, WIDTH, 2), "hidden")
+    model = ModelStore(tiny_sd_store()).load("sd1")
+    attach_embeddings(model, EmbeddingIndex(tmp_path, max_age_s=0))
+    text = model.sd.text
+    for prompt, want in [("a hidden cat", [5]), ("a saved-image cat", [])]:
+        chunks = text.token_chunks([(prompt, 1.0)], 0, text.embedding_set())
+        assert [int(vec.shape[0]) for _, vec in chunks.fixes[0]] == want, prompt

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from service.models.controlnet import scan as scan_controlnets
 from service.sampling import aliases, registry
 
-from . import nodes_control, nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
+from . import nodes_cache, nodes_control, nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
 from .executor import OutputCache, Run, RunResult
 from .node import REGISTRY, Catalog, Node
 from .nodes_model import model_name

@@ -103,6 +103,8 @@ def _names(call: SampleCall, model: LoadedModel) -> dict[str, Any]:
         out["schedule_options"] = options
     if call.model.shift is not None and schedule == "flow":  # ModelSamplingSD3 / Flux
         out["shift"] = call.model.shift
+    if call.model.cache is not None:  # DeepCache / ApplyFBCacheOnModel
+        out["cache"] = call.model.cache
     return out
 
 

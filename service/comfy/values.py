@@ -26,6 +26,7 @@ class ModelRef:
     name: str
     loras: tuple[tuple[str, float], ...] = ()
     shift: float | None = None  # ModelSamplingSD3 / ModelSamplingFlux
+    cache: Any = None  # a stepcache.CacheSpec: DeepCache / ApplyFBCacheOnModel (nodes_cache.py)
 
     def with_(self, **kw: Any) -> ModelRef:
         return replace(self, **kw)

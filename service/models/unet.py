@@ -254,7 +254,6 @@ class UNet(nn.Module):
         cond = self._cond(c_noise, class_cond, aug_cond)
         h = self.proj_in(x.to(dtype))
         if live(cache):
-            assert cache is not None
             skip = self._down(h, cond, cross_cond, self.down[:1], [])
             h = run_cached(cache, skip, lambda index: self.deep(skip, cond, cross_cond, index))
             h = self._up(h, cond, cross_cond, self.up[-1:], [skip])

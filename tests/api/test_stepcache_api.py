@@ -45,3 +45,41 @@ def test_bad_cache_is_422_naming_the_field(client: TestClient, cache: Any, field
     errors = r.json()["detail"]
     assert any(e["loc"][-1] == field for e in errors), errors
     assert any(hint in e["msg"] for e in errors), errors
+
+
+RATE = "override_settings.deepcache_full_run_step_rate"
+A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Karras", "seed": 5}
+
+
+@pytest.mark.parametrize(
+    ("extra", "cache"),
+    [
+        # the sd-webui DeepCache extension's options, as its users set them (its default rate: 5)
+        (
+            {"override_settings": {"deepcache_enable": True, "deepcache_full_run_step_rate": 2}},
+            {"interval": 2},
+        ),
+        ({"override_settings": {"deepcache_enable": True}}, {"interval": 5}),
+        ({"cache": {"method": "deepcache", "threshold": 0.2}}, {"threshold": 0.2}),
+        ({"override_settings": {"deepcache_enable": False}}, None),
+    ],
+)
+def test_a1111_clients_turn_it_on(client: TestClient, extra: dict, cache: dict | None) -> None:
+    r = client.post("/sdapi/v1/txt2img", json={**A1111, **extra})
+    assert r.status_code == 200, r.text
+    params = read_parameters(base64.b64decode(r.json()["images"][0]))
+    assert params.get("cache") == (None if cache is None else {"method": "deepcache", **cache})
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"override_settings": {"deepcache_enable": True, "deepcache_full_run_step_rate": 0}}, RATE),
+        ({"override_settings": {"deepcache_enable": "yes"}}, "override_settings.deepcache_enable"),
+        ({"cache": {"method": "fbcache"}}, "cache.method"),
+    ],
+)
+def test_a1111_bad_cache_is_422_naming_the_field(client: TestClient, extra: dict, field: str) -> None:
+    r = client.post("/sdapi/v1/txt2img", json={**A1111, **extra})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == field

@@ -10,6 +10,8 @@ from service.comfy.testing import MemoryContext
 
 from .conftest import run
 
+# the community step-cache nodes (issue 28: ComfyUI-DeepCache, WaveSpeed's First-Block-Cache)
+STEP_CACHE_NODES = {"DeepCache", "ApplyFBCacheOnModel"}
 ISSUE_NODES = {
     "CheckpointLoaderSimple",
     "CLIPTextEncode",
@@ -66,7 +68,7 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         ctx = MemoryContext()
         ctx.files[("input", "", "cat.png")] = b""
         info = comfy.object_info(ctx)
-        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | MORE_NODES == set(NODES)
+        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | MORE_NODES | STEP_CACHE_NODES == set(NODES)
         for name, entry in info.items():
             assert set(entry) == KEYS and entry["name"] == name
             assert entry["input_order"]["required"] == list(entry["input"]["required"])

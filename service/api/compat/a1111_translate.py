@@ -32,6 +32,7 @@ from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
 from . import a1111_controlnet, a1111_options, frontend_schedules, limits
+from .a1111_cache import cache_field
 from .a1111_hires import Hires, plan_hires
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
@@ -189,6 +190,7 @@ def plan(
         "n": body.batch_size,
         **_sampler_options(body, sampler),
         **frontend_fields(body.model_extra or {}),
+        **cache_field(body.model_extra or {}, overrides, options),
     }
     if schedule_options:
         common["schedule_options"] = schedule_options

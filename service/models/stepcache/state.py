@@ -25,6 +25,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ def _forget(ids: Iterable[int]) -> None:
             STORE.rows.pop(i, None)
 
 
-def live(rows: Tensor | None) -> bool:
+def live(rows: Tensor | None) -> TypeGuard[Tensor]:
     """Whether a call's cache tensor has any row with a cache (a device read; CPU-side it is cheap)."""
     return rows is not None and rows.numel() > 0 and bool(rows[:, 0].any())
 
@@ -128,10 +129,14 @@ def _decide(ids: list[int], rows: Tensor, probe: Tensor) -> list[bool]:
     return reuse
 
 
-def run_cached(rows: Tensor, probe: Tensor, skipped: Callable[[Tensor | None], Tensor]) -> Tensor:
+def run_cached(
+    rows: Tensor, probe: Tensor, skipped: Callable[[Tensor | None], Tensor], base: Tensor | None = None
+) -> Tensor:
     """The skipped part's output for every row of a call: ``skipped(index)`` computes it for the rows
     ``index`` (None: all rows, in order) and is called at most once; rows whose cache holds get
-    their cached output. ``probe`` [B, ...] is what threshold decisions compare."""
+    their cached output. ``probe`` [B, ...] is what threshold decisions compare. With ``base`` (the
+    skipped part's input) the cache keeps the residual output - base and a cached row gets its base
+    plus that residual (First-Block-Cache); rows that run get the skipped part's output as computed."""
     ids = [int(i) for i in rows[:, 0].tolist()]
     b = len(ids)
     with STORE.lock:
@@ -142,9 +147,12 @@ def run_cached(rows: Tensor, probe: Tensor, skipped: Callable[[Tensor | None], T
         out = skipped(None)
         STORE.ran += b
     else:
-        kept = torch.stack([cached[ids[i]] for i in range(b) if reuse[i]])  # type: ignore[misc]
+        hits = [i for i in range(b) if reuse[i]]
+        kept = torch.stack([cached[ids[i]] for i in hits])  # type: ignore[misc]
+        if base is not None:
+            kept = base[hits] + kept
         out = kept.new_empty((b, *kept.shape[1:]))
-        out[[i for i in range(b) if reuse[i]]] = kept
+        out[hits] = kept
         if run:
             pad = b - len(run) if STORE.fixed_shape else 0
             index = torch.tensor(run + [run[-1]] * pad, device=probe.device)
@@ -152,7 +160,7 @@ def run_cached(rows: Tensor, probe: Tensor, skipped: Callable[[Tensor | None], T
             STORE.ran += len(run)
             STORE.padded += pad
         STORE.reused += b - len(run)
-    _remember(ids, reuse, rows, probe, out)
+    _remember(ids, reuse, rows, probe, out if base is None else out - base)
     return out
 
 

@@ -1,0 +1,45 @@
+"""Step caching on the A1111 routes: what A1111 clients can send.
+
+- The options of the sd-webui DeepCache extension (aria1th/sd-webui-deepcache-standalone), which
+  clients set in ``override_settings`` or through ``POST /sdapi/v1/options``: ``deepcache_enable``
+  (bool) and ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5).
+- Our own ``cache`` object at the top of the body (``{"method", "interval" | "threshold"}``, as on
+  ``/sample``), which also reaches fbcache on SD3 / Flux; it wins over the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from service.sampling.errors import InputError
+
+ENABLE, RATE = "deepcache_enable", "deepcache_full_run_step_rate"
+EXTENSION_RATE = 5  # the extension's default refresh rate
+
+
+def cache_field(
+    extra: Mapping[str, Any], overrides: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``{"cache": ...}`` for our request, or {} (no cache): the body's ``cache``, else the extension's
+    options (override_settings first, then the caller's /options)."""
+    if extra.get("cache") is not None:
+        return {"cache": extra["cache"]}
+
+    def option(name: str) -> tuple[Any, str]:
+        if overrides.get(name) is not None:
+            return overrides[name], f"override_settings.{name}"
+        return options.get(name), name
+
+    enabled, where = option(ENABLE)
+    if enabled is None or enabled is False:
+        return {}
+    if enabled is not True:
+        raise InputError(where, f"{ENABLE} must be true or false")
+    rate, where = option(RATE)
+    rate = EXTENSION_RATE if rate is None else rate
+    if isinstance(rate, float) and rate.is_integer():
+        rate = int(rate)
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= 1000:
+        raise InputError(where, f"{RATE} must be an integer in [1, 1000]", [1, 1000])
+    return {"cache": {"method": "deepcache", "interval": rate}}

@@ -15,7 +15,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,7 +68,9 @@ class Engine:
         self.queue: deque[Job] = deque()
         self.active: list[Job] = []
         self._drivers: dict[Job, Driver] = {}  # running jobs' sampling state
-        self._previews: dict[Job, Tensor] = {}  # running jobs' latest prediction of their first image
+        # each running job's driver until the job ends (its sampling state may go earlier): its latest
+        # prediction is the preview, read only when someone asks
+        self._previews: dict[Job, Driver] = {}
         self.draining = False
         self._held: list[tuple[Job, Tensor]] = []
         self._interrupted: dict[Job, Driver] = {}  # cancelled running jobs that keep their partial images
@@ -117,7 +119,9 @@ class Engine:
 
     def preview(self, job: Job) -> Tensor | None:
         """The running job's latest denoised prediction of its first image (None before its first step)."""
-        return self._previews.get(job)
+        driver = self._previews.get(job)
+        latest = None if driver is None else driver.latest
+        return None if latest is None else latest[:1]
 
     def retry_after_s(self) -> int:
         per_slot = max(1, len(self.active))
@@ -182,7 +186,7 @@ class Engine:
             plan = self.scheduler.plan({job: self._drivers[job] for job in self.active}, self.iterations)
             self.iterations += 1
             outcomes = await loop.run_in_executor(self._executor, self.executor.step, plan)
-            self._apply(outcomes)
+            self._apply(plan.drivers, {out.job: out for out in outcomes})
 
     async def _start_drivers(self) -> None:
         """Drivers for newly admitted jobs: the one their validation built, else built in the worker."""
@@ -190,7 +194,7 @@ class Engine:
         for job in self.active:
             if job not in self._drivers:
                 if job.request.driver is not None:
-                    self._drivers[job] = job.request.driver
+                    self._drivers[job] = self._previews[job] = job.request.driver
                 else:
                     todo.append(job)
         if not todo:
@@ -203,7 +207,7 @@ class Engine:
                 self.active.remove(out.job)
                 self._end(out.job, JobStatus.failed, out.error)
             elif out.driver is not None:
-                self._drivers[out.job] = out.driver
+                self._drivers[out.job] = self._previews[out.job] = out.driver
 
     async def _partials(self) -> None:
         """Interrupted jobs' images as they stand (decoded in the worker), then finished as usual."""
@@ -246,16 +250,16 @@ class Engine:
         self._release_held()  # the rest of a request batch may just have left by cancel or deadline
         self._gauges()
 
-    def _apply(self, outcomes: list[Outcome]) -> None:
-        for out in outcomes:
-            job = out.job
+    def _apply(self, drivers: Mapping[Job, Driver], outcomes: dict[Job, Outcome]) -> None:
+        """An iteration's result: the jobs in ``outcomes`` ended (images or error), the others advanced."""
+        for job, driver in drivers.items():
             if job.status.finished:
                 continue
-            if out.driver is not None:
-                self._drivers[job] = out.driver
-            if out.preview is not None:
-                self._previews[job] = out.preview
-            if out.error is not None:
+            out = outcomes.get(job)
+            if out is None:
+                job.progress.follow(driver)
+                job.notify()
+            elif out.error is not None:
                 if job in self.active:
                     self.active.remove(job)
                 self._end(job, JobStatus.failed, out.error)
@@ -266,9 +270,6 @@ class Engine:
                 self._drivers.pop(job, None)  # sampled: the state can go now
                 self._forget(job)
                 self._held.append((job, out.images))
-                job.notify()
-            else:
-                job.progress.follow(self._drivers[job])
                 job.notify()
         self._release_held()
         self._gauges()

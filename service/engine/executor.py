@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.sampling.driver import Driver
+from service.sampling.driver import Driver, finite_bound
 from service.sampling.guidance import cat_cond
 from service.sampling.spec import sampling_dtype
 from service.sampling.stepper import NonFiniteError
@@ -31,12 +31,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Outcome:
-    """One job's iteration: its driver (new jobs), its latest prediction of the first image (a copy),
-    and, when it ended, its images or its error."""
+    """A job's news from the worker: its driver (new jobs), or, when it ended, its images or its error."""
 
     job: Job
     driver: Driver | None = None
-    preview: Tensor | None = None
     images: Tensor | None = None
     error: JobError | None = None
 
@@ -90,22 +88,26 @@ class Executor:
         return outcomes
 
     def step(self, plan: Plan) -> list[Outcome]:
-        """Run ``plan``'s model calls in order, feed each track its rows, decode finished drivers."""
+        """Run ``plan``'s model calls in order, feed each track its rows, decode finished drivers.
+        Returns an outcome for each job that ended (images or error) only: the others advanced,
+        which the engine reads off their drivers (no object per job per iteration)."""
         if log.isEnabledFor(logging.DEBUG):  # here, not on the loop: describing reads sigmas off the device
             log.debug("%s: plan %s", self.handle.name, plan)
-        outcomes = {job: Outcome(job) for job in plan.drivers}
+        failed: dict[Job, Outcome] = {}
         for index, call in enumerate(plan.calls):
-            self._call(plan, index, [s for s in call.slots if outcomes[s.job].error is None], outcomes)
+            slots = [s for s in call.slots if s.job not in failed] if failed else list(call.slots)
+            self._call(plan, index, slots, failed)
+        outcomes = failed
         for job, driver in plan.drivers.items():
-            out = outcomes[job]
-            if out.error is None and driver.done:
+            if job not in failed and driver.done:
+                out = outcomes[job] = Outcome(job)
                 try:
                     out.images = self.runner.decode(driver.result())
                 except Exception as exc:
                     out.error = JobError(ErrorCode.model_error, f"decoding failed: {exc}")
         return list(outcomes.values())
 
-    def _call(self, plan: Plan, index: int, slots: list[Slot], outcomes: dict[Job, Outcome]) -> None:
+    def _call(self, plan: Plan, index: int, slots: list[Slot], failed: dict[Job, Outcome]) -> None:
         if not slots:
             return
         inputs = [slot.driver.inputs(slot.track) for slot in slots]
@@ -132,7 +134,7 @@ class Executor:
                     plan,
                 )
                 for job in jobs:
-                    self._call(plan, index, [s for s in slots if s.job is job], outcomes)
+                    self._call(plan, index, [s for s in slots if s.job is job], failed)
             else:
                 log.error(
                     "%s: model call %d of iteration %d failed for job %s (%s: %s). plan: %s",
@@ -147,22 +149,23 @@ class Executor:
                 # the job's owner sees where it failed, never the other jobs of the plan
                 where = f"iteration {plan.iteration}, call {index}"
                 msg = f"the model call failed: {type(exc).__name__}: {exc} ({where})"
-                outcomes[jobs[0]].error = JobError(ErrorCode.model_error, msg)
+                failed[jobs[0]] = Outcome(job=jobs[0], error=JobError(ErrorCode.model_error, msg))
             return
         if self.metrics is not None:
             self.metrics.observe_call(self.handle.name, x.shape[0], time.perf_counter() - t0)
+        # one finiteness check for the whole call; when it fails each row is checked on its own, so
+        # only the jobs whose rows are not finite fail
+        bound = finite_bound(out)
         offset = 0
         for slot in slots:
             part = out[offset : offset + slot.rows]
             offset += slot.rows
-            result = outcomes[slot.job]
-            if result.error is not None:
+            if slot.job in failed:
                 continue
             try:
-                denoised = slot.driver.feed(slot.track, part)
-                result.preview = denoised[:1].clone()  # a copy: a view would pin the whole batched output
+                slot.driver.feed(slot.track, part, bound)
             except NonFiniteError as exc:
-                result.error = JobError(ErrorCode.non_finite, str(exc))
+                failed[slot.job] = Outcome(job=slot.job, error=JobError(ErrorCode.non_finite, str(exc)))
             except Exception as exc:
                 msg = f"the sampler failed: {type(exc).__name__}: {exc}"
-                result.error = JobError(ErrorCode.internal, msg)
+                failed[slot.job] = Outcome(job=slot.job, error=JobError(ErrorCode.internal, msg))

@@ -13,6 +13,7 @@ any of the above.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,11 @@ class Driver:
         self.uncond, self.scale = uncond, cfg_scale
         self.guided = uncond is not None and cfg_scale != 1.0
         self.needs_uncond = spec.info.needs_uncond
+        # how far guidance can grow a prediction: |uncond + (cond - uncond) * s| <= (1 + 2|s|) max|row|
+        self._growth = 1.0 + 2.0 * (
+            float(cfg_scale.abs().max()) if isinstance(cfg_scale, Tensor) else abs(cfg_scale)
+        )
+        self.latest: Tensor | None = None  # the latest prediction fed (any track): the engine's preview
         self.init, self.mask = init, mask
         self.tracks = [Track(part, st) for part, st in make_steppers(spec, x, sigmas, callback)]
         self.evals = 0
@@ -155,11 +161,17 @@ class Driver:
             assert self.uncond is not None
             x = torch.cat([x, x])
             cond = {k: torch.cat([v, self.uncond[k][track.part]]) for k, v in cond.items()}
-        sigma = ev.sigma.to(x.dtype) * x.new_ones([x.shape[0]])
+        # a view of the one sigma (no per-row multiply); a loop that hands it to the model as it is
+        # (drive) makes it contiguous, the engine's concatenation copies it anyway
+        sigma = ev.sigma.to(x.dtype).expand(x.shape[0])
         return x, sigma, cond
 
-    def feed(self, track: Track, out: Tensor) -> Tensor:
-        """Hand a track the model's output rows; returns the denoised prediction it was sent."""
+    def feed(self, track: Track, out: Tensor, bound: float | None = None) -> Tensor:
+        """Hand a track the model's output rows; returns the denoised prediction it was sent.
+
+        ``bound``: the caller already found every value of the output ``out`` was sliced from finite,
+        at most ``bound`` in size (:func:`finite_bound`, one check for a whole batched call); then the
+        per-row check runs only where guidance could still overflow. None: checked here."""
         ev = track.pending
         assert ev is not None
         uncond_out = None
@@ -168,13 +180,16 @@ class Driver:
             out = cfg_combine(cond_out, uncond_out, self.scale)
             if self.spec.guidance_rescale > 0:
                 out = rescale_cfg(ev.x, ev.sigma, cond_out, out, self.spec.guidance_rescale)
-        check_finite(out, ev)
+        if not self._covered(bound, out):
+            check_finite(out, ev)
         if self.mask is not None and self.init is not None:
             out = self._blend(track, out)
             uncond_out = None if uncond_out is None else self._blend(track, uncond_out)
         self.evals += 1
-        # kept for partial(); a view would pin the whole batched model output it was sliced from
-        track.denoised = out if out._base is None else out.clone()
+        # kept for partial() and the preview. A slice of the batched output pins that output until the
+        # next feed; the multistep samplers already keep the prediction they are sent (a view) a step
+        # longer, so a copy per row here bought nothing but the copy
+        track.denoised = self.latest = out
         if self.needs_uncond:
             self._advance(track, Guided(out, out if uncond_out is None else uncond_out))
         else:
@@ -200,6 +215,15 @@ class Driver:
         return torch.cat(parts)
 
     # --- internals ---
+    def _covered(self, bound: float | None, out: Tensor) -> bool:
+        """Whether a batched check with ``bound`` already proves ``check_finite(out)`` would pass: the
+        raw rows (unguided), or a plain CFG combine of them that cannot reach the dtype's limit nor
+        overflow check_finite's float32 sum. CFG rescale divides by a std that may be 0: checked."""
+        if bound is None or (self.guided and self.spec.guidance_rescale > 0):
+            return False
+        limit = min(torch.finfo(out.dtype).max, torch.finfo(torch.float32).max / max(1, out.numel()))
+        return bound * (self._growth if self.guided else 1.0) < limit / 4
+
     def _blend(self, track: Track, denoised: Tensor) -> Tensor:
         """Inpainting: the kept region's prediction is the init image itself."""
         assert self.mask is not None and self.init is not None
@@ -225,6 +249,12 @@ def rescale_cfg(x: Tensor, sigma: Tensor, cond_out: Tensor, guided: Tensor, phi:
     return x - eps * sigma
 
 
+def finite_bound(out: Tensor) -> float | None:
+    """The largest |value| of ``out`` (one reduction, one sync), or None when any value is NaN or inf."""
+    low, high = torch.stack(torch.aminmax(out)).tolist()
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
 def _to(cond: Cond | None, device: torch.device | str) -> Cond:
     return {} if cond is None else {k: v.to(device) for k, v in cond.items()}
 
@@ -237,5 +267,5 @@ def drive(driver: Driver, model: Model) -> Tensor:
     while not driver.done:
         for track in driver.pending():
             x, sigma, cond = driver.inputs(track)
-            driver.feed(track, model(x, sigma, **cond))
+            driver.feed(track, model(x, sigma.contiguous(), **cond))
     return driver.result()

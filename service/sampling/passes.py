@@ -33,14 +33,14 @@ class Passes(Driver):
         self.pass_sizes = [first.spec.steps, next_steps]
         self.expected_evals = first.expected_evals + next_evals
 
-    def feed(self, track: Track, out: Tensor) -> Tensor:
-        denoised = super().feed(track, out)
+    def feed(self, track: Track, out: Tensor, bound: float | None = None) -> Tensor:
+        denoised = super().feed(track, out, bound)
         if self._next is not None and all(t.pending is None for t in self.tracks):
             next_pass, self._next = self._next, None
             evals = self.evals
             following = next_pass(self.result())
             vars(self).update(vars(following))  # the next pass's spec, sigmas, rows, tracks
-            self.evals, self.pass_no = evals, 1
+            self.evals, self.pass_no, self.latest = evals, 1, denoised  # the preview until the next feed
             self.expected_evals = evals + following.expected_evals
         return denoised
 

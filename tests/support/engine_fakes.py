@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from service.engine import Engine, EngineConfig, JobRequest, Metrics, Mode, ModelHandle
+from service.engine import Engine, EngineConfig, Job, JobRequest, Metrics, Mode, ModelHandle
 from service.sampling.ksampler import KSampler, SamplingSpec
 
 T = TypeVar("T")
@@ -88,3 +88,17 @@ def run(fn: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
         return await asyncio.wait_for(fn(), timeout)
 
     return asyncio.run(main())
+
+
+def run_jobs(model: FakeDenoiser, *reqs: JobRequest, **cfg: Any) -> list[Job]:
+    """Submit ``reqs`` together to a fresh engine over ``model``, wait for all of them, stop it."""
+
+    async def go() -> list[Job]:
+        engine = make_engine(model, **cfg)
+        engine.start()
+        jobs = [engine.submit(r) for r in reqs]
+        await asyncio.gather(*(j.wait_done() for j in jobs))
+        await engine.stop()
+        return jobs
+
+    return run(go)

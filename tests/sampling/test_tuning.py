@@ -5,6 +5,7 @@ k-diffusion-only (sampler, schedule) pair and <= 0.5x our best untuned pair, at 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -31,8 +32,21 @@ def _noise(n: int, seed: int) -> Tensor:
     return torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+_ODE_MAPS: dict[tuple[int, float, bytes], Tensor] = {}  # the same draws from the same sigma: solved once
+
+
 def _ode_map(gmm: GMMDenoiser, x: Tensor, sigma_start: float) -> Tensor:
-    """Exact probability-flow ODE map to sigma = 0 (1e-8), scipy DOP853, rtol = atol = 1e-12."""
+    """Exact probability-flow ODE map to sigma = 0 (1e-8), scipy DOP853, rtol = atol = 1e-12.
+
+    Kept per (mixture, sigma_start, x's bytes) for the module: both budgets and the tuned schedules
+    are measured against the same maps of the same held-out draws, so each is solved once."""
+    key = (id(gmm), sigma_start, hashlib.sha256(x.numpy().tobytes()).digest())
+    if key not in _ODE_MAPS:
+        _ODE_MAPS[key] = _solve_ode(gmm, x, sigma_start)
+    return _ODE_MAPS[key]
+
+
+def _solve_ode(gmm: GMMDenoiser, x: Tensor, sigma_start: float) -> Tensor:
     from scipy.integrate import solve_ivp
 
     n = x.shape[0]

@@ -261,7 +261,8 @@ class ModelPool:
             engine.start()
             self.models[name], self.engines[name] = model, engine
             model.memory_hook = self._memory_hook(name)
-            await asyncio.to_thread(settle_heap)  # the new model's objects are long-lived: freeze them
+            # the new model's objects are long-lived: freeze them (what was frozen before stays)
+            await asyncio.to_thread(settle_heap, False)
             log.info("loaded model %s on %s/%s", name, self._device, str(self._dtype).removeprefix("torch."))
             return model
 
@@ -357,12 +358,18 @@ class ModelPool:
             task.cancel()
 
 
-def settle_heap() -> None:
+def settle_heap(unfreeze: bool = True) -> None:
     """Collect garbage, then freeze what survives (``gc.freeze``): the long-lived objects of loaded
     models and imports leave the collector's generations, so the full collections that running jobs
     trigger no longer scan them (with 128 running jobs they took ~28 ms each, half the engine's time:
-    bench/bench_engine_overhead.py). Unfrozen first, so an unloaded model's cycles are freed."""
-    gc.unfreeze()
+    bench/bench_engine_overhead.py). Unfrozen first, so an unloaded model's cycles are freed.
+
+    After a load (``unfreeze=False``) only what came since the last settle is collected and frozen:
+    nothing frozen became the new model's garbage, and rescanning every frozen object costs a full
+    pass over the heap (~0.5 s per load in a test process that imported the whole suite). Frozen
+    garbage waits for the next unload's settle."""
+    if unfreeze:
+        gc.unfreeze()
     gc.collect()
     gc.freeze()
     if torch.cuda.is_available():

@@ -19,7 +19,10 @@ class JobStatus(enum.StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+        return self in _FINISHED  # a set: read for every job on every iteration
+
+
+_FINISHED = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
 class ErrorCode(enum.StrEnum):

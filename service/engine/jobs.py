@@ -99,9 +99,12 @@ class Progress:
 
     def follow(self, driver: Driver) -> None:
         """The running driver's progress (a finished job: ``finished``)."""
-        self.step, self.evals = driver.step, driver.evals
-        self.total, self.pass_no, self.passes = driver.total_steps, driver.pass_no, driver.passes
-        self.pass_step, self.pass_steps = driver.pass_step, driver.pass_steps
+        # every running job, every iteration, on the event loop: each property read once
+        step, passes = driver.step, driver.passes
+        self.step, self.evals = step, driver.evals
+        self.total, self.pass_no, self.passes = driver.total_steps, driver.pass_no, passes
+        self.pass_step = step if passes == 1 else driver.pass_step  # one pass: its steps are the job's
+        self.pass_steps = driver.pass_steps
         self.expected_evals = max(driver.expected_evals, driver.evals + 1)
 
     def finished(self) -> None:

@@ -74,6 +74,15 @@ def main() -> int:
     print(
         "Open WebUI images config:", {k: v for k, v in cfg.items() if "COMFYUI" in k and "WORKFLOW" not in k}
     )
+    # the admin page's "verify connection" button: GET our /object_info with the key
+    verify = {"engine": "comfyui", "url": kdiff, "key": args.key}
+    r = httpx.post(f"{owui}/api/v1/images/verify", json=verify, headers=auth, timeout=60)
+    print("POST /api/v1/images/verify ->", r.status_code, r.text[:100])
+    assert r.status_code == 200 and r.json() is True, r.text
+    if args.key:  # a wrong key is refused by us, which Open WebUI reports as a bad URL
+        r = httpx.post(f"{owui}/api/v1/images/verify", json={**verify, "key": "wrong"}, headers=auth)
+        print("POST /api/v1/images/verify (wrong key) ->", r.status_code, r.text[:100])
+        assert r.status_code == 400, r.text
     models = httpx.get(f"{owui}/api/v1/images/models", headers=auth, timeout=60).json()
     print("Open WebUI's image models (from our /object_info):", models)
 

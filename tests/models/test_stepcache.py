@@ -184,3 +184,33 @@ def test_bad_settings_name_the_field(spec: CacheSpec, methods: tuple[str, ...], 
 def test_defaults() -> None:
     assert CacheSpec("deepcache").resolved(("deepcache",)) == CacheSpec("deepcache", interval=3)
     assert CacheSpec("fbcache").resolved(("fbcache",)) == CacheSpec("fbcache", threshold=0.1)
+
+
+def test_a_cancelled_or_failed_jobs_rows_are_forgotten(digits: LoadedModel) -> None:
+    handle = ModelHandle(
+        "digits", digits.denoiser, digits.latent_shape, digits.device, digits.dtype, forget=stepcache.release
+    )
+    long = {**EVERY3, "steps": 200}
+
+    async def go() -> None:
+        engine = Engine(handle, EngineConfig(batch_wait_ms=0.0, invariant_rows=CHUNK))
+        engine.start()
+        held = _request(digits, **long)  # held here: its tensors live, so only the engine can forget them
+        cancelled = engine.submit(held)
+        while cancelled.progress.evals < 2:  # running, with state for its rows
+            await asyncio.sleep(0.01)
+        assert len(STORE) > 0
+        engine.cancel(cancelled)
+        await cancelled.wait_done()
+        assert len(STORE) == 0 and held.cond  # forgotten by the engine at the job's end
+        slow = _request(digits, **long)
+        slow.timeout_s = 0.2  # fails on its deadline, mid-run
+        timed_out = engine.submit(slow)
+        await timed_out.wait_done()
+        assert len(STORE) == 0
+        await engine.stop()
+        assert (cancelled.status, timed_out.status) == (JobStatus.cancelled, JobStatus.failed)
+
+    run(go, timeout=60)
+    gc.collect()
+    assert len(STORE) == 0

@@ -13,6 +13,7 @@ import argparse
 import base64
 import io
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -93,6 +94,20 @@ def main() -> int:
     gen = r.json()
     assert len(gen) == 2, gen
     check_files(owui, token, gen, our_images(kdiff, args.key), "generation")
+
+    # several users at once: each request opens its own socket (its own clientId) on our server
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [
+            pool.submit(httpx.post, f"{owui}/api/v1/images/generations", json=b, headers=auth, timeout=300)
+            for b in ({**body, "n": 1, "prompt": str(d)} for d in range(3))
+        ]
+        together = [j.result() for j in jobs]
+    print("3 concurrent generations ->", [r.status_code for r in together])
+    assert all(r.status_code == 200 and len(r.json()) == 1 for r in together), [r.text for r in together]
+    files = [r.json()[0] for r in together]
+    check_files(owui, token, files, our_images(kdiff, args.key), "concurrent generation")
+    got = [httpx.get(f"{owui}{f['url']}", headers=auth, timeout=30).content for f in files]
+    assert len({pixels(g).tobytes() for g in got}) == 3, "two concurrent requests got the same image"
 
     # the edit flow: one of the generated images back as a data URL
     src = httpx.get(f"{owui}{gen[0]['url']}", headers=auth, timeout=30).content

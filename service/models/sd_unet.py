@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from service.sampling.denoisers import DiscreteEpsDenoiser, DiscreteVDenoiser
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class UNetRows(TypedDict, total=False):
+    """What a batch's rows may carry besides the text context, each [rows, ...]."""
+
+    y: Tensor | None  # SDXL: the pooled text embedding
+    time_ids: Tensor | None  # SDXL: size and crop ids
+    c_concat: Tensor | None  # inpainting UNets: mask + masked-image latents
+    control_hint: Tensor | None  # the rows' ControlNet units (controlnet/units.py)
+    control_unit: Tensor | None
+    ip_tokens: Tensor | None  # their IP-Adapter images (ipadapter/adapters.py)
+    ip_unit: Tensor | None
 
 
 class SDUNet(nn.Module):
@@ -32,22 +47,10 @@ class SDUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        context: Tensor,
-        y: Tensor | None = None,
-        time_ids: Tensor | None = None,
-        c_concat: Tensor | None = None,
-        control_hint: Tensor | None = None,
-        control_unit: Tensor | None = None,
-        ip_tokens: Tensor | None = None,
-        ip_unit: Tensor | None = None,
-    ) -> Tensor:
-        """``control_hint`` / ``control_unit``: the rows' ControlNet units (controlnet/units.py);
-        ``ip_tokens`` / ``ip_unit``: their IP-Adapter images (ipadapter/adapters.py)."""
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, **rows: Unpack[UNetRows]) -> Tensor:
+        """``rows``: the batch's per-row conditioning besides the text context (:class:`UNetRows`)."""
         dt = self.dtype
+        y, time_ids, c_concat = rows.get("y"), rows.get("time_ids"), rows.get("c_concat")
         inp = x if c_concat is None else torch.cat([x, c_concat.to(x.dtype)], dim=1)
         added: dict[str, Tensor] | None = None
         if y is not None or time_ids is not None:
@@ -55,6 +58,7 @@ class SDUNet(nn.Module):
                 raise ValueError("an SDXL UNet needs both the pooled embedding y and time_ids")
             added = {"text_embeds": y.to(dt), "time_ids": time_ids.to(dt)}
         extra: dict[str, Any] = {}
+        control_hint, control_unit = rows.get("control_hint"), rows.get("control_unit")
         if control_unit is not None and control_hint is not None and self.controls is not None:
             res = self.controls.residuals(
                 x, t, context, control_hint, control_unit, {"y": y, "time_ids": time_ids}
@@ -64,7 +68,9 @@ class SDUNet(nn.Module):
                     "down_block_additional_residuals": tuple(res[0]),
                     "mid_block_additional_residual": res[1],
                 }
-        images = nullcontext() if self.images is None else self.images.bind(ip_tokens, ip_unit, t)
+        images = nullcontext()
+        if self.images is not None:
+            images = self.images.bind(rows.get("ip_tokens"), rows.get("ip_unit"), t)
         with images:  # the UNet's cross-attention reads the rows' image tokens (not the ControlNets')
             out = self.unet(
                 inp.to(dt),

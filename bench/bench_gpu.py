@@ -407,13 +407,13 @@ def case_sd15_generation(suite: Suite, store: Path) -> None:
     """20 steps of one image: our loading code + sampler loop vs diffusers' pipeline, same weights."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from service.models.sd_generate import generate
     from service.models.store import ModelStore
+    from service.models.text_generate import generate
 
     a, dev = suite.args, suite.device
     steps, size = (3, 64) if a.smoke else (20, 512)
     loaded: Any = ModelStore(store).load("sd15", dev, suite.dtype)
-    m = loaded.sd
+    m = loaded.text_model
     ours = timed(
         lambda: generate(
             m, "a red cat", seeds=[1], sampler="euler", schedule="karras", steps=steps, cfg_scale=7.0

@@ -104,7 +104,7 @@ def time_ours(store: Path, name: str, device: str, dtype: torch.dtype, batch: in
     from service.sampling.ksampler import SamplingSpec
 
     model = ModelStore(store).load(name, device, dtype)
-    sd = model.sd  # type: ignore[attr-defined]
+    sd = model.text_model  # type: ignore[attr-defined]
     # decode=None: the job returns latents, as diffusers' output_type="latent" does (no VAE on either side)
     handle = ModelHandle(name, model.denoiser, model.latent_shape, model.device, model.dtype, None)
     inp = sd.job_inputs("a lighthouse at dusk", None, n=batch, cfg_scale=7.5)

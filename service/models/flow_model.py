@@ -168,7 +168,7 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
 
 
 def load_flow(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """The model store's loader for kinds "sd3" and "flux" (``sd``: the FlowModel)."""
+    """The model store's loader for kinds "sd3" and "flux" (``text_model``: the FlowModel)."""
     return load_model(manifest, device, dtype).loaded(manifest)
 
 

@@ -271,9 +271,6 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
         raise SDLoadError(f"{manifest.name}: {exc}") from exc
 
 
-SDLoadedModel = TextLoadedModel  # the store's LoadedModel plus the model object (``sd``)
-
-
 def load_stable_diffusion(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> TextLoadedModel:
     """The model store's loader for kind "stable_diffusion"."""
     sd = load_model(manifest, device, dtype)

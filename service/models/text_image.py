@@ -82,12 +82,12 @@ class TextRequest:
 
 @dataclass
 class TextLoadedModel(LoadedModel):
-    """The store's LoadedModel plus the model object (``sd``) the serving layer builds text jobs with."""
+    """The store's LoadedModel plus its text-to-image model (``text_model``: SD, SD3 or Flux)."""
 
-    sd: TextImageModel | None = None
+    text_model: TextImageModel | None = None
 
     def conditioning_fields(self) -> frozenset[str]:
-        return frozenset() if self.sd is None else self.sd.conditioning_fields()
+        return frozenset() if self.text_model is None else self.text_model.conditioning_fields()
 
     def builds_off_loop(self, request: GenerationRequest) -> bool:
         return True  # prompts are encoded by the text encoders
@@ -115,23 +115,23 @@ class TextLoadedModel(LoadedModel):
         return init_size  # resized with the init image to the request size
 
     def bind_driver(self, driver: Any) -> None:
-        if self.sd is not None:
-            self.sd.bind_driver(driver)
+        if self.text_model is not None:
+            self.text_model.bind_driver(driver)
 
     def example_input(self) -> tuple[Tensor, dict[str, Tensor]]:
         """One row at the default size with the empty prompt's conditioning (the keys requests bring)."""
         x, _ = super().example_input()
-        if self.sd is None:
+        if self.text_model is None:
             return x, {}
-        return x, self.sd.job_inputs("", None, n=1, cfg_scale=1.0).cond
+        return x, self.text_model.job_inputs("", None, n=1, cfg_scale=1.0).cond
 
     def job_inputs(
         self, request: GenerationRequest, *, n: int, cfg_scale: float, denoise: float
     ) -> JobInputs:
         """Prompts, size, init image and mask through the model's own checks
         (:meth:`TextImageModel.job_inputs`)."""
-        sd = self.sd
-        if sd is None:
+        tm = self.text_model
+        if tm is None:
             raise InputError("model", f"model {self.name!r} has no text encoder loaded", [])
         if request.class_label is not None:
             raise InputError(
@@ -149,7 +149,7 @@ class TextLoadedModel(LoadedModel):
             except ImageInputError as exc:
                 raise InputError(exc.field, exc.message, exc.allowed) from exc
             images[name] = t if name == "init_image" else (t + 1) / 2
-        inp = sd.job_inputs(
+        inp = tm.job_inputs(
             request.prompt,
             request.negative_prompt,
             n=n,
@@ -371,7 +371,7 @@ class TextImageModel:
                 "sigma_min": self.denoiser.sigma_min,
                 "sigma_max": self.denoiser.sigma_max,
             },
-            sd=self,
+            text_model=self,
         )
 
 

@@ -66,7 +66,7 @@ def _conditioning(model: Any, n: int, conditions: bool, prompt: str | None) -> d
         return dict(model.class_conditioning(labels.to(model.device))[0])
     if model.conditioning == "text":
         h, w = model.image_size
-        return dict(model.sd.text_conditioning(prompt or "", None, n, h, w, guided=False)[0])
+        return dict(model.text_model.text_conditioning(prompt or "", None, n, h, w, guided=False)[0])
     return {}
 
 

@@ -20,9 +20,9 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 
 from service.engine import Engine, EngineConfig, JobRequest, JobStatus, ModelHandle  # noqa: E402
-from service.models.sd_generate import generate  # noqa: E402
-from service.models.stable_diffusion import SDLoadedModel  # noqa: E402
+from service.models.stable_diffusion import TextLoadedModel  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
+from service.models.text_generate import generate  # noqa: E402
 from service.sampling.ksampler import SamplingSpec  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
@@ -50,10 +50,10 @@ class Counting:
         return self.inner(x, sigma, **cond)  # type: ignore[no-any-return]
 
 
-def _request(model: SDLoadedModel, job: tuple) -> JobRequest:
+def _request(model: TextLoadedModel, job: tuple) -> JobRequest:
     prompt, neg, sampler, seeds, cfg, init, mask, denoise = job
-    assert model.sd is not None
-    inp = model.sd.job_inputs(prompt, neg, n=len(seeds), cfg_scale=cfg, init_image=init, mask=mask)
+    assert model.text_model is not None
+    inp = model.text_model.job_inputs(prompt, neg, n=len(seeds), cfg_scale=cfg, init_image=init, mask=mask)
     spec = SamplingSpec(sampler, "normal", 4, seeds, denoise=denoise)
     return JobRequest(spec, len(seeds), inp.cond, inp.uncond, cfg, inp.init, inp.mask)
 
@@ -61,7 +61,7 @@ def _request(model: SDLoadedModel, job: tuple) -> JobRequest:
 @pytest.mark.parametrize("name", ["sd1file", "sdxl"])
 def test_engine_batches_sd_jobs_and_matches_direct_sampling(name: str) -> None:
     model = ModelStore(tiny_sd_store()).load(name)
-    assert isinstance(model, SDLoadedModel) and model.sd is not None
+    assert isinstance(model, TextLoadedModel) and model.text_model is not None
     counting = Counting(model.denoiser)
     handle = ModelHandle(name, counting, model.latent_shape, model.device, model.dtype, model.decode)
     reqs = [_request(model, j) for j in JOBS]
@@ -81,7 +81,7 @@ def test_engine_batches_sd_jobs_and_matches_direct_sampling(name: str) -> None:
     )  # every job's cond + uncond rows in one UNet call
     for job, (prompt, neg, sampler, seeds, cfg, init, mask, denoise) in zip(jobs, JOBS, strict=True):
         want = generate(
-            model.sd,
+            model.text_model,
             prompt,
             neg,
             seeds=seeds,

@@ -155,7 +155,7 @@ def _family_case(store: Path, name: str, prompt: str) -> Iterator[tuple[LoadedMo
     eager = model.denoiser
     wrapped = compile_denoiser(model.denoiser, [2], model.example_input(), label=name)
     assert isinstance(wrapped, CompiledModule) and all(wrapped._graphs.values())
-    cond = model.sd.job_inputs(prompt, None, n=2, cfg_scale=1.0).cond  # type: ignore[attr-defined]
+    cond = model.text_model.job_inputs(prompt, None, n=2, cfg_scale=1.0).cond  # type: ignore[attr-defined]
     yield model, wrapped, cond
     assert eager is model.denoiser
 

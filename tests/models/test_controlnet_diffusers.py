@@ -28,8 +28,8 @@ from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint  #
 from PIL import Image  # noqa: E402
 
 from service.models.controlnet import HINT, UNIT, files  # noqa: E402
-from service.models.sd_generate import generate  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
+from service.models.text_generate import generate  # noqa: E402
 from service.sampling.errors import InputError  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.support.controlnet_tiny import add_controlnets, residual_gap, to_original  # noqa: E402
@@ -82,7 +82,7 @@ def test_generation_matches_diffusers_pipeline(
     store: tuple[Path, dict[str, Any]], model: str, cn: str
 ) -> None:
     root, nets = store
-    sd = ModelStore(root).load(model).sd  # type: ignore[attr-defined]
+    sd = ModelStore(root).load(model).text_model  # type: ignore[attr-defined]
     c = sd.components
     scheduler = EulerDiscreteScheduler.from_config(c.scheduler_config)
     image = control_png(5)
@@ -140,7 +140,7 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(store: tuple[Path, dict[st
     """none / A / B / A+B in one UNet call: each row as when it runs alone (within 1e-5), and one
     ControlNet call per ControlNet model."""
     root, _ = store
-    sd = ModelStore(root).load("sd1").sd  # type: ignore[attr-defined]
+    sd = ModelStore(root).load("sd1").text_model  # type: ignore[attr-defined]
     units = [
         [],
         [ControlNetRef("cn_a", control_png(1))],
@@ -178,7 +178,7 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
     "My prompt is more important" scales output i by 0.825 ** (12 - i); step i acts when
     start <= i / steps <= end."""
     root, _ = store
-    sd = ModelStore(root).load("sd1").sd  # type: ignore[attr-defined]
+    sd = ModelStore(root).load("sd1").text_model  # type: ignore[attr-defined]
     img = control_png(1)
     balanced = _rows(sd, [ControlNetRef("cn_a", img)])
     control = _rows(sd, [ControlNetRef("cn_a", img, control_mode="ControlNet is more important")])
@@ -210,7 +210,7 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
 
 def test_bad_units_are_named(store: tuple[Path, dict[str, Any]]) -> None:
     root, _ = store
-    sd = ModelStore(root).load("sd1").sd  # type: ignore[attr-defined]
+    sd = ModelStore(root).load("sd1").text_model  # type: ignore[attr-defined]
     with pytest.raises(InputError) as unknown:
         _rows(sd, [ControlNetRef("nope", control_png(1))])
     assert unknown.value.field == "controlnets[0].model" and "cn_a" in unknown.value.allowed

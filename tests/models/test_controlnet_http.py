@@ -68,7 +68,7 @@ def test_sample_matches_diffusers_controlnet_pipeline(
     client: TestClient, root: tuple[Path, dict[str, Any]], model: str, cn: str
 ) -> None:
     store, nets = root
-    sd = ModelStore(store).load(model).sd  # type: ignore[attr-defined]
+    sd = ModelStore(store).load(model).text_model  # type: ignore[attr-defined]
     c = sd.components
     scheduler = EulerDiscreteScheduler.from_config(c.scheduler_config)
     scheduler.set_timesteps(STEPS)

@@ -75,7 +75,7 @@ def test_a_prompt_uses_an_embedding_image_by_the_name_its_data_holds(tmp_path: P
     a1111_image_pixels(tmp_path / "embeddings" / "saved-image.png", vectors(5, WIDTH, 2), "hidden")
     model = ModelStore(tiny_sd_store()).load("sd1")
     attach_embeddings(model, EmbeddingIndex(tmp_path, max_age_s=0))
-    text = model.sd.text
+    text = model.text_model.text
     for prompt, want in [("a hidden cat", [5]), ("a saved-image cat", [])]:
         chunks = text.token_chunks([(prompt, 1.0)], 0, text.embedding_set())
         assert [int(vec.shape[0]) for _, vec in chunks.fixes[0]] == want, prompt

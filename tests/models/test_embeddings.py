@@ -50,7 +50,7 @@ def sd1() -> Any:
 
 def _attach(model: Any, root: Path) -> Any:
     attach_embeddings(model, EmbeddingIndex(root, max_age_s=0))  # every prompt rescans
-    return model.sd.text
+    return model.text_model.text
 
 
 def _fixes(text: Any, prompt: str) -> list[tuple[int, int]]:
@@ -177,7 +177,7 @@ def test_comfyui_embedding_spelling(sd1: Any, tmp_path: Path) -> None:
     ]
     assert _fixes(text, "xembedding:missing") == []  # only a whole word is a reference (no error)
     assert _fixes(text, "xembedding:emb") == [(12, 3)]  # ... though "emb" after ":" is still the name
-    cond = sd1.sd.text_conditioning
+    cond = sd1.text_model.text_conditioning
     with pytest.raises(InputError) as err:
         cond("a cat", "embedding:missing", 1, 64, 64, guided=True)
     assert err.value.field == "negative_prompt" and err.value.allowed == ["emb", "neg"]
@@ -218,8 +218,8 @@ def test_requests_with_and_without_embeddings_share_model_calls(tmp_path: Path) 
 def test_prompts_see_a_new_file_within_the_rescan_interval(sd1: Any, tmp_path: Path) -> None:
     index = EmbeddingIndex(tmp_path)  # the served default: folders walked at most once per RESCAN_S
     attach_embeddings(sd1, index)
-    before = sd1.sd.text.encode("a late cat").context
+    before = sd1.text_model.text.encode("a late cat").context
     a1111_pt(tmp_path / "embeddings" / "late.pt", vectors(2, WIDTH, 1))
     time.sleep(RESCAN_S + 0.05)
-    assert not torch.equal(sd1.sd.text.encode("a late cat").context, before)
+    assert not torch.equal(sd1.text_model.text.encode("a late cat").context, before)
     assert "late" in index.catalog("sd1", [WIDTH]).loaded

@@ -77,9 +77,9 @@ def _diffusers(model: Any, root: Path, prompt: str, negative: str, embeddings: b
     start noise (tokenizers copied: diffusers adds the names to them)."""
     pipe = reference_pipeline(model, None, 1.0)
     pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
-    if model.sd.is_sdxl:
+    if model.text_model.is_sdxl:
         pipe.tokenizer_2 = copy.deepcopy(pipe.tokenizer_2)
-    if embeddings and model.sd.is_sdxl:
+    if embeddings and model.text_model.is_sdxl:
         xl = load_file(root / "embeddings" / "xl.safetensors")
         pipe.load_textual_inversion(
             xl["clip_l"], token="xl", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from service.models.flow_generate import generate
 from service.models.flow_loader import load_flow_diffusers
 from service.models.flow_model import FlowModel
+from service.models.text_generate import generate
 from tests.support.flow_tiny import SIZE, T5_LEN, diffusers_pipeline, run_sd3_pipeline, tiny_flow_store
 
 TOL = 1e-4

@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.models.flow_generate import generate
 from service.models.store import ModelStore
+from service.models.text_generate import generate
 from tests.support.flow_tiny import SIZE, tiny_flow_store
 from tests.support.sse import sse_events
 from tests.support.tiny_store import make_tiny_store
@@ -60,7 +60,7 @@ def _post(client: TestClient, **body: Any) -> dict[str, Any]:
 def test_sd3_txt2img_is_the_direct_generation(client: TestClient, root: Path) -> None:
     out = _post(client, model="sd3", n=2, seed=[5, 6])
     assert len(out["images"]) == 2 and out["parameters"]["cfg_scale"] == 4.0
-    m = ModelStore(root).load("sd3").sd  # type: ignore[attr-defined]
+    m = ModelStore(root).load("sd3").text_model  # type: ignore[attr-defined]
     direct = generate(m, "the red cat", seeds=[6], steps=3, cfg_scale=4.0)
     want = ((direct[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
     assert np.abs(_pixels(out["images"][1]) - want).max() <= 1  # image 2 of a batch = its seed alone
@@ -118,7 +118,7 @@ def test_sd3_request_shift_is_diffusers_pipeline_built_with_that_shift(
 
     body = {"schedule": "flow", "steps": 4, "shift": 6.0, "seed": 7, "cfg_scale": 4.0}
     out = _post(client, model="sd3", **body)
-    c = ModelStore(root).load("sd3").sd.components  # type: ignore[attr-defined]
+    c = ModelStore(root).load("sd3").text_model.components  # type: ignore[attr-defined]
     pipe = diffusers_pipeline(c, root / "sd3", "StableDiffusion3Pipeline", shift=6.0)
     ref = run_sd3_pipeline(pipe, str(BASE["prompt"]), 4, 4.0, "np")[0]
     assert [round(float(s), 4) for s in pipe.scheduler.sigmas] == [1.0, 0.9237, 0.7533, 0.0348, 0.0]

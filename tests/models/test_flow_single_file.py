@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.models.flow_generate import generate
 from service.models.sd_loader import SDLoadError
 from service.models.store import ModelStore
+from service.models.text_generate import generate
 from tests.support.flow_single_file import write_flux_single_file, write_sd3_single_file
 from tests.support.flow_tiny import tiny_flow_store, write_manifest
 
@@ -43,8 +43,8 @@ def test_single_file_sd3_equals_the_diffusers_layout(tmp_path: Path) -> None:
     two = ModelStore(tmp_path).load("sd3")
     assert one.info["source"] == "single_file" and two.info["source"] == "diffusers"
     kw = {"seeds": [3], "steps": 3, "cfg_scale": 4.0, "output": "latents"}
-    a = generate(one.sd, "the red cat", **kw)  # type: ignore[attr-defined]
-    b = generate(two.sd, "the red cat", **kw)  # type: ignore[attr-defined]
+    a = generate(one.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
+    b = generate(two.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
     assert torch.equal(a, b)
 
 
@@ -72,8 +72,8 @@ def test_flux_single_file_equals_the_diffusers_layout(tmp_path: Path) -> None:
     shutil.copytree(tiny_flow_store() / "flux_dev", tmp_path / "flux_dev")
     two = ModelStore(tmp_path).load("flux_dev")
     kw = {"seeds": [3], "steps": 3, "guidance": 2.0, "output": "latents"}
-    a = generate(one.sd, "the red cat", **kw)  # type: ignore[attr-defined]
-    b = generate(two.sd, "the red cat", **kw)  # type: ignore[attr-defined]
+    a = generate(one.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
+    b = generate(two.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
     assert one.info["source"] == "single_file" and (a - b).abs().max() < 1e-5
 
 

@@ -56,7 +56,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
 
 
 def _scheduler(model: Any, **config: Any) -> Any:
-    return EulerDiscreteScheduler.from_config(model.sd.components.scheduler_config, **config)
+    return EulerDiscreteScheduler.from_config(model.text_model.components.scheduler_config, **config)
 
 
 def _first_sigmas(model: Any) -> list[float]:
@@ -75,10 +75,10 @@ def _hires_sigmas(model: Any) -> list[float]:
 
 
 def _pipelines(model: Any) -> tuple[Any, Any]:
-    c = model.sd.components
+    c = model.text_model.components
     kw: dict[str, Any] = {"vae": c.vae, "text_encoder": c.text_encoders[0], "tokenizer": c.tokenizers[0],
                           "unet": c.unet, "scheduler": _scheduler(model)}  # fmt: skip
-    if model.sd.is_sdxl:
+    if model.text_model.is_sdxl:
         kw |= {"text_encoder_2": c.text_encoders[1], "tokenizer_2": c.tokenizers[1]}
         return StableDiffusionXLPipeline(**kw), StableDiffusionXLImg2ImgPipeline(
             requires_aesthetics_score=False, **kw
@@ -90,7 +90,7 @@ def _pipelines(model: Any) -> tuple[Any, Any]:
 def _resize_lanczos(model: Any, latents: torch.Tensor, size: int, net: Any = None) -> torch.Tensor:
     """A1111's pixel path: decode, 8-bit image, the upscaler model ``net`` (spandrel's inference; its
     output back to 8 bits, as A1111's PIL images are), Lanczos resize, encode (the posterior mean)."""
-    vae = model.sd.components.vae
+    vae = model.text_model.components.vae
     with torch.inference_mode():
         image = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
         eight = ((image + 1) / 2 * 255).to(torch.uint8)

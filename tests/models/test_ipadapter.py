@@ -50,7 +50,7 @@ def store() -> tuple[Path, dict[str, Path]]:
 
 @pytest.fixture(scope="module")
 def sd1(store: tuple[Path, dict[str, Path]]) -> Any:
-    return ModelStore(store[0]).load("sd1").sd  # type: ignore[attr-defined]
+    return ModelStore(store[0]).load("sd1").text_model  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("name", ["ip-adapter_sd15", "ip-adapter-plus_sd15", "ip-adapter-plus_sdxl_vit-h"])

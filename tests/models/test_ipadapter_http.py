@@ -59,7 +59,7 @@ def _reference(
     """diffusers' pipeline with load_ip_adapter on the same file (its own copy of the model)."""
     from transformers import CLIPVisionModelWithProjection
 
-    sd = ModelStore(store).load(model).sd  # type: ignore[attr-defined]
+    sd = ModelStore(store).load(model).text_model  # type: ignore[attr-defined]
     scheduler = EulerDiscreteScheduler.from_config(sd.components.scheduler_config)
     pipe = diffusers_pipeline(sd, scheduler)
     encoder = store / "ipadapter" / ENCODER.get(adapter.stem, "image_encoder")
@@ -100,7 +100,7 @@ def test_an_adapter_counts_in_its_models_memory(
     _post(client, **body)  # loaded, no adapter yet
     before = sdxl_bytes()
     _post(client, **body, ip_adapters=[{"model": "ip-adapter_sdxl", "image": png(1)}])
-    sd = ModelStore(root[0]).load("sdxl").sd  # type: ignore[attr-defined]
+    sd = ModelStore(root[0]).load("sdxl").text_model  # type: ignore[attr-defined]
     ours = ImageAdapters(root[0], sd.unet, sd.device, sd.dtype, "sdxl")
     ours.resolve("ip-adapter_sdxl", "x")
     assert sdxl_bytes() - before == ours.held_bytes() > 0
@@ -269,12 +269,12 @@ def test_image_bomb_is_refused(client: TestClient) -> None:
 def test_latents_match_diffusers(root: tuple[Path, dict[str, Path]], model: str, adapter: str) -> None:
     """The final latents themselves (before the tiny VAE flattens differences): within 1e-4 of
     diffusers', while the adapter moves them by far more."""
-    from service.models.sd_generate import generate
+    from service.models.text_generate import generate
     from service.serving.request import GenerationRequest, IPAdapterRef
 
     store, files = root
     want = torch.from_numpy(_reference(store, model, files[adapter], png(8), 0.7, output="latent"))
-    sd = ModelStore(store).load(model).sd  # type: ignore[attr-defined]
+    sd = ModelStore(store).load(model).text_model  # type: ignore[attr-defined]
     sched = EulerDiscreteScheduler.from_pretrained(str(store / model / "scheduler"))
     sched.set_timesteps(STEPS)
     noise = NoiseSource([SEED]).randn((4, 8, 8), "cpu", torch.float32)

@@ -33,14 +33,16 @@ def sd1() -> Any:
 
 def _inputs(model: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
-    unet = model.sd.unet
+    unet = model.text_model.unet
     x = torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([999.0, 500.0, 20.0, 1.0])
     ctx = torch.randn(4, 77, unet.config.cross_attention_dim, generator=g)
     ids = torch.randint(0, 300, (4, 77), generator=g)
     extra: dict[str, Any] = {}
-    if model.sd.is_sdxl:
-        pooled = torch.randn(4, model.sd.components.text_encoders[1].config.projection_dim, generator=g)
+    if model.text_model.is_sdxl:
+        pooled = torch.randn(
+            4, model.text_model.components.text_encoders[1].config.projection_dim, generator=g
+        )
         extra = {
             "added_cond_kwargs": {
                 "text_embeds": pooled,
@@ -69,7 +71,7 @@ def test_matches_diffusers_fused_lora(name: str, layout: str, tmp_path: Path) ->
     try:
         resolved = adapters.resolve([("a", WEIGHT)])
         x, t, ctx, ids, extra = _inputs(model)
-        unet, tes = model.sd.unet, model.sd.components.text_encoders
+        unet, tes = model.text_model.unet, model.text_model.components.text_encoders
         pipe = reference_pipeline(model, path, WEIGHT)
         refs = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
         with torch.inference_mode():
@@ -101,7 +103,7 @@ def test_mixed_batch_equals_each_row_alone(sd1: Any, tmp_path: Path) -> None:
         rows_of = [[], a, b, a + b]
         rows = torch.cat([adapters.encode(r, 1) for r in rows_of])
         x, t, ctx, _, _ = _inputs(sd1)
-        unet = sd1.sd.unet
+        unet = sd1.text_model.unet
         with torch.inference_mode():
             with adapters.call(rows):
                 mixed = unet(x, t, encoder_hidden_states=ctx).sample
@@ -123,7 +125,7 @@ def test_a_lora_for_another_base_model_is_refused_naming_it(sd1: Any, tmp_path: 
     refused naming the key at fault."""
     sdxl = ModelStore(tiny_sd_store()).load("sdxl")
     save(real_file(sdxl, "kohya", seed=0), tmp_path / "loras" / "xl.safetensors")
-    layers = random_layers(sd1.sd.unet, 4, 0)
+    layers = random_layers(sd1.text_model.unet, 4, 0)
     name = next(n for n, (d, _) in layers.items() if d.dim() == 2)
     down, up = layers[name]
     layers[name] = (torch.randn(4, down.shape[1] + 8), up)
@@ -153,7 +155,7 @@ def test_a_file_written_by_diffusers_training_scripts(sd1: Any, tmp_path: Path) 
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    unet, te = copy.deepcopy(sd1.sd.unet), copy.deepcopy(sd1.sd.components.text_encoders[0])
+    unet, te = copy.deepcopy(sd1.text_model.unet), copy.deepcopy(sd1.text_model.components.text_encoders[0])
     unet_cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
                           target_modules=["to_k", "to_q", "to_v", "to_out.0"],
                           rank_pattern={"attn2.to_q": 2})  # fmt: skip
@@ -184,12 +186,12 @@ def test_a_file_written_by_diffusers_training_scripts(sd1: Any, tmp_path: Path) 
         pipe = reference_pipeline(sd1, path, WEIGHT)
         with torch.inference_mode():
             with adapters.call(adapters.encode(resolved, 4)):
-                ours = sd1.sd.unet(x, t, encoder_hidden_states=ctx).sample
+                ours = sd1.text_model.unet(x, t, encoder_hidden_states=ctx).sample
             with adapters.text(resolved):
-                ours_text = sd1.sd.components.text_encoders[0](ids)[0]
+                ours_text = sd1.text_model.components.text_encoders[0](ids)[0]
             want = pipe.unet(x, t, encoder_hidden_states=ctx).sample
             want_text = pipe.text_encoder(ids)[0]
-            base = sd1.sd.unet(x, t, encoder_hidden_states=ctx).sample
+            base = sd1.text_model.unet(x, t, encoder_hidden_states=ctx).sample
         assert (want - base).abs().max() > 1e-3
         assert (ours - want).abs().max() <= 1e-4
         assert (ours_text - want_text).abs().max() <= 1e-4

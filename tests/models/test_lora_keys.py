@@ -154,7 +154,7 @@ def test_sd1_lora_under_sgm_names_equals_it_under_diffusers_names() -> None:
     """Some tools write SD1 LoRAs with the original UNet's names too (diffusers reads those for SDXL
     only): the same LoCon under both spellings gives the same output. Tiny SD1 has an up level without
     attention, whose upsampler is ``output_blocks_<i>_1_conv``."""
-    unet = ModelStore(tiny_sd_store()).load("sd1").sd.unet
+    unet = ModelStore(tiny_sd_store()).load("sd1").text_model.unet
     outs = []
     g = torch.Generator().manual_seed(0)
     x, t, ctx = (

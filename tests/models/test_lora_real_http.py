@@ -52,7 +52,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     for i, (lora, (model, layout)) in enumerate(FILES.items()):
         save(real_file(models[model], layout, 20 + i, STD[layout]), root / "loras" / f"{lora}.safetensors")
     save({LOHA: torch.zeros(2, 2)}, root / "loras" / "loha.safetensors")
-    dora = kohya_file(models["sd1"].sd.unet, models["sd1"].sd.components.text_encoders, 0)
+    dora = kohya_file(models["sd1"].text_model.unet, models["sd1"].text_model.components.text_encoders, 0)
     dora[DORA] = torch.ones(64)
     save(dora, root / "loras" / "dora.safetensors")
     with running(root, root.parent / "server.log") as server:

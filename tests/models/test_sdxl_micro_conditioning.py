@@ -39,7 +39,7 @@ def client() -> Iterator[TestClient]:
 def test_time_ids_match_diffusers() -> None:
     """diffusers' SDXL pipeline builds add_time_ids = original_size + crops_coords_top_left +
     target_size; ours, for the same request, are the same numbers on cond and uncond rows."""
-    sd = ModelStore(tiny_sd_store()).load("sdxl").sd  # type: ignore[attr-defined]
+    sd = ModelStore(tiny_sd_store()).load("sdxl").text_model  # type: ignore[attr-defined]
     want = StableDiffusionXLPipeline._get_add_time_ids(
         _Shim(sd), (64, 64), tuple(CROP), (64, 64), torch.float32, _Shim(sd).projection_dim
     )

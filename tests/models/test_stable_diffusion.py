@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 
 from service.models.sd_loader import SDLoadError  # noqa: E402
-from service.models.stable_diffusion import SDLoadedModel  # noqa: E402
+from service.models.stable_diffusion import TextLoadedModel  # noqa: E402
 from service.models.store import ModelStore, UnknownModelError  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store, write_manifest  # noqa: E402
 
@@ -43,12 +43,14 @@ def test_loads_every_family_and_layout(
     store: ModelStore, name: str, family: str, prediction: str, source: str, channels: int
 ) -> None:
     m = store.load(name)
-    assert isinstance(m, SDLoadedModel) and m.sd is not None
+    assert isinstance(m, TextLoadedModel) and m.text_model is not None
     assert m.conditioning == "text" and m.image_size == (64, 64) and m.latent_shape == (4, 8, 8)
     assert (
         m.info["family"] == family and m.info["prediction_type"] == prediction and m.info["source"] == source
     )
-    assert int(m.sd.unet.config.in_channels) == channels and m.sd.inpainting == (channels == 9)
+    assert int(m.text_model.unet.config.in_channels) == channels and m.text_model.inpainting == (
+        channels == 9
+    )
     # the denoiser carries the model's own discrete table (SD scaled_linear betas, T = 1000)
     assert m.denoiser.sigmas.shape == (1000,)
     assert m.denoiser.sigma_min == pytest.approx(0.0292, abs=1e-4)
@@ -58,9 +60,9 @@ def test_loads_every_family_and_layout(
 def test_single_file_equals_diffusers_layout(store: ModelStore) -> None:
     for a, b in (("sd1", "sd1file"), ("sdxl", "sdxlfile")):
         ma, mb = store.load(a), store.load(b)
-        assert ma.sd is not None and mb.sd is not None
-        inputs_a = ma.sd.job_inputs("a red cat", "the dog", n=1, cfg_scale=3.0)
-        inputs_b = mb.sd.job_inputs("a red cat", "the dog", n=1, cfg_scale=3.0)
+        assert ma.text_model is not None and mb.text_model is not None
+        inputs_a = ma.text_model.job_inputs("a red cat", "the dog", n=1, cfg_scale=3.0)
+        inputs_b = mb.text_model.job_inputs("a red cat", "the dog", n=1, cfg_scale=3.0)
         for key in inputs_a.cond:
             torch.testing.assert_close(inputs_a.cond[key], inputs_b.cond[key])
         x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -68,7 +70,7 @@ def test_single_file_equals_diffusers_layout(store: ModelStore) -> None:
             da = ma.denoiser(x, torch.tensor([2.0]), **inputs_a.cond)
             db = mb.denoiser(x, torch.tensor([2.0]), **inputs_b.cond)
         torch.testing.assert_close(da, db)
-        torch.testing.assert_close(ma.sd.decode(x), mb.sd.decode(x))
+        torch.testing.assert_close(ma.text_model.decode(x), mb.text_model.decode(x))
 
 
 def test_names_resolve_inside_the_store(store: ModelStore) -> None:

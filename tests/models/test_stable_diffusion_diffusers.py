@@ -19,8 +19,8 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
 )
 
-from service.models.sd_generate import generate  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
+from service.models.text_generate import generate  # noqa: E402
 from tests.support.sd_tiny import diffusers_pipeline, tiny_sd_store  # noqa: E402
 
 PROMPTS = [("a red cat", "the dog"), ("the dog " * 3, "")]
@@ -30,7 +30,7 @@ STEPS, CFG = 6, 5.0
 @pytest.mark.parametrize("name", ["sd1", "sd1v", "sdxl"])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_matches_diffusers_pipeline(name: str, sampler: str) -> None:
-    sd = ModelStore(tiny_sd_store()).load(name).sd  # type: ignore[attr-defined]
+    sd = ModelStore(tiny_sd_store()).load(name).text_model  # type: ignore[attr-defined]
     cls = EulerDiscreteScheduler if sampler == "euler" else DPMSolverMultistepScheduler
     scheduler = cls.from_config(sd.components.scheduler_config)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

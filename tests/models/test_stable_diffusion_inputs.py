@@ -7,16 +7,16 @@ import torch
 
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
 
-from service.models.sd_generate import generate  # noqa: E402
 from service.models.stable_diffusion import StableDiffusion  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
+from service.models.text_generate import generate  # noqa: E402
 from service.sampling import registry  # noqa: E402
 from service.sampling.errors import InputError  # noqa: E402
 from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 
 def _sd(name: str) -> StableDiffusion:
-    sd = ModelStore(tiny_sd_store()).load(name).sd  # type: ignore[attr-defined]
+    sd = ModelStore(tiny_sd_store()).load(name).text_model  # type: ignore[attr-defined]
     assert sd is not None
     return sd  # type: ignore[no-any-return]
 

@@ -30,7 +30,7 @@ def _load(store: Path, **fields: object) -> object:
     manifest = json.loads(path.read_text())
     manifest.pop("vae_tile_px", None)
     path.write_text(json.dumps({**manifest, **fields}))
-    return ModelStore(store).load("sd1").sd  # type: ignore[attr-defined]
+    return ModelStore(store).load("sd1").text_model  # type: ignore[attr-defined]
 
 
 def test_large_images_decode_in_tiles_as_diffusers_tiles_them(store: Path) -> None:

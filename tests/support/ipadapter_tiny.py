@@ -159,7 +159,7 @@ def ip_store() -> tuple[Path, dict[str, Path]]:
         unets = {}
         for name in ("sd1", "sdxl"):
             write_manifest(root / name)
-            unets[name] = ModelStore(root).load(name).sd.unet  # type: ignore[attr-defined]
+            unets[name] = ModelStore(root).load(name).text_model.unet  # type: ignore[attr-defined]
         save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_a")
         _STORE["root"], _STORE["files"] = root, add_ip_adapters(root, unets)
     return _STORE["root"], _STORE["files"]

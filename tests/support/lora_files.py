@@ -234,7 +234,7 @@ def diffusers_file(
 def real_file(model: Any, layout: str, seed: int, std: float = 0.2) -> dict[str, Tensor]:
     """A LoRA for a loaded Stable Diffusion ``model`` in ``layout``: "kohya" (a LoCon on SD1/SD2; SGM
     UNet names and lora_te1_/lora_te2_ on SDXL), or diffusers_file's "peft", "diffusers", "old"."""
-    sd = model.sd
+    sd = model.text_model
     unet, tes = sd.unet, sd.components.text_encoders
     if layout == "kohya":
         return kohya_file(unet, tes, seed, conv_rank=None if sd.is_sdxl else 2, sgm=sd.is_sdxl, std=std)
@@ -246,7 +246,7 @@ def reference_pipeline(model: Any, lora: Path | None, weight: float) -> Any:
     by diffusers' own ``load_lora_weights`` from the file and fused at ``weight``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    c = model.sd.components
+    c = model.text_model.components
     kw: dict[str, Any] = {
         "vae": c.vae,
         "text_encoder": copy.deepcopy(c.text_encoders[0]),
@@ -254,7 +254,7 @@ def reference_pipeline(model: Any, lora: Path | None, weight: float) -> Any:
         "unet": copy.deepcopy(c.unet),
         "scheduler": EulerDiscreteScheduler.from_config(c.scheduler_config),
     }
-    if model.sd.is_sdxl:
+    if model.text_model.is_sdxl:
         pipe: Any = StableDiffusionXLPipeline(
             text_encoder_2=copy.deepcopy(c.text_encoders[1]), tokenizer_2=c.tokenizers[1], **kw
         )
@@ -275,6 +275,6 @@ def euler_sigmas(model: Any, steps: int) -> list[float]:
     as ``sigmas`` so the service and the reference pipeline take the same steps)."""
     from diffusers import EulerDiscreteScheduler
 
-    scheduler = EulerDiscreteScheduler.from_config(model.sd.components.scheduler_config)
+    scheduler = EulerDiscreteScheduler.from_config(model.text_model.components.scheduler_config)
     scheduler.set_timesteps(steps)
     return [float(s) for s in scheduler.sigmas]

@@ -20,7 +20,7 @@ from tests.support.sd_tiny import tiny_sd_store  # noqa: E402
 
 @pytest.fixture(scope="module")
 def sd1() -> StableDiffusion:
-    sd = ModelStore(tiny_sd_store()).load("sd1").sd  # type: ignore[attr-defined]
+    sd = ModelStore(tiny_sd_store()).load("sd1").text_model  # type: ignore[attr-defined]
     assert sd is not None
     return sd  # type: ignore[no-any-return]
 

@@ -1,5 +1,5 @@
 """Direct (engine-free) text-to-image sampling: txt2img, img2img and inpainting in one call, for
-Stable Diffusion and the flow-matching models (SD3 / Flux: ``flow_generate`` is this function).
+Stable Diffusion and the flow-matching models (SD3, Flux).
 
 The engine runs the same :class:`~service.sampling.driver.Driver` batched across jobs; this loop
 is for the CLI, scripts and tests (guidance rows and the inpainting blend are the driver's). A flow

@@ -455,7 +455,7 @@ class ModelEmbeddings:
 def attach_embeddings(model: Any, index: EmbeddingIndex) -> ModelEmbeddings | None:
     """Embedding support for a loaded model whose prompt encoder reads them (Stable Diffusion 1/2/XL),
     set on its encoder; None for other models."""
-    sd = getattr(model, "sd", None)
+    sd = getattr(model, "text_model", None)
     text = getattr(sd, "text", None)
     if text is None or not hasattr(text, "embeddings"):
         return None
@@ -466,6 +466,6 @@ def attach_embeddings(model: Any, index: EmbeddingIndex) -> ModelEmbeddings | No
 
 def embedding_catalog(model: Any, index: EmbeddingIndex) -> Catalog:
     """A loaded model's catalog (a model without CLIP text encoders: every file skipped, saying so)."""
-    text = getattr(getattr(model, "sd", None), "text", None)
+    text = getattr(getattr(model, "text_model", None), "text", None)
     own: ModelEmbeddings | None = getattr(text, "embeddings", None)
     return own.catalog(fresh=True) if own is not None else index.catalog(model.name, [], fresh=True)

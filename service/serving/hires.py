@@ -157,7 +157,7 @@ def with_hires(
     if upscaler not in LATENT_MODES and upscaler not in PIXEL_UPSCALERS:
         # load the model now (cached): a file it cannot use is this request's 422, naming the file
         upscalers.upscale(torch.zeros(1, 3, 8, 8), upscaler, size=(8, 8), field="hires")
-    multiple = int(getattr(getattr(model, "sd", None), "multiple", 8))
+    multiple = int(getattr(getattr(model, "text_model", None), "multiple", 8))
     size = target_size(hr, image_size[1], image_size[0], multiple)
     limit = model.size_limit()
     if max(size.final) > limit or max(size.upscale) > 2 * limit:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +178,20 @@ def test_sd1_lora_under_sgm_names_equals_it_under_diffusers_names() -> None:
         base = unet(x, t, ctx).sample
     assert (outs[0] - base).abs().max() > 1e-2
     assert (outs[0] - outs[1]).abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_attach_wires_the_unet_and_every_text_encoder_of_a_text_model(name: str, tmp_path: Path) -> None:
+    """The per-row LoRA set of a loaded SD model covers its UNet and each text encoder (found through the
+    loaded model's ``text_model``): a missed encoder would silently drop a file's ``lora_te`` keys."""
+    from service.models.lora import LoraIndex, attach
+
+    model = ModelStore(tiny_sd_store()).load(name)
+    adapters = attach(model, LoraIndex(tmp_path))
+    assert adapters is not None
+    encoders = ["text_encoder", "text_encoder_2"][: 2 if name == "sdxl" else 1]
+    assert sorted(adapters.parts) == sorted(["unet", *encoders])
+    unet = model.text_model.unet  # type: ignore[attr-defined]
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert len(adapters.parts["unet"].layers) == len(convs) and not adapters.parts["unet"].text
+    assert all(adapters.parts[e].text and adapters.parts[e].layers for e in encoders)

@@ -204,7 +204,7 @@ class ModelAdapters:
 def attach(model: Any, index: LoraIndex) -> ModelAdapters | None:
     """Per-row LoRA support for a loaded model (Stable Diffusion or the project's UNet), set as
     ``model.adapters``; None for a model with neither."""
-    sd = getattr(model, "sd", None)
+    sd = getattr(model, "text_model", None)
     traced = None
     if sd is not None:
         names = ("text_encoder", "text_encoder_2")
@@ -225,7 +225,7 @@ def attach(model: Any, index: LoraIndex) -> ModelAdapters | None:
 def text_loras(model: Any, resolved: list[tuple[int, float]]) -> Iterator[None]:
     """Encode this thread's prompts for ``model`` with the request's text-encoder LoRAs (and a cache
     key of their own)."""
-    sd, adapters = getattr(model, "sd", None), getattr(model, "adapters", None)
+    sd, adapters = getattr(model, "text_model", None), getattr(model, "adapters", None)
     if not resolved or sd is None or adapters is None:
         yield
         return

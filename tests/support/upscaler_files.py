@@ -195,3 +195,13 @@ def spandrel_on_windows(
         ]
     assert bool((covered == 1).all())  # the cells cover the image exactly once
     return want
+
+
+def gradient_image(h: int, w: int, seed: int = 0) -> Tensor:
+    """A test image in [0, 1]: smooth gradients plus 30% noise (neither flat nor all noise, so window
+    and shift errors in a network show)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    return (
+        0.7 * torch.stack([yy, xx, (yy + xx) / 2])[None] + 0.3 * torch.rand(1, 3, h, w, generator=g)
+    ).clamp(0, 1)

@@ -38,14 +38,6 @@ CASES: list[tuple[str, Callable[[], dict[str, Tensor]], str | None, int, str, tu
 ]
 
 
-def _image(h: int, w: int, seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    return (
-        0.7 * torch.stack([yy, xx, (yy + xx) / 2])[None] + 0.3 * torch.rand(1, 3, h, w, generator=g)
-    ).clamp(0, 1)
-
-
 def _path(folder: Path, name: str, wrapper: str | None) -> Path:
     return folder / f"{name}{'.pth' if wrapper else '.safetensors'}"
 
@@ -69,7 +61,7 @@ def test_untiled_equals_spandrel(folder: Path, ups: Upscalers, case: tuple) -> N
     name, _, wrapper, scale, arch, (h, w) = case
     run, s_scale, s_arch = uf.spandrel_model(_path(folder, name, wrapper))
     assert (s_scale, s_arch) == (scale, arch)
-    x = _image(h, w)
+    x = uf.gradient_image(h, w)
     # the network itself (A1111's upscale rounds targets to multiples of 8, these sizes are odd on purpose)
     net = ups._entry(name, _path(folder, name, wrapper), "upscaler").net
     with torch.inference_mode():
@@ -122,7 +114,9 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
     pads inside), four windows per model call; each cell is what spandrel gives for its window."""
     path = next(folder.glob(f"{name}.*"))
     run, scale, _ = uf.spandrel_model(path)
-    x = _image(24, 32, seed=3)  # x 2 and x 3: multiples of 8, which A1111's upscale rounds the target to
+    x = uf.gradient_image(
+        24, 32, seed=3
+    )  # x 2 and x 3: multiples of 8, which A1111's upscale rounds the target to
     tile, overlap = 12, 7
     ups = Upscalers(folder, UpscalerConfig(tile=tile, overlap=overlap, batch=4))
     ours = ups.upscale(x, name, scale=float(scale))
@@ -138,17 +132,17 @@ def test_small_images_and_damaged_files(tmp_path: Path) -> None:
     inputs): a 5 x 3 image still upscales; a file without position bias tables equals spandrel's.
     A DAT file missing one weight fails its requests, naming it."""
     uf.write(tmp_path / "omni.safetensors", ud.omnisr(res_num=1, nf=16, pe=False))  # no position bias
-    out = Upscalers(tmp_path).upscale(_image(5, 3), "omni", size=(20, 12))
+    out = Upscalers(tmp_path).upscale(uf.gradient_image(5, 3), "omni", size=(20, 12))
     assert out.shape == (1, 3, 20, 12) and bool(torch.isfinite(out).all())
     run, _, _ = uf.spandrel_model(tmp_path / "omni.safetensors")
-    x = _image(16, 20)
+    x = uf.gradient_image(16, 20)
     with torch.inference_mode():
         assert (load_net(tmp_path / "omni.safetensors", False).forward(x) - run(x)).abs().max() < ATOL
     state = ud.dat("DAT_light_x4", groups=[2])
     del state["layers.0.blocks.1.ffn.fc2.weight"]
     uf.write(tmp_path / "broken_dat.pth", state, "params")
     with pytest.raises(UpscalerLoadError, match=r"broken_dat\.pth.*DAT.*fc2"):
-        Upscalers(tmp_path).upscale(_image(8, 8), "broken_dat", scale=2.0)
+        Upscalers(tmp_path).upscale(uf.gradient_image(8, 8), "broken_dat", scale=2.0)
 
 
 def test_dat_runs_in_float32_where_the_models_are_float16(folder: Path) -> None:

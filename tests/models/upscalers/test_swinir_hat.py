@@ -52,14 +52,6 @@ def _path(root: Path, name: str) -> Path:
     return next(root.glob(f"{name}.*"))
 
 
-def _image(h: int, w: int, seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    return (
-        0.7 * torch.stack([yy, xx, (yy + xx) / 2])[None] + 0.3 * torch.rand(1, 3, h, w, generator=g)
-    ).clamp(0, 1)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("swin")
@@ -79,7 +71,7 @@ def test_untiled_equals_spandrel(folder: Path, case: tuple) -> None:
     # 12 x 20: no multiple of 7, 8 or 16; times the scale a multiple of 8, so A1111's rounding of the
     # target (//8 * 8) leaves the model's output as it is
     h, w = (16, 24) if scale == 1 else (12, 20)
-    x = torch.cat([_image(h, w, seed=1), _image(h, w, seed=2)])
+    x = torch.cat([uf.gradient_image(h, w, seed=1), uf.gradient_image(h, w, seed=2)])
     if scale == 1:
         ours = ups.upscale(x, name, scale=1.0)
     else:
@@ -96,7 +88,7 @@ def test_tiled_equals_spandrel_on_the_same_windows(folder: Path, name: str) -> N
     """12 px cells with 6 px of context (windows of 24, padded by the net to its window multiple),
     four windows per model call: each cell is what spandrel gives for its window."""
     run, scale, _ = uf.spandrel_model(folder / f"{name}.pth")
-    x = _image(30, 38, seed=3)  # x 4: multiples of 8 (A1111's target rounding)
+    x = uf.gradient_image(30, 38, seed=3)  # x 4: multiples of 8 (A1111's target rounding)
     tile, overlap = 12, 6
     ups = Upscalers(folder, UpscalerConfig(tile=tile, overlap=overlap, batch=4))
     ours = ups.upscale(x, name, scale=4.0)
@@ -118,7 +110,7 @@ def test_attention_in_chunks_equals_spandrel(
 
     monkeypatch.setattr(swin, "ATTN_SCORES", 3 * 3 * 64 * 144)  # 3 heads x 64 queries x 144 keys (HAT's OCAB)
     run, scale, _ = uf.spandrel_model(_path(folder, name))
-    x = torch.cat([_image(24, 32, seed=5), _image(24, 32, seed=6)])
+    x = torch.cat([uf.gradient_image(24, 32, seed=5), uf.gradient_image(24, 32, seed=6)])
     ours = Upscalers(folder, UpscalerConfig(tile=0)).upscale(x, name, scale=float(scale))
     assert (ours - run(x).clamp(0, 1)).abs().max().item() < ATOL
 
@@ -131,11 +123,11 @@ def test_unshuffled_input_equals_spandrel(tmp_path: Path) -> None:
     run, scale, _ = uf.spandrel_model(path)
     ups = Upscalers(tmp_path, UpscalerConfig(tile=0))
     assert scale == 2 and {i.name: i.scale for i in ups.items()}["unshuffled"] == 2
-    x = _image(32, 48, seed=4)
+    x = uf.gradient_image(32, 48, seed=4)
     raw = run(x)
     assert (ups.upscale(x, "unshuffled", scale=2.0) - raw.clamp(0, 1)).abs().max().item() < ATOL
     assert raw.std() > 0.05
-    assert ups.upscale(_image(12, 20), "unshuffled", scale=2.0).shape == (1, 3, 24, 40)
+    assert ups.upscale(uf.gradient_image(12, 20), "unshuffled", scale=2.0).shape == (1, 3, 24, 40)
 
 
 def test_images_smaller_than_half_a_window(tmp_path: Path) -> None:
@@ -148,9 +140,9 @@ def test_images_smaller_than_half_a_window(tmp_path: Path) -> None:
     net = load_net(path, False)
     with torch.inference_mode():
         for h, w in [(5, 3), (1, 9)]:
-            out = net.forward(_image(h, w))
+            out = net.forward(uf.gradient_image(h, w))
             assert out.shape == (1, 3, 2 * h, 2 * w) and bool(torch.isfinite(out).all())
-    assert Upscalers(tmp_path).upscale(_image(5, 12), "hat16", scale=2).shape == (1, 3, 8, 24)
+    assert Upscalers(tmp_path).upscale(uf.gradient_image(5, 12), "hat16", scale=2).shape == (1, 3, 8, 24)
 
 
 def test_detection_reads_hyper_parameters_from_the_keys(folder: Path) -> None:
@@ -208,7 +200,7 @@ def test_damaged_or_hostile_files_fail_their_own_requests(tmp_path: Path, state,
 
     uf.write(tmp_path / "bad.pth", state())
     with pytest.raises(UpscalerLoadError, match=r"'bad' \(bad.pth\) cannot be used: .*" + why):
-        Upscalers(tmp_path).upscale(_image(8, 8), "bad", scale=2)
+        Upscalers(tmp_path).upscale(uf.gradient_image(8, 8), "bad", scale=2)
 
 
 def test_swin2sr_is_not_taken_for_swinir(tmp_path: Path) -> None:
@@ -218,4 +210,4 @@ def test_swin2sr_is_not_taken_for_swinir(tmp_path: Path) -> None:
     state = us.swinir(scale=2)
     uf.write(tmp_path / "swin2sr.pth", {**state, "patch_embed.proj.weight": torch.zeros(24, 3, 1, 1)})
     with pytest.raises(UpscalerLoadError, match="no supported architecture"):
-        Upscalers(tmp_path).upscale(_image(8, 8), "swin2sr", scale=2)
+        Upscalers(tmp_path).upscale(uf.gradient_image(8, 8), "swin2sr", scale=2)

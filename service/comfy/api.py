@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 from service.models.controlnet import scan as scan_controlnets
 from service.sampling import aliases, registry
 
-from . import nodes_cache, nodes_control, nodes_image, nodes_model, nodes_sampling  # noqa: F401  (each registers its nodes)
+from . import (  # noqa: F401  (each registers its nodes)
+    nodes_cache,
+    nodes_control,
+    nodes_image,
+    nodes_ipadapter,
+    nodes_model,
+    nodes_sampling,
+)
 from .executor import OutputCache, Run, RunResult
 from .node import REGISTRY, Catalog, Node
 from .nodes_model import model_name
@@ -90,6 +97,7 @@ class Comfy:
             schedules=_listed(COMFY_SCHEDULERS, set(registry.SCHEDULES) - _NOT_SCHEDULERS),
             loras=tuple(loras),
             controlnets=tuple(sorted(scan_controlnets(pool.store.root))),
+            **nodes_ipadapter.catalog_fields(pool.store.root),  # models/ipadapter, clip_vision
             inputs=tuple(ctx.list_inputs()) if ctx is not None else (),
             max_batch=int(settings.max_images),
             max_steps=int(settings.max_steps),
@@ -117,6 +125,7 @@ class Comfy:
         out = {f: models for f in folders}
         out |= {"loras": list(catalog.loras), "embeddings": [], "upscale_models": []}
         out["controlnet"] = list(catalog.controlnets)
+        out |= {"ipadapter": list(catalog.ipadapters), "clip_vision": list(catalog.clip_vision)}
         return out
 
     def validate(self, prompt: Any, ctx: ComfyContext | None = None) -> Validation:

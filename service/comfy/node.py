@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ class Catalog:
     schedules: tuple[str, ...] = ()
     loras: tuple[str, ...] = ()
     controlnets: tuple[str, ...] = ()  # model_store/controlnet/ (GET /controlnet/model_list)
+    ipadapters: tuple[str, ...] = ()  # model_store/ipadapter/ files, as ComfyUI lists models/ipadapter
+    clip_vision: tuple[str, ...] = ()  # the CLIP image encoders there (nodes_ipadapter.py names them)
+    store: Path | None = None  # the model store (checks that read its files)
     inputs: tuple[str, ...] = ()  # the caller's uploaded images (LoadImage)
     max_batch: int = 64  # the service's max images per request
     max_steps: int = 10000  # the service's max steps

@@ -40,7 +40,7 @@ from service.sampling import aliases, registry
 from service.sampling.errors import InputError
 from service.sampling.spec import StepWindow
 from service.serving.latents import LatentInput
-from service.serving.request import ControlNetRef, GenerationRequest, LoraRef
+from service.serving.request import ControlNetRef, GenerationRequest, IPAdapterRef, LoraRef
 
 from .runtime import Interrupted, NodeRun, image_to_pil, mask_to_pil, pil_to_image, png_to_image
 from .values import Conditioning, ControlUnit, Latent, ModelRef, SigmasRef
@@ -133,6 +133,10 @@ def _conditioning(call: SampleCall, model: LoadedModel) -> dict[str, Any]:
         fields["loras"] = [LoraRef(n, w) for n, w in loras.items()]
     if call.positive.controls:  # ControlNetApply(Advanced): ours act on cond and uncond rows alike
         fields["controlnets"] = [_unit(u) for u in call.positive.controls]
+    if call.model.ip_adapters:  # IPAdapter nodes on the MODEL: the request's ip_adapters, in order
+        fields["ip_adapters"] = [
+            IPAdapterRef(u.adapter, u.image, u.weight, u.start, u.end) for u in call.model.ip_adapters
+        ]
     return fields
 
 

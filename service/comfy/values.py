@@ -27,9 +27,38 @@ class ModelRef:
     loras: tuple[tuple[str, float], ...] = ()
     shift: float | None = None  # ModelSamplingSD3 / ModelSamplingFlux
     cache: Any = None  # a stepcache.CacheSpec: DeepCache / ApplyFBCacheOnModel (nodes_cache.py)
+    ip_adapters: tuple[IPAdapterUnit, ...] = ()  # IPAdapter / IPAdapterAdvanced (nodes_ipadapter.py)
 
     def with_(self, **kw: Any) -> ModelRef:
         return replace(self, **kw)
+
+
+@dataclass(frozen=True, eq=False)
+class IPAdapterUnit:
+    """An IP-Adapter applied to a MODEL: one image of the request's ``ip_adapters``."""
+
+    adapter: str  # our adapter name (the file's stem in model_store/ipadapter/)
+    image: Any  # a GatedImage: the IMAGE's first frame, 8-bit, as it passed the image gate
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class IPAdapterPipe:
+    """IPADAPTER: an adapter file (IPAdapterModelLoader) or a preset's adapter and encoder
+    (IPAdapterUnifiedLoader: ``encoder`` set, as cubiq's pipeline carries its CLIP vision model)."""
+
+    adapter: str
+    encoder: str | None = None  # the encoder folder, relative to model_store/ipadapter/
+
+
+@dataclass(frozen=True)
+class ClipVisionRef:
+    """CLIP_VISION (CLIPVisionLoader): an image encoder folder of model_store/ipadapter/."""
+
+    name: str  # as the workflow named it
+    folder: str  # relative to model_store/ipadapter/
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,13 @@ ISSUE_NODES = {
 }
 CONTROLNET_NODES = {"ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced"}  # issue 26
 MORE_NODES = {"EmptySD3LatentImage", "LatentFromBatch"}
+IPADAPTER_NODES = {
+    "IPAdapterModelLoader",
+    "CLIPVisionLoader",
+    "IPAdapterUnifiedLoader",
+    "IPAdapter",
+    "IPAdapterAdvanced",
+}
 KEYS = {
     "input",
     "input_order",
@@ -68,7 +75,8 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         ctx = MemoryContext()
         ctx.files[("input", "", "cat.png")] = b""
         info = comfy.object_info(ctx)
-        assert set(info) == ISSUE_NODES | CONTROLNET_NODES | MORE_NODES | STEP_CACHE_NODES == set(NODES)
+        known = ISSUE_NODES | CONTROLNET_NODES | MORE_NODES | STEP_CACHE_NODES | IPADAPTER_NODES
+        assert set(info) == known == set(NODES)
         for name, entry in info.items():
             assert set(entry) == KEYS and entry["name"] == name
             assert entry["input_order"]["required"] == list(entry["input"]["required"])

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
 from torch import Tensor
 
 from service.sampling.errors import InputError
@@ -51,6 +52,8 @@ class RunResult:
 def _nbytes(value: Any) -> int:
     if isinstance(value, Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, Image.Image):  # an IPAdapter unit's reference image (GatedImage.image)
+        return value.width * value.height * len(value.getbands())
     if isinstance(value, tuple | list):
         return sum(_nbytes(v) for v in value)
     if hasattr(value, "__dataclass_fields__"):

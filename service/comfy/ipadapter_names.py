@@ -17,6 +17,7 @@ the store's ``ipadapter/`` folder (``service/models/ipadapter/files.py`` scans i
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def preset_wants(preset: str) -> str:
 
 
 _LAYOUTS: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime) -> problem: read once
+_LAYOUTS_LOCK = threading.Lock()  # validations run in worker threads
 
 
 def file_problem(root: Path, rel: str) -> str | None:
@@ -142,11 +144,15 @@ def file_problem(root: Path, rel: str) -> str | None:
     except OSError as exc:
         return f"cannot be read ({exc.strerror})"
     key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = _layout_problem(path)
+    with _LAYOUTS_LOCK:
+        if key in _LAYOUTS:
+            return _LAYOUTS[key]
+    problem = _layout_problem(path)
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[key] = problem
         while len(_LAYOUTS) > 256:
             _LAYOUTS.pop(next(iter(_LAYOUTS)))
-    return _LAYOUTS[key]
+    return problem
 
 
 def _names(path: Path) -> tuple[set[str], set[str]]:

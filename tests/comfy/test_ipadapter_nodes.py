@@ -20,7 +20,9 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from service.comfy import Comfy  # noqa: E402
 from service.comfy import ipadapter_names as names  # noqa: E402
+from service.comfy.executor import _nbytes  # noqa: E402
 from service.comfy.testing import MemoryContext  # noqa: E402
+from service.comfy.values import IPAdapterUnit, ModelRef  # noqa: E402
 from service.image_gate import GatedImage  # noqa: E402
 from service.serving.request import GenerationRequest, IPAdapterRef  # noqa: E402
 from tests.support.hostile_images import bomb_png  # noqa: E402
@@ -228,6 +230,9 @@ def test_two_adapters_chained_are_two_units(ip_root: Path) -> None:
         assert np.array_equal(got, await service_image(comfy, request(*units)))
         one = await service_image(comfy, request(units[0]))
         assert not np.array_equal(got, one)  # the second one acts too
+        # the output cache bounds its bytes by what it holds: a MODEL's reference images count
+        unit = IPAdapterUnit("ip-adapter_sd15", GatedImage(reference(1), "image"))
+        assert _nbytes((ModelRef("sd1", ip_adapters=(unit, unit)),)) == 2 * 40 * 56 * 3
 
     run(ip_root, scenario, models=["sd1"])
 

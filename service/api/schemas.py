@@ -18,6 +18,7 @@ from service.serving.request import MAX_SIDE, GenerationRequest, request_fields
 from service.serving.request import ControlNetRef as ServingControlNet
 from service.serving.request import IPAdapterRef as ServingIPAdapter
 from service.serving.request import LoraRef as ServingLora
+from service.serving.request import UnionImage as ServingUnionImage
 
 FIELDS = {f.name: f for f in request_fields() if f.metadata["http"]}  # the HTTP body's fields
 
@@ -75,6 +76,15 @@ class CacheBody(BaseModel):
     )
 
 
+class UnionImageBody(BaseModel):
+    """One more control image of a union ControlNet unit."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    image: ImageField = Field(None, description="base64 control image")
+    control_type: str | int | None = Field(None, description="its control type (as the unit's)")
+    module: str = Field("none", max_length=64, description="its preprocessor")
+
+
 class ControlNetRef(BaseModel):
     """One ControlNet unit of a request (GET /controlnet/model_list, /controlnet/module_list)."""
 
@@ -99,9 +109,21 @@ class ControlNetRef(BaseModel):
     threshold_a: float | None = Field(None, ge=-1e4, le=1e4, description="preprocessor parameter a")
     threshold_b: float | None = Field(None, ge=-1e4, le=1e4, description="preprocessor parameter b")
     pixel_perfect: bool = Field(False, description="preprocessor resolution from the generation size")
+    control_type: str | int | None = Field(
+        None,
+        description="union ControlNets: the image's control type (openpose, depth, softedge, canny, "
+        "normal, segment, tile, repaint; ComfyUI's and A1111's names; 0-7); default auto",
+    )
+    images: list[UnionImageBody] = Field(
+        default_factory=list,
+        max_length=3,
+        description="union ControlNets: more control images with their types",
+    )
 
     def serving(self) -> ServingControlNet:
-        return ServingControlNet(**{k: getattr(self, k) for k in type(self).model_fields})
+        fields = {k: getattr(self, k) for k in type(self).model_fields}
+        fields["images"] = tuple(ServingUnionImage(i.image, i.control_type, i.module) for i in self.images)
+        return ServingControlNet(**fields)
 
 
 def _field_of(model: type[BaseModel], name: str) -> Any:

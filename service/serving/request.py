@@ -88,6 +88,18 @@ class ControlNetRef:
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
+    # union ControlNets (ControlNet-Union SDXL): the image's control type (None: auto), more images
+    control_type: str | int | None = None
+    images: tuple[UnionImage, ...] = ()
+
+
+@dataclass(frozen=True)
+class UnionImage:
+    """Another control image of a union ControlNet unit, with its control type and preprocessor."""
+
+    image: str | GatedImage | None
+    control_type: str | int | None = None
+    module: str = "none"
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,8 @@ def diffusers_pipeline(sd: Any, scheduler: Any, controlnet: Any = None) -> Any:
     }
     name = "StableDiffusionXL" if sd.is_sdxl else "StableDiffusion"
     if controlnet is not None:
-        kw["controlnet"], name = controlnet, name + "ControlNet"
+        union = type(controlnet).__name__ == "ControlNetUnionModel"  # ControlNet-Union (SDXL)
+        kw["controlnet"], name = controlnet, name + ("ControlNetUnion" if union else "ControlNet")
     if sd.is_sdxl:
         kw |= {"text_encoder_2": c.text_encoders[1], "tokenizer_2": c.tokenizers[1]}
     else:

@@ -6,7 +6,9 @@ Unit fields as the extension reads them (``internal_controlnet/external_code.py`
 (default true), ``module``, ``model`` (``"None"``: no unit), ``weight``, ``image`` (alias
 ``input_image``; also ``{"image": ..., "mask": ...}``), ``mask`` (alias ``mask_image``),
 ``resize_mode``, ``processor_res`` / ``threshold_a`` / ``threshold_b`` (-1: the module's default),
-``guidance_start``, ``guidance_end``, ``control_mode`` (names or 0-2), ``pixel_perfect``. An img2img
+``guidance_start``, ``guidance_end``, ``control_mode`` (names or 0-2), ``pixel_perfect``,
+``union_control_type`` (ControlNet-Union: "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal
+Map", "Segmentation", "Tile", "Inpaint", "Unknown" = auto; read for union models only). An img2img
 unit without an image uses the init image, as the extension does. The script title matches
 case-insensitively.
 """
@@ -126,6 +128,8 @@ def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[s
             if isinstance(ours.get(k), (int, float)) and ours[k] < 0:
                 ours.pop(k)
         ours |= {"module": module, "image": image, "mask": mask or None}
+        if unit.get("union_control_type") is not None:  # union ControlNets ("Unknown": auto)
+            ours["control_type"] = unit["union_control_type"]
         out.append(ours)
     if len(out) > MAX_UNITS:
         raise InputError("alwayson_scripts.controlnet.args", f"at most {MAX_UNITS} enabled ControlNet units")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
+from .union import UnionConfig, UnionControlNet, is_union
 
 NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
 SINGLE = (".safetensors", ".pth", ".pt", ".bin")
@@ -77,7 +78,8 @@ def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
     if info.path.is_dir():
         raw_cfg: dict[str, Any] = json.loads((info.path / "config.json").read_text())
         sd = _read_tensors(_weights(info.path))
-        return ControlNetConfig.from_dict(raw_cfg), sd
+        kind = UnionConfig if is_union(raw_cfg) else ControlNetConfig  # ControlNet-Union (union.py)
+        return kind.from_dict(raw_cfg), sd
     sd = _read_tensors(info.path)
     if diffusers_keys.is_diffusers(list(sd)):  # SDXL's diffusers_xl_*.safetensors, a folder's weights
         return ControlNetConfig.from_dict(diffusers_keys.infer_config(sd)), sd
@@ -93,7 +95,7 @@ def load(info: ControlNetFile, device: torch.device, dtype: torch.dtype) -> Cont
     """Build the network and load its weights strictly (a missing or extra tensor is an error)."""
     try:
         cfg, sd = read(info)
-        net = ControlNet(cfg)
+        net = UnionControlNet(cfg) if isinstance(cfg, UnionConfig) else ControlNet(cfg)
         missing, unexpected = net.load_state_dict(sd, strict=False)
     except (ControlNetConfigError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ControlNetError(f"ControlNet {info.name!r} could not be loaded: {exc}") from exc

@@ -221,14 +221,28 @@ class ControlNet(nn.Module):
         if self.cfg.controlnet_conditioning_channel_order == "bgr":
             hint = hint.flip(1)
         dt = self.conv_in.weight.dtype
+        emb = self.embed(x, t, y=y, time_ids=time_ids)
+        h = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
+        return self.trunk(h, emb, context)
+
+    def embed(self, x: Tensor, t: Tensor, extra: Tensor | None = None, **sdxl: Tensor | None) -> Tensor:
+        """The timestep embedding [B, 4 * C0]; ``sdxl``: ``y`` and ``time_ids`` (``extra``, a union
+        ControlNet's control-type embedding, is added before SDXL's, in diffusers' order)."""
+        y, time_ids = sdxl.get("y"), sdxl.get("time_ids")
+        dt = self.conv_in.weight.dtype
         emb = self.time_embedding(self.time_proj(t.reshape(-1).expand(x.shape[0])).to(dt))
+        if extra is not None:
+            emb = emb + extra
         if self.cfg.is_sdxl:
             if y is None or time_ids is None:
                 raise ValueError("an SDXL ControlNet needs the pooled embedding y and time_ids")
             ids = self.add_time_proj(time_ids.flatten()).reshape(x.shape[0], -1)
             emb = emb + self.add_embedding(torch.cat([y, ids], dim=-1).to(dt))
-        h = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
-        context = context.to(dt)
+        return emb  # type: ignore[no-any-return]
+
+    def trunk(self, h: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
+        """The encoder copy from the first features ``h`` (latent + control features) to the residuals."""
+        context = context.to(h.dtype)
         skips: list[Tensor] = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):

@@ -6,9 +6,11 @@ shapes, and every row of a model whose store has ControlNets carries both keys):
 
 - :data:`HINT` ``[rows, MAX_UNITS, 4, H, W]`` uint8: each unit's control image (RGB) and its
   effective-region mask (255 = everywhere) at the generation size;
-- :data:`UNIT` ``[rows, MAX_UNITS, 7]`` float: ControlNet id (-1: empty slot), weight,
-  guidance_start, guidance_end, 1 for soft injection, and the timestep window ``(t_lo, t_hi]`` in
-  which it acts (the whole schedule until :meth:`ControlSet.bind_schedule` sets it).
+- :data:`UNIT` ``[rows, MAX_UNITS, 9]`` float: ControlNet id (-1: empty slot), weight,
+  guidance_start, guidance_end, 1 for soft injection, the timestep window ``(t_lo, t_hi]`` in
+  which it acts (the whole schedule until :meth:`ControlSet.bind_schedule` sets it), and for a
+  union ControlNet (``union.py``) the slot's control type (-1: auto) and its unit's number: a union
+  unit with several control images takes a slot per image, all with the unit's number.
 
 :meth:`ControlSet.residuals` runs, per ControlNet used by some active row, ONE call over all the
 (row, unit) pairs that use it (their control images concatenated), scales each pair's outputs
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from service.sampling.errors import InputError
 
 from . import files, preprocess
 from .net import ControlNet
+from .union import AUTO, UnionControlNet, control_type, union_call
 
 HINT, UNIT = "control_hint", "control_unit"
 MAX_UNITS = 3  # sd-webui-controlnet's default unit count
@@ -89,6 +92,8 @@ class PreparedUnit:
     end: float
     mode: int
     hint: Tensor  # [4, H, W] uint8
+    kind: int = AUTO  # a union ControlNet's control type for this image (union.py)
+    group: int = -1  # the unit's number: a union unit's images share it
 
 
 def control_image(unit: Any, height: int, width: int, field: str, root: Path | None = None) -> Tensor:
@@ -208,11 +213,14 @@ class ControlSet:
 
     # --- building a request's rows ---
     def prepare(self, units: list[Any], height: int, width: int) -> list[PreparedUnit]:
-        if len(units) > MAX_UNITS:
+        slots = sum(1 + len(getattr(u, "images", None) or ()) - (u.image is None) for u in units)
+        if len(units) > MAX_UNITS or slots > MAX_UNITS:
             raise InputError(
-                "controlnets", f"at most {MAX_UNITS} ControlNet units per request, got {len(units)}"
+                "controlnets",
+                f"at most {MAX_UNITS} ControlNet units per request (a union unit's images count one "
+                f"each), got {max(len(units), slots)}",
             )
-        out = []
+        out: list[PreparedUnit] = []
         for i, unit in enumerate(units):
             field = f"controlnets[{i}]"
             start, end = float(unit.guidance_start), float(unit.guidance_end)
@@ -222,9 +230,31 @@ class ControlSet:
                 )
             mode = control_mode(unit.control_mode, f"{field}.control_mode")
             net = self.resolve(str(unit.model), field)
-            hint = control_image(unit, height, width, field, self.root)
-            out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint))
+            for image, kind in self._images(unit, net, field):
+                hint = control_image(image, height, width, field, self.root)
+                out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint, kind, i))
         return out
+
+    def _images(self, unit: Any, net_id: int, field: str) -> list[tuple[Any, int]]:
+        """A unit's control images with their control types: the unit's ``image`` (its
+        ``control_type``) then each of ``images`` (union ControlNets only; a type is read for
+        union ControlNets, as sd-webui-controlnet ignores it for the others)."""
+        net, more = self.nets[net_id], list(getattr(unit, "images", None) or ())
+        if not isinstance(net, UnionControlNet):
+            if more:
+                raise InputError(f"{field}.images", f"ControlNet {unit.model!r} is not a union ControlNet")
+            return [(unit, AUTO)]
+        first = [] if unit.image is None and more else [(unit, getattr(unit, "control_type", None), field)]
+        entries = first + [
+            (replace(unit, image=e.image, module=e.module), e.control_type, f"{field}.images[{j}]")
+            for j, e in enumerate(more)
+        ]
+        kinds = [(e, control_type(t, net.types, f"{f}.control_type")) for e, t, f in entries]
+        if len(kinds) > 1 and any(k == AUTO for _, k in kinds):
+            raise InputError(
+                f"{field}.control_type", "each image of a union unit with several images needs a control type"
+            )
+        return kinds
 
     def rows(
         self, units: list[PreparedUnit], n: int, height: int, width: int, uncond: bool
@@ -233,13 +263,14 @@ class ControlSet:
         "ControlNet is more important" mode or on a global-pooling ControlNet, as the extension)."""
         hint = torch.zeros(MAX_UNITS, 4, height, width, dtype=torch.uint8)
         inf = float("inf")
-        table = torch.tensor([[-1.0, 0.0, 0.0, 1.0, 0.0, -inf, inf]] * MAX_UNITS)
+        table = torch.tensor([[-1.0, 0.0, 0.0, 1.0, 0.0, -inf, inf, -1.0, -1.0]] * MAX_UNITS)
         for i, u in enumerate(units):
             if uncond and (u.mode == 2 or self.nets[u.net].cfg.global_pool_conditions):
                 continue
             hint[i] = u.hint
             # the window is the whole schedule until bind_schedule reads start / end against the sigmas
             table[i, :5] = torch.tensor([float(u.net), u.weight, u.start, u.end, float(u.mode != 0)])
+            table[i, 7:] = torch.tensor([float(u.kind), float(u.group)])
         return {HINT: hint.expand(n, -1, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
 
     @staticmethod
@@ -289,9 +320,15 @@ class ControlSet:
             rows, slots = torch.nonzero(active & (ids == net_id), as_tuple=True)
             net = self.nets[net_id]
             h = hint[rows, slots].to(self.dtype) / 255
-            picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
-            outs = net(x[rows], t.reshape(-1).expand(x.shape[0])[rows], context[rows], h[:, :3], **picked)
-            weight = unit[rows, slots, 1].to(outs[0].dtype)
+            ts = t.reshape(-1).expand(x.shape[0])
+            if isinstance(net, UnionControlNet):  # a call item per (row, unit), weighted inside
+                rows, slots, outs = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra)
+                h = hint[rows, slots].to(self.dtype) / 255
+                weight = torch.ones(len(rows), dtype=outs[0].dtype, device=outs[0].device)
+            else:
+                picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
+                outs = net(x[rows], ts[rows], context[rows], h[:, :3], **picked)
+                weight = unit[rows, slots, 1].to(outs[0].dtype)
             soft = unit[rows, slots, 4].to(outs[0].dtype)
             mask = h[:, 3:4]
             if total is None:

@@ -184,6 +184,15 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
             "default_option": annotators.DEPTH,
             "default_model": fits[0] if fits else "None",
         }
+    poses = [m for m in annotators.available(state.pool.store.root) if m.startswith("openpose")]
+    if poses:  # the extension's OpenPose type, with the pose modules whose weights are here
+        fits = [m for m in models if "openpose" in m.lower()]
+        out["OpenPose"] = {
+            "module_list": ["none", *poses],
+            "model_list": ["None", *fits],
+            "default_option": poses[-1],
+            "default_model": fits[0] if fits else "None",
+        }
     adapters = sorted(ipadapter.scan(state.pool.store.root))
     out["IP-Adapter"] = {  # units with these modules are IP-Adapter image prompts (ip_units)
         "module_list": list(IP_MODULES),

@@ -10,8 +10,13 @@ accepted as a unit's ``module``) only while its weights are there.
   ImageNet mean / std) and the relative depth comes out as transformers' depth-estimation pipeline
   renders it: bicubic back to the image's size, then (d - min) / (max - min) * 255, white = near.
 
-Loaded once per folder and kept for the process (about 100 MB for the small model, outside
-KDIFF_MEMORY_BUDGET).
+- ``openpose``: OpenPose body keypoints drawn as the stick figure ControlNet's openpose models
+  read (``openpose_body``), from lllyasviel's ``body_pose_model.pth`` (huggingface
+  ``lllyasviel/Annotators``) at ``annotators/body_pose_model.pth`` or
+  ``annotators/openpose/body_pose_model.pth`` (the A1111 extension's downloads folder layout).
+
+Each network is loaded once per file and kept for the process (about 100 MB for the small depth
+model, 200 MB for the body pose model; outside KDIFF_MEMORY_BUDGET).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from . import openpose
 
 FOLDER = "annotators"
 DEPTH = "depth_anything"
@@ -43,7 +50,8 @@ def _depth_folder(root: Path) -> Path:
 def available(root: Path) -> list[str]:
     """The model-based modules whose weights are in the store."""
     d = _depth_folder(root)
-    return [DEPTH] if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else []
+    depth = [DEPTH] if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else []
+    return [*depth, *openpose.available(Path(root) / FOLDER)]
 
 
 @dataclass(frozen=True)
@@ -108,4 +116,6 @@ def depth_anything(root: Path, img: np.ndarray) -> np.ndarray:
 def run(root: Path, name: str, img: np.ndarray) -> np.ndarray:
     if name == DEPTH:
         return depth_anything(root, img)
+    if name in openpose.MODULES:
+        return openpose.run(Path(root) / FOLDER, name, img)
     raise KeyError(name)

@@ -1,0 +1,141 @@
+"""Image and map resizing with OpenCV's ``resize`` sampling rules, in numpy (no OpenCV at run time).
+
+The OpenPose annotator as A1111's extension and controlnet_aux run it resizes with
+``INTER_AREA`` when shrinking and ``INTER_LANCZOS4`` when growing, and its peaks and limbs are read
+off those resized maps, so the sampling must be OpenCV's to land on the same pixels. Each resize is
+separable: one weight matrix per axis, ``out = Wy @ img @ Wx.T``. The rules (OpenCV's documented
+behaviour):
+
+- Lanczos-4: output pixel ``d`` reads source ``f = (d + 0.5) * s - 0.5`` (``s = in / out``,
+  computed in float32 as OpenCV does), 8 taps ``floor(f) - 3 .. floor(f) + 4`` weighted by
+  ``sinc(t) sinc(t / 4)`` normalised to sum 1, the border replicated.
+- Area, shrinking on both axes: each output pixel is the mean of the source area it covers
+  (fractional cells weighted by their overlap).
+- Area with an axis that grows: OpenCV falls back to a 2-tap linear rule whose fraction is the
+  overlap ``(d + 1) - (floor(d * s) + 1) / s``, clamped at 0.
+- 8-bit images go through fixed point as OpenCV's 8-bit path does for the interpolating modes
+  (weights rounded to 1/2048, the result rounded half up from 22 fraction bits); the area mode
+  averages in float and rounds half to even.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+AREA, LANCZOS4 = "area", "lanczos4"
+_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
+
+
+def _lanczos4(fx: np.ndarray) -> np.ndarray:
+    """The 8 normalised Lanczos-4 weights for each fraction in [0, 1) ([n, 8], float32)."""
+    x = fx.astype(np.float64)[:, None]
+    t = x + 3 - np.arange(8)[None, :]  # distance from each tap
+    y = -t * math.pi / 4
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # sin(pi t) sin(pi t / 4) / (pi t / 4)^2 up to a common factor: the normalisation removes it
+        w = np.sin(math.pi * t) * np.sin(math.pi * t / 4) / (y * y)
+    w = w.astype(np.float32)
+    w /= w.sum(axis=1, dtype=np.float32, keepdims=True)
+    exact = fx < np.finfo(np.float32).eps  # an integer position reads its own pixel only
+    w[exact] = np.eye(8, dtype=np.float32)[3]
+    return w
+
+
+def _taps(n_in: int, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Scatter per-output taps ``first + k`` (clamped to the border) into an [out, in] matrix."""
+    n_out, k = weights.shape
+    mat = np.zeros((n_out, n_in), np.float64)
+    idx = np.clip(first[:, None] + np.arange(k)[None, :], 0, n_in - 1)
+    np.add.at(mat, (np.repeat(np.arange(n_out), k), idx.ravel()), weights.astype(np.float64).ravel())
+    return mat
+
+
+def _area_shrink(n_in: int, n_out: int) -> np.ndarray:
+    """Each output cell's mean over the source cells it overlaps."""
+    scale = n_in / n_out
+    mat = np.zeros((n_out, n_in), np.float64)
+    for d in range(n_out):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, n_in - f1)
+        s2 = min(math.floor(f2), n_in - 1)
+        s1 = min(math.ceil(f1), s2)
+        if s1 - f1 > 1e-3:
+            mat[d, s1 - 1] += np.float32((s1 - f1) / cell)
+        mat[d, s1:s2] += np.float32(1.0 / cell)
+        if f2 - s2 > 1e-3:
+            mat[d, s2] += np.float32(min(f2 - s2, 1.0, cell) / cell)
+    return mat
+
+
+@lru_cache(maxsize=64)
+def _axis(n_in: int, n_out: int, method: str, shrink_both: bool) -> np.ndarray:
+    """The [n_out, n_in] weights of one axis (read-only, cached: maps come in few sizes)."""
+    inv = n_out / n_in
+    scale = 1.0 / inv
+    d = np.arange(n_out, dtype=np.float64)
+    if method == AREA and shrink_both:
+        mat = _area_shrink(n_in, n_out)
+    elif method == AREA:
+        first = np.floor(d * scale).astype(np.int64)
+        fx = ((d + 1) - (first + 1) * inv).astype(np.float32)
+        fx = np.where(fx <= 0, np.float32(0), fx - np.floor(fx)).astype(np.float32)
+        mat = _taps(n_in, first, np.stack([1 - fx, fx], axis=1))
+    else:
+        f = ((d + 0.5) * scale - 0.5).astype(np.float32)
+        first = np.floor(f).astype(np.int64)
+        mat = _taps(n_in, first - 3, _lanczos4((f - first).astype(np.float32)))
+    mat.setflags(write=False)
+    return mat
+
+
+def _mats(shape: tuple[int, int], height: int, width: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+    h, w = shape
+    shrink_both = height <= h and width <= w
+    return _axis(h, height, method, shrink_both), _axis(w, width, method, shrink_both)
+
+
+def resize_maps(maps: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+    """Float maps [H, W] or [H, W, C] to [height, width(, C)] (float64)."""
+    if maps.shape[:2] == (height, width):
+        return maps.astype(np.float64)
+    my, mx = _mats(maps.shape[:2], height, width, method)
+    x = maps.astype(np.float64)
+    out = np.tensordot(my, x, axes=(1, 0))  # rows first, then columns
+    out = np.tensordot(mx, out, axes=(1, 1))  # [width, height, C...]
+    return np.swapaxes(out, 0, 1)
+
+
+def resize_u8(img: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
+    """An 8-bit image [H, W, C] to [height, width, C] with OpenCV's 8-bit rounding."""
+    if img.shape[:2] == (height, width):
+        return img.copy()
+    my, mx = _mats(img.shape[:2], height, width, method)
+    h, w = img.shape[:2]
+    if method == AREA and height <= h and width <= w:
+        out = resize_maps(img, height, width, method)
+        # OpenCV's vectorised 2x2 average rounds halves up; its other area paths round to even
+        halving = h == 2 * height and w == 2 * width
+        return np.clip(np.floor(out + 0.5) if halving else np.rint(out), 0, 255).astype(np.uint8)
+    one = 1 << _COEF_BITS
+    iy, ix = np.rint(my * one).astype(np.int64), np.rint(mx * one).astype(np.int64)
+    cols = np.swapaxes(np.tensordot(ix, img.astype(np.int64), axes=(1, 1)), 0, 1)  # [h, width, C]
+    if method == AREA:
+        # the 2-tap vertical pass in OpenCV's vectorised 8-bit form: 4 bits dropped before the
+        # 16-bit high multiply, then 2 more bits rounded off
+        out = np.zeros((height, *cols.shape[1:]), np.int64)
+        nz = [np.nonzero(row)[0] for row in iy]
+        for d, taps in enumerate(nz):
+            out[d] = sum(((cols[t] >> 4) * iy[d, t]) >> 16 for t in taps)
+        return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+    both = np.tensordot(iy, cols, axes=(1, 0))
+    half = 1 << (2 * _COEF_BITS - 1)
+    return np.clip((both + half) >> (2 * _COEF_BITS), 0, 255).astype(np.uint8)
+
+
+def method_for(h: int, w: int, height: float, width: float) -> str:
+    """The annotator's choice: area when the sizes shrink on the whole, Lanczos-4 when they grow."""
+    return AREA if (height + width) / (h + w) < 1 else LANCZOS4

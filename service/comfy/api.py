@@ -11,6 +11,7 @@ from service.sampling import aliases, registry
 
 from . import (  # noqa: F401  (each registers its nodes)
     nodes_cache,
+    nodes_clip_prep,
     nodes_control,
     nodes_image,
     nodes_ipadapter,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
@@ -21,6 +23,8 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from service.comfy import Comfy  # noqa: E402
 from service.comfy import ipadapter_names as names  # noqa: E402
 from service.comfy.executor import _nbytes  # noqa: E402
+from service.comfy.nodes_clip_prep import prep_for_clip  # noqa: E402
+from service.comfy.runtime import image_to_pil  # noqa: E402
 from service.comfy.testing import MemoryContext  # noqa: E402
 from service.comfy.values import IPAdapterUnit, ModelRef  # noqa: E402
 from service.image_gate import GatedImage  # noqa: E402
@@ -43,8 +47,6 @@ def ip_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ip-adapter-faceid_sd15: an MLP projection and LoRA'd attention) that no node may load."""
     out = tmp_path_factory.mktemp("ip") / "store"
     shutil.copytree(ip_store()[0], out)
-    import torch
-
     proj = {k: torch.zeros(4, 4) for k in ("proj.0.weight", "proj.2.weight", "norm.weight")}
     layers = {"0.to_q_lora.down.weight": torch.zeros(4, 4), "1.to_k_ip.weight": torch.zeros(4, 4)}
     save_adapter(out / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", proj, layers)
@@ -210,6 +212,16 @@ def test_unified_loader_and_ipadapter_equal_sample(ip_root: Path) -> None:
         got = await image_of(comfy, wf)
         want = await service_image(comfy, request(("ip-adapter_sd15", 1, 0.8, 0.25, 1.0)))
         assert np.array_equal(got, want)
+        # with cubiq's example's PrepImageForClipVision (LANCZOS, top, 0.15) between: /sample of that image
+        wf["12"] = {"class_type": "PrepImageForClipVision", "inputs": {"image": ["13", 0]}}
+        wf["12"]["inputs"] |= {"interpolation": "LANCZOS", "crop_position": "top", "sharpening": 0.15}
+        wf["11"]["inputs"]["image"] = ["12", 0]
+        prepped = await image_of(comfy, wf)
+        square = np.asarray(reference(1), dtype=np.float32)[None] / 255
+        cut = prep_for_clip(torch.from_numpy(square), "LANCZOS", "top", 0.15)[0]
+        refs = [IPAdapterRef("ip-adapter_sd15", GatedImage(image_to_pil(cut), "image"), 0.8, 0.25, 1.0)]
+        assert np.array_equal(prepped, await service_image(comfy, replace(request(), ip_adapters=refs)))
+        assert not np.array_equal(prepped, got)
         plain = await service_image(comfy, request())
         assert np.abs(got.astype(int) - plain).max() > 0  # the adapter did act
 
@@ -307,3 +319,37 @@ def test_missing_and_unserved_are_node_errors(ip_root: Path) -> None:
 
     comfy_: Any = None
     run(ip_root, scenario, models=["sd1"])
+
+
+def test_prep_image_for_clip_vision() -> None:
+    """cubiq's PrepImageForClipVision: the square at crop_position (or padded), truncated to 8 bits,
+    PIL-resized to 224; its sharpening is AMD's CAS, checked pixel by pixel against the formula
+    (3x3 cross and corner min / max, zero padding) written out as loops."""
+    from service.comfy.nodes_clip_prep import sharpen
+
+    src = reference(3, (40, 56))  # 40 wide, 56 high
+    image = torch.from_numpy(np.asarray(src, dtype=np.float32) / 255)[None]
+    for crop, box in (("top", (0, 0, 40, 40)), ("bottom", (0, 16, 40, 56)), ("center", (0, 8, 40, 48))):
+        want = np.asarray(src.crop(box).resize((224, 224), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+        got = prep_for_clip(image, "BICUBIC", crop, 0.0)[0].numpy()
+        assert np.array_equal(got, want), crop
+    padded = Image.new("RGB", (56, 56))
+    padded.paste(src, (8, 0))
+    want = np.asarray(padded.resize((224, 224), Image.Resampling.LANCZOS), dtype=np.float32) / 255
+    assert np.array_equal(prep_for_clip(image, "LANCZOS", "pad", 0.0)[0].numpy(), want)
+
+    x = torch.rand(1, 1, 5, 6, generator=torch.Generator().manual_seed(0))
+    amount = 0.15
+    p = np.pad(x[0, 0].numpy().astype(np.float64), 1)
+    ref = np.zeros((5, 6))
+    for i in range(5):
+        for j in range(6):
+            n = p[i : i + 3, j : j + 3]
+            cross = [n[0, 1], n[1, 0], n[1, 1], n[1, 2], n[2, 1]]
+            diag = [n[0, 0], n[0, 2], n[2, 0], n[2, 2]]
+            lo, hi = min(cross) + min(diag), max(cross) + max(diag)
+            amp = np.sqrt(min(lo, 2 - hi) / hi)
+            w = -amp * (1 / 8 + amount * (1 / 5 - 1 / 8))
+            ref[i, j] = np.clip((w * (n[0, 1] + n[1, 0] + n[1, 2] + n[2, 1]) + n[1, 1]) / (1 + 4 * w), 0, 1)
+    assert np.allclose(sharpen(x, amount)[0, 0].numpy(), ref, atol=1e-6)
+    assert not np.allclose(ref, x[0, 0].numpy(), atol=1e-3)  # it did sharpen

@@ -54,6 +54,7 @@ IPADAPTER_NODES = {
     "IPAdapterUnifiedLoader",
     "IPAdapter",
     "IPAdapterAdvanced",
+    "PrepImageForClipVision",
 }
 KEYS = {
     "input",

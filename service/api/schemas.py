@@ -111,8 +111,9 @@ class ControlNetRef(BaseModel):
     pixel_perfect: bool = Field(False, description="preprocessor resolution from the generation size")
     control_type: str | int | None = Field(
         None,
-        description="union ControlNets: the image's control type (openpose, depth, softedge, canny, "
-        "normal, segment, tile, repaint; ComfyUI's and A1111's names; 0-7); default auto",
+        description="union ControlNets: the image's control type (SDXL: openpose, depth, softedge, canny, "
+        "normal, segment, tile, repaint; ComfyUI's and A1111's names; 0-7; default auto; Flux union: "
+        "canny, tile, depth, blur, pose, gray, lq or its number, required)",
     )
     images: list[UnionImageBody] = Field(
         default_factory=list,

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # Inductor reorders reductions: float32 results differ from eager only by rounding.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 HALF_TOLERANCE = 2e-2  # float16 / bfloat16 networks
-EAGER_KEYS = ("control_hint", "control_unit", "ip_tokens", "ip_unit")  # ControlNet / IP-Adapter rows: eager
+# ControlNet (SD: hint, Flux: latent) / IP-Adapter rows: eager
+EAGER_KEYS = ("control_hint", "control_unit", "control_latent", "ip_tokens", "ip_unit")
 
 
 def default_buckets(max_rows: int) -> list[int]:

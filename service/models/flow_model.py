@@ -14,11 +14,14 @@ a negative prompt or cfg_scale != 1 on Flux is a 422.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from service.models.controlnet import ControlSet, scan
+from service.models.controlnet.flux_units import FluxControlSet, t_scale
 from service.models.flow_loader import FlowComponents, load_flow_diffusers
 from service.models.flow_nets import FluxVelocity, SD3Velocity
 from service.models.flow_text import FlowPromptEncoder
@@ -70,6 +73,8 @@ class FlowModel(TextImageModel):
             seq, top, lo, hi = dynamic
             base_shift = flux_shift(lat * lat, int(seq), int(top), lo, hi)
         velocity = FluxVelocity(self.transformer) if flux else SD3Velocity(self.transformer)
+        self.velocity = velocity
+        self.controls: FluxControlSet | None = None  # Flux: the store's ControlNets (attach_controls)
         self.denoiser = FlowDenoiser(
             velocity,  # type: ignore[arg-type]
             shift=base_shift,
@@ -137,7 +142,51 @@ class FlowModel(TextImageModel):
         uncond = None
         if self.uses_cfg and req.cfg_scale != 1.0:
             uncond = self._rows(req.negative_prompt or "", req.n, req.clip_skip, g)
+        self._control_rows(req, cond)
         return cond, uncond
+
+    # --- ControlNet (Flux) ---
+    def attach_controls(self, manifest: Manifest, reserve: Callable[[int], None] | None = None) -> None:
+        """Flux: the store's ``controlnet/`` Flux ControlNets, applied per row inside the transformer
+        call; ``reserve``: the memory budget each one is loaded within (LoadedModel.reserve_memory)."""
+        if self.family != "flux":
+            return
+        self.controls = FluxControlSet(
+            manifest.folder.parent,
+            self.transformer,
+            self.encode_image,
+            self.device,
+            self.dtype,
+            manifest.name,
+            self.default_guidance,
+            reserve=reserve,
+        )
+        self.velocity.controls = self.controls
+
+    def _control_rows(self, req: TextRequest, cond: dict[str, Tensor]) -> None:
+        """Every row carries the ControlNet keys once the store has ControlNets (rows with units and
+        rows without share calls); a request's units fill its rows' slots (Flux: no uncond rows)."""
+        units = None if req.fields is None else req.fields.controlnets
+        if self.controls is None or not (units or scan(self.controls.root)):
+            if units:
+                raise InputError("controlnets", "this model takes no ControlNet units", [])
+            return
+        if units and getattr(req.fields, "cache", None) is not None:
+            raise InputError(
+                "cache", "a request with Flux ControlNet units takes no step cache: omit cache", []
+            )
+        height, width = req.size
+        prepared = self.controls.prepare_flux(list(units or []), height, width)
+        lat = (height // self.vae_scale // 2) * (width // self.vae_scale // 2)
+        cond.update(self.controls.flux_rows(prepared, req.n, (lat, int(self.transformer.config.in_channels))))
+
+    def bind_driver(self, driver: Any) -> None:
+        """ControlNet units' guidance_start / guidance_end -> each row's window of 1000 t."""
+        ControlSet.bind_schedule(driver.cond, driver.sigmas, t_scale)
+
+    def conditioning_fields(self) -> frozenset[str]:
+        extra = {"controlnets"} if self.controls is not None else set()
+        return super().conditioning_fields() | extra
 
 
 def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> FlowModel:
@@ -169,7 +218,10 @@ def load_model(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
 
 def load_flow(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The model store's loader for kinds "sd3" and "flux" (``text_model``: the FlowModel)."""
-    return load_model(manifest, device, dtype).loaded(manifest)
+    m = load_model(manifest, device, dtype)
+    loaded = m.loaded(manifest)
+    m.attach_controls(manifest, loaded.reserve_memory)  # Flux: its ControlNets count in its memory
+    return loaded
 
 
 register_loader("sd3", load_flow)

@@ -34,11 +34,13 @@ class Velocity(nn.Module):
     ) -> Tensor:
         cache = extra.pop("cache", None)
         kw = self.inputs(x, t, context, pooled, **extra)
+        return self.output(self.run(kw, cache).to(x.dtype), x)
+
+    def run(self, kw: dict[str, Any], cache: Tensor | None) -> Tensor:
+        """The transformer's output for its inputs ``kw`` (rows with a live step cache: ``cached``)."""
         if live(cache):
-            out = type(self).cached(self.transformer, cache, **kw)
-        else:
-            out = self.transformer(**kw, return_dict=False)[0]
-        return self.output(out.to(x.dtype), x)
+            return type(self).cached(self.transformer, cache, **kw)  # type: ignore[no-any-return]
+        return self.transformer(**kw, return_dict=False)[0]  # type: ignore[no-any-return]
 
     def inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor) -> dict[str, Any]:
         raise NotImplementedError
@@ -80,11 +82,38 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 class FluxVelocity(Velocity):
+    """Flux's transformer; with ``controls`` (a FluxControlSet: the store has ControlNets) each row's
+    ControlNet residuals (controlnet/flux_units.py) are added after the transformer's blocks."""
+
     cached = staticmethod(flux_forward)
+    controls: Any = None
 
     def __init__(self, transformer: Any) -> None:
         super().__init__(transformer)
         self.guided = bool(transformer.config.guidance_embeds)
+
+    def forward(
+        self, x: Tensor, t: Tensor, *, context: Tensor, pooled: Tensor, **extra: Tensor | None
+    ) -> Tensor:
+        latent, unit = extra.pop("control_latent", None), extra.pop("control_unit", None)
+        if self.controls is None or latent is None or unit is None:
+            return super().forward(x, t, context=context, pooled=pooled, **extra)
+        cache = extra.pop("cache", None)
+        kw = self.inputs(x, t, context, pooled, **extra)
+        res = self.controls.residuals(kw, latent, unit)
+        if res is None:
+            return self.output(self.run(kw, cache).to(x.dtype), x)
+        control = {"controlnet_block_samples": res[0], "controlnet_single_block_samples": res[1]}
+        if not live(cache):
+            return self.output(self.transformer(**kw, **control, return_dict=False)[0].to(x.dtype), x)
+        # rows with a step cache have no ControlNet unit (a request cannot ask for both): they run
+        # the cached forward, the others the plain one with their residuals
+        cached = cache[:, 0] != 0
+        out = torch.empty(x.shape[0], *kw["hidden_states"].shape[1:], dtype=self.dtype, device=x.device)
+        out[cached] = self.run(_rows(kw, cached), cache[cached])
+        plain = ~cached
+        out[plain] = self.transformer(**_rows(kw, plain), **_rows(control, plain), return_dict=False)[0]
+        return self.output(out.to(x.dtype), x)
 
     def inputs(  # type: ignore[override]  # Flux-dev adds its distilled guidance
         self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, guidance: Tensor | None = None
@@ -102,3 +131,24 @@ class FluxVelocity(Velocity):
 
     def output(self, out: Tensor, x: Tensor) -> Tensor:
         return unpack(out, *x.shape[-2:])
+
+
+def _rows(kw: dict[str, Any], index: Tensor) -> dict[str, Any]:
+    """The transformer inputs of some rows: per-row tensors (and lists of them) indexed, the token
+    ids (shared by all rows) and None kept."""
+    memo: dict[int, Tensor] = {}
+
+    def take(v: Tensor) -> Tensor:
+        if id(v) not in memo:  # the ControlNet lists share tensors between blocks
+            memo[id(v)] = v[index]
+        return memo[id(v)]
+
+    out: dict[str, Any] = {}
+    for k, v in kw.items():
+        if isinstance(v, list):
+            out[k] = [take(e) for e in v]
+        elif isinstance(v, Tensor) and k not in ("txt_ids", "img_ids"):
+            out[k] = take(v)
+        else:
+            out[k] = v
+    return out

@@ -88,7 +88,7 @@ class ControlNetRef:
     threshold_a: float | None = None
     threshold_b: float | None = None
     pixel_perfect: bool = False
-    # union ControlNets (ControlNet-Union SDXL): the image's control type (None: auto), more images
+    # union ControlNets (SDXL, Flux): the image's control type (None: auto), more images
     control_type: str | int | None = None
     images: tuple[UnionImage, ...] = ()
 

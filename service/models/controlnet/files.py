@@ -73,10 +73,28 @@ def _weights(folder: Path) -> Path:
     return next(folder / w for w in WEIGHTS if (folder / w).is_file())
 
 
+read_tensors, weights = _read_tensors, _weights  # the Flux ControlNet folders' loader reads with these
+
+
+def kind(info: ControlNetFile) -> str:
+    """ "flux" for a diffusers FluxControlNetModel folder, else "sd" (what its config says, unread
+    weights; an unreadable config is "sd" and fails where it loads)."""
+    if info.path.is_dir():
+        try:
+            raw = json.loads((info.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return "sd"
+        if isinstance(raw, dict) and raw.get("_class_name") == "FluxControlNetModel":
+            return "flux"
+    return "sd"
+
+
 def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
     """The config and the diffusers-named state dict of a ControlNet file or folder."""
     if info.path.is_dir():
         raw_cfg: dict[str, Any] = json.loads((info.path / "config.json").read_text())
+        if raw_cfg.get("_class_name") == "FluxControlNetModel":
+            raise ControlNetConfigError(f"{info.name} is a Flux ControlNet (FluxControlNetModel)")
         sd = _read_tensors(_weights(info.path))
         kind = UnionConfig if is_union(raw_cfg) else ControlNetConfig  # ControlNet-Union (union.py)
         return kind.from_dict(raw_cfg), sd

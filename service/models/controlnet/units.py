@@ -177,12 +177,13 @@ class ControlSet:
     def _load(self, info: files.ControlNetFile, field: str, known: list[str]) -> ControlNet:
         """Load a ControlNet within the memory budget: its file's size is reserved first (the pool
         evicts idle models or refuses), then corrected to the bytes it holds once loaded."""
+        self._check_kind(info, field, known)
         need = files.size(info)
         if self.reserve is not None:
             self.reserve(need)
         held = 0
         try:
-            net = files.load(info, self.device, self.dtype)
+            net = self._build(info)
             self._check_base(net, info.name, field)
             held = files.held_bytes(net)
         except files.ControlNetError as exc:
@@ -191,6 +192,19 @@ class ControlSet:
             if self.reserve is not None:
                 self.reserve(held - need)
         return net
+
+    def _check_kind(self, info: files.ControlNetFile, field: str, known: list[str]) -> None:
+        """Before reading its weights: a Flux ControlNet (flux_units.py) does not fit a UNet."""
+        if files.kind(info) == "flux":
+            raise InputError(
+                f"{field}.model",
+                f"ControlNet {info.name!r} is for Flux, but model {self.model!r} is "
+                f"{files.family(dict(self.unet_config))}",
+                known,
+            )
+
+    def _build(self, info: files.ControlNetFile) -> Any:
+        return files.load(info, self.device, self.dtype)
 
     def held_bytes(self) -> int:
         """The bytes the loaded ControlNets hold."""

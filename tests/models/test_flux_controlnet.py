@@ -1,0 +1,305 @@
+"""Flux ControlNet (diffusers' FluxControlNetModel: InstantX-, union- and XLabs-style) on a tiny random
+Flux-dev and tiny ControlNets saved in the diffusers layout (tests/support/flux_controlnet_tiny.py):
+
+- over HTTP against diffusers' FluxControlNetPipeline (same seed noise, its own sigmas and shift,
+  the control image VAE-encoded and packed by the pipeline) within 2/255, one unit, a union unit with
+  its control mode, an XLabs-style unit, and two units as FluxMultiControlNetModel sums them;
+- rows mixing none / A / B / A+B / union / XLabs, each with its own guidance window, in one
+  transformer call equal each row alone within 1e-5 (one ControlNet call per ControlNet);
+- a Flux ControlNet named for an SD model, an SD ControlNet for the Flux model, and the unit fields
+  Flux does not take -> 422 naming them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
+
+from service.models.controlnet import UNIT, ControlSet  # noqa: E402
+from service.models.controlnet.flux_units import LATENT, t_scale  # noqa: E402
+from service.models.flow_nets import pack  # noqa: E402
+from service.models.store import ModelStore  # noqa: E402
+from service.sampling.noise import NoiseSource  # noqa: E402
+from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
+from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
+from tests.support.controlnet_tiny import make_controlnet, save_folder  # noqa: E402
+from tests.support.flow_tiny import T5_LEN  # noqa: E402
+from tests.support.flux_controlnet_tiny import SIZE, add_flux_controlnets, save_flux  # noqa: E402
+from tests.support.sd_tiny import save_diffusers, write_manifest  # noqa: E402
+
+STEPS, SEED, PROMPT, GUIDANCE = 4, 11, "a red cat", 3.5
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("flux-cn")
+    save_flux(root / "fluxcn")
+    save_diffusers(root / "sd1")
+    write_manifest(root / "sd1")
+    nets = add_flux_controlnets(root)
+    save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_sd")
+    return root, nets
+
+
+@pytest.fixture(scope="module")
+def client(root: tuple[Path, dict[str, Any]]) -> Iterator[TestClient]:
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    with TestClient(create_app(Settings(model_store=root[0], torch_threads=1, batch_wait_ms=0))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def flux(root: tuple[Path, dict[str, Any]]) -> Any:
+    return ModelStore(root[0]).load("fluxcn").text_model  # type: ignore[attr-defined]
+
+
+def _post(client: TestClient, **body: Any) -> Any:
+    return client.post(
+        "/sample", json={"model": "fluxcn", "prompt": PROMPT, "steps": STEPS, "seed": SEED, **body}
+    )
+
+
+def _pixels(out: Any) -> np.ndarray:
+    assert out.status_code == 200, out.text
+    return np.asarray(png_image(out.json()["images"][0]), dtype=np.int16)
+
+
+def _pipeline(flux: Any, root: Path, controlnet: Any) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+
+    c = flux.components
+    pipe = FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(root / "fluxcn" / "scheduler")),
+        vae=c.vae,
+        text_encoder=c.text_encoders["text_encoder"],
+        tokenizer=c.tokenizers["tokenizer"],
+        text_encoder_2=c.text_encoders["text_encoder_2"],
+        tokenizer_2=c.tokenizers["tokenizer_2"],
+        transformer=c.transformer,
+        controlnet=controlnet,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# (our units, the pipeline's ControlNet(s) by name, its keyword arguments)
+CASES = {
+    "instantx": (
+        [{"model": "fcn_a", "image": 1, "weight": 0.8, "guidance_start": 0.5}],
+        "fcn_a",
+        {"controlnet_conditioning_scale": 0.8, "control_guidance_start": 0.5},
+    ),
+    "union": (
+        [{"model": "fcn_union", "image": 2, "weight": 0.9, "control_type": "depth"}],
+        "fcn_union",
+        {"controlnet_conditioning_scale": 0.9, "control_mode": 2},
+    ),
+    "xlabs": (
+        [{"model": "fcn_xlabs", "image": 3, "weight": 0.7}],
+        "fcn_xlabs",
+        {"controlnet_conditioning_scale": 0.7},
+    ),
+    "multi_union": (
+        [
+            {"model": "fcn_union", "image": 4, "weight": 0.6, "control_type": "canny"},
+            {"model": "fcn_union", "image": 5, "weight": 0.9, "control_type": 4},
+        ],
+        ["fcn_union"],
+        # windows per image: with one union net diffusers' pipeline otherwise keeps one scale (one image)
+        {
+            "controlnet_conditioning_scale": [0.6, 0.9],
+            "control_mode": [0, 4],
+            "control_guidance_start": [0.0, 0.0],
+            "control_guidance_end": [1.0, 1.0],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_http_matches_diffusers_flux_controlnet_pipeline(
+    client: TestClient, root: tuple[Path, dict[str, Any]], flux: Any, case: str
+) -> None:
+    from diffusers import FluxMultiControlNetModel
+
+    units, names, kwargs = CASES[case]
+    units = [{**u, "image": control_png(int(u["image"]))} for u in units]
+    nets = root[1]
+    controlnet = (
+        FluxMultiControlNetModel([nets[n] for n in names]) if isinstance(names, list) else nets[names]
+    )
+    images = [png_image(u["image"]) for u in units]
+    noise = NoiseSource([SEED]).randn((4, SIZE // 8, SIZE // 8))
+    with torch.inference_mode():
+        ref = _pipeline(flux, root[0], controlnet)(
+            PROMPT,
+            control_image=images if isinstance(names, list) else images[0],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            latents=pack(noise),
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            max_sequence_length=T5_LEN,
+            **kwargs,
+        ).images[0]
+    want = np.round(ref * 255).astype(np.int16)
+    ours = _pixels(_post(client, sampler="euler", schedule="flow", guidance=GUIDANCE, controlnets=units))
+    assert np.abs(ours - want).max() <= 2, float(np.abs(ours - want).max())
+    if case == "instantx":  # the unit changed the image (far past the tolerance)
+        plain = _pixels(_post(client, sampler="euler", schedule="flow", guidance=GUIDANCE))
+        assert np.abs(plain - want).max() > 20
+
+
+def _cond(flux: Any, units: list[ControlNetRef]) -> dict[str, torch.Tensor]:
+    fields = GenerationRequest(controlnets=units)
+    inputs = flux.job_inputs(PROMPT, n=1, width=SIZE, height=SIZE, guidance=GUIDANCE, fields=fields)
+    return inputs.cond  # type: ignore[no-any-return]
+
+
+def test_mixed_rows_share_a_call_and_equal_each_alone(flux: Any) -> None:
+    """none / A / B / A+B / union / XLabs rows, each with its own guidance window bound to the same
+    4-step schedule, in one transformer call at different times: each row as alone (1e-5), one call
+    per ControlNet, and a row without a unit is the plain transformer's."""
+    rows_units = [
+        [],
+        [ControlNetRef("fcn_a", control_png(1))],
+        [ControlNetRef("fcn_b", control_png(2), weight=0.6, guidance_end=0.5)],
+        [
+            ControlNetRef("fcn_a", control_png(3), weight=1.2),
+            ControlNetRef("fcn_b", control_png(4), weight=0.5),
+        ],
+        [ControlNetRef("fcn_union", control_png(5), control_type="pose", guidance_start=0.25)],
+        [ControlNetRef("fcn_xlabs", control_png(6), weight=0.7, guidance_start=0.5)],
+    ]
+    rows = [_cond(flux, u) for u in rows_units]
+    assert all(set(r) == set(rows[0]) and LATENT in r for r in rows)  # every row carries the keys
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.3, 0.0])
+    for r in rows:
+        ControlSet.bind_schedule(r, sigmas, t_scale)
+    n = len(rows)
+    x = torch.randn(n, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    # row 2 at step 3 (3/4 > its end 0.5: past its window), rows 4 and 5 at steps 2 and 3 (in theirs)
+    t = torch.tensor([1.0, 0.8, 0.3, 0.8, 0.6, 0.3])
+    calls: list[int] = []
+    for net in flux.controls.nets:
+        net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    with torch.inference_mode():
+        cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        together = flux.denoiser(x, t, **cond)
+        assert sorted(calls) == [1, 1, 1, 2]  # fcn_a: rows 1, 3; fcn_b: row 3; union: 4; xlabs: 5
+        alone = torch.cat(
+            [
+                flux.denoiser(x[i : i + 1], t[i : i + 1], **{k: v[i : i + 1] for k, v in cond.items()})
+                for i in range(n)
+            ]
+        )
+        plain = {k: v for k, v in cond.items() if k not in (LATENT, UNIT)}
+        bare = flux.denoiser(x, t, **plain)
+        first = flux.denoiser(x[:1], t[:1], **{k: v[:1] for k, v in plain.items()})
+    assert float((together - alone).abs().max()) <= 1e-5
+    assert torch.equal(alone[:1], first)  # a row without a unit is the plain transformer's
+    moved = (alone - bare).flatten(1).abs().amax(1)
+    assert float(moved[0]) <= 1e-6 and float(moved[2]) <= 1e-6  # no unit; fcn_b past its window
+    assert all(float(moved[i]) > 1e-3 for i in (1, 3, 4, 5))
+
+
+def test_flux_controlnet_for_an_sd_model_and_sd_controlnet_for_flux_are_422(client: TestClient) -> None:
+    image = control_png(1)
+    r = client.post(
+        "/sample",
+        json={
+            "model": "sd1",
+            "prompt": PROMPT,
+            "steps": 2,
+            "controlnets": [{"model": "fcn_a", "image": image}],
+        },
+    )
+    assert r.status_code == 422, r.text
+    assert "fcn_a" in r.text and "Flux" in r.text and "controlnets[0].model" in r.text
+    r = _post(client, steps=2, controlnets=[{"model": "cn_sd", "image": image}])
+    assert r.status_code == 422, r.text
+    assert (
+        "cn_sd" in r.text and "is for SD" in r.text and "Flux" in r.text and "controlnets[0].model" in r.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("unit", "field", "words"),
+    [
+        ({"model": "fcn_union"}, "control_type", "canny"),
+        ({"model": "fcn_union", "control_type": "sketch"}, "control_type", "lq"),
+        ({"model": "fcn_union", "control_type": "Unknown"}, "control_type", "pose"),
+        ({"model": "fcn_a", "control_mode": "ControlNet is more important"}, "control_mode", "Balanced"),
+        ({"model": "nope"}, "model", "fcn_xlabs"),
+    ],
+)
+def test_bad_flux_units_are_422_naming_the_field(
+    client: TestClient, unit: dict[str, Any], field: str, words: str
+) -> None:
+    r = _post(client, steps=2, controlnets=[{"image": control_png(1), **unit}])
+    assert r.status_code == 422, r.text
+    assert f"controlnets[0].{field}" in r.text and words in r.text, r.text
+
+
+def test_step_cache_with_flux_units_is_422(client: TestClient) -> None:
+    r = _post(
+        client,
+        steps=2,
+        cache={"method": "fbcache"},
+        controlnets=[{"model": "fcn_a", "image": control_png(1)}],
+    )
+    assert r.status_code == 422 and "cache" in r.text, r.text
+
+
+def test_a1111_alwayson_unit_on_flux_is_our_unit(client: TestClient) -> None:
+    """sd-webui-controlnet's unit (as Forge sends it for Flux) through /sdapi/v1/txt2img equals
+    /sample with the same unit."""
+    image = control_png(7)
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={
+            "prompt": PROMPT,
+            "steps": STEPS,
+            "seed": SEED,
+            "sampler_name": "Euler",
+            "cfg_scale": 1,
+            "width": SIZE,
+            "height": SIZE,
+            "override_settings": {"sd_model_checkpoint": "fluxcn"},
+            "alwayson_scripts": {
+                "ControlNet": {
+                    "args": [
+                        {
+                            "enabled": True,
+                            "module": "none",
+                            "model": "fcn_a [0123abcd]",
+                            "weight": 0.8,
+                            "image": image,
+                            "resize_mode": "Just Resize",
+                            "guidance_start": 0.25,
+                            "guidance_end": 1.0,
+                            "control_mode": "Balanced",
+                            "processor_res": -1,
+                        }
+                    ]
+                }
+            },
+        },
+    )
+    assert r.status_code == 200, r.text
+    a1111 = np.asarray(png_image(r.json()["images"][0]), dtype=np.int16)
+    unit = {"model": "fcn_a", "image": image, "weight": 0.8, "guidance_start": 0.25, "resize_mode": 0}
+    ours = _pixels(_post(client, sampler="euler", controlnets=[unit]))
+    assert np.abs(a1111 - ours).max() <= 1

@@ -1,0 +1,122 @@
+"""A tiny random Flux-dev model and tiny random Flux ControlNets saved in the diffusers layout.
+
+The Flux model has 3 double and 2 single blocks (so ControlNets with fewer blocks exercise the
+interval rule) and a 4-level VAE (8 px per latent, Flux's): 64 x 64 images are 8 x 8 latents, 16
+packed tokens. Its VAE's posterior has a negligible spread (log-variance -30) so diffusers'
+FluxControlNetPipeline, which encodes the control image with a posterior *sample*, gets the mean we
+encode. The ControlNets (``model_store/controlnet/<name>/config.json`` with ``_class_name:
+FluxControlNetModel`` + ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes them):
+
+- ``fcn_a``: InstantX-style, 2 double + 1 single blocks, guidance embedding (FLUX.1-dev ones have it);
+- ``fcn_b``: 1 double block, no single blocks, no guidance embedding;
+- ``fcn_union``: a union model (``num_mode``: 10, as InstantX's union config);
+- ``fcn_xlabs``: XLabs-style (``conditioning_embedding_channels``: its own image embedding,
+  residuals repeated over the double blocks).
+
+diffusers zero-initialises the output layers; these get random values so every residual matters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.support.flow_tiny import T5_LEN, make_flow_components, tiny_flux_config
+from tests.support.flow_tiny import _vae as flow_vae
+from tests.support.sd_tiny import write_tokenizer
+
+SIZE = 64
+NETS = ("fcn_a", "fcn_b", "fcn_union", "fcn_xlabs")
+
+
+def _vae() -> Any:
+    """flow_tiny's VAE with two more levels (8 px per latent)."""
+    from diffusers import AutoencoderKL
+
+    cfg = dict(flow_vae(5).config)
+    cfg.update(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=SIZE,
+    )
+    torch.manual_seed(5)
+    vae = AutoencoderKL.from_config(cfg).eval()
+    with torch.no_grad():  # the posterior's log-variance: -30 everywhere (a sample is the mean)
+        vae.quant_conv.weight[4:].zero_()
+        vae.quant_conv.bias[4:].fill_(-30.0)
+    return vae
+
+
+def flux_transformer_config() -> dict[str, Any]:
+    return {**tiny_flux_config(True), "num_layers": 3, "num_single_layers": 2}
+
+
+def save_flux(folder: Path) -> Path:
+    """Flux-dev (guidance embedding) in the diffusers layout, with a manifest (64 px, euler, flow)."""
+    from diffusers import FluxTransformer2DModel
+
+    vocab = write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2")
+    comps = make_flow_components("flux", vocab, guidance=True)
+    torch.manual_seed(1)
+    tr = FluxTransformer2DModel(**flux_transformer_config())
+    with torch.no_grad():
+        tr.proj_out.weight.normal_(0, 0.02)
+        tr.proj_out.bias.zero_()
+    comps.update(transformer=tr.eval(), vae=_vae())
+    index: dict[str, Any] = {"_class_name": "FluxPipeline"}
+    for name, part in comps.items():
+        part.save_pretrained(str(folder / name))
+        index[name] = [
+            "transformers" if name.startswith("text_encoder") else "diffusers",
+            type(part).__name__,
+        ]
+    index.update(tokenizer=["transformers", "CLIPTokenizer"], tokenizer_2=["transformers", "CLIPTokenizer"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    manifest = {
+        "name": folder.name,
+        "kind": "flux",
+        "description": "tiny random Flux-dev with ControlNets",
+        "defaults": {"sampler": "euler", "schedule": "flow", "steps": 4, "width": SIZE, "height": SIZE},
+        "max_size": 128,
+        "max_sequence_length": T5_LEN,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def make_flux_controlnet(name: str) -> Any:
+    """The diffusers FluxControlNetModel ``name`` (see the module docstring), random outputs."""
+    from diffusers import FluxControlNetModel
+
+    base = tiny_flux_config(True)
+    over: dict[str, Any] = {
+        "fcn_a": {"num_layers": 2, "num_single_layers": 1},
+        "fcn_b": {"num_layers": 1, "num_single_layers": 0, "guidance_embeds": False},
+        "fcn_union": {"num_layers": 1, "num_single_layers": 1, "num_mode": 10},
+        "fcn_xlabs": {
+            "num_layers": 2,
+            "num_single_layers": 0,
+            "conditioning_embedding_channels": 4,
+            "patch_size": 2,
+        },
+    }[name]
+    torch.manual_seed(NETS.index(name) + 20)
+    net = FluxControlNetModel(**{**base, **over}).eval()
+    with torch.no_grad():
+        for key, p in net.named_parameters():
+            if key.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return net
+
+
+def add_flux_controlnets(store: Path) -> dict[str, Any]:
+    """The Flux ControlNets in ``store/controlnet/``; returns the diffusers networks (the oracles)."""
+    nets = {name: make_flux_controlnet(name) for name in NETS}
+    for name, net in nets.items():
+        net.save_pretrained(str(store / "controlnet" / name), safe_serialization=True)
+    return nets

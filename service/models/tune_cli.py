@@ -4,6 +4,9 @@ For each (sampler, NFE) it runs :func:`service.sampling.tuning.tune` (teacher tr
 schedule, Levenberg-Marquardt on the log-sigmas; after Optimal Stepsize Distillation, Pei et al. 2025)
 on seeded calibration noise, measures the RMS error to the teacher on held-out noise for karras and
 the tuned sigmas, and writes ``<model>/schedules/<sampler>-<nfe>.json`` and a plot against karras.
+A sampler with fitted coefficients (``ipndm_tuned``) gets them fitted with its sigmas (``tune(...,
+solver=True)``); its file records them, the options they were fitted at, and the held-out error of
+the schedule alone next to the solver's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=8, help="Levenberg-Marquardt iterations per start")
     p.add_argument("--starts", type=int, default=1, help="fixed schedules to start from (best first)")
     p.add_argument("--method", default="lm", choices=["lm", "search"])
+    p.add_argument("--options", default="", help="sampler options, e.g. max_order=3 (ipndm_tuned)")
+    p.add_argument("--reg", type=float, help="tuned solver: coefficient penalty (default: by validation)")
     p.add_argument("--device", default="cpu")
     add_threads(p)
     p.add_argument("--out", help="folder for the files (default: the model's schedules/ folder)")
@@ -83,15 +88,16 @@ def _run(args: argparse.Namespace) -> int:
     from service.sampling import registry
     from service.sampling.noise import NoiseSource
     from service.sampling.stepper import run
-    from service.sampling.tuning import deterministic_options, steps_for_nfe, tune
+    from service.sampling.tuning import deterministic_options, steps_for_nfe, takes_coefficients, tune
 
     set_threads(args)
     samplers = [s.strip() for s in args.sampler.split(",") if s.strip()]
     nfes = [int(v) for v in args.nfe.split(",") if v.strip()]
-    for s in samplers:  # bad names and budgets fail before the model loads
+    options = _options(args.options)
+    for s in samplers:  # bad names, options and budgets fail before the model loads
         info = registry.get_sampler(s)
         for nfe in nfes:
-            steps_for_nfe(info, nfe, deterministic_options(info))
+            steps_for_nfe(info, nfe, deterministic_options(info, options))
     model = ModelStore(args.model_store).load(args.model, args.device)
     den = model.denoiser
     lo, hi = float(den.sigma_min), float(den.sigma_max)
@@ -131,6 +137,9 @@ def _run(args: argparse.Namespace) -> int:
                 method=args.method,
                 iters=args.iters,
                 starts=args.starts,
+                options=options,
+                solver=takes_coefficients(registry.get_sampler(sampler)),
+                reg=args.reg,
                 progress=progress,
             )
             bar.update(args.iters * args.starts - done)
@@ -142,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             "nfe": nfe,
             "steps": res.steps,
             "sigmas": [float(v) for v in res.sigmas],
+            **({} if res.coefficients is None else {"coefficients": res.coefficients}),
             "options": res.options,
             "method": {
                 "name": "lm" if args.method == "lm" else "search",
@@ -152,6 +162,7 @@ def _run(args: argparse.Namespace) -> int:
                 "iterations": res.iterations,
                 "starts": args.starts,
                 "teacher": res.teacher,
+                **_solver_method(res),
             },
             "calibration": {
                 "n": n,
@@ -161,7 +172,12 @@ def _run(args: argparse.Namespace) -> int:
             },
             "error": {
                 "metric": "RMS distance to the teacher's x0",
-                "calibration": {"karras": res.rms_karras, "init": res.rms_init, "tuned": res.rms_tuned},
+                "calibration": {
+                    "karras": res.rms_karras,
+                    "init": res.rms_init,
+                    **({} if res.rms_schedule is None else {"schedule": res.rms_schedule}),
+                    "tuned": res.rms_tuned,
+                },
                 "heldout": held,
             },
             "cost": {
@@ -175,14 +191,36 @@ def _run(args: argparse.Namespace) -> int:
         path = out_dir / f"{sampler}-{nfe}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         _plot(record, den, lo, hi, path.with_suffix(".png"))
+        sched = f" -> schedule alone {held['schedule']:.4f}" if "schedule" in held else ""
         tqdm.write(
-            f"{sampler} {nfe} NFE: RMS to teacher (held-out) karras {held['karras']:.4f} -> tuned "
+            f"{sampler} {nfe} NFE: RMS to teacher (held-out) karras {held['karras']:.4f}{sched} -> tuned "
             f"{held['tuned']:.4f}; {res.seconds:.1f}s, {calls} model calls; wrote {path}",
             file=sys.stderr,
         )
     bar.close()
     print(f"tuned {len(jobs)} schedule(s) in {time.perf_counter() - total_t:.1f}s -> {out_dir}")
     return 0
+
+
+def _options(text: str) -> dict[str, Any]:
+    """``max_order=3,x=0.5`` -> {"max_order": 3, "x": 0.5}."""
+    out: dict[str, Any] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, _, value = item.partition("=")
+        out[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+    return out
+
+
+def _solver_method(res: Any) -> dict[str, Any]:
+    """How a tuned solver's coefficients were fitted (nothing for a schedule alone)."""
+    if res.coefficients is None:
+        return {}
+    return {
+        "solver": "per-step coefficients fitted jointly with the sigmas (Levenberg-Marquardt, after S4S, "
+        "Frankel et al. 2025), regularised toward the analytic iPNDM coefficients",
+        "reg": res.reg,
+        "validation": res.validation,
+    }
 
 
 def _heldout(
@@ -195,8 +233,14 @@ def _heldout(
     info = registry.get_sampler(res.sampler)
     k_sig = registry.schedule_sigmas("karras", res.steps, lo, hi).double()
     karras = run(info.stepper(x * hi, k_sig, **res.options), den, extra)
-    tuned = run(info.stepper(x * hi, res.sigmas, **res.options), den, extra)
-    return {"n": int(x.shape[0]), "karras": _rms(karras, target), "tuned": _rms(tuned, target)}
+    fitted = {} if res.coefficients is None else {"coefficients": res.coefficients}
+    tuned = run(info.stepper(x * hi, res.sigmas, **res.options, **fitted), den, extra)
+    out = {"n": int(x.shape[0]), "karras": _rms(karras, target), "tuned": _rms(tuned, target)}
+    if res.schedule_sigmas is not None:  # the tuned schedule alone, with the analytic coefficients
+        out["schedule"] = _rms(
+            run(info.stepper(x * hi, res.schedule_sigmas, **res.options), den, extra), target
+        )
+    return out
 
 
 def _plot(record: dict[str, Any], den: Any, lo: float, hi: float, path: Path) -> None:

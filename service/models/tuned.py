@@ -2,7 +2,9 @@
 
 The served schedule ``tuned`` picks the file for a request's sampler and step count; a model without
 one gets an error listing the files it has. Files are small JSON objects (the sigmas and how they were
-made, see :mod:`service.models.tune_cli`); names are built here, never taken from a request.
+made, see :mod:`service.models.tune_cli`); names are built here, never taken from a request. A tuned
+solver's file (``ipndm_tuned``) also holds its fitted ``coefficients`` and the sampler ``options``
+they were fitted at; the request then runs with both and its parameters record them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def _read(path: Path) -> dict[str, Any] | None:
     ok = (
         isinstance(data, dict) and isinstance(data.get("sigmas"), list) and isinstance(data.get("steps"), int)
     )
+    if ok and data.get("coefficients") is not None:  # a tuned solver's: numbers, and options a dict
+        coeffs, opts = data["coefficients"], data.get("options", {})
+        ok = isinstance(coeffs, list) and all(isinstance(v, int | float) for v in coeffs)
+        ok = ok and isinstance(opts, dict)
     return data if ok else None
 
 
@@ -65,18 +71,37 @@ def describe(have: dict[str, list[dict[str, int]]]) -> str:
     return "; ".join(parts) or "none (make them with `kdiff tune-schedule`)"
 
 
-def tuned_sigmas(folder: Path, model: str, sampler: str, steps: int) -> tuple[float, ...]:
-    """The tuned sigmas of ``model`` for ``sampler`` at ``steps`` steps, else NoTunedScheduleError."""
+@dataclasses.dataclass(frozen=True)
+class TunedEntry:
+    """One tuned file as a request runs it: sigmas, and for a tuned solver its coefficients and the
+    sampler options they were fitted at."""
+
+    sigmas: tuple[float, ...]
+    coefficients: list[float] | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def tuned_entry(folder: Path, model: str, sampler: str, steps: int) -> TunedEntry:
+    """The tuned file of ``model`` for ``sampler`` at ``steps`` steps, else NoTunedScheduleError."""
     have = available(folder)
     for row in have.get(sampler, []):
         if row["steps"] == steps:
             data = _read(file_for(folder, sampler, row["nfe"]))
             if data is not None:
-                return tuple(float(v) for v in data["sigmas"])
+                sigmas = tuple(float(v) for v in data["sigmas"])
+                if data.get("coefficients") is None:
+                    return TunedEntry(sigmas)
+                coeffs = [float(v) for v in data["coefficients"]]
+                return TunedEntry(sigmas, coeffs, dict(data.get("options", {})))
     raise NoTunedScheduleError(
         f"model {model!r} has no tuned schedule for sampler {sampler!r} at {steps} steps; "
         f"tuned schedules: {describe(have)}"
     )
+
+
+def tuned_sigmas(folder: Path, model: str, sampler: str, steps: int) -> tuple[float, ...]:
+    """The tuned sigmas of ``model`` for ``sampler`` at ``steps`` steps, else NoTunedScheduleError."""
+    return tuned_entry(folder, model, sampler, steps).sigmas
 
 
 TUNED_DOC = (
@@ -98,8 +123,11 @@ def catalogue_entry(folders: Mapping[str, Path]) -> dict[str, Any]:
 
 
 def tuned_request(req: Any, folder: Path, model: str, default_sampler: str, default_steps: int) -> Any:
-    """``req`` (a dataclass with ``schedule``, ``sampler``, ``steps``, ``sigmas``) with schedule ``tuned``
-    swapped for the model's tuned sigmas for its sampler and steps (defaults: the model's)."""
+    """``req`` (a dataclass with ``schedule``, ``sampler``, ``steps``, ``sigmas``, ``coefficients``,
+    ``sampler_options``) with schedule ``tuned`` swapped for the model's tuned sigmas for its sampler
+    and steps (defaults: the model's), and a tuned solver's coefficients and options. A request that
+    gives sigmas (or coefficients) with ``tuned`` is refused unless they are the file's (a result's
+    recorded parameters posted back)."""
     if getattr(req, "schedule", None) != TUNED:
         return req
     from service.sampling import aliases, registry
@@ -110,7 +138,7 @@ def tuned_request(req: Any, folder: Path, model: str, default_sampler: str, defa
     try:
         if sampler not in registry.SAMPLERS:
             sampler = aliases.resolve(sampler)[0]
-        sigmas = tuned_sigmas(folder, model, sampler, steps)
+        entry = tuned_entry(folder, model, sampler, steps)
     except registry.UnknownNameError as exc:
         raise InputError(exc.kind, str(exc), exc.valid) from exc
     except NoTunedScheduleError as exc:
@@ -118,6 +146,35 @@ def tuned_request(req: Any, folder: Path, model: str, default_sampler: str, defa
         raise InputError(
             "schedule", str(exc), [f"{s}-{r['nfe']}" for s, rows in have.items() for r in rows]
         ) from exc
-    if req.sigmas is not None:
+    given = getattr(req, "coefficients", None)
+    recorded = req.sigmas is not None and _same(req.sigmas, entry.sigmas) and _same(given, entry.coefficients)
+    if req.sigmas is not None and not recorded:
         raise InputError("schedule", "give a schedule or sigmas, not both")
-    return dataclasses.replace(req, schedule=None, sigmas=list(sigmas), steps=steps)
+    if given is not None and not recorded:
+        raise InputError(
+            "coefficients", "schedule 'tuned' sets the coefficients from the model's file; give one"
+        )
+    if entry.coefficients is None:
+        return dataclasses.replace(req, schedule=None, sigmas=list(entry.sigmas), steps=steps)
+    options = dict(getattr(req, "sampler_options", None) or {})
+    for key, value in entry.options.items():
+        if options.setdefault(key, value) != value:
+            raise InputError(
+                "sampler_options",
+                f"the tuned solver of {sampler!r} at {steps} steps was fitted at {key}={value}",
+            )
+    return dataclasses.replace(
+        req,
+        schedule=None,
+        sigmas=list(entry.sigmas),
+        steps=steps,
+        coefficients=list(entry.coefficients),
+        sampler_options=options,
+    )
+
+
+def _same(given: Any, stored: Any) -> bool:
+    """A request's list equal to a file's (both absent counts; floats compared as JSON gives them)."""
+    if given is None or stored is None:
+        return given is None and stored is None
+    return [float(v) for v in given] == [float(v) for v in stored]

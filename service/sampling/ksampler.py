@@ -68,7 +68,12 @@ class KSampler:
     """
 
     def __init__(
-        self, model: Any, sampler: str = "dpmpp_2m", schedule: str | Schedule = "karras", **options: Any
+        self,
+        model: Any,
+        sampler: str = "dpmpp_2m",
+        schedule: str | Schedule = "karras",
+        coefficients: Sequence[float] | None = None,
+        **options: Any,
     ) -> None:
         sampler, schedule = resolve_names(sampler, schedule)
         info = registry.get_sampler(sampler)
@@ -83,7 +88,11 @@ class KSampler:
                 f"unknown option(s) {unknown} for sampler {sampler!r} and schedule {schedule!r}; "
                 f"allowed: {', '.join(allowed)}"
             )
-        SamplingSpec(sampler, schedule, 1, [0], self.options, self.schedule_options)  # validate now
+        # a tuned solver's per-step coefficients (schedule 'tuned' files; samplers/tuned_multistep.py)
+        self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
+        SamplingSpec(
+            sampler, schedule, 1, [0], self.options, self.schedule_options, coefficients=self.coefficients
+        )
 
     @torch.no_grad()
     def sample(
@@ -113,7 +122,14 @@ class KSampler:
         else:
             seeds = [int(s) for s in seed]
         spec = SamplingSpec(
-            self.sampler, self.schedule, steps, seeds, self.options, self.schedule_options, denoise
+            self.sampler,
+            self.schedule,
+            steps,
+            seeds,
+            self.options,
+            self.schedule_options,
+            denoise,
+            coefficients=self.coefficients,
         )
         cond = _as_cond(self.model, condition, b)
         if cfg_scale != 1.0 and uncond is None:

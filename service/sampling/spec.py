@@ -5,6 +5,7 @@ steppers with per-image seeded step noise (:func:`make_steppers`). The driver (d
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -61,6 +62,8 @@ class SamplingSpec:
     # Fields marked REQUEST are request fields of the same name, passed through as they are by the
     # API (and recorded in the PNG parameters): a new one needs its schema field and its use only.
     guidance_rescale: float = field(default=0.0, metadata=REQUEST)  # CFG rescale (see driver.py)
+    # a tuned solver's per-step coefficients (samplers/tuned_multistep.py; schedule "tuned" sets them)
+    coefficients: list[float] | None = field(default=None, metadata=REQUEST)
     window: StepWindow | None = None  # run only part of the schedule (ComfyUI's LATENT hand-over)
 
     def __post_init__(self) -> None:
@@ -91,6 +94,17 @@ class SamplingSpec:
         if not 0.0 <= float(self.guidance_rescale) <= 1.0:
             raise InputError(
                 "guidance_rescale", f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}"
+            )
+        if self.coefficients is not None and "coefficients" not in inspect.signature(info.stepper).parameters:
+            takes = [
+                n
+                for n, i in registry.SAMPLERS.items()
+                if "coefficients" in inspect.signature(i.stepper).parameters
+            ]
+            raise InputError(
+                "coefficients",
+                f"sampler {self.sampler!r} takes no coefficients; samplers that do: {takes}",
+                takes,
             )
 
     @staticmethod
@@ -202,5 +216,8 @@ def make_steppers(
         elif info.noise == "brownian":
             positive = sigmas[sigmas > 0]
             noise = BrownianNoiseSampler(xs, positive.min(), sigmas.max(), spec.seeds[part])
-        out.append((part, info.stepper(xs, sigmas, callback=callback, noise_sampler=noise, **spec.options)))
+        fitted = {} if spec.coefficients is None else {"coefficients": spec.coefficients}
+        out.append(
+            (part, info.stepper(xs, sigmas, callback=callback, noise_sampler=noise, **spec.options, **fitted))
+        )
     return out

@@ -7,11 +7,18 @@ teacher at many steps gives the target x0 of the caller's calibration noise; the
 of a few fixed schedules, then Levenberg-Marquardt on the log-sigmas (Jacobian by forward
 differences through the unmodified stepper, so every deterministic sampler, multistep ones
 included, is tuned as it runs) minimises the mean squared distance to the teacher's x0.
+
+With ``solver=True`` the solver is tuned too: a sampler that takes per-step ``coefficients``
+(``ipndm_tuned``) gets them fitted jointly with the time steps, from the tuned schedule and its
+analytic coefficients, by the same Levenberg-Marquardt on the same residual, regularised toward the
+analytic coefficients (S4S, Frankel et al. 2025, fits a solver's coefficients to a teacher this way;
+DPM-Solver-v3 and AMED-Solver fit a few per-step numbers to the model too).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +42,11 @@ INIT_SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 MIN_LOG_GAP = 1e-3  # neighbouring sigmas differ by at least 0.1 % (no repeats, even in float32)
 MAX_STEPS = 1000
+# The coefficient penalty: reg * mean((c - c_analytic)^2) against the schedule-only squared error taken
+# as 1 (scale-free across models). Unless the caller gives one, each of these is fitted on the first
+# 3/4 of the calibration draws and the one closest to the teacher on the last 1/4 is kept (no
+# held-out draw chooses it); the range was set on the project's own mixture (tests/support/gmm.py).
+SOLVER_REGS = (1e-2, 1e-1, 1.0)
 Progress = Callable[[int, int], None]
 
 
@@ -60,6 +72,11 @@ class TuneResult:
     runs: int = 0
     seconds: float = 0.0
     teacher: dict[str, Any] = field(default_factory=dict)
+    coefficients: list[float] | None = None  # the fitted solver (solver=True), flat, step by step
+    rms_schedule: float | None = None  # solver=True: the calibration RMS of the tuned schedule alone
+    schedule_sigmas: Tensor | None = None  # solver=True: that schedule (before the joint fit)
+    reg: float | None = None
+    validation: dict[str, float] = field(default_factory=dict)  # reg -> RMS on the validation quarter
 
 
 def steps_for_nfe(info: SamplerInfo, nfe: int, options: Mapping[str, Any] | None = None) -> int:
@@ -155,14 +172,18 @@ class _Objective:
         self.last[key] = out
         return out
 
-    def residual(self, sigmas: Tensor, strict: bool = False) -> Tensor | None:
-        """Flattened float64 residual; None when the run is not finite (unless strict: then an error)."""
+    def residual(
+        self, sigmas: Tensor, strict: bool = False, coefficients: Tensor | None = None
+    ) -> Tensor | None:
+        """Flattened float64 residual; None when the run is not finite (unless strict: then an error).
+        ``coefficients``: the solver's (a sampler that takes them), else its own."""
         self.runs += 1
+        opts = self.opts if coefficients is None else {**self.opts, "coefficients": coefficients.tolist()}
         if not strict and not bool((sigmas[1:-1] < sigmas[:-2]).all()):
             return None  # gaps that underflowed to repeated sigmas
         try:
             self.last = {}
-            out = run(self.info.stepper(self.x * sigmas[0], sigmas, **self.opts), self._call, self.extra)
+            out = run(self.info.stepper(self.x * sigmas[0], sigmas, **opts), self._call, self.extra)
         except NonFiniteError as exc:
             if strict:
                 raise TuningError(f"tune_schedule: the model's output is not finite: {exc}") from exc
@@ -183,10 +204,14 @@ def _rms(r: Tensor | None) -> float:
     return math.inf if r is None else float(r.pow(2).mean().sqrt())
 
 
+Residual = Callable[[Tensor], Tensor | None]
+
+
 def _levenberg_marquardt(
-    obj: _Objective, theta: Tensor, r: Tensor, lo: float, hi: float, iters: int, progress: Progress | None
+    obj: _Objective, fun: Residual, theta: Tensor, r: Tensor, iters: int, progress: Progress | None
 ) -> tuple[Tensor, Tensor, int]:
-    """Damped Gauss-Newton on the gap logits, forward-difference Jacobian (Levenberg 1944, Marquardt 1963)."""
+    """Damped Gauss-Newton on the parameters ``theta`` of ``fun`` (the gap logits, and the solver's
+    coefficients), forward-difference Jacobian (Levenberg 1944, Marquardt 1963)."""
     h = 1e-6 if obj.x.dtype == torch.float64 else 1e-3
     lam, done = 1e-2, 0
     obj.keep()  # r is the last run's residual
@@ -195,7 +220,7 @@ def _levenberg_marquardt(
         for j in range(theta.numel()):
             dt = theta.clone()
             dt[j] += h
-            rj = obj.residual(_sigmas(dt, lo, hi))
+            rj = fun(dt)
             cols.append(torch.zeros_like(r) if rj is None else (rj - r) / h)
         jac = torch.stack(cols, 1)
         a, g = jac.T @ jac, jac.T @ r
@@ -203,7 +228,7 @@ def _levenberg_marquardt(
         gain = 0.0
         for _ in range(8):
             cand = theta + torch.linalg.solve(a + torch.diag(lam * scale), -g)
-            rc = obj.residual(_sigmas(cand, lo, hi))
+            rc = fun(cand)
             if rc is not None and _rms(rc) < _rms(r):
                 gain = 1 - _rms(rc) / _rms(r)
                 theta, r, lam = cand, rc, max(lam / 4, 1e-9)
@@ -222,11 +247,96 @@ def _descend(
     obj: _Objective, theta: Tensor, lo: float, hi: float, iters: int, progress: Progress | None
 ) -> tuple[float, Tensor, int] | None:
     """(RMS, sigmas, iterations) of Levenberg-Marquardt from ``theta``; None if its schedule does not run."""
-    r = obj.residual(_sigmas(theta, lo, hi))
+
+    def fun(t: Tensor) -> Tensor | None:
+        return obj.residual(_sigmas(t, lo, hi))
+
+    r = fun(theta)
     if r is None:
         return None
-    theta, r, its = _levenberg_marquardt(obj, theta, r, lo, hi, iters, progress)
+    theta, r, its = _levenberg_marquardt(obj, fun, theta, r, iters, progress)
     return _rms(r), _sigmas(theta, lo, hi), its
+
+
+def takes_coefficients(info: SamplerInfo) -> bool:
+    """Whether the sampler's steps take fitted ``coefficients`` (``ipndm_tuned``)."""
+    return "coefficients" in inspect.signature(info.stepper).parameters
+
+
+def analytic_coefficients(info: SamplerInfo, steps: int, opts: Mapping[str, Any]) -> list[float]:
+    """The coefficients with which a coefficient-taking sampler is its analytic self."""
+    from .samplers.tuned_multistep import analytic_coefficients as ipndm_coefficients
+
+    return ipndm_coefficients(steps, int(opts.get("max_order", info.options["max_order"])))
+
+
+def _fit_solver(
+    obj: _Objective,
+    sigmas: Tensor,
+    c0: list[float],
+    lo: float,
+    hi: float,
+    reg: float,
+    iters: int,
+    progress: Progress | None,
+) -> tuple[Tensor, Tensor, int]:
+    """(sigmas, coefficients, iterations): Levenberg-Marquardt on the gap logits and the per-step
+    coefficients together, from the tuned schedule and the analytic coefficients ``c0``. The
+    residual is the run's (scaled so the start's mean square is 1) stacked over
+    sqrt(reg / m) (c - c0): the coefficients stay near the analytic solver's unless the teacher's
+    trajectories pay for the move."""
+    k, c_start = len(sigmas) - 2, sigmas.new_tensor(c0)
+    theta0 = _logits(sigmas, lo, hi) if k > 0 else sigmas.new_zeros(0)
+    r0 = obj.residual(sigmas)
+    assert r0 is not None  # the tuned schedule ran
+    scale = 1.0 / max(float(r0.pow(2).sum().sqrt()), 1e-300)
+    weight = math.sqrt(reg / max(len(c0), 1))
+
+    def split(p: Tensor) -> tuple[Tensor, Tensor]:
+        return (_sigmas(p[:k], lo, hi) if k > 0 else sigmas), p[k:]
+
+    def fun(p: Tensor) -> Tensor | None:
+        sig, c = split(p)
+        r = obj.residual(sig, coefficients=c)
+        return None if r is None else torch.cat([r * scale, weight * (c - c_start)])
+
+    p = torch.cat([theta0, c_start])
+    r = fun(p)
+    if r is None:
+        return sigmas, c_start, 0
+    p, r, its = _levenberg_marquardt(obj, fun, p, r, iters, progress)
+    sig, c = split(p)
+    return sig, c, its
+
+
+def _rows(extra: dict, n: int, part: slice) -> dict:
+    """The conditioning of the calibration rows ``part`` (tensors with one row per draw are sliced)."""
+    return {
+        k: v[part] if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v for k, v in extra.items()
+    }
+
+
+def _choose_reg(
+    obj: _Objective, sigmas: Tensor, c0: list[float], lo: float, hi: float, iters: int
+) -> tuple[float, dict[str, float]]:
+    """The SOLVER_REGS value whose fit on the first 3/4 of the calibration draws comes closest to the
+    teacher on the last 1/4 (fewer than 8 draws: the middle one, unvalidated)."""
+    n = obj.x.shape[0]
+    if n < 8:
+        return SOLVER_REGS[len(SOLVER_REGS) // 2], {}
+    cut = slice(0, n * 3 // 4), slice(n * 3 // 4, n)
+    fit_obj, val_obj = (
+        _Objective(obj.info, obj.opts, obj.model, obj.x[p], obj.target[p], _rows(obj.extra, n, p))
+        for p in cut
+    )
+    scores: dict[str, float] = {}
+    for reg in SOLVER_REGS:
+        sig, c, _ = _fit_solver(fit_obj, sigmas, c0, lo, hi, reg, iters, None)
+        scores[f"{reg:g}"] = _rms(val_obj.residual(sig, coefficients=c))
+        obj.runs += fit_obj.runs + val_obj.runs
+        fit_obj.runs = val_obj.runs = 0
+    best = min(scores, key=lambda k: scores[k])
+    return float(best), scores
 
 
 def tune(
@@ -245,9 +355,17 @@ def tune(
     iters: int = 30,
     starts: int = 2,
     hops: int = 0,
+    solver: bool = False,
+    reg: float | None = None,
+    solver_iters: int | None = None,
     progress: Progress | None = None,
 ) -> TuneResult:
-    """Tune and report (sigmas, errors before/after, cost): :func:`tune_schedule` (OSS, Pei et al. 2025)."""
+    """Tune and report (sigmas, errors before/after, cost): :func:`tune_schedule` (OSS, Pei et al. 2025).
+
+    ``solver``: then fit the sampler's per-step coefficients jointly with the sigmas (a sampler that
+    takes them: ``ipndm_tuned``), regularised by ``reg`` toward its analytic ones (None: chosen among
+    SOLVER_REGS on a validation quarter of ``x_T``), for ``solver_iters`` Levenberg-Marquardt
+    iterations (default ``iters``)."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise TuningError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -255,6 +373,11 @@ def tune(
         raise TuningError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
     info = registry.get_sampler(sampler)
     opts = deterministic_options(info, options)
+    if solver and not takes_coefficients(info):
+        fitted = sorted(n for n, i in registry.SAMPLERS.items() if takes_coefficients(i))
+        raise TuningError(f"sampler {info.name!r} has no coefficients to fit; samplers that do: {fitted}")
+    if solver and reg is not None and (not math.isfinite(reg) or reg < 0):
+        raise TuningError(f"reg must be a finite number >= 0, got {reg!r}")
     steps = steps_for_nfe(info, nfe, opts)
     extra = dict(extra_args or {})
     t_info = registry.get_sampler(teacher)
@@ -291,6 +414,18 @@ def tune(
                     best = min(best, found[:2], key=lambda t: t[0])
             sig = best[1]
             r = obj.residual(sig)
+        rms_schedule, schedule_sigmas = _rms(r), sig
+        coefficients: list[float] | None = None
+        validation: dict[str, float] = {}
+        if solver:
+            c0 = analytic_coefficients(info, steps, opts)
+            s_iters = iters if solver_iters is None else solver_iters
+            if reg is None:
+                reg, validation = _choose_reg(obj, sig, c0, sigma_min, sigma_max, s_iters)
+            sig, c, its = _fit_solver(obj, sig, c0, sigma_min, sigma_max, reg, s_iters, progress)
+            iterations += its
+            coefficients = [float(v) for v in c]
+            r = obj.residual(sig, coefficients=c)
     return TuneResult(
         sigmas=sig,
         sampler=info.name,
@@ -306,6 +441,11 @@ def tune(
         runs=obj.runs,
         seconds=time.perf_counter() - t0,
         teacher={"sampler": teacher, "steps": teacher_steps, "schedule": "karras"},
+        coefficients=coefficients,
+        rms_schedule=rms_schedule if solver else None,
+        schedule_sigmas=schedule_sigmas if solver else None,
+        reg=reg if solver else None,
+        validation=validation,
     )
 
 

@@ -257,6 +257,13 @@ class GenerationRequest:
         ge=0.0,
         le=1.0,
     )
+    coefficients: list[float] | None = request_field(
+        "a tuned solver's per-step coefficients (sampler ipndm_tuned, flat, step by step; schedule "
+        "'tuned' sets them from the model's file and results record them)",
+        record="spec",
+        min_length=1,
+        max_length=4000,
+    )
     cache: CacheSpec | None = request_field(
         "step cache (training-free speed-up; off by default): {method: deepcache (UNets; interval N: "
         "a full step every N, default 3; or threshold) | fbcache (SD3 / Flux; threshold, default 0.1)}",

@@ -12,7 +12,7 @@ import torch
 
 from service.models.stepcache import STORE, CacheSpec, cache_rows
 from service.models.stepcache.support import cache_methods
-from service.models.tuned import TUNED, tuned_sigmas
+from service.models.tuned import TUNED, TunedEntry, tuned_entry
 from service.sampling.ksampler import KSampler
 from service.sampling.schedules import CustomSchedule
 from service.training.datasets import digits
@@ -143,9 +143,12 @@ def _eval_cell(
     STORE.reset_counts()
     try:
         sched: Any = schedule  # "tuned": the model's file for this sampler and step count
-        if schedule == TUNED:
-            sched = CustomSchedule(tuned_sigmas(folder, folder.name, sampler, steps))
-        ks = KSampler(denoiser, sampler=sampler, schedule=sched)
+        entry = TunedEntry(()) if schedule != TUNED else tuned_entry(folder, folder.name, sampler, steps)
+        if schedule == TUNED:  # a tuned solver's file also brings its coefficients and options
+            sched = CustomSchedule(entry.sigmas)
+        ks = KSampler(
+            denoiser, sampler=sampler, schedule=sched, coefficients=entry.coefficients, **entry.options
+        )
         x = generate(ks, labels, shape, steps, cfg_scale, seed, cache)
     except ValueError as exc:  # e.g. dpm_fast at one step: skip this cell, keep the table
         skipped.append({"sampler": sampler, "nfe": nfe, "steps": steps, "cache": name, "reason": str(exc)})

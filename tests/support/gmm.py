@@ -100,3 +100,12 @@ def ode_reference() -> tuple[Tensor, Tensor]:
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     np.savez(CACHE, params=_params(), x_start=x_start, x_end=x_end)
     return torch.from_numpy(x_start), torch.from_numpy(x_end)
+
+
+# A second mixture for held-out checks of tuned solvers (issue 28 §6): fixed before any solver was
+# measured on it, and never used to choose a method, an option or a regularisation weight.
+UNSEEN_MIXTURE = {
+    "weights": np.array([0.35, 0.3, 0.2, 0.15]),
+    "means": np.array([[-1.5, -0.5], [1.2, 1.2], [0.5, -1.8], [-0.6, 1.9]]),
+    "stds": np.array([0.2, 0.45, 0.3, 0.25]),
+}

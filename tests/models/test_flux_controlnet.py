@@ -30,23 +30,15 @@ from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
-from tests.support.controlnet_tiny import make_controlnet, save_folder  # noqa: E402
 from tests.support.flow_tiny import T5_LEN  # noqa: E402
-from tests.support.flux_controlnet_tiny import SIZE, add_flux_controlnets, save_flux  # noqa: E402
-from tests.support.sd_tiny import save_diffusers, write_manifest  # noqa: E402
+from tests.support.flux_controlnet_tiny import SIZE, flux_controlnet_store  # noqa: E402
 
 STEPS, SEED, PROMPT, GUIDANCE = 4, 11, "a red cat", 3.5
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    root = tmp_path_factory.mktemp("flux-cn")
-    save_flux(root / "fluxcn")
-    save_diffusers(root / "sd1")
-    write_manifest(root / "sd1")
-    nets = add_flux_controlnets(root)
-    save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_sd")
-    return root, nets
+def root() -> tuple[Path, dict[str, Any]]:
+    return flux_controlnet_store()
 
 
 @pytest.fixture(scope="module")

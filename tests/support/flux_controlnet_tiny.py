@@ -18,7 +18,11 @@ diffusers zero-initialises the output layers; these get random values so every r
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +124,27 @@ def add_flux_controlnets(store: Path) -> dict[str, Any]:
     for name, net in nets.items():
         net.save_pretrained(str(store / "controlnet" / name), safe_serialization=True)
     return nets
+
+
+_STORE: dict[str, tuple[Path, dict[str, Any]]] = {}
+_LOCK = threading.Lock()
+
+
+def flux_controlnet_store() -> tuple[Path, dict[str, Any]]:
+    """A store with ``fluxcn`` (the Flux-dev above), ``sd1`` (sd_tiny's SD 1.x), the Flux ControlNets
+    and an SD ControlNet ``cn_sd``, built once per process (tests only read it); with the diffusers
+    Flux ControlNets by name."""
+    from tests.support.controlnet_tiny import make_controlnet, save_folder
+    from tests.support.sd_tiny import save_diffusers, write_manifest
+
+    with _LOCK:
+        if "root" not in _STORE:
+            root = Path(tempfile.mkdtemp(prefix="tiny-flux-cn-store-"))
+            atexit.register(shutil.rmtree, root, True)
+            save_flux(root / "fluxcn")
+            save_diffusers(root / "sd1")
+            write_manifest(root / "sd1")
+            nets = add_flux_controlnets(root)
+            save_folder(make_controlnet(seed=1), root / "controlnet" / "cn_sd")
+            _STORE["root"] = (root, nets)
+        return _STORE["root"]

@@ -1,4 +1,4 @@
-"""ControlNet nodes: ControlNetLoader, ControlNetApply, ControlNetApplyAdvanced.
+"""ControlNet nodes: ControlNetLoader, ControlNetApply, ControlNetApplyAdvanced, SetUnionControlNetType.
 
 A CONTROL_NET names a ControlNet of our store (``model_store/controlnet/``, the names of
 ``GET /controlnet/model_list``; ComfyUI's file spelling with its extension is accepted too). Applying
@@ -7,7 +7,9 @@ the request's ``controlnets`` (``service/models/controlnet/units.py``): strength
 weight, start_percent / end_percent its guidance_start / guidance_end, the control image resized as
 ComfyUI does (to the sampled size, centre-cropped: ``crop_and_resize``), balanced mode (the unit acts
 on the cond and uncond rows, as ComfyUI applies it to both). So a ControlNet workflow shares UNet
-calls with all other traffic, ControlNets or none.
+calls with all other traffic, ControlNets or none. SetUnionControlNetType sets the control type a
+union ControlNet (ControlNet-Union SDXL, ``models/controlnet/union.py``) is applied with: the unit's
+``control_type`` ("auto": none, as ComfyUI's empty type list).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
+
+from service.models.controlnet.union import COMFY_TYPES
 
 from .node import Catalog, Enum, Float, In, node
 from .nodes_model import model_name
@@ -51,7 +55,8 @@ async def controlnet_apply(
     """Apply ControlNet (OLD): over the whole schedule."""
     if strength == 0:  # ComfyUI: the conditioning as it came
         return (conditioning,)
-    return (_apply(conditioning, ControlUnit(control_net.name, image, strength)),)
+    unit = ControlUnit(control_net.name, image, strength, control_type=control_net.control_type)
+    return (_apply(conditioning, unit),)
 
 
 def _advanced(c: Catalog) -> dict[str, In]:
@@ -79,5 +84,16 @@ async def controlnet_apply_advanced(
     """Apply ControlNet: between start_percent and end_percent of the steps (our units' fractions)."""
     if strength == 0:
         return positive, negative
-    unit = ControlUnit(control_net.name, image, strength, start_percent, end_percent)
+    unit = ControlUnit(
+        control_net.name, image, strength, start_percent, end_percent, control_net.control_type
+    )
     return _apply(positive, unit), _apply(negative, unit)
+
+
+_UNION = {"control_net": NET, "type": Enum(["auto", *COMFY_TYPES])}
+
+
+@node("SetUnionControlNetType", "conditioning/controlnet", ["CONTROL_NET"], _UNION)
+async def set_union_controlnet_type(rt: NodeRun, control_net: ControlNetRef, type: str) -> tuple[Any, ...]:
+    """The control type a union ControlNet is applied with (ComfyUI's UNION_CONTROLNET_TYPES names)."""
+    return (replace(control_net, control_type=type),)

@@ -143,7 +143,10 @@ def _conditioning(call: SampleCall, model: LoadedModel) -> dict[str, Any]:
 def _unit(unit: ControlUnit) -> ControlNetRef:
     """A ControlNet node's unit as our request's (the image resized to the sampled size, centred)."""
     image = GatedImage(image_to_pil(unit.image[0]), "controlnets.image")
-    return ControlNetRef(unit.net, image, unit.strength, unit.start, unit.end, resize_mode="crop_and_resize")
+    crop = "crop_and_resize"
+    return ControlNetRef(
+        unit.net, image, unit.strength, unit.start, unit.end, resize_mode=crop, control_type=unit.control_type
+    )
 
 
 def _latent_input(call: SampleCall, samples: Tensor | None) -> LatentInput | None:

@@ -82,6 +82,7 @@ class ControlNetRef:
     """CONTROL_NET (ControlNetLoader): a ControlNet of our store (GET /controlnet/model_list)."""
 
     name: str
+    control_type: str = "auto"  # SetUnionControlNetType (union ControlNets only read it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +94,7 @@ class ControlUnit:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    control_type: str = "auto"  # a union ControlNet's type (SetUnionControlNetType)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,12 @@ ISSUE_NODES = {
     "BasicGuider",
     "ETN_LoadImageBase64",
 }
-CONTROLNET_NODES = {"ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced"}  # issue 26
+CONTROLNET_NODES = {  # issue 26
+    "ControlNetLoader",
+    "ControlNetApply",
+    "ControlNetApplyAdvanced",
+    "SetUnionControlNetType",
+}
 MORE_NODES = {"EmptySD3LatentImage", "LatentFromBatch"}
 IPADAPTER_NODES = {
     "IPAdapterModelLoader",

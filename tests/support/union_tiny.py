@@ -63,9 +63,9 @@ def add_unions(store: Path) -> dict[str, Any]:
     return nets
 
 
-def union_store(root: Path) -> dict[str, Any]:
-    """A store with the tiny ``sd1`` and ``sdxl`` models and :func:`add_unions`' union ControlNets."""
-    for name, kw in (("sd1", {}), ("sdxl", {"sdxl": True})):
+def union_store(root: Path, sd1: bool = True) -> dict[str, Any]:
+    """A store with the tiny ``sdxl`` model (and ``sd1``) and :func:`add_unions`' union ControlNets."""
+    for name, kw in (("sd1", {}), ("sdxl", {"sdxl": True}))[0 if sd1 else 1 :]:
         save_diffusers(root / name, **kw)
         write_manifest(root / name)
     return add_unions(root)

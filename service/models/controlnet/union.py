@@ -43,6 +43,17 @@ CLASS_NAME = "ControlNetUnionModel"
 # sd-webui-controlnet's ControlNetUnionControlType order); ProMax adds tile and repaint
 TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segment", "tile", "repaint")
 AUTO = -1
+# ComfyUI's SetUnionControlNetType choices (comfy/cldm/control_types.py), by index
+COMFY_TYPES = (
+    "openpose",
+    "depth",
+    "hed/pidi/scribble/ted",
+    "canny/lineart/anime_lineart/mlsd",
+    "normal",
+    "segment",
+    "tile",
+    "repaint",
+)
 ALIASES: dict[str, int] = {
     # ComfyUI's SetUnionControlNetType names
     "hed/pidi/scribble/ted": 2,

@@ -119,6 +119,7 @@ class Node:
     # run() results cached per (node, inputs); SaveImage too (ComfyUI reuses its ui output)
     CACHEABLE: ClassVar[bool] = True
     CHECKED: ClassVar[bool] = False  # has its own check (ComfyUI's VALIDATE_INPUTS): no list check
+    MODULE: ClassVar[str] = "nodes"  # /object_info's python_module (a custom node pack's own name)
 
     @classmethod
     def inputs(cls, catalog: Catalog) -> dict[str, In]:
@@ -154,7 +155,7 @@ class Node:
             "name": cls.NAME,
             "display_name": cls.DISPLAY or cls.NAME,
             "description": cls.DESCRIPTION,
-            "python_module": "nodes",
+            "python_module": cls.MODULE,
             "category": cls.CATEGORY,
             "output_node": cls.OUTPUT_NODE,
         }

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import nodes_ipadapter
 from .node import DISPLAY_NAMES, Enum, Float, In, node
 from .runtime import NodeRun
 
@@ -71,6 +72,7 @@ def prep_for_clip(image: Tensor, interpolation: str, crop_position: str, sharpen
     return out.permute(0, 2, 3, 1).contiguous()
 
 
+@nodes_ipadapter.cubiq_node
 @node(
     "PrepImageForClipVision",
     "ipadapter/utils",

@@ -89,9 +89,14 @@ def _store(c: Catalog) -> Path:
     return c.store if c.store is not None else Path(".")
 
 
-def _listed_first(cls: type[Node]) -> type[Node]:
-    """ComfyUI's list check first (an unknown value is value_not_in_list), then the node's own."""
+PACK = "custom_nodes.ComfyUI_IPAdapter_plus"  # python_module of cubiq's nodes in ComfyUI's /object_info
+
+
+def cubiq_node(cls: type[Node]) -> type[Node]:
+    """One of cubiq's nodes: its pack as python_module, and ComfyUI's list check first (an unknown
+    value is value_not_in_list), then the node's own check."""
     cls.CHECKED = False
+    cls.MODULE = PACK
     return cls
 
 
@@ -131,11 +136,11 @@ def _file_check(name: str, value: Any, c: Catalog) -> str | None:
     return None if problem is None else f"{value!r} {problem}"
 
 
-@_listed_first
+@cubiq_node
 @node("IPAdapterModelLoader", "ipadapter/loaders", ["IPADAPTER"], _model_loader_inputs, check=_file_check)
 async def ipadapter_model_loader(rt: NodeRun, ipadapter_file: str) -> tuple[Any, ...]:
     """An adapter file of model_store/ipadapter/ (our name or ComfyUI's file name)."""
-    listed = names.adapter_files(rt.service.pool.store.root)
+    listed = await asyncio.to_thread(names.adapter_files, rt.service.pool.store.root)
     our = names.adapter_name(ipadapter_file, listed)
     if our is None:
         raise InputError("ipadapter_file", f"unknown IP-Adapter {ipadapter_file!r}", list(listed))
@@ -155,7 +160,7 @@ def _clip_inputs(c: Catalog) -> dict[str, In]:
 async def clip_vision_loader(rt: NodeRun, clip_name: str) -> tuple[Any, ...]:
     """A CLIP image encoder folder of model_store/ipadapter/ (ComfyUI's ViT-H / bigG file names map
     onto the folder of that encoder)."""
-    listed = names.encoder_names(rt.service.pool.store.root)
+    listed = await asyncio.to_thread(names.encoder_names, rt.service.pool.store.root)
     folder = names.encoder_folder(clip_name, listed)
     if folder is None:
         raise InputError("clip_name", f"no CLIP vision encoder {clip_name!r}", list(listed))
@@ -184,7 +189,7 @@ def _preset_check(name: str, value: Any, c: Catalog) -> str | None:
     )
 
 
-@_listed_first
+@cubiq_node
 @node(
     "IPAdapterUnifiedLoader",
     "ipadapter",
@@ -195,7 +200,7 @@ def _preset_check(name: str, value: Any, c: Catalog) -> str | None:
 async def unified_loader(rt: NodeRun, model: ModelRef, preset: str, ipadapter: Any = None) -> tuple[Any, ...]:
     """The preset's adapter for the model's family (SD 1.x or SDXL) and the encoder it runs with."""
     root = rt.service.pool.store.root
-    listed = names.adapter_files(root)
+    listed = await asyncio.to_thread(names.adapter_files, root)
     async with _Loaded(rt, model) as loaded:
         images = loaded.images
         rel = names.preset_file(preset, loaded.sdxl, listed)
@@ -317,7 +322,7 @@ def _simple_inputs(c: Catalog) -> dict[str, In]:
     return head | PERCENT | {"weight_type": Enum(SIMPLE_WEIGHT_TYPES), "attn_mask": In("MASK", optional=True)}
 
 
-@_listed_first
+@cubiq_node
 @node("IPAdapter", "ipadapter", ["MODEL"], _simple_inputs, check=_served({"weight_type": ("standard",)}))
 async def ipadapter_simple(
     rt: NodeRun, model: ModelRef, ipadapter: IPAdapterPipe, image: Tensor, **kw: Any
@@ -335,7 +340,7 @@ def _advanced_inputs(c: Catalog) -> dict[str, In]:
     return head | PERCENT | tail | optional | {"clip_vision": In("CLIP_VISION", optional=True)}
 
 
-@_listed_first
+@cubiq_node
 @node(
     "IPAdapterAdvanced",
     "ipadapter",

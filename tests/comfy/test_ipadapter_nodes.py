@@ -161,6 +161,8 @@ def test_object_info_lists_the_store_in_comfyuis_spelling(ip_root: Path) -> None
         ]
         assert list(adv["optional"]) == ["image_negative", "attn_mask", "clip_vision"]
         assert info["IPAdapterUnifiedLoader"]["output_name"] == ["model", "ipadapter"]
+        assert info["IPAdapter"]["python_module"] == "custom_nodes.ComfyUI_IPAdapter_plus"
+        assert info["CLIPVisionLoader"]["python_module"] == "nodes"  # core ComfyUI's
         assert comfy.model_folders()["ipadapter"] == files
         assert comfy.model_folders()["clip_vision"] == clips
 

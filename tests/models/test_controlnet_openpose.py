@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("cv2", reason="the test oracles (make setup) are not installed")
 
-from service.models.controlnet import openpose_body, openpose_draw  # noqa: E402
+from service.models.controlnet import openpose, openpose_body, openpose_draw  # noqa: E402
 from service.models.controlnet.openpose_net import BodyPoseNet, PoseWeightsError, load_body  # noqa: E402
 from tests.support import openpose_files  # noqa: E402
 
@@ -97,13 +97,30 @@ def _same_people(net: torch.nn.Module, img: np.ndarray, ref: dict[str, Any]) -> 
     return people
 
 
-def test_random_weights_match_controlnet_aux(nets: tuple[Any, BodyPoseNet]) -> None:
+def _extension_input(img: np.ndarray, res: int) -> np.ndarray:
+    """What the A1111 extension hands its OpenPose detector (its resize_image_with_pad, by OpenCV):
+    the short side scaled to ``res``, then edge pixels repeated to multiples of 64."""
+    import cv2
+
+    h, w = img.shape[:2]
+    k = res / min(h, w)
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    scaled = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    return np.pad(scaled, ((0, -th % 64), (0, -tw % 64), (0, 0)), mode="edge")
+
+
+def test_random_weights_match_controlnet_aux(nets: tuple[Any, BodyPoseNet], tmp_path: Path) -> None:
+    """A 200x150 picture at processor_res 128 (171x128, detected on 192x128 as the extension pads)."""
     detector, net = nets
-    img = figure(256, 192)
-    ref = _reference_run(detector, img)
+    img = figure(200, 150)
+    padded = _extension_input(img, 128)
+    ref = _reference_run(detector, padded)
     assert np.ptp(ref["maps"][0][:, :, :18]) > 0.3 and len(ref["candidate"]) > 20  # maps with peaks
-    assert len(_same_people(net, img, ref)) >= 1
+    assert len(_same_people(net, padded, ref)) >= 1
     assert (ref["image"] > 0).any(axis=2).sum() > 500  # a figure was drawn
+    openpose_files.link_body_model(tmp_path)
+    ours = openpose.run(tmp_path / "annotators", "openpose", img, 128)  # scaled, padded, cropped
+    assert ours.shape == (171, 128, 3) and np.array_equal(ours, ref["image"][:171, :128])
 
 
 LIMB_SEGMENTS = openpose_body.LIMB_PAIRS

@@ -62,7 +62,7 @@ def reference_keys() -> dict[str, tuple[int, ...]]:
     return {k.split(".", 1)[1]: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0) -> Path:
+def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0, paf_gain: float = 1.0) -> Path:
     """A random body_pose_model.pth with the published key names and shapes."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -72,8 +72,8 @@ def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0) -> Path:
             continue
         fan_in = shape[1] * shape[2] * shape[3]
         w = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        if key.startswith(("Mconv7_", "conv5_5_CPM")):
-            w = w * heat_gain
+        if key.startswith("Mconv7_stage6_"):  # the outputs: PAFs (L1), heatmaps (L2)
+            w = w * (paf_gain if "_L1." in key else heat_gain)
         state[key] = w
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
@@ -83,7 +83,8 @@ def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0) -> Path:
 @lru_cache(maxsize=1)
 def shared_body_model() -> Path:
     """One random body_pose_model.pth (200 MB) per test process, linked into each test's store."""
-    return save_body_model(Path(tempfile.mkdtemp(prefix="openpose-")) / "body_pose_model.pth")
+    # PAFs x2: on the test pictures the random network then joins limbs into people
+    return save_body_model(Path(tempfile.mkdtemp(prefix="openpose-")) / "body_pose_model.pth", paf_gain=2.0)
 
 
 def link_body_model(store: Path) -> Path:

@@ -113,9 +113,13 @@ def depth_anything(root: Path, img: np.ndarray) -> np.ndarray:
     return np.repeat((d * 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
-def run(root: Path, name: str, img: np.ndarray) -> np.ndarray:
+# modules that take the image at its own size and the resolution (they scale as the extension does)
+SCALES_ITSELF = frozenset(openpose.MODULES)
+
+
+def run(root: Path, name: str, img: np.ndarray, resolution: int | None = None) -> np.ndarray:
     if name == DEPTH:
         return depth_anything(root, img)
     if name in openpose.MODULES:
-        return openpose.run(Path(root) / FOLDER, name, img)
+        return openpose.run(Path(root) / FOLDER, name, img, resolution)
     raise KeyError(name)

@@ -6,6 +6,7 @@ off those resized maps, so the sampling must be OpenCV's to land on the same pix
 separable: one weight matrix per axis, ``out = Wy @ img @ Wx.T``. The rules (OpenCV's documented
 behaviour):
 
+- Bicubic: as Lanczos-4 but 4 taps ``floor(f) - 1 .. floor(f) + 2`` of Keys' kernel, a = -0.75.
 - Lanczos-4: output pixel ``d`` reads source ``f = (d + 0.5) * s - 0.5`` (``s = in / out``,
   computed in float32 as OpenCV does), 8 taps ``floor(f) - 3 .. floor(f) + 4`` weighted by
   ``sinc(t) sinc(t / 4)`` normalised to sum 1, the border replicated.
@@ -15,7 +16,8 @@ behaviour):
   overlap ``(d + 1) - (floor(d * s) + 1) / s``, clamped at 0.
 - 8-bit images go through fixed point as OpenCV's 8-bit path does for the interpolating modes
   (weights rounded to 1/2048, the result rounded half up from 22 fraction bits); the area mode
-  averages in float and rounds half to even.
+  sums in float32, taps in source order, rows after columns, and rounds half to even (an exact
+  2x2 halving: the mean of 4, halves up), so the same bytes come out.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from functools import lru_cache
 
 import numpy as np
 
-AREA, LANCZOS4 = "area", "lanczos4"
+AREA, CUBIC, LANCZOS4 = "area", "cubic", "lanczos4"
+CUBIC_A = -0.75  # OpenCV's bicubic kernel parameter
 _COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
 
 
@@ -44,9 +47,21 @@ def _lanczos4(fx: np.ndarray) -> np.ndarray:
     return w
 
 
-def _taps(n_in: int, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Scatter per-output taps ``first + k`` (clamped to the border) into an [out, in] matrix."""
+def _cubic(fx: np.ndarray) -> np.ndarray:
+    """The 4 bicubic weights for each fraction (float32, the last one closing the sum to 1)."""
+    a, x = np.float32(CUBIC_A), fx.astype(np.float32)
+    c0 = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+    c1 = ((a + 2) * x - (a + 3)) * x * x + 1
+    c2 = ((a + 2) * (1 - x) - (a + 3)) * (1 - x) * (1 - x) + 1
+    return np.stack([c0, c1, c2, 1 - c0 - c1 - c2], axis=1).astype(np.float32)
+
+
+def _taps(n_in: int, first: np.ndarray, weights: np.ndarray, fixed: bool) -> np.ndarray:
+    """Scatter per-output taps ``first + k`` (clamped to the border) into an [out, in] matrix;
+    ``fixed``: each tap's weight in 1/2048 units, rounded before taps on one border pixel add up."""
     n_out, k = weights.shape
+    if fixed:
+        weights = np.rint(weights.astype(np.float64) * (1 << _COEF_BITS))
     mat = np.zeros((n_out, n_in), np.float64)
     idx = np.clip(first[:, None] + np.arange(k)[None, :], 0, n_in - 1)
     np.add.at(mat, (np.repeat(np.arange(n_out), k), idx.ravel()), weights.astype(np.float64).ravel())
@@ -72,8 +87,9 @@ def _area_shrink(n_in: int, n_out: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _axis(n_in: int, n_out: int, method: str, shrink_both: bool) -> np.ndarray:
-    """The [n_out, n_in] weights of one axis (read-only, cached: maps come in few sizes)."""
+def _axis(n_in: int, n_out: int, method: str, shrink_both: bool, fixed: bool = False) -> np.ndarray:
+    """The [n_out, n_in] weights of one axis (read-only, cached: maps come in few sizes);
+    ``fixed``: the 8-bit path's integer weights (x 2048)."""
     inv = n_out / n_in
     scale = 1.0 / inv
     d = np.arange(n_out, dtype=np.float64)
@@ -83,45 +99,52 @@ def _axis(n_in: int, n_out: int, method: str, shrink_both: bool) -> np.ndarray:
         first = np.floor(d * scale).astype(np.int64)
         fx = ((d + 1) - (first + 1) * inv).astype(np.float32)
         fx = np.where(fx <= 0, np.float32(0), fx - np.floor(fx)).astype(np.float32)
-        mat = _taps(n_in, first, np.stack([1 - fx, fx], axis=1))
+        mat = _taps(n_in, first, np.stack([1 - fx, fx], axis=1), fixed)
     else:
         f = ((d + 0.5) * scale - 0.5).astype(np.float32)
         first = np.floor(f).astype(np.int64)
-        mat = _taps(n_in, first - 3, _lanczos4((f - first).astype(np.float32)))
+        frac = (f - first).astype(np.float32)
+        if method == CUBIC:
+            mat = _taps(n_in, first - 1, _cubic(frac), fixed)
+        else:
+            mat = _taps(n_in, first - 3, _lanczos4(frac), fixed)
     mat.setflags(write=False)
     return mat
 
 
-def _mats(shape: tuple[int, int], height: int, width: int, method: str) -> tuple[np.ndarray, np.ndarray]:
+def _mats(
+    shape: tuple[int, int], height: int, width: int, method: str, fixed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     h, w = shape
     shrink_both = height <= h and width <= w
-    return _axis(h, height, method, shrink_both), _axis(w, width, method, shrink_both)
+    return _axis(h, height, method, shrink_both, fixed), _axis(w, width, method, shrink_both, fixed)
 
 
 def resize_maps(maps: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
     """Float maps [H, W] or [H, W, C] to [height, width(, C)] (float64)."""
     if maps.shape[:2] == (height, width):
         return maps.astype(np.float64)
-    my, mx = _mats(maps.shape[:2], height, width, method)
+    h, w = maps.shape[:2]
+    shrink_both = height <= h and width <= w
+    (yi, yw), (xi, xw) = _axis_taps(h, height, method, shrink_both), _axis_taps(w, width, method, shrink_both)
     x = maps.astype(np.float64)
-    out = np.tensordot(my, x, axes=(1, 0))  # rows first, then columns
-    out = np.tensordot(mx, out, axes=(1, 1))  # [width, height, C...]
-    return np.swapaxes(out, 0, 1)
+    extra = (None,) * (x.ndim - 2)  # gathered taps (8 at most) instead of dense products
+    rows = sum(x[yi[:, j]] * yw[(slice(None), j, None, *extra)] for j in range(yi.shape[1]))
+    return sum(rows[:, xi[:, j]] * xw[(None, slice(None), j, *extra)] for j in range(xi.shape[1]))
 
 
 def resize_u8(img: np.ndarray, height: int, width: int, method: str) -> np.ndarray:
     """An 8-bit image [H, W, C] to [height, width, C] with OpenCV's 8-bit rounding."""
     if img.shape[:2] == (height, width):
         return img.copy()
-    my, mx = _mats(img.shape[:2], height, width, method)
     h, w = img.shape[:2]
     if method == AREA and height <= h and width <= w:
-        out = resize_maps(img, height, width, method)
-        # OpenCV's vectorised 2x2 average rounds halves up; its other area paths round to even
-        halving = h == 2 * height and w == 2 * width
-        return np.clip(np.floor(out + 0.5) if halving else np.rint(out), 0, 255).astype(np.uint8)
-    one = 1 << _COEF_BITS
-    iy, ix = np.rint(my * one).astype(np.int64), np.rint(mx * one).astype(np.int64)
+        if h == 2 * height and w == 2 * width:  # OpenCV's vectorised 2x2 mean rounds halves up
+            out = resize_maps(img, height, width, method)
+            return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+        return _area_u8(img, height, width)
+    my, mx = _mats(img.shape[:2], height, width, method, fixed=True)
+    iy, ix = my.astype(np.int64), mx.astype(np.int64)
     cols = np.swapaxes(np.tensordot(ix, img.astype(np.int64), axes=(1, 1)), 0, 1)  # [h, width, C]
     if method == AREA:
         # the 2-tap vertical pass in OpenCV's vectorised 8-bit form: 4 bits dropped before the
@@ -134,6 +157,42 @@ def resize_u8(img: np.ndarray, height: int, width: int, method: str) -> np.ndarr
     both = np.tensordot(iy, cols, axes=(1, 0))
     half = 1 << (2 * _COEF_BITS - 1)
     return np.clip((both + half) >> (2 * _COEF_BITS), 0, 255).astype(np.uint8)
+
+
+def _tap_form(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A weight matrix as per-output taps in source order: indices and weights (padded with zero
+    weights)."""
+    rows = [np.nonzero(r)[0] for r in mat]
+    n = max(len(r) for r in rows)
+    idx = np.zeros((len(rows), n), np.int64)
+    wts = np.zeros((len(rows), n), mat.dtype)
+    for d, nz in enumerate(rows):
+        idx[d, : len(nz)], wts[d, : len(nz)] = nz, mat[d, nz]
+    return idx, wts
+
+
+@lru_cache(maxsize=64)
+def _axis_taps(n_in: int, n_out: int, method: str, shrink_both: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One axis' weights in tap form (float64)."""
+    return _tap_form(_axis(n_in, n_out, method, shrink_both))
+
+
+def _area_u8(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The area mean of an 8-bit image in float32, summed in OpenCV's order."""
+    my, mx = _mats(img.shape[:2], height, width, AREA)
+    (yi, yw), (xi, xw) = _tap_form(my), _tap_form(mx)
+    yw, xw = yw.astype(np.float32), xw.astype(np.float32)  # the weights are float32 values
+    src = img.astype(np.float32)
+    if src.ndim == 2:
+        src = src[:, :, None]
+    rows = np.zeros((src.shape[0], width, src.shape[2]), np.float32)
+    for j in range(xi.shape[1]):
+        rows = rows + src[:, xi[:, j]] * xw[None, :, j, None]
+    out = rows[yi[:, 0]] * yw[:, 0, None, None]
+    for j in range(1, yi.shape[1]):
+        out = out + rows[yi[:, j]] * yw[:, j, None, None]
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out.reshape(height, width, *img.shape[2:])
 
 
 def method_for(h: int, w: int, height: float, width: float) -> str:

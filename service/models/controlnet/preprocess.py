@@ -164,6 +164,8 @@ def run(
     with its weights from the store at ``root``."""
     if name == "none":
         return img
+    if root is not None and name in annotators.SCALES_ITSELF:  # scaled as the A1111 extension does
+        return annotators.run(root, name, img, resolution)
     if resolution:
         h, w = img.shape[:2]
         k = resolution / min(h, w)

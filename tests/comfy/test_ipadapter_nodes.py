@@ -318,6 +318,19 @@ def test_missing_and_unserved_are_node_errors(ip_root: Path) -> None:
         wf["23"]["inputs"]["attn_mask"] = ["22", 1]  # LoadImage's MASK
         err = await error_of(comfy, wf)
         assert err["node_id"] == "23" and err["exception_message"].startswith("attn_mask: attention masks")
+        # VIT-G has an SDXL file here (ip-adapter_sdxl) but no SD 1.x one: the loader says so for sd1
+        err = await error_of(comfy, workflow(unified("VIT-G (medium strength)", "ref1.png")))
+        assert (err["node_id"], err["node_type"]) == ("10", "IPAdapterUnifiedLoader")
+        assert err["exception_message"].startswith("preset: 'VIT-G (medium strength)' has no SD 1.x file")
+        # a fourth adapter on one MODEL (our units: at most 3 per request)
+        chain = [
+            advanced((f"{i}0", f"{i}1", f"{i}2", f"{i}3"), "ip-adapter_sd15", VIT_H, "ref1.png")
+            for i in (2, 3, 4, 5)
+        ]
+        err = await error_of(comfy, workflow(*chain))
+        assert err["node_id"] == "53" and err["exception_message"].startswith(
+            "model: at most 3 IPAdapter nodes"
+        )
 
     comfy_: Any = None
     run(ip_root, scenario, models=["sd1"])

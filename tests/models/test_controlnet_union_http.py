@@ -6,7 +6,9 @@ API's error shape, naming what is allowed."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ def client(root: tuple[Path, dict[str, Any]]) -> Iterator[TestClient]:
     from service.api.app import create_app
     from service.api.settings import Settings
 
-    with TestClient(create_app(Settings(model_store=root[0], torch_threads=1))) as live:
+    settings = Settings(model_store=root[0], torch_threads=1, batch_wait_ms=300)
+    with TestClient(create_app(settings)) as live:
         yield live
 
 
@@ -83,6 +86,48 @@ def test_sample_matches_diffusers_union_pipeline(
     assert np.abs(ours - want).max() <= 2
     plain = _pixels(_post(client, "/sample", body))
     assert np.abs(plain - want).max() > 2  # the unit acted (on the latents: test_controlnet_union)
+
+
+def _rows(metrics: str) -> tuple[float, float]:
+    """kdiff_batch_rows' sum and count for the sdxl model (rows over model calls)."""
+    found = [re.search(rf'kdiff_batch_rows_{k}\{{model="sdxl"\}} (\S+)', metrics) for k in ("sum", "count")]
+    return float(found[0].group(1)), float(found[1].group(1))  # type: ignore[union-attr]
+
+
+def test_concurrent_union_requests_share_calls(client: TestClient) -> None:
+    """none / union canny / union depth (1.5, ControlNet more important) / ProMax openpose + tile,
+    concurrently: fewer model calls than rows' steps (/metrics), each image as its solo run; A1111's
+    /controlnet/control_types lists the union models under the types they serve."""
+    union = {"model": "union_promax", "image": control_png(1)}
+    units: list[list[dict[str, Any]]] = [
+        [],
+        [{**union, "control_type": "canny"}],
+        [{**union, "control_type": "depth", "weight": 1.5, "control_mode": "control"}],
+        [
+            {
+                **union,
+                "control_type": "openpose",
+                "images": [{"image": control_png(2), "control_type": "tile"}],
+            }
+        ],
+    ]
+    bodies = [
+        {"model": "sdxl", "steps": STEPS, "seed": 3, "sampler": "euler", **BASE, "controlnets": u}
+        for u in units
+    ]
+    solo = [_pixels(_post(client, "/sample", b)) for b in bodies]
+    before = _rows(client.get("/metrics").text)
+    with ThreadPoolExecutor(4) as pool:
+        together = [_pixels(p) for p in pool.map(lambda b: _post(client, "/sample", b), bodies)]
+    after = _rows(client.get("/metrics").text)
+    rows, calls = after[0] - before[0], after[1] - before[1]
+    assert rows == 4 * 2 * STEPS and calls < 4 * STEPS, f"{rows} rows in {calls} calls: no sharing"
+    for s, t in zip(solo, together, strict=True):
+        assert np.abs(s - t).max() <= 1
+    assert all(np.abs(solo[0] - s).max() > 2 for s in solo[1:])  # each unit acts
+    kinds = client.get("/controlnet/control_types").json()["control_types"]
+    assert {"union_xl", "union_promax"} <= set(kinds["Canny"]["model_list"])  # the extension's "union" rule
+    assert "union_xl" not in kinds["Shuffle"]["model_list"]
 
 
 def _a1111(client: TestClient, model: str, unit: dict[str, Any], **body: Any) -> Any:

@@ -163,13 +163,26 @@ async def module_list(alias_names: bool = False, state: Service = Depends(get_st
     return {"module_list": names, "module_detail": detail}
 
 
+# sd-webui-controlnet's ControlNetUnionControlType.all_tags(): a model named "...union..." fits these
+UNION_TAGS = frozenset(
+    ("openpose", "depth", "softedge", "scribble", "canny", "lineart", "mlsd", "normalmap", "segmentation")
+    + ("inpaint", "tile")
+)
+
+
+def _fits(models: list[str], key: str) -> list[str]:
+    """The extension's model filter for a control type: its name in the model's, or a union model
+    (ControlNet-Union) for a type the union models serve."""
+    return [m for m in models if key in m.lower() or (key in UNION_TAGS and "union" in m.lower())]
+
+
 @router.get("/control_types")
 async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
     models = sorted(scan(state.pool.store.root))
     out = {}
     for name, (default, modules) in preprocess.CONTROL_TYPES.items():
         key = name.split("/")[0].lower()
-        fits = models if name == "All" else [m for m in models if key in m.lower()]
+        fits = models if name == "All" else _fits(models, key)
         out[name] = {
             "module_list": modules,
             "model_list": ["None", *fits],
@@ -177,7 +190,7 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
             "default_model": fits[0] if fits and name != "All" else "None",
         }
     if annotators.DEPTH in annotators.available(state.pool.store.root):
-        fits = [m for m in models if "depth" in m.lower()]
+        fits = _fits(models, "depth")
         out["Depth"] = {
             "module_list": ["none", annotators.DEPTH],
             "model_list": ["None", *fits],
@@ -186,7 +199,7 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
         }
     poses = [m for m in annotators.available(state.pool.store.root) if m.startswith("openpose")]
     if poses:  # the extension's OpenPose type, with the pose modules whose weights are here
-        fits = [m for m in models if "openpose" in m.lower()]
+        fits = _fits(models, "openpose")
         out["OpenPose"] = {
             "module_list": ["none", *poses],
             "model_list": ["None", *fits],

@@ -51,8 +51,6 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         "engines": args.engines,
         "settings": {k: [str(i) for i in v] if isinstance(v, list) else str(v) for k, v in settings.items()},
         "num_gpus": args.gpus_per_engine,
-        "ingress_min_replicas": args.ingress_replicas,
-        "ingress_max_replicas": max(args.ingress_replicas, args.ingress_max_replicas or 0),
     }
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]

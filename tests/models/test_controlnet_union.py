@@ -26,7 +26,7 @@ from service.sampling.errors import InputError  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest, UnionImage  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
 from tests.support.controlnet_tiny import make_controlnet, save_folder  # noqa: E402
-from tests.support.union_tiny import union_gap, union_reference, union_store  # noqa: E402
+from tests.support.union_tiny import make_union, union_gap, union_reference, union_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,25 @@ def test_network_matches_controlnetunionmodel(
     ours = files.load(files.scan(root)[name], torch.device("cpu"), torch.float32)
     assert isinstance(ours, UnionControlNet) and ours.types == nets[name].config.num_control_type
     assert union_gap(ours, nets[name], modes, batch=batch) <= 1e-5
+
+
+def test_single_file_union_matches_controlnetunionmodel(tmp_path: Path) -> None:
+    """xinsir's ProMax weights file alone (diffusers' names, no config: how ComfyUI and A1111 users
+    keep ``diffusion_pytorch_model_promax.safetensors``), SDXL's proportions (64 channels a head,
+    256-wide time ids): the config read off the tensors, residuals as diffusers' network's."""
+    from safetensors.torch import save_file
+
+    sdxl = {"addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 48 + 6 * 256}
+    shape = {"block_out_channels": (64, 128), "attention_head_dim": (1, 2), "norm_num_groups": 32}
+    trans = {"num_trans_channel": 64, "num_proj_channel": 64, "num_trans_head": 8}
+    ref = make_union(seed=7, types=8, use_linear_projection=True, **sdxl, **shape, **trans)
+    path = tmp_path / "controlnet" / "controlnet-union-sdxl-promax.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    info = files.scan(tmp_path)["controlnet-union-sdxl-promax"]
+    ours = files.load(info, torch.device("cpu"), torch.float32)
+    assert isinstance(ours, UnionControlNet) and ours.types == 8
+    assert union_gap(ours, ref, [3, 6]) <= 1e-5
 
 
 def test_generation_latents_match_the_union_pipeline(sdxl: Any, store: tuple[Path, dict[str, Any]]) -> None:

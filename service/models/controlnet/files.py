@@ -20,7 +20,8 @@ from torch import Tensor
 
 from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
-from .union import UnionConfig, UnionControlNet, is_union
+from .union import UnionConfig, UnionControlNet, is_union, is_union_weights
+from .union import infer as infer_union
 
 NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
 SINGLE = (".safetensors", ".pth", ".pt", ".bin")
@@ -100,6 +101,8 @@ def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
         return kind.from_dict(raw_cfg), sd
     sd = _read_tensors(info.path)
     if diffusers_keys.is_diffusers(list(sd)):  # SDXL's diffusers_xl_*.safetensors, a folder's weights
+        if is_union_weights(list(sd)):  # xinsir's union / ProMax file on its own (union.py)
+            return UnionConfig.from_dict(diffusers_keys.infer_config(sd) | infer_union(sd)), sd
         return ControlNetConfig.from_dict(diffusers_keys.infer_config(sd)), sd
     if not original_keys.is_original(list(sd)):
         raise ControlNetConfigError(

@@ -149,6 +149,28 @@ def is_union(raw_config: dict[str, Any]) -> bool:
     return raw_config.get("_class_name") == CLASS_NAME
 
 
+def is_union_weights(keys: list[str]) -> bool:
+    """A diffusers-named state dict of a union ControlNet (a single file with no config beside it)."""
+    return "task_embedding" in keys and "control_add_embedding.linear_1.weight" in keys
+
+
+def infer(sd: dict[str, Tensor]) -> dict[str, Any]:
+    """The union part of the config read off the tensors, for a single file (xinsir's
+    ``diffusion_pytorch_model_promax.safetensors`` as ComfyUI and A1111 users keep it; the rest is
+    ``diffusers_keys.infer_config``). ``num_trans_head`` is not in the shapes and changes nothing here:
+    each token attends only to itself (module docstring), so the heads' split never shows."""
+    types, width = (int(n) for n in sd["task_embedding"].shape)
+    layers = {k.split(".")[1] for k in sd if k.startswith("transformer_layes.")}
+    return {
+        "num_control_type": types,
+        "num_trans_channel": width,
+        "num_proj_channel": int(sd["spatial_ch_projs.weight"].shape[0]),
+        "num_trans_layer": len(layers),
+        # the type embedding and SDXL's size ids share addition_time_embed_dim
+        "addition_time_embed_dim": int(sd["control_add_embedding.linear_1.weight"].shape[1]) // types,
+    }
+
+
 class _Mlp(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()

@@ -12,11 +12,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from service.sampling.driver import Driver, finite_bound
-from service.sampling.guidance import cat_cond
+from service.sampling.driver import Driver, batch_inputs, finite_bound
 from service.sampling.spec import sampling_dtype
 from service.sampling.stepper import NonFiniteError
 
@@ -110,10 +108,7 @@ class Executor:
     def _call(self, plan: Plan, index: int, slots: list[Slot], failed: dict[Job, Outcome]) -> None:
         if not slots:
             return
-        inputs = [slot.driver.inputs(slot.track) for slot in slots]
-        x = torch.cat([i[0] for i in inputs])
-        sigma = torch.cat([i[1] for i in inputs])
-        cond = cat_cond([i[2] for i in inputs])
+        x, sigma, cond = batch_inputs([(slot.driver, slot.track) for slot in slots])
         t0 = time.perf_counter()
         try:
             out = self.runner.denoise(x, sigma, cond)

@@ -89,6 +89,7 @@ class Progress:
     passes: int = 1
     pass_step: int = 0
     pass_steps: int = 0
+    _followed_pass: int = field(default=-1, repr=False, compare=False)  # the pass follow() last read
 
     @classmethod
     def of(cls, request: JobRequest) -> Progress:
@@ -99,13 +100,15 @@ class Progress:
 
     def follow(self, driver: Driver) -> None:
         """The running driver's progress (a finished job: ``finished``)."""
-        # every running job, every iteration, on the event loop: each property read once
-        step, passes = driver.step, driver.passes
-        self.step, self.evals = step, driver.evals
-        self.total, self.pass_no, self.passes = driver.total_steps, driver.pass_no, passes
-        self.pass_step = step if passes == 1 else driver.pass_step  # one pass: its steps are the job's
-        self.pass_steps = driver.pass_steps
-        self.expected_evals = max(driver.expected_evals, driver.evals + 1)
+        # every running job, every iteration, on the event loop: each property read once, and what
+        # stays the same within a pass (total steps, passes, the pass's steps) only when the pass changes
+        step, evals, pass_no = driver.step, driver.evals, driver.pass_no
+        if pass_no != self._followed_pass:
+            self._followed_pass = self.pass_no = pass_no
+            self.total, self.passes, self.pass_steps = driver.total_steps, driver.passes, driver.pass_steps
+        self.step, self.evals = step, evals
+        self.pass_step = step if self.passes == 1 else driver.pass_step  # one pass: its steps are the job's
+        self.expected_evals = max(driver.expected_evals, evals + 1)
 
     def finished(self) -> None:
         self.step, self.evals, self.pass_step = self.total, self.expected_evals, self.pass_steps
@@ -154,6 +157,7 @@ class Job:
         self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
         self.loading = False  # queued behind its model's load (the request is a placeholder until then)
         self._changed = asyncio.Event()
+        self._watched = False  # whether anyone took _changed (change_event) since it was last set
         self._done = asyncio.Event()
 
     def attach(self, request: JobRequest) -> Job:
@@ -165,11 +169,15 @@ class Job:
     # --- notifications (event-loop side only) ---
     def change_event(self) -> asyncio.Event:
         """The event set at the next change; take it *before* reading the state."""
+        self._watched = True
         return self._changed
 
     def notify(self) -> None:
-        old, self._changed = self._changed, asyncio.Event()
-        old.set()
+        # every running job is notified every iteration; most have nobody watching (a /sample caller
+        # waits for the end only), and an event nobody took since the last change needs no replacing
+        if self._watched:
+            old, self._changed, self._watched = self._changed, asyncio.Event(), False
+            old.set()
         if self.status.finished:
             self._done.set()
 

@@ -20,9 +20,12 @@ from service.sampling.driver import Driver, Track
 from .jobs import Job
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Slot:
-    """One track's pending evaluation inside a model call: ``rows`` consecutive rows of its input."""
+    """One track's pending evaluation inside a model call: ``rows`` consecutive rows of its input.
+
+    Not frozen: one is built per running track per iteration on the event loop, and a frozen
+    dataclass's ``__init__`` costs 1.6 us against 0.3 (nothing changes a slot once planned)."""
 
     job: Job = field(repr=False, compare=False)
     driver: Driver = field(repr=False, compare=False)

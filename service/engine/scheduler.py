@@ -12,9 +12,12 @@ which exist to measure what iteration-level batching buys.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
+
+from torch import Tensor
 
 from service.sampling.driver import Driver
 
@@ -23,7 +26,8 @@ from .plan import ModelCall, Plan, Slot
 
 T = TypeVar("T")
 # what rows must share to be concatenated: (conditioning key, per-row shape, dtype)..., latent row shape
-_GroupKey = tuple[tuple[tuple[str, tuple[int, ...], object], ...], tuple[int, ...]]
+_CondKey = tuple[tuple[str, tuple[int, ...], object], ...]
+_GroupKey = tuple[_CondKey, tuple[int, ...]]
 
 
 class Mode(str, enum.Enum):
@@ -37,6 +41,13 @@ class Scheduler:
 
     def __init__(self, mode: Mode, max_rows: int) -> None:
         self.mode, self.max_rows = mode, max_rows
+        # each running driver's conditioning signature, with the dict it was read from (2 us a driver
+        # an iteration to read again): a driver's conditioning is set when it is built and replaced
+        # whole (a second pass), never edited in place, so it is read again only for another dict.
+        # Weak keys: an entry leaves with its driver, holding none of a finished job's tensors
+        self._cond_keys: weakref.WeakKeyDictionary[Driver, tuple[dict[str, Tensor], _CondKey]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def holds_results(self) -> bool:
@@ -45,8 +56,8 @@ class Scheduler:
 
     def admit(self, queue: deque[Job], running: Sequence[Job], holding: bool) -> list[Job]:
         """Pop the queued jobs that start now (oldest first)."""
-        if self.mode != Mode.iteration and (running or holding):
-            return []  # request / serial: nobody joins a running batch
+        if not queue or (self.mode != Mode.iteration and (running or holding)):
+            return []  # nobody waits, or request / serial: nobody joins a running batch
         used = sum(j.request.rows for j in running)
         new: list[Job] = []
         while queue:
@@ -63,12 +74,16 @@ class Scheduler:
         first): grouped by what can be concatenated, then packed up to ``max_rows`` rows; an
         oversized evaluation goes alone. Reads shapes only (no device work): runs on the event loop."""
         groups: dict[_GroupKey, list[Slot]] = {}
+        known = self._cond_keys
         for job, driver in drivers.items():
+            cached = known.get(driver)
+            if cached is None or cached[0] is not driver.cond:
+                cached = known[driver] = (driver.cond, _cond_key(driver.cond))
             for index, track in enumerate(driver.tracks):
                 if track.pending is None:
                     continue
                 slot = Slot(job, driver, track, job.id, index, driver.rows(track), track.pending.step)
-                groups.setdefault(_group_key(driver, track.pending.x.shape[1:]), []).append(slot)
+                groups.setdefault((cached[1], tuple(track.pending.x.shape[1:])), []).append(slot)
         calls: list[ModelCall] = []
         for (cond, row_shape), group in groups.items():
             for slots in _pack(group, self.max_rows, lambda slot: slot.rows):
@@ -76,11 +91,8 @@ class Scheduler:
         return Plan(iteration, tuple(calls), dict(drivers), self.max_rows)
 
 
-def _group_key(
-    driver: Driver, row_shape: Sequence[int]
-) -> tuple[tuple[tuple[str, tuple[int, ...], object], ...], tuple[int, ...]]:
-    cond = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in driver.cond.items()))
-    return cond, tuple(row_shape)
+def _cond_key(cond: Mapping[str, Tensor]) -> _CondKey:
+    return tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in cond.items()))
 
 
 def _pack(items: list[T], max_rows: int, rows_of: Callable[[T], int]) -> list[list[T]]:

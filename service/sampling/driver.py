@@ -155,16 +155,27 @@ class Driver:
         """Model input for a track's pending evaluation: x, sigma[rows], conditioning (cond, then uncond)."""
         ev = track.pending
         assert ev is not None
-        x = ev.x
-        cond = {k: v[track.part] for k, v in self.cond.items()}
+        xs, conds = self.parts(track)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        cond = {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in conds.items()}
+        # a view of the one sigma (no per-row multiply); a loop that hands it to the model as it is
+        # (drive) makes it contiguous
+        return x, ev.sigma.to(x.dtype).expand(x.shape[0]), cond
+
+    def parts(self, track: Track) -> tuple[list[Tensor], dict[str, list[Tensor]]]:
+        """A track's model input as the pieces to concatenate: its x (twice when guided: cond rows, then
+        uncond rows) and each conditioning key's rows (cond, then uncond). A key whose tensor holds
+        exactly the track's rows is handed as it is (no slice: a view per key per row per step)."""
+        ev = track.pending
+        assert ev is not None
+        part = track.part
+        xs = [ev.x, ev.x] if self.guided else [ev.x]
+        conds = {k: [_rows(v, part)] for k, v in self.cond.items()}
         if self.guided:
             assert self.uncond is not None
-            x = torch.cat([x, x])
-            cond = {k: torch.cat([v, self.uncond[k][track.part]]) for k, v in cond.items()}
-        # a view of the one sigma (no per-row multiply); a loop that hands it to the model as it is
-        # (drive) makes it contiguous, the engine's concatenation copies it anyway
-        sigma = ev.sigma.to(x.dtype).expand(x.shape[0])
-        return x, sigma, cond
+            for k, v in conds.items():
+                v.append(_rows(self.uncond[k], part))
+        return xs, conds
 
     def feed(self, track: Track, out: Tensor, bound: float | None = None) -> Tensor:
         """Hand a track the model's output rows; returns the denoised prediction it was sent.
@@ -221,7 +232,7 @@ class Driver:
         overflow check_finite's float32 sum. CFG rescale divides by a std that may be 0: checked."""
         if bound is None or (self.guided and self.spec.guidance_rescale > 0):
             return False
-        limit = min(torch.finfo(out.dtype).max, torch.finfo(torch.float32).max / max(1, out.numel()))
+        limit = min(_dtype_max(out.dtype), _FLOAT32_MAX / max(1, out.numel()))
         return bound * (self._growth if self.guided else 1.0) < limit / 4
 
     def _blend(self, track: Track, denoised: Tensor) -> Tensor:
@@ -253,6 +264,56 @@ def finite_bound(out: Tensor) -> float | None:
     """The largest |value| of ``out`` (one reduction, one sync), or None when any value is NaN or inf."""
     low, high = torch.stack(torch.aminmax(out)).tolist()
     return max(-low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_DTYPE_MAX: dict[torch.dtype, float] = {}
+
+
+def _dtype_max(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).max``, looked up once per dtype (read per row per step)."""
+    top = _DTYPE_MAX.get(dtype)
+    if top is None:
+        top = _DTYPE_MAX[dtype] = torch.finfo(dtype).max
+    return top
+
+
+def _rows(v: Tensor, part: slice) -> Tensor:
+    return v if part.start == 0 and part.stop == v.shape[0] else v[part]
+
+
+def batch_inputs(pending: Sequence[tuple[Driver, Track]]) -> tuple[Tensor, Tensor, Cond]:
+    """The model input of several tracks' pending evaluations in one call: bit for bit what
+    concatenating each ``driver.inputs(track)`` in order gives, in one op per tensor instead of a
+    few per track (the sigmas: one stack of the 0-dim sigmas, repeated per row only where a track
+    has several rows). Every track must have the same conditioning keys (the scheduler groups by them)."""
+    xs: list[Tensor] = []
+    sigmas: list[Tensor] = []
+    counts: list[int] = []
+    conds: dict[str, list[Tensor]] = {}
+    keys = None
+    for driver, track in pending:
+        x_parts, c_parts = driver.parts(track)
+        if keys is None:
+            keys = c_parts.keys()
+            conds = {k: [] for k in keys}
+        elif c_parts.keys() != keys:
+            raise ValueError(f"conditioning keys differ: {sorted(keys)} vs {sorted(c_parts)}")
+        xs += x_parts
+        for k, v in c_parts.items():
+            conds[k] += v
+        assert track.pending is not None
+        sigmas.append(track.pending.sigma)
+        counts.append(len(x_parts) * x_parts[0].shape[0])
+    x = torch.cat(xs)
+    if all(s.ndim == 0 for s in sigmas):
+        sigma = torch.stack(sigmas).to(x.dtype)
+        if len(counts) != x.shape[0]:  # some track has several rows: its sigma once per row
+            repeats = torch.tensor(counts, device=sigma.device)
+            sigma = sigma.repeat_interleave(repeats, output_size=x.shape[0])
+    else:  # a sampler that yields a sigma of another shape: each expanded to its rows, as inputs() does
+        sigma = torch.cat([s.to(x.dtype).expand(n) for s, n in zip(sigmas, counts, strict=True)])
+    return x, sigma, {k: torch.cat(v) for k, v in conds.items()}
 
 
 def _to(cond: Cond | None, device: torch.device | str) -> Cond:

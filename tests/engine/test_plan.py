@@ -136,3 +136,91 @@ def test_error_codes_are_one_closed_list() -> None:
     assert json.dumps({"code": ErrorCode.non_finite}) == '{"code": "non_finite"}'
     with pytest.raises(ValueError):
         JobError("no_such_code", "x")
+
+
+def test_batch_inputs_equal_each_tracks_inputs_concatenated() -> None:
+    """The executor's one-op-per-tensor gather (``batch_inputs``) gives bit for bit the rows of each
+    track's ``inputs`` concatenated in order: guided tracks of two images (x twice, cond then uncond
+    rows), a batch-coupled job's per-image tracks (slices of its conditioning), one-image tracks whose
+    conditioning is handed whole, a float64 sigma in a float32 call, and the sigmas a step later."""
+    from service.sampling.driver import batch_inputs
+
+    model = FakeDenoiser()
+    reqs = [
+        request("euler", 10, seeds=[1, 2], cfg=3.0),
+        request("heun", 5, seeds=[3]),
+        request("dpm_adaptive", 10, seeds=[6, 7], cfg=2.0),
+        request("dpmpp_2m", 8, seeds=[8], cfg=1.5),
+        request("euler_ancestral", 6, seeds=[9, 10]),
+    ]
+    drivers = _running(model, reqs)
+    for _ in range(2):
+        pairs = [(d, t) for d in drivers.values() for t in d.tracks if t.pending is not None]
+        x, sigma, cond = batch_inputs(pairs)
+        each = [d.inputs(t) for d, t in pairs]
+        assert torch.equal(x, torch.cat([e[0] for e in each]))
+        assert sigma.dtype == x.dtype and torch.equal(sigma, torch.cat([e[1] for e in each]))
+        assert list(cond) == ["class_cond"]
+        assert torch.equal(cond["class_cond"], torch.cat([e[2]["class_cond"] for e in each]))
+        assert x.shape[0] == sum(d.rows(t) for d, t in pairs) == 4 + 1 + 4 + 2 + 2
+        out = model(x, sigma, **cond)
+        offset = 0
+        for d, t in pairs:
+            d.feed(t, out[offset : offset + d.rows(t)])
+            offset += d.rows(t)
+    # a sigma of another dtype (a float64 schedule) is cast to the rows' dtype, as inputs() casts it
+    d, t = next((d, t) for d in drivers.values() for t in d.tracks)
+    assert t.pending is not None
+    t.pending = t.pending._replace(sigma=t.pending.sigma.double() + 1e-9)
+    x, sigma, _ = batch_inputs([(d, t)])
+    assert sigma.dtype == torch.float32 and torch.equal(sigma, d.inputs(t)[1])
+
+
+def test_batch_inputs_refuse_tracks_with_other_conditioning_keys() -> None:
+    from service.sampling.driver import batch_inputs
+
+    drivers = _running(FakeDenoiser(), [request("euler", 5, seeds=[1]), request("euler", 5, label=None)])
+    pairs = [(d, d.tracks[0]) for d in drivers.values()]
+    with pytest.raises(ValueError, match="conditioning keys differ"):
+        batch_inputs(pairs)
+
+
+def test_a_driver_whose_conditioning_is_replaced_is_grouped_by_the_new_one() -> None:
+    """The scheduler reads a driver's conditioning signature once per conditioning dict (a second
+    pass replaces the dict whole): a replaced dict is read again, and a finished driver's entry goes."""
+    import gc
+
+    model = FakeDenoiser()
+    drivers = _running(model, [request("euler", 5, seeds=[1]), request("euler", 5, seeds=[2])])
+    scheduler = Scheduler(Mode.iteration, 8)
+    assert len(scheduler.plan(drivers).calls) == 1
+    second = list(drivers.values())[1]
+    second.cond = {"class_cond": torch.full([1], 3), "extra": torch.zeros(1, 2)}  # as a new pass sets it
+    plan = scheduler.plan(drivers)
+    assert [c.cond for c in plan.calls] == [("class_cond",), ("class_cond", "extra")]
+    assert len(scheduler._cond_keys) == 2
+    del drivers, second, plan
+    gc.collect()
+    assert len(scheduler._cond_keys) == 0
+
+
+def test_a_change_event_is_set_at_the_next_change_whoever_took_it_when() -> None:
+    """notify() replaces the change event only when someone took it: an event taken before a change
+    is set by it, one taken after an unwatched change by the next, and the end sets the done event."""
+
+    async def go() -> None:
+        job = Job(request("euler", 3), "fake")
+        first = job.change_event()
+        job.notify()
+        assert first.is_set()
+        job.notify()  # nobody watching: nothing to set
+        late = job.change_event()
+        assert not late.is_set() and late is not first
+        job.notify()
+        assert late.is_set()
+        again = job.change_event()
+        job.finish(JobStatus.succeeded)
+        assert again.is_set()
+        await asyncio.wait_for(job.wait_done(), 1)
+
+    asyncio.run(go())

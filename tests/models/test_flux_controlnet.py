@@ -12,6 +12,7 @@ Flux-dev and tiny ControlNets saved in the diffusers layout (tests/support/flux_
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -295,3 +296,73 @@ def test_a1111_alwayson_unit_on_flux_is_our_unit(client: TestClient) -> None:
     unit = {"model": "fcn_a", "image": image, "weight": 0.8, "guidance_start": 0.25, "resize_mode": 0}
     ours = _pixels(_post(client, sampler="euler", controlnets=[unit]))
     assert np.abs(a1111 - ours).max() <= 1
+
+
+def test_step_cache_rows_and_controlnet_rows_in_one_call_equal_each_alone(flux: Any) -> None:
+    """A call with First-Block-Cache rows (no unit) and ControlNet rows (no cache): the cached rows
+    run the cached forward, the others the plain one with their residuals; over two steps (the
+    first fills the cache, the second reuses it) each row equals its own run alone within 1e-5."""
+    from service.models.stepcache import STORE, CacheSpec, cache_rows
+
+    spec = CacheSpec("fbcache", threshold=10.0)  # the cache always holds after the first evaluation
+    units = [[], [ControlNetRef("fcn_a", control_png(1))], [], [ControlNetRef("fcn_b", control_png(2))]]
+    rows = [_cond(flux, u) for u in units]
+    caches = [spec, None, spec, None]
+    alone_cache = [cache_rows(s, 1) for s in caches]
+    parts = [cache_rows(s, 1) for s in caches]  # held: a row's cache is forgotten with its tensor
+    together_cache = torch.cat(parts)
+    cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+    x = torch.randn(4, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    STORE.fixed_shape = False
+    reused = STORE.reused
+    with torch.inference_mode():
+        for tv in (0.9, 0.7):
+            t = torch.full([4], tv)
+            together = flux.denoiser(x, t, **cond, cache=together_cache)
+            alone = torch.cat(
+                [
+                    flux.denoiser(x[i : i + 1], t[:1], **{k: v[i : i + 1] for k, v in cond.items()}, cache=c)
+                    for i, c in enumerate(alone_cache)
+                ]
+            )
+            assert float((together - alone).abs().max()) <= 1e-5, tv
+            plain = flux.denoiser(x, t, **{k: v for k, v in cond.items() if k not in (LATENT, UNIT)})
+            assert float((together[1::2] - plain[1::2]).abs().max()) > 1e-3  # the units acted
+    assert STORE.reused - reused == 4  # both cached rows reused on the second step, together and alone
+
+
+def test_concurrent_requests_with_different_flux_units_share_calls(root: tuple[Path, dict[str, Any]]) -> None:
+    """Over HTTP: requests with none / A / B / A+B (A's window ending half way) sent together run in
+    fewer transformer calls than their steps added up (/metrics), each image equal to its solo run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    unit_a = {"model": "fcn_a", "image": control_png(1)}
+    unit_b = {"model": "fcn_union", "image": control_png(2), "weight": 0.7, "control_type": "tile"}
+    units: list[list[dict[str, Any]]] = [[], [unit_a], [unit_b], [{**unit_a, "guidance_end": 0.5}, unit_b]]
+    settings = Settings(model_store=root[0], torch_threads=1, batch_wait_ms=300, models=["fluxcn"])
+    with TestClient(create_app(settings)) as c:
+
+        def post(u: list[dict[str, Any]]) -> np.ndarray:
+            return _pixels(_post(c, sampler="euler", controlnets=u))
+
+        def rows() -> tuple[float, ...]:
+            text = c.get("/metrics").text
+            found = [
+                re.search(k + r'\{model="fluxcn"\} (\S+)', text)
+                for k in ("kdiff_batch_rows_sum", "kdiff_batch_rows_count")
+            ]
+            return tuple(float(m.group(1)) for m in found if m is not None)
+
+        solo = [post(u) for u in units]
+        before = rows()
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(post, units))
+        after = rows()
+    n_rows, calls = after[0] - before[0], after[1] - before[1]
+    assert n_rows == 4 * STEPS and calls < 4 * STEPS, f"{n_rows} rows in {calls} calls: no sharing"
+    for s, t in zip(solo, together, strict=True):
+        assert np.abs(s - t).max() <= 1
+    assert np.abs(solo[0] - solo[1]).max() > 2  # the unit acts

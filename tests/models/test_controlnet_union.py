@@ -10,6 +10,7 @@ folder, ``"_class_name": "ControlNetUnionModel"``; 6 types as controlnet-union-s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,8 @@ def test_network_matches_controlnetunionmodel(
 def test_single_file_union_matches_controlnetunionmodel(tmp_path: Path) -> None:
     """xinsir's ProMax weights file alone (diffusers' names, no config: how ComfyUI and A1111 users
     keep ``diffusion_pytorch_model_promax.safetensors``), SDXL's proportions (64 channels a head,
-    256-wide time ids): the config read off the tensors, residuals as diffusers' network's."""
+    256-wide time ids): the config read off the tensors, residuals as diffusers' network's; the same
+    weights in a folder whose config lacks the union sizes load as the union they are."""
     from safetensors.torch import save_file
 
     sdxl = {"addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 48 + 6 * 256}
@@ -67,10 +69,16 @@ def test_single_file_union_matches_controlnetunionmodel(tmp_path: Path) -> None:
     path = tmp_path / "controlnet" / "controlnet-union-sdxl-promax.safetensors"
     path.parent.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    info = files.scan(tmp_path)["controlnet-union-sdxl-promax"]
-    ours = files.load(info, torch.device("cpu"), torch.float32)
-    assert isinstance(ours, UnionControlNet) and ours.types == 8
-    assert union_gap(ours, ref, [3, 6]) <= 1e-5
+    # and a folder whose config names another class and leaves out the union sizes: the tensors decide
+    ref.save_pretrained(str(tmp_path / "controlnet" / "promax_folder"), safe_serialization=True)
+    cfg_path = tmp_path / "controlnet" / "promax_folder" / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    raw = {k: v for k, v in raw.items() if not k.startswith("num_")} | {"_class_name": "ControlNetModel"}
+    cfg_path.write_text(json.dumps(raw))
+    for name in ("controlnet-union-sdxl-promax", "promax_folder"):
+        ours = files.load(files.scan(tmp_path)[name], torch.device("cpu"), torch.float32)
+        assert isinstance(ours, UnionControlNet) and ours.types == 8
+        assert union_gap(ours, ref, [3, 6]) <= 1e-5
 
 
 def test_generation_latents_match_the_union_pipeline(sdxl: Any, store: tuple[Path, dict[str, Any]]) -> None:
@@ -192,6 +200,12 @@ def test_bad_union_units_are_named(sdxl: Any, store: tuple[Path, dict[str, Any]]
     with pytest.raises(InputError) as second:
         _rows(sdxl, [ControlNetRef("union_xl", control_png(1), images=(UnionImage(control_png(2), 9),))])
     assert second.value.field == "controlnets[0].images[0].control_type"
+    with pytest.raises(InputError) as untyped:  # with several images, each names its type
+        _rows(
+            sdxl,
+            [ControlNetRef("union_xl", control_png(1), control_type=1, images=(UnionImage(control_png(2)),))],
+        )
+    assert untyped.value.field == "controlnets[0].images[0].control_type"
     with pytest.raises(InputError) as plain:
         _rows(sdxl, [ControlNetRef("cn_xl", control_png(1), images=(UnionImage(control_png(2), 1),))])
     assert plain.value.field == "controlnets[0].images" and "union" in plain.value.message

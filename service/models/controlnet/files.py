@@ -97,8 +97,10 @@ def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:
         if raw_cfg.get("_class_name") == "FluxControlNetModel":
             raise ControlNetConfigError(f"{info.name} is a Flux ControlNet (FluxControlNetModel)")
         sd = _read_tensors(_weights(info.path))
-        kind = UnionConfig if is_union(raw_cfg) else ControlNetConfig  # ControlNet-Union (union.py)
-        return kind.from_dict(raw_cfg), sd
+        if is_union(raw_cfg) or is_union_weights(list(sd)):  # ControlNet-Union (union.py): the
+            # union sizes as the tensors have them, whatever class the config names
+            return UnionConfig.from_dict(raw_cfg | infer_union(sd)), sd
+        return ControlNetConfig.from_dict(raw_cfg), sd
     sd = _read_tensors(info.path)
     if diffusers_keys.is_diffusers(list(sd)):  # SDXL's diffusers_xl_*.safetensors, a folder's weights
         if is_union_weights(list(sd)):  # xinsir's union / ProMax file on its own (union.py)

@@ -264,9 +264,11 @@ class ControlSet:
             for j, e in enumerate(more)
         ]
         kinds = [(e, control_type(t, net.types, f"{f}.control_type")) for e, t, f in entries]
-        if len(kinds) > 1 and any(k == AUTO for _, k in kinds):
+        untyped = [f for (_, k), (_, _, f) in zip(kinds, entries, strict=True) if k == AUTO]
+        if len(kinds) > 1 and untyped:
             raise InputError(
-                f"{field}.control_type", "each image of a union unit with several images needs a control type"
+                f"{untyped[0]}.control_type",
+                "each image of a union unit with several images needs a control type",
             )
         return kinds
 

@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 # architectures the tests never load (tests/support/upscaler_files.py stands in for them).
 # controlnet_aux (PyPI) is the OpenPose annotator tests' oracle only (its open_pose package loaded
 # alone by tests/support/openpose_files.py); --no-deps: it requires every detector's stack (timm,
-# torchvision, scikit-image); OpenCV headless needs only numpy.
+# torchvision, scikit-image); OpenCV headless needs only numpy; scikit-image (its hand estimator's
+# connected regions) brings imageio, networkx, tifffile, lazy-loader.
 ORACLES := $(VENV)/.oracles
 $(ORACLES): $(STAMP) Makefile
 	$(BIN)/pip install --quiet --no-deps spandrel==0.4.2 einops==0.8.2
 	$(BIN)/pip install --quiet --no-deps controlnet-aux==0.0.10 opencv-python-headless==4.12.0.88
+	$(BIN)/pip install --quiet scikit-image==0.26.0
 	touch $(ORACLES)
 
 setup: $(STAMP) $(ORACLES)

@@ -8,8 +8,8 @@ initialisation (zero biases) so activations keep their scale through the 40 laye
 have distinct peaks; a final factor sets the heatmaps' range.
 
 controlnet_aux's package ``__init__`` imports every detector it has (timm, torchvision, ...); the
-open_pose package is loaded here on its own, its hand and face modules (torchvision, scikit-image)
-stood in for by empty ones since only the body estimator is compared.
+open_pose package is loaded here on its own, its face module (torchvision) stood in for by an
+empty one since the face is not compared; the hand module needs scikit-image (make setup).
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ def _load_open_pose() -> types.ModuleType:
     pkg = types.ModuleType("controlnet_aux")
     pkg.__path__ = [str(root)]
     sys.modules["controlnet_aux"] = pkg
-    for sub, cls in (("face", "Face"), ("hand", "Hand")):
-        stub = types.ModuleType(f"{name}.{sub}")
-        setattr(stub, cls, None)
-        sys.modules[f"{name}.{sub}"] = stub
+    stub = types.ModuleType(f"{name}.face")  # its torchvision import; the face is not compared
+    stub.Face = None  # type: ignore[attr-defined]
+    sys.modules[f"{name}.face"] = stub
     op_spec = importlib.util.spec_from_file_location(
         name, root / "open_pose" / "__init__.py", submodule_search_locations=[str(root / "open_pose")]
     )
@@ -55,11 +54,28 @@ def reference() -> Any:
     return _load_open_pose()
 
 
-def reference_keys() -> dict[str, tuple[int, ...]]:
-    """The published body_pose_model.pth's keys and shapes, from the reference's model and transfer."""
+def reference_keys(hand: bool = False) -> dict[str, tuple[int, ...]]:
+    """The published body_pose_model.pth's (or hand_pose_model.pth's) keys and shapes, from the
+    reference's model and transfer."""
     with torch.device("meta"):  # shapes only: no 52M-parameter initialisation
-        model = reference().model.bodypose_model()
+        model = reference().model.handpose_model() if hand else reference().model.bodypose_model()
     return {k.split(".", 1)[1]: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def save_hand_model(path: Path, seed: int = 1) -> Path:
+    """A random hand_pose_model.pth with the published key names and shapes (He initialisation)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in reference_keys(hand=True).items():
+        fan_in = shape[1] * shape[2] * shape[3] if len(shape) == 4 else 1
+        state[key] = (
+            torch.zeros(shape)
+            if key.endswith(".bias")
+            else torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
 
 
 def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0, paf_gain: float = 1.0) -> Path:
@@ -95,7 +111,7 @@ def link_body_model(store: Path) -> Path:
     return path
 
 
-def reference_detector(path: Path) -> Any:
-    """controlnet_aux's OpenposeDetector on a body model file (body only)."""
+def reference_detector(path: Path, hand: Path | None = None) -> Any:
+    """controlnet_aux's OpenposeDetector on a body model file (and a hand model file)."""
     op = reference()
-    return op.OpenposeDetector(op.Body(str(path)))
+    return op.OpenposeDetector(op.Body(str(path)), None if hand is None else op.Hand(str(hand)))

@@ -79,22 +79,27 @@ def line(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color: Co
             y += sy if diagonal else 0
 
 
-def fill_convex(canvas: np.ndarray, pts: Sequence[tuple[int, int]], color: Color) -> None:
-    """A filled convex polygon with integer vertices."""
+def fill_convex(canvas: np.ndarray, pts: Sequence[tuple[int, int]], color: Color, shift: int = 0) -> None:
+    """A filled convex polygon; vertices in pixels with ``shift`` fraction bits (0 or 16)."""
     n = len(pts)
     for i in range(n):
-        line(canvas, pts[i - 1], pts[i], color)
-    ys = [p[1] for p in pts]
-    xs = [p[0] for p in pts]
+        if shift:
+            line_fixed(canvas, pts[i - 1], pts[i], color)
+        else:
+            line(canvas, pts[i - 1], pts[i], color)
+    delta = (1 << shift) >> 1
+    ys = [(p[1] + delta) >> shift for p in pts]
+    xs = [(p[0] + delta) >> shift for p in pts]
     h, w = canvas.shape[:2]
     if n < 3 or max(xs) < 0 or max(ys) < 0 or min(xs) >= w or min(ys) >= h:
         return
-    top = ys.index(min(ys))
+    raw = [p[1] for p in pts]
+    top = raw.index(min(raw))
     y, ymax = min(ys), min(max(ys), h - 1)
     # two chains from the top vertex: forwards and backwards; each edge: [x (16.16), dx, end row, vertex]
     edges = [[0, 0, y, top, 1], [0, 0, y, top, -1]]
     budget = n  # edges left to walk: both chains meet at the bottom
-    one, half = 1 << 16, 1 << 15
+    half = 1 << 15
     while True:
         for e in edges:
             if y < e[2]:
@@ -103,9 +108,9 @@ def fill_convex(canvas: np.ndarray, pts: Sequence[tuple[int, int]], color: Color
             nxt = (start + step) % n
             while budget > 0:
                 budget -= 1
-                ty = pts[nxt][1]
+                ty = ys[nxt]
                 if ty > y:
-                    xs0, xe0 = pts[start][0] * one, pts[nxt][0] * one
+                    xs0, xe0 = pts[start][0] << (16 - shift), pts[nxt][0] << (16 - shift)
                     # C division (truncates towards zero) of the rounded per-row step
                     num, den = (xe0 - xs0) * 2 + (ty - y), 2 * (ty - y)
                     q = abs(num) // den
@@ -123,6 +128,68 @@ def fill_convex(canvas: np.ndarray, pts: Sequence[tuple[int, int]], color: Color
         y += 1
         if y > ymax:
             break
+
+
+def line_fixed(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color: Color) -> None:
+    """A line between points in 16.16 fixed point: one pixel per step along the major axis, the
+    minor coordinate stepped in fixed point (OpenCV's sub-pixel polygon outline)."""
+    one, half = 1 << 16, 1 << 15
+    (x1, y1), (x2, y2) = p0, p1
+    dx, dy = x2 - x1, y2 - y1
+    h, w = canvas.shape[:2]
+
+    def put(x: int, y: int) -> None:
+        if 0 <= x < w and 0 <= y < h:
+            canvas[y, x] = color
+
+    if abs(dx) > abs(dy):
+        if dx < 0:
+            (x1, y1), (x2, y2), dy = (x2, y2), (x1, y1), -dy
+        step = _cdiv(dy * one, abs(dx) | 1)
+        count = (x2 - x1) >> 16
+        put((x2 + half) >> 16, (y2 + half) >> 16)
+        x, y = (x1 + half) >> 16, y1 + half
+        for _ in range(count + 1):
+            put(x, y >> 16)
+            x, y = x + 1, y + step
+    else:
+        if dy < 0:
+            (x1, y1), (x2, y2), dx = (x2, y2), (x1, y1), -dx
+        step = _cdiv(dx * one, abs(dy) | 1)
+        count = (y2 - y1) >> 16
+        put((x2 + half) >> 16, (y2 + half) >> 16)
+        x, y = x1 + half, (y1 + half) >> 16
+        for _ in range(count + 1):
+            put(x >> 16, y)
+            x, y = x + step, y + 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    """C's integer division (towards zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def thick_line(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, int], color: Color) -> None:
+    """A 2 px line with round ends: the quadrilateral 1 px either side of the segment (16.16 fixed
+    point), and a radius-1 disc at each end."""
+    one = 1 << 16
+    (x0, y0), (x1, y1) = p0, p1
+    dx, dy = float(x0 - x1), float(y1 - y0)
+    r2 = dx * dx + dy * dy
+    if r2 > 0:
+        k = one / math.sqrt(r2)
+        ox, oy = round(dy * k), round(dx * k)
+        a, b = (x0 * one, y0 * one), (x1 * one, y1 * one)
+        quad = [
+            (a[0] + ox, a[1] + oy),
+            (a[0] - ox, a[1] - oy),
+            (b[0] - ox, b[1] - oy),
+            (b[0] + ox, b[1] + oy),
+        ]
+        fill_convex(canvas, quad, color, shift=16)
+    circle(canvas, x0, y0, 1, color)
+    circle(canvas, x1, y1, 1, color)
 
 
 def circle(canvas: np.ndarray, cx: int, cy: int, r: int, color: Color) -> None:
@@ -158,4 +225,45 @@ def draw_body(canvas: np.ndarray, keypoints: Sequence[tuple[float, float] | None
     for p, color in zip(keypoints, COLORS, strict=False):
         if p is not None:
             circle(canvas, int(p[0] * w), int(p[1] * h), RADIUS, color)
+    return canvas
+
+
+HAND_EDGES = (
+    (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
+    (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
+)  # fmt: skip
+HAND_POINT = (0, 0, 255)
+_EPS = 0.01
+
+
+def _hue(h: float) -> Color:
+    """Full-saturation, full-value colour of hue ``h`` in [0, 1), as 0-255 RGB (rounded)."""
+    i = int(h * 6)
+    f = h * 6 - i
+    v, q, t = 1.0, 1.0 - f, f
+    rgb = [(v, t, 0.0), (q, v, 0.0), (0.0, v, t), (0.0, q, v), (t, 0.0, v), (v, 0.0, q)][i % 6]
+    r, g, b = (round(c * 255) for c in rgb)
+    return (r, g, b)
+
+
+def draw_hand(canvas: np.ndarray, keypoints: Sequence[tuple[float, float] | None]) -> np.ndarray:
+    """One hand: 21 keypoints as fractions (float32 values; negative or 0: missing), its 20 bones
+    as 2 px lines in hues around the colour wheel, then blue dots of radius 4."""
+    h, w = canvas.shape[:2]
+
+    def px(p: tuple[float, float]) -> tuple[int, int]:
+        return int(np.float32(p[0]) * w), int(np.float32(p[1]) * h)  # float32, as the reference
+
+    for i, (e1, e2) in enumerate(HAND_EDGES):
+        k1, k2 = keypoints[e1], keypoints[e2]
+        if k1 is None or k2 is None:
+            continue
+        (x1, y1), (x2, y2) = px(k1), px(k2)
+        if x1 > _EPS and y1 > _EPS and x2 > _EPS and y2 > _EPS:
+            thick_line(canvas, (x1, y1), (x2, y2), _hue(i / float(len(HAND_EDGES))))
+    for k in keypoints:
+        if k is not None:
+            x, y = px(k)
+            if x > _EPS and y > _EPS:
+                circle(canvas, x, y, RADIUS, HAND_POINT)
     return canvas

@@ -41,6 +41,18 @@ _FRONT: list[tuple[str, int, int, int] | str] = [
 PAF, HEAT, FEATURES = 38, 19, 128
 STAGES = 6
 
+Spec = tuple[str, int, int, int] | str
+
+
+def _stage_layers(names: list[str], cin: int, out: int) -> list[tuple[str, int, int, int]]:
+    """A refinement stage: five 7x7 convolutions, a 1x1, and the 1x1 to the outputs."""
+    return [
+        (names[0], cin, 128, 7),
+        *[(n, 128, 128, 7) for n in names[1:5]],
+        (names[5], 128, 128, 1),
+        (names[6], 128, out, 1),
+    ]
+
 
 def _stage(stage: int, branch: int, out: int) -> list[tuple[str, int, int, int]]:
     """One stage's layers for branch 1 (PAFs) or 2 (heatmaps)."""
@@ -53,31 +65,27 @@ def _stage(stage: int, branch: int, out: int) -> list[tuple[str, int, int, int]]
             (names[3], 128, 512, 1),
             (names[4], 512, out, 1),
         ]
-    n = [f"Mconv{i}_stage{stage}_L{branch}" for i in range(1, 8)]
-    first = [(n[0], PAF + HEAT + FEATURES, 128, 7)]
-    middle = [(name, 128, 128, 7) for name in n[1:5]]
-    return [*first, *middle, (n[5], 128, 128, 1), (n[6], 128, out, 1)]
+    names = [f"Mconv{i}_stage{stage}_L{branch}" for i in range(1, 8)]
+    return _stage_layers(names, PAF + HEAT + FEATURES, out)
 
 
-class BodyPoseNet(nn.Module):
-    """PAFs [N, 38, H/8, W/8] and heatmaps [N, 19, H/8, W/8] from a BGR image scaled to [-0.5, 0.5)."""
+class _PoseNet(nn.Module):
+    """Convolutions named as in the published file, run as lists of names ("pool": 2x2 max)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleDict()
-        self.front: list[str] = []
-        for spec in _FRONT:
-            self.front.append(self._add(spec) if not isinstance(spec, str) else spec)
-        self.branches: list[tuple[list[str], list[str]]] = []
-        for stage in range(1, STAGES + 1):
-            paf = [self._add(s) for s in _stage(stage, 1, PAF)]
-            heat = [self._add(s) for s in _stage(stage, 2, HEAT)]
-            self.branches.append((paf, heat))
 
-    def _add(self, spec: tuple[str, int, int, int]) -> str:
-        name, cin, cout, k = spec
-        self.layers[name] = nn.Conv2d(cin, cout, k, padding=k // 2)
-        return name
+    def _add_all(self, specs: list[Spec]) -> list[str]:
+        names = []
+        for spec in specs:
+            if isinstance(spec, str):
+                names.append(spec)
+                continue
+            name, cin, cout, k = spec
+            self.layers[name] = nn.Conv2d(cin, cout, k, padding=k // 2)
+            names.append(name)
+        return names
 
     def _run(self, names: list[str], x: Tensor, last_relu: bool) -> Tensor:
         for i, name in enumerate(names):
@@ -89,6 +97,23 @@ class BodyPoseNet(nn.Module):
                 x = torch.relu(x)
         return x
 
+    def file_keys(self) -> dict[str, str]:
+        """Our parameter name -> the file's key (``layers.conv1_1.weight`` -> ``conv1_1.weight``)."""
+        return {k: k.split(".", 1)[1] for k in self.state_dict()}
+
+
+class BodyPoseNet(_PoseNet):
+    """PAFs [N, 38, H/8, W/8] and heatmaps [N, 19, H/8, W/8] from a BGR image scaled to [-0.5, 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = self._add_all(list(_FRONT))
+        self.branches: list[tuple[list[str], list[str]]] = []
+        for stage in range(1, STAGES + 1):
+            paf = self._add_all(list(_stage(stage, 1, PAF)))
+            heat = self._add_all(list(_stage(stage, 2, HEAT)))
+            self.branches.append((paf, heat))
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self._run(self.front, x, True)
         inp = features
@@ -99,9 +124,38 @@ class BodyPoseNet(nn.Module):
             inp = torch.cat([paf, heat, features], 1)
         return paf, heat
 
-    def file_keys(self) -> dict[str, str]:
-        """Our parameter name -> the file's key (``layers.conv1_1.weight`` -> ``conv1_1.weight``)."""
-        return {k: k.split(".", 1)[1] for k in self.state_dict()}
+
+HAND_PARTS = 22  # 21 hand keypoints and the background
+_HAND_FRONT: list[Spec] = [
+    *_FRONT[:13],  # VGG-19 to conv4_2, as the body's
+    ("conv4_3", 512, 512, 3),
+    ("conv4_4", 512, 512, 3),
+    ("conv5_1", 512, 512, 3),
+    ("conv5_2", 512, 512, 3),
+    ("conv5_3_CPM", 512, 128, 3),
+]
+
+
+class HandPoseNet(_PoseNet):
+    """The hand network (Simon et al. 2017, lllyasviel's ``hand_pose_model.pth``): heatmaps
+    [N, 22, H/8, W/8] from a BGR crop scaled to [-0.5, 0.5); one branch, six stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = self._add_all(_HAND_FRONT)
+        self.stages = [
+            self._add_all([("conv6_1_CPM", FEATURES, 512, 1), ("conv6_2_CPM", 512, HAND_PARTS, 1)])
+        ]
+        for t in range(2, STAGES + 1):
+            names = [f"Mconv{i}_stage{t}" for i in range(1, 8)]
+            self.stages.append(self._add_all(list(_stage_layers(names, HAND_PARTS + FEATURES, HAND_PARTS))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self._run(self.front, x, True)
+        out = self._run(self.stages[0], features, False)
+        for layers in self.stages[1:]:
+            out = self._run(layers, torch.cat([out, features], 1), False)
+        return out
 
 
 class PoseWeightsError(ValueError):
@@ -120,22 +174,35 @@ def load_state(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def load_body(path: Path) -> BodyPoseNet:
-    """The body network with the file's weights (every key present and of the published shape)."""
+def _load(path: Path, net: _PoseNet, what: str) -> None:
+    """Every parameter from the file by its published name (present, of the published shape)."""
     state = load_state(path)
-    with torch.device("meta"):  # no initialisation: every parameter comes from the file
-        net = BodyPoseNet()
     ours = net.state_dict()
     mapped = {}
     for name, key in net.file_keys().items():
         value = state.get(key)
         if not isinstance(value, Tensor):
-            raise PoseWeightsError(f"{path.name} has no tensor {key!r}: not an OpenPose body model")
+            raise PoseWeightsError(f"{path.name} has no tensor {key!r}: not an OpenPose {what} model")
         if value.shape != ours[name].shape:
             raise PoseWeightsError(
                 f"{path.name}: {key!r} is {tuple(value.shape)}, "
-                f"the body network's is {tuple(ours[name].shape)}"
+                f"the {what} network's is {tuple(ours[name].shape)}"
             )
         mapped[name] = value.float()
     net.load_state_dict(mapped, assign=True)
+
+
+def load_body(path: Path) -> BodyPoseNet:
+    """The body network with the file's weights."""
+    with torch.device("meta"):  # no initialisation: every parameter comes from the file
+        net = BodyPoseNet()
+    _load(path, net, "body")
+    return net.eval()
+
+
+def load_hand(path: Path) -> HandPoseNet:
+    """The hand network with the file's weights."""
+    with torch.device("meta"):
+        net = HandPoseNet()
+    _load(path, net, "hand")
     return net.eval()

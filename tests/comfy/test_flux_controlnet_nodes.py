@@ -5,6 +5,7 @@ acts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,24 @@ def control_image() -> Image.Image:
     return Image.fromarray(arr)
 
 
-def workflow(strength: float) -> dict[str, Any]:
+def workflow(strength: float, net: str = "fcn_a", union_type: str | None = None) -> dict[str, Any]:
     wf = flux_workflow(2.0, 9, "simple")
     wf["unet"]["inputs"]["unet_name"] = "fluxcn.safetensors"
     wf["clip"]["inputs"].update(clip_name1="fluxcn", clip_name2="fluxcn")
     wf["vae"]["inputs"]["vae_name"] = "fluxcn"
-    wf["cnl"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "fcn_a"}}
+    wf["cnl"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": net}}
+    if union_type is not None:
+        wf["typ"] = {
+            "class_type": "SetUnionControlNetType",
+            "inputs": {"control_net": link("cnl"), "type": union_type},
+        }
     wf["img"] = {"class_type": "ETN_LoadImageBase64", "inputs": {"image": b64(control_image())}}
     wf["cn"] = {
         "class_type": "ControlNetApplyAdvanced",
         "inputs": {
             "positive": link("fg"),
             "negative": link("fg"),
-            "control_net": link("cnl"),
+            "control_net": link("typ" if union_type is not None else "cnl"),
             "image": link("img"),
             "strength": strength,
             "start_percent": 0.0,
@@ -71,5 +77,9 @@ def test_flux_controlnet_workflow_is_the_sample_unit(store: Path) -> None:
         assert np.array_equal(got, want)
         plain = await service_image(comfy, **common, **size)
         assert not np.array_equal(got, plain)  # the unit acted
+        # a Flux union model's type from SetUnionControlNetType, read by its meaning (openpose: pose)
+        got = await run_one(comfy, workflow(0.7, "fcn_union", "openpose"))
+        unit = replace(unit, model="fcn_union", control_type="pose")
+        assert np.array_equal(got, await service_image(comfy, **common, **size, controlnets=[unit]))
 
     run(store, scenario, models=["fluxcn"])

@@ -39,8 +39,15 @@ from .units import MAX_UNITS, UNIT, ControlSet
 LATENT = "control_latent"
 # InstantX / Shakker-Labs FLUX.1-dev ControlNet-Union (-Pro): the model cards' control modes
 UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
-# ours, ComfyUI-style and A1111's union_control_type names (its "Hard Edge": canny / lineart / mlsd)
-UNION_ALIASES = {"openpose": "pose", "low_quality": "lq", "grayscale": "gray", "hard_edge": "canny"}
+# other names by meaning: A1111's union_control_type ("OpenPose", "Hard Edge": canny / lineart / mlsd)
+# and ComfyUI's SetUnionControlNetType (which passes its list's index to the model: not followed here)
+UNION_ALIASES = {
+    "openpose": "pose",
+    "low_quality": "lq",
+    "grayscale": "gray",
+    "hard_edge": "canny",
+    "canny/lineart/anime_lineart/mlsd": "canny",
+}
 
 
 def t_scale(sigmas: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 - ``DeepCache`` (the ComfyUI-DeepCache node): ``cache_interval`` is our deepcache interval. Its
   ``cache_depth``, ``start_step`` and ``end_step`` are accepted with their ranges; our split is
-  fixed (the UNet's first level runs, the rest is cached) and the cache acts over every step.
+  fixed per network (docs/STEP_CACHE.md) and the cache acts over every step.
 - ``ApplyFBCacheOnModel`` (WaveSpeed's First-Block-Cache): ``residual_diff_threshold`` is our fbcache
   threshold (0: off, as there); ``object_to_patch``, ``start``, ``end`` and
   ``max_consecutive_cache_hits`` are accepted, the cache acting over every step.

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor, nn
 
+from service.models.ipadapter.attention import image_rows
+from service.models.stepcache import sd_unet as deepcache
+from service.models.stepcache.state import RowBinder, bound_rows, live
 from service.sampling.denoisers import DiscreteEpsDenoiser, DiscreteVDenoiser
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ class UNetRows(TypedDict, total=False):
     control_unit: Tensor | None
     ip_tokens: Tensor | None  # their IP-Adapter images (ipadapter/adapters.py)
     ip_unit: Tensor | None
+    cache: Tensor | None  # their step cache (models/stepcache: DeepCache, stepcache/sd_unet.py)
 
 
 class SDUNet(nn.Module):
@@ -47,6 +52,10 @@ class SDUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def cache_methods(self) -> tuple[str, ...]:
+        """DeepCache where the UNet has the standard SD / SDXL layout (stepcache/sd_unet.py)."""
+        return ("deepcache",) if deepcache.supports(self.unet) else ()
+
     def forward(self, x: Tensor, t: Tensor, context: Tensor, **rows: Unpack[UNetRows]) -> Tensor:
         """``rows``: the batch's per-row conditioning besides the text context (:class:`UNetRows`)."""
         dt = self.dtype
@@ -57,30 +66,52 @@ class SDUNet(nn.Module):
             if y is None or time_ids is None:
                 raise ValueError("an SDXL UNet needs both the pooled embedding y and time_ids")
             added = {"text_embeds": y.to(dt), "time_ids": time_ids.to(dt)}
-        extra: dict[str, Any] = {}
+        control = None
         control_hint, control_unit = rows.get("control_hint"), rows.get("control_unit")
         if control_unit is not None and control_hint is not None and self.controls is not None:
             res = self.controls.residuals(
                 x, t, context, control_hint, control_unit, {"y": y, "time_ids": time_ids}
             )
-            if res is not None:
-                extra = {
-                    "down_block_additional_residuals": tuple(res[0]),
-                    "mid_block_additional_residual": res[1],
-                }
+            control = None if res is None else (list(res[0]), res[1])
         images = nullcontext()
         if self.images is not None:
             images = self.images.bind(rows.get("ip_tokens"), rows.get("ip_unit"), t)
+        cache = rows.get("cache")
         with images:  # the UNet's cross-attention reads the rows' image tokens (not the ControlNets')
-            out = self.unet(
-                inp.to(dt),
-                t,
-                encoder_hidden_states=context.to(dt),
-                added_cond_kwargs=added,
-                return_dict=False,
-                **extra,
-            )[0]
+            if live(cache):  # some rows with a step cache: DeepCache's split forward
+                with bound_rows(self._image_rows(rows, t)):
+                    out = deepcache.forward(self.unet, cache, inp.to(dt), t, context.to(dt), added, control)
+            else:
+                extra: dict[str, Any] = {}
+                if control is not None:
+                    extra = {
+                        "down_block_additional_residuals": tuple(control[0]),
+                        "mid_block_additional_residual": control[1],
+                    }
+                out = self.unet(
+                    inp.to(dt),
+                    t,
+                    encoder_hidden_states=context.to(dt),
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                    **extra,
+                )[0]
         return out.to(x.dtype)  # type: ignore[no-any-return]
+
+    def _image_rows(self, rows: UNetRows, t: Tensor) -> RowBinder:
+        """The IP-Adapter rows of part of a call (the step cache's deep part on some rows)."""
+        tokens, unit = rows.get("ip_tokens"), rows.get("ip_unit")
+
+        @contextmanager
+        def select(index: Tensor) -> Iterator[None]:
+            if self.images is None or tokens is None or unit is None:
+                yield
+                return
+            pick = t.reshape(-1).expand(unit.shape[0]).index_select(0, index.to(t.device))
+            with image_rows([]), self.images.bind(tokens[index], unit[index], pick):
+                yield
+
+        return select
 
 
 def alphas_cumprod_from_config(cfg: dict[str, Any]) -> Tensor:

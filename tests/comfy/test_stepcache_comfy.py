@@ -4,6 +4,7 @@ MODEL samples what /sample gives for the same request with ``cache``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,29 +17,48 @@ from .conftest import pixels, run
 from .workflows import open_webui
 
 
+async def _deepcache_is_the_request(comfy: Comfy, wf: dict[str, Any], fields: dict[str, Any]) -> None:
+    """``wf`` with the DeepCache node (interval 2) before its KSampler gives the image of the request
+    ``fields`` with that cache, and not the one without."""
+    # every input, as a saved workflow (API format) of the real node carries them
+    deep = {"cache_interval": 2, "cache_depth": 3, "start_step": 0, "end_step": 1000}
+    wf["20"] = {"class_type": "DeepCache", "inputs": {"model": ["4", 0], **deep}}
+    wf["3"]["inputs"]["model"] = ["20", 0]
+    ctx = MemoryContext()
+    r = await comfy.run(wf, "p", ctx)
+    assert r.status_str == "success", r.error
+    (image,) = r.outputs["9"]["images"]
+    got = pixels(ctx.files[(image["type"], image["subfolder"], image["filename"])])
+    for cache, same in ((CacheSpec("deepcache", interval=2), True), (None, False)):
+        job = await comfy.service.generate(GenerationRequest(**fields, cache=cache))
+        await job.wait_done()
+        assert np.array_equal(pixels(job.result.pngs[0]), got) is same
+
+
 def test_deepcache_node_is_the_requests_cache(store: Path) -> None:
     async def scenario(comfy: Comfy) -> None:
         wf = open_webui("digits", "a handwritten 7", 512, 512, 1, 6, 1234)
-        # every input, as a saved workflow (API format) of the real node carries them
-        deep = {"cache_interval": 2, "cache_depth": 3, "start_step": 0, "end_step": 1000}
-        wf["20"] = {"class_type": "DeepCache", "inputs": {"model": ["4", 0], **deep}}
-        wf["3"]["inputs"]["model"] = ["20", 0]
-        ctx = MemoryContext()
-        r = await comfy.run(wf, "p", ctx)
-        assert r.status_str == "success", r.error
-        (image,) = r.outputs["9"]["images"]
-        got = pixels(ctx.files[(image["type"], image["subfolder"], image["filename"])])
         fields = {"model": "digits", "class_label": 7, "cfg_scale": 8.0, "sampler": "euler", "steps": 6}
-        fields |= {"schedule": "exponential", "seed": 1234}
-        for cache, same in ((CacheSpec("deepcache", interval=2), True), (None, False)):
-            job = await comfy.service.generate(GenerationRequest(**fields, cache=cache))
-            await job.wait_done()
-            assert np.array_equal(pixels(job.result.pngs[0]), got) is same
+        await _deepcache_is_the_request(comfy, wf, fields | {"schedule": "exponential", "seed": 1234})
         # First-Block-Cache is for transformers: on this UNet the prompt is refused naming the field
         fb = {"object_to_patch": "diffusion_model", "residual_diff_threshold": 0.12, "start": 0.0, "end": 1.0}
         fb["max_consecutive_cache_hits"] = -1
         wf["20"] = {"class_type": "ApplyFBCacheOnModel", "inputs": {"model": ["4", 0], **fb}}
-        bad = await comfy.run(wf, "q", ctx)
+        bad = await comfy.run(wf, "q", MemoryContext())
         assert bad.status_str == "error" and "cache.method" in bad.error["exception_message"]
+
+    run(store, scenario)
+
+
+def test_deepcache_node_on_stable_diffusion(store: Path) -> None:
+    """The same node on the tiny SD 1.x model (diffusers' UNet)."""
+
+    async def scenario(comfy: Comfy) -> None:
+        wf = open_webui("sd1", "a red cat", 32, 32, 1, 4, 9)
+        wf["3"]["inputs"].update(sampler_name="euler", scheduler="karras")
+        fields = {"model": "sd1", "prompt": "a red cat", "cfg_scale": 8.0, "sampler": "euler", "seed": 9}
+        await _deepcache_is_the_request(
+            comfy, wf, fields | {"schedule": "karras", "steps": 4, "width": 32, "height": 32}
+        )
 
     run(store, scenario)

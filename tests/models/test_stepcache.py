@@ -18,6 +18,7 @@ import torch
 
 from service.engine import Engine, EngineConfig, JobRequest, JobStatus, ModelHandle
 from service.models import stepcache
+from service.models.lora import LoraIndex, attach
 from service.models.stepcache import KEY, STORE, CacheSpec, cache_rows
 from service.models.store import LoadedModel, ModelStore
 from service.models.traced import TracedModule
@@ -214,3 +215,43 @@ def test_a_cancelled_or_failed_jobs_rows_are_forgotten(digits: LoadedModel) -> N
     run(go, timeout=60)
     gc.collect()
     assert len(STORE) == 0
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fixed", [True, False])
+def test_lora_rows_keep_their_adapters_when_the_deep_part_runs_on_some_rows(
+    tmp_path: Path, fixed: bool
+) -> None:
+    """Rows with LoRA a (interval 2), LoRA b (no cache), none (interval 2) in one call: at the second
+    evaluation only the middle row runs the deep part; without fixed shapes it runs alone, with its
+    own LoRA re-bound to it (bound_rows). Every row equals its own run with its LoRA."""
+    from tests.models.test_lora_http import _store
+
+    model = _store(tmp_path).load("tiny")
+    adapters = attach(model, LoraIndex(tmp_path))
+    assert adapters is not None
+    STORE.fixed_shape = fixed
+    loras = [adapters.resolve([("a", 0.5)]), adapters.resolve([("b", 1.0)]), []]
+    specs = [CacheSpec("deepcache", interval=2), None, CacheSpec("deepcache", interval=2)]
+    g = torch.Generator().manual_seed(6)
+    steps = [
+        (torch.randn(3, 1, 8, 8, generator=g), torch.tensor([5.0, 2.0, 0.5]) / (k + 1)) for k in range(3)
+    ]
+    labels = torch.tensor([1, 2, 3])
+
+    def evaluate(pick: list[int], cache: torch.Tensor) -> list[torch.Tensor]:
+        lora = torch.cat([adapters.encode(loras[i], 1) for i in pick])
+        with adapters.call(lora):
+            return [model.denoiser(x[pick], s[pick], class_cond=labels[pick], cache=cache) for x, s in steps]
+
+    held = [cache_rows(s, 1) for s in specs]
+    STORE.reset_counts()
+    mixed = evaluate([0, 1, 2], torch.cat(held))
+    assert STORE.reused == 2 and STORE.padded == (2 if fixed else 0)
+    for i, spec in enumerate(specs):
+        own = cache_rows(spec, 1)
+        alone = evaluate([i] * 3, own.expand(3, -1))
+        for k in range(3):
+            assert (alone[k][0] - mixed[k][i]).abs().max() <= 1e-5
+    plain = evaluate([0, 1, 2], cache_rows(None, 3))
+    assert (plain[0][1] - mixed[0][1]).abs().max() <= 1e-5 and (plain[1][0] - mixed[1][0]).abs().max() > 1e-4

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.models.stepcache.state import bound_rows
+
 from .formats import LoraFormatError, LoraWeight, flat
 from .names import layers_per_block, sgm_name, text_name
 
@@ -55,6 +57,16 @@ class Plan:
     scales: Tensor
     slots: Tensor | None = None
     slot_scales: Tensor | None = None
+
+    def select(self, index: Tensor) -> Plan:
+        """The plan of rows ``index`` of its call (a step cache running part of the network on them)."""
+        if self.scales.shape[0] == 1:
+            return self
+        pick = [
+            None if t is None else t.index_select(0, index.to(t.device))
+            for t in (self.slots, self.slot_scales)
+        ]
+        return Plan(self.adapters, self.scales.index_select(0, index.to(self.scales.device)), *pick)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Plan:
         slots = None if self.slots is None else self.slots.to(device)
@@ -170,9 +182,23 @@ class RowLora:
         with one row of scales for all)."""
         self._local.active = (plan.to(self.device, self.dtype), batch, self._concat(plan.adapters))
         try:
-            yield
+            with bound_rows(self._select):  # a step cache running the deep part on some rows only
+                yield
         finally:
             self._local.active = None
+
+    @contextmanager
+    def _select(self, index: Tensor) -> Iterator[None]:
+        active = self._local.active
+        if active is None:
+            yield
+            return
+        plan, batch, cats = active
+        self._local.active = (plan.select(index), index.shape[0] if batch else 0, cats)
+        try:
+            yield
+        finally:
+            self._local.active = active
 
     def _concat(self, adapters: list[Prepared]) -> dict[str, tuple[Tensor, Tensor] | None]:
         """Per layer, the adapters' down and up matrices concatenated along the rank (zeros for an

@@ -6,11 +6,12 @@ whose cache holds take the skipped part's output from their last full evaluation
 rows run it. Rows without a cache (id 0) always run it, so they compute exactly what the plain
 forward computes.
 
-In fixed-shape mode (the engine's batch-invariant mode, on by default) the rows that run the skipped
-part are padded, with copies of their last row, to the call's row count: an uncached row then runs
-every layer at the shape it would have alone and stays bit for bit the same in a mixed call; the
-work saved is that of calls whose rows all hold their cache. Without it the skipped part runs on the
-rows that need it only.
+In fixed-shape mode (the engine's batch-invariant mode, on by default) the skipped part runs on
+every row of the call when any row needs it (the outputs of rows whose cache holds are dropped): an
+uncached row then runs every layer at the shape it would have alone and stays bit for bit the same
+in a mixed call; the work saved is that of calls whose rows all hold their cache. Without it the
+skipped part runs on the rows that need it only; what a call binds to its rows around the network
+(per-row LoRA, IP-Adapter images) follows them through :func:`bound_rows`.
 
 State lives in one process-wide store keyed by row id: :func:`cache_rows` registers a request's
 rows, a call only updates registered rows, and :func:`release` (the engine, when the job ends) or
@@ -23,7 +24,8 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -98,6 +100,30 @@ def release(conds: Iterable[Mapping[str, Tensor] | None]) -> None:
     _forget(ids)
 
 
+RowBinder = Callable[[Tensor], AbstractContextManager[None]]
+_binders = threading.local()
+
+
+@contextmanager
+def bound_rows(select: RowBinder) -> Iterator[None]:
+    """Inside the block, a skipped part run on some rows of this thread's call (``index``) runs
+    inside ``select(index)``: whatever is bound to the call's rows by position (per-row LoRA scales,
+    IP-Adapter image rows) re-bound to those rows."""
+    stack: list[RowBinder] = getattr(_binders, "stack", [])
+    _binders.stack = [*stack, select]
+    try:
+        yield
+    finally:
+        _binders.stack = stack
+
+
+def _on_rows(skipped: Callable[[Tensor | None], Tensor], index: Tensor) -> Tensor:
+    with ExitStack() as stack:
+        for select in getattr(_binders, "stack", []):
+            stack.enter_context(select(index))
+        return skipped(index)
+
+
 def _decide(ids: list[int], rows: Tensor, probe: Tensor) -> list[bool]:
     """Per row: True when its cache holds (reuse the skipped part), False when it must run it."""
     settings = rows[:, 1:].tolist()
@@ -153,12 +179,14 @@ def run_cached(
             kept = base[hits] + kept
         out = kept.new_empty((b, *kept.shape[1:]))
         out[hits] = kept
-        if run:
-            pad = b - len(run) if STORE.fixed_shape else 0
-            index = torch.tensor(run + [run[-1]] * pad, device=probe.device)
-            out[run] = skipped(index)[: len(run)].to(out.dtype)
+        if run and STORE.fixed_shape:  # every row, in call order: the shape and bindings of the call
+            out[run] = skipped(None)[run].to(out.dtype)
             STORE.ran += len(run)
-            STORE.padded += pad
+            STORE.padded += b - len(run)
+        elif run:
+            index = torch.tensor(run, device=probe.device)
+            out[run] = _on_rows(skipped, index).to(out.dtype)
+            STORE.ran += len(run)
         STORE.reused += b - len(run)
     _remember(ids, reuse, rows, probe, out if base is None else out - base)
     return out

@@ -62,7 +62,7 @@ class Engine:
         self.metrics = metrics
         self.finalize = finalize or _default_finalize
         self.runner = ModelRunner(handle, self.config.max_batch_rows, self.config.invariant_rows)
-        self.scheduler = Scheduler(self.config.mode, self.config.max_batch_rows)
+        self.scheduler = Scheduler(self.config.mode, self.config.max_batch_rows, handle.cache_hits)
         self.executor = Executor(handle, self.runner, metrics)
         self.iterations = 0  # plans made so far (a plan's number, in logs)
         self.queue: deque[Job] = deque()

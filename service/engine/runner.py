@@ -25,6 +25,8 @@ class ModelHandle:
     LoRA, so rows with different adapters share one call. ``forget`` (optional) drops what the
     model keeps per row between calls (the step cache) for a job's conditioning dicts; the engine
     calls it when the job ends (thread-safe: a call still running then cannot bring them back).
+    ``cache_hits`` (optional) guesses from a job's conditioning whether its next evaluation reuses its
+    step cache; the scheduler puts those rows first in their calls (models/stepcache.predicted_hit).
     """
 
     name: str
@@ -35,6 +37,7 @@ class ModelHandle:
     decode: Callable[[Tensor], Tensor] | None = None
     row_adapters: Callable[[Tensor], AbstractContextManager[None]] | None = None
     forget: Callable[[list[dict[str, Tensor] | None]], None] | None = None
+    cache_hits: Callable[[dict[str, Tensor]], bool] | None = None
 
 
 ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters

@@ -39,8 +39,13 @@ class Mode(str, enum.Enum):
 class Scheduler:
     """Admission and packing for one model's engine."""
 
-    def __init__(self, mode: Mode, max_rows: int) -> None:
+    def __init__(
+        self, mode: Mode, max_rows: int, cache_hits: Callable[[dict[str, Tensor]], bool] | None = None
+    ) -> None:
         self.mode, self.max_rows = mode, max_rows
+        # ModelHandle.cache_hits: whether a job's next evaluation reuses its step cache (rows that do
+        # go first in their calls: with batch-invariant chunks only chunks whose rows all hold it save)
+        self.cache_hits = cache_hits
         # each running driver's conditioning signature, with the dict it was read from (2 us a driver
         # an iteration to read again): a driver's conditioning is set when it is built and replaced
         # whole (a second pass), never edited in place, so it is read again only for another dict.
@@ -74,6 +79,7 @@ class Scheduler:
         first): grouped by what can be concatenated, then packed up to ``max_rows`` rows; an
         oversized evaluation goes alone. Reads shapes only (no device work): runs on the event loop."""
         groups: dict[_GroupKey, list[Slot]] = {}
+        hits: set[Job] = set()
         known = self._cond_keys
         for job, driver in drivers.items():
             cached = known.get(driver)
@@ -84,6 +90,11 @@ class Scheduler:
                     continue
                 slot = Slot(job, driver, track, job.id, index, driver.rows(track), track.pending.step)
                 groups.setdefault((cached[1], tuple(track.pending.x.shape[1:])), []).append(slot)
+            if self.cache_hits is not None and self.cache_hits(driver.cond):
+                hits.add(job)
+        if hits:  # stable: the rows that will reuse their step cache first, in arrival order
+            for key, group in groups.items():
+                groups[key] = sorted(group, key=lambda slot: slot.job not in hits)
         calls: list[ModelCall] = []
         for (cond, row_shape), group in groups.items():
             for slots in _pack(group, self.max_rows, lambda slot: slot.rows):

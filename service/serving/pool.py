@@ -251,6 +251,7 @@ class ModelPool:
                 model.decode,
                 None if adapters is None else adapters.call,
                 stepcache.release,
+                stepcache.predicted_hit,  # rows that will reuse their step cache share calls
             )
             # fixed-shape calls (batch-invariant mode): a cached row's neighbours keep their shapes
             stepcache.STORE.fixed_shape = bool(s.invariant_rows)

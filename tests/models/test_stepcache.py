@@ -77,11 +77,16 @@ def _request(
     )
 
 
-def _sample(model: LoadedModel, bodies: list[dict], invariant_rows: int | None = CHUNK) -> list[torch.Tensor]:
-    """All ``bodies`` submitted at the same instant to one engine: their sampled latents, in order."""
+def _sample(
+    model: LoadedModel, bodies: list[dict], invariant_rows: int | None = CHUNK, group: bool = False
+) -> list[torch.Tensor]:
+    """All ``bodies`` submitted at the same instant to one engine: their sampled latents, in order
+    (``group``: the scheduler puts rows that will reuse their cache first)."""
+    hits = stepcache.predicted_hit if group else None
     handle = ModelHandle(
-        "digits", model.denoiser, model.latent_shape, model.device, model.dtype, forget=stepcache.release
-    )
+        "digits", model.denoiser, model.latent_shape, model.device, model.dtype, forget=stepcache.release,
+        cache_hits=hits,
+    )  # fmt: skip
     STORE.fixed_shape = invariant_rows is not None
 
     async def go() -> list[torch.Tensor]:
@@ -255,3 +260,19 @@ def test_lora_rows_keep_their_adapters_when_the_deep_part_runs_on_some_rows(
             assert (alone[k][0] - mixed[k][i]).abs().max() <= 1e-5
     plain = evaluate([0, 1, 2], cache_rows(None, 3))
     assert (plain[0][1] - mixed[0][1]).abs().max() <= 1e-5 and (plain[1][0] - mixed[1][0]).abs().max() > 1e-4
+
+
+def test_rows_that_will_reuse_their_cache_share_calls(digits: LoadedModel) -> None:
+    """Uncached and interval-3 requests sent alternately: in arrival order every chunk of the call mixes
+    both kinds, so (but for the last evaluations) no call skips the deep part; with the scheduler
+    putting the rows that will reuse their cache first (ModelHandle.cache_hits) whole chunks skip it,
+    and every image is the same."""
+    bodies = [b for i in range(4) for b in ({**PLAIN, "n": 1, "seed": i}, {**EVERY3, "seed": 10 + i})]
+
+    def sample(group: bool) -> tuple[list[torch.Tensor], int]:
+        STORE.reset_counts()
+        return _sample(digits, bodies, group=group), STORE.all_held
+
+    (arrival, held_arrival), (grouped, held_grouped) = sample(False), sample(True)
+    assert held_grouped >= held_arrival + 3, (held_arrival, held_grouped)
+    assert all(torch.equal(a, b) for a, b in zip(arrival, grouped, strict=True))

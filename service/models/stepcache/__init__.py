@@ -6,6 +6,16 @@ decision inside one call; the networks call it at their split point (``models/un
 """
 
 from .spec import KEY, METHODS, CacheSpec
-from .state import STORE, cache_rows, live, release, run_cached
+from .state import STORE, cache_rows, live, predicted_hit, release, run_cached
 
-__all__ = ["KEY", "METHODS", "STORE", "CacheSpec", "cache_rows", "live", "release", "run_cached"]
+__all__ = [
+    "KEY",
+    "METHODS",
+    "STORE",
+    "CacheSpec",
+    "cache_rows",
+    "live",
+    "predicted_hit",
+    "release",
+    "run_cached",
+]

@@ -44,19 +44,20 @@ class RowState:
 
 
 class Store:
-    """Every live row's state, and counts of skipped-part row evaluations (run, padding, reused)."""
+    """Every live row's state, counts of skipped-part row evaluations (run, padding, reused) and of
+    calls with a live cache (``calls``) and those whose rows all held it (``all_held``)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rows: dict[int, RowState] = {}
         self.fixed_shape = True
-        self.ran = self.padded = self.reused = 0
+        self.ran = self.padded = self.reused = self.calls = self.all_held = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def reset_counts(self) -> None:
-        self.ran = self.padded = self.reused = 0
+        self.ran = self.padded = self.reused = self.calls = self.all_held = 0
 
 
 STORE = Store()
@@ -169,6 +170,8 @@ def run_cached(
         reuse = _decide(ids, rows, probe)
         cached = {ids[i]: STORE.rows[ids[i]].cached for i in range(b) if reuse[i]}
     run = [i for i in range(b) if not reuse[i]]
+    STORE.calls += 1
+    STORE.all_held += not run
     if len(run) == b:
         out = skipped(None)
         STORE.ran += b
@@ -190,6 +193,30 @@ def run_cached(
         STORE.reused += b - len(run)
     _remember(ids, reuse, rows, probe, out if base is None else out - base)
     return out
+
+
+_NO_HEAD = (0, 0.0)
+
+
+def predicted_hit(cond: Mapping[str, Tensor] | None) -> bool:
+    """Whether the rows of ``cond`` (one request's) will reuse their cache at their next evaluation,
+    as far as is known before it: interval rows after a full evaluation, until their next full one.
+    Threshold rows (decided by what the call computes) and rows without a cache: False. A request's
+    rows are evaluated together, so its first row speaks for all. For the scheduler's grouping only:
+    a wrong guess costs speed, never changes a result."""
+    rows = None if cond is None else cond.get(KEY)
+    if rows is None:
+        return False
+    head = getattr(rows, "_head", None)  # read once per tensor: the planner asks every job every iteration
+    if head is None:
+        row_id, _, interval, _ = rows[0].tolist() if rows.shape[0] else (0.0, 0.0, 0.0, 0.0)
+        head = (int(row_id), interval) if row_id and interval > 0 else _NO_HEAD
+        rows._head = head  # type: ignore[attr-defined]
+    if head is _NO_HEAD:
+        return False
+    row_id, interval = head
+    state = STORE.rows.get(row_id)  # a dict read: no lock needed for a guess
+    return state is not None and state.cached is not None and state.since_full + 1 < interval
 
 
 def _remember(ids: list[int], reuse: list[bool], rows: Tensor, probe: Tensor, out: Tensor) -> None:

@@ -1,0 +1,151 @@
+"""DeepCache on an SD1.5-shaped UNet: one cached evaluation against one full evaluation, wall and FLOPs.
+
+diffusers' UNet2DConditionModel with SD1.5's config (bench_sd_unet.SD15_UNET, random weights, built
+here: nothing is downloaded) behind our SDUNet wrapper, batch 1, 512x512 (64x64 latents), a 77-token
+768-wide context. A full evaluation is the plain forward; a cached one is a row with
+``cache: {"method": "deepcache"}`` whose cache holds (interval 1000, after one full evaluation):
+conv_in, the first down layer, the last up block's last two layers and the output run
+(models/stepcache/sd_unet.py). Wall: ``--repeats`` evaluations of each, interleaved, median and best;
+FLOPs: torch's FlopCounterMode over one evaluation of each (matmuls, convolutions, attention).
+With ``--sdxl`` the SDXL-shaped UNet at 1024x1024 (128x128 latents) is counted too, FLOPs only
+(on the meta device: no weights, no time).
+
+    python bench/bench_deepcache_sd.py --threads 2 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_sd_unet import SD15_UNET  # noqa: E402
+from service.models.sd_unet import SDUNet  # noqa: E402
+from service.models.stepcache import CacheSpec, cache_rows  # noqa: E402
+
+SDXL_UNET: dict[str, Any] = SD15_UNET | {  # SDXL base's UNet config
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+
+def inputs(cfg: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
+    size = cfg["sample_size"]
+    out = {
+        "x": torch.randn(1, 4, size, size, device=device),
+        "t": torch.full([1], 500.0, device=device),
+        "context": torch.randn(1, 77, cfg["cross_attention_dim"], device=device),
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        out["y"] = torch.randn(1, 1280, device=device)
+        out["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=device)
+    return out
+
+
+def flops(net: SDUNet, kw: dict[str, torch.Tensor], cache: torch.Tensor | None) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(kw["x"], kw["t"], **{k: v for k, v in kw.items() if k not in ("x", "t")}, cache=cache)
+    return int(counter.get_total_flops())
+
+
+def build(cfg: dict[str, Any], device: str) -> SDUNet:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg).eval()
+    return SDUNet(unet)
+
+
+@torch.inference_mode()
+def measure(cfg: dict[str, Any], repeats: int, wall: bool) -> dict[str, Any]:
+    device = "cpu" if wall else "meta"
+    net = build(cfg, device)
+    kw = inputs(cfg, device)
+    rest = {k: v for k, v in kw.items() if k not in ("x", "t")}
+    rows = cache_rows(CacheSpec("deepcache", interval=1000), 1)
+    if wall:
+        net(kw["x"], kw["t"], **rest, cache=rows)  # the full evaluation the cached ones reuse
+    full_flops = flops(net, kw, None)
+    if not wall:  # meta tensors hold no features to cache: the cached cost is the full one less the deep part
+        return {"full_gflop": full_flops / 1e9, "cached_gflop": (full_flops - _deep_flops(net, kw)) / 1e9}
+    cached_flops = flops(net, kw, rows)
+    times: dict[str, list[float]] = {"full": [], "cached": []}
+    for _ in range(repeats):
+        for name, cache in (("full", None), ("cached", rows)):
+            t = time.perf_counter()
+            net(kw["x"], kw["t"], **rest, cache=cache)
+            times[name].append(time.perf_counter() - t)
+    return {
+        "full_gflop": full_flops / 1e9,
+        "cached_gflop": cached_flops / 1e9,
+        **{f"{k}_median_s": statistics.median(v) for k, v in times.items()},
+        **{f"{k}_best_s": min(v) for k, v in times.items()},
+    }
+
+
+def _deep_flops(net: SDUNet, kw: dict[str, torch.Tensor]) -> int:
+    """The deep part's FLOPs alone (what a cached evaluation skips), from the first layer's output."""
+    from service.models.stepcache import sd_unet
+
+    unet = net.unet
+    rest = {k: v for k, v in kw.items() if k not in ("x", "t")}
+    added = None
+    if "y" in rest:
+        added = {"text_embeds": rest["y"], "time_ids": rest["time_ids"]}
+    emb, enc = sd_unet._embed(unet, kw["x"], kw["t"], rest["context"], added)
+    inp = sd_unet.Inputs(emb, enc, None, False)
+    h1 = sd_unet._layer(unet.down_blocks[0], 0, unet.conv_in(kw["x"]), inp)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        sd_unet.deep(unet, h1, inp)
+    return int(counter.get_total_flops())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sdxl", action="store_true", help="also count the SDXL-shaped UNet's FLOPs (meta)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    cols = ["UNet (batch 1)", "full GFLOP", "cached GFLOP", "FLOP ratio", "full s", "cached s", "speed-up"]
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+    r = measure(SD15_UNET, a.repeats, wall=True)
+    best = r["full_best_s"] / r["cached_best_s"]
+    speed = f"{r['full_median_s'] / r['cached_median_s']:.2f}x (best {best:.2f}x)"
+    print(
+        f"| SD1.5-shaped, 64x64 latents, CPU {a.threads} threads | {r['full_gflop']:.0f} | "
+        f"{r['cached_gflop']:.0f} | {r['cached_gflop'] / r['full_gflop']:.3f} | "
+        f"{r['full_median_s']:.2f} (best {r['full_best_s']:.2f}) | "
+        f"{r['cached_median_s']:.2f} (best {r['cached_best_s']:.2f}) | {speed} |"
+    )
+    if a.sdxl:
+        x = measure(SDXL_UNET, 0, wall=False)
+        print(
+            f"| SDXL-shaped, 128x128 latents (FLOPs only) | {x['full_gflop']:.0f} | "
+            f"{x['cached_gflop']:.0f} | "
+            f"{x['cached_gflop'] / x['full_gflop']:.3f} | - | - | - |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

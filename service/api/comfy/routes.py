@@ -363,14 +363,22 @@ async def system_stats(request: Request) -> Response:
     )
 
 
+async def _json_off_loop(build: Callable[[], Any]) -> Response:
+    """Build a listing and encode it in a worker thread: the node specs list the model store's
+    files (directory scans, adapter layouts, encoder configs), which must not stall the event loop."""
+    return await asyncio.to_thread(lambda: JSONResponse(build()))
+
+
 async def object_info(request: Request) -> Response:
     front = front_of(request)
-    return JSONResponse(front.comfy.object_info(front.context(owner_of(request))))
+    ctx = front.context(owner_of(request))
+    return await _json_off_loop(lambda: front.comfy.object_info(ctx))
 
 
 async def object_info_one(request: Request, node_class: str) -> Response:
     front = front_of(request)
-    return JSONResponse(front.comfy.object_info_one(node_class, front.context(owner_of(request))))
+    ctx = front.context(owner_of(request))
+    return await _json_off_loop(lambda: front.comfy.object_info_one(node_class, ctx))
 
 
 def _folders(request: Request) -> dict[str, list[str]]:
@@ -384,11 +392,11 @@ def _folders(request: Request) -> dict[str, list[str]]:
 
 
 async def model_folders(request: Request) -> Response:
-    return JSONResponse(list(_folders(request)))
+    return await _json_off_loop(lambda: list(_folders(request)))
 
 
 async def model_files(request: Request, folder: str) -> Response:
-    files = _folders(request).get(folder)
+    files = await asyncio.to_thread(lambda: _folders(request).get(folder))
     return Response(status_code=404) if files is None else JSONResponse(files)
 
 

@@ -5,6 +5,7 @@ gate, path traversal, interrupt and queue edits, bounds. The real executor runs 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
@@ -502,3 +503,41 @@ def test_hostile_save_prefixes_stay_inside_the_folder(open_client: TestClient) -
     assert ".." not in image["subfolder"] and image["filename"].startswith("evil_")
     query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type=output"
     assert Image.open(io.BytesIO(open_client.get(query).content)).size == (8, 8)
+
+
+class _LoopWatchingComfy(StandInComfy):
+    """Records, for each listing, whether it was built on a thread that runs an event loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_loop: dict[str, bool] = {}
+
+    def _mark(self, name: str) -> None:
+        try:
+            asyncio.get_running_loop()
+            self.on_loop[name] = True
+        except RuntimeError:
+            self.on_loop[name] = False
+
+    def object_info(self, ctx: Any = None) -> dict[str, Any]:
+        self._mark("object_info")
+        return super().object_info(ctx)
+
+    def object_info_one(self, name: str, ctx: Any = None) -> dict[str, Any]:
+        self._mark("object_info_one")
+        return super().object_info_one(name, ctx)
+
+    def model_folders(self) -> dict[str, list[str]]:
+        self._mark("model_folders")
+        return super().model_folders()
+
+
+def test_listings_that_scan_the_store_run_off_the_event_loop(make: Callable[..., TestClient]) -> None:
+    # /object_info lists the store's files (directory scans, adapter layouts, encoder configs) per node.
+    standin = _LoopWatchingComfy()
+    client = make(standin)
+    assert client.get("/object_info").status_code == 200
+    assert client.get("/object_info/KSampler").status_code == 200
+    assert client.get("/models").status_code == 200
+    assert client.get("/models/checkpoints").status_code in (200, 404)
+    assert standin.on_loop == {"object_info": False, "object_info_one": False, "model_folders": False}

@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
                 reg=args.reg,
                 progress=progress,
             )
-            bar.update(args.iters * args.starts - done)
+            bar.update(max(0, args.iters * args.starts - done))
             calls, cpu = counter.calls, time.process_time() - cpu0
             held = _heldout(res, den, x_held, extra, lo, hi, args.teacher_steps, run, registry)
         record = {
@@ -152,6 +152,11 @@ def _run(args: argparse.Namespace) -> int:
             "steps": res.steps,
             "sigmas": [float(v) for v in res.sigmas],
             **({} if res.coefficients is None else {"coefficients": res.coefficients}),
+            **(
+                {}
+                if res.schedule_sigmas is None
+                else {"schedule_sigmas": [float(v) for v in res.schedule_sigmas]}
+            ),
             "options": res.options,
             "method": {
                 "name": "lm" if args.method == "lm" else "search",

@@ -110,3 +110,12 @@ def test_refusals_name_the_field(client: TestClient, body: dict[str, Any], field
     r = client.post("/sample", json=body)
     assert r.status_code == 422, r.text
     assert hint in r.text and any(e["loc"][-1] == field for e in r.json()["detail"]), r.text
+
+
+def test_shipped_digits_solvers_load_and_fit_their_steps() -> None:
+    digits = Path(__file__).resolve().parents[2] / "model_store" / "digits"
+    for nfe in (4, 5, 8):
+        entry = tuned_entry(digits, "digits", "ipndm_tuned", nfe)
+        order = entry.options.get("max_order", 4)
+        assert entry.coefficients is not None and len(entry.sigmas) == nfe + 1 and entry.sigmas[-1] == 0.0
+        assert len(entry.coefficients) == len(analytic_coefficients(nfe, order))

@@ -84,9 +84,10 @@ def flux_to_diffusers(sd: dict[str, Tensor], inner_dim: int, mlp_dim: int) -> di
             parts = src.pop(f"{a}linear1.{wb}").split([inner_dim] * 3 + [mlp_dim], dim=0)
             for name, part in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True):
                 out[f"{b}{name}.{wb}"] = part
-    move("final_layer.linear", "proj_out")
-    for wb in ("weight", "bias"):
-        out[f"norm_out.linear.{wb}"] = _swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{wb}"))
+    if "final_layer.linear.weight" in src:  # a ControlNet's trunk (XLabs) has no final layer
+        move("final_layer.linear", "proj_out")
+        for wb in ("weight", "bias"):
+            out[f"norm_out.linear.{wb}"] = _swap_halves(src.pop(f"final_layer.adaLN_modulation.1.{wb}"))
     if src:
         raise KeyError(f"keys this map does not know: {sorted(src)[:8]}")
     return out

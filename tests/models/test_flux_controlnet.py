@@ -366,3 +366,32 @@ def test_concurrent_requests_with_different_flux_units_share_calls(root: tuple[P
     for s, t in zip(solo, together, strict=True):
         assert np.abs(s - t).max() <= 1
     assert np.abs(solo[0] - solo[1]).max() > 2  # the unit acts
+
+
+@pytest.mark.parametrize(
+    ("folder", "single", "extra"),
+    [("fcn_union", "fcn_union_file", {"control_type": "blur"}), ("fcn_xlabs", "fcn_xlabs_file", {})],
+)
+def test_single_files_are_their_folders(
+    client: TestClient, folder: str, single: str, extra: dict[str, Any]
+) -> None:
+    """A diffusers-named single file and XLabs' original single-file layout (config read off the
+    tensors) give the image of the same network's diffusers folder."""
+    from service.models.controlnet.flux_single import keys_of
+
+    keys = keys_of(flux_controlnet_store()[0] / "controlnet" / f"{single}.safetensors")
+    if folder == "fcn_xlabs":  # x-flux's names, as ComfyUI's XLabs loader reads them
+        assert {
+            "pos_embed_input.weight",
+            "input_hint_block.14.weight",
+            "double_blocks.1.img_attn.qkv.weight",
+        } <= set(keys)
+    unit = {"image": control_png(8), "weight": 0.9, **extra}
+    a = _pixels(_post(client, sampler="euler", controlnets=[{**unit, "model": folder}]))
+    b = _pixels(_post(client, sampler="euler", controlnets=[{**unit, "model": single}]))
+    assert np.array_equal(a, b)
+    r = client.post(
+        "/sample",
+        json={"model": "sd1", "prompt": PROMPT, "steps": 2, "controlnets": [{**unit, "model": single}]},
+    )
+    assert r.status_code == 422 and "is for Flux" in r.text, r.text

@@ -118,11 +118,37 @@ def make_flux_controlnet(name: str) -> Any:
     return net
 
 
+def to_xlabs(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An XLabs-style network's diffusers tensors in XLabs' original layout (x-flux's ControlNetFlux:
+    BFL names for the trunk, ``pos_embed_input``, ``input_hint_block.{0,2,...,14}``)."""
+    from service.models.controlnet.flux_single import HINT_CONVS
+    from tests.support.flow_single_file import flux_to_original
+
+    sd = dict(sd)
+    out = {k: sd.pop(k) for k in list(sd) if k.startswith("controlnet_blocks.")}
+    for wb in ("weight", "bias"):
+        out[f"pos_embed_input.{wb}"] = sd.pop(f"controlnet_x_embedder.{wb}")
+        for i, name in enumerate(HINT_CONVS):
+            out[f"input_hint_block.{2 * i}.{wb}"] = sd.pop(f"input_hint_block.{name}.{wb}")
+    dim = sd["x_embedder.weight"].shape[0]  # the trunk map writes a final layer: ControlNets have none
+    sd |= {"proj_out.weight": torch.zeros(1, dim), "proj_out.bias": torch.zeros(1)}
+    sd |= {"norm_out.linear.weight": torch.zeros(2, dim), "norm_out.linear.bias": torch.zeros(2)}
+    trunk = {k: v for k, v in flux_to_original(sd).items() if not k.startswith("final_layer.")}
+    return {**out, **trunk}
+
+
 def add_flux_controlnets(store: Path) -> dict[str, Any]:
-    """The Flux ControlNets in ``store/controlnet/``; returns the diffusers networks (the oracles)."""
+    """The Flux ControlNets in ``store/controlnet/`` (diffusers folders; ``fcn_union`` also as a
+    diffusers-named single file ``fcn_union_file.safetensors``, ``fcn_xlabs`` in XLabs' original
+    layout ``fcn_xlabs_file.safetensors``); returns the diffusers networks (the oracles)."""
+    from safetensors.torch import save_file
+
     nets = {name: make_flux_controlnet(name) for name in NETS}
     for name, net in nets.items():
         net.save_pretrained(str(store / "controlnet" / name), safe_serialization=True)
+    tensors = {n: {k: v.detach().clone().contiguous() for k, v in nets[n].state_dict().items()} for n in NETS}
+    save_file(tensors["fcn_union"], str(store / "controlnet" / "fcn_union_file.safetensors"))
+    save_file(to_xlabs(tensors["fcn_xlabs"]), str(store / "controlnet" / "fcn_xlabs_file.safetensors"))
     return nets
 
 

@@ -78,16 +78,20 @@ read_tensors, weights = _read_tensors, _weights  # the Flux ControlNet folders' 
 
 
 def kind(info: ControlNetFile) -> str:
-    """ "flux" for a diffusers FluxControlNetModel folder, else "sd" (what its config says, unread
-    weights; an unreadable config is "sd" and fails where it loads)."""
-    if info.path.is_dir():
-        try:
+    """ "flux" for a diffusers FluxControlNetModel folder or a Flux ControlNet single file
+    (flux_single.py), else "sd" (from the config or the tensor names, weights unread; what cannot
+    be read is "sd" and fails where it loads)."""
+    from . import flux_single
+
+    try:
+        if info.path.is_dir():
             raw = json.loads((info.path / "config.json").read_text())
-        except (OSError, ValueError):
-            return "sd"
-        if isinstance(raw, dict) and raw.get("_class_name") == "FluxControlNetModel":
-            return "flux"
-    return "sd"
+            flux = isinstance(raw, dict) and raw.get("_class_name") == "FluxControlNetModel"
+        else:
+            flux = info.path.suffix == ".safetensors" and flux_single.is_flux(flux_single.keys_of(info.path))
+    except (OSError, ValueError, RuntimeError):
+        return "sd"
+    return "flux" if flux else "sd"
 
 
 def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:

@@ -198,14 +198,17 @@ def per_block(samples: list[Tensor], blocks: int, repeat: bool) -> list[Tensor]:
     return [samples[i // interval] for i in range(blocks)]
 
 
-def load_flux(folder: Path, device: torch.device, dtype: torch.dtype) -> FluxControlNet:
-    """A diffusers folder (config.json with ``_class_name: FluxControlNetModel`` and its weights),
-    loaded strictly: a missing or unexpected tensor is an error naming it."""
-    from . import files
+def load_flux(path: Path, device: torch.device, dtype: torch.dtype, axes: tuple[int, ...]) -> FluxControlNet:
+    """A diffusers folder (config.json with ``_class_name: FluxControlNetModel`` and its weights) or
+    a single file (flux_single.py; ``axes``: the base transformer's rotary axes), loaded strictly: a
+    missing or unexpected tensor is an error naming it."""
+    from . import files, flux_single
 
-    cfg = FluxControlNetConfig.from_dict(read_config(folder))
-    net = FluxControlNet(cfg)
-    sd = files.read_tensors(files.weights(folder))
+    if path.is_dir():
+        raw, sd = read_config(path), files.read_tensors(files.weights(path))
+    else:
+        raw, sd = flux_single.read_single(path, axes)
+    net = FluxControlNet(FluxControlNetConfig.from_dict(raw))
     missing, unexpected = net.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ControlNetConfigError(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
 from service.sampling.errors import InputError
@@ -107,8 +108,9 @@ class FluxControlSet(ControlSet):
 
     def _build(self, info: files.ControlNetFile) -> FluxControlNet:
         try:
-            return load_flux(info.path, self.device, self.dtype)
-        except (ControlNetConfigError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            axes = tuple(int(a) for a in self.unet_config.axes_dims_rope)
+            return load_flux(info.path, self.device, self.dtype, axes)
+        except (ControlNetConfigError, OSError, RuntimeError, ValueError, KeyError, SafetensorError) as exc:
             raise files.ControlNetError(f"ControlNet {info.name!r} could not be loaded: {exc}") from exc
 
     def _check_base(self, net: Any, name: str, field: str) -> None:

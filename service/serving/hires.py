@@ -231,6 +231,7 @@ def _second_request(
         "steps": hr.steps or spec.steps,
         "denoise": DEFAULT_DENOISE if hr.denoise is None else hr.denoise,
         "sigmas": None,
+        "coefficients": None,  # a tuned solver's were fitted to the first pass's sigmas
         "seed": list(spec.seeds),
         "width": final[0],
         "height": final[1],

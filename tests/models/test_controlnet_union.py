@@ -206,6 +206,11 @@ def test_bad_union_units_are_named(sdxl: Any, store: tuple[Path, dict[str, Any]]
             [ControlNetRef("union_xl", control_png(1), control_type=1, images=(UnionImage(control_png(2)),))],
         )
     assert untyped.value.field == "controlnets[0].images[0].control_type"
+    with pytest.raises(InputError) as no_image:
+        _rows(
+            sdxl, [ControlNetRef("union_xl", control_png(1), control_type=1, images=(UnionImage(None, 3),))]
+        )
+    assert no_image.value.field == "controlnets[0].images[0].image"
     with pytest.raises(InputError) as plain:
         _rows(sdxl, [ControlNetRef("cn_xl", control_png(1), images=(UnionImage(control_png(2), 1),))])
     assert plain.value.field == "controlnets[0].images" and "union" in plain.value.message

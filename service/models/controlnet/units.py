@@ -244,27 +244,27 @@ class ControlSet:
                 )
             mode = control_mode(unit.control_mode, f"{field}.control_mode")
             net = self.resolve(str(unit.model), field)
-            for image, kind in self._images(unit, net, field):
-                hint = control_image(image, height, width, field, self.root)
+            for image, kind, where in self._images(unit, net, field):
+                hint = control_image(image, height, width, where, self.root)
                 out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint, kind, i))
         return out
 
-    def _images(self, unit: Any, net_id: int, field: str) -> list[tuple[Any, int]]:
-        """A unit's control images with their control types: the unit's ``image`` (its
-        ``control_type``) then each of ``images`` (union ControlNets only; a type is read for
-        union ControlNets, as sd-webui-controlnet ignores it for the others)."""
+    def _images(self, unit: Any, net_id: int, field: str) -> list[tuple[Any, int, str]]:
+        """A unit's control images with their control types and the field each is named by: the
+        unit's ``image`` (its ``control_type``) then each of ``images`` (union ControlNets only; a
+        type is read for union ControlNets, as sd-webui-controlnet ignores it for the others)."""
         net, more = self.nets[net_id], list(getattr(unit, "images", None) or ())
         if not isinstance(net, UnionControlNet):
             if more:
                 raise InputError(f"{field}.images", f"ControlNet {unit.model!r} is not a union ControlNet")
-            return [(unit, AUTO)]
+            return [(unit, AUTO, field)]
         first = [] if unit.image is None and more else [(unit, getattr(unit, "control_type", None), field)]
         entries = first + [
             (replace(unit, image=e.image, module=e.module), e.control_type, f"{field}.images[{j}]")
             for j, e in enumerate(more)
         ]
-        kinds = [(e, control_type(t, net.types, f"{f}.control_type")) for e, t, f in entries]
-        untyped = [f for (_, k), (_, _, f) in zip(kinds, entries, strict=True) if k == AUTO]
+        kinds = [(e, control_type(t, net.types, f"{f}.control_type"), f) for e, t, f in entries]
+        untyped = [f for _, k, f in kinds if k == AUTO]
         if len(kinds) > 1 and untyped:
             raise InputError(
                 f"{untyped[0]}.control_type",

@@ -23,6 +23,7 @@ import json
 import platform
 import pstats
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,28 @@ class GcClock:
         gc.callbacks.remove(self._tick)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's live threads by role: the event loop (the main thread), the
+    engine's worker, the others (the pool that finalizes results). Linux: /proc/self/task/*/schedstat."""
+    out = {"loop": 0.0, "worker": 0.0, "other": 0.0}
+    for thread in threading.enumerate():
+        try:
+            ns = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        role = "loop" if thread is threading.main_thread() else "other"
+        out["worker" if thread.name.startswith("engine-") else role] += ns / 1e9
+    return out
+
+
+# One event loop for every burst, as a server has: its default thread pool (which finalizes results)
+# starts once, not once per burst (thread starts were ~50 us of CPU per job at 128 jobs).
+_LOOP = asyncio.new_event_loop()
+
+
 def burst(jobs: int, steps: int, samplers: list[str], shape: tuple[int, ...]) -> dict[str, float]:
-    """Run ``jobs`` one-image jobs started together; wall time, iterations and rows evaluated."""
+    """Run ``jobs`` one-image jobs started together; wall time, iterations and rows evaluated, and
+    the CPU seconds of the event loop, the engine's worker and the other threads."""
 
     async def go() -> dict[str, float]:
         handle = ModelHandle("free", FreeDenoiser(), shape, torch.device("cpu"), torch.float32)
@@ -79,18 +100,27 @@ def burst(jobs: int, steps: int, samplers: list[str], shape: tuple[int, ...]) ->
             for i in range(jobs)
         ]
         clock = GcClock()
+        threads0 = thread_cpu()
         t0, c0 = time.perf_counter(), time.process_time()
         done = [engine.submit(r) for r in reqs]
         await asyncio.gather(*(j.wait_done() for j in done))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        threads = {f"{k}_cpu_s": v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
         clock.close()
         iterations = engine.iterations
         await engine.stop()
         assert all(j.status == JobStatus.succeeded for j in done), [j.error for j in done]
         rows = sum(j.progress.evals for j in done)
-        return {"wall_s": wall, "cpu_s": cpu, "iterations": iterations, "rows": rows, "gc_s": clock.seconds}
+        return {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "iterations": iterations,
+            "rows": rows,
+            "gc_s": clock.seconds,
+            **threads,
+        }
 
-    return asyncio.run(go())
+    return _LOOP.run_until_complete(go())
 
 
 def fit(points: list[dict[str, float]], key: str = "ms_per_iteration") -> tuple[float, float]:
@@ -146,6 +176,10 @@ def main() -> None:
             f" {point['iterations_per_s']:7.1f} it/s, {point['rows_per_s']:8.0f} rows/s, {gc_s:.3f} s in gc,"
             f" CPU {point['cpu_ms_per_iteration']:7.3f} ms/iteration"
         )
+        split = ", ".join(
+            f"{k} {1e6 * best[f'{k}_cpu_s'] / best['rows']:.1f}" for k in ("worker", "loop", "other")
+        )
+        print(f"           CPU per row (us) by thread: {split}")
     a_ms, b_us = fit(points)
     print(f"fit: {a_ms:.3f} ms per iteration + {b_us:.1f} us per row")
     # CPU time of the whole process (every thread) per iteration: on a machine shared with other work the

@@ -32,18 +32,20 @@ NFE_PER_STEP = {"heun": 2}
 STEPS = [10, 20, 50]
 
 
-def workload(i: int) -> dict[str, Any]:
-    return {
+def workload(i: int, n: int = 1) -> dict[str, Any]:
+    req = {
         "sampler": SAMPLERS[i % len(SAMPLERS)],
         "steps": STEPS[i % len(STEPS)],
         "seed": i,
         "class_label": i % 10,
     }
+    return req if n == 1 else {**req, "n": n}
 
 
 def nfe(req: dict[str, Any]) -> int:
+    """Rows the request costs the model: evaluations x images."""
     k = NFE_PER_STEP.get(req["sampler"], 1)
-    return req["steps"] * k - (k - 1)
+    return (req["steps"] * k - (k - 1)) * req.get("n", 1)
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -81,7 +83,7 @@ async def run_job(http: httpx.AsyncClient, req: dict[str, Any]) -> bool:
 
 
 async def drive(
-    url: str, concurrency: int, duration: float, ramp: float = 3.0, route: str = "sample"
+    url: str, concurrency: int, duration: float, ramp: float = 3.0, route: str = "sample", n: int = 1
 ) -> dict[str, Any]:
     """Closed-loop clients; counts the requests that finish inside a window of ``duration`` seconds
     that opens ``ramp`` seconds after the clients start (steady state: no start-up burst, and no
@@ -96,7 +98,7 @@ async def drive(
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal errors
         while True:
-            req = workload(next(counter))
+            req = workload(next(counter), n)
             start = time.perf_counter()
             ok = await (run_job(http, req) if route == "jobs" else run_sample(http, req))
             end = time.perf_counter()
@@ -138,7 +140,7 @@ async def drive(
         "requests": len(done),
         "errors": errors,
         "elapsed_s": round(elapsed, 2),
-        "images_per_s": round(len(done) / elapsed, 3),
+        "images_per_s": round(sum(r.get("n", 1) for r, _ in done) / elapsed, 3),
         "rows_per_s": round(rows / elapsed, 1),
         "p50_latency_s_by_steps": by_steps,
         "server_rows_per_s": round((b["rows"] - a["rows"]) / elapsed, 1),
@@ -184,15 +186,15 @@ class RawDenoiser:
         best = max(out, key=lambda k: out[k])
         return {"rows_per_s_by_batch": out, "best_batch": best, "best_rows_per_s": out[best]}
 
-    def bracket(self, run: Any) -> tuple[Any, float]:
-        """Run ``run()`` between two short raw measurements; the limit is the best batch size's mean
-        of the two. This box drifts by tens of percent over minutes, so the limit is taken around
-        each point rather than once per run."""
+    def bracket(self, run: Any) -> tuple[Any, dict[int, float]]:
+        """Run ``run()`` between two short raw measurements: rows/s per batch size, the mean of the
+        two (the limit is the best of them). This box drifts by tens of percent over minutes, so the
+        limit is taken around each point rather than once per run."""
         sizes = (16, 32, 64, 128)
         before = self.measure(sizes, 1, 1.0)["rows_per_s_by_batch"]
         result = run()
         after = self.measure(sizes, 1, 1.0)["rows_per_s_by_batch"]
-        return result, round(max((before[b] + after[b]) / 2 for b in sizes), 1)
+        return result, {b: round((before[b] + after[b]) / 2, 1) for b in sizes}
 
 
 def main() -> int:
@@ -213,6 +215,7 @@ def main() -> int:
         default="",
         help="KDIFF_STATE_DIR of the server (a fresh folder per mode); empty: in memory",
     )
+    p.add_argument("--n", type=int, default=1, help="images per request (batches grow past the clients)")
     p.add_argument("--out", default="docs/bench_service.json")
     p.add_argument("--plot", default="docs/bench_service.png")
     a = p.parse_args()
@@ -230,6 +233,7 @@ def main() -> int:
         "duration_s": a.duration,
         "jit": not a.no_jit,
         "route": a.route,
+        "images_per_request": a.n,
         "state_dir": bool(a.state_dir),
         "modes": {},
     }
@@ -250,11 +254,17 @@ def main() -> int:
             asyncio.run(drive(srv.url, 2, 3.0))  # warm-up
             points = []
             for c in a.concurrency:
-                point, limit = raw.bracket(
-                    lambda c=c, url=srv.url: asyncio.run(drive(url, c, a.duration, route=a.route))
+                point, by_batch = raw.bracket(
+                    lambda c=c, url=srv.url: asyncio.run(drive(url, c, a.duration, route=a.route, n=a.n))
                 )
+                limit = max(by_batch.values())
                 point["raw_limit_rows_per_s"] = limit
                 point["vs_raw_limit"] = round(point["rows_per_s"] / limit, 3)
+                # the raw model at the batch size nearest the service's rows per call (issue 28's
+                # "same rows per call" ratio; the bracket measures 16, 32, 64 and 128 rows)
+                same = min(by_batch, key=lambda b: abs(b - point["rows_per_call"]))
+                point["raw_same_batch"] = {"rows": same, "rows_per_s": by_batch[same]}
+                point["vs_raw_same_batch"] = round(point["rows_per_s"] / by_batch[same], 3)
                 print(mode, point, flush=True)
                 points.append(point)
             results["modes"][mode] = points

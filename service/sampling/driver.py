@@ -230,10 +230,16 @@ class Driver:
         """Whether a batched check with ``bound`` already proves ``check_finite(out)`` would pass: the
         raw rows (unguided), or a plain CFG combine of them that cannot reach the dtype's limit nor
         overflow check_finite's float32 sum. CFG rescale divides by a std that may be 0: checked."""
-        if bound is None or (self.guided and self.spec.guidance_rescale > 0):
+        if bound is None:
             return False
-        limit = min(_dtype_max(out.dtype), _FLOAT32_MAX / max(1, out.numel()))
-        return bound * (self._growth if self.guided else 1.0) < limit / 4
+        if self.guided:
+            if self.spec.guidance_rescale > 0:
+                return False
+            bound *= self._growth
+        return (
+            bound
+            < min(_DTYPE_MAX.get(out.dtype) or _dtype_max(out.dtype), _FLOAT32_MAX / max(1, out.numel())) / 4
+        )
 
     def _blend(self, track: Track, denoised: Tensor) -> Tensor:
         """Inpainting: the kept region's prediction is the init image itself."""

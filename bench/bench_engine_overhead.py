@@ -67,17 +67,29 @@ class GcClock:
         gc.callbacks.remove(self._tick)
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's live threads by role: the event loop (the main thread), the
-    engine's worker, the others (the pool that finalizes results). Linux: /proc/self/task/*/schedstat."""
-    out = {"loop": 0.0, "worker": 0.0, "other": 0.0}
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process's live threads, by thread id, with each one's role: the event
+    loop (the main thread), the engine's worker, other (the pool that finalizes results).
+    Linux: /proc/self/task/*/schedstat."""
+    out = {}
     for thread in threading.enumerate():
         try:
             ns = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, TypeError):
             continue
         role = "loop" if thread is threading.main_thread() else "other"
-        out["worker" if thread.name.startswith("engine-") else role] += ns / 1e9
+        out[thread.native_id or 0] = ("worker" if thread.name.startswith("engine-") else role, ns / 1e9)
+    return out
+
+
+def cpu_by_role(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds each role's threads spent between two ``thread_cpu`` readings (threads alive at the
+    second; an earlier burst's worker that ended meanwhile is not counted)."""
+    out = {"loop_cpu_s": 0.0, "worker_cpu_s": 0.0, "other_cpu_s": 0.0}
+    for tid, (role, seconds) in after.items():
+        out[f"{role}_cpu_s"] += seconds - (before[tid][1] if tid in before else 0.0)
     return out
 
 
@@ -105,7 +117,7 @@ def burst(jobs: int, steps: int, samplers: list[str], shape: tuple[int, ...]) ->
         done = [engine.submit(r) for r in reqs]
         await asyncio.gather(*(j.wait_done() for j in done))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        threads = {f"{k}_cpu_s": v - threads0.get(k, 0.0) for k, v in thread_cpu().items()}
+        threads = cpu_by_role(threads0, thread_cpu())
         clock.close()
         iterations = engine.iterations
         await engine.stop()

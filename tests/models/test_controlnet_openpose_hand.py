@@ -1,8 +1,9 @@
 """``openpose_hand`` against controlnet_aux 0.0.10 (body + hand estimators, as the A1111 extension's
 ``openpose_hand`` runs them).
 
-- The hand network loads ``hand_pose_model.pth`` by its published names (random weights written
-  with the reference's own key names) and computes what the reference's ``handpose_model`` does.
+- The hand and face networks load ``hand_pose_model.pth`` / ``facenet.pth`` by their published
+  names (random weights written with the reference's own key names) and compute what the
+  reference's ``handpose_model`` / ``FaceNet`` do.
 - With both networks replaced (in ours and in the reference) by fixed maps of two drawn people and
   a drawn hand, the hand boxes, the four-scale hand maps, the keypoints of all four hands and the
   drawn image are the reference's (2 px bone lines: OpenCV's sub-pixel outline walk is reproduced
@@ -21,45 +22,63 @@ pytest.importorskip("cv2", reason="the test oracles (make setup) are not install
 pytest.importorskip("skimage", reason="the test oracles (make setup) are not installed")
 
 from service.models.controlnet import openpose, openpose_draw  # noqa: E402
-from service.models.controlnet.openpose_net import HandPoseNet, load_hand  # noqa: E402
+from service.models.controlnet.openpose_net import FacePoseNet, HandPoseNet, load_face, load_hand  # noqa: E402
 from tests.models.test_controlnet_openpose import DrawnPeople, figure  # noqa: E402
 from tests.support import openpose_files  # noqa: E402
 
 
-def test_hand_network_loads_by_its_published_names(tmp_path: Path) -> None:
+@pytest.mark.parametrize("part", ["hand", "face"])
+def test_network_loads_by_its_published_names(tmp_path: Path, part: str) -> None:
+    """Random weights saved under the reference's names (hand: its transfer drops the first name
+    component; facenet.pth holds FaceNet's own names) load into ours and compute the same maps."""
     op = openpose_files.reference()
     torch.manual_seed(0)
-    ref = op.model.handpose_model().eval()
-    path = tmp_path / "hand_pose_model.pth"
-    torch.save({k.split(".", 1)[1]: v for k, v in ref.state_dict().items()}, path)  # the file's names
-    ours = load_hand(path)
+    if part == "hand":
+        ref, load, cls = op.model.handpose_model().eval(), load_hand, HandPoseNet
+        state = {k.split(".", 1)[1]: v for k, v in ref.state_dict().items()}
+    else:
+        ref, load, cls = op.face.FaceNet().eval(), load_face, FacePoseNet
+        state = ref.state_dict()
+    path = tmp_path / f"{part}.pth"
+    torch.save(state, path)
     with torch.device("meta"):
-        keys = set(HandPoseNet().file_keys().values())
-    assert keys == set(openpose_files.reference_keys(hand=True))
+        assert set(cls().file_keys().values()) == set(state)
     x = torch.randn(1, 3, 64, 48)
     with torch.no_grad():
-        assert torch.equal(ours(x), ref(x))
+        want = ref(x) if part == "hand" else ref(x)[-1]  # FaceNet returns every stage's maps
+        assert torch.equal(load(path)(x), want)
 
 
 # 21 hand keypoints as fractions of the crop: the wrist, then four joints for each finger
 HAND = [(0.5, 0.9)] + [(0.15 + 0.175 * f, 0.7 - 0.13 * j) for f in range(5) for j in range(4)]
 
 
-class DrawnHand(torch.nn.Module):
-    """Stands in for the hand network: a blob per keypoint at the same place in any input square."""
+class DrawnMaps(torch.nn.Module):
+    """Stands in for the hand (or face) network: a blob per keypoint at the same place in any
+    input square, then the background channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, points: list[tuple[float, float]], sigma: float) -> None:
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.points, self.sigma = points, sigma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.shape[-1] // 8
-        yy, xx = np.mgrid[0:g, 0:g].astype(np.float64)
-        out = np.zeros((22, g, g))
-        for i, (fx, fy) in enumerate(HAND):
-            out[i] = np.exp(-((yy - fy * g) ** 2 + (xx - fx * g) ** 2) / (2 * (0.04 * g) ** 2))
-        out[21] = 1 - out[:21].max(axis=0)
-        return torch.from_numpy(out[None]).float()
+        return blob_maps(self.points, x.shape[-1] // 8, self.sigma)
+
+
+def DrawnHand() -> DrawnMaps:  # noqa: N802 (a stand-in network, named as the classes it sits with)
+    return DrawnMaps(HAND, 0.04)
+
+
+def blob_maps(points: list[tuple[float, float]], g: int, sigma: float) -> torch.Tensor:
+    """[1, len(points) + 1, g, g]: a Gaussian blob (sigma: a fraction of g) at each point
+    (fractions of the square), then the background channel (1 - the largest)."""
+    yy, xx = np.mgrid[0:g, 0:g].astype(np.float64)
+    out = np.zeros((len(points) + 1, g, g))
+    for i, (fx, fy) in enumerate(points):
+        out[i] = np.exp(-((yy - fy * g) ** 2 + (xx - fx * g) ** 2) / (2 * (sigma * g) ** 2))
+    out[-1] = 1 - out[:-1].max(axis=0)
+    return torch.from_numpy(out[None]).float()
 
 
 def _reference(img: np.ndarray, body: torch.nn.Module, hand: torch.nn.Module) -> tuple[Any, np.ndarray]:

@@ -8,8 +8,9 @@ initialisation (zero biases) so activations keep their scale through the 40 laye
 have distinct peaks; a final factor sets the heatmaps' range.
 
 controlnet_aux's package ``__init__`` imports every detector it has (timm, torchvision, ...); the
-open_pose package is loaded here on its own, its face module (torchvision) stood in for by an
-empty one since the face is not compared; the hand module needs scikit-image (make setup).
+open_pose package is loaded here on its own; its face module imports torchvision only to build two
+transforms it never calls (stood in for when torchvision is absent); the hand module needs
+scikit-image (make setup).
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ def _load_open_pose() -> types.ModuleType:
     pkg = types.ModuleType("controlnet_aux")
     pkg.__path__ = [str(root)]
     sys.modules["controlnet_aux"] = pkg
-    stub = types.ModuleType(f"{name}.face")  # its torchvision import; the face is not compared
-    stub.Face = None  # type: ignore[attr-defined]
-    sys.modules[f"{name}.face"] = stub
+    if importlib.util.find_spec("torchvision") is None:
+        # face.py builds torchvision's ToTensor / ToPILImage at import and never calls them
+        tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+        tr.ToTensor = tr.ToPILImage = object  # type: ignore[attr-defined]
+        tv.transforms = tr  # type: ignore[attr-defined]
+        sys.modules.setdefault("torchvision", tv)
+        sys.modules.setdefault("torchvision.transforms", tr)
     op_spec = importlib.util.spec_from_file_location(
         name, root / "open_pose" / "__init__.py", submodule_search_locations=[str(root / "open_pose")]
     )

@@ -203,7 +203,7 @@ async def control_types(state: Service = Depends(get_state)) -> dict[str, Any]:
         out["OpenPose"] = {
             "module_list": ["none", *poses],
             "model_list": ["None", *fits],
-            "default_option": poses[-1],
+            "default_option": "openpose_full" if "openpose_full" in poses else poses[0],  # the extension's
             "default_model": fits[0] if fits else "None",
         }
     adapters = sorted(ipadapter.scan(state.pool.store.root))

@@ -205,10 +205,18 @@ def resize_maps_twice(
     h, w = maps.shape[:2]
     (h1, w1, m1), (h2, w2, m2) = first, second
     s1, s2 = h1 <= h and w1 <= w, h2 <= h1 and w2 <= w1
-    my = _axis(h1, h2, m2, s2) @ _axis(h, h1, m1, s1)
-    mx = _axis(w1, w2, m2, s2) @ _axis(w, w1, m1, s1)
-    rows = np.tensordot(my, maps.astype(np.float64), axes=(1, 0))
-    return np.swapaxes(np.tensordot(mx, rows, axes=(1, 1)), 0, 1)
+    (yi, yw), (xi, xw) = _composed(h, h1, h2, m1, m2, s1, s2), _composed(w, w1, w2, m1, m2, s1, s2)
+    x = maps.astype(np.float64)
+    rows = sum(x[yi[:, j]] * yw[:, j, None, None] for j in range(yi.shape[1]))
+    return sum(rows[:, xi[:, j]] * xw[None, :, j, None] for j in range(xi.shape[1]))
+
+
+@lru_cache(maxsize=64)
+def _composed(
+    n: int, n1: int, n2: int, m1: str, m2: str, s1: bool, s2: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One axis of two resizes as one, in tap form (each output reads ~10 inputs)."""
+    return _tap_form(_axis(n1, n2, m2, s2) @ _axis(n, n1, m1, s1))
 
 
 def method_for(h: int, w: int, height: float, width: float) -> str:

@@ -2,11 +2,10 @@
 accepted) only while its weight files are in ``model_store/annotators/``.
 
 - ``openpose``: body keypoints (``body_pose_model.pth``) drawn as the stick figure;
-- ``openpose_hand``: and each person's hands (``hand_pose_model.pth`` too).
-
-The extension's ``openpose_face``, ``openpose_faceonly`` and ``openpose_full`` also need
-``facenet.pth`` and are not provided yet: never listed, so a unit naming one is the 422 listing
-what is available.
+- ``openpose_hand``: and each person's hands (``hand_pose_model.pth`` too);
+- ``openpose_face``: the body and each face's landmarks (``facenet.pth`` too);
+- ``openpose_faceonly``: the face landmarks alone (the body still finds the faces);
+- ``openpose_full``: body, hands and faces (all three files).
 """
 
 from __future__ import annotations
@@ -18,12 +17,23 @@ from typing import Any
 
 import numpy as np
 
-from . import cv_resize, openpose_body, openpose_draw, openpose_hand
-from .openpose_net import load_body, load_hand
+from . import cv_resize, openpose_body, openpose_draw, openpose_face, openpose_hand
+from .openpose_net import load_body, load_face, load_hand
 
-BODY_FILE, HAND_FILE = "body_pose_model.pth", "hand_pose_model.pth"
-MODULES = ("openpose", "openpose_hand")
-_NEEDS = {"openpose": (BODY_FILE,), "openpose_hand": (BODY_FILE, HAND_FILE)}
+BODY_FILE, HAND_FILE, FACE_FILE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
+# module -> (draw the body, hands, face)
+DRAWS = {
+    "openpose": (True, False, False),
+    "openpose_face": (True, False, True),
+    "openpose_faceonly": (False, False, True),
+    "openpose_full": (True, True, True),
+    "openpose_hand": (True, True, False),
+}
+MODULES = tuple(DRAWS)
+_NEEDS = {
+    m: (BODY_FILE, *([HAND_FILE] if hand else []), *([FACE_FILE] if face else []))
+    for m, (_, hand, face) in DRAWS.items()
+}
 PAD_TO = 64
 # where a body model may be: lllyasviel/Annotators' flat layout, or the extension's openpose folder
 _PLACES = ("", "openpose")
@@ -70,19 +80,26 @@ def run(folder: Path, name: str, img: np.ndarray, resolution: int | None = None)
     (``resolution``: its short side; None: as it is). As the A1111 extension, the detector sees
     the scaled image padded right and down to multiples of 64 (edge pixels repeated); the figure
     drawn on that canvas is cropped back."""
-    paths = [weight_file(folder, f) for f in _NEEDS.get(name, ("?",))]
-    if name not in MODULES or any(p is None for p in paths):
+    if name not in MODULES:
         raise KeyError(name)
-    body_net = _net(paths[0], load_body)  # type: ignore[arg-type]
-    hand_net = _net(paths[1], load_hand) if name == "openpose_hand" else None  # type: ignore[arg-type]
+    files = {f: weight_file(folder, f) for f in _NEEDS[name]}
+    if any(p is None for p in files.values()):
+        raise KeyError(name)
+    draw_body, draw_hands, draw_face = DRAWS[name]
+    loaders = {BODY_FILE: load_body, HAND_FILE: load_hand, FACE_FILE: load_face}
+    nets = {f: _net(p, loaders[f]) for f, p in files.items() if p is not None}
     img = scale(img, resolution)
     h, w = img.shape[:2]
     padded = np.pad(img, ((0, -h % PAD_TO), (0, -w % PAD_TO), (0, 0)), mode="edge")
     ph, pw = padded.shape[:2]
     canvas = np.zeros((ph, pw, 3), np.uint8)
     bgr = np.ascontiguousarray(padded[:, :, ::-1])
-    for body in openpose_body.detect(body_net, padded):
-        openpose_draw.draw_body(canvas, openpose_body.normalised(body, ph, pw))
-        for hand in openpose_hand.detect(hand_net, bgr, body) if hand_net is not None else []:
+    for body in openpose_body.detect(nets[BODY_FILE], padded):
+        if draw_body:
+            openpose_draw.draw_body(canvas, openpose_body.normalised(body, ph, pw))
+        for hand in openpose_hand.detect(nets[HAND_FILE], bgr, body) if draw_hands else []:
             openpose_draw.draw_hand(canvas, hand)
+        face = openpose_face.detect(nets[FACE_FILE], bgr, body) if draw_face else None
+        if face is not None:
+            openpose_draw.draw_face(canvas, face)
     return np.ascontiguousarray(canvas[:h, :w])

@@ -267,3 +267,13 @@ def draw_hand(canvas: np.ndarray, keypoints: Sequence[tuple[float, float] | None
             if x > _EPS and y > _EPS:
                 circle(canvas, x, y, RADIUS, HAND_POINT)
     return canvas
+
+
+def draw_face(canvas: np.ndarray, keypoints: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Face landmarks (float32 fractions; negative or 0: missing) as white dots of radius 3."""
+    h, w = canvas.shape[:2]
+    for k in keypoints:
+        x, y = int(np.float32(k[0]) * w), int(np.float32(k[1]) * h)
+        if x > _EPS and y > _EPS:
+            circle(canvas, x, y, 3, (255, 255, 255))
+    return canvas

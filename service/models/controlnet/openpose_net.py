@@ -16,6 +16,7 @@ stage-6 PAF layer twice and the heatmap layer not at all), which clips negative 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -136,19 +137,17 @@ _HAND_FRONT: list[Spec] = [
 ]
 
 
-class HandPoseNet(_PoseNet):
-    """The hand network (Simon et al. 2017, lllyasviel's ``hand_pose_model.pth``): heatmaps
-    [N, 22, H/8, W/8] from a BGR crop scaled to [-0.5, 0.5); one branch, six stages."""
+class _CascadeNet(_PoseNet):
+    """The hand and face networks' shape: the VGG front to conv5_3_CPM, then one branch of six
+    stages, each later stage reading the previous output and the features."""
 
-    def __init__(self) -> None:
+    def __init__(self, parts: int) -> None:
         super().__init__()
         self.front = self._add_all(_HAND_FRONT)
-        self.stages = [
-            self._add_all([("conv6_1_CPM", FEATURES, 512, 1), ("conv6_2_CPM", 512, HAND_PARTS, 1)])
-        ]
+        self.stages = [self._add_all([("conv6_1_CPM", FEATURES, 512, 1), ("conv6_2_CPM", 512, parts, 1)])]
         for t in range(2, STAGES + 1):
             names = [f"Mconv{i}_stage{t}" for i in range(1, 8)]
-            self.stages.append(self._add_all(list(_stage_layers(names, HAND_PARTS + FEATURES, HAND_PARTS))))
+            self.stages.append(self._add_all(list(_stage_layers(names, parts + FEATURES, parts))))
 
     def forward(self, x: Tensor) -> Tensor:
         features = self._run(self.front, x, True)
@@ -156,6 +155,25 @@ class HandPoseNet(_PoseNet):
         for layers in self.stages[1:]:
             out = self._run(layers, torch.cat([out, features], 1), False)
         return out
+
+
+class HandPoseNet(_CascadeNet):
+    """The hand network (Simon et al. 2017, lllyasviel's ``hand_pose_model.pth``): heatmaps
+    [N, 22, H/8, W/8] (21 keypoints and the background) from a BGR crop scaled to [-0.5, 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__(HAND_PARTS)
+
+
+FACE_PARTS = 71  # 70 face landmarks and the background
+
+
+class FacePoseNet(_CascadeNet):
+    """The face network (OpenPose's face model, lllyasviel's ``facenet.pth``): heatmaps
+    [N, 71, H/8, W/8] from a BGR crop scaled to [-0.5, 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__(FACE_PARTS)
 
 
 class PoseWeightsError(ValueError):
@@ -192,17 +210,26 @@ def _load(path: Path, net: _PoseNet, what: str) -> None:
     net.load_state_dict(mapped, assign=True)
 
 
+N = TypeVar("N", bound=_PoseNet)
+
+
+def _loaded(path: Path, cls: type[N], what: str) -> N:
+    with torch.device("meta"):  # no initialisation: every parameter comes from the file
+        net = cls()
+    _load(path, net, what)
+    return net.eval()
+
+
 def load_body(path: Path) -> BodyPoseNet:
     """The body network with the file's weights."""
-    with torch.device("meta"):  # no initialisation: every parameter comes from the file
-        net = BodyPoseNet()
-    _load(path, net, "body")
-    return net.eval()
+    return _loaded(path, BodyPoseNet, "body")
 
 
 def load_hand(path: Path) -> HandPoseNet:
     """The hand network with the file's weights."""
-    with torch.device("meta"):
-        net = HandPoseNet()
-    _load(path, net, "hand")
-    return net.eval()
+    return _loaded(path, HandPoseNet, "hand")
+
+
+def load_face(path: Path) -> FacePoseNet:
+    """The face network with the file's weights."""
+    return _loaded(path, FacePoseNet, "face")

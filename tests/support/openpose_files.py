@@ -37,20 +37,26 @@ def _load_open_pose() -> types.ModuleType:
     pkg = types.ModuleType("controlnet_aux")
     pkg.__path__ = [str(root)]
     sys.modules["controlnet_aux"] = pkg
+    stubs: dict[str, types.ModuleType] = {}
     if importlib.util.find_spec("torchvision") is None:
-        # face.py builds torchvision's ToTensor / ToPILImage at import and never calls them
+        # face.py builds torchvision's ToTensor / ToPILImage at import and never calls them; the
+        # stand-ins leave sys.modules right after (transformers and diffusers probe torchvision)
         tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
         tr.ToTensor = tr.ToPILImage = object  # type: ignore[attr-defined]
         tv.transforms = tr  # type: ignore[attr-defined]
-        sys.modules.setdefault("torchvision", tv)
-        sys.modules.setdefault("torchvision.transforms", tr)
+        stubs = {"torchvision": tv, "torchvision.transforms": tr}
+        sys.modules.update(stubs)
     op_spec = importlib.util.spec_from_file_location(
         name, root / "open_pose" / "__init__.py", submodule_search_locations=[str(root / "open_pose")]
     )
     assert op_spec is not None and op_spec.loader is not None
     module = importlib.util.module_from_spec(op_spec)
     sys.modules[name] = module
-    op_spec.loader.exec_module(module)
+    try:
+        op_spec.loader.exec_module(module)
+    finally:
+        for stub in stubs:
+            sys.modules.pop(stub, None)
     return module
 
 

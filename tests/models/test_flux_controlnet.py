@@ -395,3 +395,29 @@ def test_single_files_are_their_folders(
         json={"model": "sd1", "prompt": PROMPT, "steps": 2, "controlnets": [{**unit, "model": single}]},
     )
     assert r.status_code == 422 and "is for Flux" in r.text, r.text
+
+
+def test_hires_fix_second_pass_keeps_the_flux_unit(client: TestClient) -> None:
+    """A1111's hires fix on Flux with a unit: the second pass builds its control tokens at the hires
+    size (twice the tokens) and the unit changes the result."""
+    base = {
+        "prompt": PROMPT,
+        "steps": 3,
+        "seed": 2,
+        "sampler_name": "Euler",
+        "cfg_scale": 1,
+        "width": SIZE,
+        "height": SIZE,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "Latent",
+        "denoising_strength": 0.6,
+        "override_settings": {"sd_model_checkpoint": "fluxcn"},
+    }
+    unit = {"model": "fcn_a", "image": control_png(7), "guidance_end": 0.5}
+    runs = [
+        client.post("/sdapi/v1/txt2img", json={**base, **extra})
+        for extra in ({"alwayson_scripts": {"ControlNet": {"args": [unit]}}}, {})
+    ]
+    a, b = (_pixels(r) for r in runs)
+    assert a.shape == (2 * SIZE, 2 * SIZE, 3) and np.abs(a - b).max() > 2

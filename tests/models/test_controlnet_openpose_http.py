@@ -2,7 +2,8 @@
 ``model_store/annotators/``: listed by /controlnet/module_list and control_types only while the file
 is there, /controlnet/detect returns the pose image (test_controlnet_openpose.py shows it is
 controlnet_aux's), a unit with module openpose drives a ControlNet end to end exactly as the same
-unit given that pose image with module none, and a bomb is refused by the image gate."""
+unit given that pose image with module none, a bomb is refused by the image gate, and a weight
+file that is not one is a 422 naming it."""
 
 from __future__ import annotations
 
@@ -113,5 +114,18 @@ def test_bomb_is_refused_and_absent_weights_are_a_422(client: TestClient, root: 
         unit = {"model": "cn_openpose", "image": _b64(PICTURE), "module": "openpose"}
         r = client.post("/sample", json={"model": "sd1", "prompt": "x", "steps": 2, "controlnets": [unit]})
         assert r.status_code == 422 and "controlnets[0].module" in r.text and "canny" in r.text
+        # a file of that name that is no weight file: listed, then a 422 naming the file
+        (root / "annotators").mkdir()
+        (root / "annotators" / "body_pose_model.pth").write_bytes(b"<html>not found</html>")
+        r = client.post(
+            "/controlnet/detect",
+            json={"controlnet_module": "openpose", "controlnet_input_images": [_b64(PICTURE)]},
+        )
+        assert (
+            r.status_code == 422 and "controlnet_module" in r.text and "not a readable weight file" in r.text
+        )
+        r = client.post("/sample", json={"model": "sd1", "prompt": "x", "steps": 2, "controlnets": [unit]})
+        assert r.status_code == 422 and "controlnets[0].module" in r.text and "body_pose_model.pth" in r.text
     finally:
+        shutil.rmtree(root / "annotators", ignore_errors=True)
         shutil.move(str(away), root / "annotators")

@@ -240,7 +240,7 @@ def _detect(body: DetectRequest, module: str, root: Path) -> list[str]:
         a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
         b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
         res = body.controlnet_processor_res if body.controlnet_processor_res > 0 else None
-        result = preprocess.run(module, img, res, a, b, root)
+        result = preprocess.run(module, img, res, a, b, root, field="controlnet_module")
         buf = io.BytesIO()
         Image.fromarray(result).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode())

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from . import openpose
+from .openpose_net import PoseWeightsError
 
 FOLDER = "annotators"
 DEPTH = "depth_anything"
@@ -115,6 +116,7 @@ def depth_anything(root: Path, img: np.ndarray) -> np.ndarray:
 
 # modules that take the image at its own size and the resolution (they scale as the extension does)
 SCALES_ITSELF = frozenset(openpose.MODULES)
+WeightsError = PoseWeightsError  # a weight file that is not the network it is named for
 
 
 def run(root: Path, name: str, img: np.ndarray, resolution: int | None = None) -> np.ndarray:

@@ -56,10 +56,13 @@ def available(folder: Path) -> list[str]:
 
 
 def _net(path: Path, load: Callable[[Path], Any]) -> Any:
-    key = (path.resolve(), path.stat().st_mtime)  # a replaced file loads anew
+    real = path.resolve()
+    key = (real, path.stat().st_mtime)  # a replaced file loads anew, the old network is let go
     with _lock:
         net = _nets.get(key)
         if net is None:
+            for old in [k for k in _nets if k[0] == real]:
+                del _nets[old]
             net = _nets[key] = load(path)
         return net
 

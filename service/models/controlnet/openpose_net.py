@@ -186,7 +186,10 @@ def load_state(path: Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled code weights_only refuses
+        raise PoseWeightsError(f"{path.name} is not a readable weight file ({type(exc).__name__})") from exc
     if not isinstance(state, dict):
         raise PoseWeightsError(f"{path.name} holds no state dict")
     return state

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from service.sampling.errors import InputError
+
 from . import annotators
 
 Array = np.ndarray
@@ -158,14 +160,24 @@ def module_name(name: str, root: Path | None = None) -> str | None:
 
 
 def run(
-    name: str, img: Array, resolution: int | None, a: float | None, b: float | None, root: Path | None = None
+    name: str,
+    img: Array,
+    resolution: int | None,
+    a: float | None,
+    b: float | None,
+    root: Path | None = None,
+    field: str = "module",
 ) -> Array:
     """Run a module at ``resolution`` (the short side; None: the image's own); a model-based one
-    with its weights from the store at ``root``."""
+    with its weights from the store at ``root`` (a weight file that is not what its name says:
+    the 422 on ``field`` naming it)."""
     if name == "none":
         return img
     if root is not None and name in annotators.SCALES_ITSELF:  # scaled as the A1111 extension does
-        return annotators.run(root, name, img, resolution)
+        try:
+            return annotators.run(root, name, img, resolution)
+        except annotators.WeightsError as exc:
+            raise InputError(field, f"{name}: {exc}", modules(root)) from exc
     if resolution:
         h, w = img.shape[:2]
         k = resolution / min(h, w)

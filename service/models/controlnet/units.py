@@ -118,9 +118,8 @@ def control_image(unit: Any, height: int, width: int, field: str, root: Path | N
         res = preprocess.pixel_perfect_resolution(img.shape[0], img.shape[1], height, width, mode)
     if module != "none":
         res = None if res is None or int(res) <= 0 else min(int(res), 2048)
-        img = preprocess.run(
-            module, img, res, getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None), root
-        )
+        a, b = getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None)
+        img = preprocess.run(module, img, res, a, b, root, field=f"{field}.module")
     rgb = preprocess.fit(img, width, height, mode)
     m = (
         np.full((height, width), 255, np.uint8)

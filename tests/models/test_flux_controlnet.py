@@ -256,45 +256,34 @@ def test_step_cache_with_flux_units_is_422(client: TestClient) -> None:
     assert r.status_code == 422 and "cache" in r.text, r.text
 
 
+def _txt2img(client: TestClient, **body: Any) -> Any:
+    """A1111's txt2img on the Flux model (Euler, cfg 1, the test size) with ``body``."""
+    common = {"prompt": PROMPT, "sampler_name": "Euler", "cfg_scale": 1, "width": SIZE, "height": SIZE}
+    settings = {"sd_model_checkpoint": "fluxcn"}
+    return client.post("/sdapi/v1/txt2img", json={**common, "override_settings": settings, **body})
+
+
 def test_a1111_alwayson_unit_on_flux_is_our_unit(client: TestClient) -> None:
     """sd-webui-controlnet's unit (as Forge sends it for Flux) through /sdapi/v1/txt2img equals
     /sample with the same unit."""
     image = control_png(7)
-    r = client.post(
-        "/sdapi/v1/txt2img",
-        json={
-            "prompt": PROMPT,
-            "steps": STEPS,
-            "seed": SEED,
-            "sampler_name": "Euler",
-            "cfg_scale": 1,
-            "width": SIZE,
-            "height": SIZE,
-            "override_settings": {"sd_model_checkpoint": "fluxcn"},
-            "alwayson_scripts": {
-                "ControlNet": {
-                    "args": [
-                        {
-                            "enabled": True,
-                            "module": "none",
-                            "model": "fcn_a [0123abcd]",
-                            "weight": 0.8,
-                            "image": image,
-                            "resize_mode": "Just Resize",
-                            "guidance_start": 0.25,
-                            "guidance_end": 1.0,
-                            "control_mode": "Balanced",
-                            "processor_res": -1,
-                        }
-                    ]
-                }
-            },
-        },
-    )
+    unit = {
+        "enabled": True,
+        "module": "none",
+        "model": "fcn_a [0123abcd]",
+        "weight": 0.8,
+        "image": image,
+        "resize_mode": "Just Resize",
+        "guidance_start": 0.25,
+        "guidance_end": 1.0,
+        "control_mode": "Balanced",
+        "processor_res": -1,
+    }
+    r = _txt2img(client, steps=STEPS, seed=SEED, alwayson_scripts={"ControlNet": {"args": [unit]}})
     assert r.status_code == 200, r.text
     a1111 = np.asarray(png_image(r.json()["images"][0]), dtype=np.int16)
-    unit = {"model": "fcn_a", "image": image, "weight": 0.8, "guidance_start": 0.25, "resize_mode": 0}
-    ours = _pixels(_post(client, sampler="euler", controlnets=[unit]))
+    ours_unit = {"model": "fcn_a", "image": image, "weight": 0.8, "guidance_start": 0.25, "resize_mode": 0}
+    ours = _pixels(_post(client, sampler="euler", controlnets=[ours_unit]))
     assert np.abs(a1111 - ours).max() <= 1
 
 
@@ -400,24 +389,9 @@ def test_single_files_are_their_folders(
 def test_hires_fix_second_pass_keeps_the_flux_unit(client: TestClient) -> None:
     """A1111's hires fix on Flux with a unit: the second pass builds its control tokens at the hires
     size (twice the tokens) and the unit changes the result."""
-    base = {
-        "prompt": PROMPT,
-        "steps": 3,
-        "seed": 2,
-        "sampler_name": "Euler",
-        "cfg_scale": 1,
-        "width": SIZE,
-        "height": SIZE,
-        "enable_hr": True,
-        "hr_scale": 2,
-        "hr_upscaler": "Latent",
-        "denoising_strength": 0.6,
-        "override_settings": {"sd_model_checkpoint": "fluxcn"},
-    }
+    hires = {"steps": 3, "seed": 2, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent"}
     unit = {"model": "fcn_a", "image": control_png(7), "guidance_end": 0.5}
-    runs = [
-        client.post("/sdapi/v1/txt2img", json={**base, **extra})
-        for extra in ({"alwayson_scripts": {"ControlNet": {"args": [unit]}}}, {})
-    ]
+    units = {"alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    runs = [_txt2img(client, **hires, denoising_strength=0.6, **extra) for extra in (units, {})]
     a, b = (_pixels(r) for r in runs)
     assert a.shape == (2 * SIZE, 2 * SIZE, 3) and np.abs(a - b).max() > 2

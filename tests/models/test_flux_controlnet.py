@@ -162,9 +162,10 @@ def _cond(flux: Any, units: list[ControlNetRef]) -> dict[str, torch.Tensor]:
 
 
 def test_mixed_rows_share_a_call_and_equal_each_alone(flux: Any) -> None:
-    """none / A / B / A+B / union / XLabs rows, each with its own guidance window bound to the same
-    4-step schedule, in one transformer call at different times: each row as alone (1e-5), one call
-    per ControlNet, and a row without a unit is the plain transformer's."""
+    """none / A / B / A+B / union pose / XLabs / union depth rows, each with its own guidance window
+    bound to the same 4-step schedule, in one transformer call at different times: each row as alone
+    (1e-5), one call per ControlNet (the union one with both modes), a row without a unit is the
+    plain transformer's."""
     rows_units = [
         [],
         [ControlNetRef("fcn_a", control_png(1))],
@@ -175,6 +176,7 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(flux: Any) -> None:
         ],
         [ControlNetRef("fcn_union", control_png(5), control_type="pose", guidance_start=0.25)],
         [ControlNetRef("fcn_xlabs", control_png(6), weight=0.7, guidance_start=0.5)],
+        [ControlNetRef("fcn_union", control_png(5), control_type="depth")],  # row 4's image, another mode
     ]
     rows = [_cond(flux, u) for u in rows_units]
     assert all(set(r) == set(rows[0]) and LATENT in r for r in rows)  # every row carries the keys
@@ -183,15 +185,16 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(flux: Any) -> None:
         ControlSet.bind_schedule(r, sigmas, t_scale)
     n = len(rows)
     x = torch.randn(n, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    x[6] = x[4]  # rows 4 and 6: same latents, time and image, another union mode
     # row 2 at step 3 (3/4 > its end 0.5: past its window), rows 4 and 5 at steps 2 and 3 (in theirs)
-    t = torch.tensor([1.0, 0.8, 0.3, 0.8, 0.6, 0.3])
+    t = torch.tensor([1.0, 0.8, 0.3, 0.8, 0.6, 0.3, 0.6])
     calls: list[int] = []
     for net in flux.controls.nets:
         net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     with torch.inference_mode():
         cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         together = flux.denoiser(x, t, **cond)
-        assert sorted(calls) == [1, 1, 1, 2]  # fcn_a: rows 1, 3; fcn_b: row 3; union: 4; xlabs: 5
+        assert sorted(calls) == [1, 1, 2, 2]  # fcn_a: rows 1, 3; fcn_b: row 3; union: 4, 6; xlabs: 5
         alone = torch.cat(
             [
                 flux.denoiser(x[i : i + 1], t[i : i + 1], **{k: v[i : i + 1] for k, v in cond.items()})
@@ -205,7 +208,8 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(flux: Any) -> None:
     assert torch.equal(alone[:1], first)  # a row without a unit is the plain transformer's
     moved = (alone - bare).flatten(1).abs().amax(1)
     assert float(moved[0]) <= 1e-6 and float(moved[2]) <= 1e-6  # no unit; fcn_b past its window
-    assert all(float(moved[i]) > 1e-3 for i in (1, 3, 4, 5))
+    assert all(float(moved[i]) > 1e-3 for i in (1, 3, 4, 5, 6))
+    assert float((alone[4] - alone[6]).abs().max()) > 1e-3  # same image, the mode token differs
 
 
 def test_flux_controlnet_for_an_sd_model_and_sd_controlnet_for_flux_are_422(client: TestClient) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cv_resize import method_for, resize_maps, resize_u8
+from .cv_resize import LANCZOS4, method_for, resize_maps_twice, resize_u8
 from .openpose_net import BodyPoseNet
 
 BOX, SCALE, STRIDE, PAD_VALUE = 368, 0.5, 8, 128
@@ -70,9 +70,8 @@ def body_maps(net: BodyPoseNet, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray
     out = []
     for m in (heat, paf):
         small = m[0].permute(1, 2, 0).float().cpu().numpy()
-        up = resize_maps(small, small.shape[0] * STRIDE, small.shape[1] * STRIDE, "lanczos4")
-        up = up[:sh, :sw]
-        full = resize_maps(up.astype(np.float32), h, w, method_for(sh, sw, h, w))
+        up = (small.shape[0] * STRIDE, small.shape[1] * STRIDE, LANCZOS4)  # x8, less the padding
+        full = resize_maps_twice(small, up, (h, w, method_for(sh, sw, h, w)), crop=(sh, sw))
         out.append(full.astype(np.float32).astype(np.float64))  # OpenCV resizes float32 maps
     return out[0], out[1]
 

@@ -6,9 +6,9 @@ here: nothing is downloaded) behind our SDUNet wrapper, batch 1, 512x512 (64x64 
 ``cache: {"method": "deepcache"}`` whose cache holds (interval 1000, after one full evaluation):
 conv_in, the first down layer, the last up block's last two layers and the output run
 (models/stepcache/sd_unet.py). Wall: ``--repeats`` evaluations of each, interleaved, median and best;
-FLOPs: torch's FlopCounterMode over one evaluation of each (matmuls, convolutions, attention).
-With ``--sdxl`` the SDXL-shaped UNet at 1024x1024 (128x128 latents) is counted too, FLOPs only
-(on the meta device: no weights, no time).
+FLOPs: torch's FlopCounterMode over a full evaluation and over the deep part alone, on the meta
+device (attention counted by its formula; on the CPU the fused attention kernel goes uncounted).
+With ``--sdxl`` the SDXL-shaped UNet at 1024x1024 (128x128 latents) is counted too, FLOPs only.
 
     python bench/bench_deepcache_sd.py --threads 2 --repeats 5
 """
@@ -75,18 +75,23 @@ def build(cfg: dict[str, Any], device: str) -> SDUNet:
 
 
 @torch.inference_mode()
-def measure(cfg: dict[str, Any], repeats: int, wall: bool) -> dict[str, Any]:
-    device = "cpu" if wall else "meta"
-    net = build(cfg, device)
-    kw = inputs(cfg, device)
+def count(cfg: dict[str, Any]) -> dict[str, float]:
+    """GFLOPs of a full and of a cached evaluation, counted on the meta device (no weights, no time;
+    attention counted by its formula, which the CPU's fused attention kernel is not)."""
+    net = build(cfg, "meta")
+    kw = inputs(cfg, "meta")
+    full = flops(net, kw, None)
+    return {"full_gflop": full / 1e9, "cached_gflop": (full - _deep_flops(net, kw)) / 1e9}
+
+
+@torch.inference_mode()
+def measure(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Wall seconds of full and cached evaluations on the CPU (interleaved), median and best."""
+    net = build(cfg, "cpu")
+    kw = inputs(cfg, "cpu")
     rest = {k: v for k, v in kw.items() if k not in ("x", "t")}
     rows = cache_rows(CacheSpec("deepcache", interval=1000), 1)
-    if wall:
-        net(kw["x"], kw["t"], **rest, cache=rows)  # the full evaluation the cached ones reuse
-    full_flops = flops(net, kw, None)
-    if not wall:  # meta tensors hold no features to cache: the cached cost is the full one less the deep part
-        return {"full_gflop": full_flops / 1e9, "cached_gflop": (full_flops - _deep_flops(net, kw)) / 1e9}
-    cached_flops = flops(net, kw, rows)
+    net(kw["x"], kw["t"], **rest, cache=rows)  # the full evaluation the cached ones reuse
     times: dict[str, list[float]] = {"full": [], "cached": []}
     for _ in range(repeats):
         for name, cache in (("full", None), ("cached", rows)):
@@ -94,8 +99,6 @@ def measure(cfg: dict[str, Any], repeats: int, wall: bool) -> dict[str, Any]:
             net(kw["x"], kw["t"], **rest, cache=cache)
             times[name].append(time.perf_counter() - t)
     return {
-        "full_gflop": full_flops / 1e9,
-        "cached_gflop": cached_flops / 1e9,
         **{f"{k}_median_s": statistics.median(v) for k, v in times.items()},
         **{f"{k}_best_s": min(v) for k, v in times.items()},
     }
@@ -128,7 +131,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     cols = ["UNet (batch 1)", "full GFLOP", "cached GFLOP", "FLOP ratio", "full s", "cached s", "speed-up"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
-    r = measure(SD15_UNET, a.repeats, wall=True)
+    r = count(SD15_UNET) | measure(SD15_UNET, a.repeats)
     best = r["full_best_s"] / r["cached_best_s"]
     speed = f"{r['full_median_s'] / r['cached_median_s']:.2f}x (best {best:.2f}x)"
     print(
@@ -138,7 +141,7 @@ def main() -> int:
         f"{r['cached_median_s']:.2f} (best {r['cached_best_s']:.2f}) | {speed} |"
     )
     if a.sdxl:
-        x = measure(SDXL_UNET, 0, wall=False)
+        x = count(SDXL_UNET)
         print(
             f"| SDXL-shaped, 128x128 latents (FLOPs only) | {x['full_gflop']:.0f} | "
             f"{x['cached_gflop']:.0f} | "

@@ -178,3 +178,22 @@ def test_rows_decide_alone_in_a_shared_call(net: tuple[SDUNet, dict], fixed: boo
                 assert torch.equal(alone, mixed[k][i])
             else:
                 assert (alone - mixed[k][i]).abs().max() <= 1e-5
+
+
+def test_a_unet_outside_the_split_refuses_naming_the_field() -> None:
+    """FreeU rescales the skips the split reuses: such a UNet runs no step cache, and a request asking
+    for one is refused naming cache.method (as fbcache on any UNet)."""
+    from service.sampling.errors import InputError
+
+    unet = make_sd_components()["unet"]
+    model = SDUNet(unet)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    assert model.cache_methods() == ()
+    with pytest.raises(InputError) as err:
+        CacheSpec("deepcache").resolved(model.cache_methods())
+    assert err.value.field == "cache.method"
+    unet.disable_freeu()
+    assert model.cache_methods() == ("deepcache",)
+    with pytest.raises(InputError) as err:
+        CacheSpec("fbcache").resolved(model.cache_methods())
+    assert err.value.field == "cache.method" and "it runs deepcache" in str(err.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,8 @@ DC2, DC3 = {"method": "deepcache", "interval": 2}, {"method": "deepcache", "inte
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared IP-Adapter store's models, adapters and ControlNet, plus a LoRA of our own."""
-    from service.api.app import create_app
-    from service.api.settings import Settings
     from service.models.store import ModelStore
 
     shared, _ = ip_store()
@@ -43,7 +42,19 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         (root / name).symlink_to(shared / name, target_is_directory=True)
     sd = ModelStore(root).load("sd1").text_model  # type: ignore[attr-defined]
     save(kohya_file(sd.unet, list(sd.components.text_encoders), seed=5), root / "loras" / "red.safetensors")
-    with TestClient(create_app(Settings(model_store=root, torch_threads=1, batch_wait_ms=100))) as c:
+    return root
+
+
+def _client(root: Path, **settings: Any) -> TestClient:
+    from service.api.app import create_app
+    from service.api.settings import Settings
+
+    return TestClient(create_app(Settings(model_store=root, torch_threads=1, batch_wait_ms=100, **settings)))
+
+
+@pytest.fixture(scope="module")
+def client(root: Path) -> Iterator[TestClient]:
+    with _client(root) as c:
         yield c
 
 
@@ -72,34 +83,67 @@ def test_cached_requests_record_reproduce_and_differ(client: TestClient, model: 
     assert len(STORE) == before  # every row's cache gone with its job
 
 
-def test_mixed_requests_share_calls_and_each_is_its_solo_image(client: TestClient) -> None:
-    """Plain, interval 2, interval 3 + a LoRA, interval 2 + an IP-Adapter, interval 3 + a ControlNet
-    and plain + the LoRA sent together: they share UNet calls, the uncached ones are their solo images
-    exactly, the cached ones within a pixel level (the deep part ran at another call size)."""
-    lora = {"loras": [{"name": "red", "weight": 0.9}]}
-    ip = {"ip_adapters": [{"model": "ip-adapter_sd15", "image": png(5), "weight": 0.8}]}
-    cn = {"controlnets": [{"model": "cn_a", "image": png(7, (64, 64))}]}
-    bodies: list[dict[str, Any]] = [{}, {"cache": DC2}, {"cache": DC3, **lora}, {"cache": DC2, **ip}]
-    bodies += [{"cache": DC3, **cn}, lora]
-    bodies = [{**BODY, "model": "sd1", "seed": 20 + i, **b} for i, b in enumerate(bodies)]
+LORA = {"loras": [{"name": "red", "weight": 0.9}]}
+IP = {"ip_adapters": [{"model": "ip-adapter_sd15", "image": png(5), "weight": 0.8}]}
+CN = {"controlnets": [{"model": "cn_a", "image": png(7, (64, 64))}]}
+MIXED: list[dict[str, Any]] = [
+    {},
+    {"cache": DC2},
+    {"cache": DC3, **LORA},
+    {"cache": DC2, **IP},
+    {"cache": DC3, **CN},
+]
+MIXED += [LORA, IP]
+
+
+def _together(
+    client: TestClient, bodies: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each body's image alone, then all sent at once (checked to share UNet calls, and that no shared
+    call failed: the engine would retry it job by job, hiding a wrong row binding in the results)."""
     solo = [_image(_post(client, **b)) for b in bodies]
-    for i in (2, 3, 4):  # the LoRA, the adapter and the ControlNet act on the cached requests too
-        plain = _image(
-            _post(
-                client,
-                **{k: v for k, v in bodies[i].items() if k not in ("loras", "ip_adapters", "controlnets")},
-            )
-        )
-        assert not np.array_equal(plain, solo[i]), i
     before, rows_before = len(STORE), _rows(client.get("/metrics").text)
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = [_image(f.result()) for f in [pool.submit(_post, client, **b) for b in bodies]]
     rows, calls = np.subtract(_rows(client.get("/metrics").text), rows_before)
     assert calls < rows / 2, f"{rows} rows in {calls} calls: no sharing"
+    assert len(STORE) == before  # every row's cache gone with its job
+    assert not [r.getMessage() for r in caplog.records if "retrying job by job" in r.getMessage()]
+    return solo, together
+
+
+def test_mixed_requests_share_calls_and_each_is_its_solo_image(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain, interval 2, interval 3 + a LoRA, interval 2 + an IP-Adapter, interval 3 + a ControlNet,
+    plain + the LoRA and plain + the adapter sent together: the uncached ones are their solo images
+    exactly (batch-invariant calls), the cached ones within a pixel level."""
+    bodies = [{**BODY, "model": "sd1", "seed": 20 + i, **b} for i, b in enumerate(MIXED)]
+    solo, together = _together(client, bodies, caplog)
+    for i in (2, 3, 4):  # the LoRA, the adapter and the ControlNet act on the cached requests too
+        bare = {k: v for k, v in bodies[i].items() if k not in ("loras", "ip_adapters", "controlnets")}
+        assert not np.array_equal(_image(_post(client, **bare)), solo[i]), i
     for i, b in enumerate(bodies):
         gap = np.abs(together[i].astype(int) - solo[i]).max()
         assert gap == 0 if "cache" not in b else gap <= 1, (i, gap)
-    assert len(STORE) == before
+
+
+def test_without_batch_invariance_lora_and_adapter_rows_follow_the_deep_part(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """KDIFF_INVARIANT_ROWS=0: the deep part runs on the rows that need it only, with their LoRA
+    scales and image tokens re-bound to them; each image is its solo one within a pixel level."""
+    bodies = [{**BODY, "model": "sd1", "seed": 40 + i, **b} for i, b in enumerate(MIXED)]
+    try:
+        with _client(root, invariant_rows=0) as c:
+            assert not STORE.fixed_shape
+            STORE.reset_counts()
+            solo, together = _together(c, bodies, caplog)
+            assert STORE.padded == 0 and STORE.reused > 0
+    finally:
+        STORE.fixed_shape = True  # as the module's batch-invariant server set it
+    for i in range(len(bodies)):
+        assert np.abs(together[i].astype(int) - solo[i]).max() <= 1, i
 
 
 def test_a_hires_fix_caches_both_passes(client: TestClient) -> None:

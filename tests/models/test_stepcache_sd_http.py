@@ -25,7 +25,7 @@ from tests.models.test_ipadapter import png  # noqa: E402
 from tests.support.ipadapter_tiny import ip_store  # noqa: E402
 from tests.support.lora_files import kohya_file, save  # noqa: E402
 
-STEPS = 6
+STEPS = 4
 BODY = {"prompt": "a red cat", "negative_prompt": "a dog", "steps": STEPS, "seed": 3, "sampler": "euler"}
 BODY |= {"width": 64, "height": 64, "cfg_scale": 5.0}
 DC2, DC3 = {"method": "deepcache", "interval": 2}, {"method": "deepcache", "interval": 3}

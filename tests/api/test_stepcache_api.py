@@ -62,6 +62,18 @@ A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Kar
         ({"override_settings": {"deepcache_enable": True}}, {"interval": 5}),
         ({"cache": {"method": "deepcache", "threshold": 0.2}}, {"threshold": 0.2}),
         ({"override_settings": {"deepcache_enable": False}}, None),
+        # its current switch (since January 2024): which passes cache; it wins over the old one
+        (
+            {
+                "override_settings": {
+                    "deepcache_enable_pass": "both passes",
+                    "deepcache_full_run_step_rate": 3,
+                }
+            },
+            {"interval": 3},
+        ),
+        ({"override_settings": {"deepcache_enable_pass": "disable", "deepcache_enable": True}}, None),
+        ({"override_settings": {"deepcache_enable_pass": "second pass"}}, None),  # no hires: no second pass
     ],
 )
 def test_a1111_clients_turn_it_on(client: TestClient, extra: dict, cache: dict | None) -> None:
@@ -77,6 +89,14 @@ def test_a1111_clients_turn_it_on(client: TestClient, extra: dict, cache: dict |
         ({"override_settings": {"deepcache_enable": True, "deepcache_full_run_step_rate": 0}}, RATE),
         ({"override_settings": {"deepcache_enable": "yes"}}, "override_settings.deepcache_enable"),
         ({"cache": {"method": "fbcache"}}, "cache.method"),
+        (
+            {"override_settings": {"deepcache_enable_pass": "always"}},
+            "override_settings.deepcache_enable_pass",
+        ),
+        (  # ours caches both passes or none
+            {"enable_hr": True, "override_settings": {"deepcache_enable_pass": "second pass"}},
+            "override_settings.deepcache_enable_pass",
+        ),
     ],
 )
 def test_a1111_bad_cache_is_422_naming_the_field(client: TestClient, extra: dict, field: str) -> None:

@@ -1,8 +1,12 @@
 """Step caching on the A1111 routes: what A1111 clients can send.
 
 - The options of the sd-webui DeepCache extension (aria1th/sd-webui-deepcache-standalone), which
-  clients set in ``override_settings`` or through ``POST /sdapi/v1/options``: ``deepcache_enable``
-  (bool) and ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5).
+  clients set in ``override_settings`` or through ``POST /sdapi/v1/options``: the switch, as its
+  current versions spell it, ``deepcache_enable_pass`` ("disable", "second pass", "both passes"; since
+  January 2024) or as its first ones did, ``deepcache_enable`` (bool); and
+  ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5). Our cache acts on
+  every pass, so "second pass" is refused for a request with a hires fix (and is off without one: there
+  is no second pass); the extension's step-range and level options are not read (docs/STEP_CACHE.md).
 - Our own ``cache`` object at the top of the body (``{"method", "interval" | "threshold"}``, as on
   ``/sample``), which also reaches fbcache on SD3 / Flux; it wins over the options.
 """
@@ -15,14 +19,17 @@ from typing import Any
 from service.sampling.errors import InputError
 
 ENABLE, RATE = "deepcache_enable", "deepcache_full_run_step_rate"
+PASS = "deepcache_enable_pass"
+PASSES = ["disable", "second pass", "both passes"]
 EXTENSION_RATE = 5  # the extension's default refresh rate
 
 
 def cache_field(
-    extra: Mapping[str, Any], overrides: Mapping[str, Any], options: Mapping[str, Any]
+    extra: Mapping[str, Any], overrides: Mapping[str, Any], options: Mapping[str, Any], hires: bool = False
 ) -> dict[str, Any]:
     """``{"cache": ...}`` for our request, or {} (no cache): the body's ``cache``, else the extension's
-    options (override_settings first, then the caller's /options)."""
+    options (override_settings first, then the caller's /options); ``hires``: the request has a
+    second pass."""
     if extra.get("cache") is not None:
         return {"cache": extra["cache"]}
 
@@ -31,11 +38,21 @@ def cache_field(
             return overrides[name], f"override_settings.{name}"
         return options.get(name), name
 
-    enabled, where = option(ENABLE)
-    if enabled is None or enabled is False:
-        return {}
-    if enabled is not True:
-        raise InputError(where, f"{ENABLE} must be true or false")
+    passes, where = option(PASS)
+    if passes is not None:
+        if passes not in PASSES:
+            raise InputError(where, f"{PASS} must be one of {', '.join(PASSES)}", PASSES)
+        if passes == "second pass" and hires:
+            msg = f"{PASS} 'second pass' is not supported: the cache acts on both passes or none"
+            raise InputError(where, msg, ["disable", "both passes"])
+        if passes != "both passes":
+            return {}
+    else:
+        enabled, where = option(ENABLE)
+        if enabled is None or enabled is False:
+            return {}
+        if enabled is not True:
+            raise InputError(where, f"{ENABLE} must be true or false")
     rate, where = option(RATE)
     rate = EXTENSION_RATE if rate is None else rate
     if isinstance(rate, float) and rate.is_integer():

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 HALF_TOLERANCE = 2e-2  # float16 / bfloat16 networks
 # ControlNet (SD: hint, Flux: latent) / IP-Adapter rows: eager
-EAGER_KEYS = ("control_hint", "control_unit", "control_latent", "ip_tokens", "ip_unit")
+EAGER_KEYS = ("control_hint", "control_unit", "control_latent", "control_region", "ip_tokens", "ip_unit")
 
 
 def default_buckets(max_rows: int) -> list[int]:

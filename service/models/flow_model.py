@@ -176,9 +176,10 @@ class FlowModel(TextImageModel):
                 "cache", "a request with Flux ControlNet units takes no step cache: omit cache", []
             )
         height, width = req.size
-        prepared = self.controls.prepare_flux(list(units or []), height, width)
-        lat = (height // self.vae_scale // 2) * (width // self.vae_scale // 2)
-        cond.update(self.controls.flux_rows(prepared, req.n, (lat, int(self.transformer.config.in_channels))))
+        grid = (height // self.vae_scale // 2, width // self.vae_scale // 2)  # the 2x2-patch tokens
+        prepared = self.controls.prepare_flux(list(units or []), height, width, grid)
+        tokens = (grid[0] * grid[1], int(self.transformer.config.in_channels))
+        cond.update(self.controls.flux_rows(prepared, req.n, tokens))
 
     def bind_driver(self, driver: Any) -> None:
         """ControlNet units' guidance_start / guidance_end -> each row's window of 1000 t."""

@@ -96,11 +96,12 @@ class FluxVelocity(Velocity):
         self, x: Tensor, t: Tensor, *, context: Tensor, pooled: Tensor, **extra: Tensor | None
     ) -> Tensor:
         latent, unit = extra.pop("control_latent", None), extra.pop("control_unit", None)
+        region = extra.pop("control_region", None)
         if self.controls is None or latent is None or unit is None:
             return super().forward(x, t, context=context, pooled=pooled, **extra)
         cache = extra.pop("cache", None)
         kw = self.inputs(x, t, context, pooled, **extra)
-        res = self.controls.residuals(kw, latent, unit)
+        res = self.controls.residuals(kw, latent, unit, region)
         if res is None:
             return self.output(self.run(kw, cache).to(x.dtype), x)
         control = {"controlnet_block_samples": res[0], "controlnet_single_block_samples": res[1]}

@@ -399,3 +399,34 @@ def test_hires_fix_second_pass_keeps_the_flux_unit(client: TestClient) -> None:
     runs = [_txt2img(client, **hires, denoising_strength=0.6, **extra) for extra in (units, {})]
     a, b = (_pixels(r) for r in runs)
     assert a.shape == (2 * SIZE, 2 * SIZE, 3) and np.abs(a - b).max() > 2
+
+
+def test_mask_is_each_tokens_share_of_the_effective_region(flux: Any) -> None:
+    """A1111's unit mask (white = controlled) scales each token's residuals by the share of its
+    pixels inside: a left-half mask leaves the right half's tokens without residuals and the left
+    half's as the unmasked unit's."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from service.models.controlnet.flux_units import REGION
+
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    image = control_png(1)
+    masked, whole = (_cond(flux, [ControlNetRef("fcn_a", image, mask=m)]) for m in (png, None))
+    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(2))
+    side = SIZE // 16  # tokens a side
+    with torch.inference_mode():
+        kw = flux.velocity.inputs(
+            x, torch.tensor([0.7]), masked["context"], masked["pooled"], guidance=masked["guidance"]
+        )
+        a, b = (flux.controls.residuals(kw, c[LATENT], c[UNIT], c[REGION]) for c in (masked, whole))
+    for ra, rb in zip([*a[0], *a[1]], [*b[0], *b[1]], strict=True):
+        ga, gb = ra.view(side, side, -1), rb.view(side, side, -1)
+        assert float(ga[:, side // 2 :].abs().max()) == 0 and float(gb[:, side // 2 :].abs().max()) > 0
+        assert torch.equal(ga[:, : side // 2], gb[:, : side // 2])

@@ -8,6 +8,8 @@ model whose store has ControlNets carries:
   ControlNet takes it, computed once when the job is built: the VAE's latents (the posterior mean,
   shifted and scaled) packed in 2x2 patches as diffusers' FluxControlNetPipeline does; XLabs-style
   ControlNets' own image embedding (it depends on the image only);
+- :data:`REGION` ``[rows, MAX_UNITS, tokens]``: each unit's mask (effective region) as the share of
+  each token's pixels inside it (1 without a mask);
 - :data:`~service.models.controlnet.units.UNIT` ``[rows, MAX_UNITS, 7]``: the SD table's columns
   (ControlNet id, weight, guidance_start, guidance_end, the union control mode or -1, and the
   timestep window bound by :meth:`ControlSet.bind_schedule` on ``1000 t``).
@@ -37,7 +39,7 @@ from .flux import FluxControlNet, load_flux, per_block, read_config
 from .net import ControlNetConfig, ControlNetConfigError
 from .units import MAX_UNITS, UNIT, ControlSet
 
-LATENT = "control_latent"
+LATENT, REGION = "control_latent", "control_region"
 # InstantX / Shakker-Labs FLUX.1-dev ControlNet-Union (-Pro): the model cards' control modes
 UNION_MODES = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
 # other names by meaning: A1111's union_control_type ("OpenPose", "Hard Edge": canny / lineart / mlsd)
@@ -65,6 +67,7 @@ class FluxUnit:
     end: float
     mode: int  # union control mode, -1: none
     tokens: Tensor  # [tokens, in_channels]
+    region: Tensor | None = None  # [tokens] in [0, 1]: the effective region (None: everywhere)
 
 
 def _sd_family(info: files.ControlNetFile) -> str:
@@ -124,18 +127,17 @@ class FluxControlSet(ControlSet):
             )
 
     # --- building a request's rows ---
-    def prepare_flux(self, units: list[Any], height: int, width: int) -> list[FluxUnit]:
+    def prepare_flux(
+        self, units: list[Any], height: int, width: int, grid: tuple[int, int]
+    ) -> list[FluxUnit]:
         """A request's units: ControlSet.prepare's checks, ControlNet and control image, then each
-        image as its ControlNet's input tokens and a union ControlNet's control mode."""
+        image as its ControlNet's input tokens, a union ControlNet's control mode, and a mask as the
+        share of each token's pixels in the effective region (``grid``: the tokens' rows, columns)."""
         for i, unit in enumerate(units):  # what Flux units do not take, before any image is read
             if getattr(unit, "images", None):  # a union unit's more images (SDXL ControlNet-Union)
                 raise InputError(
                     f"controlnets[{i}].images",
                     "Flux union ControlNets take one image per unit: use more units",
-                )
-            if getattr(unit, "mask", None) is not None:
-                raise InputError(
-                    f"controlnets[{i}].mask", "Flux ControlNet units take no mask (effective region)"
                 )
         out: list[FluxUnit] = []
         for i, (unit, p) in enumerate(zip(units, self.prepare(units, height, width), strict=True)):
@@ -148,7 +150,12 @@ class FluxControlSet(ControlSet):
                 )
             net = self.nets[p.net]
             mode = self._mode(net, getattr(unit, "control_type", None), field)
-            out.append(FluxUnit(p.net, p.weight, p.start, p.end, mode, self._tokens(net, p.hint[:3], field)))
+            region = None
+            if bool((p.hint[3] != 255).any()):  # A1111's effective region, at the tokens' resolution
+                mask = p.hint[3][None, None].float() / 255
+                region = torch.nn.functional.interpolate(mask, size=grid, mode="area").flatten()
+            tokens = self._tokens(net, p.hint[:3], field)
+            out.append(FluxUnit(p.net, p.weight, p.start, p.end, mode, tokens, region))
         return out
 
     @staticmethod
@@ -195,6 +202,7 @@ class FluxControlSet(ControlSet):
 
     def flux_rows(self, units: list[FluxUnit], n: int, token_shape: tuple[int, int]) -> dict[str, Tensor]:
         latent = torch.zeros(MAX_UNITS, *token_shape, dtype=self.dtype, device=self.device)
+        region = torch.ones(MAX_UNITS, token_shape[0], dtype=self.dtype, device=self.device)
         inf = float("inf")
         table = torch.tensor([[-1.0, 0.0, 0.0, 1.0, -1.0, -inf, inf]] * MAX_UNITS)
         for i, u in enumerate(units):
@@ -205,8 +213,14 @@ class FluxControlSet(ControlSet):
                     f"{token_shape}",
                 )
             latent[i] = u.tokens
+            if u.region is not None:
+                region[i] = u.region
             table[i, :5] = torch.tensor([float(u.net), u.weight, u.start, u.end, float(u.mode)])
-        return {LATENT: latent.expand(n, -1, -1, -1).clone(), UNIT: table.expand(n, -1, -1).clone()}
+        return {
+            LATENT: latent.expand(n, -1, -1, -1).clone(),
+            REGION: region.expand(n, -1, -1).clone(),
+            UNIT: table.expand(n, -1, -1).clone(),
+        }
 
     # --- the transformer call ---
     def active(self, t: Tensor, unit: Tensor) -> Tensor:
@@ -215,10 +229,11 @@ class FluxControlSet(ControlSet):
         return (unit[..., 0] >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
 
     def residuals(  # type: ignore[override]
-        self, kw: dict[str, Any], latent: Tensor, unit: Tensor
+        self, kw: dict[str, Any], latent: Tensor, unit: Tensor, region: Tensor | None = None
     ) -> tuple[list[Tensor], list[Tensor] | None] | None:
         """Per transformer block, each row's summed ControlNet residuals (double blocks, single
-        blocks or None), or None when no row has an active unit. ``kw``: the transformer's inputs."""
+        blocks or None), or None when no row has an active unit. ``kw``: the transformer's inputs;
+        ``region``: each unit's effective region per token (``REGION``)."""
         x, t = kw["hidden_states"], kw["timestep"]
         active = self.active(t, unit)
         if not bool(active.any()):
@@ -245,6 +260,10 @@ class FluxControlSet(ControlSet):
                 kw["img_ids"],
             )
             weight = unit[rows, slots, 1].to(x.device, x.dtype).view(-1, 1, 1)
+            if region is not None:
+                part = region[rows, slots].to(x.device, x.dtype)
+                if not bool((part == 1).all()):  # masked units: each token's share of the region
+                    weight = weight * part[:, :, None]
 
             def place(
                 samples: list[Tensor], rows_d: Tensor = rows_d, weight: Tensor = weight

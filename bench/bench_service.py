@@ -187,10 +187,10 @@ class RawDenoiser:
         return {"rows_per_s_by_batch": out, "best_batch": best, "best_rows_per_s": out[best]}
 
     def bracket(self, run: Any) -> tuple[Any, dict[int, float]]:
-        """Run ``run()`` between two short raw measurements: rows/s per batch size, the mean of the
-        two (the limit is the best of them). This box drifts by tens of percent over minutes, so the
+        """Run ``run()`` between two short raw measurements: rows/s per batch size (8 to 128), the mean
+        of the two (the limit is the best of them). This box drifts by tens of percent over minutes, so the
         limit is taken around each point rather than once per run."""
-        sizes = (16, 32, 64, 128)
+        sizes = (8, 16, 32, 64, 128)
         before = self.measure(sizes, 1, 1.0)["rows_per_s_by_batch"]
         result = run()
         after = self.measure(sizes, 1, 1.0)["rows_per_s_by_batch"]
@@ -216,6 +216,13 @@ def main() -> int:
         help="KDIFF_STATE_DIR of the server (a fresh folder per mode); empty: in memory",
     )
     p.add_argument("--n", type=int, default=1, help="images per request (batches grow past the clients)")
+    p.add_argument(
+        "--invariant-rows",
+        type=int,
+        default=8,
+        help="KDIFF_INVARIANT_ROWS of the server (its default 8: each engine call runs as model calls of"
+        " exactly this many rows, padded); 0: calls of any size",
+    )
     p.add_argument("--out", default="docs/bench_service.json")
     p.add_argument("--plot", default="docs/bench_service.png")
     a = p.parse_args()
@@ -226,6 +233,7 @@ def main() -> int:
         "KDIFF_BATCH_WAIT_MS": "2",
         "KDIFF_MAX_QUEUE": "1024",
         "KDIFF_JIT": "false" if a.no_jit else "true",
+        "KDIFF_INVARIANT_ROWS": str(a.invariant_rows),
     }
     results: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -234,6 +242,7 @@ def main() -> int:
         "jit": not a.no_jit,
         "route": a.route,
         "images_per_request": a.n,
+        "invariant_rows": a.invariant_rows,
         "state_dir": bool(a.state_dir),
         "modes": {},
     }
@@ -260,9 +269,11 @@ def main() -> int:
                 limit = max(by_batch.values())
                 point["raw_limit_rows_per_s"] = limit
                 point["vs_raw_limit"] = round(point["rows_per_s"] / limit, 3)
-                # the raw model at the batch size nearest the service's rows per call (issue 28's
-                # "same rows per call" ratio; the bracket measures 16, 32, 64 and 128 rows)
-                same = min(by_batch, key=lambda b: abs(b - point["rows_per_call"]))
+                # the raw model at the batch size nearest the rows of the service's model calls (issue
+                # 28's "same rows per call" ratio): its engine calls' rows, or in batch-invariant mode
+                # the fixed size each of them runs as
+                rows = a.invariant_rows or point["rows_per_call"]
+                same = min(by_batch, key=lambda b: abs(b - rows))
                 point["raw_same_batch"] = {"rows": same, "rows_per_s": by_batch[same]}
                 point["vs_raw_same_batch"] = round(point["rows_per_s"] / by_batch[same], 3)
                 print(mode, point, flush=True)

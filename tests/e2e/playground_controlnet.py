@@ -70,6 +70,7 @@ def check_controlnet_section(page: Page, console: Any, server: Server) -> None:
     expect(page.locator("#cn-box")).to_be_hidden()
     page.select_option("#model", "sd1")
     expect(page.locator("#cn-box")).to_be_visible()
+    expect(page.locator("#cn-type-row")).to_be_hidden()  # no union ControlNet chosen
     listed = httpx.get(f"{server.url}/controlnet/control_types").json()["control_types"]["All"]["model_list"]
     assert page.locator("#cn_model option").all_text_contents() == listed[1:]  # without "None"
     assert {"cn_a", "cn_xl", "control_v11p_sd15_tiny"} <= set(listed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,12 +50,19 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Se
 
 @pytest.fixture(scope="module")
 def sd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server with a tiny SD 1.x model (and digits) and tiny ControlNets, shared by the hires and
-    ControlNet sections' tests (a server with SD models takes the longest to start)."""
+    """One server with tiny SD 1.x and SDXL models (and digits), tiny ControlNets (plain and union) and
+    IP-Adapters, shared by the hires, ControlNet and units sections' tests (a server with SD models
+    takes the longest to start)."""
     from tests.support.controlnet_tiny import add_controlnets
     from tests.support.sd_tiny import frontend_server
 
-    with frontend_server(tmp_path_factory, add_controlnets, KDIFF_DEFAULT_MODEL="sd1") as srv:
+    from .playground_units import add_units
+
+    def add(store: Path) -> None:
+        add_controlnets(store)
+        add_units(store)
+
+    with frontend_server(tmp_path_factory, add, KDIFF_DEFAULT_MODEL="sd1") as srv:
         yield srv
 
 
@@ -122,6 +129,9 @@ def test_playground(browser: Browser, server: Server) -> None:
     expect(page.locator("#sampler-eta")).to_have_value("1")
     assert page.locator("#sampler-eta").get_attribute("max") == "10"
     page.select_option("#sampler", "euler")
+    # the project UNet caches steps (DeepCache); a store without IP-Adapters has no IP-Adapter section
+    assert page.locator("#cache_method option").all_text_contents() == ["off", "deepcache"]
+    expect(page.locator("#ip-box")).to_be_hidden()
 
     _generate_digit(page)
     params = json.loads(page.locator("#results pre").first.text_content() or "{}")
@@ -304,12 +314,26 @@ def test_playground_hires_fix(browser: Browser, sd_server: Server) -> None:
     assert not console.errors, console.errors
 
 
+def _section(browser: Browser, server: Server, check: Callable[[Page, Console, Server], None]) -> None:
+    """A section's ``check`` on a freshly loaded page (tall, so full-page shots show the section); no
+    console errors after it."""
+    page, console = _open(browser, server.url, viewport={"width": 1280, "height": 1800})
+    check(page, console, server)
+    assert not console.errors, console.errors
+    page.context.close()
+
+
 @pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
 def test_playground_controlnet(browser: Browser, sd_server: Server) -> None:
     """The ControlNet section (playground_controlnet.py): preview, generate, field errors."""
     from .playground_controlnet import check_controlnet_section
 
-    page, console = _open(browser, sd_server.url, viewport={"width": 1280, "height": 1600})
-    check_controlnet_section(page, console, sd_server)
-    assert not console.errors, console.errors
-    page.context.close()
+    _section(browser, sd_server, check_controlnet_section)
+
+
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_union_ip_adapter_cache(browser: Browser, sd_server: Server) -> None:
+    """ControlNet-Union's control type, the IP-Adapter section, the step cache (playground_units.py)."""
+    from .playground_units import check_units
+
+    _section(browser, sd_server, check_units)

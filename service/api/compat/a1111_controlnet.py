@@ -147,11 +147,21 @@ async def version() -> dict[str, int]:
 
 
 @router.get("/model_list")
-async def model_list(update: bool = True, state: Service = Depends(get_state)) -> dict[str, list[str]]:
+async def model_list(update: bool = True, state: Service = Depends(get_state)) -> dict[str, Any]:
     """The ControlNets in ``model_store/controlnet/`` and the IP-Adapters in ``model_store/ipadapter/``
-    (a unit's ``model``)."""
+    (a unit's ``model``); ``union_types``: the control types of each ControlNet-Union among them."""
     root = state.pool.store.root
-    return {"model_list": sorted({*scan(root), *ipadapter.scan(root)})}
+    unions = await asyncio.to_thread(_unions, root)
+    return {"model_list": sorted({*scan(root), *ipadapter.scan(root)}), "union_types": unions}
+
+
+def _unions(root: Path) -> dict[str, list[str]]:
+    """Our addition (the playground's control-type choice): each ControlNet-Union's name -> the
+    ``control_type`` names it serves (6 for controlnet-union-sdxl-1.0, 8 for ProMax), file headers
+    read in a worker thread."""
+    from service.models.controlnet.files import union_types
+
+    return {name: list(types) for name, info in scan(root).items() if (types := union_types(info))}
 
 
 @router.get("/module_list")

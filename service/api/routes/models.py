@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException
 
+from service.models.stepcache.support import cache_methods
 from service.models.store import disk_bytes
 from service.serving.errors import ModelUnavailable
 from service.serving.service import Service
@@ -56,6 +57,8 @@ def describe(state: Service, name: str) -> dict[str, Any]:
             "dtype": str(m.dtype).removeprefix("torch."),
             # the optional conditioning fields its requests take (controlnets, SDXL's crops, ...)
             "conditioning_fields": sorted(m.conditioning_fields()),
+            # the step cache methods its network runs (a request's cache.method; docs/STEP_CACHE.md)
+            "cache_methods": list(cache_methods(m.denoiser)),
             **m.info,
         }
     return out

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
-from .union import UnionConfig, UnionControlNet, is_union, is_union_weights
+from .union import TYPES, UnionConfig, UnionControlNet, is_union, is_union_weights
 from .union import infer as infer_union
 
 NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
@@ -92,6 +92,29 @@ def kind(info: ControlNetFile) -> str:
     except (OSError, ValueError, RuntimeError):
         return "sd"
     return "flux" if flux else "sd"
+
+
+def union_types(info: ControlNetFile) -> tuple[str, ...]:
+    """The control types a union ControlNet serves, () for any other: SDXL's ControlNet-Union
+    (union.TYPES' first ``num_control_type``) and Flux union models (flux_units.UNION_MODES' first
+    ``num_mode``), read off the safetensors header (the type embedding's rows, as loading tells a
+    union by its weights), no tensor read. A ``.pth`` / ``.bin`` file, whose names cannot be read
+    without loading it, is ()."""
+    from safetensors import safe_open
+
+    from .flux_units import UNION_MODES
+
+    path = _weights(info.path) if info.path.is_dir() else info.path
+    if path.suffix != ".safetensors":
+        return ()
+    embeddings = {"task_embedding": TYPES, "controlnet_mode_embedder.weight": UNION_MODES}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in set(f.keys()) & set(embeddings):
+                return embeddings[key][: int(f.get_slice(key).get_shape()[0])]
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return ()
 
 
 def read(info: ControlNetFile) -> tuple[ControlNetConfig, dict[str, Tensor]]:

@@ -2,7 +2,8 @@
 import { apiKey, cancelJob, runJob } from "./api.js";
 import { setupCompare } from "./compare.js";
 import { controlNetFields, loadControlNets, setupControlNet } from "./controlnet.js";
-import { addErrorSlots, loadCatalogue, onModel, onSampler, onSchedule, readForm, restore } from "./form.js";
+import { addErrorSlots, loadCatalogue, model, onModel, onSampler, onSchedule, readForm, restore } from "./form.js";
+import { ipAdapterFields, loadAdapters, setupIpAdapter, showAdaptersFor } from "./ipadapter.js";
 import { img2imgFields, setupMask } from "./mask.js";
 import { parametersOf } from "./png.js";
 import { banner, clearErrors, figure, showError } from "./ui.js";
@@ -24,7 +25,7 @@ async function generate(e) {
   const form = $("gen");
   clearErrors(form);
   if (current) return;
-  const body = { ...readForm(), ...img2imgFields(), ...controlNetFields() };
+  const body = { ...readForm(), ...img2imgFields(), ...controlNetFields(), ...ipAdapterFields() };
   const abort = new AbortController();
   current = { id: null, abort };
   $("generate").disabled = true;
@@ -116,12 +117,15 @@ async function start() {
   setupMask();
   setupCompare();
   setupControlNet();
+  setupIpAdapter();
   await startCatalogue();
 }
 
 async function startCatalogue() {
   try {
-    await Promise.all([loadCatalogue(), loadControlNets()]);
+    const [, controlTypes] = await Promise.all([loadCatalogue(), loadControlNets()]);
+    loadAdapters(controlTypes);
+    showAdaptersFor(model());
     banner("");
     document.body.dataset.ready = "true";
   } catch (err) {

@@ -2,6 +2,7 @@
 // sampler and schedule option becomes a control with its default and bounds.
 import { call } from "./api.js";
 import { showFor } from "./controlnet.js";
+import { showAdaptersFor } from "./ipadapter.js";
 
 const $ = (id) => document.getElementById(id);
 export const catalogue = { models: [], samplers: [], schedules: [] };
@@ -44,8 +45,26 @@ export function onModel() {
   $("width").disabled = $("height").disabled = fixed;
   $("hires-box").hidden = fixed; // hires fix needs a model that makes any size
   showFor(m);
+  showAdaptersFor(m);
+  cacheFor(m);
   onSampler();
   onSchedule();
+}
+
+// The step cache, offered for a model whose network can cache (GET /models: cache_methods).
+function cacheFor(m) {
+  const methods = m.cache_methods || [];
+  $("cache-row").hidden = methods.length === 0;
+  const keep = $("cache_method").value;
+  $("cache_method").replaceChildren(...["off", ...methods].map((n) => new Option(n, n, false, n === keep)));
+}
+
+// {method, interval?, threshold?} (blank: the method's default), or undefined when off.
+function cache() {
+  if ($("cache-row").hidden || $("cache_method").value === "off") return undefined;
+  const c = { method: $("cache_method").value, interval: num("cache_interval"), threshold: num("cache_threshold") };
+  for (const k of Object.keys(c)) if (c[k] === undefined) delete c[k];
+  return c;
 }
 
 export function onSampler() {
@@ -119,6 +138,7 @@ export function readForm() {
     if (Object.keys(opts).length) body[`${group}_options`] = opts;
   }
   if ($("hires_on").checked && !$("hires-box").hidden) body.hires = hires();
+  body.cache = cache();
   for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
   return body;
 }
@@ -146,6 +166,10 @@ export function restore(p) {
   $("hires_on").checked = Boolean(p.hires);
   const hf = { hires_scale: h.scale, hires_upscaler: h.upscaler, hires_steps: h.steps, hires_denoise: h.denoise };
   for (const [f, v] of Object.entries(hf)) if (v !== undefined && v !== null) $(f).value = v;
+  const c = p.cache || {};
+  if (!$("cache-row").hidden) $("cache_method").value = [...$("cache_method").options].some((o) => o.value === c.method) ? c.method : "off";
+  $("cache_interval").value = c.interval ?? "";
+  $("cache_threshold").value = c.threshold ?? "";
   for (const group of ["sampler", "schedule"]) {
     for (const [k, v] of Object.entries(p[`${group}_options`] || {})) {
       const el = $(`${group}-${k}`);

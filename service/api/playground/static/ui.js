@@ -14,14 +14,24 @@ export function clearErrors(form) {
   banner("");
 }
 
-// A ControlNet unit's field (loc "controlnets[0].model" or ["controlnets", 0, "model"]) -> its
-// control in the ControlNet section (cn_model), not the form's control of the same name.
+// The sections' controls by the body field they fill: a ControlNet unit's field (loc
+// "controlnets[0].model" or ["controlnets", 0, "model"]) -> cn_model, an IP-Adapter's -> ip_model,
+// the step cache's (cache.interval) -> cache_interval; not the form's control of the same name.
+const SECTIONS = [
+  [/^controlnets(?:\.\d+\.(\w+))?/, "cn_", "model"],
+  [/^ip_adapters(?:\.\d+\.(\w+))?/, "ip_", "model"],
+  [/^cache(?:\.(\w+))?/, "cache_", "method"],
+];
+
 function unitField(loc, form) {
   const path = loc.filter((p) => p !== "body").join(".").replace(/\[(\d+)\]/g, ".$1");
-  const m = /^controlnets(?:\.\d+\.(\w+))?/.exec(path);
-  if (!m) return null;
-  const name = `cn_${m[1] || "model"}`;
-  return form.querySelector(`[name="${name}"]`) ? name : null;
+  for (const [re, prefix, whole] of SECTIONS) {
+    const m = re.exec(path);
+    if (!m) continue;
+    const name = `${prefix}${m[1] || whole}`;
+    return form.querySelector(`[name="${name}"]`) ? name : null;
+  }
+  return null;
 }
 
 // An API error shown where it belongs: 422 next to the field named by detail[].loc, others as a banner.
@@ -64,4 +74,15 @@ export function figure(b64, params, caption) {
   cap.append(link, details);
   fig.append(img, cap);
   return fig;
+}
+
+// A chosen file's bytes as base64 (the body's image fields): the same handling for every image input.
+export async function fileB64(file) {
+  const url = await new Promise((ok, bad) => {
+    const r = new FileReader();
+    r.onload = () => ok(r.result);
+    r.onerror = () => bad(r.error);
+    r.readAsDataURL(file);
+  });
+  return url.slice(url.indexOf(",") + 1);
 }

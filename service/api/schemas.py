@@ -74,6 +74,9 @@ class CacheBody(BaseModel):
     threshold: float | None = Field(
         None, ge=0.0, le=10.0, description="full step when the probe moved more than this (relative)"
     )
+    start: int | None = Field(
+        None, ge=0, le=10000, description="evaluations that run in full before the cache may act (default 0)"
+    )
 
 
 class UnionImageBody(BaseModel):

@@ -29,6 +29,7 @@ def test_a_cached_request_records_its_cache_and_reproduces(client: TestClient) -
 CASES: list[tuple[Any, str, str]] = [
     ({"method": "deepcache", "interval": 0}, "interval", "greater than or equal to 1"),
     ({"method": "deepcache", "threshold": -0.1}, "threshold", "greater than or equal to 0"),
+    ({"method": "deepcache", "start": -1}, "start", "greater than or equal to 0"),
     ({"method": "deepcache", "every": 2}, "every", "unknown field 'every'"),
     ({"interval": 2}, "method", "Field required"),
     ({"method": "teacache"}, "cache.method", "unknown cache method"),
@@ -57,9 +58,13 @@ A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Kar
         # the sd-webui DeepCache extension's options, as its users set them (its default rate: 5)
         (
             {"override_settings": {"deepcache_enable": True, "deepcache_full_run_step_rate": 2}},
-            {"interval": 2},
+            {"interval": 2, "start": 1},  # the extension's default: caching after 40 % of the 4 steps
         ),
-        ({"override_settings": {"deepcache_enable": True}}, {"interval": 5}),
+        ({"override_settings": {"deepcache_enable": True}}, {"interval": 5, "start": 1}),
+        (
+            {"override_settings": {"deepcache_enable": True, "deepcache_cache_enable_step_percentage": 0}},
+            {"interval": 5},
+        ),
         ({"cache": {"method": "deepcache", "threshold": 0.2}}, {"threshold": 0.2}),
         ({"override_settings": {"deepcache_enable": False}}, None),
         # its current switch (since January 2024): which passes cache; it wins over the old one
@@ -70,7 +75,7 @@ A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Kar
                     "deepcache_full_run_step_rate": 3,
                 }
             },
-            {"interval": 3},
+            {"interval": 3, "start": 1},
         ),
         ({"override_settings": {"deepcache_enable_pass": "disable", "deepcache_enable": True}}, None),
         ({"override_settings": {"deepcache_enable_pass": "second pass"}}, None),  # no hires: no second pass
@@ -92,6 +97,10 @@ def test_a1111_clients_turn_it_on(client: TestClient, extra: dict, cache: dict |
         (
             {"override_settings": {"deepcache_enable_pass": "always"}},
             "override_settings.deepcache_enable_pass",
+        ),
+        (
+            {"override_settings": {"deepcache_enable": True, "deepcache_cache_enable_step_percentage": 1.5}},
+            "override_settings.deepcache_cache_enable_step_percentage",
         ),
         (  # ours caches both passes or none
             {"enable_hr": True, "override_settings": {"deepcache_enable_pass": "second pass"}},

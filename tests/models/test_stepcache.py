@@ -179,6 +179,7 @@ def test_rows_are_forgotten_when_their_tensor_goes() -> None:
         (CacheSpec("teacache"), ("deepcache",), "cache.method"),
         (CacheSpec("fbcache"), ("deepcache",), "cache.method"),
         (CacheSpec("fbcache", interval=2), ("fbcache",), "cache.interval"),
+        (CacheSpec("deepcache", start=20000), ("deepcache",), "cache.start"),
     ],
 )
 def test_bad_settings_name_the_field(spec: CacheSpec, methods: tuple[str, ...], field: str) -> None:
@@ -276,3 +277,24 @@ def test_rows_that_will_reuse_their_cache_share_calls(digits: LoadedModel) -> No
     (arrival, held_arrival), (grouped, held_grouped) = sample(False), sample(True)
     assert held_grouped >= held_arrival + 3, (held_arrival, held_grouped)
     assert all(torch.equal(a, b) for a, b in zip(arrival, grouped, strict=True))
+
+
+@torch.inference_mode()
+def test_start_runs_the_first_evaluations_in_full(digits: LoadedModel) -> None:
+    """start 2, interval 2: evaluations 1 and 2 full, 3 reused, 4 full (without start: 2 and 4 reused);
+    before its start a row is the plain network bit for bit."""
+    net = digits.denoiser.inner_model
+    g = torch.Generator().manual_seed(8)
+    steps = [
+        (torch.randn(2, *digits.latent_shape, generator=g), torch.rand(2, generator=g)) for _ in range(4)
+    ]
+    label = torch.tensor([3, 10])
+    reused = []
+    for start in (2, None):
+        rows = cache_rows(CacheSpec("deepcache", interval=2, start=start), 2)
+        STORE.reset_counts()
+        outs = [net(x, t, class_cond=label, cache=rows) for x, t in steps]
+        reused.append(STORE.reused)
+        if start:
+            assert all(torch.equal(outs[k], net(*steps[k], class_cond=label)) for k in (0, 1))
+    assert reused == [2, 4]  # rows: 2 rows x (evaluation 3) vs 2 rows x (evaluations 2 and 4)

@@ -4,9 +4,11 @@
   clients set in ``override_settings`` or through ``POST /sdapi/v1/options``: the switch, as its
   current versions spell it, ``deepcache_enable_pass`` ("disable", "second pass", "both passes"; since
   January 2024) or as its first ones did, ``deepcache_enable`` (bool); and
-  ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5). Our cache acts on
-  every pass, so "second pass" is refused for a request with a hires fix (and is off without one: there
-  is no second pass); the extension's step-range and level options are not read (docs/STEP_CACHE.md).
+  ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5) and
+  ``deepcache_cache_enable_step_percentage`` (no caching before that share of the steps; its default
+  0.4), our ``start``. Our cache acts on every pass, so "second pass" is refused for a request with a
+  hires fix (and is off without one: there is no second pass); the extension's level and hires-only
+  options are not read (docs/STEP_CACHE.md).
 - Our own ``cache`` object at the top of the body (``{"method", "interval" | "threshold"}``, as on
   ``/sample``), which also reaches fbcache on SD3 / Flux; it wins over the options.
 """
@@ -22,14 +24,20 @@ ENABLE, RATE = "deepcache_enable", "deepcache_full_run_step_rate"
 PASS = "deepcache_enable_pass"
 PASSES = ["disable", "second pass", "both passes"]
 EXTENSION_RATE = 5  # the extension's default refresh rate
+START = "deepcache_cache_enable_step_percentage"
+EXTENSION_START = 0.4  # the extension's default: no caching in the first 40 % of the steps
 
 
 def cache_field(
-    extra: Mapping[str, Any], overrides: Mapping[str, Any], options: Mapping[str, Any], hires: bool = False
+    extra: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    options: Mapping[str, Any],
+    hires: bool = False,
+    steps: int = 0,
 ) -> dict[str, Any]:
     """``{"cache": ...}`` for our request, or {} (no cache): the body's ``cache``, else the extension's
     options (override_settings first, then the caller's /options); ``hires``: the request has a
-    second pass."""
+    second pass; ``steps``: its (first pass's) steps, which the start percentage is of."""
     if extra.get("cache") is not None:
         return {"cache": extra["cache"]}
 
@@ -59,4 +67,8 @@ def cache_field(
         rate = int(rate)
     if isinstance(rate, bool) or not isinstance(rate, int) or not 1 <= rate <= 1000:
         raise InputError(where, f"{RATE} must be an integer in [1, 1000]", [1, 1000])
-    return {"cache": {"method": "deepcache", "interval": rate}}
+    share, where = option(START)
+    share = EXTENSION_START if share is None else share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise InputError(where, f"{START} must be a number in [0, 1]", [0, 1])
+    return {"cache": {"method": "deepcache", "interval": rate, "start": int(share * steps)}}

@@ -190,7 +190,7 @@ def plan(
         "n": body.batch_size,
         **_sampler_options(body, sampler),
         **frontend_fields(body.model_extra or {}),
-        **cache_field(body.model_extra or {}, overrides, options, hires=body.enable_hr),
+        **cache_field(body.model_extra or {}, overrides, options, hires=body.enable_hr, steps=steps),
     }
     if schedule_options:
         common["schedule_options"] = schedule_options

@@ -11,8 +11,11 @@ Two training-free methods reuse what a network computed at an earlier evaluation
   runs; when its residual changed by less than ``threshold`` (relative) since the last full
   evaluation, the other blocks are skipped and their cached residual is added instead.
 
-Each request's rows carry :data:`KEY`, a float64 ``[rows, 4]`` tensor of (row id, method, interval,
-threshold); id 0 is a row without a cache. Every request of a model that can cache carries it, so
+``start`` (either method): that many evaluations run in full before the cache may act (the sd-webui
+extension's ``deepcache_cache_enable_step_percentage`` of the steps; 0 by default).
+
+Each request's rows carry :data:`KEY`, a float64 ``[rows, 5]`` tensor of (row id, method, interval,
+threshold, start); id 0 is a row without a cache. Every request of a model that can cache carries it, so
 cached and uncached requests share model calls; the decision is made per row inside the call.
 """
 
@@ -28,6 +31,7 @@ METHODS = {"deepcache": 1, "fbcache": 2}  # method name -> its code in the row t
 DEFAULTS: dict[str, dict[str, Any]] = {"deepcache": {"interval": 3}, "fbcache": {"threshold": 0.1}}
 MAX_INTERVAL = 1000
 MAX_THRESHOLD = 10.0
+MAX_START = 10000
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class CacheSpec:
     method: str
     interval: int | None = None  # a full evaluation every ``interval`` (deepcache)
     threshold: float | None = None  # a full evaluation when the probe moved more than this
+    start: int | None = None  # evaluations that run in full before the cache may act (None: 0)
 
     def resolved(self, methods: tuple[str, ...], field: str = "cache") -> CacheSpec:
         """This spec checked against what the model can run (``methods``), defaults filled in;
@@ -57,8 +62,10 @@ class CacheSpec:
             raise InputError(f"{field}.interval", f"interval must be an integer in [1, {MAX_INTERVAL}]")
         if self.threshold is not None and not 0.0 <= self.threshold <= MAX_THRESHOLD:
             raise InputError(f"{field}.threshold", f"threshold must be in [0, {MAX_THRESHOLD:g}]")
+        if self.start is not None and not 0 <= self.start <= MAX_START:
+            raise InputError(f"{field}.start", f"start must be an integer in [0, {MAX_START}]")
         if self.interval is None and self.threshold is None:
-            return CacheSpec(self.method, **DEFAULTS[self.method])
+            return CacheSpec(self.method, **DEFAULTS[self.method], start=self.start)
         return self
 
     def record(self) -> dict[str, Any]:
@@ -68,4 +75,6 @@ class CacheSpec:
             out["interval"] = self.interval
         if self.threshold is not None:
             out["threshold"] = self.threshold
+        if self.start:
+            out["start"] = self.start
         return out

@@ -38,6 +38,7 @@ from .spec import KEY, METHODS, CacheSpec
 @dataclass
 class RowState:
     since_full: int = 0  # evaluations since the last full one
+    evals: int = 0  # evaluations so far (the cache acts from the spec's ``start`` on)
     ref: Tensor | None = None  # the probe at the last full evaluation (threshold mode)
     cached: Tensor | None = None  # the skipped part's output at the last full evaluation
     probe_shape: tuple[int, ...] = ()
@@ -67,7 +68,7 @@ _ids = itertools.count(1)
 def cache_rows(spec: CacheSpec | None, rows: int) -> Tensor:
     """``rows`` rows of the cache tensor (:data:`KEY`): fresh registered ids for a spec, zeros (no
     cache) without one. The ids are forgotten when the tensor is freed, if not released before."""
-    out = torch.zeros(rows, 4, dtype=torch.float64)
+    out = torch.zeros(rows, 5, dtype=torch.float64)
     if spec is None:
         return out
     with STORE.lock:
@@ -77,6 +78,7 @@ def cache_rows(spec: CacheSpec | None, rows: int) -> Tensor:
     out[:, 1] = METHODS[spec.method]
     out[:, 2] = spec.interval or 0
     out[:, 3] = spec.threshold or 0.0
+    out[:, 4] = spec.start or 0
     weakref.finalize(out, _forget, ids)
     return out
 
@@ -138,7 +140,9 @@ def _decide(ids: list[int], rows: Tensor, probe: Tensor) -> list[bool]:
         state = STORE.rows.get(row_id)
         if state is None or state.cached is None or state.probe_shape != tuple(probe.shape[1:]):
             continue  # first evaluation, or a new size (the hires pass): run it
-        _, interval, threshold = settings[i]
+        _, interval, threshold, start = settings[i]
+        if state.evals < start:
+            continue  # before the cache's start: full evaluations
         if interval > 0:
             reuse[i] = state.since_full + 1 < interval
         else:
@@ -195,7 +199,7 @@ def run_cached(
     return out
 
 
-_NO_HEAD = (0, 0.0)
+_NO_HEAD = (0, 0.0, 0.0)
 
 
 def predicted_hit(cond: Mapping[str, Tensor] | None) -> bool:
@@ -209,14 +213,16 @@ def predicted_hit(cond: Mapping[str, Tensor] | None) -> bool:
         return False
     head = getattr(rows, "_head", None)  # read once per tensor: the planner asks every job every iteration
     if head is None:
-        row_id, _, interval, _ = rows[0].tolist() if rows.shape[0] else (0.0, 0.0, 0.0, 0.0)
-        head = (int(row_id), interval) if row_id and interval > 0 else _NO_HEAD
+        row_id, _, interval, _, start = rows[0].tolist() if rows.shape[0] else (0.0,) * 5
+        head = (int(row_id), interval, start) if row_id and interval > 0 else _NO_HEAD
         rows._head = head  # type: ignore[attr-defined]
     if head is _NO_HEAD:
         return False
-    row_id, interval = head
+    row_id, interval, start = head
     state = STORE.rows.get(row_id)  # a dict read: no lock needed for a guess
-    return state is not None and state.cached is not None and state.since_full + 1 < interval
+    if state is None or state.cached is None or state.evals < start:
+        return False
+    return state.since_full + 1 < interval
 
 
 def _remember(ids: list[int], reuse: list[bool], rows: Tensor, probe: Tensor, out: Tensor) -> None:
@@ -230,6 +236,7 @@ def _remember(ids: list[int], reuse: list[bool], rows: Tensor, probe: Tensor, ou
             state = STORE.rows.get(row_id)
             if state is None:  # released (its job ended) while this call ran
                 continue
+            state.evals += 1
             if reuse[i]:
                 state.since_full += 1
                 continue

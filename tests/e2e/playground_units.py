@@ -135,6 +135,15 @@ def _ip_adapter_and_cache(page: Page, server: Server) -> dict[str, Any]:
     # the tiny UNet's cached steps move its image by a level or so: any change shows the cache ran
     assert not np.array_equal(image, _sample(server, {k: v for k, v in body.items() if k != "cache"}))
     page.screenshot(path=str(artifacts() / "ip-adapter-cache.png"), full_page=True)
+    # loading the image's PNG restores the cache it recorded
+    src = page.locator("#results figure img").first.get_attribute("src") or ""
+    page.select_option("#cache_method", "off")
+    page.fill("#cache_interval", "")
+    made = {"name": "cat.png", "mimeType": "image/png", "buffer": base64.b64decode(src.split(",", 1)[1])}
+    page.set_input_files("#load-png", made)
+    expect(page.locator("#banner")).to_contain_text("restored")
+    expect(page.locator("#cache_method")).to_have_value("deepcache")
+    expect(page.locator("#cache_interval")).to_have_value("2")
     return body
 
 

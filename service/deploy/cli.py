@@ -11,6 +11,7 @@ running on that cluster before and no other application is left on it; the clust
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from typing import Any
@@ -35,6 +36,10 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from .ray_serve import APP_NAME, build_app
 
     own_cluster = args.address is None
+    if (
+        own_cluster
+    ):  # Ray starts workers at nice 15; here they are the service (docs/BENCHMARKS.md "Ray Serve")
+        os.environ.setdefault("RAY_worker_niceness", "0")
     # "local": a new cluster, whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster say
     ray.init(
         address="local" if own_cluster else args.address, include_dashboard=False if own_cluster else None
@@ -51,6 +56,7 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         "engines": args.engines,
         "settings": {k: [str(i) for i in v] if isinstance(v, list) else str(v) for k, v in settings.items()},
         "num_gpus": args.gpus_per_engine,
+        "log_level": args.log_level,
     }
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]

@@ -144,8 +144,9 @@ def build_app(args: dict[str, Any]) -> Any:
     ``engine_max_ongoing_requests`` (64), ``engine_max_queued_requests`` (64: per caller of the
     deployment, Serve's proxy included), ``retry_after_s`` (5), ``engine_assign_timeout_s`` (1; with
     KDIFF_REDIS_URL: a relayed request that no replica of its engine takes within this goes to the
-    next engine). The ``ingress_*`` arguments of the earlier topology (an ingress deployment in front
-    of the engines) are accepted and ignored.
+    next engine), ``log_level`` (the engine replicas' log level, ``INFO``: Serve logs every request
+    there at INFO, as ``kdiff serve --log-level info`` does). The ``ingress_*`` arguments of the
+    earlier topology (an ingress deployment in front of the engines) are accepted and ignored.
     """
     n = int(args.get("engines", 1))
     placement = [list(p) for p in args.get("placement") or []]
@@ -166,6 +167,7 @@ def build_app(args: dict[str, Any]) -> Any:
         max_queued_requests=int(args.get("engine_max_queued_requests", 64)),
         backpressure_config={"status_code": 503, "retry_after_s": retry},
         request_router_config=router,
+        logging_config={"log_level": str(args.get("log_level", "INFO")).upper()},
         ray_actor_options={
             "num_cpus": float(args.get("engine_cpus", 1)),
             "num_gpus": float(args.get("num_gpus", 0)),

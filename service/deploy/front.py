@@ -279,22 +279,21 @@ class Front:
         the same images; a job it had recorded is taken over too, so it may run twice)."""
         assert self.shared is not None
         live = await self.shared.live()
+        follow, place, placed = False, None, None
         if route.kind == "job":
             job_id = route.job_id
             assert job_id is not None
             place, status = await self.shared.place(job_id)
             placed = Shared.slot_of(place)
             view = req["method"] == "GET" and req["path"].rstrip("/") == f"/jobs/{job_id}"
-            if placed is not None and placed not in live and status in UNFINISHED and not view:
+            follow = placed is not None and status in UNFINISHED and not view  # only its holder will do
+            if follow and placed not in live:
                 # its engine is gone and nobody took it over yet: cancel, stream or read it where it
                 # goes (a plain GET answers at once from any engine: queued)
-                slot = await self._placed(job_id, place)
-                if slot is None:
-                    return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
-                return await self._call(slot, req, job_id)
+                return await self._moved(job_id, place, req)
             first = placed if placed is not None else route.slots[0]
             order = await self.shared.order([first] if first < len(self.placement.models) else [])
-            assign_s = None  # its holder, however long Serve takes to hand it over (only it has it live)
+            assign_s = self.assign_s  # (its holder: retried while its liveness key is fresh, _holder)
         else:
             alive = [k for k in route.slots if k in live] or route.slots
             first = self.placement.pick(alive)
@@ -308,6 +307,8 @@ class Front:
                     slot, req, route.job_id, retry=not last, assign_s=None if last else assign_s
                 )
             except _TryAnother as why:
+                if route.kind == "job" and follow and slot == placed:
+                    return await self._holder(slot, place, req, why.dead)
                 if why.dead:
                     self.shared.died(slot)
                 passed.append(f"engine{slot} ({'died' if why.dead else 'not assigned'})")
@@ -397,6 +398,28 @@ class Front:
         response = StreamingResponse(rest(), status_code=first["status"])
         response.raw_headers = _raw(headers)
         return response
+
+    async def _holder(self, slot: int, place: str | None, req: dict[str, Any], dead: bool) -> Response:
+        """An unfinished job's request that its holder did not take in time: again while the holder's
+        liveness key is fresh (a busy engine), else (it died: Serve would hold the call until its
+        restart) from the engine that takes the job over."""
+        assert self.shared is not None
+        job_id = JOB_PATH.match(req["path"]).group(1)  # type: ignore[union-attr]
+        while not dead and slot in await self.shared.live():
+            try:
+                return await self._call(slot, req, job_id, retry=True, assign_s=self.assign_s)
+            except _TryAnother as why:
+                dead = why.dead
+        self.shared.died(slot)
+        return await self._moved(job_id, place, req)
+
+    async def _moved(self, job_id: str | None, dead_place: str | None, req: dict[str, Any]) -> Response:
+        """A job request whose engine died: the answer of the engine that takes the job over."""
+        assert job_id is not None
+        slot = await self._placed(job_id, dead_place)
+        if slot is None:
+            return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
+        return await self._call(slot, req, job_id)
 
     async def _placed(self, job_id: str, dead_place: str | None) -> int | None:
         """The live engine slot a job moved to from ``dead_place`` (or that has it ended), once one

@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, help="SIGTERM drain seconds (KDIFF_DRAIN_TIMEOUT_S)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     ray = parser.add_argument_group("Ray Serve (the `ray` extra; README 'Scaling out')")
-    ray.add_argument(
-        "--ray", action="store_true", help="serve on Ray Serve: engine replicas behind its proxy"
-    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: ingress + engine replicas")
     ray.add_argument("--address", help="Ray cluster (auto, ray://head:10001); default: a local one")
     ray.add_argument("--engines", type=int, default=1, help="engine slots (replicas), one device each")
     ray.add_argument("--gpus-per-engine", type=float, default=0.0, help="num_gpus per engine (1 on GPU)")
+    ray.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (autoscaling minimum)")
+    ray.add_argument("--ingress-max-replicas", type=int, help="autoscaling maximum of the ingress replicas")
     ray.add_argument("--placement", help="models per engine slot, e.g. 'digits;sd15,sdxl' (default: all)")
 
 

@@ -1,6 +1,6 @@
 """Run one HTTP request through an ASGI app in this process and hand back its response as messages.
 
-An engine replica (ray_serve.EngineReplica) receives a request as plain data from a peer's relay (front.py),
+An engine replica (ray_serve.EngineReplica) receives a request as plain data from an ingress replica,
 runs it through the unmodified service app (GuardMiddleware, routes, schemas, SSE) and streams the
 response back: first ``{"status", "headers", "body", "more"}`` (the start and the first body chunk
 together, so a plain response is one message), then one ``bytes`` per further chunk. Cancelling the

@@ -36,9 +36,8 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from .ray_serve import APP_NAME, build_app
 
     own_cluster = args.address is None
-    if (
-        own_cluster
-    ):  # Ray starts workers at nice 15; here they are the service (docs/BENCHMARKS.md "Ray Serve")
+    # Ray starts workers at nice 15; here they are the service (docs/BENCHMARKS.md "Ray Serve")
+    if own_cluster:
         os.environ.setdefault("RAY_worker_niceness", "0")
     # "local": a new cluster, whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster say
     ray.init(
@@ -56,7 +55,8 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         "engines": args.engines,
         "settings": {k: [str(i) for i in v] if isinstance(v, list) else str(v) for k, v in settings.items()},
         "num_gpus": args.gpus_per_engine,
-        "log_level": args.log_level,
+        "ingress_min_replicas": args.ingress_replicas,
+        "ingress_max_replicas": max(args.ingress_replicas, args.ingress_max_replicas or 0),
     }
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]

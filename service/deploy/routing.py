@@ -1,10 +1,9 @@
 """Which engine slot serves a request (pure: no Ray, so it is tested on its own).
 
-Every engine replica is one *slot* (its Serve replica rank in the ``engine`` deployment, on one
-device). A job id starts with its slot (2 hex digits) and the incarnation of the replica that created
-it (6 hex digits, new at every replica start), so Serve's proxy (router.py) and every replica route
-``/jobs/{id}...`` to the replica holding the job, and know when that replica has been replaced since
-(the job is lost).
+Every engine replica is one *slot* (a Serve deployment ``engine<k>`` with one replica, on one device).
+A job id starts with its slot (2 hex digits) and the incarnation of the replica that created it
+(6 hex digits, new at every replica start), so any ingress replica routes ``/jobs/{id}...`` to the
+replica holding the job, and knows when that replica has been replaced since (the job is lost).
 With the Redis job store the job's ``place`` there (the same prefix, of the engine holding it now)
 wins (shared.py). New work goes to a slot whose placement includes the request's model, the least
 busy first.
@@ -20,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{32})(?:/.*)?$")
-FANOUT = ("/jobs", "/models", "/metrics")  # GET paths every slot answers, merged by the replica asked
+FANOUT = ("/jobs", "/models", "/metrics")  # GET paths every slot answers, merged by the ingress
 MODEL_ACTION = re.compile(r"^/models/([^/]+)/(?:load|unload)$")
 ENGINE_HEADER = "x-kdiff-engine"  # "engine<k>; incarnation=<hex6>; replica=<serve replica id>"
+INGRESS_HEADER = "x-kdiff-ingress"
 
 
 def job_prefix(slot: int, incarnation: str) -> str:
@@ -65,7 +65,7 @@ def requested_model(body: bytes) -> str | None:
 
 
 class Placement:
-    """The models of each slot (an empty list: every model in the store) and this replica's own count
+    """The models of each slot (an empty list: every model in the store) and the ingress's own count
     of requests in flight per slot."""
 
     def __init__(self, models: list[list[str]]) -> None:

@@ -2,10 +2,10 @@
 of it (service/serving/jobstore/redis_store.py).
 
 - Each engine replica keeps a liveness key ``<p>:engine:<slot>`` (its incarnation, expiring after the
-  lease unless renewed: :class:`EngineBeat`), so a replica relaying new work sends it only to engines
+  lease unless renewed: :class:`EngineBeat`), so every ingress replica sends new work only to engines
   that are up, without waiting for Serve to notice a dead one.
-- A replica's relays (front.py, :class:`Shared`) read where a job is now (the ``place`` its holder
-  recorded: a job taken over by another engine is routed there) and which engine slots are alive.
+- The ingress (:class:`Shared`) reads where a job is now (the ``place`` its holder recorded: a job
+  taken over by another engine is routed there) and which engine slots are alive.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class EngineBeat:
 
 
 class Shared:
-    """A replica's view of the store: a job's place, the live engine slots (cached a moment)."""
+    """The ingress's view of the store: a job's place, the live engine slots (cached a moment)."""
 
     CACHE_S = 0.5
 
@@ -85,7 +85,7 @@ class Shared:
         self.config, self.slots = config, slots
         self.client = _client(config.url)
         self._live: tuple[float, set[int]] = (0.0, set(range(slots)))
-        self.down: dict[int, float] = {}  # slots this replica saw die, until when it avoids them
+        self.down: dict[int, float] = {}  # slots this ingress saw die, until when it avoids them
 
     async def place(self, job_id: str) -> tuple[str | None, str | None]:
         """(place, status) of a job as Redis has it: ``place`` is the job id prefix (slot and

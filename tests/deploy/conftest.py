@@ -1,7 +1,6 @@
 """A local Ray cluster started by the tests themselves (small: 2 logical CPUs, no dashboard), with the
-kdiff Serve application on it: 2 engine replicas over a tiny model store, called by Serve's proxy
-directly (the request router of service/deploy/router.py), and the Redis job store they share (a
-redis-server started here, redis_server.py)."""
+kdiff Serve application on it: 2 engine slots over a tiny model store, 2 ingress replicas, and the
+Redis job store they share (a redis-server started here, redis_server.py)."""
 
 from __future__ import annotations
 
@@ -71,7 +70,9 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         },
         "engine_cpus": 0.5,
         "engine_max_ongoing_requests": 8,
-        "engine_max_queued_requests": 16,  # requests Serve's proxy holds before routing: then 503
+        "engine_max_queued_requests": 4,
+        "ingress_min_replicas": 2,
+        "ingress_max_replicas": 2,
         "retry_after_s": 2,
     }
     t0 = time.monotonic()

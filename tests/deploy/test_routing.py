@@ -1,5 +1,4 @@
-"""Routing of the Ray Serve application (pure: no cluster): the request router, the relays, the merges
-and the job-id prefix hook."""
+"""Routing of the Ray Serve ingress (pure: no cluster) and the job-id prefix hook."""
 
 from __future__ import annotations
 
@@ -125,40 +124,3 @@ def test_a_job_two_engines_list_is_listed_once_as_it_ended() -> None:
     ]
     body, _ = merge("/jobs", [(1, json.dumps(b).encode()), (0, json.dumps(a).encode())], 2)
     assert [(j["id"], j["status"]) for j in json.loads(body)] == [("j3", "running"), ("j2", "succeeded")]
-
-
-def _from_proxy(method: str, path: str) -> list[bytes]:
-    """The one argument Serve's HTTP proxy passes to the ingress deployment: its pickled request with
-    the ASGI scope (ray.serve._private.proxy_request_response.ASGIProxyRequest.serialized_replica_arg)."""
-    import pickle
-
-    from ray.serve._private.common import StreamingHTTPRequest
-
-    scope = {"type": "http", "method": method, "path": path, "headers": [(b"host", b"x")]}
-    return [pickle.dumps(StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="SERVE_PROXY_ACTOR-x"))]
-
-
-def test_the_request_router_sends_a_job_to_its_holder_and_the_rest_anywhere() -> None:
-    """service/deploy/router.py's choice for requests as Serve's proxy and a peer's handle pass them."""
-    from service.deploy.router import http_target, preference
-
-    e0, e1, e2, fresh = "engine0", "engine1", "engine2", "no metadata yet"
-    by_slot = {0: e0, 1: e1, 2: e2}
-    jid = "01abcdef" + "0" * 24
-    assert http_target(_from_proxy("GET", f"/jobs/{jid}")) == ("GET", f"/jobs/{jid}")
-    assert preference(by_slot, [], _from_proxy("GET", f"/jobs/{jid}"), {}) == [[e1], [e0, e2]]
-    assert preference(by_slot, [], _from_proxy("DELETE", f"/jobs/{jid}"), {})[0] == [e1]
-    # an event stream: a peer first (it relays, and resumes or says engine_lost if the holder dies)
-    events = preference(by_slot, [], _from_proxy("GET", f"/jobs/{jid}/events"), {})
-    assert events == [[e0, e2], [e1]]
-    assert preference({1: e1}, [], _from_proxy("GET", f"/jobs/{jid}/events"), {}) == [[e1]]
-    # the holder's slot is down: the others (they wait for the job's new place, or answer 410)
-    assert preference({0: e0}, [fresh], _from_proxy("GET", f"/jobs/{jid}"), {}) == [[e0, fresh]]
-    # anything else: every replica (Serve takes the shortest queue), those without metadata too
-    for method, path in (("POST", "/sample"), ("GET", "/jobs"), ("POST", "/sdapi/v1/txt2img")):
-        (rank,) = preference(by_slot, [fresh], _from_proxy(method, path), {})
-        assert sorted(rank) == sorted([e0, e1, e2, fresh])
-    # a peer's relay names its slot: that replica or none (the caller times out)
-    assert preference(by_slot, [fresh], ["req"], {"slot": 2}) == [[e2]]
-    assert preference({0: e0}, [fresh], ["req"], {"slot": 1}) == []
-    assert http_target([b"not a pickle"]) is None and http_target(["req"]) is None

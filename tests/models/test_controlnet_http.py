@@ -26,6 +26,7 @@ from diffusers import (  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
+from tests.support.app_client import app_client
 from tests.support.controlnet_tiny import add_controlnets  # noqa: E402
 from tests.support.sd_tiny import diffusers_pipeline, save_diffusers, write_manifest  # noqa: E402
 
@@ -43,11 +44,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
 
 @pytest.fixture(scope="module")
 def client(root: tuple[Path, dict[str, Any]]) -> Iterator[TestClient]:
-    from service.api.app import create_app
-    from service.api.settings import Settings
-
-    settings = Settings(model_store=root[0], torch_threads=1, batch_wait_ms=300)
-    with TestClient(create_app(settings)) as c:
+    with app_client(root[0], batch_wait_ms=300) as c:
         yield c
 
 

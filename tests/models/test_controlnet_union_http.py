@@ -24,6 +24,7 @@ from diffusers import EulerDiscreteScheduler  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
+from tests.support.app_client import app_client
 from tests.support.union_tiny import union_reference, union_store  # noqa: E402
 
 STEPS, CFG, SEED = 4, 5.0, 11
@@ -38,12 +39,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
 
 @pytest.fixture(scope="module")
 def client(root: tuple[Path, dict[str, Any]]) -> Iterator[TestClient]:
-    from service.api.app import create_app
-    from service.api.settings import Settings
-
-    settings = Settings(model_store=root[0], torch_threads=1, batch_wait_ms=300)
-    with TestClient(create_app(settings)) as live:
-        yield live
+    with app_client(root[0], batch_wait_ms=300) as c:
+        yield c
 
 
 def _pixels(b64: str) -> np.ndarray:

@@ -31,6 +31,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.sampling.noise import NoiseSource  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png, png_image  # noqa: E402
+from tests.support.app_client import app_client
 from tests.support.flow_tiny import T5_LEN  # noqa: E402
 from tests.support.flux_controlnet_tiny import SIZE, flux_controlnet_store  # noqa: E402
 
@@ -44,10 +45,7 @@ def root() -> tuple[Path, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def client(root: tuple[Path, dict[str, Any]]) -> Iterator[TestClient]:
-    from service.api.app import create_app
-    from service.api.settings import Settings
-
-    with TestClient(create_app(Settings(model_store=root[0], torch_threads=1, batch_wait_ms=0))) as c:
+    with app_client(root[0], batch_wait_ms=0) as c:
         yield c
 
 

@@ -26,6 +26,7 @@ from service.sampling.noise import NoiseSource  # noqa: E402
 from tests.models.test_controlnet_diffusers import png_image  # noqa: E402
 from tests.models.test_controlnet_http import _pixels, _post, _rows  # noqa: E402
 from tests.models.test_ipadapter import png  # noqa: E402
+from tests.support.app_client import app_client
 from tests.support.ipadapter_tiny import ip_store  # noqa: E402
 from tests.support.sd_tiny import diffusers_pipeline  # noqa: E402
 
@@ -46,10 +47,7 @@ def root() -> tuple[Path, dict[str, Path]]:
 
 @pytest.fixture(scope="module")
 def client(root: tuple[Path, dict[str, Path]]) -> Iterator[TestClient]:
-    from service.api.app import create_app
-    from service.api.settings import Settings
-
-    with TestClient(create_app(Settings(model_store=root[0], torch_threads=1, batch_wait_ms=100))) as c:
+    with app_client(root[0], batch_wait_ms=100) as c:
         yield c
 
 

@@ -160,6 +160,7 @@ class RawDenoiser:
 
         if threads:
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()  # the server gets the same (KDIFF_TORCH_THREADS)
         self.model = ModelStore(store).load(model)
         if jit:
             trace_denoiser(self.model.denoiser)
@@ -205,7 +206,9 @@ def main() -> int:
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per point")
     p.add_argument("--max-batch-rows", default="64")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (server and raw)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (server and raw); default torch's (cores)"
+    )
     p.add_argument("--no-jit", action="store_true", help="serve and measure the eager model (KDIFF_JIT=0)")
     p.add_argument(
         "--route", choices=["sample", "jobs"], default="sample", help="POST /sample, or /jobs + SSE"
@@ -255,8 +258,9 @@ def main() -> int:
             state = Path(a.state_dir) / mode
             shutil.rmtree(state, ignore_errors=True)
             extra["KDIFF_STATE_DIR"] = str(state)
-        if a.threads:
-            extra["KDIFF_TORCH_THREADS"] = str(a.threads)
+        # the same torch threads as the raw loop: tests/support/server.py would otherwise start the
+        # server with one, which measured the service at one thread against raw at two (before 2026-12-07)
+        extra["KDIFF_TORCH_THREADS"] = str(raw.threads)
         srv = Server(store, Path(f"/tmp/bench-{mode}.log"), **env, **extra)
         try:
             srv.wait_ready(120)

@@ -32,6 +32,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from service.api.omp import set_wait_policy
+
+    set_wait_policy()  # before a command's module imports torch (service/api/omp.py says why)
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.main(args) or 0)

@@ -45,6 +45,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from service.api.guard import body_limit, error_body, too_large
+from service.api.omp import wait_policy_env
 from service.api.settings import Settings
 
 from .asgi import run_asgi
@@ -174,7 +175,8 @@ def slot_state(settings: dict[str, Any], slot: int) -> dict[str, Any]:
 
 
 def _kdiff_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("KDIFF_")}
+    """The engines' environment: KDIFF_* as here, and OpenMP's wait policy (service/api/omp.py)."""
+    return {**wait_policy_env(), **{k: v for k, v in os.environ.items() if k.startswith("KDIFF_")}}
 
 
 # (helpers above the deployments: Serve pickles the ingress class with the globals it sees)

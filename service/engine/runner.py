@@ -27,6 +27,8 @@ class ModelHandle:
     calls it when the job ends (thread-safe: a call still running then cannot bring them back).
     ``cache_hits`` (optional) guesses from a job's conditioning whether its next evaluation reuses its
     step cache; the scheduler puts those rows first in their calls (models/stepcache.predicted_hit).
+    ``stateful`` (optional) says whether a call with this conditioning reads or writes per-row state
+    the model keeps (a live step cache): such a call runs exactly as planned, never widened or run twice.
     """
 
     name: str
@@ -38,6 +40,7 @@ class ModelHandle:
     row_adapters: Callable[[Tensor], AbstractContextManager[None]] | None = None
     forget: Callable[[list[dict[str, Tensor] | None]], None] | None = None
     cache_hits: Callable[[dict[str, Tensor]], bool] | None = None
+    stateful: Callable[[dict[str, Tensor]], bool] | None = None
 
 
 ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
@@ -55,6 +58,15 @@ class ModelRunner:
     checks both halves of that on the digits UNet, eager and traced). The price is the padding and
     the smaller calls (docs/BENCHMARKS.md).
 
+    Wide calls: many kernels give each row the same bits at every multiple of the chunk size (the
+    traced digits UNet with torch's two CPU threads does at 16, 24, ... 128 rows), but not all, and
+    not on every device or thread count. So the first time a padded call of ``k`` chunks comes with
+    given input shapes, the runner runs it both ways, keeps the chunked result, and records whether the
+    one-call result was bit for bit equal on every row; from then on calls of that shape run as one
+    call when it was. Rows therefore stay bit-equal to their chunked (and so to their solo) result,
+    and a device or model whose kernels differ keeps the chunks. Calls with per-row adapters or
+    per-row model state (``ModelHandle.stateful``) always run as chunks.
+
     Out of memory, it halves its chunk size and retries, and keeps the smaller size: a batch too big
     for the device slows down instead of failing its jobs, and later calls do not hit the same wall
     (in batch-invariant mode images stay invariant among calls made at the new size).
@@ -65,6 +77,9 @@ class ModelRunner:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
         self.handle, self.max_rows = handle, max_rows
         self.chunk_rows = None if chunk_rows is None else min(chunk_rows, max_rows)
+        # batch-invariant mode: per call shape (rows, trailing shapes, dtypes, device), whether one
+        # call gave every row the bits of the chunked calls (None: not tried yet)
+        self.wide: dict[tuple[object, ...], bool] = {}
 
     @torch.inference_mode()
     def denoise(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
@@ -100,18 +115,61 @@ class ModelRunner:
         return torch.cat(outs)
 
     def _fixed(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], size: int) -> Tensor:
-        """Calls of exactly ``size`` rows each (batch-invariant mode)."""
+        """Calls of exactly ``size`` rows each (batch-invariant mode), or one call of a multiple of
+        ``size`` rows where that shape was seen to give every row the same bits (class docstring)."""
         rows = x.shape[0]
         pad = -rows % size
         if pad:  # copies of a real row: padding stays finite and valid for any model
             index = torch.cat([torch.arange(rows), torch.full([pad], rows - 1)]).to(x.device)
             x, sigma = x.index_select(0, index), sigma.index_select(0, index)
             cond = {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
+        key = self._wide_key(x, cond, size)
+        seen = None if key is None else self.wide.get(key)
+        if key is not None and seen:
+            try:
+                return self._call(x, sigma, cond)[:rows]
+            except torch.OutOfMemoryError:  # too big as one call here: chunks again, the chunk size kept
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.wide[key] = seen = False
         outs = []
         for i in range(0, rows + pad, size):
             part = slice(i, i + size)
             outs.append(self._call(x[part], sigma[part], {k: v[part] for k, v in cond.items()}))
-        return torch.cat(outs)[:rows]
+        out = torch.cat(outs)
+        if key is not None and seen is None:
+            self.wide[key] = self._same_wide(x, sigma, cond, out, size)
+        return out[:rows]
+
+    def _wide_key(self, x: Tensor, cond: dict[str, Tensor], size: int) -> tuple[object, ...] | None:
+        """The shape key of a padded call that may run as one call, None if it may not."""
+        if not size < x.shape[0] <= self.max_rows or ROW_ADAPTERS in cond:
+            return None
+        if self.handle.stateful is not None and self.handle.stateful(cond):
+            return None
+        conds = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(cond.items()))
+        return (x.shape[0], size, tuple(x.shape[1:]), x.dtype, x.device, conds)
+
+    def _same_wide(
+        self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor], chunked: Tensor, size: int
+    ) -> bool:
+        """Run the padded call as one call and compare it, bit for bit, with its chunked result."""
+        try:
+            same = torch.equal(self._call(x, sigma, cond), chunked)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            same = False
+        log.info(
+            "%s: a call of %d rows (inputs %s) %s",
+            self.handle.name,
+            x.shape[0],
+            tuple(x.shape[1:]),
+            f"gives every row the bits of {size}-row calls: such calls now run as one"
+            if same
+            else f"differs from {size}-row calls: such calls stay in {size}-row chunks",
+        )
+        return same
 
     def _call(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         rows = cond.get(ROW_ADAPTERS)

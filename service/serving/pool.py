@@ -252,6 +252,7 @@ class ModelPool:
                 None if adapters is None else adapters.call,
                 stepcache.release,
                 stepcache.predicted_hit,  # rows that will reuse their step cache share calls
+                lambda cond: stepcache.live(cond.get(stepcache.KEY)),  # calls that read/write the cache
             )
             # fixed-shape calls (batch-invariant mode): a cached row's neighbours keep their shapes
             stepcache.STORE.fixed_shape = bool(s.invariant_rows)

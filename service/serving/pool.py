@@ -132,6 +132,11 @@ class ModelPool:
         self._lock = asyncio.Lock()  # one load or unload at a time: the budget stays consistent
         self._device, self._dtype = "cpu", torch.float32
 
+    @property
+    def device(self) -> str:
+        """The device models load on (settled at start())."""
+        return self._device
+
     # --- what the store has ---
     @property
     def default_model(self) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,29 @@ def test_listed_and_accepted_only_with_its_weights(root: Path, tmp_path: Path) -
     hint = control_image(unit, 32, 48, "controlnets[0]", root)  # the unit's control image: depth, fitted
     want = preprocess.fit(_reference(root, _image()).astype(np.uint8), 48, 32, 0)
     assert np.abs(hint[:3].permute(1, 2, 0).numpy().astype(np.int16) - want).max() <= 1
+
+
+def test_replaced_weights_load_anew(root: Path, tmp_path: Path) -> None:
+    """The network is cached per file version: model.safetensors replaced (as a download tool
+    renames a finished file over the old one), the next run uses the new weights."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "annotators" / "depth_anything"
+    shutil.copytree(root / "annotators" / "depth_anything", folder)
+    img = _image()
+    before = annotators.depth_anything(tmp_path, img)
+    assert annotators._network(tmp_path)[0] is annotators._network(tmp_path)[0]  # kept while unchanged
+    state = load_file(str(folder / "model.safetensors"))
+    head = [k for k in state if k.startswith("head.") and k.endswith("weight")][0]
+    state[head] = -state[head]  # another network: its depth reads differently
+    save_file(state, str(tmp_path / "new.safetensors"), metadata={"format": "pt"})
+    os.replace(tmp_path / "new.safetensors", folder / "model.safetensors")
+    after = annotators.depth_anything(tmp_path, img).astype(np.int16)
+    want = np.asarray(
+        pipeline("depth-estimation", model=str(folder), device="cpu")(Image.fromarray(img))["depth"]
+    )
+    assert not np.array_equal(after, before)
+    assert np.abs(after[:, :, 0] - want.astype(np.int16)).max() <= 1
 
 
 @pytest.fixture(scope="module")

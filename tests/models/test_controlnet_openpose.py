@@ -121,6 +121,9 @@ def test_random_weights_match_controlnet_aux(nets: tuple[Any, BodyPoseNet], tmp_
     openpose_files.link_body_model(tmp_path)
     ours = openpose.run(tmp_path / "annotators", "openpose", img, 128)  # scaled, padded, cropped
     assert ours.shape == (171, 128, 3) and np.array_equal(ours, ref["image"][:171, :128])
+    # the service's device given, the CPU here: the same path, bit for bit
+    on_cpu = openpose.run(tmp_path / "annotators", "openpose", img, 128, torch.device("cpu"))
+    assert np.array_equal(on_cpu, ours)
 
 
 LIMB_SEGMENTS = openpose_body.LIMB_PAIRS

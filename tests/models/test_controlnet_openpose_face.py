@@ -55,7 +55,7 @@ def test_faces_found_and_drawn_as_controlnet_aux(tmp_path: Path, monkeypatch: py
         (folder / name).write_bytes(b"")
     assert openpose.available(folder) == list(openpose.MODULES)
     nets = {openpose.BODY_FILE: body, openpose.HAND_FILE: hand, openpose.FACE_FILE: face}
-    monkeypatch.setattr(openpose, "_net", lambda path, load: nets[path.name])
+    monkeypatch.setattr(openpose, "_net", lambda path, load, device=None: nets[path.name])
     faces: list[Any] = []
     draw = openpose_draw.draw_face
     monkeypatch.setattr(

@@ -102,7 +102,7 @@ def test_hands_found_and_drawn_as_controlnet_aux(tmp_path: Path, monkeypatch: py
         (folder / name).write_bytes(b"")
     assert openpose.available(folder) == ["openpose", "openpose_hand"]
     monkeypatch.setattr(
-        openpose, "_net", lambda path, load: body if path.name == openpose.BODY_FILE else hand
+        openpose, "_net", lambda path, load, device=None: body if path.name == openpose.BODY_FILE else hand
     )
     hands: list[Any] = []
     draw = openpose_draw.draw_hand

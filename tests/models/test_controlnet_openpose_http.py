@@ -69,7 +69,14 @@ def _sample(client: TestClient, unit: dict[str, Any] | None) -> np.ndarray:
     return _pixels(r.json()["images"][0])
 
 
-def test_listed_detected_and_driving_a_controlnet(client: TestClient, root: Path) -> None:
+def test_listed_detected_and_driving_a_controlnet(
+    client: TestClient, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices: list[str] = []  # where each route asks the pose network to run: the model's device
+    net = openpose._net
+    monkeypatch.setattr(
+        openpose, "_net", lambda p, load, device=None: (devices.append(str(device)), net(p, load, device))[1]
+    )
     listed = client.get("/controlnet/module_list").json()
     assert "openpose" in listed["module_list"] and listed["module_detail"]["openpose"]["model_free"] is False
     for name in ("openpose_hand", "openpose_face", "openpose_faceonly", "openpose_full"):
@@ -88,11 +95,13 @@ def test_listed_detected_and_driving_a_controlnet(client: TestClient, root: Path
     pose = _pixels(r.json()["images"][0])
     assert np.array_equal(pose, openpose.run(root / "annotators", "openpose", PICTURE))
     assert (pose > 0).any(axis=2).sum() > 500  # people were found and drawn
+    assert devices == ["cpu", "None"]  # /controlnet/detect: the pool's device; the direct call: none
     # the unit's control image is that pose image: the same result as giving it with module none
     unit = {"model": "cn_openpose", "image": _b64(PICTURE), "weight": 1.5, "resize_mode": "Just Resize"}
     with_module = _sample(client, {**unit, "module": "openpose"})
     assert np.array_equal(with_module, _sample(client, {**unit, "image": _b64(pose), "module": "none"}))
     assert not np.array_equal(with_module, _sample(client, {**unit, "module": "none"}))
+    assert devices[2:] == ["cpu"]  # a unit's image: the loaded model's device (its ControlSet's)
 
 
 def test_bomb_is_refused_and_absent_weights_are_a_422(client: TestClient, root: Path) -> None:

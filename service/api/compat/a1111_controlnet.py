@@ -236,7 +236,7 @@ class DetectRequest(BaseModel):
     controlnet_threshold_b: float = Field(-1, ge=-1e4, le=1e4)
 
 
-def _detect(body: DetectRequest, module: str, root: Path) -> list[str]:
+def _detect(body: DetectRequest, module: str, root: Path, device: str = "cpu") -> list[str]:
     from service.image_gate import ImageInputError, load
 
     out = []
@@ -250,7 +250,7 @@ def _detect(body: DetectRequest, module: str, root: Path) -> list[str]:
         a = body.controlnet_threshold_a if body.controlnet_threshold_a >= 0 else None
         b = body.controlnet_threshold_b if body.controlnet_threshold_b >= 0 else None
         res = body.controlnet_processor_res if body.controlnet_processor_res > 0 else None
-        result = preprocess.run(module, img, res, a, b, root, field="controlnet_module")
+        result = preprocess.run(module, img, res, a, b, root, field="controlnet_module", device=device)
         buf = io.BytesIO()
         Image.fromarray(result).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode())
@@ -268,7 +268,8 @@ async def detect(body: DetectRequest, state: Service = Depends(get_state)) -> di
         )
     if not (body.controlnet_input_images or body.controlnet_images):
         raise InputError("controlnet_input_images", "no images given")
-    images = await asyncio.to_thread(_detect, body, module, root)  # CPU work: off the loop
+    # off the loop (image work, and the pose networks on the model's device)
+    images = await asyncio.to_thread(_detect, body, module, root, state.pool.device)
     return {"images": images, "info": "Success"}
 
 

@@ -15,15 +15,17 @@ accepted as a unit's ``module``) only while its weights are there.
   ``lllyasviel/Annotators``) at ``annotators/body_pose_model.pth`` or
   ``annotators/openpose/body_pose_model.pth`` (the A1111 extension's downloads folder layout).
 
-Each network is loaded once per file and kept for the process (about 100 MB for the small depth
-model, 200 MB for the body pose model; outside KDIFF_MEMORY_BUDGET).
+Each network is loaded once per file version and kept in the process cache ``annotator_cache``
+(at most 8 networks, least recently used dropped; a replaced file loads anew): about 100 MB for
+the small depth model, 200 MB for the body pose model, 150 MB each for the hand and face models,
+outside KDIFF_MEMORY_BUDGET. The pose networks run on the service's device (CUDA memory there);
+Depth Anything runs on the CPU.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import torch
 from PIL import Image
 
 from . import openpose
+from .annotator_cache import NETWORKS, Device
 from .openpose_net import PoseWeightsError
 
 FOLDER = "annotators"
@@ -40,8 +43,8 @@ DEPTH = "depth_anything"
 SIZE, MULTIPLE = 518, 14
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-_lock = threading.Lock()
-_loaded: dict[Path, Any] = {}
+# the files a Depth Anything folder loads from: any of them replaced (or added) loads it anew
+DEPTH_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
 def _depth_folder(root: Path) -> Path:
@@ -85,16 +88,16 @@ class Processing:
         return max(m, round(s * height / m) * m), max(m, round(s * width / m) * m)
 
 
+def _load_depth(folder: Path) -> tuple[Any, Processing]:
+    from transformers import DepthAnythingForDepthEstimation
+
+    net = DepthAnythingForDepthEstimation.from_pretrained(str(folder)).eval()
+    return net, Processing.of(folder)
+
+
 def _network(root: Path) -> tuple[Any, Processing]:
     folder = _depth_folder(root).resolve()
-    with _lock:
-        loaded = _loaded.get(folder)
-        if loaded is None:
-            from transformers import DepthAnythingForDepthEstimation
-
-            net = DepthAnythingForDepthEstimation.from_pretrained(str(folder)).eval()
-            loaded = _loaded[folder] = (net, Processing.of(folder))
-        return loaded
+    return NETWORKS.get([folder / f for f in DEPTH_FILES], lambda: _load_depth(folder))
 
 
 def depth_anything(root: Path, img: np.ndarray) -> np.ndarray:
@@ -119,9 +122,13 @@ SCALES_ITSELF = frozenset(openpose.MODULES)
 WeightsError = PoseWeightsError  # a weight file that is not the network it is named for
 
 
-def run(root: Path, name: str, img: np.ndarray, resolution: int | None = None) -> np.ndarray:
+def run(
+    root: Path, name: str, img: np.ndarray, resolution: int | None = None, device: Device = None
+) -> np.ndarray:
+    """A model-based module on an RGB uint8 image; the pose networks run on ``device`` (None: the
+    CPU), Depth Anything on the CPU."""
     if name == DEPTH:
         return depth_anything(root, img)
     if name in openpose.MODULES:
-        return openpose.run(Path(root) / FOLDER, name, img, resolution)
+        return openpose.run(Path(root) / FOLDER, name, img, resolution, device)
     raise KeyError(name)

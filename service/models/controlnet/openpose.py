@@ -6,18 +6,23 @@ accepted) only while its weight files are in ``model_store/annotators/``.
 - ``openpose_face``: the body and each face's landmarks (``facenet.pth`` too);
 - ``openpose_faceonly``: the face landmarks alone (the body still finds the faces);
 - ``openpose_full``: body, hands and faces (all three files).
+
+The networks run on the device given (the service's model device: CUDA when the service runs
+there) in float32; only their output maps come back to the CPU, where the peak finding and the
+drawing work. No device, or the CPU: the networks stay as loaded, on the CPU.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import cv_resize, openpose_body, openpose_draw, openpose_face, openpose_hand
+from .annotator_cache import NETWORKS, Device
 from .openpose_net import load_body, load_face, load_hand
 
 BODY_FILE, HAND_FILE, FACE_FILE = "body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"
@@ -38,9 +43,6 @@ PAD_TO = 64
 # where a body model may be: lllyasviel/Annotators' flat layout, or the extension's openpose folder
 _PLACES = ("", "openpose")
 
-_lock = threading.Lock()
-_nets: dict[tuple[Path, float], Any] = {}
-
 
 def weight_file(folder: Path, name: str = BODY_FILE) -> Path | None:
     """A pose model in ``model_store/annotators/`` (``folder``), or None."""
@@ -55,16 +57,12 @@ def available(folder: Path) -> list[str]:
     return [m for m in MODULES if all(weight_file(folder, f) is not None for f in _NEEDS[m])]
 
 
-def _net(path: Path, load: Callable[[Path], Any]) -> Any:
-    real = path.resolve()
-    key = (real, path.stat().st_mtime)  # a replaced file loads anew, the old network is let go
-    with _lock:
-        net = _nets.get(key)
-        if net is None:
-            for old in [k for k in _nets if k[0] == real]:
-                del _nets[old]
-            net = _nets[key] = load(path)
-        return net
+def _net(path: Path, load: Callable[[Path], torch.nn.Module], device: Device = None) -> Any:
+    """The network in ``path`` on ``device`` (None: the CPU), loaded once per file version."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cpu":  # as loaded: the CPU path is the one the reference tests pin
+        return NETWORKS.get([path], lambda: load(path), "cpu")
+    return NETWORKS.get([path], lambda: load(path).to(dev, torch.float32), str(dev))
 
 
 def scale(img: np.ndarray, resolution: int | None) -> np.ndarray:
@@ -78,11 +76,13 @@ def scale(img: np.ndarray, resolution: int | None) -> np.ndarray:
     return cv_resize.resize_u8(img, th, tw, cv_resize.CUBIC if k > 1 else cv_resize.AREA)
 
 
-def run(folder: Path, name: str, img: np.ndarray, resolution: int | None = None) -> np.ndarray:
+def run(
+    folder: Path, name: str, img: np.ndarray, resolution: int | None = None, device: Device = None
+) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> the pose image (figures on black) at the size the image is scaled to
     (``resolution``: its short side; None: as it is). As the A1111 extension, the detector sees
     the scaled image padded right and down to multiples of 64 (edge pixels repeated); the figure
-    drawn on that canvas is cropped back."""
+    drawn on that canvas is cropped back. The networks run on ``device`` (None: the CPU)."""
     if name not in MODULES:
         raise KeyError(name)
     files = {f: weight_file(folder, f) for f in _NEEDS[name]}
@@ -90,7 +90,7 @@ def run(folder: Path, name: str, img: np.ndarray, resolution: int | None = None)
         raise KeyError(name)
     draw_body, draw_hands, draw_face = DRAWS[name]
     loaders = {BODY_FILE: load_body, HAND_FILE: load_hand, FACE_FILE: load_face}
-    nets = {f: _net(p, loaders[f]) for f, p in files.items() if p is not None}
+    nets = {f: _net(p, loaders[f], device) for f, p in files.items() if p is not None}
     img = scale(img, resolution)
     h, w = img.shape[:2]
     padded = np.pad(img, ((0, -h % PAD_TO), (0, -w % PAD_TO), (0, 0)), mode="edge")

@@ -18,6 +18,7 @@ from PIL import Image, ImageFilter
 from service.sampling.errors import InputError
 
 from . import annotators
+from .annotator_cache import Device
 
 Array = np.ndarray
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
@@ -167,15 +168,17 @@ def run(
     b: float | None,
     root: Path | None = None,
     field: str = "module",
+    device: Device = None,
 ) -> Array:
     """Run a module at ``resolution`` (the short side; None: the image's own); a model-based one
     with its weights from the store at ``root`` (a weight file that is not what its name says:
-    the 422 on ``field`` naming it)."""
+    the 422 on ``field`` naming it), its networks on ``device`` where they run there (the
+    service's model device; None: the CPU)."""
     if name == "none":
         return img
     if root is not None and name in annotators.SCALES_ITSELF:  # scaled as the A1111 extension does
         try:
-            return annotators.run(root, name, img, resolution)
+            return annotators.run(root, name, img, resolution, device)
         except annotators.WeightsError as exc:
             raise InputError(field, f"{name}: {exc}", modules(root)) from exc
     if resolution:

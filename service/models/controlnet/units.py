@@ -38,6 +38,7 @@ from service.image_gate import ImageInputError, load
 from service.sampling.errors import InputError
 
 from . import files, preprocess
+from .annotator_cache import Device
 from .net import ControlNet
 from .union import AUTO, UnionControlNet, control_type, union_call
 
@@ -96,9 +97,12 @@ class PreparedUnit:
     group: int = -1  # the unit's number: a union unit's images share it
 
 
-def control_image(unit: Any, height: int, width: int, field: str, root: Path | None = None) -> Tensor:
+def control_image(
+    unit: Any, height: int, width: int, field: str, root: Path | None = None, device: Device = None
+) -> Tensor:
     """A unit's control image through the image gate, its preprocessor and its resize mode:
-    [4, H, W] uint8 (RGB and the effective-region mask); ``root``: the store (model-based modules)."""
+    [4, H, W] uint8 (RGB and the effective-region mask); ``root``: the store (model-based modules),
+    ``device``: where their networks run (the model's)."""
     module = preprocess.module_name(str(getattr(unit, "module", None) or "none"), root)
     if module is None:
         raise InputError(
@@ -119,7 +123,7 @@ def control_image(unit: Any, height: int, width: int, field: str, root: Path | N
     if module != "none":
         res = None if res is None or int(res) <= 0 else min(int(res), 2048)
         a, b = getattr(unit, "threshold_a", None), getattr(unit, "threshold_b", None)
-        img = preprocess.run(module, img, res, a, b, root, field=f"{field}.module")
+        img = preprocess.run(module, img, res, a, b, root, field=f"{field}.module", device=device)
     rgb = preprocess.fit(img, width, height, mode)
     m = (
         np.full((height, width), 255, np.uint8)
@@ -244,7 +248,7 @@ class ControlSet:
             mode = control_mode(unit.control_mode, f"{field}.control_mode")
             net = self.resolve(str(unit.model), field)
             for image, kind, where in self._images(unit, net, field):
-                hint = control_image(image, height, width, where, self.root)
+                hint = control_image(image, height, width, where, self.root, self.device)
                 out.append(PreparedUnit(net, float(unit.weight), start, end, mode, hint, kind, i))
         return out
 

@@ -44,6 +44,7 @@ class ModelHandle:
 
 
 ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
+WIDE_SHAPES = 4096  # call shapes whose wide-call check the runner remembers
 
 
 class ModelRunner:
@@ -138,6 +139,8 @@ class ModelRunner:
             outs.append(self._call(x[part], sigma[part], {k: v[part] for k, v in cond.items()}))
         out = torch.cat(outs)
         if key is not None and seen is None:
+            if len(self.wide) >= WIDE_SHAPES:  # a bound: models with free image sizes see many shapes
+                del self.wide[next(iter(self.wide))]  # the oldest; seeing it again re-checks it
             self.wide[key] = self._same_wide(x, sigma, cond, out, size)
         return out[:rows]
 

@@ -81,6 +81,15 @@ def test_a_shape_whose_bits_differ_stays_in_chunks_and_rows_stay_as_alone() -> N
     assert all(torch.equal(o, alone) for o in outs)
 
 
+def test_the_shapes_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.engine.runner.WIDE_SHAPES", 3)
+    model = Counting()
+    runner = _runner(model)
+    for rows in (9, 17, 25, 33, 41):
+        runner.denoise(*_inputs(rows))
+    assert [key[0] for key in runner.wide] == [32, 40, 48]  # padded 16, 24, 32, 40, 48: the last three
+
+
 def test_stateful_calls_and_per_row_adapters_never_run_wide_or_twice() -> None:
     model = Counting()
     runner = _runner(model, stateful=True)

@@ -2,14 +2,17 @@
 ``model_store/annotators/``: listed by /controlnet/module_list and control_types only while the file
 is there, /controlnet/detect returns the pose image (test_controlnet_openpose.py shows it is
 controlnet_aux's), a unit with module openpose drives a ControlNet end to end exactly as the same
-unit given that pose image with module none, a bomb is refused by the image gate, and a weight
-file that is not one is a 422 naming it."""
+unit given that pose image with module none, a bomb is refused by the image gate, a weight
+file that is not one is a 422 naming it, the pose networks are asked for on the model's device, and
+the detection runs off the event loop."""
 
 from __future__ import annotations
 
 import base64
 import io
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,3 +141,50 @@ def test_bomb_is_refused_and_absent_weights_are_a_422(client: TestClient, root: 
     finally:
         shutil.rmtree(root / "annotators", ignore_errors=True)
         shutil.move(str(away), root / "annotators")
+
+
+def test_pose_detection_runs_off_the_event_loop(
+    client: TestClient, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a pose detection works (held 1.5 s here), for /controlnet/detect and for a unit's
+    image in /sample, the server answers /healthz at once: the work is in a worker thread."""
+    from service.models.controlnet import openpose_body
+
+    started, detect = threading.Event(), openpose_body.detect
+
+    def slow(net: Any, rgb: np.ndarray) -> Any:
+        started.set()
+        time.sleep(1.5)  # a blocking wait: on the event loop it would hold every request
+        return detect(net, rgb)
+
+    monkeypatch.setattr(openpose_body, "detect", slow)
+    unit = {"model": "cn_openpose", "image": _b64(PICTURE), "module": "openpose"}
+    calls = [
+        lambda: client.post(
+            "/controlnet/detect",
+            json={"controlnet_module": "openpose", "controlnet_input_images": [_b64(PICTURE)]},
+        ),
+        lambda: client.post(
+            "/sample",
+            json={
+                "model": "sd1",
+                "prompt": "x",
+                "steps": 2,
+                "width": 64,
+                "height": 64,
+                "controlnets": [unit],
+            },
+        ),
+    ]
+    for call in calls:
+        started.clear()
+        done: list[int] = []
+        worker = threading.Thread(target=lambda c=call, d=done: d.append(c().status_code))
+        worker.start()
+        assert started.wait(30)
+        t0 = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        waited = time.perf_counter() - t0
+        assert not done and waited < 0.75, waited  # answered while the detection still ran
+        worker.join(60)
+        assert done == [200]

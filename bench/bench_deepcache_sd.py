@@ -10,7 +10,16 @@ FLOPs: torch's FlopCounterMode over a full evaluation and over the deep part alo
 device (attention counted by its formula; on the CPU the fused attention kernel goes uncounted).
 With ``--sdxl`` the SDXL-shaped UNet at 1024x1024 (128x128 latents) is counted too, FLOPs only.
 
+With ``--controlnet`` an SD1.5-shaped ControlNet (random weights; one unit, weight 1, a 512x512
+control image) joins every evaluation, and a cached evaluation is measured two ways: as before this
+change (every ControlNet in full, its shallow residuals used: ``controls.staged(...).full()`` handed to the
+split) and as now (the ControlNet up to its first down layer only: ``SDUNet`` with the unit). FLOPs
+as above (the ControlNet's whole forward vs its ``start``); seconds as CPU time of this process
+(``time.process_time``; with ``--threads 1`` it is the one thread's time, which other jobs on a
+shared machine do not inflate as they do wall time).
+
     python bench/bench_deepcache_sd.py --threads 2 --repeats 5
+    python bench/bench_deepcache_sd.py --threads 1 --repeats 3 --controlnet
 """
 
 from __future__ import annotations
@@ -115,11 +124,105 @@ def _deep_flops(net: SDUNet, kw: dict[str, torch.Tensor]) -> int:
         added = {"text_embeds": rest["y"], "time_ids": rest["time_ids"]}
     emb, enc = sd_unet._embed(unet, kw["x"], kw["t"], rest["context"], added)
     inp = sd_unet.Inputs(emb, enc, None, False)
-    h1 = sd_unet._layer(unet.down_blocks[0], 0, unet.conv_in(kw["x"]), inp)
+    h1 = sd_unet.layer(unet.down_blocks[0], 0, unet.conv_in(kw["x"]), emb, enc)
     counter = FlopCounterMode(display=False)
     with counter:
         sd_unet.deep(unet, h1, inp)
     return int(counter.get_total_flops())
+
+
+def controlled(net: SDUNet, device: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """An SD1.5-shaped ControlNet attached to ``net`` through a ControlSet, and one unit's rows."""
+    from service.models.controlnet.net import ControlNet, ControlNetConfig
+    from service.models.controlnet.units import ControlSet, PreparedUnit
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        cn = ControlNet(ControlNetConfig(cross_attention_dim=768)).eval()
+    controls = ControlSet(Path("."), net.unet.config, torch.device(device), torch.float32, "bench")
+    controls.nets.append(cn)
+    net.controls = controls
+    side = SD15_UNET["sample_size"] * 8
+    hint = torch.randint(0, 256, (4, side, side), dtype=torch.uint8)
+    hint[3] = 255
+    rows = controls.rows([PreparedUnit(0, 1.0, 0.0, 1.0, 0, hint)], 1, side, side, uncond=False)
+    return cn, rows
+
+
+@torch.inference_mode()
+def count_controlnet() -> dict[str, float]:
+    """GFLOPs of the SD1.5-shaped ControlNet's whole forward and of its part up to the first down
+    layer (what a cached evaluation runs now), on the meta device."""
+    net = build(SD15_UNET, "meta")
+    cn, _ = controlled(net, "meta")
+    kw = inputs(SD15_UNET, "meta")
+    side = SD15_UNET["sample_size"] * 8
+    hint = torch.rand(1, 3, side, side, device="meta")
+    out = {}
+    for name, call in (("cn_full", cn), ("cn_shallow", cn.start)):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call(kw["x"], kw["t"], kw["context"], hint)
+        out[f"{name}_gflop"] = counter.get_total_flops() / 1e9
+    return out
+
+
+@torch.inference_mode()
+def measure_controlnet(repeats: int) -> dict[str, Any]:
+    """CPU seconds of a cached evaluation with a ControlNet unit, before (the ControlNet in full) and
+    now (up to its first down layer), interleaved; the outputs are checked equal."""
+    from service.models.stepcache import sd_unet
+
+    net = build(SD15_UNET, "cpu")
+    _, rows = controlled(net, "cpu")
+    kw = inputs(SD15_UNET, "cpu")
+    x, t, ctx = kw["x"], kw["t"], kw["context"]
+    new, old = (
+        cache_rows(CacheSpec("deepcache", interval=1000), 1),
+        cache_rows(CacheSpec("deepcache", interval=1000), 1),
+    )
+
+    def before() -> torch.Tensor:
+        res = net.controls.staged(x, t, ctx, rows["control_hint"], rows["control_unit"], {}).full()
+        return sd_unet.forward(net.unet, old, x, t, ctx, None, sd_unet.Full(res))
+
+    def now() -> torch.Tensor:
+        return net(x, t, ctx, **rows, cache=new)  # type: ignore[no-any-return]
+
+    before(), now()  # the full evaluations the cached ones reuse
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    outs = {}
+    for _ in range(repeats):
+        for name, call in (("before", before), ("now", now)):
+            c = time.process_time()
+            outs[name] = call()
+            times[name].append(time.process_time() - c)
+    assert torch.equal(outs["before"], outs["now"]), "a cached evaluation changed"
+    return {
+        **{f"{k}_median_s": statistics.median(v) for k, v in times.items()},
+        **{f"{k}_best_s": min(v) for k, v in times.items()},
+    }
+
+
+def report_controlnet(threads: int, repeats: int) -> None:
+    u, c = count(SD15_UNET), count_controlnet()
+    before = u["cached_gflop"] + c["cn_full_gflop"]
+    now = u["cached_gflop"] + c["cn_shallow_gflop"]
+    m = measure_controlnet(repeats)
+    cols = ["cached evaluation + 1 ControlNet (batch 1)", "GFLOP", "CPU s (median, best)"]
+    print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
+    for name, gf in (("before", before), ("now", now)):
+        print(
+            f"| {name}: UNet cached {u['cached_gflop']:.0f} + ControlNet "
+            f"{c['cn_full_gflop' if name == 'before' else 'cn_shallow_gflop']:.0f} | {gf:.0f} | "
+            f"{m[f'{name}_median_s']:.2f} ({m[f'{name}_best_s']:.2f}) |"
+        )
+    ratio = m["before_median_s"] / m["now_median_s"]
+    print(
+        f"\nSD1.5-shaped, {SD15_UNET['sample_size']}x{SD15_UNET['sample_size']} latents, "
+        f"CPU {threads} thread(s); full UNet {u['full_gflop']:.0f} GFLOP; "
+        f"FLOP ratio now/before {now / before:.3f}, CPU time before/now {ratio:.2f}x (median)"
+    )
 
 
 def main() -> int:
@@ -127,8 +230,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdxl", action="store_true", help="also count the SDXL-shaped UNet's FLOPs (meta)")
+    p.add_argument("--controlnet", action="store_true", help="a cached evaluation with a ControlNet unit")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.controlnet:
+        report_controlnet(a.threads, a.repeats)
+        return 0
     cols = ["UNet (batch 1)", "full GFLOP", "cached GFLOP", "FLOP ratio", "full s", "cached s", "speed-up"]
     print("| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|")
     r = count(SD15_UNET) | measure(SD15_UNET, a.repeats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
@@ -66,37 +66,40 @@ class SDUNet(nn.Module):
             if y is None or time_ids is None:
                 raise ValueError("an SDXL UNet needs both the pooled embedding y and time_ids")
             added = {"text_embeds": y.to(dt), "time_ids": time_ids.to(dt)}
-        control = None
         control_hint, control_unit = rows.get("control_hint"), rows.get("control_unit")
+        cn_args = None
         if control_unit is not None and control_hint is not None and self.controls is not None:
-            res = self.controls.residuals(
-                x, t, context, control_hint, control_unit, {"y": y, "time_ids": time_ids}
-            )
-            control = None if res is None else (list(res[0]), res[1])
-        images = nullcontext()
-        if self.images is not None:
-            images = self.images.bind(rows.get("ip_tokens"), rows.get("ip_unit"), t)
+            cn_args = (x, t, context, control_hint, control_unit, {"y": y, "time_ids": time_ids})
         cache = rows.get("cache")
-        with images:  # the UNet's cross-attention reads the rows' image tokens (not the ControlNets')
-            if live(cache):  # some rows with a step cache: DeepCache's split forward
-                with bound_rows(self._image_rows(rows, t)):
-                    out = deepcache.forward(self.unet, cache, inp.to(dt), t, context.to(dt), added, control)
-            else:
-                extra: dict[str, Any] = {}
-                if control is not None:
-                    extra = {
-                        "down_block_additional_residuals": tuple(control[0]),
-                        "mid_block_additional_residual": control[1],
-                    }
-                out = self.unet(
-                    inp.to(dt),
-                    t,
-                    encoder_hidden_states=context.to(dt),
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                    **extra,
-                )[0]
+        if live(cache):  # some rows with a step cache: DeepCache's split forward
+            # the ControlNets' deeper layers run for the rows that run the UNet's deep part only
+            staged = None if cn_args is None else self.controls.staged(*cn_args)
+            with self._images(rows, t), bound_rows(self._image_rows(rows, t)):
+                out = deepcache.forward(self.unet, cache, inp.to(dt), t, context.to(dt), added, staged)
+            return out.to(x.dtype)  # type: ignore[no-any-return]
+        staged = None if cn_args is None else self.controls.staged(*cn_args)
+        res = None if staged is None else staged.full()
+        extra: dict[str, Any] = {}
+        if res is not None:
+            extra["down_block_additional_residuals"] = tuple(res[0])
+            extra["mid_block_additional_residual"] = res[1]
+        with self._images(rows, t):  # the UNet's cross-attention reads the rows' image tokens
+            out = self.unet(
+                inp.to(dt),
+                t,
+                encoder_hidden_states=context.to(dt),
+                added_cond_kwargs=added,
+                return_dict=False,
+                **extra,
+            )[0]
         return out.to(x.dtype)  # type: ignore[no-any-return]
+
+    def _images(self, rows: UNetRows, t: Tensor) -> AbstractContextManager[None]:
+        """The rows' IP-Adapter images bound for the UNet call (the ControlNets' attention has no
+        image processors, so their layers may run inside it)."""
+        if self.images is None:
+            return nullcontext()
+        return self.images.bind(rows.get("ip_tokens"), rows.get("ip_unit"), t)  # type: ignore[no-any-return]
 
     def _image_rows(self, rows: UNetRows, t: Tensor) -> RowBinder:
         """The IP-Adapter rows of part of a call (the step cache's deep part on some rows)."""

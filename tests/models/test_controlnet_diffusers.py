@@ -156,8 +156,8 @@ def test_mixed_rows_share_a_call_and_equal_each_alone(store: tuple[Path, dict[st
     sigma = torch.tensor([9.0, 3.0, 1.0, 0.5])
     calls: list[int] = []
     controls = sd.controls
-    for net in controls.nets:
-        net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    for net in controls.nets:  # the control image's embedding: once per ControlNet call
+        net.controlnet_cond_embedding.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     with torch.inference_mode():
         cond = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         together = sd.denoiser(x, sigma, **cond)
@@ -190,13 +190,15 @@ def test_control_modes_and_guidance_window(store: tuple[Path, dict[str, Any]]) -
     with torch.inference_mode():
         raw = sd.controls.nets[0](x, t, ctx, balanced.cond[HINT][0, :1, :3].float() / 255)
         table = prompt.cond[UNIT]  # unbound: the whole schedule
-        down, mid = sd.controls.residuals(x, t, ctx, prompt.cond[HINT], table, {"y": None, "time_ids": None})
+        down, mid = sd.controls.staged(
+            x, t, ctx, prompt.cond[HINT], table, {"y": None, "time_ids": None}
+        ).full()
     for i, r in enumerate([*down, mid]):
         assert torch.allclose(r, raw[i] * 0.825 ** (12 - i), atol=1e-6)
     masked = prompt.cond[HINT].clone()
     masked[:, :, 3, :, :32] = 0  # effective region: the right half only
     with torch.inference_mode():
-        down, mid = sd.controls.residuals(x, t, ctx, masked, table, {"y": None, "time_ids": None})
+        down, mid = sd.controls.staged(x, t, ctx, masked, table, {"y": None, "time_ids": None}).full()
     assert float(down[0][..., :4].abs().max()) == 0 and float(down[0][..., 4:].abs().max()) > 0
     # guidance window over 10 steps, start 0.2, end 0.5: steps 2..5 act (the extension's rule)
     rows = _rows(sd, [ControlNetRef("cn_a", img, guidance_start=0.2, guidance_end=0.5)]).cond

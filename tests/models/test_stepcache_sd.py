@@ -15,6 +15,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from service.models.sd_unet import SDUNet  # noqa: E402
 from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
+from service.models.stepcache.sd_unet import Full  # noqa: E402
 from tests.support.sd_tiny import make_sd_components  # noqa: E402
 
 
@@ -83,8 +84,8 @@ class Residuals:
         down = [torch.randn(s, generator=g) * 0.3 for s in self._shapes]
         self.value = (down, torch.randn(self._mid[0], generator=g) * 0.3)
 
-    def residuals(self, *args: Any) -> tuple[list[torch.Tensor], torch.Tensor] | None:
-        return self.value
+    def staged(self, *args: Any) -> Full | None:
+        return None if self.value is None else Full(self.value)
 
 
 @torch.inference_mode()

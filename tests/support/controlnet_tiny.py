@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tests.support.sd_tiny import sdxl_added_conditioning
+from tests.support.sd_tiny import save_diffusers, sdxl_added_conditioning, write_manifest
 
 RESNET = {
     "norm1": "in_layers.0",
@@ -158,3 +158,12 @@ def residual_gap(ours: Any, ref: Any, context: int, pooled: int | None = None) -
     want = [*down, mid]
     assert len(got) == len(want), (len(got), len(want))
     return max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+
+
+def sd_models_with_controlnets(root: Path) -> dict[str, Any]:
+    """A store at ``root``: the tiny ``sd1`` and ``sdxl`` models (diffusers folders with manifests)
+    and :func:`add_controlnets`' ControlNets, whose diffusers networks it returns."""
+    for name, kw in (("sd1", {}), ("sdxl", {"sdxl": True})):
+        save_diffusers(root / name, **kw)
+        write_manifest(root / name)
+    return add_controlnets(root)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.models.stepcache.sd_unet import down_rest, layer
+
 
 class ControlNetConfigError(ValueError):
     """A ControlNet configuration this implementation does not build (the message names the key)."""
@@ -111,6 +113,19 @@ class ConditioningEmbedding(nn.Module):
         for conv in self.blocks:
             h = nn.functional.silu(conv(h))
         return self.conv_out(h)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Stage:
+    """Where :meth:`ControlNet.finish` continues: the first down layer's output, the timestep
+    embedding and the context, each [pairs, ...] (``select`` keeps some pairs)."""
+
+    h: Tensor
+    emb: Tensor
+    context: Tensor
+
+    def select(self, pick: Tensor) -> Stage:
+        return Stage(self.h[pick], self.emb[pick], self.context[pick])
 
 
 class ControlNet(nn.Module):
@@ -220,10 +235,33 @@ class ControlNet(nn.Module):
         [B, L, D]; ``hint`` [B, 3, H, W] in [0, 1] (RGB); SDXL: ``y`` pooled text, ``time_ids``."""
         if self.cfg.controlnet_conditioning_channel_order == "bgr":
             hint = hint.flip(1)
+        shallow, stage = self.start(x, t, context, hint, y=y, time_ids=time_ids)
+        return shallow + self.finish(stage)
+
+    def start(
+        self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, **sdxl: Tensor | None
+    ) -> tuple[list[Tensor], Stage]:
+        """The residuals of the two shallow skips (the first features', the first down layer's) and
+        the state :meth:`finish` continues from: what a row whose UNet step cache holds uses (the
+        deep residuals reach it only through its cached features; models/stepcache/sd_unet.py)."""
+        if self.cfg.controlnet_conditioning_channel_order == "bgr":
+            hint = hint.flip(1)
         dt = self.conv_in.weight.dtype
-        emb = self.embed(x, t, y=y, time_ids=time_ids)
+        emb = self.embed(x, t, **sdxl)
         h = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
-        return self.trunk(h, emb, context)
+        context = context.to(h.dtype)
+        h1 = layer(self.down_blocks[0], 0, h, emb, context)
+        return self._outputs([h, h1], 0), Stage(h1, emb, context)
+
+    def finish(self, stage: Stage) -> list[Tensor]:
+        """The other residuals (the deeper skips', then the middle block's) from :meth:`start`'s state."""
+        emb, context = stage.emb, stage.context
+        h, skips = down_rest(self.down_blocks, stage.h, emb, context)
+        if self.cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+            h = self.mid_block(h, emb, encoder_hidden_states=context)
+        else:
+            h = self.mid_block(h, emb)
+        return self._outputs(skips, 2) + self._pooled([self.controlnet_mid_block(h)])
 
     def embed(self, x: Tensor, t: Tensor, extra: Tensor | None = None, **sdxl: Tensor | None) -> Tensor:
         """The timestep embedding [B, 4 * C0]; ``sdxl``: ``y`` and ``time_ids`` (``extra``, a union
@@ -243,19 +281,15 @@ class ControlNet(nn.Module):
     def trunk(self, h: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
         """The encoder copy from the first features ``h`` (latent + control features) to the residuals."""
         context = context.to(h.dtype)
-        skips: list[Tensor] = [h]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips.extend(res)
-        if self.cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-            h = self.mid_block(h, emb, encoder_hidden_states=context)
-        else:
-            h = self.mid_block(h, emb)
-        outs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
-        outs.append(self.controlnet_mid_block(h))
+        h1 = layer(self.down_blocks[0], 0, h, emb, context)
+        return self._outputs([h, h1], 0) + self.finish(Stage(h1, emb, context))
+
+    def _outputs(self, skips: list[Tensor], first: int) -> list[Tensor]:
+        """The zero convolutions of skips ``first..``."""
+        convs = self.controlnet_down_blocks[first : first + len(skips)]
+        return self._pooled([conv(s) for conv, s in zip(convs, skips, strict=True)])
+
+    def _pooled(self, outs: list[Tensor]) -> list[Tensor]:
         if self.cfg.global_pool_conditions:  # shuffle-style ControlNets: global features only
-            outs = [o.mean(dim=(2, 3), keepdim=True).expand_as(o) for o in outs]
+            return [o.mean(dim=(2, 3), keepdim=True).expand_as(o) for o in outs]
         return outs

@@ -12,7 +12,7 @@ shapes, and every row of a model whose store has ControlNets carries both keys):
   union ControlNet (``union.py``) the slot's control type (-1: auto) and its unit's number: a union
   unit with several control images takes a slot per image, all with the unit's number.
 
-:meth:`ControlSet.residuals` runs, per ControlNet used by some active row, ONE call over all the
+:meth:`ControlSet.staged` runs, per ControlNet used by some active row, ONE call over all the
 (row, unit) pairs that use it (their control images concatenated), scales each pair's outputs
 by its weight (soft injection: ``0.825 ** (12 - i)`` for output i, as sd-webui-controlnet), masks
 them, and sums them per row; rows without an active unit add zero. Control modes (the extension's
@@ -39,7 +39,7 @@ from service.sampling.errors import InputError
 
 from . import files, preprocess
 from .annotator_cache import Device
-from .net import ControlNet
+from .net import ControlNet, Stage
 from .union import AUTO, UnionControlNet, control_type, union_call
 
 HINT, UNIT = "control_hint", "control_unit"
@@ -318,7 +318,7 @@ class ControlSet:
             row[5] = float(ts[last + 1]) + 1e-3 if last + 1 < steps and s[last + 1] > 0 else float("-inf")
 
     # --- the model call ---
-    def residuals(
+    def staged(
         self,
         x: Tensor,
         t: Tensor,
@@ -326,37 +326,115 @@ class ControlSet:
         hint: Tensor,
         unit: Tensor,
         extra: dict[str, Tensor | None],
-    ) -> tuple[list[Tensor], Tensor] | None:
-        """The summed residuals for each row (down residuals, mid residual), or None when no row
-        has an active unit at this timestep."""
+    ) -> StagedResiduals | None:
+        """The summed residuals for each row in two parts (models/stepcache/sd_unet.StagedControl):
+        the two shallow skips' residuals now, for every row; the deeper ones when asked, for the rows
+        asked (a UNet row whose step cache holds needs the shallow ones only; ``full()``: all of them,
+        for every row: (down residuals, mid residual)). Each ControlNet runs its first layer
+        once over all its (row, unit) pairs and its deeper layers once over the pairs of the rows
+        asked; a union ControlNet (union.py) runs whole at once. None when no row has an active unit."""
         tt = t.reshape(-1).expand(x.shape[0]).float().to(unit.device)[:, None]
         ids = unit[..., 0]
         active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
         if not bool(active.any()):
             return None
-        total: list[Tensor] | None = None
+        out = StagedResiduals(x.shape[0])
         for net_id in sorted({int(v) for v in ids[active].tolist()}):
             rows, slots = torch.nonzero(active & (ids == net_id), as_tuple=True)
             net = self.nets[net_id]
             h = hint[rows, slots].to(self.dtype) / 255
             ts = t.reshape(-1).expand(x.shape[0])
+            deep: Callable[[Tensor | None], list[Tensor]]
             if isinstance(net, UnionControlNet):  # a call item per (row, unit), weighted inside
                 rows, slots, outs = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra)
                 h = hint[rows, slots].to(self.dtype) / 255
                 weight = torch.ones(len(rows), dtype=outs[0].dtype, device=outs[0].device)
+                rest = outs[2:]
+                deep = _picked(rest)
+                outs = outs[:2]
             else:
                 picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
-                outs = net(x[rows], ts[rows], context[rows], h[:, :3], **picked)
+                outs, stage = net.start(x[rows], ts[rows], context[rows], h[:, :3], **picked)
                 weight = unit[rows, slots, 1].to(outs[0].dtype)
-            soft = unit[rows, slots, 4].to(outs[0].dtype)
-            mask = h[:, 3:4]
-            if total is None:
-                total = [torch.zeros(x.shape[0], *o.shape[1:], dtype=o.dtype, device=o.device) for o in outs]
-            for i, o in enumerate(outs):
-                scale = weight * (soft * (0.825 ** float(12 - i)) + (1 - soft))
-                r = o * scale.view(-1, 1, 1, 1)
-                if not bool((mask == 1).all()):  # the effective region, at this resolution
-                    r = r * torch.nn.functional.interpolate(mask, size=o.shape[-2:], mode="area")
-                total[i] = total[i].index_add(0, rows, r)
-        assert total is not None
-        return total[:-1], total[-1]
+                deep = _finished(net, stage)
+            pairs = _Pairs(rows, weight, unit[rows, slots, 4].to(outs[0].dtype), h[:, 3:4], deep)
+            out.shallow = pairs.add(out.shallow, outs, 0, x.shape[0])
+            out.pairs.append(pairs)
+        return out
+
+
+def _picked(outs: list[Tensor]) -> Callable[[Tensor | None], list[Tensor]]:
+    return lambda pick: outs if pick is None else [o[pick] for o in outs]
+
+
+def _finished(net: ControlNet, stage: Stage) -> Callable[[Tensor | None], list[Tensor]]:
+    return lambda pick: net.finish(stage if pick is None else stage.select(pick))
+
+
+@dataclass
+class _Pairs:
+    """One ControlNet's (row, unit) pairs in a call: each pair's call row, weight, soft-injection
+    flag and effective-region mask, and its deeper residuals for some pairs (``deep(pick)``)."""
+
+    rows: Tensor
+    weight: Tensor
+    soft: Tensor
+    mask: Tensor
+    deep: Callable[[Tensor | None], list[Tensor]]
+
+    def add(
+        self,
+        total: list[Tensor],
+        outs: list[Tensor],
+        first: int,
+        n: int,
+        pick: tuple[Tensor, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """``total`` (n rows, [] before the first ControlNet) plus the pairs' outputs ``first..``,
+        each weighted (soft injection: ``0.825 ** (12 - i)`` for output i), masked and summed into
+        its row; ``pick`` (pairs, their rows in ``total``): the outputs are those of some pairs only
+        and ``total`` holds some rows only (:meth:`StagedResiduals.deep`)."""
+        rows = self.rows if pick is None else pick[1]
+        sel = slice(None) if pick is None else pick[0]
+        weight, soft, mask = self.weight[sel], self.soft[sel], self.mask[sel]
+        if not total:
+            total = [torch.zeros(n, *o.shape[1:], dtype=o.dtype, device=o.device) for o in outs]
+        for k, o in enumerate(outs):
+            scale = weight * (soft * (0.825 ** float(12 - first - k)) + (1 - soft))
+            r = o * scale.view(-1, 1, 1, 1)
+            if not bool((mask == 1).all()):  # the effective region, at this resolution
+                r = r * torch.nn.functional.interpolate(mask, size=o.shape[-2:], mode="area")
+            total[k] = total[k].index_add(0, rows, r)
+        return total
+
+
+class StagedResiduals:
+    """A call's summed residuals in two parts (:meth:`ControlSet.staged`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.shallow: list[Tensor] = []
+        self.pairs: list[_Pairs] = []
+
+    def full(self) -> tuple[list[Tensor], Tensor]:
+        """Every residual for every row: (down residuals, mid residual)."""
+        deep = self.deep(None)
+        assert deep is not None  # staged() returns None when no row has an active unit
+        return self.shallow + deep[0], deep[1]
+
+    def deep(self, index: Tensor | None) -> tuple[list[Tensor], Tensor] | None:
+        """The deeper residuals for the rows ``index`` (None: all), summed per row in the order
+        :meth:`full` sums them; None when none of those rows has a pair."""
+        total: list[Tensor] = []
+        for pairs in self.pairs:
+            if index is None:
+                total = pairs.add(total, pairs.deep(None), 2, self.n)
+                continue
+            where = torch.full((self.n,), -1, dtype=torch.long, device=pairs.rows.device)
+            where[index.to(where.device)] = torch.arange(len(index), device=where.device)
+            mapped = where[pairs.rows]
+            pick = torch.nonzero(mapped >= 0).flatten()
+            if len(pick):
+                outs = pairs.deep(pick)
+                total = pairs.add(total, outs, 2, len(index), (pick, mapped[pick]))
+        return (total[:-1], total[-1]) if total else None

@@ -62,6 +62,7 @@ def _net(path: Path, load: Callable[[Path], torch.nn.Module], device: Device = N
     dev = torch.device(device if device is not None else "cpu")
     if dev.type == "cpu":  # as loaded: the CPU path is the one the reference tests pin
         return NETWORKS.get([path], lambda: load(path), "cpu")
+    dev = torch.empty(0, device=dev).device  # "cuda" and "cuda:0" name one copy (the index filled in)
     return NETWORKS.get([path], lambda: load(path).to(dev, torch.float32), str(dev))
 
 

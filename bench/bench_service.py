@@ -56,6 +56,8 @@ def scrape(url: str) -> dict[str, float]:
         "kdiff_batch_rows_count": "calls",
         "kdiff_model_call_seconds_sum": "call_s",
         "kdiff_running_jobs": "running",
+        "kdiff_network_call_rows_sum": "net_rows",  # the network's calls as run (chunks / wide calls)
+        "kdiff_network_call_rows_count": "net_calls",
     }
     out = dict.fromkeys(want.values(), 0.0)
     for line in text.splitlines():
@@ -146,6 +148,9 @@ async def drive(
         "server_rows_per_s": round((b["rows"] - a["rows"]) / elapsed, 1),
         "rows_per_call": round((b["rows"] - a["rows"]) / max(calls, 1), 1),
         "model_busy": round((b["call_s"] - a["call_s"]) / elapsed, 3),
+        "network_rows_per_call": round(
+            (b["net_rows"] - a["net_rows"]) / max(b["net_calls"] - a["net_calls"], 1), 1
+        ),
     }
 
 
@@ -273,10 +278,10 @@ def main() -> int:
                 limit = max(by_batch.values())
                 point["raw_limit_rows_per_s"] = limit
                 point["vs_raw_limit"] = round(point["rows_per_s"] / limit, 3)
-                # the raw model at the batch size nearest the rows of the service's model calls (issue
-                # 28's "same rows per call" ratio): its engine calls' rows, or in batch-invariant mode
-                # the fixed size each of them runs as
-                rows = a.invariant_rows or point["rows_per_call"]
+                # the raw model at the batch size nearest the rows of the service's network calls as
+                # they ran (issue 28's "same rows per call" ratio): batch-invariant chunks or wide calls,
+                # padding included; a server without that metric: its engine calls' rows, or the chunk
+                rows = point["network_rows_per_call"] or a.invariant_rows or point["rows_per_call"]
                 same = min(by_batch, key=lambda b: abs(b - rows))
                 point["raw_same_batch"] = {"rows": same, "rows_per_s": by_batch[same]}
                 point["vs_raw_same_batch"] = round(point["rows_per_s"] / by_batch[same], 3)

@@ -61,7 +61,12 @@ class Engine:
         self.config = config or EngineConfig()
         self.metrics = metrics
         self.finalize = finalize or _default_finalize
-        self.runner = ModelRunner(handle, self.config.max_batch_rows, self.config.invariant_rows)
+        self.runner = ModelRunner(
+            handle,
+            self.config.max_batch_rows,
+            self.config.invariant_rows,
+            None if metrics is None else metrics.network_rows.labels(handle.name).observe,
+        )
         self.scheduler = Scheduler(self.config.mode, self.config.max_batch_rows, handle.cache_hits)
         self.executor = Executor(handle, self.runner, metrics)
         self.iterations = 0  # plans made so far (a plan's number, in logs)

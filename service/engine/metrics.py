@@ -25,6 +25,13 @@ class Metrics:
         self.rows = Histogram(
             "kdiff_batch_rows", "rows per model call", ["model"], buckets=_ROWS_BUCKETS, registry=r
         )
+        self.network_rows = Histogram(
+            "kdiff_network_call_rows",
+            "rows per call of the network as run (batch-invariant chunks or wide calls, padded)",
+            ["model"],
+            buckets=_ROWS_BUCKETS,
+            registry=r,
+        )
         self.call_seconds = Histogram(
             "kdiff_model_call_seconds", "seconds per model call", ["model"], buckets=_SECONDS, registry=r
         )

@@ -73,10 +73,17 @@ class ModelRunner:
     (in batch-invariant mode images stay invariant among calls made at the new size).
     """
 
-    def __init__(self, handle: ModelHandle, max_rows: int, chunk_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        handle: ModelHandle,
+        max_rows: int,
+        chunk_rows: int | None = None,
+        observe: Callable[[int], None] | None = None,
+    ) -> None:
+        """``observe`` (optional) is told the rows of each network call as run (metrics)."""
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-        self.handle, self.max_rows = handle, max_rows
+        self.handle, self.max_rows, self.observe = handle, max_rows, observe
         self.chunk_rows = None if chunk_rows is None else min(chunk_rows, max_rows)
         # batch-invariant mode: per call shape (rows, trailing shapes, dtypes, device), whether one
         # call gave every row the bits of the chunked calls (None: not tried yet)
@@ -175,6 +182,8 @@ class ModelRunner:
         return same
 
     def _call(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        if self.observe is not None:
+            self.observe(x.shape[0])
         rows = cond.get(ROW_ADAPTERS)
         if rows is None:
             return self.handle.denoiser(x, sigma, **cond)  # type: ignore[no-any-return]

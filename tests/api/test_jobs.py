@@ -92,6 +92,7 @@ def test_metrics_report_requests_batches_and_jobs(client: TestClient) -> None:
     assert 'kdiff_http_requests_total{method="POST",route="/sample",status="200"}' in text
     for name in (
         "kdiff_batch_rows_bucket",
+        "kdiff_network_call_rows_bucket",
         "kdiff_model_call_seconds_bucket",
         "kdiff_queue_depth",
         "kdiff_running_jobs",

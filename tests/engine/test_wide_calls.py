@@ -26,6 +26,7 @@ class Counting:
 
     def __init__(self, skew: bool = False, oom_above: int | None = None) -> None:
         self.calls: list[int] = []
+        self.observed: list[int] = []
         self.skew, self.oom_above = skew, oom_above
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
@@ -39,7 +40,10 @@ class Counting:
 def _runner(model: Counting, stateful: bool = False) -> ModelRunner:
     handle = ModelHandle("fake", model, SHAPE, torch.device("cpu"), torch.float32)
     handle.stateful = (lambda cond: True) if stateful else None
-    return ModelRunner(handle, 64, chunk_rows=CHUNK)
+    observed: list[int] = []
+    runner = ModelRunner(handle, 64, chunk_rows=CHUNK, observe=observed.append)
+    model.observed = observed  # what the metrics hook heard: every network call as run
+    return runner
 
 
 def _inputs(rows: int, seed: int = 0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -67,6 +71,7 @@ def test_a_shape_that_gives_the_same_bits_runs_as_one_call_after_the_first_check
     x2, s2, c2 = _inputs(30, seed=1)
     second = runner.denoise(x2, s2, c2)  # 30 rows: also 32 padded, the shape checked above
     assert model.calls == [32]
+    assert model.observed == [CHUNK] * 4 + [32, 32]  # kdiff_network_call_rows
     assert torch.equal(first, _alone(runner, x, sigma, cond))
     assert torch.equal(second, _alone(runner, x2, s2, c2))
 

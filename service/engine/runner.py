@@ -27,8 +27,10 @@ class ModelHandle:
     calls it when the job ends (thread-safe: a call still running then cannot bring them back).
     ``cache_hits`` (optional) guesses from a job's conditioning whether its next evaluation reuses its
     step cache; the scheduler puts those rows first in their calls (models/stepcache.predicted_hit).
-    ``stateful`` (optional) says whether a call with this conditioning reads or writes per-row state
-    the model keeps (a live step cache): such a call runs exactly as planned, never widened or run twice.
+    ``row_bound`` (optional) says whether a call with this conditioning has rows bound to something
+    beyond their inputs (a live per-row LoRA, per-row state the model keeps such as a live step cache):
+    such a call runs exactly as planned, never widened or run twice. Without it, a call with the per-row
+    adapter key counts as bound.
     """
 
     name: str
@@ -40,7 +42,7 @@ class ModelHandle:
     row_adapters: Callable[[Tensor], AbstractContextManager[None]] | None = None
     forget: Callable[[list[dict[str, Tensor] | None]], None] | None = None
     cache_hits: Callable[[dict[str, Tensor]], bool] | None = None
-    stateful: Callable[[dict[str, Tensor]], bool] | None = None
+    row_bound: Callable[[dict[str, Tensor]], bool] | None = None
 
 
 ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
@@ -65,8 +67,8 @@ class ModelRunner:
     given input shapes, the runner runs it both ways, keeps the chunked result, and records whether the
     one-call result was bit for bit equal on every row; from then on calls of that shape run as one
     call when it was. Rows therefore stay bit-equal to their chunked (and so to their solo) result,
-    and a device or model whose kernels differ keeps the chunks. Calls with per-row adapters or
-    per-row model state (``ModelHandle.stateful``) always run as chunks.
+    and a device or model whose kernels differ keeps the chunks. Calls with live per-row adapters or
+    per-row model state (``ModelHandle.row_bound``) always run as chunks.
 
     Out of memory, it halves its chunk size and retries, and keeps the smaller size: a batch too big
     for the device slows down instead of failing its jobs, and later calls do not hit the same wall
@@ -153,9 +155,10 @@ class ModelRunner:
 
     def _wide_key(self, x: Tensor, cond: dict[str, Tensor], size: int) -> tuple[object, ...] | None:
         """The shape key of a padded call that may run as one call, None if it may not."""
-        if not size < x.shape[0] <= self.max_rows or ROW_ADAPTERS in cond:
+        if not size < x.shape[0] <= self.max_rows:
             return None
-        if self.handle.stateful is not None and self.handle.stateful(cond):
+        bound = self.handle.row_bound
+        if (ROW_ADAPTERS in cond) if bound is None else bound(cond):
             return None
         conds = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(cond.items()))
         return (x.shape[0], size, tuple(x.shape[1:]), x.dtype, x.device, conds)

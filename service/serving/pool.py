@@ -20,7 +20,7 @@ from torch import Tensor
 
 from service.engine import Engine, EngineConfig, ImageResult, Job, Metrics, ModelHandle
 from service.engine.scheduler import Mode
-from service.models import stepcache
+from service.models import lora, stepcache
 from service.models.compiled import compile_denoiser, default_buckets
 from service.models.embeddings import EmbeddingIndex, attach_embeddings
 from service.models.lora import LoraIndex, attach
@@ -34,6 +34,11 @@ from .errors import ErrorCode, ModelBusy, ModelUnavailable
 log = logging.getLogger("kdiff.service")
 SHIPPED = "digits"  # the model the repository ships: the default when the settings name none
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def row_bound(cond: dict[str, Tensor]) -> bool:
+    """ModelHandle.row_bound: a call with a live per-row LoRA or step cache keeps its planned shape."""
+    return lora.live(cond.get(lora.KEY)) or stepcache.live(cond.get(stepcache.KEY))
 
 
 class PoolSettings(UpscalerSettings, Protocol):
@@ -257,7 +262,7 @@ class ModelPool:
                 None if adapters is None else adapters.call,
                 stepcache.release,
                 stepcache.predicted_hit,  # rows that will reuse their step cache share calls
-                lambda cond: stepcache.live(cond.get(stepcache.KEY)),  # calls that read/write the cache
+                row_bound,  # calls that must keep their planned shape (batch-invariant wide calls)
             )
             # fixed-shape calls (batch-invariant mode): a cached row's neighbours keep their shapes
             stepcache.STORE.fixed_shape = bool(s.invariant_rows)

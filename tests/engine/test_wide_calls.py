@@ -12,8 +12,13 @@ from torch import Tensor
 
 from service.engine import ModelHandle, ModelRunner
 from service.engine.runner import ROW_ADAPTERS
+from service.models.lora import KEY as LORA
+from service.models.lora import ModelAdapters
+from service.models.stepcache import KEY as CACHE
+from service.models.stepcache import CacheSpec, cache_rows
 from service.models.store import ModelStore
 from service.models.traced import trace_denoiser
+from service.serving.pool import row_bound
 from tests.engine.test_batch_invariance import BURST, PROBE, STORE, _sample
 
 CHUNK = 8
@@ -39,7 +44,7 @@ class Counting:
 
 def _runner(model: Counting, stateful: bool = False) -> ModelRunner:
     handle = ModelHandle("fake", model, SHAPE, torch.device("cpu"), torch.float32)
-    handle.stateful = (lambda cond: True) if stateful else None
+    handle.row_bound = (lambda cond: True) if stateful else None
     observed: list[int] = []
     runner = ModelRunner(handle, 64, chunk_rows=CHUNK, observe=observed.append)
     model.observed = observed  # what the metrics hook heard: every network call as run
@@ -144,3 +149,17 @@ def test_digits_burst_gives_the_solo_image_with_wide_calls_decided_on_the_real_u
     assert torch.equal(crowd[3], alone)
     for body, got in zip(BURST[::3], crowd[::4], strict=False):
         assert torch.equal(got, _sample(model, [body], CHUNK)[0]), body
+
+
+def test_the_services_rows_bound_predicate_reads_real_adapter_and_cache_rows() -> None:
+    """What the pool gives its engines (serving/pool.row_bound), on the tensors requests really carry:
+    every request to a LoRA-capable model has the adapter rows (id -1 = none), and every request to a
+    cache-capable model the cache rows (id 0 = none); only live ones bind a call's shape."""
+    none = {LORA: ModelAdapters.encode([], 3), CACHE: cache_rows(None, 3), "class_cond": torch.zeros(3)}
+    assert not row_bound(none)
+    assert not row_bound({**none, LORA: ModelAdapters.encode([(0, 0.0)], 3)})  # weight 0: no adapter
+    assert row_bound({**none, LORA: ModelAdapters.encode([(0, 0.8)], 3)})
+    assert row_bound(
+        {**none, LORA: torch.cat([ModelAdapters.encode([], 2), ModelAdapters.encode([(2, 1)], 1)])}
+    )
+    assert row_bound({**none, CACHE: cache_rows(CacheSpec("deepcache", interval=3), 3)})

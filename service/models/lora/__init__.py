@@ -1,6 +1,16 @@
 """LoRA adapters: files in kohya/A1111 and diffusers/PEFT formats, applied per row in shared calls."""
 
-from .adapters import KEY, MAX_PER_REQUEST, LoraError, LoraIndex, LoraInfo, ModelAdapters, attach, text_loras
+from .adapters import (
+    KEY,
+    MAX_PER_REQUEST,
+    LoraError,
+    LoraIndex,
+    LoraInfo,
+    ModelAdapters,
+    attach,
+    live,
+    text_loras,
+)
 from .formats import LoraFormatError, LoraWeight, parse_state_dict, read_lora
 from .layers import Prepared, RowLora
 
@@ -17,6 +27,7 @@ __all__ = [
     "RowLora",
     "parse_state_dict",
     "attach",
+    "live",
     "read_lora",
     "text_loras",
 ]

@@ -27,6 +27,14 @@ MAX_PER_REQUEST = 4
 NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
 
 
+def live(rows: Tensor | None) -> bool:
+    """Whether a call's per-row adapter tensor gives any row an adapter with a non-zero weight."""
+    if rows is None or rows.numel() == 0:
+        return False
+    pairs = rows.view(rows.shape[0], -1, 2)
+    return bool(((pairs[..., 0] >= 0) & (pairs[..., 1] != 0)).any())
+
+
 class LoraError(ValueError):
     """A LoRA a request cannot use: unknown, unreadable, or for another base model."""
 

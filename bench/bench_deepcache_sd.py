@@ -6,7 +6,7 @@ here: nothing is downloaded) behind our SDUNet wrapper, batch 1, 512x512 (64x64 
 ``cache: {"method": "deepcache"}`` whose cache holds (interval 1000, after one full evaluation):
 conv_in, the first down layer, the last up block's last two layers and the output run
 (models/stepcache/sd_unet.py). Wall: ``--repeats`` evaluations of each, interleaved, median and best;
-FLOPs: torch's FlopCounterMode over a full evaluation and over the deep part alone, on the meta
+FLOPs: torch's FlopCounterMode over a full evaluation and over a cached one, on the meta
 device (attention counted by its formula; on the CPU the fused attention kernel goes uncounted).
 With ``--sdxl`` the SDXL-shaped UNet at 1024x1024 (128x128 latents) is counted too, FLOPs only.
 
@@ -20,6 +20,9 @@ shared machine do not inflate as they do wall time).
 
     python bench/bench_deepcache_sd.py --threads 2 --repeats 5
     python bench/bench_deepcache_sd.py --threads 1 --repeats 3 --controlnet
+    python bench/bench_deepcache_sd.py --levels   # FLOPs only, every split level
+
+``--level L``: the split (the sd-webui extension's ``deepcache_cache_resnet_level``; default 1).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ SDXL_UNET: dict[str, Any] = SD15_UNET | {  # SDXL base's UNet config
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
+
+
+LEVEL = [1]  # the split (``--level``; stepcache/sd_unet.py)
 
 
 def inputs(cfg: dict[str, Any], device: str) -> dict[str, torch.Tensor]:
@@ -90,7 +96,9 @@ def count(cfg: dict[str, Any]) -> dict[str, float]:
     net = build(cfg, "meta")
     kw = inputs(cfg, "meta")
     full = flops(net, kw, None)
-    return {"full_gflop": full / 1e9, "cached_gflop": (full - _deep_flops(net, kw)) / 1e9}
+    rows = cache_rows(CacheSpec("deepcache", interval=1000, level=LEVEL[0]), 1)
+    flops(net, kw, rows)  # the full evaluation the cached one reuses
+    return {"full_gflop": full / 1e9, "cached_gflop": flops(net, kw, rows) / 1e9}
 
 
 @torch.inference_mode()
@@ -99,7 +107,7 @@ def measure(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
     net = build(cfg, "cpu")
     kw = inputs(cfg, "cpu")
     rest = {k: v for k, v in kw.items() if k not in ("x", "t")}
-    rows = cache_rows(CacheSpec("deepcache", interval=1000), 1)
+    rows = cache_rows(CacheSpec("deepcache", interval=1000, level=LEVEL[0]), 1)
     net(kw["x"], kw["t"], **rest, cache=rows)  # the full evaluation the cached ones reuse
     times: dict[str, list[float]] = {"full": [], "cached": []}
     for _ in range(repeats):
@@ -111,24 +119,6 @@ def measure(cfg: dict[str, Any], repeats: int) -> dict[str, Any]:
         **{f"{k}_median_s": statistics.median(v) for k, v in times.items()},
         **{f"{k}_best_s": min(v) for k, v in times.items()},
     }
-
-
-def _deep_flops(net: SDUNet, kw: dict[str, torch.Tensor]) -> int:
-    """The deep part's FLOPs alone (what a cached evaluation skips), from the first layer's output."""
-    from service.models.stepcache import sd_unet
-
-    unet = net.unet
-    rest = {k: v for k, v in kw.items() if k not in ("x", "t")}
-    added = None
-    if "y" in rest:
-        added = {"text_embeds": rest["y"], "time_ids": rest["time_ids"]}
-    emb, enc = sd_unet._embed(unet, kw["x"], kw["t"], rest["context"], added)
-    inp = sd_unet.Inputs(emb, enc, None, False)
-    h1 = sd_unet.layer(unet.down_blocks[0], 0, unet.conv_in(kw["x"]), emb, enc)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        sd_unet.deep(unet, h1, inp)
-    return int(counter.get_total_flops())
 
 
 def controlled(net: SDUNet, device: str) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -162,7 +152,10 @@ def count_controlnet() -> dict[str, float]:
     for name, call in (("cn_full", cn), ("cn_shallow", cn.start)):
         counter = FlopCounterMode(display=False)
         with counter:
-            call(kw["x"], kw["t"], kw["context"], hint)
+            if name == "cn_full":
+                call(kw["x"], kw["t"], kw["context"], hint)
+            else:
+                call(kw["x"], kw["t"], kw["context"], hint, min(LEVEL[0], len(cn.controlnet_down_blocks) - 1))
         out[f"{name}_gflop"] = counter.get_total_flops() / 1e9
     return out
 
@@ -178,13 +171,14 @@ def measure_controlnet(repeats: int) -> dict[str, Any]:
     kw = inputs(SD15_UNET, "cpu")
     x, t, ctx = kw["x"], kw["t"], kw["context"]
     new, old = (
-        cache_rows(CacheSpec("deepcache", interval=1000), 1),
-        cache_rows(CacheSpec("deepcache", interval=1000), 1),
+        cache_rows(CacheSpec("deepcache", interval=1000, level=LEVEL[0]), 1),
+        cache_rows(CacheSpec("deepcache", interval=1000, level=LEVEL[0]), 1),
     )
 
     def before() -> torch.Tensor:
         res = net.controls.staged(x, t, ctx, rows["control_hint"], rows["control_unit"], {}).full()
-        return sd_unet.forward(net.unet, old, x, t, ctx, None, sd_unet.Full(res))
+        split = min(LEVEL[0], sd_unet.skips(net.unet) - 1)
+        return sd_unet.forward(net.unet, old, x, t, ctx, None, sd_unet.Full(res, split))
 
     def now() -> torch.Tensor:
         return net(x, t, ctx, **rows, cache=new)  # type: ignore[no-any-return]
@@ -225,13 +219,36 @@ def report_controlnet(threads: int, repeats: int) -> None:
     )
 
 
+def report_levels() -> None:
+    """GFLOPs of a cached evaluation at every level (meta device), SD1.5- and SDXL-shaped."""
+    from service.models.stepcache.sd_unet import skips
+
+    print("| UNet | full GFLOP | cached GFLOP by level (0, 1, ...) |\n|---|---:|---|")
+    for name, cfg in (
+        ("SD1.5-shaped, 64x64 latents", SD15_UNET),
+        ("SDXL-shaped, 128x128 latents", SDXL_UNET),
+    ):
+        cached = []
+        for level in range(skips(build(cfg, "meta").unet)):
+            LEVEL[0] = level
+            r = count(cfg)
+            cached.append(f"{r['cached_gflop']:.0f}")
+        print(f"| {name} | {r['full_gflop']:.0f} | {', '.join(cached)} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sdxl", action="store_true", help="also count the SDXL-shaped UNet's FLOPs (meta)")
     p.add_argument("--controlnet", action="store_true", help="a cached evaluation with a ControlNet unit")
+    p.add_argument("--level", type=int, default=1, help="the split level (the extension's resnet level)")
+    p.add_argument("--levels", action="store_true", help="count a cached evaluation's FLOPs at every level")
     a = p.parse_args()
+    LEVEL[0] = a.level
+    if a.levels:
+        report_levels()
+        return 0
     torch.set_num_threads(a.threads)
     if a.controlnet:
         report_controlnet(a.threads, a.repeats)

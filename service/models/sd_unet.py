@@ -73,9 +73,10 @@ class SDUNet(nn.Module):
         cache = rows.get("cache")
         if live(cache):  # some rows with a step cache: DeepCache's split forward
             # the ControlNets' deeper layers run for the rows that run the UNet's deep part only
-            staged = None if cn_args is None else self.controls.staged(*cn_args)
+            split = deepcache.levels(self.unet, cache)
+            staged = None if cn_args is None else self.controls.staged(*cn_args, split[0])
             with self._images(rows, t), bound_rows(self._image_rows(rows, t)):
-                out = deepcache.forward(self.unet, cache, inp.to(dt), t, context.to(dt), added, staged)
+                out = deepcache.forward(self.unet, cache, inp.to(dt), t, context.to(dt), added, staged, split)
             return out.to(x.dtype)  # type: ignore[no-any-return]
         staged = None if cn_args is None else self.controls.staged(*cn_args)
         res = None if staged is None else staged.full()
@@ -102,19 +103,30 @@ class SDUNet(nn.Module):
         return self.images.bind(rows.get("ip_tokens"), rows.get("ip_unit"), t)  # type: ignore[no-any-return]
 
     def _image_rows(self, rows: UNetRows, t: Tensor) -> RowBinder:
-        """The IP-Adapter rows of part of a call (the step cache's deep part on some rows)."""
+        """The IP-Adapter rows of part of a call (the step cache's deep part on some rows; ``index``
+        is of the rows bound at the time: nested parts, as rows of different levels make, pick from
+        their enclosing part's rows, as RowLora does)."""
         tokens, unit = rows.get("ip_tokens"), rows.get("ip_unit")
+        if self.images is None or tokens is None or unit is None:
+            return _nothing
+        bound = [tokens, unit, t.reshape(-1).expand(unit.shape[0])]
 
         @contextmanager
         def select(index: Tensor) -> Iterator[None]:
-            if self.images is None or tokens is None or unit is None:
-                yield
-                return
-            pick = t.reshape(-1).expand(unit.shape[0]).index_select(0, index.to(t.device))
-            with image_rows([]), self.images.bind(tokens[index], unit[index], pick):
-                yield
+            before = list(bound)
+            bound[:] = [v.index_select(0, index.to(v.device)) for v in before]
+            try:
+                with image_rows([]), self.images.bind(*bound):
+                    yield
+            finally:
+                bound[:] = before
 
         return select
+
+
+@contextmanager
+def _nothing(index: Tensor) -> Iterator[None]:
+    yield
 
 
 def alphas_cumprod_from_config(cfg: dict[str, Any]) -> Tensor:

@@ -30,6 +30,7 @@ CASES: list[tuple[Any, str, str]] = [
     ({"method": "deepcache", "interval": 0}, "interval", "greater than or equal to 1"),
     ({"method": "deepcache", "threshold": -0.1}, "threshold", "greater than or equal to 0"),
     ({"method": "deepcache", "start": -1}, "start", "greater than or equal to 0"),
+    ({"method": "deepcache", "level": 11}, "level", "less than or equal to 10"),
     ({"method": "deepcache", "every": 2}, "every", "unknown field 'every'"),
     ({"interval": 2}, "method", "Field required"),
     ({"method": "teacache"}, "cache.method", "unknown cache method"),
@@ -58,12 +59,16 @@ A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Kar
         # the sd-webui DeepCache extension's options, as its users set them (its default rate: 5)
         (
             {"override_settings": {"deepcache_enable": True, "deepcache_full_run_step_rate": 2}},
-            {"interval": 2, "start": 1},  # the extension's default: caching after 40 % of the 4 steps
+            {
+                "interval": 2,
+                "start": 1,
+                "level": 0,
+            },  # its defaults: caching after 40 % of the 4 steps, level 0
         ),
-        ({"override_settings": {"deepcache_enable": True}}, {"interval": 5, "start": 1}),
+        ({"override_settings": {"deepcache_enable": True}}, {"interval": 5, "start": 1, "level": 0}),
         (
             {"override_settings": {"deepcache_enable": True, "deepcache_cache_enable_step_percentage": 0}},
-            {"interval": 5},
+            {"interval": 5, "level": 0},
         ),
         ({"cache": {"method": "deepcache", "threshold": 0.2}}, {"threshold": 0.2}),
         ({"override_settings": {"deepcache_enable": False}}, None),
@@ -75,7 +80,7 @@ A1111 = {"prompt": "a 7", "steps": 4, "sampler_name": "Euler", "scheduler": "Kar
                     "deepcache_full_run_step_rate": 3,
                 }
             },
-            {"interval": 3, "start": 1},
+            {"interval": 3, "start": 1, "level": 0},
         ),
         ({"override_settings": {"deepcache_enable_pass": "disable", "deepcache_enable": True}}, None),
         ({"override_settings": {"deepcache_enable_pass": "second pass"}}, None),  # no hires: no second pass

@@ -5,7 +5,6 @@ layer swapped for the last full evaluation's); rows decide alone inside a shared
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from service.models.sd_unet import SDUNet  # noqa: E402
 from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
 from service.models.stepcache.sd_unet import Full  # noqa: E402
+from tests.support.deepcache_oracle import random_step, restore_fixed_shape, wrapped  # noqa: E402
 from tests.support.sd_tiny import make_sd_components  # noqa: E402
 
 
@@ -42,22 +42,14 @@ def net(request: pytest.FixtureRequest) -> tuple[SDUNet, dict[str, torch.Tensor]
         unet = _sdxl_layout()
     else:
         unet = make_sd_components(sdxl=request.param == "sdxl")["unet"]
-    cfg, cond = unet.config, {"context": torch.randn(3, 5, unet.config.cross_attention_dim)}
-    if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        cond |= {"y": torch.randn(3, pooled), "time_ids": torch.rand(3, 6) * 64}
-    return SDUNet(unet), cond
+    return wrapped(unet)  # type: ignore[no-any-return]
 
 
-@pytest.fixture(autouse=True)
-def fixed_shape() -> Iterator[None]:
-    yield
-    STORE.fixed_shape = True
+fixed_shape = pytest.fixture(autouse=True)(restore_fixed_shape)
 
 
 def _inputs(seed: int, h: int = 16, w: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 4, h, w, generator=g), torch.rand(3, generator=g) * 999
+    return random_step(seed, h, w)
 
 
 class Residuals:

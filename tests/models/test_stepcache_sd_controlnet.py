@@ -28,6 +28,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png  # noqa: E402
 from tests.support.controlnet_tiny import sd_models_with_controlnets  # noqa: E402
+from tests.support.deepcache_oracle import entry_of, skip_channels, swapped  # noqa: E402
 
 NETS = {"sd1": "cn_a", "sdxl": "cn_xl"}
 
@@ -62,8 +63,9 @@ def _old_forward(net: Any, cache: torch.Tensor, x: torch.Tensor, t: torch.Tensor
     y, ids = cond.get("y"), cond.get("time_ids")
     staged = net.controls.staged(x, t, cond["context"], cond[HINT], cond[UNIT], {"y": y, "time_ids": ids})
     added = None if y is None else {"text_embeds": y, "time_ids": ids}
-    control = None if staged is None else deepcache.Full(staged.full())
-    return deepcache.forward(net.unet, cache, x, t, cond["context"], added, control)  # type: ignore[no-any-return]
+    split = deepcache.levels(net.unet, cache)
+    control = None if staged is None else deepcache.Full(staged.full(), split[0])
+    return deepcache.forward(net.unet, cache, x, t, cond["context"], added, control, split)  # type: ignore[no-any-return]
 
 
 def _count_calls(module: Any, into: list[int]) -> Any:
@@ -71,17 +73,21 @@ def _count_calls(module: Any, into: list[int]) -> Any:
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("level", [1, 0, 2])
 @pytest.mark.parametrize("model", ["sd1", "sdxl"])
-def test_a_cached_evaluation_with_a_controlnet(store: tuple[Path, dict[str, Any]], model: str) -> None:
-    """Full at (x1, t1), cached at (x2, t2) (interval 2), one row with a ControlNet unit: equal to the
-    previous code bit for bit, and to DeepCache by hand on diffusers' UNet + ControlNetModel; on the
+def test_a_cached_evaluation_with_a_controlnet(
+    store: tuple[Path, dict[str, Any]], model: str, level: int
+) -> None:
+    """Full at (x1, t1), cached at (x2, t2) (interval 2; levels 1, the default, 0 and 2), one row with
+    a ControlNet unit: equal to the previous code (the ControlNet in full, its residuals up to the
+    level used) bit for bit, and to DeepCache by hand on diffusers' UNet + ControlNetModel; on the
     cached evaluation neither the UNet's nor the ControlNet's deeper layers run."""
     root, refs = store
     sd = ModelStore(root).load(model).text_model  # type: ignore[attr-defined]
     net = sd.denoiser.inner_model
     cond = _cond(sd, [ControlNetRef(NETS[model], control_png(5, 64))])
     (x1, t1), (x2, t2) = _step(1, 1), _step(2, 1)
-    spec = CacheSpec("deepcache", interval=2)
+    spec = CacheSpec("deepcache", interval=2, level=level)
     new_rows, old_rows = cache_rows(spec, 1), cache_rows(spec, 1)
     ours = net.controls.nets[0]
     mids: list[int] = []
@@ -100,8 +106,7 @@ def test_a_cached_evaluation_with_a_controlnet(store: tuple[Path, dict[str, Any]
     unet, ref = net.unet, refs[NETS[model]]
     hint = cond[HINT][:, 0, :3].float() / 255
     added = None if "y" not in cond else {"text_embeds": cond["y"], "time_ids": cond["time_ids"]}
-    last = unet.up_blocks[-1]
-    entry, width = last.resnets[len(last.resnets) - 2], unet.config.block_out_channels[0]
+    entry, width = entry_of(unet, level), skip_channels(unet)[level]
 
     def plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         down, mid = ref(x, t, cond["context"], hint, added_cond_kwargs=added, return_dict=False)
@@ -110,28 +115,26 @@ def test_a_cached_evaluation_with_a_controlnet(store: tuple[Path, dict[str, Any]
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
         )[0]  # fmt: skip
 
-    seen: list[torch.Tensor] = []
-    hook = entry.register_forward_pre_hook(lambda m, a: seen.append(a[0][:, :-width].clone()))
     assert (plain(x1, t1) - got[0]).abs().max() <= 1e-5
-    hook.remove()
-    hook = entry.register_forward_pre_hook(lambda m, a: (torch.cat([seen[0], a[0][:, -width:]], 1), *a[1:]))
-    want = plain(x2, t2)
-    hook.remove()
+    want = swapped(entry, width, lambda: plain(x1, t1), lambda: plain(x2, t2))
     assert (got[1] - want).abs().max() <= 1e-5
     assert (got[1] - plain(x2, t2)).abs().max() > 1e-4  # the cache changed the output
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("levels", ["default", "mixed"])
 @pytest.mark.parametrize("fixed", [True, False])
 def test_mixed_rows_with_and_without_controlnets_equal_each_alone(
-    store: tuple[Path, dict[str, Any]], fixed: bool
+    store: tuple[Path, dict[str, Any]], fixed: bool, levels: str
 ) -> None:
     """Rows: interval 2 + cn_a; no cache + cn_a; interval 3 without ControlNet; interval 2 + cn_a and
     cn_b (soft injection) with a masked unit; four evaluations, one call each. Every row equals a call
     of four copies of it alone (within rounding: the ControlNets' batches are the (row, unit) pairs
     using them, which differ); with fixed shapes the call is the previous code's bit for bit. The
     ControlNets' deeper layers run for the rows that run the UNet's deep part (every row of the call
-    with fixed shapes, as the UNet's; without them those rows only)."""
+    with fixed shapes, as the UNet's; without them those rows only). ``mixed``: the cached rows at
+    levels 0, 2 and 1 (the ControlNets then split at level 0, the call's shallowest; rows of the
+    other levels run on at that split and decide at their own)."""
     root, _ = store
     sd = ModelStore(root).load("sd1").text_model  # type: ignore[attr-defined]
     net = sd.denoiser.inner_model
@@ -146,8 +149,13 @@ def test_mixed_rows_with_and_without_controlnets_equal_each_alone(
             ControlNetRef("cn_b", control_png(4, 64), weight=0.5, control_mode="My prompt is more important"),
         ],
     ]
-    specs = [CacheSpec("deepcache", interval=2), None, CacheSpec("deepcache", interval=3)]
-    specs.append(specs[0])
+    lv = [0, 2, 1] if levels == "mixed" else [None] * 3
+    specs = [
+        CacheSpec("deepcache", interval=2, level=lv[0]),
+        None,
+        CacheSpec("deepcache", interval=3, level=lv[1]),
+        CacheSpec("deepcache", interval=2, level=lv[2]),
+    ]
     conds = [_cond(sd, u) for u in units]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
     own_rows = [cache_rows(s, 1) for s in specs]  # the ids live as long as these tensors
@@ -165,7 +173,10 @@ def test_mixed_rows_with_and_without_controlnets_equal_each_alone(
             v.clear()
         mixed.append(net(x, t, **cond, cache=held))
         if len(mixed) == 2:  # rows 0, 2, 3 reuse their cache: the deep parts run for row 1's pairs only
-            assert deep == ({"cn_a": [3], "cn_b": [1]} if fixed else {"cn_a": [1], "cn_b": []})
+            want = {"cn_a": [1], "cn_b": []}  # without fixed shapes: row 1's pairs only
+            if levels == "mixed":  # rows 2 and 3 run on at the level-0 split
+                want = {"cn_a": [2], "cn_b": [1]}
+            assert deep == ({"cn_a": [3], "cn_b": [1]} if fixed else want)
         old = _old_forward(net, old_rows, x, t, cond)
         if fixed:  # every deep layer on every row of the call when any row needs it: as before
             assert torch.equal(mixed[-1], old)

@@ -171,7 +171,7 @@ def test_a1111_deepcache_options_on_sd(client: TestClient) -> None:
     on["override_settings"]["deepcache_full_run_step_rate"] = 2
     r = _post(client, "/sdapi/v1/txt2img", **on)
     params = read_parameters(base64.b64decode(r["images"][0]))
-    assert params["cache"] == {"method": "deepcache", "interval": 2, "start": 1}  # 40 % of 4 steps
+    assert params["cache"] == {"method": "deepcache", "interval": 2, "start": 1, "level": 0}  # 40 % of 4
     bad = client.post("/sample", json={**BODY, "model": "sd1", "cache": {"method": "fbcache"}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "cache.method", bad.text
     assert "it runs deepcache" in bad.json()["detail"][0]["msg"]

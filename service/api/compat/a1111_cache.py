@@ -6,9 +6,12 @@
   January 2024) or as its first ones did, ``deepcache_enable`` (bool); and
   ``deepcache_full_run_step_rate`` (a full step every N; the extension's default 5) and
   ``deepcache_cache_enable_step_percentage`` (no caching before that share of the steps; its default
-  0.4), our ``start``. Our cache acts on every pass, so "second pass" is refused for a request with a
-  hires fix (and is off without one: there is no second pass); the extension's level and hires-only
-  options are not read (docs/STEP_CACHE.md).
+  0.4), our ``start``; ``deepcache_cache_resnet_level`` (its default 0), our ``level``: the same
+  split on the SD UNet (models/stepcache/sd_unet.py). Our cache acts on every pass, so "second pass"
+  is refused for a request with a hires fix (and is off without one: there is no second pass), as is
+  ``deepcache_hr_reuse`` (the extension's second pass reads the first pass's cached features, kept
+  per step; ours runs at the new size from a full evaluation). The ``_hr`` start percentage is not
+  read (docs/STEP_CACHE.md).
 - Our own ``cache`` object at the top of the body (``{"method", "interval" | "threshold"}``, as on
   ``/sample``), which also reaches fbcache on SD3 / Flux; it wins over the options.
 """
@@ -26,6 +29,8 @@ PASSES = ["disable", "second pass", "both passes"]
 EXTENSION_RATE = 5  # the extension's default refresh rate
 START = "deepcache_cache_enable_step_percentage"
 EXTENSION_START = 0.4  # the extension's default: no caching in the first 40 % of the steps
+LEVEL, HR_REUSE = "deepcache_cache_resnet_level", "deepcache_hr_reuse"
+LEVELS = list(range(11))  # the extension's slider: 0-10
 
 
 def cache_field(
@@ -71,4 +76,20 @@ def cache_field(
     share = EXTENSION_START if share is None else share
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise InputError(where, f"{START} must be a number in [0, 1]", [0, 1])
-    return {"cache": {"method": "deepcache", "interval": rate, "start": int(share * steps)}}
+    level, where = option(LEVEL)
+    level = 0 if level is None else level  # the extension's default
+    if isinstance(level, float) and level.is_integer():
+        level = int(level)
+    if isinstance(level, bool) or not isinstance(level, int) or level not in LEVELS:
+        raise InputError(where, f"{LEVEL} must be an integer in [0, 10]", LEVELS)
+    reuse, where = option(HR_REUSE)
+    if reuse not in (None, True, False):
+        raise InputError(where, f"{HR_REUSE} must be true or false")
+    if reuse and hires:
+        msg = (
+            f"{HR_REUSE} is not supported: the hires pass runs at a new size, so its first evaluation "
+            "is a full one and its cache is its own"
+        )
+        raise InputError(where, msg, [False])
+    cache = {"method": "deepcache", "interval": rate, "start": int(share * steps), "level": level}
+    return {"cache": cache}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.models.stepcache.sd_unet import down_rest, layer
+from service.models.stepcache.sd_unet import down_path
 
 
 class ControlNetConfigError(ValueError):
@@ -117,15 +117,16 @@ class ConditioningEmbedding(nn.Module):
 
 @dataclass
 class Stage:
-    """Where :meth:`ControlNet.finish` continues: the first down layer's output, the timestep
-    embedding and the context, each [pairs, ...] (``select`` keeps some pairs)."""
+    """Where :meth:`ControlNet.finish` continues: skip ``level``'s features, the timestep embedding
+    and the context, each [pairs, ...] (``select`` keeps some pairs)."""
 
     h: Tensor
     emb: Tensor
     context: Tensor
+    level: int
 
     def select(self, pick: Tensor) -> Stage:
-        return Stage(self.h[pick], self.emb[pick], self.context[pick])
+        return Stage(self.h[pick], self.emb[pick], self.context[pick], self.level)
 
 
 class ControlNet(nn.Module):
@@ -239,29 +240,30 @@ class ControlNet(nn.Module):
         return shallow + self.finish(stage)
 
     def start(
-        self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, **sdxl: Tensor | None
+        self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, level: int = 1, **sdxl: Tensor | None
     ) -> tuple[list[Tensor], Stage]:
-        """The residuals of the two shallow skips (the first features', the first down layer's) and
-        the state :meth:`finish` continues from: what a row whose UNet step cache holds uses (the
-        deep residuals reach it only through its cached features; models/stepcache/sd_unet.py)."""
+        """The residuals of the skips 0 .. ``level`` (the first features', then the down path's) and
+        the state :meth:`finish` continues from: what a row whose UNet step cache at that level holds
+        uses (the deeper residuals reach it only through its cached features; stepcache/sd_unet.py)."""
         if self.cfg.controlnet_conditioning_channel_order == "bgr":
             hint = hint.flip(1)
         dt = self.conv_in.weight.dtype
         emb = self.embed(x, t, **sdxl)
-        h = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
-        context = context.to(h.dtype)
-        h1 = layer(self.down_blocks[0], 0, h, emb, context)
-        return self._outputs([h, h1], 0), Stage(h1, emb, context)
+        h0 = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
+        context = context.to(h0.dtype)
+        h, made = down_path(self.down_blocks, h0, emb, context, 0, level)
+        return self._outputs([h0, *made], 0), Stage(h, emb, context, level)
 
     def finish(self, stage: Stage) -> list[Tensor]:
         """The other residuals (the deeper skips', then the middle block's) from :meth:`start`'s state."""
         emb, context = stage.emb, stage.context
-        h, skips = down_rest(self.down_blocks, stage.h, emb, context)
+        last = len(self.controlnet_down_blocks) - 1
+        h, made = down_path(self.down_blocks, stage.h, emb, context, stage.level, last)
         if self.cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
             h = self.mid_block(h, emb, encoder_hidden_states=context)
         else:
             h = self.mid_block(h, emb)
-        return self._outputs(skips, 2) + self._pooled([self.controlnet_mid_block(h)])
+        return self._outputs(made, stage.level + 1) + self._pooled([self.controlnet_mid_block(h)])
 
     def embed(self, x: Tensor, t: Tensor, extra: Tensor | None = None, **sdxl: Tensor | None) -> Tensor:
         """The timestep embedding [B, 4 * C0]; ``sdxl``: ``y`` and ``time_ids`` (``extra``, a union
@@ -281,8 +283,7 @@ class ControlNet(nn.Module):
     def trunk(self, h: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
         """The encoder copy from the first features ``h`` (latent + control features) to the residuals."""
         context = context.to(h.dtype)
-        h1 = layer(self.down_blocks[0], 0, h, emb, context)
-        return self._outputs([h, h1], 0) + self.finish(Stage(h1, emb, context))
+        return self._outputs([h], 0) + self.finish(Stage(h, emb, context, 0))
 
     def _outputs(self, skips: list[Tensor], first: int) -> list[Tensor]:
         """The zero convolutions of skips ``first..``."""

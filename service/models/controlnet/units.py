@@ -326,19 +326,21 @@ class ControlSet:
         hint: Tensor,
         unit: Tensor,
         extra: dict[str, Tensor | None],
+        level: int = 1,
     ) -> StagedResiduals | None:
         """The summed residuals for each row in two parts (models/stepcache/sd_unet.StagedControl):
-        the two shallow skips' residuals now, for every row; the deeper ones when asked, for the rows
-        asked (a UNet row whose step cache holds needs the shallow ones only; ``full()``: all of them,
-        for every row: (down residuals, mid residual)). Each ControlNet runs its first layer
-        once over all its (row, unit) pairs and its deeper layers once over the pairs of the rows
-        asked; a union ControlNet (union.py) runs whole at once. None when no row has an active unit."""
+        the residuals of the skips 0 .. ``level`` now, for every row; the deeper ones when asked, for
+        the rows asked (a UNet row whose step cache at that level holds needs the first ones only;
+        ``full()``: all of them, for every row: (down residuals, mid residual)). Each ControlNet runs
+        its layers to ``level`` once over all its (row, unit) pairs and its deeper layers once over
+        the pairs of the rows asked; a union ControlNet (union.py) runs whole at once. None when no
+        row has an active unit."""
         tt = t.reshape(-1).expand(x.shape[0]).float().to(unit.device)[:, None]
         ids = unit[..., 0]
         active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
         if not bool(active.any()):
             return None
-        out = StagedResiduals(x.shape[0])
+        out = StagedResiduals(x.shape[0], level)
         for net_id in sorted({int(v) for v in ids[active].tolist()}):
             rows, slots = torch.nonzero(active & (ids == net_id), as_tuple=True)
             net = self.nets[net_id]
@@ -349,12 +351,11 @@ class ControlSet:
                 rows, slots, outs = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra)
                 h = hint[rows, slots].to(self.dtype) / 255
                 weight = torch.ones(len(rows), dtype=outs[0].dtype, device=outs[0].device)
-                rest = outs[2:]
-                deep = _picked(rest)
-                outs = outs[:2]
+                deep = _picked(outs[level + 1 :])
+                outs = outs[: level + 1]
             else:
                 picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
-                outs, stage = net.start(x[rows], ts[rows], context[rows], h[:, :3], **picked)
+                outs, stage = net.start(x[rows], ts[rows], context[rows], h[:, :3], level, **picked)
                 weight = unit[rows, slots, 1].to(outs[0].dtype)
                 deep = _finished(net, stage)
             pairs = _Pairs(rows, weight, unit[rows, slots, 4].to(outs[0].dtype), h[:, 3:4], deep)
@@ -411,8 +412,8 @@ class _Pairs:
 class StagedResiduals:
     """A call's summed residuals in two parts (:meth:`ControlSet.staged`)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
+    def __init__(self, n: int, level: int) -> None:
+        self.n, self.level = n, level
         self.shallow: list[Tensor] = []
         self.pairs: list[_Pairs] = []
 
@@ -428,7 +429,7 @@ class StagedResiduals:
         total: list[Tensor] = []
         for pairs in self.pairs:
             if index is None:
-                total = pairs.add(total, pairs.deep(None), 2, self.n)
+                total = pairs.add(total, pairs.deep(None), self.level + 1, self.n)
                 continue
             where = torch.full((self.n,), -1, dtype=torch.long, device=pairs.rows.device)
             where[index.to(where.device)] = torch.arange(len(index), device=where.device)
@@ -436,5 +437,5 @@ class StagedResiduals:
             pick = torch.nonzero(mapped >= 0).flatten()
             if len(pick):
                 outs = pairs.deep(pick)
-                total = pairs.add(total, outs, 2, len(index), (pick, mapped[pick]))
+                total = pairs.add(total, outs, self.level + 1, len(index), (pick, mapped[pick]))
         return (total[:-1], total[-1]) if total else None

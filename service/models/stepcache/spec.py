@@ -12,11 +12,14 @@ Two training-free methods reuse what a network computed at an earlier evaluation
   evaluation, the other blocks are skipped and their cached residual is added instead.
 
 ``start`` (either method): that many evaluations run in full before the cache may act (the sd-webui
-extension's ``deepcache_cache_enable_step_percentage`` of the steps; 0 by default).
+extension's ``deepcache_cache_enable_step_percentage`` of the steps; 0 by default). ``level``
+(deepcache on SD UNets): the split point, the extension's ``deepcache_cache_resnet_level``
+(stepcache/sd_unet.py; default 1, DeepCache's split for SD; the project's own UNet has one split).
 
-Each request's rows carry :data:`KEY`, a float64 ``[rows, 5]`` tensor of (row id, method, interval,
-threshold, start); id 0 is a row without a cache. Every request of a model that can cache carries it, so
-cached and uncached requests share model calls; the decision is made per row inside the call.
+Each request's rows carry :data:`KEY`, a float64 ``[rows, 6]`` tensor of (row id, method, interval,
+threshold, start, level); id 0 is a row without a cache. Every request of a model that can cache
+carries it, so cached and uncached requests share model calls; the decision is made per row inside
+the call.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {"deepcache": {"interval": 3}, "fbcache": 
 MAX_INTERVAL = 1000
 MAX_THRESHOLD = 10.0
 MAX_START = 10000
+MAX_LEVEL = 10  # the sd-webui DeepCache extension's slider (a level past a UNet's last skip is its last)
+DEFAULT_LEVEL = 1  # DeepCache's split for SD (stepcache/sd_unet.py)
+WIDTH = 6  # the row tensor's columns
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class CacheSpec:
     interval: int | None = None  # a full evaluation every ``interval`` (deepcache)
     threshold: float | None = None  # a full evaluation when the probe moved more than this
     start: int | None = None  # evaluations that run in full before the cache may act (None: 0)
+    level: int | None = None  # deepcache on SD UNets: the split's skip (None: 1; stepcache/sd_unet.py)
 
     def resolved(self, methods: tuple[str, ...], field: str = "cache") -> CacheSpec:
         """This spec checked against what the model can run (``methods``), defaults filled in;
@@ -64,8 +71,14 @@ class CacheSpec:
             raise InputError(f"{field}.threshold", f"threshold must be in [0, {MAX_THRESHOLD:g}]")
         if self.start is not None and not 0 <= self.start <= MAX_START:
             raise InputError(f"{field}.start", f"start must be an integer in [0, {MAX_START}]")
+        if self.level is not None and self.method != "deepcache":
+            raise InputError(f"{field}.level", "level is a deepcache setting; omit it")
+        if self.level is not None and not 0 <= self.level <= MAX_LEVEL:
+            raise InputError(
+                f"{field}.level", f"level must be an integer in [0, {MAX_LEVEL}]", list(range(MAX_LEVEL + 1))
+            )
         if self.interval is None and self.threshold is None:
-            return CacheSpec(self.method, **DEFAULTS[self.method], start=self.start)
+            return CacheSpec(self.method, **DEFAULTS[self.method], start=self.start, level=self.level)
         return self
 
     def record(self) -> dict[str, Any]:
@@ -77,4 +90,6 @@ class CacheSpec:
             out["threshold"] = self.threshold
         if self.start:
             out["start"] = self.start
+        if self.level is not None:
+            out["level"] = self.level
         return out

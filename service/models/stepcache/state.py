@@ -32,7 +32,7 @@ from typing import TypeGuard
 import torch
 from torch import Tensor
 
-from .spec import KEY, METHODS, CacheSpec
+from .spec import DEFAULT_LEVEL, KEY, METHODS, WIDTH, CacheSpec
 
 
 @dataclass
@@ -68,7 +68,7 @@ _ids = itertools.count(1)
 def cache_rows(spec: CacheSpec | None, rows: int) -> Tensor:
     """``rows`` rows of the cache tensor (:data:`KEY`): fresh registered ids for a spec, zeros (no
     cache) without one. The ids are forgotten when the tensor is freed, if not released before."""
-    out = torch.zeros(rows, 5, dtype=torch.float64)
+    out = torch.zeros(rows, WIDTH, dtype=torch.float64)
     if spec is None:
         return out
     with STORE.lock:
@@ -79,6 +79,7 @@ def cache_rows(spec: CacheSpec | None, rows: int) -> Tensor:
     out[:, 2] = spec.interval or 0
     out[:, 3] = spec.threshold or 0.0
     out[:, 4] = spec.start or 0
+    out[:, 5] = DEFAULT_LEVEL if spec.level is None else spec.level
     weakref.finalize(out, _forget, ids)
     return out
 
@@ -129,7 +130,7 @@ def _on_rows(skipped: Callable[[Tensor | None], Tensor], index: Tensor) -> Tenso
 
 def _decide(ids: list[int], rows: Tensor, probe: Tensor) -> list[bool]:
     """Per row: True when its cache holds (reuse the skipped part), False when it must run it."""
-    settings = rows[:, 1:].tolist()
+    settings = rows[:, 1:5].tolist()
     reuse = [False] * len(ids)
     by_threshold: list[tuple[int, RowState, float]] = []
     seen: dict[int, int] = {}
@@ -213,7 +214,7 @@ def predicted_hit(cond: Mapping[str, Tensor] | None) -> bool:
         return False
     head = getattr(rows, "_head", None)  # read once per tensor: the planner asks every job every iteration
     if head is None:
-        row_id, _, interval, _, start = rows[0].tolist() if rows.shape[0] else (0.0,) * 5
+        row_id, _, interval, _, start = rows[0, :5].tolist() if rows.shape[0] else (0.0,) * 5
         head = (int(row_id), interval, start) if row_id and interval > 0 else _NO_HEAD
         rows._head = head  # type: ignore[attr-defined]
     if head is _NO_HEAD:

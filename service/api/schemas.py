@@ -78,7 +78,7 @@ class CacheBody(BaseModel):
         None, ge=0, le=10000, description="evaluations that run in full before the cache may act (default 0)"
     )
     level: int | None = Field(
-        None, ge=0, le=10, description="deepcache on SD UNets: the split's skip connection (default 1)"
+        None, ge=0, le=12, description="deepcache on SD UNets: the split's skip connection (default 1)"
     )
 
 

@@ -1,8 +1,10 @@
 """Step-cache model patches, as the community nodes workflows already carry them spell them:
 
-- ``DeepCache`` (the ComfyUI-DeepCache node): ``cache_interval`` is our deepcache interval. Its
-  ``cache_depth``, ``start_step`` and ``end_step`` are accepted with their ranges; our split is
-  fixed per network (docs/STEP_CACHE.md) and the cache acts over every step.
+- ``DeepCache`` (the ComfyUI-DeepCache node): ``cache_interval`` is our deepcache interval and
+  ``cache_depth`` our ``level`` (the node breaks its input blocks after ``input_blocks[cache_depth]``
+  and re-enters at ``output_blocks[len - cache_depth - 1]``: the same numbering; a depth past the
+  UNet's last skip is its last, docs/STEP_CACHE.md). ``start_step`` and ``end_step`` are accepted
+  with their ranges; the cache acts over every step.
 - ``ApplyFBCacheOnModel`` (WaveSpeed's First-Block-Cache): ``residual_diff_threshold`` is our fbcache
   threshold (0: off, as there); ``object_to_patch``, ``start``, ``end`` and
   ``max_consecutive_cache_hits`` are accepted, the cache acting over every step.
@@ -36,9 +38,12 @@ MODEL = In("MODEL")
         "end_step": Int(1000, 0, 1000),
     },
 )
-async def deep_cache(rt: NodeRun, model: ModelRef, cache_interval: int, **_: Any) -> tuple[Any, ...]:
-    """DeepCache: a full UNet evaluation every ``cache_interval``, the deep levels reused between."""
-    return (model.with_(cache=CacheSpec("deepcache", interval=cache_interval)),)
+async def deep_cache(
+    rt: NodeRun, model: ModelRef, cache_interval: int, cache_depth: int, **_: Any
+) -> tuple[Any, ...]:
+    """DeepCache: a full UNet evaluation every ``cache_interval``, the part below ``cache_depth``
+    reused between."""
+    return (model.with_(cache=CacheSpec("deepcache", interval=cache_interval, level=cache_depth)),)
 
 
 @node(

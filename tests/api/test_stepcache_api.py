@@ -30,7 +30,7 @@ CASES: list[tuple[Any, str, str]] = [
     ({"method": "deepcache", "interval": 0}, "interval", "greater than or equal to 1"),
     ({"method": "deepcache", "threshold": -0.1}, "threshold", "greater than or equal to 0"),
     ({"method": "deepcache", "start": -1}, "start", "greater than or equal to 0"),
-    ({"method": "deepcache", "level": 11}, "level", "less than or equal to 10"),
+    ({"method": "deepcache", "level": 13}, "level", "less than or equal to 12"),
     ({"method": "deepcache", "every": 2}, "every", "unknown field 'every'"),
     ({"interval": 2}, "method", "Field required"),
     ({"method": "teacache"}, "cache.method", "unknown cache method"),

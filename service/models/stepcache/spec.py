@@ -35,7 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {"deepcache": {"interval": 3}, "fbcache": 
 MAX_INTERVAL = 1000
 MAX_THRESHOLD = 10.0
 MAX_START = 10000
-MAX_LEVEL = 10  # the sd-webui DeepCache extension's slider (a level past a UNet's last skip is its last)
+MAX_LEVEL = 12  # ComfyUI-DeepCache's cache_depth (A1111's slider: 10); past a UNet's last skip: its last
 DEFAULT_LEVEL = 1  # DeepCache's split for SD (stepcache/sd_unet.py)
 WIDTH = 6  # the row tensor's columns
 

@@ -132,8 +132,12 @@ def test_without_batch_invariance_lora_and_adapter_rows_follow_the_deep_part(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """KDIFF_INVARIANT_ROWS=0: the deep part runs on the rows that need it only, with their LoRA
-    scales and image tokens re-bound to them; each image is its solo one within a pixel level."""
-    bodies = [{**BODY, "model": "sd1", "seed": 40 + i, **b} for i, b in enumerate(MIXED)]
+    scales and image tokens re-bound to them; each image is its solo one within a pixel level. The
+    cached requests at levels 2, 0, 1 and 3: split points nested in one call, the rows of the deeper
+    levels (the LoRA's, the adapter's, the ControlNet's) re-bound at each."""
+    levels = iter([2, 0, 1, 3])
+    mixed = [{**b, "cache": {**b["cache"], "level": next(levels)}} if "cache" in b else b for b in MIXED]
+    bodies = [{**BODY, "model": "sd1", "seed": 40 + i, **b} for i, b in enumerate(mixed)]
     try:
         with _client(root, invariant_rows=0) as c:
             assert not STORE.fixed_shape

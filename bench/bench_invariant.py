@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from service.api.omp import set_wait_policy  # noqa: E402
+
+set_wait_policy()  # as `kdiff serve` starts: before torch loads libgomp (the engine runs in a thread)
+import torch  # noqa: E402
+
 from service.engine import Engine, EngineConfig, JobRequest, JobStatus, ModelHandle  # noqa: E402
 from service.models.store import LoadedModel, ModelStore  # noqa: E402
 from service.models.traced import trace_denoiser  # noqa: E402

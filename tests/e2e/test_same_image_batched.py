@@ -82,3 +82,10 @@ def test_a_burst_of_requests_gives_each_its_alone_images(server: Server) -> None
         together = list(pool.map(lambda b: _images(http, b), bodies))
         for body, got in zip(bodies, together, strict=True):
             assert got == _images(http, body), body
+        # the burst's calls were wider than one 8-row chunk: the runner ran its one-call check on them
+        # (and where that kept every row's bits, ran them as one call), and the images stayed as alone
+        metrics = http.get("/metrics").text
+        wide = _sample(metrics, "kdiff_network_call_rows_count") - _sample(
+            metrics, "kdiff_network_call_rows_bucket", 'le="8.0"'
+        )
+        assert wide > 0

@@ -7,7 +7,8 @@ run only up to the two shallow skips' residuals (models/stepcache/sd_unet.py), a
   forward (the features entering the last up block's second-to-last layer swapped for the last full
   evaluation's; the ControlNet's shallow residuals at this step);
 - in a call mixing cached and uncached rows, with and without ControlNets, every row equals its own
-  run, the ControlNets' deeper layers running for the rows that run the UNet's deep part only.
+  run, the ControlNets' deeper layers running for the rows that run the UNet's deep part only;
+- the same for ControlNet-Union (SDXL).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E4
 from tests.models.test_controlnet_diffusers import control_png  # noqa: E402
 from tests.support.controlnet_tiny import sd_models_with_controlnets  # noqa: E402
 from tests.support.deepcache_oracle import entry_of, skip_channels, swapped  # noqa: E402
+from tests.support.union_tiny import union_store  # noqa: E402
 
 NETS = {"sd1": "cn_a", "sdxl": "cn_xl"}
 
@@ -193,3 +195,53 @@ def test_mixed_rows_with_and_without_controlnets_equal_each_alone(
         for k, (x, t) in enumerate(steps):
             alone = net(x.index_select(0, pick), t.index_select(0, pick), **row_cond, cache=own)[0]
             assert (alone - mixed[k][i]).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def union_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("union-cache-store")
+    union_store(root, sd1=False)
+    return root
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_union_controlnet_is_split_too(union_root: Path, fixed: bool) -> None:
+    """ControlNet-Union (SDXL): rows at level 2, intervals 2 and 3, with union units
+    (canny; depth at weight 0.6) and an uncached row with one (openpose, "ControlNet is more
+    important"), three evaluations: with fixed shapes the previous code (the union in full) bit for
+    bit, without them within rounding, and every row its own run; the union's deeper layers run for
+    the items of the rows that run the UNet's deep part."""
+    sd = ModelStore(union_root).load("sdxl").text_model  # type: ignore[attr-defined]
+    net = sd.denoiser.inner_model
+    STORE.fixed_shape = fixed
+    units = [
+        [ControlNetRef("union_promax", control_png(1, 64), control_type="canny")],
+        [ControlNetRef("union_promax", control_png(2, 64), weight=0.6, control_type="depth")],
+        [ControlNetRef("union_promax", control_png(3, 64), control_type="openpose", control_mode=2)],
+    ]
+    specs = [CacheSpec("deepcache", interval=2, level=2), CacheSpec("deepcache", interval=3, level=2), None]
+    conds = [_cond(sd, u) for u in units]
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    own, old_own = [cache_rows(s, 1) for s in specs], [cache_rows(s, 1) for s in specs]
+    union = net.controls.nets[net.controls.resolve("union_promax", "t")]
+    items: list[int] = []
+    hook = _count_calls(union.mid_block, items)
+    steps = [_step(40 + i, 3) for i in range(3)]
+    mixed = []
+    for k, (x, t) in enumerate(steps):
+        items.clear()
+        mixed.append(net(x, t, **cond, cache=torch.cat(own)))
+        if k == 1:  # rows 0 and 1 hold their caches: the union's deep layers for row 2's item only
+            assert items == ([3] if fixed else [1])
+        old = _old_forward(net, torch.cat(old_own), x, t, cond)
+        gap = (mixed[-1] - old).abs().max()
+        assert gap == 0 if fixed else gap <= 1e-5
+    hook.remove()
+    for i, spec in enumerate(specs):
+        ids = cache_rows(spec, 1)
+        pick = torch.tensor([i] * 3)
+        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
+        for k, (x, t) in enumerate(steps):
+            alone = net(x[pick], t[pick], **row_cond, cache=ids.expand(3, -1))[0]
+            assert (alone - mixed[k][i]).abs().max() <= 1e-5, (i, k)

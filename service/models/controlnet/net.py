@@ -250,6 +250,10 @@ class ControlNet(nn.Module):
         dt = self.conv_in.weight.dtype
         emb = self.embed(x, t, **sdxl)
         h0 = self.conv_in(x.to(dt)) + self.controlnet_cond_embedding(hint.to(dt))
+        return self.start_from(h0, emb, context, level)
+
+    def start_from(self, h0: Tensor, emb: Tensor, context: Tensor, level: int) -> tuple[list[Tensor], Stage]:
+        """:meth:`start` from the first features ``h0`` (latent + control features)."""
         context = context.to(h0.dtype)
         h, made = down_path(self.down_blocks, h0, emb, context, 0, level)
         return self._outputs([h0, *made], 0), Stage(h, emb, context, level)
@@ -282,8 +286,8 @@ class ControlNet(nn.Module):
 
     def trunk(self, h: Tensor, emb: Tensor, context: Tensor) -> list[Tensor]:
         """The encoder copy from the first features ``h`` (latent + control features) to the residuals."""
-        context = context.to(h.dtype)
-        return self._outputs([h], 0) + self.finish(Stage(h, emb, context, 0))
+        shallow, stage = self.start_from(h, emb, context, 0)
+        return shallow + self.finish(stage)
 
     def _outputs(self, skips: list[Tensor], first: int) -> list[Tensor]:
         """The zero convolutions of skips ``first..``."""

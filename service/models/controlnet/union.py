@@ -28,6 +28,7 @@ embedding and the plain features with no token, as those two do.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from service.sampling.errors import InputError
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
 
 CLASS_NAME = "ControlNetUnionModel"
+Deep = Callable[[Tensor | None], list[Tensor]]  # the deeper residuals of some call items (None: all)
 # xinsir's control types by index (diffusers' control_mode, ComfyUI's UNION_CONTROLNET_TYPES,
 # sd-webui-controlnet's ControlNetUnionControlType order); ProMax adds tile and repaint
 TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segment", "tile", "repaint")
@@ -232,6 +234,14 @@ class UnionControlNet(ControlNet):
     ) -> list[Tensor]:
         """``x``, ``t``, ``context``, SDXL's ``y`` and ``time_ids``: one per item (:class:`Items`).
         The residuals scaled by each item's weight as diffusers' ``ControlNetUnionModel`` scales them."""
+        shallow, deep = self.union_staged(x, t, context, items, 0, **sdxl)
+        return shallow + deep(None)
+
+    def union_staged(
+        self, x: Tensor, t: Tensor, context: Tensor, items: Items, level: int, **sdxl: Tensor | None
+    ) -> tuple[list[Tensor], Deep]:
+        """:meth:`union` in two parts, as ``ControlNet.start`` / ``finish``: the residuals of skips
+        0 .. ``level``, and a function giving the others for some items (``pick``; None: all)."""
         images, owner, kinds, weight = items.images, items.owner, items.kinds, items.weight
         dt = self.conv_in.weight.dtype
         n = x.shape[0]
@@ -252,9 +262,15 @@ class UnionControlNet(ControlNet):
         fused = feats * scale[:, None, None, None] + (alpha * scale[:, None])[:, :, None, None]
         fuser = torch.zeros(n, *feats.shape[1:], dtype=feats.dtype, device=feats.device)
         h = self.conv_in(x.to(dt)) + fuser.index_add(0, owner, fused)
-        outs = self.trunk(h, emb, context)
+        shallow, stage = self.start_from(h, emb, context, level)
         out_scale = torch.where(count > 1, torch.ones_like(weight), weight).to(dt).view(-1, 1, 1, 1)
-        return [o * out_scale for o in outs]
+
+        def deep(pick: Tensor | None) -> list[Tensor]:
+            if pick is None:
+                return [o * out_scale for o in self.finish(stage)]
+            return [o * out_scale[pick] for o in self.finish(stage.select(pick))]
+
+        return [o * out_scale for o in shallow], deep
 
 
 def union_call(
@@ -267,11 +283,13 @@ def union_call(
     rows: Tensor,
     slots: Tensor,
     extra: dict[str, Tensor | None],
-) -> tuple[Tensor, Tensor, list[Tensor]]:
+    level: int,
+) -> tuple[Tensor, Tensor, list[Tensor], Deep]:
     """One union ControlNet call for the active (row, slot) pairs that use it (``units.py``'s table:
     column 7 the slot's control type, 8 its unit's number): a call item per (row, unit), its images
     the unit's slots. Returns each item's row, its unit's first slot (weight, mode and mask are the
-    unit's, on every slot) and the residuals, already weighted."""
+    unit's, on every slot), the residuals of skips 0 .. ``level`` and the others for some items
+    (``Deep``), already weighted."""
     group = unit[rows, slots, 8].long()
     span = int(unit.shape[1]) + 1
     items, owner = torch.unique(rows * span + group, return_inverse=True)
@@ -281,5 +299,5 @@ def union_call(
     dev = x.device
     kinds = unit[rows, slots, 7].long()
     items = Items(images, owner.to(dev), kinds.to(dev), unit[item_rows, lead, 1].to(dev))
-    outs = net.union(x[item_rows], t[item_rows], context[item_rows], items, **picked)
-    return item_rows, lead, outs
+    shallow, deep = net.union_staged(x[item_rows], t[item_rows], context[item_rows], items, level, **picked)
+    return item_rows, lead, shallow, deep

@@ -333,8 +333,8 @@ class ControlSet:
         the rows asked (a UNet row whose step cache at that level holds needs the first ones only;
         ``full()``: all of them, for every row: (down residuals, mid residual)). Each ControlNet runs
         its layers to ``level`` once over all its (row, unit) pairs and its deeper layers once over
-        the pairs of the rows asked; a union ControlNet (union.py) runs whole at once. None when no
-        row has an active unit."""
+        the pairs of the rows asked (a union ControlNet's call items: union.py). None when no row has
+        an active unit."""
         tt = t.reshape(-1).expand(x.shape[0]).float().to(unit.device)[:, None]
         ids = unit[..., 0]
         active = (ids >= 0) & (unit[..., 1] != 0) & (tt > unit[..., 5]) & (tt <= unit[..., 6])
@@ -348,11 +348,10 @@ class ControlSet:
             ts = t.reshape(-1).expand(x.shape[0])
             deep: Callable[[Tensor | None], list[Tensor]]
             if isinstance(net, UnionControlNet):  # a call item per (row, unit), weighted inside
-                rows, slots, outs = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra)
+                call = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra, level)
+                rows, slots, outs, deep = call
                 h = hint[rows, slots].to(self.dtype) / 255
                 weight = torch.ones(len(rows), dtype=outs[0].dtype, device=outs[0].device)
-                deep = _picked(outs[level + 1 :])
-                outs = outs[: level + 1]
             else:
                 picked = {k: (None if v is None else v[rows]) for k, v in extra.items()}
                 outs, stage = net.start(x[rows], ts[rows], context[rows], h[:, :3], level, **picked)
@@ -362,10 +361,6 @@ class ControlSet:
             out.shallow = pairs.add(out.shallow, outs, 0, x.shape[0])
             out.pairs.append(pairs)
         return out
-
-
-def _picked(outs: list[Tensor]) -> Callable[[Tensor | None], list[Tensor]]:
-    return lambda pick: outs if pick is None else [o[pick] for o in outs]
 
 
 def _finished(net: ControlNet, stage: Stage) -> Callable[[Tensor | None], list[Tensor]]:

@@ -101,3 +101,22 @@ def test_rows_of_different_levels_share_a_call(net: tuple[SDUNet, dict], fixed: 
                 assert torch.equal(alone[0], mixed[k][i])
             else:
                 assert (alone[0] - mixed[k][i]).abs().max() <= 1e-5
+
+
+def test_level_is_a_deepcache_setting_in_range() -> None:
+    """``level`` on fbcache, or outside 0-12 (ComfyUI-DeepCache's cache_depth range), is refused
+    naming cache.level; recorded when given, so the record reproduces it."""
+    from service.sampling.errors import InputError
+
+    for spec, methods in (
+        (CacheSpec("fbcache", level=1), ("fbcache",)),
+        (CacheSpec("deepcache", level=13), ("deepcache",)),
+    ):
+        with pytest.raises(InputError) as err:
+            spec.resolved(methods)
+        assert err.value.field == "cache.level"
+    assert CacheSpec("deepcache", level=0).resolved(("deepcache",)).record() == {
+        "method": "deepcache",
+        "interval": 3,
+        "level": 0,
+    }

@@ -1,4 +1,8 @@
-"""FastAPI dependencies, all in one place: the service state, the caller (API key), job lookup."""
+"""FastAPI dependencies, all in one place: the service state, the caller (API key), job lookup.
+
+All are ``async def``: FastAPI runs a plain ``def`` dependency in its thread pool, a hop to a worker
+thread and back per dependency per request (three on POST /sample), for functions that only read
+attributes. Keep them non-blocking."""
 
 from __future__ import annotations
 
@@ -18,11 +22,11 @@ _bearer = HTTPBearer(auto_error=False, description="API key, when the service ha
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def get_state(request: Request) -> Service:
+async def get_state(request: Request) -> Service:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     state: Service = Depends(get_state),
     creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
@@ -53,7 +57,7 @@ async def get_job(
     return job
 
 
-def accepting(state: Service = Depends(get_state)) -> Service:
+async def accepting(state: Service = Depends(get_state)) -> Service:
     """The state, if new work is accepted (503 while starting or draining)."""
     if state.draining or not state.ready:
         raise HTTPException(

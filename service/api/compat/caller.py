@@ -86,7 +86,7 @@ class CompatState:
         return [j for group in groups for j in group if not j.status.finished]
 
 
-def compat_state(request: Request) -> CompatState:
+async def compat_state(request: Request) -> CompatState:
     app_state = request.app.state
     if not hasattr(app_state, "compat"):
         app_state.compat = CompatState()
@@ -128,12 +128,14 @@ class CompatCall:
         return self.compat.active(self.caller)
 
 
-def compat_caller(
+async def compat_caller(
     request: Request, state: Service = Depends(get_state), compat: CompatState = Depends(compat_state)
 ) -> CompatCall:
     return CompatCall(request, state, compat, caller_of(request))
 
 
-def compat_call(call: CompatCall = Depends(compat_caller), _: Service = Depends(accepting)) -> CompatCall:
+async def compat_call(
+    call: CompatCall = Depends(compat_caller), _: Service = Depends(accepting)
+) -> CompatCall:
     """:func:`compat_caller` for a request that generates: 503 while the service accepts no work."""
     return call

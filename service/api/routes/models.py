@@ -20,7 +20,7 @@ from ..guard import Caller
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-def require_admin(caller: Caller = Depends(require_api_key)) -> Caller:
+async def require_admin(caller: Caller = Depends(require_api_key)) -> Caller:
     """Management routes: an admin key when keys are set (KDIFF_ADMIN_KEYS)."""
     if not caller.admin:
         raise HTTPException(403, "managing models needs an admin key (KDIFF_ADMIN_KEYS)")

@@ -15,7 +15,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from service.models.sd_unet import SDUNet  # noqa: E402
 from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
 from service.models.stepcache.sd_unet import Full  # noqa: E402
-from tests.support.deepcache_oracle import random_step, restore_fixed_shape, wrapped  # noqa: E402
+from tests.support.deepcache_oracle import assert_rows_as_alone, random_step, restore_fixed_shape, wrapped  # noqa: E402
 from tests.support.sd_tiny import make_sd_components  # noqa: E402
 
 
@@ -160,17 +160,8 @@ def test_rows_decide_alone_in_a_shared_call(net: tuple[SDUNet, dict], fixed: boo
     STORE.reset_counts()
     mixed = [model(x, t, **cond, cache=torch.cat(held)) for x, t in steps]
     assert STORE.reused == 4  # row 0 at evaluations 2 and 4, row 2 at 2 and 3
-    for i, spec in enumerate(specs):
-        own = cache_rows(spec, 1)
-        alone_rows = own.expand(3, -1)
-        pick = torch.tensor([i] * 3)
-        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
-        for k, (x, t) in enumerate(steps):
-            alone = model(x.index_select(0, pick), t.index_select(0, pick), **row_cond, cache=alone_rows)[0]
-            if spec is None and fixed:  # same shape as alone: bit for bit
-                assert torch.equal(alone, mixed[k][i])
-            else:
-                assert (alone - mixed[k][i]).abs().max() <= 1e-5
+    # an uncached row in batch-invariant mode has the same shapes as alone: bit for bit
+    assert_rows_as_alone(model, specs, cond, steps, mixed, exact=lambda spec: spec is None and fixed)
 
 
 def test_a_unet_outside_the_split_refuses_naming_the_field() -> None:

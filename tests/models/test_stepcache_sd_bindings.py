@@ -16,7 +16,7 @@ from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
 from service.models.store import ModelStore  # noqa: E402
 from service.serving.request import GenerationRequest, IPAdapterRef  # noqa: E402
 from tests.models.test_ipadapter import png  # noqa: E402
-from tests.support.deepcache_oracle import random_step, restore_fixed_shape  # noqa: E402
+from tests.support.deepcache_oracle import assert_rows_as_alone, random_step, restore_fixed_shape  # noqa: E402
 from tests.support.ipadapter_tiny import ip_store  # noqa: E402
 
 fixed_shape = pytest.fixture(autouse=True)(restore_fixed_shape)
@@ -52,10 +52,4 @@ def test_adapter_rows_in_a_nested_split_are_their_own(sd: Any) -> None:
     STORE.reset_counts()
     mixed = [net(x, t, **cond, cache=held) for x, t in steps]
     assert STORE.reused == 4  # row 0 at evaluations 2 and 4, row 1 at 2 and 3
-    for i, spec in enumerate(specs):
-        ids = cache_rows(spec, 1)
-        pick = torch.tensor([i] * 4)
-        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
-        for k, (x, t) in enumerate(steps):
-            alone = net(x[pick], t[pick], **row_cond, cache=ids.expand(4, -1))[0]
-            assert (alone - mixed[k][i]).abs().max() <= 1e-5, (i, k)
+    assert_rows_as_alone(net, specs, cond, steps, mixed)

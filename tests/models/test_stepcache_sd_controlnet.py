@@ -29,7 +29,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png  # noqa: E402
 from tests.support.controlnet_tiny import sd_models_with_controlnets  # noqa: E402
-from tests.support.deepcache_oracle import entry_of, skip_channels, swapped  # noqa: E402
+from tests.support.deepcache_oracle import assert_rows_as_alone, entry_of, skip_channels, swapped  # noqa: E402
 from tests.support.union_tiny import union_store  # noqa: E402
 
 NETS = {"sd1": "cn_a", "sdxl": "cn_xl"}
@@ -187,14 +187,7 @@ def test_mixed_rows_with_and_without_controlnets_equal_each_alone(
     for h in hooks:
         h.remove()
     assert STORE.reused >= 4  # rows 0 and 3 at evaluations 2 and 4, row 2 at 2 and 3 (and the old path's)
-    for i, spec in enumerate(specs):
-        ids = cache_rows(spec, 1)  # kept: its ids are forgotten when it is freed
-        own = ids.expand(4, -1)
-        pick = torch.tensor([i] * 4)
-        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
-        for k, (x, t) in enumerate(steps):
-            alone = net(x.index_select(0, pick), t.index_select(0, pick), **row_cond, cache=own)[0]
-            assert (alone - mixed[k][i]).abs().max() <= 1e-5
+    assert_rows_as_alone(net, specs, cond, steps, mixed)
 
 
 @pytest.fixture(scope="module")
@@ -238,10 +231,4 @@ def test_a_union_controlnet_is_split_too(union_root: Path, fixed: bool) -> None:
         gap = (mixed[-1] - old).abs().max()
         assert gap == 0 if fixed else gap <= 1e-5
     hook.remove()
-    for i, spec in enumerate(specs):
-        ids = cache_rows(spec, 1)
-        pick = torch.tensor([i] * 3)
-        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
-        for k, (x, t) in enumerate(steps):
-            alone = net(x[pick], t[pick], **row_cond, cache=ids.expand(3, -1))[0]
-            assert (alone - mixed[k][i]).abs().max() <= 1e-5, (i, k)
+    assert_rows_as_alone(net, specs, cond, steps, mixed)

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 from service.models.sd_unet import SDUNet  # noqa: E402
 from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
 from tests.support.deepcache_oracle import (  # noqa: E402
+    assert_rows_as_alone,
     entry_of,
     random_step,
     restore_fixed_shape,
@@ -89,18 +90,7 @@ def test_rows_of_different_levels_share_a_call(net: tuple[SDUNet, dict], fixed: 
     STORE.reset_counts()
     mixed = [model(x, t, **cond4, cache=torch.cat(held)) for x, t in steps]
     assert STORE.reused == 6  # rows 0 and 3 at evaluations 2 and 4, row 1 at 2 and 3
-    for i, spec in enumerate(specs):
-        own = cache_rows(spec, 1)
-        pick = torch.tensor([i] * 4)
-        row_cond = {k: v.index_select(0, pick) for k, v in cond4.items()}
-        for k, (x, t) in enumerate(steps):
-            alone = model(
-                x.index_select(0, pick), t.index_select(0, pick), **row_cond, cache=own.expand(4, -1)
-            )
-            if spec is None and fixed:
-                assert torch.equal(alone[0], mixed[k][i])
-            else:
-                assert (alone[0] - mixed[k][i]).abs().max() <= 1e-5
+    assert_rows_as_alone(model, specs, cond4, steps, mixed, exact=lambda spec: spec is None and fixed)
 
 
 def test_level_is_a_deepcache_setting_in_range() -> None:

@@ -77,3 +77,31 @@ def random_step(seed: int, h: int, w: int, rows: int = 3) -> tuple[torch.Tensor,
     """Latents [rows, 4, h, w] and timesteps in [0, 999) from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, 4, h, w, generator=g), torch.rand(rows, generator=g) * 999
+
+
+def assert_rows_as_alone(
+    net: Callable[..., torch.Tensor],
+    specs: list[Any],
+    cond: dict[str, torch.Tensor],
+    steps: list[tuple[torch.Tensor, torch.Tensor]],
+    mixed: list[torch.Tensor],
+    exact: Callable[[Any], bool] = lambda spec: False,
+) -> None:
+    """Row ``i`` of every mixed evaluation equals the same row run alone with its own cache (the call
+    filled with copies of it, so it has the mixed call's shape): bit for bit where ``exact(spec)``,
+    else within 1e-5 (float rounding)."""
+    from service.models.stepcache import cache_rows
+
+    rows = steps[0][0].shape[0]
+    for i, spec in enumerate(specs):
+        ids = cache_rows(spec, 1)  # kept: its ids are forgotten when it is freed
+        pick = torch.tensor([i] * rows)
+        row_cond = {k: v.index_select(0, pick) for k, v in cond.items()}
+        for k, (x, t) in enumerate(steps):
+            alone = net(
+                x.index_select(0, pick), t.index_select(0, pick), **row_cond, cache=ids.expand(rows, -1)
+            )[0]
+            if exact(spec):
+                assert torch.equal(alone, mixed[k][i]), (i, k)
+            else:
+                assert (alone - mixed[k][i]).abs().max() <= 1e-5, (i, k)

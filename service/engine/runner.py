@@ -49,6 +49,11 @@ ROW_ADAPTERS = "lora"  # the conditioning key of per-row adapters
 WIDE_SHAPES = 4096  # call shapes whose wide-call check the runner remembers
 
 
+def _free_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # a failed call's blocks back before the next one
+
+
 class ModelRunner:
     """Runs the denoiser on packed rows (no grad), chunking calls above ``max_rows``.
 
@@ -138,9 +143,15 @@ class ModelRunner:
         if key is not None and seen:
             try:
                 return self._call(x, sigma, cond)[:rows]
-            except torch.OutOfMemoryError:  # too big as one call here: chunks again, the chunk size kept
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            except Exception as exc:  # out of memory as one call (a CPU allocation failure is a plain
+                # RuntimeError): chunks again, the chunk size kept; a fault of the rows fails there too
+                _free_device_cache()
+                log.warning(
+                    "%s: a wide call of %d rows failed (%s); back to chunks",
+                    self.handle.name,
+                    x.shape[0],
+                    exc,
+                )
                 self.wide[key] = seen = False
         outs = []
         for i in range(0, rows + pad, size):
@@ -169,9 +180,9 @@ class ModelRunner:
         """Run the padded call as one call and compare it, bit for bit, with its chunked result."""
         try:
             same = torch.equal(self._call(x, sigma, cond), chunked)
-        except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        except Exception as exc:  # the check is extra work: it never fails the call (its result is in)
+            _free_device_cache()
+            log.warning("%s: the one-call check of %d rows failed: %s", self.handle.name, x.shape[0], exc)
             same = False
         log.info(
             "%s: a call of %d rows (inputs %s) %s",

@@ -29,14 +29,18 @@ class Counting:
     """Row-independent (elementwise) unless ``skew``: then a call of more than CHUNK rows rounds its
     output differently, as kernels that block by batch size do."""
 
-    def __init__(self, skew: bool = False, oom_above: int | None = None) -> None:
+    def __init__(self, skew: bool = False, oom_above: int | None = None, cpu_oom: bool = False) -> None:
         self.calls: list[int] = []
         self.observed: list[int] = []
-        self.skew, self.oom_above = skew, oom_above
+        self.skew, self.oom_above, self.cpu_oom = skew, oom_above, cpu_oom
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
         self.calls.append(x.shape[0])
         if self.oom_above is not None and x.shape[0] > self.oom_above:
+            if self.cpu_oom:  # what torch's CPU allocator raises: a plain RuntimeError
+                raise RuntimeError(
+                    "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"
+                )
             raise torch.OutOfMemoryError("simulated")
         out = x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
         return out * (1 + 2**-20) if self.skew and x.shape[0] > CHUNK else out
@@ -91,6 +95,15 @@ def test_a_shape_whose_bits_differ_stays_in_chunks_and_rows_stay_as_alone() -> N
     assert all(torch.equal(o, alone) for o in outs)
 
 
+def test_a_failing_one_call_check_never_fails_the_call() -> None:
+    model = Counting(oom_above=CHUNK, cpu_oom=True)
+    runner = _runner(model)
+    x, sigma, cond = _inputs(20)
+    out = runner.denoise(x, sigma, cond)  # the check (24 rows) fails: the chunks' result stands
+    assert model.calls == [CHUNK] * 3 + [24] and runner.wide and not any(runner.wide.values())
+    assert torch.equal(out, _alone(runner, x, sigma, cond))
+
+
 def test_the_shapes_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("service.engine.runner.WIDE_SHAPES", 3)
     model = Counting()
@@ -114,8 +127,9 @@ def test_stateful_calls_and_per_row_adapters_never_run_wide_or_twice() -> None:
     assert plain.calls == [CHUNK] * 3 and not runner.wide
 
 
-def test_a_wide_call_out_of_memory_goes_back_to_chunks_of_the_same_size() -> None:
-    model = Counting()
+@pytest.mark.parametrize("cpu_oom", [False, True], ids=["OutOfMemoryError", "CPU allocator RuntimeError"])
+def test_a_wide_call_out_of_memory_goes_back_to_chunks_of_the_same_size(cpu_oom: bool) -> None:
+    model = Counting(cpu_oom=cpu_oom)
     runner = _runner(model)
     x, sigma, cond = _inputs(16)
     runner.denoise(x, sigma, cond)  # checked: same bits

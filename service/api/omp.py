@@ -10,9 +10,9 @@ first ran at 467 rows/s at 8 rows and 1,271 at 32 with two threads (slower than 
 and 1,624), against 1,543 and 1,876 from the first thread (docs/BENCHMARKS.md "OpenMP teams").
 
 ``OMP_WAIT_POLICY=ACTIVE`` with a bounded ``GOMP_SPINCOUNT`` makes libgomp use that spin count in
-both modes: a worker spins up to 300,000 times (libgomp's own default when not oversubscribed,
-well under a millisecond) before it sleeps, so the next region of a running call finds it awake, and
-a team that stays idle still goes to sleep instead of taking a core from the event loop.
+both modes: a worker spins up to 300,000 times (libgomp's own default when not oversubscribed)
+before it sleeps, so the next region of a running call finds it awake, and a team that stays idle
+still goes to sleep instead of taking a core from the event loop for good.
 libgomp reads these once, when torch loads it: :func:`set_wait_policy` must run before ``import
 torch``. A value the user exported wins.
 """

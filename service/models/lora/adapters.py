@@ -31,7 +31,7 @@ def live(rows: Tensor | None) -> bool:
     """Whether a call's per-row adapter tensor gives any row an adapter with a non-zero weight."""
     if rows is None or rows.numel() == 0:
         return False
-    pairs = rows.view(rows.shape[0], -1, 2)
+    pairs = rows.reshape(rows.shape[0], -1, 2)
     return bool(((pairs[..., 0] >= 0) & (pairs[..., 1] != 0)).any())
 
 

@@ -20,33 +20,10 @@ from service.api.omp import set_wait_policy  # noqa: E402
 set_wait_policy()  # as `kdiff serve` starts: before torch loads libgomp
 import torch  # noqa: E402
 
-from bench.bench_service import SAMPLERS, STEPS, nfe, workload  # noqa: E402
-from service.engine import Engine, EngineConfig, JobRequest, Metrics, ModelHandle  # noqa: E402
-from service.models.store import LoadedModel, ModelStore  # noqa: E402
-from service.models.traced import trace_denoiser  # noqa: E402
-from service.sampling.spec import SamplingSpec  # noqa: E402
-
-
-def request(model: LoadedModel, body: dict) -> JobRequest:
-    cond, _ = model.class_conditioning(torch.full([1], body["class_label"], dtype=torch.long))
-    return JobRequest(
-        SamplingSpec(body["sampler"], "karras", body["steps"], [body["seed"]]), 1, cond, None, 1.0
-    )
-
-
-def raw(model: LoadedModel, rows: int, seconds: float) -> float:
-    """Rows/s of the model alone at ``rows`` per call (median call time), inputs as a sampler's."""
-    x, sigma = torch.randn(rows, *model.latent_shape), torch.rand(rows) * 10 + 0.1
-    label = torch.randint(0, 10, (rows,))
-    times = []
-    with torch.inference_mode():
-        model.denoiser(x, sigma, class_cond=label)
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            model.denoiser(x, sigma, class_cond=label)
-            times.append(time.perf_counter() - t)
-    return rows / statistics.median(times)
+from bench.bench_invariant import job  # noqa: E402
+from bench.bench_service import SAMPLERS, STEPS, RawDenoiser, nfe, workload  # noqa: E402
+from service.engine import Engine, EngineConfig, Metrics, ModelHandle  # noqa: E402
+from service.models.store import LoadedModel  # noqa: E402
 
 
 async def served(model: LoadedModel, clients: int, seconds: float, invariant_rows: int) -> dict[str, float]:
@@ -72,7 +49,8 @@ async def served(model: LoadedModel, clients: int, seconds: float, invariant_row
         nonlocal rows
         while not stop:
             body = workload(next(counter))
-            await engine.submit(request(model, body)).wait_done()
+            request = job(model, body["class_label"], body["sampler"], body["steps"], body["seed"], 1, 1.0)
+            await engine.submit(request).wait_done()
             if opens < time.perf_counter() < closes:
                 rows += nfe(body)
 
@@ -102,15 +80,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default torch's: cores)")
     ap.add_argument("--invariant-rows", type=int, default=8)
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    model = ModelStore(Path(__file__).resolve().parents[1] / "model_store").load("digits")
-    trace_denoiser(model.denoiser, model.example_input())
+    raw = RawDenoiser(Path(__file__).resolve().parents[1] / "model_store", "digits", a.threads, jit=True)
+    model = raw.model
+
+    def raw_rate() -> float:  # bench_service's raw loop, at the rows of a full call
+        return float(raw.measure((a.clients,), 1, 2.0)["rows_per_s_by_batch"][a.clients])
+
     print(f"torch threads {torch.get_num_threads()}, samplers {SAMPLERS}, steps {STEPS}")
     for r in range(a.rounds):
-        before = raw(model, a.clients, 2.0)
+        before = raw_rate()
         point = asyncio.run(served(model, a.clients, a.seconds, a.invariant_rows))
-        after = raw(model, a.clients, 2.0)
+        after = raw_rate()
         base = (before + after) / 2
         served_rows, call_rows = point["rows_per_s"], point["call_rows_per_s"]
         print(

@@ -55,9 +55,6 @@ def main(args: argparse.Namespace) -> int:
 
         return serve_ray(args, _overrides(args))
     from .malloc import cap_arenas, start_trimming
-    from .omp import set_wait_policy
-
-    set_wait_policy()  # before torch loads libgomp: model calls from the engine thread at full speed
 
     cap_arenas()  # before any thread allocates: RSS stays flat under steady load
     start_trimming()  # and what a busier moment allocated goes back to the OS

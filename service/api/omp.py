@@ -3,16 +3,20 @@
 torch's CPU kernels run on GNU OpenMP (libgomp). Each thread that starts a parallel region gets its
 own team of worker threads: the serving process has at least two (the start-up thread, which loads
 and traces the model, and the engine thread, which runs it), so libgomp counts more threads than
-cores and switches every waiting worker to "throttled" mode: about a thousand spins, then a futex
-sleep. A model call is hundreds of short parallel regions, and each then waits for a sleeping
-worker to be woken: on this 2-core box the traced digits UNet called from a thread other than the
+cores and switches every waiting worker to "throttled" mode: a hundred spins, then a futex sleep.
+A model call is hundreds of short parallel regions, and each then waits for a sleeping worker to be
+woken: on this 2-core box the traced digits UNet called from a thread other than the
 first ran at 467 rows/s at 8 rows and 1,271 at 32 with two threads (slower than one thread, 1,214
 and 1,624), against 1,543 and 1,876 from the first thread (docs/BENCHMARKS.md "OpenMP teams").
 
-``OMP_WAIT_POLICY=ACTIVE`` with a bounded ``GOMP_SPINCOUNT`` makes libgomp use that spin count in
-both modes: a worker spins up to 300,000 times (libgomp's own default when not oversubscribed)
-before it sleeps, so the next region of a running call finds it awake, and a team that stays idle
-still goes to sleep instead of taking a core from the event loop for good.
+``OMP_WAIT_POLICY=ACTIVE`` with a bounded ``GOMP_SPINCOUNT``: a worker spins up to 300,000 times
+(libgomp's own default) before it sleeps, so the next region of a running call finds it awake, and a
+team that stays idle still goes to sleep instead of taking a core from the event loop for good. In
+throttled mode ACTIVE also raises libgomp's spin from 100 to 1,000 (its fixed throttled count, which
+GOMP_SPINCOUNT only caps): better, but still a sleep between most regions, so the serving process
+also frees every team but the running engine's (``service/engine/omp_teams.py``) and is then not
+throttled at all.
+
 libgomp reads these once, when torch loads it: :func:`set_wait_policy` must run before ``import
 torch``. A value the user exported wins.
 """

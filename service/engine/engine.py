@@ -28,6 +28,7 @@ from .codes import ErrorCode, JobStatus
 from .executor import Executor, Outcome
 from .jobs import Draining, Job, JobError, JobRequest, QueueFull
 from .metrics import Metrics
+from .omp_teams import release_team
 from .runner import ModelHandle, ModelRunner
 from .scheduler import Mode, Scheduler
 
@@ -177,6 +178,7 @@ class Engine:
                 await self._partials()
             if not self.active and not self.queue:
                 self._wake.clear()
+                self._executor.submit(release_team)  # idle: no team of ours to throttle another's
                 await self._wake.wait()
                 continue
             if not self.active and wait_s > 0 and self.config.mode != Mode.serial:

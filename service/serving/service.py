@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.engine import Draining, ImageResult, Job, JobRequest, JobStatus, JobStore, Metrics, QueueFull
 from service.engine.jobs import JobError
+from service.engine.omp_teams import TeamReleasingExecutor, release_team
 from service.images import encode_images
 from service.models.store import LoadedModel, ModelStore
 from service.sampling.errors import InputError
@@ -88,6 +89,11 @@ class Service:
 
     async def startup(self) -> None:
         s = self.settings
+        # loads, traces, encodes off the engines' threads give their OpenMP teams back (omp_teams.py)
+        loop = asyncio.get_running_loop()
+        if not isinstance(getattr(loop, "_default_executor", None), TeamReleasingExecutor):  # once per loop
+            loop.set_default_executor(TeamReleasingExecutor(thread_name_prefix="kdiff-worker"))
+        release_team()  # this thread's, if start-up ran torch on it
         if s.torch_threads:
             self._threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)

@@ -32,12 +32,14 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: free the threads, keep nothing the next region needs
-_RUNTIME = re.compile(r"/lib(?:g|i|i5)?omp[-.\w]*\.so[.\d]*$")
+# GNU OpenMP only: its pause frees the calling thread's team alone. LLVM's and Intel's runtimes pause
+# every thread of the process (the engine's running team too), so with those nothing is released.
+_RUNTIME = re.compile(r"/libgomp[-.\w]*\.so[.\d]*$")
 
 
 @functools.cache
 def _pause_all() -> Callable[[int], int] | None:
-    """``omp_pause_resource_all`` of the OpenMP runtime torch loaded (None: no such runtime here)."""
+    """``omp_pause_resource_all`` of the GNU OpenMP runtime torch loaded (None: not that runtime)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux: leave the runtime as it is

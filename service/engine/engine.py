@@ -178,7 +178,7 @@ class Engine:
                 await self._partials()
             if not self.active and not self.queue:
                 self._wake.clear()
-                self._executor.submit(release_team)  # idle: no team of ours to throttle another's
+                self._release_team()
                 await self._wake.wait()
                 continue
             if not self.active and wait_s > 0 and self.config.mode != Mode.serial:
@@ -227,6 +227,13 @@ class Engine:
                 out.job.t_computed = time.monotonic()
                 self._held.append((out.job, out.images))
         self._release_held()
+
+    def _release_team(self) -> None:
+        """Idle: give the worker thread's OpenMP team back, so it cannot throttle a busy engine's."""
+        try:
+            self._executor.submit(release_team)
+        except RuntimeError:  # the worker pool already shut down (the engine is stopping)
+            pass
 
     def _admit(self) -> None:
         new = self.scheduler.admit(self.queue, self.active, holding=bool(self._held))

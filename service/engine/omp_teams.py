@@ -2,13 +2,14 @@
 
 torch's CPU kernels run on GNU OpenMP (libgomp). Every thread that runs a parallel region gets its
 own team of worker threads, kept until that thread exits. When the process holds more such workers
-than it has CPUs, libgomp switches every waiting worker to "throttled" waiting: about a thousand
-spins, then a futex sleep, whatever ``GOMP_SPINCOUNT`` says. A model call is hundreds of short
-parallel regions, so a throttled team spends its call waking workers. The serving process loads and
-traces models in the event loop's default executor (``asyncio.to_thread``) and runs them on the
-engine's own thread: the loader's idle team alone was enough to throttle the engine's (measured on
-this 2-core box, the traced digits UNet at 32 rows on an engine thread: ~2,800 worker sleeps/s and
-about 10 % fewer rows/s than with the loader's team released; docs/BENCHMARKS.md "OpenMP teams").
+than it has CPUs, libgomp switches every waiting worker to "throttled" waiting: a hundred spins (a
+thousand with ``OMP_WAIT_POLICY=ACTIVE``), then a futex sleep, whatever ``GOMP_SPINCOUNT`` says. A
+model call is hundreds of short parallel regions, so a throttled team spends its call waking
+workers. The serving process loads and traces models in the event loop's default executor
+(``asyncio.to_thread``) and runs them on the engine's own thread: the loader's idle team alone was
+enough to throttle the engine's (measured on this 2-core box, the traced digits UNet at 32 rows on
+an engine thread: ~2,800 worker sleeps/s and about 10 % fewer rows/s than with the loader's team
+released; docs/BENCHMARKS.md "OpenMP teams").
 
 So work off the engine thread gives its team back when it is done (:class:`TeamReleasingExecutor`,
 the serving loop's default executor), and an engine gives its team back when it goes idle.

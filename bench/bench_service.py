@@ -68,6 +68,44 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def threads(pid: int) -> dict[int, tuple[float, int]]:
+    """Each thread of ``pid``: (CPU seconds, voluntary context switches), from Linux's /proc."""
+    out: dict[int, tuple[float, int]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:  # the thread ended
+            continue
+        sleeps = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_ctxt")
+        )
+        out[int(tid)] = ((int(fields[11]) + int(fields[12])) / tick, sleeps)
+    return out
+
+
+def thread_use(
+    a: dict[int, tuple[float, int]], b: dict[int, tuple[float, int]], seconds: float
+) -> dict[str, Any]:
+    """Cores used and sleeps/s per thread between two snapshots, busiest first. An OpenMP worker that
+    sleeps thousands of times a second is being throttled (service/engine/omp_teams.py)."""
+    use = [
+        ((cpu - a.get(tid, (0.0, 0))[0]) / seconds, (sleeps - a.get(tid, (0.0, 0))[1]) / seconds)
+        for tid, (cpu, sleeps) in b.items()
+    ]
+    use.sort(reverse=True)
+    return {
+        "cores": round(sum(c for c, _ in use), 3),
+        "busiest_threads": [{"cores": round(c, 3), "sleeps_per_s": round(z)} for c, z in use[:3]],
+    }
+
+
 async def run_sample(http: httpx.AsyncClient, req: dict[str, Any]) -> bool:
     return (await http.post("/sample", json=req)).status_code == 200
 
@@ -85,7 +123,13 @@ async def run_job(http: httpx.AsyncClient, req: dict[str, Any]) -> bool:
 
 
 async def drive(
-    url: str, concurrency: int, duration: float, ramp: float = 3.0, route: str = "sample", n: int = 1
+    url: str,
+    concurrency: int,
+    duration: float,
+    ramp: float = 3.0,
+    route: str = "sample",
+    n: int = 1,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """Closed-loop clients; counts the requests that finish inside a window of ``duration`` seconds
     that opens ``ramp`` seconds after the clients start (steady state: no start-up burst, and no
@@ -96,6 +140,7 @@ async def drive(
     t0 = time.perf_counter()
     opens, closes = t0 + ramp, t0 + ramp + duration
     windows: dict[str, dict[str, float]] = {}
+    procs: dict[str, tuple[dict[int, tuple[float, int]], dict[int, tuple[float, int]]]] = {}
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal errors
@@ -113,8 +158,10 @@ async def drive(
     async def window() -> None:
         await asyncio.sleep(opens - time.perf_counter())
         windows["open"] = await asyncio.to_thread(scrape, url)
+        procs["open"] = (threads(server_pid) if server_pid else {}, threads(os.getpid()))
         await asyncio.sleep(closes - time.perf_counter())
         windows["close"] = await asyncio.to_thread(scrape, url)
+        procs["close"] = (threads(server_pid) if server_pid else {}, threads(os.getpid()))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -137,6 +184,10 @@ async def drive(
     }
     rows = sum(nfe(r) for r, _ in done)
     calls = b["calls"] - a["calls"]
+    cpu = {
+        "server": thread_use(procs["open"][0], procs["close"][0], elapsed),
+        "client": thread_use(procs["open"][1], procs["close"][1], elapsed)["cores"],
+    }
     return {
         "concurrency": concurrency,
         "requests": len(done),
@@ -151,6 +202,7 @@ async def drive(
         "network_rows_per_call": round(
             (b["net_rows"] - a["net_rows"]) / max(b["net_calls"] - a["net_calls"], 1), 1
         ),
+        "cpu": cpu,  # where the cores went: the server's threads, this process's (the clients)
     }
 
 
@@ -273,7 +325,9 @@ def main() -> int:
             points = []
             for c in a.concurrency:
                 point, by_batch = raw.bracket(
-                    lambda c=c, url=srv.url: asyncio.run(drive(url, c, a.duration, route=a.route, n=a.n))
+                    lambda c=c, url=srv.url, pid=srv.proc.pid: asyncio.run(
+                        drive(url, c, a.duration, route=a.route, n=a.n, server_pid=pid)
+                    )
                 )
                 limit = max(by_batch.values())
                 point["raw_limit_rows_per_s"] = limit

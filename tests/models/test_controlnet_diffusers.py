@@ -225,3 +225,16 @@ def test_bad_units_are_named(store: tuple[Path, dict[str, Any]]) -> None:
     with pytest.raises(InputError) as mode:
         _rows(sd, [ControlNetRef("cn_a", control_png(1), control_mode="louder")])
     assert "Balanced" in mode.value.allowed
+
+
+def test_bgr_controlnet_matches_controlnetmodel(tmp_path: Path) -> None:
+    """A ControlNet trained on BGR control images (``controlnet_conditioning_channel_order: bgr``):
+    its hint's channels flipped once, as diffusers' ControlNetModel does (the whole call runs the
+    staged start / finish the step cache uses, where the flip is)."""
+    from tests.support.controlnet_tiny import make_controlnet, save_folder
+
+    ref = make_controlnet(seed=5, controlnet_conditioning_channel_order="bgr")
+    save_folder(ref, tmp_path / "controlnet" / "cn_bgr")
+    ours = files.load(files.scan(tmp_path)["cn_bgr"], torch.device("cpu"), torch.float32)
+    assert ours.cfg.controlnet_conditioning_channel_order == "bgr"
+    assert residual_gap(ours, ref, 32) <= 1e-5

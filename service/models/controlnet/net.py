@@ -234,8 +234,6 @@ class ControlNet(nn.Module):
     ) -> list[Tensor]:
         """``x``: the UNet's (scaled) latent input [B, C, h, w]; ``t`` [B] timesteps; ``context``
         [B, L, D]; ``hint`` [B, 3, H, W] in [0, 1] (RGB); SDXL: ``y`` pooled text, ``time_ids``."""
-        if self.cfg.controlnet_conditioning_channel_order == "bgr":
-            hint = hint.flip(1)
         shallow, stage = self.start(x, t, context, hint, y=y, time_ids=time_ids)
         return shallow + self.finish(stage)
 

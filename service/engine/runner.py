@@ -104,8 +104,7 @@ class ModelRunner:
                     return self._fixed(x, sigma, cond, self.chunk_rows)
                 return self._chunked(x, sigma, cond)
             except torch.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
+                _free_device_cache()
                 rows = min(self.max_rows, x.shape[0]) if self.chunk_rows is None else self.chunk_rows
                 if rows <= 1:
                     raise

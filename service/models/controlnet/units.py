@@ -40,7 +40,7 @@ from service.sampling.errors import InputError
 from . import files, preprocess
 from .annotator_cache import Device
 from .net import ControlNet, Stage
-from .union import AUTO, UnionControlNet, control_type, union_call
+from .union import AUTO, Deep, UnionControlNet, control_type, union_call
 
 HINT, UNIT = "control_hint", "control_unit"
 MAX_UNITS = 3  # sd-webui-controlnet's default unit count
@@ -346,7 +346,7 @@ class ControlSet:
             net = self.nets[net_id]
             h = hint[rows, slots].to(self.dtype) / 255
             ts = t.reshape(-1).expand(x.shape[0])
-            deep: Callable[[Tensor | None], list[Tensor]]
+            deep: Deep
             if isinstance(net, UnionControlNet):  # a call item per (row, unit), weighted inside
                 call = union_call(net, x, ts, context, h[:, :3], unit, rows, slots, extra, level)
                 rows, slots, outs, deep = call
@@ -363,7 +363,7 @@ class ControlSet:
         return out
 
 
-def _finished(net: ControlNet, stage: Stage) -> Callable[[Tensor | None], list[Tensor]]:
+def _finished(net: ControlNet, stage: Stage) -> Deep:
     return lambda pick: net.finish(stage if pick is None else stage.select(pick))
 
 
@@ -376,7 +376,7 @@ class _Pairs:
     weight: Tensor
     soft: Tensor
     mask: Tensor
-    deep: Callable[[Tensor | None], list[Tensor]]
+    deep: Deep
 
     def add(
         self,

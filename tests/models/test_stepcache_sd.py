@@ -14,8 +14,13 @@ pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers
 
 from service.models.sd_unet import SDUNet  # noqa: E402
 from service.models.stepcache import STORE, CacheSpec, cache_rows  # noqa: E402
-from service.models.stepcache.sd_unet import Full  # noqa: E402
-from tests.support.deepcache_oracle import assert_rows_as_alone, random_step, restore_fixed_shape, wrapped  # noqa: E402
+from tests.support.deepcache_oracle import (  # noqa: E402
+    Full,
+    assert_rows_as_alone,
+    random_step,
+    restore_fixed_shape,
+    wrapped,
+)
 from tests.support.sd_tiny import make_sd_components  # noqa: E402
 
 
@@ -77,7 +82,9 @@ class Residuals:
         self.value = (down, torch.randn(self._mid[0], generator=g) * 0.3)
 
     def staged(self, *args: Any) -> Full | None:
-        return None if self.value is None else Full(self.value)
+        """As ControlSet.staged: the call's inputs, then the split level (1 when not given)."""
+        level = args[6] if len(args) > 6 else 1
+        return None if self.value is None else Full(self.value, level)
 
 
 @torch.inference_mode()

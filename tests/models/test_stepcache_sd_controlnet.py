@@ -29,7 +29,7 @@ from service.models.store import ModelStore  # noqa: E402
 from service.serving.request import ControlNetRef, GenerationRequest  # noqa: E402
 from tests.models.test_controlnet_diffusers import control_png  # noqa: E402
 from tests.support.controlnet_tiny import sd_models_with_controlnets  # noqa: E402
-from tests.support.deepcache_oracle import assert_rows_as_alone, entry_of, skip_channels, swapped  # noqa: E402
+from tests.support.deepcache_oracle import Full, assert_rows_as_alone, entry_of, skip_channels, swapped  # noqa: E402
 from tests.support.union_tiny import union_store  # noqa: E402
 
 NETS = {"sd1": "cn_a", "sdxl": "cn_xl"}
@@ -66,7 +66,7 @@ def _old_forward(net: Any, cache: torch.Tensor, x: torch.Tensor, t: torch.Tensor
     staged = net.controls.staged(x, t, cond["context"], cond[HINT], cond[UNIT], {"y": y, "time_ids": ids})
     added = None if y is None else {"text_embeds": y, "time_ids": ids}
     split = deepcache.levels(net.unet, cache)
-    control = None if staged is None else deepcache.Full(staged.full(), split[0])
+    control = None if staged is None else Full(staged.full(), split[0])
     return deepcache.forward(net.unet, cache, x, t, cond["context"], added, control, split)  # type: ignore[no-any-return]
 
 

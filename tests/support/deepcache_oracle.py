@@ -4,9 +4,13 @@ channels (from diffusers' own forward) and the up layer that takes a skip."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from service.models.stepcache.sd_unet import Control
 
 
 def skip_channels(unet: Any) -> list[int]:
@@ -105,3 +109,25 @@ def assert_rows_as_alone(
                 assert torch.equal(alone, mixed[k][i]), (i, k)
             else:
                 assert (alone - mixed[k][i]).abs().max() <= 1e-5, (i, k)
+
+
+@dataclass
+class Full:
+    """ControlNet residuals computed in full for every row, handed to the split forward as a
+    ``StagedControl`` staged at ``split``: what the code before the staged ControlNets did."""
+
+    control: Control
+    split: int = 1
+
+    @property
+    def shallow(self) -> list[Tensor]:
+        return self.control[0][: self.split + 1]
+
+    def full(self) -> Control:
+        return self.control
+
+    def deep(self, index: Tensor | None) -> Control:
+        down, mid = self.control[0][self.split + 1 :], self.control[1]
+        if index is None:
+            return down, mid
+        return [r.index_select(0, index) for r in down], mid.index_select(0, index)

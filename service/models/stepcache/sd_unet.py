@@ -57,27 +57,6 @@ class StagedControl(Protocol):
         ...
 
 
-@dataclass
-class Full:
-    """Residuals computed in full for every row, as a :class:`StagedControl` staged at ``split``."""
-
-    control: Control
-    split: int = 1
-
-    @property
-    def shallow(self) -> list[Tensor]:
-        return self.control[0][: self.split + 1]
-
-    def full(self) -> Control:
-        return self.control
-
-    def deep(self, index: Tensor | None) -> Control:
-        down, mid = self.control[0][self.split + 1 :], self.control[1]
-        if index is None:
-            return down, mid
-        return [r.index_select(0, index) for r in down], mid.index_select(0, index)
-
-
 def supports(unet: Any) -> bool:
     """Whether the split applies: the standard layout (the up path takes every skip once, the last
     up block has no upsampler) and none of the forward's rarer options."""

@@ -160,12 +160,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("RAY_worker_niceness", "0")
     store = str(Path(args.model_store).resolve())
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 << 20, log_to_driver=False)
-    port = free_port()
+    port, direct = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
-    ray_url = f"http://127.0.0.1:{port}"
+    proxy_url, direct_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{direct}"
 
     def deploy(engines: int) -> None:
-        app_args = {"engines": engines, "engine_cpus": 1, "settings": {**SETTINGS, "model_store": store}}
+        app_args: dict[str, Any] = {
+            "engines": engines,
+            "engine_cpus": 1,
+            "settings": {**SETTINGS, "model_store": store},
+            # the ingress replicas' own listener (a tree before it ignores this: Serve's proxy only)
+            "http_port": direct,
+            "http_host": "127.0.0.1",
+        }
         if not args.tree:  # as `kdiff serve --log-level warning` (tests/support/server.py); old vs new
             app_args["log_level"] = "WARNING"  # trees both log at Serve's INFO (the old one has no choice)
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
@@ -176,10 +183,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"overhead_c8": [], "engines": {"1": [], "2": []}}
     try:
         deploy(1)
+        # the Ray path users get: the ingress's own listener where the tree has one, else Serve's proxy
+        ray_url = direct_url if answers(direct_url) else proxy_url
+        results["ray_entry"] = "ingress listener" if ray_url == direct_url else "serve proxy"
+        print(f"Ray path: {results['ray_entry']}", flush=True)
         for _ in range(args.rounds):  # alternate: Ray (1 engine) vs kdiff serve, concurrency 8
             r = asyncio.run(drive(ray_url, args.requests, 8, on_ray))
             s = asyncio.run(drive(single.url, args.requests, 8, on_single))
-            results["overhead_c8"].append({"ray_1_engine": r, "kdiff_serve": s})
+            pair = {"ray_1_engine": r, "kdiff_serve": s}
+            if ray_url != proxy_url:  # the same replicas through Serve's proxy, for comparison
+                pair["ray_1_engine_serve_proxy"] = asyncio.run(drive(proxy_url, args.requests, 8, on_ray))
+            results["overhead_c8"].append(pair)
             lr = asyncio.run(drive(ray_url, 4 * args.requests, 8, on_ray, light=True))
             ls = asyncio.run(drive(single.url, 4 * args.requests, 8, on_single, light=True))
             results.setdefault("path_only_c8", []).append({"ray_1_engine": lr, "kdiff_serve": ls})
@@ -188,9 +202,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 f"p50   kdiff serve {ls['cpu_ms_per_request']} CPU ms/req, {ls['p50_s'] * 1000:.1f} ms p50",
                 flush=True,
             )
+            via = pair.get("ray_1_engine_serve_proxy")
             print(
                 f"c=8  ray(1 engine) {r['req_per_s']:.2f} req/s {r['cpu_ms_per_request']} CPU ms/req   "
-                f"kdiff serve {s['req_per_s']:.2f} req/s {s['cpu_ms_per_request']} CPU ms/req",
+                f"kdiff serve {s['req_per_s']:.2f} req/s {s['cpu_ms_per_request']} CPU ms/req"
+                + (f"   via Serve's proxy {via['req_per_s']:.2f} req/s" if via else ""),
                 flush=True,
             )
         single.stop()  # idle, but out of the way for the engine comparison
@@ -209,6 +225,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ray_rps = statistics.median(x["ray_1_engine"]["req_per_s"] for x in pairs)
     one_rps = statistics.median(x["kdiff_serve"]["req_per_s"] for x in pairs)
     results["ray_over_kdiff_serve_time_ratio_c8"] = round(one_rps / ray_rps, 3)
+    if all("ray_1_engine_serve_proxy" in x for x in pairs):
+        via_proxy = statistics.median(x["ray_1_engine_serve_proxy"]["req_per_s"] for x in pairs)
+        results["serve_proxy_over_kdiff_serve_time_ratio_c8"] = round(one_rps / via_proxy, 3)
     results["cpu_ms_per_request_c8"] = {
         "ray": statistics.median(x["ray_1_engine"]["cpu_ms_per_request"] for x in pairs),
         "kdiff_serve": statistics.median(x["kdiff_serve"]["cpu_ms_per_request"] for x in pairs),
@@ -224,10 +243,25 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["speedup_2_engines_c16"] = round(e2 / e1, 3)
     results["machine"] = machine()
     print(f"time ratio Ray/kdiff serve at c=8: {results['ray_over_kdiff_serve_time_ratio_c8']}")
+    if "serve_proxy_over_kdiff_serve_time_ratio_c8" in results:
+        print(f"  the same via Serve's proxy: {results['serve_proxy_over_kdiff_serve_time_ratio_c8']}")
     print(f"CPU ms per request at c=8: {results['cpu_ms_per_request_c8']}")
     if not args.skip_engines:
         print(f"2 vs 1 engine speed-up at c=16: {results['speedup_2_engines_c16']}")
     return results
+
+
+def answers(url: str, timeout_s: float = 15) -> bool:
+    """Whether ``url`` serves GET /samplers within ``timeout_s`` (a listener the tree may not have)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/samplers", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def machine() -> dict[str, Any]:
@@ -267,6 +301,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             row[name] = {
                 **pair,
                 "time_ratio": data["ray_over_kdiff_serve_time_ratio_c8"],
+                "ray_entry": data.get("ray_entry", "serve proxy"),
                 "path_only": data["path_only_c8"][0],
             }
             print(

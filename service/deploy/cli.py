@@ -50,7 +50,6 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         )
         ray.shutdown()
         return 2
-    serve.start(http_options={"host": args.host, "port": args.port})
     build_args: dict[str, Any] = {
         "engines": args.engines,
         "settings": {k: [str(i) for i in v] if isinstance(v, list) else str(v) for k, v in settings.items()},
@@ -58,6 +57,13 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         "ingress_min_replicas": args.ingress_replicas,
         "ingress_max_replicas": max(args.ingress_replicas, args.ingress_max_replicas or 0),
     }
+    if own_cluster:
+        # One host: HTTP goes straight to the ingress replica's own listener on --port (deploy/hop.py;
+        # Serve's proxy cost about 0.1x of a digits request) and Serve runs no proxy.
+        serve.start(proxy_location="Disabled")
+        build_args.update(http_port=args.port, http_host=args.host)
+    else:  # a cluster of several hosts: Serve's proxy on every node, wherever the ingress replicas run
+        serve.start(http_options={"host": args.host, "port": args.port})
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]
     serve.run(build_app(build_args), name=APP_NAME, route_prefix="/")

@@ -4,16 +4,17 @@
   GPU) runs the unmodified service app in-process: ``Service`` with one iteration-level engine per
   model, GuardMiddleware (API keys, body limits), every route, schema, error and SSE stream. It loads
   the models of its placement (``KDIFF_MODELS`` for that slot). Its job ids start with its slot and
-  incarnation (``service.engine.jobs.Job.id_prefix``).
-- ``Ingress`` (autoscaled on ongoing requests) receives every HTTP request from Serve's proxy and
-  forwards it, as data, to an engine replica through a deployment handle, streaming the response back
+  incarnation (``service.engine.jobs.Job.id_prefix``). It serves that app on a port of its own for
+  the ingress (hop.py), and says where in ``info()``.
+- ``Ingress`` receives every HTTP request, from Serve's proxy or (``http_port``) on its own listener,
+  and forwards it over HTTP to an engine replica (hop.Engines), streaming the response back
   (SSE included): new work to the least busy slot that has the model, ``/jobs/{id}...`` to the slot
   named in the id, ``GET /jobs`` to every slot (merged). The ingress keeps no job state, so any ingress
   replica serves any job, and results outlive the ingress replica that created them.
 
-Backpressure: the ingress deployment's ``max_queued_requests`` makes Serve's proxy answer 503 with
-Retry-After; an engine slot's ``max_queued_requests`` makes its handle raise BackPressureError, which the
-ingress answers as 503 with Retry-After; an engine's own full queue is the service's 429. An engine
+Backpressure: past its ongoing + queued requests an ingress replica answers 503 with Retry-After (its
+listener; Serve's proxy does the same in front of it), and so it does past an engine slot's ongoing +
+queued requests at that slot; an engine's own full queue is the service's 429. An engine
 replica that dies: with ``KDIFF_REDIS_URL`` (the shared job store, shared.py) its jobs are taken over
 by a live engine, job routes follow Redis's ``place`` of each job, new work goes to live engines and
 a request whose engine died before answering goes to another, an SSE stream goes on from the new
@@ -31,24 +32,23 @@ import asyncio
 import json
 import math
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from service.api.guard import body_limit, error_body, too_large
 from service.api.omp import wait_policy_env
 from service.api.settings import Settings
 
-from .asgi import run_asgi
+from .hop import Engines, Gone, HopGuard, Listener, NotUp, reuse_port_socket
 from .routing import (
     ENGINE_HEADER,
     INGRESS_HEADER,
@@ -71,7 +71,9 @@ HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 class EngineReplica:
     """One engine slot: the service app with its engines, on this replica's device."""
 
-    async def __init__(self, slot: int, settings: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, slot: int, settings: dict[str, Any], secret: str) -> None:  # type: ignore[misc]
+        import ray
+
         from service.api.app import create_app
         from service.api.settings import Settings
         from service.engine.jobs import Job
@@ -84,28 +86,48 @@ class EngineReplica:
         self.app = create_app(Settings(**slot_state(settings, slot)))
         self._life = self.app.router.lifespan_context(self.app)
         await self._life.__aenter__()  # loads this slot's models, starts their engines
+        # the ingress's requests come to this port (hop.py), on the address other nodes reach
+        host = ray.util.get_node_ip_address()
+        app = _Headed(HopGuard(self.app, secret), [self.header])
+        self.listener = Listener(app, reuse_port_socket(host, 0))
+        self.url = f"http://{host}:{self.listener.port}"
         # with KDIFF_REDIS_URL: "this engine is up" for the ingress, from now until it stops
         config = SharedConfig.of(self.app.state.service.settings)
         self.beat = None if config is None else EngineBeat(config, slot, self.incarnation)
         if self.beat is not None:
             self.beat.start()
 
-    async def http(self, req: dict[str, Any]) -> AsyncIterator[Any]:
-        async for message in run_asgi(self.app, req, [self.header]):
-            yield message
-
     def info(self) -> dict[str, Any]:
         state = self.app.state.service
-        return {"slot": self.slot, "incarnation": self.incarnation, "models": sorted(state.pool.models)}
+        models = sorted(state.pool.models)
+        return {"slot": self.slot, "incarnation": self.incarnation, "models": models, "url": self.url}
 
     def check_health(self) -> None:
         if self.app.state.service.draining:
             raise RuntimeError("draining")
+        if not self.listener.alive():
+            raise RuntimeError("the engine's HTTP listener stopped")
 
     async def __del__(self) -> None:  # graceful shutdown: running jobs finish within the drain timeout
         if self.beat is not None:
             await self.beat.stop()
         await self._life.__aexit__(None, None, None)
+        await self.listener.stop()
+
+
+class _Headed:
+    """An ASGI app whose responses carry ``headers`` too (the engine replica names itself)."""
+
+    def __init__(self, app: Any, headers: list[tuple[str, str]]) -> None:
+        self.app, self.headers = app, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 proxy = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -125,6 +147,9 @@ def _query_int(query: str, name: str, default: int) -> int:
         return default
 
 
+HOLD_S = 120.0  # how long a request waits for its only engine to be up (Serve restarting it)
+
+
 def _lost(slot: int, exc: BaseException) -> str:
     return (
         f"engine replica engine{slot} went away ({type(exc).__name__}); its jobs are lost, Serve restarts "
@@ -132,39 +157,11 @@ def _lost(slot: int, exc: BaseException) -> str:
     )
 
 
-def _stream(handle: DeploymentHandle, req: dict[str, Any]) -> DeploymentResponseGenerator:
-    return cast(DeploymentResponseGenerator, handle.options(stream=True).http.remote(req))
-
-
 class _TryAnother(Exception):
     """An engine did not take the request (``dead``: it died); the next engine may."""
 
     def __init__(self, dead: bool) -> None:
         self.dead = dead
-
-
-async def _assigned(gen: DeploymentResponseGenerator, timeout_s: float) -> bool:
-    """Whether Serve hands the call to a replica of its deployment within ``timeout_s``. (Serve holds a
-    call to a deployment with no running replica until one starts: a dead engine's restart.) Uses the
-    handle's private assignment future, the only place Serve exposes it."""
-    assignment = getattr(gen, "_fetch_future_result_async", None)
-    if assignment is None:  # another Ray version: no timeout (the engines' liveness keys still count)
-        return True
-    task = asyncio.ensure_future(assignment())
-    done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    if done:
-        task.result()
-        return True
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # cancelled with the call
-    return False
-
-
-def _cancel(gen: DeploymentResponseGenerator) -> None:
-    """Cancel a handle call, best effort (on a call that already failed, cancel() re-raises its error)."""
-    try:
-        gen.cancel()
-    except Exception:
-        pass
 
 
 def slot_state(settings: dict[str, Any], slot: int) -> dict[str, Any]:
@@ -179,27 +176,92 @@ def _kdiff_env() -> dict[str, str]:
     return {**wait_policy_env(), **{k: v for k, v in os.environ.items() if k.startswith("KDIFF_")}}
 
 
+class _DirectApp:
+    """The ingress replica's own HTTP listener: every request to ``Ingress.forward``, as through Serve's
+    proxy (which also cancelled a request whose client went away, so this does too)."""
+
+    def __init__(self, ingress: "Ingress") -> None:
+        self.ingress = ingress
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        ingress = self.ingress
+        if ingress.ongoing >= ingress.ingress_cap:
+            full = _error(503, "overloaded", "the ingress is at its request limit", ingress.retry_after_s)
+            return await full(scope, receive, send)
+        body_read = asyncio.Event()
+
+        async def receiving() -> Any:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def answer() -> None:
+            response = await ingress.forward(Request(scope, receiving))
+            await response(scope, receiving, send)
+
+        async def gone() -> None:  # the client's disconnect, once its body is in
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        ingress.ongoing += 1
+        work, watch = asyncio.ensure_future(answer()), asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client left: a waiting /sample cancels its job, as via Serve
+                work.cancel()
+            try:
+                await work
+            except asyncio.CancelledError:
+                pass
+        finally:
+            watch.cancel()
+            ingress.ongoing -= 1
+
+
 # (helpers above the deployments: Serve pickles the ingress class with the globals it sees)
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(proxy)
 class Ingress:
     """Routes each request to an engine slot and streams its response back; keeps no state of its own."""
 
-    def __init__(
+    async def __init__(  # type: ignore[misc]
         self,
         placement: list[list[str]],
         limits: tuple[int, int],
         shared: SharedConfig | None,
         assign_s: float,
+        hop: dict[str, Any],
         *engines: DeploymentHandle,
     ) -> None:
-        self.engines = list(engines)
+        self.engines = Engines(list(engines), hop["secret"])
         self.placement = Placement(placement)
         self.limits = limits  # the engines' (max_body_bytes, max_chunked_bytes)
         self.header = (INGRESS_HEADER, serve.get_replica_context().replica_id.unique_id)
         # KDIFF_REDIS_URL: jobs are where Redis says, and a dead engine's requests go to a live one
-        self.shared = None if shared is None else Shared(shared, len(self.engines))
+        self.shared = None if shared is None else Shared(shared, len(engines))
         self.assign_s = assign_s
+        self.retry_after_s = float(hop["retry_after_s"])
+        self.engine_cap = int(hop["engine_cap"])  # requests this replica has in flight at one engine
+        # The ingress's own listener (hop.py), in front of Serve's proxy: the fast path. Its replicas
+        # on one host share the port; past ``ingress_cap`` requests in flight it answers 503.
+        self.ingress_cap, self.ongoing = int(hop["ingress_cap"]), 0
+        self.listener = None
+        if hop.get("port") is not None:
+            sock = reuse_port_socket(hop.get("host") or "0.0.0.0", int(hop["port"]))
+            self.listener = Listener(_DirectApp(self), sock)
+
+    def check_health(self) -> None:
+        if self.listener is not None and not self.listener.alive():
+            raise RuntimeError("the ingress's HTTP listener stopped")
+
+    async def __del__(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        await self.engines.aclose()
 
     async def _body(self, request: Request) -> bytes | Response:
         """The request body, or a 413 as soon as it passes the engines' limit (the engine would refuse
@@ -249,9 +311,13 @@ class Ingress:
         """With the Redis store: a job's requests go where Redis says it is (else to any engine, which
         reads it from Redis); new work to the least busy live engine with the model. An engine that
         died before answering: the same request to the next one (at-least-once: the same seeds give
-        the same images; a job it had recorded is taken over too, so it may run twice)."""
+        the same images; a job it had recorded is taken over too, so it may run twice). A job's cancel or
+        event stream whose engine died goes to the engine that takes the job over, never to another
+        (which holds only Redis's copy of it: that copy's stream would never end, its cancel not stop
+        the run)."""
         assert self.shared is not None
         live = await self.shared.live()
+        follow: tuple[str, str | None] | None = None  # (job id, place) where the job must be followed
         if route.kind == "job":
             job_id = route.job_id
             assert job_id is not None
@@ -268,6 +334,8 @@ class Ingress:
             first = placed if placed is not None else route.slots[0]
             order = await self.shared.order([first] if first < len(self.engines) else [])
             assign_s = None
+            if placed is not None and status in UNFINISHED and not view:
+                follow = (job_id, place)
         else:
             alive = [k for k in route.slots if k in live] or route.slots
             first = self.placement.pick(alive)
@@ -284,6 +352,11 @@ class Ingress:
                 if why.dead:
                     self.shared.died(slot)
                 passed.append(f"engine{slot} ({'died' if why.dead else 'not assigned'})")
+                if follow is not None:  # the job's holder is down: wait for the one that takes it over
+                    taker = await self._placed(*follow)
+                    if taker is None:
+                        return _error(503, "engine_lost", f"no engine took job {follow[0]!r} over yet", 5)
+                    return await self._call(taker, req, follow[0])
                 continue
             if passed:
                 response.headers[PASSED_HEADER] = ", ".join(passed)
@@ -301,6 +374,8 @@ class Ingress:
         """The engine's response. With ``retry``, raises _TryAnother when the engine died before
         answering, or (``assign_s``) Serve gave the request to none of its replicas in that time: a
         dead replica not yet replaced, or one at its ``max_ongoing_requests``."""
+        if self.placement.inflight[slot] >= self.engine_cap:
+            return _error(503, "overloaded", f"engine{slot} is at its queue limit", self.retry_after_s)
         self.placement.inflight[slot] += 1
         released = False
 
@@ -310,50 +385,44 @@ class Ingress:
                 released = True
                 self.placement.inflight[slot] -= 1
 
-        gen: DeploymentResponseGenerator | None = None
         try:
-            gen = _stream(self.engines[slot], req)
-            if assign_s is not None and not await _assigned(gen, assign_s):
-                raise _TryAnother(dead=False)
-            first = await gen.__anext__()
+            # with ``retry`` a refused engine is passed at once, not waited for (Serve restarting it)
+            wait_s = HOLD_S if assign_s is None else assign_s
+            answer = await self.engines.send(slot, req, wait_s, reask=not retry)
         except BaseException as exc:
             release()
-            if gen is not None:
-                _cancel(gen)
-            if isinstance(exc, asyncio.CancelledError | _TryAnother):
+            if isinstance(exc, asyncio.CancelledError):
                 raise
-            if retry and isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError):
-                raise _TryAnother(dead=True) from exc
+            if retry and isinstance(exc, Gone | NotUp):
+                raise _TryAnother(dead=isinstance(exc, Gone)) from exc
             return self._failure(slot, exc)
-        headers = [(k, v) for k, v in first["headers"] if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP]
         headers.append(self.header)
-        if job_id is not None and first["status"] == 404 and self.shared is None:
+        if job_id is not None and answer.status == 404 and self.shared is None:
             current = incarnation_of(dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER))
             if current is not None and current != job_id[2:8]:
                 release()
-                _cancel(gen)
+                await answer.close()
                 return _error(
                     410,
                     "engine_lost",
                     f"job {job_id!r} ran on engine replica engine{slot}, which has restarted since; "
                     "its jobs are lost (resubmit: the same seed gives the same image)",
                 )
-        if not first["more"]:
+        if not answer.more:
             release()
-            response = Response(first["body"], status_code=first["status"])
+            response = Response(answer.body, status_code=answer.status)
             response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-            response.headers["content-length"] = str(len(first["body"]))
+            response.headers["content-length"] = str(len(answer.body))
             return response
         sse = any(k.lower() == "content-type" and "text/event-stream" in v for k, v in headers)
         engine = dict((k.lower(), v) for k, v in headers).get(ENGINE_HEADER)
 
         async def rest() -> AsyncIterator[bytes]:
             try:
-                if first["body"]:
-                    yield first["body"]
-                async for chunk in gen:
+                async for chunk in answer.chunks():
                     yield chunk
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+            except Gone as exc:
                 if sse and self.shared is not None and job_id is not None:  # go on where the job went
                     dead = job_prefix(slot, incarnation_of(engine) or "")
                     async for chunk in self._resume(slot, dead, req, job_id):
@@ -363,9 +432,9 @@ class Ingress:
                     yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
             finally:
                 release()
-                _cancel(gen)
+                await answer.close()
 
-        response = StreamingResponse(rest(), status_code=first["status"])
+        response = StreamingResponse(rest(), status_code=answer.status)
         response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return response
 
@@ -403,10 +472,11 @@ class Ingress:
         yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
 
     def _failure(self, slot: int, exc: BaseException) -> Response:
-        if isinstance(exc, BackPressureError):
-            return _error(503, "overloaded", f"engine{slot} is at its queue limit", exc.retry_after_s or 5)
-        if isinstance(exc, RayActorError | ActorDiedError | ActorUnavailableError):
-            return _error(503, "engine_lost", _lost(slot, exc), 5)
+        if isinstance(exc, Gone):
+            return _error(503, "engine_lost", _lost(slot, exc), self.retry_after_s)
+        if isinstance(exc, NotUp):
+            message = f"engine replica engine{slot} is not up (Serve is starting it); retry"
+            return _error(503, "engine_lost", message, self.retry_after_s)
         return _error(500, "engine_error", f"engine{slot}: {type(exc).__name__}: {exc}")
 
     async def _fanout(self, req: dict[str, Any], slots: list[int]) -> Response:
@@ -414,10 +484,12 @@ class Ingress:
         is left out)."""
 
         async def one(slot: int) -> dict[str, Any]:
-            gen = _stream(self.engines[slot], req)
-            first = await gen.__anext__()
-            chunks = [first["body"]] + ([c async for c in gen] if first["more"] else [])
-            return {"status": first["status"], "headers": first["headers"], "body": b"".join(chunks)}
+            answer = await self.engines.send(slot, req, HOLD_S)
+            try:
+                chunks = [answer.body] + ([c async for c in answer.chunks()] if answer.more else [])
+            finally:
+                await answer.close()
+            return {"status": answer.status, "headers": answer.headers, "body": b"".join(chunks)}
 
         answers = await asyncio.gather(*(one(k) for k in slots), return_exceptions=True)
         good = [a for a in answers if isinstance(a, dict)]
@@ -448,7 +520,13 @@ def build_app(args: dict[str, Any]) -> Any:
     ``ingress_min_replicas`` (1), ``ingress_max_replicas`` (2), ``ingress_target_ongoing_requests`` (32),
     ``ingress_max_ongoing_requests`` (256), ``ingress_max_queued_requests`` (256), ``retry_after_s`` (5),
     ``engine_assign_timeout_s`` (1; with KDIFF_REDIS_URL: new work that no replica of its engine takes
-    within this goes to the next engine).
+    within this goes to the next engine), ``http_port`` / ``http_host`` (the ingress replicas' own
+    listener, the fast path past Serve's proxy, hop.py; default none: Serve's proxy only; with it the
+    ingress runs ``ingress_min_replicas`` replicas, since Serve sees none of its requests to scale on).
+
+    An ingress replica holds at most ``engine_max_ongoing_requests + engine_max_queued_requests``
+    requests at one engine slot (more: 503 ``overloaded``), and its own listener at most
+    ``ingress_max_ongoing_requests + ingress_max_queued_requests``.
     """
     n = int(args.get("engines", 1))
     placement = [list(p) for p in args.get("placement") or []]
@@ -459,6 +537,7 @@ def build_app(args: dict[str, Any]) -> Any:
         settings["model_store"] = str(Path(store).resolve())
     retry = float(args.get("retry_after_s", 5))
     backpressure = {"status_code": 503, "retry_after_s": retry}
+    secret = secrets.token_hex(16)  # the engines' ports take requests from this application's ingress only
     engines = []
     for k in range(n):
         slot_settings = dict(settings)
@@ -476,20 +555,37 @@ def build_app(args: dict[str, Any]) -> Any:
                     "num_gpus": float(args.get("num_gpus", 0)),
                     "runtime_env": {"env_vars": _kdiff_env()},
                 },
-            ).bind(k, slot_settings)
+            ).bind(k, slot_settings, secret)
         )
-    ingress = Ingress.options(  # type: ignore[attr-defined]
-        max_ongoing_requests=int(args.get("ingress_max_ongoing_requests", 256)),
-        max_queued_requests=int(args.get("ingress_max_queued_requests", 256)),
-        backpressure_config=backpressure,
-        autoscaling_config={
+    ingress_ongoing = int(args.get("ingress_max_ongoing_requests", 256))
+    ingress_queued = int(args.get("ingress_max_queued_requests", 256))
+    port = args.get("http_port")
+    replicas: dict[str, Any] = {
+        "autoscaling_config": {
             "min_replicas": int(args.get("ingress_min_replicas", 1)),
             "max_replicas": int(args.get("ingress_max_replicas", 2)),
             "target_ongoing_requests": float(args.get("ingress_target_ongoing_requests", 32)),
-        },
+        }
+    }
+    if port is not None:  # Serve's autoscaler would count none of the listener's requests
+        replicas = {"num_replicas": max(1, int(args.get("ingress_min_replicas", 1)))}
+    ingress = Ingress.options(  # type: ignore[attr-defined]
+        max_ongoing_requests=ingress_ongoing,
+        max_queued_requests=ingress_queued,
+        backpressure_config=backpressure,
+        **replicas,
     )
     limits = Settings(**settings)  # KDIFF_* from the environment as the engines read them
     shared, assign_s = SharedConfig.of(limits), float(args.get("engine_assign_timeout_s", 1.0))
+    hop = {
+        "secret": secret,
+        "port": None if port is None else int(port),
+        "host": args.get("http_host", "0.0.0.0"),
+        "retry_after_s": retry,
+        "engine_cap": int(args.get("engine_max_ongoing_requests", 64))
+        + int(args.get("engine_max_queued_requests", 64)),
+        "ingress_cap": ingress_ongoing + ingress_queued,
+    }
     return ingress.bind(
-        placement, (limits.max_body_bytes, limits.max_chunked_bytes), shared, assign_s, *engines
+        placement, (limits.max_body_bytes, limits.max_chunked_bytes), shared, assign_s, hop, *engines
     )

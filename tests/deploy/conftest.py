@@ -5,6 +5,7 @@ Redis job store they share (a redis-server started here, redis_server.py)."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -23,6 +24,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listen_port() -> int:
+    """A free port for a listener bound after the Ray cluster starts: outside the kernel's ephemeral
+    range (32768+) and Ray's worker ports (10002-19999), where Ray's processes bind their own ports as
+    they start and could take it first."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 ENGINE_SETTINGS: dict[str, Any] = {"torch_threads": 1, "batch_wait_ms": 0, "max_queue": 64}
@@ -54,7 +70,7 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         logging_level="warning",
         log_to_driver=False,
     )
-    port = free_port()
+    port, direct = free_port(), listen_port()
     redis = redis_server(tmp_path_factory.mktemp("redis"))
     redis_url = redis.__enter__()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
@@ -74,12 +90,22 @@ def cluster(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "ingress_min_replicas": 2,
         "ingress_max_replicas": 2,
         "retry_after_s": 2,
+        # the ingress replicas' own listener (the fast path, service/deploy/hop.py); Serve's proxy
+        # on ``port`` goes to the same replicas
+        "http_port": direct,
+        "http_host": "127.0.0.1",
     }
     t0 = time.monotonic()
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{direct}"
     try:
-        yield {"url": url, "store": tiny_store, "started_s": time.monotonic() - t0, "redis_url": redis_url}
+        yield {
+            "url": url,
+            "serve_url": f"http://127.0.0.1:{port}",
+            "store": tiny_store,
+            "started_s": time.monotonic() - t0,
+            "redis_url": redis_url,
+        }
     finally:
         serve.shutdown()
         ray.shutdown()

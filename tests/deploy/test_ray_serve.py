@@ -124,9 +124,14 @@ def test_the_ingress_refuses_an_oversized_body_itself(http: httpx.Client) -> Non
     assert http.post("/sample", json=request_body(0)).status_code == 200  # and it keeps serving
 
 
+# A new connection per try: the ingress replicas share one listening port (SO_REUSEPORT), and the kernel
+# picks a replica per connection, not per request.
+FRESH = {"Connection": "close"}
+
+
 def other_ingress(client: httpx.Client, method: str, url: str, not_ingress: str) -> httpx.Response:
     for _ in range(60):
-        r = client.request(method, url)
+        r = client.request(method, url, headers=FRESH)
         if r.headers.get("x-kdiff-ingress") != not_ingress:
             return r
     raise AssertionError("the other ingress replica never answered")
@@ -140,7 +145,7 @@ def test_job_across_ingress_replicas(http: httpx.Client) -> None:
     read = other_ingress(http, "GET", f"/jobs/{jid}", a)
     assert read.status_code == 200 and read.json()["id"] == jid
     for _ in range(60):  # stream it through the other ingress replica
-        with http.stream("GET", f"/jobs/{jid}/events") as s:
+        with http.stream("GET", f"/jobs/{jid}/events", headers=FRESH) as s:
             if s.headers.get("x-kdiff-ingress") == a:
                 continue
             text = s.read().decode()
@@ -175,6 +180,20 @@ def test_job_across_ingress_replicas(http: httpx.Client) -> None:
         time.sleep(0.2)
     else:
         raise AssertionError("the job was not readable after its ingress replica died")
+    # Serve's replacement serves too before the next test: a connection the kernel hands to a replica
+    # as it dies is reset (SO_REUSEPORT, README "Ray Serve"), and the next test must not meet that
+    serving: set[str] = set()
+    for _ in range(300):
+        try:
+            r = http.get("/samplers", headers=FRESH)
+            serving.add(r.headers["x-kdiff-ingress"])
+        except httpx.TransportError:
+            pass
+        if len(serving - {a}) == 2:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"no second ingress replica after the kill: {serving}")
 
 
 def test_overload_gives_503_or_429_with_retry_after(cluster: dict[str, Any]) -> None:

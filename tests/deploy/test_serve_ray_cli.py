@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.server import REPO
 
-from .conftest import free_port
+from .conftest import free_port, listen_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +58,7 @@ def test_serve_ray_without_address_owns_its_cluster_even_with_ray_address_set(
     kdiff = None
     try:
         wait_for(lambda: listening(head_port), 90, "the `ray start` cluster")
-        port = free_port()
+        port = listen_port()  # the ingress replica's own listener binds it once the cluster runs
         log = tmp_path / "kdiff.log"
         kenv = {
             **env,

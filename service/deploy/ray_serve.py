@@ -372,8 +372,8 @@ class Ingress:
         assign_s: float | None = None,
     ) -> Response:
         """The engine's response. With ``retry``, raises _TryAnother when the engine died before
-        answering, or (``assign_s``) Serve gave the request to none of its replicas in that time: a
-        dead replica not yet replaced, or one at its ``max_ongoing_requests``."""
+        answering or refused the connection, or (``assign_s``) no replica of it told its address in
+        that time: a dead replica not yet replaced."""
         if self.placement.inflight[slot] >= self.engine_cap:
             return _error(503, "overloaded", f"engine{slot} is at its queue limit", self.retry_after_s)
         self.placement.inflight[slot] += 1
@@ -519,10 +519,11 @@ def build_app(args: dict[str, Any]) -> Any:
     ``engine_max_ongoing_requests`` (64), ``engine_max_queued_requests`` (64),
     ``ingress_min_replicas`` (1), ``ingress_max_replicas`` (2), ``ingress_target_ongoing_requests`` (32),
     ``ingress_max_ongoing_requests`` (256), ``ingress_max_queued_requests`` (256), ``retry_after_s`` (5),
-    ``engine_assign_timeout_s`` (1; with KDIFF_REDIS_URL: new work that no replica of its engine takes
-    within this goes to the next engine), ``http_port`` / ``http_host`` (the ingress replicas' own
-    listener, the fast path past Serve's proxy, hop.py; default none: Serve's proxy only; with it the
-    ingress runs ``ingress_min_replicas`` replicas, since Serve sees none of its requests to scale on).
+    ``engine_assign_timeout_s`` (1; with KDIFF_REDIS_URL: new work whose engine refuses it, or whose
+    engine's address no replica tells within this, goes to the next engine), ``http_port`` /
+    ``http_host`` (the ingress replicas' own listener, the fast path past Serve's proxy, hop.py;
+    default none: Serve's proxy only; with it the ingress runs ``ingress_min_replicas`` replicas,
+    since Serve sees none of its requests to scale on).
 
     An ingress replica holds at most ``engine_max_ongoing_requests + engine_max_queued_requests``
     requests at one engine slot (more: 503 ``overloaded``), and its own listener at most

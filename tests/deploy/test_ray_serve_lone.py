@@ -1,0 +1,97 @@
+"""An engine replica without a shared job store (no KDIFF_REDIS_URL, no KDIFF_STATE_DIR) killed while it
+works, through the ingress's own listener (the HTTP hop, service/deploy/hop.py): what README "Ray Serve"
+promises for that case. A waiting /sample gets 503 ``engine_lost`` with Retry-After, an open event
+stream ends with an ``error`` event ``engine_lost``, a read of its job after Serve restarted the engine
+gives 410 ``engine_lost``, and the restarted engine serves new work."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ENGINE_SETTINGS, listen_port
+
+pytestmark = pytest.mark.timeout(240)
+APP = "kdiff-lone"
+LONG = {"sampler": "heun", "steps": 500, "seed": 3, "class_label": 4, "n": 2}
+
+
+def engine_actor() -> Any:
+    import ray
+
+    names = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#engine0#" in a["name"]
+    ]
+    assert names, "no engine replica of the lone application"
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str, Any]) -> None:
+    import ray
+    from ray import serve
+
+    from service.deploy.ray_serve import build_app
+
+    port = listen_port()
+    args = {
+        "engines": 1,
+        "settings": {**ENGINE_SETTINGS, "model_store": str(cluster["store"])},
+        "engine_cpus": 0.5,
+        "ingress_min_replicas": 1,
+        "retry_after_s": 2,
+        "http_port": port,
+        "http_host": "127.0.0.1",
+    }
+    serve.run(build_app(args), name=APP, route_prefix="/lone")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            created = http.post("/jobs", json=LONG)
+            assert created.status_code == 202, created.text
+            jid, engine = created.json()["id"], created.headers["x-kdiff-engine"]
+            events: list[str] = []
+
+            def follow() -> None:
+                with httpx.Client(base_url=str(http.base_url), timeout=120) as c:
+                    with c.stream("GET", f"/jobs/{jid}/events") as s:
+                        events.extend(s.iter_lines())
+
+            streamer = threading.Thread(target=follow)
+            streamer.start()
+            pool = ThreadPoolExecutor(1)
+            waiting = pool.submit(http.post, "/sample", json={**LONG, "seed": 4})
+            for _ in range(400):  # both running on the engine
+                if http.get(f"/jobs/{jid}").json()["status"] == "running" and any(
+                    "progress" in e for e in events
+                ):
+                    break
+                time.sleep(0.02)
+            time.sleep(0.3)
+            ray.kill(engine_actor(), no_restart=True)
+
+            lost = waiting.result(timeout=60)
+            pool.shutdown()
+            assert lost.status_code == 503, lost.text
+            assert lost.json()["detail"]["code"] == "engine_lost" and int(lost.headers["retry-after"]) >= 1
+            streamer.join(60)
+            assert not streamer.is_alive()
+            assert "event: error" in events and any("engine_lost" in e for e in events), events[-4:]
+
+            # Serve restarts the engine (a new incarnation): the job is gone with the old one, new work runs
+            for _ in range(300):
+                r = http.post("/sample", json={"seed": 1, "class_label": 1, "steps": 4})
+                if r.status_code == 200:
+                    assert r.headers["x-kdiff-engine"] != engine
+                    break
+                assert r.status_code == 503, r.text  # engine_lost / not up, while it restarts
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the restarted engine served nothing")
+            gone = http.get(f"/jobs/{jid}")
+            assert gone.status_code == 410 and gone.json()["detail"]["code"] == "engine_lost", gone.text
+    finally:
+        serve.delete(APP)

@@ -88,6 +88,15 @@ async def up(listener: Listener) -> None:
     raise TimeoutError("listener did not start")
 
 
+async def dead_url() -> str:
+    """The address of an engine that has stopped (nothing listens there now)."""
+    listener = engine()
+    await up(listener)
+    url = url_of(listener)
+    await listener.stop()
+    return url
+
+
 def request(path: str = "/sample", **extra: Any) -> dict[str, Any]:
     headers = [("host", "front:8000"), ("content-type", "application/json"), ("authorization", "Bearer k")]
     headers += [(SECRET_HEADER, "forged"), (CLIENT_HEADER, "6.6.6.6 1 https")]  # a caller's, never passed on
@@ -170,10 +179,7 @@ def test_a_replica_restarted_at_a_new_address_is_found_again() -> None:
 
 def test_refused_with_no_replica_up_is_gone_within_the_wait() -> None:
     async def run() -> None:
-        listener = engine()
-        await up(listener)
-        dead = url_of(listener)
-        await listener.stop()
+        dead = await dead_url()
         answers = [_value({"url": dead}), _never()]  # then no replica ever answers
 
         handle = Handle(lambda: answers.pop(0))
@@ -250,10 +256,7 @@ def test_without_reask_a_refused_engine_is_gone_at_once() -> None:
     """When another engine may take the request, a refused one is not waited for (Serve restarting it)."""
 
     async def run() -> None:
-        listener = engine()
-        await up(listener)
-        dead = url_of(listener)
-        await listener.stop()
+        dead = await dead_url()
         handle = Handle(lambda: _value({"url": dead}))
         engines = Engines([handle], SECRET)
         with pytest.raises(Gone):

@@ -2,7 +2,8 @@
 works, through the ingress's own listener (the HTTP hop, service/deploy/hop.py): what README "Ray Serve"
 promises for that case. A waiting /sample gets 503 ``engine_lost`` with Retry-After, an open event
 stream ends with an ``error`` event ``engine_lost``, a read of its job after Serve restarted the engine
-gives 410 ``engine_lost``, and the restarted engine serves new work."""
+gives 410 ``engine_lost``, and the restarted engine serves new work; a /sample whose client goes away
+is cancelled on the engine."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def engine_actor() -> Any:
     ]
     assert names, "no engine replica of the lone application"
     return ray.get_actor(names[0], namespace="serve")
+
+
+def cancelled_jobs(metrics: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("kdiff_jobs_total{") and 'status="cancelled"' in line
+    )
 
 
 def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str, Any]) -> None:
@@ -93,5 +102,15 @@ def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str
                 raise AssertionError("the restarted engine served nothing")
             gone = http.get(f"/jobs/{jid}")
             assert gone.status_code == 410 and gone.json()["detail"]["code"] == "engine_lost", gone.text
+
+            # a /sample whose client goes away is cancelled on the engine, as through Serve's proxy
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/sample", json={**LONG, "seed": 5}, timeout=0.4)  # it runs over 1 s
+            for _ in range(100):
+                if cancelled_jobs(http.get("/metrics").text) >= 1:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the engine never cancelled the abandoned /sample job")
     finally:
         serve.delete(APP)

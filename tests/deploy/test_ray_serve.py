@@ -110,6 +110,28 @@ def test_models_and_metrics_come_from_every_engine(http: httpx.Client) -> None:
     assert text.count("# TYPE kdiff_jobs_total counter") == 1
 
 
+def test_serve_proxy_reaches_the_same_ingress_and_engines(
+    cluster: dict[str, Any], http: httpx.Client
+) -> None:
+    """Multi-host deployments keep Serve's HTTP proxy in front of the ingress replicas: the same answers
+    through it as through the ingress's own listener."""
+    with httpx.Client(base_url=cluster["serve_url"], timeout=60, headers=ALICE) as proxied:
+        body = request_body(3)
+        via_proxy, direct = proxied.post("/sample", json=body), http.post("/sample", json=body)
+        assert via_proxy.status_code == 200 and direct.status_code == 200, via_proxy.text
+        assert "x-kdiff-ingress" in via_proxy.headers and "x-kdiff-engine" in via_proxy.headers
+        assert [pixels(x).tolist() for x in via_proxy.json()["images"]] == [
+            pixels(x).tolist() for x in direct.json()["images"]
+        ]
+        created = http.post("/jobs", json=body)
+        assert created.status_code == 202, created.text
+        with proxied.stream("GET", f"/jobs/{created.json()['id']}/events") as s:
+            assert "event: done" in s.read().decode()
+        assert (
+            proxied.get("/jobs/00ffffff0000", headers={"Authorization": ""}).status_code == 401
+        )  # keys hold there too
+
+
 def test_the_ingress_refuses_an_oversized_body_itself(http: httpx.Client) -> None:
     """A body without Content-Length past KDIFF_MAX_CHUNKED_BYTES (1 MiB): 413 from the ingress
     (no engine named), not after it has held the whole body and forwarded it."""

@@ -30,8 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray.add_argument("--address", help="Ray cluster (auto, ray://head:10001); default: a local one")
     ray.add_argument("--engines", type=int, default=1, help="engine slots (replicas), one device each")
     ray.add_argument("--gpus-per-engine", type=float, default=0.0, help="num_gpus per engine (1 on GPU)")
-    ray.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (autoscaling minimum)")
-    ray.add_argument("--ingress-max-replicas", type=int, help="autoscaling maximum of the ingress replicas")
+    ray.add_argument(
+        "--ingress-replicas",
+        type=int,
+        default=1,
+        help="ingress replicas (own cluster: how many listen on --port; with --address: autoscaling minimum)",
+    )
+    ray.add_argument(
+        "--ingress-max-replicas",
+        type=int,
+        help="autoscaling maximum of the ingress replicas (with --address only)",
+    )
     ray.add_argument("--placement", help="models per engine slot, e.g. 'digits;sd15,sdxl' (default: all)")
 
 

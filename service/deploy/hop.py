@@ -26,9 +26,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 SECRET_HEADER = "x-kdiff-hop"
 CLIENT_HEADER = "x-kdiff-client"  # "host port scheme" of the caller the ingress saw
-# The ingress's own request headers that must not reach the engine as they came.
+# Headers of one connection, not passed on across the hop (either way: each side frames its own body).
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
-DROPPED = HOP_BY_HOP | {SECRET_HEADER, CLIENT_HEADER}
+DROPPED = HOP_BY_HOP | {SECRET_HEADER, CLIENT_HEADER}  # a caller's forged hop headers too
 
 
 class HopGuard:

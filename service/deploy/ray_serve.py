@@ -48,7 +48,7 @@ from service.api.guard import body_limit, error_body, too_large
 from service.api.omp import wait_policy_env
 from service.api.settings import Settings
 
-from .hop import Engines, Gone, HopGuard, Listener, NotUp, reuse_port_socket
+from .hop import HOP_BY_HOP, Engines, Gone, HopGuard, Listener, NotUp, reuse_port_socket
 from .routing import (
     ENGINE_HEADER,
     INGRESS_HEADER,
@@ -64,7 +64,6 @@ from .shared import EngineBeat, Shared, SharedConfig
 APP_NAME = "kdiff"
 UNFINISHED = ("queued", "running")
 PASSED_HEADER = "x-kdiff-passed"  # engines a request went past (died, or took it in no time)
-HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
@@ -327,10 +326,7 @@ class Ingress:
             if placed is not None and placed not in live and status in UNFINISHED and not view:
                 # its engine is gone and nobody took it over yet: cancel, stream or read it where it
                 # goes (a plain GET answers at once from any engine: queued)
-                slot = await self._placed(job_id, place)
-                if slot is None:
-                    return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
-                return await self._call(slot, req, job_id)
+                return await self._at_taker(job_id, place, req)
             first = placed if placed is not None else route.slots[0]
             order = await self.shared.order([first] if first < len(self.engines) else [])
             assign_s = None
@@ -353,10 +349,7 @@ class Ingress:
                     self.shared.died(slot)
                 passed.append(f"engine{slot} ({'died' if why.dead else 'not assigned'})")
                 if follow is not None:  # the job's holder is down: wait for the one that takes it over
-                    taker = await self._placed(*follow)
-                    if taker is None:
-                        return _error(503, "engine_lost", f"no engine took job {follow[0]!r} over yet", 5)
-                    return await self._call(taker, req, follow[0])
+                    return await self._at_taker(*follow, req)
                 continue
             if passed:
                 response.headers[PASSED_HEADER] = ", ".join(passed)
@@ -437,6 +430,13 @@ class Ingress:
         response = StreamingResponse(rest(), status_code=answer.status)
         response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return response
+
+    async def _at_taker(self, job_id: str, dead_place: str | None, req: dict[str, Any]) -> Response:
+        """The request at the engine that takes a dead engine's job over, once one has."""
+        slot = await self._placed(job_id, dead_place)
+        if slot is None:
+            return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
+        return await self._call(slot, req, job_id)
 
     async def _placed(self, job_id: str, dead_place: str | None) -> int | None:
         """The live engine slot a job moved to from ``dead_place`` (or that has it ended), once one

@@ -33,14 +33,18 @@ DROPPED = HOP_BY_HOP | {SECRET_HEADER, CLIENT_HEADER}  # a caller's forged hop h
 
 class HopGuard:
     """The engine port's gate: requests without the hop secret get 403; with it, the caller's address and
-    scheme as the ingress saw them replace the ingress's own."""
+    scheme as the ingress saw them replace the ingress's own. Websockets are refused: the ingress
+    forwards HTTP only, so one here did not come through it."""
 
     def __init__(self, app: ASGIApp, secret: str) -> None:
         self.app, self.secret = app, secret.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send) if scope["type"] != "lifespan" else None
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan: the app's own is run by the engine replica
+            return
         given, client, kept = b"", b"", []
         for k, v in scope["headers"]:
             if k == SECRET_HEADER.encode():

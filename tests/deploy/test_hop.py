@@ -265,3 +265,31 @@ def test_without_reask_a_refused_engine_is_gone_at_once() -> None:
         await engines.aclose()
 
     asyncio.run(run())
+
+
+def test_the_engine_port_refuses_websockets() -> None:
+    """The ingress forwards HTTP only, so a websocket on the engine port (the ComfyUI /ws route) comes from
+    someone else: refused, secret or not, never handed to the app."""
+    import websockets
+
+    handed: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        handed.append(scope["type"])
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+
+    async def run() -> None:
+        listener = engine(app)
+        await up(listener)
+        for headers in ({}, {SECRET_HEADER: SECRET}):
+            with pytest.raises(websockets.exceptions.InvalidStatus):
+                async with websockets.connect(
+                    f"ws://127.0.0.1:{listener.port}/ws", additional_headers=headers
+                ):
+                    pass
+        assert handed == []
+        await listener.stop()
+
+    asyncio.run(run())

@@ -26,14 +26,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 SECRET_HEADER = "x-kdiff-hop"
 CLIENT_HEADER = "x-kdiff-client"  # "host port scheme" of the caller the ingress saw
+# the Host the caller sent: links the app builds (OpenAI's image url) name it, not the engine's address
+HOST_HEADER = "x-kdiff-host"
 # Headers of one connection, not passed on across the hop (either way: each side frames its own body).
 HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
-DROPPED = HOP_BY_HOP | {SECRET_HEADER, CLIENT_HEADER}  # a caller's forged hop headers too
+DROPPED = HOP_BY_HOP | {SECRET_HEADER, CLIENT_HEADER, HOST_HEADER}  # a caller's forged hop headers too
 
 
 class HopGuard:
-    """The engine port's gate: requests without the hop secret get 403; with it, the caller's address and
-    scheme as the ingress saw them replace the ingress's own. Websockets are refused: the ingress
+    """The engine port's gate: requests without the hop secret get 403; with it, the caller's address,
+    scheme and Host as the ingress saw them replace the ingress's own. Websockets are refused: the ingress
     forwards HTTP only, so one here did not come through it."""
 
     def __init__(self, app: ASGIApp, secret: str) -> None:
@@ -45,19 +47,21 @@ class HopGuard:
             return await send({"type": "websocket.close", "code": 1008})
         if scope["type"] != "http":  # lifespan: the app's own is run by the engine replica
             return
-        given, client, kept = b"", b"", []
+        given, client, host, kept = b"", b"", b"", []
         for k, v in scope["headers"]:
             if k == SECRET_HEADER.encode():
                 given = v
             elif k == CLIENT_HEADER.encode():
                 client = v
-            else:
+            elif k == HOST_HEADER.encode():
+                host = v
+            elif k != b"host":  # the hop's own (the engine's address); the caller's comes below
                 kept.append((k, v))
         if not hmac.compare_digest(given, self.secret):
             await send({"type": "http.response.start", "status": 403, "headers": []})
             await send({"type": "http.response.body", "body": b"requests come through the ingress"})
             return
-        scope = {**scope, "headers": kept}
+        scope = {**scope, "headers": [(b"host", host), *kept] if host else kept}
         parts = client.decode("latin-1").split()
         if len(parts) == 3:
             scope["client"], scope["scheme"] = (parts[0], int(parts[1])), parts[2]
@@ -114,7 +118,12 @@ TAKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.Con
 
 
 class Gone(Exception):
-    """The engine's address did not answer: refused, or the connection closed before a response."""
+    """The engine's address did not answer: refused (``taken`` false: it never had the request), or the
+    connection closed before a response (``taken``: it may have started on it)."""
+
+    def __init__(self, message: str, taken: bool = False) -> None:
+        super().__init__(message)
+        self.taken = taken
 
 
 class NotUp(Exception):
@@ -202,7 +211,7 @@ class Engines:
                 refused = exc
             except TAKEN as exc:
                 self.forget(slot, url)  # it took the request and died (or is wedged): not sent again here
-                raise Gone(str(exc)) from exc
+                raise Gone(str(exc), taken=True) from exc
         raise AssertionError("unreachable")
 
     async def _send(self, url: str, req: dict[str, Any]) -> Answer:
@@ -210,6 +219,7 @@ class Engines:
         client, scheme = req.get("client"), req.get("scheme", "http")
         seen = f"{client[0]} {client[1]} {scheme}" if client else scheme
         headers += [(SECRET_HEADER, self.secret), (CLIENT_HEADER, seen)]
+        headers += [(HOST_HEADER, v) for k, v in req["headers"] if k.lower() == "host"][:1]
         target = url + req["path"] + ("?" + req["query"] if req.get("query") else "")
         body = req.get("body", b"")
         request = self.client.build_request(req["method"], target, headers=headers, content=body)

@@ -147,6 +147,7 @@ def _query_int(query: str, name: str, default: int) -> int:
 
 
 HOLD_S = 120.0  # how long a request waits for its only engine to be up (Serve restarting it)
+FANOUT_WAIT_S = 2.0  # GET /jobs, /models, /metrics: a slot not up by then is left out, not waited for
 
 
 def _lost(slot: int, exc: BaseException) -> str:
@@ -299,12 +300,31 @@ class Ingress:
         route = self.placement.route(req["method"], req["path"], body)
         if route.kind == "fanout":
             return await self._fanout(req, route.slots)
+        if route.kind == "slot":  # an image link: only the replica that made it has the image
+            if route.slots[0] >= len(self.engines):
+                return _error(404, "not_found", f"no engine slot {route.slots[0]}")
+            return await self._call(route.slots[0], req, None)
         if self.shared is not None:
             return await self._shared_call(route, req)
-        slot = route.slots[0] if route.kind == "job" else self.placement.pick(route.slots)
-        if slot >= len(self.engines):
-            return _error(404, "unknown_job", f"no job {route.job_id!r} (no engine slot {slot})")
-        return await self._call(slot, req, route.job_id)
+        if route.kind == "job":
+            slot = route.slots[0]
+            if slot >= len(self.engines):
+                return _error(404, "unknown_job", f"no job {route.job_id!r} (no engine slot {slot})")
+            return await self._call(slot, req, route.job_id)
+        # new work: the least busy engine first; one that is down (refused, or no replica up within
+        # engine_assign_timeout_s) never had the request, so the next takes it instead of the caller
+        # waiting for Serve's restart. One that took it and died is not sent it again (no job store:
+        # nothing would hand its job over), the caller gets engine_lost as before.
+        order = self.placement.order(route.slots)
+        for slot in order:
+            last = slot == order[-1]
+            try:
+                return await self._call(
+                    slot, req, None, retry=not last, assign_s=None if last else self.assign_s, taken=False
+                )
+            except _TryAnother:
+                self.placement.mark_down(slot)
+        raise AssertionError("unreachable: the last slot is called without retry")
 
     async def _shared_call(self, route: Route, req: dict[str, Any]) -> Response:
         """With the Redis store: a job's requests go where Redis says it is (else to any engine, which
@@ -363,10 +383,11 @@ class Ingress:
         job_id: str | None,
         retry: bool = False,
         assign_s: float | None = None,
+        taken: bool = True,
     ) -> Response:
-        """The engine's response. With ``retry``, raises _TryAnother when the engine died before
-        answering or refused the connection, or (``assign_s``) no replica of it told its address in
-        that time: a dead replica not yet replaced."""
+        """The engine's response. With ``retry``, raises _TryAnother when the engine refused the
+        connection, died before answering (only with ``taken``: it may have started on the request), or
+        (``assign_s``) no replica of it told its address in that time: a dead replica not yet replaced."""
         if self.placement.inflight[slot] >= self.engine_cap:
             return _error(503, "overloaded", f"engine{slot} is at its queue limit", self.retry_after_s)
         self.placement.inflight[slot] += 1
@@ -386,7 +407,7 @@ class Ingress:
             release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            if retry and isinstance(exc, Gone | NotUp):
+            if retry and (isinstance(exc, NotUp) or (isinstance(exc, Gone) and (taken or not exc.taken))):
                 raise _TryAnother(dead=isinstance(exc, Gone)) from exc
             return self._failure(slot, exc)
         headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP]
@@ -481,10 +502,10 @@ class Ingress:
 
     async def _fanout(self, req: dict[str, Any], slots: list[int]) -> Response:
         """GET /jobs, /models, /metrics: every slot's answer, merged (routing.merge; a slot that fails
-        is left out)."""
+        is left out: refused, or no replica up within FANOUT_WAIT_S; a scrape never waits for a restart)."""
 
         async def one(slot: int) -> dict[str, Any]:
-            answer = await self.engines.send(slot, req, HOLD_S)
+            answer = await self.engines.send(slot, req, FANOUT_WAIT_S, reask=False)
             try:
                 chunks = [answer.body] + ([c async for c in answer.chunks()] if answer.more else [])
             finally:

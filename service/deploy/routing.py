@@ -15,12 +15,16 @@ import json
 import random
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
 JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{32})(?:/.*)?$")
+# an OpenAI image link: its token starts with the job-id prefix of the replica that keeps the image
+IMAGE_FILE = re.compile(r"^/v1/images/files/([0-9a-f]{8})[A-Za-z0-9_-]{32}\.png$")
 FANOUT = ("/jobs", "/models", "/metrics")  # GET paths every slot answers, merged by the ingress
 MODEL_ACTION = re.compile(r"^/models/([^/]+)/(?:load|unload)$")
+DOWN_S = 5.0  # a slot that did not take new work is tried after the others for this long
 ENGINE_HEADER = "x-kdiff-engine"  # "engine<k>; incarnation=<hex6>; replica=<serve replica id>"
 INGRESS_HEADER = "x-kdiff-ingress"
 
@@ -48,7 +52,9 @@ def incarnation_of(engine_header: str | None) -> str | None:
 
 @dataclass
 class Route:
-    kind: str  # "job" (one slot, fixed), "fanout" (every slot: FANOUT), "any" (a slot among `slots`)
+    # "job" (one slot, fixed), "slot" (one slot, fixed, not a job: an image link), "fanout" (every slot:
+    # FANOUT), "any" (a slot among `slots`)
+    kind: str
     slots: list[int]
     job_id: str | None = None
 
@@ -71,6 +77,7 @@ class Placement:
     def __init__(self, models: list[list[str]]) -> None:
         self.models = models
         self.inflight = [0] * len(models)
+        self.down_until = [0.0] * len(models)  # monotonic time until which a slot is tried last
 
     def serving(self, model: str | None) -> list[int]:
         everything = list(range(len(self.models)))
@@ -85,6 +92,9 @@ class Placement:
         if m:
             slot, _ = slot_of_job(m.group(1))
             return Route("job", [slot], m.group(1))
+        m = IMAGE_FILE.match(path)
+        if m:
+            return Route("slot", [slot_of_job(m.group(1))[0]])
         if method == "GET" and path.rstrip("/") in FANOUT:
             return Route("fanout", list(range(len(self.models))))
         m = MODEL_ACTION.match(path)
@@ -96,6 +106,18 @@ class Placement:
         """The least busy slot among ``slots`` (ties at random)."""
         least = min(self.inflight[k] for k in slots)
         return random.choice([k for k in slots if self.inflight[k] == least])
+
+    def order(self, slots: list[int]) -> list[int]:
+        """Where new work is tried, in turn: the least busy slot that is not marked down, the other such
+        slots, then those marked down (a dead engine's slot has nothing in flight: without the mark it
+        would be picked first every time)."""
+        now = time.monotonic()
+        up = [k for k in slots if self.down_until[k] <= now]
+        first = [self.pick(up)] if up else []
+        return first + [k for k in up if k not in first] + [k for k in slots if k not in up]
+
+    def mark_down(self, slot: int) -> None:
+        self.down_until[slot] = time.monotonic() + DOWN_S
 
 
 # --- merging the answers of every slot (GET /jobs, /models, /metrics) ---

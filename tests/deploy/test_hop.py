@@ -13,6 +13,7 @@ import pytest
 
 from service.deploy.hop import (
     CLIENT_HEADER,
+    HOST_HEADER,
     SECRET_HEADER,
     Engines,
     Gone,
@@ -139,7 +140,10 @@ def test_a_forward_carries_the_request_and_the_callers_address() -> None:
         assert seen["method"] == "POST" and seen["path"] == "/sample" and seen["query"] == "a=1&b=2"
         assert seen["body"] == '{"x": 1}' and seen["headers"]["authorization"] == "Bearer k"
         assert seen["client"] == ["192.0.2.7", 5555] and seen["scheme"] == "http"  # not the forged one
-        assert seen["headers"]["host"] != "front:8000"
+        assert (
+            seen["headers"]["host"] == "front:8000"
+        )  # links the engine's app builds name the public address
+        assert HOST_HEADER not in seen["headers"]
         streamed = await engines.send(0, request("/stream"), wait_s=5)
         assert streamed.more and b"".join([c async for c in streamed.chunks()]) == b"one two three"
         await streamed.close()

@@ -3,7 +3,8 @@ works, through the ingress's own listener (the HTTP hop, service/deploy/hop.py):
 promises for that case. A waiting /sample gets 503 ``engine_lost`` with Retry-After, an open event
 stream ends with an ``error`` event ``engine_lost``, a read of its job after Serve restarted the engine
 gives 410 ``engine_lost``, and the restarted engine serves new work; a /sample whose client goes away
-is cancelled on the engine."""
+is cancelled on the engine. With two such engines, new work and the merged GETs do not wait for a dead
+one, and OpenAI image links name the caller's host and reach the replica that keeps the image."""
 
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ APP = "kdiff-lone"
 LONG = {"sampler": "heun", "steps": 500, "seed": 3, "class_label": 4, "n": 2}
 
 
-def engine_actor() -> Any:
+def engine_actor(app: str = APP, slot: int = 0) -> Any:
     import ray
 
     names = [
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"{APP}#engine0#" in a["name"]
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if f"{app}#engine{slot}#" in a["name"]
     ]
-    assert names, "no engine replica of the lone application"
+    assert names, f"no engine{slot} replica of the application {app}"
     return ray.get_actor(names[0], namespace="serve")
 
 
@@ -114,3 +117,58 @@ def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str
                 raise AssertionError("the engine never cancelled the abandoned /sample job")
     finally:
         serve.delete(APP)
+
+
+def test_two_engines_without_a_store_links_and_a_dead_engine(cluster: dict[str, Any]) -> None:
+    """Two engines, no job store, through the listener. An OpenAI image link names the host the caller
+    used (not the engine's own port) and its GET reaches the engine that keeps the image, whichever engine
+    the ingress would pick. With one engine killed, /metrics (merged from every engine) and new /sample
+    calls are answered by the other at once instead of waiting for Serve to restart the dead one."""
+    import ray
+    from ray import serve
+
+    from service.deploy.ray_serve import build_app
+
+    app, port = "kdiff-pair", listen_port()
+    args = {
+        "engines": 2,
+        "settings": {**ENGINE_SETTINGS, "model_store": str(cluster["store"])},
+        "engine_cpus": 0.25,
+        "ingress_min_replicas": 1,
+        "retry_after_s": 2,
+        "http_port": port,
+        "http_host": "127.0.0.1",
+    }
+    serve.run(build_app(args), name=app, route_prefix="/pair")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            public = "images.example:8443"
+            made: list[tuple[str, str]] = []
+            for seed in range(24):  # the ingress picks between equally idle engines at random
+                if {engine for _, engine in made} == {"engine0", "engine1"}:
+                    break
+                r = http.post(
+                    "/v1/images/generations",
+                    json={"prompt": "3", "n": 1, "steps": 4, "seed": seed, "response_format": "url"},
+                    headers={"Host": public},
+                )
+                assert r.status_code == 200, r.text
+                made.append((r.json()["data"][0]["url"], r.headers["x-kdiff-engine"].split(";")[0]))
+            assert {engine for _, engine in made} == {"engine0", "engine1"}, made
+            for url, _ in made:
+                assert url.startswith(f"http://{public}/v1/images/files/"), url
+                for _ in range(3):  # whichever engine is least busy: the link goes to its maker
+                    got = http.get(url.split(public, 1)[1])
+                    assert got.status_code == 200 and got.content[:4] == b"\x89PNG", got.text
+
+            ray.kill(engine_actor(app, 0), no_restart=True)
+            t0 = time.monotonic()
+            metrics = http.get("/metrics")
+            assert metrics.status_code == 200 and "kdiff_jobs_total" in metrics.text
+            for seed in range(3):
+                r = http.post("/sample", json={"seed": seed, "class_label": 1, "steps": 4})
+                assert r.status_code == 200, r.text
+            took = time.monotonic() - t0
+            assert took < 10, f"/metrics and three /sample calls took {took:.1f} s after the kill"
+    finally:
+        serve.delete(app)

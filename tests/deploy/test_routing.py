@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.app import create_app
+from service.api.compat.image_links import ImageLinks
 from service.api.settings import Settings
 from service.deploy.routing import (
     Placement,
@@ -51,7 +52,28 @@ def test_routes() -> None:
     assert requested_model(b"not json") is None and requested_model(b'{"model": 3}') is None
     p.inflight[:] = [2, 0, 1]
     assert p.pick([0, 1, 2]) == 1 and p.pick([0, 2]) == 2
+    assert p.order([0, 1, 2]) == [1, 0, 2]  # the least busy first
+    p.mark_down(1)  # it did not take new work: tried last until DOWN_S has passed
+    assert p.order([0, 1, 2])[:2] == [2, 0] and p.order([0, 1, 2])[2] == 1
+    p.down_until[1] = 0.0
+    assert p.order([0, 1, 2])[0] == 1
     assert incarnation_of("engine1; incarnation=abc123; replica=x") == "abc123"
+
+
+def test_an_openai_image_link_goes_to_the_replica_that_keeps_the_image() -> None:
+    """Image links live in the memory of the engine replica that made them: their token starts with that
+    replica's job-id prefix, and the ingress routes the link's GET there, not to the least busy slot."""
+    old = Job.id_prefix
+    try:
+        Job.id_prefix = job_prefix(2, "a1b2c3")
+        token = ImageLinks().put(b"png")
+    finally:
+        Job.id_prefix = old
+    p = Placement([[], [], []])
+    route = p.route("GET", f"/v1/images/files/{token}.png", b"")
+    assert (route.kind, route.slots) == ("slot", [2])
+    plain = ImageLinks().put(b"png")  # outside Ray: no prefix, any slot (there is one app)
+    assert p.route("GET", f"/v1/images/files/{plain}.png", b"").kind == "any"
 
 
 def _app(store_root: Path, models: list[str]) -> TestClient:

@@ -13,6 +13,8 @@ import secrets
 import time
 from collections import OrderedDict
 
+from service.engine.jobs import Job
+
 TTL_S = 600.0
 MAX_IMAGES = 512
 MAX_BYTES = 256 * 2**20
@@ -44,7 +46,8 @@ class ImageLinks:
         self.purge()
         key = owner or ANONYMOUS
         owned = self._owners.setdefault(key, _Owned())
-        token = secrets.token_urlsafe(24)
+        # on Ray, the engine replica's job-id prefix first: the ingress sends the link's GET to this replica
+        token = Job.id_prefix + secrets.token_urlsafe(24)
         owned.items[token] = (time.monotonic() + self.ttl_s, png)
         owned.bytes += len(png)
         self._owner_of[token] = key

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -29,6 +30,18 @@ def serve_running() -> bool:
     return True
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on alone (None: it can), tried with a plain bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is fine
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     import ray
     from ray import serve
@@ -36,6 +49,11 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
     from .ray_serve import APP_NAME, build_app
 
     own_cluster = args.address is None
+    if own_cluster and (busy := port_in_use(args.host, args.port)):
+        # the ingress listens with SO_REUSEPORT, which would share the port with whatever holds it (another
+        # kdiff serve --ray: two apps answering in turn), so it is checked here with a plain bind
+        print(f"kdiff serve --ray: {args.host}:{args.port} is in use ({busy}); free it or choose --port")
+        return 2
     # Ray starts workers at nice 15; here they are the service (docs/BENCHMARKS.md "Ray Serve")
     if own_cluster:
         os.environ.setdefault("RAY_worker_niceness", "0")

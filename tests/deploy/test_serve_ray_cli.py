@@ -96,3 +96,22 @@ def test_serve_ray_without_address_owns_its_cluster_even_with_ray_address_set(
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_serve_ray_refuses_a_port_another_server_holds(tmp_path: Path) -> None:
+    """The ingress's listener binds with SO_REUSEPORT, which the kernel would let a second ``kdiff serve
+    --ray`` (or a stale one) share with the first, connections split between two apps. It is refused at
+    start instead, as plain ``kdiff serve`` is, also when the holder itself uses SO_REUSEPORT."""
+    for reuse in (False, True):
+        port = listen_port()
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse:
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            cmd = [sys.executable, "-m", "service.cli", "serve", "--ray", "--port", str(port)]
+            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "KDIFF_MODEL_STORE": str(tmp_path)}
+            run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+        assert f"127.0.0.1:{port} is in use" in run.stdout, run.stdout

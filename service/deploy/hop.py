@@ -90,11 +90,29 @@ class _Server(uvicorn.Server):
 
 
 class Listener:
-    """uvicorn serving ``app`` on ``sock`` inside this process's running event loop (a Serve replica's)."""
+    """uvicorn serving ``app`` on ``sock`` inside this process's running event loop (a Serve replica's).
+    An engine's port keeps the ingress's pooled connections 75 s (uvicorn's default is 5 s); the
+    ingress's public port passes ``kdiff serve``'s own guards (header deadline, keep-alive, connections)."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket, log_level: str = "warning") -> None:
-        config = uvicorn.Config(app, lifespan="off", log_level=log_level, access_log=False)
-        config.timeout_keep_alive = 75  # the ingress's pooled connections outlive uvicorn's 5 s default
+    def __init__(
+        self,
+        app: ASGIApp,
+        sock: socket.socket,
+        log_level: str = "warning",
+        *,
+        http: type[asyncio.Protocol] | str = "auto",
+        keep_alive_s: int = 75,
+        limit_concurrency: int | None = None,
+    ) -> None:
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level=log_level,
+            access_log=False,
+            http=http,
+            timeout_keep_alive=keep_alive_s,
+            limit_concurrency=limit_concurrency,
+        )
         self.sock, self.server = sock, _Server(config)
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
 

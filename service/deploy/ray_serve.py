@@ -46,6 +46,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.api.guard import body_limit, error_body, too_large
 from service.api.omp import wait_policy_env
+from service.api.protocol import with_header_timeout
 from service.api.settings import Settings
 
 from .hop import HOP_BY_HOP, Engines, Gone, HopGuard, Listener, NotUp, reuse_port_socket
@@ -249,10 +250,17 @@ class Ingress:
         # The ingress's own listener (hop.py), in front of Serve's proxy: the fast path. Its replicas
         # on one host share the port; past ``ingress_cap`` requests in flight it answers 503.
         self.ingress_cap, self.ongoing = int(hop["ingress_cap"]), 0
+        self.body_timeout_s = float(hop["body_timeout_s"])
         self.listener = None
         if hop.get("port") is not None:
             sock = reuse_port_socket(hop.get("host") or "0.0.0.0", int(hop["port"]))
-            self.listener = Listener(_DirectApp(self), sock)
+            self.listener = Listener(
+                _DirectApp(self),
+                sock,
+                http=with_header_timeout(float(hop["header_timeout_s"])),
+                keep_alive_s=int(hop["keep_alive_s"]),
+                limit_concurrency=int(hop["max_connections"]),
+            )
 
     def check_health(self) -> None:
         if self.listener is not None and not self.listener.alive():
@@ -269,18 +277,32 @@ class Ingress:
         limit, refused = body_limit(request.headers.get("content-length"), *self.limits)
         if refused:
             return self._too_large(request.url.path, limit)
-        chunks, seen = [], 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                return self._too_large(request.url.path, limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def read() -> bytes | Response:
+            chunks, seen = [], 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > limit:
+                    return self._too_large(request.url.path, limit)
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:  # a body sent a byte a minute would hold one of the listener's slots for good
+            return await asyncio.wait_for(read(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            message = (
+                f"the request body did not arrive within {self.body_timeout_s:g} s (KDIFF_BODY_TIMEOUT_S)"
+            )
+            return self._refused(request.url.path, 408, message)
 
     def _too_large(self, path: str, limit: int) -> Response:
-        body = json.dumps(error_body(path, 413, too_large(limit)))
+        return self._refused(path, 413, too_large(limit))
+
+    def _refused(self, path: str, status: int, message: str) -> Response:
+        """A request refused before an engine saw it, in the route's error shape; the connection closes."""
+        body = json.dumps(error_body(path, status, message))
         headers = {"Connection": "close", self.header[0]: self.header[1]}
-        return Response(body, status_code=413, media_type="application/json", headers=headers)
+        return Response(body, status_code=status, media_type="application/json", headers=headers)
 
     @proxy.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
@@ -607,6 +629,11 @@ def build_app(args: dict[str, Any]) -> Any:
         "engine_cap": int(args.get("engine_max_ongoing_requests", 64))
         + int(args.get("engine_max_queued_requests", 64)),
         "ingress_cap": ingress_ongoing + ingress_queued,
+        # the public listener's guards, as `kdiff serve` sets them (KDIFF_*_TIMEOUT_S, ...)
+        "body_timeout_s": limits.body_timeout_s,
+        "header_timeout_s": limits.header_timeout_s,
+        "keep_alive_s": limits.keep_alive_s,
+        "max_connections": limits.max_connections,
     }
     return ingress.bind(
         placement, (limits.max_body_bytes, limits.max_chunked_bytes), shared, assign_s, hop, *engines

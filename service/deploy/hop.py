@@ -131,6 +131,18 @@ class Listener:
             self.task.cancel()
 
 
+def _keepalive() -> list[tuple[int, int, int]]:
+    """TCP keepalive for the hop's connections: probes after 30 s idle, every 10 s, 3 unanswered -> closed."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux has them all; elsewhere the system's defaults
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
+
+
+KEEPALIVE = _keepalive()
+
+
 # errors after the engine may have taken the request
 TAKEN = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
 
@@ -182,8 +194,11 @@ class Engines:
         self.urls: list[str | None] = [None] * len(handles)
         self.locks = [asyncio.Lock() for _ in handles]
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60)
+        # no read timeout (a /sample or an event stream may be quiet for minutes), so TCP keepalive finds
+        # an engine host that vanished without a reset (about a minute), where the read would never end
         timeout = httpx.Timeout(connect=5.0, read=None, write=60.0, pool=None)
-        self.client = httpx.AsyncClient(limits=limits, timeout=timeout)
+        transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=KEEPALIVE)
+        self.client = httpx.AsyncClient(transport=transport, timeout=timeout)
 
     async def url(self, slot: int, wait_s: float | None) -> str:
         """The slot's address; asked of its replica (Serve holds the call until one is up) when unknown."""

@@ -44,6 +44,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from service.api.compat.errors import a1111_error, openai_error
 from service.api.guard import body_limit, error_body, too_large
 from service.api.omp import wait_policy_env
 from service.api.protocol import with_header_timeout
@@ -134,10 +135,21 @@ proxy = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
 
-def _error(status: int, code: str, message: str, retry_after: float | None = None) -> Response:
-    headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
-    body = json.dumps({"detail": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+def _error(
+    status: int, code: str, message: str, retry_after: float | None = None, *, path: str = ""
+) -> Response:
+    """The ingress's own error, in the shape the route's clients parse, as the engines answer theirs:
+    OpenAI's under /v1, A1111's under /sdapi, ``{"detail": {"code", "message"}}`` elsewhere."""
+    if path.startswith("/v1/"):
+        response: Response = openai_error(status, message, None, code)
+    elif path.startswith("/sdapi/"):
+        response = a1111_error(status, "HTTPException", {"code": code, "message": message}, message)
+    else:
+        body = json.dumps({"detail": {"code": code, "message": message}})
+        response = Response(body, status_code=status, media_type="application/json")
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
 
 
 def _query_int(query: str, name: str, default: int) -> int:
@@ -189,7 +201,8 @@ class _DirectApp:
             return
         ingress = self.ingress
         if ingress.ongoing >= ingress.ingress_cap:
-            full = _error(503, "overloaded", "the ingress is at its request limit", ingress.retry_after_s)
+            message = "the ingress is at its request limit"
+            full = _error(503, "overloaded", message, ingress.retry_after_s, path=scope["path"])
             return await full(scope, receive, send)
         body_read = asyncio.Event()
 
@@ -324,14 +337,15 @@ class Ingress:
             return await self._fanout(req, route.slots)
         if route.kind == "slot":  # an image link: only the replica that made it has the image
             if route.slots[0] >= len(self.engines):
-                return _error(404, "not_found", f"no engine slot {route.slots[0]}")
+                return _error(404, "not_found", f"no engine slot {route.slots[0]}", path=req["path"])
             return await self._call(route.slots[0], req, None)
         if self.shared is not None:
             return await self._shared_call(route, req)
         if route.kind == "job":
             slot = route.slots[0]
             if slot >= len(self.engines):
-                return _error(404, "unknown_job", f"no job {route.job_id!r} (no engine slot {slot})")
+                message = f"no job {route.job_id!r} (no engine slot {slot})"
+                return _error(404, "unknown_job", message, path=req["path"])
             return await self._call(slot, req, route.job_id)
         # new work: the least busy engine first; one that is down (refused, or no replica up within
         # engine_assign_timeout_s) never had the request, so the next takes it instead of the caller
@@ -396,7 +410,7 @@ class Ingress:
             if passed:
                 response.headers[PASSED_HEADER] = ", ".join(passed)
             return response
-        return _error(503, "engine_lost", "no engine replica is up", 5)
+        return _error(503, "engine_lost", "no engine replica is up", 5, path=req["path"])
 
     async def _call(
         self,
@@ -411,7 +425,8 @@ class Ingress:
         connection, died before answering (only with ``taken``: it may have started on the request), or
         (``assign_s``) no replica of it told its address in that time: a dead replica not yet replaced."""
         if self.placement.inflight[slot] >= self.engine_cap:
-            return _error(503, "overloaded", f"engine{slot} is at its queue limit", self.retry_after_s)
+            message = f"engine{slot} is at its queue limit"
+            return _error(503, "overloaded", message, self.retry_after_s, path=req["path"])
         self.placement.inflight[slot] += 1
         released = False
 
@@ -431,7 +446,7 @@ class Ingress:
                 raise
             if retry and (isinstance(exc, NotUp) or (isinstance(exc, Gone) and (taken or not exc.taken))):
                 raise _TryAnother(dead=isinstance(exc, Gone)) from exc
-            return self._failure(slot, exc)
+            return self._failure(slot, exc, req["path"])
         headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP]
         headers.append(self.header)
         if job_id is not None and answer.status == 404 and self.shared is None:
@@ -444,6 +459,7 @@ class Ingress:
                     "engine_lost",
                     f"job {job_id!r} ran on engine replica engine{slot}, which has restarted since; "
                     "its jobs are lost (resubmit: the same seed gives the same image)",
+                    path=req["path"],
                 )
         if not answer.more:
             release()
@@ -478,7 +494,8 @@ class Ingress:
         """The request at the engine that takes a dead engine's job over, once one has."""
         slot = await self._placed(job_id, dead_place)
         if slot is None:
-            return _error(503, "engine_lost", f"no engine took job {job_id!r} over yet", 5)
+            message = f"no engine took job {job_id!r} over yet"
+            return _error(503, "engine_lost", message, 5, path=req["path"])
         return await self._call(slot, req, job_id)
 
     async def _placed(self, job_id: str, dead_place: str | None) -> int | None:
@@ -514,13 +531,13 @@ class Ingress:
         data = {"id": job_id, "code": "engine_lost", "message": "no engine took the job over in time"}
         yield f"event: error\ndata: {json.dumps(data)}\n\n".encode()
 
-    def _failure(self, slot: int, exc: BaseException) -> Response:
+    def _failure(self, slot: int, exc: BaseException, path: str) -> Response:
         if isinstance(exc, Gone):
-            return _error(503, "engine_lost", _lost(slot, exc), self.retry_after_s)
+            return _error(503, "engine_lost", _lost(slot, exc), self.retry_after_s, path=path)
         if isinstance(exc, NotUp):
             message = f"engine replica engine{slot} is not up (Serve is starting it); retry"
-            return _error(503, "engine_lost", message, self.retry_after_s)
-        return _error(500, "engine_error", f"engine{slot}: {type(exc).__name__}: {exc}")
+            return _error(503, "engine_lost", message, self.retry_after_s, path=path)
+        return _error(500, "engine_error", f"engine{slot}: {type(exc).__name__}: {exc}", path=path)
 
     async def _fanout(self, req: dict[str, Any], slots: list[int]) -> Response:
         """GET /jobs, /models, /metrics: every slot's answer, merged (routing.merge; a slot that fails
@@ -540,7 +557,7 @@ class Ingress:
         if failed or not good:  # 401, 422 (bad query): every slot says the same; pass the first on
             a = failed[0] if failed else None
             if a is None:
-                return _error(503, "engine_lost", "no engine replica answered", 5)
+                return _error(503, "engine_lost", "no engine replica answered", 5, path=req["path"])
             response = Response(a["body"], status_code=a["status"])
             response.raw_headers = [
                 (k.lower().encode(), v.encode()) for k, v in a["headers"] if k.lower() not in HOP_BY_HOP

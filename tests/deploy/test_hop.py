@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -148,6 +149,11 @@ def test_a_forward_carries_the_request_and_the_callers_address() -> None:
         assert streamed.more and b"".join([c async for c in streamed.chunks()]) == b"one two three"
         await streamed.close()
         assert handle.info.calls == 1  # the address is asked once, then kept
+        # TCP keepalive on the pooled connection: a vanished engine host ends a quiet read
+        (conn,) = engines.client._transport._pool.connections  # type: ignore[attr-defined]
+        sock = conn._connection._network_stream.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
         await engines.aclose()
         await listener.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -146,3 +147,29 @@ def test_a_job_two_engines_list_is_listed_once_as_it_ended() -> None:
     ]
     body, _ = merge("/jobs", [(1, json.dumps(b).encode()), (0, json.dumps(a).encode())], 2)
     assert [(j["id"], j["status"]) for j in json.loads(body)] == [("j3", "running"), ("j2", "succeeded")]
+
+
+def test_the_ingress_answers_its_own_errors_in_the_routes_shapes() -> None:
+    """503/410/404 the ingress makes itself (engine down, at its cap) reach OpenAI and A1111 clients in the
+    shape they parse, as the engines' own errors do; elsewhere our {"detail": {"code", "message"}}."""
+    from service.deploy.ray_serve import _error
+
+    def parsed(path: str) -> tuple[Any, str | None]:
+        r = _error(503, "engine_lost", "engine0 went away", 2.2, path=path)
+        assert r.status_code == 503
+        return json.loads(bytes(r.body)), r.headers.get("retry-after")
+
+    openai, after = parsed("/v1/images/generations")
+    assert after == "3" and openai == {
+        "error": {
+            "message": "engine0 went away",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_lost",
+        }
+    }
+    a1111, _ = parsed("/sdapi/v1/txt2img")
+    assert a1111["error"] == "HTTPException" and a1111["errors"] == "engine0 went away"
+    assert a1111["detail"] == {"code": "engine_lost", "message": "engine0 went away"}
+    ours, _ = parsed("/sample")
+    assert ours == {"detail": {"code": "engine_lost", "message": "engine0 went away"}}

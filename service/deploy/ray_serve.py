@@ -350,7 +350,8 @@ class Ingress:
         # new work: the least busy engine first; one that is down (refused, or no replica up within
         # engine_assign_timeout_s) never had the request, so the next takes it instead of the caller
         # waiting for Serve's restart. One that took it and died is not sent it again (no job store:
-        # nothing would hand its job over), the caller gets engine_lost as before.
+        # nothing would hand its job over): the caller gets engine_lost as before. Either way the slot
+        # is then tried last for a while (Placement.mark_down).
         order = self.placement.order(route.slots)
         for slot in order:
             last = slot == order[-1]
@@ -358,8 +359,8 @@ class Ingress:
                 return await self._call(
                     slot, req, None, retry=not last, assign_s=None if last else self.assign_s, taken=False
                 )
-            except _TryAnother:
-                self.placement.mark_down(slot)
+            except _TryAnother:  # (marked down by _call)
+                continue
         raise AssertionError("unreachable: the last slot is called without retry")
 
     async def _shared_call(self, route: Route, req: dict[str, Any]) -> Response:
@@ -444,6 +445,8 @@ class Ingress:
             release()
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, Gone | NotUp):  # down or dying: new work tries the other engines first
+                self.placement.mark_down(slot)
             if retry and (isinstance(exc, NotUp) or (isinstance(exc, Gone) and (taken or not exc.taken))):
                 raise _TryAnother(dead=isinstance(exc, Gone)) from exc
             return self._failure(slot, exc, req["path"])

@@ -44,23 +44,32 @@ def cancelled_jobs(metrics: str) -> float:
     )
 
 
-def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str, Any]) -> None:
-    import ray
+def deploy(app: str, cluster: dict[str, Any], engines: int, engine_cpus: float, **settings: str) -> int:
+    """Run another application on the test cluster, engines without a job store, through its own
+    listener on a fresh port (returned)."""
     from ray import serve
 
     from service.deploy.ray_serve import build_app
 
     port = listen_port()
     args = {
-        "engines": 1,
-        "settings": {**ENGINE_SETTINGS, "model_store": str(cluster["store"])},
-        "engine_cpus": 0.5,
+        "engines": engines,
+        "settings": {**ENGINE_SETTINGS, "model_store": str(cluster["store"]), **settings},
+        "engine_cpus": engine_cpus,
         "ingress_min_replicas": 1,
         "retry_after_s": 2,
         "http_port": port,
         "http_host": "127.0.0.1",
     }
-    serve.run(build_app(args), name=APP, route_prefix="/lone")
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}")
+    return port
+
+
+def test_a_lone_engine_killed_mid_work_is_reported_engine_lost(cluster: dict[str, Any]) -> None:
+    import ray
+    from ray import serve
+
+    port = deploy(APP, cluster, engines=1, engine_cpus=0.5)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             created = http.post("/jobs", json=LONG)
@@ -129,24 +138,8 @@ def test_two_engines_without_a_store_links_and_a_dead_engine(cluster: dict[str, 
     import ray
     from ray import serve
 
-    from service.deploy.ray_serve import build_app
-
-    app, port = "kdiff-pair", listen_port()
-    args = {
-        "engines": 2,
-        "settings": {
-            **ENGINE_SETTINGS,
-            "model_store": str(cluster["store"]),
-            "body_timeout_s": "2",
-            "header_timeout_s": "2",
-        },
-        "engine_cpus": 0.25,
-        "ingress_min_replicas": 1,
-        "retry_after_s": 2,
-        "http_port": port,
-        "http_host": "127.0.0.1",
-    }
-    serve.run(build_app(args), name=app, route_prefix="/pair")
+    app = "kdiff-pair"
+    port = deploy(app, cluster, engines=2, engine_cpus=0.25, body_timeout_s="2", header_timeout_s="2")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
             public = "images.example:8443"

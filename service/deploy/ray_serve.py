@@ -357,7 +357,12 @@ class Ingress:
             last = slot == order[-1]
             try:
                 return await self._call(
-                    slot, req, None, retry=not last, assign_s=None if last else self.assign_s, taken=False
+                    slot,
+                    req,
+                    None,
+                    retry=not last,
+                    assign_s=None if last else self.assign_s,
+                    resend_taken=False,
                 )
             except _TryAnother:  # (marked down by _call)
                 continue
@@ -420,11 +425,12 @@ class Ingress:
         job_id: str | None,
         retry: bool = False,
         assign_s: float | None = None,
-        taken: bool = True,
+        resend_taken: bool = True,
     ) -> Response:
         """The engine's response. With ``retry``, raises _TryAnother when the engine refused the
-        connection, died before answering (only with ``taken``: it may have started on the request), or
-        (``assign_s``) no replica of it told its address in that time: a dead replica not yet replaced."""
+        connection, died before answering (only with ``resend_taken``: it may have started on the
+        request), or (``assign_s``) no replica of it told its address in that time: a dead replica not
+        yet replaced."""
         if self.placement.inflight[slot] >= self.engine_cap:
             message = f"engine{slot} is at its queue limit"
             return _error(503, "overloaded", message, self.retry_after_s, path=req["path"])
@@ -447,7 +453,9 @@ class Ingress:
                 raise
             if isinstance(exc, Gone | NotUp):  # down or dying: new work tries the other engines first
                 self.placement.mark_down(slot)
-            if retry and (isinstance(exc, NotUp) or (isinstance(exc, Gone) and (taken or not exc.taken))):
+            if retry and (
+                isinstance(exc, NotUp) or (isinstance(exc, Gone) and (resend_taken or not exc.taken))
+            ):
                 raise _TryAnother(dead=isinstance(exc, Gone)) from exc
             return self._failure(slot, exc, req["path"])
         headers = [(k, v) for k, v in answer.headers if k.lower() not in HOP_BY_HOP]

@@ -98,16 +98,19 @@ def is_open(settings: Settings, path: str) -> bool:
     )
 
 
-def error_body(path: str, status: int, message: str) -> dict[str, object]:
+def error_body(path: str, status: int, message: str, code: str | None = None) -> dict[str, object]:
     """The error in the shape the route's clients parse: OpenAI's under /v1, A1111's under /sdapi,
-    FastAPI's ``detail`` elsewhere (the routes' own errors have the same shapes)."""
+    FastAPI's ``detail`` elsewhere (the routes' own errors have the same shapes). With ``code`` (an
+    ErrorCode value) the detail is ``{"code", "message"}``, as the service's own errors give it."""
     if path.startswith("/v1/"):
-        kind = "authentication_error" if status == 401 else "invalid_request_error"
-        code = {401: "invalid_api_key", 408: "timeout", 413: "request_too_large"}.get(status)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        kind = "authentication_error" if status == 401 else kind
+        code = code or {401: "invalid_api_key", 408: "timeout", 413: "request_too_large"}.get(status)
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    detail: object = message if code is None else {"code": code, "message": message}
     if path.startswith("/sdapi/"):
-        return {"error": "HTTPException", "detail": message, "body": "", "errors": message}
-    return {"detail": message}
+        return {"error": "HTTPException", "detail": detail, "body": "", "errors": message}
+    return {"detail": detail}
 
 
 async def _send_error(

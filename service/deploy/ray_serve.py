@@ -44,7 +44,6 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from service.api.compat.errors import a1111_error, openai_error
 from service.api.guard import body_limit, error_body, too_large
 from service.api.omp import wait_policy_env
 from service.api.protocol import with_header_timeout
@@ -138,18 +137,11 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 def _error(
     status: int, code: str, message: str, retry_after: float | None = None, *, path: str = ""
 ) -> Response:
-    """The ingress's own error, in the shape the route's clients parse, as the engines answer theirs:
-    OpenAI's under /v1, A1111's under /sdapi, ``{"detail": {"code", "message"}}`` elsewhere."""
-    if path.startswith("/v1/"):
-        response: Response = openai_error(status, message, None, code)
-    elif path.startswith("/sdapi/"):
-        response = a1111_error(status, "HTTPException", {"code": code, "message": message}, message)
-    else:
-        body = json.dumps({"detail": {"code": code, "message": message}})
-        response = Response(body, status_code=status, media_type="application/json")
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return response
+    """The ingress's own error, in the shape the route's clients parse, as the engines answer theirs
+    (guard.error_body: OpenAI's under /v1, A1111's under /sdapi, ``{"detail": {"code", "message"}}``)."""
+    headers = {} if retry_after is None else {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    body = json.dumps(error_body(path, status, message, code))
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _query_int(query: str, name: str, default: int) -> int:

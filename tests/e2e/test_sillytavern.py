@@ -230,3 +230,33 @@ def test_sillytavern_with_an_api_key_entry_as_its_basic_auth(tmp_path: Path) -> 
         body = st_body("http://testserver", "a 5", steps=4) | {"auth": "st:secret"}
         image, info = generate(c, body)
         assert image.size == (512, 512) and info["sd_model_name"] == "digits"
+
+
+def test_sillytaverns_abort_cancels_the_run_without_an_error_in_the_log(
+    st: httpx.Client, st_server: Server
+) -> None:
+    """A user's Abort: SillyTavern's server drops its upstream connection mid-run (its request's
+    `controller.abort()` on the browser's close). The job is cancelled, the progress goes idle, and
+    the server logs no asyncio error for the dropped wait."""
+    import socket
+    import time
+
+    body = json.dumps({**st_body(st_server.url, "a 1", steps=500, sampler="DPM2"), "n_iter": 4}).encode()
+    host, port = st_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = (
+            f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {HEADERS['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 30
+        while st.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0:
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while st.get("/sdapi/v1/progress").json()["state"]["job_count"] != 0:
+        assert time.monotonic() < deadline, "the dropped run was not cancelled"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the cancelled wait is collected after the handler returns
+    log = st_server.log_path.read_text()
+    assert "never retrieved" not in log, log[-2000:]

@@ -7,9 +7,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.image_gate import MAX_B64_CHARS
+
+# A null where A1111 reads the field as it stands: `get_fixed_seed` takes a null seed as -1 (random);
+# flags are read as `if p.flag:` (and `send_images = args.pop("send_images", True)`), so a null one
+# is false; the other ints here fall back to their defaults. Every processing field in A1111's API
+# model is Optional, and clients generated from its schema send nulls for what they leave unset.
+NULL_AS = {"seed": -1, "subseed": -1, "enable_hr": False, "send_images": False, "save_images": False}
+IMG2IMG_NULL_AS = {
+    "resize_mode": 0,
+    "inpainting_fill": 0,
+    "inpaint_full_res": False,
+    "inpaint_full_res_padding": 0,
+    "inpainting_mask_invert": 0,
+    "include_init_images": False,
+}
+
+
+def _null_as(table: dict[str, Any], value: Any, info: ValidationInfo) -> Any:
+    return table[info.field_name] if value is None and info.field_name is not None else value
+
 
 MAX_IMAGE_B64 = MAX_B64_CHARS  # one base64 image field, the gate's bound (the body limit allows two)
 ImageB64 = Annotated[str, Field(max_length=MAX_IMAGE_B64)]
@@ -43,7 +62,7 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     enable_hr: bool = False
     # hires fix (A1111's StableDiffusionProcessingTxt2Img; None: its default; a1111_hires.py)
-    hr_scale: float | None = Field(2.0, gt=0.0, le=8.0)
+    hr_scale: float | None = Field(2.0, ge=0.0, le=8.0, description="> 0 when enable_hr; read only then")
     hr_upscaler: str | None = Field(None, max_length=128, description="default 'Latent'")
     hr_second_pass_steps: int | None = Field(0, ge=0, le=10_000, description="0 = steps")
     hr_resize_x: int | None = Field(0, ge=0, le=8192)
@@ -61,13 +80,19 @@ class Txt2ImgRequest(BaseModel):
     script_name: str | None = Field(None, max_length=256)
     alwayson_scripts: dict[str, Any] | None = None
 
+    @field_validator(*NULL_AS, mode="before")
+    @classmethod
+    def _a1111_null(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_as(NULL_AS, value, info)
+
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[ImageB64] = Field(default_factory=list, max_length=64)
     mask: ImageB64 | None = None
     denoising_strength: float | None = Field(0.75, ge=0.0, le=1.0)
     resize_mode: int = Field(0, ge=0, le=3)
-    mask_blur: int = Field(4, ge=0, le=256)
+    # A1111: mask_blur, when given, sets both axes; else mask_blur_x / mask_blur_y (4 each)
+    mask_blur: int | None = Field(None, ge=0, le=256)
     mask_blur_x: int | None = Field(None, ge=0, le=256)
     mask_blur_y: int | None = Field(None, ge=0, le=256)
     inpainting_fill: int = Field(0, ge=0, le=3)
@@ -75,6 +100,11 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res_padding: int = Field(0, ge=0, le=4096)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
+
+    @field_validator(*IMG2IMG_NULL_AS, mode="before")
+    @classmethod
+    def _a1111_img2img_null(cls, value: Any, info: ValidationInfo) -> Any:
+        return _null_as(IMG2IMG_NULL_AS, value, info)
 
 
 class ImageResponse(BaseModel):

@@ -134,10 +134,18 @@ def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> GatedImage:
         img = ImageOps.invert(img)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    blur = body.mask_blur_x if body.mask_blur_x is not None else body.mask_blur
-    if blur and blur > 0:
+    blur = mask_blur(body)
+    if any(blur):
         img = img.filter(ImageFilter.GaussianBlur(blur))
     return GatedImage(img, "mask")
+
+
+def mask_blur(body: Img2ImgRequest) -> tuple[int, int]:
+    """The mask's blur (x, y) as A1111 reads it: ``mask_blur`` sets both axes when given."""
+    if body.mask_blur is not None:
+        return body.mask_blur, body.mask_blur
+    x, y = body.mask_blur_x, body.mask_blur_y
+    return (4 if x is None else x), (4 if y is None else y)
 
 
 def _gated(data: str, field: str) -> GatedImage:

@@ -22,6 +22,11 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def run(call: CompatCall, bodies: list[GenerationRequest], wait_disconnect: bool = True) -> list[Job]:
     """All jobs of one frontend request, submitted together (so the engine batches them), finished.
 
@@ -49,6 +54,9 @@ async def run(call: CompatCall, bodies: list[GenerationRequest], wait_disconnect
         if gone is not None:
             gone.cancel()
         if not done.done():
+            # a cancelled gather ends with CancelledError set as its exception: read it, or asyncio
+            # logs "exception was never retrieved" for every client that goes away mid-run
+            done.add_done_callback(_retrieve)
             done.cancel()
             for job in jobs:
                 state.cancel(job)

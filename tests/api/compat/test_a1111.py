@@ -139,6 +139,59 @@ def test_img2img_with_mask_keeps_the_unmasked_part(a1111: TestClient) -> None:
     assert plain.status_code == 200 and "inpaint" not in " ".join(info(plain.json())["comments"])
 
 
+def test_nulls_read_as_a1111_reads_them(a1111: TestClient) -> None:
+    """Every processing field of A1111's API model is Optional: a null seed is random, a null flag is
+    false (send_images too: A1111's ``args.pop("send_images", True)`` gives None), other ints default."""
+    nulls = dict.fromkeys(("seed", "subseed", "enable_hr", "save_images"))
+    r = a1111.post("/sdapi/v1/txt2img", json={**BASE, **nulls})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+    assert info(r.json())["seed"] >= 0
+    r = a1111.post("/sdapi/v1/txt2img", json={**BASE, "send_images": None})
+    assert r.status_code == 200 and r.json()["images"] == [], r.text
+    img2img = dict.fromkeys(
+        (
+            "mask_blur",
+            "resize_mode",
+            "inpainting_fill",
+            "inpaint_full_res",
+            "inpaint_full_res_padding",
+            "inpainting_mask_invert",
+            "include_init_images",
+        )
+    )
+    mask = np.zeros((8, 8, 3))
+    mask[:, 4:] = 255
+    body = {**BASE, "init_images": [png_b64(np.full((8, 8, 3), 200))], "mask": png_b64(mask), **img2img}
+    r = a1111.post("/sdapi/v1/img2img", json={**body, "width": 8, "height": 8})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+
+
+def test_mask_blur_per_axis_as_a1111_reads_it() -> None:
+    """``mask_blur``, when given, sets both axes; else ``mask_blur_x`` / ``mask_blur_y``, 4 each."""
+    from service.api.compat.a1111_schemas import Img2ImgRequest
+    from service.api.compat.a1111_translate import _mask
+
+    mask = np.zeros((16, 16, 3))
+    mask[8:] = 255  # a horizontal edge: only a vertical (y) blur changes it
+
+    def blurred(**blur: int) -> np.ndarray:
+        body = Img2ImgRequest(init_images=[], mask=png_b64(mask), **blur)
+        return np.asarray(_mask(body, (16, 16)).image)
+
+    sharp = blurred(mask_blur=0)
+    assert np.array_equal(blurred(mask_blur=0, mask_blur_x=4, mask_blur_y=4), sharp)
+    assert np.array_equal(blurred(mask_blur_x=6, mask_blur_y=0), sharp)
+    assert not np.array_equal(blurred(mask_blur_x=0, mask_blur_y=6), sharp)
+    assert np.array_equal(blurred(), blurred(mask_blur=4)) and not np.array_equal(blurred(), sharp)
+
+
+def test_hr_scale_is_read_only_with_hires_on(a1111: TestClient) -> None:
+    r = a1111.post("/sdapi/v1/txt2img", json={**BASE, "enable_hr": False, "hr_scale": 0})
+    assert r.status_code == 200, r.text
+    r = a1111.post("/sdapi/v1/txt2img", json={**BASE, "enable_hr": True, "hr_scale": 0})
+    assert r.status_code == 422 and "hr_scale" in r.text, r.text
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

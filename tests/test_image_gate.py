@@ -22,6 +22,8 @@ from tests.support.hostile_images import (
     bomb_png,
     encoded,
     jpeg_claiming,
+    jpeg_segments,
+    many_scan_jpeg,
     noisy,
     raw_ztxt_png,
     small_png,
@@ -138,6 +140,48 @@ def test_the_pixel_limit_is_the_setting() -> None:
 )
 def test_broken_and_hostile_files_are_refused(name: str, data: bytes, says: str) -> None:
     assert says in _refused(b64(data)), name
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_decoding() -> None:
+    """Each scan of a progressive JPEG decodes the whole image again: 5,000 scans of a 4096 x 4096
+    image held a core for 30 s. Counted from the markers, refused without decoding."""
+    bomb = many_scan_jpeg(5_000)
+    t0 = time.thread_time()
+    message = _refused(bomb)
+    assert "5000 scans; at most 100" in message and time.thread_time() - t0 < 0.05, message
+    assert image_gate.load(many_scan_jpeg(image_gate.MAX_JPEG_SCANS), "image").image.size == (64, 64)
+
+
+def test_jpeg_scans_are_counted_from_the_markers_not_from_stray_bytes() -> None:
+    """Progressive files as encoders write them pass; FF DA bytes inside an EXIF block or a comment
+    before the first scan are skipped by the segments' lengths, not counted as scans."""
+    progressive = encoded(noisy((64, 64)), "JPEG", progressive=True)
+    scans = sum(m == 0xDA for m, _ in jpeg_segments(progressive))
+    assert image_gate.jpeg_scans(progressive) == scans > 1
+    stray = b"\xff\xda" * 5_000
+    comment = b"\xff\xfe" + (len(stray) + 2).to_bytes(2, "big") + stray
+    exif = Image.Exif()
+    exif[0x010E] = stray.decode("latin-1")  # ImageDescription
+    for data in (
+        progressive[:2] + comment + progressive[2:],
+        encoded(noisy((64, 64)), "JPEG", progressive=True, exif=exif.tobytes()),
+    ):
+        assert image_gate.jpeg_scans(data) == scans
+        assert image_gate.load(data, "image").image.size == (64, 64)
+    segments = b"\xff\xfe\x00\x04xx" * (image_gate.MAX_JPEG_SEGMENTS + 1)  # empty comments
+    assert "over 4096 segments" in _refused(progressive[:2] + segments + progressive[2:])
+
+
+def test_whitespace_in_base64_is_dropped_as_bytes() -> None:
+    """Wrapped base64 decodes; 16 MB of "A " is refused without a long GIL hold (a regex took
+    0.5 s of one thread); non-ASCII text is a refusal, not an encoding error."""
+    data = small_png()
+    text = b64(data)
+    wrapped = " \t".join(text[i : i + 7] for i in range(0, len(text), 7)) + "\r\n"
+    assert image_gate.b64_bytes(wrapped, "image") == data
+    t0 = time.thread_time()
+    assert "not a PNG" in _refused("A " * 7_900_000) and time.thread_time() - t0 < 0.2
+    assert "non-ASCII" in _refused(text[:20] + " \u00e9" + text[20:])
 
 
 def test_a_flipped_byte_in_the_pixels_is_refused() -> None:

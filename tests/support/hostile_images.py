@@ -135,3 +135,29 @@ def a1111_jpeg(infotext: str, size: tuple[int, int] = (16, 16)) -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG cut into its marker segments (a scan with its entropy-coded data), as (marker, bytes)."""
+    out, i = [], 2
+    while i < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:
+            out.append((marker, data[i : i + 2]))
+            break
+        j = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not FF00 or a restart
+            while data[j] != 0xFF or data[j + 1] == 0 or 0xD0 <= data[j + 1] <= 0xD7:
+                j += 1
+        out.append((marker, data[i:j]))
+        i = j
+    return out
+
+
+def many_scan_jpeg(scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has ``scans`` scans: libjpeg decodes
+    every one (a CPU bomb of a few bytes a scan)."""
+    segs = jpeg_segments(encoded(Image.new("L", size, 128), "JPEG", progressive=True, quality=10))
+    head = b"".join(s for m, s in segs if m not in (0xDA, 0xD9))
+    sos = [s for m, s in segs if m == 0xDA]
+    return b"\xff\xd8" + head + b"".join(sos) + sos[-1] * (scans - len(sos)) + b"\xff\xd9"

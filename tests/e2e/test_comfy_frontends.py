@@ -275,6 +275,26 @@ def test_sillytavern_comfy_source_sequence(keyless: Server) -> None:
     assert np.array_equal(pixels(png), want[0])
 
 
+def test_a_dated_filename_prefix_is_expanded_and_viewable_unencoded(keyless: Server) -> None:
+    """Open WebUI's dated prefix (``%year%-%month%-%day%/img_%width%x%height%``) in SillyTavern's
+    default workflow: expanded as ComfyUI's backend does (the image's size, local time), so the
+    /view URL SillyTavern builds without encoding finds the file."""
+    st = SillyTavern(keyless.url)
+    values = {
+        **{"prompt": "a 3", "negative_prompt": "", "seed": 9, "model": "digits", "vae": ""},
+        **{"sampler": "euler", "scheduler": "normal", "steps": 3, "scale": 7, "width": 512, "height": 512},
+    }
+    workflow = sillytavern(SILLYTAVERN_DEFAULT, **values)
+    workflow["9"]["inputs"]["filename_prefix"] = "%year%-%month%-%day%/img_%width%x%height%"
+    days = {time.strftime("%Y-%m-%d")}
+    item = st.wait(st.submit(json.dumps(workflow)))
+    days.add(time.strftime("%Y-%m-%d"))  # a run across midnight may take either day
+    [image] = [img for out in item["outputs"].values() for img in out["images"]]
+    assert image["subfolder"] in days, image
+    assert image["filename"] == "img_16x16_00001_.png", image  # digits samples at its own 16x16
+    assert pixels(st.image(item)).shape == (16, 16, 3)
+
+
 def test_sillytavern_interrupts_when_its_client_goes_away(keyless: Server) -> None:
     st = SillyTavern(keyless.url)
     values = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import struct
 import time
 import traceback
 from collections import OrderedDict
@@ -81,7 +82,7 @@ class RunContext:
         return self._cancelled
 
     def save_image(self, png: bytes, filename_prefix: str, type: str) -> dict[str, str]:
-        subfolder, prefix = split_prefix(filename_prefix)
+        subfolder, prefix = split_prefix(filename_prefix, *png_size(png))
         name = self.files.save_new(self.owner, type, subfolder, prefix, png)
         return {"filename": name, "subfolder": subfolder, "type": type}
 
@@ -104,11 +105,44 @@ class RunContext:
         self.sockets.send(self.owner, self.client_id, kind, data)
 
 
-def split_prefix(filename_prefix: Any) -> tuple[str, str]:
-    """SaveImage's ``filename_prefix`` -> (subfolder, name prefix), as ComfyUI splits it; parts that
-    could not be file names (``..``, control characters) are replaced rather than refused, since a
-    prefix is a label, not a path a client picks a file by."""
-    text = str(filename_prefix or "ComfyUI")[:120]
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; (0, 0) for anything else (ComfyUI's defaults)."""
+    if png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", png[16:24])
+        return int(width), int(height)
+    return 0, 0
+
+
+def expand_prefix(prefix: str, width: int, height: int, now: time.struct_time | None = None) -> str:
+    """ComfyUI's ``compute_vars`` (folder_paths.get_save_image_path): ``%width%`` / ``%height%`` of
+    the image, ``%year%`` ... ``%second%`` of local time. Nothing else: ``%Node.widget%`` is the
+    frontend's to expand before it sends the prompt, so ComfyUI's backend leaves it as it is too."""
+    if "%" not in prefix:
+        return prefix
+    t = now or time.localtime()
+    values = {  # ComfyUI's order (it replaces one after the other)
+        "width": str(width),
+        "height": str(height),
+        "year": str(t.tm_year),
+        "month": f"{t.tm_mon:02}",
+        "day": f"{t.tm_mday:02}",
+        "hour": f"{t.tm_hour:02}",
+        "minute": f"{t.tm_min:02}",
+        "second": f"{t.tm_sec:02}",
+    }
+    for name, value in values.items():
+        prefix = prefix.replace(f"%{name}%", value)
+    return prefix
+
+
+def split_prefix(
+    filename_prefix: Any, width: int = 0, height: int = 0, now: time.struct_time | None = None
+) -> tuple[str, str]:
+    """SaveImage's ``filename_prefix`` -> (subfolder, name prefix), its variables expanded and split
+    as ComfyUI does; parts that could not be file names (``..``, control characters) are replaced
+    rather than refused, since a prefix is a label, not a path a client picks a file by. Expanded
+    first, then cut and checked: the values are digits, but the bound and checks see the final name."""
+    text = expand_prefix(str(filename_prefix or "ComfyUI"), width, height, now)[:120]
     parts = [p for p in text.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     clean = []
     for part in parts or ["ComfyUI"]:

@@ -1,15 +1,18 @@
 """Each key's ComfyUI files (service/api/comfy/files.py): names checked so nothing leaves the key's
 folder, ComfyUI's renaming of a taken upload name, the output counter, the per-key bounds, and a
-persistent folder read back after a restart."""
+persistent folder read back after a restart, SaveImage's prefix variables."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from service.api.comfy.files import ComfyFiles, FileNameError
-from service.api.comfy.prompts import split_prefix
+from service.api.comfy.prompts import png_size, split_prefix
+
+from .standin import png
 
 
 @pytest.mark.parametrize(
@@ -86,3 +89,30 @@ def test_a_temporary_folder_is_made_on_use_and_removed() -> None:
 )
 def test_save_prefixes_split_as_comfyui_and_stay_inside(prefix: str, expected: tuple[str, str]) -> None:
     assert split_prefix(prefix) == expected
+
+
+NOW = time.struct_time((2026, 3, 7, 4, 5, 6, 5, 66, 0))  # Saturday 7 March 2026, 04:05:06
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        # Open WebUI's dated folder: ComfyUI's compute_vars, month/day/hour/minute/second 2 digits
+        ("%year%-%month%-%day%/img_%width%x%height%", ("2026-03-07", "img_16x8")),
+        ("%hour%%minute%%second%_%year%", ("", "040506_2026")),
+        # the frontend's %Node.widget% is not the backend's to expand (ComfyUI leaves it too)
+        ("%KSampler.seed%_%width%", ("", "%KSampler.seed%_16")),
+        ("%unknown%/%width", ("%unknown%", "%width")),
+        # the expanded prefix still passes the checks: nothing leaves the folder
+        ("../%year%/../../%month%/x", ("2026/03", "x")),
+        ("%year%/..", ("", "2026")),
+    ],
+)
+def test_save_prefix_variables_expand_as_comfyui(prefix: str, expected: tuple[str, str]) -> None:
+    assert split_prefix(prefix, 16, 8, NOW) == expected
+
+
+def test_the_size_comes_from_the_saved_png() -> None:
+    assert png_size(png(0, size=24)) == (24, 24)
+    assert png_size(b"not a png") == (0, 0)
+    assert split_prefix("%width%x%height%", *png_size(b""))[1] == "0x0"  # ComfyUI's defaults

@@ -175,14 +175,31 @@ async def post_interrupt(request: Request) -> Response:
 # ---- history -----------------------------------------------------------------------------------
 
 
+def _int(value: str | None) -> int | None:
+    """A query parameter as an integer; None when absent or not one (ComfyUI's int() answers a 500)."""
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def history_window(items: list[Any], offset: int | None, max_items: int | None) -> list[Any]:
+    """ComfyUI's ``PromptQueue.get_history``: from ``offset`` (oldest first) at most ``max_items``;
+    without an offset (or a negative one) the last ``max_items``, or all of them."""
+    start = offset if offset is not None and offset >= 0 else -1
+    if start < 0 and max_items is not None:
+        start = len(items) - max_items
+    start = max(start, 0)
+    if max_items is None:
+        return items[start:]
+    # ComfyUI takes an item before it compares the count, so a window at an offset holds at least one
+    return items[start : start + max(max_items, 1)]
+
+
 async def get_history(request: Request) -> Response:
     history = front_of(request).owner(owner_of(request)).history
-    items = list(history.items())
-    offset, max_items = request.query_params.get("offset", ""), request.query_params.get("max_items", "")
-    if offset.isdigit():
-        items = items[int(offset) :]
-    if max_items.isdigit():
-        items = items[-int(max_items) :] if int(max_items) else []
+    q = request.query_params
+    items = history_window(list(history.items()), _int(q.get("offset")), _int(q.get("max_items")))
     # SillyTavern polls the whole history every 100 ms, and items hold whole workflows (base64
     # avatars too): a big one is serialised off the event loop
     if front_of(request).history_bytes(items) > BIG_BODY:

@@ -380,6 +380,42 @@ def test_interrupt_stops_the_callers_running_prompt(make: Callable[..., TestClie
     assert wait_history(client, other)["status"]["messages"][-1][0] == "execution_interrupted"
 
 
+@pytest.mark.parametrize(
+    ("query", "window"),
+    [  # ComfyUI's PromptQueue.get_history over 7 items: items[offset : offset + max_items]
+        ("offset=0&max_items=2", slice(0, 2)),
+        ("offset=3&max_items=2", slice(3, 5)),
+        ("offset=5", slice(5, None)),
+        ("offset=6&max_items=5", slice(6, 7)),
+        ("offset=9&max_items=2", slice(0, 0)),
+        ("max_items=2", slice(5, 7)),  # no offset: the last max_items
+        ("offset=-1&max_items=2", slice(5, 7)),  # a negative offset is no offset
+        ("offset=-3", slice(0, None)),
+        ("max_items=9", slice(0, None)),
+        ("max_items=0", slice(0, 0)),
+        ("offset=2&max_items=0", slice(2, 3)),  # ComfyUI takes one before it counts
+        ("offset=x&max_items=y", slice(0, None)),  # not numbers: ignored
+    ],
+)
+def test_history_offset_and_max_items_window_as_comfyui(
+    history_of_7: tuple[TestClient, list[str]], query: str, window: slice
+) -> None:
+    client, ids = history_of_7
+    assert list(client.get(f"/history?{query}").json()) == ids[window]
+    assert list(client.get(f"/api/history?{query}").json()) == ids[window]
+
+
+@pytest.fixture(scope="module")
+def history_of_7(make: Callable[..., TestClient]) -> tuple[TestClient, list[str]]:
+    """A server with 7 finished prompts, and their ids in history order (oldest first)."""
+    client = make()
+    for pid in [client.post("/prompt", json={"prompt": workflow()}).json()["prompt_id"] for _ in range(7)]:
+        wait_history(client, pid)
+    ids = list(client.get("/history").json())
+    assert len(ids) == 7
+    return client, ids
+
+
 def test_history_can_be_deleted_and_cleared_and_is_bounded(make: Callable[..., TestClient]) -> None:
     client = make(comfy_max_history=3)
     ids = [client.post("/prompt", json={"prompt": workflow()}).json()["prompt_id"] for _ in range(5)]

@@ -274,7 +274,7 @@ async def upload_mask(request: Request) -> Response:
             file, sub, kind = split_annotated(str(ref["filename"]))
             kind = check_type(str(ref.get("type") or "output"), "output") if kind == "input" else kind
             sub = str(ref.get("subfolder") or sub)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # json.loads of deep nesting
             raise MaskError("original_ref must be JSON {filename, subfolder, type}") from exc
         try:
             original = front.files.read(owner, kind, sub, file)

@@ -349,6 +349,9 @@ def test_upload_mask_puts_the_masks_alpha_on_the_original(open_client: TestClien
     bad = {"original_ref": json.dumps({"filename": "nope.png", "type": "input"})}
     assert open_client.post("/api/upload/mask", files=files, data=bad).status_code == 400
     assert open_client.post("/upload/mask", files=files, data={"original_ref": "{"}).status_code == 400
+    for deep in ("[" * 100_000, '{"filename": ' + "[" * 100_000):  # json.loads: RecursionError
+        r = open_client.post("/upload/mask", files=files, data={"original_ref": deep})
+        assert r.status_code == 400 and r.text.startswith("original_ref must be JSON"), r.text
 
 
 def test_view_of_a_missing_file_is_404(open_client: TestClient) -> None:

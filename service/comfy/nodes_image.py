@@ -193,8 +193,15 @@ async def vae_decode(rt: NodeRun, samples: Latent, vae: Any) -> tuple[Any, ...]:
 
 async def _save(rt: NodeRun, images: Tensor, prefix: str, kind: str) -> dict[str, Any]:
     pngs = await asyncio.to_thread(lambda: [save_png(i, rt.prompt) for i in images])
-    saved = [rt.ctx.save_image(png, prefix, kind) for png in pngs]
+    saved = [rt.ctx.save_image(png, batch_prefix(prefix, i), kind) for i, png in enumerate(pngs)]
     return {"ui": {"images": saved}, "result": ()}
+
+
+def batch_prefix(prefix: str, index: int) -> str:
+    """ComfyUI's SaveImage puts each image's index in the batch for ``%batch_num%`` in the file name
+    (not in a subfolder); the other variables are the storage's to expand (``save_image``)."""
+    cut = max(prefix.rfind("/"), prefix.rfind("\\")) + 1
+    return prefix[:cut] + prefix[cut:].replace("%batch_num%", str(index))
 
 
 @node("SaveImage", "image", (), {"images": IMAGE, "filename_prefix": Str("ComfyUI")}, output=True)

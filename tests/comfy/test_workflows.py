@@ -188,3 +188,19 @@ def test_the_frontends_workflows_parse_as_shipped() -> None:
 
     for text in (OPEN_WEBUI_DEFAULT, SILLYTAVERN_DEFAULT, SILLYTAVERN_AVATAR):
         assert all("class_type" in n for n in json.loads(text).values())
+
+
+def test_batch_num_in_the_prefix_is_each_images_index(store: Path) -> None:
+    """ComfyUI's SaveImage: ``%batch_num%`` in the file name part of the prefix is the image's index
+    in the batch (a subfolder's is left as it is)."""
+
+    async def scenario(comfy: Comfy) -> None:
+        wf = open_webui("digits", "a 4", 16, 16, 2, 2, 5)
+        wf["9"]["inputs"]["filename_prefix"] = "%batch_num%/img_%batch_num%"
+        ctx = MemoryContext(owner="k1")
+        r = await comfy.run(wf, "p1", ctx)
+        assert r.status_str == "success", r.error
+        names = [(i["subfolder"], i["filename"]) for i in r.outputs["9"]["images"]]
+        assert names == [("%batch_num%", "img_0_00001_.png"), ("%batch_num%", "img_1_00002_.png")]
+
+    run(store, scenario)

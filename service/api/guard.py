@@ -174,7 +174,16 @@ class GuardMiddleware(HTTPMiddleware):
         if refused:
             await _send_error(send, scope["path"], 413, too_large(limit), {"Connection": "close"})
             return
-        await self.app(scope, _BoundedReceive(receive, limit, s.body_timeout_s), send)
+        counted = not headers.get(b"content-type", b"").lower().startswith(BINARY_BODIES)
+        await self.app(scope, _BoundedReceive(receive, limit, s.body_timeout_s, counted), send)
+
+
+# A JSON body's cost is in its values, not its bytes: 8 MB of `[[0]],` took 3 s of the event loop
+# to parse and walk and a gigabyte to hold. Arrays, objects and separators are counted as the body
+# arrives (base64 has none of these bytes); real bodies hold a few thousand (a large ComfyUI
+# workflow with its UI graph ~20k). File uploads and raw bytes are not counted.
+MAX_BODY_TOKENS = 100_000
+BINARY_BODIES = (b"multipart/", b"application/octet-stream", b"image/")
 
 
 def body_limit(length: bytes | str | None, max_body: int, max_chunked: int) -> tuple[int, bool]:
@@ -194,12 +203,13 @@ def too_large(limit: int) -> str:
 
 
 class _BoundedReceive:
-    """``receive`` that raises 413 past ``limit`` body bytes and 408 when the whole body takes longer
-    than ``timeout_s`` (FastAPI passes HTTPExceptions raised while reading the body through)."""
+    """``receive`` that raises 413 past ``limit`` body bytes (or, ``counted``, past MAX_BODY_TOKENS
+    JSON brackets and commas) and 408 when the whole body takes longer than ``timeout_s`` (FastAPI
+    passes HTTPExceptions raised while reading the body through)."""
 
-    def __init__(self, receive: Receive, limit: int, timeout_s: float) -> None:
-        self.receive, self.limit, self.timeout_s = receive, limit, timeout_s
-        self.seen = 0
+    def __init__(self, receive: Receive, limit: int, timeout_s: float, counted: bool = False) -> None:
+        self.receive, self.limit, self.timeout_s, self.counted = receive, limit, timeout_s, counted
+        self.seen = self.tokens = 0
         self.deadline: float | None = None
         self.done = False
 
@@ -217,8 +227,17 @@ class _BoundedReceive:
                 headers={"Connection": "close"},
             ) from None
         if message["type"] == "http.request":
-            self.seen += len(message.get("body", b""))
+            body = message.get("body", b"")
+            self.seen += len(body)
             if self.seen > self.limit:
                 raise HTTPException(413, too_large(self.limit), headers={"Connection": "close"})
+            if self.counted:
+                self.tokens += body.count(b"[") + body.count(b"{") + body.count(b",")
+                if self.tokens > MAX_BODY_TOKENS:
+                    raise HTTPException(
+                        413,
+                        f"the request body holds over {MAX_BODY_TOKENS} JSON arrays, objects and items",
+                        headers={"Connection": "close"},
+                    )
             self.done = not message.get("more_body", False)
         return message

@@ -54,6 +54,28 @@ def test_a_body_over_the_limit_is_413_before_validation(make_client: Callable[..
         assert c.post("/sample", json={"steps": 1}).status_code == 200
 
 
+def test_a_body_of_too_many_json_values_is_413_as_it_arrives(make_client: Callable[..., TestClient]) -> None:
+    """8 MB of `[[0]],` took seconds of the event loop to parse and walk: brackets and commas are
+    counted as the body arrives and a body past the count is refused, in each route's own shape."""
+    from service.api.guard import MAX_BODY_TOKENS
+
+    many = ("[" + ",".join(["[0]"] * (MAX_BODY_TOKENS // 2)) + "]").encode()
+    body = b'{"steps": 1, "zzz": ' + many + b"}"
+    with make_client() as c:
+        for path, detail in (
+            ("/sample", lambda j: j["detail"]),
+            ("/sdapi/v1/options", lambda j: j["detail"]),
+            ("/v1/images/generations", lambda j: j["error"]["message"]),
+            ("/prompt", lambda j: j["detail"]),  # the body limit's shape there, as for its byte limit
+        ):
+            r = c.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413, (path, r.text[:300])
+            assert f"over {MAX_BODY_TOKENS} JSON arrays" in detail(r.json()), (path, r.text[:300])
+        fine = {"steps": 1, "prompt": "a, b, c " * 400, "styles": [], "override_settings": {}}  # 800 commas
+        r = c.post("/sdapi/v1/txt2img", json=fine)
+        assert r.status_code == 200, r.text[:300]
+
+
 def test_a_sync_result_is_dropped_once_delivered_unless_kept(client: TestClient) -> None:
     gone = client.post("/sample", json={"steps": 1}, headers={"Accept": "image/png"})
     assert client.get(f"/jobs/{gone.headers['x-job-id']}").status_code == 404

@@ -214,3 +214,15 @@ def test_sixteen_a1111_clients_share_model_calls_and_see_only_their_progress(ser
     assert reports > 0
     rows, calls = _rows(server)
     assert (rows - rows0) / (calls - calls0) > 1.0  # rows per model call: the requests shared calls
+
+
+def _png(color: tuple[int, ...], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_openai_n_none_is_one_image(server: Server) -> None:
+    # the client sends "n": null for n=None; OpenAI reads it as 1
+    r = _oai(server).images.generate(prompt="7", n=None, size="8x8", response_format="b64_json")
+    assert r.data is not None and len(r.data) == 1

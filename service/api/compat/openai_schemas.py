@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ImageGenerationRequest(BaseModel):
@@ -19,7 +19,7 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(max_length=32_000)
     model: str | None = Field(None, max_length=128)
-    n: int = Field(1, ge=1, le=256)
+    n: int = Field(1, ge=1, le=256, description="null: 1")
     size: str | None = Field(None, max_length=32, description='"WIDTHxHEIGHT" or "auto"')
     response_format: Literal["url", "b64_json"] | None = None
     quality: str | None = Field(
@@ -34,6 +34,12 @@ class ImageGenerationRequest(BaseModel):
     schedule: str | None = Field(None, max_length=64)
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
     denoise: float | None = Field(None, gt=0.0, le=1.0, description="edits without a mask: img2img strength")
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_null_is_one(cls, value: Any) -> Any:
+        # OpenAI takes "n": null as the default (the openai client sends it for n=None)
+        return 1 if value is None else value
 
 
 class ImageData(BaseModel):

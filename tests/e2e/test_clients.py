@@ -226,3 +226,19 @@ def test_openai_n_none_is_one_image(server: Server) -> None:
     # the client sends "n": null for n=None; OpenAI reads it as 1
     r = _oai(server).images.generate(prompt="7", n=None, size="8x8", response_format="b64_json")
     assert r.data is not None and len(r.data) == 1
+
+
+def test_openai_edit_of_several_images_edits_the_first(server: Server) -> None:
+    mask = io.BytesIO()
+    m = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    m.paste((0, 0, 0, 0), (4, 0, 8, 8))
+    m.save(mask, format="PNG")
+    r = _oai(server).images.edit(  # sent as two image[] parts; the mask applies to the first
+        image=[("a.png", _png((200, 200, 200)), "image/png"), ("b.png", _png((20, 20, 20)), "image/png")],
+        mask=("mask.png", mask.getvalue(), "image/png"),
+        prompt="3",
+        size="8x8",
+        response_format="b64_json",
+    )
+    out = _b64_arr(r.data[0].b64_json)
+    assert np.abs(out[:, :4] - 200).max() <= 3

@@ -102,8 +102,10 @@ async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(co
 
 async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | None:
     for name in names:
-        value = form.get(name)
-        if isinstance(value, UploadFile):
+        # several images (image[] repeated, as the openai client sends a list): OpenAI edits the
+        # first, and the mask applies to it; form.get would give the last
+        value = next((v for v in form.getlist(name) if isinstance(v, UploadFile)), None)
+        if value is not None:
             data = await value.read(MAX_UPLOAD + 1)
             if len(data) > MAX_UPLOAD:
                 raise OpenAIError(400, f"{name}: larger than {MAX_UPLOAD} bytes", name, "image_too_large")

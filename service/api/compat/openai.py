@@ -117,24 +117,48 @@ async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | No
     return None
 
 
+# Edits (and variations) read a form; starlette parses these two (a urlencoded one has no file, and
+# is answered that the image is missing).
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+async def _form(call: CompatCall, route: str) -> Any:
+    """The request's form. Another body (JSON) is refused first, naming what the route takes: read
+    as a form it would be empty, and its fields would be reported missing although they were sent."""
+    kind = call.request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind not in FORM_TYPES:
+        raise OpenAIError(
+            400,
+            f"{route} takes multipart/form-data (the image as a file part, the other fields as form "
+            f"fields), not {kind or 'a body without Content-Type'}",
+            None,
+            "invalid_content_type",
+        )
+    try:
+        return await call.request.form()
+    except Exception as exc:  # a malformed multipart body, or python-multipart missing
+        raise OpenAIError(
+            400, f"send multipart/form-data with an image file ({exc})", "image", "invalid_request"
+        ) from exc
+
+
+def _form_request(form: Any) -> ImageGenerationRequest:
+    try:
+        return ImageGenerationRequest.model_validate(form_fields(form))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from exc
+
+
 @router.post(
     "/images/edits", response_model=ImagesResponse, response_model_exclude_none=True, dependencies=authed
 )
 async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
     inpainting where the mask (or the image's alpha) is transparent."""
-    try:
-        form = await call.request.form()
-    except Exception as exc:  # not multipart, or python-multipart missing
-        raise OpenAIError(
-            400, f"send multipart/form-data with an image file ({exc})", "image", "invalid_request"
-        ) from exc
-    try:
-        req = ImageGenerationRequest.model_validate(form_fields(form))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise OpenAIError(400, f"{param}: {first['msg']}", param, "invalid_value") from exc
+    form = await _form(call, "/v1/images/edits")
+    req = _form_request(form)
     image = await _file(form, ("image", "image[]"), True)
     mask = await _file(form, ("mask",), False)
     state = call.state

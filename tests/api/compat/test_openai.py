@@ -108,3 +108,8 @@ def test_edit_without_image_and_bearer_auth(make_client: Callable[..., TestClien
         assert r.status_code == 400 and r.json()["error"]["param"] == "image"
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "7"})
         assert r.status_code == 401 and r.json()["error"] == "HTTPException"
+
+
+def test_edit_sent_as_json_is_told_to_send_multipart(oai: TestClient) -> None:
+    r = oai.post("/v1/images/edits", json={"prompt": "7", "image": "aGVsbG8="})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]

@@ -242,3 +242,18 @@ def test_openai_edit_of_several_images_edits_the_first(server: Server) -> None:
     )
     out = _b64_arr(r.data[0].b64_json)
     assert np.abs(out[:, :4] - 200).max() <= 3
+
+
+def test_openai_streams_generations_and_edits_as_completed_events(server: Server) -> None:
+    client = _oai(server)
+    events = list(client.images.generate(prompt="7", n=2, size="8x8", stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    png = base64.b64decode(events[0].b64_json)
+    assert Image.open(io.BytesIO(png)).size == (8, 8)
+    assert events[0].size == "8x8" and events[0].output_format == "png" and events[0].usage.total_tokens == 0
+    edits = list(
+        client.images.edit(image=("i.png", _png((200, 200, 200)), "image/png"), prompt="3", stream=True)
+    )
+    assert [e.type for e in edits] == ["image_edit.completed"] and edits[0].b64_json
+    with pytest.raises(openai.BadRequestError):  # refused before the stream starts: a JSON error
+        list(client.images.generate(prompt="7", size="enormous", stream=True))

@@ -1,6 +1,7 @@
 """OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits (multipart), GET /v1/models,
 and the short-lived image URLs of ``response_format: "url"``. Requests run through the engine as
-POST /sample's do; errors come in OpenAI's shape."""
+POST /sample's do; errors come in OpenAI's shape. ``stream: true`` answers with OpenAI's image
+events (text/event-stream) instead of the JSON body."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 import base64
 import io
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -22,6 +25,7 @@ from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
 from ..guard import owner_of
+from ..sse import frame
 from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
@@ -40,6 +44,8 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 authed = [Depends(require_api_key)]
 MAX_UPLOAD = image_gate.MAX_FILE_BYTES
 STARTED = int(time.time())
+# The OpenAPI schema's second body of the image routes: OpenAI's events, with ``stream: true``.
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 def links(request: Request) -> ImageLinks:
@@ -68,9 +74,49 @@ def _pngs(t: Translated, jobs: list[Job]) -> list[bytes]:
     return out
 
 
-async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated) -> ImagesResponse:
+# The stream's quality is one of OpenAI's event values; ours also takes DALL-E 3's names.
+EVENT_QUALITY = {"low": "low", "medium": "medium", "standard": "medium", "high": "high", "hd": "high"}
+# The events' usage is for GPT image models' tokens; there are none here.
+NO_USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+
+
+def _events(req: ImageGenerationRequest, t: Translated, pngs: list[bytes], kind: str) -> Iterator[str]:
+    """One ``<kind>.completed`` event per image, as the openai client's ImageGenCompletedEvent /
+    ImageEditCompletedEvent parse them (the image is always b64_json: events carry no URLs).
+
+    No ``<kind>.partial_image`` events, whatever ``partial_images`` asks (OpenAI may send fewer than
+    asked): the stream starts once the images are done, so that every refusal and failure before
+    it is a JSON error with its status, as without ``stream``."""
+    size, created = f"{t.size[0]}x{t.size[1]}", int(time.time())
+    quality = EVENT_QUALITY.get((req.quality or "").lower(), "auto")
+    for png in pngs:
+        data = {
+            "type": f"{kind}.completed",
+            "b64_json": base64.b64encode(png).decode(),
+            "created_at": created,
+            "size": size,
+            "quality": quality,
+            "background": "opaque",
+            "output_format": "png",
+            "usage": NO_USAGE,
+        }
+        yield frame(f"{kind}.completed", data)
+
+
+async def _respond(
+    call: CompatCall, req: ImageGenerationRequest, t: Translated, kind: str
+) -> ImagesResponse | StreamingResponse:
+    """The images of ``t``: OpenAI's JSON body, or with ``stream`` its events named ``kind``
+    (image_generation, image_edit)."""
     jobs = await run(call, [t.body])
     pngs = await asyncio.to_thread(_pngs, t, jobs)
+    if req.stream:
+        return StreamingResponse(_events(req, t, pngs, kind), media_type="text/event-stream")
     data = []
     request = call.request
     store = links(request)
@@ -91,13 +137,17 @@ async def _respond(call: CompatCall, req: ImageGenerationRequest, t: Translated)
     "/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
+    responses=STREAMED,
     dependencies=authed,
 )
-async def generations(req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)) -> ImagesResponse:
-    """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back."""
+async def generations(
+    req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)
+) -> ImagesResponse | StreamingResponse:
+    """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back;
+    with ``stream: true``, OpenAI's ``image_generation.completed`` events (text/event-stream)."""
     async with call.model(model_for(req.model, call.state.pool.known(), call.default_model)) as model:
         t = translate(req, model, call.state.settings.max_steps)
-    return await _respond(call, req, t)
+    return await _respond(call, req, t, "image_generation")
 
 
 async def _file(form: Any, names: tuple[str, ...], required: bool) -> bytes | None:
@@ -152,9 +202,13 @@ def _form_request(form: Any) -> ImageGenerationRequest:
 
 
 @router.post(
-    "/images/edits", response_model=ImagesResponse, response_model_exclude_none=True, dependencies=authed
+    "/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=STREAMED,
+    dependencies=authed,
 )
-async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
+async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse | StreamingResponse:
     """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
     inpainting where the mask (or the image's alpha) is transparent."""
     form = await _form(call, "/v1/images/edits")
@@ -164,7 +218,7 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse:
     state = call.state
     async with call.model(model_for(req.model, state.pool.known(), call.default_model)) as model:
         t = await asyncio.to_thread(translate, req, model, state.settings.max_steps, image, mask)
-    return await _respond(call, req, t)
+    return await _respond(call, req, t, "image_edit")
 
 
 @router.get("/images/files/{token}.png", name="openai_image_file", response_class=Response)

@@ -34,6 +34,10 @@ class ImageGenerationRequest(BaseModel):
     schedule: str | None = Field(None, max_length=64)
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
     denoise: float | None = Field(None, gt=0.0, le=1.0, description="edits without a mask: img2img strength")
+    stream: bool = Field(False, description="true: text/event-stream, one completed event per image")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="accepted; no partial images are sent (OpenAI: may be fewer)"
+    )
 
     @field_validator("n", mode="before")
     @classmethod

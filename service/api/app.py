@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import image_gate
@@ -22,7 +24,7 @@ from service.serving.service import Service
 from . import comfy as comfy_api
 from . import playground
 from .compat.routers import ROUTERS as COMPAT_ROUTERS
-from .guard import GuardMiddleware, HTTPMiddleware
+from .guard import GuardMiddleware, HTTPMiddleware, error_body
 from .metrics_labels import method_label, route_label
 from .routes import info, jobs, models, sample, upscale
 from .schemas import SampleRequest
@@ -112,6 +114,21 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    """The router's own errors (no such path, method not allowed) under /v1 in OpenAI's shape, as
+    OpenAI answers them: its clients read ``error.message``. The routes' errors are shaped by their
+    route class (compat/errors.py); other paths keep FastAPI's ``{"detail"}``."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if not path.startswith("/v1/"):
+        return await http_exception_handler(request, exc)
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {path})"
+    body = error_body(path, exc.status_code, message)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
 def create_app(settings: Settings | None = None, store: ModelStore | None = None) -> FastAPI:
     """Build the app; models load in the lifespan, not here."""
     settings = settings or Settings()
@@ -138,6 +155,7 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
     app.state.service = state
     app.add_exception_handler(InputError, _on_field_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
     app.include_router(sample.router)
     app.include_router(jobs.router)
     app.include_router(models.router)

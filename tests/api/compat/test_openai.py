@@ -113,3 +113,12 @@ def test_edit_without_image_and_bearer_auth(make_client: Callable[..., TestClien
 def test_edit_sent_as_json_is_told_to_send_multipart(oai: TestClient) -> None:
     r = oai.post("/v1/images/edits", json={"prompt": "7", "image": "aGVsbG8="})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+
+
+def test_unknown_v1_paths_and_methods_answer_in_openai_shape(oai: TestClient) -> None:
+    r = oai.post("/v1/images/nope", json={})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "/v1/images/nope" in r.json()["error"]["message"]
+    r = oai.get("/v1/images/generations")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert oai.get("/not-a-route").json() == {"detail": "Not Found"}  # our own routes keep FastAPI's

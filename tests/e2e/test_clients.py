@@ -257,3 +257,14 @@ def test_openai_streams_generations_and_edits_as_completed_events(server: Server
     assert [e.type for e in edits] == ["image_edit.completed"] and edits[0].b64_json
     with pytest.raises(openai.BadRequestError):  # refused before the stream starts: a JSON error
         list(client.images.generate(prompt="7", size="enormous", stream=True))
+
+
+def test_openai_variations(server: Server) -> None:
+    r = _oai(server).images.create_variation(
+        image=("i.png", _png((200, 200, 200)), "image/png"), n=2, size="16x16", response_format="b64_json"
+    )
+    assert r.data is not None and len(r.data) == 2
+    png = base64.b64decode(r.data[0].b64_json)
+    assert Image.open(io.BytesIO(png)).size == (16, 16)
+    missing = httpx.post(f"{server.url}/v1/images/nope", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}

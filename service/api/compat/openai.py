@@ -1,7 +1,7 @@
-"""OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits (multipart), GET /v1/models,
-and the short-lived image URLs of ``response_format: "url"``. Requests run through the engine as
-POST /sample's do; errors come in OpenAI's shape. ``stream: true`` answers with OpenAI's image
-events (text/event-stream) instead of the JSON body."""
+"""OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits and /v1/images/variations
+(multipart), GET /v1/models, and the short-lived image URLs of ``response_format: "url"``. Requests
+run through the engine as POST /sample's do; errors come in OpenAI's shape. ``stream: true`` answers
+with OpenAI's image events (text/event-stream) instead of the JSON body."""
 
 from __future__ import annotations
 
@@ -192,9 +192,9 @@ async def _form(call: CompatCall, route: str) -> Any:
         ) from exc
 
 
-def _form_request(form: Any) -> ImageGenerationRequest:
+def _form_request(form: Any, defaults: dict[str, Any] | None = None) -> ImageGenerationRequest:
     try:
-        return ImageGenerationRequest.model_validate(form_fields(form))
+        return ImageGenerationRequest.model_validate((defaults or {}) | form_fields(form))
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -214,11 +214,41 @@ async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse | Str
     form = await _form(call, "/v1/images/edits")
     req = _form_request(form)
     image = await _file(form, ("image", "image[]"), True)
-    mask = await _file(form, ("mask",), False)
+    return await _edit(call, req, image, await _file(form, ("mask",), False))
+
+
+async def _edit(
+    call: CompatCall, req: ImageGenerationRequest, image: bytes | None, mask: bytes | None
+) -> ImagesResponse | StreamingResponse:
+    """An edit (or variation) of ``image``, read from the form, with the route's request."""
     state = call.state
     async with call.model(model_for(req.model, state.pool.known(), call.default_model)) as model:
         t = await asyncio.to_thread(translate, req, model, state.settings.max_steps, image, mask)
     return await _respond(call, req, t, "image_edit")
+
+
+# How far a variation moves from its image (the img2img strength; the request's ``denoise`` wins):
+# edits' default without a mask, enough to change the picture while keeping its layout and colours.
+VARIATION_DENOISE = 0.75
+
+
+@router.post(
+    "/images/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    dependencies=authed,
+)
+async def variations(call: CompatCall = Depends(compat_call)) -> ImagesResponse | StreamingResponse:
+    """OpenAI's image variation (multipart: image, n, size, response_format, model): the edit path
+    with no prompt (a text model's empty prompt, a class-conditional model's unconditional sample)
+    at ``VARIATION_DENOISE``; transparent pixels of the image are repainted, as in an edit."""
+    form = await _form(call, "/v1/images/variations")
+    # OpenAI's variations take no prompt and do not stream; ours may be given one (extra_body)
+    req = _form_request(form, {"prompt": ""})
+    req.stream = False
+    if req.denoise is None:
+        req.denoise = VARIATION_DENOISE
+    return await _edit(call, req, await _file(form, ("image",), True), None)
 
 
 @router.get("/images/files/{token}.png", name="openai_image_file", response_class=Response)

@@ -122,3 +122,14 @@ def test_unknown_v1_paths_and_methods_answer_in_openai_shape(oai: TestClient) ->
     r = oai.get("/v1/images/generations")
     assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert oai.get("/not-a-route").json() == {"detail": "Not Found"}  # our own routes keep FastAPI's
+
+
+def test_variation_is_an_img2img_without_prompt(oai: TestClient) -> None:
+    image = _png(Image.new("RGB", (8, 8), (200, 200, 200)))
+    data = {"size": "8x8", "response_format": "b64_json", "seed": "1"}
+    r = oai.post("/v1/images/variations", data=data, files={"image": ("i.png", image, "image/png")})
+    assert r.status_code == 200, r.text
+    params = read_parameters(base64.b64decode(r.json()["data"][0]["b64_json"]))
+    assert params["img2img"] and params.get("class_label") is None and params["denoise"] == 0.75
+    r = oai.post("/v1/images/variations", data=data)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"

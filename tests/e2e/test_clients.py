@@ -259,6 +259,7 @@ def test_openai_streams_generations_and_edits_as_completed_events(server: Server
         list(client.images.generate(prompt="7", size="enormous", stream=True))
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the client deprecates variations
 def test_openai_variations(server: Server) -> None:
     r = _oai(server).images.create_variation(
         image=("i.png", _png((200, 200, 200)), "image/png"), n=2, size="16x16", response_format="b64_json"

@@ -123,7 +123,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     if not path.startswith("/v1/"):
         return await http_exception_handler(request, exc)
     message = str(exc.detail)
-    if exc.status_code == 404:
+    if exc.status_code == 404 and exc.detail == "Not Found":  # the router's, not a route's own 404
         message = f"Invalid URL ({request.method} {path})"
     body = error_body(path, exc.status_code, message)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -114,6 +114,21 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     return JSONResponse({"detail": errors}, status_code=422)
 
 
+BODY_UNPARSED = "There was an error parsing the body"  # FastAPI's, raised from the parser's error
+
+
+def _unparsed(cause: BaseException) -> dict[str, Any]:
+    """What FastAPI's bare "error parsing the body" hides, in the routes' 422 item shape: a body
+    that is not UTF-8 (gzip, Latin-1), nested too deep, or an integer of over 4,300 digits."""
+    if isinstance(cause, UnicodeDecodeError):
+        msg = f"the body is not UTF-8 JSON ({cause.reason} at byte {cause.start}; is it compressed?)"
+    elif isinstance(cause, RecursionError):
+        msg = "the body's JSON is nested too deep"
+    else:
+        msg = f"the body could not be parsed: {_echo(str(cause))}"
+    return {"loc": ["body"], "msg": msg, "type": "body_unparsed"}
+
+
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     """The router's own errors (no such path, method not allowed) under /v1 in OpenAI's shape, as
     OpenAI answers them: its clients read ``error.message``. The routes' errors are shaped by their
@@ -121,6 +136,9 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     path = request.url.path
     if not path.startswith("/v1/"):
+        cause = exc.__cause__
+        if exc.status_code == 400 and exc.detail == BODY_UNPARSED and cause is not None:
+            return JSONResponse({"detail": [_unparsed(cause)]}, status_code=400)
         return await http_exception_handler(request, exc)
     message = str(exc.detail)
     if exc.status_code == 404 and exc.detail == "Not Found":  # the router's, not a route's own 404

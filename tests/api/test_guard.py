@@ -76,6 +76,24 @@ def test_a_body_of_too_many_json_values_is_413_as_it_arrives(make_client: Callab
         assert r.status_code == 200, r.text[:300]
 
 
+def test_a_body_that_cannot_be_parsed_says_why(client: TestClient) -> None:
+    """FastAPI's bare "There was an error parsing the body" named nothing: a compressed body, an
+    integer of over 4,300 digits and deep nesting each get a reason, in the routes' 422 item shape."""
+    import gzip
+
+    cases = {
+        gzip.compress(b'{"steps": 1}'): "not UTF-8 JSON",
+        b'{"seed": ' + b"9" * 5000 + b"}": "4300 digits",
+        b"[" * 50_000: "nested too deep",
+    }
+    for path in ("/sample", "/jobs"):
+        for body, says in cases.items():
+            r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, r.text[:200])
+            (item,) = r.json()["detail"]
+            assert item["loc"] == ["body"] and says in item["msg"], (path, item)
+
+
 def test_a_sync_result_is_dropped_once_delivered_unless_kept(client: TestClient) -> None:
     gone = client.post("/sample", json={"steps": 1}, headers={"Accept": "image/png"})
     assert client.get(f"/jobs/{gone.headers['x-job-id']}").status_code == 404

@@ -44,6 +44,7 @@ from service.sampling.spec import SamplingSpec, make_sigmas, sampling_dtype
 if TYPE_CHECKING:
     from service.models.store import LoadedModel
 
+    from .loras import Resolved
     from .request import GenerationRequest
 
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
@@ -137,7 +138,7 @@ def with_hires(
     limits: Limits,
     max_timeout_s: float,
     image_size: tuple[int, int],
-    loras: Any,
+    loras: Resolved,
     upscalers: Any = None,
 ) -> tuple[Passes, dict[str, Any]]:
     """The job's driver continuing into its hires pass, and the hires parameters it records.
@@ -179,9 +180,9 @@ def with_hires(
         spec2, seeds=spec.seeds, subseeds=spec.subseeds, subseed_strength=spec.subseed_strength
     )
     cfg = request.cfg_scale if request.cfg_scale is not None else model.manifest.model_defaults.cfg_scale
-    with text_loras(model, loras):
+    with text_loras(model, loras.text):
         inputs = model.job_inputs(second, n=n, cfg_scale=cfg, denoise=1.0)
-    cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
+    cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras.unet, n)
     cond, uncond = same_cache_rows(first, cond, uncond)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
     zeros = torch.zeros(shape, device=model.device, dtype=sampling_dtype(model.dtype))

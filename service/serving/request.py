@@ -359,12 +359,12 @@ def build_job(
     if start is not None:  # ComfyUI's LATENT: its latents are the start, not an init image
         latents.check(request, start)
         spec = latents.with_window(spec, start)
-    with text_loras(model, loras):
+    with text_loras(model, loras.text):
         denoise = 1.0 if start is not None and start.samples is not None else spec.denoise
         inputs = model.job_inputs(request, n=n, cfg_scale=cfg, denoise=denoise)
     if start is not None:
         latents.start(start, inputs, model, n)
-    cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras, n)
+    cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras.unet, n)
     cond, uncond, cache = with_cache(request, model, cond, uncond, n)
     shape = (n, *(inputs.latent_shape or model.latent_shape))
     noise = latents.start_noise(start, shape)

@@ -132,15 +132,21 @@ def test_bad_files_are_refused_naming_the_key() -> None:
 
 
 def test_prompt_tags() -> None:
+    """A1111's extra_networks_lora: (name, text-encoder weight, UNet weight); the UNet's defaults to
+    the text encoders' final one, ``te=`` / ``unet=`` override the positional ones."""
     assert prompt_tags("a cat, <lora:style_1:0.8>, red <lora:b>") == (
         "a cat, red",
-        [("style_1", 0.8), ("b", 1.0)],
+        [("style_1", 0.8, 0.8), ("b", 1.0, 1.0)],
     )
     assert prompt_tags("plain") == ("plain", [])
     assert prompt_tags(None) == (None, [])
-    assert prompt_tags("<lora:x:0.5:te=1>") == ("", [("x", 0.5)])
-    with pytest.raises(InputError):
-        prompt_tags("<lora:x:abc>")
+    assert prompt_tags("<lora:x:0.5:te=1>") == ("", [("x", 1.0, 1.0)])
+    assert prompt_tags("<lora:x:1:0.2>") == ("", [("x", 1.0, 0.2)])
+    assert prompt_tags("<lora:x:te=0.5:unet=1>") == ("", [("x", 0.5, 1.0)])
+    assert prompt_tags("<lora:detail_tweaker(v1.5):0.7>") == ("", [("detail_tweaker(v1.5)", 0.7, 0.7)])
+    for bad in ("<lora:x:abc>", "<lora:x:1:1:8>", "<lora:x:dyn=8>", "<lora:x:unet=q>"):
+        with pytest.raises(InputError):
+            prompt_tags(bad)
 
 
 @pytest.mark.parametrize("weight", ["nan", "NaN", "inf", "-inf", "1e400", "11"])

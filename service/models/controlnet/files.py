@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.models.file_names import usable_name
+
 from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
 from .union import TYPES, UnionConfig, UnionControlNet, is_union, is_union_weights
 from .union import infer as infer_union
 
-NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
 SINGLE = (".safetensors", ".pth", ".pt", ".bin")
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 
@@ -51,7 +52,7 @@ def scan(root: Path) -> dict[str, ControlNetFile]:
             name = p.stem
         else:
             continue
-        if set(name) <= NAME_OK:
+        if usable_name(name):
             out.setdefault(name, ControlNetFile(name, p))
     return out
 

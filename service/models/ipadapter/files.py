@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
+from service.models.file_names import usable_name
+
 SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
 
@@ -93,7 +94,7 @@ def scan(root: Path) -> dict[str, AdapterFile]:
     """The adapters in ``<store>/ipadapter/`` by name (rescanned each time: new files appear)."""
     out: dict[str, AdapterFile] = {}
     for p in _walk(_folder(root)):
-        if p.is_file() and p.suffix in SUFFIXES and set(p.stem) <= NAME_OK:
+        if p.is_file() and p.suffix in SUFFIXES and usable_name(p.stem):
             out.setdefault(p.stem, AdapterFile(p.stem, p))
     return out
 

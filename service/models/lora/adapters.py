@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from service.models.file_names import usable_name
+
 from .formats import LoraFormatError, read_lora
 from .layers import Plan, Prepared, RowLora
 
 KEY = "lora"
 MAX_PER_REQUEST = 4
-NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-+ ")
 
 
 def live(rows: Tensor | None) -> bool:
@@ -49,6 +50,13 @@ class LoraInfo:
     path: Path
     base_model: str | None  # the model folder it sits in; None: the shared loras/ folder
     size_bytes: int
+    mtime_ns: int = 0
+
+    @property
+    def version(self) -> tuple[Path, int, int]:
+        """The file as it is now: a file rewritten in place (a new training run saved under the
+        same name, as kohya's trainer does) is a new version, read again (A1111 compares mtimes)."""
+        return self.path, self.mtime_ns, self.size_bytes
 
 
 class LoraIndex:
@@ -67,8 +75,9 @@ class LoraIndex:
         for folder, base in folders:
             if folder.is_dir():
                 for f in sorted(folder.glob("*.safetensors")):
-                    if set(f.stem) <= NAME_OK and f.is_file():
-                        out.append(LoraInfo(f.stem, f, base, f.stat().st_size))
+                    if usable_name(f.stem) and f.is_file():
+                        st = f.stat()
+                        out.append(LoraInfo(f.stem, f, base, st.st_size, st.st_mtime_ns))
         return out
 
     def for_model(self, model: str) -> dict[str, LoraInfo]:
@@ -96,7 +105,8 @@ class ModelAdapters:
         self.model, self.index = model, index
         self.parts = {"unet": RowLora(unet), **{c: RowLora(m, text=True) for c, m in text_encoders.items()}}
         self.traced = traced  # a TracedModule to bypass while rows have adapters (hooks need eager)
-        self._ids: dict[Path, int] = {}
+        # by file version; an older version's entry stays (rows in flight may still name its id)
+        self._ids: dict[tuple[Path, int, int], int] = {}
         self._adapters: list[dict[str, Prepared]] = []  # id -> component -> prepared layers
         self._lock = threading.Lock()
 
@@ -118,8 +128,8 @@ class ModelAdapters:
 
     def _load(self, info: LoraInfo) -> int:
         with self._lock:
-            if info.path in self._ids:
-                return self._ids[info.path]
+            if info.version in self._ids:
+                return self._ids[info.version]
             try:
                 layers, _, _ = read_lora(info.path)
                 prepared = {}
@@ -130,9 +140,9 @@ class ModelAdapters:
                     prepared[comp] = part.prepare(comp_layers, f"LoRA {info.name!r}")
             except LoraFormatError as exc:
                 raise LoraError(f"LoRA {info.name!r} does not fit model {self.model!r}: {exc}") from exc
-            self._ids[info.path] = len(self._adapters)
+            self._ids[info.version] = len(self._adapters)
             self._adapters.append(prepared)
-            return self._ids[info.path]
+            return self._ids[info.version]
 
     @staticmethod
     def encode(resolved: list[tuple[int, float]], n: int) -> Tensor:

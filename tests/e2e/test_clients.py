@@ -269,3 +269,19 @@ def test_openai_variations(server: Server) -> None:
     assert Image.open(io.BytesIO(png)).size == (16, 16)
     missing = httpx.post(f"{server.url}/v1/images/nope", headers={"Authorization": f"Bearer {KEY}"})
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_openai_gpt_image_models_answer_b64_only_unless_asked(server: Server) -> None:
+    # Open WebUI omits response_format for ^gpt-image models, then fetches any url it is given
+    # through an SSRF check that refuses loopback and LAN hosts; OpenAI gives those models b64 only
+    client = _oai(server)
+    r = client.images.generate(model="gpt-image-1", prompt="a seven", size="16x16")
+    assert r.data is not None and r.data[0].b64_json and r.data[0].url is None
+    edit = client.images.edit(
+        model="gpt-image-1.5", image=("i.png", _png((200, 200, 200)), "image/png"), prompt="3"
+    )
+    assert edit.data is not None and edit.data[0].b64_json and edit.data[0].url is None
+    legacy = client.images.generate(model="dall-e-2", prompt="a seven", size="16x16")
+    assert legacy.data is not None and legacy.data[0].b64_json and legacy.data[0].url  # both, as before
+    linked = client.images.generate(model="gpt-image-1", prompt="7", size="8x8", response_format="url")
+    assert linked.data is not None and linked.data[0].url and linked.data[0].b64_json is None

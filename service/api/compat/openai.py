@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -108,6 +109,22 @@ def _events(req: ImageGenerationRequest, t: Translated, pngs: list[bytes], kind:
         yield frame(f"{kind}.completed", data)
 
 
+# OpenAI's GPT image models (gpt-image-*, chatgpt-image-*) always answer b64_json, and clients rely
+# on it: Open WebUI sends them no response_format, then prefers a url and fetches it through an SSRF
+# check that refuses loopback and LAN hosts, so a url from a local server failed its images.
+GPT_IMAGE_MODELS = re.compile(r"^(gpt-image|chatgpt-image)")
+
+
+def _formats(req: ImageGenerationRequest) -> tuple[str, ...]:
+    """What the JSON body carries per image: the asked ``response_format``; without one, b64_json for
+    a GPT image model name (as OpenAI), else both b64_json and url."""
+    if req.response_format is not None:
+        return (req.response_format,)
+    if req.model and GPT_IMAGE_MODELS.match(req.model):
+        return ("b64_json",)
+    return ("b64_json", "url")
+
+
 async def _respond(
     call: CompatCall, req: ImageGenerationRequest, t: Translated, kind: str
 ) -> ImagesResponse | StreamingResponse:
@@ -120,11 +137,12 @@ async def _respond(
     data = []
     request = call.request
     store = links(request)
+    formats = _formats(req)
     for png in pngs:
         item = ImageData()
-        if req.response_format in (None, "b64_json"):
+        if "b64_json" in formats:
             item.b64_json = base64.b64encode(png).decode()
-        if req.response_format in (None, "url"):
+        if "url" in formats:
             token = store.put(png, owner_of(request))  # bounded per key: no key expires another's
             item.url = str(request.url_for("openai_image_file", token=token))
         data.append(item)
@@ -143,8 +161,10 @@ async def _respond(
 async def generations(
     req: ImageGenerationRequest, call: CompatCall = Depends(compat_call)
 ) -> ImagesResponse | StreamingResponse:
-    """OpenAI's image generation. Without ``response_format`` both ``b64_json`` and ``url`` come back;
-    with ``stream: true``, OpenAI's ``image_generation.completed`` events (text/event-stream)."""
+    """OpenAI's image generation. Without ``response_format``, ``b64_json`` only for a GPT image
+    model name (``gpt-image-*``, ``chatgpt-image-*``: OpenAI returns those no URL), else both
+    ``b64_json`` and ``url`` (edits and variations too); with ``stream: true``, OpenAI's
+    ``image_generation.completed`` events (text/event-stream)."""
     async with call.model(model_for(req.model, call.state.pool.known(), call.default_model)) as model:
         t = translate(req, model, call.state.settings.max_steps)
     return await _respond(call, req, t, "image_generation")

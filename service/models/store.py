@@ -210,6 +210,11 @@ class LoadedModel:
         """The (width, height) a front end brings a mask to: pixel models take it at their own size."""
         return generated
 
+    def edit_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The (width, height) a front end's edit without a size generates at from an init image of
+        ``image_size`` (width, height); None: the model's own size (pixel models make one size)."""
+        return None
+
     def conditioning_fields(self) -> frozenset[str]:
         """The optional conditioning fields of a request (those front ends pass through by name:
         guidance, SDXL's micro-conditioning, ...) this family reads; a request setting another is

@@ -114,6 +114,16 @@ class TextLoadedModel(LoadedModel):
     def mask_size(self, init_size: tuple[int, int], generated: tuple[int, int]) -> tuple[int, int]:
         return init_size  # resized with the init image to the request size
 
+    def edit_size(self, image_size: tuple[int, int]) -> tuple[int, int] | None:
+        """The init image's size by the model's own rule (:meth:`TextImageModel.init_size`); a side
+        shorter than the multiple is the multiple (the image is stretched to it)."""
+        if self.text_model is None:
+            return None  # refused when the job is built
+        w, h = image_size
+        m = self.text_model.multiple
+        h, w = self.text_model.init_size(max(h, m), max(w, m))
+        return w, h
+
     def bind_driver(self, driver: Any) -> None:
         if self.text_model is not None:
             self.text_model.bind_driver(driver)
@@ -292,10 +302,15 @@ class TextImageModel:
         if mask is not None and init_image is None:
             raise InputError("mask", "mask needs an init_image")
         if isinstance(init_image, Tensor) and init_image.ndim == 4:
-            ih, iw = int(init_image.shape[-2]), int(init_image.shape[-1])
-            height, width = height or ih - ih % self.multiple, width or iw - iw % self.multiple
+            ih, iw = self.init_size(int(init_image.shape[-2]), int(init_image.shape[-1]))
+            height, width = height or ih, width or iw
         height, width = height or self.default_size, width or self.default_size
         return height, width, self.check_size(height, width)
+
+    def init_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) a request without a size takes from an init image of this size:
+        floored to the model's multiple."""
+        return height - height % self.multiple, width - width % self.multiple
 
     # --- VAE ---
     @torch.inference_mode()

@@ -230,7 +230,8 @@ def _form_request(form: Any, defaults: dict[str, Any] | None = None) -> ImageGen
 )
 async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse | StreamingResponse:
     """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
-    inpainting where the mask (or the image's alpha) is transparent."""
+    inpainting where the mask (or the image's alpha) is transparent. Without ``size`` (or "auto",
+    OpenAI's default) a text model keeps the image's shape (its size fitted to the model's)."""
     form = await _form(call, "/v1/images/edits")
     req = _form_request(form)
     image = await _file(form, ("image", "image[]"), True)
@@ -261,7 +262,8 @@ VARIATION_DENOISE = 0.75
 async def variations(call: CompatCall = Depends(compat_call)) -> ImagesResponse | StreamingResponse:
     """OpenAI's image variation (multipart: image, n, size, response_format, model): the edit path
     with no prompt (a text model's empty prompt, a class-conditional model's unconditional sample)
-    at ``VARIATION_DENOISE``; transparent pixels of the image are repainted, as in an edit."""
+    at ``VARIATION_DENOISE``; transparent pixels of the image are repainted, and without ``size``
+    the image's shape is kept, as in an edit."""
     form = await _form(call, "/v1/images/variations")
     # OpenAI's variations take no prompt and do not stream; ours may be given one (extra_body)
     req = _form_request(form, {"prompt": ""})

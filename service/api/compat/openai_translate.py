@@ -2,9 +2,10 @@
 loads nothing).
 
 - ``model``: one of ours, or an OpenAI name (dall-e-2, dall-e-3, gpt-image-*) = the default model;
-- ``size`` "WxH" ("auto" or none: the model's own); a fixed-size model generates at its size and
-  the images are resized (as on the A1111 routes); a class-conditional model reads the class from
-  the prompt (a digit 0-9 or its English word);
+- ``size`` "WxH" ("auto" or none: the model's own; an edit's, OpenAI's "auto", follows the image:
+  :func:`_edit_size`); a fixed-size model generates at its size and the images are resized (as on
+  the A1111 routes); a class-conditional model reads the class from the prompt (a digit 0-9 or its
+  English word);
 - edits: the image is the init image; a mask (or the image's own alpha) marks with transparent
   pixels what to repaint (OpenAI's convention; a mask without alpha: white = repaint).
 """
@@ -97,6 +98,9 @@ def translate(
 ) -> Translated:
     """One OpenAI request for ``model`` (the one :func:`model_for` names, loaded by the route)."""
     asked = _size(req.size, model)
+    init = None if image is None else _open(image, "image")
+    if init is not None and asked is None:
+        asked = _edit_size(init.size, model)
     comments: list[str] = []
     fields: dict[str, Any] = {
         "model": model.name,
@@ -117,8 +121,8 @@ def translate(
             limits.check_resize(size, req.n, ("size", "size", "n"))
         except InputError as exc:
             raise OpenAIError(400, exc.message, exc.field, "invalid_size") from exc
-    if image is not None:
-        fields |= _edit_inputs(image, mask, model, gen, req.denoise)
+    if init is not None:
+        fields |= _edit_inputs(init, mask, model, gen, req.denoise)
     if req.schedule is not None:  # A1111's scheduler names too, run on any model
         denoise = float(fields.get("denoise") or 1.0)
         fields |= _schedule(req.schedule, model, fields["steps"], denoise, comments)
@@ -151,10 +155,21 @@ def _open(data: bytes, field_name: str) -> Image.Image:
         raise OpenAIError(400, exc.message, exc.field, "invalid_image") from exc
 
 
+def _edit_size(image: tuple[int, int], model: LoadedModel) -> tuple[int, int] | None:
+    """The size of an edit that asks none (OpenAI's edits default to "auto", which follows the
+    image): the image's, scaled down to fit the model's limit with its aspect kept, then by the
+    model's rule for an init image's size (floored to its multiple, as on /sample); None on a
+    fixed-size model (its own size)."""
+    w, h = image
+    longest, limit = max(w, h), model.size_limit()
+    if longest > limit:  # in integers: the long side is exactly the limit
+        w, h = w * limit // longest, h * limit // longest
+    return model.edit_size((w, h))
+
+
 def _edit_inputs(
-    image: bytes, mask: bytes | None, model: LoadedModel, gen: tuple[int, int], denoise: float | None
+    init: Image.Image, mask: bytes | None, model: LoadedModel, gen: tuple[int, int], denoise: float | None
 ) -> dict[str, Any]:
-    init = _open(image, "image")
     repaint: Image.Image | None = None
     source = _open(mask, "mask") if mask is not None else init
     if source.mode in ("RGBA", "LA", "PA") or "transparency" in source.info:

@@ -1,0 +1,64 @@
+"""The OpenAI image routes on a Stable Diffusion model, with the official ``openai`` client against a
+live server (the tiny random-weight SD 1.x ``sd1``: 64x64 by default, at most 128 a side; and the
+fixed-size ``digits``)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers", reason="the [sd] extra (diffusers, transformers) is not installed")
+
+from tests.support.sd_tiny import frontend_server  # noqa: E402
+
+FAST = {"steps": 2, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    with frontend_server(tmp_path_factory) as srv:
+        yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _png(size: tuple[int, int]) -> tuple[str, bytes, str]:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 60, 200)).save(buf, format="PNG")
+    return ("i.png", buf.getvalue(), "image/png")
+
+
+def _size(r: Any) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).size  # type: ignore[no-any-return]
+
+
+def _edit(client: openai.OpenAI, model: str, image: tuple[int, int], **size: Any) -> Any:
+    return client.images.edit(
+        model=model, image=_png(image), prompt="a red 3", response_format="b64_json", extra_body=FAST, **size
+    )
+
+
+@pytest.mark.parametrize("size", [{}, {"size": "auto"}])
+def test_an_edit_without_a_size_keeps_the_images_shape(client: openai.OpenAI, size: dict) -> None:
+    # OpenAI's edits default to "auto", which follows the image; a landscape image was squashed to
+    # the model's square default
+    edit = _edit(client, "sd1", (97, 64), **size)
+    assert _size(edit) == (96, 64) and edit.size == "96x64"  # floored to the model's multiple of 8
+    assert _size(_edit(client, "sd1", (400, 200), **size)) == (128, 64)  # scaled to the limit (128)
+    assert _size(_edit(client, "sd1", (97, 64), size="48x48")) == (48, 48)  # an asked size wins
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the client deprecates variations
+def test_a_variation_without_a_size_keeps_the_images_shape(client: openai.OpenAI) -> None:
+    r = client.images.create_variation(
+        model="sd1", image=_png((64, 97)), response_format="b64_json", extra_body=FAST
+    )
+    assert _size(r) == (64, 96)
+
+
+def test_a_fixed_size_model_edits_at_its_own_size(client: openai.OpenAI) -> None:
+    assert _size(_edit(client, "digits", (97, 64))) == (16, 16)

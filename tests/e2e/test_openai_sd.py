@@ -47,8 +47,10 @@ def test_an_edit_without_a_size_keeps_the_images_shape(client: openai.OpenAI, si
     # OpenAI's edits default to "auto", which follows the image; a landscape image was squashed to
     # the model's square default
     edit = _edit(client, "sd1", (97, 64), **size)
-    assert _size(edit) == (96, 64) and edit.size == "96x64"  # floored to the model's multiple of 8
-    assert _size(_edit(client, "sd1", (400, 200), **size)) == (128, 64)  # scaled to the limit (128)
+    # the model's own area (64 x 64) in the image's aspect, floored to its multiple of 8
+    assert _size(edit) == (72, 48) and edit.size == "72x48"
+    assert _size(_edit(client, "sd1", (400, 200), **size)) == (88, 40)  # a big image comes down
+    assert _size(_edit(client, "sd1", (20, 40), **size)) == (40, 88)  # a small one goes up
     assert _size(_edit(client, "sd1", (97, 64), size="48x48")) == (48, 48)  # an asked size wins
 
 
@@ -57,7 +59,7 @@ def test_a_variation_without_a_size_keeps_the_images_shape(client: openai.OpenAI
     r = client.images.create_variation(
         model="sd1", image=_png((64, 97)), response_format="b64_json", extra_body=FAST
     )
-    assert _size(r) == (64, 96)
+    assert _size(r) == (48, 72)
 
 
 def test_a_fixed_size_model_edits_at_its_own_size(client: openai.OpenAI) -> None:

@@ -12,6 +12,8 @@ loads nothing).
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -156,11 +158,15 @@ def _open(data: bytes, field_name: str) -> Image.Image:
 
 
 def _edit_size(image: tuple[int, int], model: LoadedModel) -> tuple[int, int] | None:
-    """The size of an edit that asks none (OpenAI's edits default to "auto", which follows the
-    image): the image's, scaled down to fit the model's limit with its aspect kept, then by the
-    model's rule for an init image's size (floored to its multiple, as on /sample); None on a
-    fixed-size model (its own size)."""
+    """The size of an edit that asks none (OpenAI's edits default to "auto": the model picks a size
+    of its own with the image's orientation): the model's default pixel area in the image's aspect
+    ratio (a phone photo on SD 1.5 runs near 512 x 512, not at 2048 a side; a small image is scaled
+    up to what the model was trained at), within the model's limit, then floored by the model's rule
+    for an init image (its multiple, as on /sample); None on a fixed-size model (its own size)."""
     w, h = image
+    dh, dw = model.image_size
+    scale = math.sqrt(dh * dw / (w * h))
+    w, h = max(1, int(w * scale)), max(1, int(h * scale))
     longest, limit = max(w, h), model.size_limit()
     if longest > limit:  # in integers: the long side is exactly the limit
         w, h = w * limit // longest, h * limit // longest

@@ -13,7 +13,6 @@ loads nothing).
 from __future__ import annotations
 
 import math
-
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field

@@ -83,4 +83,6 @@ def raise_for_failure(job: Job) -> None:
     err = job.error
     code = "internal" if err is None else err.code
     message = "unknown failure" if err is None else err.message
-    raise HTTPException(status_of(code), {"code": code, "message": message, "job_id": job.id})
+    status = status_of(code)
+    headers = {"Retry-After": "5"} if status == 503 else None  # shut down mid-run: try again soon
+    raise HTTPException(status, {"code": code, "message": message, "job_id": job.id}, headers=headers)

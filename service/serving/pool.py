@@ -348,9 +348,14 @@ class ModelPool:
 
     @contextlib.asynccontextmanager
     async def using(self, name: str) -> AsyncIterator[LoadedModel]:
-        """The model, loaded first if needed, kept from eviction while a request is built against it."""
-        model = await self.ensure_loaded(name)
+        """The model, loaded first if needed, kept from eviction while a request is built against it.
+
+        Pinned before the load is awaited: pinned after, an unload could take the model in between
+        (the load done, this caller not yet resumed) and the request would reach a missing engine."""
         with self.pinned(name):
+            model = await self.ensure_loaded(name)
+            while self.models.get(name) is not model:  # unloaded before the pin (a load in flight)
+                model = await self.ensure_loaded(name)
             yield model
 
     @contextlib.contextmanager

@@ -263,10 +263,9 @@ class Service:
         """Build and queue a waiting job once its model is loaded (``wait_for_room``: a full queue
         is waited out, for jobs accepted before a restart, rather than failing them)."""
         try:
-            loaded = await self.pool.ensure_loaded(job.model)
-            if job.status.finished:
-                return
-            with self.pool.pinned(job.model):
+            async with self.pool.using(job.model) as loaded:
+                if job.status.finished:
+                    return
                 request = await asyncio.to_thread(build, loaded)
                 while not job.status.finished:
                     try:

@@ -100,6 +100,27 @@ def test_a_sync_result_is_dropped_once_delivered_unless_kept(client: TestClient)
     kept = client.post("/sample?keep=true", json={"steps": 1}, headers={"Accept": "image/png"})
     view = client.get(f"/jobs/{kept.headers['x-job-id']}").json()
     assert view["status"] == "succeeded" and view["result"]["images"]
+    kept = client.post("/sample?keep=true", json={"steps": 1})  # a JSON answer names its job too
+    assert kept.headers["x-seeds"] == ",".join(map(str, kept.json()["seeds"]))
+    assert client.get(f"/jobs/{kept.headers['x-job-id']}").json()["status"] == "succeeded"
+
+
+def test_a_job_cut_off_by_shutdown_says_when_to_retry() -> None:
+    """RELIABILITY: 503 while draining after SIGTERM comes with Retry-After, for a /sample whose
+    job the drain ended as for new work."""
+    import pytest
+    from fastapi import HTTPException
+
+    from service.api.views import raise_for_failure
+    from service.engine import Job, JobStatus
+    from service.engine.jobs import JobError
+    from service.serving.jobstore import placeholder
+
+    job = Job(placeholder(60.0), "m")
+    job.finish(JobStatus.failed, JobError("shutdown", "the service shut down"))
+    with pytest.raises(HTTPException) as info:
+        raise_for_failure(job)
+    assert info.value.status_code == 503 and (info.value.headers or {}).get("Retry-After") == "5"
 
 
 def test_a_chunked_body_has_the_smaller_chunked_limit(make_client: Callable[..., TestClient]) -> None:

@@ -69,9 +69,10 @@ async def _wait_and_reply(job: Job, request: Request, state: Service) -> Respons
         # client closed the request (queued or running: its job is cancelled); nobody reads this
         return Response(status_code=499)
     raise_for_failure(job)
+    result = job.result
+    # both answers name the job: with ?keep=true it stays at GET /jobs/{X-Job-Id}
+    headers = {"X-Job-Id": job.id, "X-Seeds": ",".join(map(str, result.seeds))}
     if "image/png" in request.headers.get("accept", ""):
-        result = job.result
         png = await asyncio.to_thread(grid_png, result.pngs, result.parameters)
-        headers = {"X-Job-Id": job.id, "X-Seeds": ",".join(map(str, result.seeds))}
         return Response(png, media_type="image/png", headers=headers)
-    return Response(sample_response(job).model_dump_json(), media_type="application/json")
+    return Response(sample_response(job).model_dump_json(), media_type="application/json", headers=headers)

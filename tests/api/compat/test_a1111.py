@@ -237,7 +237,8 @@ def _wait_running(client: TestClient, headers: dict[str, str], timeout: float = 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         p = client.get("/sdapi/v1/progress", headers=headers).json()
-        if p["state"]["job_count"] and p["state"]["sampling_step"] > 0:
+        # progress is rounded to 4 places: the first steps of 10,000 read 0.0 until a few are done
+        if p["state"]["job_count"] and p["state"]["sampling_step"] > 0 and p["progress"] > 0:
             return p
         time.sleep(0.02)
     raise AssertionError("the job never ran")

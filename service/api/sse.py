@@ -46,8 +46,8 @@ async def job_events(state: Service, job: Job, preview: bool) -> AsyncIterator[s
                 yield frame("queued", {"id": job.id, "position": key[1]})
         else:
             p = progress(job)
-            key = ("progress", p.step)
-            if key != last:  # one event per completed step
+            key = ("progress", *job.progress.mark)
+            if key != last:  # one event per completed step (and per percent of an adaptive sampler's)
                 data = {"id": job.id, **p.model_dump()}
                 image = await state.preview_png(job, PREVIEW_SIDE) if preview else None
                 if image is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -89,6 +90,9 @@ class Progress:
     passes: int = 1
     pass_step: int = 0
     pass_steps: int = 0
+    # a sampler whose evaluation count is not known ahead (dpm_adaptive): how far it has come in log
+    # sigma, the fraction in place of evaluations over expected ones; None for the others
+    sigma_fraction: float | None = None
     _followed_pass: int = field(default=-1, repr=False, compare=False)  # the pass follow() last read
 
     @classmethod
@@ -106,16 +110,33 @@ class Progress:
         if pass_no != self._followed_pass:
             self._followed_pass = self.pass_no = pass_no
             self.total, self.passes, self.pass_steps = driver.total_steps, driver.passes, driver.pass_steps
-        self.step, self.evals = step, evals
+        self.step, self.evals = min(step, self.total), evals
         self.pass_step = step if self.passes == 1 else driver.pass_step  # one pass: its steps are the job's
         self.expected_evals = max(driver.expected_evals, evals + 1)
+        sigma_fraction = driver.sigma_fraction  # None: this pass counts its evaluations
+        # a running job is not done whatever its sigma (the views round to 4 places)
+        self.sigma_fraction = None if sigma_fraction is None else min(sigma_fraction, _RUNNING_MAX)
+        if sigma_fraction:  # the evaluations at this pace in all (A1111's /progress sums them)
+            self.expected_evals = max(evals + 1, math.ceil(evals / sigma_fraction))
 
     def finished(self) -> None:
         self.step, self.evals, self.pass_step = self.total, self.expected_evals, self.pass_steps
+        self.sigma_fraction = None
+
+    @property
+    def mark(self) -> tuple[int, int]:
+        """What moves once per progress event: the step, and for an adaptive sampler (a few long steps)
+        each percent of its sigma fraction too."""
+        return self.step, -1 if self.sigma_fraction is None else int(self.sigma_fraction * 100)
 
     @property
     def fraction(self) -> float:
+        if self.sigma_fraction is not None:
+            return self.sigma_fraction
         return min(1.0, self.evals / max(1, self.expected_evals))
+
+
+_RUNNING_MAX = 0.9999  # the highest fraction a running job shows
 
 
 @dataclass(init=False)
@@ -211,9 +232,9 @@ class Job:
         }
 
     def eta_s(self) -> float | None:
-        if self.t_started is None or self.progress.evals == 0:
-            return None
         frac = self.progress.fraction
+        if self.t_started is None or self.progress.evals == 0 or frac <= 0:  # no pace to go by yet
+            return None
         elapsed = time.monotonic() - self.t_started
         return round(elapsed * (1 - frac) / max(frac, 1e-9), 3)
 

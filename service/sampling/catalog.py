@@ -161,6 +161,7 @@ class SamplerInfo(Entry):
     stochastic: bool = False
     noise: str = "none"  # "none" | "gaussian" | "brownian"
     batch_coupled: bool = False
+    adaptive: bool = False  # its evaluation count is not known ahead (progress follows its sigma)
     sigma_range: bool = False  # it uses only the schedule's first and last sigma > 0 (dpm_fast, dpm_adaptive)
     needs_uncond: bool = False
     origin: str = "k-diffusion"
@@ -309,6 +310,7 @@ class SamplerTraits(TypedDict, total=False):
     noise: str
     stochastic: bool
     batch_coupled: bool
+    adaptive: bool
     needs_uncond: bool
     aliases: tuple[str, ...]
 
@@ -369,7 +371,9 @@ def sampler(
     - ``noise``: what noise sampler a driver hands it ("none", "gaussian" per image, "brownian"
       per image path); ``stochastic``: whether it draws noise with its default options.
     - ``batch_coupled``: images in one call influence each other (adaptive step size), so drivers
-      run one stepper per image; ``needs_uncond``: send it :class:`~.stepper.Guided` (CFG++).
+      run one stepper per image; ``adaptive``: its model-call count is not known ahead (a driver
+      reports its progress from the sigma it has reached); ``needs_uncond``: send it
+      :class:`~.stepper.Guided` (CFG++).
     - ``options``: bounds per option (defaults come from the signature; a stepper marked with
       :func:`family` brings its family's bounds and traits); ``internal``: keyword
       arguments for Python callers that are not API options.

@@ -37,6 +37,7 @@ class Track:
     pending: Eval | None = None
     out: Tensor | None = None
     denoised: Tensor | None = None  # the latest denoised prediction (what an interrupt returns)
+    reached: float = math.inf  # adaptive samplers: the sigma its current step starts from
 
 
 class Driver:
@@ -73,6 +74,9 @@ class Driver:
         self.tracks = [Track(part, st) for part, st in make_steppers(spec, x, sigmas, callback)]
         self.evals = 0
         self.expected_evals = spec.info.expected_nfe(spec.run_steps, spec.options) * len(self.tracks)
+        # an adaptive sampler's evaluations are not counted ahead: its progress is its way from the
+        # schedule's first sigma to its last > 0, in log sigma (0 = no log span: progress by evals)
+        self._log_top, self._log_span = _log_span(sigmas) if spec.info.adaptive else (0.0, 0.0)
         for track in self.tracks:
             self._advance(track, None)  # runs each sampler's set-up up to its first evaluation
 
@@ -124,9 +128,31 @@ class Driver:
 
     @property
     def step(self) -> int:
-        """Steps completed by the slowest track."""
+        """Steps completed by the slowest track (an adaptive sampler: its sigma fraction of the steps;
+        its own steps, tries included, are not the schedule's)."""
         pending = [t.pending.step for t in self.tracks if t.pending is not None]
-        return min(pending) if pending else self.spec.run_steps
+        if not pending:
+            return self.spec.run_steps
+        fraction = self._pass_fraction()
+        if fraction is None:
+            return min(pending)
+        return min(self.spec.run_steps - 1, int(fraction * self.spec.run_steps))
+
+    @property
+    def sigma_fraction(self) -> float | None:
+        """How far the slowest track has come in log sigma from the schedule's first sigma to its last
+        > 0 (0 to 1), for a sampler whose evaluation count is not known ahead; None for the others
+        (their progress is evaluations done over ``expected_evals``)."""
+        return self._pass_fraction()
+
+    def _pass_fraction(self) -> float | None:
+        """``sigma_fraction`` of this pass alone (Passes weighs it into the job's)."""
+        if not self._log_span:
+            return None
+        reached = max((t.reached for t in self.tracks if t.pending is not None), default=0.0)
+        if reached <= 0:
+            return 1.0
+        return min(1.0, max(0.0, (self._log_top - math.log(reached)) / self._log_span))
 
     # one pass; a job of two (hires fix) runs as sampling/passes.Passes, which counts both
     pass_no, passes = 0, 1
@@ -248,11 +274,19 @@ class Driver:
         return denoised * m + self.init[track.part] * (1 - m)
 
     def _advance(self, track: Track, denoised: Tensor | Guided | None) -> None:
+        before = track.pending
         try:
             # a Guided goes only to needs_uncond steppers, which accept it
             track.pending = next(track.stepper) if denoised is None else track.stepper.send(denoised)  # type: ignore[arg-type]
         except StopIteration as stop:
             track.pending, track.out = None, stop.value
+            return
+        ev = track.pending
+        if self._log_span and (before is None or ev.step != before.step):
+            # a step's first evaluation is at the sigma it starts from (what k-diffusion's callback
+            # reports as ``sigma``): dpm_adaptive's accepted time, read without touching its math.
+            # Once per step; the solver syncs on its time every step anyway.
+            track.reached = float(ev.sigma)
 
 
 def rescale_cfg(x: Tensor, sigma: Tensor, cond_out: Tensor, guided: Tensor, phi: float) -> Tensor:
@@ -282,6 +316,16 @@ def _dtype_max(dtype: torch.dtype) -> float:
     if top is None:
         top = _DTYPE_MAX[dtype] = torch.finfo(dtype).max
     return top
+
+
+def _log_span(sigmas: Tensor) -> tuple[float, float]:
+    """(log of the first sigma, log span down to the last sigma > 0): what an adaptive sampler
+    crosses (the sigma range its stepper is given, see catalog._over_sigma_range)."""
+    positive = sigmas[sigmas > 0]
+    if positive.numel() == 0:
+        return 0.0, 0.0
+    top, bottom = math.log(float(positive.max())), math.log(float(positive.min()))
+    return top, top - bottom
 
 
 def _rows(v: Tensor, part: slice) -> Tensor:

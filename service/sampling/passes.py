@@ -32,6 +32,7 @@ class Passes(Driver):
         self.passes, self.pass_no = 2, 0
         self.pass_sizes = [first.spec.steps, next_steps]
         self.expected_evals = first.expected_evals + next_evals
+        self._before, self._pass_evals = 0, first.expected_evals  # evaluations before this pass, in it
 
     def feed(self, track: Track, out: Tensor, bound: float | None = None) -> Tensor:
         denoised = super().feed(track, out, bound)
@@ -42,12 +43,22 @@ class Passes(Driver):
             vars(self).update(vars(following))  # the next pass's spec, sigmas, rows, tracks
             self.evals, self.pass_no, self.latest = evals, 1, denoised  # the preview until the next feed
             self.expected_evals = evals + following.expected_evals
+            self._before, self._pass_evals = evals, following.expected_evals
         return denoised
 
     @property
     def step(self) -> int:
         """Steps done over both passes (the first counted whole once the second runs)."""
         return sum(self.pass_sizes[: self.pass_no]) + self.pass_step
+
+    @property
+    def sigma_fraction(self) -> float | None:
+        """An adaptive pass's sigma fraction as its share of the job: the pass weighs the evaluations
+        expected of it (None: a pass that counts its evaluations)."""
+        fraction = self._pass_fraction()
+        if fraction is None:
+            return None
+        return (self._before + fraction * self._pass_evals) / max(1, self.expected_evals)
 
     @property
     def total_steps(self) -> int:

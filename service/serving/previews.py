@@ -19,19 +19,19 @@ from service.images import preview_png
 from service.models.store import LoadedModel
 
 PREVIEW_LATENT = 32  # latent pixels on the long side (256 image pixels for an 8x VAE)
-CACHED = 64  # (job, step, size) previews kept
+CACHED = 64  # (job, progress mark, size) previews kept
 
 
 class Previews:
-    """Previews per (job id, step, size), the newest kept."""
+    """Previews per (job id, progress mark (Progress.mark: step[, percent]), size), the newest kept."""
 
     def __init__(self) -> None:
-        self._cache: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._cache: OrderedDict[tuple[str | int, ...], str] = OrderedDict()
 
-    def get(self, key: tuple[str, int, int]) -> str | None:
+    def get(self, key: tuple[str | int, ...]) -> str | None:
         return self._cache.get(key)
 
-    def put(self, key: tuple[str, int, int], png: str) -> None:
+    def put(self, key: tuple[str | int, ...], png: str) -> None:
         self._cache[key] = png
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)

@@ -305,7 +305,7 @@ class Service:
         latest, model = self.preview(job), self.pool.models.get(job.model)
         if latest is None or model is None:
             return None
-        key = (job.id, job.progress.step, max_side)
+        key = (job.id, *job.progress.mark, max_side)
         png = self.previews.get(key)
         if png is None:
             png = await asyncio.to_thread(render, model, latest[0], max_side)

@@ -31,6 +31,29 @@ def test_job_runs_and_streams_progress_then_done(client: TestClient) -> None:
     assert any(j["id"] == job_id for j in client.get("/jobs", params={"status": "succeeded"}).json())
 
 
+def test_adaptive_sampler_job_streams_steps_within_the_total_and_a_growing_fraction(
+    client: TestClient,
+) -> None:
+    # dpm_adaptive's evaluation count is not known ahead: its progress is its way down in log sigma
+    body = {"class_label": 3, "steps": 3, "sampler": "dpm_adaptive", "n": 4, "seed": 5}
+    job_id = client.post("/jobs", json=body).json()["id"]
+    events = sse_events(client, f"/jobs/{job_id}/events")
+    assert events[-1][0] == "done" and len(events[-1][1]["images"]) == 4
+    progress = [d for e, d in events if e == "progress"]
+    assert progress and all(d["step"] <= d["total"] == 3 for d in progress)
+    fractions = [d["fraction"] for d in progress]
+    assert fractions == sorted(fractions) and len(set(fractions)) > 1
+    # 1 only once sampled (its last event may come while the images are encoded)
+    assert all(d["step"] == 3 for d in progress if d["fraction"] == 1.0)
+    assert all(d["fraction"] < 1.0 for d in progress if d["step"] < 3)
+    assert client.get(f"/jobs/{job_id}").json()["progress"] == {
+        "step": 3,
+        "total": 3,
+        "fraction": 1.0,
+        "eta_s": None,
+    }
+
+
 def test_delete_cancels_a_running_job(client: TestClient) -> None:
     # heunpp2: three model calls per step, so 500 steps run for about a second on the tiny model
     job_id = client.post("/jobs", json={"steps": 500, "sampler": "heunpp2"}).json()["id"]

@@ -49,3 +49,32 @@ def test_passes_equal_the_two_passes_in_turn_and_count_both() -> None:
     out = passes.result()
     assert out.shape == (2, 1, 16, 16)
     assert torch.equal(out, want)
+
+
+def test_adaptive_passes_report_steps_within_their_total_and_a_growing_sigma_fraction() -> None:
+    # dpm_adaptive's evaluation count is not known ahead: each pass reports its way down in log sigma,
+    # weighed by the evaluations expected of it
+    spec = SamplingSpec("dpm_adaptive", "karras", steps=4, seeds=[3, 4])
+    spec2 = SamplingSpec("dpm_adaptive", "karras", steps=3, seeds=[3, 4], denoise=0.5)
+    sigmas2 = make_sigmas(spec2, _Model())
+
+    def next_pass(latents: torch.Tensor) -> Driver:
+        init = F.interpolate(latents, size=(16, 16), mode="bilinear")
+        return Driver.start(spec2, _Model(), (2, 1, 16, 16), init=init, sigmas=sigmas2)
+
+    first = Driver.start(spec, _Model(), (2, 1, 8, 8))
+    passes = Passes(first, next_pass, spec2.steps, first.expected_evals)
+    seen = []
+    while not passes.done:
+        for track in passes.pending():
+            x, sigma, cond = passes.inputs(track)
+            passes.feed(track, toy_image_model(x, sigma, **cond))
+        seen.append((passes.step, passes.pass_step, passes.pass_steps, passes.sigma_fraction))
+    assert passes.evals > passes.expected_evals // 2 > 0
+    running = seen[:-1]  # the last look is after the end
+    assert all(step <= 7 and pass_step <= pass_steps for step, pass_step, pass_steps, _ in running)
+    fractions = [f for *_, f in running]
+    assert all(f is not None and 0 <= f < 1 for f in fractions)
+    assert fractions == sorted(fractions) and fractions[-1] > 0.5  # type: ignore[type-var]
+    assert [s for s, *_ in running] == sorted(s for s, *_ in running)
+    assert seen[-1][0] == 7

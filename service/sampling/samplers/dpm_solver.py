@@ -271,6 +271,7 @@ def dpm_fast(
 @_range_sampler(
     nfe_per_step=3,
     batch_coupled=True,
+    adaptive=True,
     options={
         "order": Bounds(choices=(2, 3)),
         "rtol": Bounds(lo=1e-6, hi=10.0),

@@ -22,6 +22,9 @@ from .schedules import CustomSchedule
 from .spec import MAX_STEPS, SamplingSpec
 
 CUSTOM = "custom"  # the schedule name of a request that brings its own sigmas
+# The schedules a request may name besides the registry's (GET /schedules lists them all): custom,
+# and the model's tuned sigmas (models/tuned.py's TUNED, swapped for sigmas before a spec is built).
+REQUEST_SCHEDULES = (CUSTOM, "tuned")
 
 # Sampler and schedule options a request may give at its top level (also settable through
 # sampler_options / schedule_options); each is checked against the chosen sampler and schedule.
@@ -181,9 +184,13 @@ def _names(req: Any, defaults: Mapping[str, Any]) -> tuple[str, str]:
                 raise InputError("schedule", f"give a schedule or sigmas, not both (or schedule {CUSTOM!r})")
             return sampler, CUSTOM
         schedule = _get(req, "schedule") or implied or str(defaults["schedule"])
+        if schedule == CUSTOM:  # without sigmas (they return above)
+            raise InputError("sigmas", f"schedule {CUSTOM!r} needs sigmas: your own descending sigmas")
         if schedule not in registry.SCHEDULES:
             schedule = aliases.resolve_schedule(schedule)
     except registry.UnknownNameError as exc:
+        if exc.kind == "schedule":  # the names a request may give, not only the registry's
+            exc = registry.UnknownNameError(exc.kind, exc.name, [*exc.valid, *REQUEST_SCHEDULES])
         raise InputError(exc.kind, str(exc), exc.valid) from exc
     return sampler, schedule
 

@@ -111,7 +111,7 @@ def get_sigmas_vp(
     for name, v in (("beta_d", beta_d), ("beta_min", beta_min), ("eps_s", eps_s)):
         _check_positive(name, v)
     if eps_s >= 1:
-        raise ValueError(f"eps_s must be < 1, got {eps_s!r}")
+        raise InputError("eps_s", f"eps_s must be < 1, got {eps_s!r}")
     t = torch.linspace(1, eps_s, n, device=device)
     sigmas = torch.sqrt(torch.exp(beta_d * t**2 / 2 + beta_min * t) - 1)
     return append_zero(sigmas)
@@ -224,18 +224,21 @@ def get_sigmas_linear_quadratic(
     _check_n(n)
     _check_range(sigma_min, sigma_max)
     if not 0 < threshold_noise < 1:
-        raise ValueError(f"threshold_noise must be in (0, 1), got {threshold_noise!r}")
+        raise InputError("threshold_noise", f"threshold_noise must be in (0, 1), got {threshold_noise!r}")
     if n == 1:
         return _finish(np.array([sigma_max]), device)
     lin = n // 2 if linear_steps is None else int(linear_steps)
     if not 1 <= lin < n:
-        raise ValueError(f"linear_steps must be in [1, {n - 1}] for {n} steps, got {linear_steps!r}")
+        raise InputError(
+            "linear_steps", f"linear_steps must be in [1, {n - 1}] for {n} steps, got {linear_steps!r}"
+        )
     i = np.arange(n, dtype=np.float64)
     slope, q = threshold_noise / lin, n - lin
     if slope * q >= 2 * (1 - threshold_noise):  # the quadratic would turn back before step n
-        raise ValueError(
+        raise InputError(
+            "threshold_noise",
             f"threshold_noise={threshold_noise} with linear_steps={lin} of {n} steps does not descend; "
-            "use a smaller threshold_noise or more linear_steps"
+            "use a smaller threshold_noise or more linear_steps",
         )
     a = (1 - threshold_noise - slope * q) / q**2
     u = np.where(i < lin, i * slope, threshold_noise + slope * (i - lin) + a * (i - lin) ** 2)
@@ -269,7 +272,9 @@ def get_sigmas_align_your_steps(
     """
     _check_n(n)
     if model not in AYS_TABLES:
-        raise ValueError(f"model must be one of {sorted(AYS_TABLES)}, got {model!r}")
+        raise InputError(
+            "model", f"model must be one of {sorted(AYS_TABLES)}, got {model!r}", sorted(AYS_TABLES)
+        )
     table = AYS_TABLES[model]
     pts = np.asarray(table) if n + 1 == len(table) else loglinear_interp(table, n + 1)
     return _finish(pts[:-1], device)
@@ -304,7 +309,7 @@ def get_sigmas_laplace(
     _check_range(sigma_min, sigma_max)
     _check_positive("beta", beta)
     if not math.isfinite(mu):
-        raise ValueError(f"mu must be finite, got {mu!r}")
+        raise InputError("mu", f"mu must be finite, got {mu!r}")
     p_hi, p_lo = _laplace_cdf(math.log(sigma_max), mu, beta), _laplace_cdf(math.log(sigma_min), mu, beta)
     p = np.linspace(p_hi, p_lo, n)
     log_sigma = np.clip(_laplace_ppf(p, mu, beta), math.log(sigma_min), math.log(sigma_max))

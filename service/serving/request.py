@@ -15,7 +15,7 @@ the HTTP schema; the PNG parameters and the A1111 / OpenAI routes carry it with 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from service.models.stepcache import CacheSpec, cache_rows
 from service.models.stepcache.support import cache_methods
 from service.models.store import LoadedModel, Manifest
 from service.models.tuned import TUNED, tuned_request
+from service.sampling import registry
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
 from service.sampling.request import TOP_LEVEL_OPTIONS, Limits, build_spec, spec_parameters
@@ -453,11 +454,18 @@ def start_driver(
 
 def _request_field(name: str, spec: SamplingSpec) -> str:
     """The request field for a name the core blamed: a top-level option, or the options dict it
-    was given in, or the field itself (steps, schedule, sigmas)."""
+    was given in (a schedule option left at its default: where it would be set), or the field itself
+    (steps, schedule, sigmas)."""
     if name in TOP_LEVEL_OPTIONS:
         return name
     if name in spec.options:
         return "sampler_options"
-    if name in spec.schedule_options:
+    if name in spec.schedule_options or name in _schedule_options(spec):
         return "schedule_options"
     return name
+
+
+def _schedule_options(spec: SamplingSpec) -> Mapping[str, Any]:
+    """The options of the spec's named schedule (none for a schedule object: custom sigmas)."""
+    info = registry.SCHEDULES.get(spec.schedule) if isinstance(spec.schedule, str) else None
+    return {} if info is None else info.bounds

@@ -47,6 +47,24 @@ CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"sampler": "dpm_fast", "steps": 1}, "steps", "steps >= 2"),
     ({"sampler": "seeds_3", "sampler_options": {"r_1": 0.9}}, "sampler_options", "r_1 < r_2"),
     ({"sampler": "dpm_adaptive", "sampler_options": {"icoeff": -1}}, "sampler_options", "[0.05, 2.0]"),
+    # schedule options that fit their bounds but not the steps: the schedule's options, not the sampler
+    (
+        {"schedule": "linear_quadratic", "schedule_options": {"linear_steps": 10000}, "steps": 3},
+        "schedule_options",
+        "linear_steps must be in [1, 2]",
+    ),
+    (
+        {"schedule": "linear_quadratic", "schedule_options": {"threshold_noise": 0.5}, "steps": 3},
+        "schedule_options",
+        "threshold_noise=0.5",
+    ),
+    # threshold_noise left at its default: blamed where it would be set
+    (
+        {"schedule": "linear_quadratic", "schedule_options": {"linear_steps": 1}, "steps": 100},
+        "schedule_options",
+        "does not descend",
+    ),
+    ({"schedule": "custom", "steps": 3}, "sigmas", "schedule 'custom' needs sigmas"),
 ]
 
 
@@ -66,6 +84,27 @@ def test_bad_input_is_422_naming_the_field(
 def test_unknown_name_lists_allowed_values(client: TestClient) -> None:
     err = client.post("/sample", json={"sampler": "nope"}).json()["detail"][0]
     assert "dpmpp_2m" in err["allowed"] and "euler" in err["allowed"]
+
+
+@pytest.mark.parametrize(("option", "value"), [("linear_steps", 10000), ("threshold_noise", 0.5)])
+def test_a_schedule_option_that_does_not_fit_the_steps_is_blamed_on_the_schedule_options(
+    client: TestClient, option: str, value: float
+) -> None:
+    body = {"schedule": "linear_quadratic", "schedule_options": {option: value}, "steps": 3, "class_label": 1}
+    for path in ("/sample", "/jobs"):
+        err = client.post(path, json=body).json()["detail"][0]
+        assert err["loc"] == ["body", "schedule_options"], err
+        assert err["msg"].startswith(option) and "sampler" not in err["msg"], err
+
+
+def test_unknown_schedule_lists_every_schedule_the_catalogue_does(client: TestClient) -> None:
+    listed = [s["name"] for s in client.get("/schedules").json()["schedules"]]
+    assert "custom" in listed and "tuned" in listed
+    err = client.post("/sample", json={"schedule": "zigzag", "steps": 3}).json()["detail"][0]
+    assert err["loc"] == ["body", "schedule"] and sorted(err["allowed"]) == sorted(listed), err
+    assert all(name in err["msg"] for name in listed), err
+    err = client.post("/sample", json={"schedule": "custom", "steps": 3}).json()["detail"][0]
+    assert err["loc"] == ["body", "sigmas"] and "unknown" not in err["msg"], err
 
 
 def test_jobs_endpoint_validates_the_same_way(client: TestClient) -> None:

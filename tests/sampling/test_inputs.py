@@ -9,6 +9,7 @@ import torch
 
 from service import sampling
 from service.sampling import KSampler, NonFiniteError, SamplingSpec
+from service.sampling.errors import InputError
 from tests.support.toys import Toy
 
 
@@ -33,6 +34,21 @@ from tests.support.toys import Toy
 def test_schedule_arguments_validated(fn, args, match) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         fn(*args)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"linear_steps": 10000}, "linear_steps"),
+        ({"threshold_noise": 0.5}, "threshold_noise"),  # with 3 steps it would not descend
+        ({"threshold_noise": 1.5}, "threshold_noise"),
+    ],
+)
+def test_schedule_option_errors_name_the_option(options: dict[str, float], field: str) -> None:
+    # the API blames the field an InputError names; a plain ValueError would be blamed on the sampler
+    with pytest.raises(InputError) as err:
+        sampling.get_sigmas_linear_quadratic(3, 0.1, 10.0, **options)
+    assert err.value.field == field and err.value.message.startswith(field)
 
 
 @pytest.mark.parametrize(

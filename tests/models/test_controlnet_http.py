@@ -188,6 +188,7 @@ def test_controlnet_routes(client: TestClient) -> None:
     assert models == sorted(["cn_a", "cn_b", "cn_xl", "control_v11p_sd15_tiny"])
     assert "canny" in client.get("/controlnet/module_list").json()["module_list"]
     assert client.get("/controlnet/version").json()["version"] >= 2
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
     types = client.get("/controlnet/control_types").json()["control_types"]
     assert types["Canny"]["default_option"] == "canny"
     r = client.post(

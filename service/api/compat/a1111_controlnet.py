@@ -4,9 +4,11 @@ txt2img / img2img, and its routes ``/controlnet/model_list``, ``module_list``, `
 
 Unit fields as the extension reads them (``internal_controlnet/external_code.py``): ``enabled``
 (default true), ``module``, ``model`` (``"None"``: no unit), ``weight``, ``image`` (alias
-``input_image``; also ``{"image": ..., "mask": ...}``), ``mask`` (alias ``mask_image``),
-``resize_mode``, ``processor_res`` / ``threshold_a`` / ``threshold_b`` (-1: the module's default),
-``guidance_start``, ``guidance_end``, ``control_mode`` (names or 0-2), ``pixel_perfect``,
+``input_image``; also ``{"image": ..., "mask": ...}``, ``[image, mask]`` or a list of such dicts),
+``mask`` (aliases ``mask_image``, ``effective_region_mask``), ``resize_mode``, ``processor_res`` /
+``threshold_a`` / ``threshold_b`` (-1 or out of range: the module's default), ``guidance_start``,
+``guidance_end`` (legacy ``guidance``), ``control_mode`` (names or 0-2), ``pixel_perfect``,
+``hr_option`` ("High res only" is off without hires fix),
 ``union_control_type`` (ControlNet-Union: "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal
 Map", "Segmentation", "Tile", "Inpaint", "Unknown" = auto; read for union models only). An img2img
 unit without an image uses the init image, as the extension does. The script title matches
@@ -79,17 +81,29 @@ def is_ip_adapter(module: str) -> bool:
     return module.strip().lower().startswith("ip-adapter")
 
 
-def _unit_image(unit: dict[str, Any], field: str, init_image: Any) -> tuple[Any, Any]:
-    """A unit's image and mask: ``image`` / ``input_image`` (or the extension's {"image", "mask"}),
-    else the img2img init image (webuiapi sends "" for no image)."""
-    image, mask = unit.get("image", unit.get("input_image")), unit.get("mask", unit.get("mask_image"))
+def _unit_image(unit: dict[str, Any], field: str, init_image: Any) -> tuple[Any, Any, bool]:
+    """A unit's image and mask, and whether the image is the img2img init image: ``image`` /
+    ``input_image``, in any of the extension's forms (``get_input_images_rgba``): base64, {"image",
+    "mask"}, [image, mask], or a list of {"image", "mask"} (its first: one image a unit here); the
+    mask also as ``mask_image`` or ``effective_region_mask``; else the init image (webuiapi sends ""
+    for no image)."""
+    image = unit.get("image", unit.get("input_image"))
+    mask = unit.get("mask") or unit.get("mask_image") or unit.get("effective_region_mask")
+    if isinstance(image, (list, tuple)) and image:
+        if isinstance(image[0], dict):
+            image = image[0]
+        elif len(image) == 2:  # (image, mask)
+            image, mask = image[0], mask or image[1]
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
         both: dict[str, Any] = image
         image, mask = both.get("image"), mask or both.get("mask")
+    from_init = not image
     image = image or init_image
     if image is None:
         raise InputError(f"{field}.image", "a ControlNet unit needs an image")
-    return image, mask or None
+    if not isinstance(image, str) or (mask is not None and not isinstance(mask, str)):
+        raise InputError(f"{field}.image", "a ControlNet unit's image and mask are base64 images")
+    return image, mask or None, from_init
 
 
 def ip_units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[str, Any]] | None:
@@ -101,14 +115,30 @@ def ip_units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dic
             continue
         if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
             continue
-        image, _ = _unit_image(unit, f"alwayson_scripts.controlnet.args[{i}]", init_image)
+        image, _, _ = _unit_image(unit, f"alwayson_scripts.controlnet.args[{i}]", init_image)
         window = {k: unit[k] for k in ("guidance_start", "guidance_end") if unit.get(k) is not None}
         out.append({"model": unit["model"], "image": image, "weight": unit.get("weight", 1.0), **window})
     return out or None
 
 
-def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[str, Any]] | None:
-    """Our ``controlnets`` units for an A1111 body's ControlNet args (None: no ControlNet)."""
+# The extension's bound_check_params: a preprocessor value out of its slider's range is reset to
+# the module's default, not refused (clients send 0 or 4096 for "whatever").
+PREPROCESSOR_BOUNDS = {"processor_res": (64, 2048), "threshold_a": (0, 1e4), "threshold_b": (0, 1e4)}
+# legacy_field_alias: older clients' names
+LEGACY = {"guidance": "guidance_end", "lowvram": "low_vram"}
+
+
+def units(
+    scripts: dict[str, Any] | None,
+    init_image: Any = None,
+    init_resize_mode: int = 0,
+    comments: list[str] | None = None,
+    hires: bool = False,
+) -> list[dict[str, Any]] | None:
+    """Our ``controlnets`` units for an A1111 body's ControlNet args (None: no ControlNet). Entries
+    that are not objects are skipped, as the extension's get_all_units_from does; a unit that takes
+    the init image takes the body's ``resize_mode`` with it (``init_resize_mode``), as the extension.
+    ``hires``: the body runs a hires fix (a unit's ``hr_option`` picks its passes)."""
     args = script_args(scripts)
     if args is None:
         return None
@@ -116,20 +146,35 @@ def units(scripts: dict[str, Any] | None, init_image: Any = None) -> list[dict[s
     for i, unit in enumerate(args):
         field = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(unit, dict):
-            raise InputError(field, "a ControlNet unit must be an object")
+            continue
+        for old, new in LEGACY.items():
+            if old in unit and new not in unit:
+                unit = {**unit, new: unit[old]}
         if unit.get("enabled", True) is False or str(unit.get("model") or "None").strip().lower() == "none":
             continue
         module = str(unit.get("module") or "none")
         if is_ip_adapter(module):
             continue  # ip_units() takes it
-        image, mask = _unit_image(unit, field, init_image)
+        image, mask, from_init = _unit_image(unit, field, init_image)
         ours = {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
-        for k in ("processor_res", "threshold_a", "threshold_b"):  # -1: the module's default
-            if isinstance(ours.get(k), (int, float)) and ours[k] < 0:
+        for k, (low, high) in PREPROCESSOR_BOUNDS.items():  # -1 (unset) or out of range: the module's default
+            v = ours.get(k)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not low <= v <= high:
                 ours.pop(k)
+        if from_init:
+            ours["resize_mode"] = 0 if init_resize_mode == 3 else init_resize_mode
         ours |= {"module": module, "image": image, "mask": mask or None}
         if unit.get("union_control_type") is not None:  # union ControlNets ("Unknown": auto)
             ours["control_type"] = unit["union_control_type"]
+        # hr_option (hook.disabled_by_hr_option): "High res only" is off in a run without hires fix;
+        # with hires on, a unit here applies to both passes, which the comments say
+        hr = str(unit.get("hr_option") or "Both").strip().lower()
+        if hr == "high res only" and not hires:
+            continue
+        if hires and hr != "both" and comments is not None:
+            comments.append(
+                f"ControlNet unit {i}: hr_option {hr!r} is not supported; it applies to both passes"
+            )
         out.append(ours)
     if len(out) > MAX_UNITS:
         raise InputError("alwayson_scripts.controlnet.args", f"at most {MAX_UNITS} enabled ControlNet units")
@@ -144,6 +189,12 @@ router = APIRouter(
 @router.get("/version")
 async def version() -> dict[str, int]:
     return {"version": 2}
+
+
+@router.get("/settings")
+async def settings() -> dict[str, int]:
+    """The extension's settings route: how many units a request may enable."""
+    return {"control_net_unit_count": MAX_UNITS}
 
 
 @router.get("/model_list")

@@ -105,6 +105,9 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
             out.append("resize_mode is not supported; the image is stretched to the size")
         if len(body.init_images) > 1:
             out.append("only the first of init_images is used")
+        noise = (body.model_extra or {}).get("initial_noise_multiplier")
+        if noise is not None and noise != 1:
+            out.append("initial_noise_multiplier is not supported; the noise is not scaled (1.0)")
     return out
 
 
@@ -127,8 +130,10 @@ def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> GatedImage:
     """A1111's mask (white = repaint; inverted on request; blurred by mask_blur) at the image size."""
     assert body.mask is not None
     img = _gated(body.mask, "mask").image
-    if img.mode in ("RGBA", "LA"):  # painted masks: the alpha is the stroke
-        img = img.getchannel("A")
+    # A1111's create_binary_mask: a painted mask's alpha is the stroke (rounded to 0 / 255), unless
+    # the alpha is opaque everywhere: then the picture itself is the mask
+    if img.mode in ("RGBA", "LA") and img.getextrema()[-1] != (255, 255):
+        img = img.getchannel("A").point(lambda a: 255 if a > 128 else 0)
     img = img.convert("L")
     if body.inpainting_mask_invert:
         img = ImageOps.invert(img)
@@ -221,7 +226,10 @@ def plan(
             limits.check_resize(hires.size, total, ("hr_scale", "hr_scale", "n_iter"))
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)
-    control = a1111_controlnet.units(body.alwayson_scripts, common.get("init_image"))
+    init_resize = body.resize_mode if isinstance(body, Img2ImgRequest) else 0
+    control = a1111_controlnet.units(
+        body.alwayson_scripts, common.get("init_image"), init_resize, comments, hires is not None
+    )
     if control is not None:
         common["controlnets"] = control
     images = a1111_controlnet.ip_units(body.alwayson_scripts, common.get("init_image"))

@@ -81,7 +81,15 @@ def resize_mode(value: Any, field: str = "controlnets.resize_mode") -> int:
         "outer_fit": 2,
         "envelope (outer fit)": 2,
         "scale to fit (inner fit)": 1,
+        # the extension's older names (external_code.resize_mode_aliases); 3 is its "Just Resize
+        # (Latent upscale)", which its resize_mode_from_value reads as Just Resize
+        "inner fit (scale to fit)": 1,
+        "outer fit (shrink to fit)": 2,
+        "just resize (latent upscale)": 0,
+        "3": 0,
     }
+    if value == 3 and not isinstance(value, bool):
+        value = 0
     return _index(value, preprocess.RESIZE_MODES, aliases, field)
 
 

@@ -185,6 +185,21 @@ def test_mask_blur_per_axis_as_a1111_reads_it() -> None:
     assert np.array_equal(blurred(), blurred(mask_blur=4)) and not np.array_equal(blurred(), sharp)
 
 
+def test_an_opaque_rgba_mask_is_read_as_its_picture(a1111: TestClient) -> None:
+    """create_binary_mask: the alpha is the mask only where it is not opaque everywhere; an opaque
+    RGBA mask is its picture (white = repaint), as the same mask sent as L."""
+    init = np.full((8, 8, 3), 200)
+    picture = np.zeros((8, 8, 3))
+    picture[:, 4:] = 255
+    rgba = np.concatenate([picture, np.full((8, 8, 1), 255)], axis=2)
+    body = {**BASE, "init_images": [png_b64(init)], "denoising_strength": 0.9, "width": 8, "height": 8}
+    body |= {"mask_blur": 0, "initial_noise_multiplier": 0.5}
+    as_l = a1111.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(picture)}).json()
+    as_rgba = a1111.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(rgba)}).json()
+    assert np.array_equal(pixels(as_l["images"][0]), pixels(as_rgba["images"][0]))
+    assert any("initial_noise_multiplier" in c for c in info(as_l)["comments"])
+
+
 def test_hr_scale_is_read_only_with_hires_on(a1111: TestClient) -> None:
     r = a1111.post("/sdapi/v1/txt2img", json={**BASE, "enable_hr": False, "hr_scale": 0})
     assert r.status_code == 200, r.text

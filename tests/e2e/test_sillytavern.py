@@ -260,3 +260,36 @@ def test_sillytaverns_abort_cancels_the_run_without_an_error_in_the_log(
     time.sleep(0.5)  # the cancelled wait is collected after the handler returns
     log = st_server.log_path.read_text()
     assert "never retrieved" not in log, log[-2000:]
+
+
+def test_inpainting_pastes_the_unmasked_pixels_back_as_sent(st: httpx.Client) -> None:
+    """A1111's overlay (processing.apply_overlay): outside the mask an inpainted image is the init
+    image pixel for pixel, not its trip through the VAE (the tiny SD model's latents); inside, the
+    repaint."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+
+    def b64(arr: np.ndarray) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    body = {
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "init_images": [b64(init)],
+        "mask": b64(mask),
+        "mask_blur": 0,
+        "denoising_strength": 0.9,
+        "override_settings": {"sd_model_checkpoint": "sd1"},
+    }
+    r = st.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text[:300]
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    assert np.array_equal(out[:, :32], init[:, :32]) and not np.array_equal(out[:, 32:], init[:, 32:])

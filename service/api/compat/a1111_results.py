@@ -42,13 +42,34 @@ def _extra(plan: Plan) -> dict[str, Any]:
     return extra
 
 
-def _reencode(png: bytes, size: tuple[int, int], params: dict[str, Any], text: str) -> bytes:
+def _reencode(
+    png: bytes,
+    size: tuple[int, int],
+    params: dict[str, Any],
+    text: str,
+    overlay: tuple[Image.Image, Image.Image] | None = None,
+) -> bytes:
     img: Image.Image = Image.open(io.BytesIO(png))
     img.load()
     if img.size != size:
         img = img.resize(size, Image.Resampling.LANCZOS)
+    if overlay is not None:
+        img = paste_back(img, *overlay)
     ours = {k: v for k, v in params.items() if not k.startswith("a1111_")}
     return png_bytes(img, ours, text)
+
+
+def paste_back(result: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's inpainting overlay (processing.apply_overlay of mask_for_overlay): the init image
+    over the result where the (blurred) mask is black, so what was not masked comes back as sent
+    rather than through the VAE or the sampler's blend."""
+    original = init.convert(result.mode)
+    if original.size != result.size:
+        original = original.resize(result.size, Image.Resampling.LANCZOS)
+    m = mask.convert("L")
+    if m.size != result.size:
+        m = m.resize(result.size, Image.Resampling.BILINEAR)
+    return Image.composite(result, original, m)
 
 
 def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
@@ -67,7 +88,8 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
             infotexts.append(text)
             seeds.append(p["seed"])
             if body.send_images:
-                images.append(base64.b64encode(_reencode(png, plan.out_size, p, text)).decode())
+                png = _reencode(png, plan.out_size, p, text, plan.overlay)
+                images.append(base64.b64encode(png).decode())
     interrupted = any(j.status == JobStatus.cancelled for j in jobs)
     echo = body.model_dump()
     if isinstance(body, Img2ImgRequest):

@@ -57,6 +57,8 @@ class Plan:
     class_labels: list[int | None] = field(default_factory=list)
     comments: list[str] = field(default_factory=list)
     hires: Hires | None = None  # txt2img's hires fix: the result's size and its infotext fields
+    # inpainting: (the init image, its mask) pasted back over each result (A1111's overlay)
+    overlay: tuple[Image.Image, Image.Image] | None = None
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -256,7 +258,16 @@ def plan(
         [asked.label],
         comments,
         hires,
+        _overlay(common),
     )
+
+
+def _overlay(common: dict[str, Any]) -> tuple[Image.Image, Image.Image] | None:
+    """An inpainting request's init image and (blurred) mask, for the results' overlay."""
+    init, mask = common.get("init_image"), common.get("mask")
+    if not isinstance(init, GatedImage) or not isinstance(mask, GatedImage):
+        return None
+    return init.image, mask.image
 
 
 def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]) -> dict:

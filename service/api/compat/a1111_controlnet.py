@@ -101,7 +101,7 @@ def _unit_image(unit: dict[str, Any], field: str, init_image: Any) -> tuple[Any,
     image = image or init_image
     if image is None:
         raise InputError(f"{field}.image", "a ControlNet unit needs an image")
-    if not isinstance(image, str) or (mask is not None and not isinstance(mask, str)):
+    if (not from_init and not isinstance(image, str)) or (mask is not None and not isinstance(mask, str)):
         raise InputError(f"{field}.image", "a ControlNet unit's image and mask are base64 images")
     return image, mask or None, from_init
 

@@ -55,6 +55,8 @@ def test_a_unit_on_the_init_image_takes_the_bodys_resize_mode() -> None:
     """controlnet.py: a unit without an image uses p.init_images with p.resize_mode."""
     assert _one({"image": ""}, init_image=IMG, init_resize_mode=2)["resize_mode"] == 2
     assert _one({"image": "", "resize_mode": "Crop and Resize"}, init_image=IMG)["resize_mode"] == 0
+    gated = object()  # the route hands the init image over decoded (a GatedImage)
+    assert _one({"image": ""}, init_image=gated)["image"] is gated
     assert (
         _one({"image": IMG, "resize_mode": "Crop and Resize"}, init_image=IMG)["resize_mode"]
         == "Crop and Resize"

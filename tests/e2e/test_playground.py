@@ -337,3 +337,15 @@ def test_playground_union_ip_adapter_cache(browser: Browser, sd_server: Server) 
     from .playground_units import check_units
 
     _section(browser, sd_server, check_units)
+
+
+def test_playground_option_bounds(browser: Browser, server: Server) -> None:
+    """An option with no upper bound (euler's s_tmax: the catalogue's maximum is null) reads
+    ">= min", never "0 to null", and its input has no max."""
+    page, console = _open(browser, server.url)
+    page.select_option("#sampler", "euler")
+    expect(page.locator("#sampler-options")).not_to_contain_text("null")
+    assert page.locator("#sampler-s_tmax").get_attribute("max") is None
+    expect(page.locator("#sampler-options")).to_contain_text(">= 0")
+    assert not console.errors, console.errors
+    page.context.close()

@@ -88,8 +88,8 @@ function options(box, info, group) {
     } else {
       input = document.createElement("input");
       input.type = "number";
-      if (o.minimum !== undefined) input.min = o.minimum;
-      if (o.maximum !== undefined) input.max = o.maximum;
+      if (o.minimum != null) input.min = o.minimum; // null or absent: no bound
+      if (o.maximum != null) input.max = o.maximum;
       input.step = o.type === "integer" ? "1" : "any";
       input.value = o.default ?? "";
       input.placeholder = o.default === null ? "model's" : "";
@@ -99,10 +99,17 @@ function options(box, info, group) {
     input.dataset.group = group;
     input.dataset.default = o.default ?? "";
     input.dataset.kind = o.choices ? (typeof o.choices[0] === "number" ? "integer" : "string") : o.type;
-    const bounds = o.choices ? o.choices.join(" | ") : o.maximum === undefined ? `>= ${o.minimum}` : `${o.minimum} to ${o.maximum}`;
+    const bounds = o.choices ? o.choices.join(" | ") : range(o.minimum, o.maximum);
     label.append(`${name} `, input, Object.assign(document.createElement("small"), { textContent: ` ${bounds}` }));
     box.append(label, errorSlot(name));
   }
+}
+
+// A number option's bounds as a hint: "0 to 10", ">= 0", "<= 1" or "" (null or absent: no bound).
+function range(lo, hi) {
+  if (lo != null && hi != null) return `${lo} to ${hi}`;
+  if (lo != null) return `>= ${lo}`;
+  return hi != null ? `<= ${hi}` : "";
 }
 
 // An error slot after each control, filled from a 422's detail[].loc.

@@ -108,6 +108,19 @@ def _reply_with(reply: dict):  # type: ignore[no-untyped-def]
     return lambda route: route.fulfill(**reply)
 
 
+def _png_with(params: dict) -> dict:
+    """A file for set_input_files: a small PNG whose `kdiff` chunk carries ``params``."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("kdiff", json.dumps(params))
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    return {"name": "made.png", "mimeType": "image/png", "buffer": buf.getvalue()}
+
+
 def _generate_digit(page: Page, label: str = "7") -> None:
     page.select_option("#class_label", label)
     page.fill("#steps", "6")
@@ -347,5 +360,30 @@ def test_playground_option_bounds(browser: Browser, server: Server) -> None:
     expect(page.locator("#sampler-options")).not_to_contain_text("null")
     assert page.locator("#sampler-s_tmax").get_attribute("max") is None
     expect(page.locator("#sampler-options")).to_contain_text(">= 0")
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_restore_unconditional(browser: Browser, server: Server) -> None:
+    """A PNG of an unconditional sample (class_label null) restores "none", not the class picked before."""
+    page, console = _open(browser, server.url)
+    page.select_option("#class_label", "3")
+    page.set_input_files("#load-png", _png_with({"model": "digits", "class_label": None, "steps": 5}))
+    expect(page.locator("#banner")).to_contain_text("restored")
+    expect(page.locator("#steps")).to_have_value("5")
+    expect(page.locator("#class_label")).to_have_value("")
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
+    """A PNG's width and height are restored (the model's default size is not kept)."""
+    page, console = _open(browser, sd_server.url)
+    page.select_option("#model", "sd1")
+    page.set_input_files("#load-png", _png_with({"model": "sd1", "width": 96, "height": 48}))
+    expect(page.locator("#banner")).to_contain_text("restored")
+    expect(page.locator("#width")).to_have_value("96")
+    expect(page.locator("#height")).to_have_value("48")
     assert not console.errors, console.errors
     page.context.close()

@@ -169,6 +169,12 @@ export function restore(p) {
   const label = Array.isArray(p.class_label) ? p.class_label[0] : p.class_label;
   const fields = { steps: p.steps, cfg_scale: p.cfg_scale, seed, n: 1, class_label: label, prompt: p.prompt, negative_prompt: p.negative_prompt };
   for (const [f, v] of Object.entries(fields)) if (v !== undefined && v !== null) $(f).value = v;
+  if ("class_label" in p && label === null) $("class_label").value = ""; // an unconditional sample
+  if (!$("width").disabled) {
+    // onModel() set the model's default size: the image's own size replaces it
+    if (p.width != null) $("width").value = p.width;
+    if (p.height != null) $("height").value = p.height;
+  }
   const h = p.hires || {};
   $("hires_on").checked = Boolean(p.hires);
   const hf = { hires_scale: h.scale, hires_upscaler: h.upscaler, hires_steps: h.steps, hires_denoise: h.denoise };

@@ -387,3 +387,21 @@ def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
     expect(page.locator("#height")).to_have_value("48")
     assert not console.errors, console.errors
     page.context.close()
+
+
+def test_playground_start_image_not_an_image(browser: Browser, server: Server) -> None:
+    """A start image that is not an image: a banner names it, the previous image is dropped (the job
+    is plain text-to-image), no uncaught error."""
+    page, console = _open(browser, server.url)
+    red = _png_with({})
+    page.set_input_files("#init_image", red)
+    expect(page.locator("#mask")).to_be_visible()
+    text = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}
+    page.set_input_files("#init_image", text)
+    expect(page.locator("#banner")).to_contain_text("Cannot read notes.txt: not an image")
+    expect(page.locator("#mask-box")).to_be_hidden()
+    _generate_digit(page)
+    params = json.loads(page.locator("#results pre").first.text_content() or "{}")
+    assert not params.get("img2img"), params
+    assert not console.errors, console.errors
+    page.context.close()

@@ -1,4 +1,6 @@
 // img2img start image and the inpainting mask painted over it on a canvas (white = repaint).
+import { banner } from "./ui.js";
+
 const $ = (id) => document.getElementById(id);
 const state = { image: null, b64: null, painted: false };
 const maskLayer = document.createElement("canvas"); // black/white, what is sent
@@ -33,7 +35,12 @@ async function onFile(file) {
     r.readAsDataURL(file);
   });
   const img = new Image();
-  await new Promise((ok, bad) => Object.assign(img, { onload: ok, onerror: bad, src: url }));
+  const decoded = await new Promise((ok) => Object.assign(img, { onload: () => ok(true), onerror: () => ok(false), src: url }));
+  if (!decoded) {
+    reset(); // the previous image is not sent either
+    return banner(`Cannot read ${file.name}: not an image`);
+  }
+  if ($("banner").textContent.startsWith("Cannot read ")) banner(""); // our own error, now outdated
   const scale = 256 / Math.max(img.width, img.height);
   const c = $("mask");
   c.width = maskLayer.width = Math.max(8, Math.round(img.width * scale));

@@ -405,3 +405,38 @@ def test_playground_start_image_not_an_image(browser: Browser, server: Server) -
     assert not params.get("img2img"), params
     assert not console.errors, console.errors
     page.context.close()
+
+
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_no_controlnets(browser: Browser, sd_server: Server) -> None:
+    """A store without ControlNets (the server's control types answered with none): a control image
+    leaves the section off and disabled, and Generate sends no unit (was model "", a 422)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+    confine_to_localhost(page)
+    console = Console(page)
+
+    def no_controlnets(route) -> None:  # type: ignore[no-untyped-def]
+        body = route.fetch().json()
+        for t in body["control_types"].values():
+            t["model_list"] = ["None"]
+        route.fulfill(json=body)
+
+    page.route("**/controlnet/control_types", no_controlnets)
+    page.goto(f"{sd_server.url}/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=15_000)
+    page.select_option("#model", "sd1")
+    expect(page.locator("#cn-none")).to_be_visible()
+    expect(page.locator("#cn_on")).to_be_disabled()
+    page.set_input_files("#cn_image", _png_with({}))
+    page.wait_for_timeout(300)
+    expect(page.locator("#cn_on")).not_to_be_checked()
+    sent: list[dict] = []
+    jobs = lambda r: r.method == "POST" and r.url.endswith("/jobs")  # noqa: E731
+    page.on("request", lambda r: jobs(r) and sent.append(r.post_data_json))
+    page.fill("#prompt", "a cat")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=60_000)
+    assert sent and "controlnets" not in sent[0], sent
+    assert not console.errors, console.errors
+    page.context.close()

@@ -24,6 +24,9 @@ export async function loadControlNets() {
   $("cn_model").replaceChildren(...names.map((n) => new Option(n, n, false, n === keep)));
   $("cn_module").replaceChildren(...modules.module_list.map((n) => new Option(n, n)));
   $("cn-none").hidden = names.length > 0;
+  // no ControlNet to send a unit to: the section stays off
+  $("cn_on").disabled = names.length === 0;
+  if (!names.length) $("cn_on").checked = false;
   state.unions = models.union_types || {};
   onControlNet();
   return types.control_types;
@@ -49,7 +52,7 @@ async function onFile(file) {
   $("cn-preview").hidden = true;
   if (!file) return (state.b64 = null);
   state.b64 = await fileB64(file);
-  $("cn_on").checked = true;
+  $("cn_on").checked = $("cn_model").options.length > 0;
 }
 
 async function preview() {
@@ -71,7 +74,7 @@ async function preview() {
 
 // {controlnets: [unit]} for the request when the section is on and has an image, else {}.
 export function controlNetFields() {
-  if ($("cn-box").hidden || !$("cn_on").checked || !state.b64) return {};
+  if ($("cn-box").hidden || !$("cn_on").checked || !state.b64 || !$("cn_model").value) return {};
   const unit = {
     model: $("cn_model").value,
     image: state.b64,

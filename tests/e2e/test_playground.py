@@ -440,3 +440,20 @@ def test_playground_no_controlnets(browser: Browser, sd_server: Server) -> None:
     assert sent and "controlnets" not in sent[0], sent
     assert not console.errors, console.errors
     page.context.close()
+
+
+def test_playground_schedules_for_model(browser: Browser, server: Server) -> None:
+    """The schedule list offers only what the model runs: the tiny UNet is continuous-time (GET /models:
+    discrete false), so the schedules that need a discrete-time model (GET /schedules: needs_discrete)
+    are not listed."""
+    page, console = _open(browser, server.url)
+    (tiny,) = page.request.get(f"{server.url}/models").json()["models"]  # a digits-like UNet
+    assert tiny["discrete"] is False, tiny
+    schedules = page.request.get(f"{server.url}/schedules").json()["schedules"]
+    refused = {s["name"] for s in schedules if s["needs_discrete"]}
+    assert {"normal", "simple", "sgm_uniform", "ddim_uniform"} <= refused
+    offered = set(page.locator("#schedule option").all_text_contents())
+    assert offered and not offered & refused, offered & refused
+    assert "karras" in offered
+    assert not console.errors, console.errors
+    page.context.close()

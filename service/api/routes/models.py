@@ -59,6 +59,8 @@ def describe(state: Service, name: str) -> dict[str, Any]:
             "conditioning_fields": sorted(m.conditioning_fields()),
             # the step cache methods its network runs (a request's cache.method; docs/STEP_CACHE.md)
             "cache_methods": list(cache_methods(m.denoiser)),
+            # a discrete-time model (a sigma table): runs the schedules GET /schedules marks needs_discrete
+            "discrete": getattr(m.denoiser, "sigmas", None) is not None,
             **m.info,
         }
     return out

@@ -36,6 +36,7 @@ export function onModel() {
   const picked = $("class_label").value;
   $("class_label").replaceChildren(new Option("none (unconditional)", ""), ...labels.map((c) => new Option(c, c)));
   $("class_label").value = labels.map(String).includes(picked) ? picked : labels.length ? "0" : "";
+  schedulesFor(m);
   for (const [f, v] of Object.entries({ sampler: d.sampler, schedule: d.schedule, steps: d.steps, cfg_scale: d.cfg_scale })) {
     if (v !== undefined && v !== null) $(f).value = v;
   }
@@ -49,6 +50,15 @@ export function onModel() {
   cacheFor(m);
   onSampler();
   onSchedule();
+}
+
+// The schedules the model runs: those that need a discrete-time model (GET /schedules: needs_discrete)
+// only for one (GET /models: discrete); the choice is kept when still offered.
+function schedulesFor(m) {
+  const keep = $("schedule").value;
+  const names = catalogue.schedules.filter((s) => !s.needs_discrete || m.discrete !== false).map((s) => s.name);
+  const d = (m.defaults || {}).schedule;
+  fill($("schedule"), names, names.includes(keep) ? keep : names.includes(d) ? d : names[0]);
 }
 
 // The step cache, offered for a model whose network can cache (GET /models: cache_methods).

@@ -457,3 +457,29 @@ def test_playground_schedules_for_model(browser: Browser, server: Server) -> Non
     assert "karras" in offered
     assert not console.errors, console.errors
     page.context.close()
+
+
+def test_playground_cancel_while_submitting(browser: Browser, server: Server) -> None:
+    """Cancel before the job's id is back ("Submitting..."): once the id arrives the job is deleted,
+    it does not run to its end."""
+    page, console = _open(browser, server.url)
+    held: list = []
+    hold = lambda route: held.append(route) if route.request.method == "POST" else route.continue_()  # noqa: E731
+    page.route("**/jobs", hold)
+    page.fill("#steps", str(LONG))
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text("Submitting...")
+    page.wait_for_timeout(200)
+    assert held, "the POST /jobs was not held"
+    deletes: list[str] = []
+    page.on("request", lambda r: r.method == "DELETE" and deletes.append(r.url))
+    page.click("#cancel")
+    held[0].continue_()
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=15_000)
+    expect(page.locator("#generate")).to_be_enabled()
+    assert len(deletes) == 1, deletes
+    job = page.request.get(deletes[0]).json()
+    assert job["status"] == "cancelled", job
+    page.unroute("**/jobs")
+    assert not console.errors, console.errors
+    page.context.close()

@@ -37,7 +37,10 @@ async function generate(e) {
     const end = await runJob(body, {
       preview: true,
       signal: abort.signal,
-      onJob: (id) => (current.id = id),
+      onJob: (id) => {
+        current.id = id;
+        if (current.cancelled) stop(id); // Cancel came before the id: delete the job now
+      },
       onEvent: (name, d) => {
         if (name === "queued" || name === "progress") $("status").textContent = progressText(name, d);
         if (name === "progress") $("progress").value = d.fraction;
@@ -66,11 +69,19 @@ async function generate(e) {
   }
 }
 
+// Before the job's id is back ("Submitting...") the request is left to finish, so the job it makes
+// is known and deleted (aborting it could leave a job running on the server); generate() deletes it.
 async function cancel() {
-  if (!current || !current.id) return;
+  if (!current) return;
   $("status").textContent = "Cancelling...";
+  $("cancel").disabled = true;
+  if (!current.id) return void (current.cancelled = true);
+  await stop(current.id);
+}
+
+async function stop(id) {
   try {
-    await cancelJob(current.id); // the event stream then ends with `cancelled`
+    await cancelJob(id); // the event stream then ends with `cancelled`
   } catch (err) {
     showError(err, $("gen"));
   }

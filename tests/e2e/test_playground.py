@@ -378,9 +378,16 @@ def test_playground_restore_unconditional(browser: Browser, server: Server) -> N
 
 @pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
 def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
-    """A PNG's width and height are restored (the model's default size is not kept)."""
+    """A PNG's width and height are restored (the model's default size is not kept); the size inputs
+    and the hires scale stop at the model's max_size (GET /models)."""
     page, console = _open(browser, sd_server.url)
     page.select_option("#model", "sd1")
+    assert page.locator("#width").get_attribute("max") == "128"  # the tiny model's max_size
+    assert page.locator("#height").get_attribute("max") == "128"
+    assert page.locator("#hires_scale").get_attribute("max") == "2"  # 64 x 2 = 128
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    assert page.locator("#hires_scale").get_attribute("max") == "4"
     page.set_input_files("#load-png", _png_with({"model": "sd1", "width": 96, "height": 48}))
     expect(page.locator("#banner")).to_contain_text("restored")
     expect(page.locator("#width")).to_have_value("96")

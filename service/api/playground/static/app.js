@@ -2,7 +2,7 @@
 import { apiKey, cancelJob, runJob } from "./api.js";
 import { setupCompare } from "./compare.js";
 import { controlNetFields, loadControlNets, setupControlNet } from "./controlnet.js";
-import { addErrorSlots, loadCatalogue, model, onModel, onSampler, onSchedule, readForm, restore } from "./form.js";
+import { addErrorSlots, loadCatalogue, model, onModel, onSampler, onSchedule, readForm, restore, sizeLimits } from "./form.js";
 import { ipAdapterFields, loadAdapters, setupIpAdapter, showAdaptersFor } from "./ipadapter.js";
 import { img2imgFields, setupMask } from "./mask.js";
 import { parametersOf } from "./png.js";
@@ -116,6 +116,7 @@ async function start() {
   $("model").addEventListener("change", onModel);
   $("sampler").addEventListener("change", onSampler);
   $("schedule").addEventListener("change", onSchedule);
+  for (const f of ["width", "height"]) $(f).addEventListener("input", sizeLimits);
   $("dice").addEventListener("click", () => ($("seed").value = Math.floor(Math.random() * 2 ** 31)));
   $("load-png").addEventListener("change", (e) => e.target.files[0] && loadParameters(e.target.files[0]));
   document.addEventListener("dragover", (e) => e.preventDefault());

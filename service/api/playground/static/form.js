@@ -45,11 +45,22 @@ export function onModel() {
   const fixed = m.kind === "unet"; // the project's UNets make one size; latent models take any multiple of 8
   $("width").disabled = $("height").disabled = fixed;
   $("hires-box").hidden = fixed; // hires fix needs a model that makes any size
+  for (const f of ["width", "height"]) if (m.max_size) $(f).max = m.max_size; else $(f).removeAttribute("max");
+  sizeLimits();
   showFor(m);
   showAdaptersFor(m);
   cacheFor(m);
   onSampler();
   onSchedule();
+}
+
+// The hires scale's upper bound: the second pass stays within the model's max_size (GET /models),
+// in the input's steps of 0.25, at most 4.
+export function sizeLimits() {
+  const m = model();
+  const side = Math.max(Number($("width").value) || 0, Number($("height").value) || 0);
+  const most = m && m.max_size && side > 0 ? Math.floor((m.max_size / side) * 4) / 4 : 4;
+  $("hires_scale").max = Math.max(1, Math.min(4, most));
 }
 
 // The schedules the model runs: those that need a discrete-time model (GET /schedules: needs_discrete)
@@ -184,6 +195,7 @@ export function restore(p) {
     // onModel() set the model's default size: the image's own size replaces it
     if (p.width != null) $("width").value = p.width;
     if (p.height != null) $("height").value = p.height;
+    sizeLimits();
   }
   const h = p.hires || {};
   $("hires_on").checked = Boolean(p.hires);

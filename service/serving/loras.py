@@ -77,14 +77,18 @@ def prompt_tags(prompt: str | None) -> tuple[str | None, list[Tag]]:
     return clean, tags
 
 
+def _field_tags(req: GenerationRequest) -> list[Tag]:
+    return [Tag(ref.name, ref.weight, ref.weight) for ref in req.loras or []]
+
+
 def _all(req: GenerationRequest) -> list[Tag]:
-    return [Tag(ref.name, ref.weight, ref.weight) for ref in req.loras or []] + prompt_tags(req.prompt)[1]
+    return _field_tags(req) + prompt_tags(req.prompt)[1]
 
 
 def request_loras(req: GenerationRequest, model: LoadedModel) -> tuple[GenerationRequest, Resolved]:
     """The request with tag-free prompts, and its adapters on ``model``."""
-    tags = _all(req)
-    prompt, _ = prompt_tags(req.prompt)
+    prompt, tagged = prompt_tags(req.prompt)
+    tags = _field_tags(req) + tagged
     if prompt != req.prompt:
         req = req.replace(prompt=prompt)
     if not tags:
@@ -92,12 +96,11 @@ def request_loras(req: GenerationRequest, model: LoadedModel) -> tuple[Generatio
     field = "loras" if req.loras else "prompt"
     if model.adapters is None:
         raise InputError(field, f"model {model.name!r} takes no LoRA", [])
-    try:
+    try:  # one lookup (a scan of the store's LoRA folders) for both weights
         unet = model.adapters.resolve([(t.name, t.unet) for t in tags])
-        text = model.adapters.resolve([(t.name, t.te) for t in tags])
     except LoraError as exc:
         raise InputError(field, exc.message, exc.allowed) from exc
-    return req, Resolved(unet, text)
+    return req, Resolved(unet, [(i, t.te) for (i, _), t in zip(unet, tags, strict=True)])
 
 
 def with_adapters(

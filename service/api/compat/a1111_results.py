@@ -54,22 +54,27 @@ def _reencode(
     if img.size != size:
         img = img.resize(size, Image.Resampling.LANCZOS)
     if overlay is not None:
-        img = paste_back(img, *overlay)
+        original, mask = overlay
+        img = Image.composite(img, original.convert(img.mode), mask)
     ours = {k: v for k, v in params.items() if not k.startswith("a1111_")}
     return png_bytes(img, ours, text)
 
 
-def paste_back(result: Image.Image, init: Image.Image, mask: Image.Image) -> Image.Image:
-    """A1111's inpainting overlay (processing.apply_overlay of mask_for_overlay): the init image
-    over the result where the (blurred) mask is black, so what was not masked comes back as sent
-    rather than through the VAE or the sampler's blend."""
-    original = init.convert(result.mode)
-    if original.size != result.size:
-        original = original.resize(result.size, Image.Resampling.LANCZOS)
-    m = mask.convert("L")
-    if m.size != result.size:
-        m = m.resize(result.size, Image.Resampling.BILINEAR)
-    return Image.composite(result, original, m)
+def overlay_at(
+    overlay: tuple[Image.Image, Image.Image] | None, size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image] | None:
+    """A1111's inpainting overlay (processing.apply_overlay of mask_for_overlay) at the results' size,
+    made once per response: the init image goes over each result where the (blurred) mask is black,
+    so what was not masked comes back as sent rather than through the VAE or the sampler's blend."""
+    if overlay is None:
+        return None
+    init, mask = overlay
+    if init.size != size:
+        init = init.resize(size, Image.Resampling.LANCZOS)
+    mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return init, mask
 
 
 def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
@@ -77,6 +82,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
     images: list[str] = []
     infotexts: list[str] = []
     seeds: list[int] = []
+    overlay = overlay_at(plan.overlay, plan.out_size) if body.send_images else None
     for job in jobs:
         if job.result is None:  # failed, or cancelled before it started; interrupted jobs have images
             continue
@@ -88,7 +94,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
             infotexts.append(text)
             seeds.append(p["seed"])
             if body.send_images:
-                png = _reencode(png, plan.out_size, p, text, plan.overlay)
+                png = _reencode(png, plan.out_size, p, text, overlay)
                 images.append(base64.b64encode(png).decode())
     interrupted = any(j.status == JobStatus.cancelled for j in jobs)
     echo = body.model_dump()

@@ -11,6 +11,8 @@ SD3 / SD3.5 release files' ``model.diffusion_model.*``, Flux's ``double_blocks``
 ``single_blocks``), converted by diffusers' key maps for these layouts, plus a diffusers-layout
 ``config`` folder with everything else (``transformer/config.json`` only; the VAE, text
 encoders, tokenizers and scheduler config with their weights), as ComfyUI users keep them.
+What single files people share (all-in-one, fp8, ComfyUI's scaled fp8) is read by
+``transformer_file.read_transformer``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from service.models.sd_loader import SDLoadError
+from service.models.transformer_file import read_transformer
 
 LIBRARIES = ("diffusers", "transformers")
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
@@ -81,30 +84,40 @@ def _load(cls: Any, sub: Path, root: Path, name: str) -> Any:
 def _single_file(cls: Any, path: Path, config: Path) -> Any:
     if path.suffix != ".safetensors" or not path.is_file():
         raise SDLoadError(f"{path.name}: a single-file transformer must be an existing .safetensors file")
+    state = read_transformer(path)  # the transformer's keys only, fp8 scales multiplied out
     if cls.__name__ == "FluxTransformer2DModel":
-        return _flux_single_file(cls, path, config)
+        return _flux_single_file(cls, state, path, config)
     kw: dict[str, Any] = {"config": str(config), "subfolder": "transformer", "local_files_only": True}
     if importlib.util.find_spec("accelerate") is None:
         kw["low_cpu_mem_usage"] = False
     try:
-        return cls.from_single_file(str(path), **kw).eval()
+        return cls.from_single_file(state, **kw).eval()
     except Exception as exc:
         raise SDLoadError(f"{path.name}: cannot load the transformer ({type(exc).__name__}: {exc})") from exc
 
 
-def _flux_single_file(cls: Any, path: Path, config: Path) -> Any:
-    """Flux through our own key map (service/models/flux_keys.py): sizes from the config."""
-    from safetensors.torch import load_file
+def _flux_single_file(cls: Any, sd: dict[str, Any], path: Path, config: Path) -> Any:
+    """Flux through our own key map (service/models/flux_keys.py): sizes from the config. The model
+    is built on the meta device and takes the file's tensors as they are (FlowModel casts it once):
+    no float32 copy of a 12B model next to the file's weights."""
+    import torch
 
     from service.models.flux_keys import flux_to_diffusers
 
-    model = cls.from_config(cls.load_config(str(config / "transformer")))
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(str(config / "transformer")))
     inner = int(model.config.num_attention_heads) * int(model.config.attention_head_dim)
     try:
-        sd = flux_to_diffusers(load_file(str(path)), inner, int(inner * 4.0))
-        model.load_state_dict(sd, strict=True)
+        if not any(".double_blocks." in f".{k}" for k in sd) and set(sd) == set(model.state_dict()):
+            pass  # a diffusers-named single file (the transformer's own state dict)
+        else:
+            sd = flux_to_diffusers(sd, inner, int(inner * 4.0))
+        model.load_state_dict(sd, strict=True, assign=True)
     except (KeyError, RuntimeError) as exc:
         raise SDLoadError(f"{path.name}: not a Flux transformer in the original layout ({exc})") from exc
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise SDLoadError(f"{path.name}: the file lacks {left[:4]}")
     return model.eval()
 
 

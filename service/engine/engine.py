@@ -272,6 +272,8 @@ class Engine:
             out = outcomes.get(job)
             if out is None:
                 job.progress.follow(driver)
+                if job.snapshot_steps:
+                    job.snapshot(job.progress.step, driver.latest)
                 job.notify()
             elif out.error is not None:
                 if job in self.active:

@@ -177,6 +177,10 @@ class Job:
         self.keep_partial = False
         self.owner: str | None = None  # the API key (its id) that created the job; None = no keys
         self.loading = False  # queued behind its model's load (the request is a placeholder until then)
+        # steps at which the engine keeps the first image's prediction (OpenAI's streamed partial
+        # images); what it kept waits in ``snapshots`` (step, prediction) until the stream takes it
+        self.snapshot_steps: frozenset[int] = frozenset()
+        self.snapshots: list[tuple[int, Tensor]] = []
         self._changed = asyncio.Event()
         self._watched = False  # whether anyone took _changed (change_event) since it was last set
         self._done = asyncio.Event()
@@ -201,6 +205,13 @@ class Job:
             old.set()
         if self.status.finished:
             self._done.set()
+
+    def snapshot(self, step: int, latest: Tensor | None) -> None:
+        """Keep ``latest``'s first image at an asked step, once (a sampler of two model calls per
+        step reports a step twice: the first prediction seen is kept)."""
+        if latest is None or step not in self.snapshot_steps or any(s == step for s, _ in self.snapshots):
+            return
+        self.snapshots.append((step, latest[:1].clone()))  # a copy: a view would pin the whole batch
 
     async def wait_done(self) -> None:
         await self._done.wait()

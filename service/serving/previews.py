@@ -48,3 +48,12 @@ def render(model: LoadedModel, latest: Tensor, max_side: int) -> str:
     if scale < 1:
         z = F.interpolate(z, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
     return preview_png(model.decode(z)[0].float().cpu(), max_side)
+
+
+@torch.inference_mode()
+def decode_full(model: LoadedModel, latest: Tensor) -> Tensor:
+    """``latest`` (one image or latent) as a full-size image in [-1, 1] (a latent model's whole
+    latent decoded, A1111's "Full" preview): OpenAI's partial images are the final image's size."""
+    if model.decode is None:
+        return latest.float().cpu()
+    return model.decode(latest[None].float())[0].float().cpu()

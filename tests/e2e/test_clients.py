@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 import webuiapi
+from openai.types import ImageEditPartialImageEvent, ImageGenPartialImageEvent
 from PIL import Image
 
 from tests.support.server import Server
@@ -244,19 +245,99 @@ def test_openai_edit_of_several_images_edits_the_first(server: Server) -> None:
     assert np.abs(out[:, :4] - 200).max() <= 3
 
 
-def test_openai_streams_generations_and_edits_as_completed_events(server: Server) -> None:
+def test_openai_streams_partial_images_then_completed_events(server: Server) -> None:
+    # partial images: the first image's prediction at evenly spread steps (12 steps, 2 partials: 4, 8)
     client = _oai(server)
-    events = list(client.images.generate(prompt="7", n=2, size="8x8", stream=True, partial_images=2))
-    assert [e.type for e in events] == ["image_generation.completed"] * 2
-    png = base64.b64decode(events[0].b64_json)
-    assert Image.open(io.BytesIO(png)).size == (8, 8)
-    assert events[0].size == "8x8" and events[0].output_format == "png" and events[0].usage.total_tokens == 0
+    ask = {"prompt": "7", "n": 2, "size": "16x16", "extra_body": {"steps": 12, "seed": 3}}
+    events = list(client.images.generate(**ask, stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"
+    ] * 2
+    partials = [e for e in events if isinstance(e, ImageGenPartialImageEvent)]  # parsed to the client's types
+    assert [e.partial_image_index for e in partials] == [0, 1]
+    assert all(e.size == "16x16" and e.output_format == "png" and e.background == "opaque" for e in events)
+    first, second, final = (_b64_arr(e.b64_json) for e in (*partials, events[2]))
+    assert first.shape == final.shape == (16, 16, 3)
+    # real intermediate predictions: each differs from the final image and the later one is closer to it
+    assert np.abs(first - final).mean() > np.abs(second - final).mean() > 0
+    assert events[2].usage.total_tokens == 0
+    plain = client.images.generate(**ask, response_format="b64_json")  # the same images as unstreamed
+    assert [
+        np.array_equal(_b64_arr(e.b64_json), _b64_arr(d.b64_json))
+        for e, d in zip(events[2:], plain.data, strict=True)
+    ] == [
+        True,
+        True,
+    ]
     edits = list(
-        client.images.edit(image=("i.png", _png((200, 200, 200)), "image/png"), prompt="3", stream=True)
+        client.images.edit(
+            image=("i.png", _png((200, 200, 200)), "image/png"),
+            prompt="3",
+            stream=True,
+            partial_images=1,
+            output_format="jpeg",
+            extra_body={"steps": 6},
+        )
     )
-    assert [e.type for e in edits] == ["image_edit.completed"] and edits[0].b64_json
+    assert [e.type for e in edits] == ["image_edit.partial_image", "image_edit.completed"]
+    assert isinstance(edits[0], ImageEditPartialImageEvent)
+    assert all(Image.open(io.BytesIO(base64.b64decode(e.b64_json))).format == "JPEG" for e in edits)
+    assert [
+        e.type for e in client.images.generate(prompt="7", size="8x8", stream=True, partial_images=3)
+    ] == ["image_generation.partial_image"] * 3 + [
+        "image_generation.completed"
+    ]  # the model's 4 steps: partials after steps 1, 2, 3
     with pytest.raises(openai.BadRequestError):  # refused before the stream starts: a JSON error
-        list(client.images.generate(prompt="7", size="enormous", stream=True))
+        list(client.images.generate(prompt="7", size="enormous", stream=True, partial_images=2))
+
+
+def test_openai_output_formats_compression_and_links(server: Server) -> None:
+    client = _oai(server)
+    sizes = {}
+    for fmt, compression in (("jpeg", 100), ("jpeg", 10), ("webp", 80), ("png", None)):
+        r = client.images.generate(
+            model="gpt-image-1", prompt="7", size="64x64", output_format=fmt, output_compression=compression
+        )
+        data = base64.b64decode(r.data[0].b64_json)
+        assert Image.open(io.BytesIO(data)).format == fmt.upper() and r.output_format == fmt
+        sizes[fmt, compression] = len(data)
+    assert sizes["jpeg", 10] < sizes["jpeg", 100]
+    linked = client.images.generate(prompt="7", size="8x8", output_format="webp", response_format="url")
+    url = linked.data[0].url
+    assert url.endswith(".webp")
+    got = httpx.get(url)
+    assert (
+        got.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(got.content)).format == "WEBP"
+    )
+    token = url.rsplit("/", 1)[1].rsplit(".", 1)[0]
+    for path in (
+        f"{token}.exe",
+        f"{token}",
+        f"..%2F{token}.png",
+        "..%2F..%2Fetc%2Fpasswd.png",
+    ):
+        assert httpx.get(f"{server.url}/v1/images/files/{path}").status_code == 404
+    assert (
+        httpx.get(f"{server.url}/v1/images/files/{token}.png").content == got.content
+    )  # any extension we make
+
+
+def test_openai_background_quality_size_auto_and_usage(server: Server) -> None:
+    client = _oai(server)
+    for background in ("transparent",):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.images.generate(prompt="7", size="8x8", background=background, output_format="png")
+        assert bad.value.body["param"] == "background" and "opaque" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="7", size="8x8", quality="ultra")  # type: ignore[arg-type]
+    assert bad.value.body["param"] == "quality" and "'hd'" in bad.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="7", output_format="gif")
+    assert bad.value.body["param"] == "output_format"
+    r = client.images.generate(model="dall-e-3", prompt="7", size="auto", quality="hd", background="opaque")
+    assert r.size == "8x8" and r.quality == "high" and r.background == "opaque" and r.output_format == "png"
+    assert r.usage is not None and r.usage.total_tokens == 0 and r.usage.input_tokens_details.text_tokens == 0
+    assert client.images.generate(prompt="7", size="8x8", user="u-1").safety_identifier == "u-1"
 
 
 @pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the client deprecates variations

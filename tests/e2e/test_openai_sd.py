@@ -9,6 +9,7 @@ import io
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -64,3 +65,23 @@ def test_a_variation_without_a_size_keeps_the_images_shape(client: openai.OpenAI
 
 def test_a_fixed_size_model_edits_at_its_own_size(client: openai.OpenAI) -> None:
     assert _size(_edit(client, "digits", (97, 64))) == (16, 16)
+
+
+def test_partial_images_of_a_latent_model_are_full_size_decodes(client: openai.OpenAI) -> None:
+    # the latent prediction at step 2 of 4 decoded by the VAE at the asked size (not a thumbnail)
+    events = list(
+        client.images.generate(
+            model="sd1",
+            prompt="a red 3",
+            size="48x64",
+            stream=True,
+            partial_images=1,
+            output_format="webp",
+            extra_body={"steps": 4, "seed": 3},
+        )
+    )
+    assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    partial, final = (Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events)
+    assert partial.format == final.format == "WEBP" and partial.size == final.size == (48, 64)
+    diff = np.abs(np.asarray(partial, dtype=int) - np.asarray(final, dtype=int)).mean()
+    assert 0 < diff < 128  # an earlier prediction of the same image

@@ -10,7 +10,6 @@ import base64
 import io
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -26,7 +25,8 @@ from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
 from ..guard import owner_of
-from ..sse import frame
+from . import openai_output as output
+from . import openai_stream
 from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
@@ -75,38 +75,9 @@ def _pngs(t: Translated, jobs: list[Job]) -> list[bytes]:
     return out
 
 
-# The stream's quality is one of OpenAI's event values; ours also takes DALL-E 3's names.
-EVENT_QUALITY = {"low": "low", "medium": "medium", "standard": "medium", "high": "high", "hd": "high"}
-# The events' usage is for GPT image models' tokens; there are none here.
-NO_USAGE = {
-    "input_tokens": 0,
-    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-    "output_tokens": 0,
-    "total_tokens": 0,
-}
-
-
-def _events(req: ImageGenerationRequest, t: Translated, pngs: list[bytes], kind: str) -> Iterator[str]:
-    """One ``<kind>.completed`` event per image, as the openai client's ImageGenCompletedEvent /
-    ImageEditCompletedEvent parse them (the image is always b64_json: events carry no URLs).
-
-    No ``<kind>.partial_image`` events, whatever ``partial_images`` asks (OpenAI may send fewer than
-    asked): the stream starts once the images are done, so that every refusal and failure before
-    it is a JSON error with its status, as without ``stream``."""
-    size, created = f"{t.size[0]}x{t.size[1]}", int(time.time())
-    quality = EVENT_QUALITY.get((req.quality or "").lower(), "auto")
-    for png in pngs:
-        data = {
-            "type": f"{kind}.completed",
-            "b64_json": base64.b64encode(png).decode(),
-            "created_at": created,
-            "size": size,
-            "quality": quality,
-            "background": "opaque",
-            "output_format": "png",
-            "usage": NO_USAGE,
-        }
-        yield frame(f"{kind}.completed", data)
+def _images(req: ImageGenerationRequest, t: Translated, jobs: list[Job]) -> list[bytes]:
+    """The finished jobs' images at the response's size, in the asked ``output_format``."""
+    return [output.encode(png, req) for png in _pngs(t, jobs)]
 
 
 # OpenAI's GPT image models (gpt-image-*, chatgpt-image-*) always answer b64_json, and clients rely
@@ -129,25 +100,33 @@ async def _respond(
     call: CompatCall, req: ImageGenerationRequest, t: Translated, kind: str
 ) -> ImagesResponse | StreamingResponse:
     """The images of ``t``: OpenAI's JSON body, or with ``stream`` its events named ``kind``
-    (image_generation, image_edit)."""
-    jobs = await run(call, [t.body])
-    pngs = await asyncio.to_thread(_pngs, t, jobs)
+    (image_generation, image_edit: openai_stream.py)."""
+    output.check(req, t.model.name)
     if req.stream:
-        return StreamingResponse(_events(req, t, pngs, kind), media_type="text/event-stream")
+        return await openai_stream.stream(call, req, t, kind, lambda jobs: _images(req, t, jobs))
+    jobs = await run(call, [t.body])
+    images = await asyncio.to_thread(_images, req, t, jobs)
     data = []
     request = call.request
     store = links(request)
     formats = _formats(req)
-    for png in pngs:
+    ext = output.output_format(req)
+    for image in images:
         item = ImageData()
         if "b64_json" in formats:
-            item.b64_json = base64.b64encode(png).decode()
+            item.b64_json = base64.b64encode(image).decode()
         if "url" in formats:
-            token = store.put(png, owner_of(request))  # bounded per key: no key expires another's
-            item.url = str(request.url_for("openai_image_file", token=token))
+            token = store.put(image, owner_of(request))  # bounded per key: no key expires another's
+            item.url = str(request.url_for("openai_image_file", name=f"{token}.{ext}"))
         data.append(item)
     return ImagesResponse(
-        created=int(time.time()), data=data, size=f"{t.size[0]}x{t.size[1]}", quality=req.quality
+        created=int(time.time()),
+        data=data,
+        output_format=ext,
+        quality=output.quality(req),
+        size=f"{t.size[0]}x{t.size[1]}",
+        usage=output.NO_USAGE,
+        safety_identifier=req.safety_identifier or req.user or None,
     )
 
 
@@ -273,13 +252,15 @@ async def variations(call: CompatCall = Depends(compat_call)) -> ImagesResponse 
     return await _edit(call, req, await _file(form, ("image",), True), None)
 
 
-@router.get("/images/files/{token}.png", name="openai_image_file", response_class=Response)
-async def image_file(token: str, request: Request) -> Response:
-    """A generated image, for a while after its request (the token is the credential)."""
-    png = links(request).get(token)
-    if png is None:
+@router.get("/images/files/{name}", name="openai_image_file", response_class=Response)
+async def image_file(name: str, request: Request) -> Response:
+    """A generated image, for a while after its request (``<token>.<png|jpeg|webp>``: the token is
+    the credential; the bytes say their type)."""
+    token, _, ext = name.rpartition(".")
+    image = links(request).get(token) if ext in output.MEDIA_TYPES else None
+    if image is None:
         raise OpenAIError(404, "no such image (image URLs expire after 10 minutes)", None, "not_found")
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+    return Response(image, media_type=output.sniff(image), headers={"Cache-Control": "private, max-age=600"})
 
 
 @router.get("/models", response_model=ModelList, dependencies=authed)

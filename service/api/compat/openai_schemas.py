@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(
@@ -22,8 +24,10 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=256, description="null: 1")
     size: str | None = Field(None, max_length=32, description='"WIDTHxHEIGHT" or "auto"')
     response_format: Literal["url", "b64_json"] | None = None
-    quality: str | None = Field(
-        None, max_length=16, description="low|medium|standard|auto: the model's steps; high|hd: twice"
+    quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] | None = Field(
+        None,
+        description="low: half the model's steps; medium|standard|auto: its steps; high|hd: twice; xhigh: "
+        "three times; max: four times (at most KDIFF_MAX_STEPS)",
     )
     style: str | None = Field(None, max_length=16, description="accepted, ignored")
     user: str | None = Field(None, max_length=256, description="accepted, ignored")
@@ -34,10 +38,18 @@ class ImageGenerationRequest(BaseModel):
     schedule: str | None = Field(None, max_length=64)
     cfg_scale: float | None = Field(None, ge=0.0, le=50.0)
     denoise: float | None = Field(None, gt=0.0, le=1.0, description="edits without a mask: img2img strength")
-    stream: bool = Field(False, description="true: text/event-stream, one completed event per image")
+    stream: bool = Field(False, description="true: text/event-stream of OpenAI's image events")
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="accepted; no partial images are sent (OpenAI: may be fewer)"
+        None, ge=0, le=3, description="with stream: partial images (the first image at evenly spread steps)"
     )
+    output_format: OutputFormat | None = Field(None, description="null: png")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality; null: 100")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="transparent: refused (our models paint every pixel)"
+    )
+    moderation: Literal["low", "auto"] | None = Field(None, description="accepted, ignored")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="edits: accepted, ignored")
+    safety_identifier: str | None = Field(None, max_length=256, description="echoed, else ignored")
 
     @field_validator("n", mode="before")
     @classmethod
@@ -55,9 +67,12 @@ class ImageData(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    size: str | None = None
-    quality: str | None = None
-    output_format: str = "png"
+    background: Literal["opaque"] = "opaque"
+    output_format: OutputFormat = "png"
+    quality: str
+    size: str
+    usage: dict[str, Any]
+    safety_identifier: str | None = None
 
 
 class ModelObject(BaseModel):

@@ -78,16 +78,17 @@ def _size(text: str | None, model: LoadedModel) -> tuple[int, int] | None:
     return w, h
 
 
+# OpenAI's quality names as multiples of the model's steps (medium, standard, auto: its own)
+QUALITY_STEPS = {"low": 0.5, "high": 2, "hd": 2, "xhigh": 3, "max": 4}
+
+
 def _steps(req: ImageGenerationRequest, model: LoadedModel, max_steps: int) -> int | None:
     if req.steps is not None:
         return req.steps
-    base = model.manifest.model_defaults.steps
-    quality = (req.quality or "").lower()
-    if quality in ("hd", "high"):
-        return min(max_steps, 2 * base)
-    if quality == "low":
-        return max(1, base // 2)
-    return None
+    factor = QUALITY_STEPS.get(req.quality or "auto")
+    if factor is None:
+        return None
+    return min(max_steps, max(1, int(model.manifest.model_defaults.steps * factor)))
 
 
 def translate(

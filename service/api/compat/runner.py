@@ -15,7 +15,7 @@ from ..views import raise_for_failure, submit
 from .caller import CompatCall
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -27,6 +27,21 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
+async def submit_all(call: CompatCall, bodies: list[GenerationRequest]) -> list[Job]:
+    """The jobs of one frontend request, queued together (so the engine batches them); one refused
+    cancels those queued before it."""
+    jobs: list[Job] = []
+    try:
+        for body in bodies:
+            jobs.append(await submit(call.state, body, owner_of(call.request)))
+    except BaseException:
+        for job in jobs:
+            call.state.cancel(job)
+        raise
+    call.compat.track(call.caller, jobs)
+    return jobs
+
+
 async def run(call: CompatCall, bodies: list[GenerationRequest], wait_disconnect: bool = True) -> list[Job]:
     """All jobs of one frontend request, submitted together (so the engine batches them), finished.
 
@@ -34,18 +49,10 @@ async def run(call: CompatCall, bodies: list[GenerationRequest], wait_disconnect
     /interrupt) come back as they are.
     """
     state, request = call.state, call.request
-    jobs: list[Job] = []
-    try:
-        for body in bodies:
-            jobs.append(await submit(state, body, owner_of(request)))
-    except BaseException:
-        for job in jobs:
-            state.cancel(job)
-        raise
-    call.compat.track(call.caller, jobs)
+    jobs = await submit_all(call, bodies)
     done = asyncio.ensure_future(asyncio.gather(*(j.wait_done() for j in jobs)))
     waits: set[asyncio.Future] = {done}
-    gone = asyncio.ensure_future(_disconnected(request)) if wait_disconnect else None
+    gone = asyncio.ensure_future(disconnected(request)) if wait_disconnect else None
     if gone is not None:
         waits.add(gone)
     try:

@@ -490,3 +490,79 @@ def test_playground_cancel_while_submitting(browser: Browser, server: Server) ->
     page.unroute("**/jobs")
     assert not console.errors, console.errors
     page.context.close()
+
+
+def test_playground_compare_schedules(browser: Browser, server: Server) -> None:
+    """Varying the schedule in the comparison grid offers only the schedules the model runs (the form's
+    list: no needs_discrete one for a continuous-time model, no `tuned` without tuned schedules), not
+    a free text that let a refused one through to a 422 cell."""
+    page, console = _open(browser, server.url)
+    page.select_option("#cmp-axis", "schedule")
+    expect(page.locator("#cmp-values")).to_be_hidden()
+    offered = page.locator("#cmp-schedules option").all_text_contents()
+    assert offered == page.locator("#schedule option").all_text_contents()
+    assert "karras" in offered and not {"normal", "simple", "tuned"} & set(offered), offered
+    page.select_option("#cmp-samplers", ["euler"])
+    page.click("#cmp-run")
+    expect(page.locator('[data-for="cmp"]')).to_contain_text("pick 1 to 4 schedules")
+    page.select_option("#cmp-schedules", ["karras", "exponential"])
+    page.fill("#steps", "4")
+    page.click("#cmp-run")
+    expect(page.locator("#cmp-grid td img")).to_have_count(2, timeout=20_000)
+    shown = [json.loads(t)["schedule"] for t in page.locator("#cmp-grid pre").all_text_contents()]
+    assert shown == ["karras", "exponential"], shown
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_waits_for_catalogue(browser: Browser, server: Server) -> None:
+    """A slow service: until the model list is in, Generate and Run comparison are disabled and the
+    status says what the page waits for (Generate used to throw an uncaught TypeError, showing nothing)."""
+    page = browser.new_context().new_page()
+    confine_to_localhost(page)
+    console = Console(page)
+    held: list = []
+    page.route("**/schedules", lambda route: held.append(route))
+    page.goto(f"{server.url}/")
+    expect(page.locator("#status")).to_contain_text("Loading the list of models")
+    expect(page.locator("#generate")).to_be_disabled()
+    expect(page.locator("#cmp-run")).to_be_disabled()
+    page.wait_for_timeout(100)
+    held[0].continue_()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    expect(page.locator("#generate")).to_be_enabled()
+    expect(page.locator("#status")).to_have_text("Ready.")
+    _generate_digit(page)
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def _drops(errors: list[str]) -> list[str]:
+    """Console errors less the browser's own lines for the connections a test resets or refuses."""
+    dropped = ("ERR_CONNECTION_RESET", "ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING")
+    return [e for e in errors if not any(d in e for d in dropped)]
+
+
+def test_playground_reconnects(browser: Browser, server: Server) -> None:
+    """The event stream is reset mid-job (a real TCP reset, through a proxy), then another ends early:
+    each time the page reconnects and shows the image (it used to say "Not run." for a job that ran)."""
+    from .cut_proxy import CutProxy
+    from .playground_reconnect import check_cut_stream, check_stream_ends_early
+
+    proxy = CutProxy(server.port)
+    try:
+        page, console = _open(browser, proxy.url)
+        check_cut_stream(page, proxy)
+        check_stream_ends_early(page)
+        assert not _drops(console.errors), console.errors
+        page.context.close()
+    finally:
+        proxy.close()
+
+
+def test_playground_service_restart(browser: Browser, store: Path, tmp_path: Path) -> None:
+    """The service is killed mid-job and started again: with its job store the job reruns and the page
+    shows the image; without it the page says plainly that the job is gone."""
+    from .playground_reconnect import check_restart
+
+    check_restart(browser, store, tmp_path, LONG)

@@ -23,8 +23,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, log: Path, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, store: Path, log: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()  # a port: a restart where the last one ran
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **os.environ,

@@ -59,19 +59,69 @@ export async function events(path, onEvent, signal) {
   }
 }
 
-// Submit a job and follow it to the end: resolves with {status, result|error}, reports progress.
-export async function runJob(body, { onJob, onEvent, preview = false, signal } = {}) {
-  const job = await call("POST", "jobs", body, signal);
+// Submit a job and follow it to the end: resolves with {id, status, result|error}, reports progress.
+export async function runJob(body, { onJob, ...rest } = {}) {
+  const job = await call("POST", "jobs", body, rest.signal);
   if (onJob) onJob(job.id);
-  let end = null;
-  const url = `jobs/${job.id}/events${preview ? "?preview=true" : ""}`;
-  await events(url, (name, data) => {
-    if (onEvent) onEvent(name, data);
-    if (name === "done") end = { status: "succeeded", result: data };
-    else if (name === "error") end = { status: "failed", error: data };
-    else if (name === "cancelled") end = { status: "cancelled" };
-  }, signal);
-  return { id: job.id, ...(end || { status: "unknown" }) };
+  return { id: job.id, ...(await follow(job.id, rest)) };
+}
+
+const TERMINAL = { done: "succeeded", error: "failed", cancelled: "cancelled" };
+const FIRST_WAIT_MS = 500;
+const MOST_WAIT_MS = 8000;
+
+function sleep(ms, signal) {
+  return new Promise((ok, bad) => {
+    const t = setTimeout(ok, ms);
+    signal?.addEventListener("abort", () => {
+      clearTimeout(t);
+      bad(new DOMException("stopped following the job", "AbortError"));
+    }, { once: true });
+  });
+}
+
+// A connection that failed (network error, 5xx from a proxy or a restarting service): worth trying
+// again. A 404 (the job is gone) and the other 4xx (no key, not ours) are answers, not failures.
+const lost = (err) => err.name !== "AbortError" && (!err.status || err.status >= 500);
+
+// Follow job `id` to its end. A dropped event stream is not the job's end (a proxy's idle timeout, a
+// laptop's Wi-Fi, a service restart with a job store: the job goes on running there): ask GET
+// jobs/{id} with backoff until the service answers, take the result when the job has ended,
+// subscribe again while it runs. Only a 404 (the service no longer has the job) ends it as "gone".
+// onRetry(attempt, waitMs) reports each wait.
+export async function follow(id, { onEvent, onRetry, preview = false, signal } = {}) {
+  const url = `jobs/${encodeURIComponent(id)}/events${preview ? "?preview=true" : ""}`;
+  for (let attempt = 1, wait = FIRST_WAIT_MS; ; attempt++) {
+    let end = null;
+    try {
+      await events(url, (name, data) => {
+        wait = FIRST_WAIT_MS; // the connection worked: the next drop starts the backoff again
+        if (onEvent) onEvent(name, data);
+        if (name in TERMINAL) end = { status: TERMINAL[name], ...(name === "done" ? { result: data } : name === "error" ? { error: data } : {}) };
+      }, signal);
+      if (end) return end;
+    } catch (err) {
+      if (err.status === 404) return { status: "gone" };
+      if (!lost(err)) throw err;
+    }
+    // the stream ended without the job's end: ask for the job until the service answers
+    for (;; attempt++, wait = Math.min(wait * 2, MOST_WAIT_MS)) {
+      if (onRetry) onRetry(attempt, wait);
+      await sleep(wait, signal);
+      let job;
+      try {
+        job = await call("GET", `jobs/${encodeURIComponent(id)}`, null, signal);
+      } catch (err) {
+        if (err.status === 404) return { status: "gone" };
+        if (!lost(err)) throw err;
+        continue;
+      }
+      if (job.status === "succeeded") return { status: "succeeded", result: job.result };
+      if (job.status === "failed") return { status: "failed", error: job.error };
+      if (job.status === "cancelled") return { status: "cancelled" };
+      break; // queued or running: subscribe again
+    }
+  }
 }
 
 export const cancelJob = (id) => call("DELETE", `jobs/${encodeURIComponent(id)}`);

@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 let current = null; // {id, abort} of the running job
 
 function progressText(name, d) {
+  if (name === "loading") return `Loading the model ${d.model}...`;
   if (name === "queued") return `Queued, position ${d.position}.`;
   if (name === "progress") {
     const eta = d.eta_s === null || d.eta_s === undefined ? "" : `, about ${d.eta_s.toFixed(1)} s left`;
@@ -41,8 +42,11 @@ async function generate(e) {
         current.id = id;
         if (current.cancelled) stop(id); // Cancel came before the id: delete the job now
       },
+      onRetry: (attempt, ms) => {
+        $("status").textContent = `Connection lost; the job may still be running. Reconnecting in ${(ms / 1000).toFixed(1)} s (try ${attempt})...`;
+      },
       onEvent: (name, d) => {
-        if (name === "queued" || name === "progress") $("status").textContent = progressText(name, d);
+        if (progressText(name, d)) $("status").textContent = progressText(name, d);
         if (name === "progress") $("progress").value = d.fraction;
         if (d.preview) Object.assign($("preview"), { src: `data:image/png;base64,${d.preview}`, hidden: false });
       },
@@ -55,12 +59,16 @@ async function generate(e) {
       $("results").replaceChildren(...r.images.map((b64, i) => figure(b64, { ...r.parameters, seed: r.seeds[i] }, `seed ${r.seeds[i]}`)));
     } else if (end.status === "cancelled") {
       $("status").textContent = "Cancelled.";
+    } else if (end.status === "gone") {
+      $("status").textContent = "Lost.";
+      banner(`Job ${end.id} is gone: the service no longer has it (it restarted without a job store, or the result expired). Generate again.`);
     } else {
       $("status").textContent = "Failed.";
       banner(`The job failed: ${end.error ? `${end.error.code}: ${end.error.message}` : "unknown error"}`);
     }
   } catch (err) {
-    $("status").textContent = "Not run.";
+    if (abort.signal.aborted) $("status").textContent = `Stopped following job ${current.id}: the service could not be reached to cancel it.`;
+    else $("status").textContent = current.id ? "Failed." : "Not run.";
     showError(err, form);
   } finally {
     current = null;
@@ -84,6 +92,8 @@ async function stop(id) {
     await cancelJob(id); // the event stream then ends with `cancelled`
   } catch (err) {
     showError(err, $("gen"));
+    // the service cannot be reached (the page is reconnecting): stop waiting for the job here
+    if (!err.status && current && current.id === id) current.abort.abort();
   }
 }
 
@@ -139,8 +149,13 @@ async function startCatalogue() {
     loadAdapters(controlTypes);
     showAdaptersFor(model());
     banner("");
+    // Generate and the grid need the catalogue (a slow service: they stay disabled until it is here)
+    if (!current) $("generate").disabled = false;
+    $("cmp-run").disabled = false;
+    if (!current) $("status").textContent = "Ready.";
     document.body.dataset.ready = "true";
   } catch (err) {
+    if (!current) $("status").textContent = "The list of models could not be loaded.";
     showError(err, $("gen"));
   }
 }

@@ -8,9 +8,11 @@ import { figure, showError } from "./ui.js";
 const $ = (id) => document.getElementById(id);
 const MAX = 4;
 
+// The values of the axis: the schedules picked in the list (only those the model runs), or numbers
+// typed comma separated.
 function parseValues(axis, text) {
+  if (axis === "schedule") return [...$("cmp-schedules").selectedOptions].map((o) => o.value);
   const parts = text.split(",").map((s) => s.trim()).filter(Boolean);
-  if (axis === "schedule") return parts;
   return parts.map((p) => {
     const v = Number(p);
     if (!Number.isFinite(v) || (axis === "steps" && !Number.isInteger(v))) throw new Error(`${p} is not a valid ${axis} value`);
@@ -42,8 +44,9 @@ async function run() {
     return $("cmp-samplers").focus();
   }
   if (!values.length || values.length > MAX) {
-    err.textContent = `give 1 to ${MAX} values, comma separated`;
-    return $("cmp-values").focus();
+    const schedules = axis === "schedule";
+    err.textContent = schedules ? `pick 1 to ${MAX} schedules` : `give 1 to ${MAX} values, comma separated`;
+    return $(schedules ? "cmp-schedules" : "cmp-values").focus();
   }
   if ($("seed").value === "") $("seed").value = Math.floor(Math.random() * 2 ** 31); // same seed everywhere
   const base = readForm();
@@ -83,6 +86,7 @@ async function run() {
 async function runCell({ td, body, label }) {
   try {
     const end = await runJob(body, {
+      onRetry: () => (td.textContent = "connection lost; reconnecting..."),
       onEvent: (name, d) => {
         if (name === "progress") td.textContent = `step ${d.step}/${d.total}`;
       },
@@ -102,6 +106,21 @@ async function runCell({ td, body, label }) {
   }
 }
 
+// The schedules the selected model runs (form.js: offeredSchedules), the picks kept where offered.
+export function compareFor(model, names) {
+  const keep = new Set([...$("cmp-schedules").selectedOptions].map((o) => o.value));
+  $("cmp-schedules").replaceChildren(...names.map((n) => new Option(n, n, false, keep.has(n))));
+}
+
+// Varying the schedule: pick from the list; the other axes: type numbers.
+function onAxis() {
+  const schedules = $("cmp-axis").value === "schedule";
+  $("cmp-schedules-row").hidden = !schedules;
+  $("cmp-values-row").hidden = schedules;
+}
+
 export function setupCompare() {
   $("cmp-run").addEventListener("click", run);
+  $("cmp-axis").addEventListener("change", onAxis);
+  onAxis();
 }

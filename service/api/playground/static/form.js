@@ -1,6 +1,7 @@
 // The generation form, built from the API's catalogue (/models, /samplers, /schedules): every
 // sampler and schedule option becomes a control with its default and bounds.
 import { call } from "./api.js";
+import { compareFor } from "./compare.js";
 import { showFor } from "./controlnet.js";
 import { showAdaptersFor } from "./ipadapter.js";
 
@@ -63,13 +64,23 @@ export function sizeLimits() {
   $("hires_scale").max = Math.max(1, Math.min(4, most));
 }
 
-// The schedules the model runs: those that need a discrete-time model (GET /schedules: needs_discrete)
-// only for one (GET /models: discrete); the choice is kept when still offered.
+// The schedules `m` runs: those that need a discrete-time model (GET /schedules: needs_discrete) only
+// for one (GET /models: discrete), `tuned` only where it has tuned schedules (GET /models:
+// tuned_schedules). The form and the comparison grid offer these.
+export function offeredSchedules(m) {
+  const tuned = Object.keys((m && m.tuned_schedules) || {}).length > 0;
+  return catalogue.schedules
+    .filter((s) => !(s.needs_discrete && m && m.discrete === false) && (s.name !== "tuned" || tuned))
+    .map((s) => s.name);
+}
+
+// The form's schedule list for `m`; the choice is kept when still offered.
 function schedulesFor(m) {
   const keep = $("schedule").value;
-  const names = catalogue.schedules.filter((s) => !s.needs_discrete || m.discrete !== false).map((s) => s.name);
+  const names = offeredSchedules(m);
   const d = (m.defaults || {}).schedule;
   fill($("schedule"), names, names.includes(keep) ? keep : names.includes(d) ? d : names[0]);
+  compareFor(m, names);
 }
 
 // The step cache, offered for a model whose network can cache (GET /models: cache_methods).

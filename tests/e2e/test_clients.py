@@ -291,6 +291,20 @@ def test_openai_streams_partial_images_then_completed_events(server: Server) -> 
         list(client.images.generate(prompt="7", size="enormous", stream=True, partial_images=2))
 
 
+def test_openai_stream_failing_after_a_partial_image_ends_with_an_error_event(server: Server) -> None:
+    # once an event went out the status is sent: a failure is OpenAI's error event, which the client raises
+    stream = _oai(server).images.generate(
+        prompt="7", size="8x8", stream=True, partial_images=3, extra_body={"steps": 2000}
+    )
+    first = next(iter(stream))
+    assert first.type == "image_generation.partial_image"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    (running,) = [j for j in httpx.get(f"{server.url}/jobs", headers=auth).json() if j["status"] == "running"]
+    assert httpx.delete(f"{server.url}/jobs/{running['id']}", headers=auth).status_code == 200
+    with pytest.raises(openai.APIError, match="cancelled"):
+        list(stream)
+
+
 def test_openai_output_formats_compression_and_links(server: Server) -> None:
     client = _oai(server)
     sizes = {}

@@ -38,7 +38,7 @@ from .openai_schemas import (
     ModelObject,
     form_fields,
 )
-from .openai_translate import Translated, model_for, translate
+from .openai_translate import OPENAI_MODELS, Translated, model_for, translate
 from .runner import run
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
@@ -271,6 +271,8 @@ async def models(state: Service = Depends(get_state)) -> ModelList:
 
 @router.get("/models/{model_id}", response_model=ModelObject, dependencies=authed)
 async def model(model_id: str, state: Service = Depends(get_state)) -> ModelObject:
-    if model_id not in state.pool.known():
+    """One of ours, or an OpenAI name the image routes take (dall-e-3, gpt-image-1: the default
+    model), so a client that checks its configured model before using it finds it."""
+    if model_id not in state.pool.known() and not OPENAI_MODELS.match(model_id):
         raise OpenAIError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
     return ModelObject(id=model_id, created=STARTED)

@@ -29,7 +29,7 @@ class ImageGenerationRequest(BaseModel):
         description="low: half the model's steps; medium|standard|auto: its steps; high|hd: twice; xhigh: "
         "three times; max: four times (at most KDIFF_MAX_STEPS)",
     )
-    style: str | None = Field(None, max_length=16, description="accepted, ignored")
+    style: Literal["vivid", "natural"] | None = Field(None, description="DALL-E 3's: accepted, ignored")
     user: str | None = Field(None, max_length=256, description="accepted, ignored")
     seed: int | None = Field(None, ge=0, lt=2**63)
     negative_prompt: str | None = Field(None, max_length=4000)

@@ -37,6 +37,10 @@ def test_models_list_and_retrieve(oai: TestClient) -> None:
     assert oai.get("/v1/models/tiny").json()["id"] == "tiny"
     missing = oai.get("/v1/models/ghost")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    # the OpenAI names the image routes take (as the default model) are found too
+    assert [oai.get(f"/v1/models/{name}").status_code for name in ("dall-e-3", "gpt-image-1.5")] == [200, 200]
+    bad = oai.post("/v1/images/generations", json={"prompt": "7", "style": "weird"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "style"
 
 
 def test_generation_b64_and_url_resized_with_the_same_seed_as_sample(oai: TestClient) -> None:

@@ -155,7 +155,11 @@ def create_app(settings: Settings | None = None, store: ModelStore | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.startup()
+        try:
+            await state.startup()
+        except Exception as exc:
+            app.state.startup_error = exc  # `kdiff serve` says it in one line (service/api/cli.py)
+            raise
         try:
             yield
         finally:

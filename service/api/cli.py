@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable, MutableMapping
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger("kdiff.serve")
 
@@ -58,10 +63,66 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
 
 
+# What a start-up failure of these types says is meant for the operator (a missing model, a bad
+# setting, a folder that cannot be written, a Redis that does not answer): one line, no traceback.
+OPERATOR_ERRORS = (RuntimeError, ValueError, OSError)
+Message = MutableMapping[str, Any]
+
+
+def operator_line(exc: BaseException) -> str:
+    from service.serving.errors import StartupError
+
+    return str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+
+
+def one_line_startup_failure(app: Any) -> Callable[..., Awaitable[None]]:
+    """``app`` with its start-up failure told in one line: starlette hands uvicorn the traceback of
+    what the lifespan raised, a wall of 80-120 lines in front of the one that says what is wrong.
+    Other failures (bugs) keep their traceback."""
+
+    async def asgi(
+        scope: Message, receive: Callable[[], Awaitable[Message]], send: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def said_once(message: Message) -> None:
+            exc = getattr(app.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and isinstance(exc, OPERATOR_ERRORS):
+                log.debug("start-up failed", exc_info=exc)  # the traceback, with --log-level debug
+                message = {**message, "message": f"kdiff serve: cannot start: {operator_line(exc)}"}
+            await send(message)
+
+        await app(scope, receive, said_once)
+
+    return asgi
+
+
+def read_settings(args: argparse.Namespace) -> Settings | None:
+    """The settings (environment, then the command's options), with a warning for each KDIFF_*
+    variable that is no setting; None after one line per invalid setting on stderr."""
+    from pydantic import ValidationError
+
+    from .settings import Settings, explain, unknown_variables
+
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
+    try:
+        return Settings(**_overrides(args))
+    except ValidationError as exc:  # one line per setting, named as the operator set it
+        for line in explain(exc):
+            print(f"kdiff serve: {line}", file=sys.stderr)
+        return None
+
+
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "ray", False):
         from service.deploy.cli import serve_ray
 
+        # its own cluster's replicas read this environment: a bad setting is said here in one line, not
+        # as each replica's traceback while Serve restarts it
+        if args.address is None and read_settings(args) is None:
+            return 2
         return serve_ray(args, _overrides(args))
     from .malloc import cap_arenas, start_trimming
 
@@ -73,16 +134,18 @@ def main(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .protocol import with_header_timeout
-    from .settings import Settings
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(**_overrides(args))
+    read = read_settings(args)
+    if read is None:
+        return 2
+    settings = read  # (narrowed for the drain below)
     try:
         app = create_app(settings)
-    except StateCorrupt as exc:  # a clear line, not a traceback; the file is left as it is
-        print(f"kdiff serve: {exc}", file=sys.stderr)
+    except (StateCorrupt, OSError, ValueError) as exc:  # one clear line, no traceback; files left as they are
+        print(f"kdiff serve: cannot start: {operator_line(exc)}", file=sys.stderr)
         return 2
     state = app.state.service
 
@@ -109,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
                 self.should_exit = True
 
     config = uvicorn.Config(
-        app,
+        one_line_startup_failure(app),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.scheduler import Mode
@@ -14,7 +17,10 @@ from service.engine.scheduler import Mode
 class Settings(BaseSettings):
     """Every field maps to ``KDIFF_<NAME>`` (lists: comma-separated, e.g. ``KDIFF_API_KEYS=a,b``)."""
 
-    model_config = SettingsConfigDict(env_prefix="KDIFF_", extra="ignore", protected_namespaces=())
+    # env_ignore_empty: `KDIFF_TORCH_THREADS=` (an .env line left blank, compose's `${X:-}`) is the default
+    model_config = SettingsConfigDict(
+        env_prefix="KDIFF_", extra="ignore", protected_namespaces=(), env_ignore_empty=True
+    )
 
     model_store: Path = Field(
         default=Path("model_store"), description="folder holding one subfolder per model"
@@ -251,6 +257,13 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (N a GPU index) or mps")
+        return value
+
     @field_validator("state_dir", mode="before")
     @classmethod
     def _folder_text(cls, value: object) -> object:
@@ -281,7 +294,60 @@ class Settings(BaseSettings):
                 f"device {self.device!r} (KDIFF_DEVICE) but torch {torch.__version__} sees no CUDA GPU; "
                 "use 'cpu' or 'auto'"
             )
+        index = self.device.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {self.device!r} (KDIFF_DEVICE) but torch sees {torch.cuda.device_count()} GPU(s): "
+                f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+            )
         return self.device
+
+
+# KDIFF_* variables that are not settings of the service: read by the compose files, the image's
+# entrypoint and healthcheck, the Makefile and the tests (a warning names any other one: a misspelling).
+NOT_SETTINGS = frozenset(
+    {
+        "KDIFF_HOST",
+        "KDIFF_PORT",
+        "KDIFF_HOST_PORT",
+        "KDIFF_MODELS_DIR",
+        "KDIFF_IMAGE",
+        "KDIFF_BASE_IMAGE",
+        "KDIFF_REDIS_IMAGE",
+        "KDIFF_TORCH_SPEC",
+        "KDIFF_TORCH_INDEX_URL",
+        "KDIFF_TORCH_WHEEL",
+        "KDIFF_HEALTHCHECK_URL",
+        "KDIFF_KEY",
+        "KDIFF_CHROMIUM",
+        "KDIFF_SOAK",
+    }
+)
+SECRET_FIELDS = frozenset({"api_keys", "admin_keys", "webhook_urls", "webhook_secret", "redis_url"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each ``KDIFF_*`` variable of ``environ`` that no setting reads (with the closest
+    setting's name): such a variable is otherwise ignored without a word."""
+    known = [f"KDIFF_{name.upper()}" for name in Settings.model_fields]
+    out = []
+    for var in sorted(environ):
+        if var.startswith("KDIFF_") and var not in known and var not in NOT_SETTINGS:
+            close = difflib.get_close_matches(var, known, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]}?" if close else " (README 'Settings' lists them)"
+            out.append(f"{var} is not a setting and is ignored{hint}")
+    return out
+
+
+def explain(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, named as the operator set it (``KDIFF_<NAME>``), with its value
+    (secrets left out) and what is allowed."""
+    out = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        shown = "" if field in SECRET_FIELDS or "input" not in err else f"={err['input']!r}"
+        out.append(f"KDIFF_{field.upper()}{shown}: {err['msg'].removeprefix('Value error, ')}")
+    return out
 
 
 def settings_of(service: Any) -> Settings:

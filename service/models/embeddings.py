@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.models.file_names import model_folders
+
 EXTENSIONS = (".pt", ".bin", ".safetensors")
 IMAGE_EXTENSIONS = (".png", ".webp")  # A1111's embedding images (embedding_images.py); not ComfyUI's
 FOLDER = "embeddings"
@@ -255,9 +257,7 @@ class EmbeddingIndex:
     def folders(self) -> list[tuple[Path, str | None]]:
         out: list[tuple[Path, str | None]] = [(self.root / FOLDER, None)]
         if self.root.is_dir():
-            out += [
-                (d / FOLDER, d.name) for d in sorted(self.root.iterdir()) if (d / "manifest.json").is_file()
-            ]
+            out += [(d / FOLDER, d.name) for d in model_folders(self.root)]
         return out
 
     def files(self) -> Iterator[tuple[Path, str, str | None]]:

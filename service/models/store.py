@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -236,6 +237,49 @@ class LoadedModel:
         return x, self.class_conditioning(torch.zeros(1, dtype=torch.long, device=self.device))[0]
 
 
+# Folders of the store's top level that hold what models share, not models (their own indexes read them).
+SHARED_FOLDERS = frozenset({"loras", "embeddings", "controlnet", "annotators", "upscalers", "ipadapter"})
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def skip_reason(entry: Path) -> str | None:
+    """Why the store's top-level ``entry`` is not a model: None for a model folder (a valid name and a
+    manifest.json), "" for what is not meant as one (the shared folders, ``_examples``, hidden
+    entries, other files), else the reason an operator reads in the log and in GET /models."""
+    name = entry.name
+    if name.startswith((".", "_")):
+        return ""
+    try:
+        if name in SHARED_FOLDERS:
+            if entry.is_dir():
+                os.scandir(entry).close()  # its index lists nothing from a folder it cannot read: say so
+            return ""
+        if entry.is_symlink() and not entry.exists():  # exists() follows the link: False for a loop too
+            return f"{entry}: a symbolic link to nothing (dangling, or a loop)"
+        if entry.is_file():
+            if entry.suffix.lower() not in WEIGHT_SUFFIXES:
+                return ""
+            return (
+                f"{entry}: a weights file at the top of the store; a model is a folder <name>/ holding "
+                "its weights and a manifest.json (model_store/_examples/)"
+            )
+        if not entry.is_dir():
+            return ""
+        manifest = entry / "manifest.json"
+        if not manifest.exists():
+            return f"{entry}: no manifest.json, so not a model (copy one from model_store/_examples/)"
+        if not manifest.is_file():
+            return f"{manifest}: not a file"
+    except OSError as exc:  # a folder the service's user may not enter (permissions)
+        return f"{entry}: cannot be read by the service: {exc.strerror or exc}"
+    if not NAME_RE.match(name):
+        return (
+            f"{entry}: {name!r} is not a model name (letters, digits, '_', '.', '-'; starting with a "
+            "letter or digit; at most 64 characters): rename the folder"
+        )
+    return None
+
+
 Loader = Callable[[Manifest, torch.device, torch.dtype], LoadedModel]
 LOADERS: dict[str, Loader] = {}
 
@@ -276,19 +320,22 @@ class ModelStore:
 
     def scan(self, errors: dict[str, str] | None = None) -> dict[str, Manifest]:
         """The store's manifests by name. With ``errors``, a bad manifest is recorded there (name ->
-        message) instead of raising, so one broken folder does not hide the others."""
+        message) instead of raising, so one broken folder does not hide the others; so is every other
+        entry an operator may have meant as a model and that is skipped (:func:`skip_reason`)."""
         out: dict[str, Manifest] = {}
         if not self.root.is_dir():
             return out
-        for folder in sorted(self.root.iterdir()):
-            path = folder / "manifest.json"
-            if folder.is_dir() and NAME_RE.match(folder.name) and path.is_file():
-                try:
-                    out[folder.name] = self._read(folder, path)
-                except ManifestError as exc:
-                    if errors is None:
-                        raise
-                    errors[folder.name] = str(exc)
+        for entry in sorted(self.root.iterdir()):
+            try:
+                why = skip_reason(entry)
+                if why is None:
+                    out[entry.name] = self._read(entry, entry / "manifest.json")
+                elif why and errors is not None:
+                    errors[entry.name] = why
+            except ManifestError as exc:
+                if errors is None:
+                    raise
+                errors[entry.name] = str(exc)
         return out
 
     def _read(self, folder: Path, path: Path) -> Manifest:
@@ -311,7 +358,10 @@ class ModelStore:
             raise ManifestError(f"{path}: {exc}") from exc
 
     def resolve(self, name: str) -> Manifest:
-        manifests = self.scan()
+        errors: dict[str, str] = {}  # another folder's broken manifest must not fail this model
+        manifests = self.scan(errors)
+        if isinstance(name, str) and name not in manifests and name in errors:
+            raise ManifestError(errors[name])
         if not isinstance(name, str) or name not in manifests:
             raise UnknownModelError(str(name), sorted(manifests))
         return manifests[name]
@@ -328,9 +378,6 @@ class ModelStore:
                 f"{name}: unknown kind {manifest.kind!r}; known kinds: {', '.join(sorted(LOADERS))}"
             )
         return loader(manifest, torch.device(device), dtype)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def disk_bytes(manifest: Manifest) -> int:

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from service.engine.codes import ErrorCode
 
-__all__ = ["ErrorCode", "ModelBusy", "ModelUnavailable", "ServingError", "StoreUnavailable"]
+__all__ = [
+    "ErrorCode",
+    "ModelBusy",
+    "ModelUnavailable",
+    "ServingError",
+    "StartupError",
+    "StoreUnavailable",
+]
 
 
 class ServingError(Exception):
@@ -37,3 +44,9 @@ class StoreUnavailable(ServingError):
     def __init__(self, exc: BaseException) -> None:
         msg = f"the job store could not record the job ({type(exc).__name__}: {exc}); retry later"
         super().__init__(ErrorCode.store_unavailable, msg, transient=True)
+
+
+class StartupError(RuntimeError):
+    """What stops the service from starting, said in one line for the operator (``kdiff serve`` prints
+    it without a traceback): a model store with nothing to serve, a model the settings name that is
+    missing or fails to load, a broken default model."""

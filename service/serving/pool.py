@@ -29,7 +29,7 @@ from service.models.text_image import TextLoadedModel
 from service.models.traced import trace_denoiser
 from service.models.upscalers import UpscalerConfig, Upscalers, UpscalerSettings
 
-from .errors import ErrorCode, ModelBusy, ModelUnavailable
+from .errors import ErrorCode, ModelBusy, ModelUnavailable, StartupError
 
 log = logging.getLogger("kdiff.service")
 SHIPPED = "digits"  # the model the repository ships: the default when the settings name none
@@ -170,9 +170,13 @@ class ModelPool:
         return "failed" if name in self.load_errors else "on_disk"
 
     def refresh(self) -> dict[str, Manifest]:
-        """Rescan the store: new folders appear, removed ones go (unless loaded)."""
+        """Rescan the store: new folders appear, removed ones go (unless loaded). What it skips (a
+        broken manifest, a folder without one, ...) is in ``manifest_errors`` and logged once."""
         errors: dict[str, str] = {}
         self.manifests = self.store.scan(errors)
+        for name, why in errors.items():
+            if self.manifest_errors.get(name) != why:
+                log.warning("model store: skipped %r: %s", name, why)
         self.manifest_errors = errors
         return self.manifests
 
@@ -184,29 +188,40 @@ class ModelPool:
         return None
 
     async def start(self) -> None:
-        """Scan the store and load what the settings name (or every model, best effort)."""
+        """Scan the store and load what the settings name (or every model, best effort). Raises
+        StartupError (one line for the operator) when there is nothing to serve, when a model the
+        settings name is not there or fails to load, or when the default model fails to load."""
         s = self.settings
         self._device = s.resolve_device()
         self._dtype = DTYPES[s.resolve_dtype(self._device)]
         self.footprint.budget = s.memory_budget if s.memory_budget is not None else device_bytes(self._device)
         self.upscalers.configure(UpscalerConfig.of(s, self._device, self._dtype))
         self.refresh()
-        names = s.models or sorted(self.manifests)
-        if not names and not self.manifest_errors:  # a wrong path or mount would otherwise serve nothing
+        if not self.manifests:  # a wrong path or mount would otherwise serve nothing
             root = self.store.root
             why = "does not exist" if not root.is_dir() else "holds no <name>/manifest.json"
-            raise RuntimeError(f"no models to serve: the model store {str(root)!r} {why} (KDIFF_MODEL_STORE)")
-        for name in names:
-            if name not in self.manifests:
-                self.store.resolve(name)  # raises UnknownModelError naming the valid ones
+            if self.manifest_errors:
+                why = "has no usable model: " + "; ".join(self.manifest_errors.values())
+            raise StartupError(f"no models to serve: the model store {str(root)!r} {why} (KDIFF_MODEL_STORE)")
+        named = [*((m, "KDIFF_MODELS") for m in s.models), (s.default_model, "KDIFF_DEFAULT_MODEL")]
+        for name, setting in named:
+            if name and name not in self.manifests:  # before any load: fail fast
+                why = self.manifest_errors.get(name) or f"not in the store; models: {', '.join(self.known())}"
+                raise StartupError(f"model {name!r} ({setting}): {why}")
+        for name in s.models or sorted(self.manifests):
             try:
                 await self.ensure_loaded(name)
             except ModelUnavailable as exc:
-                if s.models:  # asked for by name: as before, the service does not start without it
-                    raise RuntimeError(exc.message) from exc
+                if s.models:  # asked for by name: the service does not start without it
+                    raise StartupError(f"{exc.message} (KDIFF_MODELS)") from exc
                 log.warning("not preloaded: %s", exc.message)
-        if s.default_model and s.default_model not in self.manifests:
-            raise ValueError(f"default_model {s.default_model!r} is not in the store; models: {self.known()}")
+        default = self.default_model  # (a failed one only when it is named, the shipped one, or all failed)
+        if default in self.load_errors:  # requests that name no model would all fail: do not start
+            others = ", ".join(m for m in self.models if m != default) or "none"
+            raise StartupError(
+                f"the default model: {self.load_errors[default]}; fix its files, or set KDIFF_DEFAULT_MODEL "
+                f"to another model (others: {others})"
+            )
 
     # --- loading and unloading ---
     async def ensure_loaded(self, name: str) -> LoadedModel:
@@ -243,7 +258,7 @@ class ModelPool:
                 elif s.jit and not isinstance(model, TextLoadedModel):  # traces the project's UNet only
                     await asyncio.to_thread(trace_denoiser, model.denoiser, model.example_input())
             except Exception as exc:
-                msg = f"loading model {name!r} failed: {type(exc).__name__}: {exc}"
+                msg = f"loading model {name!r} failed: {type(exc).__name__}: {exc} (folder {manifest.folder})"
                 self.load_errors[name] = msg
                 log.error("%s", msg)
                 raise ModelUnavailable(ErrorCode.load_failed, msg) from exc

@@ -218,7 +218,10 @@ class Service:
         if name is None:
             known = self.pool.known()
             wanted = request.model or self.pool.default_model
-            raise InputError("model", f"unknown model {wanted!r}; valid models: {', '.join(known)}", known)
+            why = self.pool.manifest_errors.get(str(wanted))  # a folder of the store, skipped: say why
+            skipped = f" (the store skipped it: {why})" if why else ""
+            msg = f"unknown model {wanted!r}{skipped}; valid models: {', '.join(known)}"
+            raise InputError("model", msg, known)
         if name not in self.pool.models and not wait_load:
             # what needs no loaded model is checked now: those field errors are not failed jobs later
             check_spec(

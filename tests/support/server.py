@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +23,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, log: Path, port: int | None = None, **env: str) -> None:
+    def __init__(
+        self, store: Path, log: Path, port: int | None = None, *, prefix: Sequence[str] = (), **env: str
+    ) -> None:
+        """``prefix``: what the command runs under (e.g. ``setpriv`` to serve as another user)."""
         self.port = port or free_port()  # a port: a restart where the last one ran
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -35,6 +38,7 @@ class Server:
         }
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "service.cli",
@@ -68,9 +72,9 @@ class Server:
 
 
 @contextmanager
-def running(store: Path, log: Path, **env: str) -> Iterator[Server]:
+def running(store: Path, log: Path, *, prefix: Sequence[str] = (), **env: str) -> Iterator[Server]:
     """A ready server on ``store`` for the ``with`` block, killed after it."""
-    server = Server(store, log, **env)
+    server = Server(store, log, prefix=prefix, **env)
     try:
         server.wait_ready()
         yield server

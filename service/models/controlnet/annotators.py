@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from service.models.file_names import is_file
+
 from . import openpose
 from .annotator_cache import NETWORKS, Device
 from .openpose_net import PoseWeightsError
@@ -54,7 +56,7 @@ def _depth_folder(root: Path) -> Path:
 def available(root: Path) -> list[str]:
     """The model-based modules whose weights are in the store."""
     d = _depth_folder(root)
-    depth = [DEPTH] if (d / "config.json").is_file() and (d / "model.safetensors").is_file() else []
+    depth = [DEPTH] if is_file(d / "config.json") and is_file(d / "model.safetensors") else []
     return [*depth, *openpose.available(Path(root) / FOLDER)]
 
 

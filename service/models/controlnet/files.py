@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.models.file_names import usable_name
+from service.models.file_names import is_file, listing, usable_name
 
 from . import diffusers_keys, original_keys
 from .net import ControlNet, ControlNetConfig, ControlNetConfigError
@@ -45,8 +45,8 @@ def scan(root: Path) -> dict[str, ControlNetFile]:
     out: dict[str, ControlNetFile] = {}
     if not folder.is_dir():
         return out
-    for p in sorted(folder.iterdir()):
-        if p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in WEIGHTS):
+    for p in listing(folder):
+        if p.is_dir() and is_file(p / "config.json") and any(is_file(p / w) for w in WEIGHTS):
             name = p.name
         elif p.is_file() and p.suffix in SINGLE:
             name = p.stem

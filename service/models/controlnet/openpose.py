@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.models.file_names import is_file
+
 from . import cv_resize, openpose_body, openpose_draw, openpose_face, openpose_hand
 from .annotator_cache import NETWORKS, Device
 from .openpose_net import load_body, load_face, load_hand
@@ -48,7 +50,7 @@ def weight_file(folder: Path, name: str = BODY_FILE) -> Path | None:
     """A pose model in ``model_store/annotators/`` (``folder``), or None."""
     for place in _PLACES:
         path = Path(folder) / place / name
-        if path.is_file():
+        if is_file(path):
             return path
     return None
 

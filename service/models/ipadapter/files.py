@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.models.file_names import usable_name
+from service.models.file_names import is_file, listing, usable_name
 
 SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 LAYER_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
@@ -73,7 +73,7 @@ def _folder(root: Path) -> Path:
 
 
 def _is_encoder(p: Path) -> bool:
-    return p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+    return p.is_dir() and is_file(p / "config.json") and is_file(p / "model.safetensors")
 
 
 def _walk(folder: Path, depth: int = 2) -> list[Path]:
@@ -81,7 +81,7 @@ def _walk(folder: Path, depth: int = 2) -> list[Path]:
     out: list[Path] = []
     if depth < 0 or not folder.is_dir():
         return out
-    for p in sorted(folder.iterdir()):
+    for p in listing(folder):
         if p.name.startswith("."):
             continue
         out.append(p)

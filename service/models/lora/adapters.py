@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.models.file_names import usable_name
+from service.models.file_names import model_folders, usable_name
 
 from .formats import LoraFormatError, read_lora
 from .layers import Plan, Prepared, RowLora
@@ -69,9 +69,7 @@ class LoraIndex:
         out = []
         folders: list[tuple[Path, str | None]] = [(self.root / "loras", None)]
         if self.root.is_dir():
-            folders += [
-                (d / "loras", d.name) for d in sorted(self.root.iterdir()) if (d / "manifest.json").is_file()
-            ]
+            folders += [(d / "loras", d.name) for d in model_folders(self.root)]
         for folder, base in folders:
             if folder.is_dir():
                 for f in sorted(folder.glob("*.safetensors")):

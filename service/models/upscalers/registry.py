@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from service.models.file_names import listing
 from service.sampling.errors import InputError
 
 from .batcher import Batcher, BatchStats
@@ -119,7 +120,7 @@ class Upscalers:
             return {}
         found: dict[str, Path] = {}
         for path in sorted(
-            self.folder.iterdir(),
+            listing(self.folder),
             key=lambda p: (EXTENSIONS.index(p.suffix) if p.suffix in EXTENSIONS else 99, p.name),
         ):
             if path.suffix in EXTENSIONS and path.is_file() and path.stem not in PLAIN_UPSCALERS:

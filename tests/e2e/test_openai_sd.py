@@ -85,3 +85,15 @@ def test_partial_images_of_a_latent_model_are_full_size_decodes(client: openai.O
     assert partial.format == final.format == "WEBP" and partial.size == final.size == (48, 64)
     diff = np.abs(np.asarray(partial, dtype=int) - np.asarray(final, dtype=int)).mean()
     assert 0 < diff < 128  # an earlier prediction of the same image
+
+
+def test_a_phone_photo_is_edited_upright(client: openai.OpenAI) -> None:
+    # a camera JPEG stored 97x64 with EXIF orientation 6 (shown rotated: 64x97, portrait); edited as
+    # stored, the result came back landscape
+    buf, exif = io.BytesIO(), Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (97, 64), (120, 60, 200)).save(buf, format="JPEG", exif=exif)
+    edit = client.images.edit(
+        model="sd1", image=("p.jpg", buf.getvalue(), "image/jpeg"), prompt="a red 3", extra_body=FAST
+    )
+    assert _size(edit) == (48, 72) and edit.size == "48x72"

@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         timeout_graceful_shutdown=5,
         lifespan="on",
-        http=with_header_timeout(settings.header_timeout_s),
+        http=with_header_timeout(settings.header_timeout_s, settings.send_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
     )

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         default=10.0, gt=0, description="time a client may take to send its request headers (then closed)"
     )
+    send_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="time a client may leave a response unread (no byte taken) before it is dropped",
+    )
     keep_alive_s: int = Field(
         default=5, ge=1, description="idle keep-alive connections are closed after this"
     )

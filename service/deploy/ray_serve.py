@@ -262,7 +262,7 @@ class Ingress:
             self.listener = Listener(
                 _DirectApp(self),
                 sock,
-                http=with_header_timeout(float(hop["header_timeout_s"])),
+                http=with_header_timeout(float(hop["header_timeout_s"]), float(hop["send_timeout_s"])),
                 keep_alive_s=int(hop["keep_alive_s"]),
                 limit_concurrency=int(hop["max_connections"]),
             )
@@ -652,6 +652,7 @@ def build_app(args: dict[str, Any]) -> Any:
         # the public listener's guards, as `kdiff serve` sets them (KDIFF_*_TIMEOUT_S, ...)
         "body_timeout_s": limits.body_timeout_s,
         "header_timeout_s": limits.header_timeout_s,
+        "send_timeout_s": limits.send_timeout_s,
         "keep_alive_s": limits.keep_alive_s,
         "max_connections": limits.max_connections,
     }

@@ -21,10 +21,16 @@ BIG = 50 * 10**6  # 50 MB, past the 34 MB default limit
 
 @pytest.fixture(scope="module")
 def impatient(reliability_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server with 1 s header and body deadlines (the shared one keeps the defaults, so a loaded
-    machine cannot make the other tests' clients look slow)."""
+    """A server with 1 s header, body and send deadlines (the shared one keeps the defaults, so a
+    loaded machine cannot make the other tests' clients look slow)."""
     log = tmp_path_factory.mktemp("impatient") / "server.log"
-    srv = start(reliability_store, log, KDIFF_HEADER_TIMEOUT_S="1", KDIFF_BODY_TIMEOUT_S="1")
+    srv = start(
+        reliability_store,
+        log,
+        KDIFF_HEADER_TIMEOUT_S="1",
+        KDIFF_BODY_TIMEOUT_S="1",
+        KDIFF_SEND_TIMEOUT_S="1",
+    )
     try:
         yield srv
     finally:
@@ -152,3 +158,50 @@ def test_connections_over_the_cap_get_503_and_the_service_recovers(
         assert httpx.get(f"{srv.url}/healthz", timeout=10).status_code == 200
     finally:
         srv.stop()
+
+
+def _unread_responses(port: int, requests: int) -> socket.socket:
+    """A client that asks for ``requests`` API schemas (84 KB each) at once, pipelined, and reads
+    none of them: far more than the socket buffers hold, so the server's writes stall."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+    return s
+
+
+def _read_all(s: socket.socket) -> tuple[int, bool]:
+    """(responses received, whether the server ended the connection) once the client reads again."""
+    data, deadline = b"", time.monotonic() + 3
+    s.settimeout(1)
+    try:
+        while time.monotonic() < deadline:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return data.count(b"HTTP/1.1 200"), True
+            data += chunk
+    except ConnectionResetError:
+        return data.count(b"HTTP/1.1 200"), True
+    except TimeoutError:
+        pass
+    return data.count(b"HTTP/1.1 200"), False  # still open: the server was waiting for this reader
+
+
+def test_clients_that_never_read_are_dropped_after_the_send_deadline(impatient: Server) -> None:
+    """Four clients that pipeline 200 requests each and read nothing. Before the send deadline each
+    held its connection, and the answers it never took, for good (100 such sockets were all still
+    open after 40 s): enough of them fill KDIFF_MAX_CONNECTIONS and every client gets 503. Now each is
+    aborted once its writes have been stalled for the deadline (1 s here), and others are served."""
+    stuck = [_unread_responses(impatient.port, 200) for _ in range(4)]
+    time.sleep(2.5)  # the stall, the 1 s deadline, and room for a loaded machine
+    r = httpx.post(
+        f"{impatient.url}/sample",
+        json={"class_label": 1, "steps": 2},
+        headers={"Authorization": f"Bearer {KEY1}"},
+    )
+    assert r.status_code == 200
+    outcomes = [_read_all(s) for s in stuck]
+    for s in stuck:
+        s.close()
+    print(f"\nstuck readers (responses taken of 200, dropped by the server): {outcomes}")
+    assert all(ended and got < 200 for got, ended in outcomes), outcomes

@@ -76,6 +76,8 @@ def from_parameters(p: dict[str, Any]) -> str:
         pairs.append(("Variation seed strength", _num(p["subseed_strength"])))
     if p.get("clip_skip") is not None:
         pairs.append(("Clip skip", p["clip_skip"]))
+    if p.get("img2img") and p.get("noise_multiplier") not in (None, 1, 1.0) and "a1111_extra" not in p:
+        pairs.append(("Noise multiplier", _num(p["noise_multiplier"])))
     if isinstance(p.get("hires"), dict) and "a1111_extra" not in p:  # A1111's routes write their own
         pairs.extend(hires_pairs(p["hires"]))
     pairs.extend((str(k), v) for k, v in (p.get("a1111_extra") or {}).items())

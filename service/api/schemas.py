@@ -6,14 +6,23 @@ import dataclasses
 from copy import copy
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    create_model,
+    field_validator,
+)
 
 from service.image_gate import MAX_B64_CHARS, GatedImage
 from service.models.stepcache import CacheSpec
+from service.sampling.errors import InputError
 from service.sampling.request import TOP_LEVEL_OPTIONS  # noqa: F401  (re-exported)
 from service.sampling.spec import MAX_STEPS
 from service.serving.errors import ErrorCode
-from service.serving.hires import HiresFix
+from service.serving.hires import HiresFix, hr_option
 from service.serving.request import MAX_SIDE, GenerationRequest, request_fields
 from service.serving.request import ControlNetRef as ServingControlNet
 from service.serving.request import IPAdapterRef as ServingIPAdapter
@@ -126,6 +135,20 @@ class ControlNetRef(BaseModel):
         max_length=3,
         description="union ControlNets: more control images with their types",
     )
+    hr_option: str = Field(
+        "both",
+        max_length=32,
+        description="with a hires fix, the passes it acts in: both | low_res_only | high_res_only "
+        "(A1111's Both, Low res only, High res only); without one it acts in the one pass",
+    )
+
+    @field_validator("hr_option")
+    @classmethod
+    def _hr_option(cls, value: str) -> str:
+        try:
+            return hr_option(value, "hr_option")
+        except InputError as exc:
+            raise ValueError(exc.message) from exc
 
     def serving(self) -> ServingControlNet:
         fields = {k: getattr(self, k) for k in type(self).model_fields}

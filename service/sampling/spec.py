@@ -23,6 +23,7 @@ from .variation import mix
 _STEP_STREAM = 0x9E3779B97F4A7C15  # step noise: independent of the start noise of the same seed
 REQUEST = {"request": True}
 MAX_STEPS = 10_000  # the most steps any spec may have (a service sets its own lower limit)
+MAX_NOISE_MULTIPLIER = 4.0  # img2img's noise_multiplier (A1111's slider: 0 to 1.5; its API: any float)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class SamplingSpec:
     # a tuned solver's per-step coefficients (samplers/tuned_multistep.py; schedule "tuned" sets them)
     coefficients: list[float] | None = field(default=None, metadata=REQUEST)
     window: StepWindow | None = None  # run only part of the schedule (ComfyUI's LATENT hand-over)
+    # img2img: the start noise times this (A1111's initial_noise_multiplier, "Noise multiplier")
+    noise_multiplier: float = field(default=1.0, metadata=REQUEST)
 
     def __post_init__(self) -> None:
         info = registry.get_sampler(self.sampler)
@@ -91,6 +94,12 @@ class SamplingSpec:
             raise ValueError(f"subseed_strength must be in [0, 1], got {self.subseed_strength!r}")
         if self.subseeds is not None and len(self.subseeds) != len(self.seeds):
             raise ValueError(f"got {len(self.subseeds)} subseeds for {len(self.seeds)} seeds")
+        if not 0.0 <= float(self.noise_multiplier) <= MAX_NOISE_MULTIPLIER:
+            raise InputError(
+                "noise_multiplier",
+                f"noise_multiplier must be in [0, {MAX_NOISE_MULTIPLIER:g}], got {self.noise_multiplier!r}",
+                [0.0, MAX_NOISE_MULTIPLIER],
+            )
         if not 0.0 <= float(self.guidance_rescale) <= 1.0:
             raise InputError(
                 "guidance_rescale", f"guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}"
@@ -195,8 +204,12 @@ def start_latents(
         x = NoiseSource(spec.seeds).randn(shape[1:], device, dtype)
         if spec.subseeds is not None and spec.subseed_strength > 0:
             x = mix(x, NoiseSource(spec.subseeds).randn(shape[1:], device, dtype), spec.subseed_strength)
-    x = x * sigmas[0]
-    return x if init is None else init.to(device=device, dtype=dtype) + x
+    if init is None:
+        return x * sigmas[0]
+    # A1111 (processing.py, img2img's sample): the unit noise times initial_noise_multiplier, then
+    # init + noise * sigma_0 (a flow model's prepare keeps the factor: it reads the noise back)
+    scale = sigmas[0] * spec.noise_multiplier if spec.noise_multiplier != 1.0 else sigmas[0]
+    return init.to(device=device, dtype=dtype) + x * scale
 
 
 def make_steppers(

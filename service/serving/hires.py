@@ -15,6 +15,10 @@ What A1111's ``modules/processing.py`` (``StableDiffusionProcessingTxt2Img``) do
   ``int(steps / denoise)`` steps and its last ``steps`` run (the same tail our img2img takes, with
   ``x = init + noise * sigma_0``; flow models start from ``(1 - t0) init + t0 noise``).
 
+ControlNet units pick their passes (sd-webui-controlnet's ``hr_option``, ``hook.disabled_by_hr_option``):
+``both``, ``low_res_only`` (the first pass), ``high_res_only`` (the second); without a hires fix every
+unit applies (the extension passes ``Both`` then).
+
 The second pass's conditioning and spec are built and checked with the request (a bad hires field
 is its 422); the job's driver (:class:`service.sampling.passes.Passes`) continues into it, so second
 passes run through the engine and batch with other requests at that size.
@@ -233,6 +237,7 @@ def _second_request(
         "denoise": DEFAULT_DENOISE if hr.denoise is None else hr.denoise,
         "sigmas": None,
         "coefficients": None,  # a tuned solver's were fitted to the first pass's sigmas
+        "noise_multiplier": None,  # A1111's is img2img's; its hires pass starts from plain noise
         "seed": list(spec.seeds),
         "width": final[0],
         "height": final[1],
@@ -251,7 +256,37 @@ def _second_request(
     if (hr.sampler and hr.sampler != request.sampler) or (hr.schedule and hr.schedule != request.schedule):
         changes |= {name: None for name in TOP_LEVEL_OPTIONS}
         changes |= {"sampler_options": {}, "schedule_options": {}}
-    return request.replace(**changes)
+    return pass_units(request.replace(**changes), second=True)
+
+
+# a ControlNet unit's passes: ours, and sd-webui-controlnet's HiResFixOption values (any case)
+HR_OPTIONS = {
+    "both": "both",
+    "low_res_only": "low_res_only",
+    "low res only": "low_res_only",
+    "high_res_only": "high_res_only",
+    "high res only": "high_res_only",
+}
+
+
+def hr_option(value: Any, field: str) -> str:
+    """A unit's ``hr_option`` as ours (``both``, ``low_res_only``, ``high_res_only``); else a 422."""
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in HR_OPTIONS:
+        allowed = ["Both", "Low res only", "High res only"]
+        raise InputError(field, f"{field} must be one of {', '.join(allowed)}, got {value!r}", allowed)
+    return HR_OPTIONS[key]
+
+
+def pass_units(request: GenerationRequest, second: bool) -> GenerationRequest:
+    """The request as one hires pass sees its ControlNet units: those whose ``hr_option`` leaves that
+    pass out are dropped (the first pass of a request without hires keeps them all)."""
+    units = request.controlnets
+    if not units or (request.hires is None and not second):
+        return request
+    skip = "low_res_only" if second else "high_res_only"
+    kept = [u for u in units if hr_option(u.hr_option, "controlnets.hr_option") != skip]
+    return request if len(kept) == len(units) else request.replace(controlnets=kept or None)
 
 
 def upscale(

@@ -31,10 +31,10 @@ from service.sampling import registry
 from service.sampling.driver import Driver
 from service.sampling.errors import InputError
 from service.sampling.request import TOP_LEVEL_OPTIONS, Limits, build_spec, spec_parameters
-from service.sampling.spec import MAX_STEPS, SamplingSpec, make_sigmas, sampling_dtype
+from service.sampling.spec import MAX_NOISE_MULTIPLIER, MAX_STEPS, SamplingSpec, make_sigmas, sampling_dtype
 
 from . import latents
-from .hires import HiresFix, with_hires
+from .hires import HiresFix, pass_units, with_hires
 from .latents import LatentInput
 from .loras import lora_parameters, request_loras, with_adapters
 
@@ -92,6 +92,8 @@ class ControlNetRef:
     # union ControlNets (SDXL, Flux): the image's control type (None: auto), more images
     control_type: str | int | None = None
     images: tuple[UnionImage, ...] = ()
+    # with a hires fix, the passes it acts in: both | low_res_only | high_res_only (A1111's names too)
+    hr_option: str = "both"
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,12 @@ class GenerationRequest:
     )
     denoise: float | None = request_field(
         "img2img strength in (0, 1]; 1 = from noise", record="spec", gt=0.0, le=1.0
+    )
+    noise_multiplier: float | None = request_field(
+        "img2img: the start noise times this (A1111's initial_noise_multiplier); 1 = plain",
+        record="spec",
+        ge=0.0,
+        le=MAX_NOISE_MULTIPLIER,
     )
     mask: str | GatedImage | None = request_field(
         "base64 grayscale inpainting mask (white = repaint); needs init_image",
@@ -362,9 +370,14 @@ def build_job(
         spec = latents.with_window(spec, start)
     with text_loras(model, loras.text):
         denoise = 1.0 if start is not None and start.samples is not None else spec.denoise
-        inputs = model.job_inputs(request, n=n, cfg_scale=cfg, denoise=denoise)
+        # the first pass's ControlNet units (a hires fix's "high res only" ones wait for the second)
+        inputs = model.job_inputs(pass_units(request, second=False), n=n, cfg_scale=cfg, denoise=denoise)
     if start is not None:
         latents.start(start, inputs, model, n)
+    if spec.noise_multiplier != 1.0 and inputs.init is None:
+        raise InputError(
+            "noise_multiplier", "noise_multiplier scales img2img's start noise; it needs init_image"
+        )
     cond, uncond = with_adapters(model, inputs.cond, inputs.uncond, loras.unet, n)
     cond, uncond, cache = with_cache(request, model, cond, uncond, n)
     shape = (n, *(inputs.latent_shape or model.latent_shape))

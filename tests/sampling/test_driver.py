@@ -52,3 +52,20 @@ def test_guidance_rescale_changes_guided_samples_only() -> None:
     torch.testing.assert_close(run(0.7, 1.0), run(0.0, 1.0))  # cfg_scale 1: no guidance, nothing to rescale
     with pytest.raises(ValueError, match="guidance_rescale"):
         SamplingSpec("euler", guidance_rescale=1.5)
+
+
+def test_noise_multiplier_scales_img2img_start_noise() -> None:
+    """A1111's img2img (processing.py): x = init + (noise * initial_noise_multiplier) * sigma_0; txt2img
+    starts are untouched; out of range is an InputError naming the field."""
+    from service.sampling.errors import InputError
+    from service.sampling.spec import start_latents
+
+    sigmas = torch.tensor([7.0, 3.0, 0.0])
+    init = torch.full((2, 3, 4, 4), 0.25)
+    plain = SamplingSpec("euler", "karras", 2, [4, 5])
+    half = SamplingSpec("euler", "karras", 2, [4, 5], noise_multiplier=0.5)
+    noise = start_latents(plain, (2, 3, 4, 4), sigmas) / 7.0
+    assert torch.allclose(start_latents(half, (2, 3, 4, 4), sigmas, init=init), init + noise * 0.5 * 7.0)
+    assert torch.equal(start_latents(half, (2, 3, 4, 4), sigmas), noise * 7.0)
+    with pytest.raises(InputError, match="noise_multiplier"):
+        SamplingSpec("euler", "karras", 2, [4], noise_multiplier=-0.1)

@@ -424,3 +424,15 @@ def test_ksampler_from_noise_takes_fluxs_size_shift_and_the_img2img_start() -> N
     assert torch.equal(out, ks.sample(shape=shape, **kw))
     t0 = float(first[0]["sigma"])
     assert 0 < t0 < 1 and torch.allclose(first[0]["x"], (1 - t0) * init + t0 * noise, atol=1e-5)
+
+
+def test_a_flow_img2img_start_keeps_the_noise_multiplier() -> None:
+    """(1 - t0) init + t0 * (multiplier * noise): prepare reads the noise back from init + noise * t0."""
+    den = FlowDenoiser(lambda x, t: x, shift=3.0)
+    spec = SamplingSpec("euler", "flow", 5, [3], denoise=0.5, noise_multiplier=0.5)
+    sig = make_sigmas(spec, den)
+    init = torch.full((1, DIM), 0.7)
+    noise = start_latents(spec, (1, DIM), sig, "cpu", torch.float32) / sig[0]
+    x = start_latents(spec, (1, DIM), sig, "cpu", torch.float32, init)
+    _, _, x = den.prepare(spec, x, sig, init)
+    assert torch.allclose(x, (1 - sig[0]) * init + sig[0] * 0.5 * noise, atol=1e-6)

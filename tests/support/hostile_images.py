@@ -21,6 +21,8 @@ from functools import lru_cache
 
 from PIL import Image, PngImagePlugin
 
+from service.api.compat.a1111_encode import user_comment
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -127,10 +129,9 @@ def animated_webp(frames: int = 3) -> bytes:
 
 def a1111_jpeg(infotext: str, size: tuple[int, int] = (16, 16)) -> bytes:
     """A JPEG as A1111 saves one: the infotext in EXIF UserComment, b"UNICODE\\0" + UTF-16 big-endian
-    (piexif's ``UserComment.dump(text, encoding="unicode")``), in the Exif IFD."""
-    exif = Image.Exif()
-    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + infotext.encode("utf-16-be")
-    return encoded(Image.new("RGB", size, (1, 2, 3)), "JPEG", exif=exif.tobytes())
+    (piexif's ``UserComment.dump(text, encoding="unicode")``), in the Exif IFD, the block laid out as
+    ``piexif.dump`` lays it out (tests/api/compat/test_a1111_formats.py checks it byte for byte)."""
+    return encoded(Image.new("RGB", size, (1, 2, 3)), "JPEG", exif=user_comment(infotext))
 
 
 def b64(data: bytes) -> str:

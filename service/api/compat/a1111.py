@@ -19,7 +19,7 @@ from service.serving.hires import model_names
 from service.serving.service import Service
 
 from ..deps import require_api_key
-from . import a1111_options, a1111_results, a1111_translate, limits
+from . import a1111_encode, a1111_options, a1111_results, a1111_translate, limits
 from .a1111_schemas import (
     ImageResponse,
     Img2ImgRequest,
@@ -56,8 +56,15 @@ async def _generate(body: Txt2ImgRequest, call: CompatCall) -> dict[str, Any]:
         plan = await asyncio.to_thread(
             a1111_translate.plan, body, m, options, state.settings.max_images, upscalers
         )
+    overrides = body.override_settings or {}
+    if overrides and not body.override_settings_restore_afterwards:
+        # A1111 leaves the overrides set (the model under the name it resolved), before it runs
+        kept = overrides | ({"sd_model_checkpoint": m.name} if "sd_model_checkpoint" in overrides else {})
+        call.compat.options.update(call.caller.options_scope, kept)
+        options = call.options()
     jobs = await run(call, plan.bodies)
-    return await asyncio.to_thread(a1111_results.render, plan, body, jobs)
+    encoding = a1111_encode.encoding(options)  # after a restore: the caller's options (A1111 encodes then)
+    return await asyncio.to_thread(a1111_results.render, plan, body, jobs, encoding)
 
 
 @router.post("/txt2img", response_model=ImageResponse)
@@ -132,7 +139,8 @@ def _defaults(state: Service) -> dict[str, Any]:
         "sd_checkpoint_hash": None,
         "sd_vae": "Automatic",
         "CLIP_stop_at_last_layers": 1,
-        "samples_format": "png",
+        **a1111_encode.DEFAULTS,
+        "initial_noise_multiplier": 1.0,
         "eta_noise_seed_delta": 0,
         "sd_checkpoints_limit": len(state.pool.models),
     }

@@ -8,7 +8,8 @@ Unit fields as the extension reads them (``internal_controlnet/external_code.py`
 ``mask`` (aliases ``mask_image``, ``effective_region_mask``), ``resize_mode``, ``processor_res`` /
 ``threshold_a`` / ``threshold_b`` (-1 or out of range: the module's default), ``guidance_start``,
 ``guidance_end`` (legacy ``guidance``), ``control_mode`` (names or 0-2), ``pixel_perfect``,
-``hr_option`` ("High res only" is off without hires fix),
+``hr_option`` ("Both", "Low res only", "High res only": the hires passes it acts in; without a
+hires fix every unit acts),
 ``union_control_type`` (ControlNet-Union: "OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal
 Map", "Segmentation", "Tile", "Inpaint", "Unknown" = auto; read for union models only). An img2img
 unit without an image uses the init image, as the extension does. The script title matches
@@ -33,6 +34,7 @@ from service.models import ipadapter
 from service.models.controlnet import MAX_UNITS, annotators, preprocess, scan
 from service.models.controlnet.units import CONTROL_MODES
 from service.sampling.errors import InputError
+from service.serving.hires import hr_option
 from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
@@ -132,7 +134,6 @@ def units(
     scripts: dict[str, Any] | None,
     init_image: Any = None,
     init_resize_mode: int = 0,
-    comments: list[str] | None = None,
     hires: bool = False,
 ) -> list[dict[str, Any]] | None:
     """Our ``controlnets`` units for an A1111 body's ControlNet args (None: no ControlNet). Entries
@@ -166,15 +167,11 @@ def units(
         ours |= {"module": module, "image": image, "mask": mask or None}
         if unit.get("union_control_type") is not None:  # union ControlNets ("Unknown": auto)
             ours["control_type"] = unit["union_control_type"]
-        # hr_option (hook.disabled_by_hr_option): "High res only" is off in a run without hires fix;
-        # with hires on, a unit here applies to both passes, which the comments say
-        hr = str(unit.get("hr_option") or "Both").strip().lower()
-        if hr == "high res only" and not hires:
-            continue
-        if hires and hr != "both" and comments is not None:
-            comments.append(
-                f"ControlNet unit {i}: hr_option {hr!r} is not supported; it applies to both passes"
-            )
+        # hr_option: the passes of a hires fix it acts in (serving/hires.pass_units); without hires
+        # the extension hands every unit BOTH (controlnet.py: `unit.hr_option if high_res_fix`)
+        hr = hr_option(unit.get("hr_option") or "Both", f"{field}.hr_option")
+        if hires:
+            ours["hr_option"] = hr
         out.append(ours)
     if len(out) > MAX_UNITS:
         raise InputError("alwayson_scripts.controlnet.args", f"at most {MAX_UNITS} enabled ControlNet units")

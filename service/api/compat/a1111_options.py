@@ -22,7 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from service.sampling.errors import InputError
+from service.sampling.spec import MAX_NOISE_MULTIPLIER
 
+from .a1111_encode import FORMATS
 from .limits import check_depth
 
 MAX_CALLERS = 1024
@@ -54,13 +56,43 @@ def _optional_text(name: str, value: Any) -> str | None:
     return None if value is None else _text(name, value)
 
 
-# The options we read (model, clip skip) or report in GET /options, with their checks.
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(name, f"{name} must be true or false, got {_shown(value)}", [True, False])
+    return value
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not lo <= value <= hi:
+            message = f"{name} must be a number in [{lo:g}, {hi:g}], got {_shown(value)}"
+            raise InputError(name, message, [lo, hi])
+        return float(value)
+
+    return check
+
+
+def _samples_format(name: str, value: Any) -> str:
+    """A1111's API encodes png, jpg / jpeg or webp (any case); anything else is its 500 there."""
+    if not isinstance(value, str) or value.strip().lower() not in FORMATS:
+        raise InputError(
+            name, f"{name} must be one of {', '.join(FORMATS)}, got {_shown(value)}", list(FORMATS)
+        )
+    return value
+
+
+# The options we read (model, clip skip, image format, img2img noise) or report in GET /options,
+# with their checks.
 KNOWN: dict[str, Callable[[str, Any], Any]] = {
     "sd_model_checkpoint": _text,
     "sd_checkpoint_hash": _optional_text,
     "sd_vae": _text,
     "CLIP_stop_at_last_layers": _int_in(1, 12),
-    "samples_format": _text,
+    "samples_format": _samples_format,
+    "jpeg_quality": _int_in(1, 100),
+    "webp_lossless": _bool,
+    "initial_noise_multiplier": _float_in(0.0, MAX_NOISE_MULTIPLIER),
     "eta_noise_seed_delta": _int_in(0, 2**63 - 1),
     "sd_checkpoints_limit": _int_in(1, 2**31 - 1),
 }
@@ -82,6 +114,19 @@ def clip_skip(overrides: Mapping[str, Any], options: Mapping[str, Any]) -> int:
     if overrides.get(name) is not None:
         return int(check_known(name, overrides[name], f"override_settings.{name}"))
     return int(options.get(name) or 1)
+
+
+def noise_multiplier(given: float | None, overrides: Mapping[str, Any], options: Mapping[str, Any]) -> float:
+    """img2img's initial_noise_multiplier: the body's, else override_settings', else the caller's
+    options', else 1. (A1111 reads the body's, else its options', when the request is built; an
+    override is honoured here too rather than dropped: it is how A1111 pastes an infotext's
+    "Noise multiplier" back.)"""
+    name = "initial_noise_multiplier"
+    if given is not None:
+        return float(given)
+    if overrides.get(name) is not None:
+        return float(check_known(name, overrides[name], f"override_settings.{name}"))
+    return float(options.get(name, 1.0) if options.get(name) is not None else 1.0)
 
 
 def _checked(name: str, value: Any, field: str) -> Any:

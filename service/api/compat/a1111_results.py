@@ -1,5 +1,6 @@
-"""Finished jobs -> A1111's response: images (resized to the asked size, with A1111's infotext in
-the ``parameters`` chunk and our JSON in its own), ``parameters`` (the request) and ``info``."""
+"""Finished jobs -> A1111's response: images (resized to the asked size, in the caller's
+``samples_format``: PNG with A1111's infotext in the ``parameters`` chunk and our JSON in its own,
+JPEG / WebP with the infotext in EXIF; a1111_encode.py), ``parameters`` (the request) and ``info``."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from PIL import Image
 
 from service import a1111_names, infotext
 from service.engine import Job, JobStatus
-from service.images import png_bytes
 
+from .a1111_encode import Encoding, encode
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 from .a1111_translate import Plan
+
+PNG = Encoding()
 
 
 def _image_params(plan: Plan, body: Txt2ImgRequest, params: dict[str, Any], index: int) -> dict[str, Any]:
@@ -35,8 +38,12 @@ def _image_params(plan: Plan, body: Txt2ImgRequest, params: dict[str, Any], inde
 
 
 def _extra(plan: Plan) -> dict[str, Any]:
-    """A1111's extra infotext fields: the hires fix's, and a fixed-size model's resize."""
+    """A1111's extra infotext fields: the hires fix's, img2img's noise multiplier when not 1, and a
+    fixed-size model's resize."""
     extra = dict(plan.hires.extra) if plan.hires is not None else {}
+    multiplier = plan.bodies[0].noise_multiplier if plan.bodies else None
+    if multiplier is not None and multiplier != 1.0:
+        extra["Noise multiplier"] = multiplier
     if plan.generated != plan.size and (plan.hires is None or plan.hires.fields is None):
         extra["Resized from"] = f"{plan.generated[0]}x{plan.generated[1]}"
     return extra
@@ -48,6 +55,7 @@ def _reencode(
     params: dict[str, Any],
     text: str,
     overlay: tuple[Image.Image, Image.Image] | None = None,
+    enc: Encoding = PNG,
 ) -> bytes:
     img: Image.Image = Image.open(io.BytesIO(png))
     img.load()
@@ -57,7 +65,7 @@ def _reencode(
         original, mask = overlay
         img = Image.composite(img, original.convert(img.mode), mask)
     ours = {k: v for k, v in params.items() if not k.startswith("a1111_")}
-    return png_bytes(img, ours, text)
+    return encode(img, ours, text, enc)
 
 
 def overlay_at(
@@ -77,8 +85,9 @@ def overlay_at(
     return init, mask
 
 
-def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
-    """Runs in a thread: the response body of an A1111 txt2img / img2img request."""
+def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job], enc: Encoding = PNG) -> dict[str, Any]:
+    """Runs in a thread: the response body of an A1111 txt2img / img2img request, its images
+    encoded as ``enc`` (a1111_encode: the caller's samples_format)."""
     images: list[str] = []
     infotexts: list[str] = []
     seeds: list[int] = []
@@ -94,7 +103,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job]) -> dict[str, Any]:
             infotexts.append(text)
             seeds.append(p["seed"])
             if body.send_images:
-                png = _reencode(png, plan.out_size, p, text, overlay)
+                png = _reencode(png, plan.out_size, p, text, overlay, enc)
                 images.append(base64.b64encode(png).decode())
     interrupted = any(j.status == JobStatus.cancelled for j in jobs)
     echo = body.model_dump()

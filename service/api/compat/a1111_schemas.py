@@ -10,12 +10,20 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.image_gate import MAX_B64_CHARS
+from service.sampling.spec import MAX_NOISE_MULTIPLIER
 
 # A null where A1111 reads the field as it stands: `get_fixed_seed` takes a null seed as -1 (random);
 # flags are read as `if p.flag:` (and `send_images = args.pop("send_images", True)`), so a null one
 # is false; the other ints here fall back to their defaults. Every processing field in A1111's API
 # model is Optional, and clients generated from its schema send nulls for what they leave unset.
-NULL_AS = {"seed": -1, "subseed": -1, "enable_hr": False, "send_images": False, "save_images": False}
+NULL_AS = {
+    "seed": -1,
+    "subseed": -1,
+    "enable_hr": False,
+    "send_images": False,
+    "save_images": False,
+    "override_settings_restore_afterwards": False,
+}
 IMG2IMG_NULL_AS = {
     "resize_mode": 0,
     "inpainting_fill": 0,
@@ -75,6 +83,9 @@ class Txt2ImgRequest(BaseModel):
     restore_faces: bool | None = None
     tiling: bool | None = None
     override_settings: dict[str, Any] | None = None
+    # false: the overrides stay in the caller's options afterwards (A1111's process_images restores
+    # them only when this is set), and the returned images take their samples_format
+    override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
     script_name: str | None = Field(None, max_length=256)
@@ -100,6 +111,8 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res_padding: int = Field(0, ge=0, le=4096)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
+    # A1111's "Noise multiplier for img2img" (null: the option's, default 1)
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=MAX_NOISE_MULTIPLIER)
 
     @field_validator(*IMG2IMG_NULL_AS, mode="before")
     @classmethod

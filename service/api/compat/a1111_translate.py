@@ -107,9 +107,6 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
             out.append("resize_mode is not supported; the image is stretched to the size")
         if len(body.init_images) > 1:
             out.append("only the first of init_images is used")
-        noise = (body.model_extra or {}).get("initial_noise_multiplier")
-        if noise is not None and noise != 1:
-            out.append("initial_noise_multiplier is not supported; the noise is not scaled (1.0)")
     return out
 
 
@@ -228,9 +225,15 @@ def plan(
             limits.check_resize(hires.size, total, ("hr_scale", "hr_scale", "n_iter"))
     if isinstance(body, Img2ImgRequest):
         common |= _img2img(body, model, gen, comments)
+        multiplier = a1111_options.noise_multiplier(body.initial_noise_multiplier, overrides, options)
+        if multiplier != 1.0:
+            common["noise_multiplier"] = multiplier
     init_resize = body.resize_mode if isinstance(body, Img2ImgRequest) else 0
     control = a1111_controlnet.units(
-        body.alwayson_scripts, common.get("init_image"), init_resize, comments, hires is not None
+        body.alwayson_scripts,
+        common.get("init_image"),
+        init_resize,
+        hires is not None and hires.fields is not None,
     )
     if control is not None:
         common["controlnets"] = control

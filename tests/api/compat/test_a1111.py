@@ -197,7 +197,7 @@ def test_an_opaque_rgba_mask_is_read_as_its_picture(a1111: TestClient) -> None:
     as_l = a1111.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(picture)}).json()
     as_rgba = a1111.post("/sdapi/v1/img2img", json={**body, "mask": png_b64(rgba)}).json()
     assert np.array_equal(pixels(as_l["images"][0]), pixels(as_rgba["images"][0]))
-    assert any("initial_noise_multiplier" in c for c in info(as_l)["comments"])
+    assert "Noise multiplier: 0.5" in info(as_l)["infotexts"][0]
 
 
 def test_hr_scale_is_read_only_with_hires_on(a1111: TestClient) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from service.api.compat.a1111_controlnet import units
 from service.models.controlnet.units import resize_mode
+from service.sampling.errors import InputError
 from tests.support.compat import png_b64
 
 IMG, MASK = png_b64(np.full((8, 8, 3), 90)), png_b64(np.full((8, 8, 3), 255))
@@ -65,12 +66,19 @@ def test_a_unit_on_the_init_image_takes_the_bodys_resize_mode() -> None:
 
 @pytest.mark.parametrize("hires", [False, True])
 def test_hr_option(hires: bool) -> None:
-    """High res only is off in a run without hires fix; with hires on, any unit applies to both
-    passes, and the comments say so for one that asked otherwise."""
-    comments: list[str] = []
+    """The extension hands every unit BOTH without hires fix (controlnet.py: ``unit.hr_option if
+    high_res_fix else HiResFixOption.BOTH``): all three act; with hires each keeps its passes."""
     args = [
         {"model": "cn", "image": IMG, "hr_option": opt} for opt in ("Both", "Low res only", "High res only")
     ]
-    out = units({"controlnet": {"args": args}}, comments=comments, hires=hires)
-    assert out is not None and len(out) == (3 if hires else 2)
-    assert len(comments) == (2 if hires else 0), comments
+    out = units({"controlnet": {"args": args}}, hires=hires)
+    assert out is not None and len(out) == 3
+    expected = ["both", "low_res_only", "high_res_only"] if hires else [None, None, None]
+    assert [u.get("hr_option") for u in out] == expected
+
+
+def test_an_unknown_hr_option_is_a_422_naming_the_unit() -> None:
+    with pytest.raises(InputError) as exc:
+        units({"controlnet": {"args": [{"model": "cn", "image": IMG, "hr_option": "Sometimes"}]}}, hires=True)
+    assert exc.value.field == "alwayson_scripts.controlnet.args[0].hr_option"
+    assert "Low res only" in exc.value.message

@@ -82,7 +82,7 @@ class FlowModel(TextImageModel):
             dynamic=dynamic,  # type: ignore[arg-type]
         )
         self.denoiser.to(self.device)
-        self.unet = None  # no LoRA support yet: service.models.lora attaches to a UNet
+        self.unet = None  # service.models.lora attaches to the transformer
         self.uses_cfg = not flux
         self.default_cfg = 7.0 if self.uses_cfg else 1.0
         self.takes_guidance = flux and bool(tcfg.guidance_embeds)

@@ -10,6 +10,7 @@ Prompts are tokenized as the diffusers pipelines do (padded to the maximum, trun
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -32,7 +33,8 @@ class FlowPromptEncoder:
     ) -> None:
         self.family, self.tok, self.enc = family, tokenizers, encoders
         self.max_len, self.joint_dim, self.device = int(max_sequence_length), int(joint_dim), device
-        self.cache: OrderedDict[tuple[str, int | None], tuple[Tensor, Tensor]] = OrderedDict()
+        self.cache: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor]] = OrderedDict()
+        self.variant = threading.local()  # this thread's text-encoder LoRAs (lora.text_loras sets .key)
         self.cache_size = int(cache_size)
 
     def _ids(self, name: str, prompt: str, length: int | None = None) -> Tensor:
@@ -55,7 +57,7 @@ class FlowPromptEncoder:
     @torch.inference_mode()
     def encode(self, prompt: str, clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
         """(context [1, L, D], pooled [1, P]) for one prompt."""
-        key = (prompt, clip_skip)
+        key = (prompt, clip_skip, getattr(self.variant, "key", None))
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]

@@ -218,15 +218,22 @@ class ModelAdapters:
 
 
 def attach(model: Any, index: LoraIndex) -> ModelAdapters | None:
-    """Per-row LoRA support for a loaded model (Stable Diffusion or the project's UNet), set as
+    """Per-row LoRA support for a loaded model (Stable Diffusion, SD3 / Flux or the project's UNet), set as
     ``model.adapters``; None for a model with neither."""
+    from service.models.compiled import inner_attribute
+
     sd = getattr(model, "text_model", None)
     traced = None
     if sd is not None:
         names = ("text_encoder", "text_encoder_2")
-        unet, texts = sd.unet, dict(zip(names, sd.components.text_encoders, strict=False))
-        wrapper = getattr(model.denoiser, "inner_model", None)
-        traced = wrapper if hasattr(wrapper, "bypass") else None  # a compiled SD UNet: hooks need eager
+        encoders = sd.components.text_encoders
+        if isinstance(encoders, dict):  # SD3 / Flux: by model_index name (text_encoder_3, T5: no LoRA)
+            texts = {n: encoders[n] for n in names if n in encoders}
+        else:
+            texts = dict(zip(names, encoders, strict=False))
+        unet = sd.unet if sd.unet is not None else getattr(sd, "transformer", None)  # SD3 / Flux
+        wrapper = getattr(model.denoiser, inner_attribute(model.denoiser) or "inner_model", None)
+        traced = wrapper if hasattr(wrapper, "bypass") else None  # a compiled network: hooks need eager
     else:
         unet, texts = getattr(model.denoiser, "inner_model", None), {}
         if unet is not None and hasattr(unet, "bypass"):  # Traced/CompiledModule: hooks need the eager UNet

@@ -19,6 +19,9 @@ Per adapted layer a file stores a down (A) and an up (B) matrix, and optionally 
   = ``to_out.0``; in a text encoder ``to_q_lora`` = ``q_proj``), and the first diffusers files with
   no ``unet.`` prefix at all (``down_blocks.0...processor.to_q_lora.down.weight``).
 
+- SD3 / Flux: PEFT ``transformer.<path>`` keys (the denoising network is the "unet" component here);
+  Flux's BFL / kohya / XLabs layouts are rewritten into those by :mod:`.flux` first.
+
 Refused, naming the key: LyCORIS (LoHa ``hada_``, LoKr ``lokr_``, OFT, Tucker ``lora_mid``, full
 ``diff``), DoRA (``dora_scale``, ``lora_magnitude_vector``), LoRA biases, non-finite numbers, and any
 key that is none of the above (as diffusers does: an unknown key is a file we would half apply).
@@ -43,7 +46,9 @@ from torch import Tensor
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                 "lora_te2_": "text_encoder_2"}  # fmt: skip
-DIFFUSERS_PREFIX = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# "unet" is the denoising network: SD's UNet, or SD3's / Flux's transformer (diffusers' "transformer.")
+DIFFUSERS_PREFIX = {"unet.": "unet", "transformer.": "unet", "text_encoder.": "text_encoder",
+                    "text_encoder_2.": "text_encoder_2"}  # fmt: skip
 # The first diffusers LoRA files (attention processors) had no component prefix: UNet paths.
 BARE_UNET = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
 # Longest first: ".lora.down.weight" also ends with "_lora.down.weight"'s tail.
@@ -68,6 +73,7 @@ UNSUPPORTED = (
     (re.compile(r"\.lora_mid\."), "LyCORIS LoCon with Tucker decomposition (lora_mid)"),
     (re.compile(r"\.(diff|diff_b|w_norm|b_norm)$"), "LyCORIS full / norm layers"),
     (re.compile(r"\.(lora_B|lora_up|lora\.up|lora_A|lora_down|lora\.down)\.bias$"), "LoRA biases"),
+    (re.compile(r"^lora_te3_"), "a T5 text-encoder LoRA (lora_te3_)"),
 )
 # Old processor names of the attention projections.
 PROCESSOR_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -197,20 +203,28 @@ def parse_state_dict(
     state: dict[str, Tensor], where: str, metadata: dict[str, str] | None = None
 ) -> tuple[dict[str, dict[str, LoraWeight]], str]:
     """The layers of a LoRA state dict by component and flat module path, and its format name."""
+    from .flux import is_flux, to_diffusers
+
     parts: dict[tuple[str, str], dict[str, Any]] = {}
     kinds = set()
-    for key, value in state.items():
+    for key in state:
         what = _refusal(key)
         if what is not None:
             raise LoraFormatError(f"{where}: key {key!r}: {what} is not supported, only plain LoRA")
+    if is_flux(list(state)):  # BFL / kohya / XLabs Flux names: into diffusers' transformer names
+        state = to_diffusers(state, where)
+        kinds.add("flux")
+    for key, value in state.items():
         split = _split(key)
         if split is None:
             raise LoraFormatError(
                 f"{where}: key {key!r} is in no LoRA layout this service reads (kohya lora_unet_ / "
-                "lora_te_, diffusers / PEFT unet. / text_encoder. with lora_A / lora_B)"
+                "lora_te_, diffusers / PEFT unet. / transformer. / text_encoder. with lora_A / lora_B, "
+                "Flux's BFL / kohya / XLabs names)"
             )
         comp, stem, module, part = split
-        kinds.add("kohya" if key.startswith("lora_") else "diffusers")
+        if "flux" not in kinds:
+            kinds.add("kohya" if key.startswith("lora_") else "diffusers")
         entry = parts.setdefault((comp, flat(module)), {"key": stem, "path": module})
         if part in entry:
             raise LoraFormatError(f"{where}: key {key!r}: layer {stem!r} has two {part} entries")

@@ -130,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
     start_trimming()  # and what a busier moment allocated goes back to the OS
     import uvicorn
 
+    from service.serving.errors import StartupError
     from service.serving.jobstore import StateCorrupt
 
     from .app import create_app
@@ -143,8 +144,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     settings = read  # (narrowed for the drain below)
     try:
+        settings.check_folders()
         app = create_app(settings)
-    except (StateCorrupt, OSError, ValueError) as exc:  # one clear line, no traceback; files left as they are
+    except (
+        StateCorrupt,
+        StartupError,
+        OSError,
+        ValueError,
+    ) as exc:  # one clear line, no traceback; files left as they are
         print(f"kdiff serve: cannot start: {operator_line(exc)}", file=sys.stderr)
         return 2
     state = app.state.service

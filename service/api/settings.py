@@ -279,6 +279,27 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    def check_folders(self) -> None:
+        """Make the folders the service writes to (KDIFF_STATE_DIR, KDIFF_COMFY_DIR) and write a file
+        in each, at start-up: one that cannot be used otherwise fails requests later (the ComfyUI
+        routes answered 500 on every upload and prompt). Raises StartupError naming the setting."""
+        import tempfile
+
+        from service.serving.errors import StartupError
+
+        for setting, folder in (("KDIFF_STATE_DIR", self.state_dir), ("KDIFF_COMFY_DIR", self.comfy_dir)):
+            if not folder:
+                continue
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                raise StartupError(
+                    f"{setting}={str(folder)!r} cannot be used as a folder to write in: {why}"
+                ) from exc
+
     def resolve_dtype(self, device: str) -> str:
         """The weights dtype ``dtype`` names on ``device`` (the sampler state stays float32 regardless)."""
         import torch

@@ -176,3 +176,13 @@ def test_the_shipped_default_model_broken_stops_start_up_in_one_line(tmp_path: P
     line = next(line for line in out.splitlines() if "kdiff serve:" in line)
     assert "cannot start: the default model: loading model 'digits' failed: SafetensorError" in line, out
     assert line.endswith("set KDIFF_DEFAULT_MODEL to another model (others: other)"), out
+
+
+def test_a_folder_the_service_cannot_write_in_stops_start_up(tmp_path: Path) -> None:
+    """KDIFF_COMFY_DIR was only used at the first upload or prompt: every ComfyUI request was a 500."""
+    (tmp_path / "file").write_text("")
+    for setting in ("state_dir", "comfy_dir"):
+        with pytest.raises(StartupError, match=f"KDIFF_{setting.upper()}=.*file/x.*Not a directory"):
+            Settings(**{setting: str(tmp_path / "file" / "x")}).check_folders()
+    Settings(state_dir=str(tmp_path / "new" / "state"), comfy_dir=tmp_path / "comfy").check_folders()
+    assert (tmp_path / "new" / "state").is_dir() and (tmp_path / "comfy").is_dir()

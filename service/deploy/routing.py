@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{32})(?:/.*)?$")
-# an OpenAI image link: its token starts with the job-id prefix of the replica that keeps the image
-IMAGE_FILE = re.compile(r"^/v1/images/files/([0-9a-f]{8})[A-Za-z0-9_-]{32}\.png$")
+# an OpenAI image link: its token starts with the job-id prefix of the replica that keeps the image;
+# its extension is the request's output_format
+IMAGE_FILE = re.compile(r"^/v1/images/files/([0-9a-f]{8})[A-Za-z0-9_-]{32}\.(?:png|jpeg|webp)$")
 FANOUT = ("/jobs", "/models", "/metrics")  # GET paths every slot answers, merged by the ingress
 MODEL_ACTION = re.compile(r"^/models/([^/]+)/(?:load|unload)$")
 DOWN_S = 5.0  # a slot that did not take new work is tried after the others for this long

@@ -71,8 +71,9 @@ def test_an_openai_image_link_goes_to_the_replica_that_keeps_the_image() -> None
     finally:
         Job.id_prefix = old
     p = Placement([[], [], []])
-    route = p.route("GET", f"/v1/images/files/{token}.png", b"")
-    assert (route.kind, route.slots) == ("slot", [2])
+    for ext in ("png", "jpeg", "webp"):  # the link's extension is the request's output_format
+        route = p.route("GET", f"/v1/images/files/{token}.{ext}", b"")
+        assert (route.kind, route.slots) == ("slot", [2])
     plain = ImageLinks().put(b"png")  # outside Ray: no prefix, any slot (there is one app)
     assert p.route("GET", f"/v1/images/files/{plain}.png", b"").kind == "any"
 

@@ -82,8 +82,12 @@ def _load(cls: Any, sub: Path, root: Path, name: str) -> Any:
 
 
 def _single_file(cls: Any, path: Path, config: Path) -> Any:
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return _gguf(cls, path, config)
     if path.suffix != ".safetensors" or not path.is_file():
-        raise SDLoadError(f"{path.name}: a single-file transformer must be an existing .safetensors file")
+        raise SDLoadError(
+            f"{path.name}: a single-file transformer must be an existing .safetensors or .gguf file"
+        )
     state = read_transformer(path)  # the transformer's keys only, fp8 scales multiplied out
     if cls.__name__ == "FluxTransformer2DModel":
         return _flux_single_file(cls, state, path, config)
@@ -94,6 +98,21 @@ def _single_file(cls: Any, path: Path, config: Path) -> Any:
         return cls.from_single_file(state, **kw).eval()
     except Exception as exc:
         raise SDLoadError(f"{path.name}: cannot load the transformer ({type(exc).__name__}: {exc})") from exc
+
+
+def _gguf(cls: Any, path: Path, config: Path) -> Any:
+    """A quantized transformer (city96's GGUF files), kept quantized: service/models/quant."""
+    from service.models.quant.gguf_file import GGUFError
+    from service.models.quant.load import load_transformer
+
+    try:
+        return load_transformer(cls, path, config, FAMILIES[cls.__name__])
+    except GGUFError as exc:
+        raise SDLoadError(str(exc)) from exc
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise SDLoadError(
+            f"{path.name}: cannot load the GGUF transformer ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _flux_single_file(cls: Any, sd: dict[str, Any], path: Path, config: Path) -> Any:

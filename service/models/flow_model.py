@@ -25,6 +25,7 @@ from service.models.controlnet.flux_units import FluxControlSet, t_scale
 from service.models.flow_loader import FlowComponents, load_flow_diffusers
 from service.models.flow_nets import FluxVelocity, SD3Velocity
 from service.models.flow_text import FlowPromptEncoder
+from service.models.quant.qtensor import quantization
 from service.models.sd_loader import SDLoadError
 from service.models.store import LoadedModel, Manifest, register_loader
 from service.models.text_image import (
@@ -113,6 +114,7 @@ class FlowModel(TextImageModel):
             "guidance": self.takes_guidance,
             "shift": self.denoiser.shift,
             "dynamic_shift": self.denoiser.dynamic is not None,
+            **quantization(self.transformer),
         }
 
     def check_request(self, negative_prompt: str | None, cfg_scale: float) -> None:

@@ -239,7 +239,7 @@ class LoadedModel:
 
 # Folders of the store's top level that hold what models share, not models (their own indexes read them).
 SHARED_FOLDERS = frozenset({"loras", "embeddings", "controlnet", "annotators", "upscalers", "ipadapter"})
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")
 
 
 def skip_reason(entry: Path) -> str | None:

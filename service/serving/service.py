@@ -309,11 +309,7 @@ class Service:
         if latest is None or model is None:
             return None
         key = (job.id, *job.progress.mark, max_side)
-        png = self.previews.get(key)
-        if png is None:
-            png = await asyncio.to_thread(render, model, latest[0], max_side)
-            self.previews.put(key, png)
-        return png
+        return await self.previews.made(key, lambda: render(model, latest[0], max_side))
 
     def queue_position(self, job: Job) -> int | None:
         engine = self.pool.engines.get(job.model)

@@ -16,7 +16,7 @@ from tests.support.server import Server
 
 from .cut_proxy import CutProxy
 
-RUNNING = 1500  # steps of a job that runs about 2-5 s on the tiny model: long enough to cut it
+RUNNING = 800  # steps of a job that runs 1-3 s on the tiny model: still running when it is cut
 IMAGE = "#results figure img"
 
 

@@ -397,16 +397,37 @@ def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
 
 
 def test_playground_start_image_not_an_image(browser: Browser, server: Server) -> None:
-    """A start image that is not an image: a banner names it, the previous image is dropped (the job
-    is plain text-to-image), no uncaught error."""
+    """A start image is judged by the service's image gate, not by whether the browser can draw it:
+    a file the browser cannot show is sent as it is (was: dropped with the page's own "not an image",
+    and the job quietly ran as text-to-image), one it shows but the service refuses (BMP) too; each
+    time the gate's words show next to the field, and the previous image is never what is sent."""
+    from PIL import Image
+
+    from tests.support.hostile_images import encoded
+
     page, console = _open(browser, server.url)
-    red = _png_with({})
-    page.set_input_files("#init_image", red)
+    console.allowed.add(422)
+    page.fill("#steps", "3")
+    page.set_input_files("#init_image", _png_with({}))
     expect(page.locator("#mask")).to_be_visible()
     text = {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"}
     page.set_input_files("#init_image", text)
-    expect(page.locator("#banner")).to_contain_text("Cannot read notes.txt: not an image")
-    expect(page.locator("#mask-box")).to_be_hidden()
+    expect(page.locator("#init-note")).to_contain_text("The browser cannot show notes.txt")
+    expect(page.locator("#mask")).to_be_hidden()
+    page.click("#generate")
+    # 12 bytes starting "not": the text file went to the gate, not the PNG chosen before it
+    expect(page.locator("#err-init_image")).to_contain_text(
+        "not a PNG, JPEG or WebP image (12 bytes, starting 6e 6f 74"
+    )
+    expect(page.locator("#status")).to_have_text("Not run.")
+    bmp = {"name": "scan.bmp", "mimeType": "image/bmp", "buffer": encoded(Image.new("RGB", (16, 16)), "BMP")}
+    page.set_input_files("#init_image", bmp)
+    expect(page.locator("#mask")).to_be_visible()
+    expect(page.locator("#err-init_image")).to_be_hidden()  # the last file's error went with it
+    page.click("#generate")
+    expect(page.locator("#err-init_image")).to_contain_text("starting 42 4d")  # "BM"
+    page.click("#init-clear")
+    console.allowed.clear()
     _generate_digit(page)
     params = json.loads(page.locator("#results pre").first.text_content() or "{}")
     assert not params.get("img2img"), params
@@ -566,3 +587,102 @@ def test_playground_service_restart(browser: Browser, store: Path, tmp_path: Pat
     from .playground_reconnect import check_restart
 
     check_restart(browser, store, tmp_path, LONG)
+
+
+# A1111 1.10's infotext as it writes it (modules/processing.py create_infotext): prompt, negative
+# prompt, then "Key: value" pairs; hires fields when the hires fix ran.
+A1111_INFOTEXT = (
+    "a red cat, best quality\nNegative prompt: blurry, lowres\n"
+    "Steps: 23, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 64x96, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, "
+    'Lora hashes: "a: 1, b: 2", '
+    "Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (bicubic), Version: v1.10.1"
+)
+
+
+def _file(name: str, data: bytes, mime: str = "image/png") -> dict:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_png_info(browser: Browser, sd_server: Server) -> None:
+    """Parameters from A1111's images (PNG `parameters` chunk; JPEG EXIF UserComment; the older
+    "DPM++ 2M Karras" sampler spelling) are restored with A1111's names turned into ours (sampler,
+    schedule, size, hires; they were left as they were, only steps/CFG/seed read). A choice the model
+    does not offer is named, not set to a blank select. Every image is read by the service through
+    its image gate: one over the pixel limit gets the gate's words."""
+    from PIL import Image
+
+    from tests.support.hostile_images import a1111_jpeg, encoded
+
+    page, console = _open(browser, sd_server.url, viewport={"width": 1280, "height": 1400})
+    page.select_option("#model", "sd1")
+    info = _info(A1111_INFOTEXT)
+    png = encoded(Image.new("RGB", (64, 96)), "PNG", pnginfo=info)
+    page.set_input_files("#load-png", _file("00001-1234.png", png))
+    expect(page.locator("#banner")).to_contain_text("Parameters restored from 00001-1234.png")
+    expect(page.locator("#banner")).to_contain_text("model v1-5-pruned-emaonly")  # not in this store
+    expected = {
+        "sampler": "dpmpp_2m",
+        "schedule": "karras",
+        "steps": "23",
+        "cfg_scale": "6.5",
+        "seed": "1234",
+    }
+    expected |= {"width": "64", "height": "96", "prompt": "a red cat, best quality"}
+    expected |= {"negative_prompt": "blurry, lowres", "hires_scale": "1.5", "hires_steps": "3"}
+    expected |= {"hires_upscaler": "Latent (bicubic)", "hires_denoise": "0.45"}
+    for field, value in expected.items():
+        expect(page.locator(f"#{field}")).to_have_value(value)
+    expect(page.locator("#hires_on")).to_be_checked()
+
+    old = A1111_INFOTEXT.replace("Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: Euler a Karras")
+    old = old.replace("Hires upscaler: Latent (bicubic)", "Hires upscaler: 4x-UltraSharp")
+    page.set_input_files("#load-png", _file("old.jpg", a1111_jpeg(old), "image/jpeg"))
+    expect(page.locator("#banner")).to_contain_text("hires upscaler 4x-UltraSharp")
+    expect(page.locator("#sampler")).to_have_value("euler_ancestral")
+    expect(page.locator("#schedule")).to_have_value("karras")
+    expect(page.locator("#hires_upscaler")).to_have_value("Latent (bicubic)")  # kept, not blank
+
+    # a continuous-time model does not run A1111's "Uniform" (our normal): named, the select not blank
+    page.select_option("#model", "digits")
+    uniform = A1111_INFOTEXT.replace("Schedule type: Karras", "Schedule type: Uniform")
+    small = encoded(Image.new("RGB", (8, 8)), "PNG", pnginfo=_info(uniform))
+    page.set_input_files("#load-png", _file("u.png", small))
+    expect(page.locator("#banner")).to_contain_text("schedule normal")
+    assert page.locator("#schedule").input_value() in page.locator("#schedule option").all_text_contents()
+
+    console.allowed.add(422)
+    big = encoded(Image.new("L", (4100, 4100)), "PNG", pnginfo=info)  # over 4096 x 4096 pixels
+    page.set_input_files("#load-png", _file("huge.png", big))
+    expect(page.locator("#banner")).to_contain_text("Cannot read huge.png: ")
+    expect(page.locator("#banner")).to_contain_text("4100x4100")
+    page.set_input_files("#load-png", _file("notes.png", b"not an image at all"))
+    expect(page.locator("#banner")).to_contain_text("not a PNG, JPEG or WebP image")
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def _info(text: str):  # type: ignore[no-untyped-def]
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info
+
+
+def test_playground_phone_widths(browser: Browser, server: Server) -> None:
+    """At phone widths (320 px: iPhone SE 1st gen, small Androids; 360 px) nothing is wider than the
+    screen (the file inputs' own width and a fieldset's min-content width scrolled the page sideways)."""
+    page, console = _open(browser, server.url, viewport={"width": 320, "height": 700})
+    for width in (320, 360):
+        page.set_viewport_size({"width": width, "height": 700})
+        wide = page.evaluate(
+            """w => [...document.querySelectorAll('body *')]
+                .filter((e) => e.getBoundingClientRect().right > w + 0.5)
+                .map((e) => `${e.tagName}#${e.id}`)""",
+            width,
+        )
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, (width, wide)
+    assert not console.errors, console.errors
+    page.context.close()

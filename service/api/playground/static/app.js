@@ -97,14 +97,18 @@ async function stop(id) {
   }
 }
 
+// A dropped or chosen image's parameters into the form; the service's words when it refuses the file.
 async function loadParameters(file) {
   try {
     const p = await parametersOf(file);
     if (!p) return banner(`${file.name} carries no generation parameters.`);
-    restore(p);
-    banner(`Parameters restored from ${file.name}.`, "info");
+    const skipped = restore(p);
+    const not = skipped.length ? ` Not restored (not offered here): ${skipped.join(", ")}.` : "";
+    banner(`Parameters restored from ${file.name}.${not}`, "info");
   } catch (err) {
-    banner(`Cannot read ${file.name}: ${err.message}`);
+    if (err.status && err.status !== 422) return showError(err, $("gen"));
+    const why = err.fields && err.fields.length ? err.fields.map((f) => f.msg).join("; ") : err.message;
+    banner(`Cannot read ${file.name}: ${why}`);
   }
 }
 

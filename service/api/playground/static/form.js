@@ -189,12 +189,20 @@ function hires() {
   return h;
 }
 
-// Put a request's parameters (from a PNG's kdiff chunk) back into the form.
+// Put a request's parameters (an image's `kdiff` chunk, or A1111's infotext read by png.js) back into
+// the form. A choice the form does not offer (a model this service lacks, a sampler, schedule or
+// upscaler the model does not run) is left as it was: returns those, for the page to say.
 export function restore(p) {
-  if (p.model && catalogue.models.some((m) => m.name === p.model)) $("model").value = p.model;
+  const skipped = [];
+  const pick = (id, value, what) => {
+    if (value === undefined || value === null) return;
+    if ([...$(id).options].some((o) => o.value === String(value))) $(id).value = value;
+    else skipped.push(`${what} ${value}`);
+  };
+  pick("model", p.model, "model");
   onModel();
-  if (p.sampler) $("sampler").value = p.sampler;
-  if (p.schedule) $("schedule").value = p.schedule;
+  pick("sampler", p.sampler, "sampler");
+  pick("schedule", p.schedule, "schedule");
   onSampler();
   onSchedule();
   const seed = p.seed ?? (p.seeds || [])[0];
@@ -208,10 +216,12 @@ export function restore(p) {
     if (p.height != null) $("height").value = p.height;
     sizeLimits();
   }
+  if (p.denoise != null && p.denoise < 1) $("denoise").value = p.denoise; // an img2img's strength
   const h = p.hires || {};
   $("hires_on").checked = Boolean(p.hires);
-  const hf = { hires_scale: h.scale, hires_upscaler: h.upscaler, hires_steps: h.steps, hires_denoise: h.denoise };
+  const hf = { hires_scale: h.scale, hires_steps: h.steps, hires_denoise: h.denoise };
   for (const [f, v] of Object.entries(hf)) if (v !== undefined && v !== null) $(f).value = v;
+  pick("hires_upscaler", h.upscaler, "hires upscaler");
   const c = p.cache || {};
   if (!$("cache-row").hidden) $("cache_method").value = [...$("cache_method").options].some((o) => o.value === c.method) ? c.method : "off";
   $("cache_interval").value = c.interval ?? "";
@@ -222,4 +232,5 @@ export function restore(p) {
       if (el) el.value = v;
     }
   }
+  return skipped;
 }

@@ -1,6 +1,4 @@
 // img2img start image and the inpainting mask painted over it on a canvas (white = repaint).
-import { banner } from "./ui.js";
-
 const $ = (id) => document.getElementById(id);
 const state = { image: null, b64: null, painted: false };
 const maskLayer = document.createElement("canvas"); // black/white, what is sent
@@ -27,6 +25,11 @@ function clearMask(fill = "black") {
   draw();
 }
 
+// The mask's controls, shown for an image the browser can draw.
+function paintable(yes) {
+  for (const el of [$("mask-paint"), ...document.querySelectorAll("#mask-box .paint")]) el.hidden = !yes;
+}
+
 async function onFile(file) {
   if (!file) return reset();
   const url = await new Promise((ok) => {
@@ -34,19 +37,25 @@ async function onFile(file) {
     r.onload = () => ok(r.result);
     r.readAsDataURL(file);
   });
+  $("init_image").removeAttribute("aria-invalid"); // a new file: the last one's error is outdated
+  $("err-init_image").textContent = "";
   const img = new Image();
   const decoded = await new Promise((ok) => Object.assign(img, { onload: () => ok(true), onerror: () => ok(false), src: url }));
+  $("mask-box").hidden = false;
   if (!decoded) {
-    reset(); // the previous image is not sent either
-    return banner(`Cannot read ${file.name}: not an image`);
+    // Not the page's call: the service's image gate decides (it reads formats the browser does not
+    // draw, and refuses some it does), and its words show next to the field when generating.
+    Object.assign(state, { image: null, b64: toB64(url), painted: false });
+    Object.assign($("init-note"), { hidden: false, textContent: `The browser cannot show ${file.name}: it is sent as it is, and the service says whether it can read it (no mask without a picture).` });
+    return paintable(false);
   }
-  if ($("banner").textContent.startsWith("Cannot read ")) banner(""); // our own error, now outdated
+  $("init-note").hidden = true;
+  paintable(true);
   const scale = 256 / Math.max(img.width, img.height);
   const c = $("mask");
   c.width = maskLayer.width = Math.max(8, Math.round(img.width * scale));
   c.height = maskLayer.height = Math.max(8, Math.round(img.height * scale));
   Object.assign(state, { image: img, b64: toB64(url) });
-  $("mask-box").hidden = false;
   clearMask();
 }
 

@@ -1,55 +1,49 @@
-// Reading the generation parameters our PNGs carry: `kdiff` (our JSON) and `parameters` (A1111's
-// infotext) text chunks.
+// The generation parameters an image carries, read by the service (POST sdapi/v1/png-info): the
+// image passes the service's image gate like every image sent to it, and the service reads our
+// `kdiff` chunk, or A1111's infotext from a PNG's `parameters` chunk or a JPEG / WebP's EXIF.
+import { call } from "./api.js";
+import { fileB64 } from "./ui.js";
 
-// {keyword: text} of a PNG's tEXt and uncompressed iTXt chunks.
-export function textChunks(buffer) {
-  const bytes = new Uint8Array(buffer);
-  const view = new DataView(buffer);
-  const sig = [137, 80, 78, 71, 13, 10, 26, 10];
-  if (bytes.length < 8 || sig.some((b, i) => bytes[i] !== b)) throw new Error("not a PNG file");
-  const out = {};
-  const latin1 = new TextDecoder("latin1");
-  const utf8 = new TextDecoder();
-  for (let pos = 8; pos + 8 <= bytes.length; ) {
-    const len = view.getUint32(pos);
-    const type = latin1.decode(bytes.subarray(pos + 4, pos + 8));
-    const data = bytes.subarray(pos + 8, pos + 8 + len);
-    const nul = data.indexOf(0);
-    if (type === "tEXt" && nul > 0) {
-      out[latin1.decode(data.subarray(0, nul))] = latin1.decode(data.subarray(nul + 1));
-    } else if (type === "iTXt" && nul > 0 && data[nul + 1] === 0) {
-      // keyword \0 compression-flag method language \0 translated \0 text
-      let p = data.indexOf(0, nul + 3);
-      p = data.indexOf(0, p + 1);
-      out[latin1.decode(data.subarray(0, nul))] = utf8.decode(data.subarray(p + 1));
-    }
-    if (type === "IEND") break;
-    pos += 12 + len;
+let names = null; // A1111's sampler and schedule names -> ours, asked for once
+
+async function a1111Names() {
+  if (names) return names;
+  const [samplers, schedulers] = await Promise.all([call("GET", "sdapi/v1/samplers"), call("GET", "sdapi/v1/schedulers")]);
+  // each A1111 name (and a scheduler's label) -> our name: the entry's alias where it has one
+  const ours = (e) => (e.aliases && e.aliases[0]) || e.name;
+  names = {
+    sampler: Object.fromEntries(samplers.map((e) => [e.name, ours(e)])),
+    schedule: Object.fromEntries(schedulers.filter((e) => e.name !== "automatic").flatMap((e) => [[e.name, ours(e)], [e.label, ours(e)]])),
+  };
+  return names;
+}
+
+// Our parameters from A1111's png-info `parameters` (strings keyed as A1111 writes them).
+export function fromA1111(p, { sampler: samplers, schedule: schedules }) {
+  const num = (k) => (p[k] === undefined || p[k] === "" || !Number.isFinite(Number(p[k])) ? undefined : Number(p[k]));
+  const out = { prompt: p.Prompt, steps: num("Steps"), cfg_scale: num("CFG scale"), seed: num("Seed"), width: num("Size-1"), height: num("Size-2") };
+  if (p["Negative prompt"]) out.negative_prompt = p["Negative prompt"];
+  if (p.Model) out.model = p.Model;
+  let sampler = p.Sampler;
+  // before A1111 1.9 the schedule was part of the sampler's name ("DPM++ 2M Karras")
+  const old = / (Karras|Exponential)$/.exec(sampler || "");
+  if (sampler && !(sampler in samplers) && old) {
+    sampler = sampler.slice(0, old.index);
+    out.schedule = schedules[old[1]];
   }
+  if (sampler) out.sampler = samplers[sampler] || sampler; // unknown: restore() names it
+  const type = p["Schedule type"];
+  if (type && type !== "Automatic") out.schedule = schedules[type] || type;
+  if (p["Hires upscale"]) {
+    out.hires = { scale: num("Hires upscale"), steps: num("Hires steps"), upscaler: p["Hires upscaler"], denoise: num("Denoising strength") };
+  } else if (p["Denoising strength"]) out.denoise = num("Denoising strength");
   return out;
 }
 
-// A1111 infotext -> our field names (the parts this page can set).
-export function fromInfotext(text) {
-  const lines = text.trim().split("\n");
-  const last = lines.pop() || "";
-  const p = {};
-  const neg = lines.findIndex((l) => l.startsWith("Negative prompt:"));
-  p.prompt = (neg >= 0 ? lines.slice(0, neg) : lines).join("\n");
-  if (neg >= 0) p.negative_prompt = lines.slice(neg).join("\n").replace("Negative prompt:", "").trim();
-  for (const m of last.matchAll(/([\w ]+): ([^,]+)/g)) {
-    const [k, v] = [m[1].trim(), m[2].trim()];
-    if (k === "Steps") p.steps = Number(v);
-    else if (k === "CFG scale") p.cfg_scale = Number(v);
-    else if (k === "Seed") p.seed = Number(v);
-  }
-  return p;
-}
-
-// Our parameters from a PNG file, or null when it carries none.
+// Our parameters from an image file, or null when it carries none.
 export async function parametersOf(file) {
-  const chunks = textChunks(await file.arrayBuffer());
-  if (chunks.kdiff) return JSON.parse(chunks.kdiff);
-  if (chunks.parameters) return fromInfotext(chunks.parameters);
-  return null;
+  const info = await call("POST", "sdapi/v1/png-info", { image: await fileB64(file) });
+  if (info.items && info.items.kdiff) return JSON.parse(info.items.kdiff);
+  if (!info.info) return null;
+  return fromA1111(info.parameters, await a1111Names());
 }

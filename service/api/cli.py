@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import FrameType
@@ -98,6 +99,18 @@ def one_line_startup_failure(app: Any) -> Callable[..., Awaitable[None]]:
     return asgi
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on alone (None: it can), tried with a plain bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is fine
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def read_settings(args: argparse.Namespace) -> Settings | None:
     """The settings (environment, then the command's options), with a warning for each KDIFF_*
     variable that is no setting; None after one line per invalid setting on stderr."""
@@ -141,6 +154,12 @@ def main(args: argparse.Namespace) -> int:
     )
     read = read_settings(args)
     if read is None:
+        return 2
+    if busy := port_in_use(args.host, args.port):  # before the models load (minutes for large ones)
+        print(
+            f"kdiff serve: {args.host}:{args.port} is in use ({busy}); free it or choose --port",
+            file=sys.stderr,
+        )
         return 2
     settings = read  # (narrowed for the drain below)
     try:

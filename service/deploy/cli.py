@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import threading
 from typing import Any
+
+from service.api.cli import port_in_use
 
 
 def serve_running() -> bool:
@@ -28,18 +29,6 @@ def serve_running() -> bool:
     except ValueError:
         return False
     return True
-
-
-def port_in_use(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on alone (None: it can), tried with a plain bind."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is fine
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
 
 
 def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -186,3 +187,22 @@ def test_a_folder_the_service_cannot_write_in_stops_start_up(tmp_path: Path) -> 
             Settings(**{setting: str(tmp_path / "file" / "x")}).check_folders()
     Settings(state_dir=str(tmp_path / "new" / "state"), comfy_dir=tmp_path / "comfy").check_folders()
     assert (tmp_path / "new" / "state").is_dir() and (tmp_path / "comfy").is_dir()
+
+
+def test_a_port_in_use_is_said_before_the_models_load(
+    broken_store: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """uvicorn found it only after every model had loaded (minutes for large stores), then exited 3."""
+    from service.api import app, cli, malloc
+
+    monkeypatch.setattr(malloc, "cap_arenas", lambda: False)  # this test process's allocator stays as is
+    monkeypatch.setattr(malloc, "start_trimming", lambda: None)
+    monkeypatch.setenv("KDIFF_MODEL_STORE", str(broken_store))
+    monkeypatch.setattr(app, "create_app", lambda *a: pytest.fail("the models would load first"))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        args = build_parser(["serve"]).parse_args(["serve", "--port", str(port)])
+        assert cli.main(args) == 2
+    assert f"kdiff serve: 127.0.0.1:{port} is in use" in capsys.readouterr().err

@@ -169,12 +169,9 @@ def read_checkpoint(path: Path, root: Path, allow_pickle: bool = False) -> dict[
     if not path.is_file():
         raise SDLoadError(f"missing checkpoint {_rel(path, root)} in {root}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from service.models.transformer_file import read_weights
 
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise SDLoadError(f"{_rel(path, root)}: not a readable safetensors file ({exc})") from exc
+        return read_weights(path, where=_rel(path, root))  # ComfyUI's scaled fp8 multiplied out
     if path.suffix not in PICKLE_SUFFIXES:
         raise SDLoadError(f"{_rel(path, root)}: unknown checkpoint type; use .safetensors")
     if not allow_pickle:

@@ -1,5 +1,8 @@
 """A diffusion transformer's weights out of one ``.safetensors`` file as people share them.
 
+Used for SD / SDXL checkpoints too (:func:`read_weights`): diffusers' single-file loaders ignore the
+scales and would load the stored fp8 values as the weights.
+
 - All-in-one checkpoints (ComfyUI's "checkpoint" saves, e.g. Comfy-Org's ``flux1-dev-fp8``,
   ``sd3_medium_incl_clips``): the transformer under ``model.diffusion_model.``, the VAE under
   ``vae.`` / ``first_stage_model.`` and text encoders under ``text_encoders.``; only the
@@ -57,16 +60,24 @@ def _format(f: object, key: str, where: str) -> str:
 def read_transformer(path: Path) -> dict[str, Tensor]:
     """The transformer's tensors of a single file (keys as the file has them, ``model.diffusion_model.``
     kept where present), fp8-scaled layers multiplied out. SDLoadError names the file and the reason."""
+    return read_weights(path, transformer_only=True)
+
+
+def read_weights(
+    path: Path, *, transformer_only: bool = False, where: str | None = None
+) -> dict[str, Tensor]:
+    """Every tensor of a ``.safetensors`` checkpoint (``transformer_only``: those under
+    ``model.diffusion_model.`` when it has any), fp8-scaled layers multiplied out."""
     from safetensors import safe_open
 
-    where = path.name
+    where = where or path.name
     try:
         f = safe_open(str(path), framework="pt")
     except Exception as exc:
         raise SDLoadError(f"{where}: not a readable safetensors file ({exc})") from exc
     with f:
         keys = list(f.keys())  # noqa: SIM118 (safe_open has no iteration)
-        prefixed = [k for k in keys if k.startswith(PREFIX)]
+        prefixed = [k for k in keys if k.startswith(PREFIX)] if transformer_only else []
         keys = prefixed or keys  # an all-in-one checkpoint: the transformer's keys only
         for k in keys:
             what = next((w for s, w in REFUSED.items() if s in k), None)

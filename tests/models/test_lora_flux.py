@@ -242,3 +242,64 @@ def test_http_flux_lora_is_diffusers_fused_lora(flux: Any, tmp_path: Path) -> No
     want = ((direct[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
     assert np.abs(with_lora - want).max() <= 1 and np.array_equal(with_lora, tagged)
     assert np.abs(plain - want).max() > 2, "the LoRA must change the image"
+
+
+def test_flux_clip_lora_changes_only_its_requests_encodings(flux: Any, tmp_path: Path) -> None:
+    """kohya's ``lora_te1_`` (CLIP-L) layers of a Flux LoRA: the pooled prompt while the request's LoRA
+    is active (cached apart), the plain encoding outside; T5's context untouched."""
+    from service.models.lora import text_loras
+
+    te = flux.text_model.components.text_encoders["text_encoder"]
+    g = torch.Generator().manual_seed(0)
+    state: dict[str, Tensor] = {}
+    for n, mod in te.named_modules():
+        if isinstance(mod, torch.nn.Linear) and n.endswith("q_proj"):
+            k = "lora_te1_text_model_" + n.removeprefix("text_model.").replace(".", "_")
+            state[f"{k}.lora_down.weight"] = torch.randn(4, mod.in_features, generator=g) * 0.3
+            state[f"{k}.lora_up.weight"] = torch.randn(mod.out_features, 4, generator=g) * 0.3
+    _save(state, tmp_path / "loras" / "te.safetensors")
+    adapters = attach(flux, LoraIndex(tmp_path))
+    assert adapters is not None
+    try:
+        resolved = adapters.resolve([("te", 1.0)])
+        plain = flux.text_model.text.encode("a cat")
+        with text_loras(flux, resolved):
+            ctx, pooled = flux.text_model.text.encode("a cat")
+        again = flux.text_model.text.encode("a cat")
+        assert (pooled - plain[1]).abs().max() > 1e-2 and torch.equal(ctx, plain[0])
+        assert torch.equal(again[1], plain[1])
+    finally:
+        adapters.close()
+
+
+def test_sd3_peft_lora_matches_diffusers(tmp_path: Path) -> None:
+    """SD3 / SD3.5 LoRAs as diffusers' trainers write them (``transformer.transformer_blocks.0.attn.to_q
+    .lora_A.weight``), per row, equal to diffusers' ``load_lora_adapter`` at the same weight."""
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = ModelStore(tiny_flow_store()).load("sd3")
+    tr_ours = sd3.text_model.transformer  # type: ignore[attr-defined]
+    state = files.peft(tr_ours, rank=4, seed=3)
+    _save(state, tmp_path / "loras" / "s.safetensors")
+    theirs = SD3Transformer2DModel.from_pretrained(str(tiny_flow_store() / "sd3" / "transformer"))
+    theirs.load_lora_adapter(dict(state), prefix="transformer", adapter_name="a")
+    theirs.set_adapters(["a"], [WEIGHT])
+    adapters = attach(sd3, LoraIndex(tmp_path))
+    assert adapters is not None
+    try:
+        cfg = tr_ours.config
+        g = torch.Generator().manual_seed(0)
+        kw = {
+            "hidden_states": torch.randn(2, int(cfg.in_channels), 8, 8, generator=g),
+            "encoder_hidden_states": torch.randn(2, 8, int(cfg.joint_attention_dim), generator=g),
+            "pooled_projections": torch.randn(2, int(cfg.pooled_projection_dim), generator=g),
+            "timestep": torch.tensor([700.0, 300.0]),
+        }
+        with torch.inference_mode():
+            with adapters.call(adapters.encode(adapters.resolve([("s", WEIGHT)]), 2)):
+                ours = tr_ours(**kw).sample
+            want = theirs(**kw).sample
+            base = tr_ours(**kw).sample
+        assert (want - base).abs().max() > 1e-3 and (ours - want).abs().max() <= 1e-4
+    finally:
+        adapters.close()

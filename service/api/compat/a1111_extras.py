@@ -30,10 +30,11 @@ from service.image_gate import ImageInputError
 from service.models.upscalers import Upscalers
 from service.models.upscalers.resize import from_pil, to_pil
 from service.sampling.errors import InputError
-from service.serving.service import Service
 
-from ..deps import get_state, require_api_key
+from ..deps import require_api_key
+from .a1111_encode import Encoding, encode, encoding
 from .a1111_schemas import ImageB64
+from .caller import CompatCall, compat_caller
 from .errors import A1111Route
 
 router = APIRouter(
@@ -136,42 +137,47 @@ def _html(text: str) -> str:
     return "<p>" + "<br>\n".join(html.escape(x) for x in text.split("\n")) + "</p>"
 
 
-def _run(data: str, field: str, body: ExtrasRequest, ups: Upscalers) -> tuple[str, str]:
+def _run(data: str, field: str, body: ExtrasRequest, ups: Upscalers, enc: Encoding) -> tuple[str, str]:
     try:
         img = image_gate.load(data, field).image
     except ImageInputError as exc:
         raise InputError(exc.field, exc.message, exc.allowed) from exc
     out, text = postprocess(img, body, ups)
-    buf = io.BytesIO()
-    out.save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode(), text
+    if enc.format == "png":
+        buf = io.BytesIO()
+        out.save(buf, format="PNG", compress_level=1)
+        encoded = buf.getvalue()
+    else:  # the caller's samples_format, as A1111 encodes extras (no generation infotext here)
+        encoded = encode(out, {}, "", enc)
+    return base64.b64encode(encoded).decode(), text
 
 
 async def _extras(
-    body: ExtrasRequest, state: Service, images: list[tuple[str, str]]
+    body: ExtrasRequest, call: CompatCall, images: list[tuple[str, str]]
 ) -> tuple[list[str], str]:
-    """Each (base64, field) image in turn, off the loop: the PNGs and the last image's infotext (HTML)."""
-    ups = state.pool.upscalers
+    """Each (base64, field) image in turn, off the loop: the images and the last one's infotext (HTML)."""
+    ups = call.state.pool.upscalers
     _check(body, ups)
+    enc = encoding(call.options())
     out, text = [], ""
     for data, field in images:
-        image, text = await ups.call(_run, data, field, body, ups)
+        image, text = await ups.call(_run, data, field, body, ups, enc)
         out.append(image)
     return out, _html(text)
 
 
 @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
 async def extra_single_image(
-    body: ExtrasSingleImageRequest, state: Service = Depends(get_state)
+    body: ExtrasSingleImageRequest, call: CompatCall = Depends(compat_caller)
 ) -> dict[str, Any]:
-    images, info = await _extras(body, state, [(body.image, "image")])
+    images, info = await _extras(body, call, [(body.image, "image")])
     return {"html_info": info, "image": images[0]}
 
 
 @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
 async def extra_batch_images(
-    body: ExtrasBatchImagesRequest, state: Service = Depends(get_state)
+    body: ExtrasBatchImagesRequest, call: CompatCall = Depends(compat_caller)
 ) -> dict[str, Any]:
     items = [(item.data, f"imageList.{i}.data") for i, item in enumerate(body.imageList)]
-    images, info = await _extras(body, state, items)
+    images, info = await _extras(body, call, items)
     return {"html_info": info, "images": images}

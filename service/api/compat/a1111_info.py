@@ -16,6 +16,7 @@ from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
 from . import a1111_translate
+from .a1111_scripts import RUN
 from .caller import CompatCall, compat_caller
 from .errors import A1111Route
 
@@ -120,7 +121,8 @@ async def refresh_embeddings(state: Service = Depends(get_state)) -> None:
 
 @router.get("/scripts")
 async def scripts() -> dict[str, list[str]]:
-    return {"txt2img": [], "img2img": []}
+    """The scripts that run here, by A1111's lower-case names (a1111_scripts.py): ControlNet's."""
+    return {"txt2img": list(RUN), "img2img": list(RUN)}
 
 
 @router.get("/cmd-flags")

@@ -9,8 +9,9 @@ What does not map one to one, and is said in ``info`` (``comments``):
 - conditioning fields of ours that A1111 has no name for (``guidance``, ...) pass through by name;
 - hires fix (``enable_hr``) becomes our ``hires`` object (``a1111_hires.py``); a model of one size
   resizes its image to the hires size instead;
-- fields we do not implement (face restoration, tiling, styles, scripts, inpaint full resolution,
-  inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111).
+- fields we do not implement (face restoration, tiling, styles, inpaint full resolution,
+  inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111); scripts and
+  a refiner that do not run here are 422s (a1111_scripts.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from service.sampling.errors import InputError
 from service.serving.request import GenerationRequest, frontend_fields
 
 from ..schemas import generation_request
-from . import a1111_controlnet, a1111_options, frontend_schedules, limits
+from . import a1111_controlnet, a1111_options, a1111_scripts, frontend_schedules, limits
 from .a1111_cache import cache_field
 from .a1111_hires import Hires, plan_hires
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
@@ -93,9 +94,6 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
     out += [f"{name} ({what}) is not supported; ignored" for name, what in flags if getattr(body, name)]
     if body.styles:
         out.append("styles are not supported; ignored")
-    others = [k for k in body.alwayson_scripts or {} if str(k).strip().lower() != "controlnet"]
-    if body.script_name or others:
-        out.append("scripts are not supported; ignored")
     if body.save_images:
         out.append("save_images: images are not saved on the server")
     if isinstance(body, Img2ImgRequest):
@@ -176,6 +174,7 @@ def plan(
     steps = body.steps or d.steps
     cfg = body.cfg_scale if body.cfg_scale is not None else d.cfg_scale
     comments = _ignored(body)
+    a1111_scripts.check(body, model, comments)  # scripts that do not run here: a 422
     img2img = isinstance(body, Img2ImgRequest) and body.denoising_strength is not None
     denoise = float(body.denoising_strength or 1.0) if img2img else 1.0
     schedule, schedule_options, note = frontend_schedules.for_model(schedule, model, steps, denoise)

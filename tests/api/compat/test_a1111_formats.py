@@ -168,3 +168,19 @@ def test_the_exif_block_is_piexifs_byte_for_byte() -> None:
     for fmt in ("jpeg", "webp"):
         img = Image.open(io.BytesIO(encode(Image.new("RGB", (8, 8)), {}, "Steps: 3, ✓", Encoding(fmt))))
         assert img.info["exif"] in (PIEXIF_BLOCK, PIEXIF_BLOCK[6:])  # WebP keeps it without "Exif\0\0"
+
+
+def test_extras_answer_in_the_callers_samples_format(a1111: TestClient) -> None:
+    """A1111 encodes extra-single-image / extra-batch-images with the same encode_pil_to_base64."""
+    headers = _key(5)
+    picture = png_b64(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    body = {"image": picture, "upscaler_1": "Lanczos", "upscaling_resize": 2}
+    r = a1111.post("/sdapi/v1/extra-single-image", json=body, headers=headers)
+    assert r.status_code == 200 and _image(r.json()["image"]).format == "PNG", r.text
+    a1111.post("/sdapi/v1/options", json={"samples_format": "webp", "webp_lossless": True}, headers=headers)
+    r = a1111.post("/sdapi/v1/extra-single-image", json=body, headers=headers)
+    img = _image(r.json()["image"])
+    assert img.format == "WEBP" and img.size == (16, 16)
+    batch = {"imageList": [{"data": picture, "name": "a"}], "upscaler_1": "Lanczos", "upscaling_resize": 2}
+    r = a1111.post("/sdapi/v1/extra-batch-images", json=batch, headers=headers)
+    assert r.status_code == 200 and _image(r.json()["images"][0]).format == "WEBP", r.text

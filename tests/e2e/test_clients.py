@@ -19,6 +19,7 @@ import webuiapi
 from openai.types import ImageEditPartialImageEvent, ImageGenPartialImageEvent
 from PIL import Image
 
+from service import image_gate
 from tests.support.server import Server
 from tests.support.tiny_store import make_tiny_store
 
@@ -314,6 +315,8 @@ def test_openai_output_formats_compression_and_links(server: Server) -> None:
         )
         data = base64.b64decode(r.data[0].b64_json)
         assert Image.open(io.BytesIO(data)).format == fmt.upper() and r.output_format == fmt
+        if fmt != "png":  # the generation parameters ride along, as A1111 writes them
+            assert "Steps: 4" in image_gate.text_chunks(data, "image")["parameters"]
         sizes[fmt, compression] = len(data)
     assert sizes["jpeg", 10] < sizes["jpeg", 100]
     linked = client.images.generate(prompt="7", size="8x8", output_format="webp", response_format="url")

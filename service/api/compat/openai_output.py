@@ -14,6 +14,9 @@ from typing import Any
 
 from PIL import Image
 
+from service.images import PARAMETERS_KEY
+
+from .a1111_encode import user_comment
 from .errors import OpenAIError
 from .openai_schemas import ImageGenerationRequest, OutputFormat
 
@@ -61,7 +64,8 @@ def quality(req: ImageGenerationRequest) -> str:
 
 
 def encode(img: Image.Image | bytes, req: ImageGenerationRequest) -> bytes:
-    """``img`` (a PIL image, or our PNG: returned as it is for PNG output) in the asked format."""
+    """``img`` (a PIL image, or our PNG: returned as it is for PNG output) in the asked format (our
+    PNG's infotext in a JPEG's / WebP's EXIF UserComment)."""
     fmt = output_format(req)
     if fmt == "png":
         if isinstance(img, bytes):
@@ -69,15 +73,18 @@ def encode(img: Image.Image | bytes, req: ImageGenerationRequest) -> bytes:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return buf.getvalue()
+    infotext = None
     if isinstance(img, bytes):
         img = Image.open(io.BytesIO(img))
+        infotext = img.info.get(PARAMETERS_KEY)  # kept in EXIF UserComment, as A1111 keeps it
     if img.mode not in ("RGB", "L"):
         img = img.convert("RGB")
     if fmt == "webp" and img.mode == "L":
         img = img.convert("RGB")  # WebP has no grayscale mode
     compression = 100 if req.output_compression is None else req.output_compression
     buf = io.BytesIO()
-    img.save(buf, format=fmt.upper(), quality=compression)
+    exif = {"exif": user_comment(infotext)} if infotext else {}
+    img.save(buf, format=fmt.upper(), quality=compression, **exif)
     return buf.getvalue()
 
 

@@ -94,9 +94,10 @@ for _path in (
 @router.get("/loras")
 async def loras(state: Service = Depends(get_state)) -> list[dict[str, Any]]:
     """The store's LoRAs as A1111 lists them (use them with <lora:name:weight> in the prompt)."""
+    found = await asyncio.to_thread(state.pool.loras.scan)  # a folder of thousands: not on the loop
     return [
         {"name": i.name, "alias": i.name, "path": i.path.name, "metadata": {"base_model": i.base_model}}
-        for i in state.pool.loras.scan()
+        for i in found
     ]
 
 

@@ -124,9 +124,10 @@ async def loras(state: Service = Depends(get_state)) -> dict[str, Any]:
     """LoRA files in the store: `model_store/loras/` (any model whose layers they fit) and
     `model_store/<model>/loras/` (that model). Use them with `loras: [{"name", "weight"}]` or
     `<lora:name:weight>` in the prompt."""
+    found = await asyncio.to_thread(state.pool.loras.scan)  # a folder of thousands: not on the loop
     return {
         "loras": [
             {"name": i.name, "base_model": i.base_model, "size_bytes": i.size_bytes, "file": i.path.name}
-            for i in state.pool.loras.scan()
+            for i in found
         ]
     }

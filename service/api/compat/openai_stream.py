@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -42,6 +43,7 @@ from .openai_schemas import ImageGenerationRequest
 from .openai_translate import Translated
 from .runner import disconnected, submit_all
 
+log = logging.getLogger(__name__)
 KEEPALIVE_S = 15.0
 # the completed events' usage, as the client's ImageGenCompletedEvent.Usage has it
 EVENT_USAGE = {k: v for k, v in output.NO_USAGE.items() if k != "output_tokens_details"}
@@ -127,7 +129,11 @@ async def _events(
             changed = job.change_event()
             while job.snapshots and job.status not in (JobStatus.failed, JobStatus.cancelled):
                 _, latest = job.snapshots.pop(0)
-                png = await asyncio.to_thread(_partial, state, job, latest, t, req)
+                try:
+                    png = await asyncio.to_thread(_partial, state, job, latest, t, req)
+                except Exception:  # a preview that fails (the VAE out of memory) fails no request
+                    log.warning("partial image of job %s not sent", job.id, exc_info=True)
+                    png = None
                 if png is not None:
                     data = _fields(req, t, kind, "partial_image")
                     data |= {"b64_json": base64.b64encode(png).decode(), "partial_image_index": sent}

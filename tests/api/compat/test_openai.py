@@ -7,6 +7,7 @@ import io
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -137,3 +138,16 @@ def test_variation_is_an_img2img_without_prompt(oai: TestClient) -> None:
     assert params["img2img"] and params.get("class_label") is None and params["denoise"] == 0.75
     r = oai.post("/v1/images/variations", data=data)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+def test_a_partial_image_that_fails_to_decode_fails_no_stream(
+    oai: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a preview's VAE decode running out of memory skips that partial image; the images still come
+    def out_of_memory(*_: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("service.api.compat.openai_stream.decode_full", out_of_memory)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=oai, max_retries=0)
+    events = list(client.images.generate(prompt="7", size="8x8", stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.completed"]

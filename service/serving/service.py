@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,8 @@ from .pool import ModelPool, PoolSettings
 from .previews import Previews, render
 from .request import GenerationRequest, build_job, check_spec
 from .webhooks import Webhooks, WebhookSettings
+
+LOAD_RETRY_S = 5  # Retry-After for a queue full of jobs waiting for their model's load
 
 log = logging.getLogger("kdiff.service")
 
@@ -81,6 +84,7 @@ class Service:
         if self.webhooks.enabled:
             self.add_terminal_listener(self.webhooks.on_terminal)
         self._waiting: set[asyncio.Task[None]] = set()  # jobs waiting for their model's load
+        self._loading: Counter[str] = Counter()  # of those, the ones POST /jobs took, by model
         self.ready = False
         self.draining = False
         self.previews = Previews()
@@ -250,11 +254,24 @@ class Service:
     ) -> Job:
         """A job for a model not loaded yet: it waits (events say ``loading``) while the model loads,
         then is built and queued; a failed load fails it with the loader's message."""
+        self._check_room(model)
         job = Job(placeholder(self.settings.job_timeout_s), model)
         job.loading, job.owner = True, owner
         self.jobs.add(job)
-        self._track(asyncio.get_running_loop().create_task(self._after_load(job, build)))
+        task = asyncio.get_running_loop().create_task(self._after_load(job, build))
+        self._loading[model] += 1
+        task.add_done_callback(lambda _: self._loading.subtract((model,)))
+        self._track(task)
         return job
+
+    def _check_room(self, model: str) -> None:
+        """QueueFull when the jobs waiting for ``model`` (its engine's queue and those waiting for
+        its load) fill KDIFF_MAX_QUEUE: without this, jobs accepted during a load were unbounded,
+        and all past the queue failed when the load ended."""
+        engine = self.pool.engines.get(model)
+        queued = len(engine.queue) if engine is not None else 0
+        if queued + self._loading[model] >= self.settings.max_queue:
+            raise QueueFull(engine.retry_after_s() if engine is not None else LOAD_RETRY_S)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._waiting.add(task)

@@ -25,6 +25,7 @@ MAX_CHARS = 256 * 1024
 _NOT_KEY = re.compile(r"[^\w \-/+]")  # a character no key contains
 _WORD = re.compile(r"\w")
 _SPACES = re.compile(r"\s*")
+_IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")  # A1111's re_imagesize
 _QUOTED = re.compile(r'"(?:\\.|[^\\"])*"')  # one way to match each character: no backtracking blow-up
 
 
@@ -104,7 +105,8 @@ def hires_pairs(h: dict[str, Any]) -> list[tuple[str, Any]]:
 
 def parse(text: str) -> dict[str, Any]:
     """A1111's png-info ``parameters``: Prompt, Negative prompt, and each "Key: value" pair (strings),
-    Size split into Size-1 / Size-2. Linear in the text's length; longer than :data:`MAX_CHARS`:
+    each "WxH" value also split into Key-1 / Key-2, and A1111's defaults for what is missing
+    (:data:`A1111_DEFAULTS`). Linear in the text's length; longer than :data:`MAX_CHARS`:
     :class:`InfotextTooLong`."""
     if len(text) > MAX_CHARS:
         raise InfotextTooLong(f"the infotext is {len(text)} characters; at most {MAX_CHARS} are read")
@@ -117,20 +119,51 @@ def parse(text: str) -> dict[str, Any]:
     negative: list[str] = []
     in_negative = False
     for line in body:
+        line = line.strip()
         if line.startswith("Negative prompt:"):
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
     for key, value in pairs:
-        if value.startswith('"'):
+        if value.startswith('"') and value.endswith('"'):
             try:
                 value = json.loads(value)
             except ValueError:
                 pass
         out[key.strip()] = value
-        if key.strip() == "Size" and "x" in value:
-            out["Size-1"], out["Size-2"] = value.split("x", 1)
+        size = _IMAGE_SIZE.match(value) if isinstance(value, str) else None
+        if size is not None:  # A1111 splits every "WxH" value (Size, Hires resize, ...) into -1 / -2
+            out[f"{key.strip()}-1"], out[f"{key.strip()}-2"] = size.group(1), size.group(2)
+    for key, value in A1111_DEFAULTS.items():
+        out.setdefault(key, value)
     return out
+
+
+# What A1111's parse_generation_parameters (infotext_utils.py) fills in for fields an infotext leaves
+# out, so clients pasting png-info's parameters back find them as with A1111 (the values are its).
+A1111_DEFAULTS: dict[str, Any] = {
+    "Clip skip": "1",
+    "Hires resize-1": 0,
+    "Hires resize-2": 0,
+    "Hires sampler": "Use same sampler",
+    "Hires schedule type": "Use same scheduler",
+    "Hires checkpoint": "Use same checkpoint",
+    "Hires prompt": "",
+    "Hires negative prompt": "",
+    "Mask mode": "Inpaint masked",
+    "Masked content": "original",
+    "Inpaint area": "Whole picture",
+    "Masked area padding": 32,
+    "RNG": "GPU",
+    "Schedule type": "Automatic",
+    "Schedule max sigma": 0,
+    "Schedule min sigma": 0,
+    "Schedule rho": 0,
+    "VAE Encoder": "Full",
+    "VAE Decoder": "Full",
+    "FP8 weight": "Disable",
+    "Refiner switch by sampling steps": False,
+}
 
 
 def pairs_of(line: str) -> list[tuple[str, str]]:

@@ -96,3 +96,20 @@ def test_hires_fields_as_a1111_writes_them() -> None:
     resized = {**p, "hires": {**p["hires"], "resize_x": 800, "resize_y": 600}}
     del resized["hires"]["scale"]
     assert infotext.parse(infotext.from_parameters(resized))["Hires resize"] == "800x600"
+
+
+def test_parse_fills_what_a1111s_parse_generation_parameters_fills() -> None:
+    """infotext_utils.parse_generation_parameters: every "WxH" value split into -1 / -2 (re_imagesize),
+    lines stripped, and its defaults for fields the text leaves out (a client pasting png-info's
+    parameters back reads them: "Clip skip", "Hires resize-1", "RNG", ...)."""
+    text = "  a cat  \nNegative prompt: dog \n" + REAL_LINES[0].replace(
+        "Version", "Hires resize: 1024x1536, Version"
+    )
+    out = infotext.parse(text)
+    assert out["Prompt"] == "a cat" and out["Negative prompt"] == "dog"
+    assert (out["Hires resize-1"], out["Hires resize-2"]) == ("1024", "1536")
+    assert (out["Size-1"], out["Size-2"]) == ("512", "768") and out["Schedule type"] == "Karras"
+    assert out["Clip skip"] == "1" and out["RNG"] == "GPU" and out["Hires sampler"] == "Use same sampler"
+    assert out["Hires checkpoint"] == "Use same checkpoint" and out["Masked area padding"] == 32
+    given = infotext.parse("a\n" + REAL_LINES[0].replace("Version", "Clip skip: 2, RNG: CPU, Version"))
+    assert given["Clip skip"] == "2" and given["RNG"] == "CPU" and given["Hires resize-1"] == 0

@@ -208,19 +208,22 @@ class ModelPool:
             if name and name not in self.manifests:  # before any load: fail fast
                 why = self.manifest_errors.get(name) or f"not in the store; models: {', '.join(self.known())}"
                 raise StartupError(f"model {name!r} ({setting}): {why}")
+        never: dict[str, str] = {}  # models that failed to load or can never fit the memory budget
         for name in s.models or sorted(self.manifests):
             try:
                 await self.ensure_loaded(name)
             except ModelUnavailable as exc:
                 if s.models:  # asked for by name: the service does not start without it
                     raise StartupError(f"{exc.message} (KDIFF_MODELS)") from exc
+                if exc.code == ErrorCode.load_failed or not exc.transient:
+                    never[name] = exc.message
                 log.warning("not preloaded: %s", exc.message)
         default = self.default_model  # (a failed one only when it is named, the shipped one, or all failed)
-        if default in self.load_errors:  # requests that name no model would all fail: do not start
+        if default in never:  # requests that name no model would all fail: do not start
             others = ", ".join(m for m in self.models if m != default) or "none"
             raise StartupError(
-                f"the default model: {self.load_errors[default]}; fix its files, or set KDIFF_DEFAULT_MODEL "
-                f"to another model (others: {others})"
+                f"the default model: {never[default]}; fix it, or set KDIFF_DEFAULT_MODEL to another model "
+                f"(loaded: {others})"
             )
 
     # --- loading and unloading ---

@@ -130,6 +130,8 @@ def test_a_store_with_broken_entries_serves_the_rest_and_names_each(
         ({"default_model": "truncated"}, "the default model: loading model 'truncated' failed"),
         ({"models": ["good", "nosuch"]}, "model 'nosuch' (KDIFF_MODELS): not in the store"),
         ({"default_model": "badjson"}, "model 'badjson' (KDIFF_DEFAULT_MODEL): "),
+        # a budget written in MB instead of bytes: every request without a model would be a 507
+        ({"default_model": "good", "memory_budget": 8000}, "the default model: model 'good' needs about"),
     ],
 )
 def test_a_model_the_settings_need_stops_start_up_naming_why(
@@ -176,7 +178,7 @@ def test_the_shipped_default_model_broken_stops_start_up_in_one_line(tmp_path: P
     assert done.returncode == 3 and "Traceback" not in out, out
     line = next(line for line in out.splitlines() if "kdiff serve:" in line)
     assert "cannot start: the default model: loading model 'digits' failed: SafetensorError" in line, out
-    assert line.endswith("set KDIFF_DEFAULT_MODEL to another model (others: other)"), out
+    assert line.endswith("set KDIFF_DEFAULT_MODEL to another model (loaded: other)"), out
 
 
 def test_a_folder_the_service_cannot_write_in_stops_start_up(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ change the model itself and are refused.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,11 +67,18 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
+def block_match(
+    module: str, prefixes: tuple[str, ...], block: re.Pattern[str]
+) -> tuple[str, re.Match[str] | None]:
+    """A file's module name without the tools' prefixes, and its match as a block's layer (or None)."""
+    for p in prefixes:
+        module = module.removeprefix(p)
+    return module, block.fullmatch(module)
+
+
 def _bfl(module: str) -> str | None:
     """A BFL module name (dotted) for a file's module name in BFL's, kohya's or XLabs' spelling."""
-    for p in PREFIXES:
-        module = module.removeprefix(p)
-    m = BLOCK.fullmatch(module)
+    module, m = block_match(module, PREFIXES, BLOCK)
     if m is None:
         return TOP_FLAT.get(flat(module))
     kind, i, rest = m.group(1), m.group(2), m.group(3)
@@ -104,8 +113,28 @@ def _targets(bfl: str, rows: int) -> list[tuple[str, int]] | None:
     return [(b + SINGLE[name], rows)] if name in SINGLE else None
 
 
-def to_diffusers(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """A Flux LoRA state dict in PEFT keys (``transformer.<path>``); text-encoder keys kept as they are."""
+@dataclass(frozen=True)
+class Layout:
+    """How one family's original module names become diffusers layers (Flux here, SD3 in :mod:`.sd3`)."""
+
+    label: str
+    name: Callable[[str], str | None]  # a file's module name -> the original (dotted) name, or None
+    targets: Callable[[str, Tensor, Tensor], list[tuple[str, int]] | None]  # (name, down, up)
+    swapped: Callable[[str, Tensor, Tensor], bool]  # whether the up rows are (shift, scale) halves
+    full_weights: str  # why full weights next to the LoRA's are refused
+
+
+FLUX = Layout(
+    "Flux",
+    _bfl,
+    lambda name, down, up: _targets(name, int(up.shape[0])),
+    lambda name, down, up: name == FINAL_MOD,
+    "BFL's FLUX.1 Canny / Depth Control LoRAs change the model itself",
+)
+
+
+def to_diffusers(state: dict[str, Tensor], where: str, layout: Layout = FLUX) -> dict[str, Tensor]:
+    """A LoRA state dict in PEFT keys (``transformer.<path>``); text-encoder keys kept as they are."""
     groups: dict[str, dict[str, tuple[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -119,31 +148,31 @@ def to_diffusers(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
             continue
         if split is None and re.search(r"\.(scale|bias|weight)$", key):
             raise LoraFormatError(
-                f"{where}: key {key!r}: full weights in a Flux LoRA (BFL's FLUX.1 Canny / Depth Control "
-                "LoRAs change the model itself) are not supported, only LoRA updates"
+                f"{where}: key {key!r}: full weights in a {layout.label} LoRA ({layout.full_weights}) "
+                "are not supported, only LoRA updates"
             )
-        bfl = None if split is None else _bfl(split[0])
-        if split is None or bfl is None:
+        name = None if split is None else layout.name(split[0])
+        if split is None or name is None:
             if key.startswith("transformer."):  # already diffusers' own names
                 out[key] = value
                 continue
-            raise LoraFormatError(f"{where}: key {key!r} is no Flux LoRA layer this service reads")
-        groups.setdefault(bfl, {})[split[1]] = (key, value)
-    for bfl, parts in groups.items():
+            raise LoraFormatError(f"{where}: key {key!r} is no {layout.label} LoRA layer this service reads")
+        groups.setdefault(name, {})[split[1]] = (key, value)
+    for name, parts in groups.items():
         if "lora_A" not in parts or "lora_B" not in parts:
-            raise LoraFormatError(f"{where}: Flux layer {bfl!r} lacks its down or up matrix")
+            raise LoraFormatError(f"{where}: {layout.label} layer {name!r} lacks its down or up matrix")
         down, up = parts["lora_A"][1], parts["lora_B"][1]
-        targets = _targets(bfl, int(up.shape[0]))
+        targets = layout.targets(name, down, up)
         if targets is None:
-            raise LoraFormatError(f"{where}: key {parts['lora_A'][0]!r}: no such Flux layer")
-        if bfl == FINAL_MOD:
+            raise LoraFormatError(f"{where}: key {parts['lora_A'][0]!r}: no such {layout.label} layer")
+        if layout.swapped(name, down, up):
             a, b = up.chunk(2, dim=0)
             up = torch.cat([b, a], dim=0)
         start = 0
-        for name, n in targets:
-            out[f"transformer.{name}.lora_A.weight"] = down
-            out[f"transformer.{name}.lora_B.weight"] = up[start : start + n]
+        for target, n in targets:
+            out[f"transformer.{target}.lora_A.weight"] = down
+            out[f"transformer.{target}.lora_B.weight"] = up[start : start + n]
             start += n
             if "alpha" in parts:
-                out[f"transformer.{name}.alpha"] = parts["alpha"][1]
+                out[f"transformer.{target}.alpha"] = parts["alpha"][1]
     return out

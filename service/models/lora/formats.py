@@ -20,7 +20,8 @@ Per adapted layer a file stores a down (A) and an up (B) matrix, and optionally 
   no ``unet.`` prefix at all (``down_blocks.0...processor.to_q_lora.down.weight``).
 
 - SD3 / Flux: PEFT ``transformer.<path>`` keys (the denoising network is the "unet" component here);
-  Flux's BFL / kohya / XLabs layouts are rewritten into those by :mod:`.flux` first.
+  Flux's BFL / kohya / XLabs layouts (:mod:`.flux`) and SD3's original MMDiT names (:mod:`.sd3`) are
+  rewritten into those first.
 
 Refused, naming the key: LyCORIS (LoHa ``hada_``, LoKr ``lokr_``, OFT, Tucker ``lora_mid``, full
 ``diff``), DoRA (``dora_scale``, ``lora_magnitude_vector``), LoRA biases, non-finite numbers, and any
@@ -204,6 +205,7 @@ def parse_state_dict(
 ) -> tuple[dict[str, dict[str, LoraWeight]], str]:
     """The layers of a LoRA state dict by component and flat module path, and its format name."""
     from .flux import is_flux, to_diffusers
+    from .sd3 import SD3, is_sd3
 
     parts: dict[tuple[str, str], dict[str, Any]] = {}
     kinds = set()
@@ -214,6 +216,9 @@ def parse_state_dict(
     if is_flux(list(state)):  # BFL / kohya / XLabs Flux names: into diffusers' transformer names
         state = to_diffusers(state, where)
         kinds.add("flux")
+    elif is_sd3(list(state)):  # SD3's original MMDiT names (kohya, ComfyUI): the same way
+        state = to_diffusers(state, where, SD3)
+        kinds.add("sd3")
     for key, value in state.items():
         split = _split(key)
         if split is None:
@@ -223,7 +228,7 @@ def parse_state_dict(
                 "Flux's BFL / kohya / XLabs names)"
             )
         comp, stem, module, part = split
-        if "flux" not in kinds:
+        if not kinds & {"flux", "sd3"}:
             kinds.add("kohya" if key.startswith("lora_") else "diffusers")
         entry = parts.setdefault((comp, flat(module)), {"key": stem, "path": module})
         if part in entry:

@@ -147,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
     from service.serving.jobstore import StateCorrupt
 
     from .app import create_app
+    from .comfy.sockets import WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
     from .protocol import with_header_timeout
 
     logging.basicConfig(
@@ -207,6 +208,8 @@ def main(args: argparse.Namespace) -> int:
         http=with_header_timeout(settings.header_timeout_s, settings.send_timeout_s),
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
+        ws_max_size=WS_MAX_MESSAGE_BYTES,
+        ws_max_queue=WS_MAX_QUEUE,
     )
     DrainingServer(config).run()
     return 0

@@ -3,6 +3,7 @@ cut off (headers, body), and none of it costs the server memory or other clients
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.api.comfy.sockets import WS_MAX_MESSAGE_BYTES
 from tests.support.server import Server
 
 from .support import KEY1, raw_request, rss_mib, start, status_of
@@ -205,3 +207,22 @@ def test_clients_that_never_read_are_dropped_after_the_send_deadline(impatient: 
         s.close()
     print(f"\nstuck readers (responses taken of 200, dropped by the server): {outcomes}")
     assert all(ended and got < 200 for got, ended in outcomes), outcomes
+
+
+def test_a_websocket_message_past_the_limit_closes_the_socket(server: Server) -> None:
+    """ComfyUI's socket reads what clients send only to notice a close (its clients send nothing,
+    or a small `feature_flags` JSON). uvicorn's default let each message be 16 MiB: 20 clients sending
+    8 MiB messages took the server to 1.9 GiB and stalled /healthz up to 17.6 s while it assembled
+    them. Now a message over WS_MAX_MESSAGE_BYTES closes the socket (1009) as its header arrives."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    url = f"ws://127.0.0.1:{server.port}/ws?clientId=big"
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEY1}"}, open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "status"
+        ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        ws.ping().wait(10)  # a small message keeps the socket open
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.send(b"x" * WS_MAX_MESSAGE_BYTES * 16)  # 1 MiB
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009, closed.value

@@ -27,6 +27,12 @@ PREVIEW_ROOM = OUTBOX // 2  # preview frames are skipped once the outbox is this
 PREVIEW_IMAGE = 1  # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE
 PNG = 2  # ComfyUI's image type code in a preview frame (1 = JPEG)
 MAX_SOCKETS = 4096  # open sockets in all (each holds a task and an outbox)
+# The largest message a client may send (uvicorn's ws_max_size; its default is 16 MiB): ComfyUI reads
+# what clients send only to notice a close, and its clients send nothing or a small `feature_flags`
+# JSON. Each message is assembled in memory on the event loop: 20 clients sending 8 MiB messages
+# took the server to 1.9 GiB and stalled it for seconds. Past this the socket is closed (1009).
+WS_MAX_MESSAGE_BYTES = 64 * 1024
+WS_MAX_QUEUE = 4  # messages received and not yet read by the app, per socket
 
 
 def preview_frame(png: bytes) -> bytes:

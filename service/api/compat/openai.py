@@ -25,8 +25,8 @@ from service.serving.service import Service
 
 from ..deps import get_state, require_api_key
 from ..guard import owner_of
+from . import openai_edit_json, openai_stream
 from . import openai_output as output
-from . import openai_stream
 from .caller import CompatCall, compat_call
 from .errors import OpenAIError, OpenAIRoute
 from .image_links import ImageLinks
@@ -192,8 +192,12 @@ async def _form(call: CompatCall, route: str) -> Any:
 
 
 def _form_request(form: Any, defaults: dict[str, Any] | None = None) -> ImageGenerationRequest:
+    return _validated((defaults or {}) | form_fields(form))
+
+
+def _validated(fields: dict[str, Any]) -> ImageGenerationRequest:
     try:
-        return ImageGenerationRequest.model_validate((defaults or {}) | form_fields(form))
+        return ImageGenerationRequest.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -208,9 +212,14 @@ def _form_request(form: Any, defaults: dict[str, Any] | None = None) -> ImageGen
     dependencies=authed,
 )
 async def edits(call: CompatCall = Depends(compat_call)) -> ImagesResponse | StreamingResponse:
-    """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format): img2img, or
-    inpainting where the mask (or the image's alpha) is transparent. Without ``size`` (or "auto",
-    OpenAI's default) a text model keeps the image's shape (its size fitted to the model's)."""
+    """OpenAI's image edit (multipart: image, mask, prompt, n, size, response_format; or JSON with
+    ``images: [{"image_url": <data URL>}]``, openai_edit_json.py): img2img, or inpainting where the
+    mask (or the image's alpha) is transparent. Without ``size`` (or "auto", OpenAI's default) a
+    text model keeps the image's shape (its size fitted to the model's)."""
+    kind = call.request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind == "application/json":
+        fields, first, json_mask = await asyncio.to_thread(openai_edit_json.parse, await call.request.body())
+        return await _edit(call, _validated(fields), first, json_mask)
     form = await _form(call, "/v1/images/edits")
     req = _form_request(form)
     image = await _file(form, ("image", "image[]"), True)

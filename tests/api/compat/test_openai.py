@@ -151,3 +151,26 @@ def test_a_partial_image_that_fails_to_decode_fails_no_stream(
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=oai, max_retries=0)
     events = list(client.images.generate(prompt="7", size="8x8", stream=True, partial_images=2))
     assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_edit_as_json_with_data_urls(oai: TestClient) -> None:
+    # OpenAI's reference also takes edits as JSON: images [{image_url}] and mask {image_url}
+    image = Image.new("L", (8, 8), 200)
+    mask = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (4, 0, 8, 8))
+    url = "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+    murl = "data:image/png;base64," + base64.b64encode(_png(mask)).decode()
+    body = {"prompt": "3", "images": [{"image_url": url}], "mask": {"image_url": murl}, "size": "8x8"}
+    r = oai.post("/v1/images/edits", json=body | {"response_format": "b64_json", "seed": 1})
+    assert r.status_code == 200, r.text
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+    assert np.abs(out[:, :4].astype(int) - 200).max() <= 3  # kept where the mask is opaque
+    refused = {
+        "url": ({**body, "images": [{"image_url": "http://169.254.169.254/x"}]}, "images[0].image_url"),
+        "file": ({**body, "images": [{"file_id": "file-abc"}]}, "images[0].file_id"),
+        "none": ({"prompt": "3"}, "images"),
+        "bad": ({**body, "images": [{"image_url": "data:image/png;base64,!!!"}]}, "images[0].image_url"),
+    }
+    for body_, param in refused.values():
+        r = oai.post("/v1/images/edits", json=body_)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

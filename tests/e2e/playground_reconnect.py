@@ -66,33 +66,37 @@ def check_stream_ends_early(page: Page) -> None:
     page.unroute("**/events*")
 
 
-def check_restart(browser: Browser, store: Path, tmp: Path, long_steps: int) -> None:
-    """A service with a job store (KDIFF_STATE_DIR) killed mid-job and started again: the job runs
-    again there and the open page shows its image. Then one started without the store: the job is
-    gone, and the page says so (once, plainly), not that it never ran."""
+def _restart(srv: Server, store: Path, log: Path, **env: str) -> None:
+    """Kill ``srv`` (SIGKILL: its streams break, it is unreachable a while) and start it again on the
+    same port with ``env``; ``srv`` is the new process afterwards (the module's shared server goes on)."""
+    srv.stop()
+    new = Server(store, log, port=srv.port, **env)
+    new.wait_ready()
+    srv.proc, srv._log, srv.log_path = new.proc, new._log, new.log_path
+
+
+def check_restart(browser: Browser, srv: Server, store: Path, tmp: Path, long_steps: int) -> None:
+    """``srv`` (no job store) is killed mid-job and started again: the job is gone, and the open page
+    says so (plainly, once), not that it never ran. Started with a job store (KDIFF_STATE_DIR) and
+    killed mid-job again: the job runs again there, and the page shows its image."""
     env = {"KDIFF_MAX_STEPS": str(long_steps), "KDIFF_STATE_DIR": str(tmp / "state")}
-    srv = Server(store, tmp / "1.log", **env)
-    srv.wait_ready()
     page = browser.new_context().new_page()
     try:
         page.goto(f"{srv.url}/")
         expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=15_000)
-        _start_job(page, RUNNING)
-        srv.stop()  # SIGKILL: the stream breaks, the service is unreachable for a while
-        expect(page.locator("#status")).to_contain_text("Reconnecting", timeout=5_000)
-        srv = Server(store, tmp / "2.log", port=srv.port, **env)
-        srv.wait_ready()
-        expect(page.locator(IMAGE)).to_have_count(1, timeout=40_000)
-        expect(page.locator("#status")).to_contain_text("Done")
-
         _start_job(page, long_steps)
-        srv.stop()
-        srv = Server(store, tmp / "3.log", port=srv.port, **{**env, "KDIFF_STATE_DIR": str(tmp / "other")})
-        srv.wait_ready()
+        _restart(srv, store, tmp / "1.log", **env)
         gone = "is gone: the service no longer has it"
         expect(page.locator("#banner")).to_contain_text(gone, timeout=20_000)
         expect(page.locator("#status")).to_have_text("Lost.")
         expect(page.locator("#generate")).to_be_enabled()
+
+        _start_job(page, RUNNING)
+        srv.stop()
+        expect(page.locator("#status")).to_contain_text("Reconnecting", timeout=5_000)
+        _restart(srv, store, tmp / "2.log", **env)
+        expect(page.locator(IMAGE)).to_have_count(1, timeout=40_000)
+        expect(page.locator("#status")).to_contain_text("Done")
+        expect(page.locator("#banner")).to_be_hidden()
     finally:
         page.context.close()
-        srv.stop()

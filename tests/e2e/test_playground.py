@@ -581,12 +581,13 @@ def test_playground_reconnects(browser: Browser, server: Server) -> None:
         proxy.close()
 
 
-def test_playground_service_restart(browser: Browser, store: Path, tmp_path: Path) -> None:
-    """The service is killed mid-job and started again: with its job store the job reruns and the page
-    shows the image; without it the page says plainly that the job is gone."""
+def test_playground_service_restart(browser: Browser, server: Server, store: Path, tmp_path: Path) -> None:
+    """The service is killed mid-job and started again (the module's server, on its port): without a
+    job store the page says plainly that the job is gone; with one the job reruns and the page shows
+    the image."""
     from .playground_reconnect import check_restart
 
-    check_restart(browser, store, tmp_path, LONG)
+    check_restart(browser, server, store, tmp_path, LONG)
 
 
 # A1111 1.10's infotext as it writes it (modules/processing.py create_infotext): prompt, negative
@@ -684,5 +685,76 @@ def test_playground_phone_widths(browser: Browser, server: Server) -> None:
             width,
         )
         assert page.evaluate("document.documentElement.scrollWidth") <= width, (width, wide)
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_model_not_loaded(browser: Browser, server: Server) -> None:
+    """The page opened while its model is unloaded (GET /models has no size, conditioning or
+    discrete for it): the form says so (was "undefinedxundefined, undefined"), its first job loads
+    it, and then the form shows the model's classes, size and schedules."""
+    page = browser.new_context().new_page()
+    assert page.request.post(f"{server.url}/models/tiny/unload").ok
+    page.goto(f"{server.url}/")
+    expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=15_000)
+    console = Console(page)
+    expect(page.locator("#model-doc")).to_contain_text("not loaded (on_disk)")
+    expect(page.locator("#model-doc")).not_to_contain_text("undefined")
+    page.fill("#steps", "5")
+    page.fill("#seed", "2")
+    page.click("#generate")
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=20_000)
+    expect(page.locator("#model-doc")).to_have_text("tiny random-weight test model: 8x8, class")
+    expect(page.locator("#class-row")).to_be_visible()
+    expect(page.locator("#steps")).to_have_value("5")  # the user's values are kept
+    expect(page.locator("#seed")).to_have_value("2")
+    assert "normal" not in page.locator("#schedule option").all_text_contents()  # discrete is known now
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_comes_back(browser: Browser, server: Server) -> None:
+    """Back from a link, the tab shows the form and images it had (they were gone: a fresh form);
+    reloaded while a job runs, it follows the job again and shows its image (it said "Ready." while
+    the job ran on). Another tab keeps its own."""
+    page, console = _open(browser, server.url)
+    page.select_option("#class_label", "4")
+    _generate_digit(page, "4")
+    page.click("text=API docs")
+    page.wait_for_url("**/docs", wait_until="commit")
+    page.go_back()
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=10_000)
+    expect(page.locator("#steps")).to_have_value("6")
+    expect(page.locator("#class_label")).to_have_value("4")
+    page.fill("#steps", "800")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text("Step", timeout=15_000)
+    page.reload()  # the job runs on, or ended meanwhile: either way its image comes back
+    expect(page.locator("#status")).to_contain_text("Done", timeout=20_000)
+    params = json.loads(page.locator("#results pre").first.text_content() or "{}")
+    assert params["steps"] == 800 and params["class_label"] == 4, params
+    other = page.context.new_page()
+    other.goto(f"{server.url}/")
+    expect(other.locator("body")).to_have_attribute("data-ready", "true")
+    expect(other.locator("#steps")).to_have_value("4")  # the model's default, not the first tab's
+    assert other.locator("#results figure").count() == 0
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_keyboard(browser: Browser, server: Server) -> None:
+    """Without a pointer: Enter in a field generates, Escape cancels the running job, Enter in the
+    comparison's values runs the grid (it did nothing: the grid is outside the form)."""
+    page, console = _open(browser, server.url)
+    page.fill("#steps", str(LONG))
+    page.press("#steps", "Enter")
+    expect(page.locator("#status")).to_contain_text("Step", timeout=15_000)
+    page.keyboard.press("Escape")
+    expect(page.locator("#status")).to_have_text("Cancelled.", timeout=15_000)
+    page.fill("#steps", "4")
+    page.select_option("#cmp-samplers", ["euler"])
+    page.fill("#cmp-values", "3, 4")
+    page.press("#cmp-values", "Enter")
+    expect(page.locator("#cmp-grid td img")).to_have_count(2, timeout=20_000)
     assert not console.errors, console.errors
     page.context.close()

@@ -1,11 +1,12 @@
 // The playground: form from the catalogue, a job with live progress, results, errors.
-import { apiKey, cancelJob, runJob } from "./api.js";
+import { apiKey, cancelJob, follow, runJob } from "./api.js";
 import { setupCompare } from "./compare.js";
 import { controlNetFields, loadControlNets, setupControlNet } from "./controlnet.js";
-import { addErrorSlots, loadCatalogue, model, onModel, onSampler, onSchedule, readForm, restore, sizeLimits } from "./form.js";
+import { addErrorSlots, loadCatalogue, model, onModel, onSampler, onSchedule, readForm, refreshModels, restore, sizeLimits } from "./form.js";
 import { ipAdapterFields, loadAdapters, setupIpAdapter, showAdaptersFor } from "./ipadapter.js";
 import { img2imgFields, setupMask } from "./mask.js";
 import { parametersOf } from "./png.js";
+import * as session from "./session.js";
 import { banner, clearErrors, figure, showError } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
@@ -23,45 +24,68 @@ function progressText(name, d) {
 
 async function generate(e) {
   e.preventDefault();
-  const form = $("gen");
-  clearErrors(form);
-  if (current) return;
+  clearErrors($("gen"));
+  if (current || !model()) return;
   const body = { ...readForm(), ...img2imgFields(), ...controlNetFields(), ...ipAdapterFields() };
+  await watch((opts) => runJob(body, opts), "Submitting...");
+}
+
+// A job this tab followed before a reload or a back/forward (session.js): follow it again, so a
+// running one's progress and image, or a finished one's images, are back on the page.
+async function resume() {
+  const { job, running } = session.job();
+  if (!job) return;
+  await watch(async (opts) => {
+    opts.onJob(job);
+    return { id: job, ...(await follow(job, opts)) };
+  }, "Reconnecting to the last job...", { resumed: true, quiet: !running });
+}
+
+// Follow the job `run(options)` makes or names to its end, with progress, Cancel and the result.
+// resumed: the page's clock did not see the job start; quiet: a 404 drops the job silently (a
+// finished one whose result expired is nothing to report).
+async function watch(run, status, { resumed = false, quiet = false } = {}) {
   const abort = new AbortController();
   current = { id: null, abort };
   $("generate").disabled = true;
   $("cancel").disabled = false;
-  $("status").textContent = "Submitting...";
+  $("status").textContent = status;
   $("progress").value = 0;
   const t0 = performance.now();
+  let loading = false; // the job loaded its model: GET /models has news after it
   try {
-    const end = await runJob(body, {
+    const end = await run({
       preview: true,
       signal: abort.signal,
       onJob: (id) => {
         current.id = id;
+        session.setJob(id, true);
         if (current.cancelled) stop(id); // Cancel came before the id: delete the job now
       },
       onRetry: (attempt, ms) => {
         $("status").textContent = `Connection lost; the job may still be running. Reconnecting in ${(ms / 1000).toFixed(1)} s (try ${attempt})...`;
       },
       onEvent: (name, d) => {
+        if (name === "loading") loading = true;
         if (progressText(name, d)) $("status").textContent = progressText(name, d);
         if (name === "progress") $("progress").value = d.fraction;
         if (d.preview) Object.assign($("preview"), { src: `data:image/png;base64,${d.preview}`, hidden: false });
       },
     });
     $("preview").hidden = true;
+    session.setJob(end.status === "gone" ? null : end.id, false);
+    if (!model()?.conditioning || loading) refreshModels().catch(() => {}); // what the loaded model takes
     if (end.status === "succeeded") {
       const r = end.result;
       $("progress").value = 1;
-      $("status").textContent = `Done in ${((performance.now() - t0) / 1000).toFixed(2)} s (server ${r.timings.total_s.toFixed(2)} s).`;
+      const server = `server ${r.timings.total_s.toFixed(2)} s`;
+      $("status").textContent = resumed ? `Done (${server}).` : `Done in ${((performance.now() - t0) / 1000).toFixed(2)} s (${server}).`;
       $("results").replaceChildren(...r.images.map((b64, i) => figure(b64, { ...r.parameters, seed: r.seeds[i] }, `seed ${r.seeds[i]}`)));
     } else if (end.status === "cancelled") {
       $("status").textContent = "Cancelled.";
     } else if (end.status === "gone") {
-      $("status").textContent = "Lost.";
-      banner(`Job ${end.id} is gone: the service no longer has it (it restarted without a job store, or the result expired). Generate again.`);
+      $("status").textContent = quiet ? "Ready." : "Lost.";
+      if (!quiet) banner(`Job ${end.id} is gone: the service no longer has it (it restarted without a job store, or the result expired). Generate again.`);
     } else {
       $("status").textContent = "Failed.";
       banner(`The job failed: ${end.error ? `${end.error.code}: ${end.error.message}` : "unknown error"}`);
@@ -69,7 +93,7 @@ async function generate(e) {
   } catch (err) {
     if (abort.signal.aborted) $("status").textContent = `Stopped following job ${current.id}: the service could not be reached to cancel it.`;
     else $("status").textContent = current.id ? "Failed." : "Not run.";
-    showError(err, form);
+    showError(err, $("gen"));
   } finally {
     current = null;
     $("generate").disabled = false;
@@ -127,6 +151,8 @@ async function start() {
     e.target.removeAttribute("aria-invalid");
   });
   $("cancel").addEventListener("click", cancel);
+  // Escape stops the running job from anywhere on the page (an open select's list takes it first)
+  document.addEventListener("keydown", (e) => e.key === "Escape" && current && !$("cancel").disabled && cancel());
   $("model").addEventListener("change", onModel);
   $("sampler").addEventListener("change", onSampler);
   $("schedule").addEventListener("change", onSchedule);
@@ -144,7 +170,23 @@ async function start() {
   setupCompare();
   setupControlNet();
   setupIpAdapter();
+  // leaving (reload, a link, back): the form's values are kept for this tab's return
+  window.addEventListener("pagehide", () => model() && session.setForm(readForm()));
   await startCatalogue();
+}
+
+let returned = false;
+
+// Back in this tab after a reload or back/forward: the form as it was left, the job it followed.
+function comeBack() {
+  if (returned) return;
+  returned = true;
+  const values = session.form();
+  if (values) {
+    restore(values);
+    if (values.n) $("n").value = values.n;
+  }
+  resume();
 }
 
 async function startCatalogue() {
@@ -158,6 +200,7 @@ async function startCatalogue() {
     $("cmp-run").disabled = false;
     if (!current) $("status").textContent = "Ready.";
     document.body.dataset.ready = "true";
+    comeBack();
   } catch (err) {
     if (!current) $("status").textContent = "The list of models could not be loaded.";
     showError(err, $("gen"));

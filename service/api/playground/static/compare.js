@@ -121,6 +121,8 @@ function onAxis() {
 
 export function setupCompare() {
   $("cmp-run").addEventListener("click", run);
+  // the grid is not a form: Enter in its values field runs it, as Enter in the form generates
+  $("cmp-values").addEventListener("keydown", (e) => e.key === "Enter" && !$("cmp-run").disabled && run());
   $("cmp-axis").addEventListener("change", onAxis);
   onAxis();
 }

@@ -20,19 +20,37 @@ export async function loadCatalogue() {
   onModel();
 }
 
+// GET /models again (a job loaded its model, or another unloaded one): the form keeps its values.
+export async function refreshModels() {
+  const values = model() ? readForm() : null;
+  catalogue.models = (await call("GET", "models")).models;
+  if (!values) return;
+  restore(values);
+  if (values.n) $("n").value = values.n; // restore() sets 1: an image's own count
+}
+
 function fill(select, names, selected) {
   select.replaceChildren(...names.map((n) => new Option(n, n, false, n === selected)));
 }
 
 export const model = () => catalogue.models.find((m) => m.name === $("model").value);
 
+// A model that is not loaded (GET /models: state on_disk, loading or failed) comes without its
+// conditioning, size and schedule facts: its first job loads it, and refreshModels() fills the form in.
+const loaded = (m) => m.conditioning !== undefined;
+
 export function onModel() {
   const m = model();
   if (!m) return;
   const d = m.defaults || {};
-  $("model-doc").textContent = `${m.description || m.kind}: ${m.width}x${m.height}, ${m.conditioning}`;
+  const desc = m.description || m.kind;
+  const why = m.error ? `: ${m.error}` : "";
+  $("model-doc").textContent = loaded(m)
+    ? `${desc}: ${m.width}x${m.height}, ${m.conditioning}`
+    : `${desc}: not loaded (${m.state}${why}). The first job loads it (slower); then the form shows its size, classes or prompt, and schedules.`;
   $("class-row").hidden = m.conditioning !== "class";
-  $("text-row").hidden = m.conditioning !== "text";
+  // not loaded: the store's kinds other than the project's UNet (stable_diffusion, sd3, flux) take a prompt
+  $("text-row").hidden = loaded(m) ? m.conditioning !== "text" : m.kind === "unet";
   const labels = m.class_labels || [];
   const picked = $("class_label").value;
   $("class_label").replaceChildren(new Option("none (unconditional)", ""), ...labels.map((c) => new Option(c, c)));
@@ -41,8 +59,8 @@ export function onModel() {
   for (const [f, v] of Object.entries({ sampler: d.sampler, schedule: d.schedule, steps: d.steps, cfg_scale: d.cfg_scale })) {
     if (v !== undefined && v !== null) $(f).value = v;
   }
-  $("width").value = m.width;
-  $("height").value = m.height;
+  $("width").value = m.width ?? ""; // not loaded: blank, the model's own size
+  $("height").value = m.height ?? "";
   const fixed = m.kind === "unet"; // the project's UNets make one size; latent models take any multiple of 8
   $("width").disabled = $("height").disabled = fixed;
   $("hires-box").hidden = fixed; // hires fix needs a model that makes any size

@@ -10,8 +10,8 @@ What does not map one to one, and is said in ``info`` (``comments``):
 - hires fix (``enable_hr``) becomes our ``hires`` object (``a1111_hires.py``); a model of one size
   resizes its image to the hires size instead;
 - fields we do not implement (face restoration, tiling, styles, inpaint full resolution,
-  inpainting fill, resize modes) are ignored; unknown fields too, silently (as A1111); scripts and
-  a refiner that do not run here are 422s (a1111_scripts.py).
+  inpainting fill, resize mode 3's latent upscale) are ignored; unknown fields too, silently (as
+  A1111); scripts and a refiner that do not run here are 422s (a1111_scripts.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..schemas import generation_request
 from . import a1111_controlnet, a1111_options, a1111_scripts, frontend_schedules, limits
 from .a1111_cache import cache_field
 from .a1111_hires import Hires, plan_hires
+from .a1111_resize import resize_image
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 SAMPLER_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -101,8 +102,8 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
             out.append("inpaint_full_res is not supported; the whole image is inpainted")
         if body.mask is not None and body.inpainting_fill != 1:
             out.append("inpainting_fill is not supported; masked content starts from the original")
-        if body.resize_mode:
-            out.append("resize_mode is not supported; the image is stretched to the size")
+        if body.resize_mode == 3:
+            out.append("resize_mode 3 (latent upscale) runs as 0: the image is stretched to the size")
         if len(body.init_images) > 1:
             out.append("only the first of init_images is used")
     return out
@@ -134,6 +135,8 @@ def _mask(body: Img2ImgRequest, size: tuple[int, int]) -> GatedImage:
     img = img.convert("L")
     if body.inpainting_mask_invert:
         img = ImageOps.invert(img)
+    if body.resize_mode in (1, 2):  # cropped / filled as the init image is
+        img = resize_image(body.resize_mode, img, body.width, body.height)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
     blur = mask_blur(body)
@@ -276,6 +279,8 @@ def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], com
     if not body.init_images:
         raise InputError("init_images", "img2img needs init_images (one base64 image)")
     init = _gated(body.init_images[0], "init_images")
+    if body.resize_mode in (1, 2):  # A1111's crop / fill to width x height (0, 3: stretched later)
+        init = GatedImage(resize_image(body.resize_mode, init.image, body.width, body.height), "init_images")
     strength = body.denoising_strength if body.denoising_strength is not None else 0.75
     if strength <= 0:
         raise InputError("denoising_strength", "denoising_strength must be > 0", [0.0, 1.0])

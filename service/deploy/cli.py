@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -29,6 +31,23 @@ def serve_running() -> bool:
     except ValueError:
         return False
     return True
+
+
+# the exception line that ends a traceback: "service.serving.errors.StartupError: the default model: ..."
+EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)): (.+)$")
+
+
+def deploy_failures(messages: dict[str, str]) -> list[str]:
+    """A line per deployment whose replicas failed to start, from the messages Serve keeps for them
+    (``serve.status()``: "failed to start 3 times in a row ... Error:" and the constructor's traceback):
+    the exception that ended the traceback; a StartupError's message is the service's own line."""
+    out = []
+    for name, message in messages.items():
+        raised = [m for line in message.splitlines() if (m := EXCEPTION_LINE.match(line.strip()))]
+        if raised:
+            kind, why = raised[-1].groups()
+            out.append(f"{name}: {why}" if kind == "StartupError" else f"{name}: {kind}: {why}")
+    return out
 
 
 def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
@@ -73,7 +92,21 @@ def serve_ray(args: argparse.Namespace, settings: dict[str, Any]) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
     if args.placement:  # "digits;sd15,sdxl": one group per engine slot
         build_args["placement"] = [[m for m in g.split(",") if m] for g in args.placement.split(";")]
-    serve.run(build_app(build_args), name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(build_app(build_args), name=APP_NAME, route_prefix="/")
+    except RuntimeError:  # "Deploying application kdiff failed": say why in a line per replica
+        app = serve.status().applications.get(APP_NAME)
+        failed = deploy_failures({n: d.message for n, d in app.deployments.items()} if app else {})
+        if not failed:
+            raise
+        for line in failed:
+            print(f"kdiff serve --ray: cannot start: {line}", file=sys.stderr)
+        if not own_cluster:
+            serve.delete(APP_NAME)
+        if own_serve:
+            serve.shutdown()
+        ray.shutdown()
+        return 3
     where = (
         "its own Ray cluster" if own_cluster else "Ray cluster " + str(ray.get_runtime_context().gcs_address)
     )

@@ -109,6 +109,8 @@ class EngineReplica:
             raise RuntimeError("the engine's HTTP listener stopped")
 
     async def __del__(self) -> None:  # graceful shutdown: running jobs finish within the drain timeout
+        if not hasattr(self, "listener"):  # its start-up failed (Serve says why): nothing was started
+            return
         if self.beat is not None:
             await self.beat.stop()
         await self._life.__aexit__(None, None, None)

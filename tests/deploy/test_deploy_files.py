@@ -5,6 +5,8 @@ container that runs kdiff."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,34 @@ def test_the_ray_head_deploys_the_config_it_mounts() -> None:
     assert mounts["./docker/serve-config.yaml"] == "/opt/kdiff/serve-config.yaml"
     assert "serve deploy /opt/kdiff/serve-config.yaml" in " ".join(head["command"])
     assert (REPO / "docker" / "serve-config.yaml").is_file()
+
+
+def test_a_replica_that_cannot_start_is_one_line_naming_why() -> None:
+    """`kdiff serve --ray` on a store whose default model is broken ended in Serve's "Deploying
+    application kdiff failed: Failed to update the deployments ['engine0']" traceback (the reason only
+    in the replicas' log above it). The messages are what serve.status() held in that run (Ray 2.60)."""
+    from service.deploy.cli import deploy_failures
+
+    messages = json.loads((REPO / "tests" / "deploy" / "data" / "deploy_failed_messages.json").read_text())
+    assert deploy_failures(messages) == [
+        "engine0: the default model: loading model 'digits' failed: SafetensorError: Error while "
+        "deserializing header: invalid header length (folder /tmp/h-ops/store2/digits); fix it, or set "
+        "KDIFF_DEFAULT_MODEL to another model (loaded: none)"
+    ]
+    assert deploy_failures({"engine0": "Error:\n  File x\nValueError: bad", "Ingress": ""}) == [
+        "engine0: ValueError: bad"
+    ]
+
+
+def test_a_replica_whose_start_failed_shuts_down_quietly() -> None:
+    """Serve calls __del__ on a replica whose __init__ raised: it raised AttributeError ('beat')."""
+    from service.deploy.ray_serve import EngineReplica
+
+    cls = EngineReplica.func_or_class
+
+    class Unstarted(cls):  # type: ignore[misc, valid-type]
+        def __del__(self) -> None:  # (the garbage collector's call, not the one under test)
+            pass
+
+    replica = Unstarted.__new__(Unstarted)  # as __init__ left it when create_app or the lifespan raised
+    asyncio.run(cls.__del__(replica))

@@ -303,3 +303,40 @@ def test_sd3_peft_lora_matches_diffusers(tmp_path: Path) -> None:
         assert (want - base).abs().max() > 1e-3 and (ours - want).abs().max() <= 1e-4
     finally:
         adapters.close()
+
+
+def test_a_lora_counts_in_its_models_memory(flux: Any, tmp_path: Path) -> None:
+    """Reading a LoRA reserves its file's size in the model's memory budget (the pool's hook, which
+    evicts idle models or refuses with 507) once per file version; one that does not fit is given
+    back; a refused reservation leaves nothing loaded."""
+    calls: list[int] = []
+    flux.memory_hook = calls.append
+    path = _save(
+        files.kohya(_no_linear1(_layers(flux)), 2.0, torch.float32), tmp_path / "loras" / "a.safetensors"
+    )
+    _save({"lora_unet_double_blocks_9_img_attn_qkv.lora_down.weight": torch.ones(4, 16),
+           "lora_unet_double_blocks_9_img_attn_qkv.lora_up.weight": torch.ones(48, 4)},
+          tmp_path / "loras" / "bad.safetensors")  # fmt: skip
+    adapters = attach(flux, LoraIndex(tmp_path))
+    assert adapters is not None
+    try:
+        adapters.resolve([("a", 1.0)])
+        adapters.resolve([("a", 0.5)])
+        size = path.stat().st_size
+        assert calls == [size]
+        with pytest.raises(LoraError):
+            adapters.resolve([("bad", 1.0)])
+        bad = (tmp_path / "loras" / "bad.safetensors").stat().st_size
+        assert calls == [size, bad, -bad]
+
+        def full(nbytes: int) -> None:
+            raise MemoryError("no room")  # the pool raises ModelUnavailable (507) here
+
+        flux.memory_hook = full
+        (tmp_path / "loras" / "b.safetensors").write_bytes(path.read_bytes())
+        with pytest.raises(MemoryError):
+            adapters.resolve([("b", 1.0)])
+        assert len(adapters._adapters) == 1
+    finally:
+        flux.memory_hook = None
+        adapters.close()

@@ -10,7 +10,7 @@ LoRAs while that request's prompt is encoded.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +99,12 @@ class ModelAdapters:
         unet: nn.Module,
         text_encoders: dict[str, nn.Module],
         traced: Any = None,
+        reserve: Callable[[int], None] | None = None,
     ) -> None:
         self.model, self.index = model, index
+        # the memory budget (LoadedModel.reserve_memory): each LoRA read counts in its model's
+        # footprint (a Flux LoRA can be hundreds of MB), or the pool refuses it (507)
+        self.reserve = reserve
         self.parts = {"unet": RowLora(unet), **{c: RowLora(m, text=True) for c, m in text_encoders.items()}}
         self.traced = traced  # a TracedModule to bypass while rows have adapters (hooks need eager)
         # by file version; an older version's entry stays (rows in flight may still name its id)
@@ -128,6 +132,8 @@ class ModelAdapters:
         with self._lock:
             if info.version in self._ids:
                 return self._ids[info.version]
+            if self.reserve is not None:  # its prepared layers are about the file's size
+                self.reserve(info.size_bytes)
             try:
                 layers, _, _ = read_lora(info.path)
                 prepared = {}
@@ -136,8 +142,12 @@ class ModelAdapters:
                     if part is None:
                         raise LoraFormatError(f"{info.name}: model {self.model!r} has no {comp}")
                     prepared[comp] = part.prepare(comp_layers, f"LoRA {info.name!r}")
-            except LoraFormatError as exc:
-                raise LoraError(f"LoRA {info.name!r} does not fit model {self.model!r}: {exc}") from exc
+            except Exception as exc:
+                if self.reserve is not None:
+                    self.reserve(-info.size_bytes)  # nothing of it stays
+                if isinstance(exc, LoraFormatError):
+                    raise LoraError(f"LoRA {info.name!r} does not fit model {self.model!r}: {exc}") from exc
+                raise
             self._ids[info.version] = len(self._adapters)
             self._adapters.append(prepared)
             return self._ids[info.version]
@@ -240,7 +250,7 @@ def attach(model: Any, index: LoraIndex) -> ModelAdapters | None:
             traced, unet = unet, unet.inner
     if not isinstance(unet, nn.Module):
         return None
-    model.adapters = ModelAdapters(model.name, index, unet, texts, traced)
+    model.adapters = ModelAdapters(model.name, index, unet, texts, traced, model.reserve_memory)
     return model.adapters  # type: ignore[no-any-return]
 
 

@@ -29,7 +29,6 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-
 # nginx's defaults allow 32 KiB of headers (4 x 8 KiB buffers); browsers send about 20 headers
 MAX_HEAD_BYTES = 32 * 1024
 MAX_HEAD_LINES = 128

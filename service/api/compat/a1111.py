@@ -83,15 +83,17 @@ async def img2img(body: Img2ImgRequest, call: CompatCall = Depends(compat_call))
 async def progress(
     skip_current_image: bool = Query(False), call: CompatCall = Depends(compat_caller)
 ) -> ProgressResponse:
-    """Progress of the caller's own unfinished jobs (never another client's)."""
+    """Progress of the caller's own unfinished requests (never another client's): as A1111, over all
+    the batches of each request, those already done (or skipped) counted whole."""
     state = call.state
-    jobs = call.active()
+    jobs = [j for group in call.compat.running_requests(call.caller) for j in group]
     if not jobs:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState(), current_image=None)
-    running = [j for j in jobs if j.status == JobStatus.running]
-    current = running[0] if running else jobs[0]
-    evals = sum(j.progress.evals for j in jobs)
+    unfinished = [j for j in jobs if not j.status.finished]
+    running = [j for j in unfinished if j.status == JobStatus.running]
+    current = running[0] if running else unfinished[0]
     expected = sum(max(1, j.progress.expected_evals) for j in jobs)
+    evals = sum(max(1, j.progress.expected_evals) if j.status.finished else j.progress.evals for j in jobs)
     etas = [j.eta_s() for j in running]
     eta = max((e for e in etas if e is not None), default=0.0)
     image = None if skip_current_image else await state.preview_png(current, 256)

@@ -79,11 +79,16 @@ class CompatState:
 
     def active(self, caller: FrontendCaller) -> list[Job]:
         """The caller's unfinished jobs, oldest first (an address: those of its latest request)."""
+        return [j for group in self.running_requests(caller) for j in group if not j.status.finished]
+
+    def running_requests(self, caller: FrontendCaller) -> list[list[Job]]:
+        """The jobs of each of the caller's requests that still has an unfinished one, finished
+        ones included (A1111's progress counts a request's done batches: job_no of job_count)."""
         q = self.jobs.get(caller.key)
         if not q:
             return []
         groups = list(q) if caller.credential else [q[-1]]
-        return [j for group in groups for j in group if not j.status.finished]
+        return [group for group in groups if any(not j.status.finished for j in group)]
 
 
 async def compat_state(request: Request) -> CompatState:

@@ -306,3 +306,38 @@ def test_png_info_reads_an_a1111_png(a1111: TestClient) -> None:
     assert p["Prompt"] == "a cat, (fluffy:1.2)" and p["Negative prompt"] == "dog"
     assert p["Sampler"] == "DPM++ 2M" and p["Size-1"] == "512" and p["Model"] == "x, y"
     assert a1111.post("/sdapi/v1/png-info", json={"image": "not base64!"}).status_code == 422
+
+
+def test_progress_counts_a_requests_done_batches_as_a1111(a1111: TestClient) -> None:
+    """A1111's /progress over one request of n_iter batches: job_count stays n_iter and job_no moves
+    on as batches finish (or are skipped), progress = (job_no + step fraction) / job_count, so it
+    never falls back when a batch ends (it did: only unfinished batches were counted)."""
+    carol = {"Authorization": "Bearer carol"}
+    result: dict[str, Any] = {}
+
+    def long_call() -> None:
+        body = {**BASE, "steps": 10_000, "width": 8, "height": 8, "n_iter": 2}
+        result["r"] = a1111.post("/sdapi/v1/txt2img", json=body, headers=carol)
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    try:
+        before = _wait_running(a1111, carol)
+        assert before["state"]["job_count"] == 2 and before["state"]["job_no"] == 0
+        a1111.post("/sdapi/v1/skip", headers=carol)  # the first batch ends; the second goes on
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = a1111.get("/sdapi/v1/progress", headers=carol).json()
+            if after["state"]["job_no"] == 1:
+                break
+            time.sleep(0.02)
+        assert after["state"]["job_count"] == 2 and after["state"]["job_no"] == 1, after["state"]
+        assert after["progress"] >= 0.5 and after["progress"] >= before["progress"], after
+        assert after["state"]["job"] == "Batch 2 out of 2"
+        a1111.post("/sdapi/v1/interrupt", headers=carol)
+        t.join(10)
+    finally:
+        if t.is_alive():
+            a1111.post("/sdapi/v1/interrupt", headers=carol)
+            t.join(10)
+    assert result["r"].status_code == 200 and info(result["r"].json())["interrupted"] is True

@@ -758,3 +758,69 @@ def test_playground_keyboard(browser: Browser, server: Server) -> None:
     expect(page.locator("#cmp-grid td img")).to_have_count(2, timeout=20_000)
     assert not console.errors, console.errors
     page.context.close()
+
+
+def test_playground_cancel_comparison(browser: Browser, server: Server) -> None:
+    """A comparison grid of long jobs can be cancelled (there was no way: its jobs ran on after the
+    page was closed): each cell's job is deleted on the service and the cell says so."""
+    page, console = _open(browser, server.url)
+    page.fill("#steps", str(LONG))
+    page.select_option("#cmp-samplers", ["euler", "heun"])
+    page.select_option("#cmp-axis", "cfg_scale")
+    page.fill("#cmp-values", "1, 2")
+    page.click("#cmp-run")
+    expect(page.locator("#cmp-grid td", has_text="step")).to_have_count(4, timeout=15_000)
+    page.click("#cmp-cancel")
+    expect(page.locator("#cmp-grid td", has_text="cancelled")).to_have_count(4, timeout=15_000)
+    expect(page.locator("#cmp-summary")).to_contain_text("Cancelled: 0 of 4 cells finished.")
+    expect(page.locator("#cmp-run")).to_be_enabled()
+    jobs = page.request.get(f"{server.url}/jobs?limit=4").json()
+    assert [j["status"] for j in jobs] == ["cancelled"] * 4, jobs
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def test_playground_two_tabs_and_drop(browser: Browser, server: Server) -> None:
+    """Two tabs: a key typed in one shows in the other (whose requests already send it: it is one
+    localStorage; its field showed the old key); each runs its own job at once. An A1111 PNG dropped
+    on the page (not chosen with the file button) restores its parameters."""
+    page, console = _open(browser, server.url)
+    other = page.context.new_page()
+    other.goto(f"{server.url}/")
+    expect(other.locator("body")).to_have_attribute("data-ready", "true")
+    page.fill("#api-key", "k1")
+    page.press("#api-key", "Tab")
+    expect(other.locator("#api-key")).to_have_value("k1")
+    page.fill("#api-key", "")
+    page.press("#api-key", "Tab")
+    expect(other.locator("#api-key")).to_have_value("")
+    for tab, steps in ((page, "100"), (other, "5")):
+        tab.fill("#steps", steps)
+        tab.click("#generate")
+    for tab, steps in ((page, 100), (other, 5)):
+        expect(tab.locator("#results figure img")).to_have_count(1, timeout=20_000)
+        assert json.loads(tab.locator("#results pre").first.text_content() or "{}")["steps"] == steps
+
+    text = A1111_INFOTEXT.replace("Sampler: DPM++ 2M", "Sampler: Euler a")
+    data = base64.b64encode(_encoded_png(text)).decode()
+    drop = page.evaluate_handle(
+        """([b64, name]) => { const dt = new DataTransfer();
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            return dt; }""",
+        [data, "from-a1111.png"],
+    )
+    page.dispatch_event("#results", "drop", {"dataTransfer": drop})
+    expect(page.locator("#banner")).to_contain_text("Parameters restored from from-a1111.png")
+    expect(page.locator("#steps")).to_have_value("23")
+    expect(page.locator("#sampler")).to_have_value("euler_ancestral")
+    assert not console.errors, console.errors
+    page.context.close()
+
+
+def _encoded_png(infotext: str) -> bytes:
+    from PIL import Image
+
+    from tests.support.hostile_images import encoded
+
+    return encoded(Image.new("RGB", (8, 8)), "PNG", pnginfo=_info(infotext))

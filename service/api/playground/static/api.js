@@ -5,6 +5,8 @@ const KEY = "kdiff-api-key";
 export const apiKey = {
   get: () => localStorage.getItem(KEY) || "",
   set: (v) => (v ? localStorage.setItem(KEY, v) : localStorage.removeItem(KEY)),
+  // another tab of this page changed the key: onChange(newKey)
+  watch: (onChange) => window.addEventListener("storage", (e) => e.key === KEY && onChange(e.newValue || "")),
 };
 
 function headers(extra = {}) {

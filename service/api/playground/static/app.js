@@ -143,6 +143,11 @@ async function start() {
     apiKey.set(e.target.value.trim());
     startCatalogue();
   });
+  // the key typed in another tab is the one this tab's requests send too: show it, and load with it
+  apiKey.watch((key) => {
+    $("api-key").value = key;
+    if (document.body.dataset.ready !== "true") startCatalogue();
+  });
   addErrorSlots(form);
   form.addEventListener("submit", generate);
   form.addEventListener("input", (e) => {

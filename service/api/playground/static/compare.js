@@ -1,12 +1,13 @@
 // The sampler comparison grid (A1111's X/Y plot): samplers x values of one axis, same seed, every
 // cell submitted at once. The engine batches all of them at every step, so the grid's wall time is
 // close to its slowest cell, not the sum of the cells' times; the summary shows both.
-import { runJob } from "./api.js";
+import { cancelJob, runJob } from "./api.js";
 import { readForm } from "./form.js";
 import { figure, showError } from "./ui.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX = 4;
+let running = null; // the grid's cells while it runs: {ids, stopped}
 
 // The values of the axis: the schedules picked in the list (only those the model runs), or numbers
 // typed comma separated.
@@ -68,8 +69,15 @@ async function run() {
   $("cmp-grid").replaceChildren(table);
   $("cmp-summary").textContent = `Running ${cells.length} cells...`;
   $("cmp-run").disabled = true;
+  $("cmp-cancel").disabled = false;
+  running = { ids: [], stopped: false };
   const t0 = performance.now();
   const times = await Promise.all(cells.map((c) => runCell(c)));
+  const stopped = running.stopped;
+  running = null;
+  $("cmp-cancel").disabled = true;
+  $("cmp-run").disabled = false;
+  if (stopped) return void ($("cmp-summary").textContent = `Cancelled: ${times.filter((t) => t > 0).length} of ${cells.length} cells finished.`);
   const wall = (performance.now() - t0) / 1000;
   const sum = times.reduce((a, b) => a + b, 0);
   const summary = $("cmp-summary");
@@ -85,7 +93,10 @@ async function run() {
 // One cell's job; resolves with its time (submission to result, as the server measured it).
 async function runCell({ td, body, label }) {
   try {
+    const grid = running;
     const end = await runJob(body, {
+      // Cancel before this cell's id came back: its job is deleted as soon as it has one
+      onJob: (id) => (grid.stopped ? cancelJob(id).catch(() => {}) : grid.ids.push(id)),
       onRetry: () => (td.textContent = "connection lost; reconnecting..."),
       onEvent: (name, d) => {
         if (name === "progress") td.textContent = `step ${d.step}/${d.total}`;
@@ -119,8 +130,17 @@ function onAxis() {
   $("cmp-values-row").hidden = schedules;
 }
 
+// Cancel the grid: every cell's job is deleted (each cell then says "cancelled").
+function cancel() {
+  if (!running) return;
+  running.stopped = true;
+  $("cmp-cancel").disabled = true;
+  for (const id of running.ids) cancelJob(id).catch((err) => showError(err, $("gen")));
+}
+
 export function setupCompare() {
   $("cmp-run").addEventListener("click", run);
+  $("cmp-cancel").addEventListener("click", cancel);
   // the grid is not a form: Enter in its values field runs it, as Enter in the form generates
   $("cmp-values").addEventListener("keydown", (e) => e.key === "Enter" && !$("cmp-run").disabled && run());
   $("cmp-axis").addEventListener("change", onAxis);

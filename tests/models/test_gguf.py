@@ -93,7 +93,8 @@ def _pair(root: Path, want: str) -> tuple[Any, Any, dict[str, str]]:
     return store.load(gg.name), store.load(st.name), types
 
 
-@pytest.mark.parametrize("want", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", *KQUANTS])
+# every type's dequantization is checked bit for bit above; end to end: one of each kind of block
+@pytest.mark.parametrize("want", ["Q8_0", "Q4_1", "Q5_0", "BF16", "Q3_K", "Q4_K", "Q6_K"])
 def test_flux_gguf_equals_its_weights_from_safetensors(tmp_path: Path, want: str) -> None:
     one, two, types = _pair(tmp_path, want)
     tr = one.text_model.transformer  # type: ignore[attr-defined]
@@ -266,3 +267,56 @@ def test_sd3_gguf_equals_its_weights_from_safetensors(tmp_path: Path, want: str)
     a = generate(one.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
     b = generate(two.text_model, "the red cat", **kw)  # type: ignore[attr-defined]
     assert a.abs().max() > 0.1 and (a - b).abs().max() < 1e-5
+
+
+def test_a_flux_lora_on_a_gguf_model_equals_it_on_the_safetensors_model(tmp_path: Path) -> None:
+    """GGUF + a kohya LoRA (the usual pairing): the per-row LoRA hooks see QLinear as a linear layer."""
+    from safetensors.torch import save_file
+
+    from service.models.lora import LoraIndex, attach
+    from tests.support import flux_lora_files as files
+
+    one, two, _ = _pair(tmp_path / "store", "Q5_K")
+    layers = files.bfl_layers(two.text_model.transformer, rank=4, seed=1)  # type: ignore[attr-defined]
+    (tmp_path / "loras").mkdir()
+    save_file(files.kohya(layers, alpha=2.0, dtype=torch.float32), str(tmp_path / "loras" / "a.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0.7, 0.3])
+    cond = {"context": torch.randn(2, 8, 64, generator=g), "pooled": torch.randn(2, 32, generator=g)}
+    cond["guidance"] = torch.full([2], 3.5)
+    outs = []
+    for model in (one, two):
+        adapters = attach(model, LoraIndex(tmp_path))
+        assert adapters is not None
+        try:
+            rows = adapters.encode(adapters.resolve([("a", 0.8)]), 2)
+            with torch.inference_mode(), adapters.call(rows):
+                outs.append(model.text_model.velocity(x, t, **cond))  # type: ignore[attr-defined]
+            with torch.inference_mode():
+                outs.append(model.text_model.velocity(x, t, **cond))  # type: ignore[attr-defined]
+        finally:
+            adapters.close()
+    lora_q, base_q, lora_f, base_f = outs
+    assert (lora_f - base_f).abs().max() > 1e-3  # the LoRA changes the output
+    assert (lora_q - lora_f).abs().max() < 1e-5 and (base_q - base_f).abs().max() < 1e-5
+
+
+def test_a_truncated_gguf_is_refused_before_anything_is_allocated(tmp_path: Path) -> None:
+    """A download cut short (or a header claiming a 2**40-value tensor) is an error, not a huge allocation."""
+    folder = _flux_folder(tmp_path, "fluxq", "flux1-dev-Q8_0.gguf")
+    path = folder / "flux1-dev-Q8_0.gguf"
+    write_gguf(path, {"double_blocks.0.img_attn.proj.weight": torch.randn(256, 256)}, "Q8_0", "flux")
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(
+        SDLoadError, match=r"flux1-dev-Q8_0\.gguf: tensor 'double_blocks.0.img_attn.proj.weight' lies"
+    ):
+        ModelStore(tmp_path).load("fluxq")
+
+
+def test_a_gguf_dropped_at_the_top_of_the_store_is_reported(tmp_path: Path) -> None:
+    """Users drop ComfyUI's files next to their checkpoints: the store says a model is a folder."""
+    from service.models.store import skip_reason
+
+    (tmp_path / "flux1-dev-Q8_0.gguf").write_bytes(b"GGUF")
+    reason = skip_reason(tmp_path / "flux1-dev-Q8_0.gguf")
+    assert reason and "a weights file at the top of the store" in reason

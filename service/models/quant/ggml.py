@@ -50,10 +50,11 @@ def _f16(b: Tensor) -> Tensor:
     return b.contiguous().view(torch.float16).float()
 
 
-def _u32(b: Tensor) -> Tensor:
-    """4 little-endian bytes -> int64 [..., 1]."""
-    b = b.long()
-    return b[..., 0:1] | b[..., 1:2] << 8 | b[..., 2:3] << 16 | b[..., 3:4] << 24
+def _bits(b: Tensor, n: int) -> Tensor:
+    """Bytes [..., k] -> their bits [..., 8k] as uint8 0/1, least significant first (bit i of a
+    little-endian integer is element i)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+    return ((b[..., :, None] >> shifts) & 1).flatten(-2)[..., :n]
 
 
 def _nibbles(qs: Tensor) -> Tensor:
@@ -74,18 +75,17 @@ def _q4_1(b: Tensor) -> Tensor:
 
 
 def _high_bits(qh: Tensor) -> Tensor:
-    """Q5's 32-bit ``qh``: bit i is value i's fifth bit -> [..., 32] of 0 / 16."""
-    bits = torch.arange(32, device=qh.device)
-    return ((_u32(qh) >> bits) & 1) << 4
+    """Q5's 32-bit ``qh``: bit i is value i's fifth bit -> [..., 32] of 0 / 16 (uint8)."""
+    return _bits(qh, 32) << 4
 
 
 def _q5_0(b: Tensor) -> Tensor:
-    q = _nibbles(b[:, 6:]).long() | _high_bits(b[:, 2:6])
-    return _f16(b[:, :2]) * (q - 16).float()
+    q = _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6])
+    return _f16(b[:, :2]) * (q.float() - 16)
 
 
 def _q5_1(b: Tensor) -> Tensor:
-    q = _nibbles(b[:, 8:]).long() | _high_bits(b[:, 4:8])
+    q = _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8])
     return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
 
 
@@ -112,23 +112,24 @@ def _q4_k(b: Tensor) -> Tensor:
 
 def _q5_k(b: Tensor) -> Tensor:
     sc, mn = _scale_min_k4(b[:, 4:16])
-    qh = b[:, 16:48].long()  # bit j of byte l: value l of sub-block j's fifth bit
-    qs = b[:, 48:].reshape(-1, 4, 32).long()
+    qh = _bits(b[:, 16:48], 256).reshape(-1, 32, 8).transpose(1, 2)  # bit j of byte l: sub-block j, value l
+    qs = b[:, 48:].reshape(-1, 4, 32)
     low = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
-    bits = torch.arange(8, device=b.device)[None, :, None]
-    q = low | (((qh[:, None, :] >> bits) & 1) << 4)
+    q = low | (qh << 4)
     return _k_subblocks(q, _f16(b[:, 0:2]), _f16(b[:, 2:4]), sc, mn)
 
 
 def _q6_k(b: Tensor) -> Tensor:
-    ql = b[:, :128].reshape(-1, 2, 64).long()  # two halves of 128 values
-    qh = b[:, 128:192].reshape(-1, 2, 1, 32).long()
+    ql = b[:, :128].reshape(-1, 2, 64)  # two halves of 128 values
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
     sc = b[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 16, 1)
     d = _f16(b[:, 208:210])[:, :, None]
     low = torch.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], 2)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device)[None, None, :, None]
-    q = (low | (((qh >> shifts) & 3) << 4)) - 32  # [blocks, 2, 4, 32]
-    return ((d * sc) * q.reshape(-1, 16, 16).float()).flatten(1)
+    q = low | (((qh >> _SHIFTS2.to(b.device)) & 3) << 4)  # [blocks, 2, 4, 32], 0..63
+    return ((d * sc) * (q.reshape(-1, 16, 16).float() - 32)).flatten(1)
+
+
+_SHIFTS2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[None, None, :, None]  # 2-bit fields of a byte
 
 
 def _q3_k_scales(s: Tensor) -> Tensor:
@@ -141,24 +142,20 @@ def _q3_k_scales(s: Tensor) -> Tensor:
 
 
 def _q3_k(b: Tensor) -> Tensor:
-    hmask = b[:, :32].long()
-    qs = b[:, 32:96].reshape(-1, 2, 1, 32).long()
+    high = _bits(b[:, :32], 256).reshape(-1, 32, 8).transpose(1, 2).reshape(-1, 2, 4, 32)
+    qs = b[:, 32:96].reshape(-1, 2, 1, 32)
     sc = _q3_k_scales(b[:, 96:108]).float()
     d = _f16(b[:, 108:110])
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device)[None, None, :, None]
-    low = (qs >> shifts) & 3  # [blocks, 2, 4, 32]: half n, shift j -> hmask bit 4n + j
-    bits = torch.arange(8, device=b.device).reshape(1, 2, 4, 1)
-    high = (hmask[:, None, None, :] >> bits) & 1
-    q = (low - 4 * (1 - high)).reshape(-1, 16, 16).float()
+    low = (qs >> _SHIFTS2.to(b.device)) & 3  # [blocks, 2, 4, 32]: half n, shift j -> hmask bit 4n + j
+    q = (low | (high << 2)).reshape(-1, 16, 16).float() - 4  # low - 4 where the hmask bit is 0
     return ((d * sc)[:, :, None] * q).flatten(1)
 
 
 def _q2_k(b: Tensor) -> Tensor:
-    sc = b[:, :16].long()
-    qs = b[:, 16:80].reshape(-1, 2, 1, 32).long()
+    sc = b[:, :16]
+    qs = b[:, 16:80].reshape(-1, 2, 1, 32)
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device)[None, None, :, None]
-    q = ((qs >> shifts) & 3).reshape(-1, 16, 16).float()
+    q = ((qs >> _SHIFTS2.to(b.device)) & 3).reshape(-1, 16, 16).float()
     return ((d * (sc & 0x0F).float())[:, :, None] * q - (dmin * (sc >> 4).float())[:, :, None]).flatten(1)
 
 

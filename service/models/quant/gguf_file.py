@@ -112,8 +112,15 @@ def read_header(path: Path) -> GGUFHeader:
                 raise GGUFError(f"{path.name}: tensor {name!r} has {ndim} dims")
             dims = [r.take("Q") for _ in range(ndim)]
             infos.append(TensorInfo(name, tuple(reversed(dims)), r.take("I"), r.take("Q")))
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise GGUFError(f"{path.name}: general.alignment {align!r} is not a power of two")
         start = -(-f.tell() // align) * align
+    size = path.stat().st_size
+    for t in infos:  # before anything is allocated: a header cannot ask for more than the file holds
+        end = start + t.offset + (t.nbytes if t.type_id in TYPES else 0)
+        if end > size or min(t.shape) <= 0:
+            raise GGUFError(f"{path.name}: tensor {t.name!r} lies outside the file (truncated or corrupt)")
     arch = meta.get("general.architecture")
     return GGUFHeader(path, meta, infos, start, arch if isinstance(arch, str) else None)
 

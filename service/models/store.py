@@ -291,8 +291,11 @@ def register_loader(kind: str, loader: Loader) -> None:
 def _load_unet(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from service.models.unet import load_denoiser
 
-    manifest.file("weights", "model.safetensors")  # checked to stay inside the folder
-    manifest.file("config", "config.json")
+    for key, default in (("weights", "model.safetensors"), ("config", "config.json")):
+        path = manifest.file(key, default)  # checked to stay inside the folder
+        if not path.is_file():  # (the reader's own error would not name it: "No such device (os error 19)")
+            what = "a folder, not a file" if path.is_dir() else "missing"
+            raise ManifestError(f"{manifest.name}: {key} {str(path)!r} is {what}")
     denoiser, cfg = load_denoiser(manifest.folder, device, dtype)
     c, s = int(cfg.in_channels), int(cfg.image_size)
     return LoadedModel(

@@ -50,6 +50,9 @@ def broken_store() -> Iterator[Path]:
     weights.write_bytes(weights.read_bytes()[:5000])  # an interrupted copy
     make_tiny_store(root, name="empty", seed=2)
     (root / "empty" / "model.safetensors").write_bytes(b"")
+    make_tiny_store(root, name="folder", seed=3)
+    (root / "folder" / "model.safetensors").unlink()
+    (root / "folder" / "model.safetensors").mkdir()  # a directory where the weights file should be
     (root / "badjson").mkdir()
     (root / "badjson" / "manifest.json").write_text('{"kind": "unet",')  # an edit saved half-way
     (root / "nomanifest").mkdir()
@@ -87,7 +90,7 @@ def test_a_store_with_broken_entries_serves_the_rest_and_names_each(
     with running(broken_store, tmp_path / "log", prefix=_unprivileged(), **env) as server:
         listing = httpx.get(f"{server.url}/models").json()
         states = {m["name"]: m["state"] for m in listing["models"]}
-        assert states == {"good": "loaded", "truncated": "failed", "empty": "failed"}
+        assert states == {"good": "loaded", "truncated": "failed", "empty": "failed", "folder": "failed"}
         errors = listing["errors"]
         assert set(errors) == {
             "badjson",
@@ -106,6 +109,10 @@ def test_a_store_with_broken_entries_serves_the_rest_and_names_each(
         assert "a model is a folder" in errors["stray.safetensors"]
         failed = {m["name"]: m.get("error", "") for m in listing["models"]}
         assert str(broken_store / "truncated") in failed["truncated"]
+        assert (
+            f"weights '{broken_store / 'folder' / 'model.safetensors'}' is a folder, not a file"
+            in failed["folder"]
+        )
         r = httpx.post(f"{server.url}/sample", json=SAMPLE, timeout=60)
         assert r.status_code == 200, r.text  # one broken manifest used to fail every model's load
         r = httpx.post(f"{server.url}/sample", json={**SAMPLE, "model": "nomanifest"}, timeout=60)

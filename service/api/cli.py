@@ -20,8 +20,10 @@ log = logging.getLogger("kdiff.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in containers)")
-    parser.add_argument("--port", type=int, default=8000)
+    # KDIFF_HOST / KDIFF_PORT: what the image's entrypoint passes here, honoured by a bare `kdiff serve` too
+    host = os.environ.get("KDIFF_HOST") or "127.0.0.1"
+    parser.add_argument("--host", default=host, help="bind address (KDIFF_HOST; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=os.environ.get("KDIFF_PORT") or 8000, help="(KDIFF_PORT)")
     parser.add_argument("--model-store", help="model store folder (KDIFF_MODEL_STORE)")
     parser.add_argument("--models", help="comma-separated models to load (KDIFF_MODELS); default all")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (KDIFF_DEVICE)")

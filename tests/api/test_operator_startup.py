@@ -215,3 +215,13 @@ def test_a_port_in_use_is_said_before_the_models_load(
         args = build_parser(["serve"]).parse_args(["serve", "--port", str(port)])
         assert cli.main(args) == 2
     assert f"kdiff serve: 127.0.0.1:{port} is in use" in capsys.readouterr().err
+
+
+def test_kdiff_serve_listens_where_kdiff_host_and_port_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image's entrypoint passes them as --host / --port; a bare `kdiff serve` ignored them without
+    a word (and, being names the entrypoint reads, they get no unknown-variable warning)."""
+    monkeypatch.setenv("KDIFF_HOST", "0.0.0.0")
+    monkeypatch.setenv("KDIFF_PORT", "9123")
+    args = build_parser(["serve"]).parse_args(["serve"])
+    assert (args.host, args.port) == ("0.0.0.0", 9123)
+    assert build_parser(["serve"]).parse_args(["serve", "--port", "9"]).port == 9  # the flag wins

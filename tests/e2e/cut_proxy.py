@@ -73,5 +73,10 @@ class CutProxy:
         return len(live)
 
     def close(self) -> None:
+        """Stop listening (new connections are refused) and reset the open ones."""
+        try:  # wakes the accept() blocked in the thread: close() alone leaves it listening until then
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         self.cut()

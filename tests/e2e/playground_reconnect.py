@@ -100,3 +100,17 @@ def check_restart(browser: Browser, srv: Server, store: Path, tmp: Path, long_st
         expect(page.locator("#banner")).to_be_hidden()
     finally:
         page.context.close()
+
+
+def check_cancel_while_unreachable(page: Page, proxy: CutProxy, server_url: str, long_steps: int) -> None:
+    """The service cannot be reached at all (the proxy stops listening) while the page reconnects:
+    Cancel stops the page's waiting and says the job could not be cancelled (it runs on there)."""
+    _start_job(page, long_steps)
+    proxy.close()
+    expect(page.locator("#status")).to_contain_text("Reconnecting", timeout=5_000)
+    page.click("#cancel")
+    expect(page.locator("#status")).to_contain_text("the service could not be reached to cancel it")
+    expect(page.locator("#generate")).to_be_enabled()
+    (job,) = page.request.get(f"{server_url}/jobs?limit=1").json()
+    assert job["status"] == "running", job
+    page.request.delete(f"{server_url}/jobs/{job['id']}")

@@ -566,15 +566,21 @@ def _drops(errors: list[str]) -> list[str]:
 
 def test_playground_reconnects(browser: Browser, server: Server) -> None:
     """The event stream is reset mid-job (a real TCP reset, through a proxy), then another ends early:
-    each time the page reconnects and shows the image (it used to say "Not run." for a job that ran)."""
+    each time the page reconnects and shows the image (it used to say "Not run." for a job that ran).
+    With the service unreachable, Cancel stops the waiting and says the job could not be cancelled."""
     from .cut_proxy import CutProxy
-    from .playground_reconnect import check_cut_stream, check_stream_ends_early
+    from .playground_reconnect import (
+        check_cancel_while_unreachable,
+        check_cut_stream,
+        check_stream_ends_early,
+    )
 
     proxy = CutProxy(server.port)
     try:
         page, console = _open(browser, proxy.url)
         check_cut_stream(page, proxy)
         check_stream_ends_early(page)
+        check_cancel_while_unreachable(page, proxy, server.url, LONG)
         assert not _drops(console.errors), console.errors
         page.context.close()
     finally:

@@ -64,3 +64,28 @@ def test_webuiapi_controlnet_unit(server: Server) -> None:
     assert np.abs(a - b).max() > 2  # the unit acts; the disabled one does not
     edges = api.controlnet_detect([control], module="canny", threshold_a=50, threshold_b=120)
     assert len(edges.images) == 1 and set(np.unique(np.asarray(edges.images[0]))) <= {0, 255}
+
+
+def test_webuiapi_hr_option_picks_the_hires_passes(server: Server) -> None:
+    """ControlNetUnit(hr_option=...) with a hires fix, as the extension runs it: a unit in the first
+    pass changes the image a lot (the composition), one in the second pass little (low noise there);
+    so "High res only" stays next to the run without the unit while "Low res only" and "Both" move
+    away (before, every unit acted in both passes). Which rows each pass carries is checked exactly
+    in tests/models/test_controlnet_hires_passes.py. An unknown value is a 422 naming the field."""
+    api = _api(server)
+    control = png_image(control_png(6))
+    kw: dict[str, Any] = {"prompt": "a red cat", "seed": 9, "width": 64, "height": 64, "cfg_scale": 5.0,
+                          "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+                          "denoising_strength": 0.4}  # fmt: skip
+    out = {}
+    for option in ("Both", "Low res only", "High res only"):
+        unit = webuiapi.ControlNetUnit(image=control, model="cn_a", weight=1.5, hr_option=option)
+        out[option] = np.asarray(api.txt2img(controlnet_units=[unit], **kw).image, np.int16)
+    none = np.asarray(api.txt2img(**kw).image, np.int16)
+    assert {a.shape for a in out.values()} == {(128, 128, 3)}
+    gap = {k: int(np.abs(a - none).max()) for k, a in out.items()}
+    assert gap["High res only"] <= 2 and gap["Low res only"] > 8 and gap["Both"] > 8, gap
+    bad = webuiapi.ControlNetUnit(image=control, model="cn_a", hr_option="Sometimes")
+    r = requests.post(f"{server.url}/sdapi/v1/txt2img", timeout=60, json={
+        **kw, "steps": 2, "alwayson_scripts": {"controlnet": {"args": [bad.to_dict()]}}})  # fmt: skip
+    assert r.status_code == 422 and "hr_option" in r.text, r.text

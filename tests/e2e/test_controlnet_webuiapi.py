@@ -74,9 +74,9 @@ def test_webuiapi_hr_option_picks_the_hires_passes(server: Server) -> None:
     in tests/models/test_controlnet_hires_passes.py. An unknown value is a 422 naming the field."""
     api = _api(server)
     control = png_image(control_png(6))
-    kw: dict[str, Any] = {"prompt": "a red cat", "seed": 9, "width": 64, "height": 64, "cfg_scale": 5.0,
-                          "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
-                          "denoising_strength": 0.4}  # fmt: skip
+    kw: dict[str, Any] = {"prompt": "a red cat", "seed": 9, "width": 64, "height": 64, "cfg_scale": 5.0}
+    kw |= {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2}
+    kw["denoising_strength"] = 0.4
     out = {}
     for option in ("Both", "Low res only", "High res only"):
         unit = webuiapi.ControlNetUnit(image=control, model="cn_a", weight=1.5, hr_option=option)

@@ -678,11 +678,14 @@ def _info(text: str):  # type: ignore[no-untyped-def]
     return info
 
 
-def test_playground_phone_widths(browser: Browser, server: Server) -> None:
+@pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
+def test_playground_phone_widths(browser: Browser, sd_server: Server) -> None:
     """At phone widths (320 px: iPhone SE 1st gen, small Androids; 360 px) nothing is wider than the
-    screen (the file inputs' own width and a fieldset's min-content width scrolled the page sideways)."""
-    page, console = _open(browser, server.url, viewport={"width": 320, "height": 700})
-    for width in (320, 360):
+    screen, for a class model and for an SD model with every section shown (the file inputs' own
+    width and a fieldset's min-content width scrolled the page sideways)."""
+    page, console = _open(browser, sd_server.url, viewport={"width": 320, "height": 700})
+    for model, width in (("digits", 320), ("sd1", 320), ("sd1", 360)):
+        page.select_option("#model", model)
         page.set_viewport_size({"width": width, "height": 700})
         wide = page.evaluate(
             """w => [...document.querySelectorAll('body *')]
@@ -690,7 +693,7 @@ def test_playground_phone_widths(browser: Browser, server: Server) -> None:
                 .map((e) => `${e.tagName}#${e.id}`)""",
             width,
         )
-        assert page.evaluate("document.documentElement.scrollWidth") <= width, (width, wide)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, (model, width, wide)
     assert not console.errors, console.errors
     page.context.close()
 

@@ -169,6 +169,9 @@ Run = Callable[..., Awaitable[Any]]
 DISPLAY_NAMES = {
     "CheckpointLoaderSimple": "Load Checkpoint",
     "UNETLoader": "Load Diffusion Model",
+    "UnetLoaderGGUF": "Unet Loader (GGUF)",
+    "UnetLoaderGGUFAdvanced": "Unet Loader (GGUF/Advanced)",
+    "DualCLIPLoaderGGUF": "DualCLIPLoader (GGUF)",
     "VAELoader": "Load VAE",
     "LoraLoader": "Load LoRA",
     "CLIPSetLastLayer": "CLIP Set Last Layer",

@@ -53,19 +53,46 @@ async def unet_loader(rt: NodeRun, unet_name: str, weight_dtype: str) -> tuple[A
     return (ModelRef(model_name(unet_name)),)
 
 
-@node(
-    "DualCLIPLoader",
-    "advanced/loaders",
-    ["CLIP"],
-    lambda c: {
+def _dual_clip_inputs(c: Catalog) -> dict[str, In]:
+    return {
         "clip_name1": _ckpt(c),
         "clip_name2": _ckpt(c),
         "type": Enum(("sdxl", "sd3", "flux", "hunyuan_video")),
-    },
-)
+    }
+
+
 async def dual_clip_loader(rt: NodeRun, clip_name1: str, **_: Any) -> tuple[Any, ...]:
     """A store model's text encoders (they live in its folder: the first name picks it)."""
     return (ClipRef(model_name(clip_name1)),)
+
+
+node("DualCLIPLoader", "advanced/loaders", ["CLIP"], _dual_clip_inputs)(dual_clip_loader)
+
+
+# city96's ComfyUI-GGUF nodes, as GGUF Flux / SD3 workflows name them: the same store models (a
+# model whose manifest's weights are a .gguf is the quantized one); dequant / patch dtypes are ignored.
+_GGUF_DTYPES = ("default", "target", "float32", "float16", "bfloat16")
+
+
+async def _gguf_unet(rt: NodeRun, unet_name: str, **_: Any) -> tuple[Any, ...]:
+    """ComfyUI-GGUF's Unet Loader: a store model's denoiser (``flux1-dev-Q8_0.gguf`` names the model
+    ``flux1-dev-Q8_0``)."""
+    return (ModelRef(model_name(unet_name)),)
+
+
+node("UnetLoaderGGUF", "bootleg", ["MODEL"], lambda c: {"unet_name": _ckpt(c)})(_gguf_unet)
+node(
+    "UnetLoaderGGUFAdvanced",
+    "bootleg",
+    ["MODEL"],
+    lambda c: {
+        "unet_name": _ckpt(c),
+        "dequant_dtype": Enum(_GGUF_DTYPES),
+        "patch_dtype": Enum(_GGUF_DTYPES),
+        "patch_on_device": In("BOOLEAN", False),
+    },
+)(_gguf_unet)
+node("DualCLIPLoaderGGUF", "bootleg", ["CLIP"], _dual_clip_inputs)(dual_clip_loader)
 
 
 @node("VAELoader", "loaders", ["VAE"], lambda c: {"vae_name": _ckpt(c)})

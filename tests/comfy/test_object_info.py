@@ -53,6 +53,7 @@ CONTROLNET_NODES = {  # issue 26
     "SetUnionControlNetType",
 }
 MORE_NODES = {"EmptySD3LatentImage", "LatentFromBatch"}
+GGUF_NODES = {"UnetLoaderGGUF", "UnetLoaderGGUFAdvanced", "DualCLIPLoaderGGUF"}  # city96's ComfyUI-GGUF
 IPADAPTER_NODES = {
     "IPAdapterModelLoader",
     "CLIPVisionLoader",
@@ -81,7 +82,7 @@ def test_object_info_shape_and_lists(store: Path) -> None:
         ctx = MemoryContext()
         ctx.files[("input", "", "cat.png")] = b""
         info = comfy.object_info(ctx)
-        known = ISSUE_NODES | CONTROLNET_NODES | MORE_NODES | STEP_CACHE_NODES | IPADAPTER_NODES
+        known = ISSUE_NODES | CONTROLNET_NODES | MORE_NODES | STEP_CACHE_NODES | IPADAPTER_NODES | GGUF_NODES
         assert set(info) == known == set(NODES)
         for name, entry in info.items():
             assert set(entry) == KEYS and entry["name"] == name

@@ -328,7 +328,14 @@ class ModelStore:
         out: dict[str, Manifest] = {}
         if not self.root.is_dir():
             return out
-        for entry in sorted(self.root.iterdir()):
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError as exc:  # a store the service's user may not list (a mount without a+rX)
+            if errors is None:
+                raise
+            errors[str(self.root)] = f"{self.root}: cannot be read by the service: {exc.strerror or exc}"
+            return out
+        for entry in entries:
             try:
                 why = skip_reason(entry)
                 if why is None:

@@ -225,3 +225,25 @@ def test_kdiff_serve_listens_where_kdiff_host_and_port_say(monkeypatch: pytest.M
     args = build_parser(["serve"]).parse_args(["serve"])
     assert (args.host, args.port) == ("0.0.0.0", 9123)
     assert build_parser(["serve"]).parse_args(["serve", "--port", "9"]).port == 9  # the flag wins
+
+
+def test_a_store_the_service_may_not_list_is_named() -> None:
+    """A store mounted without `chmod -R a+rX` (README): start-up said only "PermissionError"."""
+    root = Path(tempfile.mkdtemp(prefix="kdiff-ops-"))
+    try:
+        make_tiny_store(root, name="good")
+        root.chmod(0o711 if os.geteuid() == 0 else 0o300)  # enterable, not listable
+        scan = f"e = {{}}; ModelStore({str(root)!r}).scan(e); print(e)"
+        code = f"from service.models.store import ModelStore; {scan}"
+        done = subprocess.run(
+            [*_unprivileged(), sys.executable, "-c", code],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{root}: cannot be read by the service: Permission denied" in done.stdout
+    finally:
+        root.chmod(0o755)
+        shutil.rmtree(root)

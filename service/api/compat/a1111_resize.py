@@ -1,5 +1,7 @@
-"""A1111's img2img ``resize_mode`` (``modules/images.py`` ``resize_image``, no upscaler: Lanczos),
-applied to the init image and the mask alike before anything else reads them:
+"""How A1111's img2img prepares its init image: ``inpainting_fill`` 0 ("fill", the API's default;
+``modules/masking.py`` ``fill``: the masked area painted from the unmasked colours by ever finer
+blurs) and ``resize_mode`` (``modules/images.py`` ``resize_image``, no upscaler: Lanczos), the
+latter applied to the init image and the mask alike before anything else reads them:
 
 - 0 "Just resize": stretched to width x height;
 - 1 "Crop and resize": scaled to cover width x height (aspect kept), centred, the rest cut off;
@@ -11,7 +13,7 @@ applied to the init image and the mask alike before anything else reads them:
 
 from __future__ import annotations
 
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 
 LANCZOS = Image.Resampling.LANCZOS
 
@@ -45,3 +47,24 @@ def resize_image(mode: int, im: Image.Image, width: int, height: int) -> Image.I
             right = resized.resize((fill, height), box=(resized.width, 0, resized.width, height))
             res.paste(right, box=(fill + src_w, 0))
     return res
+
+
+# masking.fill's passes: (blur radius, times composited), coarse to fine
+FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """``image`` with its masked area (``mask`` white, any size: resized to the image's) painted from
+    the colours around it: the unmasked pixels, premultiplied by their alpha, blurred at each radius
+    and composited over what the coarser passes left (A1111's inpainting_fill 0)."""
+    mask = mask.convert("L")
+    if mask.size != image.size:
+        mask = mask.resize(image.size, Image.Resampling.BILINEAR)
+    known = Image.new("RGBa", image.size)
+    known.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in FILL_PASSES:
+        blurred = known.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")

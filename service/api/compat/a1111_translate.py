@@ -35,7 +35,7 @@ from ..schemas import generation_request
 from . import a1111_controlnet, a1111_options, a1111_scripts, frontend_schedules, limits
 from .a1111_cache import cache_field
 from .a1111_hires import Hires, plan_hires
-from .a1111_resize import resize_image
+from .a1111_resize import fill, resize_image
 from .a1111_schemas import Img2ImgRequest, Txt2ImgRequest
 
 SAMPLER_FIELDS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -100,8 +100,11 @@ def _ignored(body: Txt2ImgRequest) -> list[str]:
     if isinstance(body, Img2ImgRequest):
         if body.mask is not None and body.inpaint_full_res:
             out.append("inpaint_full_res is not supported; the whole image is inpainted")
-        if body.mask is not None and body.inpainting_fill != 1:
-            out.append("inpainting_fill is not supported; masked content starts from the original")
+        if body.mask is not None and body.inpainting_fill in (2, 3):
+            out.append(
+                "inpainting_fill 2 / 3 (latent noise / nothing) are not supported; "
+                "masked content starts from the original"
+            )
         if body.resize_mode == 3:
             out.append("resize_mode 3 (latent upscale) runs as 0: the image is stretched to the size")
         if len(body.init_images) > 1:
@@ -225,21 +228,23 @@ def plan(
             common["hires"] = hires.fields
         else:
             limits.check_resize(hires.size, total, ("hr_scale", "hr_scale", "n_iter"))
+    original: GatedImage | None = None
     if isinstance(body, Img2ImgRequest):
-        common |= _img2img(body, model, gen, comments)
+        fields, original = _img2img(body, model, gen, comments)
+        common |= fields
         multiplier = a1111_options.noise_multiplier(body.initial_noise_multiplier, overrides, options)
         if multiplier != 1.0:
             common["noise_multiplier"] = multiplier
     init_resize = body.resize_mode if isinstance(body, Img2ImgRequest) else 0
     control = a1111_controlnet.units(
         body.alwayson_scripts,
-        common.get("init_image"),
+        original,
         init_resize,
         hires is not None and hires.fields is not None,
     )
     if control is not None:
         common["controlnets"] = control
-    images = a1111_controlnet.ip_units(body.alwayson_scripts, common.get("init_image"))
+    images = a1111_controlnet.ip_units(body.alwayson_scripts, original)
     if images is not None:
         common["ip_adapters"] = images
     bodies = []
@@ -263,19 +268,23 @@ def plan(
         [asked.label],
         comments,
         hires,
-        _overlay(common),
+        _overlay(original, common.get("mask")),
     )
 
 
-def _overlay(common: dict[str, Any]) -> tuple[Image.Image, Image.Image] | None:
-    """An inpainting request's init image and (blurred) mask, for the results' overlay."""
-    init, mask = common.get("init_image"), common.get("mask")
+def _overlay(init: GatedImage | None, mask: Any) -> tuple[Image.Image, Image.Image] | None:
+    """An inpainting request's init image (as sent, not filled) and (blurred) mask, for the results'
+    overlay."""
     if not isinstance(init, GatedImage) or not isinstance(mask, GatedImage):
         return None
     return init.image, mask.image
 
 
-def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]) -> dict:
+def _img2img(
+    body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], comments: list[str]
+) -> tuple[dict[str, Any], GatedImage]:
+    """Our img2img fields for the body, and its init image as sent (resize_mode applied; not filled:
+    the overlay and ControlNet units read this one, as A1111's read p.init_images)."""
     if not body.init_images:
         raise InputError("init_images", "img2img needs init_images (one base64 image)")
     init = _gated(body.init_images[0], "init_images")
@@ -287,4 +296,6 @@ def _img2img(body: Img2ImgRequest, model: LoadedModel, gen: tuple[int, int], com
     out: dict[str, Any] = {"init_image": init, "denoise": strength}
     if body.mask is not None:
         out["mask"] = _mask(body, model.mask_size(init.image.size, gen))
-    return out
+        if body.inpainting_fill == 0:  # A1111's default "fill"; the overlay keeps the original
+            out["init_image"] = GatedImage(fill(init.image, out["mask"].image), "init_images")
+    return out, init

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.compat.a1111_resize import resize_image
+from service.api.compat.a1111_resize import fill, resize_image
 from tests.support.compat import info, pixels, png_b64
 
 BASE = {"prompt": "a 7", "steps": 2, "seed": 3, "width": 16, "height": 16, "denoising_strength": 0.5}
@@ -69,3 +69,35 @@ def test_modes_give_the_asked_size_for_either_aspect(size: tuple[int, int], mode
         np.asarray(resize_image(mode, src, 64, 32)),
         np.asarray(src.resize((64, 32), Image.Resampling.LANCZOS)),
     )
+
+
+def test_fill_paints_the_masked_area_from_around_it() -> None:
+    """masking.fill: unmasked pixels stay; a masked band takes the colour of what surrounds it."""
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:, :] = (40, 80, 120)
+    img[:, 8:] = 250  # the masked half is white
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    out = np.asarray(fill(Image.fromarray(img), Image.fromarray(mask)))
+    assert np.array_equal(out[:, :8], img[:, :8])
+    assert np.abs(out[:, 8:].astype(int) - (40, 80, 120)).max() <= 8  # no white left (premultiplied rounding)
+
+
+def test_inpainting_fill_0_is_a1111s_default_and_starts_from_the_filled_image(a1111: TestClient) -> None:
+    """The API's inpainting_fill defaults to 0 ("fill"): at a small denoising strength the masked area
+    comes back as the fill (dark, from the unmasked half), not as the original (white, fill 1); the
+    unmasked half is the init image as sent either way (the overlay)."""
+    init = np.zeros((16, 16, 3), np.uint8)
+    init[:, :8] = 30
+    init[:, 8:] = 255
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[:, 8:] = 255
+    body = {**BASE, "init_images": [png_b64(init)], "mask": png_b64(mask), "mask_blur": 0}
+    body["denoising_strength"] = 0.02
+    filled = a1111.post("/sdapi/v1/img2img", json=body).json()
+    original = a1111.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 1}).json()
+    f, o = pixels(filled["images"][0]), pixels(original["images"][0])
+    # (the mask reaches the overlay at the model's 8x8 and back: columns 6-9 are its soft edge)
+    assert np.array_equal(f[:, :6], init[:, :6]) and np.array_equal(o[:, :6], init[:, :6])
+    assert f[:, 10:].mean() < 90 and o[:, 10:].mean() > 200, (f[:, 10:].mean(), o[:, 10:].mean())
+    assert not any("inpainting_fill" in c for c in info(filled)["comments"])

@@ -293,9 +293,15 @@ def _load_unet(manifest: Manifest, device: torch.device, dtype: torch.dtype) -> 
 
     for key, default in (("weights", "model.safetensors"), ("config", "config.json")):
         path = manifest.file(key, default)  # checked to stay inside the folder
-        if not path.is_file():  # (the reader's own error would not name it: "No such device (os error 19)")
+        # the reader's own errors mislead: "No such device (os error 19)" for a folder, "No such file
+        # or directory" for a file the service's user may not read
+        if not path.is_file():
             what = "a folder, not a file" if path.is_dir() else "missing"
             raise ManifestError(f"{manifest.name}: {key} {str(path)!r} is {what}")
+        if not os.access(path, os.R_OK):
+            raise ManifestError(
+                f"{manifest.name}: {key} {str(path)!r} cannot be read by the service: Permission denied"
+            )
     denoiser, cfg = load_denoiser(manifest.folder, device, dtype)
     c, s = int(cfg.in_channels), int(cfg.image_size)
     return LoadedModel(

@@ -69,6 +69,8 @@ def broken_store() -> Iterator[Path]:
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     for name in ("private", *SHARED):
         (root / name).chmod(0o700)
+    make_tiny_store(root, name="secret", seed=4)
+    (root / "secret" / "model.safetensors").chmod(0o600)  # readable folder, unreadable weights
     yield root
     shutil.rmtree(root)
 
@@ -90,7 +92,14 @@ def test_a_store_with_broken_entries_serves_the_rest_and_names_each(
     with running(broken_store, tmp_path / "log", prefix=_unprivileged(), **env) as server:
         listing = httpx.get(f"{server.url}/models").json()
         states = {m["name"]: m["state"] for m in listing["models"]}
-        assert states == {"good": "loaded", "truncated": "failed", "empty": "failed", "folder": "failed"}
+        want = {
+            "good": "loaded",
+            "truncated": "failed",
+            "empty": "failed",
+            "folder": "failed",
+            "secret": "failed",
+        }
+        assert states == want
         errors = listing["errors"]
         assert set(errors) == {
             "badjson",
@@ -109,6 +118,7 @@ def test_a_store_with_broken_entries_serves_the_rest_and_names_each(
         assert "a model is a folder" in errors["stray.safetensors"]
         failed = {m["name"]: m.get("error", "") for m in listing["models"]}
         assert str(broken_store / "truncated") in failed["truncated"]
+        assert "Permission denied" in failed["secret"] and str(broken_store / "secret") in failed["secret"]
         assert (
             f"weights '{broken_store / 'folder' / 'model.safetensors'}' is a folder, not a file"
             in failed["folder"]

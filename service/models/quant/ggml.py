@@ -4,7 +4,8 @@ A quantized tensor is a row-major sequence of blocks, each ``block`` values in `
 laid out as ggml's ``block_*`` structs (ggml-common.h). :func:`dequantize` turns ``[rows, row
 bytes]`` of raw uint8 into ``[rows, cols]`` floats, computed in float32 in the same order of
 operations as ggml's reference ``dequantize_row_*`` so the values are bit-identical to it (and to
-gguf-py's numpy ``gguf.quants.dequantize``, the tests' oracle).
+gguf-py's numpy ``gguf.quants.dequantize``, the tests' oracle). One float32 buffer per call, updated
+in place (float multiplication commutes, so the order of factors does not change a bit).
 """
 
 from __future__ import annotations
@@ -63,15 +64,15 @@ def _nibbles(qs: Tensor) -> Tensor:
 
 
 def _q8_0(b: Tensor) -> Tensor:
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b[:, :2]))
 
 
 def _q4_0(b: Tensor) -> Tensor:
-    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).float() - 8)
+    return _nibbles(b[:, 2:]).float().sub_(8).mul_(_f16(b[:, :2]))
 
 
 def _q4_1(b: Tensor) -> Tensor:
-    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:]).float().mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 def _high_bits(qh: Tensor) -> Tensor:
@@ -81,12 +82,12 @@ def _high_bits(qh: Tensor) -> Tensor:
 
 def _q5_0(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6])
-    return _f16(b[:, :2]) * (q.float() - 16)
+    return q.float().sub_(16).mul_(_f16(b[:, :2]))
 
 
 def _q5_1(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8])
-    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+    return q.float().mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
 def _scale_min_k4(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +101,7 @@ def _scale_min_k4(s: Tensor) -> tuple[Tensor, Tensor]:
 
 def _k_subblocks(q: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, mn: Tensor) -> Tensor:
     """[blocks, 8, 32] 4/5-bit values with per-sub-block scale and min -> [blocks, 256]."""
-    return ((d * sc)[:, :, None] * q.float() - (dmin * mn)[:, :, None]).flatten(1)
+    return q.float().mul_((d * sc)[:, :, None]).sub_((dmin * mn)[:, :, None]).flatten(1)
 
 
 def _q4_k(b: Tensor) -> Tensor:
@@ -126,7 +127,7 @@ def _q6_k(b: Tensor) -> Tensor:
     d = _f16(b[:, 208:210])[:, :, None]
     low = torch.stack([ql[:, :, :32] & 0x0F, ql[:, :, 32:] & 0x0F, ql[:, :, :32] >> 4, ql[:, :, 32:] >> 4], 2)
     q = low | (((qh >> _SHIFTS2.to(b.device)) & 3) << 4)  # [blocks, 2, 4, 32], 0..63
-    return ((d * sc) * (q.reshape(-1, 16, 16).float() - 32)).flatten(1)
+    return q.reshape(-1, 16, 16).float().sub_(32).mul_(d * sc).flatten(1)
 
 
 _SHIFTS2 = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[None, None, :, None]  # 2-bit fields of a byte
@@ -147,8 +148,8 @@ def _q3_k(b: Tensor) -> Tensor:
     sc = _q3_k_scales(b[:, 96:108]).float()
     d = _f16(b[:, 108:110])
     low = (qs >> _SHIFTS2.to(b.device)) & 3  # [blocks, 2, 4, 32]: half n, shift j -> hmask bit 4n + j
-    q = (low | (high << 2)).reshape(-1, 16, 16).float() - 4  # low - 4 where the hmask bit is 0
-    return ((d * sc)[:, :, None] * q).flatten(1)
+    q = (low | (high << 2)).reshape(-1, 16, 16).float().sub_(4)  # low - 4 where the hmask bit is 0
+    return q.mul_((d * sc)[:, :, None]).flatten(1)
 
 
 def _q2_k(b: Tensor) -> Tensor:
@@ -156,7 +157,9 @@ def _q2_k(b: Tensor) -> Tensor:
     qs = b[:, 16:80].reshape(-1, 2, 1, 32)
     d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
     q = ((qs >> _SHIFTS2.to(b.device)) & 3).reshape(-1, 16, 16).float()
-    return ((d * (sc & 0x0F).float())[:, :, None] * q - (dmin * (sc >> 4).float())[:, :, None]).flatten(1)
+    return (
+        q.mul_((d * (sc & 0x0F).float())[:, :, None]).sub_((dmin * (sc >> 4).float())[:, :, None]).flatten(1)
+    )
 
 
 BLOCKS: dict[str, Callable[[Tensor], Tensor]] = {

@@ -107,7 +107,7 @@ def render(plan: Plan, body: Txt2ImgRequest, jobs: list[Job], enc: Encoding = PN
                 images.append(base64.b64encode(png).decode())
     interrupted = any(j.status == JobStatus.cancelled for j in jobs)
     echo = body.model_dump()
-    if isinstance(body, Img2ImgRequest):
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:  # A1111 echoes them on request
         echo["init_images"], echo["mask"] = None, None
     return {
         "images": images,

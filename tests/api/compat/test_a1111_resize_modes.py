@@ -101,3 +101,14 @@ def test_inpainting_fill_0_is_a1111s_default_and_starts_from_the_filled_image(a1
     assert np.array_equal(f[:, :6], init[:, :6]) and np.array_equal(o[:, :6], init[:, :6])
     assert f[:, 10:].mean() < 90 and o[:, 10:].mean() > 200, (f[:, 10:].mean(), o[:, 10:].mean())
     assert not any("inpainting_fill" in c for c in info(filled)["comments"])
+
+
+def test_include_init_images_echoes_them_in_parameters(a1111: TestClient) -> None:
+    """img2imgapi: without include_init_images, parameters.init_images and mask are null; with it,
+    they come back as sent."""
+    image = png_b64(_source())
+    body = {**BASE, "init_images": [image], "mask": image}
+    plain = a1111.post("/sdapi/v1/img2img", json=body).json()["parameters"]
+    assert plain["init_images"] is None and plain["mask"] is None
+    echoed = a1111.post("/sdapi/v1/img2img", json={**body, "include_init_images": True}).json()["parameters"]
+    assert echoed["init_images"] == [image] and echoed["mask"] == image

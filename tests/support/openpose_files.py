@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import atexit
+import shutil
 import tempfile
 import types
 from functools import lru_cache
@@ -111,7 +113,9 @@ def save_body_model(path: Path, seed: int = 0, heat_gain: float = 1.0, paf_gain:
 def shared_body_model() -> Path:
     """One random body_pose_model.pth (200 MB) per test process, linked into each test's store."""
     # PAFs x2: on the test pictures the random network then joins limbs into people
-    return save_body_model(Path(tempfile.mkdtemp(prefix="openpose-")) / "body_pose_model.pth", paf_gain=2.0)
+    folder = Path(tempfile.mkdtemp(prefix="openpose-"))
+    atexit.register(shutil.rmtree, folder, True)  # 200 MB per test process: /tmp filled up without this
+    return save_body_model(folder / "body_pose_model.pth", paf_gain=2.0)
 
 
 def link_body_model(store: Path) -> Path:

@@ -379,7 +379,7 @@ def test_playground_restore_unconditional(browser: Browser, server: Server) -> N
 @pytest.mark.timeout(300)  # may start the server with a Stable Diffusion model
 def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
     """A PNG's width and height are restored (the model's default size is not kept); the size inputs
-    and the hires scale stop at the model's max_size (GET /models)."""
+    and the hires scale stop at the model's max_size (GET /models). Ctrl+Enter in the prompt generates."""
     page, console = _open(browser, sd_server.url)
     page.select_option("#model", "sd1")
     assert page.locator("#width").get_attribute("max") == "128"  # the tiny model's max_size
@@ -392,6 +392,12 @@ def test_playground_sizes(browser: Browser, sd_server: Server) -> None:
     expect(page.locator("#banner")).to_contain_text("restored")
     expect(page.locator("#width")).to_have_value("96")
     expect(page.locator("#height")).to_have_value("48")
+    # Ctrl+Enter in the prompt generates (A1111's web UI's key; Enter there is a new line)
+    page.fill("#prompt", "a cat")
+    page.fill("#steps", "2")
+    page.press("#prompt", "Control+Enter")
+    expect(page.locator("#results figure img")).to_have_count(1, timeout=60_000)
+    expect(page.locator("#prompt")).to_have_value("a cat")
     assert not console.errors, console.errors
     page.context.close()
 
@@ -420,6 +426,8 @@ def test_playground_start_image_not_an_image(browser: Browser, server: Server) -
         "not a PNG, JPEG or WebP image (12 bytes, starting 6e 6f 74"
     )
     expect(page.locator("#status")).to_have_text("Not run.")
+    # the message names the formats: not repeated as "(allowed: PNG, JPEG, WebP)"
+    expect(page.locator("#err-init_image")).not_to_contain_text("allowed:")
     bmp = {"name": "scan.bmp", "mimeType": "image/bmp", "buffer": encoded(Image.new("RGB", (16, 16)), "BMP")}
     page.set_input_files("#init_image", bmp)
     expect(page.locator("#mask")).to_be_visible()
@@ -791,20 +799,27 @@ def test_playground_cancel_comparison(browser: Browser, server: Server) -> None:
 
 def test_playground_two_tabs_and_drop(browser: Browser, server: Server) -> None:
     """Two tabs: a key typed in one shows in the other (whose requests already send it: it is one
-    localStorage; its field showed the old key); each runs its own job at once. An A1111 PNG dropped
+    localStorage; its field showed the old key); the catalogue the key reloads keeps the form's
+    values (they were reset to the model's defaults); each tab runs its own job at once. An A1111 PNG dropped
     on the page (not chosen with the file button) restores its parameters."""
     page, console = _open(browser, server.url)
     other = page.context.new_page()
     other.goto(f"{server.url}/")
     expect(other.locator("body")).to_have_attribute("data-ready", "true")
+    page.fill("#steps", "100")
+    page.select_option("#sampler", "heun")
     page.fill("#api-key", "k1")
-    page.press("#api-key", "Tab")
+    with page.expect_response("**/schedules"):  # the key reloads the catalogue...
+        page.press("#api-key", "Tab")
+    page.wait_for_timeout(100)
+    expect(page.locator("#steps")).to_have_value("100")  # ...and the form keeps its values (was reset)
+    expect(page.locator("#sampler")).to_have_value("heun")
     expect(other.locator("#api-key")).to_have_value("k1")
     page.fill("#api-key", "")
     page.press("#api-key", "Tab")
     expect(other.locator("#api-key")).to_have_value("")
-    for tab, steps in ((page, "100"), (other, "5")):
-        tab.fill("#steps", steps)
+    other.fill("#steps", "5")
+    for tab in (page, other):
         tab.click("#generate")
     for tab, steps in ((page, 100), (other, 5)):
         expect(tab.locator("#results figure img")).to_have_count(1, timeout=20_000)

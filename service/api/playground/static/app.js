@@ -158,6 +158,10 @@ async function start() {
   $("cancel").addEventListener("click", cancel);
   // Escape stops the running job from anywhere on the page (an open select's list takes it first)
   document.addEventListener("keydown", (e) => e.key === "Escape" && current && !$("cancel").disabled && cancel());
+  // Ctrl/Cmd+Enter in the prompts generates (Enter writes a new line there), as in A1111's web UI
+  for (const id of ["prompt", "negative_prompt"]) {
+    $(id).addEventListener("keydown", (e) => e.key === "Enter" && (e.ctrlKey || e.metaKey) && (e.preventDefault(), form.requestSubmit()));
+  }
   $("model").addEventListener("change", onModel);
   $("sampler").addEventListener("change", onSampler);
   $("schedule").addEventListener("change", onSchedule);

@@ -10,27 +10,38 @@ export const catalogue = { models: [], samplers: [], schedules: [] };
 
 export async function loadCatalogue() {
   const [m, sa, sc] = await Promise.all([call("GET", "models"), call("GET", "samplers"), call("GET", "schedules")]);
+  const values = formValues(); // a reload (a new API key): the form keeps what it has now
   catalogue.models = m.models;
   catalogue.samplers = sa.samplers;
   catalogue.schedules = sc.schedules.filter((s) => s.name !== "custom"); // custom needs a sigmas list
-  fill($("model"), m.models.map((x) => x.name), m.default);
+  const cmp = [...$("cmp-samplers").selectedOptions].map((o) => o.value);
+  fill($("model"), m.models.map((x) => x.name), values ? values.model : m.default);
   fill($("sampler"), catalogue.samplers.map((x) => x.name));
   fill($("schedule"), catalogue.schedules.map((x) => x.name));
-  fill($("cmp-samplers"), catalogue.samplers.map((x) => x.name));
+  fill($("cmp-samplers"), catalogue.samplers.map((x) => x.name), ...cmp);
   onModel();
+  keep(values);
 }
 
 // GET /models again (a job loaded its model, or another unloaded one): the form keeps its values.
 export async function refreshModels() {
-  const values = model() ? readForm() : null;
-  catalogue.models = (await call("GET", "models")).models;
+  const models = (await call("GET", "models")).models;
+  const values = formValues(); // read after the wait: what was typed meanwhile is kept too
+  catalogue.models = models;
+  keep(values);
+}
+
+// The form's values (readForm's), or null before the catalogue is first in.
+const formValues = () => (model() ? readForm() : null);
+
+function keep(values) {
   if (!values) return;
   restore(values);
   if (values.n) $("n").value = values.n; // restore() sets 1: an image's own count
 }
 
-function fill(select, names, selected) {
-  select.replaceChildren(...names.map((n) => new Option(n, n, false, n === selected)));
+function fill(select, names, ...selected) {
+  select.replaceChildren(...names.map((n) => new Option(n, n, false, selected.includes(n))));
 }
 
 export const model = () => catalogue.models.find((m) => m.name === $("model").value);

@@ -41,7 +41,9 @@ export function showError(err, form) {
     for (const f of err.fields) {
       const name = unitField(f.loc || [], form) || [...(f.loc || [])].reverse().find((p) => typeof p === "string" && form.querySelector(`[name="${p}"]`));
       const slot = name && form.querySelector(`#err-${name}`);
-      const msg = f.allowed && f.allowed.length <= 12 ? `${f.msg} (allowed: ${f.allowed.join(", ")})` : f.msg;
+      // the allowed values, unless the message already names them all ("not a PNG, JPEG or WebP image")
+      const said = f.allowed && f.allowed.every((a) => f.msg.includes(String(a)));
+      const msg = f.allowed && f.allowed.length && f.allowed.length <= 12 && !said ? `${f.msg} (allowed: ${f.allowed.join(", ")})` : f.msg;
       if (slot) {
         slot.textContent = msg;
         const input = form.querySelector(`[name="${name}"]`);

@@ -15,10 +15,10 @@ scikit-image (make setup).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import atexit
+import importlib.util
 import shutil
+import sys
 import tempfile
 import types
 from functools import lru_cache

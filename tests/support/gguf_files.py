@@ -2,9 +2,10 @@
 
 city96's ``tools/convert.py`` writes the original checkpoint's keys (Flux: ``double_blocks.*``;
 SD3: ``joint_blocks.*``, ``model.diffusion_model.`` dropped), ``general.architecture`` (flux /
-sd3), ``general.quantization_version`` and ``general.file_type``; 1-dim and tiny tensors (<= 1024
-values) stay F32; llama.cpp's quantizer then gives the rest the target type, falling back to a
-32-value type (or F16) for rows that are not a whole number of 256-value blocks. Block types
+sd3), ``general.quantization_version`` and ``general.file_type``, with 1-dim and tiny tensors
+(<= 1024 values) in F32 and the rest in F16 (BF16 from a bf16 source). His patched llama.cpp
+quantizer (``tools/lcpp.patch``) then gives 2-dim tensors the target type except the embedders and
+final layers it names (``UNQUANTIZED``), and F16 to rows that are not whole blocks. Block types
 gguf-py can quantize (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16, F16) are its real output; the K-quants,
 which gguf-py only reads, are valid random blocks (finite, moderate scales). The reference a test
 compares with is gguf-py's numpy ``dequantize`` of the same bytes.
@@ -21,7 +22,12 @@ from gguf import GGMLQuantizationType as T
 from torch import Tensor
 
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama.cpp's
+# name parts lcpp.patch leaves unquantized, by architecture
+UNQUANTIZED = {
+    "flux": ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
+    "sd3": ("final_layer.", "time_text_embed.", "context_embedder.", "t_embedder.", "y_embedder.",
+            "x_embedder.", "proj_out.weight", "pos_embed"),
+}  # fmt: skip
 # (start byte, scale) of each half-float field in a block, and the scale that keeps weights ~0.05
 HALVES = {
     "Q2_K": [(80, 2e-3), (82, 2e-3)],
@@ -42,15 +48,16 @@ def random_blocks(name: str, rows: int, cols: int, rng: np.random.Generator) -> 
     return raw.reshape(rows, -1)
 
 
-def pick_type(name: str, value: np.ndarray, want: str) -> str:
-    """The type city96's pipeline gives ``name``: F32 for 1-dim / tiny tensors, else ``want`` or its
-    fallback when the rows are not whole blocks."""
+def pick_type(name: str, value: np.ndarray, want: str, arch: str) -> str:
+    """The type city96's pipeline gives ``name``: F32 for 1-dim / tiny tensors, F16 for what the
+    quantizer skips (other than 2-dim, named in UNQUANTIZED, rows that are not whole blocks), else
+    ``want``."""
     if value.ndim == 1 or value.size <= 1024:
         return "F32"
-    for t in (want, FALLBACK.get(want, want), "F16"):
-        if value.shape[-1] % gguf.GGML_QUANT_SIZES[T[t]][0] == 0:
-            return t
-    return "F16"
+    base = "BF16" if want == "BF16" else "F16"
+    if value.ndim != 2 or any(part in name for part in UNQUANTIZED.get(arch, ())):
+        return base
+    return want if value.shape[-1] % gguf.GGML_QUANT_SIZES[T[want]][0] == 0 else base
 
 
 def write_gguf(
@@ -66,7 +73,7 @@ def write_gguf(
     types: dict[str, str] = {}
     for key, tensor in sd.items():
         value = tensor.detach().float().numpy()
-        t = pick_type(key, value, want)
+        t = pick_type(key, value, want, arch)
         if t in KQUANTS:
             data = random_blocks(t, int(np.prod(value.shape[:-1])), value.shape[-1], rng)
         else:

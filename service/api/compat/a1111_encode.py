@@ -23,6 +23,7 @@ FORMATS = ("png", "jpg", "jpeg", "webp")
 DEFAULTS = {"samples_format": "png", "jpeg_quality": 80, "webp_lossless": False}  # A1111's shared_options
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
 UNICODE = b"UNICODE\x00"  # piexif.helper.UserComment's prefix for encoding="unicode"
+JPEG_EXIF_MAX = 65533  # a JPEG marker segment's payload: PIL refuses a longer EXIF block
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,18 @@ def user_comment(text: str) -> bytes:
     return b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd0 + exif + data
 
 
+def exif_args(text: str | None, fmt: str) -> dict[str, bytes]:
+    """``save``'s ``exif`` keyword carrying ``text`` for a JPEG / WebP, or nothing: no text, or a JPEG
+    it does not fit (an OpenAI prompt of 32,000 characters is 64 KB in UTF-16): the image goes out
+    without its parameters rather than failing the request."""
+    if not text:
+        return {}
+    block = user_comment(text)
+    if fmt == "jpeg" and len(block) > JPEG_EXIF_MAX:
+        return {}
+    return {"exif": block}
+
+
 def encode(img: Image.Image, params: dict[str, Any], text: str, enc: Encoding) -> bytes:
     """One returned image: PNG with A1111's infotext and our JSON chunk, else JPEG / WebP with the
     infotext in EXIF UserComment (our JSON has no place there; A1111 writes only the infotext)."""
@@ -66,5 +79,5 @@ def encode(img: Image.Image, params: dict[str, Any], text: str, enc: Encoding) -
         img = img.convert("RGB")
     buf = io.BytesIO()
     extra = {"lossless": enc.lossless} if enc.format == "webp" else {}
-    img.save(buf, format=enc.pil_format, exif=user_comment(text), quality=enc.quality, **extra)
+    img.save(buf, format=enc.pil_format, quality=enc.quality, **exif_args(text, enc.format), **extra)
     return buf.getvalue()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.images import PARAMETERS_KEY
 
-from .a1111_encode import user_comment
+from .a1111_encode import exif_args
 from .errors import OpenAIError
 from .openai_schemas import ImageGenerationRequest, OutputFormat
 
@@ -83,8 +83,7 @@ def encode(img: Image.Image | bytes, req: ImageGenerationRequest) -> bytes:
         img = img.convert("RGB")  # WebP has no grayscale mode
     compression = 100 if req.output_compression is None else req.output_compression
     buf = io.BytesIO()
-    exif = {"exif": user_comment(infotext)} if infotext else {}
-    img.save(buf, format=fmt.upper(), quality=compression, **exif)
+    img.save(buf, format=fmt.upper(), quality=compression, **exif_args(infotext, fmt))
     return buf.getvalue()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.api.compat.a1111_encode import Encoding, encode, user_comment
 from tests.support.compat import info, pixels, png_b64
@@ -184,3 +184,26 @@ def test_extras_answer_in_the_callers_samples_format(a1111: TestClient) -> None:
     batch = {"imageList": [{"data": picture, "name": "a"}], "upscaler_1": "Lanczos", "upscaling_resize": 2}
     r = a1111.post("/sdapi/v1/extra-batch-images", json=batch, headers=headers)
     assert r.status_code == 200 and _image(r.json()["images"][0]).format == "WEBP", r.text
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_parameters_too_long_for_a_jpegs_exif_leave_it_out_not_the_image(fmt: str) -> None:
+    """A JPEG's EXIF segment holds at most 65,533 bytes; the infotext of an OpenAI request's
+    32,000-character prompt and a 4,000-character negative prompt is more than that in UTF-16 (PIL
+    raised 'EXIF data is too long': a 500). The image comes back without the parameters; WebP has
+    no such limit and keeps them."""
+    from service.api.compat import openai_output
+    from service.api.compat.openai_schemas import ImageGenerationRequest
+
+    text = "a photo of a cat, " * 2000  # 36,000 characters
+    img = Image.new("RGB", (16, 16), (200, 10, 10))
+    png = io.BytesIO()
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", text)
+    img.save(png, format="PNG", pnginfo=meta)
+    req = ImageGenerationRequest(prompt=text[:32_000], output_format=fmt)
+    for data in (encode(img, {}, text, Encoding(fmt)), openai_output.encode(png.getvalue(), req)):
+        out = Image.open(io.BytesIO(data))
+        assert out.format == fmt.upper() and out.size == (16, 16)
+        comment = out.getexif().get_ifd(0x8769).get(0x9286)
+        assert (comment is None) == (fmt == "jpeg")

@@ -29,6 +29,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _api(server: Server) -> Any:
+    # every call with controlnet_units passes its own alwayson_scripts: webuiapi writes the units into
+    # its default ``alwayson_scripts={}``, one dict shared by every later call in the process, so later
+    # tests' plain txt2img calls (other modules, servers without these ControlNets) would send them too
     return webuiapi.WebUIApi(baseurl=f"{server.url}/sdapi/v1", sampler="Euler", steps=4)
 
 
@@ -41,9 +44,9 @@ def test_webuiapi_controlnet_unit(server: Server) -> None:
     unit = webuiapi.ControlNetUnit(
         image=control, module="none", model="cn_a", weight=0.9, resize_mode="Just Resize", control_mode=0
     )
-    with_unit = api.txt2img(controlnet_units=[unit], **kw)
+    with_unit = api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **kw)
     off = webuiapi.ControlNetUnit(image=control, model="cn_a", enabled=False)
-    without = api.txt2img(controlnet_units=[off], **kw)
+    without = api.txt2img(controlnet_units=[off], alwayson_scripts={}, **kw)
     ours = requests.post(
         f"{server.url}/sample",
         timeout=120,
@@ -80,7 +83,7 @@ def test_webuiapi_hr_option_picks_the_hires_passes(server: Server) -> None:
     out = {}
     for option in ("Both", "Low res only", "High res only"):
         unit = webuiapi.ControlNetUnit(image=control, model="cn_a", weight=1.5, hr_option=option)
-        out[option] = np.asarray(api.txt2img(controlnet_units=[unit], **kw).image, np.int16)
+        out[option] = np.asarray(api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **kw).image, np.int16)
     none = np.asarray(api.txt2img(**kw).image, np.int16)
     assert {a.shape for a in out.values()} == {(128, 128, 3)}
     gap = {k: int(np.abs(a - none).max()) for k, a in out.items()}

@@ -83,7 +83,8 @@ def test_webuiapi_hr_option_picks_the_hires_passes(server: Server) -> None:
     out = {}
     for option in ("Both", "Low res only", "High res only"):
         unit = webuiapi.ControlNetUnit(image=control, model="cn_a", weight=1.5, hr_option=option)
-        out[option] = np.asarray(api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **kw).image, np.int16)
+        result = api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **kw)
+        out[option] = np.asarray(result.image, np.int16)
     none = np.asarray(api.txt2img(**kw).image, np.int16)
     assert {a.shape for a in out.values()} == {(128, 128, 3)}
     gap = {k: int(np.abs(a - none).max()) for k, a in out.items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from service import image_gate
@@ -25,6 +25,7 @@ from .runtime import NodeRun, image_to_pil, pil_to_image, save_png
 from .sample import decode_latents, latent_images
 from .values import Latent
 
+ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
 MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # a resized batch at most (one 4096 x 4096)
 LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 IMAGE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -216,12 +217,16 @@ async def preview_image(rt: NodeRun, images: Tensor) -> dict[str, Any]:
     return await _save(rt, images, "ComfyUI_temp_" + secrets.token_hex(3), "temp")
 
 
-def gated_image(data: str | bytes, field: str) -> tuple[Tensor, Tensor]:
-    """IMAGE [1, H, W, 3] and MASK [1, H, W] (1 - alpha; zeros without alpha) of an incoming image."""
+def gated_image(data: str | bytes, field: str, upright: bool = False) -> tuple[Tensor, Tensor]:
+    """IMAGE [1, H, W, 3] and MASK [1, H, W] (1 - alpha; zeros without alpha) of an incoming image;
+    ``upright``: turned as its EXIF orientation says (ComfyUI's LoadImage does, so a phone photo
+    stored sideways loads the way every viewer shows it)."""
     try:
         img = image_gate.load(data, field).image
     except image_gate.ImageInputError as exc:
         raise InputError(exc.field, exc.message, exc.allowed) from exc
+    if upright and img.getexif().get(ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     image = pil_to_image(img)
     if "A" in img.getbands():
         alpha = pil_to_image(img.getchannel("A"))[..., 0]
@@ -258,7 +263,7 @@ async def load_image(rt: NodeRun, image: str) -> tuple[Any, ...]:
         data = rt.ctx.load_image(file, sub, kind)
     except (FileNotFoundError, ValueError) as exc:
         raise InputError("image", f"Invalid image file: {image} ({exc})") from exc
-    return await asyncio.to_thread(gated_image, data, "image")
+    return await asyncio.to_thread(gated_image, data, "image", True)
 
 
 def _scale_inputs(c: Catalog) -> dict[str, In]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 # KDIFF_MAX_IMAGE_PIXELS (settings) sets it at app start; 4096 x 4096 takes a 12 MP phone photo.
@@ -233,6 +233,18 @@ def load(data: str | bytes | GatedImage, field: str, limit: int | None = None) -
     except Exception as exc:
         raise ImageInputError(field, f"{field}: not a readable {img.format} image ({_why(exc)})") from exc
     return GatedImage(img, field)
+
+
+ORIENTATION = 0x0112  # the EXIF tag of how a camera's stored pixels are turned
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says: a phone photo is stored sideways with an
+    orientation every viewer applies (OpenAI edits and ComfyUI's LoadImage turn it; A1111's API
+    does not, so the gate leaves it to the caller)."""
+    if img.getexif().get(ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(img)
+    return img
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:

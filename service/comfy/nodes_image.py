@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from service import image_gate
@@ -25,7 +25,6 @@ from .runtime import NodeRun, image_to_pil, pil_to_image, save_png
 from .sample import decode_latents, latent_images
 from .values import Latent
 
-ORIENTATION = 0x0112  # the EXIF tag of how the stored pixels are turned
 MAX_OUTPUT_PIXELS = image_gate.DEFAULT_MAX_PIXELS  # a resized batch at most (one 4096 x 4096)
 LATENT_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 IMAGE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
@@ -225,8 +224,8 @@ def gated_image(data: str | bytes, field: str, upright: bool = False) -> tuple[T
         img = image_gate.load(data, field).image
     except image_gate.ImageInputError as exc:
         raise InputError(exc.field, exc.message, exc.allowed) from exc
-    if upright and img.getexif().get(ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
+    if upright:
+        img = image_gate.upright(img)
     image = pil_to_image(img)
     if "A" in img.getbands():
         alpha = pil_to_image(img.getchannel("A"))[..., 0]

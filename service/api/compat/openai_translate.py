@@ -18,7 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from service import a1111_names, image_gate
 from service.image_gate import GatedImage, ImageInputError
@@ -150,9 +150,6 @@ def _schedule(
     return {"schedule": schedule, "schedule_options": options or None}
 
 
-ORIENTATION = 0x0112  # the EXIF tag of a camera's rotation
-
-
 def _open(data: bytes, field_name: str) -> Image.Image:
     """An uploaded file through the image gate, turned upright: a phone photo is stored sideways with
     an EXIF orientation that every viewer applies (so does the mask the user drew on it); edited as
@@ -161,9 +158,7 @@ def _open(data: bytes, field_name: str) -> Image.Image:
         img = image_gate.load(data, field_name).image
     except ImageInputError as exc:
         raise OpenAIError(400, exc.message, exc.field, "invalid_image") from exc
-    if img.getexif().get(ORIENTATION, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-    return img
+    return image_gate.upright(img)
 
 
 def _edit_size(image: tuple[int, int], model: LoadedModel) -> tuple[int, int] | None:

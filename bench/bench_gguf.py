@@ -54,23 +54,13 @@ def weights(width: int, doubles: int, singles: int) -> tuple[dict[str, object], 
 def build(root: Path, cfg: dict[str, object], sd: dict[str, object], kind: str) -> str:
     """One model folder (``bf16``: a safetensors file, else a GGUF of that type); its name."""
     import torch
-    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
-    from tests.support.flow_tiny import tiny_flow_store, write_manifest
-    from tests.support.gguf_files import write_gguf
+    from tests.support.gguf_files import flux_folder, write_gguf
 
     name = f"flux-{kind.lower()}"
-    folder = root / name
-    shutil.copytree(tiny_flow_store() / "flux_dev", folder / "config")
-    shutil.rmtree(folder / "config" / "transformer")
-    with torch.device("meta"):
-        FluxTransformer2DModel(**cfg).save_config(str(folder / "config" / "transformer"))
-    write_manifest(folder, "flux", cfg_scale=1.0, guidance=3.5)
-    manifest = json.loads((folder / "manifest.json").read_text())
     file = "flux1-dev.safetensors" if kind == "bf16" else f"flux1-dev-{kind}.gguf"
-    manifest |= {"weights": file, "config": "config"}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    folder = flux_folder(root, name, file, cfg)
     if kind == "bf16":
         save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, str(folder / file))  # type: ignore[attr-defined]
     else:

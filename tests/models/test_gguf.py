@@ -22,7 +22,7 @@ from service.models.store import ModelStore, memory_bytes
 from service.models.text_generate import generate
 from tests.support.flow_single_file import flux_to_original
 from tests.support.flow_tiny import tiny_flow_store, write_manifest
-from tests.support.gguf_files import KQUANTS, random_blocks, write_gguf
+from tests.support.gguf_files import KQUANTS, flux_folder, random_blocks, write_gguf
 
 TYPE_NAMES = [q.name for q in TYPES.values()]
 
@@ -57,17 +57,7 @@ WIDE = {  # the tiny store's Flux with 256-wide rows, so every ggml block type f
 
 
 def _flux_folder(root: Path, name: str, weights: str) -> Path:
-    from diffusers import FluxTransformer2DModel
-
-    folder = root / name
-    shutil.copytree(tiny_flow_store() / "flux_dev", folder / "config")
-    shutil.rmtree(folder / "config" / "transformer")
-    with torch.device("meta"):
-        FluxTransformer2DModel(**WIDE).save_config(str(folder / "config" / "transformer"))
-    write_manifest(folder, "flux", cfg_scale=1.0, guidance=3.5)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "weights": weights, "config": "config"}))
-    return folder
+    return flux_folder(root, name, weights, WIDE)
 
 
 def _original_weights() -> dict[str, torch.Tensor]:

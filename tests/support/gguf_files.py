@@ -13,7 +13,10 @@ compares with is gguf-py's numpy ``dequantize`` of the same bytes.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -86,3 +89,22 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return ref, types
+
+
+def flux_folder(root: Path, name: str, weights: str, cfg: dict[str, Any]) -> Path:
+    """A Flux model folder of the tiny store's text encoders and VAE, its transformer config ``cfg``
+    (diffusers' FluxTransformer2DModel arguments) and the manifest naming ``weights`` (a .gguf or a
+    .safetensors file the caller writes there), as a city96 user's folder is laid out."""
+    from diffusers import FluxTransformer2DModel
+
+    from tests.support.flow_tiny import tiny_flow_store, write_manifest
+
+    folder = root / name
+    shutil.copytree(tiny_flow_store() / "flux_dev", folder / "config")
+    shutil.rmtree(folder / "config" / "transformer")
+    with torch.device("meta"):
+        FluxTransformer2DModel(**cfg).save_config(str(folder / "config" / "transformer"))
+    write_manifest(folder, "flux", cfg_scale=1.0, guidance=3.5)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "weights": weights, "config": "config"}))
+    return folder
